@@ -1,0 +1,270 @@
+// Package config loads the sidecar's YAML configuration file.
+//
+// The file's keys are a public contract: they are the snake_case names in the
+// yaml tags below and nothing else; an unknown key is an error. Load decodes
+// the file, fills in defaults, applies the CONSUL_HTTP_ADDR and
+// CONSUL_HTTP_TOKEN fallbacks, resolves what each upstream inherits from
+// proxy, and validates the result, reporting every problem at once by file
+// and full key path. After a successful Load the wiring code reads resolved
+// values only: nothing in a *Config needs further defaulting.
+//
+// A key given with no value (`key:` or `key: ~`) counts as absent.
+package config
+
+import (
+	"fmt"
+	"os"
+	"time"
+)
+
+// Discovery backends.
+const (
+	BackendConsul = "consul"
+	BackendStatic = "static"
+)
+
+// Upstream protocols.
+const (
+	ProtocolHTTP  = "http"
+	ProtocolHTTP2 = "http2"
+	ProtocolGRPC  = "grpc"
+	ProtocolTCP   = "tcp"
+)
+
+// Balancer names accepted by proxy.balancer and upstreams[].balancer.
+const (
+	BalancerRandom       = "random"
+	BalancerRoundRobin   = "round_robin"
+	BalancerHash         = "hash"
+	BalancerLeastRequest = "least_request"
+)
+
+const (
+	defaultConsulAddress = "127.0.0.1:8500"
+	defaultAdminListen   = "127.0.0.1:15100"
+	defaultServiceAddr   = "127.0.0.1"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	// Service is the local app this sidecar registers in Consul; nil for a
+	// client-only sidecar.
+	Service   *Service   `yaml:"service"`
+	Consul    Consul     `yaml:"consul"`
+	Admin     Admin      `yaml:"admin"`
+	Log       Log        `yaml:"log"`
+	Discovery Discovery  `yaml:"discovery"`
+	Proxy     Proxy      `yaml:"proxy"`
+	Upstreams []Upstream `yaml:"upstreams"`
+}
+
+// Service describes the local app and how the sidecar keeps its Consul
+// registration alive.
+type Service struct {
+	Name string `yaml:"name"` // required
+	// ID is the unique instance id. If empty, "<name>-<address>-<port>" is
+	// used, with every character outside [A-Za-z0-9_.-] replaced by '-'.
+	ID      string            `yaml:"id"`
+	Address string            `yaml:"address"` // if empty, 127.0.0.1
+	Port    int               `yaml:"port"`    // required, 1-65535
+	Tags    []string          `yaml:"tags"`
+	Meta    map[string]string `yaml:"meta"`
+	Weight  int               `yaml:"weight"` // default 1
+	Check   Check             `yaml:"check"`
+	// TTL of the Consul check; the sidecar refreshes it every TTL/3.
+	// Default 5s, at least 1s.
+	TTL time.Duration `yaml:"ttl"`
+	// DeregisterCriticalAfter is how long Consul keeps a critical instance
+	// before removing it. Default 1m, at least 1m (Consul's minimum).
+	DeregisterCriticalAfter time.Duration `yaml:"deregister_critical_after"`
+	// Drain is how long the sidecar waits between marking the instance
+	// unhealthy and stopping on shutdown. Default 2s; 0 means no wait.
+	Drain time.Duration `yaml:"drain"`
+}
+
+// Check is the local health probe whose result feeds the TTL check.
+type Check struct {
+	// HTTP is an http:// or https:// URL; a 2xx answer means healthy.
+	// If empty, a TCP connect to Service.Address:Service.Port is used.
+	HTTP     string        `yaml:"http"`
+	Interval time.Duration `yaml:"interval"` // default 1s
+	Timeout  time.Duration `yaml:"timeout"`  // default 1s
+}
+
+// Consul says how to reach the Consul agent.
+type Consul struct {
+	// Address is "host:port", "http://host:port" or "https://host:port".
+	// If the file leaves it empty, CONSUL_HTTP_ADDR is used, else
+	// 127.0.0.1:8500.
+	Address string `yaml:"address"`
+	// Token is the ACL token. If the file leaves it empty,
+	// CONSUL_HTTP_TOKEN is used (possibly empty).
+	Token      string `yaml:"token"`
+	Datacenter string `yaml:"datacenter"` // empty means the agent's own
+}
+
+// Admin is the admin HTTP listener.
+type Admin struct {
+	Listen string `yaml:"listen"` // host:port, default 127.0.0.1:15100
+	// Token, if set, is the bearer token required by mutating endpoints.
+	Token string `yaml:"token"`
+}
+
+// Log configures the logger.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn or error; default info
+	Format string `yaml:"format"` // json or console; default json
+}
+
+// Discovery configures where endpoint sets come from.
+type Discovery struct {
+	Backend string `yaml:"backend"` // consul or static; default consul
+	// Static maps a service name to its "host:port" endpoints. Required,
+	// and only allowed, when Backend is static.
+	Static map[string][]string `yaml:"static"`
+	// CacheSize bounds the number of services watched at once. Default 1024.
+	CacheSize int `yaml:"cache_size"`
+	// IdleTimeout stops watching a service nobody asked for this long.
+	// Default 10m; 0 means never.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// StaleFor is how long the last good endpoint set is served while
+	// Consul is unreachable. Default 0, meaning forever.
+	StaleFor time.Duration `yaml:"stale_for"`
+	// ResolveTimeout bounds the wait for a service's first endpoint set.
+	// Default 2s.
+	ResolveTimeout time.Duration `yaml:"resolve_timeout"`
+}
+
+// Proxy configures the forward proxy and the defaults upstreams inherit.
+type Proxy struct {
+	// Listen is the forward-proxy listener, where the Host header names the
+	// service. Empty (the default) disables it.
+	Listen string `yaml:"listen"`
+	// Balancer is the default balancer; default round_robin.
+	Balancer string `yaml:"balancer"`
+	// HashKey is what the hash balancer hashes: header:NAME, cookie:NAME,
+	// query:NAME, path or client_ip. Empty (the default) makes hash fall
+	// back to round robin. See SplitHashKey.
+	HashKey string `yaml:"hash_key"`
+	// PreserveHost forwards the client's Host header instead of the
+	// endpoint's host:port. Default false.
+	PreserveHost bool     `yaml:"preserve_host"`
+	Timeouts     Timeouts `yaml:"timeouts"`
+}
+
+// Timeouts bound the phases of a proxied request.
+type Timeouts struct {
+	Connect time.Duration `yaml:"connect"` // dial timeout; default 1s, > 0
+	Request time.Duration `yaml:"request"` // whole request; default 0, none
+	// Idle is the keep-alive idle timeout for upstream pools and client
+	// connections. Default 90s; 0 means no limit.
+	Idle time.Duration `yaml:"idle"`
+	// ReadHeader bounds reading a request's headers on the listeners.
+	// Default 10s; 0 means no limit.
+	ReadHeader time.Duration `yaml:"read_header"`
+}
+
+// Upstream is a local listener that forwards to one service. After Load,
+// Balancer, HashKey, PreserveHost, Timeouts and Datacenter hold resolved
+// values, inherited from Proxy and Consul where the file left them out.
+type Upstream struct {
+	Name     string `yaml:"name"`     // service name, required
+	Listen   string `yaml:"listen"`   // host:port, required and unique
+	Protocol string `yaml:"protocol"` // http (default), http2, grpc or tcp
+	// Balancer inherits Proxy.Balancer when empty.
+	Balancer string `yaml:"balancer"`
+	// HashKey inherits Proxy.HashKey when the key is absent; an explicit ""
+	// turns hashing off for this upstream.
+	HashKey string `yaml:"hash_key"`
+	// Tags keeps only endpoints that carry all of them.
+	Tags []string `yaml:"tags"`
+	// Datacenter inherits Consul.Datacenter when empty.
+	Datacenter string `yaml:"datacenter"`
+	// PreserveHost inherits Proxy.PreserveHost when the key is absent.
+	PreserveHost bool `yaml:"preserve_host"`
+	// Timeouts: each zero field inherits the same field of Proxy.Timeouts.
+	Timeouts Timeouts `yaml:"timeouts"`
+}
+
+// setDefaults is called by the decoder on a freshly allocated Service.
+func (s *Service) setDefaults() {
+	s.Address = defaultServiceAddr
+	s.Weight = 1
+	s.Check = Check{Interval: time.Second, Timeout: time.Second}
+	s.TTL = 5 * time.Second
+	s.DeregisterCriticalAfter = time.Minute
+	s.Drain = 2 * time.Second
+}
+
+// setDefaults is called by the decoder on each new upstreams element.
+func (u *Upstream) setDefaults() {
+	u.Protocol = ProtocolHTTP
+}
+
+// defaults returns the values of every key an empty file leaves out, before
+// the environment and inheritance are applied.
+func defaults() *Config {
+	return &Config{
+		Admin: Admin{Listen: defaultAdminListen},
+		Log:   Log{Level: "info", Format: "json"},
+		Discovery: Discovery{
+			Backend:        BackendConsul,
+			CacheSize:      1024,
+			IdleTimeout:    10 * time.Minute,
+			ResolveTimeout: 2 * time.Second,
+		},
+		Proxy: Proxy{
+			Balancer: BalancerRoundRobin,
+			Timeouts: Timeouts{
+				Connect:    time.Second,
+				Idle:       90 * time.Second,
+				ReadHeader: 10 * time.Second,
+			},
+		},
+	}
+}
+
+// Default returns the configuration an empty file yields when
+// CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN are unset: a client-only sidecar.
+func Default() *Config {
+	c := defaults()
+	p := newParser("")
+	p.resolve(c, nil)
+	return c
+}
+
+// Load reads the file at path and returns its resolved, validated
+// configuration. Problems in the file come back as an *Error listing every
+// one of them, each line shaped "PATH: KEY.PATH: message".
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return ParseEnv(data, path, os.Getenv)
+}
+
+// Parse is Load for bytes already in memory; source names them in errors.
+// It reads the process environment for the Consul fallbacks.
+func Parse(data []byte, source string) (*Config, error) {
+	return ParseEnv(data, source, os.Getenv)
+}
+
+// ParseEnv is Parse with the environment lookup injected; a nil getenv
+// means an empty environment. It is safe for concurrent use.
+func ParseEnv(data []byte, source string, getenv func(string) string) (*Config, error) {
+	p := newParser(source)
+	root, err := parseYAML(data)
+	if err != nil {
+		p.add(&Problem{Source: source, Message: err.Error()})
+		return nil, p.err()
+	}
+	c := defaults()
+	p.decodeRoot(root, c)
+	p.resolve(c, getenv)
+	p.validate(c)
+	if err := p.err(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}

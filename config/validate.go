@@ -1,0 +1,359 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+var (
+	balancers = []string{BalancerRandom, BalancerRoundRobin, BalancerHash, BalancerLeastRequest}
+	protocols = []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP}
+	backends  = []string{BackendConsul, BackendStatic}
+	levels    = []string{"debug", "info", "warn", "error"}
+	formats   = []string{"json", "console"}
+)
+
+// validate records every semantic problem in c, which has been resolved.
+func (p *parser) validate(c *Config) {
+	if c.Service != nil {
+		p.validateService(c.Service)
+	}
+	p.hostPort("admin.listen", c.Admin.Listen)
+	p.oneOf("log.level", c.Log.Level, levels)
+	p.oneOf("log.format", c.Log.Format, formats)
+	p.validateDiscovery(&c.Discovery)
+	p.validateProxy(&c.Proxy)
+	for i := range c.Upstreams {
+		p.validateUpstream(fmt.Sprintf("upstreams[%d]", i), &c.Upstreams[i], &c.Discovery)
+	}
+	p.listenConflicts(c)
+}
+
+func (p *parser) validateService(s *Service) {
+	p.name("service.name", s.Name)
+	if p.present("service.id") && s.ID != "" {
+		p.name("service.id", s.ID)
+	}
+	switch _, _, err := net.SplitHostPort(s.Address); {
+	case s.Address == "":
+		p.errorf("service.address", "must not be empty")
+	case err == nil:
+		p.errorf("service.address", "%q has a port; put the port in service.port", s.Address)
+	case strings.ContainsAny(s.Address, " \t\r\n/[]"):
+		p.errorf("service.address", "%q is not a host name or IP address", s.Address)
+	}
+	switch {
+	case !p.present("service.port") && s.Port == 0:
+		p.errorf("service.port", "required (the app's port, 1-65535)")
+	case s.Port < 1 || s.Port > 65535:
+		p.errorf("service.port", "must be 1-65535, got %d", s.Port)
+	}
+	p.tags("service.tags", s.Tags)
+	p.meta(s.Meta)
+	if s.Weight < 1 {
+		p.errorf("service.weight", "must be at least 1, got %d", s.Weight)
+	}
+	if s.Check.HTTP != "" {
+		if u, err := url.Parse(s.Check.HTTP); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.errorf("service.check.http", "must be an http:// or https:// URL, got %q", s.Check.HTTP)
+		}
+	}
+	p.positive("service.check.interval", s.Check.Interval)
+	p.positive("service.check.timeout", s.Check.Timeout)
+	if s.TTL < time.Second {
+		p.errorf("service.ttl", "must be at least 1s (Consul's TTL granularity), got %s", s.TTL)
+	}
+	if s.DeregisterCriticalAfter < time.Minute {
+		p.errorf("service.deregister_critical_after", "must be at least 1m (Consul's minimum), got %s", s.DeregisterCriticalAfter)
+	}
+	p.nonNegative("service.drain", s.Drain)
+}
+
+// meta applies Consul's rules for service metadata.
+func (p *parser) meta(m map[string]string) {
+	if len(m) > 64 {
+		p.errorf("service.meta", "at most 64 pairs, got %d", len(m))
+	}
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		v := m[k]
+		path := child("service.meta", k)
+		switch {
+		case k == "" || len(k) > 128 || strings.ContainsFunc(k, func(r rune) bool { return r == '.' || !isNameRune(r) }):
+			p.errorf(path, "key must be 1-128 letters, digits, '-' or '_'")
+		case strings.HasPrefix(k, "consul-"):
+			p.errorf(path, `key prefix "consul-" is reserved`)
+		case len(v) > 512:
+			p.errorf(path, "value longer than 512 bytes")
+		}
+	}
+}
+
+func (p *parser) validateDiscovery(d *Discovery) {
+	p.oneOf("discovery.backend", d.Backend, backends)
+	switch {
+	case d.Backend == BackendStatic && len(d.Static) == 0:
+		p.errorf("discovery.static", "required when discovery.backend is static")
+	case d.Backend != BackendStatic && len(d.Static) > 0:
+		p.errorf("discovery.static", "set, but discovery.backend is %q; it is only used with backend static", d.Backend)
+	}
+	for _, name := range slices.Sorted(maps.Keys(d.Static)) {
+		eps := d.Static[name]
+		path := child("discovery.static", name)
+		p.name(path, name)
+		if len(eps) == 0 {
+			p.errorf(path, "must list at least one host:port")
+		}
+		for i, ep := range eps {
+			p.hostPort(fmt.Sprintf("%s[%d]", path, i), ep)
+		}
+	}
+	if d.CacheSize < 1 {
+		p.errorf("discovery.cache_size", "must be at least 1, got %d", d.CacheSize)
+	}
+	p.nonNegative("discovery.idle_timeout", d.IdleTimeout)
+	p.nonNegative("discovery.stale_for", d.StaleFor)
+	p.positive("discovery.resolve_timeout", d.ResolveTimeout)
+}
+
+func (p *parser) validateProxy(x *Proxy) {
+	if x.Listen != "" {
+		p.hostPort("proxy.listen", x.Listen)
+	}
+	p.oneOf("proxy.balancer", x.Balancer, balancers)
+	p.hashKey("proxy.hash_key", x.HashKey)
+	p.positive("proxy.timeouts.connect", x.Timeouts.Connect)
+	p.nonNegative("proxy.timeouts.request", x.Timeouts.Request)
+	p.nonNegative("proxy.timeouts.idle", x.Timeouts.Idle)
+	p.nonNegative("proxy.timeouts.read_header", x.Timeouts.ReadHeader)
+}
+
+// validateUpstream checks u after inheritance; values it inherited from
+// proxy are reported there, not once per upstream.
+func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
+	p.name(path+".name", u.Name)
+	if d.Backend == BackendStatic && u.Name != "" && len(d.Static) > 0 {
+		if _, ok := d.Static[u.Name]; !ok {
+			p.errorf(path+".name", "%q has no endpoints in discovery.static", u.Name)
+		}
+	}
+	p.hostPort(path+".listen", u.Listen)
+	p.oneOf(path+".protocol", u.Protocol, protocols)
+	if p.present(path + ".balancer") {
+		p.oneOf(path+".balancer", u.Balancer, balancers)
+	}
+	if p.present(path + ".hash_key") {
+		p.hashKey(path+".hash_key", u.HashKey)
+	}
+	p.tags(path+".tags", u.Tags)
+	// Zero inherits proxy's value, which proxy's own checks cover.
+	for _, t := range []struct {
+		key string
+		d   time.Duration
+	}{
+		{"connect", u.Timeouts.Connect}, {"request", u.Timeouts.Request},
+		{"idle", u.Timeouts.Idle}, {"read_header", u.Timeouts.ReadHeader},
+	} {
+		if tp := path + ".timeouts." + t.key; p.present(tp) {
+			p.nonNegative(tp, t.d)
+		}
+	}
+}
+
+// listenConflicts reports two listeners on the same address, or on the same
+// port where one of them listens on all interfaces.
+func (p *parser) listenConflicts(c *Config) {
+	type listener struct{ path, host, port string }
+	var seen []listener
+	add := func(path, addr string) {
+		if addr == "" || checkHostPort(addr) != nil {
+			return // reported elsewhere
+		}
+		host, port, _ := net.SplitHostPort(addr)
+		for _, l := range seen {
+			if l.port == port && (strings.EqualFold(l.host, host) || unspecified(l.host) || unspecified(host)) {
+				p.errorf(path, "%s conflicts with %s (%s)", addr, l.path, net.JoinHostPort(l.host, l.port))
+				return
+			}
+		}
+		seen = append(seen, listener{path, host, port})
+	}
+	add("admin.listen", c.Admin.Listen)
+	add("proxy.listen", c.Proxy.Listen)
+	for i, u := range c.Upstreams {
+		add(fmt.Sprintf("upstreams[%d].listen", i), u.Listen)
+	}
+}
+
+func unspecified(host string) bool {
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsUnspecified()
+}
+
+func (p *parser) name(path, s string) {
+	switch {
+	case s == "":
+		p.errorf(path, "required")
+	case !validName(s):
+		p.errorf(path, "invalid name %q: use letters, digits, '-', '_' and '.'", s)
+	}
+}
+
+func (p *parser) tags(path string, tags []string) {
+	for i, t := range tags {
+		if strings.TrimSpace(t) == "" {
+			p.errorf(fmt.Sprintf("%s[%d]", path, i), "must not be empty")
+		}
+	}
+}
+
+func (p *parser) hostPort(path, s string) {
+	if err := checkHostPort(s); err != nil {
+		p.errorf(path, "%v", err)
+	}
+}
+
+func (p *parser) hashKey(path, s string) {
+	if s == "" {
+		return
+	}
+	if _, _, err := SplitHashKey(s); err != nil {
+		p.errorf(path, "%v", err)
+	}
+}
+
+func (p *parser) oneOf(path, s string, allowed []string) {
+	for _, a := range allowed {
+		if s == a {
+			return
+		}
+	}
+	p.errorf(path, "unknown %q (want %s)", s, orList(allowed))
+}
+
+func (p *parser) positive(path string, d time.Duration) {
+	if d <= 0 {
+		p.errorf(path, "must be greater than 0, got %s", d)
+	}
+}
+
+func (p *parser) nonNegative(path string, d time.Duration) {
+	if d < 0 {
+		p.errorf(path, "must not be negative, got %s", d)
+	}
+}
+
+// orList formats ["a", "b", "c"] as "a, b or c".
+func orList(s []string) string {
+	if len(s) < 2 {
+		return strings.Join(s, "")
+	}
+	return strings.Join(s[:len(s)-1], ", ") + " or " + s[len(s)-1]
+}
+
+func isNameRune(r rune) bool {
+	return r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.'
+}
+
+// validName reports whether s is a usable service name or id:
+// letters, digits, '-', '_' and '.'.
+func validName(s string) bool {
+	return s != "" && !strings.ContainsFunc(s, func(r rune) bool { return !isNameRune(r) })
+}
+
+// checkHostPort accepts "host:port" with a non-empty host and a numeric
+// port 1-65535.
+func checkHostPort(s string) error {
+	if s == "" {
+		return errors.New("required (host:port)")
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return fmt.Errorf("want host:port, got %q", s)
+	}
+	if host == "" {
+		return fmt.Errorf("missing host in %q (use e.g. 127.0.0.1%s, or 0.0.0.0%s for all interfaces)", s, s, s)
+	}
+	if strings.ContainsAny(host, " \t\r\n/") {
+		return fmt.Errorf("invalid host in %q", s)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("port must be 1-65535 in %q", s)
+	}
+	return nil
+}
+
+// checkConsulAddress accepts "host:port", "http://host:port" and
+// "https://host:port".
+func checkConsulAddress(s string) error {
+	hostPort := s
+	if scheme, _, ok := strings.Cut(s, "://"); ok {
+		if scheme != "http" && scheme != "https" {
+			return fmt.Errorf("unsupported scheme %q in %q (want http or https)", scheme, s)
+		}
+		u, err := url.Parse(s)
+		if err != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
+			return fmt.Errorf("want host:port or %s://host:port, got %q", scheme, s)
+		}
+		hostPort = u.Host
+	}
+	if err := checkHostPort(hostPort); err != nil {
+		return fmt.Errorf("want host:port, http://host:port or https://host:port, got %q", s)
+	}
+	return nil
+}
+
+// Hash key sources, as written in hash_key.
+const (
+	HashHeader   = "header"
+	HashCookie   = "cookie"
+	HashQuery    = "query"
+	HashPath     = "path"
+	HashClientIP = "client_ip"
+)
+
+// SplitHashKey parses a hash_key value into its source (HashHeader,
+// HashCookie, HashQuery, HashPath or HashClientIP) and, for the first three,
+// the header, cookie or (decoded) query parameter name. Header and cookie
+// names must be HTTP tokens; a query name may be any non-empty string.
+func SplitHashKey(s string) (source, name string, err error) {
+	source, name, hasName := strings.Cut(s, ":")
+	switch source {
+	case HashPath, HashClientIP:
+		if hasName {
+			return "", "", fmt.Errorf("%s takes no name, got %q", source, s)
+		}
+		return source, "", nil
+	case HashHeader, HashCookie, HashQuery:
+		switch {
+		case name == "":
+			return "", "", fmt.Errorf("%s:NAME needs a name, got %q", source, s)
+		case source != HashQuery && !isToken(name):
+			return "", "", fmt.Errorf("invalid %s name %q in %q", source, name, s)
+		}
+		return source, name, nil
+	}
+	return "", "", fmt.Errorf("unknown hash key %q (want header:NAME, cookie:NAME, query:NAME, path or client_ip)", s)
+}
+
+// isToken reports whether s is an RFC 9110 token, the syntax of header
+// field names and cookie names.
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}

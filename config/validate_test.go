@@ -1,0 +1,375 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+)
+
+// errorTests are files with mistakes and the exact problem lines they give,
+// in order. Each mistake must give one line, not one per consequence.
+var errorTests = []struct {
+	name string
+	yaml string
+	env  map[string]string
+	want []string
+}{
+	{
+		name: "unknown key with suggestion",
+		yaml: "service:\n  name: echo\n  port: 9001\n  chek: {http: ''}\n",
+		want: []string{`config.yaml: service.chek: unknown key (did you mean "check"?)`},
+	},
+	{
+		name: "unknown top-level key",
+		yaml: "upstream: []\n",
+		want: []string{`config.yaml: upstream: unknown key (did you mean "upstreams"?)`},
+	},
+	{
+		name: "camelCase key suggests snake_case",
+		yaml: "service: {name: echo, port: 1, deregisterCriticalAfter: 1m}",
+		want: []string{`config.yaml: service.deregisterCriticalAfter: unknown key (did you mean "deregister_critical_after"?)`},
+	},
+	{
+		name: "unknown key without a near match lists the keys",
+		yaml: "log: {colour: true}",
+		want: []string{`config.yaml: log.colour: unknown key (want one of level, format)`},
+	},
+	{
+		name: "type error",
+		yaml: "service: {name: echo, port: abc}",
+		want: []string{`config.yaml: service.port: want an integer, got "abc"`},
+	},
+	{
+		name: "quoted number is not an integer",
+		yaml: "discovery: {cache_size: '10'}",
+		want: []string{`config.yaml: discovery.cache_size: want an integer, got "10"`},
+	},
+	{
+		name: "bool error",
+		yaml: "proxy: {preserve_host: yes}",
+		want: []string{`config.yaml: proxy.preserve_host: want true or false, got "yes"`},
+	},
+	{
+		name: "list where a mapping belongs",
+		yaml: "service: [echo]",
+		want: []string{`config.yaml: service: want a mapping, got a list`},
+	},
+	{
+		name: "mapping where a list belongs",
+		yaml: "upstreams: {name: echo}",
+		want: []string{`config.yaml: upstreams: want a list, got a mapping`},
+	},
+	{
+		name: "scalar where a list element mapping belongs",
+		yaml: "upstreams: [echo]",
+		want: []string{`config.yaml: upstreams[0]: want a mapping, got "echo"`},
+	},
+	{
+		name: "bare integer duration",
+		yaml: "service: {name: echo, port: 9001, ttl: 5}",
+		want: []string{`config.yaml: service.ttl: duration 5 has no unit (write e.g. "5s")`},
+	},
+	{
+		name: "unparsable duration",
+		yaml: "proxy: {timeouts: {idle: 5 minutes}}",
+		want: []string{`config.yaml: proxy.timeouts.idle: invalid duration "5 minutes" (write e.g. "500ms", "5s" or "1m30s")`},
+	},
+	{
+		name: "service port out of range",
+		yaml: "service: {name: echo, port: 70000}",
+		want: []string{`config.yaml: service.port: must be 1-65535, got 70000`},
+	},
+	{
+		name: "service port missing",
+		yaml: "service: {name: echo}",
+		want: []string{`config.yaml: service.port: required (the app's port, 1-65535)`},
+	},
+	{
+		name: "missing service name",
+		yaml: "service: {port: 9001}",
+		want: []string{`config.yaml: service.name: required`},
+	},
+	{
+		name: "bad service name and id",
+		yaml: "service: {name: 'echo svc', id: 'a/b', port: 9001}",
+		want: []string{
+			`config.yaml: service.name: invalid name "echo svc": use letters, digits, '-', '_' and '.'`,
+			`config.yaml: service.id: invalid name "a/b": use letters, digits, '-', '_' and '.'`,
+		},
+	},
+	{
+		name: "service address with port",
+		yaml: "service: {name: echo, address: '127.0.0.1:9001', port: 9001}",
+		want: []string{`config.yaml: service.address: "127.0.0.1:9001" has a port; put the port in service.port`},
+	},
+	{
+		name: "check must be an http url",
+		yaml: "service: {name: echo, port: 9001, check: {http: '127.0.0.1:9001/health'}}",
+		want: []string{`config.yaml: service.check.http: must be an http:// or https:// URL, got "127.0.0.1:9001/health"`},
+	},
+	{
+		name: "service timing limits",
+		yaml: `
+service:
+  name: echo
+  port: 9001
+  weight: 0
+  check: {interval: 0s, timeout: -1s}
+  ttl: 500ms
+  deregister_critical_after: 30s
+  drain: -1s
+`,
+		want: []string{
+			`config.yaml: service.weight: must be at least 1, got 0`,
+			`config.yaml: service.check.interval: must be greater than 0, got 0s`,
+			`config.yaml: service.check.timeout: must be greater than 0, got -1s`,
+			`config.yaml: service.ttl: must be at least 1s (Consul's TTL granularity), got 500ms`,
+			`config.yaml: service.deregister_critical_after: must be at least 1m (Consul's minimum), got 30s`,
+			`config.yaml: service.drain: must not be negative, got -1s`,
+		},
+	},
+	{
+		name: "meta key path",
+		yaml: "service: {name: echo, port: 9001, meta: {zone: a, 'bad key': b, consul-x: c}}",
+		want: []string{
+			`config.yaml: service.meta["bad key"]: key must be 1-128 letters, digits, '-' or '_'`,
+			`config.yaml: service.meta.consul-x: key prefix "consul-" is reserved`,
+		},
+	},
+	{
+		name: "empty tag",
+		yaml: "service: {name: echo, port: 9001, tags: [v1, '']}",
+		want: []string{`config.yaml: service.tags[1]: must not be empty`},
+	},
+	{
+		name: "bad consul address",
+		yaml: "consul: {address: 'ftp://consul:8500'}",
+		want: []string{`config.yaml: consul.address: unsupported scheme "ftp" in "ftp://consul:8500" (want http or https)`},
+	},
+	{
+		name: "bad consul address from env",
+		env:  map[string]string{"CONSUL_HTTP_ADDR": "consul"},
+		want: []string{`config.yaml: consul.address: want host:port, http://host:port or https://host:port, got "consul" (from CONSUL_HTTP_ADDR)`},
+	},
+	{
+		name: "admin listen required",
+		yaml: "admin: {listen: ''}",
+		want: []string{`config.yaml: admin.listen: required (host:port)`},
+	},
+	{
+		name: "log enums",
+		yaml: "log: {level: loud, format: xml}",
+		want: []string{
+			`config.yaml: log.level: unknown "loud" (want debug, info, warn or error)`,
+			`config.yaml: log.format: unknown "xml" (want json or console)`,
+		},
+	},
+	{
+		name: "static backend without static map",
+		yaml: "discovery: {backend: static}",
+		want: []string{`config.yaml: discovery.static: required when discovery.backend is static`},
+	},
+	{
+		name: "static map with consul backend",
+		yaml: "discovery: {static: {echo: ['127.0.0.1:1']}}",
+		want: []string{`config.yaml: discovery.static: set, but discovery.backend is "consul"; it is only used with backend static`},
+	},
+	{
+		name: "bad static entries",
+		yaml: `
+discovery:
+  backend: static
+  static:
+    echo: ["127.0.0.1:9001", "127.0.0.1:99999", "nohost"]
+    empty: []
+upstreams: [{name: other, listen: 127.0.0.1:15002}]
+`,
+		want: []string{
+			`config.yaml: discovery.static.echo[1]: port must be 1-65535 in "127.0.0.1:99999"`,
+			`config.yaml: discovery.static.echo[2]: want host:port, got "nohost"`,
+			`config.yaml: discovery.static.empty: must list at least one host:port`,
+			`config.yaml: upstreams[0].name: "other" has no endpoints in discovery.static`,
+		},
+	},
+	{
+		name: "unknown backend",
+		yaml: "discovery: {backend: dns, cache_size: 0, resolve_timeout: 0s}",
+		want: []string{
+			`config.yaml: discovery.backend: unknown "dns" (want consul or static)`,
+			`config.yaml: discovery.cache_size: must be at least 1, got 0`,
+			`config.yaml: discovery.resolve_timeout: must be greater than 0, got 0s`,
+		},
+	},
+	{
+		name: "bad protocol with index path",
+		yaml: `
+upstreams:
+  - {name: a, listen: 127.0.0.1:15002}
+  - {name: b, listen: 127.0.0.1:15003, protocol: htp}
+`,
+		want: []string{`config.yaml: upstreams[1].protocol: unknown "htp" (want http, http2, grpc or tcp)`},
+	},
+	{
+		name: "bad upstream listen and name",
+		yaml: "upstreams: [{listen: '127.0.0.1:0'}, {name: b, listen: ':15003'}]",
+		want: []string{
+			`config.yaml: upstreams[0].name: required`,
+			`config.yaml: upstreams[0].listen: port must be 1-65535 in "127.0.0.1:0"`,
+			`config.yaml: upstreams[1].listen: missing host in ":15003" (use e.g. 127.0.0.1:15003, or 0.0.0.0:15003 for all interfaces)`,
+		},
+	},
+	{
+		name: "duplicate listen",
+		yaml: `
+admin: {listen: 127.0.0.1:15001}
+proxy: {listen: 127.0.0.1:15001}
+upstreams:
+  - {name: a, listen: 127.0.0.1:15002}
+  - {name: b, listen: 127.0.0.1:15002}
+  - {name: c, listen: 0.0.0.0:15001}
+`,
+		want: []string{
+			`config.yaml: proxy.listen: 127.0.0.1:15001 conflicts with admin.listen (127.0.0.1:15001)`,
+			`config.yaml: upstreams[1].listen: 127.0.0.1:15002 conflicts with upstreams[0].listen (127.0.0.1:15002)`,
+			`config.yaml: upstreams[2].listen: 0.0.0.0:15001 conflicts with admin.listen (127.0.0.1:15001)`,
+		},
+	},
+	{
+		name: "bad hash keys",
+		yaml: `
+proxy: {hash_key: "header:"}
+upstreams:
+  - {name: a, listen: 127.0.0.1:15002, hash_key: "header:X User"}
+  - {name: b, listen: 127.0.0.1:15003, hash_key: ip}
+  - {name: c, listen: 127.0.0.1:15004, hash_key: "path:x"}
+`,
+		want: []string{
+			`config.yaml: proxy.hash_key: header:NAME needs a name, got "header:"`,
+			`config.yaml: upstreams[0].hash_key: invalid header name "X User" in "header:X User"`,
+			`config.yaml: upstreams[1].hash_key: unknown hash key "ip" (want header:NAME, cookie:NAME, query:NAME, path or client_ip)`,
+			`config.yaml: upstreams[2].hash_key: path takes no name, got "path:x"`,
+		},
+	},
+	{
+		name: "bad balancer reported where it is written",
+		yaml: "proxy: {balancer: fastest}\nupstreams: [{name: a, listen: 127.0.0.1:15002}, {name: b, listen: 127.0.0.1:15003, balancer: rr}]",
+		want: []string{
+			`config.yaml: proxy.balancer: unknown "fastest" (want random, round_robin, hash or least_request)`,
+			`config.yaml: upstreams[1].balancer: unknown "rr" (want random, round_robin, hash or least_request)`,
+		},
+	},
+	{
+		name: "negative timeouts",
+		yaml: "proxy: {timeouts: {connect: 0s, request: -1s}}\nupstreams: [{name: a, listen: 127.0.0.1:15002, timeouts: {idle: -2s}}]",
+		want: []string{
+			`config.yaml: proxy.timeouts.connect: must be greater than 0, got 0s`,
+			`config.yaml: proxy.timeouts.request: must not be negative, got -1s`,
+			`config.yaml: upstreams[0].timeouts.idle: must not be negative, got -2s`,
+		},
+	},
+	{
+		name: "duplicate key",
+		yaml: "log:\n  level: info\n  level: debug\n",
+		want: []string{`config.yaml: log.level: duplicate key (first on line 2)`},
+	},
+	{
+		name: "not a mapping",
+		yaml: "- echo\n- web\n",
+		want: []string{`config.yaml: the file must be a YAML mapping of sections (service, consul, admin, log, discovery, proxy, upstreams), got a list`},
+	},
+	{
+		name: "plain text",
+		yaml: "hello",
+		want: []string{`config.yaml: the file must be a YAML mapping of sections (service, consul, admin, log, discovery, proxy, upstreams), got "hello"`},
+	},
+	{
+		name: "yaml syntax error",
+		yaml: "log: [info\n",
+		want: []string{`config.yaml: line 1: did not find expected ',' or ']'`},
+	},
+	{
+		name: "two documents",
+		yaml: "log: {level: info}\n---\nlog: {level: debug}\n",
+		want: []string{`config.yaml: line 2: a second YAML document; the file must hold one`},
+	},
+	{
+		name: "alias that contains itself",
+		yaml: "discovery: {backend: static, static: &x {echo: *x}}",
+		want: []string{`config.yaml: discovery.static.echo: want a list, got a mapping`},
+	},
+	{
+		name: "bad merge value",
+		yaml: "log: {<<: info}",
+		want: []string{`config.yaml: log["<<"]: merge value must be a mapping or a list of mappings, got "info"`},
+	},
+	{
+		name: "several errors together in file order",
+		yaml: `
+upstreams:
+  - {name: echo, listen: 127.0.0.1:15002, protocol: htp}
+service:
+  name: echo
+  port: abc
+  chek: {}
+  ttl: 5
+log: {level: loud}
+`,
+		want: []string{
+			`config.yaml: upstreams[0].protocol: unknown "htp" (want http, http2, grpc or tcp)`,
+			`config.yaml: service.port: want an integer, got "abc"`,
+			`config.yaml: service.chek: unknown key (did you mean "check"?)`,
+			`config.yaml: service.ttl: duration 5 has no unit (write e.g. "5s")`,
+			`config.yaml: log.level: unknown "loud" (want debug, info, warn or error)`,
+		},
+	},
+}
+
+func TestParseErrors(t *testing.T) {
+	t.Parallel()
+	for _, tc := range errorTests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			c, err := ParseEnv([]byte(tc.yaml), "config.yaml", env(tc.env))
+			if err == nil {
+				t.Fatalf("ParseEnv() = %+v, want an error", c)
+			}
+			if c != nil {
+				t.Errorf("ParseEnv() config = %+v, want nil with an error", c)
+			}
+			var cerr *Error
+			if !errors.As(err, &cerr) {
+				t.Fatalf("ParseEnv() error type %T, want *Error", err)
+			}
+			if got, want := err.Error(), strings.Join(tc.want, "\n"); got != want {
+				t.Errorf("ParseEnv() error:\n%s\nwant:\n%s", got, want)
+			}
+		})
+	}
+}
+
+func TestSplitHashKey(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		in, source, name string
+		ok               bool
+	}{
+		{"header:X-User", HashHeader, "X-User", true},
+		{"cookie:session", HashCookie, "session", true},
+		{"query:user", HashQuery, "user", true},
+		{"path", HashPath, "", true},
+		{"client_ip", HashClientIP, "", true},
+		{"header:", "", "", false},
+		{"header:a:b", "", "", false},
+		{"cookie:a;b", "", "", false},
+		{"query:user id", HashQuery, "user id", true},
+		{"client_ip:x", "", "", false},
+		{"Header:X", "", "", false},
+		{"", "", "", false},
+	}
+	for _, tc := range tests {
+		source, name, err := SplitHashKey(tc.in)
+		if source != tc.source || name != tc.name || (err == nil) != tc.ok {
+			t.Errorf("SplitHashKey(%q) = %q, %q, %v; want %q, %q, ok=%v", tc.in, source, name, err, tc.source, tc.name, tc.ok)
+		}
+	}
+}
