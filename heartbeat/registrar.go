@@ -137,6 +137,7 @@ type Registrar struct {
 
 	mu       sync.Mutex
 	override *report // nil when the probe decides
+	cleared  *report // the override ClearOverride last removed
 	ovSeq    uint64  // bumped on every SetOverride and ClearOverride
 	status   Status
 }
@@ -221,19 +222,31 @@ func (r *Registrar) SetOverride(status, reason string) {
 	default:
 		status = api.HealthCritical
 	}
-	r.setOverride(&report{status: status, output: reason})
+	r.mu.Lock()
+	r.override = &report{status: status, output: reason}
+	r.ovSeq++
+	r.mu.Unlock()
+	r.signal()
 }
 
 // ClearOverride lets the probe decide the check again. The override's status
-// stays until a probe started after this call finishes; a running Registrar
-// starts one at once. ClearOverride does not block.
-func (r *Registrar) ClearOverride() { r.setOverride(nil) }
-
-func (r *Registrar) setOverride(ov *report) {
+// and reason stay until a probe started after this call finishes; a running
+// Registrar starts one at once. Without an override, ClearOverride does
+// nothing. It does not block.
+func (r *Registrar) ClearOverride() {
 	r.mu.Lock()
-	r.override = ov
+	if r.override == nil {
+		r.mu.Unlock()
+		return
+	}
+	r.cleared, r.override = r.override, nil
 	r.ovSeq++
 	r.mu.Unlock()
+	r.signal()
+}
+
+// signal wakes Run to take up a changed override.
+func (r *Registrar) signal() {
 	select {
 	case r.wake <- struct{}{}:
 	default:

@@ -123,10 +123,12 @@ type loop struct {
 }
 
 // applyOverride takes up the Registrar's override, if it changed. It reports
-// whether a fresh probe is needed: the override was cleared.
+// whether a fresh probe is needed: the override was cleared. Until that probe
+// is in, the cleared override's report stands, even if Run never saw the
+// override itself.
 func (l *loop) applyOverride() bool {
 	l.r.mu.Lock()
-	ov, seq := l.r.override, l.r.ovSeq
+	ov, cleared, seq := l.r.override, l.r.cleared, l.r.ovSeq
 	l.r.mu.Unlock()
 	if seq == l.ovSeq {
 		return false
@@ -136,6 +138,7 @@ func (l *loop) applyOverride() bool {
 		l.setWant(*ov)
 		return false
 	}
+	l.setWant(*cleared)
 	return true
 }
 
