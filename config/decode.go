@@ -91,7 +91,9 @@ func (p *parser) spend(n *yaml.Node, path string, depth int) bool {
 	p.budget--
 	switch {
 	case p.budget == -1:
+		// The rest goes undecoded, so any later problem would be noise.
 		p.fail(n, path, "document too large or too many alias expansions")
+		p.failed = append(p.failed, "")
 		return false
 	case p.budget < 0:
 		return false
@@ -227,7 +229,13 @@ func (p *parser) structure(n *yaml.Node, v reflect.Value, path string, depth int
 	p.pairs(n, path, depth, func(key string, kn, vn *yaml.Node) {
 		i, ok := index[key]
 		if !ok {
-			p.fail(kn, child(path, key), "unknown key (%s)", suggest(key, names))
+			guess := suggest(key, names)
+			if guess != "" {
+				p.guessed[child(path, guess)] = true
+				p.fail(kn, child(path, key), "unknown key (did you mean %q?)", guess)
+			} else {
+				p.fail(kn, child(path, key), "unknown key (want one of %s)", strings.Join(names, ", "))
+			}
 			return
 		}
 		p.decode(vn, v.Field(i), child(path, key), depth+1)
@@ -396,7 +404,7 @@ func fields(t reflect.Type) ([]string, map[string]int) {
 	return names, index
 }
 
-// suggest says which known key an unknown one probably meant, or lists them.
+// suggest returns the known key an unknown one probably meant, or "".
 func suggest(key string, names []string) string {
 	norm := func(s string) string {
 		return strings.ToLower(strings.NewReplacer("_", "", "-", "").Replace(s))
@@ -404,16 +412,13 @@ func suggest(key string, names []string) string {
 	best, bestDist := "", 0
 	for _, name := range names {
 		if norm(name) == norm(key) {
-			return fmt.Sprintf("did you mean %q?", name)
+			return name
 		}
 		if d := editDistance(key, name); d <= max(1, len(name)/3) && (best == "" || d < bestDist) {
 			best, bestDist = name, d
 		}
 	}
-	if best != "" {
-		return fmt.Sprintf("did you mean %q?", best)
-	}
-	return "want one of " + strings.Join(names, ", ")
+	return best
 }
 
 // editDistance is the Levenshtein distance between a and b, by bytes.

@@ -64,14 +64,15 @@ func (e *Error) Unwrap() []error {
 type parser struct {
 	source   string
 	problems []*Problem
-	failed   []string       // paths whose value did not decode
-	lines    map[string]int // path of every key present in the file → its line
-	budget   int            // node visits left; guards against alias bombs
-	full     bool           // maxProblems reached
+	failed   []string        // paths whose value did not decode
+	lines    map[string]int  // path of every key present in the file → its line
+	guessed  map[string]bool // paths suggested for a misspelt key
+	budget   int             // node visits left; guards against alias bombs
+	full     bool            // maxProblems reached
 }
 
 func newParser(source string) *parser {
-	return &parser{source: source, lines: map[string]int{}, budget: maxVisits}
+	return &parser{source: source, lines: map[string]int{}, guessed: map[string]bool{}, budget: maxVisits}
 }
 
 func (p *parser) add(pr *Problem) {
@@ -92,8 +93,12 @@ func (p *parser) present(path string) bool {
 }
 
 // errorf records a semantic problem at path, unless decoding that path or
-// one of its parents already failed: one mistake, one message.
+// one of its parents already failed, or the path is missing only because
+// its key was misspelt: one mistake, one message.
 func (p *parser) errorf(path, format string, args ...any) {
+	if p.guessed[path] && !p.present(path) {
+		return
+	}
 	for _, f := range p.failed {
 		if under(path, f) {
 			return

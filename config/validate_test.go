@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -33,6 +34,22 @@ var errorTests = []struct {
 		name: "unknown key without a near match lists the keys",
 		yaml: "log: {colour: true}",
 		want: []string{`config.yaml: log.colour: unknown key (want one of level, format)`},
+	},
+	{
+		name: "misspelt required key is reported once",
+		yaml: "service: {Name: echo, port: 9001}\nupstreams: [{name: a, lisen: '127.0.0.1:1'}]",
+		want: []string{
+			`config.yaml: service.Name: unknown key (did you mean "name"?)`,
+			`config.yaml: upstreams[0].lisen: unknown key (did you mean "listen"?)`,
+		},
+	},
+	{
+		name: "misspelt key next to the real one",
+		yaml: "service: {name: 'a b', nme: x, port: 9001}",
+		want: []string{
+			`config.yaml: service.nme: unknown key (did you mean "name"?)`,
+			`config.yaml: service.name: invalid name "a b": use letters, digits, '-', '_' and '.'`,
+		},
 	},
 	{
 		name: "type error",
@@ -303,6 +320,11 @@ upstreams:
 		want: []string{`config.yaml: log["<<"]: merge value must be a mapping or a list of mappings, got "info"`},
 	},
 	{
+		name: "exponential merge expansion is bounded",
+		yaml: mergeBomb(40),
+		want: []string{`config.yaml: upstreams[13]: document too large or too many alias expansions`},
+	},
+	{
 		name: "several errors together in file order",
 		yaml: `
 upstreams:
@@ -372,4 +394,15 @@ func TestSplitHashKey(t *testing.T) {
 			t.Errorf("SplitHashKey(%q) = %q, %q, %v; want %q, %q, ok=%v", tc.in, source, name, err, tc.source, tc.name, tc.ok)
 		}
 	}
+}
+
+// mergeBomb returns a file whose upstreams each merge the previous one
+// twice, so expanding them naively takes 2^n steps.
+func mergeBomb(n int) string {
+	var b strings.Builder
+	b.WriteString("upstreams:\n  - &u0 {name: a, listen: '127.0.0.1:1'}\n")
+	for i := 1; i < n; i++ {
+		fmt.Fprintf(&b, "  - &u%d {<<: [*u%d, *u%d]}\n", i, i-1, i-1)
+	}
+	return b.String()
 }
