@@ -106,7 +106,8 @@ type Status struct {
 	// or the override ("passing", "warning" or "critical").
 	CheckStatus string `json:"check_status"`
 	Output      string `json:"output"`
-	Overridden  bool   `json:"overridden"`
+	// Overridden is true while SetOverride decides the check.
+	Overridden bool `json:"overridden"`
 	// LastProbe is when the last probe finished; zero before the first.
 	LastProbe time.Time `json:"last_probe"`
 	// LastUpdate is when Consul last accepted the check's status.
