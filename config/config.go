@@ -235,7 +235,7 @@ func Default() *Config {
 
 // Load reads the file at path and returns its resolved, validated
 // configuration. Problems in the file come back as an *Error listing every
-// one of them, each line shaped "PATH: KEY.PATH: message".
+// one of them, each line shaped "FILE: KEY.PATH: message".
 func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
