@@ -8,10 +8,12 @@ import (
 )
 
 const (
-	// maxSchedule bounds the weighted schedule; weights whose sum exceeds it
-	// are scaled down. Every endpoint keeps at least one slot, so a schedule
-	// holds at most maxSchedule + n slots.
-	maxSchedule = 1 << 14
+	// maxSchedule and slotsPerEndpoint bound the weighted schedule of n
+	// endpoints to limit = max(maxSchedule, slotsPerEndpoint·n) slots:
+	// weights whose sum exceeds it are scaled down, rounding, and every
+	// endpoint keeps at least one slot, so a schedule holds at most limit+n.
+	maxSchedule      = 1 << 14
+	slotsPerEndpoint = 16
 	// swrrBudget bounds the work of computing the exact smooth weighted
 	// round-robin schedule, which costs O(len(schedule) × endpoints). Larger
 	// weighted sets use stride scheduling, which is O(n log n) and nearly as
@@ -101,7 +103,7 @@ func (st *roundRobinState) nextScheduled(pos int, ex []string) int {
 }
 
 // reducedWeights returns the endpoints' weights divided by their greatest
-// common divisor and, if their sum exceeds maxSchedule, scaled down
+// common divisor and, if their sum exceeds scheduleLimit, scaled down
 // proportionally (never below 1).
 func reducedWeights(eps []discovery.Endpoint) []uint64 {
 	w := make([]uint64, len(eps))
@@ -110,10 +112,10 @@ func reducedWeights(eps []discovery.Endpoint) []uint64 {
 		w[i] = weightOf(&eps[i])
 		sum += w[i]
 	}
-	if sum > maxSchedule {
+	if limit := scheduleLimit(len(eps)); sum > limit {
 		for i := range w {
-			// w ≤ 2^32 and maxSchedule = 2^14, so the product fits.
-			w[i] = max(1, w[i]*maxSchedule/sum)
+			// w ≤ 2^32 and limit is far below 2^31, so this fits.
+			w[i] = max(1, (w[i]*limit+sum/2)/sum)
 		}
 	}
 	var g uint64
@@ -124,6 +126,12 @@ func reducedWeights(eps []discovery.Endpoint) []uint64 {
 		w[i] /= g
 	}
 	return w
+}
+
+// scheduleLimit is the number of slots the weights of n endpoints are scaled
+// into when their sum is larger.
+func scheduleLimit(n int) uint64 {
+	return max(maxSchedule, slotsPerEndpoint*uint64(n))
 }
 
 // weightedSchedule returns one full cycle in which endpoint i appears w[i]
@@ -176,7 +184,7 @@ func strideSchedule(w []uint64, total uint64) []int32 {
 	}
 	slices.SortFunc(turns, func(a, b turn) int {
 		// (2a.k+1)/w[a.i] vs (2b.k+1)/w[b.i], cross-multiplied; both
-		// sides stay below 2·total·maxSchedule, far from overflow.
+		// sides stay below 2·total², far from overflow.
 		l, r := (2*a.k+1)*w[b.i], (2*b.k+1)*w[a.i]
 		switch {
 		case l < r:
