@@ -1,0 +1,113 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+// Known reports whether service is registered in the catalog. The first call
+// starts one blocking watch on the catalog's list of services, shared by all
+// callers and kept until Close, and waits for its first answer, at most
+// ResolveTimeout and while ctx lasts. After that Known is a lock-free map
+// lookup. While Consul fails, the last list answers. Safe for concurrent
+// use.
+func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
+	if m := c.known.Load(); m != nil {
+		_, ok := (*m)[service]
+		return ok, nil
+	}
+	c.knownOnce.Do(c.startCatalog)
+	t := time.NewTimer(c.opts.ResolveTimeout)
+	defer t.Stop()
+	select {
+	case <-c.knownReady:
+		_, ok := (*c.known.Load())[service]
+		return ok, nil
+	case <-ctx.Done():
+		return false, fmt.Errorf("list services: %w", ctx.Err())
+	case <-c.ctx.Done():
+		return false, fmt.Errorf("list services: %w", ErrClosed)
+	case <-t.C:
+		if err := c.knownErr.Load(); err != nil {
+			return false, fmt.Errorf("list services: %w: %w", ErrResolveTimeout, *err)
+		}
+		return false, fmt.Errorf("list services: %w", ErrResolveTimeout)
+	}
+}
+
+func (c *Consul) startCatalog() {
+	if c.ctx.Err() != nil {
+		return
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				c.log.Error("catalog watch panicked", zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			}
+		}()
+		c.watchCatalog(c.ctx)
+	}()
+}
+
+// watchCatalog follows the list of services until ctx is done, by the same
+// blocking-query rules as a health watch. Every answer with a new index
+// replaces the list; a failure keeps the last one.
+func (c *Consul) watchCatalog(ctx context.Context) {
+	var (
+		idx      blockingIndex
+		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		failures int
+		ready    bool
+	)
+	for {
+		q := &api.QueryOptions{Datacenter: c.opts.Datacenter, WaitIndex: idx.wait, WaitTime: c.opts.WaitTime}
+		services, meta, err := c.catalog.Services(q.WithContext(ctx))
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			err = fmt.Errorf("query catalog services: %w", err)
+			c.knownErr.Store(&err)
+			idx.failed()
+			failures++
+			if failures == 1 || failures%logEvery == 0 {
+				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
+			}
+			if !sleep(ctx, back.next()) {
+				return
+			}
+			continue
+		}
+		if failures > 0 {
+			c.log.Info("consul query recovered", zap.Int("attempt", failures))
+			failures = 0
+			back.reset()
+		}
+		var index uint64
+		if meta != nil {
+			index = meta.LastIndex
+		}
+		if changed, _ := idx.observe(index); !changed && ready {
+			continue
+		}
+		names := make(map[string]struct{}, len(services))
+		for name := range services {
+			names[name] = struct{}{}
+		}
+		if old := c.known.Load(); old == nil || len(*old) != len(names) {
+			c.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
+		}
+		c.known.Store(&names)
+		if !ready {
+			ready = true
+			close(c.knownReady)
+		}
+	}
+}
