@@ -1,0 +1,76 @@
+// Package admin serves the sidecar's loopback admin listener: liveness,
+// a JSON status document and Prometheus metrics.
+package admin
+
+import (
+	"encoding/json"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Options configure the admin handler.
+type Options struct {
+	// Version is reported in /status.
+	Version string
+	// Sections are the parts of /status, by key; each func is called per
+	// request and must be safe for concurrent use.
+	Sections map[string]func() any
+	// Gatherer serves /metrics; if nil, /metrics is not served.
+	Gatherer prometheus.Gatherer
+	// Now is the clock; if nil, time.Now is used.
+	Now func() time.Time
+}
+
+// Handler is the admin listener's handler.
+type Handler struct {
+	mux     *http.ServeMux
+	opts    Options
+	started time.Time
+}
+
+// New returns the admin handler.
+func New(opts Options) *Handler {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	h := &Handler{mux: http.NewServeMux(), opts: opts, started: opts.Now()}
+	h.mux.HandleFunc("GET /healthz", h.healthz)
+	h.mux.HandleFunc("GET /status", h.status)
+	if opts.Gatherer != nil {
+		h.mux.Handle("GET /metrics", promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{}))
+	}
+	return h
+}
+
+// Handle adds a route to the admin listener, e.g. for app control.
+func (h *Handler) Handle(pattern string, handler http.Handler) { h.mux.Handle(pattern, handler) }
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+func (h *Handler) healthz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = w.Write([]byte("ok\n"))
+}
+
+func (h *Handler) status(w http.ResponseWriter, _ *http.Request) {
+	doc := map[string]any{
+		"version":        h.opts.Version,
+		"uptime_seconds": h.opts.Now().Sub(h.started).Seconds(),
+	}
+	keys := make([]string, 0, len(h.opts.Sections))
+	for k := range h.opts.Sections {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		doc[k] = h.opts.Sections[k]()
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(doc)
+}

@@ -1,0 +1,285 @@
+// Package consulagent starts a real Consul dev agent on free loopback ports
+// for integration tests, and stops it by PID.
+//
+// The binary is found as $CONSUL_BIN, then bin/consul at the repository root
+// (built by `make consul`), then consul on PATH. When none exists the test
+// fails with a message saying to run `make consul`; with -short it is skipped.
+package consulagent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Agent is a running (or stopped) Consul dev agent.
+type Agent struct {
+	t      testing.TB
+	bin    string
+	dir    string
+	Ports  Ports
+	mu     sync.Mutex // guards cmd and exited
+	cmd    *exec.Cmd
+	exited chan struct{}
+	log    lockedBuffer
+}
+
+// Ports are the loopback ports the agent listens on. They stay the same
+// across Stop and Start, so clients keep their address.
+type Ports struct {
+	HTTP, SerfLAN, SerfWAN, Server int
+}
+
+// Options tune the agent. The zero value is fine.
+type Options struct {
+	// ExtraHCL is appended to the agent's configuration file.
+	ExtraHCL string
+}
+
+// Binary returns the path of the consul binary tests use, or an error saying
+// how to get one.
+func Binary() (string, error) {
+	if p := os.Getenv("CONSUL_BIN"); p != "" {
+		return p, nil
+	}
+	if root, err := repoRoot(); err == nil {
+		p := filepath.Join(root, "bin", "consul")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	if p, err := exec.LookPath("consul"); err == nil {
+		return p, nil
+	}
+	return "", errors.New("no consul binary: run `make consul` (builds bin/consul), put consul on PATH, or set CONSUL_BIN")
+}
+
+// Start starts a dev agent and waits until it has elected itself leader. The
+// agent is stopped when the test ends.
+func Start(t testing.TB, opts Options) *Agent {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		if testing.Short() {
+			t.Skip(err)
+		}
+		t.Fatal(err)
+	}
+	ports := Ports{HTTP: FreePort(t), SerfLAN: FreePort(t), SerfWAN: FreePort(t), Server: FreePort(t)}
+	a := &Agent{t: t, bin: bin, dir: t.TempDir(), Ports: ports}
+	hcl := fmt.Sprintf(`
+node_name = "sidecar-test"
+bind_addr = "127.0.0.1"
+client_addr = "127.0.0.1"
+log_level = "warn"
+ports {
+  http = %d
+  dns = -1
+  grpc = -1
+  grpc_tls = -1
+  serf_lan = %d
+  serf_wan = %d
+  server = %d
+}
+limits {
+  http_max_conns_per_client = 10000
+}
+%s
+`, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, opts.ExtraHCL)
+	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.Start()
+	t.Cleanup(a.Stop)
+	return a
+}
+
+// Addr is the agent's HTTP address, host:port.
+func (a *Agent) Addr() string { return "127.0.0.1:" + strconv.Itoa(a.Ports.HTTP) }
+
+// Client returns an API client for the agent.
+func (a *Agent) Client() *api.Client {
+	cfg := api.DefaultConfig()
+	cfg.Address = a.Addr()
+	c, err := api.NewClient(cfg)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	return c
+}
+
+// Start (re)starts a stopped agent on the same ports, with an empty state, as
+// a real agent restart in dev mode does, and waits until it is ready.
+func (a *Agent) Start() {
+	a.t.Helper()
+	cmd := exec.Command(a.bin, "agent", "-dev", "-config-file", filepath.Join(a.dir, "agent.hcl"))
+	cmd.Stdout = &a.log
+	cmd.Stderr = &a.log
+	// Own process group so Stop reaches every child; die with the test binary.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	exited := make(chan struct{})
+	a.mu.Lock()
+	if a.cmd != nil {
+		a.mu.Unlock()
+		a.t.Fatal("consul agent already running")
+	}
+	if err := cmd.Start(); err != nil {
+		a.mu.Unlock()
+		a.t.Fatalf("start consul: %v", err)
+	}
+	a.cmd, a.exited = cmd, exited
+	a.mu.Unlock()
+	go func() { _ = cmd.Wait(); close(exited) }()
+	if err := a.waitReady(exited, 60*time.Second); err != nil {
+		a.t.Fatalf("consul agent not ready: %v\n%s", err, a.Log())
+	}
+}
+
+func (a *Agent) waitReady(exited <-chan struct{}, within time.Duration) error {
+	c := a.Client()
+	deadline := time.Now().Add(within)
+	for {
+		select {
+		case <-exited:
+			return errors.New("agent exited")
+		default:
+		}
+		leader, err := c.Status().Leader()
+		if err == nil && leader != "" {
+			// The catalog answers only once the node has synced itself.
+			if _, _, err := c.Catalog().Services(nil); err == nil {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no leader after %v: %v", within, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Stop stops the agent by PID (SIGTERM, then SIGKILL after 5s) and waits for
+// it to exit. Stopping a stopped agent does nothing.
+func (a *Agent) Stop() {
+	a.mu.Lock()
+	cmd, exited := a.cmd, a.exited
+	a.cmd = nil
+	a.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-exited
+	}
+}
+
+// Kill stops the agent at once with SIGKILL, like a crash.
+func (a *Agent) Kill() {
+	a.mu.Lock()
+	cmd, exited := a.cmd, a.exited
+	a.cmd = nil
+	a.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	<-exited
+}
+
+// Log returns what the agent has printed so far.
+func (a *Agent) Log() string { return a.log.String() }
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// WaitFor polls cond every 20ms until it returns true or within passes, and
+// reports how long it took. It fails the test on timeout.
+func WaitFor(t testing.TB, within time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	for {
+		if cond() {
+			return time.Since(start)
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			if _, err := os.Stat(filepath.Join(dir, "cmd", "sidecar")); err == nil {
+				return dir, nil
+			}
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("repository root not found")
+		}
+		dir = parent
+	}
+}
+
+// RepoRoot returns the repository root (the folder holding go.mod and
+// cmd/sidecar), found from the working directory.
+func RepoRoot(t testing.TB) string {
+	t.Helper()
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
+
+// lockedBuffer is a bytes.Buffer safe for the agent's output copier and Log
+// to use at once.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
