@@ -12,9 +12,10 @@ const (
 	// set is small enough: with 1024 points an endpoint's share of the ring
 	// deviates from the mean by about 1/√1024 ≈ 3%.
 	maxVnodes = 1024
-	// ringBudget bounds the ring (12 bytes a point, so 3 MiB): for sets
-	// past 256 endpoints the points per unit of weight halve until the
-	// ring fits, but never go below one.
+	// ringBudget bounds the ring (about 13 bytes a point with its index,
+	// so 3.3 MiB): once the total weight passes 256 (256 endpoints of
+	// weight 1) the points per unit of weight halve until the ring fits,
+	// but never go below one.
 	ringBudget = 1 << 18
 	// maxHashWeight caps the weight an endpoint has on the ring, which then
 	// holds at most max(ringBudget, maxHashWeight·n) points.
@@ -46,8 +47,8 @@ const (
 //
 // Large sets get fewer points per endpoint (halving from maxVnodes) so the
 // ring stays within ringBudget; because an endpoint's points are a prefix of
-// one fixed sequence, crossing such a size threshold (past 256 endpoints)
-// only adds or drops the tail points of each endpoint.
+// one fixed sequence, crossing such a threshold (only ever past a total
+// weight of 256) adds or drops just the tail points of each endpoint.
 type Hash struct {
 	// next drives the round-robin fallback for requests without a key.
 	next  atomic.Uint64

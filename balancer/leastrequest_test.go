@@ -86,6 +86,16 @@ func TestLeastRequestSpread(t *testing.T) {
 	}
 }
 
+func TestLeastRequestClock(t *testing.T) {
+	if NewLeastRequest(Options{}).now == nil {
+		t.Errorf("clock with zero Options = nil, want time.Now")
+	}
+	fixed := time.Unix(42, 0)
+	if got := NewLeastRequest(Options{Now: func() time.Time { return fixed }}).now(); !got.Equal(fixed) {
+		t.Errorf("clock() = %v, want %v", got, fixed)
+	}
+}
+
 func TestLeastRequestUpdate(t *testing.T) {
 	lr := NewLeastRequest(Options{Now: func() time.Time { return time.Unix(0, 0) }})
 	eps := testEndpoints(3)
