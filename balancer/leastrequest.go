@@ -39,6 +39,9 @@ type lrNode struct {
 	// done is n.release, bound once so that Pick hands it out without
 	// allocating a closure per request.
 	done func(Result)
+	// The padding keeps the counters of different nodes on different
+	// cache lines, so Picks on different endpoints do not contend.
+	_ [64]byte
 }
 
 func newLRNode() *lrNode {
