@@ -1,0 +1,51 @@
+# The README's two commands: `make demo` runs the demo, `make test` passes
+# the tests. Both set up what they need on a fresh machine.
+
+GO        ?= go
+CONSUL_VERSION := v1.22.0
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS   := -s -w -X main.version=$(VERSION)
+
+.PHONY: all build consul test test-short lint bench demo clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/sidecar ./cmd/sidecar
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/echo ./examples/echo
+
+# bin/consul: consul from PATH when there is one, else the pinned version
+# built from tools/consul (about 6 minutes cold on 2 cores; cached after).
+consul: bin/consul
+
+bin/consul: tools/consul/go.mod tools/consul/go.sum
+	@mkdir -p bin
+	@if command -v consul >/dev/null 2>&1; then \
+		echo "using $$(command -v consul)"; ln -sf "$$(command -v consul)" bin/consul; \
+	else \
+		echo "building consul $(CONSUL_VERSION) into bin/consul (takes a few minutes the first time)"; \
+		cd tools/consul && GONOSUMDB=github.com/hashicorp/consul GOFLAGS=-mod=mod \
+			$(GO) build -trimpath -o ../../bin/consul github.com/hashicorp/consul; \
+	fi
+	@touch bin/consul
+
+test: consul build
+	$(GO) test -race -count=1 ./...
+
+# Unit tests only: no Consul needed.
+test-short:
+	$(GO) test -race -count=1 -short ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./balancer/ ./discovery/ ./proxy/
+
+demo: consul build
+	./examples/demo.sh
+
+clean:
+	rm -rf bin

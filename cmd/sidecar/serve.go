@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/admin"
+	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/heartbeat"
+	"github.com/sidecarlb/sidecar/proxy"
+)
+
+// shutdownTimeout bounds how long in-flight requests may take to finish
+// once the listeners close.
+const shutdownTimeout = 10 * time.Second
+
+// serve runs the sidecar until ctx is done, then shuts down in order:
+// deregister, drain, close the listeners.
+func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
+	log, err := newLogger(cfg.Log, logOut)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = log.Sync() }()
+
+	consul, err := newConsulClient(cfg.Consul)
+	if err != nil {
+		return err
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	backend, err := newBackend(cfg, consul, log)
+	if err != nil {
+		return err
+	}
+	cache := discovery.NewCache(backend, discovery.CacheOptions{
+		Size:           cfg.Discovery.CacheSize,
+		IdleTimeout:    cfg.Discovery.IdleTimeout,
+		ResolveTimeout: cfg.Discovery.ResolveTimeout,
+	}, log.Named("discovery"))
+	defer cache.Close()
+	reg.MustRegister(cache.Collector())
+
+	px := proxy.New(cache, proxy.NewMetrics(reg), log.Named("proxy"))
+	servers, err := listen(cfg, px, cache, log)
+	if err != nil {
+		return err
+	}
+
+	var registrar *heartbeat.Registrar
+	if s := cfg.Service; s != nil {
+		registrar = newRegistrar(s, consul.Agent(), log.Named("heartbeat"))
+	}
+
+	sections := map[string]func() any{
+		"upstreams": func() any { return px.Status() },
+		"discovery": func() any { return cache.Snapshots() },
+	}
+	if registrar != nil {
+		sections["service"] = func() any { return registrar.Status() }
+	}
+	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg})
+	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, log)
+	if err != nil {
+		closeAll(servers)
+		return fmt.Errorf("admin.listen: %w", err)
+	}
+	servers = append(servers, adminSrv)
+
+	var wg sync.WaitGroup
+	errs := make(chan error, len(servers))
+	for _, s := range servers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errs <- fmt.Errorf("serve %s: %w", s.name, err)
+			}
+		}()
+	}
+
+	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
+	hbDone := make(chan struct{})
+	if registrar != nil {
+		go func() { defer close(hbDone); registrar.Run(hbCtx) }()
+	} else {
+		close(hbDone)
+	}
+	log.Info("sidecar started", zap.String("version", version), zap.String("admin", cfg.Admin.Listen),
+		zap.Int("listeners", len(servers)-1))
+
+	var failure error
+	select {
+	case <-ctx.Done():
+	case failure = <-errs:
+		log.Error("listener failed", zap.Error(failure))
+	}
+
+	// Shutdown: out of the registry first, so peers stop sending; then let
+	// traffic drain; then close the listeners and wait for requests.
+	log.Info("shutting down")
+	if registrar != nil {
+		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := registrar.Deregister(dctx); err != nil {
+			log.Warn("deregister failed", zap.Error(err))
+		} else {
+			log.Info("deregistered", zap.String("service", cfg.Service.Name), zap.String("id", registrar.ServiceID()))
+		}
+		cancel()
+		if d := cfg.Service.Drain; d > 0 && failure == nil {
+			log.Info("draining", zap.Duration("drain", d))
+			time.Sleep(d)
+		}
+	}
+	stopHeartbeat()
+	<-hbDone
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	for _, s := range servers {
+		if err := s.srv.Shutdown(sctx); err != nil {
+			log.Warn("listener did not close in time", zap.String("listener", s.name), zap.Error(err))
+		}
+	}
+	wg.Wait()
+	log.Info("stopped")
+	return failure
+}
+
+func newConsulClient(c config.Consul) (*api.Client, error) {
+	cc := api.DefaultConfig()
+	cc.Address = c.Address
+	cc.Token = c.Token
+	cc.Datacenter = c.Datacenter
+	// One blocking query per watched service: keep their connections.
+	cc.Transport.MaxIdleConnsPerHost = 4096
+	client, err := api.NewClient(cc)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	return client, nil
+}
+
+func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discovery.Backend, error) {
+	if cfg.Discovery.Backend == config.BackendStatic {
+		return discovery.NewStatic(cfg.Discovery.Static)
+	}
+	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
+		Datacenter:     cfg.Consul.Datacenter,
+		StaleFor:       cfg.Discovery.StaleFor,
+		ResolveTimeout: cfg.Discovery.ResolveTimeout,
+	}, log.Named("discovery")), nil
+}
+
+func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
+	var probe heartbeat.Prober
+	if s.Check.HTTP != "" {
+		probe = heartbeat.HTTPProbe(s.Check.HTTP, s.Check.Timeout)
+	} else {
+		probe = heartbeat.TCPProbe(net.JoinHostPort(s.Address, fmt.Sprint(s.Port)), s.Check.Timeout)
+	}
+	return heartbeat.NewRegistrar(agent, heartbeat.Service{
+		ID: s.ID, Name: s.Name, Address: s.Address, Port: s.Port,
+		Tags: s.Tags, Meta: s.Meta, Weight: s.Weight,
+	}, probe, heartbeat.Options{
+		Interval:                s.Check.Interval,
+		Timeout:                 s.Check.Timeout,
+		TTL:                     s.TTL,
+		DeregisterCriticalAfter: s.DeregisterCriticalAfter,
+	}, log)
+}
+
+// server is one bound listener.
+type server struct {
+	name string
+	srv  *http.Server
+	ln   net.Listener
+}
+
+func (s *server) serve() error { return s.srv.Serve(s.ln) }
+
+// listen binds the forward-proxy listener and every upstream listener, so a
+// port in use fails the start rather than a later request.
+func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) ([]*server, error) {
+	var servers []*server
+	if cfg.Proxy.Listen != "" {
+		h, err := px.Forward(cfg.Proxy.Listen, proxy.RouteConfig{
+			Balancer:     cfg.Proxy.Balancer,
+			HashKey:      cfg.Proxy.HashKey,
+			PreserveHost: cfg.Proxy.PreserveHost,
+			Timeouts:     timeouts(cfg.Proxy.Timeouts),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+		s, err := bind(cfg.Proxy.Listen, h, cfg.Proxy.Timeouts, log)
+		if err != nil {
+			return nil, fmt.Errorf("proxy.listen: %w", err)
+		}
+		servers = append(servers, s)
+	}
+	for i, u := range cfg.Upstreams {
+		if u.Protocol != config.ProtocolHTTP {
+			closeAll(servers)
+			return nil, fmt.Errorf("upstreams[%d].protocol: %q is not supported by this build", i, u.Protocol)
+		}
+		cache.Pin(u.Name)
+		h, err := px.Upstream(u.Listen, proxy.RouteConfig{
+			Service:      u.Name,
+			Protocol:     u.Protocol,
+			Balancer:     u.Balancer,
+			HashKey:      u.HashKey,
+			Tags:         u.Tags,
+			PreserveHost: u.PreserveHost,
+			Timeouts:     timeouts(u.Timeouts),
+		})
+		if err != nil {
+			closeAll(servers)
+			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
+		}
+		s, err := bind(u.Listen, h, u.Timeouts, log)
+		if err != nil {
+			closeAll(servers)
+			return nil, fmt.Errorf("upstreams[%d].listen: %w", i, err)
+		}
+		servers = append(servers, s)
+	}
+	return servers, nil
+}
+
+func timeouts(t config.Timeouts) proxy.Timeouts {
+	return proxy.Timeouts{Connect: t.Connect, Request: t.Request, Idle: t.Idle}
+}
+
+func bind(addr string, h http.Handler, t config.Timeouts, log *zap.Logger) (*server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	srv := proxy.NewServer(h, proxy.ServerOptions{ReadHeaderTimeout: t.ReadHeader, IdleTimeout: t.Idle},
+		log.Named("http").With(zap.String("listener", addr)))
+	return &server{name: addr, srv: srv, ln: ln}, nil
+}
+
+func closeAll(servers []*server) {
+	for _, s := range servers {
+		_ = s.ln.Close()
+	}
+}

@@ -1,0 +1,36 @@
+package discovery
+
+import "github.com/prometheus/client_golang/prometheus"
+
+var (
+	ageDesc = prometheus.NewDesc("sidecar_discovery_snapshot_age_seconds",
+		"How long the service's endpoint set has gone unconfirmed by the registry.", []string{"service"}, nil)
+	endpointsDesc = prometheus.NewDesc("sidecar_discovery_endpoints",
+		"Healthy endpoints in the service's current set.", []string{"service"}, nil)
+	staleDesc = prometheus.NewDesc("sidecar_discovery_stale",
+		"1 while the service's set is served stale (registry failing or just reset).", []string{"service"}, nil)
+)
+
+// Collector returns a Prometheus collector of the cache's watched services,
+// read at scrape time.
+func (c *Cache) Collector() prometheus.Collector { return cacheCollector{c} }
+
+type cacheCollector struct{ c *Cache }
+
+func (cc cacheCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- ageDesc
+	ch <- endpointsDesc
+	ch <- staleDesc
+}
+
+func (cc cacheCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, s := range cc.c.Snapshots() {
+		ch <- prometheus.MustNewConstMetric(ageDesc, prometheus.GaugeValue, s.Age.Seconds(), s.Service)
+		ch <- prometheus.MustNewConstMetric(endpointsDesc, prometheus.GaugeValue, float64(s.Endpoints), s.Service)
+		stale := 0.0
+		if s.Stale {
+			stale = 1
+		}
+		ch <- prometheus.MustNewConstMetric(staleDesc, prometheus.GaugeValue, stale, s.Service)
+	}
+}

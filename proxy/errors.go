@@ -1,0 +1,78 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"syscall"
+
+	"github.com/sidecarlb/sidecar/balancer"
+)
+
+// Errors the proxy produces itself, before or instead of reaching a node.
+var (
+	// ErrUnknownService: the name is not a service registered in discovery.
+	ErrUnknownService = errors.New("unknown service")
+	// ErrBadServiceName: the host does not name a service at all (an IP
+	// literal, localhost, or not a valid service name).
+	ErrBadServiceName = errors.New("not a service name")
+	// ErrDiscovery: discovery could not answer (Consul unreachable on first
+	// lookup, resolve timeout).
+	ErrDiscovery = errors.New("discovery unavailable")
+	// ErrUpstreamTimeout: the request timeout passed before a response.
+	ErrUpstreamTimeout = errors.New("upstream timeout")
+)
+
+// proxyError is an error with the service it concerns.
+type proxyError struct {
+	service string
+	err     error
+}
+
+func (e *proxyError) Error() string { return fmt.Sprintf("%s %q", e.err, e.service) }
+func (e *proxyError) Unwrap() error { return e.err }
+
+// classify maps an error to the HTTP status the client sees and a short
+// code for the X-Sidecar-Error header and the metrics. It is the one place
+// where errors become statuses.
+func classify(err error) (status int, code string) {
+	switch {
+	case errors.Is(err, ErrBadServiceName):
+		return http.StatusBadRequest, "bad_service_name"
+	case errors.Is(err, ErrUnknownService):
+		return http.StatusNotFound, "unknown_service"
+	case errors.Is(err, balancer.ErrNoEndpoints):
+		return http.StatusServiceUnavailable, "no_healthy_endpoints"
+	case errors.Is(err, ErrDiscovery):
+		return http.StatusServiceUnavailable, "discovery_unavailable"
+	case errors.Is(err, ErrUpstreamTimeout), errors.Is(err, context.DeadlineExceeded):
+		return http.StatusGatewayTimeout, "upstream_timeout"
+	case isDialError(err):
+		return http.StatusBadGateway, "connect_failed"
+	}
+	return http.StatusBadGateway, "upstream_failed"
+}
+
+// isDialError reports whether err happened while connecting, before the
+// request reached the node.
+func isDialError(err error) bool {
+	var op *net.OpError
+	if errors.As(err, &op) && op.Op == "dial" {
+		return true
+	}
+	return errors.Is(err, syscall.ECONNREFUSED)
+}
+
+// writeError answers a request the proxy could not forward.
+func writeError(w http.ResponseWriter, err error) int {
+	status, code := classify(err)
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("X-Sidecar-Error", code)
+	w.WriteHeader(status)
+	fmt.Fprintf(w, "sidecar: %v\n", err)
+	return status
+}

@@ -1,0 +1,69 @@
+package proxy
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+)
+
+// serviceFromRequest returns the service a forward-proxy request names: the
+// host of an absolute-form URL (HTTP_PROXY style) or the Host header, with
+// any port and a ".service.consul" suffix stripped. IP literals, localhost
+// and anything that is not a valid service name are refused: the sidecar is
+// not an open proxy.
+func serviceFromRequest(r *http.Request) (string, error) {
+	host := r.Host
+	if r.URL.Host != "" {
+		host = r.URL.Host
+	}
+	return serviceName(host)
+}
+
+// serviceName turns a request host into a service name. See
+// serviceFromRequest.
+func serviceName(host string) (string, error) {
+	if host == "" {
+		return "", fmt.Errorf("%w: no host in request", ErrBadServiceName)
+	}
+	name := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		name = h
+	}
+	if strings.HasPrefix(name, "[") || strings.Contains(name, ":") {
+		return "", fmt.Errorf("%w: %q is an IP address", ErrBadServiceName, host)
+	}
+	name = strings.TrimSuffix(name, ".")
+	if i := strings.Index(name, ".service."); i >= 0 && strings.HasSuffix(name, ".consul") {
+		// name.service.consul or name.service.DC.consul, as Consul DNS.
+		name = name[:i]
+	}
+	if _, err := netip.ParseAddr(name); err == nil {
+		return "", fmt.Errorf("%w: %q is an IP address", ErrBadServiceName, host)
+	}
+	if strings.EqualFold(name, "localhost") || strings.HasSuffix(strings.ToLower(name), ".localhost") {
+		return "", fmt.Errorf("%w: %q is localhost", ErrBadServiceName, host)
+	}
+	if !validServiceName(name) {
+		return "", fmt.Errorf("%w: %q", ErrBadServiceName, host)
+	}
+	return name, nil
+}
+
+// validServiceName reports whether s is made only of the characters Consul
+// service names use: letters, digits, '-', '_' and '.'.
+func validServiceName(s string) bool {
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '_', c == '.':
+		default:
+			return false
+		}
+	}
+	return true
+}

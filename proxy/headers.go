@@ -1,0 +1,83 @@
+package proxy
+
+import (
+	"net/http"
+	"net/textproto"
+	"strings"
+)
+
+// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, which a
+// proxy must not forward. Keys are canonical.
+var hopHeaders = []string{
+	"Connection",
+	"Proxy-Connection", // non-standard, sent by some clients
+	"Keep-Alive",
+	"Proxy-Authenticate",
+	"Proxy-Authorization",
+	"Te", // canonical of "TE"
+	"Trailer",
+	"Transfer-Encoding",
+	"Upgrade",
+}
+
+// removeHopHeaders deletes the hop-by-hop headers from h, including any
+// named in its Connection header. It keeps "TE: trailers", which gRPC needs
+// end to end.
+func removeHopHeaders(h http.Header) {
+	for _, v := range h["Connection"] {
+		for len(v) > 0 {
+			var f string
+			f, v, _ = strings.Cut(v, ",")
+			if f = textproto.TrimString(f); f != "" {
+				delete(h, http.CanonicalHeaderKey(f))
+			}
+		}
+	}
+	teTrailers := false
+	for _, v := range h["Te"] {
+		if strings.Contains(strings.ToLower(v), "trailers") {
+			teTrailers = true
+		}
+	}
+	for _, k := range hopHeaders {
+		if _, ok := h[k]; ok {
+			delete(h, k)
+		}
+	}
+	if teTrailers {
+		h["Te"] = teTrailersValue
+	}
+}
+
+var teTrailersValue = []string{"trailers"}
+
+// upgradeType returns the protocol a request or response asks to switch to
+// ("websocket"), or "" when it is not an upgrade.
+func upgradeType(h http.Header) string {
+	conn := h["Connection"]
+	upgrade := false
+	for _, v := range conn {
+		for len(v) > 0 {
+			var f string
+			f, v, _ = strings.Cut(v, ",")
+			if strings.EqualFold(textproto.TrimString(f), "upgrade") {
+				upgrade = true
+			}
+		}
+	}
+	if !upgrade {
+		return ""
+	}
+	return h.Get("Upgrade")
+}
+
+// appendForwardedFor adds the client IP to X-Forwarded-For.
+func appendForwardedFor(h http.Header, clientIP string) {
+	if clientIP == "" {
+		return
+	}
+	if prior, ok := h["X-Forwarded-For"]; ok && len(prior) > 0 {
+		clientIP = strings.Join(prior, ", ") + ", " + clientIP
+	}
+	h["X-Forwarded-For"] = []string{clientIP}
+}

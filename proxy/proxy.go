@@ -1,0 +1,354 @@
+// Package proxy carries the app's outbound requests to healthy nodes: one
+// listener per configured upstream, and a forward-proxy listener where the
+// request's host names the service.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/discovery"
+)
+
+// Resolver finds the watched endpoint set of a service. *discovery.Cache
+// satisfies it. Both methods are called on every request and must be cheap
+// once a service is known; they may block on a service's first lookup.
+type Resolver interface {
+	Watch(ctx context.Context, service string) (*discovery.Watch, error)
+	Known(ctx context.Context, service string) (bool, error)
+}
+
+// RouteConfig says how requests for a service are carried.
+type RouteConfig struct {
+	Service string
+	// Protocol is "http" (the default) for now.
+	Protocol string
+	// Balancer is a balancer name; if empty, round_robin is used.
+	Balancer string
+	// HashKey is the hash balancer's key: header:NAME, cookie:NAME,
+	// query:NAME, path or client_ip.
+	HashKey string
+	// Tags keeps only the endpoints carrying all of them.
+	Tags []string
+	// PreserveHost forwards the client's Host header instead of the
+	// endpoint's host:port.
+	PreserveHost bool
+	Timeouts     Timeouts
+}
+
+// Timeouts bound the phases of a proxied request.
+type Timeouts struct {
+	// Connect bounds dialling a node; if zero, 1s is used.
+	Connect time.Duration
+	// Request bounds the whole exchange with a node; zero means none.
+	Request time.Duration
+	// Idle is how long an unused keep-alive connection to a node is kept;
+	// if zero, 90s is used.
+	Idle time.Duration
+}
+
+func (t Timeouts) withDefaults() Timeouts {
+	if t.Connect <= 0 {
+		t.Connect = time.Second
+	}
+	if t.Idle <= 0 {
+		t.Idle = 90 * time.Second
+	}
+	return t
+}
+
+// Proxy builds the handlers of the proxy listeners and keeps their routes.
+type Proxy struct {
+	resolver Resolver
+	log      *zap.Logger
+	metrics  *Metrics
+
+	mu     sync.Mutex
+	routes []*route // for Status, in creation order
+}
+
+// New returns a Proxy resolving services with resolver. If metrics is nil,
+// metrics are kept but not exported.
+func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
+	if metrics == nil {
+		metrics = NewMetrics(nil)
+	}
+	return &Proxy{resolver: resolver, log: log, metrics: metrics}
+}
+
+// Upstream returns the handler of a per-upstream listener: every request on
+// it goes to cfg.Service.
+func (p *Proxy) Upstream(listener string, cfg RouteConfig) (http.Handler, error) {
+	cfg.Timeouts = cfg.Timeouts.withDefaults()
+	rt, err := newRoute(listener, cfg, p.resolver, p.metrics)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
+	}
+	p.addRoute(rt)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.serve(w, r, rt)
+	}), nil
+}
+
+// Forward returns the handler of the forward-proxy listener: the request's
+// host names the service, and defaults (less its Service) says how to carry
+// it. Names that are not registered services are refused.
+func (p *Proxy) Forward(listener string, defaults RouteConfig) (http.Handler, error) {
+	defaults.Timeouts = defaults.Timeouts.withDefaults()
+	if _, err := parseHashKey(defaults.HashKey); err != nil {
+		return nil, err
+	}
+	if _, err := balancer.New(orDefault(defaults.Balancer, "round_robin"), balancer.Options{}); err != nil {
+		return nil, err
+	}
+	f := &forwarder{p: p, listener: listener, defaults: defaults}
+	return f, nil
+}
+
+type forwarder struct {
+	p        *Proxy
+	listener string
+	defaults RouteConfig
+	routes   sync.Map // service name → *route
+	mu       sync.Mutex
+}
+
+func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect {
+		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
+		return
+	}
+	name, err := serviceFromRequest(r)
+	if err != nil {
+		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
+		writeError(w, err)
+		return
+	}
+	rt, err := f.route(r.Context(), name)
+	if err != nil {
+		_, code := classify(err)
+		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
+		writeError(w, err)
+		return
+	}
+	f.p.serve(w, r, rt)
+}
+
+// route returns the route of a service, creating it on first use once
+// discovery confirms the name is registered.
+func (f *forwarder) route(ctx context.Context, name string) (*route, error) {
+	known, err := f.p.resolver.Known(ctx, name)
+	if err != nil {
+		return nil, &proxyError{name, fmt.Errorf("%w: %w", ErrDiscovery, err)}
+	}
+	if !known {
+		return nil, &proxyError{name, ErrUnknownService}
+	}
+	if rt, ok := f.routes.Load(name); ok {
+		return rt.(*route), nil
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if rt, ok := f.routes.Load(name); ok {
+		return rt.(*route), nil
+	}
+	cfg := f.defaults
+	cfg.Service = name
+	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics)
+	if err != nil {
+		return nil, err
+	}
+	f.routes.Store(name, rt)
+	f.p.addRoute(rt)
+	return rt, nil
+}
+
+func (p *Proxy) addRoute(rt *route) {
+	p.mu.Lock()
+	p.routes = append(p.routes, rt)
+	p.mu.Unlock()
+}
+
+// Status lists every route with its current endpoints, sorted by listener
+// and service.
+func (p *Proxy) Status() []RouteStatus {
+	p.mu.Lock()
+	routes := append([]*route(nil), p.routes...)
+	p.mu.Unlock()
+	out := make([]RouteStatus, 0, len(routes))
+	for _, rt := range routes {
+		out = append(out, rt.status())
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		if out[i].Listener != out[j].Listener {
+			return out[i].Listener < out[j].Listener
+		}
+		return out[i].Service < out[j].Service
+	})
+	return out
+}
+
+// serve carries one request to a node picked by rt and copies the answer
+// back.
+func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
+	start := time.Now()
+	m := &rt.metrics
+	m.inflight.Inc()
+	defer m.inflight.Dec()
+
+	if r.Method == http.MethodConnect {
+		http.Error(w, "sidecar: CONNECT is not supported", http.StatusMethodNotAllowed)
+		return
+	}
+	ctx := r.Context()
+	e, pk, err := rt.pick(ctx, r, nil)
+	if err != nil {
+		_, code := classify(err)
+		m.refused(code)
+		writeError(w, err)
+		return
+	}
+
+	if rt.cfg.Timeouts.Request > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, rt.cfg.Timeouts.Request)
+		defer cancel()
+	}
+	out := r.WithContext(ctx)
+	out.RequestURI = ""
+	out.URL.Scheme = "http"
+	out.URL.Host = e.Addr
+	if !rt.cfg.PreserveHost {
+		out.Host = ""
+	}
+	if r.ContentLength == 0 {
+		out.Body = nil // no chunked empty body; lets the transport retry
+	}
+	out.Close = false
+	removeHopHeaders(out.Header)
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		appendForwardedFor(out.Header, ip)
+	}
+	if _, ok := out.Header["X-Forwarded-Proto"]; !ok {
+		out.Header["X-Forwarded-Proto"] = protoHTTP
+	}
+	if _, ok := out.Header["User-Agent"]; !ok {
+		out.Header["User-Agent"] = emptyValue // not Go's default
+	}
+
+	resp, err := e.transport.RoundTrip(out)
+	if err != nil {
+		if ctx.Err() == context.DeadlineExceeded && r.Context().Err() == nil {
+			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, rt.cfg.Timeouts.Request, err)
+		}
+		done(pk, err, start)
+		if r.Context().Err() != nil {
+			// The client went away; nobody is left to answer.
+			m.refused("client_closed")
+			return
+		}
+		_, code := classify(err)
+		m.refused(code)
+		p.log.Debug("upstream request failed", zap.String("service", rt.cfg.Service),
+			zap.String("endpoint", e.Addr), zap.Error(err))
+		writeError(w, &proxyError{rt.cfg.Service, err})
+		return
+	}
+	defer resp.Body.Close()
+
+	copyResponseHeader(w.Header(), resp)
+	w.WriteHeader(resp.StatusCode)
+	e.requests[codeClass(resp.StatusCode)].Inc()
+	err = copyBody(w, resp)
+	if len(resp.Trailer) > 0 {
+		h := w.Header()
+		for k, vv := range resp.Trailer {
+			h[http.TrailerPrefix+k] = vv
+		}
+	}
+	done(pk, err, start)
+	m.duration.Observe(time.Since(start).Seconds())
+	if err != nil && !errors.Is(err, errClientGone) {
+		// The node failed mid-body: abort so the client sees a broken
+		// response, not a short one that looks complete.
+		p.log.Debug("upstream body failed", zap.String("service", rt.cfg.Service),
+			zap.String("endpoint", e.Addr), zap.Error(err))
+		panic(http.ErrAbortHandler)
+	}
+}
+
+var (
+	protoHTTP  = []string{"http"}
+	emptyValue = []string{""}
+)
+
+func done(pk balancer.Pick, err error, start time.Time) {
+	if pk.Done != nil {
+		pk.Done(balancer.Result{Err: err, Latency: time.Since(start)})
+	}
+}
+
+// copyResponseHeader copies the node's response header, less hop-by-hop
+// fields, and announces its trailers.
+func copyResponseHeader(dst http.Header, resp *http.Response) {
+	removeHopHeaders(resp.Header)
+	for k, vv := range resp.Header {
+		dst[k] = vv
+	}
+	if len(resp.Trailer) > 0 {
+		keys := make([]string, 0, len(resp.Trailer))
+		for k := range resp.Trailer {
+			keys = append(keys, k)
+		}
+		dst["Trailer"] = keys
+	}
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// copyBody streams the response body to the client, flushing at once when
+// the body's length is unknown (streams, server-sent events), so nothing is
+// held back.
+func copyBody(w http.ResponseWriter, resp *http.Response) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	flush := resp.ContentLength < 0
+	rc := http.NewResponseController(w)
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if n > 0 {
+			if _, werr := w.Write(buf[:n]); werr != nil {
+				return fmt.Errorf("%w: %w", errClientGone, werr)
+			}
+			if flush {
+				if err := rc.Flush(); err != nil {
+					return fmt.Errorf("%w: %w", errClientGone, err)
+				}
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}

@@ -1,0 +1,229 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/discovery"
+)
+
+// route carries requests for one service under one configuration: an
+// upstream listener, or one service reached through the forward proxy. It
+// feeds the service's snapshots to its balancer and keeps a connection pool
+// per endpoint.
+type route struct {
+	listener string
+	cfg      RouteConfig
+	key      hashKey
+	bal      balancer.Balancer
+	resolver Resolver
+	metrics  routeMetrics
+
+	mu    sync.Mutex // serialises rebuilds; never held on the hot path
+	state atomic.Pointer[routeState]
+}
+
+// routeState is an immutable view of the endpoints a route knows, rebuilt
+// whenever discovery publishes a new snapshot.
+type routeState struct {
+	snap      *discovery.Snapshot
+	endpoints map[string]*endpoint // by endpoint ID, after the tag filter
+}
+
+// endpoint is one node as a route sees it: its connection pool and metrics.
+type endpoint struct {
+	discovery.Endpoint
+	transport *http.Transport
+	requests  [len(codeClasses)]prometheus.Counter
+}
+
+func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (*route, error) {
+	key, err := parseHashKey(cfg.HashKey)
+	if err != nil {
+		return nil, err
+	}
+	name := cfg.Balancer
+	if name == "" {
+		name = "round_robin"
+	}
+	bal, err := balancer.New(name, balancer.Options{})
+	if err != nil {
+		return nil, err
+	}
+	cfg.Balancer = name
+	return &route{
+		listener: listener,
+		cfg:      cfg,
+		key:      key,
+		bal:      bal,
+		resolver: resolver,
+		metrics:  m.route(listener, cfg.Service),
+	}, nil
+}
+
+// pick chooses the endpoint for one request.
+func (rt *route) pick(ctx context.Context, r *http.Request, exclude []string) (*endpoint, balancer.Pick, error) {
+	w, err := rt.resolver.Watch(ctx, rt.cfg.Service)
+	if err != nil {
+		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, fmt.Errorf("%w: %w", ErrDiscovery, err)}
+	}
+	snap := w.Snapshot()
+	st := rt.state.Load()
+	if st == nil || st.snap != snap {
+		st = rt.update(snap)
+	}
+	req := balancer.Request{Exclude: exclude}
+	req.Key, req.HasKey = rt.key.sum(r)
+	pk, err := rt.bal.Pick(&req)
+	if err != nil {
+		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, err}
+	}
+	e := st.endpoints[pk.Endpoint.ID]
+	if e == nil {
+		// The balancer saw a newer set than st; the rebuild that fed it
+		// publishes the state before releasing the lock.
+		rt.mu.Lock()
+		e = rt.state.Load().endpoints[pk.Endpoint.ID]
+		rt.mu.Unlock()
+	}
+	if e == nil {
+		if pk.Done != nil {
+			pk.Done(balancer.Result{Err: balancer.ErrNoEndpoints})
+		}
+		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, balancer.ErrNoEndpoints}
+	}
+	return e, pk, nil
+}
+
+// update rebuilds the route's state for snap: filters by tag, carries over
+// the pools of endpoints that stay, and retires those of endpoints that left.
+func (rt *route) update(snap *discovery.Snapshot) *routeState {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	old := rt.state.Load()
+	if old != nil && old.snap == snap {
+		return old
+	}
+	eps := make([]discovery.Endpoint, 0, len(snap.Endpoints))
+	for i := range snap.Endpoints {
+		if snap.Endpoints[i].HasTags(rt.cfg.Tags) {
+			eps = append(eps, snap.Endpoints[i])
+		}
+	}
+	st := &routeState{snap: snap, endpoints: make(map[string]*endpoint, len(eps))}
+	for _, ep := range eps {
+		if old != nil {
+			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr {
+				st.endpoints[ep.ID] = e
+				continue
+			}
+		}
+		st.endpoints[ep.ID] = rt.newEndpoint(ep)
+	}
+	rt.bal.Update(eps)
+	rt.state.Store(st)
+	if old != nil {
+		for id, e := range old.endpoints {
+			if st.endpoints[id] != e {
+				rt.retire(e)
+			}
+		}
+	}
+	return st
+}
+
+func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
+	e := &endpoint{Endpoint: ep, transport: newTransport(rt.cfg.Timeouts)}
+	for i, class := range codeClasses {
+		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
+	}
+	return e
+}
+
+// retire closes the pool of an endpoint that left the set. Requests in
+// flight finish; their connections close when they go idle, which the
+// second sweep catches.
+func (rt *route) retire(e *endpoint) {
+	e.transport.CloseIdleConnections()
+	grace := rt.cfg.Timeouts.Request
+	if grace <= 0 {
+		grace = 30 * time.Second
+	}
+	time.AfterFunc(grace, e.transport.CloseIdleConnections)
+	for _, class := range codeClasses {
+		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
+	}
+}
+
+// newTransport returns the connection pool of one endpoint.
+func newTransport(t Timeouts) *http.Transport {
+	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
+	return &http.Transport{
+		DialContext:         d.DialContext,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     t.Idle,
+		// The app negotiates encoding with the node; the proxy adds none.
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: 1 << 20,
+		WriteBufferSize:        32 << 10,
+		ReadBufferSize:         32 << 10,
+	}
+}
+
+// status describes the route for /status.
+func (rt *route) status() RouteStatus {
+	s := RouteStatus{
+		Listener: rt.listener,
+		Service:  rt.cfg.Service,
+		Protocol: rt.cfg.Protocol,
+		Balancer: rt.cfg.Balancer,
+		HashKey:  rt.cfg.HashKey,
+		Tags:     rt.cfg.Tags,
+	}
+	st := rt.state.Load()
+	if st == nil {
+		return s
+	}
+	s.Stale = st.snap.Stale
+	if st.snap.Err != nil {
+		s.Error = st.snap.Err.Error()
+	}
+	for i := range st.snap.Endpoints {
+		ep := &st.snap.Endpoints[i]
+		if _, ok := st.endpoints[ep.ID]; ok {
+			s.Endpoints = append(s.Endpoints, EndpointStatus{ID: ep.ID, Addr: ep.Addr, Tags: ep.Tags, Weight: ep.Weight})
+		}
+	}
+	return s
+}
+
+// RouteStatus is a route as /status shows it.
+type RouteStatus struct {
+	Listener  string           `json:"listener"`
+	Service   string           `json:"service"`
+	Protocol  string           `json:"protocol,omitempty"`
+	Balancer  string           `json:"balancer"`
+	HashKey   string           `json:"hash_key,omitempty"`
+	Tags      []string         `json:"tags,omitempty"`
+	Stale     bool             `json:"stale"`
+	Error     string           `json:"error,omitempty"`
+	Endpoints []EndpointStatus `json:"endpoints"`
+}
+
+// EndpointStatus is one endpoint of a route in /status.
+type EndpointStatus struct {
+	ID     string   `json:"id"`
+	Addr   string   `json:"addr"`
+	Tags   []string `json:"tags,omitempty"`
+	Weight int      `json:"weight"`
+}
+
+var errClientGone = errors.New("client went away")

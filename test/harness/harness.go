@@ -1,0 +1,201 @@
+// Package harness runs the real sidecar and example binaries as child
+// processes for integration tests: built once per test binary, started on
+// loopback ports, and stopped by PID when the test ends.
+package harness
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sidecarlb/sidecar/test/consulagent"
+)
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// Binaries builds cmd/sidecar and examples/echo once per test process and
+// returns the folder holding them.
+func Binaries(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		root := consulagent.RepoRoot(t)
+		binDir, buildErr = os.MkdirTemp("", "sidecar-test-bin-")
+		if buildErr != nil {
+			return
+		}
+		for pkg, name := range map[string]string{"./cmd/sidecar": "sidecar", "./examples/echo": "echo"} {
+			cmd := exec.Command("go", "build", "-race", "-o", filepath.Join(binDir, name), pkg)
+			cmd.Dir = root
+			if out, err := cmd.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+// Proc is a child process started by a test.
+type Proc struct {
+	t      testing.TB
+	Name   string
+	cmd    *exec.Cmd
+	out    lockedBuffer
+	exited chan struct{}
+	mu     sync.Mutex
+	err    error // exit status, once exited
+}
+
+// Start starts a binary built by Binaries with args. The process is killed
+// when the test ends, if still running.
+func Start(t testing.TB, name string, args ...string) *Proc {
+	t.Helper()
+	p := &Proc{t: t, Name: name, exited: make(chan struct{})}
+	p.cmd = exec.Command(filepath.Join(Binaries(t), name), args...)
+	p.cmd.Stdout = &p.out
+	p.cmd.Stderr = &p.out
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go func() {
+		err := p.cmd.Wait()
+		p.mu.Lock()
+		p.err = err
+		p.mu.Unlock()
+		close(p.exited)
+	}()
+	t.Cleanup(func() {
+		p.Signal(syscall.SIGKILL)
+		<-p.exited
+		if t.Failed() {
+			t.Logf("%s output:\n%s", name, p.Output())
+		}
+	})
+	return p
+}
+
+// StartSidecar writes cfg to a file and starts the sidecar with it. It waits
+// until the admin listener (adminAddr) answers /healthz.
+func StartSidecar(t testing.TB, adminAddr, cfg string) *Proc {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := Start(t, "sidecar", "-config", path)
+	p.WaitHTTP("http://"+adminAddr+"/healthz", 15*time.Second)
+	return p
+}
+
+// StartEcho starts the example echo service on addr, named name, and waits
+// until it answers.
+func StartEcho(t testing.TB, addr, name string) *Proc {
+	t.Helper()
+	p := Start(t, "echo", "-listen", addr, "-name", name)
+	p.WaitHTTP("http://"+addr+"/health", 10*time.Second)
+	return p
+}
+
+// WaitHTTP waits until url answers 200, failing the test if the process
+// exits or within passes first.
+func (p *Proc) WaitHTTP(url string, within time.Duration) {
+	p.t.Helper()
+	deadline := time.Now().Add(within)
+	client := &http.Client{Timeout: time.Second}
+	for {
+		select {
+		case <-p.exited:
+			p.t.Fatalf("%s exited while waiting for %s: %v\n%s", p.Name, url, p.ExitErr(), p.Output())
+		default:
+		}
+		if resp, err := client.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("%s: %s not ready after %v\n%s", p.Name, url, within, p.Output())
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
+
+// Signal sends sig to the process (not its group).
+func (p *Proc) Signal(sig syscall.Signal) { _ = p.cmd.Process.Signal(sig) }
+
+// Pid is the process ID.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Wait waits for the process to exit, up to within, and returns its exit
+// code (-1 when killed by a signal).
+func (p *Proc) Wait(within time.Duration) int {
+	p.t.Helper()
+	select {
+	case <-p.exited:
+	case <-time.After(within):
+		p.t.Fatalf("%s did not exit within %v\n%s", p.Name, within, p.Output())
+	}
+	return p.cmd.ProcessState.ExitCode()
+}
+
+// Exited is closed when the process has exited.
+func (p *Proc) Exited() <-chan struct{} { return p.exited }
+
+// ExitErr is the error cmd.Wait returned, once exited.
+func (p *Proc) ExitErr() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+// Output is what the process printed so far.
+func (p *Proc) Output() string { return p.out.String() }
+
+// WaitOutput waits until the process has printed s.
+func (p *Proc) WaitOutput(s string, within time.Duration) {
+	p.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	for !strings.Contains(p.Output(), s) {
+		select {
+		case <-ctx.Done():
+			p.t.Fatalf("%s did not print %q within %v\n%s", p.Name, s, within, p.Output())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
