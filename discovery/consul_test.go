@@ -1,0 +1,412 @@
+package discovery
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+)
+
+var errDown = errors.New("connection refused")
+
+func newTestConsul(t *testing.T, f *fakeConsul, opts ConsulOptions) *Consul {
+	t.Helper()
+	if opts.BackoffMin == 0 {
+		opts.BackoffMin, opts.BackoffMax = 5*time.Millisecond, 20*time.Millisecond
+	}
+	c := NewConsul(f, f, opts, zaptest.NewLogger(t))
+	t.Cleanup(c.Close)
+	return c
+}
+
+func TestConsulSnapshotFollowsChanges(t *testing.T) {
+	noLeaks(t)
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{Datacenter: "dc2", WaitTime: time.Minute})
+	b := node("web-b", 2)
+	b.addr = "" // falls back to the node's address
+	b.nodeAddr = "192.168.0.2"
+	b.weight = 0 // at least 1
+	a := node("web-a", 1)
+	a.tags = []string{"v1"}
+	a.meta = map[string]string{"zone": "a"}
+	a.weight = 5
+	f.set(10, "web", b, a)
+	rec := runWatch(t, c, "web")
+
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	s := rec.last()
+	if got, want := ids(s), []string{"web-a", "web-b"}; !slices.Equal(got, want) {
+		t.Fatalf("IDs = %v, want %v", got, want)
+	}
+	if s.Service != "web" || s.Stale || s.Err != nil || s.Updated.IsZero() {
+		t.Errorf("Snapshot = %+v, want fresh web", s)
+	}
+	ea, eb := s.Endpoints[0], s.Endpoints[1]
+	if ea.Addr != "10.0.0.1:8080" || ea.Weight != 5 || !slices.Equal(ea.Tags, []string{"v1"}) || ea.Meta["zone"] != "a" {
+		t.Errorf("endpoint a = %+v", ea)
+	}
+	if eb.Address != "192.168.0.2" || eb.Addr != "192.168.0.2:8080" || eb.Weight != 1 {
+		t.Errorf("endpoint b = %+v, want node address and weight 1", eb)
+	}
+
+	f.set(11, "web", b, node("web-c", 3))
+	waitUntil(t, "second snapshot", func() bool { return slices.Equal(ids(rec.last()), []string{"web-b", "web-c"}) })
+	if s2 := rec.last(); s2 == s || s.Endpoints[0].ID != "web-a" {
+		t.Errorf("the first snapshot changed or was reused")
+	}
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, q := range f.queries {
+		if q.Datacenter != "dc2" || q.WaitTime != time.Minute || q.UseCache || q.AllowStale || !f.passingOnly[i] {
+			t.Errorf("query %d: options %+v, passingOnly %v", i, q, f.passingOnly[i])
+		}
+	}
+	if w := f.waits["web"]; len(w) < 3 || w[0] != 0 || w[1] != 10 || w[2] != 11 {
+		t.Errorf("WaitIndex sequence = %v, want 0, 10, 11, ...", w)
+	}
+}
+
+func TestConsulSameIndexNoPublish(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	// Data that changed without the index moving is not looked at.
+	f.setQuiet("web", node("b", 2))
+	calls := f.callCount("web")
+	f.poke()
+	waitUntil(t, "a second answer", func() bool { return f.callCount("web") >= calls+1 })
+	f.poke()
+	waitUntil(t, "a third answer", func() bool { return f.callCount("web") >= calls+2 })
+	if n, _, _ := rec.count(); n != 1 {
+		t.Errorf("published %d snapshots, want 1", n)
+	}
+	if got := ids(rec.last()); !slices.Equal(got, []string{"a"}) {
+		t.Errorf("IDs = %v, want [a]", got)
+	}
+}
+
+func TestConsulIdenticalSetNotRedelivered(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1), node("b", 2))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	first := rec.last()
+	_, confirms, _ := rec.count()
+
+	f.set(11, "web", node("b", 2), node("a", 1)) // same set, other order
+	f.set(12, "other", node("x", 9))             // index moves for another service
+	waitUntil(t, "the answers", func() bool { _, n, _ := rec.count(); return n >= confirms+1 })
+	waitUntil(t, "WaitIndex 12", func() bool { return slices.Contains(f.waitIndexes("web"), 12) })
+	if n, _, _ := rec.count(); n != 1 || rec.last() != first {
+		t.Errorf("published %d snapshots (last %p, first %p), want the first only", n, rec.last(), first)
+	}
+
+	changed := node("b", 2)
+	changed.tags = []string{"canary"}
+	f.set(13, "web", node("a", 1), changed)
+	waitUntil(t, "a changed tag", func() bool { s := rec.last(); return len(s.Endpoints[1].Tags) == 1 })
+}
+
+func TestConsulIndexZeroIsOne(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(0, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	waitUntil(t, "a blocking query", func() bool { return len(f.waitIndexes("web")) >= 2 })
+	if w := f.waitIndexes("web"); w[1] != 1 {
+		t.Errorf("WaitIndex after index 0 = %d, want 1", w[1])
+	}
+}
+
+func TestConsulIndexBackwardsResets(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(100, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	f.set(5, "web", node("a", 1), node("b", 2))
+	waitUntil(t, "the new set", func() bool { return len(rec.last().Endpoints) == 2 })
+	waitUntil(t, "the query after the reset", func() bool {
+		w := f.waitIndexes("web")
+		i := slices.Index(w, 100)
+		return i >= 0 && len(w) > i+2
+	})
+	w := f.waitIndexes("web")
+	i := slices.Index(w, 100)
+	if w[i+1] != 0 || w[i+2] != 5 {
+		t.Errorf("WaitIndex sequence = %v, want 100, 0, 5", w)
+	}
+}
+
+func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(100, "web", node("a", 1), node("b", 2))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	good := rec.last()
+
+	f.set(5, "web") // a restarted agent that has not re-learned its services
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	stale := rec.last()
+	if !slices.Equal(ids(stale), ids(good)) || stale.Err != nil || stale.StaleSince.IsZero() {
+		t.Fatalf("Snapshot = %+v, want the last set, stale, without error", stale)
+	}
+	f.set(6, "web") // still empty
+	waitUntil(t, "WaitIndex 6", func() bool { return slices.Contains(f.waitIndexes("web"), 6) })
+	if rec.last() != stale {
+		t.Errorf("a second empty answer published %+v", rec.last())
+	}
+
+	f.set(7, "web", node("c", 3))
+	waitUntil(t, "the re-learned set", func() bool { return !rec.last().Stale })
+	if got := ids(rec.last()); !slices.Equal(got, []string{"c"}) {
+		t.Errorf("IDs = %v, want [c]", got)
+	}
+
+	// Past the reset, an emptied service is empty.
+	f.set(8, "web")
+	waitUntil(t, "the empty set", func() bool { return len(rec.last().Endpoints) == 0 })
+	if s := rec.last(); s.Stale {
+		t.Errorf("Snapshot = %+v, want fresh and empty", s)
+	}
+}
+
+func TestConsulEmptyAfterResetExpires(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{StaleFor: 50 * time.Millisecond})
+	f.set(100, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	f.set(5, "web")
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	// No further answer comes; the wait time is cut to what StaleFor leaves.
+	waitUntil(t, "the empty set", func() bool { s := rec.last(); return !s.Stale && len(s.Endpoints) == 0 })
+}
+
+func TestConsulEmptiedServiceClears(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	f.set(11, "web")
+	waitUntil(t, "the empty set", func() bool { return len(rec.last().Endpoints) == 0 })
+	if s := rec.last(); s.Stale {
+		t.Errorf("Snapshot = %+v, want fresh", s)
+	}
+}
+
+func TestConsulErrorServesStale(t *testing.T) {
+	noLeaks(t)
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{BackoffMin: 10 * time.Millisecond, BackoffMax: 40 * time.Millisecond})
+	f.set(10, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	f.setErr(errDown)
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	s := rec.last()
+	if !slices.Equal(ids(s), []string{"a"}) || !errors.Is(s.Err, errDown) || s.StaleSince.IsZero() {
+		t.Fatalf("Snapshot = %+v, want [a], stale with %v", s, errDown)
+	}
+	// Backing off: 10, 20, 40, 40... ms (±25%), not a tight loop.
+	calls := f.callCount("web")
+	time.Sleep(300 * time.Millisecond)
+	if n := f.callCount("web") - calls; n < 2 || n > 20 {
+		t.Errorf("%d queries in 300ms while failing, want 2 to 20", n)
+	}
+	if n, _, fails := rec.count(); n != 2 || fails < 2 {
+		t.Errorf("published %d snapshots with %d failures, want 2 snapshots and every failure", n, fails)
+	}
+
+	f.setErr(nil)
+	waitUntil(t, "fresh again", func() bool { return !rec.last().Stale })
+	if got := ids(rec.last()); !slices.Equal(got, []string{"a"}) {
+		t.Errorf("IDs = %v, want [a]", got)
+	}
+	// The retry after a failure asked for an immediate answer.
+	if w := f.waitIndexes("web"); w[len(w)-2] != 0 && w[len(w)-1] != 0 {
+		t.Errorf("WaitIndex sequence = %v, want a 0 after the failures", w)
+	}
+	// And then blocks again: a change shows.
+	f.set(11, "web", node("b", 2))
+	waitUntil(t, "the change", func() bool { return slices.Equal(ids(rec.last()), []string{"b"}) })
+}
+
+func TestConsulStaleForClears(t *testing.T) {
+	clock := newFakeClock()
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{StaleFor: time.Minute, Now: clock.Now})
+	f.set(10, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	f.setErr(errDown)
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	clock.Add(59 * time.Second)
+	_, _, fails := rec.count()
+	waitUntil(t, "more failures", func() bool { _, _, n := rec.count(); return n > fails+1 })
+	if s := rec.last(); len(s.Endpoints) != 1 {
+		t.Fatalf("Snapshot = %+v before StaleFor ran out, want the last set", s)
+	}
+	clock.Add(time.Second)
+	waitUntil(t, "the cleared set", func() bool { return len(rec.last().Endpoints) == 0 })
+	s := rec.last()
+	if !s.Stale || !errors.Is(s.Err, errDown) {
+		t.Errorf("Snapshot = %+v, want empty, stale, with %v", s, errDown)
+	}
+
+	f.setErr(nil)
+	waitUntil(t, "fresh again", func() bool { return !rec.last().Stale })
+	if got := ids(rec.last()); !slices.Equal(got, []string{"a"}) {
+		t.Errorf("IDs = %v, want [a]", got)
+	}
+}
+
+func TestConsulCancelStopsQuery(t *testing.T) {
+	noLeaks(t)
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{WaitTime: time.Hour})
+	f.set(10, "web", node("a", 1))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	rec := &recorder{}
+	go func() {
+		defer close(done)
+		c.Watch(ctx, "web", rec)
+	}()
+	waitUntil(t, "a parked query", func() bool { return len(f.waitIndexes("web")) >= 2 })
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Watch did not return after cancel")
+	}
+}
+
+func TestConsulDuplicateIDsAcrossNodes(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	a, b := node("web", 1), node("web", 2)
+	f.set(10, "web", a, b, node("solo", 3))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	if got, want := ids(rec.last()), []string{"node1/web", "node2/web", "solo"}; !slices.Equal(got, want) {
+		t.Errorf("IDs = %v, want %v", got, want)
+	}
+}
+
+func TestConsulKnown(t *testing.T) {
+	noLeaks(t)
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1))
+	ctx := context.Background()
+
+	var wg sync.WaitGroup
+	for range 20 {
+		wg.Go(func() {
+			if ok, err := c.Known(ctx, "web"); !ok || err != nil {
+				t.Errorf("Known(web) = %v, %v, want true", ok, err)
+			}
+		})
+	}
+	wg.Wait()
+	waitUntil(t, "a parked catalog query", func() bool { return f.callCount("") >= 2 })
+	if n := f.maxInFlight(""); n != 1 {
+		t.Errorf("%d catalog queries in flight at once, want 1", n)
+	}
+	if ok, err := c.Known(ctx, "nope"); ok || err != nil {
+		t.Errorf("Known(nope) = %v, %v, want false", ok, err)
+	}
+
+	f.set(11, "api", node("x", 5))
+	waitUntil(t, "api known", func() bool { ok, _ := c.Known(ctx, "api"); return ok })
+
+	// While Consul is down, the last list answers.
+	f.setErr(errDown)
+	waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })
+	if ok, err := c.Known(ctx, "api"); !ok || err != nil {
+		t.Errorf("Known(api) while down = %v, %v, want true", ok, err)
+	}
+}
+
+func TestConsulKnownTimeout(t *testing.T) {
+	noLeaks(t)
+	f := newFakeConsul()
+	f.setErr(errDown)
+	c := newTestConsul(t, f, ConsulOptions{ResolveTimeout: 30 * time.Millisecond})
+	_, err := c.Known(context.Background(), "web")
+	if !errors.Is(err, ErrResolveTimeout) || !errors.Is(err, errDown) {
+		t.Fatalf("Known() error = %v, want %v and %v", err, ErrResolveTimeout, errDown)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := c.Known(ctx, "web"); !errors.Is(err, context.Canceled) {
+		t.Errorf("Known(cancelled) error = %v, want %v", err, context.Canceled)
+	}
+
+	f.setErr(nil)
+	f.set(10, "web", node("a", 1))
+	waitUntil(t, "web known", func() bool { ok, _ := c.Known(context.Background(), "web"); return ok })
+
+	c.Close()
+	if ok, err := c.Known(context.Background(), "web"); !ok || err != nil {
+		t.Errorf("Known() after Close = %v, %v, want the last list", ok, err)
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	b := backoff{min: 100 * time.Millisecond, max: 10 * time.Second}
+	want := []time.Duration{100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000}
+	for i, w := range want {
+		w *= time.Millisecond
+		d := b.next()
+		if d < w*3/4 || d > w*5/4 {
+			t.Errorf("next() #%d = %v, want %v ±25%%", i, d, w)
+		}
+	}
+	b.reset()
+	if d := b.next(); d > 125*time.Millisecond {
+		t.Errorf("next() after reset = %v, want about 100ms", d)
+	}
+}
+
+func TestBlockingIndex(t *testing.T) {
+	tests := []struct {
+		name                    string
+		last, index             uint64
+		changed, backwards      bool
+		wantWait, wantLastAfter uint64
+	}{
+		{name: "first", last: 0, index: 7, changed: true, wantWait: 7, wantLastAfter: 7},
+		{name: "zero is one", last: 0, index: 0, changed: true, wantWait: 1, wantLastAfter: 1},
+		{name: "same", last: 7, index: 7, wantWait: 7, wantLastAfter: 7},
+		{name: "forward", last: 7, index: 9, changed: true, wantWait: 9, wantLastAfter: 9},
+		{name: "backwards", last: 7, index: 3, changed: true, backwards: true, wantWait: 0, wantLastAfter: 3},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			b := blockingIndex{last: tc.last, wait: tc.last}
+			changed, backwards := b.observe(tc.index)
+			if changed != tc.changed || backwards != tc.backwards || b.wait != tc.wantWait || b.last != tc.wantLastAfter {
+				t.Errorf("observe(%d) = %v, %v, state %+v; want %v, %v, wait %d, last %d",
+					tc.index, changed, backwards, b, tc.changed, tc.backwards, tc.wantWait, tc.wantLastAfter)
+			}
+		})
+	}
+}
