@@ -31,7 +31,8 @@ type Resolver interface {
 // RouteConfig says how requests for a service are carried.
 type RouteConfig struct {
 	Service string
-	// Protocol is "http" (the default) for now.
+	// Protocol is "http" (the default; gRPC calls still go over h2c),
+	// "http2" or "grpc" (nodes reached over h2c), or "tcp".
 	Protocol string
 	// Balancer is a balancer name; if empty, round_robin is used.
 	Balancer string
@@ -210,46 +211,54 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		http.Error(w, "sidecar: CONNECT is not supported", http.StatusMethodNotAllowed)
 		return
 	}
+	if proto := upgradeType(r.Header); proto != "" && r.ProtoMajor == 1 {
+		p.serveUpgrade(w, r, rt, proto, start)
+		return
+	}
+	grpc := isGRPC(r)
+	fail := writeError
+	if grpc {
+		fail = func(w http.ResponseWriter, err error) int { writeGRPCError(w, err); return http.StatusOK }
+	}
+
 	ctx := r.Context()
-	e, pk, err := rt.pick(ctx, r, nil)
+	key, hasKey := rt.key.sum(r)
+	e, pk, err := rt.pick(ctx, key, hasKey, nil)
 	if err != nil {
 		_, code := classify(err)
 		m.refused(code)
-		writeError(w, err)
+		fail(w, err)
 		return
 	}
 
-	if rt.cfg.Timeouts.Request > 0 {
+	timeout := rt.cfg.Timeouts.Request
+	if grpc {
+		if d, ok := grpcTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
+			timeout = d
+		}
+	}
+	if timeout > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, rt.cfg.Timeouts.Request)
+		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	out := r.WithContext(ctx)
-	out.RequestURI = ""
-	out.URL.Scheme = "http"
-	out.URL.Host = e.Addr
-	if !rt.cfg.PreserveHost {
-		out.Host = ""
-	}
+	out := outbound(r, ctx, rt, e)
 	if r.ContentLength == 0 {
 		out.Body = nil // no chunked empty body; lets the transport retry
 	}
-	out.Close = false
-	removeHopHeaders(out.Header)
-	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-		appendForwardedFor(out.Header, ip)
-	}
-	if _, ok := out.Header["X-Forwarded-Proto"]; !ok {
-		out.Header["X-Forwarded-Proto"] = protoHTTP
-	}
-	if _, ok := out.Header["User-Agent"]; !ok {
-		out.Header["User-Agent"] = emptyValue // not Go's default
+	if r.ProtoMajor == 1 && r.ContentLength != 0 {
+		// Let a streaming HTTP/1.1 client read the answer while it sends.
+		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
 
-	resp, err := e.transport.RoundTrip(out)
+	transport := e.h1
+	if rt.h2 || grpc {
+		transport = e.h2
+	}
+	resp, err := transport.RoundTrip(out)
 	if err != nil {
 		if ctx.Err() == context.DeadlineExceeded && r.Context().Err() == nil {
-			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, rt.cfg.Timeouts.Request, err)
+			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, timeout, err)
 		}
 		done(pk, err, start)
 		if r.Context().Err() != nil {
@@ -261,7 +270,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		m.refused(code)
 		p.log.Debug("upstream request failed", zap.String("service", rt.cfg.Service),
 			zap.String("endpoint", e.Addr), zap.Error(err))
-		writeError(w, &proxyError{rt.cfg.Service, err})
+		fail(w, &proxyError{rt.cfg.Service, err})
 		return
 	}
 	defer resp.Body.Close()
@@ -269,6 +278,10 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	copyResponseHeader(w.Header(), resp)
 	w.WriteHeader(resp.StatusCode)
 	e.requests[codeClass(resp.StatusCode)].Inc()
+	if resp.ContentLength < 0 {
+		// A stream: the client may need the headers before any message.
+		_ = http.NewResponseController(w).Flush()
+	}
 	err = copyBody(w, resp)
 	if len(resp.Trailer) > 0 {
 		h := w.Header()
@@ -285,6 +298,31 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 			zap.String("endpoint", e.Addr), zap.Error(err))
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// outbound turns the client's request into the request to node e, in place:
+// the proxy owns r. Hop-by-hop headers go; X-Forwarded-For and -Proto are
+// set; the Host becomes the node's unless the route preserves it.
+func outbound(r *http.Request, ctx context.Context, rt *route, e *endpoint) *http.Request {
+	out := r.WithContext(ctx)
+	out.RequestURI = ""
+	out.URL.Scheme = "http"
+	out.URL.Host = e.Addr
+	if !rt.cfg.PreserveHost {
+		out.Host = ""
+	}
+	out.Close = false
+	removeHopHeaders(out.Header)
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		appendForwardedFor(out.Header, ip)
+	}
+	if _, ok := out.Header["X-Forwarded-Proto"]; !ok {
+		out.Header["X-Forwarded-Proto"] = protoHTTP
+	}
+	if _, ok := out.Header["User-Agent"]; !ok {
+		out.Header["User-Agent"] = emptyValue // not Go's default
+	}
+	return out
 }
 
 var (

@@ -22,6 +22,7 @@ import (
 type route struct {
 	listener string
 	cfg      RouteConfig
+	h2       bool // reach nodes over h2c (protocol http2 or grpc)
 	key      hashKey
 	bal      balancer.Balancer
 	resolver Resolver
@@ -38,11 +39,12 @@ type routeState struct {
 	endpoints map[string]*endpoint // by endpoint ID, after the tag filter
 }
 
-// endpoint is one node as a route sees it: its connection pool and metrics.
+// endpoint is one node as a route sees it: its connection pools and metrics.
 type endpoint struct {
 	discovery.Endpoint
-	transport *http.Transport
-	requests  [len(codeClasses)]prometheus.Counter
+	h1       *http.Transport // HTTP/1.1 keep-alive pool
+	h2       *http.Transport // h2c pool: one connection multiplexes many streams
+	requests [len(codeClasses)]prometheus.Counter
 }
 
 func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (*route, error) {
@@ -62,6 +64,7 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (
 	return &route{
 		listener: listener,
 		cfg:      cfg,
+		h2:       cfg.Protocol == "http2" || cfg.Protocol == "grpc",
 		key:      key,
 		bal:      bal,
 		resolver: resolver,
@@ -69,8 +72,9 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (
 	}, nil
 }
 
-// pick chooses the endpoint for one request.
-func (rt *route) pick(ctx context.Context, r *http.Request, exclude []string) (*endpoint, balancer.Pick, error) {
+// pick chooses the endpoint for one request or connection. key is the hash
+// of its hash key, when hasKey.
+func (rt *route) pick(ctx context.Context, key uint64, hasKey bool, exclude []string) (*endpoint, balancer.Pick, error) {
 	w, err := rt.resolver.Watch(ctx, rt.cfg.Service)
 	if err != nil {
 		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, fmt.Errorf("%w: %w", ErrDiscovery, err)}
@@ -80,8 +84,7 @@ func (rt *route) pick(ctx context.Context, r *http.Request, exclude []string) (*
 	if st == nil || st.snap != snap {
 		st = rt.update(snap)
 	}
-	req := balancer.Request{Exclude: exclude}
-	req.Key, req.HasKey = rt.key.sum(r)
+	req := balancer.Request{Key: key, HasKey: hasKey, Exclude: exclude}
 	pk, err := rt.bal.Pick(&req)
 	if err != nil {
 		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, err}
@@ -141,7 +144,7 @@ func (rt *route) update(snap *discovery.Snapshot) *routeState {
 }
 
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
-	e := &endpoint{Endpoint: ep, transport: newTransport(rt.cfg.Timeouts)}
+	e := &endpoint{Endpoint: ep, h1: newTransport(rt.cfg.Timeouts, false), h2: newTransport(rt.cfg.Timeouts, true)}
 	for i, class := range codeClasses {
 		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
 	}
@@ -151,22 +154,32 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 // retire closes the pool of an endpoint that left the set. Requests in
 // flight finish; their connections close when they go idle, which the
 // second sweep catches.
+//
+// HTTP/2 connections close once their last stream ends, so streams in flight
+// on a node that leaves are drained, not cut.
 func (rt *route) retire(e *endpoint) {
-	e.transport.CloseIdleConnections()
+	e.closeIdle()
 	grace := rt.cfg.Timeouts.Request
 	if grace <= 0 {
 		grace = 30 * time.Second
 	}
-	time.AfterFunc(grace, e.transport.CloseIdleConnections)
+	time.AfterFunc(grace, e.closeIdle)
+	time.AfterFunc(4*grace, e.closeIdle)
 	for _, class := range codeClasses {
 		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
 	}
 }
 
-// newTransport returns the connection pool of one endpoint.
-func newTransport(t Timeouts) *http.Transport {
+func (e *endpoint) closeIdle() {
+	e.h1.CloseIdleConnections()
+	e.h2.CloseIdleConnections()
+}
+
+// newTransport returns a connection pool of one endpoint: HTTP/1.1, or h2c
+// with prior knowledge when h2 is set.
+func newTransport(t Timeouts, h2 bool) *http.Transport {
 	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
-	return &http.Transport{
+	tr := &http.Transport{
 		DialContext:         d.DialContext,
 		MaxIdleConnsPerHost: 1024,
 		IdleConnTimeout:     t.Idle,
@@ -176,6 +189,16 @@ func newTransport(t Timeouts) *http.Transport {
 		WriteBufferSize:        32 << 10,
 		ReadBufferSize:         32 << 10,
 	}
+	if h2 {
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetUnencryptedHTTP2(true)
+		tr.HTTP2 = &http.HTTP2Config{
+			// Ping a connection silent this long; drop it if unanswered.
+			SendPingTimeout: 30 * time.Second,
+			PingTimeout:     10 * time.Second,
+		}
+	}
+	return tr
 }
 
 // status describes the route for /status.

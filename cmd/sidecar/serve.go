@@ -131,7 +131,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	for _, s := range servers {
-		if err := s.srv.Shutdown(sctx); err != nil {
+		if err := s.shutdown(sctx); err != nil {
 			log.Warn("listener did not close in time", zap.String("listener", s.name), zap.Error(err))
 		}
 	}
@@ -183,14 +183,13 @@ func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbe
 	}, log)
 }
 
-// server is one bound listener.
+// server is one bound listener and what serves it.
 type server struct {
-	name string
-	srv  *http.Server
-	ln   net.Listener
+	name     string
+	ln       net.Listener
+	serve    func() error
+	shutdown func(context.Context) error
 }
-
-func (s *server) serve() error { return s.srv.Serve(s.ln) }
 
 // listen binds the forward-proxy listener and every upstream listener, so a
 // port in use fails the start rather than a later request.
@@ -213,12 +212,8 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		servers = append(servers, s)
 	}
 	for i, u := range cfg.Upstreams {
-		if u.Protocol != config.ProtocolHTTP {
-			closeAll(servers)
-			return nil, fmt.Errorf("upstreams[%d].protocol: %q is not supported by this build", i, u.Protocol)
-		}
 		cache.Pin(u.Name)
-		h, err := px.Upstream(u.Listen, proxy.RouteConfig{
+		rc := proxy.RouteConfig{
 			Service:      u.Name,
 			Protocol:     u.Protocol,
 			Balancer:     u.Balancer,
@@ -226,15 +221,20 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 			Tags:         u.Tags,
 			PreserveHost: u.PreserveHost,
 			Timeouts:     timeouts(u.Timeouts),
-		})
-		if err != nil {
-			closeAll(servers)
-			return nil, fmt.Errorf("upstreams[%d]: %w", i, err)
 		}
-		s, err := bind(u.Listen, h, u.Timeouts, log)
+		var s *server
+		var err error
+		if u.Protocol == config.ProtocolTCP {
+			s, err = bindTCP(px, u.Listen, rc)
+		} else {
+			var h http.Handler
+			if h, err = px.Upstream(u.Listen, rc); err == nil {
+				s, err = bind(u.Listen, h, u.Timeouts, log)
+			}
+		}
 		if err != nil {
 			closeAll(servers)
-			return nil, fmt.Errorf("upstreams[%d].listen: %w", i, err)
+			return nil, fmt.Errorf("upstreams[%d] (%s on %s): %w", i, u.Name, u.Listen, err)
 		}
 		servers = append(servers, s)
 	}
@@ -252,7 +252,25 @@ func bind(addr string, h http.Handler, t config.Timeouts, log *zap.Logger) (*ser
 	}
 	srv := proxy.NewServer(h, proxy.ServerOptions{ReadHeaderTimeout: t.ReadHeader, IdleTimeout: t.Idle},
 		log.Named("http").With(zap.String("listener", addr)))
-	return &server{name: addr, srv: srv, ln: ln}, nil
+	return &server{name: addr, ln: ln, serve: func() error { return srv.Serve(ln) }, shutdown: srv.Shutdown}, nil
+}
+
+func bindTCP(px *proxy.Proxy, addr string, rc proxy.RouteConfig) (*server, error) {
+	ts, err := px.TCP(addr, rc)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	serve := func() error {
+		if err := ts.Serve(ln); !errors.Is(err, net.ErrClosed) {
+			return err
+		}
+		return nil
+	}
+	return &server{name: addr, ln: ln, serve: serve, shutdown: ts.Shutdown}, nil
 }
 
 func closeAll(servers []*server) {

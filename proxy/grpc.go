@@ -1,0 +1,93 @@
+package proxy
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// isGRPC reports whether r is a gRPC call: HTTP/2 with a gRPC content type.
+func isGRPC(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	return r.ProtoMajor == 2 && strings.HasPrefix(ct, "application/grpc")
+}
+
+// grpcTimeout parses a grpc-timeout header ("100m", "5S", …): at most eight
+// digits and a unit. It reports false when absent or malformed.
+func grpcTimeout(v string) (time.Duration, bool) {
+	if len(v) < 2 || len(v) > 9 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(v[:len(v)-1], 10, 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	var unit time.Duration
+	switch v[len(v)-1] {
+	case 'H':
+		unit = time.Hour
+	case 'M':
+		unit = time.Minute
+	case 'S':
+		unit = time.Second
+	case 'm':
+		unit = time.Millisecond
+	case 'u':
+		unit = time.Microsecond
+	case 'n':
+		unit = time.Nanosecond
+	default:
+		return 0, false
+	}
+	return time.Duration(n) * unit, true
+}
+
+// gRPC status codes the sidecar answers with.
+const (
+	grpcInvalidArgument  = 3
+	grpcDeadlineExceeded = 4
+	grpcUnimplemented    = 12
+	grpcUnavailable      = 14
+)
+
+// grpcCode maps the HTTP status classify chose to the gRPC status a client
+// should see, as Envoy and grpc-go's own HTTP mapping do.
+func grpcCode(status int) int {
+	switch status {
+	case http.StatusBadRequest:
+		return grpcInvalidArgument
+	case http.StatusNotFound:
+		return grpcUnimplemented
+	case http.StatusGatewayTimeout:
+		return grpcDeadlineExceeded
+	}
+	return grpcUnavailable
+}
+
+// writeGRPCError answers a gRPC call the proxy could not forward with a
+// trailers-only response, so the client gets a status, not a bare HTTP code.
+func writeGRPCError(w http.ResponseWriter, err error) {
+	status, code := classify(err)
+	h := w.Header()
+	h.Set("Content-Type", "application/grpc")
+	h.Set("Grpc-Status", strconv.Itoa(grpcCode(status)))
+	h.Set("Grpc-Message", grpcPercentEncode("sidecar: "+err.Error()))
+	h.Set("X-Sidecar-Error", code)
+	w.WriteHeader(http.StatusOK)
+}
+
+// grpcPercentEncode encodes a grpc-message value as the gRPC spec says:
+// printable ASCII except '%' as is, everything else as %XX.
+func grpcPercentEncode(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= ' ' && c <= '~' && c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		b.WriteString("%" + strings.ToUpper(strconv.FormatUint(uint64(c)>>4, 16)) + strings.ToUpper(strconv.FormatUint(uint64(c)&15, 16)))
+	}
+	return b.String()
+}

@@ -1,0 +1,222 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// tcpDialAttempts bounds how many nodes a TCP connection tries before it is
+// closed: a refused dial moves on to another node.
+const tcpDialAttempts = 3
+
+// TCPServer proxies raw TCP connections for one upstream: each connection
+// goes to a node picked for it, bytes are copied both ways, and a half-close
+// on one side is passed to the other.
+type TCPServer struct {
+	p  *Proxy
+	rt *route
+
+	mu     sync.Mutex
+	ln     net.Listener
+	conns  map[net.Conn]struct{}
+	closed bool
+	wg     sync.WaitGroup
+}
+
+// TCP returns the server of a per-upstream TCP listener for cfg.Service.
+// cfg.Timeouts.Connect bounds each dial and cfg.Timeouts.Idle closes a
+// connection with no traffic either way for that long.
+func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
+	cfg.Timeouts = cfg.Timeouts.withDefaults()
+	rt, err := newRoute(listener, cfg, p.resolver, p.metrics)
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
+	}
+	p.addRoute(rt)
+	return &TCPServer{p: p, rt: rt, conns: make(map[net.Conn]struct{})}, nil
+}
+
+// Serve accepts connections on ln until Shutdown. It returns
+// net.ErrClosed after Shutdown.
+func (s *TCPServer) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.ln = ln
+	s.mu.Unlock()
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return net.ErrClosed
+			}
+			// Out of file descriptors and the like: back off, as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.p.log.Warn("accept failed", zap.String("listener", s.rt.listener), zap.Error(err))
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		if !s.track(c, true) {
+			c.Close()
+			return net.ErrClosed
+		}
+		s.wg.Add(1)
+		go s.handle(c)
+	}
+}
+
+// Shutdown stops accepting, then waits for open connections to end until
+// ctx is done, when it closes them.
+func (s *TCPServer) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	if s.ln != nil {
+		s.ln.Close()
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+	}
+	s.mu.Unlock()
+	<-done
+	return ctx.Err()
+}
+
+func (s *TCPServer) track(c net.Conn, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.closed {
+			return false
+		}
+		s.conns[c] = struct{}{}
+	} else {
+		delete(s.conns, c)
+	}
+	return true
+}
+
+func (s *TCPServer) handle(client net.Conn) {
+	defer s.wg.Done()
+	defer s.track(client, false)
+	defer client.Close()
+	defer func() {
+		if v := recover(); v != nil {
+			s.p.log.Error("tcp connection panicked", zap.Any("panic", v), zap.Stack("stack"))
+		}
+	}()
+	rt := s.rt
+	m := &rt.metrics
+	m.inflight.Inc()
+	defer m.inflight.Dec()
+	start := time.Now()
+
+	var key uint64
+	var hasKey bool
+	if rt.key.kind == hashClientIP {
+		if host, _, err := net.SplitHostPort(client.RemoteAddr().String()); err == nil {
+			key, hasKey = fnv64(host), true
+		}
+	}
+	var (
+		backend net.Conn
+		e       *endpoint
+		tried   []string
+		lastErr error
+	)
+	for attempt := 0; attempt < tcpDialAttempts; attempt++ {
+		ep, pk, err := rt.pick(context.Background(), key, hasKey, tried)
+		if err != nil {
+			lastErr = err
+			break
+		}
+		d := net.Dialer{Timeout: rt.cfg.Timeouts.Connect, KeepAlive: 30 * time.Second}
+		c, err := d.Dial("tcp", ep.Addr)
+		if err != nil {
+			done(pk, err, start)
+			lastErr = err
+			tried = append(tried, ep.ID)
+			continue
+		}
+		backend, e = c, ep
+		defer done(pk, nil, start)
+		break
+	}
+	if backend == nil {
+		_, code := classify(lastErr)
+		m.refused(code)
+		s.p.log.Debug("tcp connection refused", zap.String("service", rt.cfg.Service), zap.Error(lastErr))
+		return
+	}
+	defer backend.Close()
+	e.requests[1].Inc() // a connection made counts as 2xx
+
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	idle := rt.cfg.Timeouts.Idle
+	var timer *time.Timer
+	timer = time.AfterFunc(idle, func() {
+		if since := time.Since(time.Unix(0, last.Load())); since < idle {
+			timer.Reset(idle - since)
+			return
+		}
+		client.Close()
+		backend.Close()
+	})
+	defer timer.Stop()
+
+	errc := make(chan error, 2)
+	go func() { errc <- pipe(backend, client, &last) }()
+	go func() { errc <- pipe(client, backend, &last) }()
+	<-errc
+	<-errc
+}
+
+// pipe copies src to dst, stamping last on every transfer, and half-closes
+// dst when src ends so the far side sees EOF while the other direction goes
+// on.
+func pipe(dst, src net.Conn, last *atomic.Int64) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			last.Store(time.Now().UnixNano())
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				src.Close()
+				return werr
+			}
+		}
+		if err == io.EOF {
+			closeWrite(dst)
+			return nil
+		}
+		if err != nil {
+			// A reset or a closed peer: nothing more flows either way.
+			dst.Close()
+			src.Close()
+			return err
+		}
+	}
+}

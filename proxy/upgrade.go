@@ -1,0 +1,129 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// serveUpgrade carries a protocol upgrade (WebSocket): the node is picked
+// once for the connection, the handshake is forwarded, and after a 101 both
+// directions are copied until either side closes.
+func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, proto string, start time.Time) {
+	m := &rt.metrics
+	key, hasKey := rt.key.sum(r)
+	e, pk, err := rt.pick(r.Context(), key, hasKey, nil)
+	if err != nil {
+		_, code := classify(err)
+		m.refused(code)
+		writeError(w, err)
+		return
+	}
+	out := outbound(r, r.Context(), rt, e)
+	out.Header["Connection"] = []string{"Upgrade"}
+	out.Header["Upgrade"] = []string{proto}
+	out.Body = nil
+	if r.ContentLength != 0 {
+		out.Body = r.Body
+	}
+
+	resp, err := e.h1.RoundTrip(out)
+	if err != nil {
+		done(pk, err, start)
+		_, code := classify(err)
+		m.refused(code)
+		writeError(w, &proxyError{rt.cfg.Service, err})
+		return
+	}
+	e.requests[codeClass(resp.StatusCode)].Inc()
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		// Refused handshake: relay the answer as it is.
+		defer resp.Body.Close()
+		copyResponseHeader(w.Header(), resp)
+		w.WriteHeader(resp.StatusCode)
+		err := copyBody(w, resp)
+		done(pk, err, start)
+		return
+	}
+	backConn, ok := resp.Body.(io.ReadWriteCloser)
+	if !ok {
+		resp.Body.Close()
+		done(pk, errors.New("101 without a writable body"), start)
+		writeError(w, &proxyError{rt.cfg.Service, errors.New("upgrade failed")})
+		return
+	}
+	defer backConn.Close()
+	if got := upgradeType(resp.Header); got == "" || !equalFold(got, proto) {
+		done(pk, fmt.Errorf("node switched to %q, not %q", got, proto), start)
+		writeError(w, &proxyError{rt.cfg.Service, fmt.Errorf("node switched to protocol %q, want %q", got, proto)})
+		return
+	}
+
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		// HTTP/2 clients cannot be hijacked; extended CONNECT is not served.
+		done(pk, err, start)
+		http.Error(w, "sidecar: upgrade needs an HTTP/1.1 connection", http.StatusHTTPVersionNotSupported)
+		return
+	}
+	defer conn.Close()
+
+	// Relay the 101 with the node's headers, Connection and Upgrade kept.
+	resp.Body = nil
+	resp.Header.Del("Content-Length")
+	if err := resp.Write(brw); err == nil {
+		err = brw.Flush()
+	}
+	if err != nil {
+		done(pk, err, start)
+		return
+	}
+	errc := make(chan error, 2)
+	go func() {
+		// Bytes the server read past the handshake come first.
+		_, err := io.Copy(backConn, io.MultiReader(io.LimitReader(brw.Reader, int64(brw.Reader.Buffered())), conn))
+		closeWrite(backConn)
+		errc <- err
+	}()
+	go func() {
+		_, err := io.Copy(conn, backConn)
+		closeWrite(conn)
+		errc <- err
+	}()
+	// WebSocket closes in-band: when one side is done, so is the session.
+	err = <-errc
+	conn.Close()
+	backConn.Close()
+	<-errc
+	done(pk, nil, start)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		p.log.Debug("upgraded connection ended", zap.String("service", rt.cfg.Service),
+			zap.String("endpoint", e.Addr), zap.Error(err))
+	}
+}
+
+// closeWrite half-closes c when it can, so the peer sees EOF while the other
+// direction goes on.
+func closeWrite(c any) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}
+
+func equalFold(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		ca, cb := a[i]|0x20, b[i]|0x20
+		if ca != cb {
+			return false
+		}
+	}
+	return true
+}
