@@ -34,9 +34,11 @@ type ConsulOptions struct {
 	// WaitTime bounds each blocking query; if zero, 5m is used.
 	WaitTime time.Duration
 	// StaleFor is how long the last good set keeps serving, marked Stale,
-	// while Consul fails or after an empty answer that followed an index
-	// reset; past it the set is cleared. Counted from the first failure (or
-	// the empty answer). Zero means forever.
+	// while Consul fails, or while Consul answers empty after an index reset
+	// or an outage (a restarted agent that has not re-learned its
+	// services); past it the set is cleared. Counted from the first failure
+	// (or the empty answer). Zero means forever, which also keeps a service
+	// that truly emptied during an outage until it has instances again.
 	StaleFor time.Duration
 	// ResolveTimeout bounds how long the first Known call waits for the
 	// first list of services; if zero, 2s is used.
@@ -141,9 +143,11 @@ type healthWatch struct {
 	back     backoff
 	cur      *Snapshot // last published
 	failures int       // consecutive failed queries
-	// reset is set when the index went backwards, and cleared by the first
-	// non-empty answer after it (or by StaleFor running out): until then an
-	// empty answer does not replace a non-empty set.
+	// reset is set when the index went backwards or a query failed, and
+	// cleared by the first non-empty answer after it (or by StaleFor running
+	// out): until then an empty answer does not replace a non-empty set. A
+	// restarted dev agent comes back empty, and its index does not always go
+	// backwards.
 	reset bool
 }
 
@@ -209,7 +213,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 		}
 		if !h.expired(since, now) {
 			if !cur.Stale || cur.Err != nil {
-				h.log.Warn("empty answer after index reset, keeping last endpoints",
+				h.log.Warn("empty answer after a reset, keeping last endpoints",
 					zap.Int("endpoints", len(cur.Endpoints)), zap.Uint64("index", index))
 				h.publish(&Snapshot{Service: h.service, Endpoints: cur.Endpoints, Updated: cur.Updated,
 					Stale: true, StaleSince: since}, index)
@@ -230,6 +234,7 @@ func (h *healthWatch) fail(err error) time.Duration {
 	err = fmt.Errorf("query health of %q: %w", h.service, err)
 	h.sink.Fail(err)
 	h.idx.failed()
+	h.reset = true
 	h.failures++
 	if h.failures == 1 || h.failures%logEvery == 0 {
 		h.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", h.failures))

@@ -410,3 +410,77 @@ func TestBlockingIndex(t *testing.T) {
 		})
 	}
 }
+
+func TestConsulEmptyAfterOutageKeepsLastSet(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	f.setErr(errDown)
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	since := rec.last().StaleSince
+	f.set(11, "web") // the agent comes back without its services, index moving on
+	f.setErr(nil)
+	waitUntil(t, "the error to clear", func() bool { return rec.last().Err == nil })
+	s := rec.last()
+	if !s.Stale || !slices.Equal(ids(s), []string{"a"}) || !s.StaleSince.Equal(since) {
+		t.Fatalf("Snapshot = %+v, want [a] stale since %v", s, since)
+	}
+	f.set(12, "web", node("b", 2))
+	waitUntil(t, "the re-learned set", func() bool { return !rec.last().Stale })
+	if got := ids(rec.last()); !slices.Equal(got, []string{"b"}) {
+		t.Errorf("IDs = %v, want [b]", got)
+	}
+}
+
+func TestConsulKnownAfterReset(t *testing.T) {
+	outage := func(t *testing.T, f *fakeConsul, c *Consul) {
+		f.setErr(errDown)
+		waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })
+		answers := f.answerCount("")
+		f.set(20, "web") // the agent comes back without its services
+		f.setErr(nil)
+		waitUntil(t, "an answer", func() bool { return f.answerCount("") > answers })
+	}
+	backwards := func(t *testing.T, f *fakeConsul, c *Consul) {
+		answers := f.answerCount("")
+		f.set(5, "web")
+		waitUntil(t, "an answer", func() bool { return f.answerCount("") > answers })
+	}
+	tests := []struct {
+		name     string
+		staleFor time.Duration
+		reset    func(*testing.T, *fakeConsul, *Consul)
+	}{
+		{name: "outage", reset: outage},
+		{name: "index backwards", reset: backwards},
+		{name: "outage past StaleFor", staleFor: 50 * time.Millisecond, reset: outage},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeConsul()
+			c := newTestConsul(t, f, ConsulOptions{StaleFor: tc.staleFor})
+			ctx := context.Background()
+			f.set(10, "web", node("a", 1))
+			if ok, err := c.Known(ctx, "web"); !ok || err != nil {
+				t.Fatalf("Known(web) = %v, %v, want true", ok, err)
+			}
+			tc.reset(t, f, c)
+			if ok, _ := c.Known(ctx, "web"); !ok {
+				t.Fatal("Known(web) = false right after the reset, want the name kept")
+			}
+			if tc.staleFor > 0 {
+				waitUntil(t, "web forgotten", func() bool { ok, _ := c.Known(ctx, "web"); return !ok })
+				return
+			}
+			// Re-learned, the reset is over: a real deregistration shows.
+			answers := f.answerCount("")
+			f.set(30, "web", node("a", 1))
+			waitUntil(t, "an answer", func() bool { return f.answerCount("") > answers })
+			f.set(31, "web")
+			waitUntil(t, "web deregistered", func() bool { ok, _ := c.Known(ctx, "web"); return !ok })
+		})
+	}
+}

@@ -74,7 +74,8 @@ type Snapshot struct {
 	// confirmed it.
 	Updated time.Time
 	// Stale is true while the backend fails, or while an empty answer after
-	// an index reset is being ignored in favour of this last good set.
+	// an index reset or an outage is being ignored in favour of this last
+	// good set.
 	Stale bool
 	// StaleSince is when the backend stopped confirming this set: the first
 	// failed query, or the empty answer being ignored. Zero unless Stale.

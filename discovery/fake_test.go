@@ -25,6 +25,7 @@ type fakeConsul struct {
 	pokes    int
 
 	calls       map[string]int // health queries per service; "" counts catalog queries
+	answers     map[string]int // successful ones
 	inflight    map[string]int
 	maxInflight map[string]int
 	waits       map[string][]uint64 // WaitIndex of each query
@@ -45,6 +46,7 @@ func newFakeConsul() *fakeConsul {
 		services:    make(map[string][]inst),
 		wake:        make(chan struct{}),
 		calls:       make(map[string]int),
+		answers:     make(map[string]int),
 		inflight:    make(map[string]int),
 		maxInflight: make(map[string]int),
 		waits:       make(map[string][]uint64),
@@ -94,6 +96,12 @@ func (f *fakeConsul) callCount(service string) int {
 	return f.calls[service]
 }
 
+func (f *fakeConsul) answerCount(service string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.answers[service]
+}
+
 func (f *fakeConsul) maxInFlight(service string) int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -113,6 +121,14 @@ func (f *fakeConsul) block(key string, q *api.QueryOptions) (uint64, error) {
 	f.maxInflight[key] = max(f.maxInflight[key], f.inflight[key])
 	f.waits[key] = append(f.waits[key], q.WaitIndex)
 	defer func() { f.inflight[key]-- }()
+	index, err := f.blockLocked(q)
+	if err == nil {
+		f.answers[key]++
+	}
+	return index, err
+}
+
+func (f *fakeConsul) blockLocked(q *api.QueryOptions) (uint64, error) {
 	var timeout <-chan time.Time
 	if q.WaitTime > 0 {
 		t := time.NewTimer(q.WaitTime)

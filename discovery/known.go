@@ -58,24 +58,38 @@ func (c *Consul) startCatalog() {
 
 // watchCatalog follows the list of services until ctx is done, by the same
 // blocking-query rules as a health watch. Every answer with a new index
-// replaces the list; a failure keeps the last one.
+// replaces the list, and a failure keeps the last one, with one exception
+// that mirrors the health watch: after a failure or an index going
+// backwards (a restarted agent that has not re-learned its services), names
+// missing from the answers stay known until an answer holds them all again
+// or StaleFor runs out. Keeping a name costs little: its watch is empty.
 func (c *Consul) watchCatalog(ctx context.Context) {
 	var (
 		idx      blockingIndex
 		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
 		failures int
 		ready    bool
+		resetAt  time.Time // when the last reset began; zero if none is pending
 	)
 	for {
-		q := &api.QueryOptions{Datacenter: c.opts.Datacenter, WaitIndex: idx.wait, WaitTime: c.opts.WaitTime}
+		wait := c.opts.WaitTime
+		if !resetAt.IsZero() && c.opts.StaleFor > 0 {
+			left := resetAt.Add(c.opts.StaleFor).Sub(c.opts.Now())
+			wait = min(wait, max(left, 10*time.Millisecond))
+		}
+		q := &api.QueryOptions{Datacenter: c.opts.Datacenter, WaitIndex: idx.wait, WaitTime: wait}
 		services, meta, err := c.catalog.Services(q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
 		}
+		now := c.opts.Now()
 		if err != nil {
 			err = fmt.Errorf("query catalog services: %w", err)
 			c.knownErr.Store(&err)
 			idx.failed()
+			if ready && resetAt.IsZero() {
+				resetAt = now
+			}
 			failures++
 			if failures == 1 || failures%logEvery == 0 {
 				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
@@ -94,14 +108,36 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		if meta != nil {
 			index = meta.LastIndex
 		}
-		if changed, _ := idx.observe(index); !changed && ready {
+		changed, backwards := idx.observe(index)
+		if backwards && resetAt.IsZero() {
+			resetAt = now
+		}
+		if !changed && ready && resetAt.IsZero() {
 			continue
 		}
 		names := make(map[string]struct{}, len(services))
 		for name := range services {
 			names[name] = struct{}{}
 		}
-		if old := c.known.Load(); old == nil || len(*old) != len(names) {
+		old := c.known.Load()
+		if !resetAt.IsZero() && old != nil {
+			kept := 0
+			if c.opts.StaleFor == 0 || now.Sub(resetAt) < c.opts.StaleFor {
+				for name := range *old {
+					if _, ok := names[name]; !ok {
+						names[name] = struct{}{}
+						kept++
+					}
+				}
+			}
+			if kept == 0 {
+				resetAt = time.Time{}
+			} else if changed {
+				c.log.Info("services missing after a reset, keeping them known",
+					zap.Int("services", kept), zap.Uint64("index", index))
+			}
+		}
+		if old == nil || len(*old) != len(names) {
 			c.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
 		}
 		c.known.Store(&names)
