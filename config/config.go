@@ -150,6 +150,8 @@ type Proxy struct {
 	// endpoint's host:port. Default false.
 	PreserveHost bool     `yaml:"preserve_host"`
 	Timeouts     Timeouts `yaml:"timeouts"`
+	// Resilience: breakers, outlier ejection, retries and slow start.
+	Resilience Resilience `yaml:"resilience"`
 }
 
 // Timeouts bound the phases of a proxied request.
@@ -184,6 +186,8 @@ type Upstream struct {
 	PreserveHost bool `yaml:"preserve_host"`
 	// Timeouts: each zero field inherits the same field of Proxy.Timeouts.
 	Timeouts Timeouts `yaml:"timeouts"`
+	// Resilience: each key left out inherits Proxy.Resilience's.
+	Resilience Resilience `yaml:"resilience"`
 }
 
 // setDefaults is called by the decoder on a freshly allocated Service.
@@ -220,6 +224,7 @@ func defaults() *Config {
 				Idle:       90 * time.Second,
 				ReadHeader: 10 * time.Second,
 			},
+			Resilience: defaultResilience(),
 		},
 	}
 }

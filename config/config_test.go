@@ -94,6 +94,7 @@ func TestParseValid(t *testing.T) {
 				wantUp := []Upstream{{
 					Name: "echo", Listen: "127.0.0.1:15002", Protocol: "http", Balancer: "hash",
 					HashKey: "header:X-User", Tags: []string{"v1"}, Timeouts: defaultTimeouts,
+					Resilience: defaultResilience(),
 				}}
 				if !reflect.DeepEqual(c.Upstreams, wantUp) {
 					t.Errorf("Upstreams = %+v, want %+v", c.Upstreams, wantUp)
@@ -115,7 +116,7 @@ func TestParseValid(t *testing.T) {
 						Backend: "consul", CacheSize: 1024,
 						IdleTimeout: 10 * time.Minute, ResolveTimeout: 2 * time.Second,
 					},
-					Proxy: Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts},
+					Proxy: Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience()},
 				}
 				if !reflect.DeepEqual(c, want) {
 					t.Errorf("Parse(\"\") = %+v, want %+v", c, want)
@@ -201,10 +202,12 @@ upstreams:
 				pt := Timeouts{Connect: 2 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second}
 				want := []Upstream{
 					{Name: "a", Listen: "127.0.0.1:15002", Protocol: "http", Balancer: "hash",
-						HashKey: "cookie:session", Datacenter: "dc2", PreserveHost: true, Timeouts: pt},
+						HashKey: "cookie:session", Datacenter: "dc2", PreserveHost: true, Timeouts: pt,
+						Resilience: defaultResilience()},
 					{Name: "b", Listen: "127.0.0.1:15003", Protocol: "http", Balancer: "least_request",
 						HashKey: "", Datacenter: "dc3", PreserveHost: false,
-						Timeouts: Timeouts{Connect: 3 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second}},
+						Timeouts:   Timeouts{Connect: 3 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second},
+						Resilience: defaultResilience()},
 				}
 				if !reflect.DeepEqual(c.Upstreams, want) {
 					t.Errorf("Upstreams = %+v\nwant %+v", c.Upstreams, want)

@@ -48,6 +48,7 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 		if u.Datacenter == "" {
 			u.Datacenter = c.Consul.Datacenter
 		}
+		p.inheritResilience(path+".resilience", &u.Resilience, c.Proxy.Resilience)
 		t, pt := &u.Timeouts, c.Proxy.Timeouts
 		if t.Connect == 0 {
 			t.Connect = pt.Connect

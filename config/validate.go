@@ -133,6 +133,7 @@ func (p *parser) validateProxy(x *Proxy) {
 	p.nonNegative("proxy.timeouts.request", x.Timeouts.Request)
 	p.nonNegative("proxy.timeouts.idle", x.Timeouts.Idle)
 	p.nonNegative("proxy.timeouts.read_header", x.Timeouts.ReadHeader)
+	p.validateResilience("proxy.resilience", &x.Resilience)
 }
 
 // validateUpstream checks u after inheritance; values it inherited from
@@ -164,6 +165,9 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 		if tp := path + ".timeouts." + t.key; p.present(tp) {
 			p.nonNegative(tp, t.d)
 		}
+	}
+	if p.present(path + ".resilience") {
+		p.validateResilience(path+".resilience", &u.Resilience)
 	}
 }
 
