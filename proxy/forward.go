@@ -34,10 +34,10 @@ func serviceName(host string) (string, error) {
 	if strings.HasPrefix(name, "[") || strings.Contains(name, ":") {
 		return "", fmt.Errorf("%w: %q is an IP address", ErrBadServiceName, host)
 	}
-	name = strings.TrimSuffix(name, ".")
+	name = strings.TrimRight(name, ".")
 	if i := strings.Index(name, ".service."); i >= 0 && strings.HasSuffix(name, ".consul") {
 		// name.service.consul or name.service.DC.consul, as Consul DNS.
-		name = name[:i]
+		name = strings.TrimRight(name[:i], ".")
 	}
 	if _, err := netip.ParseAddr(name); err == nil {
 		return "", fmt.Errorf("%w: %q is an IP address", ErrBadServiceName, host)
