@@ -24,6 +24,14 @@ var hopHeaders = []string{
 // named in its Connection header. It keeps "TE: trailers", which gRPC needs
 // end to end.
 func removeHopHeaders(h http.Header) {
+	// Read TE before Connection may name it, as RFC 9110 section 10.1.4
+	// asks senders of TE to do.
+	teTrailers := false
+	for _, v := range h["Te"] {
+		if strings.Contains(strings.ToLower(v), "trailers") {
+			teTrailers = true
+		}
+	}
 	for _, v := range h["Connection"] {
 		for len(v) > 0 {
 			var f string
@@ -31,12 +39,6 @@ func removeHopHeaders(h http.Header) {
 			if f = textproto.TrimString(f); f != "" {
 				delete(h, http.CanonicalHeaderKey(f))
 			}
-		}
-	}
-	teTrailers := false
-	for _, v := range h["Te"] {
-		if strings.Contains(strings.ToLower(v), "trailers") {
-			teTrailers = true
 		}
 	}
 	for _, k := range hopHeaders {
