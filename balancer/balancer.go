@@ -42,7 +42,9 @@ type Pick struct {
 	Done func(Result)
 }
 
-// Result reports how a picked request ended.
+// Result reports how a picked request ended. A zero Latency means the
+// request was never sent (an open breaker, say): only its in-flight count
+// is released, and latency-aware balancers take no sample.
 type Result struct {
 	Err     error
 	Latency time.Duration

@@ -14,6 +14,12 @@ type Options struct {
 	// Now is the clock used by balancers that measure time (latency-aware
 	// least_request). If nil, time.Now is used.
 	Now func() time.Time
+	// SlowStart ramps an endpoint that joins a running set up to its full
+	// share of least_request traffic over this long. Zero disables it.
+	SlowStart time.Duration
+	// DecayTime is the time constant of least_request's latency average;
+	// if zero, 10s is used.
+	DecayTime time.Duration
 }
 
 func (o Options) now() func() time.Time {

@@ -10,6 +10,12 @@ type Metrics struct {
 	refused  *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	inflight *prometheus.GaugeVec
+
+	retries            *prometheus.CounterVec
+	breakerState       *prometheus.GaugeVec
+	breakerTransitions *prometheus.CounterVec
+	ejections          *prometheus.CounterVec
+	ejectionsRefused   *prometheus.CounterVec
 }
 
 // NewMetrics creates the proxy's metrics and registers them with reg, when
@@ -34,8 +40,29 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Requests being proxied now.",
 		}, []string{"listener", "service"}),
 	}
+	m.retries = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_retries_total",
+		Help: "Retries made, and retries the budget refused (outcome=budget_exhausted), by reason.",
+	}, []string{"listener", "service", "reason", "outcome"})
+	m.breakerState = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "sidecar_breaker_state",
+		Help: "Circuit breaker state per endpoint: 0 closed, 1 half-open, 2 open.",
+	}, []string{"listener", "service", "endpoint"})
+	m.breakerTransitions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_breaker_transitions_total",
+		Help: "Circuit breaker state changes per endpoint, by the state entered.",
+	}, []string{"listener", "service", "endpoint", "state"})
+	m.ejections = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_outlier_ejections_total",
+		Help: "Endpoints ejected from balancing after consecutive gateway failures.",
+	}, []string{"listener", "service", "endpoint"})
+	m.ejectionsRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_outlier_ejections_refused_total",
+		Help: "Ejections not made because max_ejection_percent of the nodes were already out.",
+	}, []string{"listener", "service"})
 	if reg != nil {
-		reg.MustRegister(m.requests, m.refused, m.duration, m.inflight)
+		reg.MustRegister(m.requests, m.refused, m.duration, m.inflight,
+			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused)
 	}
 	return m
 }
@@ -48,6 +75,12 @@ type routeMetrics struct {
 	refusedVec        *prometheus.CounterVec
 	duration          prometheus.Observer
 	inflight          prometheus.Gauge
+
+	retries            *prometheus.CounterVec // curried: reason, outcome
+	breakerState       *prometheus.GaugeVec   // curried: endpoint
+	breakerTransitions *prometheus.CounterVec // curried: endpoint, state
+	ejections          *prometheus.CounterVec // curried: endpoint
+	ejectionsRefused   prometheus.Counter
 }
 
 func (m *Metrics) route(listener, service string) routeMetrics {
@@ -59,6 +92,12 @@ func (m *Metrics) route(listener, service string) routeMetrics {
 		refusedVec: m.refused,
 		duration:   m.duration.With(labels),
 		inflight:   m.inflight.With(labels),
+
+		retries:            m.retries.MustCurryWith(labels),
+		breakerState:       m.breakerState.MustCurryWith(labels),
+		breakerTransitions: m.breakerTransitions.MustCurryWith(labels),
+		ejections:          m.ejections.MustCurryWith(labels),
+		ejectionsRefused:   m.ejectionsRefused.With(labels),
 	}
 }
 

@@ -11,12 +11,14 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
 )
 
@@ -45,6 +47,10 @@ type RouteConfig struct {
 	// endpoint's host:port.
 	PreserveHost bool
 	Timeouts     Timeouts
+	// Resilience configures breakers, outlier ejection, retries and slow
+	// start. Its zero value turns all of them off; config.Load fills in
+	// the documented defaults.
+	Resilience config.Resilience
 }
 
 // Timeouts bound the phases of a proxied request.
@@ -91,7 +97,7 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 // it goes to cfg.Service.
 func (p *Proxy) Upstream(listener string, cfg RouteConfig) (http.Handler, error) {
 	cfg.Timeouts = cfg.Timeouts.withDefaults()
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics)
+	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
@@ -165,7 +171,7 @@ func (f *forwarder) route(ctx context.Context, name string) (*route, error) {
 	}
 	cfg := f.defaults
 	cfg.Service = name
-	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics)
+	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics, f.p.log)
 	if err != nil {
 		return nil, err
 	}
@@ -222,15 +228,6 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	}
 
 	ctx := r.Context()
-	key, hasKey := rt.key.sum(r)
-	e, pk, err := rt.pick(ctx, key, hasKey, nil)
-	if err != nil {
-		_, code := classify(err)
-		m.refused(code)
-		fail(w, err)
-		return
-	}
-
 	timeout := rt.cfg.Timeouts.Request
 	if grpc {
 		if d, ok := grpcTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
@@ -242,34 +239,22 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
 	}
-	out := outbound(r, ctx, rt, e)
-	if r.ContentLength == 0 {
-		out.Body = nil // no chunked empty body; lets the transport retry
-	}
 	if r.ProtoMajor == 1 && r.ContentLength != 0 {
 		// Let a streaming HTTP/1.1 client read the answer while it sends.
 		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
-
-	transport := e.h1
-	if rt.h2 || grpc {
-		transport = e.h2
-	}
-	resp, err := transport.RoundTrip(out)
+	resp, e, pk, err := p.roundTrip(ctx, r, rt, grpc, start)
 	if err != nil {
-		if ctx.Err() == context.DeadlineExceeded && r.Context().Err() == nil {
-			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, timeout, err)
-		}
-		done(pk, err, start)
 		if r.Context().Err() != nil {
 			// The client went away; nobody is left to answer.
 			m.refused("client_closed")
 			return
 		}
+		if ctx.Err() == context.DeadlineExceeded {
+			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, timeout, err)
+		}
 		_, code := classify(err)
 		m.refused(code)
-		p.log.Debug("upstream request failed", zap.String("service", rt.cfg.Service),
-			zap.String("endpoint", e.Addr), zap.Error(err))
 		fail(w, &proxyError{rt.cfg.Service, err})
 		return
 	}
@@ -300,14 +285,205 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	}
 }
 
-// outbound turns the client's request into the request to node e, in place:
-// the proxy owns r. Hop-by-hop headers go; X-Forwarded-For and -Proto are
-// set; the Host becomes the node's unless the route preserves it.
-func outbound(r *http.Request, ctx context.Context, rt *route, e *endpoint) *http.Request {
-	out := r.WithContext(ctx)
+// roundTrip sends r to nodes picked by rt until one answers with a response
+// to relay, trying again on another node as the route's retry policy
+// allows. It returns the response, the endpoint and pick it came from, or
+// the last error. pk.Done is left to the caller on success.
+func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time) (*http.Response, *endpoint, balancer.Pick, error) {
+	res := &rt.cfg.Resilience
+	rt.budget.request(start)
+	key, hasKey := rt.key.sum(r)
+	method := r.Method
+	replayable := idempotent(method) || res.Retries.RetryNonIdempotent
+	var b *body
+	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
+		var err error
+		if b, err = newBody(r, replayable && res.Retries.Attempts > 0); err != nil {
+			return nil, nil, balancer.Pick{}, fmt.Errorf("read request body: %w", err)
+		}
+	}
+	prepareOutbound(r, rt)
+	transport := func(e *endpoint) *http.Transport {
+		if rt.h2 || grpc {
+			return e.h2
+		}
+		return e.h1
+	}
+
+	var (
+		triedBuf [4]string
+		tried    = triedBuf[:0]
+		lastErr  error
+		retries  int
+	)
+	for picks := 0; ; picks++ {
+		e, pk, err := rt.pick(ctx, key, hasKey, tried)
+		if err != nil {
+			if lastErr != nil {
+				return nil, nil, pk, lastErr
+			}
+			return nil, nil, pk, err
+		}
+		if len(tried) > 0 && slicesContains(tried, e.ID) {
+			// Every node left has been tried.
+			release(pk)
+			return nil, nil, balancer.Pick{}, lastErr
+		}
+		breakerDone, err := e.allow()
+		if err != nil {
+			// Never reached the node: always worth another.
+			release(pk)
+			lastErr = &proxyError{rt.cfg.Service, err}
+			tried = append(tried, e.ID)
+			if picks > 2*len(rt.state.Load().endpoints) {
+				return nil, nil, balancer.Pick{}, lastErr
+			}
+			continue
+		}
+
+		tryCtx, cancel := ctx, context.CancelFunc(nil)
+		if d := res.Retries.PerTryTimeout; d > 0 {
+			tryCtx, cancel = context.WithTimeout(ctx, d)
+		}
+		out := r.WithContext(tryCtx)
+		out.URL.Host = e.Addr
+		out.Body = nil
+		if b != nil {
+			var ok bool
+			if out.Body, ok = b.next(); !ok {
+				if cancel != nil {
+					cancel()
+				}
+				breakerDone(nil)
+				release(pk)
+				return nil, nil, balancer.Pick{}, lastErr
+			}
+		}
+		resp, err := transport(e).RoundTrip(out)
+		if cancel != nil {
+			if err != nil || resp == nil {
+				cancel()
+			} else {
+				resp.Body = cancelOnClose{resp.Body, cancel}
+			}
+		}
+
+		if err != nil {
+			if r.Context().Err() != nil {
+				breakerDone(nil)
+				release(pk)
+				return nil, nil, balancer.Pick{}, err
+			}
+			breakerDone(errBreakerFailure)
+			rt.observe(e, true)
+			done(pk, err, start)
+			neverSent := isDialError(err)
+			lastErr = err
+			reason := "connect_failed"
+			if !neverSent {
+				reason = "upstream_failed"
+				if tryCtx.Err() == context.DeadlineExceeded {
+					reason = "per_try_timeout"
+					lastErr = fmt.Errorf("%w: per-try timeout %v: %w", ErrUpstreamTimeout, res.Retries.PerTryTimeout, err)
+				}
+			}
+			if !p.retry(ctx, rt, reason, neverSent || (replayable && (b == nil || b.replayable())), &retries, neverSent) {
+				return nil, nil, balancer.Pick{}, lastErr
+			}
+			tried = append(tried, e.ID)
+			continue
+		}
+
+		gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
+		if resp.StatusCode >= 500 && res.Breaker.TripOn5xx {
+			breakerDone(errBreakerFailure)
+		} else {
+			breakerDone(nil)
+		}
+		rt.observe(e, gateway)
+		if gateway && isGatewayStatus(resp.StatusCode, false) && replayable && (b == nil || b.replayable()) &&
+			len(tried)+1 < len(rt.state.Load().endpoints) &&
+			p.retry(ctx, rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false) {
+			discard(resp)
+			done(pk, errGateway, start)
+			lastErr = fmt.Errorf("%w: %s", errGateway, resp.Status)
+			tried = append(tried, e.ID)
+			continue
+		}
+		if gateway {
+			// Counts as slow for latency-aware balancing.
+			pk2 := pk
+			pk2.Done = nil
+			done(pk, errGateway, start)
+			return resp, e, pk2, nil
+		}
+		return resp, e, pk, nil
+	}
+}
+
+// retry decides whether to try again after a failed try, spending from the
+// budget unless the try never reached a node, and waits the backoff.
+func (p *Proxy) retry(ctx context.Context, rt *route, reason string, allowed bool, retries *int, neverSent bool) bool {
+	res := &rt.cfg.Resilience.Retries
+	if !allowed || *retries >= res.Attempts {
+		return false
+	}
+	if !neverSent && !rt.budget.spend(time.Now()) {
+		rt.metrics.retries.WithLabelValues(reason, "budget_exhausted").Inc()
+		return false
+	}
+	*retries++
+	rt.metrics.retries.WithLabelValues(reason, "retried").Inc()
+	if neverSent && *retries == 1 {
+		return ctx.Err() == nil // another node at once
+	}
+	return backoff(ctx, res.Backoff, *retries)
+}
+
+// isGatewayStatus reports whether a status is a gateway failure: 502, 503
+// or 504, or any 5xx when all5xx.
+func isGatewayStatus(code int, all5xx bool) bool {
+	if all5xx {
+		return code >= 500 && code <= 599
+	}
+	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
+}
+
+// discard drops a response that will not be relayed, reading a little of
+// it so its connection can be reused.
+func discard(resp *http.Response) {
+	_, _ = io.CopyN(io.Discard, resp.Body, 4<<10)
+	resp.Body.Close()
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (c cancelOnClose) Close() error {
+	err := c.ReadCloser.Close()
+	c.cancel()
+	return err
+}
+
+func slicesContains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// prepareOutbound turns the client's request into the request to a node,
+// in place (the proxy owns r), once for all tries: hop-by-hop headers go;
+// X-Forwarded-For and -Proto are set; the Host becomes the node's unless
+// the route preserves it. Each try sets the node's address.
+func prepareOutbound(r *http.Request, rt *route) {
+	out := r
 	out.RequestURI = ""
 	out.URL.Scheme = "http"
-	out.URL.Host = e.Addr
 	if !rt.cfg.PreserveHost {
 		out.Host = ""
 	}
@@ -322,13 +498,20 @@ func outbound(r *http.Request, ctx context.Context, rt *route, e *endpoint) *htt
 	if _, ok := out.Header["User-Agent"]; !ok {
 		out.Header["User-Agent"] = emptyValue // not Go's default
 	}
-	return out
 }
 
 var (
 	protoHTTP  = []string{"http"}
 	emptyValue = []string{""}
 )
+
+// release ends a pick whose request was never sent: its in-flight count
+// goes, and latency-aware balancers take no sample.
+func release(pk balancer.Pick) {
+	if pk.Done != nil {
+		pk.Done(balancer.Result{})
+	}
+}
 
 func done(pk balancer.Pick, err error, start time.Time) {
 	if pk.Done != nil {

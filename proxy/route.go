@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/discovery"
 )
@@ -27,6 +29,8 @@ type route struct {
 	bal      balancer.Balancer
 	resolver Resolver
 	metrics  routeMetrics
+	budget   *retryBudget
+	log      *zap.Logger
 
 	mu    sync.Mutex // serialises rebuilds; never held on the hot path
 	state atomic.Pointer[routeState]
@@ -37,6 +41,7 @@ type route struct {
 type routeState struct {
 	snap      *discovery.Snapshot
 	endpoints map[string]*endpoint // by endpoint ID, after the tag filter
+	panic     bool                 // too few left after ejection: balancing over all
 }
 
 // endpoint is one node as a route sees it: its connection pools and metrics.
@@ -45,9 +50,10 @@ type endpoint struct {
 	h1       *http.Transport // HTTP/1.1 keep-alive pool
 	h2       *http.Transport // h2c pool: one connection multiplexes many streams
 	requests [len(codeClasses)]prometheus.Counter
+	health
 }
 
-func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (*route, error) {
+func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, log *zap.Logger) (*route, error) {
 	key, err := parseHashKey(cfg.HashKey)
 	if err != nil {
 		return nil, err
@@ -56,7 +62,7 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (
 	if name == "" {
 		name = "round_robin"
 	}
-	bal, err := balancer.New(name, balancer.Options{})
+	bal, err := balancer.New(name, balancer.Options{SlowStart: cfg.Resilience.SlowStart})
 	if err != nil {
 		return nil, err
 	}
@@ -69,6 +75,8 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics) (
 		bal:      bal,
 		resolver: resolver,
 		metrics:  m.route(listener, cfg.Service),
+		budget:   newRetryBudget(cfg.Resilience.Retries.Budget),
+		log:      log.With(zap.String("listener", listener), zap.String("service", cfg.Service)),
 	}, nil
 }
 
@@ -107,31 +115,54 @@ func (rt *route) pick(ctx context.Context, key uint64, hasKey bool, exclude []st
 }
 
 // update rebuilds the route's state for snap: filters by tag, carries over
-// the pools of endpoints that stay, and retires those of endpoints that left.
+// the endpoints that stay (pools, breakers, ejections), and retires those
+// that left.
 func (rt *route) update(snap *discovery.Snapshot) *routeState {
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
-	old := rt.state.Load()
-	if old != nil && old.snap == snap {
+	if old := rt.state.Load(); old != nil && old.snap == snap {
 		return old
 	}
-	eps := make([]discovery.Endpoint, 0, len(snap.Endpoints))
+	return rt.rebuildLocked(snap)
+}
+
+// rebuildLocked builds and publishes the state for snap and feeds the
+// balancer the endpoints not ejected, or all of them when fewer than
+// panic_threshold percent would be left. rt.mu must be held.
+func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
+	old := rt.state.Load()
+	st := &routeState{snap: snap, endpoints: make(map[string]*endpoint, len(snap.Endpoints))}
+	tagged := make([]discovery.Endpoint, 0, len(snap.Endpoints))
 	for i := range snap.Endpoints {
-		if snap.Endpoints[i].HasTags(rt.cfg.Tags) {
-			eps = append(eps, snap.Endpoints[i])
+		ep := &snap.Endpoints[i]
+		if !ep.HasTags(rt.cfg.Tags) {
+			continue
 		}
-	}
-	st := &routeState{snap: snap, endpoints: make(map[string]*endpoint, len(eps))}
-	for _, ep := range eps {
+		tagged = append(tagged, *ep)
 		if old != nil {
 			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr {
 				st.endpoints[ep.ID] = e
 				continue
 			}
 		}
-		st.endpoints[ep.ID] = rt.newEndpoint(ep)
+		st.endpoints[ep.ID] = rt.newEndpoint(*ep)
 	}
-	rt.bal.Update(eps)
+	now := time.Now()
+	eligible := tagged
+	if out := rt.countEjected(st, now); out > 0 {
+		healthy := len(tagged) - out
+		if healthy*100 < rt.cfg.Resilience.Outlier.PanicThreshold*len(tagged) {
+			st.panic = true
+		} else {
+			eligible = make([]discovery.Endpoint, 0, healthy)
+			for _, ep := range tagged {
+				if !st.endpoints[ep.ID].ejected(now) {
+					eligible = append(eligible, ep)
+				}
+			}
+		}
+	}
+	rt.bal.Update(eligible)
 	rt.state.Store(st)
 	if old != nil {
 		for id, e := range old.endpoints {
@@ -143,8 +174,19 @@ func (rt *route) update(snap *discovery.Snapshot) *routeState {
 	return st
 }
 
+func (rt *route) countEjected(st *routeState, now time.Time) int {
+	n := 0
+	for _, e := range st.endpoints {
+		if e.ejected(now) {
+			n++
+		}
+	}
+	return n
+}
+
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 	e := &endpoint{Endpoint: ep, h1: newTransport(rt.cfg.Timeouts, false), h2: newTransport(rt.cfg.Timeouts, true)}
+	e.breaker = rt.newBreaker(ep.Addr)
 	for i, class := range codeClasses {
 		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
 	}
@@ -168,6 +210,7 @@ func (rt *route) retire(e *endpoint) {
 	for _, class := range codeClasses {
 		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
 	}
+	rt.metrics.breakerState.DeleteLabelValues(e.Addr)
 }
 
 func (e *endpoint) closeIdle() {
@@ -216,14 +259,26 @@ func (rt *route) status() RouteStatus {
 		return s
 	}
 	s.Stale = st.snap.Stale
+	s.Panic = st.panic
 	if st.snap.Err != nil {
 		s.Error = st.snap.Err.Error()
 	}
 	for i := range st.snap.Endpoints {
 		ep := &st.snap.Endpoints[i]
-		if _, ok := st.endpoints[ep.ID]; ok {
-			s.Endpoints = append(s.Endpoints, EndpointStatus{ID: ep.ID, Addr: ep.Addr, Tags: ep.Tags, Weight: ep.Weight})
+		e, ok := st.endpoints[ep.ID]
+		if !ok {
+			continue
 		}
+		es := EndpointStatus{ID: ep.ID, Addr: ep.Addr, Tags: ep.Tags, Weight: ep.Weight,
+			Breaker: "disabled", ConsecutiveFailures: int(e.consecutive.Load())}
+		if e.breaker != nil {
+			es.Breaker = e.breaker.State().String()
+		}
+		if until := e.ejectedUntil.Load(); until > time.Now().UnixNano() {
+			t := time.Unix(0, until).UTC()
+			es.EjectedUntil = &t
+		}
+		s.Endpoints = append(s.Endpoints, es)
 	}
 	return s
 }
@@ -237,6 +292,7 @@ type RouteStatus struct {
 	HashKey   string           `json:"hash_key,omitempty"`
 	Tags      []string         `json:"tags,omitempty"`
 	Stale     bool             `json:"stale"`
+	Panic     bool             `json:"panic,omitempty"`
 	Error     string           `json:"error,omitempty"`
 	Endpoints []EndpointStatus `json:"endpoints"`
 }
@@ -247,6 +303,10 @@ type EndpointStatus struct {
 	Addr   string   `json:"addr"`
 	Tags   []string `json:"tags,omitempty"`
 	Weight int      `json:"weight"`
+	// Breaker is closed, half-open, open or disabled.
+	Breaker             string     `json:"breaker"`
+	ConsecutiveFailures int        `json:"consecutive_failures"`
+	EjectedUntil        *time.Time `json:"ejected_until,omitempty"`
 }
 
 var errClientGone = errors.New("client went away")

@@ -36,7 +36,7 @@ type TCPServer struct {
 // connection with no traffic either way for that long.
 func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
 	cfg.Timeouts = cfg.Timeouts.withDefaults()
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics)
+	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}

@@ -24,7 +24,9 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		writeError(w, err)
 		return
 	}
-	out := outbound(r, r.Context(), rt, e)
+	prepareOutbound(r, rt)
+	out := r.WithContext(r.Context())
+	out.URL.Host = e.Addr
 	out.Header["Connection"] = []string{"Upgrade"}
 	out.Header["Upgrade"] = []string{proto}
 	out.Body = nil

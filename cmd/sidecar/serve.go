@@ -201,6 +201,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 			HashKey:      cfg.Proxy.HashKey,
 			PreserveHost: cfg.Proxy.PreserveHost,
 			Timeouts:     timeouts(cfg.Proxy.Timeouts),
+			Resilience:   cfg.Proxy.Resilience,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
@@ -221,6 +222,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 			Tags:         u.Tags,
 			PreserveHost: u.PreserveHost,
 			Timeouts:     timeouts(u.Timeouts),
+			Resilience:   u.Resilience,
 		}
 		var s *server
 		var err error
