@@ -303,12 +303,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 	}
 	prepareOutbound(r, rt)
-	transport := func(e *endpoint) *http.Transport {
-		if rt.h2 || grpc {
-			return e.h2
-		}
-		return e.h1
-	}
+	useH2 := rt.h2 || grpc
 
 	var (
 		triedBuf [4]string
@@ -359,7 +354,11 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 				return nil, nil, balancer.Pick{}, lastErr
 			}
 		}
-		resp, err := transport(e).RoundTrip(out)
+		transport := e.h1
+		if useH2 {
+			transport = e.h2
+		}
+		resp, err := transport.RoundTrip(out)
 		if cancel != nil {
 			if err != nil || resp == nil {
 				cancel()
