@@ -135,17 +135,21 @@ func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
 	}
+	fail := writeError
+	if isGRPC(r) {
+		fail = func(w http.ResponseWriter, err error) int { writeGRPCError(w, err); return http.StatusOK }
+	}
 	name, err := serviceFromRequest(r)
 	if err != nil {
 		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
-		writeError(w, err)
+		fail(w, err)
 		return
 	}
 	rt, err := f.route(r.Context(), name)
 	if err != nil {
 		_, code := classify(err)
 		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
-		writeError(w, err)
+		fail(w, err)
 		return
 	}
 	f.p.serve(w, r, rt)
