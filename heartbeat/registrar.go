@@ -353,7 +353,8 @@ func httpCode(err error) (code int, ok bool) {
 	return 0, false
 }
 
-// Backoff between failed Consul calls: 200ms doubling up to 5s, ±20%.
+// Backoff between failed Consul calls: 200ms doubling up to 5s, ±20%; Run
+// caps it at the TTL.
 const (
 	backoffBase = 200 * time.Millisecond
 	backoffMax  = 5 * time.Second

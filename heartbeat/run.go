@@ -265,6 +265,8 @@ func (l *loop) fail(err error, msg string) {
 	if l.failures <= 3 || l.failures%12 == 0 {
 		l.r.log.Warn(msg, zap.Int("attempt", l.failures), zap.Error(err))
 	}
-	l.retry.Reset(backoff(l.failures))
+	// Never wait longer than the TTL, so an agent that comes back (empty,
+	// after a restart) sees the service again within one TTL.
+	l.retry.Reset(min(backoff(l.failures), l.r.opts.TTL))
 	l.retrying = true
 }
