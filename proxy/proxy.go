@@ -530,6 +530,9 @@ func copyResponseHeader(dst http.Header, resp *http.Response) {
 		dst[k] = vv
 	}
 	if len(resp.Trailer) > 0 {
+		// Trailers need a chunked answer on HTTP/1.1; an h2 node's short
+		// answer carries a length, which would make the server drop them.
+		delete(dst, "Content-Length")
 		keys := make([]string, 0, len(resp.Trailer))
 		for k := range resp.Trailer {
 			keys = append(keys, k)
