@@ -77,8 +77,27 @@ func Start(t testing.TB, opts Options) *Agent {
 		}
 		t.Fatal(err)
 	}
-	ports := Ports{HTTP: FreePort(t), SerfLAN: FreePort(t), SerfWAN: FreePort(t), Server: FreePort(t)}
-	a := &Agent{t: t, bin: bin, dir: t.TempDir(), Ports: ports}
+	a := &Agent{t: t, bin: bin, dir: t.TempDir()}
+	// A port free when picked may be taken before the agent binds it, by
+	// another test's agent: start again on fresh ports when that happens.
+	err = nil
+	for attempt := 0; attempt < 3; attempt++ {
+		a.Ports = Ports{HTTP: FreePort(t), SerfLAN: FreePort(t), SerfWAN: FreePort(t), Server: FreePort(t)}
+		a.writeConfig(opts)
+		if err = a.start(); err == nil {
+			break
+		}
+		t.Logf("consul agent did not start (attempt %d): %v", attempt+1, err)
+	}
+	if err != nil {
+		t.Fatalf("consul agent not ready: %v\n%s", err, a.Log())
+	}
+	t.Cleanup(a.Stop)
+	return a
+}
+
+func (a *Agent) writeConfig(opts Options) {
+	ports := a.Ports
 	hcl := fmt.Sprintf(`
 node_name = "sidecar-test"
 bind_addr = "127.0.0.1"
@@ -99,11 +118,8 @@ limits {
 %s
 `, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, opts.ExtraHCL)
 	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
-		t.Fatal(err)
+		a.t.Fatal(err)
 	}
-	a.Start()
-	t.Cleanup(a.Stop)
-	return a
 }
 
 // Addr is the agent's HTTP address, host:port.
@@ -124,6 +140,12 @@ func (a *Agent) Client() *api.Client {
 // a real agent restart in dev mode does, and waits until it is ready.
 func (a *Agent) Start() {
 	a.t.Helper()
+	if err := a.start(); err != nil {
+		a.t.Fatalf("consul agent not ready: %v\n%s", err, a.Log())
+	}
+}
+
+func (a *Agent) start() error {
 	cmd := exec.Command(a.bin, "agent", "-dev", "-config-file", filepath.Join(a.dir, "agent.hcl"))
 	cmd.Stdout = &a.log
 	cmd.Stderr = &a.log
@@ -133,18 +155,20 @@ func (a *Agent) Start() {
 	a.mu.Lock()
 	if a.cmd != nil {
 		a.mu.Unlock()
-		a.t.Fatal("consul agent already running")
+		return errors.New("consul agent already running")
 	}
 	if err := cmd.Start(); err != nil {
 		a.mu.Unlock()
-		a.t.Fatalf("start consul: %v", err)
+		return fmt.Errorf("start consul: %w", err)
 	}
 	a.cmd, a.exited = cmd, exited
 	a.mu.Unlock()
 	go func() { _ = cmd.Wait(); close(exited) }()
 	if err := a.waitReady(exited, 60*time.Second); err != nil {
-		a.t.Fatalf("consul agent not ready: %v\n%s", err, a.Log())
+		a.Kill()
+		return err
 	}
+	return nil
 }
 
 func (a *Agent) waitReady(exited <-chan struct{}, within time.Duration) error {
