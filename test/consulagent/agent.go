@@ -80,7 +80,6 @@ func Start(t testing.TB, opts Options) *Agent {
 	a := &Agent{t: t, bin: bin, dir: t.TempDir()}
 	// A port free when picked may be taken before the agent binds it, by
 	// another test's agent: start again on fresh ports when that happens.
-	err = nil
 	for attempt := 0; attempt < 3; attempt++ {
 		a.Ports = Ports{HTTP: FreePort(t), SerfLAN: FreePort(t), SerfWAN: FreePort(t), Server: FreePort(t)}
 		a.writeConfig(opts)
