@@ -405,7 +405,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 		rt.observe(e, gateway)
 		if gateway && isGatewayStatus(resp.StatusCode, false) && replayable && (b == nil || b.replayable()) &&
-			len(tried)+1 < len(rt.state.Load().endpoints) &&
+			len(tried)+1 < rt.state.Load().eligible &&
 			p.retry(ctx, rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false) {
 			discard(resp)
 			done(pk, errGateway, start)

@@ -42,6 +42,7 @@ type routeState struct {
 	snap      *discovery.Snapshot
 	endpoints map[string]*endpoint // by endpoint ID, after the tag filter
 	panic     bool                 // too few left after ejection: balancing over all
+	eligible  int                  // endpoints the balancer picks from
 }
 
 // endpoint is one node as a route sees it: its connection pools and metrics.
@@ -162,6 +163,7 @@ func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
 			}
 		}
 	}
+	st.eligible = len(eligible)
 	rt.bal.Update(eligible)
 	rt.state.Store(st)
 	if old != nil {
