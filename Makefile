@@ -13,6 +13,7 @@ all: build
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/sidecar ./cmd/sidecar
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/echo ./examples/echo
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/loadgen ./examples/loadgen
 
 # bin/consul: consul from PATH when there is one, else the pinned version
 # built from tools/consul (about 6 minutes cold on 2 cores; cached after).
