@@ -1,0 +1,862 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/discovery"
+)
+
+// resDefaults returns proxy.resilience as an empty config file leaves it.
+func resDefaults(t testing.TB) config.Resilience {
+	t.Helper()
+	c, err := config.ParseEnv(nil, "t", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c.Proxy.Resilience
+}
+
+// resNode is a backend whose behaviour a test switches while it runs. It
+// counts the requests that reach it and keeps the bodies it read.
+type resNode struct {
+	addr string
+	hits atomic.Int64
+	// status is what it answers: 0 or 200 for "NAME METHOD PATH" and the
+	// body echoed; anything else answers that status with "NAME".
+	status atomic.Int64
+	// stall makes it hold each request until the client gives up.
+	stall atomic.Bool
+
+	mu     sync.Mutex
+	bodies [][]byte
+
+	ln  net.Listener
+	srv *http.Server
+}
+
+func (n *resNode) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	n.hits.Add(1)
+	b, _ := io.ReadAll(r.Body)
+	if len(b) > 0 {
+		n.mu.Lock()
+		n.bodies = append(n.bodies, b)
+		n.mu.Unlock()
+	}
+	if n.stall.Load() {
+		select {
+		case <-r.Context().Done():
+		case <-time.After(5 * time.Second):
+		}
+		return
+	}
+	w.Header().Set("X-Instance", n.addr)
+	if s := int(n.status.Load()); s != 0 && s != http.StatusOK {
+		w.WriteHeader(s)
+		io.WriteString(w, n.addr)
+		return
+	}
+	io.WriteString(w, n.addr+" "+r.Method+" "+r.URL.Path+"\n")
+	w.Write(b)
+}
+
+// received returns the bodies the node read so far.
+func (n *resNode) received() [][]byte {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([][]byte(nil), n.bodies...)
+}
+
+// start serves the node on addr (a fresh loopback port when empty).
+func (n *resNode) start(t testing.TB, addr string) {
+	t.Helper()
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.ln, n.addr = ln, ln.Addr().String()
+	n.srv = &http.Server{Handler: n}
+	go n.srv.Serve(ln)
+}
+
+// stop closes the node's listener and connections: dials are refused.
+func (n *resNode) stop() { n.srv.Close() }
+
+func resStartNodes(t testing.TB, count int) []*resNode {
+	t.Helper()
+	nodes := make([]*resNode, count)
+	for i := range nodes {
+		nodes[i] = &resNode{}
+		nodes[i].start(t, "")
+		n := nodes[i]
+		t.Cleanup(func() { n.stop() })
+	}
+	return nodes
+}
+
+// resDeadAddr returns a loopback address where dials are refused.
+func resDeadAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// resSetup is a proxy in front of a static service "svc".
+type resSetup struct {
+	px  *Proxy
+	reg *prometheus.Registry
+	url string
+}
+
+// resProxy serves an upstream handler for service svc on addrs, with rc's
+// settings (Service is set here).
+func resProxy(t testing.TB, addrs []string, rc RouteConfig) *resSetup {
+	t.Helper()
+	b, err := discovery.NewStatic(map[string][]string{"svc": addrs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := discovery.NewCache(b, discovery.CacheOptions{}, zap.NewNop())
+	t.Cleanup(cache.Close)
+	reg := prometheus.NewRegistry()
+	px := New(cache, NewMetrics(reg), zap.NewNop())
+	rc.Service = "svc"
+	h, err := px.Upstream("test", rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	return &resSetup{px: px, reg: reg, url: srv.URL}
+}
+
+type resResponse struct {
+	status int
+	body   string
+	header http.Header
+}
+
+// do sends one request through the proxy and reads the whole answer.
+func (s *resSetup) do(t testing.TB, method, path string, body []byte) resResponse {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequest(method, s.url+path, rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: read body: %v", method, path, err)
+	}
+	return resResponse{resp.StatusCode, string(b), resp.Header}
+}
+
+// endpoint returns the /status view of the endpoint at addr.
+func (s *resSetup) endpoint(t testing.TB, addr string) EndpointStatus {
+	t.Helper()
+	for _, rs := range s.px.Status() {
+		for _, e := range rs.Endpoints {
+			if e.Addr == addr {
+				return e
+			}
+		}
+	}
+	t.Fatalf("Status() has no endpoint %s", addr)
+	return EndpointStatus{}
+}
+
+// ejected lists the endpoints /status shows ejected.
+func (s *resSetup) ejected() []string {
+	var out []string
+	for _, rs := range s.px.Status() {
+		for _, e := range rs.Endpoints {
+			if e.EjectedUntil != nil {
+				out = append(out, e.Addr)
+			}
+		}
+	}
+	return out
+}
+
+func (s *resSetup) panicking() bool {
+	for _, rs := range s.px.Status() {
+		if rs.Panic {
+			return true
+		}
+	}
+	return false
+}
+
+// metric returns the value of the series of family name whose labels
+// include want, or 0 when there is none.
+func (s *resSetup) metric(t testing.TB, name string, want map[string]string) float64 {
+	t.Helper()
+	mfs, err := s.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			got := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				got[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range want {
+				if got[k] != v {
+					continue series
+				}
+			}
+			return resValue(m)
+		}
+	}
+	return 0
+}
+
+func resValue(m *dto.Metric) float64 {
+	switch {
+	case m.Counter != nil:
+		return m.Counter.GetValue()
+	case m.Gauge != nil:
+		return m.Gauge.GetValue()
+	}
+	return 0
+}
+
+func resWait(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func resAddrs(nodes []*resNode) []string {
+	out := make([]string, len(nodes))
+	for i, n := range nodes {
+		out[i] = n.addr
+	}
+	return out
+}
+
+func resHits(nodes []*resNode) int64 {
+	var sum int64
+	for _, n := range nodes {
+		sum += n.hits.Load()
+	}
+	return sum
+}
+
+func TestRetryBudget(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	tests := []struct {
+		name     string
+		requests int // offered at t0
+		at       time.Duration
+		spent    int // retries spent at t0
+		want     int // further retries allowed at t0+at
+	}{
+		{name: "floor with no requests", want: 30},
+		{name: "floor above percent", requests: 100, want: 30},
+		{name: "percent above floor", requests: 1000, want: 200},
+		{name: "percent partly spent", requests: 1000, spent: 150, want: 50},
+		{name: "spent within window", requests: 1000, spent: 200, at: 9 * time.Second, want: 0},
+		{name: "window slid past", requests: 1000, spent: 200, at: 10 * time.Second, want: 30},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newRetryBudget(config.Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second})
+			for range tc.requests {
+				b.request(t0)
+			}
+			for i := range tc.spent {
+				if !b.spend(t0) {
+					t.Fatalf("spend() #%d at t0 = false, want true", i+1)
+				}
+			}
+			now := t0.Add(tc.at)
+			got := 0
+			for got < 10_000 && b.spend(now) {
+				got++
+			}
+			if got != tc.want {
+				t.Errorf("spend() allowed %d retries, want %d", got, tc.want)
+			}
+		})
+	}
+
+	t.Run("sliding", func(t *testing.T) {
+		// 500 requests in each of 10 seconds: 1000 retries over the
+		// window; a second later the oldest second's share is gone.
+		b := newRetryBudget(config.Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second})
+		for s := range 10 {
+			now := t0.Add(time.Duration(s) * time.Second)
+			for range 500 {
+				b.request(now)
+			}
+		}
+		last := t0.Add(9 * time.Second)
+		n := 0
+		for n < 10_000 && b.spend(last) {
+			n++
+		}
+		if n != 1000 {
+			t.Fatalf("spend() allowed %d retries over 5000 requests, want 1000", n)
+		}
+		// One second on: 4500 requests left in the window (900 allowed),
+		// all 1000 retries still in it.
+		if b.spend(t0.Add(10 * time.Second)) {
+			t.Errorf("spend() one second on = true, want false: retries still exceed 20%%")
+		}
+		// Eleven seconds after the last retries, nothing is left but the
+		// floor.
+		later := t0.Add(19 * time.Second)
+		n = 0
+		for n < 10_000 && b.spend(later) {
+			n++
+		}
+		if n != 30 {
+			t.Errorf("spend() after the window allowed %d, want 30", n)
+		}
+	})
+}
+
+func TestRetryDialRefused(t *testing.T) {
+	defaults := resDefaults(t)
+	off := defaults
+	off.Breaker.Enabled = false
+	off.Outlier.Enabled = false
+	tests := []struct {
+		name string
+		res  config.Resilience
+	}{
+		{"defaults", defaults},
+		{"retries only", off},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			nodes := resStartNodes(t, 2)
+			dead := resDeadAddr(t)
+			s := resProxy(t, append(resAddrs(nodes), dead), RouteConfig{Resilience: tc.res})
+			for i := range 30 {
+				if r := s.do(t, http.MethodGet, "/get", nil); r.status != http.StatusOK {
+					t.Fatalf("GET #%d: status %d (%s), want 200", i, r.status, r.body)
+				}
+				body := []byte("post body " + strings.Repeat("x", i))
+				r := s.do(t, http.MethodPost, "/post", body)
+				if r.status != http.StatusOK {
+					t.Fatalf("POST #%d: status %d (%s), want 200", i, r.status, r.body)
+				}
+				if !strings.HasSuffix(r.body, string(body)) {
+					t.Fatalf("POST #%d: body %q, want it to end with %q", i, r.body, body)
+				}
+			}
+		})
+	}
+}
+
+func TestRetryOn503(t *testing.T) {
+	res := resDefaults(t)
+	res.Outlier.Enabled = false // keep the failing node in rotation
+	res.Retries.Backoff = time.Millisecond
+	replay := res
+	replay.Retries.RetryNonIdempotent = true
+
+	tests := []struct {
+		name      string
+		method    string
+		res       config.Resilience
+		want503   bool // some answers are the failing node's 503
+		wantOther bool // the failing node's tries were sent on elsewhere
+	}{
+		{name: "GET retried", method: http.MethodGet, res: res, wantOther: true},
+		{name: "POST not retried", method: http.MethodPost, res: res, want503: true},
+		{name: "POST retried when allowed", method: http.MethodPost, res: replay, wantOther: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			nodes := resStartNodes(t, 3)
+			bad := nodes[0]
+			bad.status.Store(http.StatusServiceUnavailable)
+			s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: tc.res})
+			var got503 int
+			var sent [][]byte
+			for i := range 30 {
+				var body []byte
+				if tc.method == http.MethodPost {
+					body = []byte("payload-" + strings.Repeat("ab", i))
+					sent = append(sent, body)
+				}
+				r := s.do(t, tc.method, "/x", body)
+				switch r.status {
+				case http.StatusOK:
+				case http.StatusServiceUnavailable:
+					if r.header.Get("X-Sidecar-Error") != "" || r.body != bad.addr {
+						t.Fatalf("#%d: a 503 that is not the node's: %v %q", i, r.header, r.body)
+					}
+					got503++
+				default:
+					t.Fatalf("#%d: status %d (%s)", i, r.status, r.body)
+				}
+			}
+			badHits := bad.hits.Load()
+			if badHits == 0 {
+				t.Fatal("the failing node got no request")
+			}
+			if tc.want503 {
+				if int64(got503) != badHits {
+					t.Errorf("client got %d 503s, failing node got %d requests: want equal (no retry)", got503, badHits)
+				}
+			} else if got503 != 0 {
+				t.Errorf("client got %d 503s, want 0", got503)
+			}
+			if total := resHits(nodes); tc.wantOther && total != 30+badHits {
+				t.Errorf("nodes got %d requests, want 30 + %d retries", total, badHits)
+			}
+			if tc.method != http.MethodPost {
+				return
+			}
+			// Every try, the failed ones too, carried the request's exact
+			// bytes.
+			all := map[string]int{}
+			for _, n := range nodes {
+				for _, b := range n.received() {
+					all[string(b)]++
+				}
+			}
+			for _, b := range sent {
+				if all[string(b)] == 0 {
+					t.Errorf("body %q reached no node", b)
+				}
+				delete(all, string(b))
+			}
+			if len(all) != 0 {
+				t.Errorf("nodes read bodies that were never sent: %v", all)
+			}
+			if tc.wantOther {
+				// The failing node's bodies were replayed elsewhere.
+				for _, b := range bad.received() {
+					replayed := false
+					for _, n := range nodes[1:] {
+						for _, x := range n.received() {
+							replayed = replayed || bytes.Equal(x, b)
+						}
+					}
+					if !replayed {
+						t.Errorf("body %q sent to the failing node was not replayed", b)
+					}
+				}
+			}
+		})
+	}
+}
+
+func TestRetryPerTryTimeout(t *testing.T) {
+	res := resDefaults(t)
+	res.Outlier.Enabled = false
+	res.Breaker.Enabled = false
+	res.Retries.PerTryTimeout = 100 * time.Millisecond
+	res.Retries.Backoff = time.Millisecond
+	nodes := resStartNodes(t, 3)
+	nodes[1].stall.Store(true)
+	s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+	for i := range 9 {
+		start := time.Now()
+		r := s.do(t, http.MethodGet, "/slow", nil)
+		if r.status != http.StatusOK {
+			t.Fatalf("GET #%d: status %d (%s), want 200", i, r.status, r.body)
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("GET #%d took %v: the stalled try was not cut at the per-try timeout", i, d)
+		}
+	}
+	if nodes[1].hits.Load() == 0 {
+		t.Error("the stalled node got no request")
+	}
+	if got := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "per_try_timeout", "outcome": "retried"}); got == 0 {
+		t.Error(`sidecar_retries_total{reason="per_try_timeout",outcome="retried"} = 0, want > 0`)
+	}
+}
+
+func TestRetryAttemptsBound(t *testing.T) {
+	base := resDefaults(t)
+	base.Retries.Backoff = time.Millisecond
+	base.Retries.Budget = config.Budget{Percent: 100, MinPerSecond: 100, Window: time.Second}
+	base.Outlier.Enabled = false
+	tests := []struct {
+		name     string
+		nodes    int
+		attempts int
+		outlier  bool
+	}{
+		{name: "3 nodes 2 retries", nodes: 3, attempts: 2},
+		{name: "5 nodes 2 retries", nodes: 5, attempts: 2},
+		{name: "3 nodes 1 retry", nodes: 3, attempts: 1},
+		{name: "3 nodes no retry", nodes: 3, attempts: 0},
+		// Ejection takes one node out after its first failures: the last
+		// try's answer must still be relayed.
+		{name: "3 nodes with ejection", nodes: 3, attempts: 2, outlier: true},
+		{name: "5 nodes 4 retries with ejection", nodes: 5, attempts: 4, outlier: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			res := base
+			res.Retries.Attempts = tc.attempts
+			if tc.outlier {
+				res.Outlier = resDefaults(t).Outlier
+				res.Outlier.ConsecutiveFailures = 2
+			}
+			nodes := resStartNodes(t, tc.nodes)
+			for _, n := range nodes {
+				n.status.Store(http.StatusServiceUnavailable)
+			}
+			s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+			for i := range 20 {
+				before := resHits(nodes)
+				r := s.do(t, http.MethodGet, "/", nil)
+				if r.status != http.StatusServiceUnavailable || r.header.Get("X-Sidecar-Error") != "" {
+					t.Fatalf("GET #%d: status %d, X-Sidecar-Error %q, body %q; want the node's own 503",
+						i, r.status, r.header.Get("X-Sidecar-Error"), r.body)
+				}
+				if tries := resHits(nodes) - before; tries < 1 || tries > int64(tc.attempts+1) {
+					t.Fatalf("GET #%d reached nodes %d times, want 1 to %d", i, tries, tc.attempts+1)
+				}
+			}
+		})
+	}
+}
+
+func TestOutlierEjection(t *testing.T) {
+	base := resDefaults(t)
+	base.Breaker.Enabled = false
+	base.Retries.Backoff = time.Millisecond
+	base.Outlier.ConsecutiveFailures = 3
+	base.Outlier.BaseEjection = 10 * time.Second
+
+	t.Run("consecutive 503s eject", func(t *testing.T) {
+		nodes := resStartNodes(t, 3)
+		bad := nodes[2]
+		bad.status.Store(http.StatusServiceUnavailable)
+		s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: base})
+		for i := range 60 {
+			if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
+				t.Fatalf("GET #%d: status %d, want 200", i, r.status)
+			}
+		}
+		if got := bad.hits.Load(); got != 3 {
+			t.Errorf("failing node got %d requests, want 3 (then ejected)", got)
+		}
+		if got := s.ejected(); len(got) != 1 || got[0] != bad.addr {
+			t.Errorf("ejected endpoints = %v, want [%s]", got, bad.addr)
+		}
+		e := s.endpoint(t, bad.addr)
+		if until := time.Until(*e.EjectedUntil); until < 8*time.Second || until > 10*time.Second {
+			t.Errorf("ejected_until in %v, want about 10s", until)
+		}
+		if got := s.metric(t, "sidecar_outlier_ejections_total", map[string]string{"endpoint": bad.addr}); got != 1 {
+			t.Errorf("sidecar_outlier_ejections_total = %v, want 1", got)
+		}
+	})
+
+	t.Run("max ejection percent", func(t *testing.T) {
+		nodes := resStartNodes(t, 3)
+		for _, n := range nodes {
+			n.status.Store(http.StatusServiceUnavailable)
+		}
+		s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: base})
+		for range 60 {
+			s.do(t, http.MethodGet, "/", nil)
+		}
+		if got := s.ejected(); len(got) != 1 {
+			t.Errorf("ejected endpoints = %v, want exactly 1 of 3 (max_ejection_percent 50)", got)
+		}
+		if got := s.metric(t, "sidecar_outlier_ejections_refused_total", nil); got == 0 {
+			t.Error("sidecar_outlier_ejections_refused_total = 0, want > 0")
+		}
+	})
+
+	for _, tc := range []struct {
+		status     int
+		ejectOn5xx bool
+		want       bool
+	}{
+		{http.StatusNotFound, false, false},
+		{http.StatusTooManyRequests, false, false},
+		{http.StatusInternalServerError, false, false},
+		{http.StatusNotFound, true, false},
+		{http.StatusInternalServerError, true, true},
+		{http.StatusBadGateway, false, true},
+		{http.StatusGatewayTimeout, false, true},
+	} {
+		name := http.StatusText(tc.status)
+		if tc.ejectOn5xx {
+			name += " with eject_on_5xx"
+		}
+		t.Run(name, func(t *testing.T) {
+			res := base
+			res.Outlier.EjectOn5xx = tc.ejectOn5xx
+			nodes := resStartNodes(t, 3)
+			bad := nodes[0]
+			bad.status.Store(int64(tc.status))
+			s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+			for range 30 {
+				s.do(t, http.MethodGet, "/", nil)
+			}
+			got := len(s.ejected()) == 1
+			if got != tc.want {
+				t.Errorf("node answering %d ejected = %v, want %v (ejected: %v)", tc.status, got, tc.want, s.ejected())
+			}
+		})
+	}
+
+	t.Run("ejection ends", func(t *testing.T) {
+		res := base
+		res.Outlier.BaseEjection = 300 * time.Millisecond
+		nodes := resStartNodes(t, 3)
+		bad := nodes[1]
+		bad.status.Store(http.StatusServiceUnavailable)
+		s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+		for range 20 {
+			s.do(t, http.MethodGet, "/", nil)
+		}
+		if got := s.ejected(); len(got) != 1 {
+			t.Fatalf("ejected endpoints = %v, want [%s]", got, bad.addr)
+		}
+		ejectedAt := time.Now()
+		bad.status.Store(http.StatusOK)
+		hits := bad.hits.Load()
+		for range 9 {
+			s.do(t, http.MethodGet, "/", nil)
+		}
+		if got := bad.hits.Load(); got != hits && time.Since(ejectedAt) < 250*time.Millisecond {
+			t.Errorf("ejected node got %d requests while ejected", got-hits)
+		}
+		resWait(t, 2*time.Second, "the ejection to end", func() bool { return len(s.ejected()) == 0 })
+		hits = bad.hits.Load()
+		for i := range 30 {
+			if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
+				t.Fatalf("GET #%d: status %d, want 200", i, r.status)
+			}
+		}
+		if got := bad.hits.Load() - hits; got < 8 {
+			t.Errorf("returned node got %d of 30 requests, want its share (about 10)", got)
+		}
+	})
+
+	for _, tc := range []struct {
+		name      string
+		threshold int
+		wantPanic bool
+	}{
+		{"panic threshold 50 with 1 of 2 left", 50, false},
+		{"panic threshold 60 with 1 of 2 left", 60, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := base
+			res.Outlier.PanicThreshold = tc.threshold
+			nodes := resStartNodes(t, 2)
+			bad := nodes[0]
+			bad.status.Store(http.StatusServiceUnavailable)
+			s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+			for range 20 {
+				s.do(t, http.MethodGet, "/", nil)
+			}
+			if got := s.ejected(); len(got) != 1 {
+				t.Fatalf("ejected endpoints = %v, want [%s]", got, bad.addr)
+			}
+			if got := s.panicking(); got != tc.wantPanic {
+				t.Errorf("Status().Panic = %v, want %v", got, tc.wantPanic)
+			}
+			hits := bad.hits.Load()
+			for range 20 {
+				s.do(t, http.MethodGet, "/", nil)
+			}
+			got := bad.hits.Load() - hits
+			if tc.wantPanic && got == 0 {
+				t.Error("in panic the ejected node got no request, want balancing over all")
+			}
+			if !tc.wantPanic && got != 0 {
+				t.Errorf("ejected node got %d requests, want 0", got)
+			}
+		})
+	}
+}
+
+func TestBreakerCycle(t *testing.T) {
+	res := resDefaults(t)
+	res.Outlier.Enabled = false // the breaker alone keeps traffic off
+	res.Breaker.ConsecutiveFailures = 3
+	res.Breaker.OpenFor = 300 * time.Millisecond
+	res.Retries.Backoff = time.Millisecond
+	nodes := resStartNodes(t, 2)
+	flaky := nodes[0]
+	s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+	state := func() float64 {
+		return s.metric(t, "sidecar_breaker_state", map[string]string{"endpoint": flaky.addr})
+	}
+	transitions := func(to string) float64 {
+		return s.metric(t, "sidecar_breaker_transitions_total", map[string]string{"endpoint": flaky.addr, "state": to})
+	}
+	get := func(n int) {
+		t.Helper()
+		for i := range n {
+			if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
+				t.Fatalf("GET #%d: status %d (%s), want 200", i, r.status, r.body)
+			}
+		}
+	}
+
+	get(4)
+	if got := s.endpoint(t, flaky.addr).Breaker; got != "closed" {
+		t.Fatalf("breaker = %q, want closed", got)
+	}
+	flaky.stop() // dials refused from now on
+	get(12)
+	if got := s.endpoint(t, flaky.addr).Breaker; got != "open" {
+		t.Fatalf("after refused dials breaker = %q, want open", got)
+	}
+	if got := state(); got != 2 {
+		t.Errorf("sidecar_breaker_state = %v, want 2 (open)", got)
+	}
+	openedAt := time.Now()
+
+	// Back on the same port: after open_for one probe goes through, and
+	// its success closes the breaker.
+	hits := flaky.hits.Load()
+	flaky.start(t, flaky.addr)
+	t.Cleanup(flaky.stop)
+	for time.Since(openedAt) < 200*time.Millisecond {
+		get(1)
+	}
+	if got := flaky.hits.Load() - hits; got != 0 {
+		t.Errorf("open breaker let %d requests through before open_for", got)
+	}
+	resWait(t, 2*time.Second, "the breaker to close", func() bool {
+		get(1)
+		return s.endpoint(t, flaky.addr).Breaker == "closed"
+	})
+	if got := state(); got != 0 {
+		t.Errorf("sidecar_breaker_state = %v, want 0 (closed)", got)
+	}
+	for _, to := range []string{"open", "half-open", "closed"} {
+		if got := transitions(to); got != 1 {
+			t.Errorf(`sidecar_breaker_transitions_total{state=%q} = %v, want 1`, to, got)
+		}
+	}
+	if flaky.hits.Load() == hits {
+		t.Error("the revived node got no request")
+	}
+}
+
+func TestBreakerHalfOpenFailureReopens(t *testing.T) {
+	res := resDefaults(t)
+	res.Outlier.Enabled = false
+	res.Breaker.ConsecutiveFailures = 2
+	res.Breaker.OpenFor = 100 * time.Millisecond
+	nodes := resStartNodes(t, 2)
+	dead := resDeadAddr(t)
+	s := resProxy(t, append(resAddrs(nodes), dead), RouteConfig{Resilience: res})
+	resWait(t, 2*time.Second, "a second opening", func() bool {
+		if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
+			t.Fatalf("status %d (%s), want 200", r.status, r.body)
+		}
+		return s.metric(t, "sidecar_breaker_transitions_total", map[string]string{"endpoint": dead, "state": "open"}) >= 2
+	})
+	if got := s.metric(t, "sidecar_breaker_transitions_total", map[string]string{"endpoint": dead, "state": "half-open"}); got < 1 {
+		t.Errorf(`transitions{state="half-open"} = %v, want >= 1`, got)
+	}
+	if got := s.metric(t, "sidecar_breaker_transitions_total", map[string]string{"endpoint": dead, "state": "closed"}); got != 0 {
+		t.Errorf(`transitions{state="closed"} = %v, want 0: the probe failed`, got)
+	}
+}
+
+func TestRetryBackoffRespectsCancel(t *testing.T) {
+	t.Run("backoff", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		start := time.Now()
+		if backoff(ctx, time.Hour, 3) {
+			t.Error("backoff() on a cancelled context = true, want false")
+		}
+		if backoff(ctx, 0, 1) {
+			t.Error("backoff() with no delay on a cancelled context = true, want false")
+		}
+		if !backoff(context.Background(), 0, 1) {
+			t.Error("backoff() with no delay = false, want true")
+		}
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("backoff() on a cancelled context took %v", d)
+		}
+	})
+
+	t.Run("client cancels during backoff", func(t *testing.T) {
+		res := resDefaults(t)
+		res.Outlier.Enabled = false
+		res.Retries.Backoff = 10 * time.Second
+		nodes := resStartNodes(t, 2)
+		for _, n := range nodes {
+			n.status.Store(http.StatusServiceUnavailable)
+		}
+		s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, s.url+"/", nil)
+		start := time.Now()
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			t.Fatalf("GET: status %d, want the client's deadline", resp.StatusCode)
+		}
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("GET: %v, want context deadline exceeded", err)
+		}
+		// The handler stops waiting when the client goes, not after the
+		// backoff.
+		resWait(t, 2*time.Second, "the handler to return", func() bool {
+			return s.metric(t, "sidecar_upstream_requests_in_flight", nil) == 0
+		})
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("handler returned after %v, want soon after the client's 200ms deadline", d)
+		}
+		if got := resHits(nodes); got != 1 {
+			t.Errorf("nodes got %d requests, want 1 (no retry after the client left)", got)
+		}
+	})
+}
