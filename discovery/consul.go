@@ -176,8 +176,8 @@ func (h *healthWatch) run(ctx context.Context) {
 	}
 }
 
-// waitTime bounds the next blocking query so that a stale set kept after an
-// index reset is cleared on time when StaleFor runs out.
+// waitTime bounds the next blocking query so that a stale set kept after a
+// reset is cleared on time when StaleFor runs out.
 func (h *healthWatch) waitTime() time.Duration {
 	wait := h.c.opts.WaitTime
 	if h.c.opts.StaleFor > 0 && h.reset && h.cur != nil && h.cur.Stale {
