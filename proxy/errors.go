@@ -23,6 +23,10 @@ var (
 	ErrDiscovery = errors.New("discovery unavailable")
 	// ErrUpstreamTimeout: the request timeout passed before a response.
 	ErrUpstreamTimeout = errors.New("upstream timeout")
+	// ErrBadRequestBody: the client's request body broke while it was
+	// read (bad chunk framing, cut short): the client's fault, not the
+	// node's.
+	ErrBadRequestBody = errors.New("bad request body")
 )
 
 // proxyError is an error with the service it concerns.
@@ -41,6 +45,8 @@ func classify(err error) (status int, code string) {
 	switch {
 	case errors.Is(err, ErrBadServiceName):
 		return http.StatusBadRequest, "bad_service_name"
+	case errors.Is(err, ErrBadRequestBody):
+		return http.StatusBadRequest, "bad_request_body"
 	case errors.Is(err, ErrUnknownService):
 		return http.StatusNotFound, "unknown_service"
 	case errors.Is(err, balancer.ErrNoEndpoints):

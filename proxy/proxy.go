@@ -377,6 +377,12 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 				release(pk)
 				return nil, nil, balancer.Pick{}, err
 			}
+			if b != nil && b.failed() != nil {
+				// The client's body broke, not the node.
+				breakerDone(nil)
+				release(pk)
+				return nil, nil, balancer.Pick{}, b.failed()
+			}
 			breakerDone(errBreakerFailure)
 			rt.observe(e, true)
 			done(pk, err, start)

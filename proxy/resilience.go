@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net/http"
@@ -202,6 +203,7 @@ type body struct {
 	src    io.ReadCloser
 	buf    []byte // the whole body, when small enough to replay
 	read   atomic.Bool
+	srcErr atomic.Pointer[error] // a failed read of src, other than EOF
 	reader bodyReader
 }
 
@@ -226,7 +228,18 @@ func (r *bodyReader) Read(p []byte) (int, error) {
 	if n > 0 {
 		r.b.read.Store(true)
 	}
+	if err != nil && err != io.EOF {
+		r.b.srcErr.Store(&err)
+	}
 	return n, err
+}
+
+// failed returns the error that broke reading the client's body, or nil.
+func (b *body) failed() error {
+	if p := b.srcErr.Load(); p != nil {
+		return fmt.Errorf("%w: %w", ErrBadRequestBody, *p)
+	}
+	return nil
 }
 
 func (r *bodyReader) Close() error { return nil }
@@ -238,7 +251,7 @@ func newBody(r *http.Request, replayable bool) (*body, error) {
 	if replayable && r.ContentLength > 0 && r.ContentLength <= maxReplayBody {
 		b.buf = make([]byte, r.ContentLength)
 		if _, err := io.ReadFull(r.Body, b.buf); err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", ErrBadRequestBody, err)
 		}
 	}
 	return b, nil
