@@ -78,7 +78,8 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	// Relay the 101 with the node's headers, Connection and Upgrade kept.
 	resp.Body = nil
 	resp.Header.Del("Content-Length")
-	if err := resp.Write(brw); err == nil {
+	err = resp.Write(brw)
+	if err == nil {
 		err = brw.Flush()
 	}
 	if err != nil {
