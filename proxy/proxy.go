@@ -259,7 +259,10 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		}
 		_, code := classify(err)
 		m.refused(code)
-		fail(w, &proxyError{rt.cfg.Service, err})
+		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
+			err = &proxyError{rt.cfg.Service, err} // name the service once
+		}
+		fail(w, err)
 		return
 	}
 	defer resp.Body.Close()
