@@ -2,9 +2,11 @@ package heartbeat
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"net"
+	"net/url"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -46,8 +48,13 @@ func newFakeAgent() *fakeAgent {
 	return &fakeAgent{services: map[string]bool{}, checks: map[string]bool{}}
 }
 
-// connRefused looks like the error of an agent that is not listening.
-var connRefused = errors.New(`Put "http://127.0.0.1:8500/v1/agent/service/register": dial tcp 127.0.0.1:8500: connect: connection refused`)
+// errConnRefused is the error of an agent that is not listening, as the
+// api client returns it.
+var errConnRefused error = &url.Error{
+	Op:  "Put",
+	URL: "http://127.0.0.1:8500/v1/agent/service/register",
+	Err: &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED},
+}
 
 func (a *fakeAgent) record(c call) error {
 	c.at = time.Now()

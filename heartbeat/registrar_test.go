@@ -225,14 +225,14 @@ func TestRegisterRetriesWithBackoff(t *testing.T) {
 		a := newFakeAgent()
 		const failures = 8
 		for range failures {
-			a.registerErr = append(a.registerErr, connRefused)
+			a.registerErr = append(a.registerErr, errConnRefused)
 		}
 		r := newTestRegistrar(t, a, &fakeProbe{}, Options{})
 		stop := start(r)
 		defer stop()
 		time.Sleep(time.Second)
 		synctest.Wait()
-		if st := r.Status(); st.Registered || st.LastError != connRefused.Error() || st.Registrations != 0 {
+		if st := r.Status(); st.Registered || st.LastError != errConnRefused.Error() || st.Registrations != 0 {
 			t.Errorf("Status() while the agent is down = %+v, want unregistered with the error", st)
 		}
 
@@ -333,11 +333,11 @@ func TestReregisterAfterAgentOutage(t *testing.T) {
 		synctest.Wait()
 
 		// The agent goes away and comes back without its state.
-		a.setDown(connRefused)
+		a.setDown(errConnRefused)
 		a.forget()
 		time.Sleep(20 * time.Second)
 		synctest.Wait()
-		if st := r.Status(); st.Registered || st.LastError != connRefused.Error() {
+		if st := r.Status(); st.Registered || st.LastError != errConnRefused.Error() {
 			t.Errorf("Status() during the outage = %+v, want unregistered with the error", st)
 		}
 		if st := r.Status(); st.CheckStatus != api.HealthPassing {
@@ -561,7 +561,7 @@ func TestDeregisterErrors(t *testing.T) {
 	}{
 		{name: "unknown service counts as removed"},
 		{name: "agent error", deregEr: agentErr, wantErr: agentErr},
-		{name: "agent down", down: connRefused, wantErr: connRefused},
+		{name: "agent down", down: errConnRefused, wantErr: errConnRefused},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -611,7 +611,7 @@ func TestRunReturnsOnCancel(t *testing.T) {
 	}{
 		{"healthy", newFakeAgent, &fakeProbe{}},
 		{"probe in flight", newFakeAgent, &fakeProbe{delay: time.Hour}},
-		{"agent down", func() *fakeAgent { a := newFakeAgent(); a.down = connRefused; return a }, &fakeProbe{}},
+		{"agent down", func() *fakeAgent { a := newFakeAgent(); a.down = errConnRefused; return a }, &fakeProbe{}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
