@@ -164,6 +164,9 @@ type Timeouts struct {
 	// ReadHeader bounds reading a request's headers on the listeners.
 	// Default 10s; 0 means no limit.
 	ReadHeader time.Duration `yaml:"read_header"`
+	// MaxConnectionAge renews connections to a node this often (±10%),
+	// draining the old ones. Default 5m; 0 means no limit.
+	MaxConnectionAge time.Duration `yaml:"max_connection_age"`
 }
 
 // Upstream is a local listener that forwards to one service. After Load,
@@ -188,6 +191,9 @@ type Upstream struct {
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Resilience: each key left out inherits Proxy.Resilience's.
 	Resilience Resilience `yaml:"resilience"`
+	// TLS, when set, reaches the nodes over TLS (h2 by ALPN for http2
+	// and grpc) instead of plaintext.
+	TLS *TLS `yaml:"tls"`
 }
 
 // setDefaults is called by the decoder on a freshly allocated Service.
@@ -220,9 +226,10 @@ func defaults() *Config {
 		Proxy: Proxy{
 			Balancer: BalancerRoundRobin,
 			Timeouts: Timeouts{
-				Connect:    time.Second,
-				Idle:       90 * time.Second,
-				ReadHeader: 10 * time.Second,
+				Connect:          time.Second,
+				Idle:             90 * time.Second,
+				ReadHeader:       10 * time.Second,
+				MaxConnectionAge: 5 * time.Minute,
 			},
 			Resilience: defaultResilience(),
 		},

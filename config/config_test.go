@@ -71,7 +71,7 @@ func env(kv map[string]string) func(string) string {
 
 func TestParseValid(t *testing.T) {
 	t.Parallel()
-	defaultTimeouts := Timeouts{Connect: time.Second, Idle: 90 * time.Second, ReadHeader: 10 * time.Second}
+	defaultTimeouts := Timeouts{Connect: time.Second, Idle: 90 * time.Second, ReadHeader: 10 * time.Second, MaxConnectionAge: 5 * time.Minute}
 	tests := []struct {
 		name  string
 		yaml  string
@@ -199,14 +199,14 @@ upstreams:
     timeouts: {connect: 3s}
 `,
 			check: func(t *testing.T, c *Config) {
-				pt := Timeouts{Connect: 2 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second}
+				pt := Timeouts{Connect: 2 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second, MaxConnectionAge: 5 * time.Minute}
 				want := []Upstream{
 					{Name: "a", Listen: "127.0.0.1:15002", Protocol: "http", Balancer: "hash",
 						HashKey: "cookie:session", Datacenter: "dc2", PreserveHost: true, Timeouts: pt,
 						Resilience: defaultResilience()},
 					{Name: "b", Listen: "127.0.0.1:15003", Protocol: "http", Balancer: "least_request",
 						HashKey: "", Datacenter: "dc3", PreserveHost: false,
-						Timeouts:   Timeouts{Connect: 3 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second},
+						Timeouts:   Timeouts{Connect: 3 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second, MaxConnectionAge: 5 * time.Minute},
 						Resilience: defaultResilience()},
 				}
 				if !reflect.DeepEqual(c.Upstreams, want) {

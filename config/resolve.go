@@ -62,6 +62,9 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 		if t.ReadHeader == 0 {
 			t.ReadHeader = pt.ReadHeader
 		}
+		if t.MaxConnectionAge == 0 {
+			t.MaxConnectionAge = pt.MaxConnectionAge
+		}
 	}
 }
 

@@ -133,6 +133,7 @@ func (p *parser) validateProxy(x *Proxy) {
 	p.nonNegative("proxy.timeouts.request", x.Timeouts.Request)
 	p.nonNegative("proxy.timeouts.idle", x.Timeouts.Idle)
 	p.nonNegative("proxy.timeouts.read_header", x.Timeouts.ReadHeader)
+	p.nonNegative("proxy.timeouts.max_connection_age", x.Timeouts.MaxConnectionAge)
 	p.validateResilience("proxy.resilience", &x.Resilience)
 }
 
@@ -161,6 +162,7 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 	}{
 		{"connect", u.Timeouts.Connect}, {"request", u.Timeouts.Request},
 		{"idle", u.Timeouts.Idle}, {"read_header", u.Timeouts.ReadHeader},
+		{"max_connection_age", u.Timeouts.MaxConnectionAge},
 	} {
 		if tp := path + ".timeouts." + t.key; p.present(tp) {
 			p.nonNegative(tp, t.d)
@@ -169,6 +171,10 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 	if p.present(path + ".resilience") {
 		p.validateResilience(path+".resilience", &u.Resilience)
 	}
+	if u.TLS != nil && u.Protocol == ProtocolTCP {
+		p.errorf(path+".tls", "not supported with protocol tcp")
+	}
+	p.validateTLS(path+".tls", u.TLS)
 }
 
 // listenConflicts reports two listeners on the same address, or on the same

@@ -47,6 +47,8 @@ type RouteConfig struct {
 	// endpoint's host:port.
 	PreserveHost bool
 	Timeouts     Timeouts
+	// TLS, when not nil, reaches the nodes over TLS.
+	TLS *config.TLS
 	// Resilience configures breakers, outlier ejection, retries and slow
 	// start. Its zero value turns all of them off; config.Load fills in
 	// the documented defaults.
@@ -62,6 +64,9 @@ type Timeouts struct {
 	// Idle is how long an unused keep-alive connection to a node is kept;
 	// if zero, 90s is used.
 	Idle time.Duration
+	// MaxConnectionAge renews an endpoint's connections this often (±10%),
+	// draining the old ones; zero keeps them as long as they work.
+	MaxConnectionAge time.Duration
 }
 
 func (t Timeouts) withDefaults() Timeouts {
@@ -361,11 +366,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 				return nil, nil, balancer.Pick{}, lastErr
 			}
 		}
-		transport := e.h1
-		if useH2 {
-			transport = e.h2
-		}
-		resp, err := transport.RoundTrip(out)
+		resp, err := e.transport(useH2, start).RoundTrip(out)
 		if cancel != nil {
 			if err != nil || resp == nil {
 				cancel()
@@ -495,7 +496,7 @@ func slicesContains(s []string, v string) bool {
 func prepareOutbound(r *http.Request, rt *route) {
 	out := r
 	out.RequestURI = ""
-	out.URL.Scheme = "http"
+	out.URL.Scheme = rt.scheme
 	if !rt.cfg.PreserveHost {
 		out.Host = ""
 	}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,7 +22,9 @@ import (
 type route struct {
 	listener string
 	cfg      RouteConfig
-	h2       bool // reach nodes over h2c (protocol http2 or grpc)
+	h2       bool // reach nodes over HTTP/2 (protocol http2 or grpc)
+	scheme   string
+	pool     poolConfig
 	key      hashKey
 	bal      balancer.Balancer
 	resolver Resolver
@@ -48,9 +48,9 @@ type routeState struct {
 // endpoint is one node as a route sees it: its connection pools and metrics.
 type endpoint struct {
 	discovery.Endpoint
-	h1       *http.Transport // HTTP/1.1 keep-alive pool
-	h2       *http.Transport // h2c pool: one connection multiplexes many streams
-	requests [len(codeClasses)]prometheus.Counter
+	pools      atomic.Pointer[pools]
+	poolConfig *poolConfig
+	requests   [len(codeClasses)]prometheus.Counter
 	health
 }
 
@@ -68,7 +68,17 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 		return nil, err
 	}
 	cfg.Balancer = name
+	tlsConf, err := clientTLS(cfg.TLS)
+	if err != nil {
+		return nil, err
+	}
+	scheme := "http"
+	if tlsConf != nil {
+		scheme = "https"
+	}
 	return &route{
+		scheme:   scheme,
+		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf},
 		listener: listener,
 		cfg:      cfg,
 		h2:       cfg.Protocol == "http2" || cfg.Protocol == "grpc",
@@ -187,7 +197,8 @@ func (rt *route) countEjected(st *routeState, now time.Time) int {
 }
 
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
-	e := &endpoint{Endpoint: ep, h1: newTransport(rt.cfg.Timeouts, false), h2: newTransport(rt.cfg.Timeouts, true)}
+	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool}
+	e.pools.Store(newPools(&rt.pool, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
 	for i, class := range codeClasses {
 		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
@@ -202,48 +213,11 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 // HTTP/2 connections close once their last stream ends, so streams in flight
 // on a node that leaves are drained, not cut.
 func (rt *route) retire(e *endpoint) {
-	e.closeIdle()
-	grace := rt.cfg.Timeouts.Request
-	if grace <= 0 {
-		grace = 30 * time.Second
-	}
-	time.AfterFunc(grace, e.closeIdle)
-	time.AfterFunc(4*grace, e.closeIdle)
+	drain(e.pools.Load(), rt.cfg.Timeouts.Request)
 	for _, class := range codeClasses {
 		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
 	}
 	rt.metrics.breakerState.DeleteLabelValues(e.Addr)
-}
-
-func (e *endpoint) closeIdle() {
-	e.h1.CloseIdleConnections()
-	e.h2.CloseIdleConnections()
-}
-
-// newTransport returns a connection pool of one endpoint: HTTP/1.1, or h2c
-// with prior knowledge when h2 is set.
-func newTransport(t Timeouts, h2 bool) *http.Transport {
-	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
-	tr := &http.Transport{
-		DialContext:         d.DialContext,
-		MaxIdleConnsPerHost: 1024,
-		IdleConnTimeout:     t.Idle,
-		// The app negotiates encoding with the node; the proxy adds none.
-		DisableCompression:     true,
-		MaxResponseHeaderBytes: 1 << 20,
-		WriteBufferSize:        32 << 10,
-		ReadBufferSize:         32 << 10,
-	}
-	if h2 {
-		tr.Protocols = new(http.Protocols)
-		tr.Protocols.SetUnencryptedHTTP2(true)
-		tr.HTTP2 = &http.HTTP2Config{
-			// Ping a connection silent this long; drop it if unanswered.
-			SendPingTimeout: 30 * time.Second,
-			PingTimeout:     10 * time.Second,
-		}
-	}
-	return tr
 }
 
 // status describes the route for /status.

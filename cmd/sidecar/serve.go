@@ -223,6 +223,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 			PreserveHost: u.PreserveHost,
 			Timeouts:     timeouts(u.Timeouts),
 			Resilience:   u.Resilience,
+			TLS:          u.TLS,
 		}
 		var s *server
 		var err error
@@ -244,7 +245,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 }
 
 func timeouts(t config.Timeouts) proxy.Timeouts {
-	return proxy.Timeouts{Connect: t.Connect, Request: t.Request, Idle: t.Idle}
+	return proxy.Timeouts{Connect: t.Connect, Request: t.Request, Idle: t.Idle, MaxConnectionAge: t.MaxConnectionAge}
 }
 
 func bind(addr string, h http.Handler, t config.Timeouts, log *zap.Logger) (*server, error) {

@@ -1,0 +1,137 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/sidecarlb/sidecar/config"
+)
+
+// pools are the connection pools of one endpoint: HTTP/1.1 keep-alive and
+// HTTP/2 (h2c, or h2 over TLS). They are replaced when they reach their
+// maximum age, so long-lived connections are renewed now and then.
+type pools struct {
+	h1, h2  *http.Transport
+	expires int64 // unix nanoseconds; 0: never
+}
+
+// poolConfig is what an endpoint's pools are built from.
+type poolConfig struct {
+	timeouts Timeouts
+	tls      *tls.Config // nil: plaintext
+}
+
+func newPools(c *poolConfig, now time.Time) *pools {
+	p := &pools{h1: newTransport(c, false), h2: newTransport(c, true)}
+	if age := c.timeouts.MaxConnectionAge; age > 0 {
+		// ±10% jitter, so the pools of many endpoints do not renew together.
+		jitter := time.Duration(rand.Int64N(int64(age)/5+1)) - age/10
+		p.expires = now.Add(age + jitter).UnixNano()
+	}
+	return p
+}
+
+func (p *pools) closeIdle() {
+	p.h1.CloseIdleConnections()
+	p.h2.CloseIdleConnections()
+}
+
+// transport returns the endpoint's HTTP/1.1 or HTTP/2 pool, first renewing
+// the pools when they are past their age. Requests in flight on the old
+// pools finish: their connections close once idle.
+func (e *endpoint) transport(h2 bool, now time.Time) *http.Transport {
+	p := e.pools.Load()
+	if p.expires != 0 && now.UnixNano() > p.expires {
+		if next := newPools(e.poolConfig, now); e.pools.CompareAndSwap(p, next) {
+			drain(p, e.poolConfig.timeouts.Request)
+			p = next
+		} else {
+			p = e.pools.Load()
+		}
+	}
+	if h2 {
+		return p.h2
+	}
+	return p.h1
+}
+
+// drain closes the idle connections of pools no longer used, now and again
+// after the streams in flight on them have had time to end.
+func drain(p *pools, grace time.Duration) {
+	p.closeIdle()
+	if grace <= 0 {
+		grace = 30 * time.Second
+	}
+	time.AfterFunc(grace, p.closeIdle)
+	time.AfterFunc(4*grace, p.closeIdle)
+}
+
+// newTransport returns one connection pool: HTTP/1.1, or HTTP/2 when h2 is
+// set (h2c with prior knowledge in plaintext, ALPN h2 over TLS).
+func newTransport(c *poolConfig, h2 bool) *http.Transport {
+	t := c.timeouts
+	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
+	tr := &http.Transport{
+		DialContext:         d.DialContext,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     t.Idle,
+		// The app negotiates encoding with the node; the proxy adds none.
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: 1 << 20,
+		WriteBufferSize:        32 << 10,
+		ReadBufferSize:         32 << 10,
+		TLSHandshakeTimeout:    t.Connect,
+	}
+	tr.Protocols = new(http.Protocols)
+	switch {
+	case c.tls != nil && h2:
+		tr.TLSClientConfig = c.tls.Clone()
+		tr.Protocols.SetHTTP2(true)
+	case c.tls != nil:
+		tr.TLSClientConfig = c.tls.Clone()
+		tr.Protocols.SetHTTP1(true)
+	case h2:
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	default:
+		tr.Protocols.SetHTTP1(true)
+	}
+	if h2 {
+		tr.HTTP2 = &http.HTTP2Config{
+			// Ping a connection silent this long; drop it if unanswered.
+			SendPingTimeout: 30 * time.Second,
+			PingTimeout:     10 * time.Second,
+		}
+	}
+	return tr
+}
+
+// clientTLS builds the TLS client configuration of an upstream, or nil for
+// plaintext.
+func clientTLS(c *config.TLS) (*tls.Config, error) {
+	if c == nil {
+		return nil, nil
+	}
+	conf := &tls.Config{
+		ServerName:         c.ServerName,
+		InsecureSkipVerify: c.InsecureSkipVerify, //nolint:gosec // the operator's explicit choice
+		MinVersion:         tls.VersionTLS12,
+	}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("tls.ca_file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("tls.ca_file: no PEM certificates in %s", c.CAFile)
+		}
+		conf.RootCAs = pool
+	}
+	return conf, nil
+}
