@@ -486,13 +486,7 @@ func TestUpstreamTrailers(t *testing.T) {
 
 func TestUpstreamErrors(t *testing.T) {
 	noLeaks(t)
-	// A port nothing listens on.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := l.Addr().String()
-	l.Close()
+	closed := resDeadAddr(t)
 
 	release := make(chan struct{})
 	slow := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
