@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 )
@@ -39,7 +41,7 @@ func stopped(w *Watch) bool {
 }
 
 func TestCacheWatchFollowsBackend(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	c, f := consulCache(t, CacheOptions{})
 	f.set(10, "web", node("a", 1))
 	w, err := c.Watch(context.Background(), "web")
@@ -61,7 +63,7 @@ func TestCacheWatchFollowsBackend(t *testing.T) {
 }
 
 func TestCacheOneQueryPerService(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	c, f := consulCache(t, CacheOptions{})
 	f.set(10, "web", node("a", 1))
 	f.set(10, "api", node("x", 2))
@@ -112,7 +114,7 @@ func TestCacheOneQueryPerService(t *testing.T) {
 }
 
 func TestCacheResolveTimeout(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	c, f := consulCache(t, CacheOptions{ResolveTimeout: 30 * time.Millisecond})
 	f.setErr(errDown)
 	_, err := c.Watch(context.Background(), "web")
@@ -145,7 +147,7 @@ func TestCacheResolveTimeout(t *testing.T) {
 }
 
 func TestCacheSizeEviction(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	clock := newFakeClock()
 	c, f := consulCache(t, CacheOptions{Size: 2, Now: clock.Now})
 	for i, s := range []string{"a", "b", "c"} {
@@ -193,7 +195,7 @@ func TestCacheSizeEviction(t *testing.T) {
 }
 
 func TestCacheIdleEviction(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	clock := newFakeClock()
 	c, f := consulCache(t, CacheOptions{IdleTimeout: time.Minute, Now: clock.Now})
 	f.set(10, "idle", node("a", 1))
@@ -288,7 +290,7 @@ type panicky struct{ Static }
 func (panicky) Watch(context.Context, string, Sink) { panic("boom") }
 
 func TestCacheWatchPanicRecovers(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	c := NewCache(&panicky{}, CacheOptions{ResolveTimeout: time.Second}, zap.NewNop())
 	t.Cleanup(c.Close)
 	for range 2 {
@@ -299,7 +301,7 @@ func TestCacheWatchPanicRecovers(t *testing.T) {
 }
 
 func TestCacheClose(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	c, f := consulCache(t, CacheOptions{})
 	ctx := context.Background()
 	var watches []*Watch
@@ -337,7 +339,7 @@ func TestCacheClose(t *testing.T) {
 }
 
 func TestCacheStatic(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	s, err := NewStatic(map[string][]string{"web": {"10.0.0.2:80", "10.0.0.1:80"}, "empty": {}})
 	if err != nil {
 		t.Fatal(err)
@@ -385,7 +387,7 @@ func BenchmarkCacheWatchHit(b *testing.B) {
 }
 
 func TestCacheJanitor(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	c, f := consulCache(t, CacheOptions{IdleTimeout: time.Millisecond})
 	f.set(10, "web", node("a", 1))
 	w, err := c.Watch(context.Background(), "web")

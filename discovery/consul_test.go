@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"go.uber.org/zap/zaptest"
 )
 
@@ -24,7 +26,7 @@ func newTestConsul(t *testing.T, f *fakeConsul, opts ConsulOptions) *Consul {
 }
 
 func TestConsulSnapshotFollowsChanges(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	f := newFakeConsul()
 	c := newTestConsul(t, f, ConsulOptions{Datacenter: "dc2", WaitTime: time.Minute})
 	b := node("web-b", 2)
@@ -210,7 +212,7 @@ func TestConsulEmptiedServiceClears(t *testing.T) {
 }
 
 func TestConsulErrorServesStale(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	f := newFakeConsul()
 	c := newTestConsul(t, f, ConsulOptions{BackoffMin: 10 * time.Millisecond, BackoffMax: 40 * time.Millisecond})
 	f.set(10, "web", node("a", 1))
@@ -278,7 +280,7 @@ func TestConsulStaleForClears(t *testing.T) {
 }
 
 func TestConsulCancelStopsQuery(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	f := newFakeConsul()
 	c := newTestConsul(t, f, ConsulOptions{WaitTime: time.Hour})
 	f.set(10, "web", node("a", 1))
@@ -311,7 +313,7 @@ func TestConsulDuplicateIDsAcrossNodes(t *testing.T) {
 }
 
 func TestConsulKnown(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	f := newFakeConsul()
 	c := newTestConsul(t, f, ConsulOptions{})
 	f.set(10, "web", node("a", 1))
@@ -346,7 +348,7 @@ func TestConsulKnown(t *testing.T) {
 }
 
 func TestConsulKnownTimeout(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	f := newFakeConsul()
 	f.setErr(errDown)
 	c := newTestConsul(t, f, ConsulOptions{ResolveTimeout: 30 * time.Millisecond})

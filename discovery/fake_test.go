@@ -3,7 +3,6 @@ package discovery
 import (
 	"context"
 	"fmt"
-	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -266,29 +265,6 @@ func ids(s *Snapshot) []string {
 		out[i] = e.ID
 	}
 	return out
-}
-
-// noLeaks fails the test if, once its cleanups (registered later, so run
-// earlier) are done, more goroutines run than when it started.
-func noLeaks(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
-		for {
-			n := runtime.NumGoroutine()
-			if n <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("NumGoroutine() = %d after the test, want <= %d\n%s", n, before, buf)
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
 }
 
 // fakeClock is a clock tests move by hand.

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"github.com/sidecarlb/sidecar/discovery"
 )
 
@@ -212,7 +214,7 @@ func (s *forwardSetup) nodeConns() (nodes, decoy int64) {
 }
 
 func TestForwardHTTPProxyClient(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	s := newForwardSetup(t, RouteConfig{})
 	client := newClient(t, func(tr *http.Transport) { tr.Proxy = http.ProxyURL(s.proxyURL) })
 
@@ -239,7 +241,7 @@ func TestForwardHTTPProxyClient(t *testing.T) {
 }
 
 func TestForwardHostHeader(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	s := newForwardSetup(t, RouteConfig{})
 	client := newClient(t, nil)
 	for _, host := range []string{"echo", "echo:80", "echo.service.consul"} {
@@ -253,7 +255,7 @@ func TestForwardHostHeader(t *testing.T) {
 }
 
 func TestForwardRefused(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	s := newForwardSetup(t, RouteConfig{})
 	decoyPort := s.decoy.Listener.Addr().(*net.TCPAddr).Port
 	client := newClient(t, func(tr *http.Transport) { tr.Proxy = http.ProxyURL(s.proxyURL) })
@@ -313,7 +315,7 @@ func TestForwardRefused(t *testing.T) {
 }
 
 func TestForwardConnect(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	s := newForwardSetup(t, RouteConfig{})
 	decoy := s.decoy.Listener.Addr().String()
 	for _, target := range []string{"echo:80", decoy} {
@@ -341,7 +343,7 @@ func (failingBackend) Known(context.Context, string) (bool, error) {
 func (failingBackend) Close() {}
 
 func TestForwardDiscoveryDown(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	cache := discovery.NewCache(failingBackend{}, discovery.CacheOptions{ResolveTimeout: 50 * time.Millisecond}, testLogger(t))
 	t.Cleanup(cache.Close)
 	h, err := New(cache, nil, testLogger(t)).Forward("forward", RouteConfig{})

@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -21,6 +20,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 
 	"go.uber.org/zap"
 
@@ -222,31 +223,8 @@ func rawExchange(t testing.TB, addr, raw string) (int, string) {
 	return resp.StatusCode, string(body)
 }
 
-// noLeaks fails the test if, once its cleanups (registered later, so run
-// earlier) are done, more goroutines run than when it started.
-func noLeaks(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			n := runtime.NumGoroutine()
-			if n <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("NumGoroutine() = %d after the test, want <= %d\n%s", n, before, buf)
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
-}
-
 func TestUpstreamRoundRobin(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	nodes := startNodes(t, 3)
 	px := startUpstream(t, staticCache(t, map[string][]string{"echo": addrs(nodes)}),
 		RouteConfig{Service: "echo", Balancer: "round_robin"})
@@ -279,7 +257,7 @@ func TestUpstreamRoundRobin(t *testing.T) {
 }
 
 func TestUpstreamHashByHeader(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	nodes := startNodes(t, 3)
 	px := startUpstream(t, staticCache(t, map[string][]string{"echo": addrs(nodes)}),
 		RouteConfig{Service: "echo", Balancer: "hash", HashKey: "header:X-User"})
@@ -321,7 +299,7 @@ func TestUpstreamHashByHeader(t *testing.T) {
 }
 
 func TestUpstreamStreamsResponse(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	// The node writes a chunk, then holds the next one until the client has
 	// this one: a proxy that held the response back would never deliver it.
 	gate := make(chan struct{})
@@ -377,7 +355,7 @@ func TestUpstreamStreamsResponse(t *testing.T) {
 }
 
 func TestUpstreamStreamsRequestBody(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	gotFirst := make(chan struct{})
 	node := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		first := make([]byte, 5)
@@ -418,7 +396,7 @@ func TestUpstreamStreamsRequestBody(t *testing.T) {
 }
 
 func TestUpstreamLargeBodies(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	// A full-duplex echo: the node streams the body back as it reads it.
 	node := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_ = http.NewResponseController(w).EnableFullDuplex()
@@ -463,7 +441,7 @@ func TestUpstreamLargeBodies(t *testing.T) {
 }
 
 func TestUpstreamTrailers(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	node := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Trailer", "X-Checksum")
 		fmt.Fprint(w, "payload")
@@ -485,7 +463,7 @@ func TestUpstreamTrailers(t *testing.T) {
 }
 
 func TestUpstreamErrors(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	closed := resDeadAddr(t)
 
 	release := make(chan struct{})
@@ -558,7 +536,7 @@ func TestUpstreamErrors(t *testing.T) {
 }
 
 func TestUpstreamDiscoveryDown(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	cache := discovery.NewCache(failingBackend{}, discovery.CacheOptions{ResolveTimeout: 50 * time.Millisecond}, testLogger(t))
 	t.Cleanup(cache.Close)
 	px := startUpstream(t, cache, RouteConfig{Service: "echo"})
@@ -584,7 +562,7 @@ func dyingNode(t testing.TB, head string) *testServer {
 }
 
 func TestUpstreamNodeDiesMidBody(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	tests := []struct {
 		name string
 		head string
@@ -612,7 +590,7 @@ func TestUpstreamNodeDiesMidBody(t *testing.T) {
 }
 
 func TestUpstreamHeaders(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	type seen struct {
 		host   string
 		header http.Header
@@ -736,7 +714,7 @@ func TestUpstreamHeaders(t *testing.T) {
 }
 
 func TestMalformedRequests(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	nodes := startNodes(t, 1)
 	cache := staticCache(t, map[string][]string{"echo": addrs(nodes)})
 	p := New(cache, nil, testLogger(t))
@@ -837,7 +815,7 @@ func TestUpstreamConnectRefused(t *testing.T) {
 // bytes (the length of "PRI * HTTP/2.0"), so a shorter request is answered
 // only once the header timeout ends that wait, with a 400 all the same.
 func TestShortGarbage(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	nodes := startNodes(t, 1)
 	h, err := New(staticCache(t, map[string][]string{"echo": addrs(nodes)}), nil, testLogger(t)).
 		Upstream("upstream", RouteConfig{Service: "echo"})
@@ -859,7 +837,7 @@ func TestShortGarbage(t *testing.T) {
 // framing) is at fault, not the node: it gets a 400, and the node's breaker
 // and outlier counts do not move, so no client can eject a healthy node.
 func TestUpstreamBadRequestBody(t *testing.T) {
-	noLeaks(t)
+	leakcheck.Check(t)
 	nodes := startNodes(t, 1)
 	cache := staticCache(t, map[string][]string{"echo": addrs(nodes)})
 	strict := config.Resilience{

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/interop/grpc_testing"
@@ -24,7 +26,7 @@ import (
 // TestProtocolGRPC carries every kind of gRPC call through an upstream
 // listener (protocol grpc) to a real grpc-go server.
 func TestProtocolGRPC(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	node := protoGRPC(t, "node-0")
 	res := protoStatic(t, map[string][]string{"grpc-echo": {node.addr}})
 	addr := protoUpstream(t, res, proxy.RouteConfig{Service: "grpc-echo", Protocol: "grpc"})
@@ -213,7 +215,7 @@ func TestProtocolGRPC(t *testing.T) {
 // TestProtocolGRPCRouteTimeout: the route's request timeout ends a call the
 // client set no deadline for, and the client sees DEADLINE_EXCEEDED.
 func TestProtocolGRPCRouteTimeout(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	node := protoGRPC(t, "node-0")
 	res := protoStatic(t, map[string][]string{"grpc-echo": {node.addr}})
 	addr := protoUpstream(t, res, proxy.RouteConfig{Service: "grpc-echo", Protocol: "grpc",
@@ -231,7 +233,7 @@ func TestProtocolGRPCRouteTimeout(t *testing.T) {
 // spread call by call, not connection by connection: round_robin gives each
 // of 3 nodes exactly 100.
 func TestProtocolGRPCSpread(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	nodes := protoGRPCNodes(t, 3)
 	res := protoStatic(t, map[string][]string{"grpc-echo": protoAddrs(nodes)})
 	addr := protoUpstream(t, res, proxy.RouteConfig{Service: "grpc-echo", Protocol: "grpc", Balancer: "round_robin"})
@@ -266,7 +268,7 @@ func TestProtocolGRPCSpread(t *testing.T) {
 // listener, named by the :authority; the sidecar answers a call it cannot
 // place with a gRPC status of its own.
 func TestProtocolGRPCForward(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	node := protoGRPC(t, "node-0")
 	res := protoStatic(t, map[string][]string{"echo": {node.addr}, "drained": {}})
 	addr := protoForward(t, res, proxy.RouteConfig{})
@@ -303,7 +305,7 @@ func TestProtocolGRPCForward(t *testing.T) {
 // TestProtocolGRPCNodeJoins: a node registered in Consul while one client
 // connection carries steady load gets its fair share of calls within 10s.
 func TestProtocolGRPCNodeJoins(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	res, consul := protoConsul(t)
 	nodes := protoGRPCNodes(t, 3)
 	for _, n := range nodes[:2] {
@@ -376,7 +378,7 @@ func TestProtocolGRPCNodeJoins(t *testing.T) {
 // TestProtocolGRPCNodeLeavesMidStream: a node deregistered from Consul gets
 // no new calls, but a bidi stream open on it carries on and ends cleanly.
 func TestProtocolGRPCNodeLeavesMidStream(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	res, consul := protoConsul(t)
 	nodes := protoGRPCNodes(t, 3)
 	byID := map[string]*protoGRPCNode{}

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"github.com/sidecarlb/sidecar/proxy"
 )
 
@@ -67,7 +69,7 @@ func protoHTTPClient(tb testing.TB, h2c bool) *http.Client {
 // (protocol http2) or HTTP/1.1 (protocol http); bodies and trailers make it
 // through.
 func TestProtocolHTTP2(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	h2Node, h1Node := protoHTTP(t, true), protoHTTP(t, false)
 	res := protoStatic(t, map[string][]string{"h2-echo": {h2Node}, "h1-echo": {h1Node}})
 	h2Addr := protoUpstream(t, res, proxy.RouteConfig{Service: "h2-echo", Protocol: "http2"})

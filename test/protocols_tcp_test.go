@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/proxy"
@@ -141,7 +143,7 @@ func protoTCPSession(tb testing.TB, addr string, payload []byte) (string, []byte
 // TestProtocolTCP carries raw TCP through a tcp upstream: bytes both ways,
 // half-close passed on, one node per connection.
 func TestProtocolTCP(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	nodes := []*protoTCPNode{protoTCP(t, "node-0"), protoTCP(t, "node-1"), protoTCP(t, "node-2")}
 
 	t.Run("half-close echo", func(t *testing.T) {

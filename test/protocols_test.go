@@ -11,7 +11,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -31,30 +30,6 @@ import (
 	"github.com/sidecarlb/sidecar/proxy"
 	"github.com/sidecarlb/sidecar/test/consulagent"
 )
-
-// protoNoLeaks fails the test if, once its cleanups (registered later, so
-// run earlier) are done, more goroutines run than when it started. Call it
-// first.
-func protoNoLeaks(t *testing.T) {
-	t.Helper()
-	before := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			n := runtime.NumGoroutine()
-			if n <= before {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("NumGoroutine() = %d after the test, want <= %d\n%s", n, before, buf)
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	})
-}
 
 // protoListen returns a loopback listener closed when the test ends.
 func protoListen(tb testing.TB) net.Listener {

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+
 	"github.com/coder/websocket"
 
 	"github.com/sidecarlb/sidecar/proxy"
@@ -113,7 +115,7 @@ func protoWSEcho(tb testing.TB, ctx context.Context, c *websocket.Conn, typ webs
 // TestProtocolWebSocket carries WebSocket sessions through an upstream
 // listener (protocol http) to a real echo server.
 func TestProtocolWebSocket(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	node := protoWS(t, "node-0")
 	res := protoStatic(t, map[string][]string{"ws-echo": {node.addr}})
 	addr := protoUpstream(t, res, proxy.RouteConfig{Service: "ws-echo", Protocol: "http"})
@@ -184,7 +186,7 @@ func TestProtocolWebSocket(t *testing.T) {
 // TestProtocolWebSocketHash: with the hash balancer keyed on a header, every
 // connection of one user reaches the same node, picked at the handshake.
 func TestProtocolWebSocketHash(t *testing.T) {
-	protoNoLeaks(t)
+	leakcheck.Check(t)
 	nodes := []*protoWSNode{protoWS(t, "node-0"), protoWS(t, "node-1"), protoWS(t, "node-2")}
 	res := protoStatic(t, map[string][]string{"ws-echo": protoAddrs(nodes)})
 	addr := protoUpstream(t, res, proxy.RouteConfig{Service: "ws-echo", Protocol: "http",
