@@ -80,6 +80,9 @@ type Service struct {
 	// Drain is how long the sidecar waits between marking the instance
 	// unhealthy and stopping on shutdown. Default 2s; 0 means no wait.
 	Drain time.Duration `yaml:"drain"`
+	// Run, if set, is the app the sidecar starts and supervises; nil when
+	// the app is started some other way.
+	Run *Run `yaml:"run"`
 }
 
 // Check is the local health probe whose result feeds the TTL check.

@@ -32,6 +32,9 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 	if s := c.Service; s != nil && s.ID == "" {
 		s.ID = serviceID(s.Name, s.Address, s.Port)
 	}
+	if s := c.Service; s != nil && s.Run != nil {
+		p.resolveRun(s.Run, getenv)
+	}
 
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]

@@ -75,6 +75,9 @@ func (p *parser) validateService(s *Service) {
 		p.errorf("service.deregister_critical_after", "must be at least 1m (Consul's minimum), got %s", s.DeregisterCriticalAfter)
 	}
 	p.nonNegative("service.drain", s.Drain)
+	if s.Run != nil {
+		p.validateRun(s.Run)
+	}
 }
 
 // meta applies Consul's rules for service metadata.
