@@ -3,6 +3,7 @@
 package admin
 
 import (
+	"crypto/subtle"
 	"encoding/json"
 	"net/http"
 	"sort"
@@ -23,6 +24,10 @@ type Options struct {
 	Gatherer prometheus.Gatherer
 	// Now is the clock; if nil, time.Now is used.
 	Now func() time.Time
+	// Token, if set, is the bearer token ("Authorization: Bearer TOKEN")
+	// that requests other than GET and HEAD on routes added with Handle
+	// must carry; without it they get 401.
+	Token string
 }
 
 // Handler is the admin listener's handler.
@@ -46,8 +51,30 @@ func New(opts Options) *Handler {
 	return h
 }
 
-// Handle adds a route to the admin listener, e.g. for app control.
-func (h *Handler) Handle(pattern string, handler http.Handler) { h.mux.Handle(pattern, handler) }
+// Handle adds a route to the admin listener, e.g. for app control. With
+// Options.Token set, its requests other than GET and HEAD need the token.
+func (h *Handler) Handle(pattern string, handler http.Handler) {
+	h.mux.Handle(pattern, RequireToken(h.opts.Token, handler))
+}
+
+// RequireToken wraps next so that requests other than GET and HEAD must
+// carry "Authorization: Bearer token"; others get 401. An empty token
+// lets everything through.
+func RequireToken(token string, next http.Handler) http.Handler {
+	if token == "" {
+		return next
+	}
+	want := []byte("Bearer " + token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead &&
+			subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar admin"`)
+			http.Error(w, "missing or wrong admin token (admin.token)", http.StatusUnauthorized)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
 

@@ -1,0 +1,44 @@
+package admin
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"testing"
+)
+
+func TestToken(t *testing.T) {
+	t.Parallel()
+	ok := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	tests := []struct {
+		name, token, method, auth string
+		want                      int
+	}{
+		{"no token configured", "", http.MethodPost, "", http.StatusNoContent},
+		{"post without token", "s3cret", http.MethodPost, "", http.StatusUnauthorized},
+		{"post with wrong token", "s3cret", http.MethodPost, "Bearer nope", http.StatusUnauthorized},
+		{"post with bare token", "s3cret", http.MethodPost, "s3cret", http.StatusUnauthorized},
+		{"post with token", "s3cret", http.MethodPost, "Bearer s3cret", http.StatusNoContent},
+		{"get needs none", "s3cret", http.MethodGet, "", http.StatusNoContent},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := New(Options{Token: tc.token})
+			h.Handle("/app/x", ok)
+			req := httptest.NewRequest(tc.method, "/app/x", nil)
+			if tc.auth != "" {
+				req.Header.Set("Authorization", tc.auth)
+			}
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, req)
+			if rec.Code != tc.want {
+				t.Errorf("%s with %q = %d, want %d", tc.method, tc.auth, rec.Code, tc.want)
+			}
+		})
+	}
+	// Built-in GET routes stay open.
+	rec := httptest.NewRecorder()
+	New(Options{Token: "s3cret"}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/status", nil))
+	if rec.Code != http.StatusOK {
+		t.Errorf("GET /status with a token configured = %d, want 200", rec.Code)
+	}
+}
