@@ -42,8 +42,15 @@ lint:
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
+# Microbenchmarks, then the side-by-side harness (direct, sidecar, HAProxy,
+# nginx on loopback; about 8 minutes): figures go to bench/results/ and the
+# results section of BENCHMARKS.md. BENCHFLAGS passes options to the harness,
+# e.g. BENCHFLAGS='-consul' or BENCHFLAGS='-scenarios h1-get -profile h1-get'.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./balancer/ ./discovery/ ./proxy/
+	@mkdir -p bench/results
+	$(GO) test -run '^$$' -bench . -benchmem ./balancer/ ./discovery/ ./proxy/ > bench/results/micro.txt; \
+		status=$$?; cat bench/results/micro.txt; exit $$status
+	$(GO) run ./bench/cmd/bench -micro bench/results/micro.txt -update BENCHMARKS.md $(BENCHFLAGS)
 
 demo: consul build
 	./examples/demo.sh
