@@ -3,9 +3,15 @@
 // Consul watches, and balances the app's outbound traffic over healthy
 // nodes.
 //
-//	sidecar [-config FILE]            run (default ./config.yaml)
-//	sidecar validate [-config FILE]   check a config and exit
-//	sidecar version                   print the version
+//	sidecar [-config FILE]              run (default ./config.yaml)
+//	sidecar run [-config FILE] -- CMD…  run, starting and supervising CMD as the app
+//	sidecar validate [-config FILE]     check a config and exit
+//	sidecar status|kill|restart|update [-config FILE | -admin ADDR]
+//	                                    control a running sidecar's app
+//	sidecar version                     print the version
+//
+// The sidecar never daemonizes: it runs in the foreground, for systemd
+// (examples/systemd/sidecar.service) and containers.
 package main
 
 import (
@@ -70,6 +76,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 			return exitFail
 		}
 		return exitOK
+	case "run":
+		return runApp(args, stderr)
+	case "status", "kill", "restart", "update":
+		return control(cmd, args, stdout, stderr)
 	case "help", "-h", "--help":
 		usage(stdout)
 		return exitOK
@@ -111,8 +121,22 @@ func loadConfig(path string, stderr io.Writer) (*config.Config, error) {
 
 func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
-  sidecar [-config FILE]            run the sidecar (default ./config.yaml)
-  sidecar validate [-config FILE]   check a config file and exit (2 when invalid)
-  sidecar version                   print the version
-`)
+  sidecar [-config FILE]              run the sidecar (default ./config.yaml)
+  sidecar run [-config FILE] -- CMD ARGS...
+                                      run the sidecar, starting CMD as the app
+                                      (sets service.run.command and args)
+  sidecar validate [-config FILE]     check a config file and exit (2 when invalid)
+  sidecar status  [-config FILE | -admin ADDR] [-json]
+                                      show the app, its registration and upstreams
+  sidecar kill    [-config FILE | -admin ADDR]
+                                      deregister, drain, stop the app
+  sidecar restart [-config FILE | -admin ADDR]
+                                      rolling restart: out of rotation, drain, restart,
+                                      wait until passing in Consul again
+  sidecar update  [-config FILE | -admin ADDR]
+                                      run service.run.build; only when it succeeds,
+                                      a rolling restart
+  sidecar version                     print the version
+`+"  control commands read admin.listen and admin.token from the config, or\n"+
+		"  take -admin ADDR with the token in $"+tokenEnv+"\n")
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/proxy"
+	"github.com/sidecarlb/sidecar/supervisor"
 )
 
 // shutdownTimeout bounds how long in-flight requests may take to finish
@@ -27,7 +28,7 @@ import (
 const shutdownTimeout = 10 * time.Second
 
 // serve runs the sidecar until ctx is done, then shuts down in order:
-// deregister, drain, close the listeners.
+// deregister, drain, stop the app (with service.run), close the listeners.
 func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	log, err := newLogger(cfg.Log, logOut)
 	if err != nil {
@@ -73,7 +74,22 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	if registrar != nil {
 		sections["service"] = func() any { return registrar.Status() }
 	}
-	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg})
+	// service.run: the supervisor holds the check critical until the app
+	// has started; it must exist before the registrar runs.
+	var app *supervisor.App
+	if registrar != nil && cfg.Service.Run != nil {
+		if app, err = newApp(cfg.Service, registrar, consul.Agent(), log.Named("app")); err != nil {
+			closeAll(servers)
+			return err
+		}
+		sections["app"] = func() any { return app.Status() }
+	}
+	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token})
+	if app != nil {
+		for pattern, h := range app.Routes() {
+			adminHandler.Handle(pattern, h)
+		}
+	}
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, log)
 	if err != nil {
 		closeAll(servers)
@@ -99,6 +115,13 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		go func() { defer close(hbDone); registrar.Run(hbCtx) }()
 	} else {
 		close(hbDone)
+	}
+	appCtx, stopApp := context.WithCancel(context.Background())
+	appDone := make(chan struct{})
+	if app != nil {
+		go func() { defer close(appDone); app.Run(appCtx) }()
+	} else {
+		close(appDone)
 	}
 	log.Info("sidecar started", zap.String("version", version), zap.String("admin", cfg.Admin.Listen),
 		zap.Int("listeners", len(servers)-1))
@@ -126,6 +149,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 			time.Sleep(d)
 		}
 	}
+	// Then stop the app (stop signal, SIGKILL after stop_timeout).
+	stopApp()
+	<-appDone
 	stopHeartbeat()
 	<-hbDone
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
