@@ -205,12 +205,11 @@ type App struct {
 	ops     chan *op      // control requests to Run
 	opMu    sync.Mutex    // one Kill, Restart or Update at a time
 
-	mu     sync.Mutex
-	st     Status
-	pgid   int  // process group of the running app, for RSS
-	held   bool // a control method holds the check critical
-	gone   bool // deregistered by Kill
-	killed bool
+	mu   sync.Mutex
+	st   Status
+	pgid int  // process group of the running app, for RSS
+	held bool // a control method holds the check critical
+	gone bool // deregistered by Kill
 }
 
 // New checks spec and returns a supervisor for it, holding health critical
