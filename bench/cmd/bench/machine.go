@@ -23,6 +23,8 @@ type machineInfo struct {
 	HAProxy  string `json:"haproxy"`
 	Nginx    string `json:"nginx"`
 	Load     string `json:"loadavg_start"`
+	// Source is the commit the sidecar was built from (git describe).
+	Source string `json:"sidecar_source"`
 }
 
 func (m machineInfo) summary() string {
@@ -37,6 +39,7 @@ func (h *harness) machine() machineInfo {
 		Load:  loadavg(),
 	}
 	m.Model = procField("/proc/cpuinfo", "model name")
+	m.Source = h.source
 	var kb int64
 	if _, err := fmt.Sscan(procField("/proc/meminfo", "MemTotal"), &kb); err == nil {
 		m.MemTotal = fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))

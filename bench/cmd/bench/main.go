@@ -67,6 +67,7 @@ type harness struct {
 	proxyCPU, loadCPU int
 
 	profileAddr string
+	source      string // git describe of the tree the sidecar was built from
 	peakNote    string
 	notes       []string // for the report: skipped peers, install output
 	start       time.Time
@@ -312,6 +313,10 @@ func lookSbin(name string) (string, error) {
 // load generator into the temp dir.
 func (h *harness) build() error {
 	binDir := filepath.Join(h.tmp, "bin")
+	h.source = "unknown"
+	if out, err := runCmd(h.ctx, "git", "describe", "--always", "--dirty"); err == nil {
+		h.source = strings.TrimSpace(out)
+	}
 	sidecarArgs := []string{"go", "build", "-trimpath", "-o", filepath.Join(binDir, "sidecar")}
 	if h.opts.profile != "" {
 		overlay, err := h.pprofOverlay()

@@ -178,7 +178,7 @@ func (h *harness) startSidecar(name, consulAddr string) (*peer, error) {
 	if consulAddr == "" {
 		notes = append(notes, "discovery.backend: static")
 	} else {
-		notes = append(notes, "discovery.backend: consul (dev agent "+consulAddr+")")
+		notes = append(notes, "discovery.backend: consul (a dev agent on loopback, the backends registered without checks)")
 	}
 	p, err := h.procs.start(h.tmp, name, o, h.bin("sidecar"), "-config", cfgPath)
 	if err != nil {

@@ -115,8 +115,8 @@ func (rep *report) markdown() string {
 	m := rep.Machine
 	o := rep.Options
 	fmt.Fprintf(&b, "Run of %s, %s in all.\n\n", m.Date, rep.Elapsed)
-	b.WriteString("| nproc | CPU model | memory | kernel | OS | Go | HAProxy | nginx |\n|---|---|---|---|---|---|---|---|\n")
-	fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %s |\n\n", m.NProc, m.Model, m.MemTotal, m.Kernel, m.OS, m.Go, m.HAProxy, m.Nginx)
+	b.WriteString("| nproc | CPU model | memory | kernel | OS | Go | HAProxy | nginx | sidecar source |\n|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %s | %s |\n\n", m.NProc, m.Model, m.MemTotal, m.Kernel, m.OS, m.Go, m.HAProxy, m.Nginx, m.Source)
 	fmt.Fprintf(&b, "Each scenario ran %v× per peer for %v after %v of warm-up, peers in rotating order. "+
 		"Figures are medians of the runs, except peak RSS (highest run), errors and spread (summed). "+
 		"Pinning: %v. Load average (1, 5, 15 min) at the start: %s; it is given before and after each scenario, "+
