@@ -133,6 +133,7 @@ type Registrar struct {
 
 	running atomic.Bool
 	stopped atomic.Bool   // set by Deregister: Run calls Consul no more
+	resumed atomic.Bool   // set by Register: Run must register again
 	sem     chan struct{} // serialises Consul calls of Run and Deregister
 	wake    chan struct{} // the override changed
 
@@ -279,6 +280,23 @@ func (r *Registrar) Deregister(ctx context.Context) error {
 	r.mu.Unlock()
 	r.log.Info("deregistered")
 	return nil
+}
+
+// Register undoes Deregister: Run registers the service again at once, with
+// the check's current status, and goes on heartbeating. It does nothing
+// unless Deregister was called. It does not block and is safe for
+// concurrent use.
+func (r *Registrar) Register() {
+	if !r.stopped.Load() {
+		return
+	}
+	r.mu.Lock()
+	r.status.Deregistered = false
+	r.mu.Unlock()
+	r.resumed.Store(true)
+	r.stopped.Store(false)
+	r.signal()
+	r.log.Info("registering again")
 }
 
 // errStopped is returned by call once Deregister has been called.

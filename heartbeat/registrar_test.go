@@ -551,6 +551,46 @@ func TestDeregister(t *testing.T) {
 	})
 }
 
+func TestRegisterAfterDeregister(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		a := newFakeAgent()
+		r := newTestRegistrar(t, a, &fakeProbe{}, Options{})
+		stop := start(r)
+		defer stop()
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		if err := r.Deregister(context.Background()); err != nil {
+			t.Fatalf("Deregister() = %v", err)
+		}
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+
+		at := time.Now()
+		r.Register()
+		synctest.Wait()
+		regs := a.get("register", at)
+		if len(regs) != 1 || regs[0].reg.ID != testService.ID {
+			t.Fatalf("registrations after Register() = %+v, want one of %q at once", regs, testService.ID)
+		}
+		if st := r.Status(); !st.Registered || st.Deregistered || st.CheckStatus != api.HealthPassing {
+			t.Errorf("Status() = %+v, want registered and passing again", st)
+		}
+		// Heartbeats resume.
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		if ups := a.get("update", at); len(ups) < 2 {
+			t.Errorf("TTL updates after Register() = %d, want the heartbeat to go on", len(ups))
+		}
+		// Register without a Deregister first does nothing.
+		at = time.Now()
+		r.Register()
+		synctest.Wait()
+		if regs := a.get("register", at); len(regs) != 0 {
+			t.Errorf("Register() while registered made %d registrations, want 0", len(regs))
+		}
+	})
+}
+
 func TestDeregisterErrors(t *testing.T) {
 	agentErr := api.StatusError{Code: 500, Body: "rpc error"}
 	tests := []struct {

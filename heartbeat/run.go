@@ -63,6 +63,11 @@ func (r *Registrar) Run(ctx context.Context) {
 			}
 			l.sync(false)
 		case <-r.wake:
+			if r.resumed.Swap(false) {
+				// Register after Deregister: start over.
+				l.registered, l.retrying, l.failures = false, false, 0
+				l.retry.Stop()
+			}
 			if l.applyOverride() {
 				probe()
 			}

@@ -139,6 +139,12 @@ type Options struct {
 	// Kill calls it before stopping the app, and afterwards the app cannot
 	// be started again. It may block until ctx ends.
 	Deregister func(ctx context.Context) error
+	// Register, if set with Deregister, puts the instance back in the
+	// registry. Restart and Update then deregister the instance before the
+	// drain and register it again once the new process has started (its
+	// check critical until the probe passes); without it they only fail the
+	// check. It must not block.
+	Register func()
 	// Ready, if set, blocks until the instance is registered and healthy, or
 	// ctx ends. Restart and Update wait for it after starting the new
 	// process, for at most ReadyTimeout.

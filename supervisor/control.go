@@ -115,11 +115,26 @@ func (a *App) rollingRestart(ctx context.Context, why string) error {
 	a.mu.Unlock()
 	a.health.SetOverride(critical, "restarting (sidecar "+why+")")
 	a.log.Info("rolling restart", zap.String("why", why), zap.Duration("drain", a.opts.Drain))
+	// Out of the registry, not merely critical, while the app restarts.
+	deregistered := false
+	if a.opts.Register != nil && a.opts.Deregister != nil {
+		if err := a.opts.Deregister(ctx); err != nil {
+			a.log.Warn("deregister before restart failed; the check stays critical instead", zap.Error(err))
+		} else {
+			deregistered = true
+		}
+	}
 	if err := sleep(ctx, a.opts.Drain); err != nil {
+		if deregistered {
+			a.opts.Register()
+		}
 		a.release()
 		return err
 	}
 	sent, err := a.send(ctx, opRestart)
+	if deregistered {
+		a.opts.Register()
+	}
 	if !sent {
 		a.release()
 	}

@@ -94,6 +94,7 @@ func newApp(s *config.Service, reg *heartbeat.Registrar, agent *api.Agent, log *
 	}, reg, supervisor.Options{
 		Drain:      s.Drain,
 		Deregister: reg.Deregister,
+		Register:   reg.Register,
 		Ready:      instanceReady(reg, agent),
 	}, log)
 	if err != nil {
