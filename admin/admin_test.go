@@ -73,3 +73,26 @@ func TestAdmin(t *testing.T) {
 		t.Fatalf("status = %+v, want version v1.2.3 and uptime 5", doc)
 	}
 }
+
+func TestPprofOnlyWhenEnabled(t *testing.T) {
+	for _, enabled := range []bool{false, true} {
+		h := New(Options{})
+		if enabled {
+			h.EnablePprof()
+		}
+		srv := httptest.NewServer(h)
+		resp, err := http.Get(srv.URL + "/debug/pprof/goroutine?debug=1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		srv.Close()
+		want := http.StatusNotFound
+		if enabled {
+			want = http.StatusOK
+		}
+		if resp.StatusCode != want {
+			t.Errorf("enabled=%v: GET /debug/pprof/goroutine = %d, want %d", enabled, resp.StatusCode, want)
+		}
+	}
+}

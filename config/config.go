@@ -111,6 +111,8 @@ type Admin struct {
 	Listen string `yaml:"listen"` // host:port, default 127.0.0.1:15100
 	// Token, if set, is the bearer token required by mutating endpoints.
 	Token string `yaml:"token"`
+	// Pprof serves Go's runtime profiles under /debug/pprof/. Default false.
+	Pprof bool `yaml:"pprof"`
 }
 
 // Log configures the logger.

@@ -85,6 +85,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		sections["app"] = func() any { return app.Status() }
 	}
 	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token})
+	if cfg.Admin.Pprof {
+		adminHandler.EnablePprof()
+	}
 	if app != nil {
 		for pattern, h := range app.Routes() {
 			adminHandler.Handle(pattern, h)
