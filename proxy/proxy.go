@@ -4,6 +4,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -301,7 +302,17 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 // to relay, trying again on another node as the route's retry policy
 // allows. It returns the response, the endpoint and pick it came from, or
 // the last error. pk.Done is left to the caller on success.
-func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time) (*http.Response, *endpoint, balancer.Pick, error) {
+func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time) (resp *http.Response, e *endpoint, pk balancer.Pick, err error) {
+	// A gateway answer given up for a retry, kept in case no other node is
+	// left after all: the set may shrink (an ejection) between deciding to
+	// retry and picking.
+	var held *http.Response
+	var heldE *endpoint
+	defer func() {
+		if held != nil && err != nil && errors.Is(err, errGateway) && r.Context().Err() == nil {
+			resp, e, pk, err = held, heldE, balancer.Pick{}, nil
+		}
+	}()
 	res := &rt.cfg.Resilience
 	rt.budget.request(start)
 	key, hasKey := rt.key.sum(r)
@@ -417,7 +428,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		if gateway && isGatewayStatus(resp.StatusCode, false) && replayable && (b == nil || b.replayable()) &&
 			len(tried)+1 < rt.state.Load().eligible &&
 			p.retry(ctx, rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false) {
-			discard(resp)
+			held, heldE = hold(resp), e
 			done(pk, errGateway, start)
 			lastErr = fmt.Errorf("%w: %s", errGateway, resp.Status)
 			tried = append(tried, e.ID)
@@ -467,6 +478,19 @@ func isGatewayStatus(code int, all5xx bool) bool {
 func discard(resp *http.Response) {
 	_, _ = io.CopyN(io.Discard, resp.Body, 4<<10)
 	resp.Body.Close()
+}
+
+// hold reads a short response into memory so it can still be relayed
+// later, or discards it and returns nil when it is long or broken.
+func hold(resp *http.Response) *http.Response {
+	const limit = 4 << 10
+	b, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	resp.Body.Close()
+	if err != nil || len(b) > limit {
+		return nil
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(b))
+	return resp
 }
 
 type cancelOnClose struct {
