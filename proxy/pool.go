@@ -18,7 +18,8 @@ import (
 // maximum age, so long-lived connections are renewed now and then.
 type pools struct {
 	h1, h2  *http.Transport
-	expires int64 // unix nanoseconds; 0: never
+	fast    *h1Pool // plain-text HTTP/1.1 fast path; nil over TLS
+	expires int64   // unix nanoseconds; 0: never
 }
 
 // poolConfig is what an endpoint's pools are built from.
@@ -29,6 +30,9 @@ type poolConfig struct {
 
 func newPools(c *poolConfig, now time.Time) *pools {
 	p := &pools{h1: newTransport(c, false), h2: newTransport(c, true)}
+	if useH1Pool && c.tls == nil {
+		p.fast = newH1Pool(c.timeouts)
+	}
 	if age := c.timeouts.MaxConnectionAge; age > 0 {
 		// ±10% jitter, so the pools of many endpoints do not renew together.
 		jitter := time.Duration(rand.Int64N(int64(age)/5+1)) - age/10
@@ -40,12 +44,39 @@ func newPools(c *poolConfig, now time.Time) *pools {
 func (p *pools) closeIdle() {
 	p.h1.CloseIdleConnections()
 	p.h2.CloseIdleConnections()
+	if p.fast != nil {
+		p.fast.closeIdle()
+	}
+}
+
+// roundTrip sends out to the endpoint over HTTP/2 or HTTP/1.1; b is out's
+// body as roundTrip's tries share it, or nil. Plain HTTP/1.1 requests that
+// qualify take the fast path of h1Pool.
+func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time) (*http.Response, error) {
+	p := e.currentPools(now)
+	switch {
+	case h2:
+		return p.h2.RoundTrip(out)
+	case p.fast != nil && h1Qualifies(out, b):
+		return p.fast.roundTrip(out, b, now)
+	}
+	return p.h1.RoundTrip(out)
 }
 
 // transport returns the endpoint's HTTP/1.1 or HTTP/2 pool, first renewing
 // the pools when they are past their age. Requests in flight on the old
 // pools finish: their connections close once idle.
 func (e *endpoint) transport(h2 bool, now time.Time) *http.Transport {
+	p := e.currentPools(now)
+	if h2 {
+		return p.h2
+	}
+	return p.h1
+}
+
+// currentPools returns the endpoint's pools, renewing them first when they
+// are past their age.
+func (e *endpoint) currentPools(now time.Time) *pools {
 	p := e.pools.Load()
 	if p.expires != 0 && now.UnixNano() > p.expires {
 		if next := newPools(e.poolConfig, now); e.pools.CompareAndSwap(p, next) {
@@ -55,15 +86,15 @@ func (e *endpoint) transport(h2 bool, now time.Time) *http.Transport {
 			p = e.pools.Load()
 		}
 	}
-	if h2 {
-		return p.h2
-	}
-	return p.h1
+	return p
 }
 
 // drain closes the idle connections of pools no longer used, now and again
 // after the streams in flight on them have had time to end.
 func drain(p *pools, grace time.Duration) {
+	if p.fast != nil {
+		p.fast.retire() // busy connections close when their exchange ends
+	}
 	p.closeIdle()
 	if grace <= 0 {
 		grace = 30 * time.Second

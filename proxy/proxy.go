@@ -377,7 +377,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 				return nil, nil, balancer.Pick{}, lastErr
 			}
 		}
-		resp, err := e.transport(useH2, start).RoundTrip(out)
+		resp, err := e.roundTrip(useH2, out, b, start)
 		if cancel != nil {
 			if err != nil || resp == nil {
 				cancel()

@@ -1,0 +1,370 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// rawNode is an HTTP/1.1 node answering with canned bytes, so tests control
+// the response framing exactly. answer returns the raw response to one
+// request and whether to close the connection after it.
+type rawNode struct {
+	ln      net.Listener
+	accepts atomic.Int32
+	mu      sync.Mutex
+	reqs    []*http.Request
+	bodies  []string
+}
+
+func startRawNode(t *testing.T, answer func(r *http.Request) (string, bool)) *rawNode {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &rawNode{ln: ln}
+	var wg sync.WaitGroup
+	var conns sync.Map
+	t.Cleanup(func() {
+		ln.Close()
+		conns.Range(func(k, _ any) bool { k.(net.Conn).Close(); return true })
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.accepts.Add(1)
+			conns.Store(c, true)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					r, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					b, _ := io.ReadAll(r.Body)
+					n.mu.Lock()
+					n.reqs = append(n.reqs, r)
+					n.bodies = append(n.bodies, string(b))
+					n.mu.Unlock()
+					raw, closeAfter := answer(r)
+					if _, err := io.WriteString(c, raw); err != nil || closeAfter {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return n
+}
+
+func (n *rawNode) addr() string { return n.ln.Addr().String() }
+
+func testH1Pool() *h1Pool {
+	return newH1Pool(Timeouts{Connect: time.Second, Idle: time.Minute})
+}
+
+func h1Get(t *testing.T, ctx context.Context, p *h1Pool, method, addr string) (*http.Response, string, error) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+"/path?q=1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := p.roundTrip(req, nil, time.Now())
+	if err != nil {
+		return nil, "", err
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	return resp, string(b), err
+}
+
+func TestH1PoolFraming(t *testing.T) {
+	tests := []struct {
+		name      string
+		method    string
+		raw       string
+		closeConn bool // node closes after answering
+		wantBody  string
+		wantLen   int64
+		trailer   http.Header
+		reuse     bool
+	}{
+		{name: "content-length", raw: "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+			wantBody: "hello", wantLen: 5, reuse: true},
+		{name: "empty content-length", raw: "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+			wantLen: 0, reuse: true},
+		{name: "chunked", raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+			wantBody: "abcde", wantLen: -1, reuse: true},
+		{name: "chunked with trailers",
+			raw:      "HTTP/1.1 200 OK\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 42\r\nX-Late: 1\r\n\r\n",
+			wantBody: "abc", wantLen: -1, trailer: http.Header{"X-Sum": {"42"}, "X-Late": {"1"}}, reuse: true},
+		{name: "close-delimited", raw: "HTTP/1.1 200 OK\r\n\r\nuntil the end", closeConn: true,
+			wantBody: "until the end", wantLen: -1, reuse: false},
+		{name: "http/1.0 no keep-alive", raw: "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+			wantBody: "ok", wantLen: 2, reuse: false},
+		{name: "http/1.0 keep-alive", raw: "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+			wantBody: "ok", wantLen: 2, reuse: true},
+		{name: "connection close", raw: "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+			wantBody: "ok", wantLen: 2, reuse: false},
+		{name: "head", method: http.MethodHead, raw: "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+			wantLen: 1000, reuse: true},
+		{name: "204", raw: "HTTP/1.1 204 No Content\r\n\r\n", reuse: true},
+		{name: "304", raw: "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n", reuse: true},
+		{name: "bare LF and folding", raw: "\r\nHTTP/1.1 200 OK\nX-Fold: a\n  b\nContent-Length: 1\n\nx",
+			wantBody: "x", wantLen: 1, reuse: true},
+		{name: "1xx skipped", raw: "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+			wantBody: "x", wantLen: 1, reuse: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			node := startRawNode(t, func(*http.Request) (string, bool) { return tc.raw, tc.closeConn })
+			p := testH1Pool()
+			defer p.retire()
+			method := tc.method
+			if method == "" {
+				method = http.MethodGet
+			}
+			for i := range 2 {
+				resp, body, err := h1Get(t, context.Background(), p, method, node.addr())
+				if err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				if body != tc.wantBody {
+					t.Errorf("body = %q, want %q", body, tc.wantBody)
+				}
+				if resp.ContentLength != tc.wantLen {
+					t.Errorf("ContentLength = %d, want %d", resp.ContentLength, tc.wantLen)
+				}
+				for k, v := range tc.trailer {
+					if got := resp.Trailer.Get(k); got != v[0] {
+						t.Errorf("trailer %s = %q, want %q", k, got, v[0])
+					}
+				}
+				if tc.name == "bare LF and folding" && resp.Header.Get("X-Fold") != "a b" {
+					t.Errorf("X-Fold = %q, want %q", resp.Header.Get("X-Fold"), "a b")
+				}
+				if tc.trailer != nil && resp.Header.Get("Trailer") != "" {
+					t.Errorf("Trailer header left in the response header")
+				}
+			}
+			want := int32(2)
+			if tc.reuse {
+				want = 1
+			}
+			if got := node.accepts.Load(); got != want {
+				t.Errorf("connections = %d, want %d", got, want)
+			}
+		})
+	}
+}
+
+func TestH1PoolMalformed(t *testing.T) {
+	tests := []struct{ name, raw string }{
+		{"garbage", "HELLO\r\n\r\n"},
+		{"bad status", "HTTP/1.1 2x0 OK\r\n\r\n"},
+		{"bad length", "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"},
+		{"conflicting lengths", "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"},
+		{"unknown encoding", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"},
+		{"101", "HTTP/1.1 101 Switching Protocols\r\n\r\n"},
+		{"bad header key", "HTTP/1.1 200 OK\r\nBad Key: 1\r\nContent-Length: 0\r\n\r\n"},
+		{"header without colon", "HTTP/1.1 200 OK\r\nNoColon\r\nContent-Length: 0\r\n\r\n"},
+		{"control byte in value", "HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n"},
+		{"header too long", "HTTP/1.1 200 OK\r\nX-A: " + strings.Repeat("a", h1MaxHeaderBytes) + "\r\n\r\n"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			node := startRawNode(t, func(*http.Request) (string, bool) { return tc.raw, false })
+			p := testH1Pool()
+			defer p.retire()
+			if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err == nil {
+				t.Errorf("roundTrip() error = nil, want one")
+			}
+		})
+	}
+}
+
+func TestH1PoolShortBody(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true
+	})
+	p := testH1Pool()
+	defer p.retire()
+	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Errorf("read error = %v, want %v", err, io.ErrUnexpectedEOF)
+	}
+}
+
+func TestH1PoolWritesRequest(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := testH1Pool()
+	defer p.retire()
+	req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/a%2Fb?x=1&y=2", nil)
+	req.Host = "svc.example"
+	req.Header = http.Header{"X-One": {"1", "2"}, "User-Agent": {""}}
+	resp, err := p.roundTrip(req, &body{buf: []byte("payload")}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	node.mu.Lock()
+	defer node.mu.Unlock()
+	got := node.reqs[0]
+	if got.Host != "svc.example" || got.RequestURI != "/a%2Fb?x=1&y=2" || got.ContentLength != 7 || node.bodies[0] != "payload" {
+		t.Errorf("node saw Host %q, URI %q, length %d, body %q", got.Host, got.RequestURI, got.ContentLength, node.bodies[0])
+	}
+	if v := got.Header["X-One"]; len(v) != 2 || v[0] != "1" || v[1] != "2" {
+		t.Errorf("X-One = %q, want [1 2]", v)
+	}
+	if _, ok := got.Header["User-Agent"]; ok {
+		t.Errorf("empty User-Agent sent")
+	}
+}
+
+// A node closing a keep-alive connection while it is idle must not fail the
+// next request: it goes again on a new connection.
+func TestH1PoolRetriesConnClosedIdle(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true // no Connection: close
+	})
+	p := testH1Pool()
+	defer p.retire()
+	for i := range 3 {
+		if _, body, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil || body != "ok" {
+			t.Fatalf("request %d = %q, %v; want ok", i, body, err)
+		}
+		time.Sleep(20 * time.Millisecond) // let the close arrive
+	}
+	if got := node.accepts.Load(); got < 3 {
+		t.Errorf("connections = %d, want a new one per request", got)
+	}
+}
+
+func TestH1PoolDialError(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	p := testH1Pool()
+	_, _, err := h1Get(t, context.Background(), p, http.MethodGet, addr)
+	if !isDialError(err) {
+		t.Errorf("roundTrip() error = %v, want a dial error", err)
+	}
+}
+
+func TestH1PoolContextCancelMidBody(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst", false
+	})
+	p := testH1Pool()
+	defer p.retire()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr()+"/", nil)
+	resp, err := p.roundTrip(req, nil, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, buf); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(20*time.Millisecond, cancel)
+	start := time.Now()
+	_, err = io.ReadAll(resp.Body)
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("read error = %v, want %v", err, context.Canceled)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("read returned after %v, want soon after cancel", d)
+	}
+	resp.Body.Close()
+}
+
+func TestH1PoolDeadline(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		time.Sleep(300 * time.Millisecond)
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := testH1Pool()
+	defer p.retire()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, _, err := h1Get(t, ctx, p, http.MethodGet, node.addr()); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("roundTrip() error = %v, want %v", err, context.DeadlineExceeded)
+	}
+}
+
+func TestH1PoolCloseBeforeEOF(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789", false
+	})
+	p := testH1Pool()
+	defer p.retire()
+	for range 2 {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+node.addr()+"/", nil)
+		resp, err := p.roundTrip(req, nil, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = resp.Body.Read(make([]byte, 3))
+		resp.Body.Close()
+		if _, err := resp.Body.Read(make([]byte, 3)); err == nil {
+			t.Errorf("Read after Close = nil error, want one")
+		}
+	}
+	if got := node.accepts.Load(); got != 2 {
+		t.Errorf("connections = %d, want 2 (a body closed early closes its connection)", got)
+	}
+}
+
+func TestH1PoolIdleTimeoutAndRetire(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := newH1Pool(Timeouts{Connect: time.Second, Idle: 50 * time.Millisecond})
+	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
+		t.Fatal(err)
+	}
+	if pc := p.take(time.Now().Add(time.Second)); pc != nil {
+		t.Errorf("take() past the idle timeout = a connection, want nil")
+	}
+	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
+		t.Fatal(err)
+	}
+	p.retire()
+	p.mu.Lock()
+	idle := len(p.idle)
+	p.mu.Unlock()
+	if idle != 0 {
+		t.Errorf("idle after retire = %d, want 0", idle)
+	}
+	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	idle = len(p.idle)
+	p.mu.Unlock()
+	if idle != 0 {
+		t.Errorf("idle after an exchange on a retired pool = %d, want 0", idle)
+	}
+}
