@@ -26,6 +26,9 @@ const (
 	h1MaxHeaderBytes = 1 << 20 // as the transport's MaxResponseHeaderBytes
 	h1ReadBuffer     = 8 << 10
 	h1WriteBuffer    = 4 << 10
+	// h1MaxStreamedBody bounds the request bodies not held in memory that
+	// the pool takes: socket buffers absorb them.
+	h1MaxStreamedBody = 64 << 10
 )
 
 // h1Pool is a plain-text HTTP/1.1 keep-alive connection pool for one
@@ -47,8 +50,10 @@ func newH1Pool(t Timeouts) *h1Pool {
 }
 
 // h1Qualifies reports whether out may go over an h1Pool: no upgrade, no
-// Expect: 100-continue, no request trailers, and a body that is either
-// absent or held in memory (so writing it cannot wait on the client).
+// Expect: 100-continue, no request trailers, and a body that is absent,
+// held in memory, or of a known length of at most h1MaxStreamedBody. The
+// body is written in full before the response is read, so a longer one
+// could deadlock with a node that answers as it reads (a full-duplex echo).
 func h1Qualifies(out *http.Request, b *body) bool {
 	if out.Method == http.MethodConnect || len(out.Trailer) > 0 || out.URL.Opaque != "" {
 		return false
@@ -59,7 +64,7 @@ func h1Qualifies(out *http.Request, b *body) bool {
 	if _, ok := out.Header["Expect"]; ok {
 		return false
 	}
-	return b == nil || b.buf != nil
+	return b == nil || b.buf != nil || (out.ContentLength > 0 && out.ContentLength <= h1MaxStreamedBody)
 }
 
 // h1Conn is one connection of an h1Pool.
@@ -215,9 +220,12 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 // idle) is replaced once by a new one.
 func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Response, error) {
 	ctx := out.Context()
-	var reqBody []byte
+	var body reqBody
 	if b != nil {
-		reqBody = b.buf
+		body = reqBody{buf: b.buf, n: int64(len(b.buf))}
+		if b.buf == nil {
+			body.src, body.n = out.Body, out.ContentLength
+		}
 	}
 	pc := p.take(now)
 	for {
@@ -227,12 +235,12 @@ func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Res
 				return nil, err
 			}
 		}
-		resp, nothingRead, err := pc.roundTrip(ctx, out, reqBody)
+		resp, nothingRead, err := pc.roundTrip(ctx, out, body)
 		if err == nil {
 			return resp, nil
 		}
 		pc.c.Close()
-		if !pc.reused || !nothingRead || ctx.Err() != nil {
+		if !pc.reused || !nothingRead || ctx.Err() != nil || (b != nil && !b.replayable()) {
 			return nil, err
 		}
 		pc = nil // retry once on a new connection
@@ -241,7 +249,7 @@ func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Res
 
 // roundTrip carries one exchange over pc. On error the caller closes pc;
 // nothingRead says whether any of the response had arrived.
-func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, reqBody []byte) (resp *http.Response, nothingRead bool, err error) {
+func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody) (resp *http.Response, nothingRead bool, err error) {
 	// Interrupt blocked I/O when ctx ends, until the body is done.
 	x := exchange{ctx: ctx}
 	x.deadline, x.hasDeadline = ctx.Deadline()
@@ -253,7 +261,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, reqBody []by
 	}
 
 	pc.lr.n = h1MaxHeaderBytes
-	if err = pc.writeRequest(out, reqBody); err == nil {
+	if err = pc.writeRequest(out, body); err == nil {
 		resp, err = pc.readResponse(out)
 	}
 	if err != nil {
@@ -264,20 +272,20 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, reqBody []by
 	}
 	pc.lr.n = noLimit
 
-	body := &h1Body{pc: pc, resp: resp, x: x}
+	rb := &h1Body{pc: pc, resp: resp, x: x}
 	switch {
 	case resp.ContentLength == 0 || out.Method == http.MethodHead || !bodyAllowed(resp.StatusCode):
 		resp.Body = http.NoBody
-		body.finish(nil)
+		rb.finish(nil)
 		return resp, false, nil
 	case resp.TransferEncoding != nil:
-		body.cr = httputil.NewChunkedReader(pc.br)
+		rb.cr = httputil.NewChunkedReader(pc.br)
 	case resp.ContentLength > 0:
-		body.remain = resp.ContentLength
+		rb.remain = resp.ContentLength
 	default:
 		resp.Close = true // read to EOF
 	}
-	resp.Body = body
+	resp.Body = rb
 	return resp, false, nil
 }
 
@@ -307,8 +315,15 @@ func bodyAllowed(code int) bool {
 	return code >= 200 && code != http.StatusNoContent && code != http.StatusNotModified
 }
 
-// writeRequest writes out's head and reqBody and flushes.
-func (pc *h1Conn) writeRequest(out *http.Request, reqBody []byte) error {
+// reqBody is a request body of known length: buf, or n bytes of src.
+type reqBody struct {
+	buf []byte
+	src io.Reader
+	n   int64
+}
+
+// writeRequest writes out's head and body and flushes.
+func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 	w := pc.bw
 	w.WriteString(out.Method)
 	w.WriteByte(' ')
@@ -348,14 +363,38 @@ func (pc *h1Conn) writeRequest(out *http.Request, reqBody []byte) error {
 			w.WriteString("\r\n")
 		}
 	}
-	if len(reqBody) > 0 || out.Method == http.MethodPost || out.Method == http.MethodPut || out.Method == http.MethodPatch {
+	if body.n > 0 || out.Method == http.MethodPost || out.Method == http.MethodPut || out.Method == http.MethodPatch {
 		w.WriteString("Content-Length: ")
 		var nb [20]byte
-		w.Write(strconv.AppendInt(nb[:0], int64(len(reqBody)), 10))
+		w.Write(strconv.AppendInt(nb[:0], body.n, 10))
 		w.WriteString("\r\n")
 	}
+	if out.Close {
+		w.WriteString("Connection: close\r\n")
+	}
 	w.WriteString("\r\n")
-	w.Write(reqBody)
+	if body.src == nil {
+		w.Write(body.buf)
+		return w.Flush()
+	}
+	// Copy through the write buffer, sending as it fills.
+	for left := body.n; left > 0; {
+		if w.Available() == 0 {
+			if err := w.Flush(); err != nil {
+				return err
+			}
+		}
+		buf := w.AvailableBuffer()[:min(int64(w.Available()), left)]
+		n, err := body.src.Read(buf)
+		w.Write(buf[:n])
+		left -= int64(n)
+		if err == io.EOF && left > 0 {
+			return fmt.Errorf("%w: %w", ErrBadRequestBody, io.ErrUnexpectedEOF)
+		}
+		if err != nil && err != io.EOF {
+			return err
+		}
+	}
 	return w.Flush()
 }
 
@@ -408,7 +447,9 @@ func (pc *h1Conn) readResponse(out *http.Request) (*http.Response, error) {
 			Header:     hdr,
 			Request:    out,
 		}
-		return resp, frame(resp, out.Method)
+		err = frame(resp, out.Method)
+		resp.Close = resp.Close || out.Close
+		return resp, err
 	}
 }
 

@@ -368,3 +368,70 @@ func TestH1PoolIdleTimeoutAndRetire(t *testing.T) {
 		t.Errorf("idle after an exchange on a retired pool = %d, want 0", idle)
 	}
 }
+
+func TestH1PoolStreamsKnownLengthBody(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := testH1Pool()
+	defer p.retire()
+	payload := strings.Repeat("0123456789", 1000) // larger than the write buffer
+	req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", io.NopCloser(strings.NewReader(payload)))
+	req.ContentLength = int64(len(payload))
+	b := &body{src: req.Body}
+	req.Body, _ = b.next()
+	if !h1Qualifies(req, b) {
+		t.Fatalf("h1Qualifies() = false for a %d-byte body, want true", len(payload))
+	}
+	resp, err := p.roundTrip(req, b, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	node.mu.Lock()
+	got := node.bodies[0]
+	node.mu.Unlock()
+	if got != payload {
+		t.Errorf("node got %d bytes, want %d", len(got), len(payload))
+	}
+
+	short := &body{src: io.NopCloser(strings.NewReader("abc"))}
+	req, _ = http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", nil)
+	req.ContentLength = 10
+	req.Body, _ = short.next()
+	if _, err := p.roundTrip(req, short, time.Now()); !errors.Is(err, ErrBadRequestBody) {
+		t.Errorf("roundTrip() of a short body error = %v, want %v", err, ErrBadRequestBody)
+	}
+
+	req, _ = http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", nil)
+	req.ContentLength = h1MaxStreamedBody + 1
+	if h1Qualifies(req, &body{src: http.NoBody}) {
+		t.Errorf("h1Qualifies() = true for a body over %d bytes, want false", h1MaxStreamedBody)
+	}
+}
+
+func TestH1PoolRequestClose(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := testH1Pool()
+	defer p.retire()
+	for range 2 {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+node.addr()+"/", nil)
+		req.Close = true
+		resp, err := p.roundTrip(req, nil, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	node.mu.Lock()
+	closeSent := node.reqs[0].Close
+	node.mu.Unlock()
+	if !closeSent {
+		t.Errorf("node saw no Connection: close")
+	}
+	if got := node.accepts.Load(); got != 2 {
+		t.Errorf("connections = %d, want 2", got)
+	}
+}
