@@ -67,6 +67,14 @@ func h1Qualifies(out *http.Request, b *body) bool {
 	return b == nil || b.buf != nil || (out.ContentLength > 0 && out.ContentLength <= h1MaxStreamedBody)
 }
 
+// hasIdempotencyKey reports whether the client marked a request as safe to
+// send twice, as net/http's Transport honours.
+func hasIdempotencyKey(h http.Header) bool {
+	_, a := h["Idempotency-Key"]
+	_, b := h["X-Idempotency-Key"]
+	return a || b
+}
+
 // h1Conn is one connection of an h1Pool.
 type h1Conn struct {
 	pool   *h1Pool
@@ -217,7 +225,9 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 // response head. The response body reads the framed body from the
 // connection, which goes back to the pool at its end. A reused connection
 // that fails before any of the response arrives (the node closed it while
-// idle) is replaced once by a new one.
+// idle) is replaced once by a new one, as net/http does: when the request
+// never fully left, or may safely be applied twice (idempotent method or an
+// Idempotency-Key header).
 func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Response, error) {
 	ctx := out.Context()
 	var body reqBody
@@ -235,12 +245,13 @@ func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Res
 				return nil, err
 			}
 		}
-		resp, nothingRead, err := pc.roundTrip(ctx, out, body)
+		resp, nothingRead, unsent, err := pc.roundTrip(ctx, out, body)
 		if err == nil {
 			return resp, nil
 		}
 		pc.c.Close()
-		if !pc.reused || !nothingRead || ctx.Err() != nil || (b != nil && !b.replayable()) {
+		if !pc.reused || !nothingRead || ctx.Err() != nil || (b != nil && !b.replayable()) ||
+			!(unsent || idempotent(out.Method) || hasIdempotencyKey(out.Header)) {
 			return nil, err
 		}
 		pc = nil // retry once on a new connection
@@ -248,8 +259,9 @@ func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Res
 }
 
 // roundTrip carries one exchange over pc. On error the caller closes pc;
-// nothingRead says whether any of the response had arrived.
-func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody) (resp *http.Response, nothingRead bool, err error) {
+// nothingRead says whether any of the response had arrived, and unsent
+// whether writing the request failed, so the node cannot have acted on it.
+func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody) (resp *http.Response, nothingRead, unsent bool, err error) {
 	// Interrupt blocked I/O when ctx ends, until the body is done.
 	x := exchange{ctx: ctx}
 	x.deadline, x.hasDeadline = ctx.Deadline()
@@ -261,14 +273,16 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 	}
 
 	pc.lr.n = h1MaxHeaderBytes
-	if err = pc.writeRequest(out, body); err == nil {
+	if err = pc.writeRequest(out, body); err != nil {
+		unsent = true
+	} else {
 		resp, err = pc.readResponse(out)
 	}
 	if err != nil {
 		if x.stop != nil {
 			x.stop()
 		}
-		return nil, pc.lr.n == h1MaxHeaderBytes, x.wrap(err)
+		return nil, pc.lr.n == h1MaxHeaderBytes, unsent, x.wrap(err)
 	}
 	pc.lr.n = noLimit
 
@@ -277,7 +291,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 	case resp.ContentLength == 0 || out.Method == http.MethodHead || !bodyAllowed(resp.StatusCode):
 		resp.Body = http.NoBody
 		rb.finish(nil)
-		return resp, false, nil
+		return resp, false, false, nil
 	case resp.TransferEncoding != nil:
 		rb.cr = httputil.NewChunkedReader(pc.br)
 	case resp.ContentLength > 0:
@@ -286,7 +300,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 		resp.Close = true // read to EOF
 	}
 	resp.Body = rb
-	return resp, false, nil
+	return resp, false, false, nil
 }
 
 // exchange is the context of one request on a connection.

@@ -259,6 +259,47 @@ func TestH1PoolRetriesConnClosedIdle(t *testing.T) {
 	}
 }
 
+func TestH1PoolRetriesOnlyWhatIsSafeToRepeat(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true // closes, says nothing
+	})
+	p := testH1Pool()
+	defer p.retire()
+	post := func(key string) error {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", nil)
+		if key != "" {
+			req.Header.Set("Idempotency-Key", key)
+		}
+		resp, err := p.roundTrip(req, nil, time.Now())
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		return err
+	}
+	warm := func() {
+		t.Helper()
+		if _, body, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil || body != "ok" {
+			t.Fatalf("GET = %q, %v; want ok", body, err)
+		}
+		time.Sleep(20 * time.Millisecond) // the node's close arrives; the pool holds a dead conn
+	}
+
+	warm()
+	before := node.accepts.Load()
+	if err := post(""); err == nil {
+		t.Errorf("POST on a connection the node closed succeeded, want an error: it was sent and may have been acted on")
+	}
+	if got := node.accepts.Load(); got != before {
+		t.Errorf("POST dialled %d new connections, want none (no replay of a sent POST)", got-before)
+	}
+
+	warm()
+	if err := post("k-1"); err != nil {
+		t.Errorf("POST with an Idempotency-Key on a stale connection = %v, want it retried on a new one", err)
+	}
+}
+
 func TestH1PoolDialError(t *testing.T) {
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	addr := ln.Addr().String()
