@@ -48,4 +48,7 @@ type Pick struct {
 type Result struct {
 	Err     error
 	Latency time.Duration
+	// At is when the request ended, if the caller read the clock anyway;
+	// zero means the balancer reads it when it needs it.
+	At time.Time
 }

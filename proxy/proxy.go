@@ -552,7 +552,8 @@ func release(pk balancer.Pick) {
 
 func done(pk balancer.Pick, err error, start time.Time) {
 	if pk.Done != nil {
-		pk.Done(balancer.Result{Err: err, Latency: time.Since(start)})
+		now := time.Now()
+		pk.Done(balancer.Result{Err: err, Latency: now.Sub(start), At: now})
 	}
 }
 
