@@ -473,13 +473,6 @@ func isGatewayStatus(code int, all5xx bool) bool {
 	return code == http.StatusBadGateway || code == http.StatusServiceUnavailable || code == http.StatusGatewayTimeout
 }
 
-// discard drops a response that will not be relayed, reading a little of
-// it so its connection can be reused.
-func discard(resp *http.Response) {
-	_, _ = io.CopyN(io.Discard, resp.Body, 4<<10)
-	resp.Body.Close()
-}
-
 // hold reads a short response into memory so it can still be relayed
 // later, or discards it and returns nil when it is long or broken.
 func hold(resp *http.Response) *http.Response {
