@@ -303,13 +303,14 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 // allows. It returns the response, the endpoint and pick it came from, or
 // the last error. pk.Done is left to the caller on success.
 func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time) (resp *http.Response, e *endpoint, pk balancer.Pick, err error) {
-	// A gateway answer given up for a retry, kept in case no other node is
-	// left after all: the set may shrink (an ejection) between deciding to
-	// retry and picking.
+	// A gateway answer given up for a retry, kept in case the retry does no
+	// better: the set may shrink (an ejection) between deciding to retry and
+	// picking, or the next node may fail outright. A node's own answer beats
+	// one the sidecar makes up.
 	var held *http.Response
 	var heldE *endpoint
 	defer func() {
-		if held != nil && err != nil && errors.Is(err, errGateway) && r.Context().Err() == nil {
+		if held != nil && err != nil && r.Context().Err() == nil {
 			resp, e, pk, err = held, heldE, balancer.Pick{}, nil
 		}
 	}()

@@ -859,3 +859,23 @@ func TestRetryBackoffRespectsCancel(t *testing.T) {
 		}
 	})
 }
+
+// A node's 503 given up for a retry is relayed when the retry fails
+// outright: a real answer beats one the sidecar makes up.
+func TestRetryRelaysHeldAnswerWhenRetryFails(t *testing.T) {
+	res := resDefaults(t)
+	res.Outlier.Enabled = false
+	res.Breaker.Enabled = false
+	res.Retries.Backoff = time.Millisecond
+	nodes := resStartNodes(t, 1)
+	bad := nodes[0]
+	bad.status.Store(http.StatusServiceUnavailable)
+	s := resProxy(t, []string{bad.addr, resDeadAddr(t)}, RouteConfig{Resilience: res})
+	for i := range 20 {
+		r := s.do(t, http.MethodGet, "/x", nil)
+		if r.status != http.StatusServiceUnavailable || r.header.Get("X-Sidecar-Error") != "" || r.body != bad.addr {
+			t.Fatalf("request %d = %d %q (X-Sidecar-Error %q), want the node's own 503",
+				i, r.status, r.body, r.header.Get("X-Sidecar-Error"))
+		}
+	}
+}
