@@ -22,7 +22,7 @@ type Balancer interface {
 	// Pick chooses an endpoint for one request. Pick must not block, is safe
 	// for concurrent use, takes no lock and does not allocate. It returns
 	// ErrNoEndpoints when the set is empty.
-	Pick(r *Request) (Pick, error)
+	Pick(r Request) (Pick, error)
 }
 
 // Request is what a balancer may know about the request being placed.

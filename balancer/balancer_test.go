@@ -33,9 +33,17 @@ func without(eps []discovery.Endpoint, id string) []discovery.Endpoint {
 }
 
 // pickID picks once, calls Done and returns the endpoint's ID.
+// val is the request r points to, or the zero request for nil.
+func val(r *Request) Request {
+	if r == nil {
+		return Request{}
+	}
+	return *r
+}
+
 func pickID(t testing.TB, b Balancer, r *Request) string {
 	t.Helper()
-	p, err := b.Pick(r)
+	p, err := b.Pick(val(r))
 	if err != nil {
 		t.Fatalf("Pick() error = %v, want nil", err)
 	}
@@ -78,13 +86,13 @@ func TestPickEmpty(t *testing.T) {
 			for _, eps := range [][]discovery.Endpoint{nil, {}, testEndpoints(3)[:0]} {
 				b.Update(eps)
 				for _, r := range reqs {
-					if p, err := b.Pick(r); !errors.Is(err, ErrNoEndpoints) {
+					if p, err := b.Pick(val(r)); !errors.Is(err, ErrNoEndpoints) {
 						t.Errorf("Pick(%+v) = %v, %v, want %v", r, p, err, ErrNoEndpoints)
 					}
 				}
 			}
 			// Before any Update, too.
-			if _, err := newBalancer(t, name).Pick(&Request{}); !errors.Is(err, ErrNoEndpoints) {
+			if _, err := newBalancer(t, name).Pick(Request{}); !errors.Is(err, ErrNoEndpoints) {
 				t.Errorf("Pick() before Update error = %v, want %v", err, ErrNoEndpoints)
 			}
 		})
@@ -157,7 +165,7 @@ func TestPickConcurrent(t *testing.T) {
 						if i%5 == 0 {
 							r.Exclude = []string{"node-00000"}
 						}
-						p, err := b.Pick(r)
+						p, err := b.Pick(val(r))
 						if err != nil {
 							if !errors.Is(err, ErrNoEndpoints) {
 								t.Errorf("Pick() error = %v, want nil or %v", err, ErrNoEndpoints)

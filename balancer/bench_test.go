@@ -88,7 +88,7 @@ func BenchmarkUpdate(b *testing.B) {
 }
 
 func benchPick(b *testing.B, bal Balancer, r *Request) {
-	p, err := bal.Pick(r)
+	p, err := bal.Pick(val(r))
 	if err != nil {
 		b.Fatal(err)
 	}

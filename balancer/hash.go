@@ -148,15 +148,15 @@ func (st *hashState) sort() {
 // req.Exclude it walks on clockwise to the next endpoint that is not, so
 // retries of one key also go to a stable place. Without a key it rotates
 // round-robin. It is safe for concurrent use and does not block.
-func (h *Hash) Pick(req *Request) (Pick, error) {
+func (h *Hash) Pick(req Request) (Pick, error) {
 	st := h.state.Load()
 	n := len(st.eps)
 	if n == 0 {
 		return Pick{}, ErrNoEndpoints
 	}
-	if req == nil || !req.HasKey {
+	if !req.HasKey {
 		i := int((h.next.Add(1) - 1) % uint64(n))
-		if req != nil && len(req.Exclude) > 0 {
+		if len(req.Exclude) > 0 {
 			if j := nextAllowed(st.eps, i, req.Exclude); j >= 0 {
 				i = j
 			}

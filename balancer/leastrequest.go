@@ -190,16 +190,13 @@ func (lr *LeastRequest) Update(endpoints []discovery.Endpoint) {
 // req.Exclude (while any such remain) and counts the request against it
 // until Pick.Done is called, which the caller must do exactly once. It is
 // safe for concurrent use and does not block.
-func (lr *LeastRequest) Pick(req *Request) (Pick, error) {
+func (lr *LeastRequest) Pick(req Request) (Pick, error) {
 	st := lr.state.Load()
 	n := len(st.eps)
 	if n == 0 {
 		return Pick{}, ErrNoEndpoints
 	}
-	var ex []string
-	if req != nil {
-		ex = req.Exclude
-	}
+	ex := req.Exclude
 	i := 0
 	if n > 1 {
 		a := rand.IntN(n)

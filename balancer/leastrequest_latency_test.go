@@ -18,7 +18,7 @@ func (c *fakeClock) advance(d time.Duration) { c.t = c.t.Add(d) }
 func serve(lr *LeastRequest, clock *fakeClock, n int, answer func(id string) (time.Duration, error)) map[string]int {
 	got := map[string]int{}
 	for i := 0; i < n; i++ {
-		pk, err := lr.Pick(&Request{})
+		pk, err := lr.Pick(Request{})
 		if err != nil {
 			panic(err)
 		}
@@ -111,7 +111,7 @@ func TestLeastRequestNotSentTakesNoSample(t *testing.T) {
 	clock := &fakeClock{t: time.Unix(1000, 0)}
 	lr := NewLeastRequest(Options{Now: clock.now})
 	lr.Update(testEndpoints(1))
-	pk, _ := lr.Pick(&Request{})
+	pk, _ := lr.Pick(Request{})
 	pk.Done(Result{})
 	n := lr.state.Load().nodes[0]
 	if got := n.inflight.Load(); got != 0 {

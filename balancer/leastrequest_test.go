@@ -17,7 +17,7 @@ func hold(t *testing.T, lr *LeastRequest, id string, n int) []func(Result) {
 	}
 	dones := make([]func(Result), n)
 	for i := range dones {
-		p, err := lr.Pick(&Request{Exclude: others})
+		p, err := lr.Pick(Request{Exclude: others})
 		if err != nil || p.Endpoint.ID != id {
 			t.Fatalf("Pick() = %v, %v, want %s", p.Endpoint, err, id)
 		}
@@ -73,7 +73,7 @@ func TestLeastRequestSpread(t *testing.T) {
 	// Picks held open spread evenly: each goes to a less loaded endpoint.
 	counts := map[string]int{}
 	for range 300 {
-		p, err := lr.Pick(&Request{})
+		p, err := lr.Pick(Request{})
 		if err != nil {
 			t.Fatalf("Pick() error = %v", err)
 		}

@@ -44,13 +44,13 @@ func (r *Random) Update(endpoints []discovery.Endpoint) {
 
 // Pick chooses an endpoint at random, weighted, skipping r.Exclude while any
 // other endpoint remains. It is safe for concurrent use and does not block.
-func (r *Random) Pick(req *Request) (Pick, error) {
+func (r *Random) Pick(req Request) (Pick, error) {
 	st := r.state.Load()
 	if len(st.eps) == 0 {
 		return Pick{}, ErrNoEndpoints
 	}
 	i := st.pick()
-	if req != nil && len(req.Exclude) > 0 && excluded(req.Exclude, st.eps[i].ID) {
+	if len(req.Exclude) > 0 && excluded(req.Exclude, st.eps[i].ID) {
 		i = st.pickAvoiding(i, req.Exclude)
 	}
 	return Pick{Endpoint: &st.eps[i]}, nil

@@ -61,7 +61,7 @@ func (r *RoundRobin) Update(endpoints []discovery.Endpoint) {
 // Pick returns the next endpoint in the rotation, skipping req.Exclude while
 // any other endpoint remains. It is safe for concurrent use and does not
 // block.
-func (r *RoundRobin) Pick(req *Request) (Pick, error) {
+func (r *RoundRobin) Pick(req Request) (Pick, error) {
 	st := r.state.Load()
 	n := len(st.eps)
 	if n == 0 {
@@ -70,7 +70,7 @@ func (r *RoundRobin) Pick(req *Request) (Pick, error) {
 	c := r.next.Add(1) - 1
 	if st.schedule == nil {
 		i := int(c % uint64(n))
-		if req != nil && len(req.Exclude) > 0 {
+		if len(req.Exclude) > 0 {
 			if j := nextAllowed(st.eps, i, req.Exclude); j >= 0 {
 				i = j
 			}
@@ -79,7 +79,7 @@ func (r *RoundRobin) Pick(req *Request) (Pick, error) {
 	}
 	pos := int(c % uint64(len(st.schedule)))
 	i := int(st.schedule[pos])
-	if req != nil && len(req.Exclude) > 0 && excluded(req.Exclude, st.eps[i].ID) {
+	if len(req.Exclude) > 0 && excluded(req.Exclude, st.eps[i].ID) {
 		i = st.nextScheduled(pos, req.Exclude)
 	}
 	return Pick{Endpoint: &st.eps[i]}, nil

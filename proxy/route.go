@@ -103,8 +103,7 @@ func (rt *route) pick(ctx context.Context, key uint64, hasKey bool, exclude []st
 	if st == nil || st.snap != snap {
 		st = rt.update(snap)
 	}
-	req := balancer.Request{Key: key, HasKey: hasKey, Exclude: exclude}
-	pk, err := rt.bal.Pick(&req)
+	pk, err := rt.bal.Pick(balancer.Request{Key: key, HasKey: hasKey, Exclude: exclude})
 	if err != nil {
 		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, err}
 	}
