@@ -73,8 +73,18 @@ func isDialError(err error) bool {
 	return errors.Is(err, syscall.ECONNREFUSED)
 }
 
-// writeError answers a request the proxy could not forward.
-func writeError(w http.ResponseWriter, err error) int {
+// answerError answers a request the proxy could not forward: with a gRPC
+// status for a gRPC call, in plain text otherwise.
+func answerError(w http.ResponseWriter, r *http.Request, err error) {
+	if isGRPC(r) {
+		writeGRPCError(w, err)
+		return
+	}
+	writeError(w, err)
+}
+
+// writeError answers a request the proxy could not forward in plain text.
+func writeError(w http.ResponseWriter, err error) {
 	status, code := classify(err)
 	h := w.Header()
 	h.Set("Content-Type", "text/plain; charset=utf-8")
@@ -82,5 +92,4 @@ func writeError(w http.ResponseWriter, err error) int {
 	h.Set("X-Sidecar-Error", code)
 	w.WriteHeader(status)
 	fmt.Fprintf(w, "sidecar: %v\n", err)
-	return status
 }

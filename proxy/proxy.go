@@ -139,21 +139,17 @@ func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
 	}
-	fail := writeError
-	if isGRPC(r) {
-		fail = func(w http.ResponseWriter, err error) int { writeGRPCError(w, err); return http.StatusOK }
-	}
 	name, err := serviceFromRequest(r)
 	if err != nil {
 		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
-		fail(w, err)
+		answerError(w, r, err)
 		return
 	}
 	rt, err := f.route(r.Context(), name)
 	if err != nil {
 		_, code := classify(err)
 		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
-		fail(w, err)
+		answerError(w, r, err)
 		return
 	}
 	f.p.serve(w, r, rt)
@@ -230,10 +226,6 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		return
 	}
 	grpc := isGRPC(r)
-	fail := writeError
-	if grpc {
-		fail = func(w http.ResponseWriter, err error) int { writeGRPCError(w, err); return http.StatusOK }
-	}
 
 	ctx := r.Context()
 	timeout := rt.cfg.Timeouts.Request
@@ -266,7 +258,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
 			err = &proxyError{rt.cfg.Service, err} // name the service once
 		}
-		fail(w, err)
+		answerError(w, r, err)
 		return
 	}
 	defer resp.Body.Close()

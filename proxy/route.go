@@ -116,9 +116,7 @@ func (rt *route) pick(ctx context.Context, key uint64, hasKey bool, exclude []st
 		rt.mu.Unlock()
 	}
 	if e == nil {
-		if pk.Done != nil {
-			pk.Done(balancer.Result{Err: balancer.ErrNoEndpoints})
-		}
+		release(pk)
 		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, balancer.ErrNoEndpoints}
 	}
 	return e, pk, nil
