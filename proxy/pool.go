@@ -63,19 +63,9 @@ func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time)
 	return p.h1.RoundTrip(out)
 }
 
-// transport returns the endpoint's HTTP/1.1 or HTTP/2 pool, first renewing
-// the pools when they are past their age. Requests in flight on the old
-// pools finish: their connections close once idle.
-func (e *endpoint) transport(h2 bool, now time.Time) *http.Transport {
-	p := e.currentPools(now)
-	if h2 {
-		return p.h2
-	}
-	return p.h1
-}
-
 // currentPools returns the endpoint's pools, renewing them first when they
-// are past their age.
+// are past their age. Requests in flight on the old pools finish: their
+// connections close once idle.
 func (e *endpoint) currentPools(now time.Time) *pools {
 	p := e.pools.Load()
 	if p.expires != 0 && now.UnixNano() > p.expires {

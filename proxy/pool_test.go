@@ -83,22 +83,22 @@ func TestPoolsRenewAtMaxAge(t *testing.T) {
 	e := &endpoint{Endpoint: discovery.NewEndpoint("a", "127.0.0.1", 1, nil, nil, 1), poolConfig: pc}
 	e.pools.Store(newPools(pc, start))
 
-	first := e.transport(true, start)
-	if got := e.transport(true, start.Add(age*8/10)); got != first {
+	first := e.currentPools(start).h2
+	if got := e.currentPools(start.Add(age * 8 / 10)).h2; got != first {
 		t.Errorf("transport at 80%% of max age renewed, want the same pool")
 	}
-	renewed := e.transport(true, start.Add(age*12/10))
+	renewed := e.currentPools(start.Add(age * 12 / 10)).h2
 	if renewed == first {
 		t.Fatalf("transport past max age + jitter = same pool, want a new one")
 	}
-	if got := e.transport(false, start.Add(age*12/10)); got == nil || got == renewed {
+	if got := e.currentPools(start.Add(age * 12 / 10)).h1; got == nil || got == renewed {
 		t.Errorf("HTTP/1.1 pool after renewal = %p, want its own new pool", got)
 	}
 
 	never := &poolConfig{timeouts: Timeouts{}.withDefaults()}
 	e2 := &endpoint{poolConfig: never}
 	e2.pools.Store(newPools(never, start))
-	if e2.transport(false, start) != e2.transport(false, start.Add(1000*time.Hour)) {
+	if e2.currentPools(start).h1 != e2.currentPools(start.Add(1000*time.Hour)).h1 {
 		t.Errorf("pools with no max age renewed, want them kept")
 	}
 }

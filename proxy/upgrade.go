@@ -34,7 +34,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		out.Body = r.Body
 	}
 
-	resp, err := e.transport(false, start).RoundTrip(out)
+	resp, err := e.currentPools(start).h1.RoundTrip(out)
 	if err != nil {
 		done(pk, err, start)
 		_, code := classify(err)
