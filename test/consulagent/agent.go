@@ -33,7 +33,7 @@ type Agent struct {
 	mu     sync.Mutex // guards cmd and exited
 	cmd    *exec.Cmd
 	exited chan struct{}
-	log    lockedBuffer
+	log    LockedBuffer
 }
 
 // Ports are the loopback ports the agent listens on. They stay the same
@@ -288,20 +288,20 @@ func RepoRoot(t testing.TB) string {
 	return root
 }
 
-// lockedBuffer is a bytes.Buffer safe for the agent's output copier and Log
-// to use at once.
-type lockedBuffer struct {
+// LockedBuffer is a bytes.Buffer safe for a process's output copier and a
+// reader to use at once. The zero value is ready to use.
+type LockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (l *lockedBuffer) Write(p []byte) (int, error) {
+func (l *LockedBuffer) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.Write(p)
 }
 
-func (l *lockedBuffer) String() string {
+func (l *LockedBuffer) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()

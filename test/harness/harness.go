@@ -4,7 +4,6 @@
 package harness
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/http"
@@ -56,7 +55,7 @@ type Proc struct {
 	t      testing.TB
 	Name   string
 	cmd    *exec.Cmd
-	out    lockedBuffer
+	out    consulagent.LockedBuffer
 	exited chan struct{}
 	mu     sync.Mutex
 	err    error // exit status, once exited
@@ -181,21 +180,4 @@ func (p *Proc) WaitOutput(s string, within time.Duration) {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
