@@ -277,7 +277,11 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 			h[http.TrailerPrefix+k] = vv
 		}
 	}
-	done(pk, err, start)
+	outcome := err
+	if outcome == nil && isGatewayStatus(resp.StatusCode, rt.cfg.Resilience.Outlier.EjectOn5xx) {
+		outcome = errGateway // counts as slow for latency-aware balancing
+	}
+	done(pk, outcome, start)
 	m.duration.Observe(time.Since(start).Seconds())
 	if err != nil && !errors.Is(err, errClientGone) {
 		// The node failed mid-body: abort so the client sees a broken

@@ -149,13 +149,6 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 			tried = append(tried, e.ID)
 			continue
 		}
-		if gateway {
-			// Counts as slow for latency-aware balancing.
-			pk2 := pk
-			pk2.Done = nil
-			done(pk, errGateway, start)
-			return resp, e, pk2, nil
-		}
 		return resp, e, pk, nil
 	}
 }
