@@ -119,7 +119,7 @@ func (p *Proxy) Forward(listener string, defaults RouteConfig) (http.Handler, er
 	if _, err := parseHashKey(defaults.HashKey); err != nil {
 		return nil, err
 	}
-	if _, err := balancer.New(orDefault(defaults.Balancer, "round_robin"), balancer.Options{}); err != nil {
+	if _, err := balancer.New(balancerName(defaults.Balancer), balancer.Options{}); err != nil {
 		return nil, err
 	}
 	f := &forwarder{p: p, listener: listener, defaults: defaults}
@@ -385,11 +385,4 @@ func copyBody(w http.ResponseWriter, resp *http.Response) error {
 			return rerr
 		}
 	}
-}
-
-func orDefault(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
 }

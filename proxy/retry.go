@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"time"
 
@@ -57,7 +58,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 			}
 			return nil, nil, pk, err
 		}
-		if len(tried) > 0 && slicesContains(tried, e.ID) {
+		if len(tried) > 0 && slices.Contains(tried, e.ID) {
 			// Every node left has been tried.
 			release(pk)
 			return nil, nil, balancer.Pick{}, lastErr
@@ -203,13 +204,4 @@ func (c cancelOnClose) Close() error {
 	err := c.ReadCloser.Close()
 	c.cancel()
 	return err
-}
-
-func slicesContains(s []string, v string) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }

@@ -59,10 +59,7 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 	if err != nil {
 		return nil, err
 	}
-	name := cfg.Balancer
-	if name == "" {
-		name = "round_robin"
-	}
+	name := balancerName(cfg.Balancer)
 	bal, err := balancer.New(name, balancer.Options{SlowStart: cfg.Resilience.SlowStart})
 	if err != nil {
 		return nil, err
@@ -89,6 +86,15 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 		budget:   newRetryBudget(cfg.Resilience.Retries.Budget),
 		log:      log.With(zap.String("listener", listener), zap.String("service", cfg.Service)),
 	}, nil
+}
+
+// balancerName is the balancer a route uses for a configured name: the
+// name, or round_robin when it is empty.
+func balancerName(name string) string {
+	if name == "" {
+		return "round_robin"
+	}
+	return name
 }
 
 // pick chooses the endpoint for one request or connection. key is the hash

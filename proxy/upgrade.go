@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -60,7 +61,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		return
 	}
 	defer backConn.Close()
-	if got := upgradeType(resp.Header); got == "" || !equalFold(got, proto) {
+	if got := upgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
 		done(pk, fmt.Errorf("node switched to %q, not %q", got, proto), start)
 		writeError(w, &proxyError{rt.cfg.Service, fmt.Errorf("node switched to protocol %q, want %q", got, proto)})
 		return
@@ -116,17 +117,4 @@ func closeWrite(c any) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		_ = cw.CloseWrite()
 	}
-}
-
-func equalFold(a, b string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := 0; i < len(a); i++ {
-		ca, cb := a[i]|0x20, b[i]|0x20
-		if ca != cb {
-			return false
-		}
-	}
-	return true
 }
