@@ -31,6 +31,10 @@ const (
 	ProtocolTCP   = "tcp"
 )
 
+// ProxyProtocolV2 is the one value of upstreams[].proxy_protocol that sends
+// a header; empty means none.
+const ProxyProtocolV2 = "v2"
+
 // Balancer names accepted by proxy.balancer and upstreams[].balancer.
 const (
 	BalancerRandom       = "random"
@@ -199,6 +203,11 @@ type Upstream struct {
 	// TLS, when set, reaches the nodes over TLS (h2 by ALPN for http2
 	// and grpc) instead of plaintext.
 	TLS *TLS `yaml:"tls"`
+	// ProxyProtocol "v2" starts every connection to a node with a PROXY
+	// protocol v2 header carrying the app's address and the listener
+	// address it connected to. Protocol tcp only; empty (the default)
+	// sends none.
+	ProxyProtocol string `yaml:"proxy_protocol"`
 }
 
 // setDefaults is called by the decoder on a freshly allocated Service.

@@ -275,6 +275,23 @@ upstreams:
 `,
 		},
 		{
+			name: "proxy_protocol v2 on tcp, off by default",
+			yaml: `
+upstreams:
+  - {name: a, listen: 127.0.0.1:1, protocol: tcp, proxy_protocol: v2}
+  - {name: b, listen: 127.0.0.1:2, protocol: tcp}
+  - {name: c, listen: 127.0.0.1:3, proxy_protocol: ""}
+  - {name: d, listen: 127.0.0.1:4, protocol: http2, proxy_protocol: ~}
+`,
+			check: func(t *testing.T, c *Config) {
+				for i, want := range []string{ProxyProtocolV2, "", "", ""} {
+					if got := c.Upstreams[i].ProxyProtocol; got != want {
+						t.Errorf("Upstreams[%d].ProxyProtocol = %q, want %q", i, got, want)
+					}
+				}
+			},
+		},
+		{
 			name: "listeners on different interfaces share a port",
 			yaml: "proxy: {listen: '127.0.0.1:15002'}\nupstreams: [{name: a, listen: '127.0.0.2:15002'}]",
 		},

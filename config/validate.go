@@ -178,6 +178,14 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 		p.errorf(path+".tls", "not supported with protocol tcp")
 	}
 	p.validateTLS(path+".tls", u.TLS)
+	switch pp := path + ".proxy_protocol"; {
+	case u.ProxyProtocol == "":
+	case u.ProxyProtocol != ProxyProtocolV2:
+		p.errorf(pp, `unknown %q (want %s, or "" for none)`, u.ProxyProtocol, ProxyProtocolV2)
+	case u.Protocol != ProtocolTCP && slices.Contains(protocols, u.Protocol):
+		// An unknown protocol is reported on its own key.
+		p.errorf(pp, "not supported with protocol %s (only with tcp)", u.Protocol)
+	}
 }
 
 // listenConflicts reports two listeners on the same address, or on the same

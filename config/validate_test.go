@@ -285,6 +285,24 @@ upstreams:
 		},
 	},
 	{
+		name: "bad proxy_protocol",
+		yaml: `
+upstreams:
+  - {name: a, listen: 127.0.0.1:15002, protocol: tcp, proxy_protocol: v1}
+  - {name: b, listen: 127.0.0.1:15003, proxy_protocol: v2}
+  - {name: c, listen: 127.0.0.1:15004, protocol: grpc, proxy_protocol: v2}
+  - {name: d, listen: 127.0.0.1:15005, protocol: htp, proxy_protocol: v2}
+  - {name: e, listen: 127.0.0.1:15006, protocol: tcp, proxy_protocol: 2}
+`,
+		want: []string{
+			`config.yaml: upstreams[0].proxy_protocol: unknown "v1" (want v2, or "" for none)`,
+			`config.yaml: upstreams[1].proxy_protocol: not supported with protocol http (only with tcp)`,
+			`config.yaml: upstreams[2].proxy_protocol: not supported with protocol grpc (only with tcp)`,
+			`config.yaml: upstreams[3].protocol: unknown "htp" (want http, http2, grpc or tcp)`,
+			`config.yaml: upstreams[4].proxy_protocol: unknown "2" (want v2, or "" for none)`,
+		},
+	},
+	{
 		name: "duplicate key",
 		yaml: "log:\n  level: info\n  level: debug\n",
 		want: []string{`config.yaml: log.level: duplicate key (first on line 2)`},

@@ -52,6 +52,11 @@ type RouteConfig struct {
 	// start. Its zero value turns all of them off; config.Load fills in
 	// the documented defaults.
 	Resilience config.Resilience
+	// ProxyProtocol, when "v2", starts every connection to a node with a
+	// PROXY protocol v2 header carrying the client's address and the
+	// listener address it connected to. Only tcp routes use it; empty (the
+	// default) sends none.
+	ProxyProtocol string
 }
 
 // Timeouts bound the phases of a proxied request.

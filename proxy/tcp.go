@@ -19,7 +19,9 @@ const tcpDialAttempts = 3
 
 // TCPServer proxies raw TCP connections for one upstream: each connection
 // goes to a node picked for it, bytes are copied both ways, and a half-close
-// on one side is passed to the other.
+// on one side is passed to the other. With RouteConfig.ProxyProtocol "v2",
+// each connection to a node starts with a PROXY protocol v2 header naming
+// the client's address and the listener address it connected to.
 type TCPServer struct {
 	p  *Proxy
 	rt *route
@@ -36,6 +38,10 @@ type TCPServer struct {
 // connection with no traffic either way for that long.
 func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
 	cfg.Timeouts = cfg.Timeouts.withDefaults()
+	if cfg.ProxyProtocol != "" && cfg.ProxyProtocol != proxyProtocolV2 {
+		return nil, fmt.Errorf("upstream %q on %s: unknown proxy protocol %q (want %s or none)",
+			cfg.Service, listener, cfg.ProxyProtocol, proxyProtocolV2)
+	}
 	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
@@ -138,6 +144,10 @@ func (s *TCPServer) handle(client net.Conn) {
 			key, hasKey = fnv64(host), true
 		}
 	}
+	var header []byte
+	if rt.cfg.ProxyProtocol == proxyProtocolV2 {
+		header = appendProxyV2(make([]byte, 0, proxyV2MaxLen), client.RemoteAddr(), client.LocalAddr())
+	}
 	var (
 		backend net.Conn
 		e       *endpoint
@@ -150,8 +160,7 @@ func (s *TCPServer) handle(client net.Conn) {
 			lastErr = err
 			break
 		}
-		d := net.Dialer{Timeout: rt.cfg.Timeouts.Connect, KeepAlive: 30 * time.Second}
-		c, err := d.Dial("tcp", ep.Addr)
+		c, err := s.dial(ep.Addr, header)
 		if err != nil {
 			done(pk, err, start)
 			lastErr = err
@@ -190,6 +199,27 @@ func (s *TCPServer) handle(client net.Conn) {
 	go func() { errc <- pipe(client, backend, &last) }()
 	<-errc
 	<-errc
+}
+
+// dial connects to a node at addr and writes header, if any, before
+// anything else, so the node has it even when the client never sends a
+// byte. Both steps are bounded by the connect timeout. A header that cannot
+// be written fails the dial: no client byte has gone out yet, so the caller
+// may move on to another node.
+func (s *TCPServer) dial(addr string, header []byte) (net.Conn, error) {
+	deadline := time.Now().Add(s.rt.cfg.Timeouts.Connect)
+	d := net.Dialer{Deadline: deadline, KeepAlive: 30 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil || len(header) == 0 {
+		return c, err
+	}
+	_ = c.SetWriteDeadline(deadline)
+	if _, err := c.Write(header); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("write proxy protocol header to %s: %w", addr, err)
+	}
+	_ = c.SetWriteDeadline(time.Time{})
+	return c, nil
 }
 
 // pipe copies src to dst, stamping last on every transfer, and half-closes

@@ -244,15 +244,16 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 	for i, u := range cfg.Upstreams {
 		cache.Pin(u.Name)
 		rc := proxy.RouteConfig{
-			Service:      u.Name,
-			Protocol:     u.Protocol,
-			Balancer:     u.Balancer,
-			HashKey:      u.HashKey,
-			Tags:         u.Tags,
-			PreserveHost: u.PreserveHost,
-			Timeouts:     timeouts(u.Timeouts),
-			Resilience:   u.Resilience,
-			TLS:          u.TLS,
+			Service:       u.Name,
+			Protocol:      u.Protocol,
+			Balancer:      u.Balancer,
+			HashKey:       u.HashKey,
+			Tags:          u.Tags,
+			PreserveHost:  u.PreserveHost,
+			Timeouts:      timeouts(u.Timeouts),
+			Resilience:    u.Resilience,
+			TLS:           u.TLS,
+			ProxyProtocol: u.ProxyProtocol,
 		}
 		var s *server
 		var err error
