@@ -63,14 +63,14 @@ func classify(err error) (status int, code string) {
 	return http.StatusBadGateway, "upstream_failed"
 }
 
-// isDialError reports whether err happened while connecting, before the
-// request reached the node.
+// isDialError reports whether err happened while connecting, or otherwise
+// before the node processed the request (an HTTP/2 stream it refused).
 func isDialError(err error) bool {
 	var op *net.OpError
 	if errors.As(err, &op) && op.Op == "dial" {
 		return true
 	}
-	return errors.Is(err, syscall.ECONNREFUSED)
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, errRefusedStream)
 }
 
 // answerError answers a request the proxy could not forward: with a gRPC

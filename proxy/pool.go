@@ -17,9 +17,10 @@ import (
 // HTTP/2 (h2c, or h2 over TLS). They are replaced when they reach their
 // maximum age, so long-lived connections are renewed now and then.
 type pools struct {
-	h1, h2  *http.Transport
-	fast    *h1Pool // plain-text HTTP/1.1 fast path; nil over TLS
-	expires int64   // unix nanoseconds; 0: never
+	h1, h2  *http.Transport // h2 is nil when h2c goes over h2c
+	fast    *h1Pool         // plain-text HTTP/1.1 fast path; nil over TLS
+	h2c     *h2Pool         // plain-text HTTP/2; nil over TLS
+	expires int64           // unix nanoseconds; 0: never
 }
 
 // poolConfig is what an endpoint's pools are built from.
@@ -29,9 +30,14 @@ type poolConfig struct {
 }
 
 func newPools(c *poolConfig, now time.Time) *pools {
-	p := &pools{h1: newTransport(c, false), h2: newTransport(c, true)}
+	p := &pools{h1: newTransport(c, false)}
 	if useH1Pool && c.tls == nil {
 		p.fast = newH1Pool(c.timeouts)
+	}
+	if useH2Pool && c.tls == nil {
+		p.h2c = newH2Pool(c.timeouts)
+	} else {
+		p.h2 = newTransport(c, true)
 	}
 	if age := c.timeouts.MaxConnectionAge; age > 0 {
 		// ±10% jitter, so the pools of many endpoints do not renew together.
@@ -43,9 +49,14 @@ func newPools(c *poolConfig, now time.Time) *pools {
 
 func (p *pools) closeIdle() {
 	p.h1.CloseIdleConnections()
-	p.h2.CloseIdleConnections()
+	if p.h2 != nil {
+		p.h2.CloseIdleConnections()
+	}
 	if p.fast != nil {
 		p.fast.closeIdle()
+	}
+	if p.h2c != nil {
+		p.h2c.closeIdle()
 	}
 }
 
@@ -55,6 +66,8 @@ func (p *pools) closeIdle() {
 func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time) (*http.Response, error) {
 	p := e.currentPools(now)
 	switch {
+	case h2 && p.h2c != nil:
+		return p.h2c.roundTrip(out)
 	case h2:
 		return p.h2.RoundTrip(out)
 	case p.fast != nil && h1Qualifies(out, b):
@@ -84,6 +97,9 @@ func (e *endpoint) currentPools(now time.Time) *pools {
 func drain(p *pools, grace time.Duration) {
 	if p.fast != nil {
 		p.fast.retire() // busy connections close when their exchange ends
+	}
+	if p.h2c != nil {
+		p.h2c.retire() // connections close when their last stream ends
 	}
 	p.closeIdle()
 	if grace <= 0 {

@@ -83,16 +83,16 @@ func TestPoolsRenewAtMaxAge(t *testing.T) {
 	e := &endpoint{Endpoint: discovery.NewEndpoint("a", "127.0.0.1", 1, nil, nil, 1), poolConfig: pc}
 	e.pools.Store(newPools(pc, start))
 
-	first := e.currentPools(start).h2
-	if got := e.currentPools(start.Add(age * 8 / 10)).h2; got != first {
-		t.Errorf("transport at 80%% of max age renewed, want the same pool")
+	first := e.currentPools(start)
+	if got := e.currentPools(start.Add(age * 8 / 10)); got != first {
+		t.Errorf("pools at 80%% of max age renewed, want the same pools")
 	}
-	renewed := e.currentPools(start.Add(age * 12 / 10)).h2
-	if renewed == first {
-		t.Fatalf("transport past max age + jitter = same pool, want a new one")
+	renewed := e.currentPools(start.Add(age * 12 / 10))
+	if renewed == first || renewed.h2c == first.h2c || renewed.h1 == first.h1 || renewed.fast == first.fast {
+		t.Fatalf("pools past max age + jitter = %p, want new pools of every kind", renewed)
 	}
-	if got := e.currentPools(start.Add(age * 12 / 10)).h1; got == nil || got == renewed {
-		t.Errorf("HTTP/1.1 pool after renewal = %p, want its own new pool", got)
+	if got := e.currentPools(start.Add(age * 12 / 10)); got != renewed {
+		t.Errorf("pools renewed twice at the same time, want one renewal")
 	}
 
 	never := &poolConfig{timeouts: Timeouts{}.withDefaults()}

@@ -29,11 +29,14 @@ import (
 	"github.com/sidecarlb/sidecar/discovery"
 )
 
-// testServer is an httptest server that counts the connections it accepts.
+// testServer is an httptest server, or a proxy listener's Server, that
+// counts the connections it accepts.
 type testServer struct {
-	*httptest.Server
-	name    string
-	accepts atomic.Int64
+	*httptest.Server // nil for a proxy listener's Server
+	URL      string
+	Listener net.Listener
+	name     string
+	accepts  atomic.Int64
 }
 
 type countingListener struct {
@@ -68,7 +71,7 @@ func startServerWith(t testing.TB, h http.Handler, srv *http.Server) *testServer
 	ts.Listener = &countingListener{Listener: ts.Listener, n: &s.accepts}
 	ts.Start()
 	t.Cleanup(ts.Close)
-	s.Server = ts
+	s.Server, s.URL, s.Listener = ts, ts.URL, ts.Listener
 	return s
 }
 
@@ -76,7 +79,30 @@ func startServerWith(t testing.TB, h http.Handler, srv *http.Server) *testServer
 // server NewServer builds.
 func startProxyServer(t testing.TB, h http.Handler) *testServer {
 	t.Helper()
-	return startServerWith(t, h, NewServer(h, ServerOptions{}, testLogger(t)))
+	return startProxyServerWith(t, NewServer(h, ServerOptions{}, testLogger(t)))
+}
+
+// startProxyServerWith serves srv on a loopback listener until the test
+// ends.
+func startProxyServerWith(t testing.TB, srv *Server) *testServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &testServer{}
+	s.Listener = &countingListener{Listener: ln, n: &s.accepts}
+	s.URL = "http://" + ln.Addr().String()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.Serve(s.Listener)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	return s
 }
 
 // nodeHandler answers as examples/echo does: "NAME METHOD PATH" and an
@@ -822,7 +848,7 @@ func TestShortGarbage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	px := startServerWith(t, h, NewServer(h, ServerOptions{ReadHeaderTimeout: 200 * time.Millisecond}, testLogger(t)))
+	px := startProxyServerWith(t, NewServer(h, ServerOptions{ReadHeaderTimeout: 200 * time.Millisecond}, testLogger(t)))
 	for _, raw := range []string{"GARBAGE\r\n\r\n", "GET\r\n\r\n", "\r\n\r\n"} {
 		if status, msg := rawExchange(t, px.Listener.Addr().String(), raw); status != http.StatusBadRequest {
 			t.Errorf("%q: status %d (%s), want 400", raw, status, msg)

@@ -1,0 +1,716 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+)
+
+// useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
+// client (h2Pool) rather than net/http's Transport, which stays in use for
+// h2 over TLS.
+const useH2Pool = true
+
+var (
+	// errRefusedStream: the node refused the stream (REFUSED_STREAM, or a
+	// GOAWAY naming an earlier stream) before processing it, so it is as
+	// safe to send elsewhere as a refused dial.
+	errRefusedStream = errors.New("http2: stream refused by the node before processing")
+	errConnUnusable  = errors.New("http2: connection takes no new streams")
+	errH2RespClosed  = errors.New("http2: response body closed")
+)
+
+// h2StreamError is a stream the node reset.
+type h2StreamError struct{ code http2.ErrCode }
+
+func (e h2StreamError) Error() string { return "http2: stream reset by the node: " + e.code.String() }
+
+// h2Pool is the h2c connections to one node. Streams go to the first
+// connection with room under the node's concurrency limit; a new connection
+// is dialled, one at a time, when none has.
+type h2Pool struct {
+	timeouts Timeouts
+	dialer   net.Dialer
+
+	mu      sync.Mutex
+	conns   []*h2ClientConn
+	dialing *h2Dial
+	retired bool
+}
+
+type h2Dial struct {
+	done chan struct{}
+	err  error
+}
+
+func newH2Pool(t Timeouts) *h2Pool {
+	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}}
+}
+
+// roundTrip sends req on a connection to req.URL.Host and returns the
+// response once its header arrives.
+func (p *h2Pool) roundTrip(req *http.Request) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		cc, err := p.conn(req.Context(), req.URL.Host)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := cc.roundTrip(req)
+		if errors.Is(err, errConnUnusable) && attempt < 3 {
+			continue // it went away between reserving and sending
+		}
+		return resp, err
+	}
+}
+
+// conn returns a connection with a stream reserved on it.
+func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
+	for {
+		p.mu.Lock()
+		for _, cc := range p.conns {
+			if cc.reserve() {
+				p.mu.Unlock()
+				return cc, nil
+			}
+		}
+		d := p.dialing
+		if d == nil {
+			d = &h2Dial{done: make(chan struct{})}
+			p.dialing = d
+			p.mu.Unlock()
+			cc, err := p.dial(addr)
+			p.mu.Lock()
+			p.dialing = nil
+			d.err = err
+			if err == nil {
+				p.conns = append(p.conns, cc)
+				if p.retired {
+					cc.retire()
+				}
+			}
+			close(d.done)
+			p.mu.Unlock()
+			if err != nil {
+				return nil, err
+			}
+			continue
+		}
+		p.mu.Unlock()
+		select {
+		case <-d.done:
+			if d.err != nil {
+				return nil, d.err
+			}
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
+	nc, err := p.dialer.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	cc := &h2ClientConn{
+		h2conn:     newH2Conn(nc),
+		pool:       p,
+		streams:    make(map[uint32]*h2ClientStream),
+		nextID:     1,
+		maxStreams: 100, // until the node's SETTINGS say otherwise
+	}
+	cc.mu.Lock()
+	cc.out = append(cc.out, http2.ClientPreface...)
+	cc.writeSettingsLocked(
+		http2.Setting{ID: http2.SettingEnablePush, Val: 0},
+		http2.Setting{ID: http2.SettingInitialWindowSize, Val: h2StreamWindow},
+		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+	)
+	cc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
+	cc.flushLocked()
+	cc.idle = time.AfterFunc(p.timeouts.Idle, cc.closeIfIdle)
+	cc.mu.Unlock()
+	go cc.writeLoop()
+	go cc.readLoop()
+	return cc, nil
+}
+
+func (p *h2Pool) remove(cc *h2ClientConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, x := range p.conns {
+		if x == cc {
+			p.conns = append(p.conns[:i], p.conns[i+1:]...)
+			return
+		}
+	}
+}
+
+// closeIdle closes the connections with no stream open.
+func (p *h2Pool) closeIdle() {
+	p.mu.Lock()
+	conns := append([]*h2ClientConn(nil), p.conns...)
+	p.mu.Unlock()
+	for _, cc := range conns {
+		cc.closeIfIdle()
+	}
+}
+
+// retire stops new streams on the pool's connections; each closes once its
+// last stream ends.
+func (p *h2Pool) retire() {
+	p.mu.Lock()
+	p.retired = true
+	conns := append([]*h2ClientConn(nil), p.conns...)
+	p.mu.Unlock()
+	for _, cc := range conns {
+		cc.retire()
+	}
+}
+
+// h2ClientConn is one h2c connection to a node.
+type h2ClientConn struct {
+	*h2conn
+	pool *h2Pool
+
+	// Under mu:
+	streams    map[uint32]*h2ClientStream
+	nextID     uint32
+	reserved   int
+	maxStreams uint32
+	goAway     bool // the node sent GOAWAY, or the pool retired it
+	idle       *time.Timer
+}
+
+// reserve claims room for one stream, if the connection takes new ones.
+func (cc *h2ClientConn) reserve() bool {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cc.err != nil || cc.goAway || cc.closing || cc.nextID >= 1<<31-1 ||
+		uint32(len(cc.streams)+cc.reserved) >= cc.maxStreams {
+		return false
+	}
+	cc.reserved++
+	return true
+}
+
+func (cc *h2ClientConn) retire() {
+	cc.mu.Lock()
+	cc.goAway = true
+	idle := len(cc.streams) == 0 && cc.reserved == 0
+	cc.mu.Unlock()
+	if idle {
+		cc.closeAfterFlush()
+	}
+}
+
+func (cc *h2ClientConn) closeIfIdle() {
+	cc.mu.Lock()
+	idle := len(cc.streams) == 0 && cc.reserved == 0
+	if idle {
+		cc.goAway = true
+		cc.writeGoAwayLocked(0, http2.ErrCodeNo)
+	}
+	cc.mu.Unlock()
+	if idle {
+		cc.closeAfterFlush()
+	}
+}
+
+// h2ClientStream is one request to a node and its response.
+type h2ClientStream struct {
+	cc   *h2ClientConn
+	id   uint32
+	req  *http.Request
+	resp *http.Response
+	body recvBuf
+
+	headers chan struct{} // closed when the response header or an error came
+	stop    func() bool   // unregisters the context watch
+
+	// Under cc.mu:
+	err      error // why the stream failed, before or after the header
+	gotResp  bool
+	sendWin  int64
+	sendDone bool // END_STREAM or RST sent
+	recvDone bool // END_STREAM received, or reset
+	trailer  http.Header
+}
+
+// roundTrip opens a stream on the reserved room for req and waits for the
+// response header.
+func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
+	ctx := req.Context()
+	hasBody := req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
+	cs := &h2ClientStream{cc: cc, req: req, headers: make(chan struct{})}
+
+	cc.mu.Lock()
+	cc.reserved--
+	if cc.err != nil || cc.goAway || cc.closing {
+		idle := len(cc.streams) == 0 && cc.reserved == 0 && cc.goAway
+		cc.mu.Unlock()
+		if idle {
+			cc.closeAfterFlush()
+		}
+		return nil, errConnUnusable
+	}
+	cs.id = cc.nextID
+	cc.nextID += 2
+	cs.sendWin = cc.peerInitWin
+	cs.body.init(cc.h2conn, cs.id)
+	cc.streams[cs.id] = cs
+	cc.idle.Stop()
+	if err := cc.encodeRequestLocked(req); err != nil {
+		delete(cc.streams, cs.id)
+		cc.mu.Unlock()
+		return nil, err
+	}
+	cc.writeHeaderBlockLocked(cs.id, !hasBody)
+	cs.sendDone = !hasBody
+	cc.flushLocked()
+	cc.mu.Unlock()
+
+	cs.stop = context.AfterFunc(ctx, func() { cs.abort(ctx.Err()) })
+	if hasBody {
+		if br, ok := req.Body.(*bodyReader); ok && br.buf != nil {
+			cs.writeBody(req.Body) // in memory: sent without waiting on the app
+		} else {
+			go cs.writeBody(req.Body)
+		}
+	}
+	<-cs.headers
+	cc.mu.Lock()
+	err := cs.err
+	cc.mu.Unlock()
+	if err != nil {
+		cs.stop()
+		return nil, err
+	}
+	return cs.resp, nil
+}
+
+// encodeRequestLocked encodes req's header block into cc.encBuf.
+func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	path := req.URL.RequestURI()
+	if !validH2Value(host) || !validH2Value(path) {
+		return fmt.Errorf("http2: invalid request host or path %q %q", host, path)
+	}
+	scheme := req.URL.Scheme
+	if scheme == "" {
+		scheme = "http"
+	}
+	cc.encodeLocked(":method", req.Method)
+	cc.encodeLocked(":scheme", scheme)
+	cc.encodeLocked(":authority", host)
+	cc.encodeLocked(":path", path)
+	for k, vv := range req.Header {
+		if !h2FieldAllowed(k) {
+			if k == "Te" && len(vv) == 1 && vv[0] == "trailers" {
+				cc.encodeLocked("te", "trailers")
+			}
+			continue
+		}
+		name := lowerHeader(k)
+		if name == "user-agent" && len(vv) == 1 && vv[0] == "" {
+			continue
+		}
+		for _, v := range vv {
+			cc.encodeLocked(name, v)
+		}
+	}
+	if req.ContentLength > 0 && req.Header.Get("Content-Length") == "" {
+		cc.encodeLocked("content-length", strconv.FormatInt(req.ContentLength, 10))
+	}
+	return nil
+}
+
+func validH2Value(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// writeBody sends the request body as DATA frames, ending the stream with
+// the last, and with trailers when the request has some.
+func (cs *h2ClientStream) writeBody(body io.Reader) {
+	bp := h2BufPool.Get().(*[]byte)
+	defer h2BufPool.Put(bp)
+	buf := *bp
+	cc := cs.cc
+	ctx := cs.req.Context()
+	for {
+		n, rerr := body.Read(buf)
+		end := rerr == io.EOF && len(cs.req.Trailer) == 0
+		if n > 0 || end {
+			if err := cc.sendData(ctx, cs.id, &cs.sendWin, buf[:n], end, cs.sendAborted); err != nil {
+				cs.abort(err)
+				return
+			}
+		}
+		if rerr == io.EOF {
+			cc.mu.Lock()
+			if len(cs.req.Trailer) > 0 && !cs.sendDone && cc.err == nil {
+				for k, vv := range cs.req.Trailer {
+					if h2FieldAllowed(k) {
+						for _, v := range vv {
+							cc.encodeLocked(lowerHeader(k), v)
+						}
+					}
+				}
+				cc.writeHeaderBlockLocked(cs.id, true)
+				cc.flushLocked()
+			}
+			cs.sendDone = true
+			cs.closeIfDoneLocked()
+			cc.mu.Unlock()
+			return
+		}
+		if rerr != nil {
+			cs.abort(fmt.Errorf("%w: %w", ErrBadRequestBody, rerr))
+			return
+		}
+	}
+}
+
+var h2BufPool = sync.Pool{New: func() any { b := make([]byte, h2DefaultFrame); return &b }}
+
+// sendAborted reports why the request body must stop. cc.mu is held.
+func (cs *h2ClientStream) sendAborted() error {
+	if cs.sendDone {
+		return errH2RespClosed
+	}
+	return cs.err
+}
+
+// abort resets the stream: the node is told to stop and the response, or
+// its body, fails with err.
+func (cs *h2ClientStream) abort(err error) {
+	cc := cs.cc
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if cs.sendDone && cs.recvDone {
+		return
+	}
+	if cc.err == nil {
+		cc.writeRSTLocked(cs.id, http2.ErrCodeCancel)
+		cc.flushLocked()
+	}
+	cs.failLocked(err)
+}
+
+// failLocked ends the stream with err on both sides. cc.mu is held.
+func (cs *h2ClientStream) failLocked(err error) {
+	if cs.err == nil {
+		cs.err = err
+	}
+	if !cs.gotResp {
+		cs.gotResp = true
+		close(cs.headers)
+	}
+	cs.body.closeLocked(err)
+	cs.sendDone, cs.recvDone = true, true
+	cs.cc.cond.Broadcast()
+	cs.closeIfDoneLocked()
+}
+
+// closeIfDoneLocked forgets the stream once both sides are done.
+func (cs *h2ClientStream) closeIfDoneLocked() {
+	cc := cs.cc
+	if !cs.sendDone || !cs.recvDone || cc.streams[cs.id] != cs {
+		return
+	}
+	delete(cc.streams, cs.id)
+	if len(cc.streams) == 0 && cc.reserved == 0 && cc.err == nil {
+		if cc.goAway {
+			cc.closing = true
+			cc.flushLocked()
+		} else {
+			cc.idle.Reset(cc.pool.timeouts.Idle)
+		}
+	}
+}
+
+// h2ClientBody is a response body as the proxy reads it.
+type h2ClientBody struct{ cs *h2ClientStream }
+
+func (b h2ClientBody) Read(p []byte) (int, error) {
+	n, err := b.cs.body.read(p)
+	if err == io.EOF {
+		cs := b.cs
+		cs.cc.mu.Lock()
+		for k, vv := range cs.trailer {
+			cs.resp.Trailer[k] = vv
+		}
+		cs.trailer = nil
+		cs.cc.mu.Unlock()
+		cs.stop()
+	}
+	return n, err
+}
+
+// Close resets the stream unless the response was read to its end.
+func (b h2ClientBody) Close() error {
+	cs := b.cs
+	cs.stop()
+	cs.abort(errH2RespClosed)
+	return nil
+}
+
+func (cc *h2ClientConn) readLoop() {
+	err := cc.readFrames()
+	cc.fail(err)
+	cc.pool.remove(cc)
+	cc.mu.Lock()
+	cc.idle.Stop()
+	for _, cs := range cc.streams {
+		cs.failLocked(fmt.Errorf("http2: connection to node lost: %w", err))
+	}
+	cc.mu.Unlock()
+}
+
+func (cc *h2ClientConn) readFrames() error {
+	for {
+		f, err := cc.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				cc.mu.Lock()
+				if cs := cc.streams[se.StreamID]; cs != nil {
+					cc.writeRSTLocked(se.StreamID, se.Code)
+					cc.flushLocked()
+					cs.failLocked(err)
+				}
+				cc.mu.Unlock()
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				cc.mu.Lock()
+				cc.writeGoAwayLocked(0, http2.ErrCode(ce))
+				cc.mu.Unlock()
+				cc.closeAfterFlush()
+			}
+			return err
+		}
+		if err := cc.handle(f); err != nil {
+			cc.mu.Lock()
+			cc.writeGoAwayLocked(0, http2.ErrCodeProtocol)
+			cc.mu.Unlock()
+			cc.closeAfterFlush()
+			return err
+		}
+	}
+}
+
+func (cc *h2ClientConn) handle(f http2.Frame) error {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	switch f := f.(type) {
+	case *http2.MetaHeadersFrame:
+		cs := cc.streams[f.StreamID]
+		if cs == nil || cs.recvDone {
+			return nil // reset by the sidecar; what follows is dropped
+		}
+		if !cs.gotResp {
+			return cs.onResponseLocked(f)
+		}
+		if !f.StreamEnded() {
+			cc.writeRSTLocked(cs.id, http2.ErrCodeProtocol)
+			cc.flushLocked()
+			cs.failLocked(errors.New("http2: trailers without END_STREAM"))
+			return nil
+		}
+		for _, hf := range f.RegularFields() {
+			if cs.trailer == nil {
+				cs.trailer = make(http.Header)
+			}
+			k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+			cs.trailer[k] = append(cs.trailer[k], hf.Value)
+		}
+		cs.endRecvLocked()
+	case *http2.DataFrame:
+		length := int(f.Length)
+		cc.recvWin -= int64(length)
+		if cc.recvWin < 0 {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+		data := f.Data()
+		if pad := length - len(data); pad > 0 {
+			cc.consumedLocked(pad)
+		}
+		cs := cc.streams[f.StreamID]
+		if cs == nil || cs.recvDone || !cs.gotResp {
+			cc.consumedLocked(len(data))
+			return nil
+		}
+		if !cs.body.putLocked(data) {
+			cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
+			cc.flushLocked()
+			cs.failLocked(errors.New("http2: node overran the stream window"))
+			return nil
+		}
+		if f.StreamEnded() {
+			cs.endRecvLocked()
+		}
+	case *http2.RSTStreamFrame:
+		cs := cc.streams[f.StreamID]
+		if cs == nil {
+			return nil
+		}
+		var err error = h2StreamError{f.ErrCode}
+		switch {
+		case f.ErrCode == http2.ErrCodeRefusedStream:
+			err = errRefusedStream
+		case f.ErrCode == http2.ErrCodeNo && cs.recvDone:
+			// The answer is complete: the node needs no more of the body.
+			cs.sendDone = true
+			cc.cond.Broadcast()
+			cs.closeIfDoneLocked()
+			return nil
+		}
+		cs.sendDone = true // no RST back
+		cs.failLocked(err)
+	case *http2.WindowUpdateFrame:
+		if f.StreamID == 0 {
+			cc.sendWin += int64(f.Increment)
+			if cc.sendWin > 1<<31-1 {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
+		} else if cs := cc.streams[f.StreamID]; cs != nil {
+			cs.sendWin += int64(f.Increment)
+		}
+		cc.cond.Broadcast()
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
+			return err
+		}
+		var delta int64
+		_ = f.ForeachSetting(func(s http2.Setting) error {
+			if s.ID == http2.SettingMaxConcurrentStreams {
+				cc.maxStreams = s.Val
+			}
+			delta += cc.applyPeerSettingLocked(s)
+			return nil
+		})
+		if delta != 0 {
+			for _, cs := range cc.streams {
+				cs.sendWin += delta
+			}
+			cc.cond.Broadcast()
+		}
+		cc.writeSettingsAckLocked()
+		cc.flushLocked()
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			cc.writePingLocked(true, f.Data)
+			cc.flushLocked()
+		}
+	case *http2.GoAwayFrame:
+		cc.goAway = true
+		for id, cs := range cc.streams {
+			if id > f.LastStreamID {
+				cs.sendDone = true
+				cs.failLocked(errRefusedStream)
+			}
+		}
+		if len(cc.streams) == 0 && cc.reserved == 0 {
+			cc.closing = true
+			cc.flushLocked()
+		}
+	case *http2.PushPromiseFrame:
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil
+}
+
+// onResponseLocked turns a response HEADERS frame into cs.resp.
+func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
+	cc := cs.cc
+	code, err := strconv.Atoi(f.PseudoValue("status"))
+	if err != nil || code < 100 || code > 999 {
+		cc.writeRSTLocked(cs.id, http2.ErrCodeProtocol)
+		cc.flushLocked()
+		cs.failLocked(errors.New("http2: malformed response status"))
+		return nil
+	}
+	if code < 200 {
+		if f.StreamEnded() || code == http.StatusSwitchingProtocols {
+			cc.writeRSTLocked(cs.id, http2.ErrCodeProtocol)
+			cc.flushLocked()
+			cs.failLocked(errors.New("http2: malformed informational response"))
+		}
+		return nil // 100 Continue and the like: the final answer follows
+	}
+	fields := f.RegularFields()
+	header := make(http.Header, len(fields))
+	values := make([]string, len(fields))
+	for i, hf := range fields {
+		k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+		if vv, ok := header[k]; ok {
+			header[k] = append(vv, hf.Value)
+			continue
+		}
+		values[i] = hf.Value
+		header[k] = values[i : i+1 : i+1]
+	}
+	resp := &http.Response{
+		Status:        statusText(code) + " " + http.StatusText(code),
+		StatusCode:    code,
+		Proto:         "HTTP/2.0",
+		ProtoMajor:    2,
+		Header:        header,
+		ContentLength: -1,
+		Request:       cs.req,
+		Trailer:       make(http.Header),
+	}
+	if v := header.Get("Content-Length"); v != "" {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+			resp.ContentLength = n
+		}
+	}
+	for _, v := range header["Trailer"] {
+		for _, k := range strings.Split(v, ",") {
+			if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" {
+				resp.Trailer[k] = nil
+			}
+		}
+	}
+	resp.Body = h2ClientBody{cs}
+	if f.StreamEnded() {
+		if resp.ContentLength < 0 {
+			resp.ContentLength = 0
+		}
+		cs.endRecvLocked()
+	}
+	cs.resp = resp
+	cs.gotResp = true
+	close(cs.headers)
+	return nil
+}
+
+// endRecvLocked marks the response complete.
+func (cs *h2ClientStream) endRecvLocked() {
+	cs.recvDone = true
+	cs.body.closeLocked(nil)
+	cs.closeIfDoneLocked()
+}

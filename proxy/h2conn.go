@@ -1,0 +1,471 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// The sidecar's own HTTP/2 engine: a client-facing server (h2server.go) and
+// an upstream connection pool (h2client.go) over one connection core.
+//
+// Go's HTTP/2 server and client write each frame with a system call of its
+// own and hand every frame between goroutines. For a proxy relaying small
+// gRPC messages that is most of the cost. Here any goroutine appends frames
+// to a connection's output buffer under its lock, and one writer goroutine
+// per connection sends what has gathered in a single write once the other
+// runnable goroutines have had their turn, so a burst of calls on one
+// connection costs one system call each way instead of one per frame.
+
+const (
+	// h2StreamWindow and h2ConnWindow are the receive windows the sidecar
+	// advertises: how much a peer may send before the sidecar's consumer
+	// reads. They bound the memory one stream and one connection buffer.
+	h2StreamWindow = 256 << 10
+	h2ConnWindow   = 4 << 20
+	// h2MaxOutBuffer is how much output may wait for the writer before
+	// producers of DATA block: a peer that stops reading its socket holds
+	// no more than this of the sidecar's memory per connection.
+	h2MaxOutBuffer = 1 << 20
+	// h2MaxHeaderList bounds a decoded header block.
+	h2MaxHeaderList = 1 << 20
+	h2DefaultFrame  = 16 << 10
+	h2InitialWindow = 65535
+)
+
+var errH2ConnClosed = errors.New("http2: connection closed")
+
+// h2conn is one HTTP/2 connection's shared state: the frame reader, the
+// batched writer, the header encoder and the connection's send window.
+type h2conn struct {
+	nc net.Conn
+	fr *http2.Framer // read side: the read loop only
+
+	mu   sync.Mutex
+	cond sync.Cond // window updates, output drained, connection failed
+
+	out      []byte // frames waiting for the writer; under mu
+	spare    []byte
+	flushReq chan struct{} // capacity 1: the writer has work
+	done     chan struct{} // closed when the connection fails or closes
+	err      error         // why; under mu
+	closing  bool          // close once the buffered output is sent; under mu
+
+	enc    *hpack.Encoder // under mu: header blocks go out in encoding order
+	encBuf []byte
+
+	sendWin      int64  // connection send window; under mu
+	peerInitWin  int64  // the peer's SETTINGS_INITIAL_WINDOW_SIZE; under mu
+	peerMaxFrame uint32 // under mu
+
+	recvUnacked int64 // received connection-level bytes consumed, not yet acknowledged; under mu
+	recvWin     int64 // what the peer may still send on the connection; under mu
+}
+
+func newH2Conn(nc net.Conn) *h2conn {
+	c := &h2conn{
+		nc:           nc,
+		flushReq:     make(chan struct{}, 1),
+		done:         make(chan struct{}),
+		sendWin:      h2InitialWindow,
+		peerInitWin:  h2InitialWindow,
+		peerMaxFrame: h2DefaultFrame,
+		recvWin:      h2ConnWindow,
+	}
+	c.cond.L = &c.mu
+	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 16<<10))
+	c.fr.SetReuseFrames()
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = h2MaxHeaderList
+	c.enc = hpack.NewEncoder(headerSink{c})
+	return c
+}
+
+// headerSink lets the hpack encoder append to the connection's scratch
+// buffer.
+type headerSink struct{ c *h2conn }
+
+func (s headerSink) Write(p []byte) (int, error) {
+	s.c.encBuf = append(s.c.encBuf, p...)
+	return len(p), nil
+}
+
+// writeLoop sends what producers have buffered. It yields once before each
+// write so that other goroutines made runnable by the same burst of input
+// add their frames to the same write.
+func (c *h2conn) writeLoop() {
+	for {
+		select {
+		case <-c.flushReq:
+		case <-c.done:
+			return
+		}
+		runtime.Gosched()
+		c.mu.Lock()
+		buf, closing := c.out, c.closing
+		c.out, c.spare = c.spare[:0], nil
+		c.mu.Unlock()
+		if len(buf) > 0 {
+			_, err := c.nc.Write(buf)
+			if err != nil {
+				c.fail(err)
+				return
+			}
+		}
+		c.mu.Lock()
+		if cap(buf) <= 4*h2MaxOutBuffer {
+			c.spare = buf[:0]
+		}
+		if len(c.out) < h2MaxOutBuffer {
+			c.cond.Broadcast() // producers waiting for room
+		}
+		drained := closing && len(c.out) == 0
+		c.mu.Unlock()
+		if drained {
+			c.fail(errH2ConnClosed)
+			return
+		}
+	}
+}
+
+// flushLocked asks the writer to send what is buffered. c.mu must be held.
+func (c *h2conn) flushLocked() {
+	select {
+	case c.flushReq <- struct{}{}:
+	default:
+	}
+}
+
+// fail ends the connection: producers and waiters see err, the socket
+// closes. It is safe to call more than once.
+func (c *h2conn) fail(err error) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.err = err
+	close(c.done)
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	c.nc.Close()
+}
+
+// closeAfterFlush has the writer send what is buffered, then close the
+// connection; a peer that does not read gets a second.
+func (c *h2conn) closeAfterFlush() {
+	c.mu.Lock()
+	if c.err == nil && !c.closing {
+		c.closing = true
+		c.flushLocked()
+	}
+	c.mu.Unlock()
+	_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+}
+
+// closed waits until the connection has failed or closed, at most d.
+func (c *h2conn) closed(d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-c.done:
+	case <-t.C:
+	}
+}
+
+// waitLocked blocks on c.cond until woken, giving up when ctx ends. c.mu
+// must be held; it is held again on return.
+func (c *h2conn) waitLocked(ctx context.Context) error {
+	if ctx == nil {
+		c.cond.Wait()
+		return c.err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	stop := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.cond.Broadcast()
+		c.mu.Unlock()
+	})
+	c.cond.Wait()
+	stop()
+	if c.err != nil {
+		return c.err
+	}
+	return ctx.Err()
+}
+
+// Frame encoders: they append to c.out and must be called with c.mu held.
+
+func (c *h2conn) frameHeaderLocked(length int, typ http2.FrameType, flags http2.Flags, stream uint32) {
+	c.out = append(c.out, byte(length>>16), byte(length>>8), byte(length), byte(typ), byte(flags))
+	c.out = binary.BigEndian.AppendUint32(c.out, stream&(1<<31-1))
+}
+
+func (c *h2conn) writeDataLocked(stream uint32, data []byte, end bool) {
+	var flags http2.Flags
+	if end {
+		flags = http2.FlagDataEndStream
+	}
+	c.frameHeaderLocked(len(data), http2.FrameData, flags, stream)
+	c.out = append(c.out, data...)
+}
+
+func (c *h2conn) writeWindowUpdateLocked(stream uint32, n uint32) {
+	c.frameHeaderLocked(4, http2.FrameWindowUpdate, 0, stream)
+	c.out = binary.BigEndian.AppendUint32(c.out, n)
+}
+
+func (c *h2conn) writeRSTLocked(stream uint32, code http2.ErrCode) {
+	c.frameHeaderLocked(4, http2.FrameRSTStream, 0, stream)
+	c.out = binary.BigEndian.AppendUint32(c.out, uint32(code))
+}
+
+func (c *h2conn) writeSettingsLocked(settings ...http2.Setting) {
+	c.frameHeaderLocked(6*len(settings), http2.FrameSettings, 0, 0)
+	for _, s := range settings {
+		c.out = binary.BigEndian.AppendUint16(c.out, uint16(s.ID))
+		c.out = binary.BigEndian.AppendUint32(c.out, s.Val)
+	}
+}
+
+func (c *h2conn) writeSettingsAckLocked() {
+	c.frameHeaderLocked(0, http2.FrameSettings, http2.FlagSettingsAck, 0)
+}
+
+func (c *h2conn) writePingLocked(ack bool, data [8]byte) {
+	var flags http2.Flags
+	if ack {
+		flags = http2.FlagPingAck
+	}
+	c.frameHeaderLocked(8, http2.FramePing, flags, 0)
+	c.out = append(c.out, data[:]...)
+}
+
+func (c *h2conn) writeGoAwayLocked(last uint32, code http2.ErrCode) {
+	c.frameHeaderLocked(8, http2.FrameGoAway, 0, 0)
+	c.out = binary.BigEndian.AppendUint32(c.out, last&(1<<31-1))
+	c.out = binary.BigEndian.AppendUint32(c.out, uint32(code))
+}
+
+// writeHeaderBlockLocked sends c.encBuf as a HEADERS frame and as many
+// CONTINUATION frames as the peer's frame size needs.
+func (c *h2conn) writeHeaderBlockLocked(stream uint32, end bool) {
+	block := c.encBuf
+	max := int(c.peerMaxFrame)
+	first := true
+	for first || len(block) > 0 {
+		n := min(len(block), max)
+		frag := block[:n]
+		block = block[n:]
+		var flags http2.Flags
+		if len(block) == 0 {
+			flags |= http2.FlagHeadersEndHeaders
+		}
+		typ := http2.FrameContinuation
+		if first {
+			typ = http2.FrameHeaders
+			if end {
+				flags |= http2.FlagHeadersEndStream
+			}
+		}
+		c.frameHeaderLocked(n, typ, flags, stream)
+		c.out = append(c.out, frag...)
+		first = false
+	}
+	c.encBuf = c.encBuf[:0]
+}
+
+// encodeLocked adds one header field to c.encBuf.
+func (c *h2conn) encodeLocked(name, value string) {
+	_ = c.enc.WriteField(hpack.HeaderField{Name: name, Value: value})
+}
+
+// applyPeerSettingLocked applies a setting the peer sent that concerns what
+// the sidecar sends. It returns the change of the initial stream window, to
+// be applied to every open stream.
+func (c *h2conn) applyPeerSettingLocked(s http2.Setting) (winDelta int64) {
+	switch s.ID {
+	case http2.SettingInitialWindowSize:
+		winDelta = int64(s.Val) - c.peerInitWin
+		c.peerInitWin = int64(s.Val)
+	case http2.SettingMaxFrameSize:
+		c.peerMaxFrame = s.Val
+	case http2.SettingHeaderTableSize:
+		c.enc.SetMaxDynamicTableSizeLimit(s.Val)
+	}
+	return winDelta
+}
+
+// consumedLocked acknowledges n bytes the consumer read (or the sidecar
+// discarded) at the connection level, sending a WINDOW_UPDATE once half the
+// window has been used.
+func (c *h2conn) consumedLocked(n int) {
+	c.recvUnacked += int64(n)
+	if c.recvUnacked >= h2ConnWindow/2 {
+		c.writeWindowUpdateLocked(0, uint32(c.recvUnacked))
+		c.recvWin += c.recvUnacked
+		c.recvUnacked = 0
+		c.flushLocked()
+	}
+}
+
+// sendData sends p as DATA frames on stream, within the peer's connection
+// and stream windows (*win, under c.mu) and the output cap, ending the
+// stream after the last byte when end. It blocks while the windows are
+// shut, until ctx ends or abort returns an error.
+func (c *h2conn) sendData(ctx context.Context, stream uint32, win *int64, p []byte, end bool, abort func() error) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		if c.err != nil {
+			return c.err
+		}
+		if err := abort(); err != nil {
+			return err
+		}
+		if len(p) == 0 && end {
+			c.writeDataLocked(stream, nil, true)
+			c.flushLocked()
+			return nil
+		}
+		if len(p) == 0 {
+			c.flushLocked()
+			return nil
+		}
+		n := int64(len(p))
+		n = min(n, c.sendWin, *win, int64(c.peerMaxFrame))
+		if n <= 0 || len(c.out) >= h2MaxOutBuffer {
+			c.flushLocked()
+			if err := c.waitLocked(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		c.sendWin -= n
+		*win -= n
+		last := end && int(n) == len(p)
+		c.writeDataLocked(stream, p[:n], last)
+		p = p[n:]
+		if last {
+			c.flushLocked()
+			return nil
+		}
+	}
+}
+
+// recvBuf is the receive side of one stream: DATA the read loop received,
+// waiting for the consumer, and the stream's receive-window bookkeeping.
+type recvBuf struct {
+	c      *h2conn
+	stream uint32
+
+	// Under c.mu:
+	buf     []byte
+	off     int
+	eof     bool
+	err     error // set when the stream broke; returned after buffered data
+	unacked int   // consumed bytes not yet acknowledged to the peer
+	recvd   int64 // bytes received over the stream's life, for the window check
+	granted int64 // window granted to the peer over the stream's life
+	waiting bool  // a reader waits on cond
+	cond    sync.Cond
+}
+
+// init readies b for a new stream of c.
+func (b *recvBuf) init(c *h2conn, stream uint32) {
+	b.c, b.stream, b.granted = c, stream, h2StreamWindow
+	b.cond.L = &c.mu
+}
+
+// put adds a DATA payload. It reports false when the peer overran the
+// stream's window. c.mu must be held.
+func (b *recvBuf) putLocked(p []byte) bool {
+	b.recvd += int64(len(p))
+	if b.recvd > b.granted {
+		return false
+	}
+	if b.err != nil {
+		// Nobody will read it: the connection window is freed at once.
+		b.c.consumedLocked(len(p))
+		return true
+	}
+	if b.off == len(b.buf) {
+		b.buf, b.off = b.buf[:0], 0
+	}
+	b.buf = append(b.buf, p...)
+	if b.waiting {
+		b.cond.Signal()
+	}
+	return true
+}
+
+// closeLocked ends the stream's data: at EOF when err is nil.
+func (b *recvBuf) closeLocked(err error) {
+	if err == nil {
+		b.eof = true
+	} else if b.err == nil {
+		b.err = err
+		// What is buffered will not be read.
+		if n := len(b.buf) - b.off; n > 0 {
+			b.c.consumedLocked(n)
+			b.buf, b.off = b.buf[:0], 0
+		}
+	}
+	if b.waiting {
+		b.cond.Signal()
+	}
+}
+
+// read copies buffered data into p, waiting for some when none is buffered,
+// and acknowledges what it took.
+func (b *recvBuf) read(p []byte) (int, error) {
+	c := b.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for b.off == len(b.buf) {
+		if b.err != nil {
+			return 0, b.err
+		}
+		if b.eof {
+			return 0, io.EOF
+		}
+		b.waiting = true
+		b.cond.Wait()
+		b.waiting = false
+	}
+	n := copy(p, b.buf[b.off:])
+	b.off += n
+	if b.off == len(b.buf) {
+		b.buf, b.off = b.buf[:0], 0
+	}
+	c.consumedLocked(n)
+	if !b.eof && b.err == nil {
+		b.unacked += n
+		if b.unacked >= h2StreamWindow/4 {
+			c.writeWindowUpdateLocked(b.stream, uint32(b.unacked))
+			b.granted += int64(b.unacked)
+			b.unacked = 0
+			c.flushLocked()
+		}
+	}
+	if n > 0 && b.off == len(b.buf) && b.eof {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// buffered reports whether a read would return without waiting.
+func (b *recvBuf) readyLocked() bool {
+	return b.off < len(b.buf) || b.eof || b.err != nil
+}

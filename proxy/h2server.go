@@ -1,0 +1,1000 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/textproto"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// h2MaxStreams is how many concurrent streams one app connection may open:
+// one connection may carry many concurrent RPCs.
+const h2MaxStreams = 1000
+
+var (
+	errStreamReset = errors.New("http2: stream reset by the client")
+	errH2BodyClosed  = errors.New("http2: request body closed")
+)
+
+// h2ServerConn is one app connection speaking HTTP/2 with prior knowledge.
+// Its read loop runs on the goroutine that accepted it; each stream's
+// handler runs on a goroutine of its own.
+type h2ServerConn struct {
+	*h2conn
+	s      *Server
+	remote string
+
+	// Under mu:
+	streams   map[uint32]*h2ServerStream
+	maxSeen   uint32 // highest stream ID the client opened
+	running   int    // handlers that have not returned, reset or not
+	goingAway bool   // GOAWAY sent: no new streams
+	idle      *time.Timer
+}
+
+func (s *Server) serveH2(nc net.Conn) {
+	sc := &h2ServerConn{
+		h2conn:  newH2Conn(nc),
+		s:       s,
+		remote:  nc.RemoteAddr().String(),
+		streams: make(map[uint32]*h2ServerStream),
+	}
+	if !s.trackH2(sc, true) {
+		nc.Close()
+		return
+	}
+	defer s.trackH2(sc, false)
+
+	sc.mu.Lock()
+	sc.writeSettingsLocked(
+		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: h2MaxStreams},
+		http2.Setting{ID: http2.SettingInitialWindowSize, Val: h2StreamWindow},
+		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+	)
+	sc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
+	sc.flushLocked()
+	sc.idle = time.AfterFunc(s.opts.IdleTimeout, sc.closeIfIdle)
+	sc.mu.Unlock()
+	go sc.writeLoop()
+
+	err := sc.readLoop()
+	sc.mu.Lock()
+	closing := sc.closing
+	sc.mu.Unlock()
+	if closing {
+		sc.closed(time.Second) // let the GOAWAY out
+	}
+	sc.fail(err)
+	sc.mu.Lock()
+	sc.idle.Stop()
+	for _, st := range sc.streams {
+		st.resetLocked(err)
+	}
+	sc.mu.Unlock()
+}
+
+// readLoop reads and handles frames until the connection ends.
+func (sc *h2ServerConn) readLoop() error {
+	// The client's SETTINGS must come as promptly as an HTTP/1.1 header.
+	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
+	first := true
+	for {
+		f, err := sc.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				sc.mu.Lock()
+				if st := sc.streams[se.StreamID]; st != nil {
+					st.resetLocked(errStreamReset)
+				}
+				sc.writeRSTLocked(se.StreamID, se.Code)
+				sc.flushLocked()
+				sc.mu.Unlock()
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				return sc.goAway(http2.ErrCode(ce), err)
+			}
+			return err
+		}
+		if first {
+			if _, ok := f.(*http2.SettingsFrame); !ok {
+				return sc.goAway(http2.ErrCodeProtocol, errors.New("http2: first frame is not SETTINGS"))
+			}
+			_ = sc.nc.SetReadDeadline(time.Time{})
+			first = false
+		}
+		if err := sc.handle(f); err != nil {
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				return sc.goAway(http2.ErrCode(ce), err)
+			}
+			return err
+		}
+	}
+}
+
+// goAway tells the client the connection ends for code and closes it.
+func (sc *h2ServerConn) goAway(code http2.ErrCode, err error) error {
+	sc.mu.Lock()
+	sc.writeGoAwayLocked(sc.maxSeen, code)
+	sc.mu.Unlock()
+	sc.closeAfterFlush()
+	sc.s.log.Debug("http2 connection closed", zap.String("remote", sc.remote), zap.Error(err))
+	return err
+}
+
+func (sc *h2ServerConn) handle(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.MetaHeadersFrame:
+		return sc.onHeaders(f)
+	case *http2.DataFrame:
+		return sc.onData(f)
+	case *http2.WindowUpdateFrame:
+		sc.mu.Lock()
+		defer sc.mu.Unlock()
+		if f.StreamID == 0 {
+			sc.sendWin += int64(f.Increment)
+			if sc.sendWin > 1<<31-1 {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
+		} else if st := sc.streams[f.StreamID]; st != nil {
+			st.sendWin += int64(f.Increment)
+			if st.sendWin > 1<<31-1 {
+				st.resetLocked(errStreamReset)
+				sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
+				sc.flushLocked()
+			}
+		}
+		sc.cond.Broadcast()
+	case *http2.RSTStreamFrame:
+		sc.mu.Lock()
+		if st := sc.streams[f.StreamID]; st != nil {
+			st.resetLocked(errStreamReset)
+		}
+		sc.mu.Unlock()
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
+			return err
+		}
+		sc.mu.Lock()
+		defer sc.mu.Unlock()
+		var delta int64
+		_ = f.ForeachSetting(func(s http2.Setting) error {
+			delta += sc.applyPeerSettingLocked(s)
+			return nil
+		})
+		if delta != 0 {
+			for _, st := range sc.streams {
+				st.sendWin += delta
+			}
+			sc.cond.Broadcast()
+		}
+		sc.writeSettingsAckLocked()
+		sc.flushLocked()
+	case *http2.PingFrame:
+		if f.IsAck() {
+			return nil
+		}
+		sc.mu.Lock()
+		sc.writePingLocked(true, f.Data)
+		sc.flushLocked()
+		sc.mu.Unlock()
+	case *http2.GoAwayFrame:
+		sc.mu.Lock()
+		sc.goingAway = true
+		idle := len(sc.streams) == 0
+		sc.mu.Unlock()
+		if idle {
+			sc.closeAfterFlush()
+			return errH2ConnClosed
+		}
+	case *http2.PushPromiseFrame:
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	// PRIORITY and unknown frames are ignored.
+	return nil
+}
+
+func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	if id%2 == 0 {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if st := sc.streams[id]; st != nil {
+		// Trailers: they must end the stream.
+		if !f.StreamEnded() || st.body.eof {
+			st.resetLocked(errStreamReset)
+			sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+			sc.flushLocked()
+			return nil
+		}
+		if t := st.req.Trailer; t != nil {
+			for _, hf := range f.RegularFields() {
+				k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+				if _, declared := t[k]; declared {
+					t[k] = append(t[k], hf.Value)
+				}
+			}
+		}
+		st.body.closeLocked(nil)
+		return nil
+	}
+	if id <= sc.maxSeen {
+		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+		sc.flushLocked()
+		return nil
+	}
+	sc.maxSeen = id
+	if sc.goingAway || sc.running >= h2MaxStreams {
+		// A reset stream's handler counts until it returns, so a client
+		// resetting streams at once cannot run unbounded handlers.
+		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
+		sc.flushLocked()
+		return nil
+	}
+	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
+	st.body.init(sc.h2conn, id)
+	req, err := sc.newRequest(st, f)
+	if err != nil {
+		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.flushLocked()
+		sc.s.log.Debug("malformed http2 request", zap.String("remote", sc.remote), zap.Error(err))
+		return nil
+	}
+	st.req = req
+	if f.StreamEnded() {
+		st.body.eof = true
+	}
+	sc.streams[id] = st
+	sc.running++
+	sc.idle.Stop()
+	go st.run()
+	return nil
+}
+
+func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
+	id := f.StreamID
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	length := int(f.Length)
+	sc.recvWin -= int64(length)
+	if sc.recvWin < 0 {
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
+	data := f.Data()
+	if pad := length - len(data); pad > 0 {
+		sc.consumedLocked(pad)
+	}
+	st := sc.streams[id]
+	if st == nil || st.body.eof {
+		sc.consumedLocked(len(data))
+		if id > sc.maxSeen {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if st != nil {
+			st.resetLocked(errStreamReset)
+		}
+		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+		sc.flushLocked()
+		return nil
+	}
+	if !st.body.putLocked(data) {
+		st.resetLocked(errStreamReset)
+		sc.writeRSTLocked(id, http2.ErrCodeFlowControl)
+		sc.flushLocked()
+		return nil
+	}
+	if f.StreamEnded() {
+		st.body.closeLocked(nil)
+	}
+	return nil
+}
+
+// newRequest builds the request a HEADERS frame opens. sc.mu is held.
+func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame) (*http.Request, error) {
+	var method, scheme, authority, path string
+	for _, hf := range f.PseudoFields() {
+		switch hf.Name {
+		case ":method":
+			method = hf.Value
+		case ":scheme":
+			scheme = hf.Value
+		case ":authority":
+			authority = hf.Value
+		case ":path":
+			path = hf.Value
+		default:
+			return nil, fmt.Errorf("pseudo-header %s not supported", hf.Name)
+		}
+	}
+	connect := method == http.MethodConnect
+	switch {
+	case method == "":
+		return nil, errors.New("missing :method")
+	case connect && (scheme != "" || path != "" || authority == ""):
+		return nil, errors.New("malformed CONNECT")
+	case !connect && (scheme == "" || path == ""):
+		return nil, errors.New("missing :scheme or :path")
+	}
+	fields := f.RegularFields()
+	header := make(http.Header, len(fields))
+	values := make([]string, len(fields))
+	var cookies []string
+	for i, hf := range fields {
+		switch hf.Name {
+		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+			return nil, fmt.Errorf("connection-specific header %s", hf.Name)
+		case "te":
+			if hf.Value != "trailers" {
+				return nil, errors.New("te other than trailers")
+			}
+		case "cookie":
+			cookies = append(cookies, hf.Value)
+			continue
+		}
+		k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+		if vv, ok := header[k]; ok {
+			header[k] = append(vv, hf.Value)
+			continue
+		}
+		values[i] = hf.Value
+		header[k] = values[i : i+1 : i+1]
+	}
+	if len(cookies) > 0 {
+		header["Cookie"] = []string{strings.Join(cookies, "; ")}
+	}
+	if authority == "" {
+		authority = header.Get("Host")
+	}
+	delete(header, "Host")
+
+	u := &url.URL{Host: authority}
+	if !connect {
+		var err error
+		if path == "*" && method == http.MethodOptions {
+			u = &url.URL{Path: "*"}
+		} else if u, err = url.ParseRequestURI(path); err != nil {
+			return nil, err
+		}
+	}
+	req := &http.Request{
+		Method:     method,
+		URL:        u,
+		Proto:      "HTTP/2.0",
+		ProtoMajor: 2,
+		Header:     header,
+		Host:       authority,
+		RemoteAddr: sc.remote,
+		RequestURI: path,
+	}
+	if vv := header["Trailer"]; len(vv) > 0 {
+		req.Trailer = make(http.Header)
+		for _, v := range vv {
+			for _, k := range strings.Split(v, ",") {
+				if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" && httpguts.ValidTrailerHeader(k) {
+					req.Trailer[k] = nil
+				}
+			}
+		}
+	}
+	switch {
+	case f.StreamEnded():
+		req.Body = http.NoBody
+	default:
+		req.ContentLength = -1
+		if v := header.Get("Content-Length"); v != "" {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 {
+				return nil, errors.New("malformed content-length")
+			}
+			req.ContentLength = n
+		}
+		req.Body = h2ServerBody{st}
+	}
+	ctx, cancel := context.WithCancel(sc.s.baseCtx)
+	st.cancel = cancel
+	return req.WithContext(ctx), nil
+}
+
+// closeIfIdle closes the connection once no stream has been open for the
+// idle timeout.
+func (sc *h2ServerConn) closeIfIdle() {
+	sc.mu.Lock()
+	if len(sc.streams) > 0 || sc.running > 0 {
+		sc.mu.Unlock()
+		return
+	}
+	sc.goingAway = true
+	sc.writeGoAwayLocked(sc.maxSeen, http2.ErrCodeNo)
+	sc.mu.Unlock()
+	sc.closeAfterFlush()
+}
+
+// shutdown sends GOAWAY: streams open finish, new ones are refused, and the
+// connection closes once the last ends.
+func (sc *h2ServerConn) shutdown() {
+	sc.mu.Lock()
+	if !sc.goingAway {
+		sc.goingAway = true
+		sc.writeGoAwayLocked(sc.maxSeen, http2.ErrCodeNo)
+		sc.flushLocked()
+	}
+	idle := sc.running == 0
+	sc.mu.Unlock()
+	if idle {
+		sc.closeAfterFlush()
+	}
+}
+
+// h2ServerStream is one request on an app connection and the
+// http.ResponseWriter its handler answers through.
+type h2ServerStream struct {
+	sc     *h2ServerConn
+	id     uint32
+	req    *http.Request
+	cancel context.CancelFunc
+	body   recvBuf
+
+	// Under sc.mu:
+	sendWin    int64
+	reset      bool // the client reset the stream or the connection ended
+	sentHeader bool
+
+	// The handler's goroutine only:
+	header      http.Header
+	wroteHeader bool
+	status      int
+}
+
+// resetLocked ends the stream from the client's side or the connection's:
+// the handler's context is cancelled, its body read and writes fail.
+func (st *h2ServerStream) resetLocked(err error) {
+	if st.reset {
+		return
+	}
+	st.reset = true
+	st.body.closeLocked(err)
+	st.cancel()
+	st.sc.cond.Broadcast()
+}
+
+func (st *h2ServerStream) run() {
+	defer st.finish()
+	st.sc.s.handler.ServeHTTP(st, st.req)
+}
+
+// finish ends the stream after its handler returned or panicked.
+func (st *h2ServerStream) finish() {
+	sc := st.sc
+	p := recover()
+	if p != nil && p != http.ErrAbortHandler {
+		sc.s.log.Error("handler panicked", zap.Any("panic", p), zap.String("remote", sc.remote))
+	}
+	var trailers []hpack.HeaderField
+	if p == nil {
+		if !st.wroteHeader {
+			st.WriteHeader(http.StatusOK)
+		}
+		trailers = st.trailers()
+	}
+	sc.mu.Lock()
+	if !st.reset && sc.err == nil {
+		switch {
+		case p != nil:
+			sc.writeRSTLocked(st.id, http2.ErrCodeInternal)
+		case !st.sentHeader:
+			st.writeHeaderLocked(len(trailers) == 0)
+			if len(trailers) > 0 {
+				st.writeTrailersLocked(trailers)
+			}
+		case len(trailers) > 0:
+			st.writeTrailersLocked(trailers)
+		default:
+			sc.writeDataLocked(st.id, nil, true)
+		}
+		if p == nil && !st.body.eof {
+			// The answer is complete; the client need not send the rest.
+			sc.writeRSTLocked(st.id, http2.ErrCodeNo)
+		}
+		sc.flushLocked()
+	}
+	st.reset = true
+	st.body.closeLocked(errH2BodyClosed)
+	delete(sc.streams, st.id)
+	sc.running--
+	idle := sc.running == 0
+	if idle && sc.err == nil {
+		if sc.goingAway {
+			sc.mu.Unlock()
+			st.cancel()
+			sc.closeAfterFlush()
+			return
+		}
+		sc.idle.Reset(sc.s.opts.IdleTimeout)
+	}
+	sc.mu.Unlock()
+	st.cancel()
+}
+
+func (st *h2ServerStream) Header() http.Header {
+	if st.header == nil {
+		st.header = make(http.Header)
+	}
+	return st.header
+}
+
+func (st *h2ServerStream) WriteHeader(code int) {
+	if st.wroteHeader || code < 200 {
+		// 1xx answers are the node's business with the sidecar.
+		return
+	}
+	st.wroteHeader = true
+	st.status = code
+	if st.header == nil {
+		st.header = make(http.Header)
+	}
+}
+
+func (st *h2ServerStream) Write(p []byte) (int, error) {
+	if !st.wroteHeader {
+		st.WriteHeader(http.StatusOK)
+	}
+	if !bodyAllowed(st.status) || st.req.Method == http.MethodHead {
+		return 0, http.ErrBodyNotAllowed
+	}
+	sc := st.sc
+	sc.mu.Lock()
+	if !st.sentHeader && !st.reset {
+		st.writeHeaderLocked(false)
+	}
+	sc.mu.Unlock()
+	err := sc.sendData(st.req.Context(), st.id, &st.sendWin, p, false, st.abort)
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// abort reports why writes to the stream must stop. sc.mu is held.
+func (st *h2ServerStream) abort() error {
+	if st.reset {
+		return errStreamReset
+	}
+	return nil
+}
+
+// Flush sends the header, if not yet sent, and what was written.
+func (st *h2ServerStream) Flush() { _ = st.FlushError() }
+
+func (st *h2ServerStream) FlushError() error {
+	if !st.wroteHeader {
+		st.WriteHeader(http.StatusOK)
+	}
+	sc := st.sc
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if st.reset {
+		return errStreamReset
+	}
+	if sc.err != nil {
+		return sc.err
+	}
+	if !st.sentHeader {
+		st.writeHeaderLocked(false)
+	}
+	sc.flushLocked()
+	return nil
+}
+
+// writeHeaderLocked sends the response header. sc.mu is held.
+func (st *h2ServerStream) writeHeaderLocked(end bool) {
+	sc := st.sc
+	st.sentHeader = true
+	sc.encodeLocked(":status", statusText(st.status))
+	for k, vv := range st.header {
+		if strings.HasPrefix(k, http.TrailerPrefix) || !h2FieldAllowed(k) {
+			continue
+		}
+		name := lowerHeader(k)
+		for _, v := range vv {
+			sc.encodeLocked(name, v)
+		}
+	}
+	sc.writeHeaderBlockLocked(st.id, end)
+	sc.flushLocked()
+}
+
+// trailers collects what the handler set after the header as trailers:
+// keys declared in a Trailer header, and keys with http.TrailerPrefix.
+func (st *h2ServerStream) trailers() []hpack.HeaderField {
+	var out []hpack.HeaderField
+	for k, vv := range st.header {
+		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
+			for _, v := range vv {
+				out = append(out, hpack.HeaderField{Name: lowerHeader(textproto.CanonicalMIMEHeaderKey(name)), Value: v})
+			}
+		}
+	}
+	for _, decl := range st.header["Trailer"] {
+		for _, k := range strings.Split(decl, ",") {
+			k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k))
+			for _, v := range st.header[k] {
+				out = append(out, hpack.HeaderField{Name: lowerHeader(k), Value: v})
+			}
+		}
+	}
+	return out
+}
+
+func (st *h2ServerStream) writeTrailersLocked(fields []hpack.HeaderField) {
+	sc := st.sc
+	for _, f := range fields {
+		if h2FieldAllowed(f.Name) {
+			sc.encodeLocked(f.Name, f.Value)
+		}
+	}
+	sc.writeHeaderBlockLocked(st.id, true)
+}
+
+// h2ServerBody is a request body as its handler reads it.
+type h2ServerBody struct{ st *h2ServerStream }
+
+func (b h2ServerBody) Read(p []byte) (int, error) { return b.st.body.read(p) }
+
+// Close discards the rest of the body: what arrives later only frees the
+// connection window.
+func (b h2ServerBody) Close() error {
+	c := b.st.sc
+	c.mu.Lock()
+	if !b.st.body.eof {
+		b.st.body.closeLocked(errH2BodyClosed)
+	}
+	c.mu.Unlock()
+	return nil
+}
+
+// tryRead reads what the body has buffered without waiting. ok is false
+// when a read would wait.
+func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
+	c := b.st.sc
+	c.mu.Lock()
+	ready := b.st.body.readyLocked()
+	c.mu.Unlock()
+	if !ready {
+		return 0, nil, false
+	}
+	n, err = b.st.body.read(p)
+	return n, err, true
+}
+
+// h2FieldAllowed reports whether a header field may be sent over HTTP/2:
+// connection-specific fields may not (RFC 9113, 8.2.2).
+func h2FieldAllowed(k string) bool {
+	switch strings.ToLower(k) {
+	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te":
+		return false
+	}
+	return true
+}
+
+var statusTexts = func() map[int]string {
+	m := make(map[int]string)
+	for code := 100; code < 600; code++ {
+		m[code] = strconv.Itoa(code)
+	}
+	return m
+}()
+
+func statusText(code int) string {
+	if s, ok := statusTexts[code]; ok {
+		return s
+	}
+	return strconv.Itoa(code)
+}
+
+// lowerHeader returns a canonical header key in lower case, as HTTP/2
+// sends it, without allocating for common keys.
+func lowerHeader(k string) string {
+	if v, ok := commonLower[k]; ok {
+		return v
+	}
+	for i := 0; i < len(k); i++ {
+		if c := k[i]; 'A' <= c && c <= 'Z' {
+			return strings.ToLower(k)
+		}
+	}
+	return k
+}
+
+var commonLower = func() map[string]string {
+	m := make(map[string]string)
+	for _, k := range []string{
+		"Accept", "Accept-Charset", "Accept-Encoding", "Accept-Language", "Accept-Ranges",
+		"Age", "Allow", "Authorization", "Cache-Control", "Content-Disposition",
+		"Content-Encoding", "Content-Language", "Content-Length", "Content-Location",
+		"Content-Range", "Content-Type", "Cookie", "Date", "Etag", "Expect", "Expires",
+		"From", "If-Match", "If-Modified-Since", "If-None-Match", "If-Range",
+		"If-Unmodified-Since", "Last-Modified", "Link", "Location", "Max-Forwards",
+		"Origin", "Proxy-Authenticate", "Proxy-Authorization", "Range", "Referer",
+		"Refresh", "Retry-After", "Server", "Set-Cookie", "Strict-Transport-Security",
+		"Trailer", "User-Agent", "Vary", "Via", "Www-Authenticate", "X-Forwarded-For",
+		"X-Forwarded-Proto", "X-Content-Type-Options", "X-Request-Id", "X-Sidecar-Error",
+		"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Grpc-Encoding",
+		"Grpc-Accept-Encoding", "Grpc-Timeout", "Traceparent", "Tracestate",
+	} {
+		m[k] = strings.ToLower(k)
+	}
+	return m
+}()
+
+// Server serves one proxy listener: HTTP/1.1 through net/http, and HTTP/2
+// with prior knowledge (h2c) through the sidecar's own engine.
+type Server struct {
+	h1      *http.Server
+	handler http.Handler
+	opts    ServerOptions
+	log     *zap.Logger
+	baseCtx context.Context
+	stop    context.CancelFunc
+
+	mu       sync.Mutex
+	h2conns  map[*h2ServerConn]struct{}
+	sniffing map[net.Conn]struct{}
+	lns      []*sniffListener
+	closed   bool
+	h2done   chan struct{} // closed when the last h2 connection ends after shutdown
+}
+
+// Serve accepts connections on ln until Shutdown or Close, and returns
+// http.ErrServerClosed then.
+func (s *Server) Serve(ln net.Listener) error {
+	sl := &sniffListener{Listener: ln, s: s, conns: make(chan net.Conn), closed: make(chan struct{}), errc: make(chan error, 1)}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return http.ErrServerClosed
+	}
+	s.lns = append(s.lns, sl)
+	s.mu.Unlock()
+	go sl.acceptLoop()
+	return s.h1.Serve(sl)
+}
+
+// Shutdown stops accepting, tells HTTP/2 clients to go away, and waits
+// until every request in flight has ended or ctx ends.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	conns := make([]*h2ServerConn, 0, len(s.h2conns))
+	for sc := range s.h2conns {
+		conns = append(conns, sc)
+	}
+	for c := range s.sniffing {
+		c.Close()
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
+		sc.shutdown()
+	}
+	err := s.h1.Shutdown(ctx)
+	if werr := s.waitH2(ctx); err == nil {
+		err = werr
+	}
+	if err != nil {
+		s.closeH2()
+	}
+	return err
+}
+
+// Close closes the listeners and every connection at once.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for c := range s.sniffing {
+		c.Close()
+	}
+	s.mu.Unlock()
+	err := s.h1.Close()
+	s.closeH2()
+	return err
+}
+
+func (s *Server) closeH2() {
+	s.mu.Lock()
+	conns := make([]*h2ServerConn, 0, len(s.h2conns))
+	for sc := range s.h2conns {
+		conns = append(conns, sc)
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
+		sc.fail(errH2ConnClosed)
+	}
+	s.stop()
+}
+
+func (s *Server) waitH2(ctx context.Context) error {
+	s.mu.Lock()
+	if len(s.h2conns) == 0 {
+		s.mu.Unlock()
+		return nil
+	}
+	if s.h2done == nil {
+		s.h2done = make(chan struct{})
+	}
+	done := s.h2done
+	s.mu.Unlock()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// trackH2 adds or removes an HTTP/2 connection; adding fails once the
+// server is closed.
+func (s *Server) trackH2(sc *h2ServerConn, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.closed {
+			return false
+		}
+		s.h2conns[sc] = struct{}{}
+		return true
+	}
+	delete(s.h2conns, sc)
+	if len(s.h2conns) == 0 && s.h2done != nil {
+		close(s.h2done)
+		s.h2done = nil
+	}
+	return true
+}
+
+func (s *Server) trackSniff(c net.Conn, add bool) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if add {
+		if s.closed {
+			return false
+		}
+		s.sniffing[c] = struct{}{}
+		return true
+	}
+	delete(s.sniffing, c)
+	return true
+}
+
+// sniffListener hands net/http the connections that do not open with the
+// HTTP/2 preface, and serves those that do itself.
+type sniffListener struct {
+	net.Listener
+	s      *Server
+	conns  chan net.Conn
+	closed chan struct{}
+	once   sync.Once
+	errc   chan error
+}
+
+func (l *sniffListener) acceptLoop() {
+	var delay time.Duration
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				l.errc <- err
+				return
+			}
+			// Out of file descriptors and the like: back off, as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			l.s.log.Warn("accept failed", zap.Error(err))
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		go l.sniff(c)
+	}
+}
+
+// sniff reads as much of the first bytes as it takes to tell the HTTP/2
+// preface from an HTTP/1.1 request, within the read-header timeout.
+func (l *sniffListener) sniff(c net.Conn) {
+	if !l.s.trackSniff(c, true) {
+		c.Close()
+		return
+	}
+	preface := http2.ClientPreface
+	buf := make([]byte, len(preface))
+	n, h2 := 0, true
+	_ = c.SetReadDeadline(time.Now().Add(l.s.opts.ReadHeaderTimeout))
+	for n < len(buf) {
+		m, err := c.Read(buf[n:])
+		n += m
+		if string(buf[:n]) != preface[:n] {
+			h2 = false
+			break
+		}
+		if err != nil {
+			l.s.trackSniff(c, false)
+			c.Close()
+			return
+		}
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	l.s.trackSniff(c, false)
+	if h2 {
+		l.s.serveH2(c)
+		return
+	}
+	select {
+	case l.conns <- &prefixConn{Conn: c, prefix: buf[:n]}:
+	case <-l.closed:
+		c.Close()
+	}
+}
+
+func (l *sniffListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	case err := <-l.errc:
+		return nil, err
+	}
+}
+
+func (l *sniffListener) Close() error {
+	var err error
+	l.once.Do(func() {
+		close(l.closed)
+		err = l.Listener.Close()
+	})
+	return err
+}
+
+// prefixConn is a connection whose first bytes were already read.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// CloseWrite half-closes the connection, as a relayed upgrade needs.
+func (c *prefixConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+var _ io.Reader = (*prefixConn)(nil)
