@@ -25,8 +25,8 @@ import (
 const h2MaxStreams = 1000
 
 var (
-	errStreamReset = errors.New("http2: stream reset by the client")
-	errH2BodyClosed  = errors.New("http2: request body closed")
+	errStreamReset  = errors.New("http2: stream reset by the client")
+	errH2BodyClosed = errors.New("http2: request body closed")
 )
 
 // h2ServerConn is one app connection speaking HTTP/2 with prior knowledge.

@@ -33,10 +33,10 @@ import (
 // counts the connections it accepts.
 type testServer struct {
 	*httptest.Server // nil for a proxy listener's Server
-	URL      string
-	Listener net.Listener
-	name     string
-	accepts  atomic.Int64
+	URL              string
+	Listener         net.Listener
+	name             string
+	accepts          atomic.Int64
 }
 
 type countingListener struct {
