@@ -282,11 +282,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 
 	cs.stop = context.AfterFunc(ctx, func() { cs.abort(ctx.Err()) })
 	if hasBody {
-		if br, ok := req.Body.(*bodyReader); ok && br.buf != nil {
-			cs.writeBody(req.Body) // in memory: sent without waiting on the app
-		} else {
-			go cs.writeBody(req.Body)
-		}
+		cs.sendBody()
 	}
 	<-cs.headers
 	cc.mu.Lock()
@@ -347,16 +343,44 @@ func validH2Value(s string) bool {
 	return true
 }
 
+// sendBody sends the request body: what is at hand at once (all of a small
+// unary call, as a rule), the rest from a goroutine of its own, so the
+// response can be read while the app still sends.
+func (cs *h2ClientStream) sendBody() {
+	br, ok := cs.req.Body.(*bodyReader)
+	if !ok {
+		go cs.writeBody(cs.req.Body.Read)
+		return
+	}
+	var pending bool
+	if cs.writeBody(func(p []byte) (int, error) {
+		n, err, ok := br.tryRead(p)
+		if !ok {
+			pending = true
+			return 0, errWouldWait
+		}
+		return n, err
+	}); pending {
+		go cs.writeBody(br.Read)
+	}
+}
+
+var errWouldWait = errors.New("would wait")
+
 // writeBody sends the request body as DATA frames, ending the stream with
-// the last, and with trailers when the request has some.
-func (cs *h2ClientStream) writeBody(body io.Reader) {
+// the last, and with trailers when the request has some. It returns
+// without ending the stream when read says errWouldWait.
+func (cs *h2ClientStream) writeBody(read func([]byte) (int, error)) {
 	bp := h2BufPool.Get().(*[]byte)
 	defer h2BufPool.Put(bp)
 	buf := *bp
 	cc := cs.cc
 	ctx := cs.req.Context()
 	for {
-		n, rerr := body.Read(buf)
+		n, rerr := read(buf)
+		if rerr == errWouldWait {
+			return
+		}
 		end := rerr == io.EOF && len(cs.req.Trailer) == 0
 		if n > 0 || end {
 			if err := cc.sendData(ctx, cs.id, &cs.sendWin, buf[:n], end, cs.sendAborted); err != nil {

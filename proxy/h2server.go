@@ -268,7 +268,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.streams[id] = st
 	sc.running++
 	sc.idle.Stop()
-	go st.run()
+	sc.s.startHandler(st)
 	return nil
 }
 
@@ -481,6 +481,38 @@ func (st *h2ServerStream) resetLocked(err error) {
 func (st *h2ServerStream) run() {
 	defer st.finish()
 	st.sc.s.handler.ServeHTTP(st, st.req)
+}
+
+// Handlers run on pooled goroutines: a new goroutine per stream costs its
+// creation and, on the proxy's deep call path, the growth of its stack,
+// both paid again for every call. An idle worker waits this long for the
+// next stream before it exits; all exit when the server closes.
+const h2WorkerIdle = 10 * time.Second
+
+// startHandler runs st's handler on an idle worker of the server, or on a
+// new one when all are busy.
+func (s *Server) startHandler(st *h2ServerStream) {
+	select {
+	case s.work <- st:
+	default:
+		go s.worker(st)
+	}
+}
+
+func (s *Server) worker(st *h2ServerStream) {
+	idle := time.NewTimer(h2WorkerIdle)
+	defer idle.Stop()
+	for {
+		st.run()
+		idle.Reset(h2WorkerIdle)
+		select {
+		case st = <-s.work:
+		case <-idle.C:
+			return
+		case <-s.baseCtx.Done():
+			return
+		}
+	}
 }
 
 // finish ends the stream after its handler returned or panicked.
@@ -761,6 +793,7 @@ type Server struct {
 	h2conns  map[*h2ServerConn]struct{}
 	sniffing map[net.Conn]struct{}
 	lns      []*sniffListener
+	work     chan *h2ServerStream // idle handler workers take streams here
 	closed   bool
 	h2done   chan struct{} // closed when the last h2 connection ends after shutdown
 }
@@ -804,6 +837,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if err != nil {
 		s.closeH2()
 	}
+	s.stop() // idle workers exit
 	return err
 }
 

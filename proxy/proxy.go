@@ -226,9 +226,11 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		http.Error(w, "sidecar: CONNECT is not supported", http.StatusMethodNotAllowed)
 		return
 	}
-	if proto := upgradeType(r.Header); proto != "" && r.ProtoMajor == 1 {
-		p.serveUpgrade(w, r, rt, proto, start)
-		return
+	if r.ProtoMajor == 1 {
+		if proto := upgradeType(r.Header); proto != "" {
+			p.serveUpgrade(w, r, rt, proto, start)
+			return
+		}
 	}
 	grpc := isGRPC(r)
 

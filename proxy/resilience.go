@@ -244,6 +244,31 @@ func (b *body) failed() error {
 
 func (r *bodyReader) Close() error { return nil }
 
+// tryRead reads what is at hand without waiting for the client: ok is
+// false when a read would wait, or the source cannot tell.
+func (r *bodyReader) tryRead(p []byte) (n int, err error, ok bool) {
+	if r.buf != nil {
+		n, err = r.Read(p)
+		return n, err, true
+	}
+	src, can := r.b.src.(interface {
+		tryRead([]byte) (int, error, bool)
+	})
+	if !can {
+		return 0, nil, false
+	}
+	if n, err, ok = src.tryRead(p); !ok {
+		return 0, nil, false
+	}
+	if n > 0 {
+		r.b.read.Store(true)
+	}
+	if err != nil && err != io.EOF {
+		r.b.srcErr.Store(&err)
+	}
+	return n, err, true
+}
+
 // newBody prepares r's body for tries: read into memory when it is small,
 // known in size, and the request may be replayed after reaching a node.
 func newBody(r *http.Request, replayable bool) (*body, error) {

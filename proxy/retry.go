@@ -122,7 +122,10 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 			reason := "connect_failed"
 			if !neverSent {
 				reason = "upstream_failed"
-				if tryCtx.Err() == context.DeadlineExceeded {
+				if cancel != nil && deadlinePassed(tryCtx) && !deadlinePassed(ctx) {
+					// The try's own deadline, not the request's. Checked by
+					// the clock: the pool's socket deadline may fire before
+					// the context's timer does.
 					reason = "per_try_timeout"
 					lastErr = fmt.Errorf("%w: per-try timeout %v: %w", ErrUpstreamTimeout, res.Retries.PerTryTimeout, err)
 				}
@@ -152,6 +155,12 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 		return resp, e, pk, nil
 	}
+}
+
+// deadlinePassed reports whether ctx has a deadline and it has passed.
+func deadlinePassed(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	return ok && !time.Now().Before(dl)
 }
 
 // retry decides whether to try again after a failed try, spending from the

@@ -42,6 +42,7 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		stop:     stop,
 		h2conns:  make(map[*h2ServerConn]struct{}),
 		sniffing: make(map[net.Conn]struct{}),
+		work:     make(chan *h2ServerStream),
 	}
 	s.h1 = &http.Server{
 		Handler:           h,
