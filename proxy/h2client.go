@@ -236,7 +236,6 @@ type h2ClientStream struct {
 	body recvBuf
 
 	headers chan struct{} // closed when the response header or an error came
-	stop    func() bool   // unregisters the context watch
 
 	// Under cc.mu:
 	err      error // why the stream failed, before or after the header
@@ -280,16 +279,19 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	cc.flushLocked()
 	cc.mu.Unlock()
 
-	cs.stop = context.AfterFunc(ctx, func() { cs.abort(ctx.Err()) })
 	if hasBody {
 		cs.sendBody()
 	}
-	<-cs.headers
+	select {
+	case <-cs.headers:
+	case <-ctx.Done():
+		cs.abort(ctx.Err())
+		<-cs.headers
+	}
 	cc.mu.Lock()
 	err := cs.err
 	cc.mu.Unlock()
 	if err != nil {
-		cs.stop()
 		return nil, err
 	}
 	return cs.resp, nil
@@ -347,45 +349,38 @@ func validH2Value(s string) bool {
 // unary call, as a rule), the rest from a goroutine of its own, so the
 // response can be read while the app still sends.
 func (cs *h2ClientStream) sendBody() {
-	br, ok := cs.req.Body.(*bodyReader)
-	if !ok {
-		go cs.writeBody(cs.req.Body.Read)
+	if br, ok := cs.req.Body.(*bodyReader); ok && !cs.writeBody(br, true) {
 		return
 	}
-	var pending bool
-	if cs.writeBody(func(p []byte) (int, error) {
-		n, err, ok := br.tryRead(p)
-		if !ok {
-			pending = true
-			return 0, errWouldWait
-		}
-		return n, err
-	}); pending {
-		go cs.writeBody(br.Read)
-	}
+	go cs.writeBody(cs.req.Body, false)
 }
 
-var errWouldWait = errors.New("would wait")
-
 // writeBody sends the request body as DATA frames, ending the stream with
-// the last, and with trailers when the request has some. It returns
-// without ending the stream when read says errWouldWait.
-func (cs *h2ClientStream) writeBody(read func([]byte) (int, error)) {
+// the last, and with trailers when the request has some. With atHand, it
+// sends only what body has without waiting, and reports whether more is to
+// come.
+func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 	bp := h2BufPool.Get().(*[]byte)
 	defer h2BufPool.Put(bp)
 	buf := *bp
 	cc := cs.cc
 	ctx := cs.req.Context()
 	for {
-		n, rerr := read(buf)
-		if rerr == errWouldWait {
-			return
+		var n int
+		var rerr error
+		if atHand {
+			var ok bool
+			if n, rerr, ok = body.(*bodyReader).tryRead(buf); !ok {
+				return true
+			}
+		} else {
+			n, rerr = body.Read(buf)
 		}
 		end := rerr == io.EOF && len(cs.req.Trailer) == 0
 		if n > 0 || end {
 			if err := cc.sendData(ctx, cs.id, &cs.sendWin, buf[:n], end, cs.sendAborted); err != nil {
 				cs.abort(err)
-				return
+				return false
 			}
 		}
 		if rerr == io.EOF {
@@ -404,11 +399,11 @@ func (cs *h2ClientStream) writeBody(read func([]byte) (int, error)) {
 			cs.sendDone = true
 			cs.closeIfDoneLocked()
 			cc.mu.Unlock()
-			return
+			return false
 		}
 		if rerr != nil {
 			cs.abort(fmt.Errorf("%w: %w", ErrBadRequestBody, rerr))
-			return
+			return false
 		}
 	}
 }
@@ -475,25 +470,32 @@ func (cs *h2ClientStream) closeIfDoneLocked() {
 type h2ClientBody struct{ cs *h2ClientStream }
 
 func (b h2ClientBody) Read(p []byte) (int, error) {
-	n, err := b.cs.body.read(p)
-	if err == io.EOF {
-		cs := b.cs
+	cs := b.cs
+	ctx := cs.req.Context()
+	n, err := cs.body.read(p, ctx.Done())
+	switch err {
+	case io.EOF:
 		cs.cc.mu.Lock()
-		for k, vv := range cs.trailer {
-			cs.resp.Trailer[k] = vv
-		}
+		trailer := cs.trailer
 		cs.trailer = nil
 		cs.cc.mu.Unlock()
-		cs.stop()
+		if cs.resp.Trailer == nil {
+			cs.resp.Trailer = trailer
+		} else {
+			for k, vv := range trailer {
+				cs.resp.Trailer[k] = vv
+			}
+		}
+	case errWaitDone:
+		err = ctx.Err()
+		cs.abort(err)
 	}
 	return n, err
 }
 
 // Close resets the stream unless the response was read to its end.
 func (b h2ClientBody) Close() error {
-	cs := b.cs
-	cs.stop()
-	cs.abort(errH2RespClosed)
+	b.cs.abort(errH2RespClosed)
 	return nil
 }
 
@@ -698,14 +700,13 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 		header[k] = values[i : i+1 : i+1]
 	}
 	resp := &http.Response{
-		Status:        statusText(code) + " " + http.StatusText(code),
+		Status:        statusLine(code),
 		StatusCode:    code,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,
 		Header:        header,
 		ContentLength: -1,
 		Request:       cs.req,
-		Trailer:       make(http.Header),
 	}
 	if v := header.Get("Content-Length"); v != "" {
 		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
@@ -715,6 +716,9 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 	for _, v := range header["Trailer"] {
 		for _, k := range strings.Split(v, ",") {
 			if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" {
+				if resp.Trailer == nil {
+					resp.Trailer = make(http.Header)
+				}
 				resp.Trailer[k] = nil
 			}
 		}

@@ -369,6 +369,7 @@ func (c *h2conn) sendData(ctx context.Context, stream uint32, win *int64, p []by
 type recvBuf struct {
 	c      *h2conn
 	stream uint32
+	ready  chan struct{} // capacity 1: data, EOF or an error came; made on the first wait
 
 	// Under c.mu:
 	buf     []byte
@@ -378,14 +379,21 @@ type recvBuf struct {
 	unacked int   // consumed bytes not yet acknowledged to the peer
 	recvd   int64 // bytes received over the stream's life, for the window check
 	granted int64 // window granted to the peer over the stream's life
-	waiting bool  // a reader waits on cond
-	cond    sync.Cond
+	waiting bool  // a reader waits on ready
 }
 
 // init readies b for a new stream of c.
 func (b *recvBuf) init(c *h2conn, stream uint32) {
 	b.c, b.stream, b.granted = c, stream, h2StreamWindow
-	b.cond.L = &c.mu
+}
+
+func (b *recvBuf) wakeLocked() {
+	if b.waiting {
+		select {
+		case b.ready <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // put adds a DATA payload. It reports false when the peer overran the
@@ -404,9 +412,7 @@ func (b *recvBuf) putLocked(p []byte) bool {
 		b.buf, b.off = b.buf[:0], 0
 	}
 	b.buf = append(b.buf, p...)
-	if b.waiting {
-		b.cond.Signal()
-	}
+	b.wakeLocked()
 	return true
 }
 
@@ -422,14 +428,13 @@ func (b *recvBuf) closeLocked(err error) {
 			b.buf, b.off = b.buf[:0], 0
 		}
 	}
-	if b.waiting {
-		b.cond.Signal()
-	}
+	b.wakeLocked()
 }
 
-// read copies buffered data into p, waiting for some when none is buffered,
-// and acknowledges what it took.
-func (b *recvBuf) read(p []byte) (int, error) {
+// read copies buffered data into p, waiting for some when none is
+// buffered, and acknowledges what it took. It gives up waiting when done is
+// closed (a nil done never is), returning errWaitDone.
+func (b *recvBuf) read(p []byte, done <-chan struct{}) (int, error) {
 	c := b.c
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -440,9 +445,20 @@ func (b *recvBuf) read(p []byte) (int, error) {
 		if b.eof {
 			return 0, io.EOF
 		}
+		if b.ready == nil {
+			b.ready = make(chan struct{}, 1)
+		}
 		b.waiting = true
-		b.cond.Wait()
+		c.mu.Unlock()
+		select {
+		case <-b.ready:
+		case <-done:
+		}
+		c.mu.Lock()
 		b.waiting = false
+		if b.off == len(b.buf) && b.err == nil && !b.eof && isClosed(done) {
+			return 0, errWaitDone
+		}
 	}
 	n := copy(p, b.buf[b.off:])
 	b.off += n
@@ -465,7 +481,21 @@ func (b *recvBuf) read(p []byte) (int, error) {
 	return n, nil
 }
 
-// buffered reports whether a read would return without waiting.
+var errWaitDone = errors.New("http2: wait ended")
+
+func isClosed(ch <-chan struct{}) bool {
+	if ch == nil {
+		return false
+	}
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// readyLocked reports whether a read would return without waiting.
 func (b *recvBuf) readyLocked() bool {
 	return b.off < len(b.buf) || b.eof || b.err != nil
 }

@@ -17,7 +17,6 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
@@ -377,16 +376,18 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 			return nil, err
 		}
 	}
-	req := &http.Request{
-		Method:     method,
-		URL:        u,
-		Proto:      "HTTP/2.0",
-		ProtoMajor: 2,
-		Header:     header,
-		Host:       authority,
-		RemoteAddr: sc.remote,
-		RequestURI: path,
-	}
+	// Not derived from the server's context: registering with a parent
+	// costs every call, and shutdown reaches each stream itself.
+	ctx, cancel := context.WithCancel(context.Background())
+	st.cancel = cancel
+	req := new(http.Request).WithContext(ctx) // one allocation, not two
+	req.Method = method
+	req.URL = u
+	req.Proto, req.ProtoMajor = "HTTP/2.0", 2
+	req.Header = header
+	req.Host = authority
+	req.RemoteAddr = sc.remote
+	req.RequestURI = path
 	if vv := header["Trailer"]; len(vv) > 0 {
 		req.Trailer = make(http.Header)
 		for _, v := range vv {
@@ -411,9 +412,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 		}
 		req.Body = h2ServerBody{st}
 	}
-	ctx, cancel := context.WithCancel(sc.s.baseCtx)
-	st.cancel = cancel
-	return req.WithContext(ctx), nil
+	return req, nil
 }
 
 // closeIfIdle closes the connection once no stream has been open for the
@@ -522,12 +521,12 @@ func (st *h2ServerStream) finish() {
 	if p != nil && p != http.ErrAbortHandler {
 		sc.s.log.Error("handler panicked", zap.Any("panic", p), zap.String("remote", sc.remote))
 	}
-	var trailers []hpack.HeaderField
+	var trailers bool
 	if p == nil {
 		if !st.wroteHeader {
 			st.WriteHeader(http.StatusOK)
 		}
-		trailers = st.trailers()
+		trailers = st.hasTrailers()
 	}
 	sc.mu.Lock()
 	if !st.reset && sc.err == nil {
@@ -535,12 +534,12 @@ func (st *h2ServerStream) finish() {
 		case p != nil:
 			sc.writeRSTLocked(st.id, http2.ErrCodeInternal)
 		case !st.sentHeader:
-			st.writeHeaderLocked(len(trailers) == 0)
-			if len(trailers) > 0 {
-				st.writeTrailersLocked(trailers)
+			st.writeHeaderLocked(!trailers)
+			if trailers {
+				st.writeTrailersLocked()
 			}
-		case len(trailers) > 0:
-			st.writeTrailersLocked(trailers)
+		case trailers:
+			st.writeTrailersLocked()
 		default:
 			sc.writeDataLocked(st.id, nil, true)
 		}
@@ -656,42 +655,51 @@ func (st *h2ServerStream) writeHeaderLocked(end bool) {
 	sc.flushLocked()
 }
 
-// trailers collects what the handler set after the header as trailers:
-// keys declared in a Trailer header, and keys with http.TrailerPrefix.
-func (st *h2ServerStream) trailers() []hpack.HeaderField {
-	var out []hpack.HeaderField
+// hasTrailers reports whether the handler set trailers: keys with
+// http.TrailerPrefix, or keys declared in a Trailer header.
+func (st *h2ServerStream) hasTrailers() bool {
+	if _, ok := st.header["Trailer"]; ok {
+		return true
+	}
+	for k := range st.header {
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// writeTrailersLocked sends the trailers, ending the stream. sc.mu is held.
+func (st *h2ServerStream) writeTrailersLocked() {
+	sc := st.sc
 	for k, vv := range st.header {
 		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
-			for _, v := range vv {
-				out = append(out, hpack.HeaderField{Name: lowerHeader(textproto.CanonicalMIMEHeaderKey(name)), Value: v})
-			}
+			st.encodeTrailerLocked(textproto.CanonicalMIMEHeaderKey(name), vv)
 		}
 	}
 	for _, decl := range st.header["Trailer"] {
 		for _, k := range strings.Split(decl, ",") {
 			k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k))
-			for _, v := range st.header[k] {
-				out = append(out, hpack.HeaderField{Name: lowerHeader(k), Value: v})
-			}
-		}
-	}
-	return out
-}
-
-func (st *h2ServerStream) writeTrailersLocked(fields []hpack.HeaderField) {
-	sc := st.sc
-	for _, f := range fields {
-		if h2FieldAllowed(f.Name) {
-			sc.encodeLocked(f.Name, f.Value)
+			st.encodeTrailerLocked(k, st.header[k])
 		}
 	}
 	sc.writeHeaderBlockLocked(st.id, true)
 }
 
+func (st *h2ServerStream) encodeTrailerLocked(k string, vv []string) {
+	if k == "" || !h2FieldAllowed(k) {
+		return
+	}
+	name := lowerHeader(k)
+	for _, v := range vv {
+		st.sc.encodeLocked(name, v)
+	}
+}
+
 // h2ServerBody is a request body as its handler reads it.
 type h2ServerBody struct{ st *h2ServerStream }
 
-func (b h2ServerBody) Read(p []byte) (int, error) { return b.st.body.read(p) }
+func (b h2ServerBody) Read(p []byte) (int, error) { return b.st.body.read(p, nil) }
 
 // Close discards the rest of the body: what arrives later only frees the
 // connection window.
@@ -715,7 +723,7 @@ func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
 	if !ready {
 		return 0, nil, false
 	}
-	n, err = b.st.body.read(p)
+	n, err = b.st.body.read(p, nil)
 	return n, err, true
 }
 
@@ -729,17 +737,26 @@ func h2FieldAllowed(k string) bool {
 	return true
 }
 
-var statusTexts = func() map[int]string {
-	m := make(map[int]string)
-	for code := 100; code < 600; code++ {
-		m[code] = strconv.Itoa(code)
+// statusCodes and statusLines hold each status's code and status line, so
+// that answering allocates neither.
+var statusCodes, statusLines = func() (codes, lines [600]string) {
+	for code := range 600 {
+		codes[code] = strconv.Itoa(code)
+		lines[code] = codes[code] + " " + http.StatusText(code)
 	}
-	return m
+	return
 }()
 
 func statusText(code int) string {
-	if s, ok := statusTexts[code]; ok {
-		return s
+	if code >= 0 && code < len(statusCodes) {
+		return statusCodes[code]
+	}
+	return strconv.Itoa(code)
+}
+
+func statusLine(code int) string {
+	if code >= 0 && code < len(statusLines) {
+		return statusLines[code]
 	}
 	return strconv.Itoa(code)
 }
