@@ -81,7 +81,7 @@ func main() {
 	flag.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured time before each run")
 	flag.IntVar(&o.runs, "runs", 3, "runs of each scenario per peer; medians are reported")
 	flag.StringVar(&o.scenarios, "scenarios", "", "comma-separated scenarios (default all): "+scenarioNames())
-	flag.StringVar(&o.peers, "peers", "direct,sidecar,haproxy,nginx", "comma-separated peers")
+	flag.StringVar(&o.peers, "peers", "direct,direct-1,sidecar,haproxy,nginx", "comma-separated peers")
 	flag.BoolVar(&o.consul, "consul", false, "also run a sidecar fed by a Consul dev agent (bin/consul) as peer sidecar-consul")
 	flag.BoolVar(&o.install, "install", true, "apt-get install haproxy and nginx when missing")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for latest.md, latest.json and profiles")
@@ -197,6 +197,8 @@ func (h *harness) startPeer(name string) (*peer, error) {
 	switch name {
 	case "direct":
 		return h.directPeer(), nil
+	case "direct-1":
+		return h.directOnePeer(), nil
 	case "sidecar":
 		return h.startSidecar("sidecar", "")
 	case "sidecar-consul":
@@ -210,7 +212,7 @@ func (h *harness) startPeer(name string) (*peer, error) {
 	case "nginx":
 		return h.startNginx()
 	}
-	return nil, fmt.Errorf("unknown peer %q (want direct, sidecar, sidecar-consul, haproxy or nginx)", name)
+	return nil, fmt.Errorf("unknown peer %q (want direct, direct-1, sidecar, sidecar-consul, haproxy or nginx)", name)
 }
 
 func selectScenarios(list string) ([]scenario, error) {

@@ -117,6 +117,19 @@ func (h *harness) directPeer() *peer {
 	}, notes: []string{"the load generator spreads its connections (h2c, gRPC: one connection per backend) over the 3 backends"}}
 }
 
+// directOnePeer reaches the first backend only: for h2c and gRPC, the same
+// single connection a proxied run opens, with no proxy behind it.
+func (h *harness) directOnePeer() *peer {
+	first := func(kind string) []string { return h.backendAddrs(kind)[:1] }
+	return &peer{name: "direct-1", targets: map[string][]string{
+		lnH1: first(lnH1), lnH2: first(lnH2), lnGRPC: first(lnGRPC),
+	}, notes: []string{"the load generator talks to the first backend alone (h2c, gRPC: over one connection, as through a proxy)"}}
+}
+
+// isDirect reports whether a peer is the load generator talking to the
+// backends itself, with no proxy to measure.
+func isDirect(name string) bool { return name == "direct" || name == "direct-1" }
+
 // proxyPorts reserves the three listeners of a proxy.
 func proxyPorts() (map[string][]string, []string) {
 	var pp ports
