@@ -34,10 +34,11 @@ type Agent struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
 	log    LockedBuffer
+	opts   Options
 }
 
-// Ports are the loopback ports the agent listens on. They stay the same
-// across Stop and Start, so clients keep their address.
+// Ports are the loopback ports the agent listens on. The HTTP port stays
+// the same across Stop and Start, so clients keep their address.
 type Ports struct {
 	HTTP, SerfLAN, SerfWAN, Server int
 }
@@ -77,7 +78,7 @@ func Start(t testing.TB, opts Options) *Agent {
 		}
 		t.Fatal(err)
 	}
-	a := &Agent{t: t, bin: bin, dir: t.TempDir()}
+	a := &Agent{t: t, bin: bin, dir: t.TempDir(), opts: opts}
 	// A port free when picked may be taken before the agent binds it, by
 	// another test's agent: start again on fresh ports when that happens.
 	for attempt := 0; attempt < 3; attempt++ {
@@ -137,11 +138,22 @@ func (a *Agent) Client() *api.Client {
 
 // Start (re)starts a stopped agent on the same ports, with an empty state, as
 // a real agent restart in dev mode does, and waits until it is ready.
+//
+// While the agent was down, another process may have taken one of its
+// cluster ports, which no client uses: it then starts again with fresh
+// ones.
 func (a *Agent) Start() {
 	a.t.Helper()
-	if err := a.start(); err != nil {
-		a.t.Fatalf("consul agent not ready: %v\n%s", err, a.Log())
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if err = a.start(); err == nil {
+			return
+		}
+		a.t.Logf("consul agent did not restart (attempt %d): %v", attempt+1, err)
+		a.Ports.SerfLAN, a.Ports.SerfWAN, a.Ports.Server = FreePort(a.t), FreePort(a.t), FreePort(a.t)
+		a.writeConfig(a.opts)
 	}
+	a.t.Fatalf("consul agent not ready: %v\n%s", err, a.Log())
 }
 
 func (a *Agent) start() error {
