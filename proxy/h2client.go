@@ -92,6 +92,10 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 			p.mu.Lock()
 			p.dialing = nil
 			d.err = err
+			// The dialler's stream goes first, even on a retired pool: a
+			// request that reached the pool as it retired is served, and
+			// its connection closes once it is done.
+			mine := err == nil && cc.reserve()
 			if err == nil {
 				p.conns = append(p.conns, cc)
 				if p.retired {
@@ -102,6 +106,9 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 			p.mu.Unlock()
 			if err != nil {
 				return nil, err
+			}
+			if mine {
+				return cc, nil
 			}
 			continue
 		}
@@ -188,7 +195,8 @@ type h2ClientConn struct {
 	nextID     uint32
 	reserved   int
 	maxStreams uint32
-	goAway     bool // the node sent GOAWAY, or the pool retired it
+	goAway     bool // the node sent GOAWAY, or the sidecar did: no new streams
+	retired    bool // the pool retired it: no new reservations, reserved streams go on
 	idle       *time.Timer
 }
 
@@ -196,7 +204,7 @@ type h2ClientConn struct {
 func (cc *h2ClientConn) reserve() bool {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	if cc.err != nil || cc.goAway || cc.closing || cc.nextID >= 1<<31-1 ||
+	if cc.err != nil || cc.goAway || cc.retired || cc.closing || cc.nextID >= 1<<31-1 ||
 		uint32(len(cc.streams)+cc.reserved) >= cc.maxStreams {
 		return false
 	}
@@ -206,7 +214,7 @@ func (cc *h2ClientConn) reserve() bool {
 
 func (cc *h2ClientConn) retire() {
 	cc.mu.Lock()
-	cc.goAway = true
+	cc.retired = true
 	idle := len(cc.streams) == 0 && cc.reserved == 0
 	cc.mu.Unlock()
 	if idle {
@@ -235,7 +243,8 @@ type h2ClientStream struct {
 	resp *http.Response
 	body recvBuf
 
-	headers chan struct{} // closed when the response header or an error came
+	headers  chan struct{} // closed when the response header or an error came
+	bodyDone chan struct{} // closed when the goroutine sending the body returns; nil if none
 
 	// Under cc.mu:
 	err      error // why the stream failed, before or after the header
@@ -256,7 +265,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	cc.mu.Lock()
 	cc.reserved--
 	if cc.err != nil || cc.goAway || cc.closing {
-		idle := len(cc.streams) == 0 && cc.reserved == 0 && cc.goAway
+		idle := len(cc.streams) == 0 && cc.reserved == 0 && (cc.goAway || cc.retired)
 		cc.mu.Unlock()
 		if idle {
 			cc.closeAfterFlush()
@@ -292,6 +301,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	err := cs.err
 	cc.mu.Unlock()
 	if err != nil {
+		cs.releaseBody()
 		return nil, err
 	}
 	return cs.resp, nil
@@ -330,6 +340,18 @@ func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
 			cc.encodeLocked(name, v)
 		}
 	}
+	if len(req.Trailer) > 0 && len(req.Header["Trailer"]) == 0 {
+		// Declared, or the node drops them (RFC 9110, 6.6.2).
+		keys := make([]string, 0, len(req.Trailer))
+		for k := range req.Trailer {
+			if h2FieldAllowed(k) {
+				keys = append(keys, lowerHeader(k))
+			}
+		}
+		if len(keys) > 0 {
+			cc.encodeLocked("trailer", strings.Join(keys, ","))
+		}
+	}
 	if req.ContentLength > 0 && req.Header.Get("Content-Length") == "" {
 		cc.encodeLocked("content-length", strconv.FormatInt(req.ContentLength, 10))
 	}
@@ -352,13 +374,38 @@ func (cs *h2ClientStream) sendBody() {
 	if br, ok := cs.req.Body.(*bodyReader); ok && !cs.writeBody(br, true) {
 		return
 	}
-	go cs.writeBody(cs.req.Body, false)
+	cs.bodyDone = make(chan struct{})
+	go func() {
+		defer close(cs.bodyDone)
+		cs.writeBody(cs.req.Body, false)
+	}()
+}
+
+// releaseBody is called when the stream failed before its response: the
+// retry loop may send the body again, which it must not while this
+// stream's goroutine still reads it. A body held in memory is let go of at
+// once, the stream having failed. One the app is still sending may have the
+// goroutine waiting for the app's next bytes, which it would take and drop:
+// it is marked read, so that it is not sent again.
+func (cs *h2ClientStream) releaseBody() {
+	br, ok := cs.req.Body.(*bodyReader)
+	if cs.bodyDone == nil || !ok {
+		return
+	}
+	if br.buf != nil {
+		<-cs.bodyDone
+		return
+	}
+	if !isClosed(cs.bodyDone) {
+		br.b.read.Store(true)
+	}
 }
 
 // writeBody sends the request body as DATA frames, ending the stream with
 // the last, and with trailers when the request has some. With atHand, it
-// sends only what body has without waiting, and reports whether more is to
-// come.
+// sends only what body has without waiting, and only while the node's
+// windows have room for it, and reports whether more is to come: the
+// caller must not wait on a node that may wait for its answer to be read.
 func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 	bp := h2BufPool.Get().(*[]byte)
 	defer h2BufPool.Put(bp)
@@ -370,6 +417,9 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 		var rerr error
 		if atHand {
 			var ok bool
+			if !cs.canSend(len(buf)) {
+				return true
+			}
 			if n, rerr, ok = body.(*bodyReader).tryRead(buf); !ok {
 				return true
 			}
@@ -406,6 +456,15 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			return false
 		}
 	}
+}
+
+// canSend reports whether n bytes can go out on the stream at once, within
+// the node's windows and the writer's room.
+func (cs *h2ClientStream) canSend(n int) bool {
+	cc := cs.cc
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	return int64(n) <= min(cc.sendWin, cs.sendWin) && len(cc.out) < h2MaxOutBuffer
 }
 
 var h2BufPool = sync.Pool{New: func() any { b := make([]byte, h2DefaultFrame); return &b }}
@@ -457,7 +516,7 @@ func (cs *h2ClientStream) closeIfDoneLocked() {
 	}
 	delete(cc.streams, cs.id)
 	if len(cc.streams) == 0 && cc.reserved == 0 && cc.err == nil {
-		if cc.goAway {
+		if cc.goAway || cc.retired {
 			cc.closing = true
 			cc.flushLocked()
 		} else {

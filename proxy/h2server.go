@@ -231,7 +231,10 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 			for _, hf := range f.RegularFields() {
 				k := textproto.CanonicalMIMEHeaderKey(hf.Name)
 				if _, declared := t[k]; declared {
-					t[k] = append(t[k], hf.Value)
+					if st.trailer == nil {
+						st.trailer = make(http.Header)
+					}
+					st.trailer[k] = append(st.trailer[k], hf.Value)
 				}
 			}
 		}
@@ -311,6 +314,10 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 
 // newRequest builds the request a HEADERS frame opens. sc.mu is held.
 func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame) (*http.Request, error) {
+	if f.Truncated {
+		// The framer dropped the fields past the limit.
+		return nil, errors.New("header list larger than the limit")
+	}
 	var method, scheme, authority, path string
 	for _, hf := range f.PseudoFields() {
 		switch hf.Name {
@@ -458,6 +465,7 @@ type h2ServerStream struct {
 	sendWin    int64
 	reset      bool // the client reset the stream or the connection ended
 	sentHeader bool
+	trailer    http.Header // trailers received, for req.Trailer at the body's end
 
 	// The handler's goroutine only:
 	header      http.Header
@@ -699,7 +707,27 @@ func (st *h2ServerStream) encodeTrailerLocked(k string, vv []string) {
 // h2ServerBody is a request body as its handler reads it.
 type h2ServerBody struct{ st *h2ServerStream }
 
-func (b h2ServerBody) Read(p []byte) (int, error) { return b.st.body.read(p, nil) }
+func (b h2ServerBody) Read(p []byte) (int, error) {
+	n, err := b.st.body.read(p, nil)
+	if err == io.EOF {
+		b.st.takeTrailers()
+	}
+	return n, err
+}
+
+// takeTrailers fills in the request's trailers once its body has been read
+// to the end, on the reader's goroutine, as net/http does: the read loop
+// must not write to req.Trailer while the handler may read it.
+func (st *h2ServerStream) takeTrailers() {
+	sc := st.sc
+	sc.mu.Lock()
+	t := st.trailer
+	st.trailer = nil
+	sc.mu.Unlock()
+	for k, vv := range t {
+		st.req.Trailer[k] = vv
+	}
+}
 
 // Close discards the rest of the body: what arrives later only frees the
 // connection window.
@@ -723,7 +751,7 @@ func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
 	if !ready {
 		return 0, nil, false
 	}
-	n, err = b.st.body.read(p, nil)
+	n, err = b.Read(p)
 	return n, err, true
 }
 
