@@ -130,11 +130,10 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 		return nil, err
 	}
 	cc := &h2ClientConn{
-		h2conn:     newH2Conn(nc),
-		pool:       p,
-		streams:    make(map[uint32]*h2ClientStream),
-		nextID:     1,
-		maxStreams: 100, // until the node's SETTINGS say otherwise
+		h2conn:  newH2Conn(nc),
+		pool:    p,
+		streams: make(map[uint32]*h2ClientStream),
+		nextID:  1,
 	}
 	cc.mu.Lock()
 	cc.out = append(cc.out, http2.ClientPreface...)
@@ -191,13 +190,12 @@ type h2ClientConn struct {
 	pool *h2Pool
 
 	// Under mu:
-	streams    map[uint32]*h2ClientStream
-	nextID     uint32
-	reserved   int
-	maxStreams uint32
-	goAway     bool // the node sent GOAWAY, or the sidecar did: no new streams
-	retired    bool // the pool retired it: no new reservations, reserved streams go on
-	idle       *time.Timer
+	streams  map[uint32]*h2ClientStream
+	nextID   uint32
+	reserved int
+	goAway   bool // the node sent GOAWAY, or the sidecar did: no new streams
+	retired  bool // the pool retired it: no new reservations, reserved streams go on
+	idle     *time.Timer
 }
 
 // reserve claims room for one stream, if the connection takes new ones.
@@ -205,7 +203,7 @@ func (cc *h2ClientConn) reserve() bool {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if cc.err != nil || cc.goAway || cc.retired || cc.closing || cc.nextID >= 1<<31-1 ||
-		uint32(len(cc.streams)+cc.reserved) >= cc.maxStreams {
+		uint32(len(cc.streams)+cc.reserved) >= cc.peerMaxStreams {
 		return false
 	}
 	cc.reserved++
@@ -686,25 +684,13 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		if f.IsAck() {
 			return nil
 		}
-		if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
+		delta, err := cc.applySettingsLocked(f)
+		if err != nil {
 			return err
 		}
-		var delta int64
-		_ = f.ForeachSetting(func(s http2.Setting) error {
-			if s.ID == http2.SettingMaxConcurrentStreams {
-				cc.maxStreams = s.Val
-			}
-			delta += cc.applyPeerSettingLocked(s)
-			return nil
-		})
-		if delta != 0 {
-			for _, cs := range cc.streams {
-				cs.sendWin += delta
-			}
-			cc.cond.Broadcast()
+		for _, cs := range cc.streams {
+			cs.sendWin += delta
 		}
-		cc.writeSettingsAckLocked()
-		cc.flushLocked()
 	case *http2.PingFrame:
 		if !f.IsAck() {
 			cc.writePingLocked(true, f.Data)

@@ -66,6 +66,9 @@ type h2conn struct {
 	sendWin      int64  // connection send window; under mu
 	peerInitWin  int64  // the peer's SETTINGS_INITIAL_WINDOW_SIZE; under mu
 	peerMaxFrame uint32 // under mu
+	// peerMaxStreams is the peer's SETTINGS_MAX_CONCURRENT_STREAMS: 100
+	// until its SETTINGS say otherwise. Under mu.
+	peerMaxStreams uint32
 
 	recvUnacked int64 // received connection-level bytes consumed, not yet acknowledged; under mu
 	recvWin     int64 // what the peer may still send on the connection; under mu
@@ -73,13 +76,14 @@ type h2conn struct {
 
 func newH2Conn(nc net.Conn) *h2conn {
 	c := &h2conn{
-		nc:           nc,
-		flushReq:     make(chan struct{}, 1),
-		done:         make(chan struct{}),
-		sendWin:      h2InitialWindow,
-		peerInitWin:  h2InitialWindow,
-		peerMaxFrame: h2DefaultFrame,
-		recvWin:      h2ConnWindow,
+		nc:             nc,
+		flushReq:       make(chan struct{}, 1),
+		done:           make(chan struct{}),
+		sendWin:        h2InitialWindow,
+		peerInitWin:    h2InitialWindow,
+		peerMaxFrame:   h2DefaultFrame,
+		peerMaxStreams: 100,
+		recvWin:        h2ConnWindow,
 	}
 	c.cond.L = &c.mu
 	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 16<<10))
@@ -291,20 +295,33 @@ func (c *h2conn) encodeLocked(name, value string) {
 	_ = c.enc.WriteField(hpack.HeaderField{Name: name, Value: value})
 }
 
-// applyPeerSettingLocked applies a setting the peer sent that concerns what
-// the sidecar sends. It returns the change of the initial stream window, to
-// be applied to every open stream.
-func (c *h2conn) applyPeerSettingLocked(s http2.Setting) (winDelta int64) {
-	switch s.ID {
-	case http2.SettingInitialWindowSize:
-		winDelta = int64(s.Val) - c.peerInitWin
-		c.peerInitWin = int64(s.Val)
-	case http2.SettingMaxFrameSize:
-		c.peerMaxFrame = s.Val
-	case http2.SettingHeaderTableSize:
-		c.enc.SetMaxDynamicTableSizeLimit(s.Val)
+// applySettingsLocked applies a SETTINGS frame from the peer and
+// acknowledges it. It returns the change of the initial stream window, for
+// the caller to apply to every open stream. c.mu must be held.
+func (c *h2conn) applySettingsLocked(f *http2.SettingsFrame) (winDelta int64, err error) {
+	if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
+		return 0, err
 	}
-	return winDelta
+	_ = f.ForeachSetting(func(s http2.Setting) error {
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			winDelta += int64(s.Val) - c.peerInitWin
+			c.peerInitWin = int64(s.Val)
+		case http2.SettingMaxFrameSize:
+			c.peerMaxFrame = s.Val
+		case http2.SettingHeaderTableSize:
+			c.enc.SetMaxDynamicTableSizeLimit(s.Val)
+		case http2.SettingMaxConcurrentStreams:
+			c.peerMaxStreams = s.Val
+		}
+		return nil
+	})
+	if winDelta != 0 {
+		c.cond.Broadcast()
+	}
+	c.writeSettingsAckLocked()
+	c.flushLocked()
+	return winDelta, nil
 }
 
 // consumedLocked acknowledges n bytes the consumer read (or the sidecar

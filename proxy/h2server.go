@@ -170,24 +170,15 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		if f.IsAck() {
 			return nil
 		}
-		if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
-			return err
-		}
 		sc.mu.Lock()
 		defer sc.mu.Unlock()
-		var delta int64
-		_ = f.ForeachSetting(func(s http2.Setting) error {
-			delta += sc.applyPeerSettingLocked(s)
-			return nil
-		})
-		if delta != 0 {
-			for _, st := range sc.streams {
-				st.sendWin += delta
-			}
-			sc.cond.Broadcast()
+		delta, err := sc.applySettingsLocked(f)
+		if err != nil {
+			return err
 		}
-		sc.writeSettingsAckLocked()
-		sc.flushLocked()
+		for _, st := range sc.streams {
+			st.sendWin += delta
+		}
 	case *http2.PingFrame:
 		if f.IsAck() {
 			return nil
