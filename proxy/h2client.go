@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -41,6 +42,9 @@ func (e h2StreamError) Error() string { return "http2: stream reset by the node:
 type h2Pool struct {
 	timeouts Timeouts
 	dialer   net.Dialer
+	// pingAfter and pingTimeout: h2PingAfter and h2PingTimeout when the
+	// pool was made.
+	pingAfter, pingTimeout time.Duration
 
 	mu      sync.Mutex
 	conns   []*h2ClientConn
@@ -54,7 +58,8 @@ type h2Dial struct {
 }
 
 func newH2Pool(t Timeouts) *h2Pool {
-	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}}
+	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second},
+		pingAfter: h2PingAfter, pingTimeout: h2PingTimeout}
 }
 
 // roundTrip sends req on a connection to req.URL.Host and returns the
@@ -145,11 +150,48 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	cc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	cc.flushLocked()
 	cc.idle = time.AfterFunc(p.timeouts.Idle, cc.closeIfIdle)
+	cc.health = time.AfterFunc(p.pingAfter, cc.checkHealth)
 	cc.mu.Unlock()
 	go cc.writeLoop()
 	go cc.readLoop()
 	return cc, nil
 }
+
+// A connection to a node that has sent nothing for h2PingAfter is pinged,
+// and closed when nothing comes back within h2PingTimeout: its streams fail
+// (and may be retried) instead of waiting on a node that is gone without a
+// word, as a vanished host or a silent network partition leaves it.
+var (
+	h2PingAfter   = 30 * time.Second
+	h2PingTimeout = 10 * time.Second
+)
+
+// checkHealth runs on the connection's health timer.
+func (cc *h2ClientConn) checkHealth() {
+	read := cc.framesRead.Load()
+	cc.mu.Lock()
+	dead := false
+	switch {
+	case cc.err != nil:
+	case read != cc.lastSeen:
+		// Frames came since the last check: alive.
+		cc.lastSeen, cc.pinged = read, false
+		cc.health.Reset(cc.pool.pingAfter)
+	case !cc.pinged:
+		cc.pinged = true
+		cc.writePingLocked(false, [8]byte{'s', 'i', 'd', 'e', 'c', 'a', 'r'})
+		cc.flushLocked()
+		cc.health.Reset(cc.pool.pingTimeout)
+	default:
+		dead = true
+	}
+	cc.mu.Unlock()
+	if dead {
+		cc.fail(errH2PingTimeout)
+	}
+}
+
+var errH2PingTimeout = errors.New("http2: node did not answer a ping")
 
 func (p *h2Pool) remove(cc *h2ClientConn) {
 	p.mu.Lock()
@@ -196,6 +238,11 @@ type h2ClientConn struct {
 	goAway   bool // the node sent GOAWAY, or the sidecar did: no new streams
 	retired  bool // the pool retired it: no new reservations, reserved streams go on
 	idle     *time.Timer
+	health   *time.Timer // pings a silent node
+	lastSeen int64       // framesRead at the last health check
+	pinged   bool        // a ping is out, unanswered
+
+	framesRead atomic.Int64 // by the read loop
 }
 
 // reserve claims room for one stream, if the connection takes new ones.
@@ -562,6 +609,10 @@ func (cc *h2ClientConn) readLoop() {
 	cc.pool.remove(cc)
 	cc.mu.Lock()
 	cc.idle.Stop()
+	cc.health.Stop()
+	if cc.err != nil {
+		err = cc.err // the first cause, such as an unanswered ping
+	}
 	for _, cs := range cc.streams {
 		cs.failLocked(fmt.Errorf("http2: connection to node lost: %w", err))
 	}
@@ -571,6 +622,7 @@ func (cc *h2ClientConn) readLoop() {
 func (cc *h2ClientConn) readFrames() error {
 	for {
 		f, err := cc.fr.ReadFrame()
+		cc.framesRead.Add(1)
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
