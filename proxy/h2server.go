@@ -749,12 +749,15 @@ func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
 // h2FieldAllowed reports whether a header field may be sent over HTTP/2:
 // connection-specific fields may not (RFC 9113, 8.2.2).
 func h2FieldAllowed(k string) bool {
-	switch strings.ToLower(k) {
-	case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te":
-		return false
+	for _, f := range h2ConnectionFields {
+		if len(k) == len(f) && strings.EqualFold(k, f) {
+			return false
+		}
 	}
 	return true
 }
+
+var h2ConnectionFields = [...]string{"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
 
 // statusCodes and statusLines hold each status's code and status line, so
 // that answering allocates neither.
