@@ -195,6 +195,19 @@ func (s *resSetup) endpoint(t testing.TB, addr string) EndpointStatus {
 	return EndpointStatus{}
 }
 
+// eligible is how many endpoints the route's balancer picks from.
+func (s *resSetup) eligible() int {
+	s.px.mu.Lock()
+	defer s.px.mu.Unlock()
+	n := 0
+	for _, rt := range s.px.routes {
+		if st := rt.state.Load(); st != nil {
+			n += st.eligible
+		}
+	}
+	return n
+}
+
 // ejected lists the endpoints /status shows ejected.
 func (s *resSetup) ejected() []string {
 	var out []string
@@ -667,7 +680,11 @@ func TestOutlierEjection(t *testing.T) {
 		if got := bad.hits.Load(); got != hits && time.Since(ejectedAt) < 250*time.Millisecond {
 			t.Errorf("ejected node got %d requests while ejected", got-hits)
 		}
-		resWait(t, 2*time.Second, "the ejection to end", func() bool { return len(s.ejected()) == 0 })
+		// Not only the clock: the timer that puts the node back in the
+		// balancer's set may run a little after the ejection's end.
+		resWait(t, 2*time.Second, "the ejection to end", func() bool {
+			return len(s.ejected()) == 0 && s.eligible() == len(nodes)
+		})
 		hits = bad.hits.Load()
 		for i := range 30 {
 			if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
