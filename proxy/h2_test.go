@@ -1672,3 +1672,64 @@ func TestH2SilentNodePinged(t *testing.T) {
 		t.Errorf("silent node got %d streams, want 2: one per request, none retried", got)
 	}
 }
+
+// TestH2ContentLengthMismatch: a request whose DATA is not the length its
+// content-length says is malformed (RFC 9113, 8.1.1) and gets
+// RST_STREAM(PROTOCOL_ERROR). Relayed to an HTTP/1.1 node, the excess could
+// otherwise become a second, smuggled request on the node's connection. A
+// body of the declared length passes.
+func TestH2ContentLengthMismatch(t *testing.T) {
+	leakcheck.Check(t)
+	var bodies sync.Map // path → body the node read
+	node := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		bodies.Store(r.URL.Path, string(b))
+		io.WriteString(w, "ok")
+	}))
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Listener.Addr().String()}}),
+		RouteConfig{Service: "echo"}, ServerOptions{})
+	tests := []struct {
+		name     string
+		length   string
+		data     []string // DATA frames; the last ends the stream
+		wantRST  bool
+		wantBody string
+	}{
+		{"exact", "5", []string{"hello"}, false, "hello"},
+		{"exact in two frames", "10", []string{"hello", "world"}, false, "helloworld"},
+		{"longer than declared", "5", []string{"hello", "GET /smuggled HTTP/1.1\r\nHost: echo\r\n\r\n"}, true, ""},
+		{"shorter than declared", "10", []string{"hello"}, true, ""},
+		{"declared with no body", "5", nil, true, ""},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRawH2(t, sc.addr, true)
+			path := fmt.Sprintf("/cl%d", i)
+			c.request(1, http.MethodPost, path, len(tc.data) == 0, "content-length", tc.length)
+			for j, d := range tc.data {
+				c.data(1, j == len(tc.data)-1, []byte(d))
+			}
+			c.flush()
+			c.mustRead(5*time.Second, "the answer", func() bool { return c.stream(1).done })
+			r := c.stream(1)
+			if tc.wantRST {
+				if r.rst == nil || *r.rst != http2.ErrCodeProtocol {
+					t.Errorf("stream = %v, want RST_STREAM(PROTOCOL_ERROR)", r)
+				}
+				if b, ok := bodies.Load(path); ok && b != "" && b != "hello" {
+					t.Errorf("node read body %q, want at most the declared bytes", b)
+				}
+				return
+			}
+			if r.status() != "200" || r.rst != nil {
+				t.Errorf("stream = %v, want 200", r)
+			}
+			if b, _ := bodies.Load(path); b != tc.wantBody {
+				t.Errorf("node read body %q, want %q", b, tc.wantBody)
+			}
+		})
+	}
+	if _, ok := bodies.Load("/smuggled"); ok {
+		t.Error("the excess bytes reached the node as a request of their own")
+	}
+}

@@ -229,7 +229,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 				}
 			}
 		}
-		st.body.closeLocked(nil)
+		st.endBodyLocked()
 		return nil
 	}
 	if id <= sc.maxSeen {
@@ -297,11 +297,36 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 		sc.flushLocked()
 		return nil
 	}
+	if n := st.req.ContentLength; n >= 0 && st.body.recvd > n {
+		st.malformedLocked()
+		return nil
+	}
 	if f.StreamEnded() {
-		st.body.closeLocked(nil)
+		st.endBodyLocked()
 	}
 	return nil
 }
+
+// endBodyLocked ends the request body at the client's END_STREAM. A body
+// that is not the length its content-length says makes the request
+// malformed (RFC 9113, 8.1.1): relayed to an HTTP/1.1 node, the difference
+// could desynchronise the node's connection.
+func (st *h2ServerStream) endBodyLocked() {
+	if n := st.req.ContentLength; n >= 0 && st.body.recvd != n {
+		st.malformedLocked()
+		return
+	}
+	st.body.closeLocked(nil)
+}
+
+// malformedLocked resets a stream whose request broke the protocol.
+func (st *h2ServerStream) malformedLocked() {
+	st.resetLocked(errMalformedBody)
+	st.sc.writeRSTLocked(st.id, http2.ErrCodeProtocol)
+	st.sc.flushLocked()
+}
+
+var errMalformedBody = errors.New("http2: request body does not match its content-length")
 
 // newRequest builds the request a HEADERS frame opens. sc.mu is held.
 func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame) (*http.Request, error) {
@@ -398,6 +423,9 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	}
 	switch {
 	case f.StreamEnded():
+		if v := header.Get("Content-Length"); v != "" && v != "0" {
+			return nil, errors.New("content-length without a body")
+		}
 		req.Body = http.NoBody
 	default:
 		req.ContentLength = -1
