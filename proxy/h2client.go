@@ -482,11 +482,7 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			cc.mu.Lock()
 			if len(cs.req.Trailer) > 0 && !cs.sendDone && cc.err == nil {
 				for k, vv := range cs.req.Trailer {
-					if h2FieldAllowed(k) {
-						for _, v := range vv {
-							cc.encodeLocked(lowerHeader(k), v)
-						}
-					}
+					cc.encodeHeaderLocked(k, vv)
 				}
 				cc.writeHeaderBlockLocked(cs.id, true)
 				cc.flushLocked()
@@ -681,14 +677,9 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		}
 		cs.endRecvLocked()
 	case *http2.DataFrame:
-		length := int(f.Length)
-		cc.recvWin -= int64(length)
-		if cc.recvWin < 0 {
-			return http2.ConnectionError(http2.ErrCodeFlowControl)
-		}
-		data := f.Data()
-		if pad := length - len(data); pad > 0 {
-			cc.consumedLocked(pad)
+		data, err := cc.receivedLocked(f)
+		if err != nil {
+			return err
 		}
 		cs := cc.streams[f.StreamID]
 		if cs == nil || cs.recvDone || !cs.gotResp {
@@ -784,18 +775,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 		}
 		return nil // 100 Continue and the like: the final answer follows
 	}
-	fields := f.RegularFields()
-	header := make(http.Header, len(fields))
-	values := make([]string, len(fields))
-	for i, hf := range fields {
-		k := textproto.CanonicalMIMEHeaderKey(hf.Name)
-		if vv, ok := header[k]; ok {
-			header[k] = append(vv, hf.Value)
-			continue
-		}
-		values[i] = hf.Value
-		header[k] = values[i : i+1 : i+1]
-	}
+	header := h2Header(f.RegularFields(), false)
 	resp := &http.Response{
 		Status:        statusLine(code),
 		StatusCode:    code,
@@ -810,16 +790,12 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 			resp.ContentLength = n
 		}
 	}
-	for _, v := range header["Trailer"] {
-		for _, k := range strings.Split(v, ",") {
-			if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" {
-				if resp.Trailer == nil {
-					resp.Trailer = make(http.Header)
-				}
-				resp.Trailer[k] = nil
-			}
+	declaredTrailers(header, func(k string) {
+		if resp.Trailer == nil {
+			resp.Trailer = make(http.Header)
 		}
-	}
+		resp.Trailer[k] = nil
+	})
 	resp.Body = h2ClientBody{cs}
 	if f.StreamEnded() {
 		if resp.ContentLength < 0 {

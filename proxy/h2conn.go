@@ -7,7 +7,11 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
+	"net/textproto"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -293,6 +297,144 @@ func (c *h2conn) writeHeaderBlockLocked(stream uint32, end bool) {
 // encodeLocked adds one header field to c.encBuf.
 func (c *h2conn) encodeLocked(name, value string) {
 	_ = c.enc.WriteField(hpack.HeaderField{Name: name, Value: value})
+}
+
+// h2FieldAllowed reports whether a header field may be sent over HTTP/2:
+// connection-specific fields may not (RFC 9113, 8.2.2).
+func h2FieldAllowed(k string) bool {
+	for _, f := range h2ConnectionFields {
+		if len(k) == len(f) && strings.EqualFold(k, f) {
+			return false
+		}
+	}
+	return true
+}
+
+var h2ConnectionFields = [...]string{"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
+
+// statusCodes and statusLines hold each status's code and status line, so
+// that answering allocates neither.
+var statusCodes, statusLines = func() (codes, lines [600]string) {
+	for code := range 600 {
+		codes[code] = strconv.Itoa(code)
+		lines[code] = codes[code] + " " + http.StatusText(code)
+	}
+	return
+}()
+
+func statusText(code int) string {
+	if code >= 0 && code < len(statusCodes) {
+		return statusCodes[code]
+	}
+	return strconv.Itoa(code)
+}
+
+func statusLine(code int) string {
+	if code >= 0 && code < len(statusLines) {
+		return statusLines[code]
+	}
+	return strconv.Itoa(code)
+}
+
+// lowerHeader returns a canonical header key in lower case, as HTTP/2
+// sends it, without allocating for common keys.
+func lowerHeader(k string) string {
+	if v, ok := commonLower[k]; ok {
+		return v
+	}
+	for i := 0; i < len(k); i++ {
+		if c := k[i]; 'A' <= c && c <= 'Z' {
+			return strings.ToLower(k)
+		}
+	}
+	return k
+}
+
+var commonLower = func() map[string]string {
+	m := make(map[string]string)
+	for _, k := range []string{
+		"Accept", "Accept-Charset", "Accept-Encoding", "Accept-Language", "Accept-Ranges",
+		"Age", "Allow", "Authorization", "Cache-Control", "Content-Disposition",
+		"Content-Encoding", "Content-Language", "Content-Length", "Content-Location",
+		"Content-Range", "Content-Type", "Cookie", "Date", "Etag", "Expect", "Expires",
+		"From", "If-Match", "If-Modified-Since", "If-None-Match", "If-Range",
+		"If-Unmodified-Since", "Last-Modified", "Link", "Location", "Max-Forwards",
+		"Origin", "Proxy-Authenticate", "Proxy-Authorization", "Range", "Referer",
+		"Refresh", "Retry-After", "Server", "Set-Cookie", "Strict-Transport-Security",
+		"Trailer", "User-Agent", "Vary", "Via", "Www-Authenticate", "X-Forwarded-For",
+		"X-Forwarded-Proto", "X-Content-Type-Options", "X-Request-Id", "X-Sidecar-Error",
+		"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Grpc-Encoding",
+		"Grpc-Accept-Encoding", "Grpc-Timeout", "Traceparent", "Tracestate",
+	} {
+		m[k] = strings.ToLower(k)
+	}
+	return m
+}()
+
+// encodeHeaderLocked adds header k's values to c.encBuf, unless HTTP/2
+// forbids the field. c.mu must be held.
+func (c *h2conn) encodeHeaderLocked(k string, vv []string) {
+	if !h2FieldAllowed(k) {
+		return
+	}
+	name := lowerHeader(k)
+	for _, v := range vv {
+		c.encodeLocked(name, v)
+	}
+}
+
+// receivedLocked accounts a DATA frame against the connection's receive
+// window, frees its padding at once, and returns its payload. c.mu must be
+// held.
+func (c *h2conn) receivedLocked(f *http2.DataFrame) ([]byte, error) {
+	length := int(f.Length)
+	c.recvWin -= int64(length)
+	if c.recvWin < 0 {
+		return nil, http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
+	data := f.Data()
+	if pad := length - len(data); pad > 0 {
+		c.consumedLocked(pad)
+	}
+	return data, nil
+}
+
+// h2Header builds an http.Header from decoded fields, with one backing
+// array for all values. With joinCookies, cookie fields, which HTTP/2 may
+// split (RFC 9113, 8.2.3), are joined back into one.
+func h2Header(fields []hpack.HeaderField, joinCookies bool) http.Header {
+	header := make(http.Header, len(fields))
+	values := make([]string, len(fields))
+	var cookies []string
+	for i, hf := range fields {
+		if joinCookies && hf.Name == "cookie" {
+			cookies = append(cookies, hf.Value)
+			continue
+		}
+		k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+		if vv, ok := header[k]; ok {
+			header[k] = append(vv, hf.Value)
+			continue
+		}
+		values[i] = hf.Value
+		header[k] = values[i : i+1 : i+1]
+	}
+	if len(cookies) > 0 {
+		header["Cookie"] = []string{strings.Join(cookies, "; ")}
+	}
+	return header
+}
+
+// declaredTrailers calls fn with each key h's Trailer header declares, in
+// canonical form.
+func declaredTrailers(h http.Header, fn func(k string)) {
+	for _, v := range h["Trailer"] {
+		for _, k := range strings.Split(v, ",") {
+			if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" {
+				fn(k)
+			}
+		}
+	}
 }
 
 // applySettingsLocked applies a SETTINGS frame from the peer and

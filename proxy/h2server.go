@@ -269,14 +269,9 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 	id := f.StreamID
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	length := int(f.Length)
-	sc.recvWin -= int64(length)
-	if sc.recvWin < 0 {
-		return http2.ConnectionError(http2.ErrCodeFlowControl)
-	}
-	data := f.Data()
-	if pad := length - len(data); pad > 0 {
-		sc.consumedLocked(pad)
+	data, err := sc.receivedLocked(f)
+	if err != nil {
+		return err
 	}
 	st := sc.streams[id]
 	if st == nil || st.body.eof {
@@ -359,10 +354,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 		return nil, errors.New("missing :scheme or :path")
 	}
 	fields := f.RegularFields()
-	header := make(http.Header, len(fields))
-	values := make([]string, len(fields))
-	var cookies []string
-	for i, hf := range fields {
+	for _, hf := range fields {
 		switch hf.Name {
 		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
 			return nil, fmt.Errorf("connection-specific header %s", hf.Name)
@@ -370,21 +362,9 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 			if hf.Value != "trailers" {
 				return nil, errors.New("te other than trailers")
 			}
-		case "cookie":
-			cookies = append(cookies, hf.Value)
-			continue
 		}
-		k := textproto.CanonicalMIMEHeaderKey(hf.Name)
-		if vv, ok := header[k]; ok {
-			header[k] = append(vv, hf.Value)
-			continue
-		}
-		values[i] = hf.Value
-		header[k] = values[i : i+1 : i+1]
 	}
-	if len(cookies) > 0 {
-		header["Cookie"] = []string{strings.Join(cookies, "; ")}
-	}
+	header := h2Header(fields, true)
 	if authority == "" {
 		authority = header.Get("Host")
 	}
@@ -411,15 +391,13 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	req.Host = authority
 	req.RemoteAddr = sc.remote
 	req.RequestURI = path
-	if vv := header["Trailer"]; len(vv) > 0 {
+	if len(header["Trailer"]) > 0 {
 		req.Trailer = make(http.Header)
-		for _, v := range vv {
-			for _, k := range strings.Split(v, ",") {
-				if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" && httpguts.ValidTrailerHeader(k) {
-					req.Trailer[k] = nil
-				}
+		declaredTrailers(header, func(k string) {
+			if httpguts.ValidTrailerHeader(k) {
+				req.Trailer[k] = nil
 			}
-		}
+		})
 	}
 	switch {
 	case f.StreamEnded():
@@ -670,12 +648,8 @@ func (st *h2ServerStream) writeHeaderLocked(end bool) {
 	st.sentHeader = true
 	sc.encodeLocked(":status", statusText(st.status))
 	for k, vv := range st.header {
-		if strings.HasPrefix(k, http.TrailerPrefix) || !h2FieldAllowed(k) {
-			continue
-		}
-		name := lowerHeader(k)
-		for _, v := range vv {
-			sc.encodeLocked(name, v)
+		if !strings.HasPrefix(k, http.TrailerPrefix) {
+			sc.encodeHeaderLocked(k, vv)
 		}
 	}
 	sc.writeHeaderBlockLocked(st.id, end)
@@ -700,27 +674,12 @@ func (st *h2ServerStream) hasTrailers() bool {
 func (st *h2ServerStream) writeTrailersLocked() {
 	sc := st.sc
 	for k, vv := range st.header {
-		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok {
-			st.encodeTrailerLocked(textproto.CanonicalMIMEHeaderKey(name), vv)
+		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && name != "" {
+			sc.encodeHeaderLocked(textproto.CanonicalMIMEHeaderKey(name), vv)
 		}
 	}
-	for _, decl := range st.header["Trailer"] {
-		for _, k := range strings.Split(decl, ",") {
-			k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k))
-			st.encodeTrailerLocked(k, st.header[k])
-		}
-	}
+	declaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })
 	sc.writeHeaderBlockLocked(st.id, true)
-}
-
-func (st *h2ServerStream) encodeTrailerLocked(k string, vv []string) {
-	if k == "" || !h2FieldAllowed(k) {
-		return
-	}
-	name := lowerHeader(k)
-	for _, v := range vv {
-		st.sc.encodeLocked(name, v)
-	}
 }
 
 // h2ServerBody is a request body as its handler reads it.
@@ -773,78 +732,6 @@ func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
 	n, err = b.Read(p)
 	return n, err, true
 }
-
-// h2FieldAllowed reports whether a header field may be sent over HTTP/2:
-// connection-specific fields may not (RFC 9113, 8.2.2).
-func h2FieldAllowed(k string) bool {
-	for _, f := range h2ConnectionFields {
-		if len(k) == len(f) && strings.EqualFold(k, f) {
-			return false
-		}
-	}
-	return true
-}
-
-var h2ConnectionFields = [...]string{"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
-
-// statusCodes and statusLines hold each status's code and status line, so
-// that answering allocates neither.
-var statusCodes, statusLines = func() (codes, lines [600]string) {
-	for code := range 600 {
-		codes[code] = strconv.Itoa(code)
-		lines[code] = codes[code] + " " + http.StatusText(code)
-	}
-	return
-}()
-
-func statusText(code int) string {
-	if code >= 0 && code < len(statusCodes) {
-		return statusCodes[code]
-	}
-	return strconv.Itoa(code)
-}
-
-func statusLine(code int) string {
-	if code >= 0 && code < len(statusLines) {
-		return statusLines[code]
-	}
-	return strconv.Itoa(code)
-}
-
-// lowerHeader returns a canonical header key in lower case, as HTTP/2
-// sends it, without allocating for common keys.
-func lowerHeader(k string) string {
-	if v, ok := commonLower[k]; ok {
-		return v
-	}
-	for i := 0; i < len(k); i++ {
-		if c := k[i]; 'A' <= c && c <= 'Z' {
-			return strings.ToLower(k)
-		}
-	}
-	return k
-}
-
-var commonLower = func() map[string]string {
-	m := make(map[string]string)
-	for _, k := range []string{
-		"Accept", "Accept-Charset", "Accept-Encoding", "Accept-Language", "Accept-Ranges",
-		"Age", "Allow", "Authorization", "Cache-Control", "Content-Disposition",
-		"Content-Encoding", "Content-Language", "Content-Length", "Content-Location",
-		"Content-Range", "Content-Type", "Cookie", "Date", "Etag", "Expect", "Expires",
-		"From", "If-Match", "If-Modified-Since", "If-None-Match", "If-Range",
-		"If-Unmodified-Since", "Last-Modified", "Link", "Location", "Max-Forwards",
-		"Origin", "Proxy-Authenticate", "Proxy-Authorization", "Range", "Referer",
-		"Refresh", "Retry-After", "Server", "Set-Cookie", "Strict-Transport-Security",
-		"Trailer", "User-Agent", "Vary", "Via", "Www-Authenticate", "X-Forwarded-For",
-		"X-Forwarded-Proto", "X-Content-Type-Options", "X-Request-Id", "X-Sidecar-Error",
-		"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Grpc-Encoding",
-		"Grpc-Accept-Encoding", "Grpc-Timeout", "Traceparent", "Tracestate",
-	} {
-		m[k] = strings.ToLower(k)
-	}
-	return m
-}()
 
 // Server serves one proxy listener: HTTP/1.1 through net/http, and HTTP/2
 // with prior knowledge (h2c) through the sidecar's own engine.
