@@ -141,7 +141,7 @@ func h2ServerLoad(s *Server) (conns, streams, running int) {
 	for _, sc := range scs {
 		sc.mu.Lock()
 		streams += len(sc.streams)
-		running += sc.running
+		running += len(sc.streams) // a stream is held until its handler returns
 		sc.mu.Unlock()
 	}
 	return len(scs), streams, running

@@ -37,9 +37,10 @@ type h2ServerConn struct {
 	remote string
 
 	// Under mu:
+	// streams holds every stream whose handler has not returned, reset by
+	// the client or not.
 	streams   map[uint32]*h2ServerStream
 	maxSeen   uint32 // highest stream ID the client opened
-	running   int    // handlers that have not returned, reset or not
 	goingAway bool   // GOAWAY sent: no new streams
 	idle      *time.Timer
 }
@@ -238,7 +239,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	sc.maxSeen = id
-	if sc.goingAway || sc.running >= h2MaxStreams {
+	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
@@ -259,7 +260,6 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		st.body.eof = true
 	}
 	sc.streams[id] = st
-	sc.running++
 	sc.idle.Stop()
 	sc.s.startHandler(st)
 	return nil
@@ -423,7 +423,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 // idle timeout.
 func (sc *h2ServerConn) closeIfIdle() {
 	sc.mu.Lock()
-	if len(sc.streams) > 0 || sc.running > 0 {
+	if len(sc.streams) > 0 {
 		sc.mu.Unlock()
 		return
 	}
@@ -442,7 +442,7 @@ func (sc *h2ServerConn) shutdown() {
 		sc.writeGoAwayLocked(sc.maxSeen, http2.ErrCodeNo)
 		sc.flushLocked()
 	}
-	idle := sc.running == 0
+	idle := len(sc.streams) == 0
 	sc.mu.Unlock()
 	if idle {
 		sc.closeAfterFlush()
@@ -465,9 +465,8 @@ type h2ServerStream struct {
 	trailer    http.Header // trailers received, for req.Trailer at the body's end
 
 	// The handler's goroutine only:
-	header      http.Header
-	wroteHeader bool
-	status      int
+	header http.Header
+	status int // 0 until WriteHeader
 }
 
 // resetLocked ends the stream from the client's side or the connection's:
@@ -528,7 +527,7 @@ func (st *h2ServerStream) finish() {
 	}
 	var trailers bool
 	if p == nil {
-		if !st.wroteHeader {
+		if st.status == 0 {
 			st.WriteHeader(http.StatusOK)
 		}
 		trailers = st.hasTrailers()
@@ -557,8 +556,7 @@ func (st *h2ServerStream) finish() {
 	st.reset = true
 	st.body.closeLocked(errH2BodyClosed)
 	delete(sc.streams, st.id)
-	sc.running--
-	idle := sc.running == 0
+	idle := len(sc.streams) == 0
 	if idle && sc.err == nil {
 		if sc.goingAway {
 			sc.mu.Unlock()
@@ -580,11 +578,10 @@ func (st *h2ServerStream) Header() http.Header {
 }
 
 func (st *h2ServerStream) WriteHeader(code int) {
-	if st.wroteHeader || code < 200 {
+	if st.status != 0 || code < 200 {
 		// 1xx answers are the node's business with the sidecar.
 		return
 	}
-	st.wroteHeader = true
 	st.status = code
 	if st.header == nil {
 		st.header = make(http.Header)
@@ -592,7 +589,7 @@ func (st *h2ServerStream) WriteHeader(code int) {
 }
 
 func (st *h2ServerStream) Write(p []byte) (int, error) {
-	if !st.wroteHeader {
+	if st.status == 0 {
 		st.WriteHeader(http.StatusOK)
 	}
 	if !bodyAllowed(st.status) || st.req.Method == http.MethodHead {
@@ -623,7 +620,7 @@ func (st *h2ServerStream) abort() error {
 func (st *h2ServerStream) Flush() { _ = st.FlushError() }
 
 func (st *h2ServerStream) FlushError() error {
-	if !st.wroteHeader {
+	if st.status == 0 {
 		st.WriteHeader(http.StatusOK)
 	}
 	sc := st.sc
@@ -746,7 +743,6 @@ type Server struct {
 	mu       sync.Mutex
 	h2conns  map[*h2ServerConn]struct{}
 	sniffing map[net.Conn]struct{}
-	lns      []*sniffListener
 	work     chan *h2ServerStream // idle handler workers take streams here
 	closed   bool
 	h2done   chan struct{} // closed when the last h2 connection ends after shutdown
@@ -762,7 +758,6 @@ func (s *Server) Serve(ln net.Listener) error {
 		ln.Close()
 		return http.ErrServerClosed
 	}
-	s.lns = append(s.lns, sl)
 	s.mu.Unlock()
 	go sl.acceptLoop()
 	return s.h1.Serve(sl)
