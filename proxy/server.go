@@ -2,11 +2,15 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/net/http2"
 )
 
 // ServerOptions tune a listener's HTTP server.
@@ -20,9 +24,31 @@ type ServerOptions struct {
 	IdleTimeout time.Duration
 }
 
+// Server serves one proxy listener: HTTP/1.1 (h1server.go) and HTTP/2 with
+// prior knowledge (h2server.go) on the same port, both through the
+// sidecar's own connection loops. Each accepted connection is sniffed for
+// the HTTP/2 preface and handed to one or the other.
+type Server struct {
+	handler http.Handler
+	opts    ServerOptions
+	log     *zap.Logger
+	baseCtx context.Context
+	stop    context.CancelFunc
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	sniffing  map[net.Conn]struct{}
+	h1conns   map[*h1ServerConn]struct{}
+	h2conns   map[*h2ServerConn]struct{}
+	work      chan *h2ServerStream // idle HTTP/2 handler workers take streams here
+	closed    bool
+	closing   atomic.Bool // closed, for reads without mu
+	drained   chan struct{} // closed when the last connection ends after shutdown
+}
+
 // NewServer returns the server of a proxy listener: HTTP/1.1 and h2c with
 // prior knowledge on the same port, with header and idle timeouts, and the
-// server's own errors (malformed requests, TLS noise) logged at debug.
+// server's own errors (malformed requests) logged at debug.
 func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 	if opts.ReadHeaderTimeout <= 0 {
 		opts.ReadHeaderTimeout = 10 * time.Second
@@ -30,28 +56,216 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 	if opts.IdleTimeout <= 0 {
 		opts.IdleTimeout = 90 * time.Second
 	}
-	errLog, _ := zap.NewStdLogAt(log, zap.DebugLevel)
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
 	ctx, stop := context.WithCancel(context.Background())
-	s := &Server{
-		handler:  h,
-		opts:     opts,
-		log:      log,
-		baseCtx:  ctx,
-		stop:     stop,
-		h2conns:  make(map[*h2ServerConn]struct{}),
-		sniffing: make(map[net.Conn]struct{}),
-		work:     make(chan *h2ServerStream),
+	return &Server{
+		handler:   h,
+		opts:      opts,
+		log:       log,
+		baseCtx:   ctx,
+		stop:      stop,
+		listeners: make(map[net.Listener]struct{}),
+		sniffing:  make(map[net.Conn]struct{}),
+		h1conns:   make(map[*h1ServerConn]struct{}),
+		h2conns:   make(map[*h2ServerConn]struct{}),
+		work:      make(chan *h2ServerStream),
 	}
-	s.h1 = &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: opts.ReadHeaderTimeout,
-		IdleTimeout:       opts.IdleTimeout,
-		MaxHeaderBytes:    1 << 20,
-		ErrorLog:          errLog,
-		Protocols:         protocols,
-		BaseContext:       func(net.Listener) context.Context { return ctx },
+}
+
+// Serve accepts connections on ln until Shutdown or Close, and returns
+// http.ErrServerClosed then.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return http.ErrServerClosed
 	}
-	return s
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+	}()
+
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return http.ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and the like: back off, as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed", zap.Error(err))
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		go s.sniff(c)
+	}
+}
+
+// sniff reads as much of the first bytes as it takes to tell the HTTP/2
+// preface from an HTTP/1.1 request, within the read-header timeout, and
+// serves the connection with the protocol it speaks.
+func (s *Server) sniff(c net.Conn) {
+	if !s.track(func() { s.sniffing[c] = struct{}{} }) {
+		c.Close()
+		return
+	}
+	preface := http2.ClientPreface
+	buf := make([]byte, len(preface))
+	n, h2 := 0, true
+	_ = c.SetReadDeadline(time.Now().Add(s.opts.ReadHeaderTimeout))
+	for n < len(buf) {
+		m, err := c.Read(buf[n:])
+		n += m
+		if string(buf[:n]) != preface[:n] {
+			h2 = false
+			break
+		}
+		if err != nil {
+			s.untrack(func() { delete(s.sniffing, c) })
+			c.Close()
+			return
+		}
+	}
+	s.untrack(func() { delete(s.sniffing, c) })
+	if h2 {
+		_ = c.SetReadDeadline(time.Time{})
+		s.serveH2(c)
+		return
+	}
+	s.serveH1(c, buf[:n])
+}
+
+func (s *Server) isClosed() bool { return s.closing.Load() }
+
+// track runs add under the server's lock unless the server is closed.
+func (s *Server) track(add func()) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	add()
+	return true
+}
+
+// untrack runs remove under the server's lock, and tells a waiting
+// Shutdown when the last connection is gone.
+func (s *Server) untrack(remove func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	remove()
+	if s.drained != nil && len(s.h1conns)+len(s.h2conns) == 0 {
+		close(s.drained)
+		s.drained = nil
+	}
+}
+
+// closeLocked stops accepting: the server is marked closed and its
+// listeners and half-sniffed connections are closed.
+func (s *Server) closeLocked() {
+	s.closed = true
+	s.closing.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.sniffing {
+		c.Close()
+	}
+}
+
+// Shutdown stops accepting, closes idle HTTP/1.1 connections, tells HTTP/2
+// clients to go away, and waits until every request in flight has ended or
+// ctx ends; then it closes what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closeLocked()
+	h2 := make([]*h2ServerConn, 0, len(s.h2conns))
+	for sc := range s.h2conns {
+		h2 = append(h2, sc)
+	}
+	h1 := make([]*h1ServerConn, 0, len(s.h1conns))
+	for c := range s.h1conns {
+		h1 = append(h1, c)
+	}
+	var drained chan struct{}
+	if len(s.h1conns)+len(s.h2conns) > 0 {
+		if s.drained == nil {
+			s.drained = make(chan struct{})
+		}
+		drained = s.drained
+	}
+	s.mu.Unlock()
+	for _, sc := range h2 {
+		sc.shutdown()
+	}
+	for _, c := range h1 {
+		c.closeIfIdle()
+	}
+	var err error
+	if drained != nil {
+		select {
+		case <-drained:
+		case <-ctx.Done():
+			err = ctx.Err()
+			s.closeConns()
+		}
+	}
+	s.stop() // idle workers exit
+	return err
+}
+
+// Close closes the listeners and every connection at once.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closeLocked()
+	s.mu.Unlock()
+	s.closeConns()
+	s.stop()
+	return nil
+}
+
+func (s *Server) closeConns() {
+	s.mu.Lock()
+	h2 := make([]*h2ServerConn, 0, len(s.h2conns))
+	for sc := range s.h2conns {
+		h2 = append(h2, sc)
+	}
+	for c := range s.h1conns {
+		c.nc.Close()
+	}
+	s.mu.Unlock()
+	for _, sc := range h2 {
+		sc.fail(errH2ConnClosed)
+	}
+}
+
+// prefixConn is a connection whose first bytes were already read.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// CloseWrite half-closes the connection, as a relayed upgrade needs.
+func (c *prefixConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
 }

@@ -1,0 +1,803 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/textproto"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/net/http/httpguts"
+)
+
+// The HTTP/1.1 side of Server: the sidecar's own connection loop in place
+// of net/http's server. Requests are parsed by http.ReadRequest and
+// answered through an http.ResponseWriter of its own, so the handlers are
+// the ones the HTTP/2 side runs. What it saves over net/http is per-request
+// work: no context and no goroutine per request, no copy of the answer's
+// header, and a small answer leaves in one write with its head. net/http
+// reads from every client in the background while its handler runs, to
+// notice a client that hangs up; here that watch starts only for a request
+// still running after h1WatchAfter, which fast requests never are.
+
+const (
+	h1BufSize = 4 << 10
+	// h1HoldBody is how much of an answer of unknown length is held back so
+	// that, if the handler ends within it, the answer gets a Content-Length
+	// instead of chunks.
+	h1HoldBody = 2 << 10
+	// h1DiscardLimit is how much of a request body the handler left unread
+	// is skipped to keep the connection; past it the connection closes.
+	h1DiscardLimit = 256 << 10
+	h1WatchAfter   = 10 * time.Millisecond
+)
+
+// Connection states, for Shutdown.
+const (
+	h1Active int32 = iota
+	h1Idle
+	h1Closed
+)
+
+var errH1HeaderTooLarge = errors.New("request header too large")
+
+var (
+	h1ReaderPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, h1BufSize) }}
+	h1WriterPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, h1BufSize) }}
+)
+
+// h1ServerConn is one app connection speaking HTTP/1.x. One goroutine
+// reads its requests and runs the handler for each in turn.
+type h1ServerConn struct {
+	s      *Server
+	nc     net.Conn
+	remote string
+	br     *bufio.Reader // reads from the h1ServerConn itself (Read below)
+	bw     *bufio.Writer
+	ctx    context.Context // every request's context; canceled when the client is gone
+	cancel context.CancelFunc
+	state  atomic.Int32
+	header http.Header // reused by each response
+	hold   []byte      // reused by each response: body held before the head
+
+	prefix []byte // bytes the sniffer read
+	remain int64  // bytes Read may still take from nc (the header limit)
+
+	// The client watch: a read in the background while a handler runs.
+	watch   *time.Timer
+	mu      sync.Mutex
+	cond    sync.Cond
+	seq     uint64 // request number; the watch is for request armed
+	armed   uint64
+	reqDone bool // the handler of request seq returned
+	inRead  bool
+	aborted bool
+	hasByte bool
+	byteBuf [1]byte
+}
+
+// serveH1 serves HTTP/1.x on nc, whose first bytes, prefix, the sniffer
+// already read.
+func (s *Server) serveH1(nc net.Conn, prefix []byte) {
+	c := &h1ServerConn{s: s, nc: nc, remote: nc.RemoteAddr().String(), prefix: prefix, remain: math.MaxInt64}
+	c.cond.L = &c.mu
+	if !s.track(func() { s.h1conns[c] = struct{}{} }) {
+		nc.Close()
+		return
+	}
+	c.ctx, c.cancel = context.WithCancel(s.baseCtx)
+	c.br = h1ReaderPool.Get().(*bufio.Reader)
+	c.br.Reset(c)
+	c.bw = h1WriterPool.Get().(*bufio.Writer)
+	c.bw.Reset(nc)
+	c.header = make(http.Header, 8)
+	c.watch = time.AfterFunc(time.Hour, c.startWatch)
+	c.watch.Stop()
+	hijacked := false
+	defer func() {
+		c.watch.Stop()
+		c.cancel()
+		if !hijacked {
+			nc.Close()
+			c.s.untrack(func() { delete(c.s.h1conns, c) })
+			c.br.Reset(nil)
+			h1ReaderPool.Put(c.br)
+		}
+		c.bw.Reset(nil)
+		h1WriterPool.Put(c.bw)
+	}()
+
+	for n := 0; ; n++ {
+		if n > 0 && !c.awaitRequest() {
+			return
+		}
+		req, err := c.readRequest()
+		if err != nil {
+			c.refuse(err)
+			return
+		}
+		w := c.newResponse(req)
+		keep := c.serve(w, req)
+		hijacked = w.hijacked
+		if !keep {
+			return
+		}
+	}
+}
+
+// awaitRequest waits, for up to the idle timeout, for the first byte of the
+// next request; false means the connection is done.
+func (c *h1ServerConn) awaitRequest() bool {
+	if c.br.Buffered() > 0 || c.hasByte {
+		return true
+	}
+	c.state.Store(h1Idle)
+	if c.s.isClosed() {
+		return false // Shutdown began; it may have missed this connection
+	}
+	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.IdleTimeout))
+	if _, err := c.br.Peek(1); err != nil {
+		return false
+	}
+	return c.state.CompareAndSwap(h1Idle, h1Active)
+}
+
+// closeIfIdle closes the connection if it is waiting for a request, for
+// Shutdown; a busy connection closes after its answer.
+func (c *h1ServerConn) closeIfIdle() {
+	if c.state.CompareAndSwap(h1Idle, h1Closed) {
+		c.nc.Close()
+	}
+}
+
+// Read reads for the connection's bufio.Reader: first what the sniffer and
+// the client watch read, then the socket, within the header limit.
+func (c *h1ServerConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	if c.hasByte {
+		p[0] = c.byteBuf[0]
+		c.hasByte = false
+		return 1, nil
+	}
+	if c.remain <= 0 {
+		return 0, errH1HeaderTooLarge
+	}
+	if int64(len(p)) > c.remain {
+		p = p[:c.remain]
+	}
+	n, err := c.nc.Read(p)
+	c.remain -= int64(n)
+	return n, err
+}
+
+// readRequest reads and checks the next request head, as net/http's
+// server does.
+func (c *h1ServerConn) readRequest() (*http.Request, error) {
+	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
+	c.remain = h1MaxHeaderBytes + h1BufSize // the reader's slack, as net/http allows
+	req, err := http.ReadRequest(c.br)
+	c.remain = math.MaxInt64
+	if err != nil {
+		return nil, err
+	}
+	_ = c.nc.SetReadDeadline(time.Time{})
+	if req.ProtoMajor != 1 {
+		return nil, h1StatusError{http.StatusHTTPVersionNotSupported, "unsupported protocol version"}
+	}
+	// http.ReadRequest took the Host header out into req.Host (which an
+	// absolute-form target overrides).
+	switch {
+	case req.ProtoAtLeast(1, 1) && req.Host == "" && req.Method != http.MethodConnect:
+		return nil, h1StatusError{http.StatusBadRequest, "missing required Host header"}
+	case !httpguts.ValidHostHeader(req.Host):
+		return nil, h1StatusError{http.StatusBadRequest, "malformed Host header"}
+	}
+	for k, vv := range req.Header {
+		if !httpguts.ValidHeaderFieldName(k) {
+			return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
+		}
+		for _, v := range vv {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				return nil, h1StatusError{http.StatusBadRequest, "invalid header value"}
+			}
+		}
+	}
+	req.RemoteAddr = c.remote
+	return req.WithContext(c.ctx), nil
+}
+
+// h1StatusError is a request refused before its handler: the status and
+// why.
+type h1StatusError struct {
+	code int
+	text string
+}
+
+func (e h1StatusError) Error() string { return strconv.Itoa(e.code) + " " + e.text }
+
+// refuse answers a request that could not be read, when there is one to
+// answer, and logs why at debug.
+func (c *h1ServerConn) refuse(err error) {
+	var ne net.Error
+	if err == io.EOF || errors.As(err, &ne) && ne.Timeout() || errors.Is(err, net.ErrClosed) {
+		return // the client left or went quiet: nothing to answer
+	}
+	code, text := http.StatusBadRequest, ""
+	var se h1StatusError
+	switch {
+	case errors.As(err, &se):
+		code, text = se.code, se.text
+	case errors.Is(err, errH1HeaderTooLarge):
+		code = http.StatusRequestHeaderFieldsTooLarge
+	case strings.Contains(err.Error(), "unsupported transfer encoding"):
+		code, text = http.StatusNotImplemented, "unsupported transfer encoding"
+	}
+	c.s.log.Debug("bad request", zap.String("remote", c.remote), zap.Error(err))
+	msg := statusLine(code)
+	if text != "" {
+		msg += ": " + text
+	}
+	_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+	c.bw.WriteString("HTTP/1.1 " + statusLine(code) + "\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n" + msg)
+	c.bw.Flush()
+}
+
+// serve runs the handler for one request and finishes its answer; it
+// reports whether the connection may carry another request.
+func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
+	c.mu.Lock()
+	c.seq++
+	c.reqDone = false
+	c.mu.Unlock()
+	if req.Body == http.NoBody || req.Body == nil {
+		c.armWatch()
+	}
+	defer func() {
+		if v := recover(); v != nil {
+			if v != http.ErrAbortHandler {
+				c.s.log.Error("handler panicked", zap.String("remote", c.remote),
+					zap.Any("panic", v), zap.Stack("stack"))
+			}
+			// Send what was written, but not the end of a chunked body, so
+			// the client sees a broken answer, not a short one.
+			c.endWatch()
+			if !w.hijacked {
+				c.bw.Flush()
+			}
+			keep = false
+		}
+	}()
+	if w.expectContinue == "bad" {
+		w.header.Set("Connection", "close")
+		w.WriteHeader(http.StatusExpectationFailed)
+		w.finish()
+		return false
+	}
+	c.s.handler.ServeHTTP(w, req)
+	c.endWatch()
+	if w.hijacked {
+		return false
+	}
+	w.finish()
+	if w.closeAfter || c.s.isClosed() {
+		return false
+	}
+	return w.body.drain()
+}
+
+// armWatch starts the client watch after h1WatchAfter, once the request
+// body has been read whole (the watch's read must not take body bytes)
+// and unless the client already sent more (pipelining).
+func (c *h1ServerConn) armWatch() {
+	if c.br.Buffered() > 0 {
+		return
+	}
+	c.mu.Lock()
+	if !c.reqDone && !c.hasByte {
+		c.armed = c.seq
+		c.watch.Reset(h1WatchAfter)
+	}
+	c.mu.Unlock()
+}
+
+// startWatch runs on the watch timer: it reads one byte in the background
+// so that a client hanging up cancels its request's context.
+func (c *h1ServerConn) startWatch() {
+	c.mu.Lock()
+	if c.reqDone || c.armed != c.seq || c.inRead {
+		c.mu.Unlock()
+		return
+	}
+	c.inRead = true
+	c.mu.Unlock()
+	n, err := c.nc.Read(c.byteBuf[:])
+	c.mu.Lock()
+	if n == 1 {
+		c.hasByte = true // the next request's first byte
+	}
+	var ne net.Error
+	if err != nil && !(c.aborted && errors.As(err, &ne) && ne.Timeout()) {
+		c.cancel() // the client hung up
+	}
+	c.inRead = false
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}
+
+// endWatch marks the request's handler done and stops the client watch,
+// interrupting its read if it is running.
+func (c *h1ServerConn) endWatch() {
+	c.mu.Lock()
+	c.reqDone = true
+	c.watch.Stop()
+	if c.inRead {
+		c.aborted = true
+		_ = c.nc.SetReadDeadline(aLongTimeAgo)
+		for c.inRead {
+			c.cond.Wait()
+		}
+		c.aborted = false
+		_ = c.nc.SetReadDeadline(time.Time{})
+	}
+	c.mu.Unlock()
+}
+
+// h1Response is the http.ResponseWriter of one HTTP/1.x request. The head
+// is written when the first body bytes past h1HoldBody come, on Flush, or
+// when the handler returns; which framing the body gets is decided then.
+type h1Response struct {
+	c      *h1ServerConn
+	req    *http.Request
+	header http.Header
+	body   h1ReqBody
+
+	status        int
+	wroteHeader   bool  // the status is set
+	committed     bool  // the head is written
+	contentLength int64 // -1: unknown
+	written       int64
+	chunked       bool
+	closeAfter    bool
+	hijacked      bool
+	handlerDone   bool
+	trailers      []string // declared in the Trailer header
+
+	// expectContinue is "100-continue" when the client waits for a 100
+	// before sending the body, "bad" for an expectation not met, or "".
+	expectContinue string
+	wmu            sync.Mutex // orders a 100 Continue from a body reader with the head
+	sentContinue   bool
+}
+
+func (c *h1ServerConn) newResponse(req *http.Request) *h1Response {
+	clear(c.header)
+	w := &h1Response{c: c, req: req, header: c.header, contentLength: -1}
+	if exp, ok := req.Header["Expect"]; ok {
+		if len(exp) == 1 && strings.EqualFold(exp[0], "100-continue") && req.ProtoAtLeast(1, 1) {
+			if req.ContentLength != 0 {
+				w.expectContinue = "100-continue"
+			}
+			delete(req.Header, "Expect")
+		} else {
+			w.expectContinue = "bad"
+		}
+	}
+	if req.Body != http.NoBody && req.Body != nil {
+		w.body = h1ReqBody{w: w, rc: req.Body}
+		req.Body = &w.body
+	}
+	return w
+}
+
+func (w *h1Response) Header() http.Header { return w.header }
+
+func (w *h1Response) WriteHeader(code int) {
+	if w.hijacked || w.wroteHeader {
+		return
+	}
+	if code < 100 || code > 999 {
+		panic(fmt.Sprintf("invalid WriteHeader code %v", code))
+	}
+	if code < 200 && code != http.StatusSwitchingProtocols {
+		// Informational: sent at once, header and all.
+		w.wmu.Lock()
+		w.c.bw.WriteString("HTTP/1.1 " + statusLine(code) + "\r\n")
+		writeHeaderLines(w.c.bw, w.header, nil)
+		w.c.bw.WriteString("\r\n")
+		w.c.bw.Flush()
+		w.wmu.Unlock()
+		return
+	}
+	w.wroteHeader = true
+	w.status = code
+	if cl, ok := w.header["Content-Length"]; ok {
+		if n, err := strconv.ParseInt(textproto.TrimString(firstValue(cl)), 10, 64); err == nil && n >= 0 {
+			w.contentLength = n
+		} else {
+			w.c.s.log.Debug("invalid Content-Length in answer", zap.Strings("value", cl))
+			delete(w.header, "Content-Length")
+		}
+	}
+}
+
+func firstValue(vv []string) string {
+	if len(vv) == 0 {
+		return ""
+	}
+	return vv[0]
+}
+
+func (w *h1Response) bodyAllowed() bool {
+	return w.req.Method != http.MethodHead && bodyAllowed(w.status)
+}
+
+func (w *h1Response) Write(p []byte) (int, error) {
+	if w.hijacked {
+		return 0, http.ErrHijacked
+	}
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !bodyAllowed(w.status) {
+		return 0, http.ErrBodyNotAllowed
+	}
+	if w.contentLength >= 0 && w.written+int64(len(p)) > w.contentLength {
+		return 0, http.ErrContentLength
+	}
+	w.written += int64(len(p))
+	if w.req.Method == http.MethodHead {
+		return len(p), nil
+	}
+	if !w.committed {
+		if w.contentLength < 0 && len(w.c.hold)+len(p) <= h1HoldBody {
+			w.c.hold = append(w.c.hold, p...)
+			return len(p), nil
+		}
+		w.commit(false)
+	}
+	w.writeBody(p)
+	return len(p), nil
+}
+
+func (w *h1Response) WriteString(s string) (int, error) {
+	return w.Write([]byte(s))
+}
+
+func (w *h1Response) writeBody(p []byte) {
+	if len(p) == 0 {
+		return
+	}
+	bw := w.c.bw
+	if w.chunked {
+		var nb [16]byte
+		bw.Write(strconv.AppendInt(nb[:0], int64(len(p)), 16))
+		bw.WriteString("\r\n")
+		bw.Write(p)
+		bw.WriteString("\r\n")
+		return
+	}
+	bw.Write(p)
+}
+
+// commit writes the head, and the body held so far. final says the handler
+// has returned, so a held body is all there is and can take a
+// Content-Length.
+func (w *h1Response) commit(final bool) {
+	w.wmu.Lock()
+	defer w.wmu.Unlock()
+	w.committed = true
+	h, req := w.header, w.req
+	delete(h, "Transfer-Encoding")
+	for _, v := range h["Trailer"] {
+		for f := range strings.SplitSeq(v, ",") {
+			if f = textproto.TrimString(f); f != "" {
+				w.trailers = append(w.trailers, http.CanonicalHeaderKey(f))
+			}
+		}
+	}
+	bodyOK := bodyAllowed(w.status)
+	if !bodyOK && w.status != http.StatusNotModified {
+		delete(h, "Content-Length")
+		w.contentLength = -1
+	}
+	setLength := false
+	if bodyOK && w.contentLength < 0 && final && len(w.trailers) == 0 &&
+		(req.Method != http.MethodHead || w.written > 0) {
+		w.contentLength = w.written
+		setLength = true
+	}
+	if hasToken(h["Connection"], "close") || req.Close || w.c.s.isClosed() {
+		w.closeAfter = true
+	}
+	if w.bodyAllowed() && w.contentLength < 0 {
+		if req.ProtoAtLeast(1, 1) {
+			w.chunked = true
+		} else {
+			w.closeAfter = true // the end of the body is the end of the connection
+		}
+	}
+	if !w.body.doneOrSmall() {
+		w.closeAfter = true
+	}
+	if w.expectContinue == "100-continue" && !w.sentContinue {
+		// The client may or may not send the body it held back.
+		w.closeAfter = true
+	}
+
+	bw := w.c.bw
+	bw.WriteString("HTTP/1.1 ")
+	bw.WriteString(statusLine(w.status))
+	bw.WriteString("\r\n")
+	writeHeaderLines(bw, h, w.trailers)
+	if _, ok := h["Date"]; !ok {
+		bw.WriteString("Date: ")
+		bw.WriteString(httpDate(time.Now()))
+		bw.WriteString("\r\n")
+	}
+	if setLength {
+		var nb [20]byte
+		bw.WriteString("Content-Length: ")
+		bw.Write(strconv.AppendInt(nb[:0], w.contentLength, 10))
+		bw.WriteString("\r\n")
+	}
+	if w.chunked {
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	switch {
+	case w.closeAfter && !hasToken(h["Connection"], "close") && req.ProtoAtLeast(1, 1):
+		bw.WriteString("Connection: close\r\n")
+	case !w.closeAfter && !req.ProtoAtLeast(1, 1):
+		bw.WriteString("Connection: keep-alive\r\n") // an HTTP/1.0 client that asked for it
+	}
+	bw.WriteString("\r\n")
+	if held := w.c.hold; len(held) > 0 {
+		w.c.hold = held[:0]
+		w.writeBody(held)
+	}
+}
+
+// writeHeaderLines writes h as header lines, less the fields the server
+// frames itself and any a client could not parse.
+// Fields declared as trailers (skip) wait for the end of the body.
+func writeHeaderLines(bw *bufio.Writer, h http.Header, skip []string) {
+	for k, vv := range h {
+		if strings.HasPrefix(k, http.TrailerPrefix) || !httpguts.ValidHeaderFieldName(k) || slices.Contains(skip, k) {
+			continue
+		}
+		for _, v := range vv {
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			if strings.ContainsAny(v, "\r\n") {
+				v = headerNewlineToSpace.Replace(v)
+			}
+			bw.WriteString(textproto.TrimString(v))
+			bw.WriteString("\r\n")
+		}
+	}
+}
+
+// finish ends the answer when the handler returns: the head if not yet
+// written, the last chunk and trailers, and one flush.
+func (w *h1Response) finish() {
+	w.handlerDone = true
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !w.committed {
+		w.commit(true)
+	}
+	bw := w.c.bw
+	if w.chunked {
+		bw.WriteString("0\r\n")
+		h := w.header
+		for _, k := range w.trailers {
+			for _, v := range h[k] {
+				bw.WriteString(k)
+				bw.WriteString(": ")
+				bw.WriteString(textproto.TrimString(headerNewlineToSpace.Replace(v)))
+				bw.WriteString("\r\n")
+			}
+		}
+		for k, vv := range h {
+			name, ok := strings.CutPrefix(k, http.TrailerPrefix)
+			if !ok || !httpguts.ValidHeaderFieldName(name) {
+				continue
+			}
+			for _, v := range vv {
+				bw.WriteString(name)
+				bw.WriteString(": ")
+				bw.WriteString(textproto.TrimString(headerNewlineToSpace.Replace(v)))
+				bw.WriteString("\r\n")
+			}
+		}
+		bw.WriteString("\r\n")
+	}
+	if w.bodyAllowed() && w.contentLength >= 0 && w.written != w.contentLength {
+		w.closeAfter = true // short: the client must not wait for the rest
+	}
+	if err := bw.Flush(); err != nil {
+		w.closeAfter = true
+	}
+}
+
+// Flush sends the head, and what body is written, now.
+func (w *h1Response) Flush() { _ = w.FlushError() }
+
+func (w *h1Response) FlushError() error {
+	if w.hijacked {
+		return http.ErrHijacked
+	}
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !w.committed {
+		w.commit(false)
+	}
+	return w.c.bw.Flush()
+}
+
+// EnableFullDuplex is there for http.ResponseController: the server reads
+// a request body and writes its answer independently already.
+func (w *h1Response) EnableFullDuplex() error { return nil }
+
+// Hijack hands the connection to the handler, with the bytes the server
+// read past the request in the returned reader.
+func (w *h1Response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	if w.hijacked {
+		return nil, nil, http.ErrHijacked
+	}
+	if w.handlerDone {
+		return nil, nil, errors.New("http: Hijack after the handler returned")
+	}
+	c := w.c
+	c.endWatch()
+	if w.committed {
+		if err := c.bw.Flush(); err != nil {
+			return nil, nil, err
+		}
+	}
+	w.hijacked = true
+	c.state.Store(h1Closed)
+	c.s.untrack(func() { delete(c.s.h1conns, c) })
+	_ = c.nc.SetDeadline(time.Time{})
+	var pending []byte
+	if c.hasByte {
+		pending = []byte{c.byteBuf[0]}
+		c.hasByte = false
+	}
+	pending = append(pending, c.prefix...)
+	c.prefix = nil
+	// The bytes the client watch or the sniffer read come before the
+	// socket's; c.br holds any the request's reads took past its end.
+	nc := &prefixConn{Conn: c.nc, prefix: pending}
+	return nc, bufio.NewReadWriter(c.br, bufio.NewWriter(nc)), nil
+}
+
+// h1ReqBody is a request body as the handler sees it: it sends the 100
+// Continue a waiting client needs on the first read, and starts the client
+// watch at its end.
+type h1ReqBody struct {
+	w  *h1Response
+	rc io.ReadCloser
+
+	mu      sync.Mutex
+	read    int64
+	eof     bool
+	closed  bool
+	readers int // reads under way
+}
+
+func (b *h1ReqBody) Read(p []byte) (int, error) {
+	w := b.w
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return 0, http.ErrBodyReadAfterClose
+	}
+	if b.eof {
+		b.mu.Unlock()
+		return 0, io.EOF
+	}
+	b.readers++
+	b.mu.Unlock()
+	if w.expectContinue == "100-continue" {
+		w.wmu.Lock()
+		if !w.sentContinue && !w.committed {
+			w.sentContinue = true
+			w.c.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+			w.c.bw.Flush()
+		}
+		w.wmu.Unlock()
+	}
+	n, err := b.rc.Read(p)
+	b.mu.Lock()
+	b.readers--
+	b.read += int64(n)
+	if err == io.EOF {
+		b.eof = true
+	}
+	b.mu.Unlock()
+	if err == io.EOF {
+		w.c.armWatch()
+	}
+	return n, err
+}
+
+// Close makes later reads fail; what is left of the body is skipped when
+// the handler returns (drain).
+func (b *h1ReqBody) Close() error {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	return nil
+}
+
+// doneOrSmall reports whether the body was read whole, or what is left is
+// small enough to skip for the connection's sake.
+func (b *h1ReqBody) doneOrSmall() bool {
+	if b.w == nil {
+		return true // no body
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.eof {
+		return true
+	}
+	cl := b.w.req.ContentLength
+	return cl >= 0 && cl-b.read <= h1DiscardLimit && b.w.expectContinue != "100-continue"
+}
+
+// drain skips what the handler left of the body, up to h1DiscardLimit,
+// and reports whether the connection can carry another request.
+func (b *h1ReqBody) drain() bool {
+	if b.w == nil {
+		return true
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.eof {
+		return true
+	}
+	if b.readers > 0 {
+		return false // a reader the handler left behind still holds it
+	}
+	if b.w.expectContinue == "100-continue" && !b.w.sentContinue {
+		return false
+	}
+	_ = b.w.c.nc.SetReadDeadline(time.Now().Add(b.w.c.s.opts.ReadHeaderTimeout))
+	n, err := io.CopyN(io.Discard, b.rc, h1DiscardLimit+1)
+	return err == io.EOF && n <= h1DiscardLimit
+}
+
+// httpDate is the Date header's value for now, made once a second.
+func httpDate(now time.Time) string {
+	sec := now.Unix()
+	if d := h1Date.Load(); d != nil && d.sec == sec {
+		return d.s
+	}
+	d := &dateValue{sec: sec, s: now.UTC().Format(http.TimeFormat)}
+	h1Date.Store(d)
+	return d.s
+}
+
+type dateValue struct {
+	sec int64
+	s   string
+}
+
+var h1Date atomic.Pointer[dateValue]
