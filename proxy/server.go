@@ -42,7 +42,7 @@ type Server struct {
 	h2conns   map[*h2ServerConn]struct{}
 	work      chan *h2ServerStream // idle HTTP/2 handler workers take streams here
 	closed    bool
-	closing   atomic.Bool // closed, for reads without mu
+	closing   atomic.Bool   // closed, for reads without mu
 	drained   chan struct{} // closed when the last connection ends after shutdown
 }
 
