@@ -210,6 +210,7 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	c = newRawConn(c)
 	pc := &h1Conn{pool: p, c: c}
 	pc.lr.c = c
 	pc.br = bufio.NewReaderSize(&pc.lr, h1ReadBuffer)

@@ -260,6 +260,8 @@ func (c *h1ServerConn) refuse(err error) {
 // serve runs the handler for one request and finishes its answer; it
 // reports whether the connection may carry another request.
 func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
+	inFlight.Add(1)
+	defer inFlight.Add(-1)
 	c.mu.Lock()
 	c.seq++
 	c.reqDone = false

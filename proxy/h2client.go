@@ -134,6 +134,7 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	if err != nil {
 		return nil, err
 	}
+	nc = newRawConn(nc)
 	cc := &h2ClientConn{
 		h2conn:  newH2Conn(nc),
 		pool:    p,

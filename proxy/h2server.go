@@ -505,7 +505,9 @@ func (s *Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
+		inFlight.Add(1)
 		st.run()
+		inFlight.Add(-1)
 		idle.Reset(h2WorkerIdle)
 		select {
 		case st = <-s.work:

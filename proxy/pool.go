@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -115,7 +116,13 @@ func newTransport(c *poolConfig, h2 bool) *http.Transport {
 	t := c.timeouts
 	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
 	tr := &http.Transport{
-		DialContext:         d.DialContext,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return newRawConn(c), nil
+		},
 		MaxIdleConnsPerHost: 1024,
 		IdleConnTimeout:     t.Idle,
 		// The app negotiates encoding with the node; the proxy adds none.

@@ -105,7 +105,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
-		go s.sniff(c)
+		go s.sniff(newRawConn(c))
 	}
 }
 

@@ -1,0 +1,129 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"testing"
+	"time"
+)
+
+// rawPair returns a rawConn client and the plain server end of a loopback
+// TCP connection.
+func rawPair(t *testing.T) (*rawConn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := <-accepted
+	if srv == nil {
+		t.Fatal("accept failed")
+	}
+	rc, ok := newRawConn(c).(*rawConn)
+	if !ok {
+		t.Fatalf("newRawConn(%T) did not wrap", c)
+	}
+	t.Cleanup(func() { rc.Close(); srv.Close() })
+	return rc, srv
+}
+
+// TestRawConn runs the same checks on the raw path (idle) and on the
+// runtime's own path (busy).
+func TestRawConn(t *testing.T) {
+	for _, busy := range []bool{false, true} {
+		name := "raw"
+		if busy {
+			name = "busy"
+		}
+		t.Run(name, func(t *testing.T) {
+			if busy {
+				inFlight.Add(2)
+				defer inFlight.Add(-2)
+			}
+			t.Run("round trip and EOF", func(t *testing.T) {
+				c, srv := rawPair(t)
+				// 8 MiB is far past the socket buffers: writes go out in
+				// parts, waiting in the netpoller in between.
+				big := bytes.Repeat([]byte("0123456789abcdef"), 512<<10)
+				errc := make(chan error, 1)
+				go func() {
+					_, err := c.Write(big)
+					errc <- err
+					c.CloseWrite()
+				}()
+				got, err := io.ReadAll(srv)
+				if err != nil || !bytes.Equal(got, big) {
+					t.Fatalf("server read %d bytes, %v; want %d", len(got), err, len(big))
+				}
+				if err := <-errc; err != nil {
+					t.Fatalf("write: %v", err)
+				}
+				if _, err := srv.Write([]byte("pong")); err != nil {
+					t.Fatal(err)
+				}
+				srv.Close()
+				got, err = io.ReadAll(c)
+				if err != nil || string(got) != "pong" {
+					t.Fatalf("client read %q, %v; want pong and a clean EOF", got, err)
+				}
+			})
+			t.Run("read deadline", func(t *testing.T) {
+				c, _ := rawPair(t)
+				c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+				start := time.Now()
+				_, err := c.Read(make([]byte, 10))
+				var ne net.Error
+				if !errors.As(err, &ne) || !ne.Timeout() || !errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Fatalf("read past deadline = %v, want a timeout", err)
+				}
+				if d := time.Since(start); d > 5*time.Second {
+					t.Fatalf("deadline took %v", d)
+				}
+			})
+			t.Run("closed", func(t *testing.T) {
+				c, _ := rawPair(t)
+				done := make(chan error, 1)
+				go func() {
+					_, err := c.Read(make([]byte, 10))
+					done <- err
+				}()
+				time.Sleep(20 * time.Millisecond)
+				c.Close()
+				select {
+				case err := <-done:
+					if !errors.Is(err, net.ErrClosed) {
+						t.Fatalf("read on closed conn = %v, want net.ErrClosed", err)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("a blocked read did not end when the conn closed")
+				}
+				if _, err := c.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+					t.Fatalf("write on closed conn = %v, want net.ErrClosed", err)
+				}
+			})
+			t.Run("reset", func(t *testing.T) {
+				c, srv := rawPair(t)
+				srv.(*net.TCPConn).SetLinger(0)
+				srv.Close()
+				_, err := c.Read(make([]byte, 10))
+				var ope *net.OpError
+				if !errors.As(err, &ope) || ope.Op != "read" {
+					t.Fatalf("read after reset = %v, want a read *net.OpError", err)
+				}
+			})
+		})
+	}
+}
