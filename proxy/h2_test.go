@@ -820,6 +820,9 @@ func TestH2MalformedRequests(t *testing.T) {
 		{"transfer-encoding", func(c *rawH2) { c.headers(1, true, with("transfer-encoding", "chunked")...) }, stream, http2.ErrCodeProtocol},
 		{"te gzip", func(c *rawH2) { c.headers(1, true, with("te", "gzip")...) }, stream, http2.ErrCodeProtocol},
 		{"uppercase name", func(c *rawH2) { c.headers(1, true, with("X-Upper", "1")...) }, stream, http2.ErrCodeProtocol},
+		{"duplicate pseudo-header", func(c *rawH2) { c.headers(1, true, append(slices.Clone(get[:6]), ":path", "/a", ":path", "/b")...) }, stream, http2.ErrCodeProtocol},
+		{"response pseudo-header in a request", func(c *rawH2) { c.headers(1, true, append([]string{":status", "200"}, get...)...) }, stream, http2.ErrCodeProtocol},
+		{"newline in a value", func(c *rawH2) { c.headers(1, true, with("x-a", "1\r\nx-b: 2")...) }, stream, http2.ErrCodeProtocol},
 		{"bad content-length", func(c *rawH2) {
 			c.headers(1, false, ":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/bad", "content-length", "1x")
 		}, stream, http2.ErrCodeProtocol},

@@ -618,7 +618,7 @@ func (cc *h2ClientConn) readLoop() {
 
 func (cc *h2ClientConn) readFrames() error {
 	for {
-		f, err := cc.fr.ReadFrame()
+		f, err := cc.readFrame()
 		cc.framesRead.Add(1)
 		if err != nil {
 			var se http2.StreamError
@@ -669,12 +669,15 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 			cs.failLocked(errors.New("http2: trailers without END_STREAM"))
 			return nil
 		}
-		for _, hf := range f.RegularFields() {
-			if cs.trailer == nil {
-				cs.trailer = make(http.Header)
+		if cs.trailer == nil {
+			if fields := f.RegularFields(); len(fields) > 0 {
+				cs.trailer = h2Header(fields, false)
 			}
-			k := textproto.CanonicalMIMEHeaderKey(hf.Name)
-			cs.trailer[k] = append(cs.trailer[k], hf.Value)
+		} else {
+			for _, hf := range f.RegularFields() {
+				k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+				cs.trailer[k] = append(cs.trailer[k], hf.Value)
+			}
 		}
 		cs.endRecvLocked()
 	case *http2.DataFrame:

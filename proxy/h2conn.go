@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -53,6 +55,11 @@ var errH2ConnClosed = errors.New("http2: connection closed")
 type h2conn struct {
 	nc net.Conn
 	fr *http2.Framer // read side: the read loop only
+	// Header blocks, decoded by the read loop (readFrame) into meta, which
+	// is reused from block to block.
+	hdec *hpack.Decoder
+	meta http2.MetaHeadersFrame
+	hs   headerBlockState
 
 	mu   sync.Mutex
 	cond sync.Cond // window updates, output drained, connection failed
@@ -92,10 +99,144 @@ func newH2Conn(nc net.Conn) *h2conn {
 	c.cond.L = &c.mu
 	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 16<<10))
 	c.fr.SetReuseFrames()
-	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = h2MaxHeaderList
+	c.hdec = hpack.NewDecoder(4096, c.emitField)
+	c.hdec.SetMaxStringLength(h2MaxHeaderList)
 	c.enc = hpack.NewEncoder(headerSink{c})
 	return c
+}
+
+// readFrame reads the next frame. A header block (HEADERS and its
+// CONTINUATION frames) comes back decoded as a *http2.MetaHeadersFrame, as
+// x/net's Framer.ReadMetaHeaders does, with the same checks; but the frame
+// and its field slice are the connection's own, reused for every block, so
+// they are valid only until the next call. A field-level violation is a
+// StreamError; a block over the limits or undecodable, a ConnectionError.
+func (c *h2conn) readFrame() (http2.Frame, error) {
+	f, err := c.fr.ReadFrame()
+	if err != nil {
+		return nil, err
+	}
+	hf, ok := f.(*http2.HeadersFrame)
+	if !ok {
+		return f, nil
+	}
+	mh := &c.meta
+	mh.HeadersFrame = hf
+	mh.Fields = mh.Fields[:0]
+	mh.Truncated = false
+	c.hs = headerBlockState{remain: h2MaxHeaderList}
+	c.hdec.SetEmitEnabled(true)
+	var block interface {
+		HeaderBlockFragment() []byte
+		HeadersEnded() bool
+	} = hf
+	for {
+		frag := block.HeaderBlockFragment()
+		// A sender far over the header list limit is not decoded at all,
+		// nor is anything after an invalid field.
+		if int64(len(frag)) > int64(2*c.hs.remain) || c.hs.invalid != nil {
+			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if _, err := c.hdec.Write(frag); err != nil {
+			return nil, http2.ConnectionError(http2.ErrCodeCompression)
+		}
+		if block.HeadersEnded() {
+			break
+		}
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			return nil, err
+		}
+		block = f.(*http2.ContinuationFrame) // the Framer checks the order
+	}
+	if err := c.hdec.Close(); err != nil {
+		return nil, http2.ConnectionError(http2.ErrCodeCompression)
+	}
+	if c.hs.invalid != nil {
+		return nil, http2.StreamError{StreamID: hf.StreamID, Code: http2.ErrCodeProtocol, Cause: c.hs.invalid}
+	}
+	if err := checkPseudos(mh.PseudoFields()); err != nil {
+		return nil, http2.StreamError{StreamID: hf.StreamID, Code: http2.ErrCodeProtocol, Cause: err}
+	}
+	return mh, nil
+}
+
+// headerBlockState is what decoding one header block keeps.
+type headerBlockState struct {
+	remain     uint32 // of the header list size
+	sawRegular bool
+	invalid    error
+}
+
+// emitField takes one decoded field of the block readFrame decodes.
+func (c *h2conn) emitField(hf hpack.HeaderField) {
+	hs := &c.hs
+	switch {
+	case !httpguts.ValidHeaderFieldValue(hf.Value):
+		hs.invalid = fmt.Errorf("invalid header field value for %q", hf.Name)
+	case strings.HasPrefix(hf.Name, ":"):
+		if hs.sawRegular {
+			hs.invalid = errors.New("pseudo header field after regular")
+		}
+	default:
+		hs.sawRegular = true
+		if !validWireHeaderFieldName(hf.Name) {
+			hs.invalid = fmt.Errorf("invalid header field name %q", hf.Name)
+		}
+	}
+	if hs.invalid != nil {
+		c.hdec.SetEmitEnabled(false)
+		return
+	}
+	size := hf.Size()
+	if size > hs.remain {
+		c.hdec.SetEmitEnabled(false)
+		c.meta.Truncated = true
+		hs.remain = 0
+		return
+	}
+	hs.remain -= size
+	c.meta.Fields = append(c.meta.Fields, hf)
+}
+
+// validWireHeaderFieldName reports whether v is a valid header field name
+// as HTTP/2 sends it: a token, in lower case.
+func validWireHeaderFieldName(v string) bool {
+	if len(v) == 0 {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		if b := v[i]; !httpguts.IsTokenRune(rune(b)) || 'A' <= b && b <= 'Z' {
+			return false
+		}
+	}
+	return true
+}
+
+// checkPseudos checks a block's pseudo-header fields: known, not repeated,
+// and not mixing request and response fields.
+func checkPseudos(pf []hpack.HeaderField) error {
+	var isRequest, isResponse bool
+	for i, hf := range pf {
+		switch hf.Name {
+		case ":method", ":path", ":scheme", ":authority", ":protocol":
+			isRequest = true
+		case ":status":
+			isResponse = true
+		default:
+			return fmt.Errorf("invalid pseudo-header %q", hf.Name)
+		}
+		for _, hf2 := range pf[:i] {
+			if hf.Name == hf2.Name {
+				return fmt.Errorf("duplicate pseudo-header %q", hf.Name)
+			}
+		}
+	}
+	if isRequest && isResponse {
+		return errors.New("mix of request and response pseudo headers")
+	}
+	return nil
 }
 
 // headerSink lets the hpack encoder append to the connection's scratch

@@ -91,7 +91,7 @@ func (sc *h2ServerConn) readLoop() error {
 	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
 	first := true
 	for {
-		f, err := sc.fr.ReadFrame()
+		f, err := sc.readFrame()
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {

@@ -45,10 +45,9 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	useH2 := rt.h2 || grpc
 
 	var (
-		triedBuf [4]string
-		tried    = triedBuf[:0]
-		lastErr  error
-		retries  int
+		tried   []string // endpoint IDs, once a try fails; most requests never need it
+		lastErr error
+		retries int
 	)
 	for picks := 0; ; picks++ {
 		e, pk, err := rt.pick(ctx, key, hasKey, tried)
