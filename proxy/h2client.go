@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/textproto"
 	"strconv"
 	"strings"
 	"sync"
@@ -675,7 +674,7 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 			}
 		} else {
 			for _, hf := range f.RegularFields() {
-				k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+				k := canonicalHeader(hf.Name)
 				cs.trailer[k] = append(cs.trailer[k], hf.Value)
 			}
 		}

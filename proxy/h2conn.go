@@ -505,12 +505,31 @@ var commonLower = func() map[string]string {
 		"Trailer", "User-Agent", "Vary", "Via", "Www-Authenticate", "X-Forwarded-For",
 		"X-Forwarded-Proto", "X-Content-Type-Options", "X-Request-Id", "X-Sidecar-Error",
 		"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Grpc-Encoding",
-		"Grpc-Accept-Encoding", "Grpc-Timeout", "Traceparent", "Tracestate",
+		"Grpc-Accept-Encoding", "Grpc-Timeout", "Traceparent", "Tracestate", "Te",
 	} {
 		m[k] = strings.ToLower(k)
 	}
 	return m
 }()
+
+// commonCanonical is commonLower the other way round: canonical keys by
+// their HTTP/2 (lower-case) names.
+var commonCanonical = func() map[string]string {
+	m := make(map[string]string, len(commonLower))
+	for k, lower := range commonLower {
+		m[lower] = k
+	}
+	return m
+}()
+
+// canonicalHeader returns the canonical key of an HTTP/2 field name,
+// without allocating for common ones.
+func canonicalHeader(name string) string {
+	if k, ok := commonCanonical[name]; ok {
+		return k
+	}
+	return textproto.CanonicalMIMEHeaderKey(name)
+}
 
 // encodeHeaderLocked adds header k's values to c.encBuf, unless HTTP/2
 // forbids the field. c.mu must be held.
@@ -552,7 +571,7 @@ func h2Header(fields []hpack.HeaderField, joinCookies bool) http.Header {
 			cookies = append(cookies, hf.Value)
 			continue
 		}
-		k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+		k := canonicalHeader(hf.Name)
 		if vv, ok := header[k]; ok {
 			header[k] = append(vv, hf.Value)
 			continue

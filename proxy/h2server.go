@@ -220,7 +220,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		if t := st.req.Trailer; t != nil {
 			for _, hf := range f.RegularFields() {
-				k := textproto.CanonicalMIMEHeaderKey(hf.Name)
+				k := canonicalHeader(hf.Name)
 				if _, declared := t[k]; declared {
 					if st.trailer == nil {
 						st.trailer = make(http.Header)

@@ -281,7 +281,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	if len(resp.Trailer) > 0 {
 		h := w.Header()
 		for k, vv := range resp.Trailer {
-			h[http.TrailerPrefix+k] = vv
+			h[trailerKey(k)] = vv
 		}
 	}
 	outcome := err
@@ -361,6 +361,23 @@ func copyResponseHeader(dst http.Header, resp *http.Response) {
 		dst["Trailer"] = keys
 	}
 }
+
+// trailerKey returns the header key that makes a server send k as a
+// trailer (http.TrailerPrefix + k), without allocating for common keys.
+func trailerKey(k string) string {
+	if p, ok := commonTrailerKeys[k]; ok {
+		return p
+	}
+	return http.TrailerPrefix + k
+}
+
+var commonTrailerKeys = func() map[string]string {
+	m := make(map[string]string, len(commonLower))
+	for k := range commonLower {
+		m[k] = http.TrailerPrefix + k
+	}
+	return m
+}()
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 

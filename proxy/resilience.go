@@ -229,7 +229,8 @@ func (r *bodyReader) Read(p []byte) (int, error) {
 		r.b.read.Store(true)
 	}
 	if err != nil && err != io.EOF {
-		r.b.srcErr.Store(&err)
+		e := err // a copy, so that err itself stays off the heap
+		r.b.srcErr.Store(&e)
 	}
 	return n, err
 }
@@ -264,7 +265,8 @@ func (r *bodyReader) tryRead(p []byte) (n int, err error, ok bool) {
 		r.b.read.Store(true)
 	}
 	if err != nil && err != io.EOF {
-		r.b.srcErr.Store(&err)
+		e := err // a copy, so that err itself stays off the heap
+		r.b.srcErr.Store(&e)
 	}
 	return n, err, true
 }
