@@ -4,6 +4,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -37,12 +38,14 @@ type rawConn struct {
 	tcp *net.TCPConn
 	rc  syscall.RawConn
 
-	// Under the descriptor's read lock, which RawConn.Read holds:
-	rbuf   []byte
-	rn     int
-	rerr   syscall.Errno
-	readFn func(uintptr) bool
-	// Under its write lock, which RawConn.Write holds:
+	// The raw paths' state, under rmu and wmu: a net.Conn may be read,
+	// and written, by several goroutines at once.
+	rmu     sync.Mutex
+	rbuf    []byte
+	rn      int
+	rerr    syscall.Errno
+	readFn  func(uintptr) bool
+	wmu     sync.Mutex
 	wbuf    []byte
 	wn      int
 	werr    syscall.Errno
@@ -83,10 +86,12 @@ func (c *rawConn) Read(p []byte) (int, error) {
 	if len(p) > maxRW {
 		p = p[:maxRW]
 	}
+	c.rmu.Lock()
 	c.rbuf, c.rn, c.rerr = p, 0, 0
 	err := c.rc.Read(c.readFn)
 	n, errno := c.rn, c.rerr
 	c.rbuf = nil
+	c.rmu.Unlock()
 	switch {
 	case err != nil:
 		return 0, c.opError("read", err)
@@ -122,10 +127,12 @@ func (c *rawConn) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	c.wmu.Lock()
 	c.wbuf, c.wn, c.werr = p, 0, 0
 	err := c.rc.Write(c.writeFn)
 	n, errno := c.wn, c.werr
 	c.wbuf = nil
+	c.wmu.Unlock()
 	switch {
 	case err != nil:
 		return n, c.opError("write", err)

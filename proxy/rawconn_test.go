@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"testing"
 	"time"
 )
@@ -78,6 +79,37 @@ func TestRawConn(t *testing.T) {
 				got, err = io.ReadAll(c)
 				if err != nil || string(got) != "pong" {
 					t.Fatalf("client read %q, %v; want pong and a clean EOF", got, err)
+				}
+			})
+			t.Run("concurrent writers", func(t *testing.T) {
+				// Each Write goes out whole, as net.Conn promises, however
+				// many goroutines write at once.
+				c, srv := rawPair(t)
+				const writers, msgs, size = 4, 200, 3000
+				var wg sync.WaitGroup
+				for w := range writers {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						msg := bytes.Repeat([]byte{byte('a' + w)}, size)
+						for range msgs {
+							if _, err := c.Write(msg); err != nil {
+								t.Errorf("write: %v", err)
+								return
+							}
+						}
+					}()
+				}
+				go func() { wg.Wait(); c.CloseWrite() }()
+				srv.SetReadDeadline(time.Now().Add(10 * time.Second))
+				got, err := io.ReadAll(srv)
+				if err != nil || len(got) != writers*msgs*size {
+					t.Fatalf("read %d bytes, %v; want %d", len(got), err, writers*msgs*size)
+				}
+				for i := 0; i < len(got); i += size {
+					if m := got[i : i+size]; !bytes.Equal(m, bytes.Repeat(m[:1], size)) {
+						t.Fatalf("message %d is interleaved with another", i/size)
+					}
 				}
 			})
 			t.Run("read deadline", func(t *testing.T) {
