@@ -23,7 +23,7 @@ const (
 	h1MaxIdle        = 1024    // idle connections kept per endpoint
 	h1MaxHeaderBytes = 1 << 20 // as the transport's MaxResponseHeaderBytes
 	h1ReadBuffer     = 8 << 10
-	h1WriteBuffer    = 4 << 10
+	h1WriteBuffer    = 8 << 10
 	// h1MaxStreamedBody bounds the request bodies not held in memory that
 	// the pool takes: socket buffers absorb them.
 	h1MaxStreamedBody = 64 << 10

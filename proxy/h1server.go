@@ -32,7 +32,7 @@ import (
 // still running after h1WatchAfter, which fast requests never are.
 
 const (
-	h1BufSize = 4 << 10
+	h1BufSize = 8 << 10
 	// h1HoldBody is how much of an answer of unknown length is held back so
 	// that, if the handler ends within it, the answer gets a Content-Length
 	// instead of chunks.
