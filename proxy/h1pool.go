@@ -284,6 +284,16 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 		return nil, pc.lr.n == h1MaxHeaderBytes, unsent, x.wrap(err)
 	}
 	pc.lr.n = noLimit
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		// The connection now speaks the upgraded protocol and belongs to
+		// the caller, for as long as it lasts: it never returns to the pool.
+		if x.stop != nil {
+			x.stop()
+		}
+		_ = pc.c.SetDeadline(time.Time{})
+		resp.Body = &h1Upgraded{pc: pc}
+		return resp, false, false, nil
+	}
 
 	rb := &h1Body{pc: pc, resp: resp, x: x}
 	switch {
@@ -300,6 +310,22 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 	}
 	resp.Body = rb
 	return resp, false, false, nil
+}
+
+// h1Upgraded is an upgraded connection to a node, as the body of its 101
+// answer: what the node sent past the answer's head is read first.
+type h1Upgraded struct{ pc *h1Conn }
+
+func (u *h1Upgraded) Read(p []byte) (int, error)  { return u.pc.br.Read(p) }
+func (u *h1Upgraded) Write(p []byte) (int, error) { return u.pc.c.Write(p) }
+func (u *h1Upgraded) Close() error                { return u.pc.c.Close() }
+
+// CloseWrite half-closes the connection, so the node sees the client's EOF.
+func (u *h1Upgraded) CloseWrite() error {
+	if cw, ok := u.pc.c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
 }
 
 // exchange is the context of one request on a connection.

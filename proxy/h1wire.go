@@ -115,6 +115,14 @@ func (pc *h1Conn) readResponse(out *http.Request) (*http.Response, error) {
 		if err != nil || code < 100 || code > 999 || (len(status) > 3 && status[3] != ' ') {
 			return nil, fmt.Errorf("malformed HTTP status code %q", status)
 		}
+		if code == http.StatusSwitchingProtocols && upgradeType(out.Header) != "" {
+			hdr, err := parseHeader(rest)
+			if err != nil {
+				return nil, err
+			}
+			return &http.Response{Status: status, StatusCode: code, Proto: proto, ProtoMajor: major,
+				ProtoMinor: minor, Header: hdr, Request: out}, nil
+		}
 		if code < 200 {
 			if code == http.StatusSwitchingProtocols {
 				return nil, errors.New("unexpected 101 Switching Protocols from node")

@@ -163,6 +163,60 @@ func (c *rawConn) write(fd uintptr) bool {
 	return true
 }
 
+// relayTo copies what c reads to dst until EOF or an error, for a relayed
+// upgrade. It runs inside one RawConn.Read, which is what spares a read:
+// the netpoller forgets readiness it saw before a read begins, but not
+// readiness it sees while that read waits. So after a short read, which
+// drained the socket, and the write of what it got, the loop waits for
+// more at once instead of first trying a read that would find nothing;
+// new data marks the socket ready whenever it comes. io.Copy pays that
+// empty read after every message.
+func (c *rawConn) relayTo(dst io.Writer, buf []byte) error {
+	var (
+		errno syscall.Errno
+		werr  error
+	)
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	err := c.rc.Read(func(fd uintptr) bool {
+		for {
+			var n uintptr
+			var e syscall.Errno
+			if inFlight.Load() > 1 {
+				n, _, e = syscall.Syscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+			} else {
+				n, _, e = syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)))
+			}
+			switch e {
+			case 0:
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				return false
+			default:
+				errno = e
+				return true
+			}
+			if n == 0 {
+				return true // EOF
+			}
+			if _, werr = dst.Write(buf[:n]); werr != nil {
+				return true
+			}
+			if int(n) < len(buf) {
+				return false // drained: wait for more without a read
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return c.opError("read", err)
+	case errno != 0:
+		return c.opError("read", os.NewSyscallError("read", errno))
+	}
+	return werr
+}
+
 func (c *rawConn) opError(op string, err error) error {
 	if ope, ok := err.(*net.OpError); ok {
 		err = ope.Err // RawConn's own wrapping says "raw-read"

@@ -35,7 +35,12 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		out.Body = r.Body
 	}
 
-	resp, err := e.currentPools(start).h1.RoundTrip(out)
+	var resp *http.Response
+	if pools := e.currentPools(start); pools.fast != nil && out.Body == nil {
+		resp, err = pools.fast.roundTrip(out, nil, start)
+	} else {
+		resp, err = pools.h1.RoundTrip(out)
+	}
 	if err != nil {
 		done(pk, err, start)
 		_, code := classify(err)
@@ -90,12 +95,12 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	errc := make(chan error, 2)
 	go func() {
 		// Bytes the server read past the handshake come first.
-		_, err := io.Copy(backConn, io.MultiReader(io.LimitReader(brw.Reader, int64(brw.Reader.Buffered())), conn))
+		err := relay(backConn, io.LimitReader(brw.Reader, int64(brw.Reader.Buffered())), conn)
 		closeWrite(backConn)
 		errc <- err
 	}()
 	go func() {
-		_, err := io.Copy(conn, backConn)
+		err := relay(conn, nil, backConn)
 		closeWrite(conn)
 		errc <- err
 	}()
@@ -109,6 +114,44 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		p.log.Debug("upgraded connection ended", zap.String("service", rt.cfg.Service),
 			zap.String("endpoint", e.Addr), zap.Error(err))
 	}
+}
+
+// relay copies held, then src, to dst until src ends. When src is a raw
+// connection underneath (what it holds sent first), the copy runs in
+// rawConn.relayTo, which spares the read that finds nothing after each
+// message; otherwise it is io.Copy.
+func relay(dst io.Writer, held io.Reader, src io.Reader) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	if held != nil {
+		if _, err := io.CopyBuffer(dst, held, buf); err != nil {
+			return err
+		}
+	}
+	switch c := src.(type) {
+	case *prefixConn:
+		if len(c.prefix) > 0 {
+			if _, err := dst.Write(c.prefix); err != nil {
+				return err
+			}
+			c.prefix = nil
+		}
+		if rc, ok := c.Conn.(*rawConn); ok {
+			return rc.relayTo(dst, buf)
+		}
+	case *h1Upgraded:
+		if n := c.pc.br.Buffered(); n > 0 {
+			if _, err := io.CopyN(dst, c.pc.br, int64(n)); err != nil {
+				return err
+			}
+		}
+		if rc, ok := c.pc.c.(*rawConn); ok {
+			return rc.relayTo(dst, buf)
+		}
+	}
+	_, err := io.CopyBuffer(dst, src, buf)
+	return err
 }
 
 // closeWrite half-closes c when it can, so the peer sees EOF while the other

@@ -1,0 +1,123 @@
+package proxy
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+)
+
+// TestUpgradeRelay drives a protocol upgrade through the proxy with raw
+// sockets on both sides: bytes that ride along with either handshake,
+// thousands of strict ping-pong rounds (where a relay that waited without
+// reading after a message would stall), a message larger than the relay's
+// buffer, and half-close both ways.
+func TestUpgradeRelay(t *testing.T) {
+	t.Run("idle", testUpgradeRelay)
+	t.Run("busy", func(t *testing.T) {
+		inFlight.Add(2) // ordinary system calls, as under load
+		defer inFlight.Add(-2)
+		testUpgradeRelay(t)
+	})
+}
+
+func testUpgradeRelay(t *testing.T) {
+	leakcheck.Check(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	nodeDone := make(chan error, 1)
+	go func() {
+		nodeDone <- func() error {
+			c, err := ln.Accept()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			br := bufio.NewReader(c)
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return err
+			}
+			if got := upgradeType(req.Header); got != "x-echo" {
+				return fmt.Errorf("node got Upgrade %q, want x-echo", got)
+			}
+			// The 101 and the node's first bytes in one write.
+			if _, err := io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\nnode-hello\n"); err != nil {
+				return err
+			}
+			// Echo lines until the client half-closes, then half-close too.
+			for {
+				line, err := br.ReadString('\n')
+				if err == io.EOF && line == "" {
+					return c.(*net.TCPConn).CloseWrite()
+				}
+				if err != nil {
+					return err
+				}
+				if _, err := io.WriteString(c, line); err != nil {
+					return err
+				}
+			}
+		}()
+	}()
+
+	cache := staticCache(t, map[string][]string{"echo": {ln.Addr().String()}})
+	p := New(cache, nil, testLogger(t))
+	up, err := p.Upstream("upstream", RouteConfig{Service: "echo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startProxyServer(t, up)
+
+	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	// The handshake and the client's first line in one write.
+	if _, err := io.WriteString(c, "GET /x HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\nclient-early\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %v, %v; want 101", resp, err)
+	}
+	for _, want := range []string{"node-hello\n", "client-early\n"} {
+		if got, err := br.ReadString('\n'); got != want {
+			t.Fatalf("read %q, %v; want %q", got, err, want)
+		}
+	}
+	for i := range 3000 {
+		msg := fmt.Sprintf("ping %d\n", i)
+		if _, err := io.WriteString(c, msg); err != nil {
+			t.Fatalf("round %d: write: %v", i, err)
+		}
+		if got, err := br.ReadString('\n'); got != msg {
+			t.Fatalf("round %d: read %q, %v; want %q", i, got, err, msg)
+		}
+	}
+	big := strings.Repeat("b", 200<<10) + "\n" // past the relay's 32 KiB buffer
+	go io.WriteString(c, big)
+	if got, err := br.ReadString('\n'); got != big {
+		t.Fatalf("big message: read %d bytes, %v; want %d", len(got), err, len(big))
+	}
+	c.(*net.TCPConn).CloseWrite()
+	if rest, err := io.ReadAll(br); err != nil || len(rest) != 0 {
+		t.Fatalf("after half-close: read %q, %v; want a clean EOF", rest, err)
+	}
+	if err := <-nodeDone; err != nil {
+		t.Fatalf("node: %v", err)
+	}
+}
