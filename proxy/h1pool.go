@@ -47,7 +47,8 @@ func newH1Pool(t Timeouts) *h1Pool {
 	return &h1Pool{dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}, idleTO: t.Idle}
 }
 
-// h1Qualifies reports whether out may go over an h1Pool: no upgrade, no
+// h1Qualifies reports whether an ordinary request may go over an h1Pool
+// (serveUpgrade sends plaintext upgrades over it itself): no upgrade, no
 // Expect: 100-continue, no request trailers, and a body that is absent,
 // held in memory, or of a known length of at most h1MaxStreamedBody. The
 // body is written in full before the response is read, so a longer one
