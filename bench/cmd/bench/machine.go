@@ -25,6 +25,8 @@ type machineInfo struct {
 	Load     string `json:"loadavg_start"`
 	// Source is the commit the sidecar was built from (git describe).
 	Source string `json:"sidecar_source"`
+	// BaseSource is the commit of -base, built as sidecar-base.
+	BaseSource string `json:"sidecar_base_source,omitempty"`
 }
 
 func (m machineInfo) summary() string {
@@ -40,6 +42,7 @@ func (h *harness) machine() machineInfo {
 	}
 	m.Model = procField("/proc/cpuinfo", "model name")
 	m.Source = h.source
+	m.BaseSource = h.baseSource
 	var kb int64
 	if _, err := fmt.Sscan(procField("/proc/meminfo", "MemTotal"), &kb); err == nil {
 		m.MemTotal = fmt.Sprintf("%.1f GiB", float64(kb)/(1<<20))
@@ -111,18 +114,18 @@ func init() {
 }
 `
 
-// pprofOverlay writes the overlay that adds pprofSource to cmd/sidecar and
-// returns the overlay file's path.
-func (h *harness) pprofOverlay() (string, error) {
+// pprofOverlay writes the overlay (named file, in the temp dir) that adds
+// pprofSource to cmd/sidecar of the tree at root, and returns its path.
+func (h *harness) pprofOverlay(root, file string) (string, error) {
 	src := filepath.Join(h.tmp, "zz_bench_pprof.go")
 	if err := os.WriteFile(src, []byte(pprofSource), 0o644); err != nil {
 		return "", err
 	}
-	target, err := filepath.Abs(filepath.Join("cmd", "sidecar", "zz_bench_pprof.go"))
+	target, err := filepath.Abs(filepath.Join(root, "cmd", "sidecar", "zz_bench_pprof.go"))
 	if err != nil {
 		return "", err
 	}
 	b, _ := json.Marshal(map[string]map[string]string{"Replace": {target: src}})
-	overlay := filepath.Join(h.tmp, "overlay.json")
+	overlay := filepath.Join(h.tmp, file)
 	return overlay, os.WriteFile(overlay, b, 0o644)
 }

@@ -3,7 +3,7 @@
 //
 //	go run ./bench/cmd/bench [-duration 5s] [-runs 3] [-scenarios h1-get,grpc-unary]
 //	                         [-peers direct,sidecar,haproxy,nginx] [-consul]
-//	                         [-update BENCHMARKS.md] [-profile h1-get]
+//	                         [-update BENCHMARKS.md] [-profile h1-get] [-base REV]
 //
 // It builds the sidecar, bench/backend and bench/loadgen into a temp dir,
 // installs haproxy and nginx with apt-get when they are missing, starts three
@@ -11,7 +11,9 @@
 // fed by a Consul dev agent), HAProxy and nginx, all round-robin over the
 // same backends with keep-alive to them, and drives each scenario through
 // every peer with the same load generator. Proxies run on one CPU and the
-// load generator on another (taskset); backends are not pinned.
+// load generator on another (taskset); backends are not pinned. With -base
+// it also builds the sidecar at that git revision and runs it beside the
+// working tree's as peer sidecar-base, configured and pinned the same way.
 //
 // Results go to bench/results/latest.md and latest.json, and with -update
 // into the section between the bench:results markers of that file. Every
@@ -50,6 +52,7 @@ type options struct {
 	noMicro   bool
 	profile   string
 	keep      bool
+	base      string
 	proxyCPU  int
 	loadCPU   int
 }
@@ -68,6 +71,7 @@ type harness struct {
 
 	profileAddr string
 	source      string // git describe of the tree the sidecar was built from
+	baseSource  string // short hash of -base, built as sidecar-base
 	peakNote    string
 	notes       []string // for the report: skipped peers, install output
 	start       time.Time
@@ -90,6 +94,7 @@ func main() {
 	flag.BoolVar(&o.noMicro, "no-micro", false, "do not run BenchmarkProxyHTTP when -micro is not given")
 	flag.StringVar(&o.profile, "profile", "", "scenarios (or all) in which to save a CPU and an alloc profile of the sidecar (first run)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temp dir (configs, logs)")
+	flag.StringVar(&o.base, "base", "", "git revision of a second sidecar build to run as peer sidecar-base (A/B comparison)")
 	flag.IntVar(&o.proxyCPU, "proxy-cpu", 1, "CPU the proxies are pinned to")
 	flag.IntVar(&o.loadCPU, "load-cpu", 0, "CPU the load generator is pinned to")
 	flag.Parse()
@@ -142,10 +147,7 @@ func run(o options) error {
 	}()
 
 	h.setupPinning()
-	peerNames := strings.Split(o.peers, ",")
-	if o.consul && !slices.Contains(peerNames, "sidecar-consul") {
-		peerNames = append(peerNames, "sidecar-consul")
-	}
+	peerNames := peerList(o.peers, o.consul, o.base)
 	if slices.Contains(peerNames, "haproxy") || slices.Contains(peerNames, "nginx") {
 		h.ensurePeers()
 	}
@@ -200,19 +202,40 @@ func (h *harness) startPeer(name string) (*peer, error) {
 	case "direct-1":
 		return h.directOnePeer(), nil
 	case "sidecar":
-		return h.startSidecar("sidecar", "")
+		return h.startSidecar("sidecar", "sidecar", "")
+	case "sidecar-base":
+		if h.baseSource != "" {
+			return h.startSidecar("sidecar-base", "sidecar-base", "")
+		}
 	case "sidecar-consul":
 		addr, err := h.startConsul()
 		if err != nil {
 			return nil, err
 		}
-		return h.startSidecar("sidecar-consul", addr)
+		return h.startSidecar("sidecar-consul", "sidecar", addr)
 	case "haproxy":
 		return h.startHAProxy()
 	case "nginx":
 		return h.startNginx()
 	}
 	return nil, fmt.Errorf("unknown peer %q (want direct, direct-1, sidecar, sidecar-consul, haproxy or nginx)", name)
+}
+
+// peerList is the peers to start: those of -peers, then sidecar-consul with
+// -consul, and with -base sidecar-base right after sidecar (or last).
+func peerList(peers string, consul bool, base string) []string {
+	names := strings.Split(peers, ",")
+	if consul && !slices.Contains(names, "sidecar-consul") {
+		names = append(names, "sidecar-consul")
+	}
+	if base != "" && !slices.Contains(names, "sidecar-base") {
+		i := slices.Index(names, "sidecar")
+		if i < 0 {
+			i = len(names) - 1
+		}
+		names = slices.Insert(names, i+1, "sidecar-base")
+	}
+	return names
 }
 
 func selectScenarios(list string) ([]scenario, error) {
@@ -312,7 +335,8 @@ func lookSbin(name string) (string, error) {
 }
 
 // build compiles the sidecar (as `make build` does), the backend and the
-// load generator into the temp dir.
+// load generator into the temp dir, and with -base the sidecar at that
+// revision too.
 func (h *harness) build() error {
 	binDir := filepath.Join(h.tmp, "bin")
 	h.source = "unknown"
@@ -321,7 +345,7 @@ func (h *harness) build() error {
 	}
 	sidecarArgs := []string{"go", "build", "-trimpath", "-o", filepath.Join(binDir, "sidecar")}
 	if h.opts.profile != "" {
-		overlay, err := h.pprofOverlay()
+		overlay, err := h.pprofOverlay(".", "overlay.json")
 		if err != nil {
 			return err
 		}
@@ -341,6 +365,46 @@ func (h *harness) build() error {
 			return fmt.Errorf("%s: %v\n%s", strings.Join(b, " "), err, out)
 		}
 	}
+	if h.opts.base != "" {
+		return h.buildBase()
+	}
+	return nil
+}
+
+// buildBase builds the sidecar at -base into the temp dir as sidecar-base,
+// with the flags of the working tree's build, from a detached git worktree
+// that it removes again, also when the build fails.
+func (h *harness) buildBase() error {
+	out, err := runCmd(h.ctx, "git", "rev-parse", "--short", "--verify", h.opts.base+"^{commit}")
+	if err != nil {
+		return fmt.Errorf("-base %s: %v\n%s", h.opts.base, err, out)
+	}
+	rev := strings.TrimSpace(out)
+	src := filepath.Join(h.tmp, "base-src")
+	h.logf("git worktree add --detach %s %s", src, rev)
+	if out, err := runCmd(h.ctx, "git", "worktree", "add", "--detach", src, rev); err != nil {
+		return fmt.Errorf("git worktree add: %v\n%s", err, out)
+	}
+	defer func() {
+		// Not h.ctx: the worktree goes also after Ctrl-C.
+		if out, err := runCmd(context.Background(), "git", "worktree", "remove", "--force", src); err != nil {
+			h.logf("git worktree remove --force %s: %v: %s", src, err, lastLines(out, 3))
+		}
+	}()
+	args := []string{"go", "-C", src, "build", "-trimpath", "-o", h.bin("sidecar-base")}
+	if h.opts.profile != "" {
+		overlay, err := h.pprofOverlay(src, "overlay-base.json")
+		if err != nil {
+			return err
+		}
+		args = append(args, "-overlay", overlay)
+	}
+	args = append(args, "./cmd/sidecar")
+	h.logf("%s", strings.Join(args, " "))
+	if out, err := runEnv(h.ctx, []string{"CGO_ENABLED=0"}, args...); err != nil {
+		return fmt.Errorf("%s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	h.baseSource = rev
 	return nil
 }
 

@@ -174,13 +174,14 @@ func quoteList(s []string) string {
 	return strings.Join(q, ", ")
 }
 
-func (h *harness) startSidecar(name, consulAddr string) (*peer, error) {
+// startSidecar starts the sidecar binary bin of the temp dir as peer name.
+func (h *harness) startSidecar(name, bin, consulAddr string) (*peer, error) {
 	t, extra := proxyPorts()
 	cfgPath := filepath.Join(h.tmp, name+".yaml")
 	if err := os.WriteFile(cfgPath, []byte(h.sidecarConfig(t, extra[0], consulAddr)), 0o644); err != nil {
 		return nil, err
 	}
-	if out, err := runCmd(h.ctx, h.bin("sidecar"), "validate", "-config", cfgPath); err != nil {
+	if out, err := runCmd(h.ctx, h.bin(bin), "validate", "-config", cfgPath); err != nil {
 		return nil, fmt.Errorf("sidecar config: %v\n%s", err, out)
 	}
 	o := startOpts{cpu: h.proxyCPU}
@@ -193,7 +194,10 @@ func (h *harness) startSidecar(name, consulAddr string) (*peer, error) {
 	} else {
 		notes = append(notes, "discovery.backend: consul (a dev agent on loopback, the backends registered without checks)")
 	}
-	p, err := h.procs.start(h.tmp, name, o, h.bin("sidecar"), "-config", cfgPath)
+	if name == "sidecar-base" {
+		notes = append([]string{"the sidecar built at " + h.baseSource + " (-base), set up as sidecar"}, notes...)
+	}
+	p, err := h.procs.start(h.tmp, name, o, h.bin(bin), "-config", cfgPath)
 	if err != nil {
 		return nil, err
 	}

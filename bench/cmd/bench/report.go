@@ -115,6 +115,9 @@ func (rep *report) markdown() string {
 	m := rep.Machine
 	o := rep.Options
 	fmt.Fprintf(&b, "Run of %s, %s in all.\n\n", m.Date, rep.Elapsed)
+	if m.BaseSource != "" {
+		fmt.Fprintf(&b, "Peer sidecar-base is the sidecar built at `%s` (-base), set up, pinned and run like sidecar.\n\n", m.BaseSource)
+	}
 	b.WriteString("| nproc | CPU model | memory | kernel | OS | Go | HAProxy | nginx | sidecar source |\n|---|---|---|---|---|---|---|---|---|\n")
 	fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %s | %s |\n\n", m.NProc, m.Model, m.MemTotal, m.Kernel, m.OS, m.Go, m.HAProxy, m.Nginx, m.Source)
 	fmt.Fprintf(&b, "Each scenario ran %v× per peer for %v after %v of warm-up, peers in rotating order. "+

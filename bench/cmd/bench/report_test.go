@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -62,5 +63,21 @@ func TestSpreadAndMedian(t *testing.T) {
 	}
 	if got, want := median([]float64{4, 1, 2, 3}), 2.5; got != want {
 		t.Errorf("median() = %v, want %v", got, want)
+	}
+}
+
+func TestMarkdownBaseLine(t *testing.T) {
+	const line = "Peer sidecar-base is the sidecar built at `abc1234` (-base)"
+	rep := &report{Machine: machineInfo{Source: "v1-dirty"}}
+	if md := rep.markdown(); strings.Contains(md, "sidecar-base") {
+		t.Errorf("markdown() without -base mentions sidecar-base:\n%s", md)
+	}
+	rep.Machine.BaseSource = "abc1234"
+	md := rep.markdown()
+	if !strings.Contains(md, "in all.\n\n"+line) {
+		t.Errorf("markdown() with -base lacks %q under the header:\n%s", line, md)
+	}
+	if strings.Count(md, "sidecar-base") != 1 {
+		t.Errorf("markdown() mentions sidecar-base more than once:\n%s", md)
 	}
 }
