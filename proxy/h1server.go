@@ -72,7 +72,10 @@ type h1ServerConn struct {
 	hold   []byte      // reused by each response: body held before the head
 
 	prefix []byte // bytes the sniffer read
-	remain int64  // bytes Read may still take from nc (the header limit)
+	// lingering: a body read the handler left behind may still use br,
+	// which is then not reused.
+	lingering bool
+	remain    int64 // bytes Read may still take from nc (the header limit)
 
 	// The client watch: a read in the background while a handler runs.
 	watch   *time.Timer
@@ -111,8 +114,10 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 		if !hijacked {
 			nc.Close()
 			c.s.untrack(func() { delete(c.s.h1conns, c) })
-			c.br.Reset(nil)
-			h1ReaderPool.Put(c.br)
+			if !c.lingering {
+				c.br.Reset(nil)
+				h1ReaderPool.Put(c.br)
+			}
 		}
 		c.bw.Reset(nil)
 		h1WriterPool.Put(c.bw)
@@ -265,9 +270,10 @@ func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
 	c.mu.Lock()
 	c.seq++
 	c.reqDone = false
+	w.seq = c.seq
 	c.mu.Unlock()
 	if req.Body == http.NoBody || req.Body == nil {
-		c.armWatch()
+		c.armWatch(w.seq)
 	}
 	defer func() {
 		if v := recover(); v != nil {
@@ -280,6 +286,7 @@ func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
 			c.endWatch()
 			if !w.hijacked {
 				c.bw.Flush()
+				_, c.lingering = w.body.end(false)
 			}
 			keep = false
 		}
@@ -296,21 +303,17 @@ func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
 		return false
 	}
 	w.finish()
-	if w.closeAfter || c.s.isClosed() {
-		return false
-	}
-	return w.body.drain()
+	keep, c.lingering = w.body.end(!w.closeAfter && !c.s.isClosed())
+	return keep
 }
 
 // armWatch starts the client watch after h1WatchAfter, once the request
 // body has been read whole (the watch's read must not take body bytes)
 // and unless the client already sent more (pipelining).
-func (c *h1ServerConn) armWatch() {
-	if c.br.Buffered() > 0 {
-		return
-	}
+func (c *h1ServerConn) armWatch(seq uint64) {
 	c.mu.Lock()
-	if !c.reqDone && !c.hasByte {
+	// Only while request seq's handler runs; then nothing else reads br.
+	if seq == c.seq && !c.reqDone && !c.hasByte && c.br.Buffered() == 0 {
 		c.armed = c.seq
 		c.watch.Reset(h1WatchAfter)
 	}
@@ -377,6 +380,7 @@ type h1Response struct {
 	closeAfter    bool
 	hijacked      bool
 	handlerDone   bool
+	seq           uint64   // the connection's request number
 	trailers      []string // declared in the Trailer header
 
 	// expectContinue is "100-continue" when the client waits for a 100
@@ -697,17 +701,18 @@ type h1ReqBody struct {
 	w  *h1Response
 	rc io.ReadCloser
 
-	mu      sync.Mutex
-	read    int64
-	eof     bool
-	closed  bool
-	readers int // reads under way
+	mu       sync.Mutex
+	read     int64
+	eof      bool
+	closed   bool // by the handler
+	detached bool // the handler returned
+	readers  int  // reads under way
 }
 
 func (b *h1ReqBody) Read(p []byte) (int, error) {
 	w := b.w
 	b.mu.Lock()
-	if b.closed {
+	if b.closed || b.detached {
 		b.mu.Unlock()
 		return 0, http.ErrBodyReadAfterClose
 	}
@@ -735,7 +740,7 @@ func (b *h1ReqBody) Read(p []byte) (int, error) {
 	}
 	b.mu.Unlock()
 	if err == io.EOF {
-		w.c.armWatch()
+		w.c.armWatch(w.seq)
 	}
 	return n, err
 }
@@ -764,26 +769,32 @@ func (b *h1ReqBody) doneOrSmall() bool {
 	return cl >= 0 && cl-b.read <= h1DiscardLimit && b.w.expectContinue != "100-continue"
 }
 
-// drain skips what the handler left of the body, up to h1DiscardLimit,
-// and reports whether the connection can carry another request.
-func (b *h1ReqBody) drain() bool {
+// end detaches the body from its request once the handler has returned:
+// later reads fail, as net/http's do. With skip, what the handler left of
+// the body is skipped, up to h1DiscardLimit, to keep the connection. keep
+// reports whether the connection can carry another request; lingering, a
+// read the handler left behind still under way, which may yet use the
+// connection's reader.
+func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
 	if b.w == nil {
-		return true
+		return skip, false // no body
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.eof {
-		return true
-	}
-	if b.readers > 0 {
-		return false // a reader the handler left behind still holds it
-	}
-	if b.w.expectContinue == "100-continue" && !b.w.sentContinue {
-		return false
+	b.detached = true
+	switch {
+	case b.readers > 0:
+		return false, true
+	case !skip:
+		return false, false
+	case b.eof:
+		return true, false
+	case b.w.expectContinue == "100-continue" && !b.w.sentContinue:
+		return false, false
 	}
 	_ = b.w.c.nc.SetReadDeadline(time.Now().Add(b.w.c.s.opts.ReadHeaderTimeout))
 	n, err := io.CopyN(io.Discard, b.rc, h1DiscardLimit+1)
-	return err == io.EOF && n <= h1DiscardLimit
+	return err == io.EOF && n <= h1DiscardLimit, false
 }
 
 // httpDate is the Date header's value for now, made once a second.

@@ -926,3 +926,76 @@ func TestH1ServerRequestFields(t *testing.T) {
 		t.Fatalf("handler saw %+v, want %+v", got, want)
 	}
 }
+
+// TestH1ServerBodyReadAfterHandler: a body read the handler left behind
+// (as a Transport's write loop can, when a node answers before reading the
+// whole upload) fails once the handler has returned. It neither reaches
+// the connection's reader, which serves the next request, nor disturbs
+// that request's body.
+func TestH1ServerBodyReadAfterHandler(t *testing.T) {
+	leakcheck.Check(t)
+	late := make(chan error, 2)
+	var calls atomic.Int32
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			go func() {
+				time.Sleep(30 * time.Millisecond)
+				_, err := io.ReadAll(r.Body)
+				late <- err
+			}()
+			w.WriteHeader(http.StatusRequestEntityTooLarge)
+			return
+		}
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	})
+	st := h1tStart(t, h, ServerOptions{})
+	c, br := h1tDial(t, st.addr)
+	h1tWrite(t, c, "POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+	if resp, _ := h1tRead(t, br, ""); resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("first: %d, want 413", resp.StatusCode)
+	}
+	// The second request's body arrives in two parts around the late read.
+	h1tWrite(t, c, "POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabcde")
+	time.Sleep(60 * time.Millisecond)
+	h1tWrite(t, c, "fghij")
+	if resp, body := h1tRead(t, br, ""); resp.StatusCode != http.StatusOK || body != "abcdefghij" {
+		t.Fatalf("second: %d %q, want 200 abcdefghij", resp.StatusCode, body)
+	}
+	select {
+	case err := <-late:
+		if !errors.Is(err, http.ErrBodyReadAfterClose) {
+			t.Fatalf("late read = %v, want http.ErrBodyReadAfterClose", err)
+		}
+	case <-time.After(h1tTimeout):
+		t.Fatal("late read never returned")
+	}
+
+	// A read still under way when the handler returns: the connection
+	// closes, and its reader is not handed to another.
+	started := make(chan struct{})
+	h2 := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		go func() {
+			close(started)
+			_, err := io.ReadAll(r.Body) // the client sends only part of it
+			late <- err
+		}()
+		<-started
+		time.Sleep(20 * time.Millisecond) // let the read block
+		w.WriteHeader(http.StatusRequestEntityTooLarge)
+	})
+	st2 := h1tStart(t, h2, ServerOptions{})
+	c2, br2 := h1tDial(t, st2.addr)
+	h1tWrite(t, c2, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"+strings.Repeat("u", 300<<10))
+	if resp, _ := h1tRead(t, br2, ""); resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("upload: %d, want 413", resp.StatusCode)
+	}
+	select {
+	case err := <-late:
+		if err == nil {
+			t.Fatal("the lingering read of a cut-off body succeeded")
+		}
+	case <-time.After(h1tTimeout):
+		t.Fatal("the lingering read never returned: the connection stayed open")
+	}
+}

@@ -106,8 +106,16 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	}()
 	// WebSocket closes in-band: when one side is done, so is the session.
 	err = <-errc
-	conn.Close()
+	// Both close at once: a relay blocked writing to one connection holds
+	// a read on the other (rawConn.relayTo), and a Close waits for that
+	// read, but closing the first wakes the blocked write.
+	closed := make(chan struct{})
+	go func() {
+		conn.Close()
+		close(closed)
+	}()
 	backConn.Close()
+	<-closed
 	<-errc
 	done(pk, nil, start)
 	if err != nil && !errors.Is(err, net.ErrClosed) {

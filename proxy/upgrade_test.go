@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -119,5 +122,91 @@ func testUpgradeRelay(t *testing.T) {
 	}
 	if err := <-nodeDone; err != nil {
 		t.Fatalf("node: %v", err)
+	}
+}
+
+// TestUpgradeTeardownStuckNode: the node half-closes and never reads
+// while the client keeps sending, so the client-to-node relay blocks in a
+// write. The session must still end, and the client's connection close.
+func TestUpgradeTeardownStuckNode(t *testing.T) {
+	leakcheck.Check(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	release := make(chan struct{})
+	stalled := make(chan struct{}) // the client's writes stopped getting through
+	nodeDone := make(chan struct{})
+	go func() {
+		defer close(nodeDone)
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\n")
+		<-stalled
+		c.(*net.TCPConn).CloseWrite()
+		<-release // never reads
+	}()
+	t.Cleanup(func() { close(release); <-nodeDone })
+
+	cache := staticCache(t, map[string][]string{"echo": {ln.Addr().String()}})
+	p := New(cache, nil, testLogger(t))
+	up, err := p.Upstream("upstream", RouteConfig{Service: "echo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startProxyServer(t, up)
+	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET /x HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\n")
+	br := bufio.NewReader(c)
+	if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("handshake: %v, %v; want 101", resp, err)
+	}
+	// Fill the node's socket buffers until the relay's write blocks.
+	writeErr := make(chan error, 1)
+	var sent atomic.Int64
+	go func() {
+		chunk := make([]byte, 64<<10)
+		for {
+			n, err := c.Write(chunk)
+			sent.Add(int64(n))
+			if err != nil {
+				writeErr <- err
+				return
+			}
+		}
+	}()
+	for last := int64(-1); ; {
+		time.Sleep(100 * time.Millisecond)
+		if n := sent.Load(); n == last {
+			break // every buffer on the way is full: the relay's write blocks
+		} else {
+			last = n
+		}
+	}
+	close(stalled)
+	// The node's half-close ends the session: the client sees EOF, then
+	// its connection closed under its writes.
+	if _, err := io.ReadAll(br); err != nil {
+		t.Fatalf("read after the node half-closed: %v, want EOF", err)
+	}
+	select {
+	case err := <-writeErr:
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatal("the sidecar never closed the client's connection: its teardown is stuck")
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("client writes never failed")
 	}
 }
