@@ -285,7 +285,9 @@ func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
 			// the client sees a broken answer, not a short one.
 			c.endWatch()
 			if !w.hijacked {
+				w.wmu.Lock() // a body reader may be sending a 100 Continue
 				c.bw.Flush()
+				w.wmu.Unlock()
 				_, c.lingering = w.body.end(false)
 			}
 			keep = false
