@@ -588,13 +588,7 @@ func writeHeaderLines(bw *bufio.Writer, h http.Header, skip []string) {
 			continue
 		}
 		for _, v := range vv {
-			bw.WriteString(k)
-			bw.WriteString(": ")
-			if strings.ContainsAny(v, "\r\n") {
-				v = headerNewlineToSpace.Replace(v)
-			}
-			bw.WriteString(textproto.TrimString(v))
-			bw.WriteString("\r\n")
+			writeField(bw, k, v)
 		}
 	}
 }
@@ -615,10 +609,7 @@ func (w *h1Response) finish() {
 		h := w.header
 		for _, k := range w.trailers {
 			for _, v := range h[k] {
-				bw.WriteString(k)
-				bw.WriteString(": ")
-				bw.WriteString(textproto.TrimString(headerNewlineToSpace.Replace(v)))
-				bw.WriteString("\r\n")
+				writeField(bw, k, v)
 			}
 		}
 		for k, vv := range h {
@@ -627,10 +618,7 @@ func (w *h1Response) finish() {
 				continue
 			}
 			for _, v := range vv {
-				bw.WriteString(name)
-				bw.WriteString(": ")
-				bw.WriteString(textproto.TrimString(headerNewlineToSpace.Replace(v)))
-				bw.WriteString("\r\n")
+				writeField(bw, name, v)
 			}
 		}
 		bw.WriteString("\r\n")

@@ -47,13 +47,7 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 			vv = vv[:1]
 		}
 		for _, v := range vv {
-			w.WriteString(k)
-			w.WriteString(": ")
-			if strings.ContainsAny(v, "\r\n") {
-				v = headerNewlineToSpace.Replace(v)
-			}
-			w.WriteString(textproto.TrimString(v))
-			w.WriteString("\r\n")
+			writeField(w, k, v)
 		}
 	}
 	if body.n > 0 || out.Method == http.MethodPost || out.Method == http.MethodPut || out.Method == http.MethodPatch {
@@ -92,6 +86,18 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 }
 
 var headerNewlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
+
+// writeField writes one header (or trailer) line, its value trimmed and
+// any line break in it made a space, so that no value can end the head.
+func writeField(w *bufio.Writer, k, v string) {
+	w.WriteString(k)
+	w.WriteString(": ")
+	if strings.ContainsAny(v, "\r\n") {
+		v = headerNewlineToSpace.Replace(v)
+	}
+	w.WriteString(textproto.TrimString(v))
+	w.WriteString("\r\n")
+}
 
 // readResponse reads a response head, skipping 1xx informational ones, and
 // works out the body's framing.

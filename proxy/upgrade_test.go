@@ -74,19 +74,7 @@ func testUpgradeRelay(t *testing.T) {
 		}()
 	}()
 
-	cache := staticCache(t, map[string][]string{"echo": {ln.Addr().String()}})
-	p := New(cache, nil, testLogger(t))
-	up, err := p.Upstream("upstream", RouteConfig{Service: "echo"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := startProxyServer(t, up)
-
-	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialUpgradeProxy(t, ln.Addr().String())
 	c.SetDeadline(time.Now().Add(20 * time.Second))
 	// The handshake and the client's first line in one write.
 	if _, err := io.WriteString(c, "GET /x HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\nclient-early\n"); err != nil {
@@ -155,18 +143,7 @@ func TestUpgradeTeardownStuckNode(t *testing.T) {
 	}()
 	t.Cleanup(func() { close(release); <-nodeDone })
 
-	cache := staticCache(t, map[string][]string{"echo": {ln.Addr().String()}})
-	p := New(cache, nil, testLogger(t))
-	up, err := p.Upstream("upstream", RouteConfig{Service: "echo"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := startProxyServer(t, up)
-	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialUpgradeProxy(t, ln.Addr().String())
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	io.WriteString(c, "GET /x HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: x-echo\r\n\r\n")
 	br := bufio.NewReader(c)
@@ -209,4 +186,23 @@ func TestUpgradeTeardownStuckNode(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		t.Fatal("client writes never failed")
 	}
+}
+
+// dialUpgradeProxy starts a proxy listener routing service "echo" to node
+// and returns a client connection to it, closed when the test ends.
+func dialUpgradeProxy(t *testing.T, node string) net.Conn {
+	t.Helper()
+	cache := staticCache(t, map[string][]string{"echo": {node}})
+	p := New(cache, nil, testLogger(t))
+	up, err := p.Upstream("upstream", RouteConfig{Service: "echo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startProxyServer(t, up)
+	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
