@@ -89,17 +89,22 @@ type h1Conn struct {
 	interrupt func()
 }
 
-// limitReader bounds how much a response's header may read from the
-// connection.
+// limitReader bounds how much a message's header may read from the
+// connection: past n bytes, reads fail with err (errHeaderTooLong when nil).
+// The HTTP/1.1 pool reads responses through one, the server requests.
 type limitReader struct {
-	c net.Conn
-	n int64
+	c   net.Conn
+	n   int64
+	err error
 }
 
 var errHeaderTooLong = errors.New("upstream response header too long")
 
 func (l *limitReader) Read(p []byte) (int, error) {
 	if l.n <= 0 {
+		if l.err != nil {
+			return 0, l.err
+		}
 		return 0, errHeaderTooLong
 	}
 	if int64(len(p)) > l.n {
@@ -323,9 +328,7 @@ func (u *h1Upgraded) Close() error                { return u.pc.c.Close() }
 
 // CloseWrite half-closes the connection, so the node sees the client's EOF.
 func (u *h1Upgraded) CloseWrite() error {
-	if cw, ok := u.pc.c.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
+	closeWrite(u.pc.c)
 	return nil
 }
 

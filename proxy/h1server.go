@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"net/textproto"
@@ -71,11 +70,11 @@ type h1ServerConn struct {
 	header http.Header // reused by each response
 	hold   []byte      // reused by each response: body held before the head
 
-	prefix []byte // bytes the sniffer read
+	prefix []byte      // bytes the sniffer read
+	lr     limitReader // the socket, within the header limit while a head is read
 	// lingering: a body read the handler left behind may still use br,
 	// which is then not reused.
 	lingering bool
-	remain    int64 // bytes Read may still take from nc (the header limit)
 
 	// The client watch: a read in the background while a handler runs.
 	watch   *time.Timer
@@ -93,7 +92,8 @@ type h1ServerConn struct {
 // serveH1 serves HTTP/1.x on nc, whose first bytes, prefix, the sniffer
 // already read.
 func (s *Server) serveH1(nc net.Conn, prefix []byte) {
-	c := &h1ServerConn{s: s, nc: nc, remote: nc.RemoteAddr().String(), prefix: prefix, remain: math.MaxInt64}
+	c := &h1ServerConn{s: s, nc: nc, remote: nc.RemoteAddr().String(), prefix: prefix,
+		lr: limitReader{c: nc, n: noLimit, err: errH1HeaderTooLarge}}
 	c.cond.L = &c.mu
 	if !s.track(func() { s.h1conns[c] = struct{}{} }) {
 		nc.Close()
@@ -179,24 +179,16 @@ func (c *h1ServerConn) Read(p []byte) (int, error) {
 		c.hasByte = false
 		return 1, nil
 	}
-	if c.remain <= 0 {
-		return 0, errH1HeaderTooLarge
-	}
-	if int64(len(p)) > c.remain {
-		p = p[:c.remain]
-	}
-	n, err := c.nc.Read(p)
-	c.remain -= int64(n)
-	return n, err
+	return c.lr.Read(p)
 }
 
 // readRequest reads and checks the next request head, as net/http's
 // server does.
 func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
-	c.remain = h1MaxHeaderBytes + h1BufSize // the reader's slack, as net/http allows
+	c.lr.n = h1MaxHeaderBytes + h1BufSize // the reader's slack, as net/http allows
 	req, err := http.ReadRequest(c.br)
-	c.remain = math.MaxInt64
+	c.lr.n = noLimit
 	if err != nil {
 		return nil, err
 	}
@@ -212,14 +204,10 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	case !httpguts.ValidHostHeader(req.Host):
 		return nil, h1StatusError{http.StatusBadRequest, "malformed Host header"}
 	}
-	for k, vv := range req.Header {
+	// textproto rejected bad values already; names it lets through.
+	for k := range req.Header {
 		if !httpguts.ValidHeaderFieldName(k) {
 			return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
-		}
-		for _, v := range vv {
-			if !httpguts.ValidHeaderFieldValue(v) {
-				return nil, h1StatusError{http.StatusBadRequest, "invalid header value"}
-			}
 		}
 	}
 	req.RemoteAddr = c.remote
@@ -482,10 +470,6 @@ func (w *h1Response) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (w *h1Response) WriteString(s string) (int, error) {
-	return w.Write([]byte(s))
-}
-
 func (w *h1Response) writeBody(p []byte) {
 	if len(p) == 0 {
 		return
@@ -511,13 +495,7 @@ func (w *h1Response) commit(final bool) {
 	w.committed = true
 	h, req := w.header, w.req
 	delete(h, "Transfer-Encoding")
-	for _, v := range h["Trailer"] {
-		for f := range strings.SplitSeq(v, ",") {
-			if f = textproto.TrimString(f); f != "" {
-				w.trailers = append(w.trailers, http.CanonicalHeaderKey(f))
-			}
-		}
-	}
+	declaredTrailers(h, func(k string) { w.trailers = append(w.trailers, k) })
 	bodyOK := bodyAllowed(w.status)
 	if !bodyOK && w.status != http.StatusNotModified {
 		delete(h, "Content-Length")
@@ -691,18 +669,17 @@ type h1ReqBody struct {
 	w  *h1Response
 	rc io.ReadCloser
 
-	mu       sync.Mutex
-	read     int64
-	eof      bool
-	closed   bool // by the handler
-	detached bool // the handler returned
-	readers  int  // reads under way
+	mu      sync.Mutex
+	read    int64
+	eof     bool
+	closed  bool // by the handler, or because it returned
+	readers int  // reads under way
 }
 
 func (b *h1ReqBody) Read(p []byte) (int, error) {
 	w := b.w
 	b.mu.Lock()
-	if b.closed || b.detached {
+	if b.closed {
 		b.mu.Unlock()
 		return 0, http.ErrBodyReadAfterClose
 	}
@@ -771,7 +748,7 @@ func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.detached = true
+	b.closed = true
 	switch {
 	case b.readers > 0:
 		return false, true

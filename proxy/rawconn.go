@@ -7,7 +7,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"time"
 	"unsafe"
 )
 
@@ -224,15 +223,5 @@ func (c *rawConn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.tcp.LocalAddr(), Addr: c.tcp.RemoteAddr(), Err: err}
 }
 
-// CloseWrite and CloseRead half-close, as relayed upgrades and TCP routes
-// need.
+// CloseWrite half-closes, as relayed upgrades need.
 func (c *rawConn) CloseWrite() error { return c.tcp.CloseWrite() }
-func (c *rawConn) CloseRead() error  { return c.tcp.CloseRead() }
-
-// SetLinger and SetKeepAlive reach the TCP connection for callers that tune
-// it.
-func (c *rawConn) SetLinger(sec int) error { return c.tcp.SetLinger(sec) }
-
-func (c *rawConn) SetKeepAlive(on bool) error { return c.tcp.SetKeepAlive(on) }
-
-func (c *rawConn) SetKeepAlivePeriod(d time.Duration) error { return c.tcp.SetKeepAlivePeriod(d) }

@@ -41,9 +41,8 @@ type Server struct {
 	h1conns   map[*h1ServerConn]struct{}
 	h2conns   map[*h2ServerConn]struct{}
 	work      chan *h2ServerStream // idle HTTP/2 handler workers take streams here
-	closed    bool
-	closing   atomic.Bool   // closed, for reads without mu
-	drained   chan struct{} // closed when the last connection ends after shutdown
+	closed    atomic.Bool          // set under mu, so track cannot add after it; read anywhere
+	drained   chan struct{}        // closed when the last connection ends after shutdown
 }
 
 // NewServer returns the server of a proxy listener: HTTP/1.1 and h2c with
@@ -75,7 +74,7 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 // http.ErrServerClosed then.
 func (s *Server) Serve(ln net.Listener) error {
 	s.mu.Lock()
-	if s.closed {
+	if s.closed.Load() {
 		s.mu.Unlock()
 		ln.Close()
 		return http.ErrServerClosed
@@ -143,13 +142,13 @@ func (s *Server) sniff(c net.Conn) {
 	s.serveH1(c, buf[:n])
 }
 
-func (s *Server) isClosed() bool { return s.closing.Load() }
+func (s *Server) isClosed() bool { return s.closed.Load() }
 
 // track runs add under the server's lock unless the server is closed.
 func (s *Server) track(add func()) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed.Load() {
 		return false
 	}
 	add()
@@ -171,8 +170,7 @@ func (s *Server) untrack(remove func()) {
 // closeLocked stops accepting: the server is marked closed and its
 // listeners and half-sniffed connections are closed.
 func (s *Server) closeLocked() {
-	s.closed = true
-	s.closing.Store(true)
+	s.closed.Store(true)
 	for ln := range s.listeners {
 		ln.Close()
 	}
