@@ -159,3 +159,42 @@ func TestRawConn(t *testing.T) {
 		})
 	}
 }
+
+// TestRelayEndsWithLastData checks that a relay sees the end of its source
+// when the last data and the FIN arrive together, before the relay starts
+// or while it waits: a read may return the data and leave the EOF for the
+// next, and no new readiness comes for it.
+func TestRelayEndsWithLastData(t *testing.T) {
+	run := func(t *testing.T, early bool) {
+		c, srv := rawPair(t)
+		send := func() {
+			srv.Write([]byte("last"))
+			srv.(*net.TCPConn).CloseWrite()
+		}
+		if early {
+			send()
+			time.Sleep(10 * time.Millisecond)
+		}
+		var got bytes.Buffer
+		done := make(chan error, 1)
+		go func() { done <- relay(&got, nil, c, nil) }()
+		if !early {
+			time.Sleep(time.Millisecond)
+			send()
+		}
+		select {
+		case err := <-done:
+			if err != nil || got.String() != "last" {
+				t.Fatalf("relay = %q, %v; want \"last\" and nil", got.String(), err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("relay did not see the EOF that came with the last data")
+		}
+	}
+	t.Run("before the relay", func(t *testing.T) { run(t, true) })
+	t.Run("while it waits", func(t *testing.T) {
+		for range 50 {
+			run(t, false)
+		}
+	})
+}

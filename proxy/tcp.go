@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -74,6 +73,7 @@ func (s *TCPServer) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
+		c = newRawConn(c)
 		if !s.track(c, true) {
 			c.Close()
 			return net.ErrClosed
@@ -210,8 +210,12 @@ func (s *TCPServer) dial(addr string, header []byte) (net.Conn, error) {
 	deadline := time.Now().Add(s.rt.cfg.Timeouts.Connect)
 	d := net.Dialer{Deadline: deadline, KeepAlive: 30 * time.Second}
 	c, err := d.Dial("tcp", addr)
-	if err != nil || len(header) == 0 {
-		return c, err
+	if err != nil {
+		return nil, err
+	}
+	c = newRawConn(c)
+	if len(header) == 0 {
+		return c, nil
 	}
 	_ = c.SetWriteDeadline(deadline)
 	if _, err := c.Write(header); err != nil {
@@ -226,27 +230,12 @@ func (s *TCPServer) dial(addr string, header []byte) (net.Conn, error) {
 // dst when src ends so the far side sees EOF while the other direction goes
 // on.
 func pipe(dst, src net.Conn, last *atomic.Int64) error {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			last.Store(time.Now().UnixNano())
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				src.Close()
-				return werr
-			}
-		}
-		if err == io.EOF {
-			closeWrite(dst)
-			return nil
-		}
-		if err != nil {
-			// A reset or a closed peer: nothing more flows either way.
-			dst.Close()
-			src.Close()
-			return err
-		}
+	if err := relay(dst, nil, src, last); err != nil {
+		// A reset or a closed peer: nothing more flows either way.
+		dst.Close()
+		src.Close()
+		return err
 	}
+	closeWrite(dst)
+	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -95,12 +96,12 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	errc := make(chan error, 2)
 	go func() {
 		// Bytes the server read past the handshake come first.
-		err := relay(backConn, io.LimitReader(brw.Reader, int64(brw.Reader.Buffered())), conn)
+		err := relay(backConn, io.LimitReader(brw.Reader, int64(brw.Reader.Buffered())), conn, nil)
 		closeWrite(backConn)
 		errc <- err
 	}()
 	go func() {
-		err := relay(conn, nil, backConn)
+		err := relay(conn, nil, backConn, nil)
 		closeWrite(conn)
 		errc <- err
 	}()
@@ -124,11 +125,12 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	}
 }
 
-// relay copies held, then src, to dst until src ends. When src is a raw
-// connection underneath (what it holds sent first), the copy runs in
-// rawConn.relayTo, which spares the read that finds nothing after each
-// message; otherwise it is io.Copy.
-func relay(dst io.Writer, held io.Reader, src io.Reader) error {
+// relay copies held, then src, to dst until src ends, stamping last (when
+// not nil) with the time of every transfer. When src is a raw connection
+// underneath (what it holds sent first), the copy runs in rawConn.relayTo,
+// which spares the read that finds nothing after each message; otherwise it
+// is a plain read-write loop.
+func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -138,6 +140,8 @@ func relay(dst io.Writer, held io.Reader, src io.Reader) error {
 		}
 	}
 	switch c := src.(type) {
+	case *rawConn:
+		return c.relayTo(dst, buf, last)
 	case *prefixConn:
 		if len(c.prefix) > 0 {
 			if _, err := dst.Write(c.prefix); err != nil {
@@ -146,7 +150,7 @@ func relay(dst io.Writer, held io.Reader, src io.Reader) error {
 			c.prefix = nil
 		}
 		if rc, ok := c.Conn.(*rawConn); ok {
-			return rc.relayTo(dst, buf)
+			return rc.relayTo(dst, buf, last)
 		}
 	case *h1Upgraded:
 		if n := c.pc.br.Buffered(); n > 0 {
@@ -155,11 +159,26 @@ func relay(dst io.Writer, held io.Reader, src io.Reader) error {
 			}
 		}
 		if rc, ok := c.pc.c.(*rawConn); ok {
-			return rc.relayTo(dst, buf)
+			return rc.relayTo(dst, buf, last)
 		}
 	}
-	_, err := io.CopyBuffer(dst, src, buf)
-	return err
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if last != nil {
+				last.Store(time.Now().UnixNano())
+			}
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 // closeWrite half-closes c when it can, so the peer sees EOF while the other
