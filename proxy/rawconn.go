@@ -32,7 +32,9 @@ import (
 // on the bench's 2-core VM (5 alternating rounds each): at 1,000 req/s,
 // sidecar CPU per request fell by a third and p50 by 70 µs; under
 // 64-connection load, throughput was unchanged, where raw reads and writes
-// at all times lost 10-25 %.
+// at all times lost 10-25 %. Relayed connections are another matter: a
+// relay loop takes their sockets out of the netpoller altogether
+// (relayloop_linux.go), or, where none can, relayTo copies raw at any load.
 type rawConn struct {
 	net.Conn
 	tcp *net.TCPConn
@@ -50,6 +52,9 @@ type rawConn struct {
 	wn      int
 	werr    syscall.Errno
 	writeFn func(uintptr) bool
+
+	// relay is the relay loop's pair that owns the socket now, if any.
+	relay atomic.Pointer[relayPair]
 }
 
 // newRawConn wraps c when it is a TCP connection, and returns it as it is
@@ -167,30 +172,27 @@ func (c *rawConn) write(fd uintptr) bool {
 	return true
 }
 
-// relayTo copies what c reads to dst until EOF or an error, for a relayed
-// upgrade or TCP connection, stamping last (when not nil) with the time of
-// every transfer. It runs inside one RawConn.Read, which is what spares a
-// read: the netpoller forgets readiness it saw before a read begins, but
-// not readiness it sees while that read waits. So after a short read, which
-// drained the socket, and the write of what it got, the loop waits for
-// more at once instead of first trying a read that would find nothing;
-// new data marks the socket ready whenever it comes. io.Copy pays that
-// empty read after every message.
+// relayTo copies what c reads to dst until EOF or an error, stamping last
+// (when not nil) with the time of every transfer, for a relayed connection
+// that no relay loop took (one side is TLS, or the platform is not Linux).
 //
 // Its reads, and its writes when dst is a raw connection underneath, are
 // raw whatever the load. The case against raw calls under load is a
 // processor held through a long write while other requests wait; a relay
-// has nothing better to do with it, since the next thing it would run is
-// most likely another relay's copy. Against the ordinary calls, that
-// spares sysmon retaking the processor from a write and the thread switch
-// it brings, on every message: measured on the bench's 2-core VM, 17 %
-// less CPU per WebSocket message and 5-19 % more messages per second.
+// has nothing better to do with it. Against the ordinary calls, that spares
+// sysmon retaking the processor from a write, and the thread switch that
+// brings, on every message.
+//
+// After a short read it reads again, to EAGAIN, before it waits: the
+// netpoller says a socket is ready, not that its peer shut down, so a FIN
+// that came with the last data shows only to a further read. (The relay
+// loop, whose events say so, spares that read.)
 func (c *rawConn) relayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
 	var (
 		errno syscall.Errno
 		werr  error
 	)
-	raw := underlyingRaw(dst)
+	raw, _ := rawBeneath(dst)
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	err := c.rc.Read(func(fd uintptr) bool {
@@ -231,19 +233,21 @@ func (c *rawConn) relayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
 	return werr
 }
 
-// underlyingRaw is the raw connection under a relay's destination, or nil.
-func underlyingRaw(w io.Writer) *rawConn {
-	switch c := w.(type) {
+// rawBeneath returns the raw connection under c, if any, with the bytes c
+// has read from it and not yet handed out.
+func rawBeneath(c any) (*rawConn, []byte) {
+	switch c := c.(type) {
 	case *rawConn:
-		return c
+		return c, nil
 	case *prefixConn:
 		r, _ := c.Conn.(*rawConn)
-		return r
+		return r, c.prefix
 	case *h1Upgraded:
 		r, _ := c.pc.c.(*rawConn)
-		return r
+		held, _ := c.pc.br.Peek(c.pc.br.Buffered())
+		return r, held
 	}
-	return nil
+	return nil, nil
 }
 
 func (c *rawConn) opError(op string, err error) error {
@@ -251,6 +255,14 @@ func (c *rawConn) opError(op string, err error) error {
 		err = ope.Err // RawConn's own wrapping says "raw-read"
 	}
 	return &net.OpError{Op: op, Net: "tcp", Source: c.tcp.LocalAddr(), Addr: c.tcp.RemoteAddr(), Err: err}
+}
+
+// Close closes the connection, or the relay pair it was handed to.
+func (c *rawConn) Close() error {
+	if p := c.relay.Load(); p != nil {
+		p.Close()
+	}
+	return c.Conn.Close()
 }
 
 // CloseWrite half-closes, as relayed upgrades need.

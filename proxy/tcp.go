@@ -194,6 +194,14 @@ func (s *TCPServer) handle(client net.Conn) {
 	})
 	defer timer.Stop()
 
+	if cr, ok := client.(*rawConn); ok {
+		if br, ok := backend.(*rawConn); ok {
+			if pr, err := newRelayPair(cr, br, nil, nil, true, &last); err == nil {
+				pr.wait()
+				return
+			}
+		}
+	}
 	errc := make(chan error, 2)
 	go func() { errc <- pipe(backend, client, &last) }()
 	go func() { errc <- pipe(client, backend, &last) }()

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -93,36 +94,56 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		done(pk, err, start)
 		return
 	}
-	errc := make(chan error, 2)
-	go func() {
-		// Bytes the server read past the handshake come first.
-		err := relay(backConn, io.LimitReader(brw.Reader, int64(brw.Reader.Buffered())), conn, nil)
-		closeWrite(backConn)
-		errc <- err
-	}()
-	go func() {
-		err := relay(conn, nil, backConn, nil)
-		closeWrite(conn)
-		errc <- err
-	}()
-	// WebSocket closes in-band: when one side is done, so is the session.
-	err = <-errc
-	// Both close at once: a relay blocked writing to one connection holds
-	// a read on the other (rawConn.relayTo), and a Close waits for that
-	// read, but closing the first wakes the blocked write.
-	closed := make(chan struct{})
-	go func() {
-		conn.Close()
-		close(closed)
-	}()
-	backConn.Close()
-	<-closed
-	<-errc
+	err = relayUpgraded(conn, brw.Reader, backConn)
 	done(pk, nil, start)
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		p.log.Debug("upgraded connection ended", zap.String("service", rt.cfg.Service),
 			zap.String("endpoint", e.Addr), zap.Error(err))
 	}
+}
+
+// relayUpgraded copies both ways between the app's connection (with the
+// bytes the server read past the handshake in held) and the node's, until
+// either side is done: WebSocket closes in-band, so one direction's end is
+// the session's. Over raw connections the copying is a relay loop's;
+// otherwise it takes a goroutine per direction.
+func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser) error {
+	ar, aPrefix := rawBeneath(app)
+	nr, nHeld := rawBeneath(node)
+	if ar != nil && nr != nil {
+		aHeld, _ := held.Peek(held.Buffered())
+		if len(aPrefix) > 0 {
+			aHeld = append(append([]byte(nil), aHeld...), aPrefix...)
+		}
+		if pr, err := newRelayPair(ar, nr, aHeld, nHeld, false, nil); err == nil {
+			return pr.wait()
+		}
+	}
+	errc := make(chan error, 2)
+	go func() {
+		// Bytes the server read past the handshake come first.
+		err := relay(node, io.LimitReader(held, int64(held.Buffered())), app, nil)
+		closeWrite(node)
+		errc <- err
+	}()
+	go func() {
+		err := relay(app, nil, node, nil)
+		closeWrite(app)
+		errc <- err
+	}()
+	err := <-errc
+	// Both close at once: a relay blocked writing to one connection holds
+	// a read on the other (rawConn.relayTo), and a Close waits for that
+	// read, but closing the first wakes the blocked write.
+	closed := make(chan struct{})
+	go func() {
+		app.Close()
+		close(closed)
+	}()
+	node.Close()
+	<-closed
+	<-errc
+	return err
 }
 
 // relay copies held, then src, to dst until src ends, stamping last (when

@@ -2,10 +2,41 @@
 package leakcheck
 
 import (
+	"bytes"
 	"runtime"
 	"testing"
 	"time"
 )
+
+// lifetime names the functions of goroutines that live as long as the
+// process once started, and so are not leaks: proxy's relay loops.
+var lifetime = [][]byte{[]byte("proxy.(*relayLoop).run(")}
+
+// count is runtime.NumGoroutine() without the lifetime goroutines.
+func count() (int, []byte) {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	n := 0
+	for g := range bytes.SplitSeq(buf, []byte("\n\n")) {
+		keep := true
+		for _, f := range lifetime {
+			if bytes.Contains(g, f) {
+				keep = false
+			}
+		}
+		if keep {
+			n++
+		}
+	}
+	return n, buf
+}
 
 // Check fails t if, once the cleanups registered after this call have run
 // (cleanups run last-registered first), more goroutines run than when it
@@ -13,18 +44,16 @@ import (
 // in a test, and not in parallel tests, whose goroutines it would count.
 func Check(t testing.TB) {
 	t.Helper()
-	before := runtime.NumGoroutine()
+	before, _ := count()
 	t.Cleanup(func() {
 		deadline := time.Now().Add(5 * time.Second)
 		for {
-			n := runtime.NumGoroutine()
+			n, stacks := count()
 			if n <= before {
 				return
 			}
 			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("NumGoroutine() = %d after the test, want <= %d\n%s", n, before, buf)
+				t.Errorf("%d goroutines after the test, want <= %d\n%s", n, before, stacks)
 				return
 			}
 			time.Sleep(5 * time.Millisecond)
