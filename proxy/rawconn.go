@@ -257,12 +257,15 @@ func (c *rawConn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.tcp.LocalAddr(), Addr: c.tcp.RemoteAddr(), Err: err}
 }
 
-// Close closes the connection, or the relay pair it was handed to.
+// Close closes the connection, or the relay pair it was handed to. The
+// socket closes first: a hand-over that has not stored its pair yet finds
+// it closed (newRelayPair).
 func (c *rawConn) Close() error {
+	err := c.Conn.Close()
 	if p := c.relay.Load(); p != nil {
 		p.Close()
 	}
-	return c.Conn.Close()
+	return err
 }
 
 // CloseWrite half-closes, as relayed upgrades need.

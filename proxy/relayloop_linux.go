@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"net"
 	"os"
 	"runtime"
@@ -169,8 +170,11 @@ func newRelayPair(a, b *rawConn, aHeld, bHeld []byte, halfClose bool, last *atom
 	// Go's netpoller has takes them out of it; the loop's duplicates stay.
 	a.relay.Store(p)
 	b.relay.Store(p)
-	a.tcp.Close()
-	b.tcp.Close()
+	// A Close between the dup and the Store did not reach the pair: the
+	// socket it closed says so.
+	if errA, errB := a.tcp.Close(), b.tcp.Close(); errors.Is(errA, net.ErrClosed) || errors.Is(errB, net.ErrClosed) {
+		p.closeReq.Store(true)
+	}
 	l.command(p)
 	return p, nil
 }

@@ -346,3 +346,28 @@ func TestTCPIdleTimeout(t *testing.T) {
 		t.Fatalf("quiet connection read = %v, want EOF from the idle timeout", err)
 	}
 }
+
+// TestRelayLoopCloseDuringHandOver closes a connection while it is handed
+// to a relay loop, as an idle timer or Shutdown may: either the hand-over
+// fails, or the pair it made ends. A pair that missed the Close would copy
+// on, and its waiter wait, for as long as both peers stay.
+func TestRelayLoopCloseDuringHandOver(t *testing.T) {
+	for i := range 1000 {
+		a, appEnd := rawPair(t)
+		b, nodeEnd := rawPair(t)
+		closed := make(chan struct{})
+		go func() { a.Close(); close(closed) }()
+		p, err := newRelayPair(a, b, nil, nil, true, nil)
+		<-closed
+		if err == nil {
+			select {
+			case <-p.done:
+			case <-time.After(time.Second):
+				t.Fatalf("round %d: the pair outlived a Close of its connection", i)
+			}
+		}
+		b.Close()
+		appEnd.Close()
+		nodeEnd.Close()
+	}
+}
