@@ -67,6 +67,16 @@ func TestRelayLoopHalfClose(t *testing.T) {
 	wg.Add(2)
 	go func() { defer wg.Done(); app.Write(up); app.CloseWrite() }()
 	go func() { defer wg.Done(); node.Write(down) }()
+	// The app reads while the node writes: 8 MiB need not fit in the
+	// buffers between them.
+	var appGot []byte
+	var appErr error
+	appDone := make(chan struct{})
+	go func() {
+		defer close(appDone)
+		app.SetReadDeadline(time.Now().Add(10 * time.Second))
+		appGot, appErr = io.ReadAll(app)
+	}()
 	if got := readAllWithin(t, node); !bytes.Equal(got, up) {
 		t.Fatalf("node read %d bytes, want the app's %d then EOF", len(got), len(up))
 	}
@@ -74,9 +84,10 @@ func TestRelayLoopHalfClose(t *testing.T) {
 	wg.Wait()
 	node.Write([]byte(" and after the half-close"))
 	node.CloseWrite()
+	<-appDone
 	want := append(bytes.Clone(down), " and after the half-close"...)
-	if got := readAllWithin(t, app); !bytes.Equal(got, want) {
-		t.Fatalf("app read %d bytes, want %d then EOF", len(got), len(want))
+	if appErr != nil || !bytes.Equal(appGot, want) {
+		t.Fatalf("app read %d bytes, %v; want %d then EOF", len(appGot), appErr, len(want))
 	}
 	if err := waitPair(t, p); err != nil {
 		t.Fatalf("pair ended with %v, want a clean end", err)
