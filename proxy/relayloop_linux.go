@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"runtime"
@@ -94,8 +95,10 @@ func pickRelayLoop() (*relayLoop, error) {
 		for range runtime.GOMAXPROCS(0) {
 			l, err := newRelayLoop()
 			if err != nil {
-				relayLoopsErr = err
-				return
+				if len(relayLoops) == 0 {
+					relayLoopsErr = err
+				}
+				return // fewer loops than processors, or goroutine relays
 			}
 			relayLoops = append(relayLoops, l)
 			go l.run()
@@ -129,10 +132,19 @@ func newRelayLoop() (*relayLoop, error) {
 		syscall.Close(int(evfd))
 		return nil, os.NewSyscallError("fcntl", err)
 	}
+	file := os.NewFile(uintptr(epfd), "relay-epoll")
+	// A descriptor the netpoller would not take (out of epoll watches,
+	// say) takes no deadline: better goroutine relays than a loop that
+	// cannot wait.
+	if err := file.SetReadDeadline(time.Time{}); err != nil {
+		file.Close()
+		syscall.Close(int(evfd))
+		return nil, fmt.Errorf("relay loop: %w", err)
+	}
 	return &relayLoop{
 		epfd:    epfd,
 		evfd:    int(evfd),
-		file:    os.NewFile(uintptr(epfd), "relay-epoll"),
+		file:    file,
 		ends:    make(map[int32]*relayEnd),
 		scratch: make([]byte, 32<<10),
 	}, nil
@@ -234,8 +246,10 @@ func (l *relayLoop) run() {
 		panic(err) // an *os.File always has one
 	}
 	// poll never reports done and the descriptor is never closed, so this
-	// does not return.
-	_ = rc.Read(l.poll)
+	// returns only if the runtime stops polling it; every relayed
+	// connection on the loop would hang, so say so loudly.
+	err = rc.Read(l.poll)
+	panic(fmt.Sprintf("sidecar: relay loop stopped: %v", err))
 }
 
 // poll handles every ready event, then the turns left over, and reports
@@ -245,10 +259,7 @@ func (l *relayLoop) poll(uintptr) bool {
 		n, _, errno := syscall.RawSyscall6(syscall.SYS_EPOLL_PWAIT, uintptr(l.epfd),
 			uintptr(unsafe.Pointer(&l.events[0])), uintptr(len(l.events)), 0, 0, 0)
 		if errno != 0 {
-			n = 0
-			if errno != syscall.EINTR {
-				return false
-			}
+			n = 0 // EINTR; nothing else happens with a zero timeout
 		}
 		for i := range int(n) {
 			ev := &l.events[i]
