@@ -280,8 +280,11 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 	pc.lr.n = h1MaxHeaderBytes
 	if err = pc.writeRequest(out, body); err != nil {
 		unsent = true
-	} else {
-		resp, err = pc.readResponse(out)
+	} else if resp, err = pc.readResponse(out); err != nil {
+		// The request's last write may be made by the first read
+		// (rawConn.holdWrite): if that failed, the request is unsent.
+		var ope *net.OpError
+		unsent = errors.As(err, &ope) && ope.Op == "write"
 	}
 	if err != nil {
 		if x.stop != nil {

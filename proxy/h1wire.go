@@ -62,6 +62,9 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 	w.WriteString("\r\n")
 	if body.src == nil {
 		w.Write(body.buf)
+		if rc, ok := pc.c.(*rawConn); ok {
+			return rc.holdWrite(w.Flush)
+		}
 		return w.Flush()
 	}
 	// Copy through the write buffer, sending as it fills.

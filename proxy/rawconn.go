@@ -55,6 +55,21 @@ type rawConn struct {
 
 	// relay is the relay loop's pair that owns the socket now, if any.
 	relay atomic.Pointer[relayPair]
+
+	// hold makes the next Write a held one (held), made by the Read that
+	// follows it; see holdWrite. Both are the HTTP/1.1 pool's, which uses
+	// a connection from one goroutine at a time.
+	hold bool
+	held []byte
+	// heldFn is writeThenRead's callback, and wbuf, hwn, hwerr, hr, hrn,
+	// hrerr and waited its state, under rmu and wmu.
+	heldFn func(uintptr) bool
+	hr     []byte
+	hrn    int
+	hrerr  syscall.Errno
+	hwn    int
+	hwerr  syscall.Errno
+	waited bool
 }
 
 // newRawConn wraps c when it is a TCP connection, and returns it as it is
@@ -71,6 +86,7 @@ func newRawConn(c net.Conn) net.Conn {
 	r := &rawConn{Conn: tcp, tcp: tcp, rc: rc}
 	r.readFn = r.read
 	r.writeFn = r.write
+	r.heldFn = r.writeThenReadFn
 	return r
 }
 
@@ -82,6 +98,9 @@ var inFlight atomic.Int64
 const maxRW = 1 << 30
 
 func (c *rawConn) Read(p []byte) (int, error) {
+	if c.held != nil {
+		return c.writeThenRead(p)
+	}
 	if inFlight.Load() > 1 {
 		return c.Conn.Read(p)
 	}
@@ -126,6 +145,10 @@ func (c *rawConn) read(fd uintptr) bool {
 }
 
 func (c *rawConn) Write(p []byte) (int, error) {
+	if c.hold {
+		c.hold, c.held = false, p
+		return len(p), nil
+	}
 	if inFlight.Load() > 1 {
 		return c.Conn.Write(p)
 	}
@@ -170,6 +193,101 @@ func (c *rawConn) write(fd uintptr) bool {
 		}
 	}
 	return true
+}
+
+// holdWrite makes flush's write, if it makes one, wait for the next Read,
+// which makes it in the same RawConn.Read that then waits for the answer.
+// A request's node cannot answer before it has the request, so the read Go
+// would try right after writing it finds nothing: one system call per
+// request. Waiting at once is safe inside that RawConn.Read, because the
+// netpoller forgets readiness it saw before a read begins, not readiness it
+// sees while the read waits, however soon the answer comes. The written
+// bytes (flush's buffer) must stay as they are until that Read.
+func (c *rawConn) holdWrite(flush func() error) error {
+	c.hold = true
+	err := flush()
+	c.hold = false
+	return err
+}
+
+// writeThenRead makes the held write, waits for c to be readable and
+// reads into p. A write the socket will not take whole at once is
+// finished by an ordinary Write, after which the read is an ordinary Read.
+func (c *rawConn) writeThenRead(p []byte) (int, error) {
+	held := c.held
+	c.held = nil
+	if len(p) == 0 {
+		if _, err := c.Write(held); err != nil {
+			return 0, err
+		}
+		return 0, nil
+	}
+	c.rmu.Lock()
+	c.wmu.Lock()
+	c.wbuf, c.hwn, c.hwerr = held, 0, 0
+	c.hr, c.hrn, c.hrerr, c.waited = p, 0, 0, false
+	err := c.rc.Read(c.heldFn)
+	wn, werr, n, rerr := c.hwn, c.hwerr, c.hrn, c.hrerr
+	c.wbuf, c.hr = nil, nil
+	c.wmu.Unlock()
+	c.rmu.Unlock()
+	switch {
+	case werr != 0:
+		return 0, c.opError("write", os.NewSyscallError("write", werr))
+	case wn < len(held):
+		if err != nil {
+			return 0, c.opError("write", err)
+		}
+		if _, err := c.Write(held[wn:]); err != nil {
+			return 0, err
+		}
+		return c.Read(p)
+	case err != nil:
+		return 0, c.opError("read", err)
+	case rerr != 0:
+		return 0, c.opError("read", os.NewSyscallError("read", rerr))
+	case n == 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+func (c *rawConn) writeThenReadFn(fd uintptr) bool {
+	syscall6 := syscall.RawSyscall
+	if inFlight.Load() > 1 {
+		syscall6 = syscall.Syscall // under load, as Read and Write do
+	}
+	for c.hwn < len(c.wbuf) {
+		n, _, e := syscall6(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&c.wbuf[c.hwn])), uintptr(len(c.wbuf)-c.hwn))
+		switch e {
+		case 0:
+			c.hwn += int(n)
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return true // the rest goes by an ordinary Write
+		default:
+			c.hwerr = e
+			return true
+		}
+	}
+	if !c.waited {
+		c.waited = true
+		return false // wait: nothing can have come yet
+	}
+	for {
+		n, _, e := syscall6(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&c.hr[0])), uintptr(len(c.hr)))
+		switch e {
+		case 0:
+			c.hrn = int(n)
+			return true
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		}
+		c.hrerr = e
+		return true
+	}
 }
 
 // relayTo copies what c reads to dst until EOF or an error, stamping last

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -195,6 +196,61 @@ func TestRelayEndsWithLastData(t *testing.T) {
 	t.Run("while it waits", func(t *testing.T) {
 		for range 50 {
 			run(t, false)
+		}
+	})
+}
+
+// TestRawConnHoldWrite checks a held write is made by the next Read, which
+// then gets the answer, at idle and under load; that a write too big for
+// the socket is finished by an ordinary one; and that a failed held write
+// is reported as a write.
+func TestRawConnHoldWrite(t *testing.T) {
+	for _, busy := range []bool{false, true} {
+		t.Run(fmt.Sprintf("busy=%v", busy), func(t *testing.T) {
+			if busy {
+				inFlight.Add(2)
+				defer inFlight.Add(-2)
+			}
+			for _, size := range []int{5, 8 << 20} {
+				c, srv := rawPair(t)
+				req := bytes.Repeat([]byte("q"), size)
+				if err := c.holdWrite(func() error {
+					_, err := c.Write(req)
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				if c.held == nil {
+					t.Fatal("the write was not held")
+				}
+				go func() {
+					got := make([]byte, size)
+					if _, err := io.ReadFull(srv, got); err != nil || !bytes.Equal(got, req) {
+						t.Errorf("node read %d bytes, %v; want the request", len(got), err)
+					}
+					srv.Write([]byte("answer"))
+				}()
+				buf := make([]byte, 16)
+				c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				n, err := io.ReadAtLeast(c, buf, len("answer"))
+				if err != nil || string(buf[:n]) != "answer" {
+					t.Fatalf("size %d: read %q, %v; want the answer", size, buf[:n], err)
+				}
+				// The next write is not held.
+				if _, err := c.Write([]byte("x")); err != nil || c.held != nil {
+					t.Fatalf("a later write was held, or failed: %v", err)
+				}
+			}
+		})
+	}
+	t.Run("failed", func(t *testing.T) {
+		c, _ := rawPair(t)
+		c.holdWrite(func() error { _, err := c.Write([]byte("q")); return err })
+		c.Conn.(*net.TCPConn).CloseWrite()
+		_, err := c.Read(make([]byte, 8))
+		var ope *net.OpError
+		if !errors.As(err, &ope) || ope.Op != "write" {
+			t.Fatalf("read after a failed held write = %v, want a write *net.OpError", err)
 		}
 	})
 }
