@@ -148,9 +148,9 @@ func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser) er
 
 // relay copies held, then src, to dst until src ends, stamping last (when
 // not nil) with the time of every transfer. When src is a raw connection
-// underneath (what it holds sent first), the copy runs in rawConn.relayTo,
-// which spares the read that finds nothing after each message; otherwise it
-// is a plain read-write loop.
+// underneath (rawBeneath; what it holds goes first), the copy runs in
+// rawConn.relayTo, with raw calls at any load; otherwise it is a plain
+// read-write loop.
 func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
@@ -160,28 +160,14 @@ func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) err
 			return err
 		}
 	}
-	switch c := src.(type) {
-	case *rawConn:
-		return c.relayTo(dst, buf, last)
-	case *prefixConn:
-		if len(c.prefix) > 0 {
-			if _, err := dst.Write(c.prefix); err != nil {
-				return err
-			}
-			c.prefix = nil
-		}
-		if rc, ok := c.Conn.(*rawConn); ok {
-			return rc.relayTo(dst, buf, last)
-		}
-	case *h1Upgraded:
-		if n := c.pc.br.Buffered(); n > 0 {
-			if _, err := io.CopyN(dst, c.pc.br, int64(n)); err != nil {
+	if rc, pending := rawBeneath(src); rc != nil {
+		// What src read already goes first; src is not read again.
+		if len(pending) > 0 {
+			if _, err := dst.Write(pending); err != nil {
 				return err
 			}
 		}
-		if rc, ok := c.pc.c.(*rawConn); ok {
-			return rc.relayTo(dst, buf, last)
-		}
+		return rc.relayTo(dst, buf, last)
 	}
 	for {
 		n, err := src.Read(buf)
