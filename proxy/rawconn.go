@@ -61,16 +61,14 @@ type rawConn struct {
 	// a connection from one goroutine at a time.
 	hold bool
 	held []byte
-	// heldFn is writeThenRead's callback, and wbuf, hwn, hwerr, hr, hrn,
-	// hrerr and waited its state, under rmu and wmu.
+	// heldFn is writeThenRead's callback. Its state is the raw paths'
+	// (under rmu and wmu), and waited: the held write is made.
 	heldFn func(uintptr) bool
-	hr     []byte
-	hrn    int
-	hrerr  syscall.Errno
-	hwn    int
-	hwerr  syscall.Errno
 	waited bool
 }
+
+// sysFn is syscall.RawSyscall or syscall.Syscall.
+type sysFn func(trap, a1, a2, a3 uintptr) (r1, r2 uintptr, err syscall.Errno)
 
 // newRawConn wraps c when it is a TCP connection, and returns it as it is
 // otherwise.
@@ -127,9 +125,13 @@ func (c *rawConn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (c *rawConn) read(fd uintptr) bool {
+func (c *rawConn) read(fd uintptr) bool { return c.readWith(syscall.RawSyscall, fd) }
+
+// readWith reads into rbuf through sys, and reports false when it must
+// wait for the socket to be readable.
+func (c *rawConn) readWith(sys sysFn, fd uintptr) bool {
 	for {
-		n, _, e := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&c.rbuf[0])), uintptr(len(c.rbuf)))
+		n, _, e := sys(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&c.rbuf[0])), uintptr(len(c.rbuf)))
 		switch e {
 		case 0:
 			c.rn = int(n)
@@ -175,24 +177,30 @@ func (c *rawConn) rawWrite(p []byte) (int, error) {
 }
 
 func (c *rawConn) write(fd uintptr) bool {
+	return !c.writeWith(syscall.RawSyscall, fd) // when blocked, wait until writable
+}
+
+// writeWith writes the rest of wbuf through sys, and reports whether the
+// socket would block before it is all written.
+func (c *rawConn) writeWith(sys sysFn, fd uintptr) (blocked bool) {
 	for c.wn < len(c.wbuf) {
 		chunk := c.wbuf[c.wn:]
 		if len(chunk) > maxRW {
 			chunk = chunk[:maxRW]
 		}
-		n, _, e := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&chunk[0])), uintptr(len(chunk)))
+		n, _, e := sys(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&chunk[0])), uintptr(len(chunk)))
 		switch e {
 		case 0:
 			c.wn += int(n)
 		case syscall.EINTR:
 		case syscall.EAGAIN:
-			return false // wait until writable
+			return true
 		default:
 			c.werr = e
-			return true
+			return false
 		}
 	}
-	return true
+	return false
 }
 
 // holdWrite makes flush's write, if it makes one, wait for the next Read,
@@ -224,11 +232,11 @@ func (c *rawConn) writeThenRead(p []byte) (int, error) {
 	}
 	c.rmu.Lock()
 	c.wmu.Lock()
-	c.wbuf, c.hwn, c.hwerr = held, 0, 0
-	c.hr, c.hrn, c.hrerr, c.waited = p, 0, 0, false
+	c.wbuf, c.wn, c.werr = held, 0, 0
+	c.rbuf, c.rn, c.rerr, c.waited = p, 0, 0, false
 	err := c.rc.Read(c.heldFn)
-	wn, werr, n, rerr := c.hwn, c.hwerr, c.hrn, c.hrerr
-	c.wbuf, c.hr = nil, nil
+	wn, werr, n, rerr := c.wn, c.werr, c.rn, c.rerr
+	c.wbuf, c.rbuf = nil, nil
 	c.wmu.Unlock()
 	c.rmu.Unlock()
 	switch {
@@ -253,41 +261,18 @@ func (c *rawConn) writeThenRead(p []byte) (int, error) {
 }
 
 func (c *rawConn) writeThenReadFn(fd uintptr) bool {
-	syscall6 := syscall.RawSyscall
+	sys := sysFn(syscall.RawSyscall)
 	if inFlight.Load() > 1 {
-		syscall6 = syscall.Syscall // under load, as Read and Write do
-	}
-	for c.hwn < len(c.wbuf) {
-		n, _, e := syscall6(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&c.wbuf[c.hwn])), uintptr(len(c.wbuf)-c.hwn))
-		switch e {
-		case 0:
-			c.hwn += int(n)
-		case syscall.EINTR:
-		case syscall.EAGAIN:
-			return true // the rest goes by an ordinary Write
-		default:
-			c.hwerr = e
-			return true
-		}
+		sys = syscall.Syscall // under load, as Read and Write do
 	}
 	if !c.waited {
+		if c.writeWith(sys, fd) || c.werr != 0 {
+			return true // an error, or the rest goes by an ordinary Write
+		}
 		c.waited = true
 		return false // wait: nothing can have come yet
 	}
-	for {
-		n, _, e := syscall6(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&c.hr[0])), uintptr(len(c.hr)))
-		switch e {
-		case 0:
-			c.hrn = int(n)
-			return true
-		case syscall.EINTR:
-			continue
-		case syscall.EAGAIN:
-			return false
-		}
-		c.hrerr = e
-		return true
-	}
+	return c.readWith(sys, fd)
 }
 
 // relayTo copies what c reads to dst until EOF or an error, stamping last
