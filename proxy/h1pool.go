@@ -273,9 +273,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 	if x.hasDeadline {
 		_ = pc.c.SetDeadline(x.deadline)
 	}
-	if ctx.Done() != nil {
-		x.stop = context.AfterFunc(ctx, pc.interrupt)
-	}
+	x.arm(pc.interrupt)
 
 	pc.lr.n = h1MaxHeaderBytes
 	if err = pc.writeRequest(out, body); err != nil {
@@ -287,18 +285,14 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 		unsent = errors.As(err, &ope) && ope.Op == "write"
 	}
 	if err != nil {
-		if x.stop != nil {
-			x.stop()
-		}
+		x.stop()
 		return nil, pc.lr.n == h1MaxHeaderBytes, unsent, x.wrap(err)
 	}
 	pc.lr.n = noLimit
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		// The connection now speaks the upgraded protocol and belongs to
 		// the caller, for as long as it lasts: it never returns to the pool.
-		if x.stop != nil {
-			x.stop()
-		}
+		x.stop()
 		_ = pc.c.SetDeadline(time.Time{})
 		resp.Body = &h1Upgraded{pc: pc}
 		return resp, false, false, nil
@@ -340,7 +334,98 @@ type exchange struct {
 	ctx         context.Context
 	deadline    time.Time
 	hasDeadline bool
-	stop        func() bool // of the context.AfterFunc interrupting I/O
+	// What interrupts the exchange's I/O when ctx ends: the app
+	// connection's interrupter, or a context.AfterFunc.
+	ci       *interrupter
+	stopFunc func() bool
+}
+
+// arm makes the end of x.ctx call interrupt, until stop.
+func (x *exchange) arm(interrupt func()) {
+	if x.ctx.Done() == nil {
+		return
+	}
+	if ci, _ := x.ctx.Value(interrupterKey{}).(*interrupter); ci != nil && ci.ctx == x.ctx && ci.arm(interrupt) {
+		x.ci = ci
+		return
+	}
+	x.stopFunc = context.AfterFunc(x.ctx, interrupt)
+}
+
+// stop undoes arm. It reports false when ctx ended and interrupt was
+// called (or is being called), true otherwise.
+func (x *exchange) stop() bool {
+	switch {
+	case x.ci != nil:
+		ci := x.ci
+		x.ci = nil
+		return ci.stop()
+	case x.stopFunc != nil:
+		f := x.stopFunc
+		x.stopFunc = nil
+		return f()
+	}
+	return true
+}
+
+// interrupter does for the exchanges of one app connection, one at a time,
+// what a context.AfterFunc on their shared context would do, without the
+// three allocations such a registration costs per request. The HTTP/1.1
+// server makes one per connection, registered once with context.AfterFunc,
+// and puts it in the connection's context (see withInterrupter).
+type interrupterKey struct{}
+
+type interrupter struct {
+	ctx   context.Context // the context it serves, and no context derived from it
+	mu    sync.Mutex
+	fn    func() // armed
+	ended bool   // ctx ended
+}
+
+// withInterrupter returns a context carrying a new interrupter for itself,
+// and a function that stops the interrupter's registration.
+func withInterrupter(ctx context.Context) (context.Context, func() bool) {
+	ci := &interrupter{}
+	ci.ctx = context.WithValue(ctx, interrupterKey{}, ci)
+	return ci.ctx, context.AfterFunc(ci.ctx, ci.fire)
+}
+
+// arm sets fn to be called when ctx ends. It reports false, doing nothing,
+// when an exchange already holds the interrupter.
+func (ci *interrupter) arm(fn func()) bool {
+	ci.mu.Lock()
+	if ci.fn != nil {
+		ci.mu.Unlock()
+		return false
+	}
+	if ci.ended {
+		ci.mu.Unlock()
+		go fn() // as context.AfterFunc does for a context already done
+		return true
+	}
+	ci.fn = fn
+	ci.mu.Unlock()
+	return true
+}
+
+// stop disarms the interrupter, reporting whether that kept fn from being
+// called.
+func (ci *interrupter) stop() bool {
+	ci.mu.Lock()
+	defer ci.mu.Unlock()
+	stopped := ci.fn != nil && !ci.ended
+	ci.fn = nil
+	return stopped
+}
+
+func (ci *interrupter) fire() {
+	ci.mu.Lock()
+	ci.ended = true
+	fn := ci.fn
+	ci.mu.Unlock()
+	if fn != nil {
+		fn()
+	}
 }
 
 // wrap names the context's error in err when the context ended, so that

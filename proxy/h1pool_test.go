@@ -476,3 +476,82 @@ func TestH1PoolRequestClose(t *testing.T) {
 		t.Errorf("connections = %d, want 2", got)
 	}
 }
+
+func TestInterrupter(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ictx, stopReg := withInterrupter(ctx)
+	defer stopReg()
+	ci := ictx.Value(interrupterKey{}).(*interrupter)
+
+	calls := make(chan string, 4)
+	if !ci.arm(func() { calls <- "first" }) {
+		t.Fatal("arm() = false on a free interrupter")
+	}
+	if ci.arm(func() { calls <- "second" }) {
+		t.Fatal("arm() = true while another exchange holds the interrupter")
+	}
+	if !ci.stop() {
+		t.Fatal("stop() = false before the context ended")
+	}
+	if !ci.arm(func() { calls <- "third" }) {
+		t.Fatal("arm() = false after stop")
+	}
+	cancel()
+	select {
+	case got := <-calls:
+		if got != "third" {
+			t.Fatalf("called %q, want the armed function", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the armed function was not called when the context ended")
+	}
+	if ci.stop() {
+		t.Error("stop() = true after the armed function was called")
+	}
+	// Armed after the end, the function runs at once, as with
+	// context.AfterFunc, and stop says so.
+	if !ci.arm(func() { calls <- "late" }) {
+		t.Fatal("arm() = false after the end")
+	}
+	select {
+	case got := <-calls:
+		if got != "late" {
+			t.Fatalf("called %q, want the late function", got)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a function armed after the end was not called")
+	}
+	if ci.stop() {
+		t.Error("stop() = true for a function armed after the end")
+	}
+}
+
+// An exchange on a context derived from the app connection's (a request
+// timeout, say) has its own end, so it does not use the connection's
+// interrupter.
+func TestExchangeArmDerivedContext(t *testing.T) {
+	ictx, stopReg := withInterrupter(context.Background())
+	defer stopReg()
+	ci := ictx.Value(interrupterKey{}).(*interrupter)
+	dctx, cancel := context.WithCancel(ictx)
+	called := make(chan struct{})
+	x := exchange{ctx: dctx}
+	x.arm(func() { close(called) })
+	if x.ci != nil {
+		t.Fatal("a derived context armed the connection's interrupter")
+	}
+	if !ci.arm(func() {}) {
+		t.Fatal("the connection's interrupter is held")
+	}
+	ci.stop()
+	cancel()
+	select {
+	case <-called:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the derived context's end did not interrupt the exchange")
+	}
+	if x.stop() {
+		t.Error("stop() = true after the interrupt")
+	}
+}

@@ -433,7 +433,7 @@ func (b *h1Body) finish(err error) {
 	}
 	b.pc = nil
 	reuse := err == nil && !b.resp.Close
-	if b.x.stop != nil && !b.x.stop() {
+	if !b.x.stop() {
 		reuse = false // ctx ended: its deadline is set on pc
 	}
 	b.x.ctx = nil

@@ -900,3 +900,52 @@ func TestUpstreamBadRequestBody(t *testing.T) {
 		})
 	}
 }
+
+// An app that hangs up while its request waits on a node ends the node's
+// exchange too: the sidecar closes that connection rather than wait for
+// an answer nobody will read.
+func TestUpstreamClientGoneAbortsNodeRequest(t *testing.T) {
+	leakcheck.Check(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got, closed := make(chan struct{}), make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		close(got)
+		_, _ = io.Copy(io.Discard, br) // never answer; returns when the sidecar closes
+		close(closed)
+	}()
+	px := startUpstream(t, staticCache(t, map[string][]string{"echo": {ln.Addr().String()}}),
+		RouteConfig{Service: "echo"})
+
+	app, err := net.Dial("tcp", px.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.WriteString(app, "GET /stall HTTP/1.1\r\nHost: echo\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the node did not get the request")
+	}
+	app.Close()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the node's connection stayed open after the app hung up")
+	}
+}
