@@ -383,11 +383,17 @@ type interrupter struct {
 }
 
 // withInterrupter returns a context carrying a new interrupter for itself,
-// and a function that stops the interrupter's registration.
-func withInterrupter(ctx context.Context) (context.Context, func() bool) {
+// and end, which does at once what the context's end would do to the
+// interrupter, without the goroutine context.AfterFunc starts for that.
+func withInterrupter(ctx context.Context) (context.Context, func()) {
 	ci := &interrupter{}
 	ci.ctx = context.WithValue(ctx, interrupterKey{}, ci)
-	return ci.ctx, context.AfterFunc(ci.ctx, ci.fire)
+	stop := context.AfterFunc(ci.ctx, ci.fire)
+	return ci.ctx, func() {
+		if stop() {
+			ci.fire()
+		}
+	}
 }
 
 // arm sets fn to be called when ctx ends. It reports false, doing nothing,

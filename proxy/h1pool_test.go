@@ -480,8 +480,8 @@ func TestH1PoolRequestClose(t *testing.T) {
 func TestInterrupter(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ictx, stopReg := withInterrupter(ctx)
-	defer stopReg()
+	ictx, end := withInterrupter(ctx)
+	defer end()
 	ci := ictx.Value(interrupterKey{}).(*interrupter)
 
 	calls := make(chan string, 4)
@@ -531,8 +531,8 @@ func TestInterrupter(t *testing.T) {
 // timeout, say) has its own end, so it does not use the connection's
 // interrupter.
 func TestExchangeArmDerivedContext(t *testing.T) {
-	ictx, stopReg := withInterrupter(context.Background())
-	defer stopReg()
+	ictx, end := withInterrupter(context.Background())
+	defer end()
 	ci := ictx.Value(interrupterKey{}).(*interrupter)
 	dctx, cancel := context.WithCancel(ictx)
 	called := make(chan struct{})
@@ -553,5 +553,23 @@ func TestExchangeArmDerivedContext(t *testing.T) {
 	}
 	if x.stop() {
 		t.Error("stop() = true after the interrupt")
+	}
+}
+
+// The app connection's end interrupts an exchange still armed, at once,
+// before its context is canceled.
+func TestInterrupterEnd(t *testing.T) {
+	ictx, end := withInterrupter(context.Background())
+	ci := ictx.Value(interrupterKey{}).(*interrupter)
+	called := false
+	if !ci.arm(func() { called = true }) {
+		t.Fatal("arm() = false on a free interrupter")
+	}
+	end()
+	if !called {
+		t.Fatal("end() did not call the armed function")
+	}
+	if ci.stop() {
+		t.Error("stop() = true after end()")
 	}
 }

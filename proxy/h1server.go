@@ -100,8 +100,8 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 		return
 	}
 	c.ctx, c.cancel = context.WithCancel(s.baseCtx)
-	var stopInterrupter func() bool
-	c.ctx, stopInterrupter = withInterrupter(c.ctx)
+	var endInterrupter func()
+	c.ctx, endInterrupter = withInterrupter(c.ctx)
 	c.br = h1ReaderPool.Get().(*bufio.Reader)
 	c.br.Reset(c)
 	c.bw = h1WriterPool.Get().(*bufio.Writer)
@@ -112,7 +112,7 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	hijacked := false
 	defer func() {
 		c.watch.Stop()
-		stopInterrupter() // no exchange is left to interrupt
+		endInterrupter()
 		c.cancel()
 		if !hijacked {
 			nc.Close()
