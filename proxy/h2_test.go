@@ -391,10 +391,13 @@ func (c *rawH2) handle(f http2.Frame) {
 }
 
 // rawH2Node is a node driven frame by frame: answer decides what each
-// request's HEADERS get. It counts the request HEADERS it received.
+// request's HEADERS get. It counts the request HEADERS it received, and
+// passes on the codes of the GOAWAY frames it received, as many as goAway
+// holds.
 type rawH2Node struct {
 	addr    string
 	headers atomic.Int64
+	goAway  chan http2.ErrCode
 }
 
 func startRawH2Node(t testing.TB, answer func(fr *http2.Framer, f *http2.MetaHeadersFrame)) *rawH2Node {
@@ -403,7 +406,7 @@ func startRawH2Node(t testing.TB, answer func(fr *http2.Framer, f *http2.MetaHea
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &rawH2Node{addr: ln.Addr().String()}
+	n := &rawH2Node{addr: ln.Addr().String(), goAway: make(chan http2.ErrCode, 16)}
 	var (
 		wg     sync.WaitGroup
 		mu     sync.Mutex
@@ -474,6 +477,11 @@ func (n *rawH2Node) serve(nc net.Conn, answer func(*http2.Framer, *http2.MetaHea
 		case *http2.MetaHeadersFrame:
 			n.headers.Add(1)
 			answer(fr, f)
+		case *http2.GoAwayFrame:
+			select {
+			case n.goAway <- f.ErrCode:
+			default:
+			}
 		}
 	}
 }
@@ -827,6 +835,14 @@ func TestH2MalformedRequests(t *testing.T) {
 			c.headers(1, false, ":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/bad", "content-length", "1x")
 		}, stream, http2.ErrCodeProtocol},
 		{"header list over the limit", func(c *rawH2) { c.headers(1, true, big...) }, stream, http2.ErrCodeProtocol},
+		// The malformed request opened stream 1: the body and reset the
+		// client sent before it saw the sidecar's reset are on a closed
+		// stream, not an idle one.
+		{"uppercase name with its body and a reset in flight", func(c *rawH2) {
+			c.headers(1, false, with("X-Upper", "1")...)
+			c.data(1, true, []byte("body"))
+			_ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel)
+		}, stream, http2.ErrCodeProtocol},
 		{"data on a stream never opened", func(c *rawH2) { _ = c.fr.WriteData(7, false, []byte("x")) }, conn, http2.ErrCodeProtocol},
 		{"even stream", func(c *rawH2) { c.headers(2, true, get...) }, conn, http2.ErrCodeProtocol},
 		{"window overflow", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(0, 1<<31-1) }, conn, http2.ErrCodeFlowControl},
@@ -871,6 +887,74 @@ func TestH2MalformedRequests(t *testing.T) {
 	// The listener still serves: a well-formed request on a new connection.
 	if r := doGet(t, h2cClient(t, nil), sc.URL+"/ok", nil); r.status != http.StatusOK || r.body != "ok" {
 		t.Errorf("after malformed requests: %d %q, want 200 ok", r.status, r.body)
+	}
+}
+
+// TestH2IdleStreamFrames: RST_STREAM or WINDOW_UPDATE on a stream the app
+// never opened (an idle stream) is a connection error of type
+// PROTOCOL_ERROR (RFC 9113, 5.1 and 6.4): the sidecar answers GOAWAY and
+// closes. On a stream that was opened and has since closed, the same frames
+// may still be in flight when it ends, and are ignored.
+func TestH2IdleStreamFrames(t *testing.T) {
+	leakcheck.Check(t)
+	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	}), ServerOptions{}, testLogger(t))
+	px := startProxyServerWith(t, srv)
+	tests := []struct {
+		name string
+		send func(c *rawH2) // after stream 1 was answered
+		idle bool
+	}{
+		{"rst on the closed stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel) }, false},
+		{"window update on the closed stream", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(1, 1024) }, false},
+		{"rst on an idle stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(3, http2.ErrCodeCancel) }, true},
+		{"rst far past the last stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(1001, http2.ErrCodeCancel) }, true},
+		{"rst on an even stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(2, http2.ErrCodeCancel) }, true},
+		{"window update on an idle stream", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(3, 1024) }, true},
+		{"window update on an even stream", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(2, 1024) }, true},
+		// An increment of 0 is a stream error (6.9), but on an idle stream
+		// still a connection error.
+		{"zero window update on the closed stream", func(c *rawH2) {
+			c.fr.AllowIllegalWrites = true
+			_ = c.fr.WriteWindowUpdate(1, 0)
+		}, false},
+		{"zero window update on an idle stream", func(c *rawH2) {
+			c.fr.AllowIllegalWrites = true
+			_ = c.fr.WriteWindowUpdate(3, 0)
+		}, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRawH2(t, px.Listener.Addr().String(), true)
+			c.request(1, http.MethodGet, "/first", true)
+			c.flush()
+			s := c.stream(1)
+			c.mustRead(5*time.Second, "the first answer", func() bool { return s.done })
+			if s.status() != "200" {
+				t.Fatalf("first request: %v, want 200", s)
+			}
+			tc.send(c)
+			if !tc.idle {
+				c.request(3, http.MethodGet, "/next", true)
+			}
+			c.flush()
+			if !tc.idle {
+				s := c.stream(3)
+				c.mustRead(5*time.Second, "the next answer", func() bool { return s.done || c.goAway != nil })
+				if c.goAway != nil || s.status() != "200" || string(s.body) != "ok" {
+					t.Fatalf("next request: %v, GOAWAY %v; want 200 ok on the same connection", s, c.goAway)
+				}
+				return
+			}
+			c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
+			if c.goAway.ErrCode != http2.ErrCodeProtocol || c.goAway.LastStreamID != 1 {
+				t.Errorf("GOAWAY %v, last stream %d; want PROTOCOL_ERROR, 1", c.goAway.ErrCode, c.goAway.LastStreamID)
+			}
+			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Error("connection still open after GOAWAY")
+			}
+		})
 	}
 }
 
@@ -1673,6 +1757,81 @@ func TestH2SilentNodePinged(t *testing.T) {
 	}
 	if got := streams.Load(); got != 2 {
 		t.Errorf("silent node got %d streams, want 2: one per request, none retried", got)
+	}
+}
+
+// TestH2NodeIdleStreamFrames: a node that sends RST_STREAM, WINDOW_UPDATE
+// or DATA on a stream the sidecar never opened commits a connection error
+// (RFC 9113, 5.1 and 6.4): the sidecar sends GOAWAY(PROTOCOL_ERROR) and
+// drops the connection, failing the request on it. The same frames on a
+// stream that has closed are ignored, and the connection serves on.
+func TestH2NodeIdleStreamFrames(t *testing.T) {
+	leakcheck.Check(t)
+	answer := func(fr *http2.Framer, id uint32) {
+		var hb bytes.Buffer
+		_ = hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
+	}
+	tests := []struct {
+		name string
+		send func(fr *http2.Framer, id uint32) // id: the request's stream, not answered yet
+		idle bool
+	}{
+		{"rst on an idle stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteRSTStream(id+2, http2.ErrCodeCancel) }, true},
+		{"rst on an even stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteRSTStream(2, http2.ErrCodeCancel) }, true},
+		{"window update on an idle stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteWindowUpdate(id+2, 1024) }, true},
+		{"data on an idle stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteData(id+2, true, []byte("x")) }, true},
+		{"rst and window update on the closed stream", func(fr *http2.Framer, id uint32) {
+			answer(fr, id)
+			_ = fr.WriteRSTStream(id, http2.ErrCodeCancel)
+			_ = fr.WriteWindowUpdate(id, 1024)
+		}, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+				tc.send(fr, f.StreamID)
+				if tc.idle {
+					answer(fr, f.StreamID) // too late: the sidecar has hung up
+				}
+			})
+			res := resDefaults(t)
+			res.Breaker.Enabled = false
+			res.Outlier.Enabled = false
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+				RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
+			client := h2cClient(t, nil)
+			for i := range 2 {
+				r := doGet(t, client, sc.URL+"/x", nil)
+				if !tc.idle {
+					if r.status != http.StatusOK {
+						t.Errorf("request %d = %d %q, want 200", i, r.status, r.body)
+					}
+					continue
+				}
+				if r.status != http.StatusBadGateway || !strings.Contains(r.body, "PROTOCOL_ERROR") {
+					t.Errorf("request %d = %d %q, want 502 naming the PROTOCOL_ERROR", i, r.status, r.body)
+				}
+				select {
+				case code := <-node.goAway:
+					if code != http2.ErrCodeProtocol {
+						t.Errorf("request %d: GOAWAY %v, want PROTOCOL_ERROR", i, code)
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatalf("request %d: no GOAWAY from the sidecar", i)
+				}
+			}
+			if !tc.idle {
+				if conns, _ := h2PoolLoad(sc.px); conns != 1 {
+					t.Errorf("connections to the node = %d, want 1: the first serves on", conns)
+				}
+				select {
+				case code := <-node.goAway:
+					t.Errorf("GOAWAY %v from the sidecar, want none", code)
+				default:
+				}
+			}
+		})
 	}
 }
 

@@ -601,14 +601,23 @@ func (b h2ClientBody) Close() error {
 
 func (cc *h2ClientConn) readLoop() {
 	err := cc.readFrames()
+	cc.mu.Lock()
+	if cc.err != nil && cc.err != errH2ConnClosed {
+		// The first cause, such as an unanswered ping; but not the writer
+		// closing after the GOAWAY of a connection error the read loop
+		// found, which is the cause.
+		err = cc.err
+	}
+	closing := cc.closing && cc.err == nil
+	cc.mu.Unlock()
+	if closing {
+		cc.closed(time.Second) // let the GOAWAY out
+	}
 	cc.fail(err)
 	cc.pool.remove(cc)
 	cc.mu.Lock()
 	cc.idle.Stop()
 	cc.health.Stop()
-	if cc.err != nil {
-		err = cc.err // the first cause, such as an unanswered ping
-	}
 	for _, cs := range cc.streams {
 		cs.failLocked(fmt.Errorf("http2: connection to node lost: %w", err))
 	}
@@ -687,6 +696,9 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		cs := cc.streams[f.StreamID]
 		if cs == nil || cs.recvDone || !cs.gotResp {
 			cc.consumedLocked(len(data))
+			if cs == nil && cc.idleLocked(f.StreamID) {
+				return http2.ConnectionError(http2.ErrCodeProtocol)
+			}
 			return nil
 		}
 		if !cs.body.putLocked(data) {
@@ -701,6 +713,9 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		cs := cc.streams[f.StreamID]
 		if cs == nil {
+			if cc.idleLocked(f.StreamID) {
+				return http2.ConnectionError(http2.ErrCodeProtocol)
+			}
 			return nil
 		}
 		var err error = h2StreamError{f.ErrCode}
@@ -724,6 +739,8 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 			}
 		} else if cs := cc.streams[f.StreamID]; cs != nil {
 			cs.sendWin += int64(f.Increment)
+		} else if cc.idleLocked(f.StreamID) {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		cc.cond.Broadcast()
 	case *http2.SettingsFrame:
@@ -758,6 +775,15 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	return nil
+}
+
+// idleLocked reports whether stream id is idle (RFC 9113, 5.1): one the
+// sidecar has not opened yet, or an even one, which only the node could open
+// and, push being off, never does. DATA, RST_STREAM or WINDOW_UPDATE on an
+// idle stream is a connection error; on a closed one, a frame still in
+// flight when the stream ended is not. cc.mu is held.
+func (cc *h2ClientConn) idleLocked(id uint32) bool {
+	return id%2 == 0 || id >= cc.nextID
 }
 
 // onResponseLocked turns a response HEADERS frame into cs.resp.

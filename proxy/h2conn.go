@@ -60,6 +60,10 @@ type h2conn struct {
 	hdec *hpack.Decoder
 	meta http2.MetaHeadersFrame
 	hs   headerBlockState
+	// lastType is the type of the frame readFrame read last, one it
+	// failed to parse too: a StreamError alone does not say whether its
+	// frame opened the stream.
+	lastType http2.FrameType
 
 	mu   sync.Mutex
 	cond sync.Cond // window updates, output drained, connection failed
@@ -113,7 +117,12 @@ func newH2Conn(nc net.Conn) *h2conn {
 // they are valid only until the next call. A field-level violation is a
 // StreamError; a block over the limits or undecodable, a ConnectionError.
 func (c *h2conn) readFrame() (http2.Frame, error) {
-	f, err := c.fr.ReadFrame()
+	fh, err := c.fr.ReadFrameHeader()
+	if err != nil {
+		return nil, err
+	}
+	c.lastType = fh.Type
+	f, err := c.fr.ReadFrameForHeader(fh)
 	if err != nil {
 		return nil, err
 	}

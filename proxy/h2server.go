@@ -98,6 +98,14 @@ func (sc *h2ServerConn) readLoop() error {
 				sc.mu.Lock()
 				if st := sc.streams[se.StreamID]; st != nil {
 					st.resetLocked(errStreamReset)
+				} else if sc.lastType == http2.FrameHeaders && se.StreamID%2 == 1 && se.StreamID > sc.maxSeen {
+					// A malformed request opened the stream, which the reset
+					// closes: what the client sends on it before it sees the
+					// reset is not on an idle stream.
+					sc.maxSeen = se.StreamID
+				} else if sc.idleLocked(se.StreamID) {
+					sc.mu.Unlock()
+					return sc.goAway(http2.ErrCodeProtocol, err)
 				}
 				sc.writeRSTLocked(se.StreamID, se.Code)
 				sc.flushLocked()
@@ -125,6 +133,15 @@ func (sc *h2ServerConn) readLoop() error {
 			return err
 		}
 	}
+}
+
+// idleLocked reports whether stream id is idle (RFC 9113, 5.1): one the
+// client has not opened yet, or an even one, which only the server could
+// open and never does. Any frame but HEADERS and PRIORITY on an idle stream
+// is a connection error; on a closed one, a frame still in flight when the
+// stream ended is not. sc.mu is held.
+func (sc *h2ServerConn) idleLocked(id uint32) bool {
+	return id%2 == 0 || id > sc.maxSeen
 }
 
 // goAway tells the client the connection ends for code and closes it.
@@ -158,14 +175,21 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 				sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
 				sc.flushLocked()
 			}
+		} else if sc.idleLocked(f.StreamID) {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		sc.cond.Broadcast()
 	case *http2.RSTStreamFrame:
 		sc.mu.Lock()
-		if st := sc.streams[f.StreamID]; st != nil {
+		st := sc.streams[f.StreamID]
+		if st != nil {
 			st.resetLocked(errStreamReset)
 		}
+		idle := st == nil && sc.idleLocked(f.StreamID)
 		sc.mu.Unlock()
+		if idle {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
 	case *http2.SettingsFrame:
 		if f.IsAck() {
 			return nil
@@ -275,7 +299,7 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 	st := sc.streams[id]
 	if st == nil || st.body.eof {
 		sc.consumedLocked(len(data))
-		if id > sc.maxSeen {
+		if sc.idleLocked(id) {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		if st != nil {
