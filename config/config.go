@@ -176,6 +176,11 @@ type Timeouts struct {
 	// MaxConnectionAge renews connections to a node this often (±10%),
 	// draining the old ones. Default 5m; 0 means no limit.
 	MaxConnectionAge time.Duration `yaml:"max_connection_age"`
+	// Tunnel closes an upgraded connection (WebSocket) when no byte has
+	// moved either way for this long: HAProxy's "timeout tunnel". Default
+	// 1h, longer than the keep-alive idle since WebSocket apps may ping
+	// only every minute or so; 0 means no limit.
+	Tunnel time.Duration `yaml:"tunnel"`
 }
 
 // Upstream is a local listener that forwards to one service. After Load,
@@ -244,6 +249,7 @@ func defaults() *Config {
 				Idle:             90 * time.Second,
 				ReadHeader:       10 * time.Second,
 				MaxConnectionAge: 5 * time.Minute,
+				Tunnel:           time.Hour,
 			},
 			Resilience: defaultResilience(),
 		},

@@ -71,7 +71,7 @@ func env(kv map[string]string) func(string) string {
 
 func TestParseValid(t *testing.T) {
 	t.Parallel()
-	defaultTimeouts := Timeouts{Connect: time.Second, Idle: 90 * time.Second, ReadHeader: 10 * time.Second, MaxConnectionAge: 5 * time.Minute}
+	defaultTimeouts := Timeouts{Connect: time.Second, Idle: 90 * time.Second, ReadHeader: 10 * time.Second, MaxConnectionAge: 5 * time.Minute, Tunnel: time.Hour}
 	tests := []struct {
 		name  string
 		yaml  string
@@ -187,7 +187,7 @@ proxy:
   balancer: hash
   hash_key: cookie:session
   preserve_host: true
-  timeouts: {connect: 2s, request: 30s, idle: 1m, read_header: 5s}
+  timeouts: {connect: 2s, request: 30s, idle: 1m, read_header: 5s, tunnel: 10m}
 upstreams:
   - {name: a, listen: 127.0.0.1:15002}
   - name: b
@@ -196,17 +196,17 @@ upstreams:
     hash_key: ""
     preserve_host: false
     datacenter: dc3
-    timeouts: {connect: 3s}
+    timeouts: {connect: 3s, tunnel: 2m}
 `,
 			check: func(t *testing.T, c *Config) {
-				pt := Timeouts{Connect: 2 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second, MaxConnectionAge: 5 * time.Minute}
+				pt := Timeouts{Connect: 2 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second, MaxConnectionAge: 5 * time.Minute, Tunnel: 10 * time.Minute}
 				want := []Upstream{
 					{Name: "a", Listen: "127.0.0.1:15002", Protocol: "http", Balancer: "hash",
 						HashKey: "cookie:session", Datacenter: "dc2", PreserveHost: true, Timeouts: pt,
 						Resilience: defaultResilience()},
 					{Name: "b", Listen: "127.0.0.1:15003", Protocol: "http", Balancer: "least_request",
 						HashKey: "", Datacenter: "dc3", PreserveHost: false,
-						Timeouts:   Timeouts{Connect: 3 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second, MaxConnectionAge: 5 * time.Minute},
+						Timeouts:   Timeouts{Connect: 3 * time.Second, Request: 30 * time.Second, Idle: time.Minute, ReadHeader: 5 * time.Second, MaxConnectionAge: 5 * time.Minute, Tunnel: 2 * time.Minute},
 						Resilience: defaultResilience()},
 				}
 				if !reflect.DeepEqual(c.Upstreams, want) {
@@ -335,6 +335,9 @@ func TestLoadExample(t *testing.T) {
 	}
 	if len(c.Upstreams) != 1 || c.Upstreams[0].Listen != "127.0.0.1:15002" || c.Upstreams[0].Balancer != "round_robin" {
 		t.Errorf("Upstreams = %+v, want echo on 127.0.0.1:15002 with round_robin", c.Upstreams)
+	}
+	if got := c.Proxy.Timeouts.Tunnel; got != time.Hour {
+		t.Errorf("Proxy.Timeouts.Tunnel = %v, want 1h", got)
 	}
 }
 

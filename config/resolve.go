@@ -68,6 +68,9 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 		if t.MaxConnectionAge == 0 {
 			t.MaxConnectionAge = pt.MaxConnectionAge
 		}
+		if t.Tunnel == 0 {
+			t.Tunnel = pt.Tunnel
+		}
 	}
 }
 

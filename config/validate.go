@@ -137,6 +137,7 @@ func (p *parser) validateProxy(x *Proxy) {
 	p.nonNegative("proxy.timeouts.idle", x.Timeouts.Idle)
 	p.nonNegative("proxy.timeouts.read_header", x.Timeouts.ReadHeader)
 	p.nonNegative("proxy.timeouts.max_connection_age", x.Timeouts.MaxConnectionAge)
+	p.nonNegative("proxy.timeouts.tunnel", x.Timeouts.Tunnel)
 	p.validateResilience("proxy.resilience", &x.Resilience)
 }
 
@@ -165,7 +166,7 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 	}{
 		{"connect", u.Timeouts.Connect}, {"request", u.Timeouts.Request},
 		{"idle", u.Timeouts.Idle}, {"read_header", u.Timeouts.ReadHeader},
-		{"max_connection_age", u.Timeouts.MaxConnectionAge},
+		{"max_connection_age", u.Timeouts.MaxConnectionAge}, {"tunnel", u.Timeouts.Tunnel},
 	} {
 		if tp := path + ".timeouts." + t.key; p.present(tp) {
 			p.nonNegative(tp, t.d)

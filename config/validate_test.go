@@ -285,6 +285,19 @@ upstreams:
 		},
 	},
 	{
+		name: "negative tunnel timeout",
+		yaml: "proxy: {timeouts: {tunnel: -1h}}\nupstreams: [{name: a, listen: 127.0.0.1:15002, timeouts: {tunnel: -30s}}]",
+		want: []string{
+			`config.yaml: proxy.timeouts.tunnel: must not be negative, got -1h0m0s`,
+			`config.yaml: upstreams[0].timeouts.tunnel: must not be negative, got -30s`,
+		},
+	},
+	{
+		name: "tunnel timeout not a duration",
+		yaml: "proxy: {timeouts: {tunnel: forever}}",
+		want: []string{`config.yaml: proxy.timeouts.tunnel: invalid duration "forever" (write e.g. "500ms", "5s" or "1m30s")`},
+	},
+	{
 		name: "bad proxy_protocol",
 		yaml: `
 upstreams:

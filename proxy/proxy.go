@@ -71,6 +71,10 @@ type Timeouts struct {
 	// MaxConnectionAge renews an endpoint's connections this often (±10%),
 	// draining the old ones; zero keeps them as long as they work.
 	MaxConnectionAge time.Duration
+	// Tunnel closes an upgraded connection (WebSocket) once no byte has
+	// moved either way for this long; zero means no limit. TCP routes use
+	// Idle instead.
+	Tunnel time.Duration
 }
 
 func (t Timeouts) withDefaults() Timeouts {

@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/balancer"
 )
 
 // tcpDialAttempts bounds how many nodes a TCP connection tries before it is
@@ -18,7 +21,9 @@ const tcpDialAttempts = 3
 
 // TCPServer proxies raw TCP connections for one upstream: each connection
 // goes to a node picked for it, bytes are copied both ways, and a half-close
-// on one side is passed to the other. With RouteConfig.ProxyProtocol "v2",
+// on one side is passed to the other. A dial that fails counts against the
+// node's breaker and toward its ejection, and one that connects as a
+// success, as a request's would. With RouteConfig.ProxyProtocol "v2",
 // each connection to a node starts with a PROXY protocol v2 header naming
 // the client's address and the listener address it connected to.
 type TCPServer struct {
@@ -154,13 +159,16 @@ func (s *TCPServer) handle(client net.Conn) {
 		tried   []string
 		lastErr error
 	)
-	for attempt := 0; attempt < tcpDialAttempts; attempt++ {
-		ep, pk, err := rt.pick(context.Background(), key, hasKey, tried)
+	for dials := 0; dials < tcpDialAttempts; dials++ {
+		ep, pk, breakerDone, err := rt.pickConn(context.Background(), key, hasKey, &tried)
 		if err != nil {
-			lastErr = err
+			if lastErr == nil {
+				lastErr = err
+			}
 			break
 		}
 		c, err := s.dial(ep.Addr, header)
+		rt.connTried(ep, breakerDone, err != nil, err != nil)
 		if err != nil {
 			done(pk, err, start)
 			lastErr = err
@@ -181,18 +189,7 @@ func (s *TCPServer) handle(client net.Conn) {
 	e.requests[1].Inc() // a connection made counts as 2xx
 
 	var last atomic.Int64
-	last.Store(time.Now().UnixNano())
-	idle := rt.cfg.Timeouts.Idle
-	var timer *time.Timer
-	timer = time.AfterFunc(idle, func() {
-		if since := time.Since(time.Unix(0, last.Load())); since < idle {
-			timer.Reset(idle - since)
-			return
-		}
-		client.Close()
-		backend.Close()
-	})
-	defer timer.Stop()
+	defer closeWhenIdle(rt.cfg.Timeouts.Idle, &last, client, backend).Stop()
 
 	if cr, ok := client.(*rawConn); ok {
 		if br, ok := backend.(*rawConn); ok {
@@ -240,10 +237,58 @@ func (s *TCPServer) dial(addr string, header []byte) (net.Conn, error) {
 func pipe(dst, src net.Conn, last *atomic.Int64) error {
 	if err := relay(dst, nil, src, last); err != nil {
 		// A reset or a closed peer: nothing more flows either way.
-		dst.Close()
-		src.Close()
+		closeBoth(dst, src)
 		return err
 	}
 	closeWrite(dst)
 	return nil
+}
+
+// pickConn picks the node for one connection, a TCP route's or an
+// upgrade's handshake, as roundTrip picks one for a request: nodes whose
+// breaker is open are passed over and added to *tried, and so are nodes
+// already in *tried. It returns the node, its pick, and the func that
+// reports the try's outcome to the breaker (give it to connTried). The
+// error is the pick's, or says that every node left has an open breaker or
+// was tried; a caller with a failed try of its own reports that instead.
+// It does not block, except as rt.pick may on a service's first lookup;
+// it is safe for concurrent use.
+func (rt *route) pickConn(ctx context.Context, key uint64, hasKey bool, tried *[]string) (*endpoint, balancer.Pick, func(error), error) {
+	var lastErr error = &proxyError{rt.cfg.Service, errTriedAll}
+	for {
+		e, pk, err := rt.pick(ctx, key, hasKey, *tried)
+		if err != nil {
+			return nil, balancer.Pick{}, nil, err
+		}
+		if slices.Contains(*tried, e.ID) {
+			// Every node left was tried or has an open breaker.
+			release(pk)
+			return nil, balancer.Pick{}, nil, lastErr
+		}
+		breakerDone, err := e.allow()
+		if err == nil {
+			return e, pk, breakerDone, nil
+		}
+		// Never reached the node: another may take it.
+		release(pk)
+		lastErr = &proxyError{rt.cfg.Service, err}
+		*tried = append(*tried, e.ID)
+	}
+}
+
+// errTriedAll: every node a connection could go to was tried.
+var errTriedAll = errors.New("every node tried")
+
+// connTried reports the outcome of a connection's try on e, as roundTrip
+// does a request's: to e's breaker (breakerDone, from pickConn), and to
+// outlier detection. A dial that failed (refused, timed out, PROXY header
+// not written) is a failure for both; one that connected is a success,
+// which ends both runs of consecutive failures.
+func (rt *route) connTried(e *endpoint, breakerDone func(error), breakerFailure, gatewayFailure bool) {
+	if breakerFailure {
+		breakerDone(errBreakerFailure)
+	} else {
+		breakerDone(nil)
+	}
+	rt.observe(e, gatewayFailure)
 }

@@ -8,28 +8,37 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/balancer"
 )
 
-// serveUpgrade carries a protocol upgrade (WebSocket): the node is picked
-// once for the connection, the handshake is forwarded, and after a 101 both
-// directions are copied until either side closes.
+// serveUpgrade carries a protocol upgrade (WebSocket): one node, picked
+// at the handshake, serves the whole connection; the handshake is
+// forwarded, and after a 101 both directions are copied until either side
+// closes, or until no byte has moved either way for timeouts.tunnel. As
+// for any request, a handshake never sent to a node (an open breaker, a
+// refused dial) may go to another one, and each node's answer, or failure
+// to answer, feeds its breaker and outlier detection. It blocks until the
+// session ends.
 func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, proto string, start time.Time) {
 	m := &rt.metrics
-	key, hasKey := rt.key.sum(r)
-	e, pk, err := rt.pick(r.Context(), key, hasKey, nil)
-	if err != nil {
+	res := &rt.cfg.Resilience
+	fail := func(err error) {
 		_, code := classify(err)
 		m.refused(code)
+		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
+			err = &proxyError{rt.cfg.Service, err} // name the service once
+		}
 		writeError(w, err)
-		return
 	}
+	key, hasKey := rt.key.sum(r)
 	prepareOutbound(r, rt)
 	out := r.WithContext(r.Context())
-	out.URL.Host = e.Addr
 	out.Header["Connection"] = []string{"Upgrade"}
 	out.Header["Upgrade"] = []string{proto}
 	out.Body = nil
@@ -37,42 +46,83 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		out.Body = r.Body
 	}
 
-	var resp *http.Response
-	if pools := e.currentPools(start); pools.fast != nil && out.Body == nil {
-		resp, err = pools.fast.roundTrip(out, nil, start)
-	} else {
-		resp, err = pools.h1.RoundTrip(out)
-	}
-	if err != nil {
+	var (
+		e           *endpoint
+		pk          balancer.Pick
+		breakerDone func(error)
+		resp        *http.Response
+		tried       []string
+		lastErr     error
+		retries     int
+	)
+	for {
+		var err error
+		e, pk, breakerDone, err = rt.pickConn(r.Context(), key, hasKey, &tried)
+		if err != nil {
+			if lastErr != nil {
+				err = lastErr
+			}
+			fail(err)
+			return
+		}
+		out.URL.Host = e.Addr
+		if pools := e.currentPools(start); pools.fast != nil && out.Body == nil {
+			resp, err = pools.fast.roundTrip(out, nil, start)
+		} else {
+			resp, err = pools.h1.RoundTrip(out)
+		}
+		if err == nil {
+			break
+		}
+		if r.Context().Err() != nil {
+			// The client went away; not the node's doing.
+			breakerDone(nil)
+			release(pk)
+			m.refused("client_closed")
+			return
+		}
+		rt.connTried(e, breakerDone, true, true)
 		done(pk, err, start)
-		_, code := classify(err)
-		m.refused(code)
-		writeError(w, &proxyError{rt.cfg.Service, err})
-		return
+		lastErr = err
+		neverSent := isDialError(err) && out.Body == nil
+		if !neverSent || !p.retry(r.Context(), rt, "connect_failed", true, &retries, true) {
+			fail(err)
+			return
+		}
+		tried = append(tried, e.ID)
 	}
 	e.requests[codeClass(resp.StatusCode)].Inc()
 	if resp.StatusCode != http.StatusSwitchingProtocols {
-		// Refused handshake: relay the answer as it is.
+		// Refused handshake: relay the answer as it is, and count it as
+		// any other answer.
+		gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
+		rt.connTried(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
 		defer resp.Body.Close()
 		copyResponseHeader(w.Header(), resp)
 		w.WriteHeader(resp.StatusCode)
 		err := copyBody(w, resp)
+		if err == nil && gateway {
+			err = errGateway
+		}
 		done(pk, err, start)
 		return
 	}
 	backConn, ok := resp.Body.(io.ReadWriteCloser)
 	if !ok {
 		resp.Body.Close()
+		rt.connTried(e, breakerDone, true, true)
 		done(pk, errors.New("101 without a writable body"), start)
 		writeError(w, &proxyError{rt.cfg.Service, errors.New("upgrade failed")})
 		return
 	}
 	defer backConn.Close()
 	if got := upgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
+		rt.connTried(e, breakerDone, true, true)
 		done(pk, fmt.Errorf("node switched to %q, not %q", got, proto), start)
 		writeError(w, &proxyError{rt.cfg.Service, fmt.Errorf("node switched to protocol %q, want %q", got, proto)})
 		return
 	}
+	rt.connTried(e, breakerDone, false, false)
 
 	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
@@ -94,7 +144,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		done(pk, err, start)
 		return
 	}
-	err = relayUpgraded(conn, brw.Reader, backConn)
+	err = relayUpgraded(conn, brw.Reader, backConn, rt.cfg.Timeouts.Tunnel)
 	done(pk, nil, start)
 	if err != nil && !errors.Is(err, net.ErrClosed) {
 		p.log.Debug("upgraded connection ended", zap.String("service", rt.cfg.Service),
@@ -105,9 +155,16 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 // relayUpgraded copies both ways between the app's connection (with the
 // bytes the server read past the handshake in held) and the node's, until
 // either side is done: WebSocket closes in-band, so one direction's end is
-// the session's. Over raw connections the copying is a relay loop's;
-// otherwise it takes a goroutine per direction.
-func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser) error {
+// the session's. When tunnel is above zero, both connections are closed
+// once no byte has moved either way for that long. Over raw connections
+// the copying is a relay loop's; otherwise it takes a goroutine per
+// direction. It blocks until the session ends and both are closed.
+func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser, tunnel time.Duration) error {
+	var last *atomic.Int64 // nil, so unstamped, without a tunnel timeout
+	if tunnel > 0 {
+		last = new(atomic.Int64)
+		defer closeWhenIdle(tunnel, last, app, node).Stop()
+	}
 	ar, aPrefix := rawBeneath(app)
 	nr, nHeld := rawBeneath(node)
 	if ar != nil && nr != nil {
@@ -115,35 +172,97 @@ func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser) er
 		if len(aPrefix) > 0 {
 			aHeld = append(append([]byte(nil), aHeld...), aPrefix...)
 		}
-		if pr, err := newRelayPair(ar, nr, aHeld, nHeld, false, nil); err == nil {
+		if pr, err := newRelayPair(ar, nr, aHeld, nHeld, false, last); err == nil {
 			return pr.wait()
 		}
 	}
 	errc := make(chan error, 2)
 	go func() {
 		// Bytes the server read past the handshake come first.
-		err := relay(node, io.LimitReader(held, int64(held.Buffered())), app, nil)
+		err := relay(node, io.LimitReader(held, int64(held.Buffered())), app, last)
 		closeWrite(node)
 		errc <- err
 	}()
 	go func() {
-		err := relay(app, nil, node, nil)
+		err := relay(app, nil, node, last)
 		closeWrite(app)
 		errc <- err
 	}()
 	err := <-errc
-	// Both close at once: a relay blocked writing to one connection holds
-	// a read on the other (rawConn.relayTo), and a Close waits for that
-	// read, but closing the first wakes the blocked write.
-	closed := make(chan struct{})
-	go func() {
-		app.Close()
-		close(closed)
-	}()
-	node.Close()
-	<-closed
+	closeBoth(app, node)
 	<-errc
 	return err
+}
+
+// closeBoth closes a and b at once: a relay blocked writing to one holds a
+// read on the other (rawConn.relayTo), and a Close waits for that read,
+// but closing the first wakes the blocked write. It returns when both are
+// closed.
+func closeBoth(a, b io.Closer) {
+	closed := make(chan struct{})
+	go func() {
+		a.Close()
+		close(closed)
+	}()
+	b.Close()
+	<-closed
+}
+
+// An idleCloser closes two relayed connections once nothing has moved
+// between them for a while (closeWhenIdle).
+type idleCloser struct {
+	d    time.Duration
+	last *atomic.Int64
+	a, b io.Closer
+
+	mu      sync.Mutex // taken once per d, never per transfer
+	t       *time.Timer
+	stopped bool // by Stop, or by the close
+}
+
+// closeWhenIdle closes a and b once no byte has moved between them for d,
+// as last tells: the relay between them stamps it with the time of every
+// transfer, and closeWhenIdle stamps it now. The relay pays nothing but
+// the stamps; the timer wakes about once per d, not per transfer. Stop the
+// idleCloser when the relay ends. A d of zero or less never closes.
+func closeWhenIdle(d time.Duration, last *atomic.Int64, a, b io.Closer) *idleCloser {
+	ic := &idleCloser{d: d, last: last, a: a, b: b}
+	if d <= 0 {
+		return ic
+	}
+	last.Store(time.Now().UnixNano())
+	ic.mu.Lock()
+	ic.t = time.AfterFunc(d, ic.fire)
+	ic.mu.Unlock()
+	return ic
+}
+
+func (ic *idleCloser) fire() {
+	ic.mu.Lock()
+	if ic.stopped {
+		ic.mu.Unlock()
+		return
+	}
+	if since := time.Since(time.Unix(0, ic.last.Load())); since < ic.d {
+		ic.t.Reset(ic.d - since)
+		ic.mu.Unlock()
+		return
+	}
+	ic.stopped = true
+	ic.mu.Unlock()
+	closeBoth(ic.a, ic.b)
+}
+
+// Stop keeps the connections from being closed for idleness from now on.
+// It does not wait for a close already under way. It is safe to call
+// concurrently with the timer, and more than once.
+func (ic *idleCloser) Stop() {
+	ic.mu.Lock()
+	defer ic.mu.Unlock()
+	ic.stopped = true
+	if ic.t != nil {
+		ic.t.Stop()
+	}
 }
 
 // relay copies held, then src, to dst until src ends, stamping last (when

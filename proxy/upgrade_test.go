@@ -2,17 +2,22 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
+	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -205,4 +210,215 @@ func dialUpgradeProxy(t *testing.T, node string) net.Conn {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// wsNode is a WebSocket echo node on loopback.
+type wsNode struct {
+	addr string
+	// ended gets the error that ended each session, as the node saw it.
+	ended chan error
+}
+
+// startWSNode starts a wsNode, over TLS when useTLS; it stops when the test
+// ends, after its sessions.
+func startWSNode(t testing.TB, useTLS bool) *wsNode {
+	t.Helper()
+	n := &wsNode{ended: make(chan error, 16)}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		ctx := context.Background()
+		for {
+			typ, data, err := c.Read(ctx)
+			if err == nil {
+				err = c.Write(ctx, typ, data)
+			}
+			if err != nil {
+				n.ended <- err
+				return
+			}
+		}
+	})
+	srv := httptest.NewUnstartedServer(h)
+	if useTLS {
+		srv.StartTLS()
+	} else {
+		srv.Start()
+	}
+	t.Cleanup(srv.Close)
+	n.addr = srv.Listener.Addr().String()
+	return n
+}
+
+// wsDial opens a WebSocket through the proxy listener at url.
+func wsDial(t testing.TB, ctx context.Context, url string) *websocket.Conn {
+	t.Helper()
+	c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(url, "http")+"/ws", &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: &http.Transport{}},
+	})
+	if err != nil {
+		t.Fatalf("websocket.Dial() error = %v", err)
+	}
+	t.Cleanup(func() { c.CloseNow() })
+	return c
+}
+
+// wsEcho sends msg on c and reads it back.
+func wsEcho(ctx context.Context, c *websocket.Conn, msg string) error {
+	if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	_, got, err := c.Read(ctx)
+	if err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if string(got) != msg {
+		return fmt.Errorf("read %q, want %q", got, msg)
+	}
+	return nil
+}
+
+// TestUpgradeRefusedDialsOpenBreaker: a WebSocket handshake whose dial a
+// node refuses counts against the node's breaker and toward its ejection,
+// and goes to another node; after the threshold, handshakes no longer try
+// the dead node.
+func TestUpgradeRefusedDialsOpenBreaker(t *testing.T) {
+	for _, tc := range connResilience {
+		t.Run(tc.name, func(t *testing.T) {
+			res := connResDefaults(t)
+			tc.tune(&res)
+			live := startWSNode(t, false)
+			dead := resDeadAddr(t)
+			s := resProxy(t, []string{live.addr, dead}, RouteConfig{Resilience: res})
+			fc := countFailures(s.px.routes[0])
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			for i := range 20 {
+				c := wsDial(t, ctx, s.url)
+				if err := wsEcho(ctx, c, fmt.Sprintf("hello %d", i)); err != nil {
+					t.Fatalf("session #%d: %v", i, err)
+				}
+				c.Close(websocket.StatusNormalClosure, "")
+			}
+			tc.check(t, s, dead)
+			if got := fc.failures(dead); got != 3 {
+				t.Errorf("dials to the dead node = %d, want 3: none once it is out of the way", got)
+			}
+			if got := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "connect_failed", "outcome": "retried"}); got != 3 {
+				t.Errorf("sidecar_retries_total{connect_failed, retried} = %v, want 3", got)
+			}
+		})
+	}
+}
+
+// TestUpgradeTunnelTimeout: an upgraded connection through which no byte
+// has moved either way for timeouts.tunnel is closed, at the app's end and
+// at the node's, while one whose messages go on past it stays open; both
+// over a relay loop (a plaintext node) and over a goroutine per direction
+// (a node reached over TLS).
+func TestUpgradeTunnelTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		useTLS bool
+	}{
+		{"relay loop", false},
+		{"goroutines", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leakcheck.Check(t)
+			const tunnel = 300 * time.Millisecond
+			node := startWSNode(t, tc.useTLS)
+			rc := RouteConfig{Service: "echo", Timeouts: Timeouts{Tunnel: tunnel}}
+			if tc.useTLS {
+				rc.TLS = &config.TLS{InsecureSkipVerify: true}
+			}
+			p := New(staticCache(t, map[string][]string{"echo": {node.addr}}), nil, testLogger(t))
+			up, err := p.Upstream("upstream", rc)
+			if err != nil {
+				t.Fatal(err)
+			}
+			srv := startProxyServer(t, up)
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			defer cancel()
+
+			busy := wsDial(t, ctx, srv.URL)
+			quiet := wsDial(t, ctx, srv.URL)
+			quietSince := time.Now()
+			if err := wsEcho(ctx, quiet, "once"); err != nil {
+				t.Fatalf("quiet session: %v", err)
+			}
+			for start := time.Now(); time.Since(start) < 3*tunnel; time.Sleep(tunnel / 6) {
+				if err := wsEcho(ctx, busy, "ping"); err != nil {
+					t.Fatalf("busy session after %v: %v", time.Since(start), err)
+				}
+			}
+
+			readCtx, cancelRead := context.WithTimeout(ctx, 5*time.Second)
+			defer cancelRead()
+			_, _, err = quiet.Read(readCtx)
+			if readCtx.Err() != nil {
+				t.Fatalf("quiet session still open %v after the tunnel timeout (%v)", time.Since(quietSince)-tunnel, tunnel)
+			}
+			if err == nil {
+				t.Fatal("quiet session read a message, want it closed")
+			}
+			if d := time.Since(quietSince); d < tunnel {
+				t.Errorf("quiet session closed after %v, before the tunnel timeout (%v)", d, tunnel)
+			}
+			select {
+			case <-node.ended:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the node's end of the quiet session is still open")
+			}
+			if err := wsEcho(ctx, busy, "still there"); err != nil {
+				t.Fatalf("busy session after the quiet one closed: %v", err)
+			}
+			busy.Close(websocket.StatusNormalClosure, "")
+			select {
+			case <-node.ended:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the node's end of the busy session is still open after it closed")
+			}
+		})
+	}
+}
+
+// TestUpgradeGatewayAnswerEjects: a node that answers a handshake with a
+// 503 has the answer relayed, and counted toward its ejection as any
+// request's 503 is.
+func TestUpgradeGatewayAnswerEjects(t *testing.T) {
+	res := connResDefaults(t)
+	res.Outlier.Enabled = true
+	res.Outlier.ConsecutiveFailures = 3
+	res.Outlier.BaseEjection = time.Minute
+	live := startWSNode(t, false)
+	bad := resStartNodes(t, 1)[0]
+	bad.status.Store(http.StatusServiceUnavailable)
+	s := resProxy(t, []string{live.addr, bad.addr}, RouteConfig{Resilience: res})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	refused := 0
+	for i := range 20 {
+		c, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(s.url, "http")+"/ws", nil)
+		if err != nil {
+			if resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+				t.Fatalf("handshake #%d: %v, want a 101 or the node's 503", i, err)
+			}
+			refused++
+			continue
+		}
+		if err := wsEcho(ctx, c, "hello"); err != nil {
+			t.Fatalf("session #%d: %v", i, err)
+		}
+		c.Close(websocket.StatusNormalClosure, "")
+	}
+	if refused != 3 {
+		t.Errorf("handshakes answered 503 = %d, want 3, then the node ejected", refused)
+	}
+	if got := s.ejected(); len(got) != 1 || got[0] != bad.addr {
+		t.Errorf("ejected endpoints = %v, want [%s]", got, bad.addr)
+	}
 }

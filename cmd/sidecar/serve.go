@@ -275,7 +275,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 }
 
 func timeouts(t config.Timeouts) proxy.Timeouts {
-	return proxy.Timeouts{Connect: t.Connect, Request: t.Request, Idle: t.Idle, MaxConnectionAge: t.MaxConnectionAge}
+	return proxy.Timeouts{Connect: t.Connect, Request: t.Request, Idle: t.Idle, MaxConnectionAge: t.MaxConnectionAge, Tunnel: t.Tunnel}
 }
 
 func bind(addr string, h http.Handler, t config.Timeouts, log *zap.Logger) (*server, error) {

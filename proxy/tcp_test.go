@@ -1,0 +1,324 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/discovery"
+)
+
+// failCounter wraps a route's balancer and counts, per endpoint address,
+// the picks whose Done reported an error: the tries that failed on that
+// node. A pick passed over for an open breaker reports none.
+type failCounter struct {
+	balancer.Balancer
+
+	mu     sync.Mutex
+	failed map[string]int
+}
+
+// countFailures puts a failCounter in front of rt's balancer. Call it
+// before rt takes any traffic.
+func countFailures(rt *route) *failCounter {
+	fc := &failCounter{Balancer: rt.bal, failed: map[string]int{}}
+	rt.bal = fc
+	return fc
+}
+
+func (b *failCounter) Pick(req balancer.Request) (balancer.Pick, error) {
+	pk, err := b.Balancer.Pick(req)
+	if err != nil {
+		return pk, err
+	}
+	inner, addr := pk.Done, pk.Endpoint.Addr
+	pk.Done = func(r balancer.Result) {
+		if r.Err != nil {
+			b.mu.Lock()
+			b.failed[addr]++
+			b.mu.Unlock()
+		}
+		if inner != nil {
+			inner(r)
+		}
+	}
+	return pk, nil
+}
+
+// failures returns how many tries failed on the node at addr so far.
+func (b *failCounter) failures(addr string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.failed[addr]
+}
+
+// tcpNode is a TCP echo node that can be stopped, so that dials to its
+// address are refused, and started again on the same address.
+type tcpNode struct {
+	addr string
+	ln   net.Listener
+	wg   sync.WaitGroup
+}
+
+// startTCPNode starts an echo node on a fresh loopback port; it stops when
+// the test ends.
+func startTCPNode(t testing.TB) *tcpNode {
+	t.Helper()
+	n := &tcpNode{addr: "127.0.0.1:0"}
+	n.start(t)
+	t.Cleanup(func() {
+		n.stop()
+		n.wg.Wait()
+	})
+	return n
+}
+
+// start listens on n.addr again and echoes each connection until the
+// client closes it.
+func (n *tcpNode) start(t testing.TB) {
+	t.Helper()
+	ln, err := net.Listen("tcp", n.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.ln, n.addr = ln, ln.Addr().String()
+	n.wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.wg.Go(func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				io.Copy(c, c)
+			})
+		}
+	})
+}
+
+// stop closes n's listener: dials to its address are refused.
+func (n *tcpNode) stop() { n.ln.Close() }
+
+// tcpSetup is a TCP route for service "svc" and its listener.
+type tcpSetup struct {
+	*resSetup
+	addr string
+	fc   *failCounter
+}
+
+// startTCPRoute serves a TCP route to service svc on addrs with res, and
+// counts the failed tries per node.
+func startTCPRoute(t testing.TB, addrs []string, res config.Resilience) *tcpSetup {
+	t.Helper()
+	b, err := discovery.NewStatic(map[string][]string{"svc": addrs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache := discovery.NewCache(b, discovery.CacheOptions{}, zap.NewNop())
+	t.Cleanup(cache.Close)
+	reg := prometheus.NewRegistry()
+	px := New(cache, NewMetrics(reg), zap.NewNop())
+	ts, err := px.TCP("test", RouteConfig{Service: "svc", Protocol: "tcp", Resilience: res})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := countFailures(ts.rt)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		ts.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		ts.Shutdown(ctx)
+		<-served
+	})
+	return &tcpSetup{resSetup: &resSetup{px: px, reg: reg}, addr: ln.Addr().String(), fc: fc}
+}
+
+// echo opens a connection through the route, sends a line and reads it
+// back. It fails when the sidecar closes the connection instead, as it
+// does when no node takes it.
+func (s *tcpSetup) echo() error {
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "ping\n"); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return fmt.Errorf("read: %w", err)
+	}
+	if string(buf) != "ping\n" {
+		return fmt.Errorf("read %q, want the echo of %q", buf, "ping\n")
+	}
+	return nil
+}
+
+// connResilience are the resilience settings under which a node whose
+// dials are refused must be kept out of the way after 3 of them, and how
+// to tell it is: by its breaker, or by its ejection.
+var connResilience = []struct {
+	name  string
+	tune  func(*config.Resilience)
+	check func(t *testing.T, s *resSetup, dead string)
+}{
+	{
+		name: "breaker",
+		tune: func(r *config.Resilience) {
+			r.Breaker.Enabled = true
+			r.Breaker.ConsecutiveFailures = 3
+			r.Breaker.OpenFor = time.Minute
+		},
+		check: func(t *testing.T, s *resSetup, dead string) {
+			t.Helper()
+			if got := s.endpoint(t, dead).Breaker; got != "open" {
+				t.Errorf("dead node's breaker = %q, want open", got)
+			}
+			if got := s.metric(t, "sidecar_breaker_state", map[string]string{"endpoint": dead}); got != 2 {
+				t.Errorf("sidecar_breaker_state = %v, want 2 (open)", got)
+			}
+		},
+	},
+	{
+		name: "outlier ejection",
+		tune: func(r *config.Resilience) {
+			r.Outlier.Enabled = true
+			r.Outlier.ConsecutiveFailures = 3
+			r.Outlier.BaseEjection = time.Minute
+		},
+		check: func(t *testing.T, s *resSetup, dead string) {
+			t.Helper()
+			if got := s.ejected(); !slices.Equal(got, []string{dead}) {
+				t.Errorf("ejected endpoints = %v, want [%s]", got, dead)
+			}
+			if got := s.metric(t, "sidecar_outlier_ejections_total", map[string]string{"endpoint": dead}); got != 1 {
+				t.Errorf("sidecar_outlier_ejections_total = %v, want 1", got)
+			}
+		},
+	},
+}
+
+// connResDefaults returns the default resilience with breakers and outlier
+// ejection off, for connResilience's tune to turn one on.
+func connResDefaults(t testing.TB) config.Resilience {
+	res := resDefaults(t)
+	res.Breaker.Enabled = false
+	res.Outlier.Enabled = false
+	res.Retries.Backoff = time.Millisecond
+	return res
+}
+
+// TestTCPRefusedDialsOpenBreaker: on a TCP route, dials a node refuses
+// count against its breaker and toward its ejection as a request's connect
+// errors do, so that after the threshold new connections no longer try it.
+func TestTCPRefusedDialsOpenBreaker(t *testing.T) {
+	for _, tc := range connResilience {
+		t.Run(tc.name, func(t *testing.T) {
+			res := connResDefaults(t)
+			tc.tune(&res)
+			live := startTCPNode(t)
+			dead := resDeadAddr(t)
+			s := startTCPRoute(t, []string{live.addr, dead}, res)
+			for i := range 20 {
+				if err := s.echo(); err != nil {
+					t.Fatalf("connection #%d: %v", i, err)
+				}
+			}
+			tc.check(t, s.resSetup, dead)
+			if got := s.fc.failures(dead); got != 3 {
+				t.Errorf("dials to the dead node = %d, want 3: none once it is out of the way", got)
+			}
+			if got := s.endpoint(t, live.addr); got.Breaker == "open" || got.EjectedUntil != nil {
+				t.Errorf("live node = %+v, want it in use", got)
+			}
+		})
+	}
+}
+
+// TestTCPConnectResetsFailures: a connection made ends a node's run of
+// failed dials, for its breaker and for outlier detection alike, as an
+// answered request does.
+func TestTCPConnectResetsFailures(t *testing.T) {
+	res := connResDefaults(t)
+	res.Breaker.Enabled = true
+	res.Breaker.ConsecutiveFailures = 3
+	res.Breaker.OpenFor = time.Minute
+	res.Outlier.Enabled = true
+	res.Outlier.ConsecutiveFailures = 3
+	node := startTCPNode(t)
+	s := startTCPRoute(t, []string{node.addr}, res)
+	fail := func(n int) {
+		t.Helper()
+		for i := range n {
+			if err := s.echo(); err == nil {
+				t.Fatalf("connection #%d to a stopped node: echoed, want it closed", i)
+			}
+		}
+	}
+
+	node.stop()
+	fail(2)
+	if got := s.endpoint(t, node.addr).ConsecutiveFailures; got != 2 {
+		t.Fatalf("after 2 refused dials consecutive_failures = %d, want 2", got)
+	}
+	node.start(t)
+	if err := s.echo(); err != nil {
+		t.Fatalf("connection after the node came back: %v", err)
+	}
+	if got := s.endpoint(t, node.addr).ConsecutiveFailures; got != 0 {
+		t.Errorf("after a connection made consecutive_failures = %d, want 0", got)
+	}
+	node.stop()
+	fail(2)
+	if got := s.endpoint(t, node.addr); got.Breaker != "closed" || got.ConsecutiveFailures != 2 {
+		t.Errorf("after 2+1+2 dials = %+v, want breaker closed and 2 consecutive failures: the connection between ended the run", got)
+	}
+	if got := s.fc.failures(node.addr); got != 4 {
+		t.Errorf("failed dials = %d, want 4", got)
+	}
+}
+
+// TestTCPEveryBreakerOpen: once the only node's breaker is open, a
+// connection is closed without a dial, and counted as breaker_open.
+func TestTCPEveryBreakerOpen(t *testing.T) {
+	res := connResDefaults(t)
+	res.Breaker.Enabled = true
+	res.Breaker.ConsecutiveFailures = 2
+	res.Breaker.OpenFor = time.Minute
+	dead := resDeadAddr(t)
+	s := startTCPRoute(t, []string{dead}, res)
+	for i := range 5 {
+		if err := s.echo(); err == nil {
+			t.Fatalf("connection #%d to a dead node: echoed, want it closed", i)
+		}
+	}
+	if got := s.fc.failures(dead); got != 2 {
+		t.Errorf("dials = %d, want 2: none once the breaker opened", got)
+	}
+	for reason, want := range map[string]float64{"connect_failed": 2, "breaker_open": 3} {
+		if got := s.metric(t, "sidecar_proxy_errors_total", map[string]string{"reason": reason}); got != want {
+			t.Errorf("sidecar_proxy_errors_total{reason=%q} = %v, want %v", reason, got, want)
+		}
+	}
+}
