@@ -24,9 +24,9 @@ type Backend interface {
 	// done. The Cache calls it once per watched service, from a goroutine
 	// of its own.
 	Watch(ctx context.Context, service string, sink Sink)
-	// Known reports whether service is a registered service. It may block
-	// on its first call; after that it should be cheap. Safe for
-	// concurrent use.
+	// Known reports whether service is a registered service. Service names
+	// are case-insensitive, as in Consul. It may block on its first call;
+	// after that it should be cheap. Safe for concurrent use.
 	Known(ctx context.Context, service string) (bool, error)
 	// Close stops the backend's own goroutines and waits for them.
 	Close()

@@ -340,23 +340,33 @@ func TestCacheClose(t *testing.T) {
 
 func TestCacheStatic(t *testing.T) {
 	leakcheck.Check(t)
-	s, err := NewStatic(map[string][]string{"web": {"10.0.0.2:80", "10.0.0.1:80"}, "empty": {}})
+	s, err := NewStatic(map[string][]string{"web": {"10.0.0.2:80", "10.0.0.1:80"}, "empty": {}, "Mixed": {"10.0.0.3:80"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := newTestCache(t, s, CacheOptions{})
 	ctx := context.Background()
-	w, err := c.Watch(ctx, "web")
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		service string
+		want    []string
+	}{
+		{"web", []string{"10.0.0.1:80", "10.0.0.2:80"}},
+		{"WEB", []string{"10.0.0.1:80", "10.0.0.2:80"}},
+		{"mixed", []string{"10.0.0.3:80"}},
+	} {
+		w, err := c.Watch(ctx, tc.service)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := ids(w.Snapshot()); !slices.Equal(got, tc.want) {
+			t.Errorf("Watch(%q) IDs = %v, want %v", tc.service, got, tc.want)
+		}
 	}
-	if got, want := ids(w.Snapshot()), []string{"10.0.0.1:80", "10.0.0.2:80"}; !slices.Equal(got, want) {
-		t.Errorf("IDs = %v, want %v", got, want)
-	}
+	// Service names are case-insensitive, as in Consul.
 	for _, tc := range []struct {
 		service string
 		want    bool
-	}{{"web", true}, {"empty", true}, {"nope", false}} {
+	}{{"web", true}, {"Web", true}, {"empty", true}, {"mixed", true}, {"MIXED", true}, {"nope", false}, {"NOPE", false}} {
 		if ok, err := c.Known(ctx, tc.service); ok != tc.want || err != nil {
 			t.Errorf("Known(%q) = %v, %v, want %v", tc.service, ok, err, tc.want)
 		}

@@ -339,6 +339,15 @@ func TestConsulKnown(t *testing.T) {
 	f.set(11, "api", node("x", 5))
 	waitUntil(t, "api known", func() bool { ok, _ := c.Known(ctx, "api"); return ok })
 
+	// Names are case-insensitive, as in Consul's own lookups.
+	f.set(12, "Mixed", node("m", 6))
+	waitUntil(t, "Mixed known", func() bool { ok, _ := c.Known(ctx, "Mixed"); return ok })
+	for _, name := range []string{"mixed", "MIXED", "Web", "API"} {
+		if ok, err := c.Known(ctx, name); !ok || err != nil {
+			t.Errorf("Known(%s) = %v, %v, want true", name, ok, err)
+		}
+	}
+
 	// While Consul is down, the last list answers.
 	f.setErr(errDown)
 	waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })

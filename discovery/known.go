@@ -4,19 +4,21 @@ import (
 	"context"
 	"fmt"
 	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 )
 
-// Known reports whether service is registered in the catalog. The first call
-// starts one blocking watch on the catalog's list of services, shared by all
-// callers and kept until Close, and waits for its first answer, at most
-// ResolveTimeout and while ctx lasts. After that Known is a lock-free map
-// lookup. While Consul fails, the last list answers. Safe for concurrent
-// use.
+// Known reports whether service is registered in the catalog, ignoring case
+// as Consul's own lookups do. The first call starts one blocking watch on the
+// catalog's list of services, shared by all callers and kept until Close, and
+// waits for its first answer, at most ResolveTimeout and while ctx lasts.
+// After that Known is a lock-free map lookup. While Consul fails, the last
+// list answers. Safe for concurrent use.
 func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
+	service = strings.ToLower(service) // no allocation when already lower case
 	if m := c.known.Load(); m != nil {
 		_, ok := (*m)[service]
 		return ok, nil
@@ -117,7 +119,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		}
 		names := make(map[string]struct{}, len(services))
 		for name := range services {
-			names[name] = struct{}{}
+			names[strings.ToLower(name)] = struct{}{}
 		}
 		old := c.known.Load()
 		if !resetAt.IsZero() && old != nil {

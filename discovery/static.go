@@ -13,15 +13,15 @@ import (
 )
 
 // Static is a Backend serving a fixed map of services, for local development
-// and tests. Its sets never change and are never stale. Safe for concurrent
-// use.
+// and tests. Its sets never change and are never stale. Service names are
+// case-insensitive, as in Consul. Safe for concurrent use.
 type Static struct {
-	snaps map[string]*Snapshot
+	snaps map[string]*Snapshot // by lower-case name
 }
 
 // NewStatic returns a backend serving services, a map from service name to
 // "host:port" entries. An endpoint's ID is its host:port. Every malformed
-// name or entry is reported.
+// name or entry is reported, and names that differ only in case.
 func NewStatic(services map[string][]string) (*Static, error) {
 	now := time.Now()
 	s := &Static{snaps: make(map[string]*Snapshot, len(services))}
@@ -29,6 +29,11 @@ func NewStatic(services map[string][]string) (*Static, error) {
 	for _, name := range slices.Sorted(maps.Keys(services)) {
 		if strings.TrimSpace(name) == "" {
 			errs = append(errs, errors.New("static service with an empty name"))
+			continue
+		}
+		key := strings.ToLower(name)
+		if prev, dup := s.snaps[key]; dup {
+			errs = append(errs, fmt.Errorf("static services %q and %q: names differ only in case", prev.Service, name))
 			continue
 		}
 		eps := make([]Endpoint, 0, len(services[name]))
@@ -45,7 +50,7 @@ func NewStatic(services map[string][]string) (*Static, error) {
 			eps = append(eps, ep)
 		}
 		slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(a.ID, b.ID) })
-		s.snaps[name] = &Snapshot{Service: name, Endpoints: eps, Updated: now}
+		s.snaps[key] = &Snapshot{Service: name, Endpoints: eps, Updated: now}
 	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
@@ -72,7 +77,7 @@ func staticEndpoint(entry string) (Endpoint, error) {
 // Watch publishes the fixed set of service (empty if it is not in the map)
 // and blocks until ctx is done.
 func (s *Static) Watch(ctx context.Context, service string, sink Sink) {
-	snap := s.snaps[service]
+	snap := s.snaps[strings.ToLower(service)]
 	if snap == nil {
 		snap = &Snapshot{Service: service, Updated: time.Now()}
 	}
@@ -83,7 +88,7 @@ func (s *Static) Watch(ctx context.Context, service string, sink Sink) {
 
 // Known reports whether service is in the map. It never blocks.
 func (s *Static) Known(_ context.Context, service string) (bool, error) {
-	_, ok := s.snaps[service]
+	_, ok := s.snaps[strings.ToLower(service)]
 	return ok, nil
 }
 

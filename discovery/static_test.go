@@ -22,6 +22,7 @@ func TestNewStatic(t *testing.T) {
 		{name: "empty host", services: map[string][]string{"web": {":80"}}, wantErrs: []string{"empty host"}},
 		{name: "duplicate", services: map[string][]string{"web": {"a:80", "a:080"}}, wantErrs: []string{"duplicate"}},
 		{name: "empty name", services: map[string][]string{" ": {"a:80"}}, wantErrs: []string{"empty name"}},
+		{name: "names differ only in case", services: map[string][]string{"web": {"a:80"}, "Web": {"b:80"}}, wantErrs: []string{`"Web" and "web"`}},
 		{
 			name:     "every problem",
 			services: map[string][]string{"web": {"x"}, "api": {"y:z"}},

@@ -12,7 +12,9 @@ import (
 // host of an absolute-form URL (HTTP_PROXY style) or the Host header, with
 // any port and a ".service.consul" suffix stripped. IP literals, localhost
 // and anything that is not a valid service name are refused: the sidecar is
-// not an open proxy.
+// not an open proxy. The name comes back as the client spelt it; service
+// names are case-insensitive, as in DNS and Consul, and the forwarder folds
+// it to look it up.
 func serviceFromRequest(r *http.Request) (string, error) {
 	host := r.Host
 	if r.URL.Host != "" {
@@ -35,14 +37,14 @@ func serviceName(host string) (string, error) {
 		return "", fmt.Errorf("%w: %q is an IP address", ErrBadServiceName, host)
 	}
 	name = strings.TrimRight(name, ".")
-	if i := strings.Index(name, ".service."); i >= 0 && strings.HasSuffix(name, ".consul") {
+	if i := indexFold(name, ".service."); i >= 0 && hasSuffixFold(name, ".consul") {
 		// name.service.consul or name.service.DC.consul, as Consul DNS.
 		name = strings.TrimRight(name[:i], ".")
 	}
 	if _, err := netip.ParseAddr(name); err == nil {
 		return "", fmt.Errorf("%w: %q is an IP address", ErrBadServiceName, host)
 	}
-	if strings.EqualFold(name, "localhost") || strings.HasSuffix(strings.ToLower(name), ".localhost") {
+	if strings.EqualFold(name, "localhost") || hasSuffixFold(name, ".localhost") {
 		return "", fmt.Errorf("%w: %q is localhost", ErrBadServiceName, host)
 	}
 	if !validServiceName(name) {
@@ -62,6 +64,43 @@ func validServiceName(s string) bool {
 		switch {
 		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '_', c == '.':
 		default:
+			return false
+		}
+	}
+	return true
+}
+
+// indexFold is strings.Index ignoring case, for a lower-case ASCII sep whose
+// first byte is not a letter.
+func indexFold(s, sep string) int {
+	for i := 0; i+len(sep) <= len(s); i++ {
+		j := strings.IndexByte(s[i:len(s)-len(sep)+1], sep[0])
+		if j < 0 {
+			return -1
+		}
+		i += j
+		if lowerASCIIEqual(s[i:i+len(sep)], sep) {
+			return i
+		}
+	}
+	return -1
+}
+
+// hasSuffixFold is strings.HasSuffix ignoring case, for a lower-case ASCII
+// suffix.
+func hasSuffixFold(s, suffix string) bool {
+	return len(s) >= len(suffix) && lowerASCIIEqual(s[len(s)-len(suffix):], suffix)
+}
+
+// lowerASCIIEqual reports whether s, with its ASCII letters in lower case, is
+// lower, which is lower-case ASCII and as long as s.
+func lowerASCIIEqual(s, lower string) bool {
+	for i := 0; i < len(lower); i++ {
+		c := s[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != lower[i] {
 			return false
 		}
 	}

@@ -34,8 +34,13 @@ func TestServiceName(t *testing.T) {
 		{"echo.service.dc1.consul:8080", "echo"},
 		{"my-svc_2", "my-svc_2"},
 		{"api.v2", "api.v2"},
+		// The name as the client spelt it; the forwarder folds case.
 		{"Echo", "Echo"},
+		{"ECHO:80", "ECHO"},
+		{"Echo.Service.Consul", "Echo"},
+		{"ECHO.SERVICE.DC1.CONSUL:8080", "ECHO"},
 		{"echo.service.example", "echo.service.example"}, // not Consul DNS: kept whole
+		{"echo.SERVICE.example", "echo.SERVICE.example"},
 
 		{"", ""},
 		{":80", ""},
@@ -57,6 +62,8 @@ func TestServiceName(t *testing.T) {
 		{"foo.localhost", ""},
 		{"foo.LOCALHOST:8080", ""},
 		{"localhost.service.consul", ""},
+		{"LOCALHOST.SERVICE.CONSUL", ""},
+		{"127.0.0.1.Service.Consul", ""},
 		{"localhost..service.consul", ""},
 		{"127.0.0.1.", ""},
 		{"127.0.0.1..", ""},
@@ -176,6 +183,13 @@ func FuzzServiceName(f *testing.F) {
 		if again, err := serviceName(name); err != nil || again != name {
 			t.Fatalf("serviceName(%q) = %q, %v; want it unchanged (from host %q)", name, again, err, host)
 		}
+		// Case does not matter: in upper case, the host names the same
+		// service.
+		if upper := strings.ToUpper(host); len(upper) == len(host) {
+			if got, err := serviceName(upper); err != nil || !strings.EqualFold(got, name) {
+				t.Fatalf("serviceName(%q) = %q, %v; want %q in any case (from host %q)", upper, got, err, name, host)
+			}
+		}
 	})
 }
 
@@ -219,7 +233,8 @@ func TestForwardHTTPProxyClient(t *testing.T) {
 	client := newClient(t, func(tr *http.Transport) { tr.Proxy = http.ProxyURL(s.proxyURL) })
 
 	seen := map[string]int{}
-	for _, target := range []string{"http://echo/path?x=1", "http://echo:8080/path", "http://echo.service.consul/path", "http://echo.service.dc1.consul/path"} {
+	for _, target := range []string{"http://echo/path?x=1", "http://echo:8080/path", "http://echo.service.consul/path", "http://echo.service.dc1.consul/path",
+		"http://Echo/path", "http://ECHO:80/path", "http://Echo.Service.Consul/path"} {
 		for range 3 {
 			resp := doGet(t, client, target, nil)
 			if resp.status != http.StatusOK {
@@ -240,17 +255,23 @@ func TestForwardHTTPProxyClient(t *testing.T) {
 	}
 }
 
+// TestForwardHostHeader: the Host header names the service, in any case,
+// as DNS and Consul names go: every spelling reaches the one service and
+// shares its route.
 func TestForwardHostHeader(t *testing.T) {
 	leakcheck.Check(t)
 	s := newForwardSetup(t, RouteConfig{})
 	client := newClient(t, nil)
-	for _, host := range []string{"echo", "echo:80", "echo.service.consul"} {
+	for _, host := range []string{"echo", "echo:80", "echo.service.consul", "Echo", "ECHO:80", "eCHo.SERVICE.Consul:8080"} {
 		req, _ := http.NewRequest(http.MethodGet, s.proxy.URL+"/hello", nil)
 		req.Host = host
 		resp := do(t, client, req)
 		if resp.status != http.StatusOK || !strings.HasSuffix(resp.body, " GET /hello") {
 			t.Errorf("GET /hello with Host %q: status = %d, body %q; want 200 from a node", host, resp.status, resp.body)
 		}
+	}
+	if got := s.resolver.watched(); len(got) != 1 || got[0] != "echo" {
+		t.Errorf("services watched = %v, want [echo]", got)
 	}
 }
 
@@ -274,6 +295,13 @@ func TestForwardRefused(t *testing.T) {
 			status: http.StatusNotFound, code: "unknown_service", body: `"nosuch"`},
 		{name: "unknown service host header", host: "nosuch",
 			status: http.StatusNotFound, code: "unknown_service", body: `"nosuch"`},
+		// In any case, and named as the client spelt it.
+		{name: "unknown service upper case", target: fmt.Sprintf("http://NoSuch:%d/x", decoyPort),
+			status: http.StatusNotFound, code: "unknown_service", body: `"NoSuch"`},
+		{name: "unknown service upper case host header", host: "NOSUCH.SERVICE.CONSUL:80",
+			status: http.StatusNotFound, code: "unknown_service", body: `"NOSUCH"`},
+		{name: "localhost upper case", target: fmt.Sprintf("http://LOCALHOST:%d/x", decoyPort),
+			status: http.StatusBadRequest, code: "bad_service_name", body: "localhost"},
 		{name: "ip literal", target: fmt.Sprintf("http://127.0.0.1:%d/x", decoyPort),
 			status: http.StatusBadRequest, code: "bad_service_name", body: "127.0.0.1"},
 		{name: "ip literal host header", host: fmt.Sprintf("127.0.0.1:%d", decoyPort),

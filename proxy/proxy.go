@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -164,15 +165,19 @@ func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.p.serve(w, r, rt)
 }
 
-// route returns the route of a service, creating it on first use once
-// discovery confirms the name is registered.
-func (f *forwarder) route(ctx context.Context, name string) (*route, error) {
+// route returns the route of the service the client named as sent,
+// creating it on first use once discovery confirms the name is registered.
+// Service names are case-insensitive, as in DNS and Consul: every spelling
+// shares the route of the lower-case name, and errors name what the client
+// sent.
+func (f *forwarder) route(ctx context.Context, sent string) (*route, error) {
+	name := strings.ToLower(sent) // no allocation when already lower case
 	known, err := f.p.resolver.Known(ctx, name)
 	if err != nil {
-		return nil, &proxyError{name, fmt.Errorf("%w: %w", ErrDiscovery, err)}
+		return nil, &proxyError{sent, fmt.Errorf("%w: %w", ErrDiscovery, err)}
 	}
 	if !known {
-		return nil, &proxyError{name, ErrUnknownService}
+		return nil, &proxyError{sent, ErrUnknownService}
 	}
 	if rt, ok := f.routes.Load(name); ok {
 		return rt.(*route), nil

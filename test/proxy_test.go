@@ -349,7 +349,9 @@ func TestProxyHTTP(t *testing.T) {
 	t.Run("ForwardProxy", func(t *testing.T) {
 		pc := pxHTTPClient(t, client.proxy)
 		seen := map[string]bool{}
-		for _, target := range []string{"http://echo/fwd", "http://echo.service.consul/fwd", "http://echo:8080/fwd"} {
+		// Service names are case-insensitive, in the catalog as in DNS.
+		for _, target := range []string{"http://echo/fwd", "http://echo.service.consul/fwd", "http://echo:8080/fwd",
+			"http://ECHO/fwd", "http://Echo.Service.Consul:80/fwd"} {
 			for range 3 {
 				r := pxGet(t, pc, target, nil)
 				if r.status != http.StatusOK || r.body != r.instance+" GET /fwd\n" {
@@ -370,6 +372,7 @@ func TestProxyHTTP(t *testing.T) {
 			named  string
 		}{
 			{fmt.Sprintf("http://nosuch:%d/x", port), http.StatusNotFound, `"nosuch"`},
+			{fmt.Sprintf("http://NoSuch:%d/x", port), http.StatusNotFound, `"NoSuch"`},
 			{fmt.Sprintf("http://127.0.0.1:%d/x", port), http.StatusBadRequest, "127.0.0.1"},
 			{fmt.Sprintf("http://localhost:%d/x", port), http.StatusBadRequest, "localhost"},
 		} {
