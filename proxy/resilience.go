@@ -189,6 +189,22 @@ func (b *retryBudget) spend(now time.Time) bool {
 	return true
 }
 
+// refund gives back a retry spent at then that was not made after all, if
+// its second is still in the window.
+func (b *retryBudget) refund(then time.Time) {
+	sec := then.Unix()
+	bk := &b.buckets[sec%int64(len(b.buckets))]
+	if bk.second.Load() != sec {
+		return
+	}
+	for {
+		n := bk.retries.Load()
+		if n <= 0 || bk.retries.CompareAndSwap(n, n-1) {
+			return
+		}
+	}
+}
+
 // idempotent reports whether a request may be sent twice.
 func idempotent(method string) bool {
 	switch method {

@@ -18,9 +18,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
+	"golang.org/x/net/http2"
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
 // resDefaults returns proxy.resilience as an empty config file leaves it.
@@ -366,6 +368,28 @@ func TestRetryBudget(t *testing.T) {
 		}
 		if n != 30 {
 			t.Errorf("spend() after the window allowed %d, want 30", n)
+		}
+	})
+
+	t.Run("refund", func(t *testing.T) {
+		// A retry decided on but never sent gives its share back; one
+		// from a second that has left the window has nothing to give.
+		b := newRetryBudget(config.Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second})
+		for n := 0; n < 30; n++ {
+			if !b.spend(t0) {
+				t.Fatalf("spend() #%d = false, want true", n+1)
+			}
+		}
+		if b.spend(t0) {
+			t.Fatal("spend() past the floor = true, want false")
+		}
+		b.refund(t0)
+		if !b.spend(t0) {
+			t.Error("spend() after a refund = false, want true")
+		}
+		b.refund(t0.Add(-10 * time.Second)) // the same bucket, an older second
+		if b.spend(t0) {
+			t.Error("spend() after refunding a second out of the window = true, want false")
 		}
 	})
 }
@@ -874,6 +898,9 @@ func TestRetryBackoffRespectsCancel(t *testing.T) {
 		if got := resHits(nodes); got != 1 {
 			t.Errorf("nodes got %d requests, want 1 (no retry after the client left)", got)
 		}
+		if got := s.metric(t, "sidecar_retries_total", map[string]string{"outcome": "retried"}); got != 0 {
+			t.Errorf(`sidecar_retries_total{outcome="retried"} = %v, want 0: the retry was never sent`, got)
+		}
 	})
 }
 
@@ -894,5 +921,99 @@ func TestRetryRelaysHeldAnswerWhenRetryFails(t *testing.T) {
 			t.Fatalf("request %d = %d %q (X-Sidecar-Error %q), want the node's own 503",
 				i, r.status, r.body, r.header.Get("X-Sidecar-Error"))
 		}
+	}
+}
+
+// TestRetryCountedWhenSent: a retry counts in sidecar_retries_total and
+// against the budget only once its try is sent. A try that fails when the
+// request body cannot be sent again, or when no node is left to try, is
+// not retried, and so is neither counted nor charged.
+func TestRetryCountedWhenSent(t *testing.T) {
+	// refuseAfterBody is an h2c node that takes a request's first body
+	// bytes, then refuses the stream: never processed, but the body is
+	// spoken for.
+	refuseAfterBody := func(t *testing.T) *rawH2Node {
+		return startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+			id := f.StreamID
+			for {
+				g, err := fr.ReadFrame()
+				if err != nil {
+					return
+				}
+				if d, ok := g.(*http2.DataFrame); ok && d.StreamID == id {
+					break
+				}
+			}
+			_ = fr.WriteRSTStream(id, http2.ErrCodeRefusedStream)
+		})
+	}
+	// dropMidBody is an HTTP/1.1 node that reads a request's first body
+	// byte, then drops the connection.
+	dropMidBody := func(t *testing.T, tries *atomic.Int64) string {
+		return startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			tries.Add(1)
+			if r.Method == http.MethodPost {
+				_, _ = io.ReadFull(r.Body, make([]byte, 1))
+			}
+			panic(http.ErrAbortHandler)
+		})).Listener.Addr().String()
+	}
+	tests := []struct {
+		name     string
+		protocol string
+		method   string
+		nodes    func(t *testing.T) (addrs []string, tries func() int64)
+	}{
+		{"h2c nodes refuse a streamed POST after its first bytes", "http2", http.MethodPost, func(t *testing.T) ([]string, func() int64) {
+			a, b := refuseAfterBody(t), refuseAfterBody(t)
+			return []string{a.addr, b.addr}, func() int64 { return a.headers.Load() + b.headers.Load() }
+		}},
+		{"http/1.1 nodes drop a streamed POST mid-body", "http", http.MethodPost, func(t *testing.T) ([]string, func() int64) {
+			var tries atomic.Int64
+			return []string{dropMidBody(t, &tries), dropMidBody(t, &tries)}, tries.Load
+		}},
+		{"the only node drops a GET", "http", http.MethodGet, func(t *testing.T) ([]string, func() int64) {
+			var tries atomic.Int64
+			return []string{dropMidBody(t, &tries)}, tries.Load
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			leakcheck.Check(t)
+			res := resDefaults(t)
+			res.Breaker.Enabled = false
+			res.Outlier.Enabled = false
+			res.Retries.Backoff = time.Millisecond
+			res.Retries.RetryNonIdempotent = true
+			// One retry a second: a retry wrongly charged would leave none
+			// for the next request.
+			res.Retries.Budget = config.Budget{Percent: 0, MinPerSecond: 1, Window: time.Second}
+			addrs, tries := tc.nodes(t)
+			s := resProxy(t, addrs, RouteConfig{Protocol: tc.protocol, Resilience: res})
+			const requests = 4
+			for i := range requests {
+				var body io.Reader
+				if tc.method == http.MethodPost {
+					body = io.MultiReader(strings.NewReader("streamed body")) // of unknown length: not held for replay
+				}
+				req, _ := http.NewRequest(tc.method, s.url+"/x", body)
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusBadGateway {
+					t.Errorf("request %d: status %d, want 502", i, resp.StatusCode)
+				}
+			}
+			if got := tries(); got != requests {
+				t.Errorf("nodes got %d tries, want %d: one per request, none retried", got, requests)
+			}
+			for _, outcome := range []string{"retried", "budget_exhausted"} {
+				if got := s.metric(t, "sidecar_retries_total", map[string]string{"outcome": outcome}); got != 0 {
+					t.Errorf(`sidecar_retries_total{outcome=%q} = %v, want 0: no retry was sent`, outcome, got)
+				}
+			}
+		})
 	}
 }

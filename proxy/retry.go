@@ -24,7 +24,13 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	// one the sidecar makes up.
 	var held *http.Response
 	var heldE *endpoint
+	// A retry decided on but not sent: counted once its try goes out, its
+	// budget given back if it never does.
+	var next pendingRetry
 	defer func() {
+		if next.reason != "" {
+			next.cancel(rt)
+		}
 		if held != nil && err != nil && r.Context().Err() == nil {
 			resp, e, pk, err = held, heldE, balancer.Pick{}, nil
 		}
@@ -50,6 +56,15 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		retries int
 	)
 	for picks := 0; ; picks++ {
+		// A body that cannot be sent again ends the tries before a node is
+		// picked or its breaker asked.
+		var tryBody io.ReadCloser
+		if b != nil {
+			var ok bool
+			if tryBody, ok = b.next(); !ok {
+				return nil, nil, balancer.Pick{}, lastErr
+			}
+		}
 		e, pk, err := rt.pick(ctx, key, hasKey, tried)
 		if err != nil {
 			if lastErr != nil {
@@ -80,17 +95,9 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 		out := r.WithContext(tryCtx)
 		out.URL.Host = e.Addr
-		out.Body = nil
-		if b != nil {
-			var ok bool
-			if out.Body, ok = b.next(); !ok {
-				if cancel != nil {
-					cancel()
-				}
-				breakerDone(nil)
-				release(pk)
-				return nil, nil, balancer.Pick{}, lastErr
-			}
+		out.Body = tryBody
+		if next.reason != "" {
+			next.sent(rt)
 		}
 		resp, err := e.roundTrip(useH2, out, b, start)
 		if cancel != nil {
@@ -129,7 +136,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 					lastErr = fmt.Errorf("%w: per-try timeout %v: %w", ErrUpstreamTimeout, res.Retries.PerTryTimeout, err)
 				}
 			}
-			if !p.retry(ctx, rt, reason, neverSent || (replayable && (b == nil || b.replayable())), &retries, neverSent) {
+			if !p.decideRetry(ctx, rt, reason, neverSent || (replayable && (b == nil || b.replayable())), &retries, neverSent, &next) {
 				return nil, nil, balancer.Pick{}, lastErr
 			}
 			tried = append(tried, e.ID)
@@ -145,7 +152,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		rt.observe(e, gateway)
 		if gateway && isGatewayStatus(resp.StatusCode, false) && replayable && (b == nil || b.replayable()) &&
 			len(tried)+1 < rt.state.Load().eligible &&
-			p.retry(ctx, rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false) {
+			p.decideRetry(ctx, rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false, &next) {
 			held, heldE = hold(resp), e
 			done(pk, errGateway, start)
 			lastErr = fmt.Errorf("%w: %s", errGateway, resp.Status)
@@ -162,23 +169,65 @@ func deadlinePassed(ctx context.Context) bool {
 	return ok && !time.Now().Before(dl)
 }
 
-// retry decides whether to try again after a failed try, spending from the
-// budget unless the try never reached a node, and waits the backoff.
-func (p *Proxy) retry(ctx context.Context, rt *route, reason string, allowed bool, retries *int, neverSent bool) bool {
+// decideRetry decides whether to try again after a failed try, spending
+// from the budget unless the try never reached a node, and waits the
+// backoff. The retry decided on is left in next: the caller counts it when
+// its try is sent, and gives its budget back when it never is (the body
+// cannot be sent again, no node is left, the client went away).
+func (p *Proxy) decideRetry(ctx context.Context, rt *route, reason string, allowed bool, retries *int, neverSent bool, next *pendingRetry) bool {
 	res := &rt.cfg.Resilience.Retries
 	if !allowed || *retries >= res.Attempts {
 		return false
 	}
-	if !neverSent && !rt.budget.spend(time.Now()) {
-		rt.metrics.retries.WithLabelValues(reason, "budget_exhausted").Inc()
-		return false
+	var spent time.Time
+	if !neverSent {
+		spent = time.Now()
+		if !rt.budget.spend(spent) {
+			rt.metrics.retries.WithLabelValues(reason, "budget_exhausted").Inc()
+			return false
+		}
 	}
 	*retries++
-	rt.metrics.retries.WithLabelValues(reason, "retried").Inc()
+	*next = pendingRetry{reason: reason, spent: spent}
 	if neverSent && *retries == 1 {
 		return ctx.Err() == nil // another node at once
 	}
 	return backoff(ctx, res.Backoff, *retries)
+}
+
+// retry is decideRetry for a caller that counts the retry as made once it
+// is decided, and the backoff waited.
+func (p *Proxy) retry(ctx context.Context, rt *route, reason string, allowed bool, retries *int, neverSent bool) bool {
+	var next pendingRetry
+	ok := p.decideRetry(ctx, rt, reason, allowed, retries, neverSent, &next)
+	switch {
+	case ok:
+		next.sent(rt)
+	case next.reason != "":
+		next.cancel(rt)
+	}
+	return ok
+}
+
+// pendingRetry is a retry decided on whose try has not been sent yet.
+type pendingRetry struct {
+	reason string
+	spent  time.Time // when it took from the budget; zero if it did not
+}
+
+// sent counts the retry, its try going out.
+func (n *pendingRetry) sent(rt *route) {
+	rt.metrics.retries.WithLabelValues(n.reason, "retried").Inc()
+	*n = pendingRetry{}
+}
+
+// cancel gives back what the retry took from the budget: its try was never
+// sent.
+func (n *pendingRetry) cancel(rt *route) {
+	if !n.spent.IsZero() {
+		rt.budget.refund(n.spent)
+	}
+	*n = pendingRetry{}
 }
 
 // isGatewayStatus reports whether a status is a gateway failure: 502, 503
