@@ -595,6 +595,14 @@ func (st *h2ServerStream) finish() {
 	st.cancel()
 }
 
+func (st *h2ServerStream) adoptHeader(h http.Header) bool {
+	if st.header != nil || h == nil {
+		return false
+	}
+	st.header = h
+	return true
+}
+
 func (st *h2ServerStream) Header() http.Header {
 	if st.header == nil {
 		st.header = make(http.Header)

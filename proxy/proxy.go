@@ -279,7 +279,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	}
 	defer resp.Body.Close()
 
-	copyResponseHeader(w.Header(), resp)
+	answerHeader(w, resp)
 	w.WriteHeader(resp.StatusCode)
 	e.requests[codeClass(resp.StatusCode)].Inc()
 	if resp.ContentLength < 0 {
@@ -352,6 +352,27 @@ func done(pk balancer.Pick, err error, start time.Time) {
 	}
 }
 
+// answerHeader gives w the node's response header, less hop-by-hop fields,
+// with its trailers announced. A writer that can take the node's map as its
+// own (an HTTP/2 stream that has no header yet) does, which spares a map
+// and a copy per answer; resp.Header is then the answer's, so response
+// sources must not reuse it.
+func answerHeader(w http.ResponseWriter, resp *http.Response) {
+	if a, ok := w.(headerAdopter); ok && a.adoptHeader(resp.Header) {
+		removeHopHeaders(resp.Header)
+		announceTrailers(resp.Header, resp)
+		return
+	}
+	copyResponseHeader(w.Header(), resp)
+}
+
+// headerAdopter is a ResponseWriter that can take a header map as its own.
+type headerAdopter interface {
+	// adoptHeader makes h the answer's header and reports true, unless the
+	// writer has a header already.
+	adoptHeader(h http.Header) bool
+}
+
 // copyResponseHeader copies the node's response header, less hop-by-hop
 // fields, and announces its trailers.
 func copyResponseHeader(dst http.Header, resp *http.Response) {
@@ -359,6 +380,11 @@ func copyResponseHeader(dst http.Header, resp *http.Response) {
 	for k, vv := range resp.Header {
 		dst[k] = vv
 	}
+	announceTrailers(dst, resp)
+}
+
+// announceTrailers declares resp's trailers in dst, the answer's header.
+func announceTrailers(dst http.Header, resp *http.Response) {
 	if len(resp.Trailer) > 0 {
 		// Trailers need a chunked answer on HTTP/1.1; an h2 node's short
 		// answer carries a length, which would make the server drop them.
