@@ -679,7 +679,7 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		}
 		if cs.trailer == nil {
 			if fields := f.RegularFields(); len(fields) > 0 {
-				cs.trailer = h2Header(fields, false)
+				cs.trailer = cs.cc.header(fields, false)
 			}
 		} else {
 			for _, hf := range f.RegularFields() {
@@ -804,7 +804,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 		}
 		return nil // 100 Continue and the like: the final answer follows
 	}
-	header := h2Header(f.RegularFields(), false)
+	header := cs.cc.header(f.RegularFields(), false)
 	resp := &http.Response{
 		Status:        statusLine(code),
 		StatusCode:    code,

@@ -60,6 +60,9 @@ type h2conn struct {
 	hdec *hpack.Decoder
 	meta http2.MetaHeadersFrame
 	hs   headerBlockState
+	// valueChunk is what is left of the chunk header values are carved
+	// from (values); the read loop's.
+	valueChunk []string
 	// lastType is the type of the frame readFrame read last, one it
 	// failed to parse too: a StreamError alone does not say whether its
 	// frame opened the stream.
@@ -568,12 +571,13 @@ func (c *h2conn) receivedLocked(f *http2.DataFrame) ([]byte, error) {
 	return data, nil
 }
 
-// h2Header builds an http.Header from decoded fields, with one backing
-// array for all values. With joinCookies, cookie fields, which HTTP/2 may
-// split (RFC 9113, 8.2.3), are joined back into one.
-func h2Header(fields []hpack.HeaderField, joinCookies bool) http.Header {
+// header builds an http.Header from decoded fields, the values carved
+// from the connection's chunk (see values). With joinCookies, cookie
+// fields, which HTTP/2 may split (RFC 9113, 8.2.3), are joined back into
+// one. Only the read loop may call it.
+func (c *h2conn) header(fields []hpack.HeaderField, joinCookies bool) http.Header {
 	header := make(http.Header, len(fields))
-	values := make([]string, len(fields))
+	values := c.values(len(fields))
 	var cookies []string
 	for i, hf := range fields {
 		if joinCookies && hf.Name == "cookie" {
@@ -592,6 +596,27 @@ func h2Header(fields []hpack.HeaderField, joinCookies bool) http.Header {
 		header["Cookie"] = []string{strings.Join(cookies, "; ")}
 	}
 	return header
+}
+
+// h2ValueChunk is how many header values a connection carves from one
+// allocation.
+const h2ValueChunk = 128
+
+// values returns room for n header values. As net/textproto does for one
+// header block, it gives each block's values one backing array, but carves
+// the arrays of many blocks from one chunk, so that most blocks cost no
+// allocation for them. A chunk lives while any header carved from it does.
+// Only the read loop may call it.
+func (c *h2conn) values(n int) []string {
+	if n > len(c.valueChunk) {
+		if n > h2ValueChunk/4 {
+			return make([]string, n)
+		}
+		c.valueChunk = make([]string, h2ValueChunk)
+	}
+	v := c.valueChunk[:n:n]
+	c.valueChunk = c.valueChunk[n:]
+	return v
 }
 
 // declaredTrailers calls fn with each key h's Trailer header declares, in

@@ -387,7 +387,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 			}
 		}
 	}
-	header := h2Header(fields, true)
+	header := sc.header(fields, true)
 	if authority == "" {
 		authority = header.Get("Host")
 	}
