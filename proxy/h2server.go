@@ -393,12 +393,15 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	}
 	delete(header, "Host")
 
-	u := &url.URL{Host: authority}
-	if !connect {
+	var u *url.URL
+	switch {
+	case connect:
+		u = &url.URL{Host: authority}
+	case path == "*" && method == http.MethodOptions:
+		u = &url.URL{Path: "*"}
+	default:
 		var err error
-		if path == "*" && method == http.MethodOptions {
-			u = &url.URL{Path: "*"}
-		} else if u, err = url.ParseRequestURI(path); err != nil {
+		if u, err = url.ParseRequestURI(path); err != nil {
 			return nil, err
 		}
 	}
