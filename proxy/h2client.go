@@ -288,8 +288,7 @@ type h2ClientStream struct {
 	resp *http.Response
 	body recvBuf
 
-	headers  chan struct{} // closed when the response header or an error came
-	bodyDone chan struct{} // closed when the goroutine sending the body returns; nil if none
+	headers chan struct{} // closed when the response header or an error came
 
 	// Under cc.mu:
 	err      error // why the stream failed, before or after the header
@@ -346,7 +345,6 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	err := cs.err
 	cc.mu.Unlock()
 	if err != nil {
-		cs.releaseBody()
 		return nil, err
 	}
 	return cs.resp, nil
@@ -414,36 +412,15 @@ func validH2Value(s string) bool {
 
 // sendBody sends the request body: what is at hand at once (all of a small
 // unary call, as a rule), the rest from a goroutine of its own, so the
-// response can be read while the app still sends.
+// response can be read while the app still sends. The goroutine may outlive
+// the stream, waiting for the app's next bytes after the node has answered
+// or the stream failed: a retry's try then owns the body, and the bytes
+// the goroutine's read brings go to that try (see body).
 func (cs *h2ClientStream) sendBody() {
 	if br, ok := cs.req.Body.(*bodyReader); ok && !cs.writeBody(br, true) {
 		return
 	}
-	cs.bodyDone = make(chan struct{})
-	go func() {
-		defer close(cs.bodyDone)
-		cs.writeBody(cs.req.Body, false)
-	}()
-}
-
-// releaseBody is called when the stream failed before its response: the
-// retry loop may send the body again, which it must not while this
-// stream's goroutine still reads it. A body held in memory is let go of at
-// once, the stream having failed. One the app is still sending may have the
-// goroutine waiting for the app's next bytes, which it would take and drop:
-// it is marked read, so that it is not sent again.
-func (cs *h2ClientStream) releaseBody() {
-	br, ok := cs.req.Body.(*bodyReader)
-	if cs.bodyDone == nil || !ok {
-		return
-	}
-	if br.buf != nil {
-		<-cs.bodyDone
-		return
-	}
-	if !isClosed(cs.bodyDone) {
-		br.b.read.Store(true)
-	}
+	go cs.writeBody(cs.req.Body, false)
 }
 
 // writeBody sends the request body as DATA frames, ending the stream with
@@ -490,6 +467,11 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			cs.sendDone = true
 			cs.closeIfDoneLocked()
 			cc.mu.Unlock()
+			return false
+		}
+		if rerr == errStaleTry {
+			// A later try owns the body; this stream is over already.
+			cs.abort(rerr)
 			return false
 		}
 		if rerr != nil {
