@@ -195,20 +195,6 @@ func (p *Proxy) decideRetry(ctx context.Context, rt *route, reason string, allow
 	return backoff(ctx, res.Backoff, *retries)
 }
 
-// retry is decideRetry for a caller that counts the retry as made once it
-// is decided, and the backoff waited.
-func (p *Proxy) retry(ctx context.Context, rt *route, reason string, allowed bool, retries *int, neverSent bool) bool {
-	var next pendingRetry
-	ok := p.decideRetry(ctx, rt, reason, allowed, retries, neverSent, &next)
-	switch {
-	case ok:
-		next.sent(rt)
-	case next.reason != "":
-		next.cancel(rt)
-	}
-	return ok
-}
-
 // pendingRetry is a retry decided on whose try has not been sent yet.
 type pendingRetry struct {
 	reason string

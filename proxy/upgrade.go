@@ -54,7 +54,15 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		tried       []string
 		lastErr     error
 		retries     int
+		// A retry decided on: counted once a node is picked for it, and
+		// not at all when none is left.
+		next pendingRetry
 	)
+	defer func() {
+		if next.reason != "" {
+			next.cancel(rt)
+		}
+	}()
 	for {
 		var err error
 		e, pk, breakerDone, err = rt.pickConn(r.Context(), key, hasKey, &tried)
@@ -64,6 +72,9 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 			}
 			fail(err)
 			return
+		}
+		if next.reason != "" {
+			next.sent(rt)
 		}
 		out.URL.Host = e.Addr
 		if pools := e.currentPools(start); pools.fast != nil && out.Body == nil {
@@ -85,7 +96,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		done(pk, err, start)
 		lastErr = err
 		neverSent := isDialError(err) && out.Body == nil
-		if !neverSent || !p.retry(r.Context(), rt, "connect_failed", true, &retries, true) {
+		if !neverSent || !p.decideRetry(r.Context(), rt, "connect_failed", true, &retries, true, &next) {
 			fail(err)
 			return
 		}

@@ -422,3 +422,48 @@ func TestUpgradeGatewayAnswerEjects(t *testing.T) {
 		t.Errorf("ejected endpoints = %v, want [%s]", got, bad.addr)
 	}
 }
+
+// TestUpgradeRetryCountedWhenSent: a WebSocket handshake whose dial is
+// refused is retried on another node, and the retry counts in
+// sidecar_retries_total once a node is picked for it; one decided on when
+// no node is left is never sent, and not counted. The handshake fails with
+// a 502.
+func TestUpgradeRetryCountedWhenSent(t *testing.T) {
+	tests := []struct {
+		name  string
+		nodes int // all refusing
+		want  float64
+	}{
+		{"the only node refuses", 1, 0},
+		{"both nodes refuse", 2, 1},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			res := connResDefaults(t)
+			res.Retries.Attempts = 3
+			var addrs []string
+			for range tc.nodes {
+				addrs = append(addrs, resDeadAddr(t))
+			}
+			s := resProxy(t, addrs, RouteConfig{Resilience: res})
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			const handshakes = 3
+			for i := range handshakes {
+				c, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(s.url, "http")+"/ws", &websocket.DialOptions{
+					HTTPClient: &http.Client{Transport: &http.Transport{}},
+				})
+				if err == nil {
+					c.CloseNow()
+					t.Fatalf("handshake %d: websocket.Dial() succeeded, want a 502", i)
+				}
+				if resp == nil || resp.StatusCode != http.StatusBadGateway {
+					t.Fatalf("handshake %d: websocket.Dial() = %v, %v; want a 502", i, resp, err)
+				}
+			}
+			if got, want := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "connect_failed", "outcome": "retried"}), tc.want*handshakes; got != want {
+				t.Errorf("sidecar_retries_total{connect_failed, retried} = %v, want %v: only the retries sent to a node", got, want)
+			}
+		})
+	}
+}
