@@ -430,6 +430,12 @@ func (b *body) next() (io.ReadCloser, bool) {
 	return r, true
 }
 
+// giveUp takes the body from the latest try, a retry of it being decided
+// on: what a read of that try still brings is kept for the next try, even
+// while the retry waits out its backoff. Like next, it is for the retry
+// loop alone.
+func (b *body) giveUp() { b.state.Add(2) }
+
 // replayable reports whether a try that reached a node may be repeated.
 func (b *body) replayable() bool { return b.buf != nil || !b.handed() }
 

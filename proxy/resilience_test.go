@@ -1186,6 +1186,25 @@ func TestBodyStaleTry(t *testing.T) {
 		}
 	})
 
+	t.Run("bytes read after the try was given up wait for the next", func(t *testing.T) {
+		// A retry decided on, backing off: no next try yet.
+		src := newFeedSource()
+		b := &body{src: src}
+		first := readAsync(mustNext(t, b))
+		src.waitRead(t)
+		b.giveUp()
+		src.feed <- feedRead{p: "late"}
+		if got := mustResult(t, first, "try 1"); got.p != "" || got.err != errStaleTry {
+			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, errStaleTry)
+		}
+		if !b.replayable() {
+			t.Error("replayable() = false after a given-up try's read, want true")
+		}
+		if p, err := readOnce(mustNext(t, b)); p != "late" || err != nil {
+			t.Errorf("try 2 Read() = %q, %v; want %q, nil", p, err, "late")
+		}
+	})
+
 	t.Run("tryRead does not wait behind a stale read", func(t *testing.T) {
 		src := newFeedSource()
 		b := &body{src: src}
@@ -1477,4 +1496,138 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRetryStreamedBodyDuringBackoff: a node fails a request (it resets
+// it) before reading any of its streamed body; the client's first bytes
+// come once the retry is decided on, while it waits out its backoff. The
+// failed try's body sender may still be waiting for them: they must go to
+// the retry, not to the failed try, which would leave the body unable to
+// be sent again and the client with an error.
+func TestRetryStreamedBodyDuringBackoff(t *testing.T) {
+	tests := []struct {
+		name     string
+		protocol string // the route's, to the nodes
+		app      func(t *testing.T) *http.Client
+	}{
+		// Not over an http route: net/http's Transport returns a failed
+		// try's error only once its write loop's read of the body returns.
+		{"h2c app, http2 route", "http2", func(t *testing.T) *http.Client { return h2cClient(t, nil) }},
+		{"http/1.1 app, http2 route", "http2", func(t *testing.T) *http.Client { return newClient(t, nil) }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			leakcheck.Check(t)
+			broken := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				panic(http.ErrAbortHandler) // a reset stream
+			}), nil)
+			started := make(chan struct{}, 1)
+			echo := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				started <- struct{}{}
+				b, err := io.ReadAll(r.Body)
+				if err != nil {
+					http.Error(w, err.Error(), http.StatusBadRequest)
+					return
+				}
+				w.Write(b)
+			}), nil)
+			res := resDefaults(t)
+			res.Breaker.Enabled = false
+			res.Outlier.Enabled = false
+			// Long enough that the first bytes, sent once the retry is
+			// decided on, surely come during the backoff; what is asserted
+			// does not depend on it.
+			res.Retries.Backoff = 400 * time.Millisecond
+			res.Retries.Budget = config.Budget{Percent: 100, MinPerSecond: 100, Window: time.Minute}
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {broken.addr, echo.addr}}),
+				RouteConfig{Service: "echo", Protocol: tc.protocol, Resilience: res}, ServerOptions{})
+			client := tc.app(t)
+
+			const wantRetried = 2 // rounds where the broken node goes first
+			retried := 0
+			for i := 0; retried < wantRetried; i++ {
+				if i == 4*wantRetried {
+					t.Fatalf("the broken node went first in %d of %d rounds, want %d", retried, i, wantRetried)
+				}
+				first, rest := randomBytes(100), randomBytes(30<<10)
+				want := string(first) + string(rest)
+				pr, pw := io.Pipe()
+				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+				req, _ := http.NewRequestWithContext(ctx, http.MethodPut, sc.URL+"/upload", pr)
+				answer := make(chan response, 1)
+				go func() {
+					resp, err := client.Do(req)
+					if err != nil {
+						answer <- response{body: err.Error()}
+						return
+					}
+					b, err := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err != nil {
+						b = append(b, " (read: "+err.Error()+")"...)
+					}
+					answer <- response{status: resp.StatusCode, body: string(b)}
+				}()
+				// The failed try gives the body up before the retry takes
+				// from the budget: once the budget shows it, what is sent
+				// is the retry's.
+				spent := retriesSpent(sc.px)
+				echoFirst := false
+				for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+					select {
+					case <-started:
+						echoFirst = true
+					default:
+					}
+					if echoFirst || retriesSpent(sc.px) > spent {
+						break
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("round %d: the request reached no node", i)
+					}
+				}
+				if !echoFirst {
+					retried++
+				}
+				go func() {
+					_, _ = pw.Write(first) // a broken round shows in the answer
+					if !echoFirst {
+						select {
+						case <-started:
+						case <-ctx.Done():
+						}
+					}
+					_, _ = pw.Write(rest)
+					pw.Close()
+				}()
+				var r response
+				select {
+				case r = <-answer:
+				case <-ctx.Done():
+					pw.CloseWithError(errors.New("test gave up"))
+					r = <-answer
+				}
+				cancel()
+				pw.CloseWithError(errors.New("round over"))
+				if r.status != http.StatusOK || r.body != want {
+					t.Fatalf("round %d (retried: %v): %d with %d bytes (equal: %v), want 200 and the %d bytes sent; %.80q",
+						i, !echoFirst, r.status, len(r.body), r.body == want, len(want), r.body)
+				}
+			}
+		})
+	}
+}
+
+// retriesSpent counts the retries p's routes took from their budgets and
+// did not give back.
+func retriesSpent(p *Proxy) int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var n int64
+	for _, rt := range p.routes {
+		for i := range rt.budget.buckets {
+			n += rt.budget.buckets[i].retries.Load()
+		}
+	}
+	return n
 }

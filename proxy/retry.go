@@ -136,7 +136,13 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 					lastErr = fmt.Errorf("%w: per-try timeout %v: %w", ErrUpstreamTimeout, res.Retries.PerTryTimeout, err)
 				}
 			}
-			if !p.decideRetry(ctx, rt, reason, neverSent || (replayable && (b == nil || b.replayable())), &retries, neverSent, &next) {
+			if b != nil {
+				// What the client sends from now on, during the backoff
+				// too, is for the retry, if there is one.
+				b.giveUp()
+			}
+			if !p.decideRetry(rt, reason, neverSent || (replayable && (b == nil || b.replayable())), &retries, neverSent, &next) ||
+				!retryWait(ctx, rt, retries, neverSent) {
 				return nil, nil, balancer.Pick{}, lastErr
 			}
 			tried = append(tried, e.ID)
@@ -152,11 +158,19 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		rt.observe(e, gateway)
 		if gateway && isGatewayStatus(resp.StatusCode, false) && replayable && (b == nil || b.replayable()) &&
 			len(tried)+1 < rt.state.Load().eligible &&
-			p.decideRetry(ctx, rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false, &next) {
+			p.decideRetry(rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false, &next) {
+			// Held before the body is given up: a stream whose body is
+			// taken from it may be reset, and its answer with it.
 			held, heldE = hold(resp), e
 			done(pk, errGateway, start)
 			lastErr = fmt.Errorf("%w: %s", errGateway, resp.Status)
 			tried = append(tried, e.ID)
+			if b != nil {
+				b.giveUp() // as after a failed try
+			}
+			if !retryWait(ctx, rt, retries, false) {
+				return nil, nil, balancer.Pick{}, lastErr
+			}
 			continue
 		}
 		return resp, e, pk, nil
@@ -170,11 +184,12 @@ func deadlinePassed(ctx context.Context) bool {
 }
 
 // decideRetry decides whether to try again after a failed try, spending
-// from the budget unless the try never reached a node, and waits the
-// backoff. The retry decided on is left in next: the caller counts it when
+// from the budget unless the try never reached a node. The retry decided
+// on is left in next: the caller waits for it (retryWait), counts it when
 // its try is sent, and gives its budget back when it never is (the body
-// cannot be sent again, no node is left, the client went away).
-func (p *Proxy) decideRetry(ctx context.Context, rt *route, reason string, allowed bool, retries *int, neverSent bool, next *pendingRetry) bool {
+// cannot be sent again, no node is left, the client went away). It does
+// not block.
+func (p *Proxy) decideRetry(rt *route, reason string, allowed bool, retries *int, neverSent bool, next *pendingRetry) bool {
 	res := &rt.cfg.Resilience.Retries
 	if !allowed || *retries >= res.Attempts {
 		return false
@@ -189,10 +204,17 @@ func (p *Proxy) decideRetry(ctx context.Context, rt *route, reason string, allow
 	}
 	*retries++
 	*next = pendingRetry{reason: reason, spent: spent}
-	if neverSent && *retries == 1 {
+	return true
+}
+
+// retryWait waits before retry n (1-based) of rt: not at all before the
+// first retry of a try never sent, else the jittered backoff. It reports
+// false when ctx ended first.
+func retryWait(ctx context.Context, rt *route, n int, neverSent bool) bool {
+	if neverSent && n == 1 {
 		return ctx.Err() == nil // another node at once
 	}
-	return backoff(ctx, res.Backoff, *retries)
+	return backoff(ctx, rt.cfg.Resilience.Retries.Backoff, n)
 }
 
 // pendingRetry is a retry decided on whose try has not been sent yet.

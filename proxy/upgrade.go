@@ -96,7 +96,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		done(pk, err, start)
 		lastErr = err
 		neverSent := isDialError(err) && out.Body == nil
-		if !neverSent || !p.decideRetry(r.Context(), rt, "connect_failed", true, &retries, true, &next) {
+		if !neverSent || !p.decideRetry(rt, "connect_failed", true, &retries, true, &next) || !retryWait(r.Context(), rt, retries, true) {
 			fail(err)
 			return
 		}
