@@ -329,7 +329,9 @@ func TestUpgradeTunnelTimeout(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			leakcheck.Check(t)
-			const tunnel = 300 * time.Millisecond
+			// Long beside the busy session's pings, so that a stall of a
+			// loaded machine does not pass for silence.
+			const tunnel = time.Second
 			node := startWSNode(t, tc.useTLS)
 			rc := RouteConfig{Service: "echo", Timeouts: Timeouts{Tunnel: tunnel}}
 			if tc.useTLS {
@@ -350,7 +352,7 @@ func TestUpgradeTunnelTimeout(t *testing.T) {
 			if err := wsEcho(ctx, quiet, "once"); err != nil {
 				t.Fatalf("quiet session: %v", err)
 			}
-			for start := time.Now(); time.Since(start) < 3*tunnel; time.Sleep(tunnel / 6) {
+			for start := time.Now(); time.Since(start) < 2*tunnel; time.Sleep(tunnel / 10) {
 				if err := wsEcho(ctx, busy, "ping"); err != nil {
 					t.Fatalf("busy session after %v: %v", time.Since(start), err)
 				}
