@@ -1664,17 +1664,7 @@ func TestH2RefusedStreamBodyInFlight(t *testing.T) {
 		before := refusing.headers.Load()
 		pr, pw := io.Pipe()
 		req, _ := http.NewRequest(http.MethodPut, sc.URL+"/stream", pr) // of unknown length: not held for replay
-		answer := make(chan response, 1)
-		go func() {
-			resp, err := client.Do(req)
-			if err != nil {
-				answer <- response{body: err.Error()}
-				return
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			answer <- response{status: resp.StatusCode, header: resp.Header, body: string(body)}
-		}()
+		answer := goDo(client, req)
 		// Wait for the request to reach the healthy node, or an answer.
 		var r response
 		answered := false

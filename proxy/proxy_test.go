@@ -216,6 +216,27 @@ func do(t testing.TB, c *http.Client, req *http.Request) response {
 	return response{status: resp.StatusCode, header: resp.Header, trailer: resp.Trailer, body: string(body)}
 }
 
+// goDo sends req from a goroutine of its own, for a test that must feed
+// its body or watch the nodes meanwhile. The answer comes on the channel;
+// an error, or a failed body read, is told in its body.
+func goDo(c *http.Client, req *http.Request) <-chan response {
+	answer := make(chan response, 1)
+	go func() {
+		resp, err := c.Do(req)
+		if err != nil {
+			answer <- response{body: err.Error()}
+			return
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			b = append(b, " (read: "+err.Error()+")"...)
+		}
+		answer <- response{status: resp.StatusCode, header: resp.Header, body: string(b)}
+	}()
+	return answer
+}
+
 func doGet(t testing.TB, c *http.Client, url string, header http.Header) response {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, url, nil)

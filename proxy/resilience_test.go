@@ -1442,20 +1442,7 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 				pr, pw := io.Pipe()
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 				req, _ := http.NewRequestWithContext(ctx, http.MethodPut, sc.URL+"/upload", pr)
-				answer := make(chan response, 1)
-				go func() {
-					resp, err := client.Do(req)
-					if err != nil {
-						answer <- response{body: err.Error()}
-						return
-					}
-					b, err := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					if err != nil {
-						b = append(b, " (read: "+err.Error()+")"...)
-					}
-					answer <- response{status: resp.StatusCode, body: string(b)}
-				}()
+				answer := goDo(client, req)
 				// The body starts once a node that reads it has the request:
 				// after the 503, when the unavailable node was tried first.
 				select {
@@ -1554,20 +1541,7 @@ func TestRetryStreamedBodyDuringBackoff(t *testing.T) {
 				pr, pw := io.Pipe()
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 				req, _ := http.NewRequestWithContext(ctx, http.MethodPut, sc.URL+"/upload", pr)
-				answer := make(chan response, 1)
-				go func() {
-					resp, err := client.Do(req)
-					if err != nil {
-						answer <- response{body: err.Error()}
-						return
-					}
-					b, err := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					if err != nil {
-						b = append(b, " (read: "+err.Error()+")"...)
-					}
-					answer <- response{status: resp.StatusCode, body: string(b)}
-				}()
+				answer := goDo(client, req)
 				// The failed try gives the body up before the retry takes
 				// from the budget: once the budget shows it, what is sent
 				// is the retry's.
