@@ -240,16 +240,34 @@ func (a *Agent) Kill() {
 // Log returns what the agent has printed so far.
 func (a *Agent) Log() string { return a.log.String() }
 
-// FreePort returns a loopback TCP port that was free a moment ago.
+// FreePort returns a loopback TCP port that was free a moment ago, and
+// that no earlier call in this process returned: the kernel may hand a
+// port it just freed to the next bind, and two listeners of one test
+// configured with the same port would clash.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	handedOut.Lock()
+	defer handedOut.Unlock()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l.Close()
+		if !handedOut.ports[port] {
+			handedOut.ports[port] = true
+			return port
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("no loopback port free that was not handed out before")
+	return 0
 }
+
+var handedOut = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: map[int]bool{}}
 
 // WaitFor polls cond every 20ms until it returns true or within passes, and
 // reports how long it took. It fails the test on timeout.
