@@ -368,13 +368,15 @@ func (x *exchange) stop() bool {
 	return true
 }
 
+// interrupterKey is the context key of an app connection's interrupter.
+type interrupterKey struct{}
+
 // interrupter does for the exchanges of one app connection, one at a time,
 // what a context.AfterFunc on their shared context would do, without the
 // three allocations such a registration costs per request. The HTTP/1.1
 // server makes one per connection, registered once with context.AfterFunc,
-// and puts it in the connection's context (see withInterrupter).
-type interrupterKey struct{}
-
+// and puts it in the connection's context (see withInterrupter). Its
+// methods are safe for concurrent use and do not block.
 type interrupter struct {
 	ctx   context.Context // the context it serves, and no context derived from it
 	mu    sync.Mutex
