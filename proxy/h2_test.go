@@ -958,6 +958,59 @@ func TestH2IdleStreamFrames(t *testing.T) {
 	}
 }
 
+// h2ConnErrorCases are frames that commit a connection error other than
+// PROTOCOL_ERROR, sent by a client to the sidecar or by a node to it, and
+// the code the sidecar's GOAWAY must carry (RFC 9113, 5.4.1). stream is the
+// stream of a request whose body is still open.
+var h2ConnErrorCases = []struct {
+	name string
+	send func(fr *http2.Framer, stream uint32)
+	code http2.ErrCode
+}{
+	{"data overrunning the connection window", func(fr *http2.Framer, stream uint32) {
+		_ = fr.WriteData(stream, false, make([]byte, h2ConnWindow+1))
+	}, http2.ErrCodeFlowControl},
+	{"connection window update past 2^31-1", func(fr *http2.Framer, _ uint32) {
+		_ = fr.WriteWindowUpdate(0, 1<<31-1)
+	}, http2.ErrCodeFlowControl},
+	{"initial window size past 2^31-1", func(fr *http2.Framer, _ uint32) {
+		_ = fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 31})
+	}, http2.ErrCodeFlowControl},
+	{"undecodable header block", func(fr *http2.Framer, stream uint32) {
+		// An indexed field of index 0, which no table holds.
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: []byte{0x80}, EndHeaders: true})
+	}, http2.ErrCodeCompression},
+	{"ping of 7 bytes", func(fr *http2.Framer, _ uint32) {
+		_ = fr.WriteRawFrame(http2.FramePing, 0, 0, make([]byte, 7))
+	}, http2.ErrCodeFrameSize},
+}
+
+// TestH2ConnectionErrorCodes: a client's connection error is answered with
+// a GOAWAY carrying that error's code, not always PROTOCOL_ERROR, and the
+// connection closes.
+func TestH2ConnectionErrorCodes(t *testing.T) {
+	leakcheck.Check(t)
+	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+	}), ServerOptions{}, testLogger(t))
+	px := startProxyServerWith(t, srv)
+	for _, tc := range h2ConnErrorCases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRawH2(t, px.Listener.Addr().String(), true)
+			c.request(1, http.MethodPost, "/upload", false)
+			tc.send(c.fr, 1)
+			c.flush()
+			c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
+			if c.goAway.ErrCode != tc.code {
+				t.Errorf("GOAWAY %v, want %v", c.goAway.ErrCode, tc.code)
+			}
+			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Error("connection still open after GOAWAY")
+			}
+		})
+	}
+}
+
 // trailerNode answers 201 with a header, the request body after
 // "payload:", and trailers: one declared in Trailer, one set with
 // http.TrailerPrefix, and the request's X-Req-Sum trailer sent back.
@@ -1816,6 +1869,38 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 					t.Errorf("GOAWAY %v from the sidecar, want none", code)
 				default:
 				}
+			}
+		})
+	}
+}
+
+// TestH2NodeConnectionErrorCodes: a node's connection error is answered
+// with a GOAWAY carrying that error's code, not always PROTOCOL_ERROR; the
+// request on the connection fails with a 502 naming the code.
+func TestH2NodeConnectionErrorCodes(t *testing.T) {
+	leakcheck.Check(t)
+	for _, tc := range h2ConnErrorCases {
+		t.Run(tc.name, func(t *testing.T) {
+			node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+				tc.send(fr, f.StreamID)
+			})
+			res := resDefaults(t)
+			res.Breaker.Enabled = false
+			res.Outlier.Enabled = false
+			res.Retries.Attempts = 0
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+				RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
+			r := doGet(t, h2cClient(t, nil), sc.URL+"/x", nil)
+			if r.status != http.StatusBadGateway || !strings.Contains(r.body, tc.code.String()) {
+				t.Errorf("request = %d %q, want 502 naming %v", r.status, r.body, tc.code)
+			}
+			select {
+			case code := <-node.goAway:
+				if code != tc.code {
+					t.Errorf("GOAWAY %v, want %v", code, tc.code)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("no GOAWAY from the sidecar")
 			}
 		})
 	}

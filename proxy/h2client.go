@@ -632,8 +632,14 @@ func (cc *h2ClientConn) readFrames() error {
 			return err
 		}
 		if err := cc.handle(f); err != nil {
+			// The GOAWAY carries the error's own code (RFC 9113, 5.4.1).
+			code := http2.ErrCodeProtocol
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				code = http2.ErrCode(ce)
+			}
 			cc.mu.Lock()
-			cc.writeGoAwayLocked(0, http2.ErrCodeProtocol)
+			cc.writeGoAwayLocked(0, code)
 			cc.mu.Unlock()
 			cc.closeAfterFlush()
 			return err
