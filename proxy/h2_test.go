@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
@@ -1592,7 +1594,7 @@ func TestH2EndpointLeaves(t *testing.T) {
 func TestH2PoolRetired(t *testing.T) {
 	leakcheck.Check(t)
 	node := startH2CNode(t, nodeHandler("node-0"), nil)
-	p := newH2Pool(Timeouts{}.withDefaults())
+	p := newH2Pool(Timeouts{}.withDefaults(), testLogger(t))
 	get := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -1903,6 +1905,145 @@ func TestH2NodeConnectionErrorCodes(t *testing.T) {
 				t.Fatal("no GOAWAY from the sidecar")
 			}
 		})
+	}
+}
+
+// panicConn is a connection that panics on its first write (onWrite) or on
+// its first read after the HTTP/2 preface, as a faulty wrapper of the
+// socket might.
+type panicConn struct {
+	net.Conn
+	onWrite bool
+	read    int
+}
+
+func (c *panicConn) Read(p []byte) (int, error) {
+	if !c.onWrite && c.read >= len(http2.ClientPreface) {
+		panic("read boom")
+	}
+	n, err := c.Conn.Read(p[:min(len(p), len(http2.ClientPreface)-c.read)])
+	c.read += n
+	return n, err
+}
+
+func (c *panicConn) Write(p []byte) (int, error) {
+	if c.onWrite {
+		panic("write boom")
+	}
+	return c.Conn.Write(p)
+}
+
+// panicListener wraps the connections it accepts in a panicConn while
+// mode is "read" or "write".
+type panicListener struct {
+	net.Listener
+	mode atomic.Value // string
+}
+
+func (l *panicListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	switch l.mode.Load() {
+	case "read":
+		return &panicConn{Conn: c}, nil
+	case "write":
+		return &panicConn{Conn: c, onWrite: true}, nil
+	}
+	return c, nil
+}
+
+// TestH2ConnPanics: a panic in an app connection's read loop or write
+// loop is logged with its stack and closes that connection, as an I/O
+// error would; the sidecar lives on and serves the next connection.
+func TestH2ConnPanics(t *testing.T) {
+	leakcheck.Check(t)
+	core, logs := observer.New(zap.ErrorLevel)
+	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	}), ServerOptions{}, zap.New(core))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl := &panicListener{Listener: ln}
+	pl.mode.Store("")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.Serve(pl)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	for _, tc := range []struct{ mode, loop string }{{"read", "readLoop"}, {"write", "writeLoop"}} {
+		mode := tc.mode
+		t.Run(mode, func(t *testing.T) {
+			pl.mode.Store(mode)
+			c := dialRawH2(t, ln.Addr().String(), true)
+			c.request(1, http.MethodGet, "/x", true)
+			c.flush()
+			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Error("connection still open after the panic")
+			}
+			resWait(t, 5*time.Second, "the panic logged", func() bool {
+				return logs.FilterMessage("http2 connection panicked").Len() > 0
+			})
+			entry := logs.TakeAll()[0]
+			if fields := entry.ContextMap(); fields["panic"] != mode+" boom" || !strings.Contains(fmt.Sprint(fields["stack"]), tc.loop) {
+				t.Errorf("logged %q %v, want the panic and the stack of %s", entry.Message, fields, tc.loop)
+			}
+			pl.mode.Store("")
+			if r := doGet(t, h2cClient(t, nil), "http://"+ln.Addr().String()+"/x", nil); r.status != http.StatusOK || r.body != "ok" {
+				t.Errorf("next connection: %d %q, want 200 ok", r.status, r.body)
+			}
+		})
+	}
+}
+
+// panicReader panics on its first read.
+type panicReader struct{}
+
+func (panicReader) Read([]byte) (int, error) { panic("body boom") }
+
+// TestH2RequestBodyPanics: a panic in the goroutine that sends a request
+// body to a node, here in the body's Read, is logged with its stack and
+// ends that stream only: the request fails, and the connection serves the
+// next one.
+func TestH2RequestBodyPanics(t *testing.T) {
+	leakcheck.Check(t)
+	node := startH2CNode(t, echoNode, nil)
+	core, logs := observer.New(zap.ErrorLevel)
+	p := newH2Pool(Timeouts{}.withDefaults(), zap.New(core))
+	t.Cleanup(p.retire)
+	send := func(body io.Reader) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+node.addr+"/r", body)
+		req.ContentLength = -1
+		resp, err := p.roundTrip(req)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return string(b), err
+	}
+	if _, err := send(panicReader{}); !errors.Is(err, errH2Panicked) {
+		t.Errorf("request with a panicking body: error %v, want %v", err, errH2Panicked)
+	}
+	entries := logs.FilterMessage("http2 request body panicked").All()
+	if len(entries) != 1 || entries[0].ContextMap()["panic"] != "body boom" ||
+		!strings.Contains(fmt.Sprint(entries[0].ContextMap()["stack"]), "writeRest") {
+		t.Errorf("logged %v, want one entry with the panic and its stack", logs.All())
+	}
+	if got, err := send(strings.NewReader("after")); err != nil || got != "after" {
+		t.Errorf("next request = %q, %v; want the body echoed", got, err)
+	}
+	if got := node.accepts.Load(); got != 1 {
+		t.Errorf("node connections = %d, want 1: the panic ended only its stream", got)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.uber.org/zap"
 	"golang.org/x/net/http2"
 )
 
@@ -41,6 +42,7 @@ func (e h2StreamError) Error() string { return "http2: stream reset by the node:
 type h2Pool struct {
 	timeouts Timeouts
 	dialer   net.Dialer
+	log      *zap.Logger // for panics of the connections' goroutines
 	// pingAfter and pingTimeout: h2PingAfter and h2PingTimeout when the
 	// pool was made.
 	pingAfter, pingTimeout time.Duration
@@ -56,9 +58,14 @@ type h2Dial struct {
 	err  error
 }
 
-func newH2Pool(t Timeouts) *h2Pool {
+// newH2Pool returns a pool with timeouts t; if log is nil, nothing is
+// logged.
+func newH2Pool(t Timeouts, log *zap.Logger) *h2Pool {
+	if log == nil {
+		log = zap.NewNop()
+	}
 	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second},
-		pingAfter: h2PingAfter, pingTimeout: h2PingTimeout}
+		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout}
 }
 
 // roundTrip sends req on a connection to req.URL.Host and returns the
@@ -135,7 +142,7 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	}
 	nc = newRawConn(nc)
 	cc := &h2ClientConn{
-		h2conn:  newH2Conn(nc),
+		h2conn:  newH2Conn(nc, p.log),
 		pool:    p,
 		streams: make(map[uint32]*h2ClientStream),
 		nextID:  1,
@@ -420,7 +427,19 @@ func (cs *h2ClientStream) sendBody() {
 	if br, ok := cs.req.Body.(*bodyReader); ok && !cs.writeBody(br, true) {
 		return
 	}
-	go cs.writeBody(cs.req.Body, false)
+	go cs.writeRest()
+}
+
+// writeRest is writeBody on a goroutine of its own. A panic, in the body's
+// Read say, ends the stream as a failed read would.
+func (cs *h2ClientStream) writeRest() {
+	defer func() {
+		if v := recover(); v != nil {
+			cs.cc.logPanic("http2 request body panicked", v)
+			cs.abort(errH2Panicked)
+		}
+	}()
+	cs.writeBody(cs.req.Body, false)
 }
 
 // writeBody sends the request body as DATA frames, ending the stream with
@@ -606,7 +625,15 @@ func (cc *h2ClientConn) readLoop() {
 	cc.mu.Unlock()
 }
 
-func (cc *h2ClientConn) readFrames() error {
+// readFrames reads and handles frames until the connection ends. A panic
+// ends the connection as a failed read would.
+func (cc *h2ClientConn) readFrames() (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			cc.logPanic("http2 connection panicked", v)
+			err = errH2Panicked
+		}
+	}()
 	for {
 		f, err := cc.readFrame()
 		cc.framesRead.Add(1)

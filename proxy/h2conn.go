@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -48,13 +49,19 @@ const (
 	h2InitialWindow = 65535
 )
 
-var errH2ConnClosed = errors.New("http2: connection closed")
+var (
+	errH2ConnClosed = errors.New("http2: connection closed")
+	// errH2Panicked ends a connection, or a stream, whose goroutine
+	// panicked.
+	errH2Panicked = errors.New("http2: connection goroutine panicked")
+)
 
 // h2conn is one HTTP/2 connection's shared state: the frame reader, the
 // batched writer, the header encoder and the connection's send window.
 type h2conn struct {
-	nc net.Conn
-	fr *http2.Framer // read side: the read loop only
+	nc  net.Conn
+	log *zap.Logger   // for panics of the connection's goroutines
+	fr  *http2.Framer // read side: the read loop only
 	// Header blocks, decoded by the read loop (readFrame) into meta, which
 	// is reused from block to block.
 	hdec *hpack.Decoder
@@ -92,9 +99,10 @@ type h2conn struct {
 	recvWin     int64 // what the peer may still send on the connection; under mu
 }
 
-func newH2Conn(nc net.Conn) *h2conn {
+func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 	c := &h2conn{
 		nc:             nc,
+		log:            log,
 		flushReq:       make(chan struct{}, 1),
 		done:           make(chan struct{}),
 		sendWin:        h2InitialWindow,
@@ -262,8 +270,15 @@ func (s headerSink) Write(p []byte) (int, error) {
 
 // writeLoop sends what producers have buffered. It yields once before each
 // write so that other goroutines made runnable by the same burst of input
-// add their frames to the same write.
+// add their frames to the same write. A panic ends the connection as a
+// failed write would.
 func (c *h2conn) writeLoop() {
+	defer func() {
+		if v := recover(); v != nil {
+			c.logPanic("http2 connection panicked", v)
+			c.fail(errH2Panicked)
+		}
+	}()
 	for {
 		select {
 		case <-c.flushReq:
@@ -296,6 +311,12 @@ func (c *h2conn) writeLoop() {
 			return
 		}
 	}
+}
+
+// logPanic logs a panic recovered on one of the connection's goroutines,
+// with its stack.
+func (c *h2conn) logPanic(msg string, v any) {
+	c.log.Error(msg, zap.Stringer("remote", c.nc.RemoteAddr()), zap.Any("panic", v), zap.Stack("stack"))
 }
 
 // flushLocked asks the writer to send what is buffered. c.mu must be held.

@@ -46,7 +46,7 @@ type h2ServerConn struct {
 
 func (s *Server) serveH2(nc net.Conn) {
 	sc := &h2ServerConn{
-		h2conn:  newH2Conn(nc),
+		h2conn:  newH2Conn(nc, s.log),
 		s:       s,
 		remote:  nc.RemoteAddr().String(),
 		streams: make(map[uint32]*h2ServerStream),
@@ -85,8 +85,15 @@ func (s *Server) serveH2(nc net.Conn) {
 	sc.mu.Unlock()
 }
 
-// readLoop reads and handles frames until the connection ends.
-func (sc *h2ServerConn) readLoop() error {
+// readLoop reads and handles frames until the connection ends. A panic
+// ends the connection as a failed read would.
+func (sc *h2ServerConn) readLoop() (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			sc.logPanic("http2 connection panicked", v)
+			err = errH2Panicked
+		}
+	}()
 	// The client's SETTINGS must come as promptly as an HTTP/1.1 header.
 	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
 	first := true

@@ -11,6 +11,8 @@ import (
 	"os"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/sidecarlb/sidecar/config"
 )
 
@@ -28,6 +30,7 @@ type pools struct {
 type poolConfig struct {
 	timeouts Timeouts
 	tls      *tls.Config // nil: plaintext
+	log      *zap.Logger // the route's; nil logs nothing
 }
 
 func newPools(c *poolConfig, now time.Time) *pools {
@@ -36,7 +39,7 @@ func newPools(c *poolConfig, now time.Time) *pools {
 		p.fast = newH1Pool(c.timeouts)
 	}
 	if useH2Pool && c.tls == nil {
-		p.h2c = newH2Pool(c.timeouts)
+		p.h2c = newH2Pool(c.timeouts, c.log)
 	} else {
 		p.h2 = newTransport(c, true)
 	}

@@ -73,9 +73,10 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 	if tlsConf != nil {
 		scheme = "https"
 	}
+	log = log.With(zap.String("listener", listener), zap.String("service", cfg.Service))
 	return &route{
 		scheme:   scheme,
-		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf},
+		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf, log: log},
 		listener: listener,
 		cfg:      cfg,
 		h2:       cfg.Protocol == "http2" || cfg.Protocol == "grpc",
@@ -84,7 +85,7 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 		resolver: resolver,
 		metrics:  m.route(listener, cfg.Service),
 		budget:   newRetryBudget(cfg.Resilience.Retries.Budget),
-		log:      log.With(zap.String("listener", listener), zap.String("service", cfg.Service)),
+		log:      log,
 	}, nil
 }
 
