@@ -107,10 +107,17 @@ func (p *parser) validateDiscovery(d *Discovery) {
 	case d.Backend != BackendStatic && len(d.Static) > 0:
 		p.errorf("discovery.static", "set, but discovery.backend is %q; it is only used with backend static", d.Backend)
 	}
+	folded := make(map[string]string, len(d.Static)) // names by their lower case
 	for _, name := range slices.Sorted(maps.Keys(d.Static)) {
 		eps := d.Static[name]
 		path := child("discovery.static", name)
 		p.name(path, name)
+		// The static backend, like Consul, folds the case of names.
+		if prev, dup := folded[strings.ToLower(name)]; dup {
+			p.errorf(path, "%q and %q differ only in case; service names are case-insensitive", prev, name)
+		} else {
+			folded[strings.ToLower(name)] = name
+		}
 		if len(eps) == 0 {
 			p.errorf(path, "must list at least one host:port")
 		}

@@ -209,6 +209,22 @@ upstreams: [{name: other, listen: 127.0.0.1:15002}]
 		},
 	},
 	{
+		name: "static names differing only in case",
+		yaml: `
+discovery:
+  backend: static
+  static:
+    echo: ["127.0.0.1:9001"]
+    Echo: ["127.0.0.1:9002"]
+    ECHO: ["127.0.0.1:9003"]
+    other: ["127.0.0.1:9004"]
+`,
+		want: []string{
+			`config.yaml: discovery.static.echo: "ECHO" and "echo" differ only in case; service names are case-insensitive`,
+			`config.yaml: discovery.static.Echo: "ECHO" and "Echo" differ only in case; service names are case-insensitive`,
+		},
+	},
+	{
 		name: "unknown backend",
 		yaml: "discovery: {backend: dns, cache_size: 0, resolve_timeout: 0s}",
 		want: []string{
