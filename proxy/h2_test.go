@@ -969,9 +969,10 @@ var h2ConnErrorCases = []struct {
 	send func(fr *http2.Framer, stream uint32)
 	code http2.ErrCode
 }{
-	{"data overrunning the connection window", func(fr *http2.Framer, stream uint32) {
-		_ = fr.WriteData(stream, false, make([]byte, h2ConnWindow+1))
-	}, http2.ErrCodeFlowControl},
+	{"frame over the maximum frame size", func(fr *http2.Framer, stream uint32) {
+		// The sidecar never raises SETTINGS_MAX_FRAME_SIZE from 16 KiB.
+		_ = fr.WriteData(stream, false, make([]byte, h2DefaultFrame+1))
+	}, http2.ErrCodeFrameSize},
 	{"connection window update past 2^31-1", func(fr *http2.Framer, _ uint32) {
 		_ = fr.WriteWindowUpdate(0, 1<<31-1)
 	}, http2.ErrCodeFlowControl},
@@ -1010,6 +1011,36 @@ func TestH2ConnectionErrorCodes(t *testing.T) {
 				t.Error("connection still open after GOAWAY")
 			}
 		})
+	}
+}
+
+// TestH2ConnectionWindowOverrun: DATA past the connection's window, each
+// frame within its stream's window and the maximum frame size, is answered
+// with GOAWAY(FLOW_CONTROL_ERROR) (RFC 9113, 6.9.1). The handlers do not
+// read, so the sidecar grants nothing past its first window.
+func TestH2ConnectionWindowOverrun(t *testing.T) {
+	leakcheck.Check(t)
+	release := make(chan struct{})
+	defer close(release)
+	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-release
+	}), ServerOptions{}, testLogger(t))
+	px := startProxyServerWith(t, srv)
+	c := dialRawH2(t, px.Listener.Addr().String(), true)
+	streams := h2ConnWindow/h2StreamWindow + 1
+	for i := range streams {
+		c.request(uint32(2*i+1), http.MethodPost, "/upload", false)
+	}
+	chunk := make([]byte, h2DefaultFrame)
+	for range h2StreamWindow / h2DefaultFrame {
+		for i := range streams {
+			_ = c.fr.WriteData(uint32(2*i+1), false, chunk)
+		}
+	}
+	c.flush()
+	c.mustRead(10*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
+	if c.goAway.ErrCode != http2.ErrCodeFlowControl {
+		t.Errorf("GOAWAY %v, want %v", c.goAway.ErrCode, http2.ErrCodeFlowControl)
 	}
 }
 

@@ -114,6 +114,9 @@ func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 	c.cond.L = &c.mu
 	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 16<<10))
 	c.fr.SetReuseFrames()
+	// The sidecar never raises SETTINGS_MAX_FRAME_SIZE, so a larger frame
+	// is the peer's error, not a buffer of up to 16 MiB to grow.
+	c.fr.SetMaxReadFrameSize(h2DefaultFrame)
 	c.fr.MaxHeaderListSize = h2MaxHeaderList
 	c.hdec = hpack.NewDecoder(4096, c.emitField)
 	c.hdec.SetMaxStringLength(h2MaxHeaderList)
@@ -130,12 +133,12 @@ func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 func (c *h2conn) readFrame() (http2.Frame, error) {
 	fh, err := c.fr.ReadFrameHeader()
 	if err != nil {
-		return nil, err
+		return nil, frameSizeError(err)
 	}
 	c.lastType = fh.Type
 	f, err := c.fr.ReadFrameForHeader(fh)
 	if err != nil {
-		return nil, err
+		return nil, frameSizeError(err)
 	}
 	hf, ok := f.(*http2.HeadersFrame)
 	if !ok {
@@ -166,7 +169,7 @@ func (c *h2conn) readFrame() (http2.Frame, error) {
 		}
 		f, err := c.fr.ReadFrame()
 		if err != nil {
-			return nil, err
+			return nil, frameSizeError(err)
 		}
 		block = f.(*http2.ContinuationFrame) // the Framer checks the order
 	}
@@ -180,6 +183,15 @@ func (c *h2conn) readFrame() (http2.Frame, error) {
 		return nil, http2.StreamError{StreamID: hf.StreamID, Code: http2.ErrCodeProtocol, Cause: err}
 	}
 	return mh, nil
+}
+
+// frameSizeError turns the Framer's error for a frame over the maximum
+// size into the connection error it is (RFC 9113, 4.2).
+func frameSizeError(err error) error {
+	if errors.Is(err, http2.ErrFrameTooLarge) {
+		return http2.ConnectionError(http2.ErrCodeFrameSize)
+	}
+	return err
 }
 
 // headerBlockState is what decoding one header block keeps.
