@@ -1387,6 +1387,22 @@ func TestBodyStaleTryHammer(t *testing.T) {
 	}
 }
 
+// startSignallingEcho starts an h2c node that echoes a request's body and
+// signals on started when a request reaches it, before it reads the body.
+func startSignallingEcho(t testing.TB) (*h2Node, <-chan struct{}) {
+	started := make(chan struct{}, 1)
+	echo := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		started <- struct{}{}
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.Write(b)
+	}), nil)
+	return echo, started
+}
+
 // TestRetryStreamedBodyWhole: a node that answers 503 at once, before it
 // reads any of a streamed request body (of unknown length, so not held for
 // replay), has the request retried on another node, which gets the whole
@@ -1415,16 +1431,7 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 				refused.Add(1)
 				w.WriteHeader(http.StatusServiceUnavailable)
 			}), nil)
-			started := make(chan struct{}, 1)
-			echo := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				started <- struct{}{}
-				b, err := io.ReadAll(r.Body)
-				if err != nil {
-					http.Error(w, err.Error(), http.StatusBadRequest)
-					return
-				}
-				w.Write(b)
-			}), nil)
+			echo, started := startSignallingEcho(t)
 			res := resDefaults(t)
 			res.Breaker.Enabled = false
 			res.Outlier.Enabled = false
@@ -1508,16 +1515,7 @@ func TestRetryStreamedBodyDuringBackoff(t *testing.T) {
 			broken := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				panic(http.ErrAbortHandler) // a reset stream
 			}), nil)
-			started := make(chan struct{}, 1)
-			echo := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				started <- struct{}{}
-				b, err := io.ReadAll(r.Body)
-				if err != nil {
-					http.Error(w, err.Error(), http.StatusBadRequest)
-					return
-				}
-				w.Write(b)
-			}), nil)
+			echo, started := startSignallingEcho(t)
 			res := resDefaults(t)
 			res.Breaker.Enabled = false
 			res.Outlier.Enabled = false
