@@ -659,12 +659,7 @@ func (cc *h2ClientConn) readFrames() (err error) {
 			return err
 		}
 		if err := cc.handle(f); err != nil {
-			// The GOAWAY carries the error's own code (RFC 9113, 5.4.1).
-			code := http2.ErrCodeProtocol
-			var ce http2.ConnectionError
-			if errors.As(err, &ce) {
-				code = http2.ErrCode(ce)
-			}
+			code, _ := connErrorCode(err) // PROTOCOL_ERROR if not one
 			cc.mu.Lock()
 			cc.writeGoAwayLocked(0, code)
 			cc.mu.Unlock()
@@ -694,7 +689,7 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		}
 		if cs.trailer == nil {
 			if fields := f.RegularFields(); len(fields) > 0 {
-				cs.trailer = cs.cc.header(fields, false)
+				cs.trailer = cc.header(fields, false)
 			}
 		} else {
 			for _, hf := range f.RegularFields() {
@@ -819,7 +814,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 		}
 		return nil // 100 Continue and the like: the final answer follows
 	}
-	header := cs.cc.header(f.RegularFields(), false)
+	header := cc.header(f.RegularFields(), false)
 	resp := &http.Response{
 		Status:        statusLine(code),
 		StatusCode:    code,

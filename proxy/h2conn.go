@@ -194,6 +194,17 @@ func frameSizeError(err error) error {
 	return err
 }
 
+// connErrorCode returns the code of err when it is a connection error, for
+// the GOAWAY that ends the connection (RFC 9113, 5.4.1); otherwise
+// PROTOCOL_ERROR and false.
+func connErrorCode(err error) (http2.ErrCode, bool) {
+	var ce http2.ConnectionError
+	if errors.As(err, &ce) {
+		return http2.ErrCode(ce), true
+	}
+	return http2.ErrCodeProtocol, false
+}
+
 // headerBlockState is what decoding one header block keeps.
 type headerBlockState struct {
 	remain     uint32 // of the header list size

@@ -119,9 +119,8 @@ func (sc *h2ServerConn) readLoop() (err error) {
 				sc.mu.Unlock()
 				continue
 			}
-			var ce http2.ConnectionError
-			if errors.As(err, &ce) {
-				return sc.goAway(http2.ErrCode(ce), err)
+			if code, ok := connErrorCode(err); ok {
+				return sc.goAway(code, err)
 			}
 			return err
 		}
@@ -133,9 +132,8 @@ func (sc *h2ServerConn) readLoop() (err error) {
 			first = false
 		}
 		if err := sc.handle(f); err != nil {
-			var ce http2.ConnectionError
-			if errors.As(err, &ce) {
-				return sc.goAway(http2.ErrCode(ce), err)
+			if code, ok := connErrorCode(err); ok {
+				return sc.goAway(code, err)
 			}
 			return err
 		}
