@@ -70,8 +70,8 @@ func validServiceName(s string) bool {
 	return true
 }
 
-// indexFold is strings.Index ignoring case, for a lower-case ASCII sep whose
-// first byte is not a letter.
+// indexFold is strings.Index ignoring case, for a sep whose first byte is
+// not a letter.
 func indexFold(s, sep string) int {
 	for i := 0; i+len(sep) <= len(s); i++ {
 		j := strings.IndexByte(s[i:len(s)-len(sep)+1], sep[0])
@@ -79,30 +79,14 @@ func indexFold(s, sep string) int {
 			return -1
 		}
 		i += j
-		if lowerASCIIEqual(s[i:i+len(sep)], sep) {
+		if strings.EqualFold(s[i:i+len(sep)], sep) {
 			return i
 		}
 	}
 	return -1
 }
 
-// hasSuffixFold is strings.HasSuffix ignoring case, for a lower-case ASCII
-// suffix.
+// hasSuffixFold is strings.HasSuffix ignoring case.
 func hasSuffixFold(s, suffix string) bool {
-	return len(s) >= len(suffix) && lowerASCIIEqual(s[len(s)-len(suffix):], suffix)
-}
-
-// lowerASCIIEqual reports whether s, with its ASCII letters in lower case, is
-// lower, which is lower-case ASCII and as long as s.
-func lowerASCIIEqual(s, lower string) bool {
-	for i := 0; i < len(lower); i++ {
-		c := s[i]
-		if 'A' <= c && c <= 'Z' {
-			c += 'a' - 'A'
-		}
-		if c != lower[i] {
-			return false
-		}
-	}
-	return true
+	return len(s) >= len(suffix) && strings.EqualFold(s[len(s)-len(suffix):], suffix)
 }
