@@ -113,10 +113,11 @@ func (p *parser) validateDiscovery(d *Discovery) {
 		path := child("discovery.static", name)
 		p.name(path, name)
 		// The static backend, like Consul, folds the case of names.
-		if prev, dup := folded[strings.ToLower(name)]; dup {
+		key := strings.ToLower(name)
+		if prev, dup := folded[key]; dup {
 			p.errorf(path, "%q and %q differ only in case; service names are case-insensitive", prev, name)
 		} else {
-			folded[strings.ToLower(name)] = name
+			folded[key] = name
 		}
 		if len(eps) == 0 {
 			p.errorf(path, "must list at least one host:port")
