@@ -90,7 +90,7 @@ type h1Conn struct {
 }
 
 // limitReader bounds how much a message's header may read from the
-// connection: past n bytes, reads fail with err (errHeaderTooLong when nil).
+// connection: past n bytes, reads fail with err.
 // The HTTP/1.1 pool reads responses through one, the server requests.
 type limitReader struct {
 	c   net.Conn
@@ -102,10 +102,7 @@ var errHeaderTooLong = errors.New("upstream response header too long")
 
 func (l *limitReader) Read(p []byte) (int, error) {
 	if l.n <= 0 {
-		if l.err != nil {
-			return 0, l.err
-		}
-		return 0, errHeaderTooLong
+		return 0, l.err
 	}
 	if int64(len(p)) > l.n {
 		p = p[:l.n]
@@ -217,8 +214,7 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 		return nil, err
 	}
 	c = newRawConn(c)
-	pc := &h1Conn{pool: p, c: c}
-	pc.lr.c = c
+	pc := &h1Conn{pool: p, c: c, lr: limitReader{c: c, err: errHeaderTooLong}}
 	pc.br = bufio.NewReaderSize(&pc.lr, h1ReadBuffer)
 	pc.bw = bufio.NewWriterSize(c, h1WriteBuffer)
 	pc.tp.R = pc.br
