@@ -81,6 +81,18 @@ func (e *endpoint) allow() (func(error), error) {
 
 func noopDone(error) {}
 
+// reportTry reports the outcome of a try on e, a request's or a
+// connection's: to e's breaker (breakerDone, from e.allow), and to outlier
+// detection. A success for both ends both runs of consecutive failures.
+func (rt *route) reportTry(e *endpoint, breakerDone func(error), breakerFailure, gatewayFailure bool) {
+	if breakerFailure {
+		breakerDone(errBreakerFailure)
+	} else {
+		breakerDone(nil)
+	}
+	rt.observe(e, gatewayFailure)
+}
+
 // observe records a try's outcome on e for outlier ejection.
 func (rt *route) observe(e *endpoint, gatewayFailure bool) {
 	o := rt.cfg.Resilience.Outlier

@@ -120,8 +120,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 				release(pk)
 				return nil, nil, balancer.Pick{}, b.failed()
 			}
-			breakerDone(errBreakerFailure)
-			rt.observe(e, true)
+			rt.reportTry(e, breakerDone, true, true)
 			done(pk, err, start)
 			neverSent := isDialError(err)
 			lastErr = err
@@ -150,12 +149,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 
 		gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
-		if resp.StatusCode >= 500 && res.Breaker.TripOn5xx {
-			breakerDone(errBreakerFailure)
-		} else {
-			breakerDone(nil)
-		}
-		rt.observe(e, gateway)
+		rt.reportTry(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
 		if gateway && isGatewayStatus(resp.StatusCode, false) && replayable && (b == nil || b.replayable()) &&
 			len(tried)+1 < rt.state.Load().eligible &&
 			p.decideRetry(rt, "status_"+strconv.Itoa(resp.StatusCode), true, &retries, false, &next) {

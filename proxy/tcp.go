@@ -168,7 +168,7 @@ func (s *TCPServer) handle(client net.Conn) {
 			break
 		}
 		c, err := s.dial(ep.Addr, header)
-		rt.connTried(ep, breakerDone, err != nil, err != nil)
+		rt.reportTry(ep, breakerDone, err != nil, err != nil)
 		if err != nil {
 			done(pk, err, start)
 			lastErr = err
@@ -248,7 +248,7 @@ func pipe(dst, src net.Conn, last *atomic.Int64) error {
 // upgrade's handshake, as roundTrip picks one for a request: nodes whose
 // breaker is open are passed over and added to *tried, and so are nodes
 // already in *tried. It returns the node, its pick, and the func that
-// reports the try's outcome to the breaker (give it to connTried). The
+// reports the try's outcome to the breaker (give it to reportTry). The
 // error is the pick's, or says that every node left has an open breaker or
 // was tried; a caller with a failed try of its own reports that instead.
 // It does not block, except as rt.pick may on a service's first lookup;
@@ -278,17 +278,3 @@ func (rt *route) pickConn(ctx context.Context, key uint64, hasKey bool, tried *[
 
 // errTriedAll: every node a connection could go to was tried.
 var errTriedAll = errors.New("every node tried")
-
-// connTried reports the outcome of a connection's try on e, as roundTrip
-// does a request's: to e's breaker (breakerDone, from pickConn), and to
-// outlier detection. A dial that failed (refused, timed out, PROXY header
-// not written) is a failure for both; one that connected is a success,
-// which ends both runs of consecutive failures.
-func (rt *route) connTried(e *endpoint, breakerDone func(error), breakerFailure, gatewayFailure bool) {
-	if breakerFailure {
-		breakerDone(errBreakerFailure)
-	} else {
-		breakerDone(nil)
-	}
-	rt.observe(e, gatewayFailure)
-}

@@ -92,7 +92,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 			m.refused("client_closed")
 			return
 		}
-		rt.connTried(e, breakerDone, true, true)
+		rt.reportTry(e, breakerDone, true, true)
 		done(pk, err, start)
 		lastErr = err
 		neverSent := isDialError(err) && out.Body == nil
@@ -107,7 +107,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		// Refused handshake: relay the answer as it is, and count it as
 		// any other answer.
 		gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
-		rt.connTried(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
+		rt.reportTry(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
 		defer resp.Body.Close()
 		copyResponseHeader(w.Header(), resp)
 		w.WriteHeader(resp.StatusCode)
@@ -121,19 +121,19 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	backConn, ok := resp.Body.(io.ReadWriteCloser)
 	if !ok {
 		resp.Body.Close()
-		rt.connTried(e, breakerDone, true, true)
+		rt.reportTry(e, breakerDone, true, true)
 		done(pk, errors.New("101 without a writable body"), start)
 		writeError(w, &proxyError{rt.cfg.Service, errors.New("upgrade failed")})
 		return
 	}
 	defer backConn.Close()
 	if got := upgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
-		rt.connTried(e, breakerDone, true, true)
+		rt.reportTry(e, breakerDone, true, true)
 		done(pk, fmt.Errorf("node switched to %q, not %q", got, proto), start)
 		writeError(w, &proxyError{rt.cfg.Service, fmt.Errorf("node switched to protocol %q, want %q", got, proto)})
 		return
 	}
-	rt.connTried(e, breakerDone, false, false)
+	rt.reportTry(e, breakerDone, false, false)
 
 	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
