@@ -28,9 +28,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	// budget given back if it never does.
 	var next pendingRetry
 	defer func() {
-		if next.reason != "" {
-			next.cancel(rt)
-		}
+		next.cancel(rt)
 		if held != nil && err != nil && r.Context().Err() == nil {
 			resp, e, pk, err = held, heldE, balancer.Pick{}, nil
 		}
@@ -96,9 +94,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		out := r.WithContext(tryCtx)
 		out.URL.Host = e.Addr
 		out.Body = tryBody
-		if next.reason != "" {
-			next.sent(rt)
-		}
+		next.sent(rt)
 		resp, err := e.roundTrip(useH2, out, b, start)
 		if cancel != nil {
 			if err != nil || resp == nil {
@@ -211,20 +207,24 @@ func retryWait(ctx context.Context, rt *route, n int, neverSent bool) bool {
 	return backoff(ctx, rt.cfg.Resilience.Retries.Backoff, n)
 }
 
-// pendingRetry is a retry decided on whose try has not been sent yet.
+// pendingRetry is a retry decided on whose try has not been sent yet; its
+// zero value is none.
 type pendingRetry struct {
 	reason string
 	spent  time.Time // when it took from the budget; zero if it did not
 }
 
-// sent counts the retry, its try going out.
+// sent counts the retry, if any, its try going out.
 func (n *pendingRetry) sent(rt *route) {
+	if n.reason == "" {
+		return
+	}
 	rt.metrics.retries.WithLabelValues(n.reason, "retried").Inc()
 	*n = pendingRetry{}
 }
 
-// cancel gives back what the retry took from the budget: its try was never
-// sent.
+// cancel gives back what the retry, if any, took from the budget: its try
+// was never sent.
 func (n *pendingRetry) cancel(rt *route) {
 	if !n.spent.IsZero() {
 		rt.budget.refund(n.spent)

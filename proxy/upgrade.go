@@ -58,11 +58,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		// not at all when none is left.
 		next pendingRetry
 	)
-	defer func() {
-		if next.reason != "" {
-			next.cancel(rt)
-		}
-	}()
+	defer next.cancel(rt)
 	for {
 		var err error
 		e, pk, breakerDone, err = rt.pickConn(r.Context(), key, hasKey, &tried)
@@ -73,9 +69,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 			fail(err)
 			return
 		}
-		if next.reason != "" {
-			next.sent(rt)
-		}
+		next.sent(rt)
 		out.URL.Host = e.Addr
 		if pools := e.currentPools(start); pools.fast != nil && out.Body == nil {
 			resp, err = pools.fast.roundTrip(out, nil, start)
