@@ -4,6 +4,7 @@ package leakcheck
 import (
 	"bytes"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 )
@@ -25,13 +26,7 @@ func count() (int, []byte) {
 	}
 	n := 0
 	for g := range bytes.SplitSeq(buf, []byte("\n\n")) {
-		keep := true
-		for _, f := range lifetime {
-			if bytes.Contains(g, f) {
-				keep = false
-			}
-		}
-		if keep {
+		if !slices.ContainsFunc(lifetime, func(f []byte) bool { return bytes.Contains(g, f) }) {
 			n++
 		}
 	}
