@@ -225,10 +225,8 @@ func (c *rawConn) writeThenRead(p []byte) (int, error) {
 	held := c.held
 	c.held = nil
 	if len(p) == 0 {
-		if _, err := c.Write(held); err != nil {
-			return 0, err
-		}
-		return 0, nil
+		_, err := c.Write(held)
+		return 0, err
 	}
 	c.rmu.Lock()
 	c.wmu.Lock()
