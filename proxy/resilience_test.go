@@ -133,9 +133,9 @@ type resSetup struct {
 	url string
 }
 
-// resProxy serves an upstream handler for service svc on addrs, with rc's
-// settings (Service is set here).
-func resProxy(t testing.TB, addrs []string, rc RouteConfig) *resSetup {
+// staticProxy is a proxy for a static service "svc" on addrs, and the
+// registry of its metrics.
+func staticProxy(t testing.TB, addrs []string) (*Proxy, *prometheus.Registry) {
 	t.Helper()
 	b, err := discovery.NewStatic(map[string][]string{"svc": addrs})
 	if err != nil {
@@ -145,6 +145,14 @@ func resProxy(t testing.TB, addrs []string, rc RouteConfig) *resSetup {
 	t.Cleanup(cache.Close)
 	reg := prometheus.NewRegistry()
 	px := New(cache, NewMetrics(reg), zap.NewNop())
+	return px, reg
+}
+
+// resProxy serves an upstream handler for service svc on addrs, with rc's
+// settings (Service is set here).
+func resProxy(t testing.TB, addrs []string, rc RouteConfig) *resSetup {
+	t.Helper()
+	px, reg := staticProxy(t, addrs)
 	rc.Service = "svc"
 	h, err := px.Upstream("test", rc)
 	if err != nil {

@@ -10,12 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
-
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
-	"github.com/sidecarlb/sidecar/discovery"
 )
 
 // failCounter wraps a route's balancer and counts, per endpoint address,
@@ -121,14 +117,7 @@ type tcpSetup struct {
 // counts the failed tries per node.
 func startTCPRoute(t testing.TB, addrs []string, res config.Resilience) *tcpSetup {
 	t.Helper()
-	b, err := discovery.NewStatic(map[string][]string{"svc": addrs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cache := discovery.NewCache(b, discovery.CacheOptions{}, zap.NewNop())
-	t.Cleanup(cache.Close)
-	reg := prometheus.NewRegistry()
-	px := New(cache, NewMetrics(reg), zap.NewNop())
+	px, reg := staticProxy(t, addrs)
 	ts, err := px.TCP("test", RouteConfig{Service: "svc", Protocol: "tcp", Resilience: res})
 	if err != nil {
 		t.Fatal(err)
