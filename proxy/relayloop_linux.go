@@ -358,20 +358,12 @@ func (l *relayLoop) pump(src, dst *relayEnd) {
 	p := src.p
 	for budget := relayBudget; !p.finished; budget-- {
 		if len(src.pending) > 0 {
-			if !dst.out {
+			rest, ok := l.send(dst, src.pending)
+			if !ok {
 				return
 			}
-			n, errno := rawWriteFD(dst.fd, src.pending)
-			src.pending = src.pending[n:]
-			switch {
-			case errno == syscall.EAGAIN:
-				dst.out = false
-				return
-			case errno != 0:
-				l.finish(p, os.NewSyscallError("write", errno))
-				return
-			case len(src.pending) > 0:
-				dst.out = false // the send buffer is full: EPOLLOUT says when not
+			if len(rest) > 0 {
+				src.pending = rest
 				return
 			}
 			src.releasePending()
@@ -413,18 +405,12 @@ func (l *relayLoop) pump(src, dst *relayEnd) {
 		if p.last != nil {
 			p.last.Store(time.Now().UnixNano())
 		}
-		data := l.scratch[:n]
-		if dst.out {
-			w, errno := rawWriteFD(dst.fd, data)
-			data = data[w:]
-			if errno != 0 && errno != syscall.EAGAIN {
-				l.finish(p, os.NewSyscallError("write", errno))
-				return
-			}
+		rest, ok := l.send(dst, l.scratch[:n])
+		if !ok {
+			return
 		}
-		if len(data) > 0 {
-			dst.out = false
-			src.setPending(data)
+		if len(rest) > 0 {
+			src.setPending(rest)
 			return
 		}
 		// A short read drained the socket. Unless the peer has shut down
@@ -438,22 +424,26 @@ func (l *relayLoop) pump(src, dst *relayEnd) {
 	}
 }
 
-// rawWriteFD writes p to fd until it is all written or the socket would
-// block, and returns how much went.
-func rawWriteFD(fd int, p []byte) (int, syscall.Errno) {
-	n := 0
-	for n < len(p) {
-		w, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(fd),
-			uintptr(unsafe.Pointer(&p[n])), uintptr(len(p)-n))
+// send writes b to dst while dst is writable, and returns what is left:
+// all of it when dst was not writable, the rest when its send buffer
+// filled (dst is then not writable until EPOLLOUT says so). ok is false
+// when a write failed, which finished the pair.
+func (l *relayLoop) send(dst *relayEnd, b []byte) (rest []byte, ok bool) {
+	for dst.out && len(b) > 0 {
+		w, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, uintptr(dst.fd),
+			uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)))
 		switch errno {
 		case 0:
-			n += int(w)
+			b = b[w:]
 		case syscall.EINTR:
+		case syscall.EAGAIN:
+			dst.out = false
 		default:
-			return n, errno
+			l.finish(dst.p, os.NewSyscallError("write", errno))
+			return nil, false
 		}
 	}
-	return n, 0
+	return b, true
 }
 
 func (e *relayEnd) setPending(b []byte) {
