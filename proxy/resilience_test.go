@@ -18,11 +18,9 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
-	"go.uber.org/zap"
 	"golang.org/x/net/http2"
 
 	"github.com/sidecarlb/sidecar/config"
-	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -137,15 +135,8 @@ type resSetup struct {
 // registry of its metrics.
 func staticProxy(t testing.TB, addrs []string) (*Proxy, *prometheus.Registry) {
 	t.Helper()
-	b, err := discovery.NewStatic(map[string][]string{"svc": addrs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cache := discovery.NewCache(b, discovery.CacheOptions{}, zap.NewNop())
-	t.Cleanup(cache.Close)
 	reg := prometheus.NewRegistry()
-	px := New(cache, NewMetrics(reg), zap.NewNop())
-	return px, reg
+	return New(staticCache(t, map[string][]string{"svc": addrs}), NewMetrics(reg), testLogger(t)), reg
 }
 
 // resProxy serves an upstream handler for service svc on addrs, with rc's
