@@ -34,8 +34,7 @@ type relayLoop struct {
 	file *os.File
 
 	mu     sync.Mutex
-	cmds   []*relayPair // added or to close, in order
-	woken  bool         // evfd written since the loop last took cmds
+	cmds   []*relayPair // added or to close, in order; evfd is written for the first
 	taking []*relayPair // the loop's copy of cmds
 
 	ends    map[int32]*relayEnd
@@ -227,9 +226,8 @@ func (p *relayPair) Close() {
 // loop.
 func (l *relayLoop) command(p *relayPair) {
 	l.mu.Lock()
+	wake := len(l.cmds) == 0 // else evfd is written and the loop has yet to take cmds
 	l.cmds = append(l.cmds, p)
-	wake := !l.woken
-	l.woken = true
 	l.mu.Unlock()
 	if wake {
 		one := uint64(1)
@@ -295,7 +293,6 @@ func (l *relayLoop) commands() {
 	syscall.RawSyscall(syscall.SYS_READ, uintptr(l.evfd), uintptr(unsafe.Pointer(&buf[0])), 8)
 	l.mu.Lock()
 	l.taking, l.cmds = l.cmds, l.taking[:0]
-	l.woken = false
 	l.mu.Unlock()
 	for _, p := range l.taking {
 		switch {
