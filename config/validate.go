@@ -153,10 +153,8 @@ func (p *parser) validateProxy(x *Proxy) {
 // proxy are reported there, not once per upstream.
 func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 	p.name(path+".name", u.Name)
-	if d.Backend == BackendStatic && u.Name != "" && len(d.Static) > 0 {
-		if _, ok := d.Static[u.Name]; !ok {
-			p.errorf(path+".name", "%q has no endpoints in discovery.static", u.Name)
-		}
+	if d.Backend == BackendStatic && u.Name != "" && len(d.Static) > 0 && !staticHas(d.Static, u.Name) {
+		p.errorf(path+".name", "%q has no endpoints in discovery.static", u.Name)
 	}
 	p.hostPort(path+".listen", u.Listen)
 	p.oneOf(path+".protocol", u.Protocol, protocols)
@@ -195,6 +193,22 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 		// An unknown protocol is reported on its own key.
 		p.errorf(pp, "not supported with protocol %s (only with tcp)", u.Protocol)
 	}
+}
+
+// staticHas reports whether static lists service name. Case does not
+// matter, as in the proxy and the static backend, which fold it the way
+// validateDiscovery does.
+func staticHas(static map[string][]string, name string) bool {
+	if _, ok := static[name]; ok {
+		return true
+	}
+	key := strings.ToLower(name)
+	for n := range static {
+		if strings.ToLower(n) == key {
+			return true
+		}
+	}
+	return false
 }
 
 // listenConflicts reports two listeners on the same address, or on the same

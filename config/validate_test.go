@@ -416,6 +416,43 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
+// TestUpstreamNameCase: an upstream's name finds its discovery.static entry
+// whatever the case of either, as the proxy and the static backend fold the
+// case of service names; a name no entry has in any case is still an error.
+func TestUpstreamNameCase(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name, upstream, static string
+		want                   string // the error, "" for none
+	}{
+		{"same case", "echo", "echo", ""},
+		{"upstream in upper case", "ECHO", "echo", ""},
+		{"static in mixed case", "echo", "Echo", ""},
+		{"both in mixed case", "eCHO", "EcHo", ""},
+		{"other name", "echo2", "Echo", `config.yaml: upstreams[0].name: "echo2" has no endpoints in discovery.static`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			yaml := fmt.Sprintf(`
+discovery:
+  backend: static
+  static:
+    %s: ["127.0.0.1:9001"]
+upstreams: [{name: %s, listen: 127.0.0.1:15002}]
+`, tc.static, tc.upstream)
+			_, err := ParseEnv([]byte(yaml), "config.yaml", env(nil))
+			got := ""
+			if err != nil {
+				got = err.Error()
+			}
+			if got != tc.want {
+				t.Errorf("ParseEnv() error = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
 func TestSplitHashKey(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
