@@ -1833,10 +1833,11 @@ func TestH2SilentNodePinged(t *testing.T) {
 }
 
 // TestH2NodeIdleStreamFrames: a node that sends RST_STREAM, WINDOW_UPDATE
-// or DATA on a stream the sidecar never opened commits a connection error
-// (RFC 9113, 5.1 and 6.4): the sidecar sends GOAWAY(PROTOCOL_ERROR) and
-// drops the connection, failing the request on it. The same frames on a
-// stream that has closed are ignored, and the connection serves on.
+// (of 0 too), DATA or HEADERS on a stream the sidecar never opened commits
+// a connection error (RFC 9113, 5.1 and 6.4): the sidecar sends
+// GOAWAY(PROTOCOL_ERROR) and drops the connection, failing the request on
+// it. The same frames on a stream that has closed are ignored, and the
+// connection serves on.
 func TestH2NodeIdleStreamFrames(t *testing.T) {
 	leakcheck.Check(t)
 	answer := func(fr *http2.Framer, id uint32) {
@@ -1853,10 +1854,22 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 		{"rst on an even stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteRSTStream(2, http2.ErrCodeCancel) }, true},
 		{"window update on an idle stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteWindowUpdate(id+2, 1024) }, true},
 		{"data on an idle stream", func(fr *http2.Framer, id uint32) { _ = fr.WriteData(id+2, true, []byte("x")) }, true},
+		{"window update of 0 on an idle stream", func(fr *http2.Framer, id uint32) {
+			fr.AllowIllegalWrites = true
+			_ = fr.WriteWindowUpdate(id+2, 0)
+		}, true},
+		{"headers on an idle stream", func(fr *http2.Framer, id uint32) { answer(fr, id+2) }, true},
+		{"headers on an even stream", func(fr *http2.Framer, id uint32) { answer(fr, 2) }, true},
 		{"rst and window update on the closed stream", func(fr *http2.Framer, id uint32) {
 			answer(fr, id)
 			_ = fr.WriteRSTStream(id, http2.ErrCodeCancel)
 			_ = fr.WriteWindowUpdate(id, 1024)
+		}, false},
+		{"window update of 0 and headers on the closed stream", func(fr *http2.Framer, id uint32) {
+			answer(fr, id)
+			fr.AllowIllegalWrites = true
+			_ = fr.WriteWindowUpdate(id, 0)
+			answer(fr, id)
 		}, false},
 	}
 	for _, tc := range tests {

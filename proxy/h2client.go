@@ -641,13 +641,21 @@ func (cc *h2ClientConn) readFrames() (err error) {
 			var se http2.StreamError
 			if errors.As(err, &se) {
 				cc.mu.Lock()
-				if cs := cc.streams[se.StreamID]; cs != nil {
+				cs := cc.streams[se.StreamID]
+				if cs != nil {
 					cc.writeRSTLocked(se.StreamID, se.Code)
 					cc.flushLocked()
 					cs.failLocked(err)
 				}
+				idle := cs == nil && cc.idleLocked(se.StreamID)
 				cc.mu.Unlock()
-				continue
+				if !idle {
+					continue
+				}
+				// A malformed frame, such as a WINDOW_UPDATE of 0, on a
+				// stream the sidecar never opened is still a frame on an
+				// idle stream.
+				err = http2.ConnectionError(http2.ErrCodeProtocol)
 			}
 			var ce http2.ConnectionError
 			if errors.As(err, &ce) {
@@ -675,6 +683,10 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
 		cs := cc.streams[f.StreamID]
+		if cs == nil && cc.idleLocked(f.StreamID) {
+			// The node opened a stream: push is off, so it may not.
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
 		if cs == nil || cs.recvDone {
 			return nil // reset by the sidecar; what follows is dropped
 		}
@@ -789,9 +801,10 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 
 // idleLocked reports whether stream id is idle (RFC 9113, 5.1): one the
 // sidecar has not opened yet, or an even one, which only the node could open
-// and, push being off, never does. DATA, RST_STREAM or WINDOW_UPDATE on an
-// idle stream is a connection error; on a closed one, a frame still in
-// flight when the stream ended is not. cc.mu is held.
+// and, push being off, never does. Any frame but PRIORITY on an idle stream
+// is a connection error, HEADERS too, since a node answers only on streams
+// the sidecar opened; on a closed one, a frame still in flight when the
+// stream ended is not. cc.mu is held.
 func (cc *h2ClientConn) idleLocked(id uint32) bool {
 	return id%2 == 0 || id >= cc.nextID
 }
