@@ -140,7 +140,13 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	nc = newRawConn(nc)
+	return p.start(newRawConn(nc)), nil
+}
+
+// start speaks h2c over nc, a new connection to a node: it sends the
+// preface and the sidecar's settings, and starts the connection's timers,
+// writer and read loop.
+func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
 	cc := &h2ClientConn{
 		h2conn:  newH2Conn(nc, p.log),
 		pool:    p,
@@ -161,7 +167,7 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	cc.mu.Unlock()
 	go cc.writeLoop()
 	go cc.readLoop()
-	return cc, nil
+	return cc
 }
 
 // A connection to a node that has sent nothing for h2PingAfter is pinged,
@@ -173,11 +179,22 @@ var (
 	h2PingTimeout = 10 * time.Second
 )
 
-// checkHealth runs on the connection's health timer.
+// checkHealth runs on the connection's health timer. A panic ends the
+// connection, not the process.
 func (cc *h2ClientConn) checkHealth() {
+	defer cc.recoverPanic()
+	if cc.pingUnanswered() {
+		cc.fail(errH2PingTimeout)
+	}
+}
+
+// pingUnanswered reports whether the ping sent at the last check went
+// unanswered: the node has sent nothing since. If nothing came since the
+// last check and no ping is out, it sends one.
+func (cc *h2ClientConn) pingUnanswered() bool {
 	read := cc.framesRead.Load()
 	cc.mu.Lock()
-	dead := false
+	defer cc.mu.Unlock()
 	switch {
 	case cc.err != nil:
 	case read != cc.lastSeen:
@@ -190,12 +207,9 @@ func (cc *h2ClientConn) checkHealth() {
 		cc.flushLocked()
 		cc.health.Reset(cc.pool.pingTimeout)
 	default:
-		dead = true
+		return true
 	}
-	cc.mu.Unlock()
-	if dead {
-		cc.fail(errH2PingTimeout)
-	}
+	return false
 }
 
 var errH2PingTimeout = errors.New("http2: node did not answer a ping")
@@ -274,17 +288,27 @@ func (cc *h2ClientConn) retire() {
 	}
 }
 
+// closeIfIdle closes the connection if no stream is open or reserved. It
+// runs on the connection's idle timer, among others; a panic ends the
+// connection, not the process.
 func (cc *h2ClientConn) closeIfIdle() {
-	cc.mu.Lock()
-	idle := len(cc.streams) == 0 && cc.reserved == 0
-	if idle {
-		cc.goAway = true
-		cc.writeGoAwayLocked(0, http2.ErrCodeNo)
-	}
-	cc.mu.Unlock()
-	if idle {
+	defer cc.recoverPanic()
+	if cc.goAwayIfIdle() {
 		cc.closeAfterFlush()
 	}
+}
+
+// goAwayIfIdle sends GOAWAY and reports true if no stream is open or
+// reserved.
+func (cc *h2ClientConn) goAwayIfIdle() bool {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if len(cc.streams) > 0 || cc.reserved > 0 {
+		return false
+	}
+	cc.goAway = true
+	cc.writeGoAwayLocked(0, http2.ErrCodeNo)
+	return true
 }
 
 // h2ClientStream is one request to a node and its response.

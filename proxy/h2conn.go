@@ -296,12 +296,7 @@ func (s headerSink) Write(p []byte) (int, error) {
 // add their frames to the same write. A panic ends the connection as a
 // failed write would.
 func (c *h2conn) writeLoop() {
-	defer func() {
-		if v := recover(); v != nil {
-			c.logPanic("http2 connection panicked", v)
-			c.fail(errH2Panicked)
-		}
-	}()
+	defer c.recoverPanic()
 	for {
 		select {
 		case <-c.flushReq:
@@ -340,6 +335,16 @@ func (c *h2conn) writeLoop() {
 // with its stack.
 func (c *h2conn) logPanic(msg string, v any) {
 	c.log.Error(msg, zap.Stringer("remote", c.nc.RemoteAddr()), zap.Any("panic", v), zap.Stack("stack"))
+}
+
+// recoverPanic, deferred by the writer and by the connection's timer
+// callbacks, logs a panic of theirs and ends the connection, as a failed
+// write would, instead of the process. c.mu must not be held when it runs.
+func (c *h2conn) recoverPanic() {
+	if v := recover(); v != nil {
+		c.logPanic("http2 connection panicked", v)
+		c.fail(errH2Panicked)
+	}
 }
 
 // flushLocked asks the writer to send what is buffered. c.mu must be held.

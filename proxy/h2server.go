@@ -451,17 +451,25 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 }
 
 // closeIfIdle closes the connection once no stream has been open for the
-// idle timeout.
+// idle timeout. It runs on the idle timer; a panic ends the connection, not
+// the process.
 func (sc *h2ServerConn) closeIfIdle() {
+	defer sc.recoverPanic()
+	if sc.goAwayIfIdle() {
+		sc.closeAfterFlush()
+	}
+}
+
+// goAwayIfIdle sends GOAWAY and reports true if no stream is open.
+func (sc *h2ServerConn) goAwayIfIdle() bool {
 	sc.mu.Lock()
+	defer sc.mu.Unlock()
 	if len(sc.streams) > 0 {
-		sc.mu.Unlock()
-		return
+		return false
 	}
 	sc.goingAway = true
 	sc.writeGoAwayLocked(sc.maxSeen, http2.ErrCodeNo)
-	sc.mu.Unlock()
-	sc.closeAfterFlush()
+	return true
 }
 
 // shutdown sends GOAWAY: streams open finish, new ones are refused, and the
