@@ -499,17 +499,7 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			}
 		}
 		if rerr == io.EOF {
-			cc.mu.Lock()
-			if len(cs.req.Trailer) > 0 && !cs.sendDone && cc.err == nil {
-				for k, vv := range cs.req.Trailer {
-					cc.encodeHeaderLocked(k, vv)
-				}
-				cc.writeHeaderBlockLocked(cs.id, true)
-				cc.flushLocked()
-			}
-			cs.sendDone = true
-			cs.closeIfDoneLocked()
-			cc.mu.Unlock()
+			cs.endBody()
 			return false
 		}
 		if rerr == errStaleTry {
@@ -522,6 +512,25 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			return false
 		}
 	}
+}
+
+// endBody ends the request's side of the stream once its body is sent:
+// with its trailers, when it has some, which carry END_STREAM. The
+// connection's lock is released even if encoding them panics, so that the
+// panic's recovery (writeRest's) can reset the stream.
+func (cs *h2ClientStream) endBody() {
+	cc := cs.cc
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if len(cs.req.Trailer) > 0 && !cs.sendDone && cc.err == nil {
+		for k, vv := range cs.req.Trailer {
+			cc.encodeHeaderLocked(k, vv)
+		}
+		cc.writeHeaderBlockLocked(cs.id, true)
+		cc.flushLocked()
+	}
+	cs.sendDone = true
+	cs.closeIfDoneLocked()
 }
 
 // canSend reports whether n bytes can go out on the stream at once, within
