@@ -21,11 +21,12 @@ import (
 )
 
 // The HTTP/1.1 side of Server: the sidecar's own connection loop in place
-// of net/http's server. Requests are parsed by http.ReadRequest and
-// answered through an http.ResponseWriter of its own, so the handlers are
-// the ones the HTTP/2 side runs. What it saves over net/http is per-request
-// work: no context and no goroutine per request, no copy of the answer's
-// header, and a small answer leaves in one write with its head. net/http
+// of net/http's server. Requests are parsed by parseHead, or by
+// http.ReadRequest when it leaves them, and answered through an
+// http.ResponseWriter of its own, so the handlers are the ones the HTTP/2
+// side runs. What it saves over net/http is per-request work: no context
+// and no goroutine per request, no copy of the answer's header, and a
+// small answer leaves in one write with its head. net/http
 // reads from every client in the background while its handler runs, to
 // notice a client that hangs up; here that watch starts only for a request
 // still running after h1WatchAfter, which fast requests never are.
@@ -87,6 +88,10 @@ type h1ServerConn struct {
 	aborted bool
 	hasByte bool
 	byteBuf [1]byte
+
+	// tmpl is the request parseHead fills, which readRequest copies with
+	// the connection's context.
+	tmpl http.Request
 }
 
 // serveH1 serves HTTP/1.x on nc, whose first bytes, prefix, the sniffer
@@ -186,8 +191,13 @@ func (c *h1ServerConn) Read(p []byte) (int, error) {
 }
 
 // readRequest reads and checks the next request head, as net/http's
-// server does.
+// server does: by parseHead when the head is already buffered and plain,
+// by http.ReadRequest otherwise.
 func (c *h1ServerConn) readRequest() (*http.Request, error) {
+	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl) {
+		_ = c.nc.SetReadDeadline(time.Time{}) // awaitRequest's
+		return c.checkRequest(&c.tmpl, true)
+	}
 	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
 	c.lr.n = h1MaxHeaderBytes + h1BufSize // the reader's slack, as net/http allows
 	req, err := http.ReadRequest(c.br)
@@ -196,10 +206,17 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 		return nil, err
 	}
 	_ = c.nc.SetReadDeadline(time.Time{})
+	return c.checkRequest(req, false)
+}
+
+// checkRequest refuses what net/http's server would, of what
+// http.ReadRequest accepts (parseHead refuses the rest itself), and gives
+// req the connection's context.
+func (c *h1ServerConn) checkRequest(req *http.Request, fast bool) (*http.Request, error) {
 	if req.ProtoMajor != 1 {
 		return nil, h1StatusError{http.StatusHTTPVersionNotSupported, "unsupported protocol version"}
 	}
-	// http.ReadRequest took the Host header out into req.Host (which an
+	// The parsers copied the Host header into req.Host (which an
 	// absolute-form target overrides).
 	switch {
 	case req.ProtoAtLeast(1, 1) && req.Host == "" && req.Method != http.MethodConnect:
@@ -207,10 +224,12 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	case !httpguts.ValidHostHeader(req.Host):
 		return nil, h1StatusError{http.StatusBadRequest, "malformed Host header"}
 	}
-	// textproto rejected bad values already; names it lets through.
-	for k := range req.Header {
-		if !httpguts.ValidHeaderFieldName(k) {
-			return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
+	if !fast {
+		// textproto rejected bad values already; names it lets through.
+		for k := range req.Header {
+			if !httpguts.ValidHeaderFieldName(k) {
+				return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
+			}
 		}
 	}
 	req.RemoteAddr = c.remote
