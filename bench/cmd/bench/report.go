@@ -121,6 +121,7 @@ func (rep *report) markdown() string {
 	b.WriteString("| nproc | CPU model | memory | kernel | OS | Go | HAProxy | nginx | sidecar source |\n|---|---|---|---|---|---|---|---|---|\n")
 	fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %s | %s | %s | %s |\n\n", m.NProc, m.Model, m.MemTotal, m.Kernel, m.OS, m.Go, m.HAProxy, m.Nginx, m.Source)
 	fmt.Fprintf(&b, "Each scenario ran %v× per peer for %v after %v of warm-up, peers in rotating order. "+
+		"The latency scenario runs at least 7× (its p50 moves by tens of µs from run to run on a shared VM). "+
 		"Figures are medians of the runs, except peak RSS (highest run), errors and spread (summed). "+
 		"Pinning: %v. Load average (1, 5, 15 min) at the start: %s; it is given before and after each scenario, "+
 		"since other work on the machine skews every figure.\n\n", o["runs"], o["duration"], o["warmup"], o["pinning"], m.Load)
