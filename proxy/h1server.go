@@ -70,6 +70,9 @@ type h1ServerConn struct {
 	state  atomic.Int32
 	header http.Header // reused by each response
 	hold   []byte      // reused by each response: body held before the head
+	// idleSince is when the connection last went idle, from the server's
+	// epoch: Server.sweepIdle closes it once that is the idle timeout ago.
+	idleSince atomic.Int64
 
 	prefix []byte      // bytes the sniffer read
 	lr     limitReader // the socket, within the header limit while a head is read
@@ -100,7 +103,12 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	c := &h1ServerConn{s: s, nc: nc, remote: nc.RemoteAddr().String(), prefix: prefix,
 		lr: limitReader{c: nc, n: noLimit, err: errH1HeaderTooLarge}}
 	c.cond.L = &c.mu
-	if !s.track(func() { s.h1conns[c] = struct{}{} }) {
+	if !s.track(func() {
+		s.h1conns[c] = struct{}{}
+		if s.idleSweep == nil {
+			s.idleSweep = time.AfterFunc(s.sweepEvery(), s.sweepIdle)
+		}
+	}) {
 		nc.Close()
 		return
 	}
@@ -149,17 +157,17 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	}
 }
 
-// awaitRequest waits, for up to the idle timeout, for the first byte of the
-// next request; false means the connection is done.
+// awaitRequest waits, for up to the idle timeout (Server.sweepIdle), for
+// the first byte of the next request; false means the connection is done.
 func (c *h1ServerConn) awaitRequest() bool {
 	if c.br.Buffered() > 0 || c.hasByte {
 		return true
 	}
+	c.idleSince.Store(int64(time.Since(c.s.epoch)))
 	c.state.Store(h1Idle)
 	if c.s.isClosed() {
 		return false // Shutdown began; it may have missed this connection
 	}
-	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.IdleTimeout))
 	if _, err := c.br.Peek(1); err != nil {
 		return false
 	}
@@ -195,7 +203,6 @@ func (c *h1ServerConn) Read(p []byte) (int, error) {
 // by http.ReadRequest otherwise.
 func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl) {
-		_ = c.nc.SetReadDeadline(time.Time{}) // awaitRequest's
 		return c.checkRequest(&c.tmpl, true)
 	}
 	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
@@ -781,8 +788,10 @@ func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
 	case b.w.expectContinue == "100-continue" && !b.w.sentContinue:
 		return false, false
 	}
-	_ = b.w.c.nc.SetReadDeadline(time.Now().Add(b.w.c.s.opts.ReadHeaderTimeout))
+	nc := b.w.c.nc
+	_ = nc.SetReadDeadline(time.Now().Add(b.w.c.s.opts.ReadHeaderTimeout))
 	n, err := io.CopyN(io.Discard, b.rc, h1DiscardLimit+1)
+	_ = nc.SetReadDeadline(time.Time{}) // between requests there is none
 	return err == io.EOF && n <= h1DiscardLimit, false
 }
 

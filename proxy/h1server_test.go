@@ -586,6 +586,28 @@ func TestH1ServerIdleTimeout(t *testing.T) {
 	}
 }
 
+// TestH1ServerIdleTimeoutFromLastRequest: the idle timeout counts from the
+// end of the last request, not from the connection's start, and a body the
+// handler left unread (skipped under the header timeout) leaves no deadline
+// behind for the wait for the next request.
+func TestH1ServerIdleTimeoutFromLastRequest(t *testing.T) {
+	leakcheck.Check(t)
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok") // the body, if any, is left unread
+	}), ServerOptions{IdleTimeout: 400 * time.Millisecond, ReadHeaderTimeout: 100 * time.Millisecond})
+	c, br := h1tDial(t, st.addr)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	for i := range 4 {
+		h1tWrite(t, c, "POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello")
+		if resp, body := h1tRead(t, br, "POST"); resp.StatusCode != 200 || body != "ok" || resp.Close {
+			t.Fatalf("request %d: got %d %q close=%v", i, resp.StatusCode, body, resp.Close)
+		}
+		// Longer than the header timeout, shorter than the idle timeout;
+		// four of them are longer than the idle timeout.
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
 func TestH1ServerHijack(t *testing.T) {
 	leakcheck.Check(t)
 	errc := make(chan error, 1)

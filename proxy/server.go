@@ -43,6 +43,10 @@ type Server struct {
 	work      chan *h2ServerStream // idle HTTP/2 handler workers take streams here
 	closed    atomic.Bool          // set under mu, so track cannot add after it; read anywhere
 	drained   chan struct{}        // closed when the last connection ends after shutdown
+	// idleSweep closes HTTP/1.1 connections idle past the idle timeout
+	// (sweepIdle), under mu; it runs while there are any.
+	idleSweep *time.Timer
+	epoch     time.Time // h1ServerConn.idleSince counts from here
 }
 
 // NewServer returns the server of a proxy listener: HTTP/1.1 and h2c with
@@ -67,6 +71,40 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		h1conns:   make(map[*h1ServerConn]struct{}),
 		h2conns:   make(map[*h2ServerConn]struct{}),
 		work:      make(chan *h2ServerStream),
+		epoch:     time.Now(),
+	}
+}
+
+// sweepEvery is how often sweepIdle looks for idle connections: an eighth
+// of the idle timeout, at most a second, so a connection closes within
+// that much after its timeout.
+func (s *Server) sweepEvery() time.Duration {
+	return max(min(s.opts.IdleTimeout/8, time.Second), time.Millisecond)
+}
+
+// sweepIdle closes the HTTP/1.1 connections that have waited longer than
+// the idle timeout for a request, and comes back while any are left. One
+// timer for the server does what a read deadline on every connection
+// would, without the two timer updates per request such a deadline costs
+// (it is set when a connection goes idle and cleared when the request
+// comes).
+func (s *Server) sweepIdle() {
+	now := time.Since(s.epoch)
+	var idle []*h1ServerConn
+	s.mu.Lock()
+	for c := range s.h1conns {
+		if c.state.Load() == h1Idle && now-time.Duration(c.idleSince.Load()) >= s.opts.IdleTimeout {
+			idle = append(idle, c)
+		}
+	}
+	if len(s.h1conns) > 0 {
+		s.idleSweep.Reset(s.sweepEvery())
+	} else {
+		s.idleSweep = nil
+	}
+	s.mu.Unlock()
+	for _, c := range idle {
+		c.closeIfIdle()
 	}
 }
 
