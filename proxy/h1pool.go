@@ -320,10 +320,7 @@ func (u *h1Upgraded) Write(p []byte) (int, error) { return u.pc.c.Write(p) }
 func (u *h1Upgraded) Close() error                { return u.pc.c.Close() }
 
 // CloseWrite half-closes the connection, so the node sees the client's EOF.
-func (u *h1Upgraded) CloseWrite() error {
-	closeWrite(u.pc.c)
-	return nil
-}
+func (u *h1Upgraded) CloseWrite() error { return closeWrite(u.pc.c) }
 
 // exchange is the context of one request on a connection.
 type exchange struct {

@@ -573,3 +573,25 @@ func TestInterrupterEnd(t *testing.T) {
 		t.Error("stop() = true after end()")
 	}
 }
+
+// TestH1UpgradedCloseWriteError: the half-close of an upgraded node
+// connection reports its failure, here on a connection already closed.
+func TestH1UpgradedCloseWriteError(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &h1Upgraded{pc: &h1Conn{c: newRawConn(c)}}
+	if err := u.CloseWrite(); err != nil {
+		t.Fatalf("CloseWrite on an open connection: %v", err)
+	}
+	c.Close()
+	if err := u.CloseWrite(); err == nil {
+		t.Fatal("CloseWrite on a closed connection reported no error")
+	}
+}

@@ -314,8 +314,9 @@ func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) err
 
 // closeWrite half-closes c when it can, so the peer sees EOF while the other
 // direction goes on.
-func closeWrite(c any) {
+func closeWrite(c any) error {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
+		return cw.CloseWrite()
 	}
+	return nil
 }
