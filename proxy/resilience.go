@@ -250,6 +250,13 @@ type body struct {
 	stale *staleRead
 
 	first bodyReader // the first try's reader, spared an allocation
+
+	// trailer is the request's Trailer map, which src fills in, under mu,
+	// when it reaches the end of the body; declared is a copy taken before
+	// any read. Each try sends a copy of declared of its own, brought up to
+	// date when its reader reaches the end: a stale try's read may be
+	// filling trailer in while the next try's request is encoded.
+	trailer, declared http.Header
 }
 
 // staleRead is what reads of src by tries given up brought.
@@ -266,9 +273,10 @@ var errStaleTry = errors.New("request body taken over by a later try")
 // bodyReader is what one try sends. Close does nothing: the transport
 // closes bodies on errors, and a retry may still need the body.
 type bodyReader struct {
-	b   *body
-	try uint64
-	off int // in b.buf, when the body is held in memory
+	b       *body
+	try     uint64
+	off     int         // in b.buf, when the body is held in memory
+	trailer http.Header // the try's copy of the request's trailers, or nil
 }
 
 // Read reads the try's body: from memory, or, while the try owns the body,
@@ -293,11 +301,23 @@ func (r *bodyReader) Read(p []byte) (int, error) {
 	if !b.owns(r.try) {
 		return 0, errStaleTry // moved on while this read waited for b.mu
 	}
-	if n, err, ok := b.pendingLocked(r.try, p); ok {
-		return n, err
+	n, err, ok := b.pendingLocked(r.try, p)
+	if !ok {
+		n, err = b.src.Read(p)
+		n, err = b.gotLocked(r.try, p[:n], err)
 	}
-	n, err := b.src.Read(p)
-	return b.gotLocked(r.try, p[:n], err)
+	if err == io.EOF {
+		r.takeTrailerLocked()
+	}
+	return n, err
+}
+
+// takeTrailerLocked brings the try's trailers up to date at the end of the
+// body, from what src read. b.mu is held.
+func (r *bodyReader) takeTrailerLocked() {
+	for k, vv := range r.b.trailer {
+		r.trailer[k] = vv
+	}
 }
 
 // tryRead reads what is at hand without waiting for the client: ok is
@@ -322,13 +342,15 @@ func (r *bodyReader) tryRead(p []byte) (n int, err error, ok bool) {
 		return 0, nil, false // a stale try's read is under way
 	}
 	defer b.mu.Unlock()
-	if n, err, ok = b.pendingLocked(r.try, p); ok {
-		return n, err, true
+	if n, err, ok = b.pendingLocked(r.try, p); !ok {
+		if n, err, ok = src.tryRead(p); !ok {
+			return 0, nil, false
+		}
+		n, err = b.gotLocked(r.try, p[:n], err)
 	}
-	if n, err, ok = src.tryRead(p); !ok {
-		return 0, nil, false
+	if err == io.EOF {
+		r.takeTrailerLocked()
 	}
-	n, err = b.gotLocked(r.try, p[:n], err)
 	return n, err, true
 }
 
@@ -410,6 +432,9 @@ func (b *body) gotLocked(try uint64, p []byte, err error) (int, error) {
 // known in size, and the request may be replayed after reaching a node.
 func newBody(r *http.Request, replayable bool) (*body, error) {
 	b := &body{src: r.Body}
+	if r.Trailer != nil {
+		b.trailer, b.declared = r.Trailer, r.Trailer.Clone()
+	}
 	if replayable && r.ContentLength > 0 && r.ContentLength <= maxReplayBody {
 		b.buf = make([]byte, r.ContentLength)
 		if _, err := io.ReadFull(r.Body, b.buf); err != nil {
@@ -439,6 +464,9 @@ func (b *body) next() (io.ReadCloser, bool) {
 		r = new(bodyReader) // an earlier try may still be reading its own
 	}
 	*r = bodyReader{b: b, try: try}
+	if b.declared != nil {
+		r.trailer = b.declared.Clone()
+	}
 	return r, true
 }
 

@@ -1060,6 +1060,21 @@ func (s *feedSource) tryRead(p []byte) (int, error, bool) {
 
 func (s *feedSource) Close() error { return nil }
 
+// trailerSource is a feedSource that fills in the request's trailers when
+// it reaches the end of the body, as net/http's request body does.
+type trailerSource struct {
+	*feedSource
+	trailer http.Header
+}
+
+func (s *trailerSource) Read(p []byte) (int, error) {
+	n, err := s.feedSource.Read(p)
+	if err == io.EOF {
+		s.trailer.Set("X-Sum", "42")
+	}
+	return n, err
+}
+
 // waitRead waits until a read of s has begun.
 func (s *feedSource) waitRead(t *testing.T) {
 	t.Helper()
@@ -1164,6 +1179,44 @@ func TestBodyStaleTry(t *testing.T) {
 		}
 		if string(got) != "def" {
 			t.Errorf("try 2 read the rest as %q, want %q", got, "def")
+		}
+	})
+
+	t.Run("a stale read's trailers reach the next try's own copy", func(t *testing.T) {
+		// The source fills in the request's trailers at the end of the
+		// body, as net/http's does, while try 2's request, whose trailers
+		// are being encoded, must have a map of its own.
+		src := &trailerSource{feedSource: newFeedSource(), trailer: http.Header{"X-Sum": nil}}
+		b, err := newBody(&http.Request{Body: src, ContentLength: -1, Trailer: src.trailer}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first := readAsync(mustNext(t, b))
+		src.waitRead(t)
+		r2 := mustNext(t, b).(*bodyReader)
+		encoded := make(chan struct{})
+		go func() {
+			defer close(encoded)
+			for range 1000 {
+				for k, vv := range r2.trailer {
+					_, _ = k, vv
+				}
+			}
+		}()
+		close(src.feed)
+		if got := mustResult(t, first, "try 1"); got.err != errStaleTry {
+			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, errStaleTry)
+		}
+		<-encoded
+		if p, err := readOnce(r2); p != "" || err != io.EOF {
+			t.Fatalf("try 2 Read() = %q, %v; want nothing, EOF", p, err)
+		}
+		if got := r2.trailer.Get("X-Sum"); got != "42" {
+			t.Errorf("try 2's trailer X-Sum = %q after the end of the body, want %q", got, "42")
+		}
+		r2.trailer.Set("X-Sum", "changed")
+		if got := src.trailer.Get("X-Sum"); got != "42" {
+			t.Errorf("the request's trailer X-Sum = %q after try 2 changed its own, want %q", got, "42")
 		}
 	})
 
@@ -1397,6 +1450,9 @@ func startSignallingEcho(t testing.TB) (*h2Node, <-chan struct{}) {
 			http.Error(w, err.Error(), http.StatusBadRequest)
 			return
 		}
+		if v := r.Trailer.Get("X-Sum"); v != "" {
+			w.Header().Set("X-Echo-Sum", v) // the request's trailer, seen
+		}
 		w.Write(b)
 	}), nil)
 	return echo, started
@@ -1407,7 +1463,10 @@ func startSignallingEcho(t testing.TB) (*h2Node, <-chan struct{}) {
 // replay), has the request retried on another node, which gets the whole
 // body, byte for byte. The client's first bytes come only once the retry
 // is under way, while the first try's body sender still waits for them:
-// they must go to the retry, not to the stream that was answered.
+// they must go to the retry, not to the stream that was answered. The
+// body's trailer reaches the node too, in the retry's copy of the
+// request's trailers, which a stale try's read of the body's end must not
+// write while the retry's request is encoded.
 func TestRetryStreamedBodyWhole(t *testing.T) {
 	tests := []struct {
 		name     string
@@ -1448,6 +1507,8 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 				pr, pw := io.Pipe()
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 				req, _ := http.NewRequestWithContext(ctx, http.MethodPut, sc.URL+"/upload", pr)
+				req.Trailer = http.Header{"X-Sum": nil}
+				sum := fmt.Sprint(len(want))
 				answer := goDo(client, req)
 				// The body starts once a node that reads it has the request:
 				// after the 503, when the unavailable node was tried first.
@@ -1465,6 +1526,7 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 							return
 						}
 					}
+					req.Trailer.Set("X-Sum", sum) // sent when the body ends
 					pw.Close()
 				}()
 				var r response
@@ -1479,6 +1541,9 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 				if r.status != http.StatusOK || r.body != string(want) {
 					t.Fatalf("round %d (retried after a 503: %v): %d with %d bytes (equal: %v), want 200 and the %d bytes sent; %.80q",
 						i, retried, r.status, len(r.body), r.body == string(want), len(want), r.body)
+				}
+				if got := r.header.Get("X-Echo-Sum"); got != sum {
+					t.Fatalf("round %d (retried after a 503: %v): the node saw trailer X-Sum %q, want %q", i, retried, got, sum)
 				}
 			}
 			if got := refused.Load(); got < rounds/4 {

@@ -94,6 +94,9 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		out := r.WithContext(tryCtx)
 		out.URL.Host = e.Addr
 		out.Body = tryBody
+		if br, _ := tryBody.(*bodyReader); br != nil && br.trailer != nil {
+			out.Trailer = br.trailer // the try's own (body.declared)
+		}
 		next.sent(rt)
 		resp, err := e.roundTrip(useH2, out, b, start)
 		if cancel != nil {
