@@ -25,11 +25,12 @@ import (
 // http.ReadRequest when it leaves them, and answered through an
 // http.ResponseWriter of its own, so the handlers are the ones the HTTP/2
 // side runs. What it saves over net/http is per-request work: no context
-// and no goroutine per request, no copy of the answer's header, and a
-// small answer leaves in one write with its head. net/http
-// reads from every client in the background while its handler runs, to
-// notice a client that hangs up; here that watch starts only for a request
-// still running after h1WatchAfter, which fast requests never are.
+// and no goroutine per request, no copy of the answer's header, no read
+// deadline to set and clear (Server.sweepIdle closes idle connections),
+// and a small answer leaves in one write with its head. net/http reads
+// from every client in the background while its handler runs, to notice a
+// client that hangs up; here that watch starts only for a request still
+// running after h1WatchAfter, which fast requests never are.
 
 const (
 	h1BufSize = 8 << 10

@@ -35,9 +35,11 @@ import (
 // reads and writes at all times lost 10-25 %. The limit was first one
 // request; but at 1,000 req/s one request in eight overlaps another, and
 // each such overlap woke sysmon again (0.46 of its thread switches per
-// request, 7 µs of CPU). At four, that fell to 0.10 switches and 1.7 µs. Relayed connections are another matter: a
-// relay loop takes their sockets out of the netpoller altogether
-// (relayloop_linux.go), or, where none can, relayTo copies raw at any load.
+// request, 7 µs of CPU). At four, that fell to 0.10 switches and 1.7 µs.
+//
+// Relayed connections are another matter: a relay loop takes their
+// sockets out of the netpoller altogether (relayloop_linux.go), or, where
+// none can, relayTo copies raw at any load.
 type rawConn struct {
 	net.Conn
 	tcp *net.TCPConn
