@@ -107,7 +107,7 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	if !s.track(func() {
 		s.h1conns[c] = struct{}{}
 		if s.idleSweep == nil {
-			s.idleSweep = time.AfterFunc(s.sweepEvery(), s.sweepIdle)
+			s.idleSweep = time.AfterFunc(s.opts.IdleTimeout, s.sweepIdle)
 		}
 	}) {
 		nc.Close()

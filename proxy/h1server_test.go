@@ -608,6 +608,58 @@ func TestH1ServerIdleTimeoutFromLastRequest(t *testing.T) {
 	}
 }
 
+// TestH1ServerIdleTimeoutPerConnection: connections that go idle at
+// different times each close one idle timeout after their own last request,
+// the one timer of the server coming back for each.
+func TestH1ServerIdleTimeoutPerConnection(t *testing.T) {
+	leakcheck.Check(t)
+	const idle = 400 * time.Millisecond
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	}), ServerOptions{IdleTimeout: idle})
+	request := func(c net.Conn, br *bufio.Reader) {
+		t.Helper()
+		h1tWrite(t, c, "GET /i HTTP/1.1\r\nHost: svc\r\n\r\n")
+		if resp, body := h1tRead(t, br, "GET"); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("got %d %q", resp.StatusCode, body)
+		}
+	}
+	closedAfter := func(c net.Conn, br *bufio.Reader, since time.Time) chan time.Duration {
+		done := make(chan time.Duration, 1)
+		go func() {
+			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err := br.ReadByte()
+			if h1tIsTimeout(err) {
+				done <- -1
+				return
+			}
+			done <- time.Since(since)
+		}()
+		return done
+	}
+	a, abr := h1tDial(t, st.addr)
+	b, bbr := h1tDial(t, st.addr)
+	request(a, abr)
+	aIdle := time.Now()
+	aClosed := closedAfter(a, abr, aIdle)
+	time.Sleep(idle / 2)
+	request(b, bbr)
+	bIdle := time.Now()
+	bClosed := closedAfter(b, bbr, bIdle)
+	for _, c := range []struct {
+		name   string
+		closed chan time.Duration
+	}{{"first", aClosed}, {"second", bClosed}} {
+		d := <-c.closed
+		if d < 0 {
+			t.Fatalf("%s connection still open 5s after its last request", c.name)
+		}
+		if d < idle*3/4 {
+			t.Errorf("%s connection closed %v after its last request, before the %v idle timeout", c.name, d, idle)
+		}
+	}
+}
+
 func TestH1ServerHijack(t *testing.T) {
 	leakcheck.Check(t)
 	errc := make(chan error, 1)

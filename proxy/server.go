@@ -75,30 +75,30 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 	}
 }
 
-// sweepEvery is how often sweepIdle looks for idle connections: an eighth
-// of the idle timeout, at most a second, so a connection closes within
-// that much after its timeout.
-func (s *Server) sweepEvery() time.Duration {
-	return max(min(s.opts.IdleTimeout/8, time.Second), time.Millisecond)
-}
-
-// sweepIdle closes the HTTP/1.1 connections that have waited longer than
-// the idle timeout for a request, and comes back while any are left. One
-// timer for the server does what a read deadline on every connection
-// would, without the two timer updates per request such a deadline costs
-// (it is set when a connection goes idle and cleared when the request
-// comes).
+// sweepIdle closes the HTTP/1.1 connections that have waited the idle
+// timeout for a request, and comes back when the next idle one will have,
+// or after the idle timeout, while any connection is left: one going idle
+// later cannot time out sooner. One timer for the server does what a read
+// deadline on every connection would, without the two timer updates per
+// request such a deadline costs (set when the connection goes idle,
+// cleared when the request comes).
 func (s *Server) sweepIdle() {
 	now := time.Since(s.epoch)
+	next := s.opts.IdleTimeout
 	var idle []*h1ServerConn
 	s.mu.Lock()
 	for c := range s.h1conns {
-		if c.state.Load() == h1Idle && now-time.Duration(c.idleSince.Load()) >= s.opts.IdleTimeout {
+		if c.state.Load() != h1Idle {
+			continue
+		}
+		if left := time.Duration(c.idleSince.Load()) + s.opts.IdleTimeout - now; left > 0 {
+			next = min(next, left)
+		} else {
 			idle = append(idle, c)
 		}
 	}
 	if len(s.h1conns) > 0 {
-		s.idleSweep.Reset(s.sweepEvery())
+		s.idleSweep.Reset(next)
 	} else {
 		s.idleSweep = nil
 	}
