@@ -115,15 +115,7 @@ func TestH2ServerIdleTimerPanics(t *testing.T) {
 	}
 	pl := &timerPanicListener{Listener: ln}
 	pl.armed.Store(true)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(pl)
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	serveOn(t, srv, pl)
 
 	c := dialRawH2(t, ln.Addr().String(), true)
 	if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
@@ -148,4 +140,19 @@ func (l *timerPanicListener) Accept() (net.Conn, error) {
 		return c, err
 	}
 	return &timerPanicConn{Conn: c, panicOn: "SetWriteDeadline"}, nil
+}
+
+// serveOn serves srv on ln until the test ends, then closes it and waits
+// for Serve to return.
+func serveOn(t *testing.T, srv *Server, ln net.Listener) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
 }

@@ -2013,15 +2013,7 @@ func TestH2ConnPanics(t *testing.T) {
 	}
 	pl := &panicListener{Listener: ln}
 	pl.mode.Store("")
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(pl)
-	}()
-	t.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	serveOn(t, srv, pl)
 	for _, tc := range []struct{ mode, loop string }{{"read", "readLoop"}, {"write", "writeLoop"}} {
 		mode := tc.mode
 		t.Run(mode, func(t *testing.T) {
