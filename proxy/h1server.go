@@ -497,6 +497,15 @@ func (w *h1Response) Write(p []byte) (int, error) {
 		w.commit(false)
 	}
 	w.writeBody(p)
+	if w.written == w.contentLength && !w.chunked {
+		// The answer is whole: send it now, not after the handler's
+		// bookkeeping (a proxied answer's metrics, breaker and balancer
+		// feedback, the node connection's return to its pool). Nothing
+		// more can be written to it, and a failure shows in finish too.
+		if err := w.c.bw.Flush(); err != nil {
+			return len(p), err
+		}
+	}
 	return len(p), nil
 }
 

@@ -6,33 +6,50 @@ import (
 	"strings"
 )
 
-// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, which a
-// proxy must not forward. Keys are canonical.
-var hopHeaders = []string{
-	"Connection",
-	"Proxy-Connection", // non-standard, sent by some clients
-	"Keep-Alive",
-	"Proxy-Authenticate",
-	"Proxy-Authorization",
-	"Te", // canonical of "TE"
-	"Trailer",
-	"Transfer-Encoding",
-	"Upgrade",
+// isHopHeader reports whether k, a canonical key, is one of the hop-by-hop
+// headers of RFC 9110 section 7.6.1, which a proxy must not forward.
+func isHopHeader(k string) bool {
+	switch k {
+	case "Connection",
+		"Proxy-Connection", // non-standard, sent by some clients
+		"Keep-Alive",
+		"Proxy-Authenticate",
+		"Proxy-Authorization",
+		"Te", // canonical of "TE"
+		"Trailer",
+		"Transfer-Encoding",
+		"Upgrade":
+		return true
+	}
+	return false
 }
 
 // removeHopHeaders deletes the hop-by-hop headers from h, including any
 // named in its Connection header. It keeps "TE: trailers", which gRPC needs
-// end to end.
+// end to end. It looks at each of h's few keys once, rather than looking up
+// every hop-by-hop name, which runs on every request and answer.
 func removeHopHeaders(h http.Header) {
-	// Read TE before Connection may name it, as RFC 9110 section 10.1.4
-	// asks senders of TE to do.
+	var conn []string
 	teTrailers := false
-	for _, v := range h["Te"] {
-		if strings.Contains(strings.ToLower(v), "trailers") {
-			teTrailers = true
+	for k, vv := range h {
+		if !isHopHeader(k) {
+			continue
 		}
+		switch k {
+		case "Connection":
+			conn = vv
+		case "Te":
+			// Read TE before Connection may name it, as RFC 9110 section
+			// 10.1.4 asks senders of TE to do.
+			for _, v := range vv {
+				if strings.Contains(strings.ToLower(v), "trailers") {
+					teTrailers = true
+				}
+			}
+		}
+		delete(h, k)
 	}
-	for _, v := range h["Connection"] {
+	for _, v := range conn {
 		for len(v) > 0 {
 			var f string
 			f, v, _ = strings.Cut(v, ",")
@@ -40,9 +57,6 @@ func removeHopHeaders(h http.Header) {
 				delete(h, http.CanonicalHeaderKey(f))
 			}
 		}
-	}
-	for _, k := range hopHeaders {
-		delete(h, k)
 	}
 	if teTrailers {
 		h["Te"] = teTrailersValue

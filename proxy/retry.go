@@ -91,12 +91,18 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		if d := res.Retries.PerTryTimeout; d > 0 {
 			tryCtx, cancel = context.WithTimeout(ctx, d)
 		}
-		out := r.WithContext(tryCtx)
-		out.URL.Host = e.Addr
-		out.Body = tryBody
-		if br, _ := tryBody.(*bodyReader); br != nil && br.trailer != nil {
-			out.Trailer = br.trailer // the try's own (body.declared)
+		// Each try is a shallow copy of r with a context, body and
+		// trailers of its own. A request with no body, on r's own context,
+		// needs none of them, so r itself goes: one copy less per request.
+		out := r
+		if tryCtx != r.Context() || (r.Body != nil && r.Body != http.NoBody) {
+			out = r.WithContext(tryCtx)
+			out.Body = tryBody
+			if br, _ := tryBody.(*bodyReader); br != nil && br.trailer != nil {
+				out.Trailer = br.trailer // the try's own (body.declared)
+			}
 		}
+		out.URL.Host = e.Addr
 		next.sent(rt)
 		resp, err := e.roundTrip(useH2, out, b, start)
 		if cancel != nil {
