@@ -9,8 +9,11 @@ import (
 
 // isGRPC reports whether r is a gRPC call: HTTP/2 with a gRPC content type.
 func isGRPC(r *http.Request) bool {
-	ct := r.Header.Get("Content-Type")
-	return r.ProtoMajor == 2 && strings.HasPrefix(ct, "application/grpc")
+	if r.ProtoMajor != 2 {
+		return false
+	}
+	ct := r.Header["Content-Type"] // canonical already: no Get's canonicalising
+	return len(ct) > 0 && strings.HasPrefix(ct[0], "application/grpc")
 }
 
 // grpcTimeout parses a grpc-timeout header ("100m", "5S", …): at most eight

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"io"
 	"net/http"
-	"net/textproto"
 	"net/url"
 	"strings"
 
@@ -56,7 +55,7 @@ func parseHead(br *bufio.Reader, tmpl *http.Request) (ok bool) {
 			return false // also a leading space: an obs-fold
 		}
 		v = strings.Trim(v, " \t")
-		key := textproto.CanonicalMIMEHeaderKey(k)
+		key := canonicalKey(k)
 		switch key {
 		case "Host":
 			if hasHost {

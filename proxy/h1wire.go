@@ -93,13 +93,27 @@ var headerNewlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
 // writeField writes one header (or trailer) line, its value trimmed and
 // any line break in it made a space, so that no value can end the head.
 func writeField(w *bufio.Writer, k, v string) {
-	w.WriteString(k)
-	w.WriteString(": ")
-	if strings.ContainsAny(v, "\r\n") {
-		v = headerNewlineToSpace.Replace(v)
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c == '\r' || c == '\n' {
+			v = headerNewlineToSpace.Replace(v)
+			break
+		}
 	}
-	w.WriteString(textproto.TrimString(v))
-	w.WriteString("\r\n")
+	v = textproto.TrimString(v)
+	if len(k)+len(v)+4 > w.Available() {
+		w.WriteString(k)
+		w.WriteString(": ")
+		w.WriteString(v)
+		w.WriteString("\r\n")
+		return
+	}
+	// One copy into the buffer's free space, not four calls.
+	b := w.AvailableBuffer()
+	b = append(b, k...)
+	b = append(b, ": "...)
+	b = append(b, v...)
+	b = append(b, "\r\n"...)
+	w.Write(b)
 }
 
 // readResponse reads a response head, skipping 1xx informational ones, and
@@ -233,7 +247,7 @@ func parseHeader(head string) (http.Header, error) {
 				return nil, fmt.Errorf("invalid value of response header %q", k)
 			}
 		}
-		k = http.CanonicalHeaderKey(k)
+		k = canonicalKey(k)
 		lastKey = k
 		if vv := h[k]; vv == nil && len(strs) > 0 {
 			vv, strs = strs[:1:1], strs[1:]
@@ -244,6 +258,20 @@ func parseHeader(head string) (http.Header, error) {
 		}
 	}
 	return h, nil
+}
+
+// canonicalKey is textproto.CanonicalMIMEHeaderKey for k, a valid field
+// name, returning at once one already canonical, as nearly every key is.
+func canonicalKey(k string) string {
+	upper := true
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if upper && 'a' <= c && c <= 'z' || !upper && 'A' <= c && c <= 'Z' {
+			return textproto.CanonicalMIMEHeaderKey(k)
+		}
+		upper = c == '-'
+	}
+	return k
 }
 
 // validHeaderKey reports whether k is a non-empty token (RFC 9110 section
