@@ -6,7 +6,7 @@ CONSUL_VERSION := v1.22.0
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul test test-short lint bench demo clean
+.PHONY: all build consul test test-short lint bench pgo demo clean
 
 all: build
 
@@ -51,6 +51,14 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./balancer/ ./discovery/ ./proxy/ > bench/results/micro.txt; \
 		status=$$?; cat bench/results/micro.txt; exit $$status
 	$(GO) run ./bench/cmd/bench -micro bench/results/micro.txt -update BENCHMARKS.md $(BENCHFLAGS)
+
+# cmd/sidecar/default.pgo: the CPU profile the Go toolchain optimises the
+# sidecar with (profile-guided optimisation; every go build of ./cmd/sidecar
+# uses it). Rebuilt from one profiled run of every bench scenario, so that
+# the profile follows the code; commit the result.
+pgo:
+	$(GO) run ./bench/cmd/bench -peers sidecar -runs 1 -no-micro -profile all -out bench/results/pgo
+	$(GO) tool pprof -proto bench/results/pgo/profiles/*-cpu.pprof > cmd/sidecar/default.pgo
 
 demo: consul build
 	./examples/demo.sh
