@@ -432,6 +432,16 @@ func (c *h1ServerConn) newResponse(req *http.Request) *h1Response {
 
 func (w *h1Response) Header() http.Header { return w.header }
 
+// adoptHeader makes h the answer's header in place of the connection's
+// own, sparing a proxied answer the copy of every field (headerAdopter).
+func (w *h1Response) adoptHeader(h http.Header) bool {
+	if w.wroteHeader || w.hijacked || len(w.header) > 0 || h == nil {
+		return false
+	}
+	w.header = h
+	return true
+}
+
 func (w *h1Response) WriteHeader(code int) {
 	if w.hijacked || w.wroteHeader {
 		return
