@@ -1073,3 +1073,69 @@ func TestH1ServerBodyReadAfterHandler(t *testing.T) {
 		t.Fatal("the lingering read never returned: the connection stayed open")
 	}
 }
+
+// A whole answer of declared length reaches the client as its last byte is
+// written, while the handler is still running (for a proxied answer: its
+// metrics, breaker and balancer feedback, the node connection's return).
+func TestH1ServerWholeAnswerSentBeforeHandlerReturns(t *testing.T) {
+	leakcheck.Check(t)
+	release := make(chan struct{}, 1)
+	returned := make(chan struct{}, 1)
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		io.WriteString(w, "hello")
+		io.WriteString(w, "world")
+		<-release // the handler's bookkeeping after the body
+		returned <- struct{}{}
+	}), ServerOptions{})
+	c, br := h1tDial(t, st.addr)
+	got := make(chan string, 1)
+	for range 2 { // the connection carries the next request as usual
+		h1tWrite(t, c, "GET /w HTTP/1.1\r\nHost: svc\r\n\r\n")
+		go func() {
+			line, h := h1tHead(t, br)
+			buf := make([]byte, 10)
+			_, err := io.ReadFull(br, buf)
+			got <- fmt.Sprintf("%s|%s|%s|%v", line, h.Get("Content-Length"), buf, err)
+		}()
+		if s, want := h1tRecv(t, got, h1tTimeout, "the answer while the handler runs"), "HTTP/1.1 200 OK|10|helloworld|<nil>"; s != want {
+			t.Fatalf("answer = %q, want %q", s, want)
+		}
+		select {
+		case <-returned:
+			t.Fatal("the handler returned before it was released")
+		default:
+		}
+		release <- struct{}{}
+		h1tRecv(t, returned, h1tTimeout, "the handler to return")
+	}
+}
+
+// An answer still short of its declared length, or of unknown length, waits
+// for the handler: a held short answer still gets its Content-Length.
+func TestH1ServerPartialAnswerHeld(t *testing.T) {
+	leakcheck.Check(t)
+	release := make(chan struct{}, 1)
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/declared" {
+			w.Header().Set("Content-Length", "10")
+		}
+		io.WriteString(w, "hello")
+		<-release
+		io.WriteString(w, "world")
+	}), ServerOptions{})
+	for _, path := range []string{"/declared", "/unknown"} {
+		c, br := h1tDial(t, st.addr)
+		h1tWrite(t, c, "GET "+path+" HTTP/1.1\r\nHost: svc\r\n\r\n")
+		_ = c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		if b, err := br.Peek(1); !h1tIsTimeout(err) {
+			t.Fatalf("%s: read %q, %v before the handler finished; want nothing yet", path, b, err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(h1tTimeout))
+		release <- struct{}{}
+		line, h := h1tHead(t, br)
+		if !strings.HasPrefix(line, "HTTP/1.1 200 ") || h.Get("Content-Length") != "10" {
+			t.Fatalf("%s: %q with Content-Length %q, want 200 with 10", path, line, h.Get("Content-Length"))
+		}
+	}
+}

@@ -1,0 +1,59 @@
+package proxy
+
+import (
+	"bufio"
+	"math/rand/v2"
+	"net/textproto"
+	"strings"
+	"testing"
+)
+
+func TestCanonicalKeyMatchesTextproto(t *testing.T) {
+	keys := []string{
+		"Content-Type", "content-type", "CONTENT-TYPE", "X-Forwarded-For", "x-forwarded-for",
+		"Te", "TE", "te", "Etag", "ETag", "Www-Authenticate", "X-1-b", "A", "a", "-x", "x--y",
+		"X_Under", "x_under", "Accept-Encoding", "aCCEPT", "Grpc-Status", "grpc-status",
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	const alphabet = "aAbBzZ09-_!#$%&'*+.^`|~"
+	for range 5000 {
+		b := make([]byte, 1+rng.IntN(12))
+		for i := range b {
+			b[i] = alphabet[rng.IntN(len(alphabet))]
+		}
+		keys = append(keys, string(b))
+	}
+	for _, k := range keys {
+		if !validHeaderKey(k) {
+			continue // canonicalKey takes valid field names only
+		}
+		if got, want := canonicalKey(k), textproto.CanonicalMIMEHeaderKey(k); got != want {
+			t.Errorf("canonicalKey(%q) = %q, want %q", k, got, want)
+		}
+	}
+}
+
+func TestWriteField(t *testing.T) {
+	long := strings.Repeat("v", 2*h1WriteBuffer)
+	tests := []struct {
+		name, k, v, want string
+	}{
+		{"plain", "X-A", "1", "X-A: 1\r\n"},
+		{"trimmed", "X-A", " \t1 2\t ", "X-A: 1 2\r\n"},
+		{"line breaks become spaces", "X-A", "a\r\nX-Evil: 1\nb\rc", "X-A: a  X-Evil: 1 b c\r\n"},
+		{"empty", "X-A", "", "X-A: \r\n"},
+		{"longer than the buffer", "X-Long", long, "X-Long: " + long + "\r\n"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var sb strings.Builder
+			w := bufio.NewWriterSize(&sb, h1WriteBuffer)
+			w.WriteString("HTTP/1.1 200 OK\r\n") // not at the buffer's start
+			writeField(w, tc.k, tc.v)
+			w.Flush()
+			if got := strings.TrimPrefix(sb.String(), "HTTP/1.1 200 OK\r\n"); got != tc.want {
+				t.Errorf("writeField(%q, %q) wrote %.80q, want %.80q", tc.k, tc.v, got, tc.want)
+			}
+		})
+	}
+}
