@@ -34,7 +34,7 @@ func parseHead(br *bufio.Reader, tmpl *http.Request) (ok bool) {
 
 	method, line, ok1 := strings.Cut(line, " ")
 	target, proto, ok2 := strings.Cut(line, " ")
-	if !ok1 || !ok2 || proto != "HTTP/1.1" || method == "" || !isToken(method) {
+	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validHeaderKey(method) {
 		return false
 	}
 	path, query, hasQuery := strings.Cut(target, "?")
@@ -51,7 +51,7 @@ func parseHead(br *bufio.Reader, tmpl *http.Request) (ok bool) {
 	for rest != "" {
 		line, rest, _ = strings.Cut(rest, "\r\n")
 		k, v, found := strings.Cut(line, ":")
-		if !found || k == "" || !isToken(k) || !plainValue(v) {
+		if !found || !validHeaderKey(k) || !plainValue(v) {
 			return false // also a leading space: an obs-fold
 		}
 		v = strings.Trim(v, " \t")
@@ -150,16 +150,6 @@ func parseDigits(s string) (int64, bool) {
 		n = n*10 + int64(c-'0')
 	}
 	return n, true
-}
-
-// isToken reports whether s is an RFC 9110 token: a method or field name.
-func isToken(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if !httpguts.IsTokenRune(rune(s[i])) {
-			return false
-		}
-	}
-	return true
 }
 
 // plainPath reports whether p is a path net/url takes as it is: letters,

@@ -611,7 +611,7 @@ func (w *h1Response) commit(final bool) {
 // Fields declared as trailers (skip) wait for the end of the body.
 func writeHeaderLines(bw *bufio.Writer, h http.Header, skip []string) {
 	for k, vv := range h {
-		if strings.HasPrefix(k, http.TrailerPrefix) || !httpguts.ValidHeaderFieldName(k) || slices.Contains(skip, k) {
+		if strings.HasPrefix(k, http.TrailerPrefix) || !validHeaderKey(k) || slices.Contains(skip, k) {
 			continue
 		}
 		for _, v := range vv {

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // The HTTP/1.1 wire format of h1Pool: writing a request, reading and
@@ -275,22 +277,27 @@ func canonicalKey(k string) string {
 }
 
 // validHeaderKey reports whether k is a non-empty token (RFC 9110 section
-// 5.6.2).
+// 5.6.2): a field name, or a method.
 func validHeaderKey(k string) bool {
 	if k == "" {
 		return false
 	}
 	for i := 0; i < len(k); i++ {
-		c := k[i]
-		switch {
-		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
-		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
-		default:
+		if !tokenByte[k[i]] {
 			return false
 		}
 	}
 	return true
 }
+
+// tokenByte says which bytes a token may hold: letters, digits and
+// !#$%&'*+-.^_`|~.
+var tokenByte = func() (t [256]bool) {
+	for c := 0; c < 256; c++ {
+		t[c] = httpguts.IsTokenRune(rune(c))
+	}
+	return t
+}()
 
 // frame sets the response's ContentLength, TransferEncoding, Close and
 // announced Trailer the way http.Transport does.
