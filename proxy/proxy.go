@@ -354,9 +354,9 @@ func done(pk balancer.Pick, err error, start time.Time) {
 
 // answerHeader gives w the node's response header, less hop-by-hop fields,
 // with its trailers announced. A writer that can take the node's map as its
-// own (an HTTP/2 stream that has no header yet) does, which spares a map
-// and a copy per answer; resp.Header is then the answer's, so response
-// sources must not reuse it.
+// own (an HTTP/1.1 answer or an HTTP/2 stream with no header yet) does,
+// which spares a map and a copy per answer; resp.Header is then the
+// answer's, so response sources must not reuse it.
 func answerHeader(w http.ResponseWriter, resp *http.Response) {
 	if a, ok := w.(headerAdopter); ok && a.adoptHeader(resp.Header) {
 		removeHopHeaders(resp.Header)
