@@ -463,8 +463,8 @@ func TestRegistrationAfterAgentRestart(t *testing.T) {
 	app := newHBApp(t, "echo-restart", agent.Addr())
 	app.start(t)
 	hbWaitPassing(t, c, app, 10*time.Second)
-	if st := hbServiceSection(t, app.adminAddr); st.Registrations != 1 {
-		t.Fatalf("/status registrations = %d, want 1", st.Registrations)
+	if n := hbRegistrations(t, app, 1); n != 1 {
+		t.Fatalf("/status registrations = %d, want 1", n)
 	}
 
 	stopped := time.Now()
@@ -476,8 +476,24 @@ func TestRegistrationAfterAgentRestart(t *testing.T) {
 	hbPoll(t, 5*time.Second, "catalog health entry passing", func() bool {
 		return hbHealthEntry(t, c, app.name, app.id, true) != nil
 	})
-	if st := hbServiceSection(t, app.adminAddr); st.Registrations < 2 {
-		t.Errorf("/status registrations = %d, want at least 2", st.Registrations)
+	if n := hbRegistrations(t, app, 2); n < 2 {
+		t.Errorf("/status registrations = %d, want at least 2", n)
+	}
+}
+
+// hbRegistrations returns the registrations /status counts, once it counts
+// at least want or 5 s have passed. The agent has the service as soon as it
+// answers a registration, a moment before the sidecar, which counts the
+// registration on that answer.
+func hbRegistrations(t *testing.T, app *hbApp, want int) int {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		n := hbServiceSection(t, app.adminAddr).Registrations
+		if n >= want || time.Now().After(deadline) {
+			return n
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
