@@ -235,7 +235,7 @@ func (c *h1ServerConn) checkRequest(req *http.Request, fast bool) (*http.Request
 	if !fast {
 		// textproto rejected bad values already; names it lets through.
 		for k := range req.Header {
-			if !httpguts.ValidHeaderFieldName(k) {
+			if !validHeaderKey(k) {
 				return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
 			}
 		}
@@ -435,7 +435,7 @@ func (w *h1Response) Header() http.Header { return w.header }
 // adoptHeader makes h the answer's header in place of the connection's
 // own, sparing a proxied answer the copy of every field (headerAdopter).
 func (w *h1Response) adoptHeader(h http.Header) bool {
-	if w.wroteHeader || w.hijacked || len(w.header) > 0 || h == nil {
+	if w.wroteHeader || len(w.header) > 0 || h == nil {
 		return false
 	}
 	w.header = h
@@ -507,7 +507,7 @@ func (w *h1Response) Write(p []byte) (int, error) {
 		w.commit(false)
 	}
 	w.writeBody(p)
-	if w.written == w.contentLength && !w.chunked {
+	if w.written == w.contentLength { // never chunked: the length is known
 		// The answer is whole: send it now, not after the handler's
 		// bookkeeping (a proxied answer's metrics, breaker and balancer
 		// feedback, the node connection's return to its pool). Nothing
@@ -641,7 +641,7 @@ func (w *h1Response) finish() {
 		}
 		for k, vv := range h {
 			name, ok := strings.CutPrefix(k, http.TrailerPrefix)
-			if !ok || !httpguts.ValidHeaderFieldName(name) {
+			if !ok || !validHeaderKey(name) {
 				continue
 			}
 			for _, v := range vv {

@@ -481,20 +481,18 @@ func TestRegistrationAfterAgentRestart(t *testing.T) {
 	}
 }
 
-// hbRegistrations returns the registrations /status counts, once it counts
-// at least want or 5 s have passed. The agent has the service as soon as it
-// answers a registration, a moment before the sidecar, which counts the
-// registration on that answer.
+// hbRegistrations returns the registrations /status counts once it counts
+// at least want. The agent has the service as soon as it answers a
+// registration, a moment before the sidecar, which counts the registration
+// on that answer.
 func hbRegistrations(t *testing.T, app *hbApp, want int) int {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		n := hbServiceSection(t, app.adminAddr).Registrations
-		if n >= want || time.Now().After(deadline) {
-			return n
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	var n int
+	hbPoll(t, 5*time.Second, "/status to count the registration", func() bool {
+		n = hbServiceSection(t, app.adminAddr).Registrations
+		return n >= want
+	})
+	return n
 }
 
 // TestRegistrationAfterLongAgentOutage checks the 2 × ttl bound after an
