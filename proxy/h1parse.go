@@ -20,12 +20,13 @@ import (
 // HTTP/1.0, absolute targets, escapes, a head still arriving) makes ok
 // false with nothing read, and http.ReadRequest takes the request. So the
 // fast path only has to agree with net/http on what it accepts, which
-// FuzzParseHead checks field by field. tmpl is the request to fill (the
-// caller copies it with its context).
-func parseHead(br *bufio.Reader, tmpl *http.Request) (ok bool) {
+// FuzzParseHead checks field by field. A head longer than limit bytes is
+// left to the slow path too, which refuses it. tmpl is the request to fill
+// (the caller copies it with its context).
+func parseHead(br *bufio.Reader, tmpl *http.Request, limit int) (ok bool) {
 	buf, _ := br.Peek(br.Buffered())
 	end := bytes.Index(buf, crlfcrlf)
-	if end < 0 {
+	if end < 0 || end+4 > limit {
 		return false
 	}
 	// One string for the whole head: every field is a slice of it.
@@ -107,6 +108,64 @@ func parseHead(br *bufio.Reader, tmpl *http.Request) (ok bool) {
 }
 
 var crlfcrlf = []byte("\r\n\r\n")
+
+// headFraming is what a request head says of its body's framing that
+// http.ReadRequest does not tell: it drops the Transfer-Encoding of an
+// HTTP/1.0 request, and the Content-Length of a chunked one.
+type headFraming struct {
+	known bool // the head's end was seen: te and cl are exact
+	te    bool // a Transfer-Encoding field
+	cl    bool // a Content-Length field
+	next  int  // where scanHead resumes: the start of the first line not yet seen
+}
+
+// scanHead reads the field names of the request head at the start of buf,
+// from f.next on, splitting lines as net/textproto does (at LF, with a CR
+// before it dropped; a line that starts with a space or tab is no field of
+// its own). It reports whether the head's end is in buf; if not, it can be
+// called again on buf grown.
+func scanHead(buf []byte, f *headFraming) (done bool) {
+	for {
+		i := bytes.IndexByte(buf[f.next:], '\n')
+		if i < 0 {
+			return false
+		}
+		start := f.next
+		line := buf[start : start+i]
+		f.next += i + 1
+		if n := len(line); n > 0 && line[n-1] == '\r' {
+			line = line[:n-1]
+		}
+		switch {
+		case start == 0: // the request line
+		case len(line) == 0:
+			f.known = true
+			return true
+		case fieldNamed(line, "transfer-encoding"):
+			f.te = true
+		case fieldNamed(line, "content-length"):
+			f.cl = true
+		}
+	}
+}
+
+// fieldNamed reports whether line is a field named name, in lower case,
+// in any case.
+func fieldNamed(line []byte, name string) bool {
+	if len(line) <= len(name) || line[len(name)] != ':' {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c, want := line[i], name[i]
+		if 'a' <= want && want <= 'z' {
+			c |= 0x20
+		}
+		if c != want {
+			return false
+		}
+	}
+	return true
+}
 
 // clBody is a request body framed by its Content-Length, as net/http's:
 // io.EOF with its last bytes, io.ErrUnexpectedEOF if the client stops

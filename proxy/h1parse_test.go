@@ -104,7 +104,7 @@ func checkParseHead(t *testing.T, in []byte) (took bool) {
 	br := bufio.NewReaderSize(bytes.NewReader(in), h1BufSize)
 	_, _ = br.Peek(len(in))
 	var got http.Request
-	if !parseHead(br, &got) {
+	if !parseHead(br, &got, h1BufSize) {
 		if br.Buffered() != len(in) {
 			t.Fatalf("refused %q but read %d bytes of it", in, len(in)-br.Buffered())
 		}
@@ -158,7 +158,7 @@ func TestParseHeadTakesPlainRequests(t *testing.T) {
 		br := bufio.NewReaderSize(bytes.NewReader([]byte(s)), h1BufSize)
 		_, _ = br.Peek(len(s))
 		var req http.Request
-		if !parseHead(br, &req) {
+		if !parseHead(br, &req, h1BufSize) {
 			t.Errorf("left %q to net/http", s)
 		}
 	}
@@ -175,7 +175,7 @@ func BenchmarkParseHead(b *testing.B) {
 			r.Reset([]byte(s))
 			br.Reset(r)
 			_, _ = br.Peek(1)
-			if !parseHead(br, &req) {
+			if !parseHead(br, &req, h1BufSize) {
 				b.Fatal("refused")
 			}
 		}

@@ -77,6 +77,7 @@ type h1ServerConn struct {
 
 	prefix []byte      // bytes the sniffer read
 	lr     limitReader // the socket, within the header limit while a head is read
+	nread  int64       // bytes Read has returned, to measure a head read by net/http
 	// lingering: a body read the handler left behind may still use br,
 	// which is then not reused.
 	lingering bool
@@ -189,32 +190,75 @@ func (c *h1ServerConn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {
 		n := copy(p, c.prefix)
 		c.prefix = c.prefix[n:]
+		c.nread += int64(n)
 		return n, nil
 	}
 	if c.hasByte {
 		p[0] = c.byteBuf[0]
 		c.hasByte = false
+		c.nread++
 		return 1, nil
 	}
-	return c.lr.Read(p)
+	n, err := c.lr.Read(p)
+	c.nread += int64(n)
+	return n, err
 }
 
 // readRequest reads and checks the next request head, as net/http's
 // server does: by parseHead when the head is already buffered and plain,
 // by http.ReadRequest otherwise.
 func (c *h1ServerConn) readRequest() (*http.Request, error) {
-	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl) {
+	limit := c.s.opts.MaxHeaderBytes
+	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl, limit) {
 		return c.checkRequest(&c.tmpl, true)
 	}
 	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
-	c.lr.n = h1MaxHeaderBytes + h1BufSize // the reader's slack, as net/http allows
+	c.lr.n = int64(limit) + h1BufSize // the reader's read-ahead past the head
+	start := c.nread - int64(c.br.Buffered())
+	framing := c.peekHead()
 	req, err := http.ReadRequest(c.br)
 	c.lr.n = noLimit
 	if err != nil {
 		return nil, err
 	}
+	if c.nread-int64(c.br.Buffered())-start > int64(limit) {
+		return nil, errH1HeaderTooLarge
+	}
 	_ = c.nc.SetReadDeadline(time.Time{})
+	// RFC 9112, 6.1 and 6.3: Transfer-Encoding in an HTTP/1.0 request, or
+	// with a Content-Length, is framing the sidecar and whatever sits in
+	// front of it may read differently: a body taken for the next request.
+	// net/http reads the first by its Content-Length (zero) and the second
+	// as chunked, and keeps the connection; the sidecar refuses both, as
+	// nginx and Envoy do. A head too long to be scanned whole leaves it
+	// unsure, and the connection closes after the request.
+	switch {
+	case framing.te && (req.ProtoMinor == 0 || framing.cl):
+		return nil, h1StatusError{http.StatusBadRequest, "ambiguous message framing"}
+	case !framing.known && (req.ProtoMinor == 0 || req.TransferEncoding != nil):
+		req.Close = true
+	}
 	return c.checkRequest(req, false)
+}
+
+// peekHead waits for the end of the request head in the connection's
+// reader, as long as the head fits in its buffer, and scans the head's
+// framing fields: http.ReadRequest hides some (headFraming). When the head
+// does not fit, or the read fails (http.ReadRequest then meets the
+// failure), the framing it returns is not known.
+func (c *h1ServerConn) peekHead() (f headFraming) {
+	for {
+		buf, _ := c.br.Peek(c.br.Buffered())
+		if scanHead(buf, &f) {
+			return f
+		}
+		if len(buf) >= c.br.Size() {
+			return headFraming{}
+		}
+		if _, err := c.br.Peek(len(buf) + 1); err != nil {
+			return headFraming{}
+		}
+	}
 }
 
 // checkRequest refuses what net/http's server would, of what
@@ -397,7 +441,7 @@ type h1Response struct {
 	contentLength int64 // -1: unknown
 	written       int64
 	chunked       bool
-	closeAfter    bool
+	closeAfter    bool // the connection ends after this answer: the client asked, or the answer needs it
 	hijacked      bool
 	handlerDone   bool
 	seq           uint64   // the connection's request number
@@ -412,7 +456,9 @@ type h1Response struct {
 
 func (c *h1ServerConn) newResponse(req *http.Request) *h1Response {
 	clear(c.header)
-	w := &h1Response{c: c, req: req, header: c.header, contentLength: -1}
+	// Whether the client asked to close is read now: the handler may
+	// change req (prepareOutbound clears Close for the node's request).
+	w := &h1Response{c: c, req: req, header: c.header, contentLength: -1, closeAfter: req.Close}
 	if exp, ok := req.Header["Expect"]; ok {
 		if len(exp) == 1 && strings.EqualFold(exp[0], "100-continue") && req.ProtoAtLeast(1, 1) {
 			if req.ContentLength != 0 {
@@ -556,7 +602,7 @@ func (w *h1Response) commit(final bool) {
 		w.contentLength = w.written
 		setLength = true
 	}
-	if hasToken(h["Connection"], "close") || req.Close || w.c.s.isClosed() {
+	if hasToken(h["Connection"], "close") || w.c.s.isClosed() {
 		w.closeAfter = true
 	}
 	if w.bodyAllowed() && w.contentLength < 0 {

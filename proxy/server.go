@@ -22,7 +22,20 @@ type ServerOptions struct {
 	// IdleTimeout closes a client's keep-alive connection after this long
 	// unused; if zero, 90s is used.
 	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's header, and so what one request
+	// makes the sidecar hold and send on: on HTTP/1.1 the head as it
+	// comes (request line and fields), answered 431 past it, the
+	// connection closed; on HTTP/2 the decoded header list as RFC 9113
+	// counts it (name, value and 32 bytes per field), advertised in
+	// SETTINGS_MAX_HEADER_LIST_SIZE and the stream reset past it, the
+	// connection kept unless the block runs on far beyond it. If zero,
+	// DefaultMaxHeaderBytes is used.
+	MaxHeaderBytes int
 }
+
+// DefaultMaxHeaderBytes is ServerOptions.MaxHeaderBytes's default, 60 KiB,
+// as Envoy's max_request_headers_kb.
+const DefaultMaxHeaderBytes = 60 << 10
 
 // Server serves one proxy listener: HTTP/1.1 (h1server.go) and HTTP/2 with
 // prior knowledge (h2server.go) on the same port, both through the
@@ -58,6 +71,9 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 	}
 	if opts.IdleTimeout <= 0 {
 		opts.IdleTimeout = 90 * time.Second
+	}
+	if opts.MaxHeaderBytes <= 0 {
+		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	return &Server{

@@ -1,0 +1,316 @@
+package proxy
+
+import (
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+)
+
+// These tests send raw bytes to a real sidecar listener in front of a node
+// that records every request it runs, and check which of the bytes become
+// requests at the node: the keep-alive decision and the body's framing
+// decide what a proxy would otherwise run as a request nobody sent
+// (request smuggling).
+
+// recordingNode is a node that records "METHOD PATH" of each request.
+type recordingNode struct {
+	*testServer
+	mu   sync.Mutex
+	seen []string
+}
+
+func startRecordingNode(t *testing.T) *recordingNode {
+	t.Helper()
+	n := &recordingNode{}
+	n.testServer = startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		n.mu.Lock()
+		n.seen = append(n.seen, r.Method+" "+r.URL.Path)
+		n.mu.Unlock()
+		io.WriteString(w, "ran "+r.URL.Path)
+	}))
+	return n
+}
+
+func (n *recordingNode) requests() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Clone(n.seen)
+}
+
+// rawSession writes raw to addr in one write, then reads answers until the
+// server closes the connection, and returns their statuses. It fails the
+// test if the connection is still open after h1tTimeout.
+func rawSession(t *testing.T, addr, raw string) []int {
+	t.Helper()
+	c, br := h1tDial(t, addr)
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		_, _ = io.WriteString(c, raw) // the server may close before reading it all
+	}()
+	defer func() {
+		c.Close()
+		<-wrote
+	}()
+	var codes []int
+	for {
+		if _, err := br.Peek(1); err != nil {
+			if h1tIsTimeout(err) {
+				t.Fatalf("connection still open after answers %v", codes)
+			}
+			return codes
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("after answers %v: ReadResponse: %v", codes, err)
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if h1tIsTimeout(err) {
+			t.Fatalf("connection still open in the body of answer %d after %v", resp.StatusCode, codes)
+		}
+		codes = append(codes, resp.StatusCode)
+	}
+}
+
+func TestH1ProxyFraming(t *testing.T) {
+	leakcheck.Check(t)
+	const smuggled = "GET /smuggled HTTP/1.1\r\nHost: svc\r\n\r\n"
+	cases := []struct {
+		name  string
+		raw   string
+		codes []int
+		node  []string // requests the node runs
+	}{{
+		name:  "Connection: close is honoured",
+		raw:   "GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n" + smuggled,
+		codes: []int{200},
+		node:  []string{"GET /a"},
+	}, {
+		name:  "Connection: close on the slow path",
+		raw:   "GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\nX: a\r\n b\r\n\r\n" + smuggled,
+		codes: []int{200},
+		node:  []string{"GET /a"},
+	}, {
+		name:  "HTTP/1.0 closes by default",
+		raw:   "GET /a HTTP/1.0\r\nHost: svc\r\n\r\n" + smuggled,
+		codes: []int{200},
+		node:  []string{"GET /a"},
+	}, {
+		name:  "HTTP/1.0 keep-alive keeps",
+		raw:   "GET /a HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\nHost: svc\r\n\r\n",
+		codes: []int{200, 200},
+		node:  []string{"GET /a", "GET /b"},
+	}, {
+		name:  "HTTP/1.0 chunked",
+		raw:   "POST /a HTTP/1.0\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n" + smuggled,
+		codes: []int{400},
+	}, {
+		name:  "HTTP/1.0 keep-alive chunked",
+		raw:   "POST /a HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n" + smuggled,
+		codes: []int{400},
+	}, {
+		name: "HTTP/1.0 keep-alive chunked with a Content-Length",
+		raw: "POST /a HTTP/1.0\r\nHost: svc\r\nConnection: keep-alive\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n" +
+			smuggled,
+		codes: []int{400},
+	}, {
+		name:  "chunked and Content-Length",
+		raw:   "POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled,
+		codes: []int{400},
+	}, {
+		name:  "Content-Length and chunked",
+		raw:   "POST /a HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nContent-Length: 42\r\n\r\n0\r\n\r\n" + smuggled,
+		codes: []int{400},
+	}, {
+		name:  "two different Content-Lengths",
+		raw:   "POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 0\r\nContent-Length: 39\r\n\r\n" + smuggled,
+		codes: []int{400},
+	}, {
+		name:  "chunked twice",
+		raw:   "POST /a HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled,
+		codes: []int{400},
+	}, {
+		name:  "Transfer-Encoding folded",
+		raw:   "POST /a HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding:\r\n chunked\r\nConnection: close\r\n\r\n0\r\n\r\n" + smuggled,
+		codes: []int{200},
+		node:  []string{"POST /a"},
+	}, {
+		name:  "chunked, kept alive",
+		raw:   "POST /a HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n",
+		codes: []int{200, 200},
+		node:  []string{"POST /a", "GET /b"},
+	}, {
+		name:  "bare LF line ends",
+		raw:   "GET /a HTTP/1.1\nHost: svc\nConnection: close\n\n" + smuggled,
+		codes: []int{200},
+		node:  []string{"GET /a"},
+	}}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			node := startRecordingNode(t)
+			px := startUpstream(t, staticCache(t, map[string][]string{"svc": {node.Listener.Addr().String()}}),
+				RouteConfig{Service: "svc"})
+			codes := rawSession(t, strings.TrimPrefix(px.URL, "http://"), tc.raw)
+			if !slices.Equal(codes, tc.codes) {
+				t.Errorf("answers %v, want %v", codes, tc.codes)
+			}
+			if got := node.requests(); !slices.Equal(got, tc.node) {
+				t.Errorf("node ran %q, want %q", got, tc.node)
+			}
+		})
+	}
+}
+
+// TestH1ServerFramingAtLeastAsStrictAsNetHTTP sends the same bytes to the
+// sidecar's HTTP/1.1 server and to net/http's, and holds the sidecar to
+// running no request net/http would not: the requests its handler sees
+// (method, target, body) are the first of those net/http's handler sees,
+// and the connection closes where net/http's does, if not sooner.
+func TestH1ServerFramingAtLeastAsStrictAsNetHTTP(t *testing.T) {
+	leakcheck.Check(t)
+	heads := []string{
+		"GET /a HTTP/1.1\r\nHost: h\r\n\r\n",
+		"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+		"GET /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, close\r\n\r\n",
+		"GET /a HTTP/1.0\r\n\r\n",
+		"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+		"GET /a HTTP/1.0\r\nConnection: Keep-Alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+		"POST /a HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: \x0bchunked\r\n\r\n",
+		"POST /a HTTP/1.1\r\nHost: h\r\nX: y\r\n Transfer-Encoding: chunked\r\n\r\n",
+		"POST /a HTTP/1.1\nHost: h\nTransfer-Encoding: chunked\n\n",
+		"POST /a HTTP/1.1\r\nHost: h\rTransfer-Encoding: chunked\r\n\r\n",
+		"GET /a HTTP/1.1\r\nHost: h\r\nX: a\r\n\tb\r\n\r\n",
+	}
+	bodies := []string{"", "abc", "3\r\nabc\r\n0\r\n\r\n", "0\r\n\r\n"}
+	const next = "GET /next HTTP/1.1\r\nHost: h\r\n\r\n"
+
+	record := func(mu *sync.Mutex, seen *[]string) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b, _ := io.ReadAll(r.Body)
+			mu.Lock()
+			*seen = append(*seen, r.Method+" "+r.RequestURI+" "+string(b))
+			mu.Unlock()
+			io.WriteString(w, "ok")
+		})
+	}
+	var smu, nmu sync.Mutex
+	var sSeen, nSeen []string
+	sidecar := h1tStart(t, record(&smu, &sSeen), ServerOptions{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	std := &http.Server{Handler: record(&nmu, &nSeen), ErrorLog: log.New(io.Discard, "", 0)}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		_ = std.Serve(ln)
+	}()
+	t.Cleanup(func() {
+		std.Close()
+		<-served
+	})
+
+	// exchange sends raw and ends its side; the server answers what it
+	// runs and closes. It returns the requests the handler saw.
+	exchange := func(addr, raw string, mu *sync.Mutex, seen *[]string) []string {
+		mu.Lock()
+		*seen = nil
+		mu.Unlock()
+		c, err := net.DialTimeout("tcp", addr, h1tTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(h1tTimeout))
+		_, _ = io.WriteString(c, raw)
+		_ = c.(*net.TCPConn).CloseWrite()
+		if _, err := io.Copy(io.Discard, c); h1tIsTimeout(err) {
+			t.Fatalf("%s: %q: connection still open", addr, raw)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(*seen)
+	}
+	stricter := 0
+	for _, h := range heads {
+		for _, b := range bodies {
+			// A request after the body shows where the server thinks the
+			// body ends, and whether it kept the connection.
+			raw := h + b + next
+			got := exchange(sidecar.addr, raw, &smu, &sSeen)
+			want := exchange(ln.Addr().String(), raw, &nmu, &nSeen)
+			if len(got) > len(want) || !slices.Equal(got, want[:len(got)]) {
+				t.Errorf("%q:\nsidecar ran %q\nnet/http ran %q", raw, got, want)
+			}
+			if len(got) < len(want) {
+				stricter++
+				t.Logf("%q: sidecar ran %q, net/http %q", raw, got, want)
+			}
+		}
+	}
+	t.Logf("stricter than net/http on %d of %d inputs", stricter, len(heads)*len(bodies))
+}
+
+// TestScanHead checks the scan of a head's framing fields that
+// http.ReadRequest hides, fed byte by byte as a slow client sends it.
+func TestScanHead(t *testing.T) {
+	cases := []struct {
+		head   string
+		te, cl bool
+	}{
+		{"GET / HTTP/1.0\r\n\r\n", false, false},
+		{"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", true, false},
+		{"GET / HTTP/1.0\r\ntransfer-ENCODING:chunked\r\n\r\n", true, false},
+		{"GET / HTTP/1.1\nContent-Length: 1\nTransfer-Encoding: chunked\n\n", true, true},
+		{"GET / HTTP/1.1\r\nX: a\r\n Transfer-Encoding: chunked\r\n\r\n", false, false},
+		{"GET / HTTP/1.1\r\nX-Transfer-Encoding: chunked\r\nContent-Lengths: 1\r\n\r\n", false, false},
+		{"GET / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n", false, false},
+		{"GET /Transfer-Encoding: HTTP/1.1\r\n\r\nTransfer-Encoding: chunked\r\n\r\n", false, false},
+	}
+	for _, tc := range cases {
+		var f headFraming
+		done := false
+		for n := 0; n <= len(tc.head) && !done; n++ {
+			done = scanHead([]byte(tc.head[:n]), &f)
+		}
+		if !done || !f.known || f.te != tc.te || f.cl != tc.cl {
+			t.Errorf("scanHead(%q) = done %v, %+v; want te %v, cl %v", tc.head, done, f, tc.te, tc.cl)
+		}
+	}
+}
+
+// TestH1ServerUnscannableHeadCloses: a head too long to be scanned whole
+// leaves its framing unsure, so an HTTP/1.0 keep-alive request with one is
+// answered and its connection closed.
+func TestH1ServerUnscannableHeadCloses(t *testing.T) {
+	leakcheck.Check(t)
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	}), ServerOptions{})
+	big := "X-Big: " + strings.Repeat("a", 2*h1BufSize) + "\r\n"
+	codes := rawSession(t, st.addr, "GET /a HTTP/1.0\r\nConnection: keep-alive\r\n"+big+"\r\nGET /b HTTP/1.0\r\n\r\n")
+	if !slices.Equal(codes, []int{200}) {
+		t.Fatalf("answers %v, want [200] and the connection closed", codes)
+	}
+}
