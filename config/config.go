@@ -161,7 +161,18 @@ type Proxy struct {
 	Timeouts     Timeouts `yaml:"timeouts"`
 	// Resilience: breakers, outlier ejection, retries and slow start.
 	Resilience Resilience `yaml:"resilience"`
+	// MaxHeaderBytes bounds a request's header on every listener: on
+	// HTTP/1.1 the head as sent, on HTTP/2 the decoded header list (name,
+	// value and 32 bytes per field, as RFC 9113 counts it), so that HPACK
+	// cannot make a few bytes a large header at a node. A request over it
+	// is answered 431. Default 61440 (60 KiB, as Envoy); at most 1 MiB.
+	// Proxy-wide only: a listener reads the header before it knows where
+	// the request goes.
+	MaxHeaderBytes int `yaml:"max_header_bytes"`
 }
+
+// MaxHeaderBytesLimit is the largest proxy.max_header_bytes accepted.
+const MaxHeaderBytesLimit = 1 << 20
 
 // Timeouts bound the phases of a proxied request.
 type Timeouts struct {
@@ -251,7 +262,8 @@ func defaults() *Config {
 				MaxConnectionAge: 5 * time.Minute,
 				Tunnel:           time.Hour,
 			},
-			Resilience: defaultResilience(),
+			Resilience:     defaultResilience(),
+			MaxHeaderBytes: 60 << 10,
 		},
 	}
 }

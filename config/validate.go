@@ -147,6 +147,9 @@ func (p *parser) validateProxy(x *Proxy) {
 	p.nonNegative("proxy.timeouts.max_connection_age", x.Timeouts.MaxConnectionAge)
 	p.nonNegative("proxy.timeouts.tunnel", x.Timeouts.Tunnel)
 	p.validateResilience("proxy.resilience", &x.Resilience)
+	if x.MaxHeaderBytes < 1 || x.MaxHeaderBytes > MaxHeaderBytesLimit {
+		p.errorf("proxy.max_header_bytes", "must be between 1 and %d, got %d", MaxHeaderBytesLimit, x.MaxHeaderBytes)
+	}
 }
 
 // validateUpstream checks u after inheritance; values it inherited from

@@ -225,6 +225,16 @@ discovery:
 		},
 	},
 	{
+		name: "max_header_bytes out of range",
+		yaml: "proxy: {max_header_bytes: 0}",
+		want: []string{`config.yaml: proxy.max_header_bytes: must be between 1 and 1048576, got 0`},
+	},
+	{
+		name: "max_header_bytes over 1 MiB",
+		yaml: "proxy: {max_header_bytes: 1048577}",
+		want: []string{`config.yaml: proxy.max_header_bytes: must be between 1 and 1048576, got 1048577`},
+	},
+	{
 		name: "unknown backend",
 		yaml: "discovery: {backend: dns, cache_size: 0, resolve_timeout: 0s}",
 		want: []string{

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -312,5 +313,57 @@ func TestH1ServerUnscannableHeadCloses(t *testing.T) {
 	codes := rawSession(t, st.addr, "GET /a HTTP/1.0\r\nConnection: keep-alive\r\n"+big+"\r\nGET /b HTTP/1.0\r\n\r\n")
 	if !slices.Equal(codes, []int{200}) {
 		t.Fatalf("answers %v, want [200] and the connection closed", codes)
+	}
+}
+
+// TestH1ServerMaxHeaderBytes: a request head longer than MaxHeaderBytes,
+// counted from the request line to the blank line, is answered 431 on the
+// fast path and on net/http's alike; one of exactly the limit is served.
+func TestH1ServerMaxHeaderBytes(t *testing.T) {
+	leakcheck.Check(t)
+	var calls atomic.Int64
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		_, _ = io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	})
+	small := h1tStart(t, h, ServerOptions{MaxHeaderBytes: 4096})
+	dflt := h1tStart(t, h, ServerOptions{})
+	// head returns a head of exactly n bytes: start, a padding field, the
+	// blank line.
+	head := func(start string, n int) string {
+		pad := n - len(start) - len("X-Pad: \r\n\r\n")
+		return start + "X-Pad: " + strings.Repeat("p", pad) + "\r\n\r\n"
+	}
+	const fast = "GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n"
+	const slow = "POST / HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+	const http10 = "GET / HTTP/1.0\r\n"
+	cases := []struct {
+		name string
+		addr string
+		raw  string
+		code int
+	}{
+		{"fast path at the limit", small.addr, head(fast, 4096), 200},
+		{"fast path over the limit", small.addr, head(fast, 4097), 431},
+		{"chunked at the limit", small.addr, head(slow, 4096) + "0\r\n\r\n", 200},
+		{"chunked over the limit", small.addr, head(slow, 4097) + "0\r\n\r\n", 431},
+		{"HTTP/1.0 at the limit", small.addr, head(http10, 4096), 200},
+		{"HTTP/1.0 over the limit", small.addr, head(http10, 4097), 431},
+		{"default: 60 KiB", dflt.addr, head(fast, 60<<10), 200},
+		{"default: over 60 KiB", dflt.addr, head(fast, 60<<10+1), 431},
+		{"default: 200 KiB in many fields", dflt.addr, fast + strings.Repeat("X-Many: "+strings.Repeat("m", 100)+"\r\n", 2000) + "\r\n", 431},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			before := calls.Load()
+			codes := rawSession(t, tc.addr, tc.raw)
+			if !slices.Equal(codes, []int{tc.code}) {
+				t.Fatalf("answers %v, want [%d]", codes, tc.code)
+			}
+			if ran := calls.Load() - before; (ran == 1) != (tc.code == 200) {
+				t.Fatalf("handler ran %d times for a %d", ran, tc.code)
+			}
+		})
 	}
 }

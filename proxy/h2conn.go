@@ -67,6 +67,9 @@ type h2conn struct {
 	hdec *hpack.Decoder
 	meta http2.MetaHeadersFrame
 	hs   headerBlockState
+	// maxHeaderList bounds a decoded header block (RFC 9113's header list
+	// size); h2MaxHeaderList unless setMaxHeaderList lowers it.
+	maxHeaderList uint32
 	// valueChunk is what is left of the chunk header values are carved
 	// from (values); the read loop's.
 	valueChunk []string
@@ -110,6 +113,7 @@ func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 		peerMaxFrame:   h2DefaultFrame,
 		peerMaxStreams: 100,
 		recvWin:        h2ConnWindow,
+		maxHeaderList:  h2MaxHeaderList,
 	}
 	c.cond.L = &c.mu
 	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 16<<10))
@@ -122,6 +126,15 @@ func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 	c.hdec.SetMaxStringLength(h2MaxHeaderList)
 	c.enc = hpack.NewEncoder(headerSink{c})
 	return c
+}
+
+// setMaxHeaderList sets the bound of a decoded header block, before the
+// first is read: a block over it comes back Truncated, and a single field
+// over it fails the connection, as x/net's Framer does.
+func (c *h2conn) setMaxHeaderList(n uint32) {
+	c.maxHeaderList = n
+	c.fr.MaxHeaderListSize = n
+	c.hdec.SetMaxStringLength(int(n))
 }
 
 // readFrame reads the next frame. A header block (HEADERS and its
@@ -148,7 +161,7 @@ func (c *h2conn) readFrame() (http2.Frame, error) {
 	mh.HeadersFrame = hf
 	mh.Fields = mh.Fields[:0]
 	mh.Truncated = false
-	c.hs = headerBlockState{remain: h2MaxHeaderList}
+	c.hs = headerBlockState{remain: c.maxHeaderList}
 	c.hdec.SetEmitEnabled(true)
 	var block interface {
 		HeaderBlockFragment() []byte

@@ -51,6 +51,7 @@ func (s *Server) serveH2(nc net.Conn) {
 		remote:  nc.RemoteAddr().String(),
 		streams: make(map[uint32]*h2ServerStream),
 	}
+	sc.setMaxHeaderList(uint32(min(s.opts.MaxHeaderBytes, h2MaxHeaderList)))
 	if !s.track(func() { s.h2conns[sc] = struct{}{} }) {
 		nc.Close()
 		return
@@ -61,7 +62,7 @@ func (s *Server) serveH2(nc net.Conn) {
 	sc.writeSettingsLocked(
 		http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: h2MaxStreams},
 		http2.Setting{ID: http2.SettingInitialWindowSize, Val: h2StreamWindow},
-		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+		http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: sc.maxHeaderList},
 	)
 	sc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	sc.flushLocked()
@@ -271,6 +272,17 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
+		sc.flushLocked()
+		return nil
+	}
+	if f.Truncated {
+		// Over the header list limit: answered 431, as x/net does, and
+		// a body still to come is refused without error (RFC 9113, 8.1).
+		sc.encodeLocked(":status", "431")
+		sc.writeHeaderBlockLocked(id, true)
+		if !f.StreamEnded() {
+			sc.writeRSTLocked(id, http2.ErrCodeNo)
+		}
 		sc.flushLocked()
 		return nil
 	}

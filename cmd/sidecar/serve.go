@@ -93,7 +93,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 			adminHandler.Handle(pattern, h)
 		}
 	}
-	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, log)
+	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		closeAll(servers)
 		return fmt.Errorf("admin.listen: %w", err)
@@ -235,7 +235,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		if err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
 		}
-		s, err := bind(cfg.Proxy.Listen, h, cfg.Proxy.Timeouts, log)
+		s, err := bind(cfg.Proxy.Listen, h, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 		if err != nil {
 			return nil, fmt.Errorf("proxy.listen: %w", err)
 		}
@@ -262,7 +262,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		} else {
 			var h http.Handler
 			if h, err = px.Upstream(u.Listen, rc); err == nil {
-				s, err = bind(u.Listen, h, u.Timeouts, log)
+				s, err = bind(u.Listen, h, u.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 			}
 		}
 		if err != nil {
@@ -278,12 +278,12 @@ func timeouts(t config.Timeouts) proxy.Timeouts {
 	return proxy.Timeouts{Connect: t.Connect, Request: t.Request, Idle: t.Idle, MaxConnectionAge: t.MaxConnectionAge, Tunnel: t.Tunnel}
 }
 
-func bind(addr string, h http.Handler, t config.Timeouts, log *zap.Logger) (*server, error) {
+func bind(addr string, h http.Handler, t config.Timeouts, maxHeaderBytes int, log *zap.Logger) (*server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	srv := proxy.NewServer(h, proxy.ServerOptions{ReadHeaderTimeout: t.ReadHeader, IdleTimeout: t.Idle},
+	srv := proxy.NewServer(h, proxy.ServerOptions{ReadHeaderTimeout: t.ReadHeader, IdleTimeout: t.Idle, MaxHeaderBytes: maxHeaderBytes},
 		log.Named("http").With(zap.String("listener", addr)))
 	return &server{name: addr, ln: ln, serve: func() error { return srv.Serve(ln) }, shutdown: srv.Shutdown}, nil
 }

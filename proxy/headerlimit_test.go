@@ -1,0 +1,116 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
+)
+
+// TestH2HPACKAmplificationBounded: a header field sent once into the HPACK
+// dynamic table and then named by a one-byte index again and again decodes
+// to far more than it costs on the wire. The HTTP/2 server bounds the
+// decoded list by MaxHeaderBytes: such a request is answered 431 and never
+// reaches the HTTP/1.1 node, and the connection serves the next request.
+func TestH2HPACKAmplificationBounded(t *testing.T) {
+	leakcheck.Check(t)
+	var mu sync.Mutex
+	var biggest, requests int
+	// The node would take a header of up to 16 MiB: only the sidecar
+	// stands between it and the amplified one.
+	record := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		size := 0
+		for k, vv := range r.Header {
+			for _, v := range vv {
+				size += len(k) + len(v) + 32
+			}
+		}
+		mu.Lock()
+		requests++
+		biggest = max(biggest, size)
+		mu.Unlock()
+		io.WriteString(w, "ran")
+	})
+	node := startServerWith(t, record, &http.Server{Handler: record, MaxHeaderBytes: 16 << 20})
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Listener.Addr().String()}}),
+		RouteConfig{Service: "echo"}, ServerOptions{})
+
+	c := dialRawH2(t, sc.addr, true)
+	value := strings.Repeat("a", 4000) // fits the 4096-byte dynamic table once
+	var extra []string
+	for range 200 {
+		extra = append(extra, "x-amp", value)
+	}
+	c.request(1, "GET", "/amp", true, extra...)
+	wire := c.wbuf.Len()
+	c.flush()
+	c.mustRead(5*time.Second, "the answer to the amplified request", func() bool { return c.stream(1).done })
+	decoded := 200 * (len("x-amp") + len(value) + 32)
+	t.Logf("%d wire bytes (with the preface and SETTINGS) decode to a %d-byte header list", wire, decoded)
+	if s := c.stream(1); s.status() != "431" {
+		t.Errorf("amplified request: %v, want status 431", s)
+	}
+	c.request(3, "GET", "/after", true)
+	c.flush()
+	c.mustRead(5*time.Second, "the answer to the next request", func() bool { return c.stream(3).done })
+	if s := c.stream(3); s.status() != "200" || string(s.body) != "ran" {
+		t.Errorf("next request on the connection: %v, body %q; want 200 \"ran\"", s, s.body)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if requests != 1 || biggest > DefaultMaxHeaderBytes {
+		t.Errorf("node ran %d requests, the largest header %d bytes; want 1 of at most %d", requests, biggest, DefaultMaxHeaderBytes)
+	}
+}
+
+// TestH2MaxHeaderBytesAdvertised: the HTTP/2 server tells the client its
+// header list limit in SETTINGS_MAX_HEADER_LIST_SIZE, serves a request
+// under it and answers 431 to one over it.
+func TestH2MaxHeaderBytesAdvertised(t *testing.T) {
+	leakcheck.Check(t)
+	node := startServer(t, nodeHandler("n"))
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Listener.Addr().String()}}),
+		RouteConfig{Service: "echo"}, ServerOptions{MaxHeaderBytes: 8 << 10})
+
+	nc, err := net.Dial("tcp", sc.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	_ = nc.SetDeadline(time.Now().Add(5 * time.Second))
+	fr := http2.NewFramer(nc, nc)
+	if _, err := io.WriteString(nc, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	_ = fr.WriteSettings()
+	f, err := fr.ReadFrame()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sf, ok := f.(*http2.SettingsFrame)
+	if !ok {
+		t.Fatalf("first frame %v, want SETTINGS", f)
+	}
+	if v, ok := sf.Value(http2.SettingMaxHeaderListSize); !ok || v != 8<<10 {
+		t.Errorf("SETTINGS_MAX_HEADER_LIST_SIZE = %d (sent %v), want %d", v, ok, 8<<10)
+	}
+
+	c := dialRawH2(t, sc.addr, true)
+	c.request(1, "GET", "/ok", true, "x-small", strings.Repeat("s", 7<<10))
+	c.request(3, "GET", "/big", true, "x-big", strings.Repeat("b", 8<<10))
+	c.flush()
+	c.mustRead(5*time.Second, "both answers", func() bool { return c.stream(1).done && c.stream(3).done })
+	if s := c.stream(1); s.status() != "200" {
+		t.Errorf("request under the limit: %v, want 200", s)
+	}
+	if s := c.stream(3); s.status() != "431" {
+		t.Errorf("request over the limit: %v, want 431", s)
+	}
+}
