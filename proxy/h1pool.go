@@ -78,6 +78,7 @@ func hasIdempotencyKey(h http.Header) bool {
 type h1Conn struct {
 	pool   *h1Pool
 	c      net.Conn
+	raw    *rawConn // c, when it is one: to check it before reuse
 	lr     limitReader
 	br     *bufio.Reader
 	bw     *bufio.Writer
@@ -114,27 +115,35 @@ func (l *limitReader) Read(p []byte) (int, error) {
 
 const noLimit = 1 << 62
 
-// take returns an idle connection, closing those idle too long, or nil.
+// take returns an idle connection, or nil. It closes those idle too long,
+// and those the node closed while they were idle (rawConn.idleBroken): a
+// request sent on one would fail with nothing read, which only an
+// idempotent request could then be retried after.
 func (p *h1Pool) take(now time.Time) *h1Conn {
-	var stale []*h1Conn
-	var pc *h1Conn
-	p.mu.Lock()
-	for n := len(p.idle); n > 0; n = len(p.idle) {
-		c := p.idle[n-1]
-		p.idle[n-1] = nil
-		p.idle = p.idle[:n-1]
-		if now.Sub(c.idleAt) > p.idleTO {
-			stale = append(stale, c)
-			continue
+	for {
+		var stale []*h1Conn
+		var pc *h1Conn
+		p.mu.Lock()
+		for n := len(p.idle); n > 0; n = len(p.idle) {
+			c := p.idle[n-1]
+			p.idle[n-1] = nil
+			p.idle = p.idle[:n-1]
+			if now.Sub(c.idleAt) > p.idleTO {
+				stale = append(stale, c)
+				continue
+			}
+			pc = c
+			break
 		}
-		pc = c
-		break
+		p.mu.Unlock()
+		for _, c := range stale {
+			c.c.Close()
+		}
+		if pc == nil || pc.raw == nil || !pc.raw.idleBroken() {
+			return pc
+		}
+		pc.c.Close()
 	}
-	p.mu.Unlock()
-	for _, c := range stale {
-		c.c.Close()
-	}
-	return pc
 }
 
 // put returns a connection whose exchange ended cleanly, or closes it when
@@ -215,6 +224,7 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 	}
 	c = newRawConn(c)
 	pc := &h1Conn{pool: p, c: c, lr: limitReader{c: c, err: errHeaderTooLong}}
+	pc.raw, _ = c.(*rawConn)
 	pc.br = bufio.NewReaderSize(&pc.lr, h1ReadBuffer)
 	pc.bw = bufio.NewWriterSize(c, h1WriteBuffer)
 	pc.tp.R = pc.br

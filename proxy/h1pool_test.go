@@ -20,6 +20,7 @@ import (
 type rawNode struct {
 	ln      net.Listener
 	accepts atomic.Int32
+	closed  atomic.Int32 // connections the node has closed
 	mu      sync.Mutex
 	reqs    []*http.Request
 	bodies  []string
@@ -52,6 +53,7 @@ func startRawNode(t *testing.T, answer func(r *http.Request) (string, bool)) *ra
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
+				defer n.closed.Add(1)
 				defer c.Close()
 				br := bufio.NewReader(c)
 				for {
@@ -259,9 +261,16 @@ func TestH1PoolRetriesConnClosedIdle(t *testing.T) {
 	}
 }
 
+// TestH1PoolRetriesOnlyWhatIsSafeToRepeat: a request the node read and
+// then closed its connection on, answering nothing, may have been acted
+// on: a POST is not sent again, unless it carries an Idempotency-Key.
 func TestH1PoolRetriesOnlyWhatIsSafeToRepeat(t *testing.T) {
+	var drop atomic.Bool // the node reads the next request and closes
 	node := startRawNode(t, func(*http.Request) (string, bool) {
-		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true // closes, says nothing
+		if drop.CompareAndSwap(true, false) {
+			return "", true
+		}
+		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false
 	})
 	p := testH1Pool()
 	defer p.retire()
@@ -282,13 +291,13 @@ func TestH1PoolRetriesOnlyWhatIsSafeToRepeat(t *testing.T) {
 		if _, body, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil || body != "ok" {
 			t.Fatalf("GET = %q, %v; want ok", body, err)
 		}
-		time.Sleep(20 * time.Millisecond) // the node's close arrives; the pool holds a dead conn
+		drop.Store(true)
 	}
 
 	warm()
 	before := node.accepts.Load()
 	if err := post(""); err == nil {
-		t.Errorf("POST on a connection the node closed succeeded, want an error: it was sent and may have been acted on")
+		t.Errorf("POST the node read and dropped succeeded, want an error: it was sent and may have been acted on")
 	}
 	if got := node.accepts.Load(); got != before {
 		t.Errorf("POST dialled %d new connections, want none (no replay of a sent POST)", got-before)
@@ -296,7 +305,37 @@ func TestH1PoolRetriesOnlyWhatIsSafeToRepeat(t *testing.T) {
 
 	warm()
 	if err := post("k-1"); err != nil {
-		t.Errorf("POST with an Idempotency-Key on a stale connection = %v, want it retried on a new one", err)
+		t.Errorf("POST with an Idempotency-Key the node dropped = %v, want it retried on a new connection", err)
+	}
+}
+
+// TestH1PoolSkipsConnClosedWhileIdle: a connection the node closed while
+// it was idle in the pool is noticed before reuse, so a POST, which could
+// not be retried after it was sent on it, goes on a new one, once.
+func TestH1PoolSkipsConnClosedWhileIdle(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true // closes, says nothing
+	})
+	p := testH1Pool()
+	defer p.retire()
+	for i := range 3 {
+		req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", strings.NewReader("body"))
+		resp, err := p.roundTrip(req, &body{buf: []byte("body")}, time.Now())
+		if err != nil {
+			t.Fatalf("POST %d on a pool whose idle connection the node closed: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		// Wait for the node's close: the pool holds a dead connection.
+		deadline := time.Now().Add(5 * time.Second)
+		for node.closed.Load() < int32(i+1) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	node.mu.Lock()
+	defer node.mu.Unlock()
+	if len(node.reqs) != 3 || node.accepts.Load() != 3 {
+		t.Errorf("node read %d requests on %d connections, want 3 on 3", len(node.reqs), node.accepts.Load())
 	}
 }
 
@@ -593,5 +632,32 @@ func TestH1UpgradedCloseWriteError(t *testing.T) {
 	c.Close()
 	if err := u.CloseWrite(); err == nil {
 		t.Fatal("CloseWrite on a closed connection reported no error")
+	}
+}
+
+// TestUpstreamPOSTAfterNodeClosedIdle: a node that closes keep-alive
+// connections idle for a moment (net/http's IdleTimeout) does not make the
+// next POST through the sidecar fail, as it does not with Go's Transport.
+func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
+	var closed atomic.Int32
+	h := nodeHandler("n")
+	node := startServerWith(t, h, &http.Server{Handler: h, IdleTimeout: 20 * time.Millisecond,
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateClosed {
+				closed.Add(1)
+			}
+		}})
+	px := startUpstream(t, staticCache(t, map[string][]string{"svc": {node.Listener.Addr().String()}}),
+		RouteConfig{Service: "svc"})
+	client := newClient(t, nil)
+	for i := range 3 {
+		req, _ := http.NewRequest(http.MethodPost, px.URL+"/p", strings.NewReader("payload"))
+		if resp := do(t, client, req); resp.status != http.StatusOK || resp.body != "n POST /p" {
+			t.Fatalf("POST %d after the node closed the idle connection: %d %q, want 200", i, resp.status, resp.body)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for closed.Load() < int32(i+1) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
 	}
 }

@@ -70,6 +70,11 @@ type rawConn struct {
 	// (under rmu and wmu), and waited: the held write is made.
 	heldFn func(uintptr) bool
 	waited bool
+
+	// idleBroken's, under rmu.
+	peekFn     func(uintptr) bool
+	peekBuf    [1]byte
+	peekBroken bool
 }
 
 // sysFn is syscall.RawSyscall or syscall.Syscall.
@@ -90,7 +95,38 @@ func newRawConn(c net.Conn) net.Conn {
 	r.readFn = r.read
 	r.writeFn = r.write
 	r.heldFn = r.writeThenReadFn
+	r.peekFn = r.peek
 	return r
+}
+
+// idleBroken reports whether the connection, idle in a pool, can no longer
+// carry a request: the peer closed or reset it, or sent bytes nobody asked
+// for (a 408 before it closed, say). It peeks at the socket without
+// blocking, in one system call, and takes nothing from it; net/http's
+// Transport learns the same from the read it keeps under way on every idle
+// connection. It must not be called while the connection is read.
+func (c *rawConn) idleBroken() bool {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	c.peekBroken = true
+	if err := c.rc.Read(c.peekFn); err != nil {
+		return true
+	}
+	return c.peekBroken
+}
+
+func (c *rawConn) peek(fd uintptr) bool {
+	for {
+		_, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&c.peekBuf[0])), 1,
+			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		if e == syscall.EINTR {
+			continue
+		}
+		// EAGAIN: nothing to read, the connection open. A byte, the end
+		// of the stream (0) or an error: done for.
+		c.peekBroken = e != syscall.EAGAIN
+		return true
+	}
 }
 
 // inFlight counts the requests (HTTP/1.1) and streams (HTTP/2) whose
