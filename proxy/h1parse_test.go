@@ -6,6 +6,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/textproto"
 	"reflect"
 	"strings"
 	"testing"
@@ -47,6 +48,9 @@ var parseHeadSeeds = []string{
 	"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
 	"GET / HTTP/1.1\r\nHost: a\r\n",
 	"GET / HTTP/1.1\r\n\r\n",
+	"POST / HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+	"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+	"POST / HTTP/1.1\nHost: a\nX: y\n Transfer-Encoding: chunked\n\n",
 }
 
 // FuzzParseHead holds parseHead to net/http: whatever it accepts,
@@ -101,6 +105,7 @@ func checkParseHead(t *testing.T, in []byte) (took bool) {
 	if len(in) > h1BufSize {
 		return false
 	}
+	checkScanHead(t, in)
 	br := bufio.NewReaderSize(bytes.NewReader(in), h1BufSize)
 	_, _ = br.Peek(len(in))
 	var got http.Request
@@ -149,6 +154,31 @@ func checkParseHead(t *testing.T, in []byte) (took bool) {
 		t.Fatalf("%q: leaves %q; net/http leaves %q", in, gotRest, wantRest)
 	}
 	return true
+}
+
+// checkScanHead holds scanHead to net/textproto, which http.ReadRequest
+// reads a head with: where textproto reads a header, scanHead finds the
+// head's end and the same Transfer-Encoding and Content-Length fields,
+// which http.ReadRequest may drop from the request it returns.
+func checkScanHead(t *testing.T, in []byte) {
+	t.Helper()
+	tp := textproto.NewReader(bufio.NewReader(bytes.NewReader(in)))
+	if _, err := tp.ReadLine(); err != nil {
+		return
+	}
+	h, err := tp.ReadMIMEHeader()
+	if err != nil {
+		return
+	}
+	var f headFraming
+	if !scanHead(in, &f) {
+		t.Fatalf("%q: scanHead missed the head's end", in)
+	}
+	_, te := h["Transfer-Encoding"]
+	_, cl := h["Content-Length"]
+	if f.te != te || f.cl != cl {
+		t.Fatalf("%q: scanHead sees Transfer-Encoding %v, Content-Length %v; textproto %v, %v", in, f.te, f.cl, te, cl)
+	}
 }
 
 // TestParseHeadTakesPlainRequests: the fast path is taken by the requests
