@@ -275,17 +275,6 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		sc.flushLocked()
 		return nil
 	}
-	if f.Truncated {
-		// Over the header list limit: answered 431, as x/net does, and
-		// a body still to come is refused without error (RFC 9113, 8.1).
-		sc.encodeLocked(":status", "431")
-		sc.writeHeaderBlockLocked(id, true)
-		if !f.StreamEnded() {
-			sc.writeRSTLocked(id, http2.ErrCodeNo)
-		}
-		sc.flushLocked()
-		return nil
-	}
 	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
 	st.body.init(sc.h2conn, id)
 	req, err := sc.newRequest(st, f)

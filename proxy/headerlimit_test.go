@@ -17,7 +17,7 @@ import (
 // TestH2HPACKAmplificationBounded: a header field sent once into the HPACK
 // dynamic table and then named by a one-byte index again and again decodes
 // to far more than it costs on the wire. The HTTP/2 server bounds the
-// decoded list by MaxHeaderBytes: such a request is answered 431 and never
+// decoded list by MaxHeaderBytes: such a request is reset and never
 // reaches the HTTP/1.1 node, and the connection serves the next request.
 func TestH2HPACKAmplificationBounded(t *testing.T) {
 	leakcheck.Check(t)
@@ -54,8 +54,8 @@ func TestH2HPACKAmplificationBounded(t *testing.T) {
 	c.mustRead(5*time.Second, "the answer to the amplified request", func() bool { return c.stream(1).done })
 	decoded := 200 * (len("x-amp") + len(value) + 32)
 	t.Logf("%d wire bytes (with the preface and SETTINGS) decode to a %d-byte header list", wire, decoded)
-	if s := c.stream(1); s.status() != "431" {
-		t.Errorf("amplified request: %v, want status 431", s)
+	if s := c.stream(1); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+		t.Errorf("amplified request: %v, want RST_STREAM PROTOCOL_ERROR and no answer", s)
 	}
 	c.request(3, "GET", "/after", true)
 	c.flush()
@@ -72,7 +72,7 @@ func TestH2HPACKAmplificationBounded(t *testing.T) {
 
 // TestH2MaxHeaderBytesAdvertised: the HTTP/2 server tells the client its
 // header list limit in SETTINGS_MAX_HEADER_LIST_SIZE, serves a request
-// under it and answers 431 to one over it.
+// under it and resets one over it.
 func TestH2MaxHeaderBytesAdvertised(t *testing.T) {
 	leakcheck.Check(t)
 	node := startServer(t, nodeHandler("n"))
@@ -110,7 +110,7 @@ func TestH2MaxHeaderBytesAdvertised(t *testing.T) {
 	if s := c.stream(1); s.status() != "200" {
 		t.Errorf("request under the limit: %v, want 200", s)
 	}
-	if s := c.stream(3); s.status() != "431" {
-		t.Errorf("request over the limit: %v, want 431", s)
+	if s := c.stream(3); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+		t.Errorf("request over the limit: %v, want RST_STREAM PROTOCOL_ERROR and no answer", s)
 	}
 }

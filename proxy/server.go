@@ -27,9 +27,10 @@ type ServerOptions struct {
 	// comes (request line and fields), answered 431 past it, the
 	// connection closed; on HTTP/2 the decoded header list as RFC 9113
 	// counts it (name, value and 32 bytes per field), advertised in
-	// SETTINGS_MAX_HEADER_LIST_SIZE and the stream reset past it, the
-	// connection kept unless the block runs on far beyond it. If zero,
-	// DefaultMaxHeaderBytes is used.
+	// SETTINGS_MAX_HEADER_LIST_SIZE, the stream reset (PROTOCOL_ERROR)
+	// past it and the connection kept, unless the block runs on past
+	// twice what is left of it, which ends the connection as x/net does.
+	// If zero, DefaultMaxHeaderBytes is used.
 	MaxHeaderBytes int
 }
 
