@@ -320,7 +320,9 @@ func TestH1PoolSkipsConnClosedWhileIdle(t *testing.T) {
 	defer p.retire()
 	for i := range 3 {
 		req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", strings.NewReader("body"))
-		resp, err := p.roundTrip(req, &body{buf: []byte("body")}, time.Now())
+		// As if sent a moment later: the connection has been idle for
+		// h1CheckIdleAfter.
+		resp, err := p.roundTrip(req, &body{buf: []byte("body")}, time.Now().Add(h1CheckIdleAfter))
 		if err != nil {
 			t.Fatalf("POST %d on a pool whose idle connection the node closed: %v", i, err)
 		}
@@ -658,6 +660,35 @@ func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
 		deadline := time.Now().Add(5 * time.Second)
 		for closed.Load() < int32(i+1) && time.Now().Before(deadline) {
 			time.Sleep(time.Millisecond)
+		}
+	}
+}
+
+// BenchmarkIdleBroken measures the check the pool makes on an idle
+// connection before it reuses it: one non-blocking peek.
+func BenchmarkIdleBroken(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	peer := <-accepted
+	defer peer.Close()
+	rc := newRawConn(c).(*rawConn)
+	b.ReportAllocs()
+	for b.Loop() {
+		if rc.idleBroken() {
+			b.Fatal("open connection reported broken")
 		}
 	}
 }
