@@ -132,6 +132,12 @@ func TestH1PoolFraming(t *testing.T) {
 		{name: "304", raw: "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n", reuse: true},
 		{name: "bare LF and folding", raw: "\r\nHTTP/1.1 200 OK\nX-Fold: a\n  b\nContent-Length: 1\n\nx",
 			wantBody: "x", wantLen: 1, reuse: true},
+		// RFC 9112, 6.1 and 6.3: framing a peer may read differently; the
+		// answer is read as chunked and the connection not used again.
+		{name: "chunked and content-length", raw: "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+			wantBody: "abc", wantLen: -1, reuse: false},
+		{name: "http/1.0 keep-alive chunked", raw: "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+			wantBody: "abc", wantLen: -1, reuse: false},
 		{name: "1xx skipped", raw: "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
 			wantBody: "x", wantLen: 1, reuse: true},
 	}

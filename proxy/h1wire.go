@@ -326,6 +326,10 @@ func frame(resp *http.Response, method string) error {
 		}
 		resp.ContentLength = int64(n)
 	} else if chunked {
+		// RFC 9112, 6.1 and 6.3: chunked with a Content-Length, or in
+		// HTTP/1.0, is framing another reader may take differently; the
+		// answer is read as chunked and the connection not used again.
+		resp.Close = resp.Close || ok || resp.ProtoMinor == 0
 		delete(h, "Content-Length")
 	}
 	switch {
