@@ -367,3 +367,25 @@ func TestH1ServerMaxHeaderBytes(t *testing.T) {
 		})
 	}
 }
+
+// TestH1ServerCloseDecidedOnRead: the server keeps or closes a connection
+// by what the client sent, whatever the handler does to the request (the
+// proxy clears Close on it for the node's request).
+func TestH1ServerCloseDecidedOnRead(t *testing.T) {
+	leakcheck.Check(t)
+	var ran atomic.Int64
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ran.Add(1)
+		r.Close = false
+		io.WriteString(w, "ok")
+	}), ServerOptions{})
+	for _, raw := range []string{
+		"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\nHost: svc\r\n\r\n",
+		"GET /a HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+	} {
+		before := ran.Load()
+		if codes := rawSession(t, st.addr, raw); !slices.Equal(codes, []int{200}) || ran.Load()-before != 1 {
+			t.Errorf("%q: answers %v, handler ran %d times; want one answer, then the connection closed", raw, codes, ran.Load()-before)
+		}
+	}
+}
