@@ -28,8 +28,9 @@ type ServerOptions struct {
 	// connection closed; on HTTP/2 the decoded header list as RFC 9113
 	// counts it (name, value and 32 bytes per field), advertised in
 	// SETTINGS_MAX_HEADER_LIST_SIZE, the stream reset (PROTOCOL_ERROR)
-	// past it and the connection kept, unless the block runs on past
-	// twice what is left of it, which ends the connection as x/net does.
+	// past it and the connection kept, unless one field alone is over it
+	// or the block runs on past twice what is left of it, which end the
+	// connection (COMPRESSION_ERROR, PROTOCOL_ERROR) as x/net does.
 	// If zero, DefaultMaxHeaderBytes is used.
 	MaxHeaderBytes int
 }
