@@ -277,6 +277,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		answerError(w, r, err)
 		return
 	}
+	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
 
 	answerHeader(w, resp)

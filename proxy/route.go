@@ -45,11 +45,13 @@ type routeState struct {
 	eligible  int                  // endpoints the balancer picks from
 }
 
-// endpoint is one node as a route sees it: its connection pools and metrics.
+// endpoint is one node as a route sees it: its connection pools, limits
+// and metrics.
 type endpoint struct {
 	discovery.Endpoint
 	pools      atomic.Pointer[pools]
 	poolConfig *poolConfig
+	limits     *nodeLimits // shared by its pools, old and renewed
 	requests   [len(codeClasses)]prometheus.Counter
 	health
 }
@@ -201,8 +203,12 @@ func (rt *route) countEjected(st *routeState, now time.Time) int {
 }
 
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
-	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool}
-	e.pools.Store(newPools(&rt.pool, time.Now()))
+	var overflows [numLimits]prometheus.Counter
+	for i, name := range limitNames {
+		overflows[i] = rt.metrics.overflows.WithLabelValues(ep.Addr, name)
+	}
+	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool, limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
+	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
 	for i, class := range codeClasses {
 		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
@@ -222,6 +228,9 @@ func (rt *route) retire(e *endpoint) {
 		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
 	}
 	rt.metrics.breakerState.DeleteLabelValues(e.Addr)
+	for _, name := range limitNames {
+		rt.metrics.overflows.DeleteLabelValues(e.Addr, name)
+	}
 }
 
 // status describes the route for /status.
