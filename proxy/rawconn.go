@@ -73,7 +73,7 @@ type rawConn struct {
 
 	// limits, when not nil, holds a connection slot of the node's for
 	// this connection, given back by its first Close.
-	limits   *nodeLimits
+	limits    *nodeLimits
 	slotFreed atomic.Bool
 }
 
