@@ -503,3 +503,42 @@ func TestLocalLimitClassified(t *testing.T) {
 		}
 	}
 }
+
+// TestTransportConnectionLimit: the http.Transport pools (TLS, and requests
+// the HTTP/1.1 fast path does not take) count their connections too: a
+// request that needs a connection past max_connections waits, and fails
+// with ErrLocalLimit when none comes free.
+func TestTransportConnectionLimit(t *testing.T) {
+	node := startLimitNode(t, nil)
+	node.hold.Store(true)
+	lim := newNodeLimits(config.Limits{MaxConnections: 1, MaxPendingRequests: 1}, nil)
+	tr := newTransport(&poolConfig{timeouts: Timeouts{Connect: 100 * time.Millisecond}.withDefaults()}, false, lim)
+	defer tr.CloseIdleConnections()
+	get := func() (*http.Response, error) {
+		req, err := http.NewRequest(http.MethodGet, "http://"+node.addr+"/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tr.RoundTrip(req)
+	}
+	first := make(chan error, 1)
+	go func() {
+		resp, err := get()
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		first <- err
+	}()
+	resWait(t, 5*time.Second, "the first request at the node", func() bool { return node.running.Load() == 1 })
+	if _, err := get(); !errors.Is(err, ErrLocalLimit) {
+		t.Errorf("second request past max_connections 1: error = %v, want ErrLocalLimit", err)
+	}
+	node.unhold()
+	if err := <-first; err != nil {
+		t.Errorf("first request: %v", err)
+	}
+	if p := node.peak.Load(); p != 1 {
+		t.Errorf("node connections at once = %d, want 1", p)
+	}
+}
