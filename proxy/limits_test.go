@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
 // limitNode is a node serving HTTP/1.1 and h2c that tracks how many
@@ -125,6 +126,7 @@ func limitRoute(t testing.TB, protocol string, lim config.Limits, connect time.D
 // requests past the limits are answered 503 local_limit, counted by limit;
 // the breaker stays closed and the next request succeeds.
 func TestFanOutBoundedByLimits(t *testing.T) {
+	leakcheck.Check(t)
 	node := startLimitNode(t, nil)
 	node.hold.Store(true)
 	const (
@@ -214,6 +216,7 @@ func TestFanOutBoundedByLimits(t *testing.T) {
 // streams on one connection here) a request is refused at once, without
 // reaching the node, and the breaker stays closed.
 func TestLimitsMaxRequests(t *testing.T) {
+	leakcheck.Check(t)
 	node := startLimitNode(t, nil)
 	const maxRequests, n = 3, 10
 	lim := config.Limits{MaxConnections: 10, MaxPendingRequests: 10, MaxRequests: maxRequests}
@@ -231,9 +234,7 @@ func TestLimitsMaxRequests(t *testing.T) {
 			t.Errorf("answer past max_requests = %d %q, want 503 local_limit", r.status, r.header.Get("X-Sidecar-Error"))
 		}
 	}
-	if got := node.running.Load(); got != maxRequests {
-		t.Errorf("requests at the node = %d, want %d", got, maxRequests)
-	}
+	resWait(t, 5*time.Second, "max_requests at the node", func() bool { return node.running.Load() == maxRequests })
 	node.unhold()
 	for range maxRequests {
 		if r := <-answers; r.status != http.StatusOK {
@@ -257,6 +258,7 @@ func TestLimitsMaxRequests(t *testing.T) {
 // a connection at the node's concurrency limit), without more connections
 // than the limit.
 func TestLimitsQueueForConnections(t *testing.T) {
+	leakcheck.Check(t)
 	for _, tc := range []struct {
 		name, protocol string
 		maxConns       int
@@ -308,6 +310,7 @@ func TestLimitsQueueForConnections(t *testing.T) {
 // node; a connection past it waits the connect timeout, is closed, and
 // counts neither for the breaker nor for ejection.
 func TestTCPConnectionLimit(t *testing.T) {
+	leakcheck.Check(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -509,6 +512,7 @@ func TestLocalLimitClassified(t *testing.T) {
 // request that needs a connection past max_connections waits, and fails
 // with ErrLocalLimit when none comes free.
 func TestTransportConnectionLimit(t *testing.T) {
+	leakcheck.Check(t)
 	node := startLimitNode(t, nil)
 	node.hold.Store(true)
 	lim := newNodeLimits(config.Limits{MaxConnections: 1, MaxPendingRequests: 1}, nil)
