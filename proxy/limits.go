@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -67,6 +68,11 @@ type nodeLimits struct {
 	pending     atomic.Int64
 	requests    atomic.Int64
 	overflows   [numLimits]prometheus.Counter // nil: not counted
+	// reclaim, when not nil, closes an idle connection of the node's
+	// pools, if there is one, giving back its slot: a request that waits
+	// for one calls it first, so that one pool's idle connections do not
+	// keep another's requests waiting. It does not block.
+	reclaim func()
 }
 
 // newNodeLimits returns the limits c sets; a zero value is defaultLimit.
@@ -177,6 +183,9 @@ func waitConn[T any](ctx context.Context, l *nodeLimits, wait time.Duration, mor
 		return v, err
 	}
 	defer l.endPending()
+	if l.reclaim != nil {
+		l.reclaim()
+	}
 	if wait <= 0 {
 		wait = time.Second // as Timeouts.Connect's default
 	}
@@ -278,6 +287,9 @@ func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
 		}
 		w.started = true
 		p.waiters.Add(1)
+		if l.reclaim != nil {
+			l.reclaim()
+		}
 		w.timer = time.NewTimer(p.timeouts.Connect)
 		return nil
 	}
@@ -324,4 +336,37 @@ func (p *h2Pool) signalRoom() {
 	case p.room <- struct{}{}:
 	default:
 	}
+}
+
+// closeAnIdle closes an idle connection of e's current pools, if one has
+// any, so that a request waiting for a connection slot may have its slot:
+// the HTTP/1.1 pool's least recently used, else the HTTP/2 pool's
+// connections with no stream, else the Transports' idle ones.
+func (e *endpoint) closeAnIdle() {
+	p := e.pools.Load()
+	if p.fast != nil && p.fast.closeOldest() {
+		return
+	}
+	if p.h2c != nil {
+		p.h2c.closeIdle()
+	}
+	p.h1.CloseIdleConnections()
+	if p.h2 != nil {
+		p.h2.CloseIdleConnections()
+	}
+}
+
+// closeOldest closes the least recently used idle connection, reporting
+// whether there was one.
+func (p *h1Pool) closeOldest() bool {
+	p.mu.Lock()
+	if len(p.idle) == 0 {
+		p.mu.Unlock()
+		return false
+	}
+	pc := p.idle[0]
+	p.idle = slices.Delete(p.idle, 0, 1)
+	p.mu.Unlock()
+	pc.c.Close()
+	return true
 }

@@ -546,3 +546,45 @@ func TestTransportConnectionLimit(t *testing.T) {
 		t.Errorf("node connections at once = %d, want 1", p)
 	}
 }
+
+// TestLimitsReclaimIdle: at max_connections, a request that needs a
+// connection of another pool than the one holding the node's connections
+// idle has one of them closed for its slot, rather than waiting the
+// connect timeout and being refused.
+func TestLimitsReclaimIdle(t *testing.T) {
+	leakcheck.Check(t)
+	node := startLimitNode(t, nil)
+	lim := config.Limits{MaxConnections: 1, MaxPendingRequests: 1, MaxRequests: 10}
+	s := resProxy(t, []string{node.addr}, limitRoute(t, "http", lim, 10*time.Second))
+	// A GET leaves its connection idle in the HTTP/1.1 pool.
+	if r := s.do(t, http.MethodGet, "/get", nil); r.status != http.StatusOK {
+		t.Fatalf("GET: status = %d, want 200", r.status)
+	}
+	// A body of unknown length goes over the Transport's pool.
+	pr, pw := io.Pipe()
+	go func() {
+		pw.Write([]byte("streamed"))
+		pw.Close()
+	}()
+	req, err := http.NewRequest(http.MethodPost, s.url+"/post", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("POST: %v", err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("POST past max_connections with a connection idle: status = %d %q, want 200",
+			resp.StatusCode, resp.Header.Get("X-Sidecar-Error"))
+	}
+	// The idle connection was closed for the POST's (the node may count
+	// both for the moment it takes to read the first one's end).
+	if got := node.accepts.Load(); got != 2 {
+		t.Errorf("node accepted %d connections, want 2", got)
+	}
+	resWait(t, 5*time.Second, "one connection open at the node", func() bool { return node.open.Load() <= 1 })
+}

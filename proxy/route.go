@@ -208,6 +208,7 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 		overflows[i] = rt.metrics.overflows.WithLabelValues(ep.Addr, name)
 	}
 	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool, limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
+	e.limits.reclaim = e.closeAnIdle
 	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
 	for i, class := range codeClasses {
