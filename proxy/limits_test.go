@@ -235,6 +235,10 @@ func TestLimitsMaxRequests(t *testing.T) {
 		}
 	}
 	resWait(t, 5*time.Second, "max_requests at the node", func() bool { return node.running.Load() == maxRequests })
+	if st := s.endpoint(t, node.addr); st.ActiveRequests != maxRequests || st.Connections != 1 || st.PendingRequests != 0 {
+		t.Errorf("status while held: %d active, %d connections, %d pending, want %d, 1, 0",
+			st.ActiveRequests, st.Connections, st.PendingRequests, maxRequests)
+	}
 	node.unhold()
 	for range maxRequests {
 		if r := <-answers; r.status != http.StatusOK {

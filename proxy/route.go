@@ -264,6 +264,9 @@ func (rt *route) status() RouteStatus {
 		if e.breaker != nil {
 			es.Breaker = e.breaker.State().String()
 		}
+		if l := e.limits; l != nil {
+			es.Connections, es.PendingRequests, es.ActiveRequests = len(l.conns), int(l.pending.Load()), int(l.requests.Load())
+		}
 		if until := e.ejectedUntil.Load(); until > time.Now().UnixNano() {
 			t := time.Unix(0, until).UTC()
 			es.EjectedUntil = &t
@@ -297,6 +300,11 @@ type EndpointStatus struct {
 	Breaker             string     `json:"breaker"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`
 	EjectedUntil        *time.Time `json:"ejected_until,omitempty"`
+	// Connections open to the node, requests waiting for one, and
+	// requests in flight to it, as resilience.limits bounds them.
+	Connections     int `json:"connections"`
+	PendingRequests int `json:"pending_requests"`
+	ActiveRequests  int `json:"active_requests"`
 }
 
 var errClientGone = errors.New("client went away")
