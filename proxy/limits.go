@@ -55,12 +55,16 @@ var errLocalRefusal = errors.New("refused by a local limit")
 //     that waited the connect timeout (or until its context ended) for a
 //     slot, or a connection put back, is refused then;
 //   - requests in flight to the node (HTTP/2 streams included), at most
-//     max_requests: past it a request is refused at once.
+//     max_requests: past it a request is refused at once. An upgrade
+//     (WebSocket) counts against max_connections only, for as long as its
+//     tunnel lasts.
 //
-// A refusal is ErrLocalLimit, counted in sidecar_upstream_overflows_total.
-// Each limit is an atomic counter or a channel used as a semaphore: the
-// hot path takes no lock and allocates nothing. A nil *nodeLimits limits
-// nothing. Its methods are safe for concurrent use.
+// A refusal is ErrLocalLimit, counted in sidecar_upstream_overflows_total;
+// the retry loop tries another node, and neither the breaker nor outlier
+// detection counts it. A request costs two atomic adds and allocates
+// nothing; a new connection takes a slot from a buffered channel, used as
+// a semaphore. A nil *nodeLimits limits nothing. Its methods are safe for
+// concurrent use.
 type nodeLimits struct {
 	conns       chan struct{} // a token per connection slot taken; cap max_connections
 	maxPending  int64
