@@ -13,6 +13,7 @@ type Resilience struct {
 	Breaker Breaker `yaml:"breaker"`
 	Outlier Outlier `yaml:"outlier"`
 	Retries Retries `yaml:"retries"`
+	Limits  Limits  `yaml:"limits"`
 	// SlowStart ramps a node that joins up to its full share of
 	// least_request traffic over this long. Default 10s; 0 disables.
 	SlowStart time.Duration `yaml:"slow_start"`
@@ -71,6 +72,27 @@ type Budget struct {
 	Window       time.Duration `yaml:"window"`         // default 10s
 }
 
+// Limits bound what the proxy asks of each node (endpoint) of a service at
+// once, as Envoy's circuit-breaker thresholds do; Envoy's bound a whole
+// cluster, these each node. A request that needs a connection while the
+// node has MaxConnections waits, as one of at most MaxPendingRequests, for
+// a connection to come free, up to the connect timeout; one past
+// MaxPendingRequests, or still waiting then, and one that would be past
+// MaxRequests, is refused with a 503 (X-Sidecar-Error: local_limit) and
+// tried on another node. Reaching a limit is the sidecar's overload, not
+// the node's failure: it never counts toward the breaker or ejection.
+type Limits struct {
+	// MaxConnections bounds the connections open to the node: HTTP/1.1
+	// keep-alive, HTTP/2, TCP and upgraded. Default 1024.
+	MaxConnections int `yaml:"max_connections"`
+	// MaxPendingRequests bounds the requests waiting for a connection to
+	// the node. Default 1024.
+	MaxPendingRequests int `yaml:"max_pending_requests"`
+	// MaxRequests bounds the requests in flight to the node, HTTP/2
+	// streams included. Default 1024.
+	MaxRequests int `yaml:"max_requests"`
+}
+
 func defaultResilience() Resilience {
 	return Resilience{
 		Breaker: Breaker{Enabled: true, ConsecutiveFailures: 5, OpenFor: 5 * time.Second, HalfOpenRequests: 1},
@@ -78,6 +100,7 @@ func defaultResilience() Resilience {
 			MaxEjection: 5 * time.Minute, MaxEjectionPercent: 50, PanicThreshold: 50},
 		Retries: Retries{Attempts: 2, Backoff: 25 * time.Millisecond,
 			Budget: Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second}},
+		Limits:    Limits{MaxConnections: 1024, MaxPendingRequests: 1024, MaxRequests: 1024},
 		SlowStart: 10 * time.Second,
 	}
 }
@@ -139,4 +162,7 @@ func (p *parser) validateResilience(path string, r *Resilience) {
 	atLeast("retries.budget.min_per_second", r.Retries.Budget.MinPerSecond, 0)
 	p.positive(path+".retries.budget.window", r.Retries.Budget.Window)
 	p.nonNegative(path+".slow_start", r.SlowStart)
+	atLeast("limits.max_connections", r.Limits.MaxConnections, 1)
+	atLeast("limits.max_pending_requests", r.Limits.MaxPendingRequests, 1)
+	atLeast("limits.max_requests", r.Limits.MaxRequests, 1)
 }

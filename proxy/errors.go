@@ -53,6 +53,8 @@ func classify(err error) (status int, code string) {
 		return http.StatusServiceUnavailable, "no_healthy_endpoints"
 	case errors.Is(err, ErrBreakerOpen):
 		return http.StatusServiceUnavailable, "breaker_open"
+	case errors.Is(err, ErrLocalLimit):
+		return http.StatusServiceUnavailable, "local_limit"
 	case errors.Is(err, ErrDiscovery):
 		return http.StatusServiceUnavailable, "discovery_unavailable"
 	case errors.Is(err, ErrUpstreamTimeout), errors.Is(err, context.DeadlineExceeded):

@@ -48,6 +48,11 @@ type h1Pool struct {
 	idle   []*h1Conn // most recently used last
 	closed bool
 	sweep  *time.Timer
+
+	// lim bounds the pool's connections (nil: no limit); see connect.
+	lim     *nodeLimits
+	handoff chan *h1Conn // a connection put back, to a request waiting for one
+	waiters int          // requests waiting for a connection; under mu
 }
 
 func newH1Pool(t Timeouts) *h1Pool {
@@ -168,6 +173,11 @@ func (p *h1Pool) put(pc *h1Conn) {
 		pc.c.Close()
 		return
 	}
+	if p.waiters > 0 {
+		p.mu.Unlock()
+		p.handOver(pc)
+		return
+	}
 	p.idle = append(p.idle, pc)
 	if p.sweep == nil {
 		p.sweep = time.AfterFunc(p.idleTO, p.sweepIdle)
@@ -230,6 +240,7 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 		return nil, err
 	}
 	c = newRawConn(c)
+	p.lim.attach(c)
 	pc := &h1Conn{pool: p, c: c, lr: limitReader{c: c, err: errHeaderTooLong}}
 	pc.raw, _ = c.(*rawConn)
 	pc.br = bufio.NewReaderSize(&pc.lr, h1ReadBuffer)
@@ -259,7 +270,7 @@ func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Res
 	for {
 		if pc == nil {
 			var err error
-			if pc, err = p.dial(ctx, out.URL.Host); err != nil {
+			if pc, err = p.connect(ctx, out.URL.Host); err != nil {
 				return nil, err
 			}
 		}

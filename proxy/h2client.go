@@ -51,6 +51,11 @@ type h2Pool struct {
 	conns   []*h2ClientConn
 	dialing *h2Dial
 	retired bool
+
+	// lim bounds the pool's connections (nil: no limit); see h2Wait.
+	lim     *nodeLimits
+	waiters atomic.Int32  // requests waiting for a stream or a connection slot
+	room    chan struct{} // a stream ended while requests waited; cap 1
 }
 
 type h2Dial struct {
@@ -65,7 +70,7 @@ func newH2Pool(t Timeouts, log *zap.Logger) *h2Pool {
 		log = zap.NewNop()
 	}
 	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second},
-		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout}
+		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1)}
 }
 
 // roundTrip sends req on a connection to req.URL.Host and returns the
@@ -84,8 +89,11 @@ func (p *h2Pool) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 }
 
-// conn returns a connection with a stream reserved on it.
+// conn returns a connection with a stream reserved on it. At
+// max_connections it waits as a pending request (see h2Wait).
 func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
+	var w h2Wait
+	defer w.end(p)
 	for {
 		p.mu.Lock()
 		for _, cc := range p.conns {
@@ -96,6 +104,14 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 		}
 		d := p.dialing
 		if d == nil {
+			if !w.slot && !p.lim.tryConn() {
+				p.mu.Unlock()
+				if err := w.wait(ctx, p); err != nil {
+					return nil, err
+				}
+				continue
+			}
+			w.slot = false // the dial's now
 			d = &h2Dial{done: make(chan struct{})}
 			p.dialing = d
 			p.mu.Unlock()
@@ -135,12 +151,17 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 	}
 }
 
+// dial connects to addr on a connection slot taken, which it gives back
+// if the dial fails.
 func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	nc, err := p.dialer.Dial("tcp", addr)
 	if err != nil {
+		p.lim.endConn()
 		return nil, err
 	}
-	return p.start(newRawConn(nc)), nil
+	nc = newRawConn(nc)
+	p.lim.attach(nc)
+	return p.start(nc), nil
 }
 
 // start speaks h2c over nc, a new connection to a node: it sends the
@@ -590,6 +611,7 @@ func (cs *h2ClientStream) closeIfDoneLocked() {
 		return
 	}
 	delete(cc.streams, cs.id)
+	cc.pool.roomFreed()
 	if len(cc.streams) == 0 && cc.reserved == 0 && cc.err == nil {
 		if cc.goAway || cc.retired {
 			cc.closing = true

@@ -16,6 +16,7 @@ type Metrics struct {
 	breakerTransitions *prometheus.CounterVec
 	ejections          *prometheus.CounterVec
 	ejectionsRefused   *prometheus.CounterVec
+	overflows          *prometheus.CounterVec
 }
 
 // NewMetrics creates the proxy's metrics and registers them with reg, when
@@ -60,9 +61,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "sidecar_outlier_ejections_refused_total",
 		Help: "Ejections not made because max_ejection_percent of the nodes were already out.",
 	}, []string{"listener", "service"})
+	m.overflows = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_upstream_overflows_total",
+		Help: "Tries refused because their node was at one of the sidecar's limits for it, by limit (max_connections, max_pending_requests, max_requests).",
+	}, []string{"listener", "service", "endpoint", "limit"})
 	if reg != nil {
 		reg.MustRegister(m.requests, m.refused, m.duration, m.inflight,
-			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused)
+			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused, m.overflows)
 	}
 	return m
 }
@@ -81,6 +86,7 @@ type routeMetrics struct {
 	breakerTransitions *prometheus.CounterVec // curried: endpoint, state
 	ejections          *prometheus.CounterVec // curried: endpoint
 	ejectionsRefused   prometheus.Counter
+	overflows          *prometheus.CounterVec // curried: endpoint, limit
 }
 
 func (m *Metrics) route(listener, service string) routeMetrics {
@@ -98,6 +104,7 @@ func (m *Metrics) route(listener, service string) routeMetrics {
 		breakerTransitions: m.breakerTransitions.MustCurryWith(labels),
 		ejections:          m.ejections.MustCurryWith(labels),
 		ejectionsRefused:   m.ejectionsRefused.With(labels),
+		overflows:          m.overflows.MustCurryWith(labels),
 	}
 }
 

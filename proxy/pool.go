@@ -33,15 +33,19 @@ type poolConfig struct {
 	log      *zap.Logger // the route's; nil logs nothing
 }
 
-func newPools(c *poolConfig, now time.Time) *pools {
-	p := &pools{h1: newTransport(c, false)}
+// newPools returns an endpoint's pools, whose connections count against
+// lim (nil: no limits).
+func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
+	p := &pools{h1: newTransport(c, false, lim)}
 	if useH1Pool && c.tls == nil {
 		p.fast = newH1Pool(c.timeouts)
+		p.fast.setLimits(lim)
 	}
 	if useH2Pool && c.tls == nil {
 		p.h2c = newH2Pool(c.timeouts, c.log)
+		p.h2c.lim = lim
 	} else {
-		p.h2 = newTransport(c, true)
+		p.h2 = newTransport(c, true, lim)
 	}
 	if age := c.timeouts.MaxConnectionAge; age > 0 {
 		// ±10% jitter, so the pools of many endpoints do not renew together.
@@ -86,7 +90,7 @@ func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time)
 func (e *endpoint) currentPools(now time.Time) *pools {
 	p := e.pools.Load()
 	if p.expires != 0 && now.UnixNano() > p.expires {
-		if next := newPools(e.poolConfig, now); e.pools.CompareAndSwap(p, next) {
+		if next := newPools(e.poolConfig, e.limits, now); e.pools.CompareAndSwap(p, next) {
 			drain(p, e.poolConfig.timeouts.Request)
 			p = next
 		} else {
@@ -114,17 +118,26 @@ func drain(p *pools, grace time.Duration) {
 }
 
 // newTransport returns one connection pool: HTTP/1.1, or HTTP/2 when h2 is
-// set (h2c with prior knowledge in plaintext, ALPN h2 over TLS).
-func newTransport(c *poolConfig, h2 bool) *http.Transport {
+// set (h2c with prior knowledge in plaintext, ALPN h2 over TLS). Its
+// connections count against lim's max_connections: a dial at the limit
+// waits for a slot (the Transport meanwhile hands the request a connection
+// that comes back idle, if one does), then fails with ErrLocalLimit.
+func newTransport(c *poolConfig, h2 bool, lim *nodeLimits) *http.Transport {
 	t := c.timeouts
 	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := d.DialContext(ctx, network, addr)
-			if err != nil {
+			if err := lim.acquireConn(ctx, t.Connect); err != nil {
 				return nil, err
 			}
-			return newRawConn(c), nil
+			c, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				lim.endConn()
+				return nil, err
+			}
+			c = newRawConn(c)
+			lim.attach(c)
+			return c, nil
 		},
 		MaxIdleConnsPerHost: 1024,
 		IdleConnTimeout:     t.Idle,

@@ -81,7 +81,7 @@ func TestPoolsRenewAtMaxAge(t *testing.T) {
 	pc := &poolConfig{timeouts: Timeouts{MaxConnectionAge: age}.withDefaults()}
 	start := time.Unix(1000, 0)
 	e := &endpoint{Endpoint: discovery.NewEndpoint("a", "127.0.0.1", 1, nil, nil, 1), poolConfig: pc}
-	e.pools.Store(newPools(pc, start))
+	e.pools.Store(newPools(pc, nil, start))
 
 	first := e.currentPools(start)
 	if got := e.currentPools(start.Add(age * 8 / 10)); got != first {
@@ -97,7 +97,7 @@ func TestPoolsRenewAtMaxAge(t *testing.T) {
 
 	never := &poolConfig{timeouts: Timeouts{}.withDefaults()}
 	e2 := &endpoint{poolConfig: never}
-	e2.pools.Store(newPools(never, start))
+	e2.pools.Store(newPools(never, nil, start))
 	if e2.currentPools(start).h1 != e2.currentPools(start.Add(1000*time.Hour)).h1 {
 		t.Errorf("pools with no max age renewed, want them kept")
 	}
@@ -109,7 +109,7 @@ func TestPoolsJitter(t *testing.T) {
 	start := time.Unix(1000, 0)
 	seen := map[int64]bool{}
 	for i := 0; i < 50; i++ {
-		p := newPools(pc, start)
+		p := newPools(pc, nil, start)
 		d := time.Duration(p.expires - start.UnixNano())
 		if d < age*9/10 || d > age*11/10 {
 			t.Fatalf("pool expires after %v, want within ±10%% of %v", d, age)

@@ -49,9 +49,10 @@ type RouteConfig struct {
 	Timeouts     Timeouts
 	// TLS, when not nil, reaches the nodes over TLS.
 	TLS *config.TLS
-	// Resilience configures breakers, outlier ejection, retries and slow
-	// start. Its zero value turns all of them off; config.Load fills in
-	// the documented defaults.
+	// Resilience configures breakers, outlier ejection, retries, slow
+	// start and the per-node limits (see nodeLimits). Its zero value turns
+	// all of them off but the limits, each of which is 1024 when zero;
+	// config.Load fills in the documented defaults.
 	Resilience config.Resilience
 	// ProxyProtocol, when "v2", starts every connection to a node with a
 	// PROXY protocol v2 header carrying the client's address and the
@@ -277,6 +278,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		answerError(w, r, err)
 		return
 	}
+	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
 
 	answerHeader(w, resp)

@@ -75,6 +75,11 @@ type rawConn struct {
 	peekFn     func(uintptr) bool
 	peekBuf    [1]byte
 	peekBroken bool
+
+	// limits, when not nil, holds a connection slot of the node's for
+	// this connection, given back by its first Close.
+	limits    *nodeLimits
+	slotFreed atomic.Bool
 }
 
 // sysFn is syscall.RawSyscall or syscall.Syscall.
@@ -410,6 +415,9 @@ func (c *rawConn) Close() error {
 	err := c.Conn.Close()
 	if p := c.relay.Load(); p != nil {
 		p.Close()
+	}
+	if c.limits != nil && c.slotFreed.CompareAndSwap(false, true) {
+		c.limits.endConn()
 	}
 	return err
 }

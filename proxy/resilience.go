@@ -14,6 +14,7 @@ import (
 	"github.com/sony/gobreaker/v2"
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
 )
 
@@ -58,6 +59,8 @@ func (rt *route) newBreaker(ep string) *gobreaker.TwoStepCircuitBreaker[struct{}
 		MaxRequests: uint32(max(b.HalfOpenRequests, 1)),
 		Timeout:     b.OpenFor,
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= uint32(max(b.ConsecutiveFailures, 1)) },
+		// A try a local limit refused never reached the node.
+		IsExcluded: func(err error) bool { return err == errLocalRefusal },
 		OnStateChange: func(_ string, from, to gobreaker.State) {
 			gauge.Set(float64(to))
 			rt.metrics.breakerTransitions.WithLabelValues(ep, to.String()).Inc()
@@ -80,6 +83,14 @@ func (e *endpoint) allow() (func(error), error) {
 }
 
 func noopDone(error) {}
+
+// refuseTry ends a try on e that a local limit refused before it reached
+// the node: e's breaker counts it neither way (breakerDone, from e.allow),
+// outlier detection does not see it, and its pick takes no sample.
+func refuseTry(breakerDone func(error), pk balancer.Pick) {
+	breakerDone(errLocalRefusal)
+	release(pk)
+}
 
 // reportTry reports the outcome of a try on e, a request's or a
 // connection's: to e's breaker (breakerDone, from e.allow), and to outlier

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -31,6 +32,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		next.cancel(rt)
 		if held != nil && err != nil && r.Context().Err() == nil {
 			resp, e, pk, err = held, heldE, balancer.Pick{}, nil
+			e.limits.retake() // for the caller to end, as it ends a try's
 		}
 	}()
 	res := &rt.cfg.Resilience
@@ -75,9 +77,16 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 			release(pk)
 			return nil, nil, balancer.Pick{}, lastErr
 		}
-		breakerDone, err := e.allow()
+		// A node at max_requests, or with an open breaker, is never
+		// reached: always worth another.
+		err = e.limits.startRequest()
+		breakerDone := noopDone
+		if err == nil {
+			if breakerDone, err = e.allow(); err != nil {
+				e.limits.endRequest()
+			}
+		}
 		if err != nil {
-			// Never reached the node: always worth another.
 			release(pk)
 			lastErr = &proxyError{rt.cfg.Service, err}
 			tried = append(tried, e.ID)
@@ -114,10 +123,22 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 
 		if err != nil {
+			e.limits.endRequest()
 			if r.Context().Err() != nil {
 				breakerDone(nil)
 				release(pk)
 				return nil, nil, balancer.Pick{}, err
+			}
+			if errors.Is(err, ErrLocalLimit) {
+				// No connection to the node came free: never sent, and
+				// the sidecar's doing, not the node's.
+				refuseTry(breakerDone, pk)
+				lastErr = &proxyError{rt.cfg.Service, err}
+				if ctx.Err() != nil {
+					return nil, nil, balancer.Pick{}, lastErr
+				}
+				tried = append(tried, e.ID)
+				continue
 			}
 			if b != nil && b.failed() != nil {
 				// The client's body broke, not the node.
@@ -161,6 +182,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 			// Held before the body is given up: a stream whose body is
 			// taken from it may be reset, and its answer with it.
 			held, heldE = hold(resp), e
+			e.limits.endRequest()
 			done(pk, errGateway, start)
 			lastErr = fmt.Errorf("%w: %s", errGateway, resp.Status)
 			tried = append(tried, e.ID)

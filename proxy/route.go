@@ -45,11 +45,13 @@ type routeState struct {
 	eligible  int                  // endpoints the balancer picks from
 }
 
-// endpoint is one node as a route sees it: its connection pools and metrics.
+// endpoint is one node as a route sees it: its connection pools, limits
+// and metrics.
 type endpoint struct {
 	discovery.Endpoint
 	pools      atomic.Pointer[pools]
 	poolConfig *poolConfig
+	limits     *nodeLimits // shared by its pools, old and renewed
 	requests   [len(codeClasses)]prometheus.Counter
 	health
 }
@@ -201,8 +203,13 @@ func (rt *route) countEjected(st *routeState, now time.Time) int {
 }
 
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
-	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool}
-	e.pools.Store(newPools(&rt.pool, time.Now()))
+	var overflows [numLimits]prometheus.Counter
+	for i, name := range limitNames {
+		overflows[i] = rt.metrics.overflows.WithLabelValues(ep.Addr, name)
+	}
+	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool, limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
+	e.limits.reclaim = e.closeAnIdle
+	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
 	for i, class := range codeClasses {
 		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
@@ -222,6 +229,9 @@ func (rt *route) retire(e *endpoint) {
 		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
 	}
 	rt.metrics.breakerState.DeleteLabelValues(e.Addr)
+	for _, name := range limitNames {
+		rt.metrics.overflows.DeleteLabelValues(e.Addr, name)
+	}
 }
 
 // status describes the route for /status.
@@ -253,6 +263,9 @@ func (rt *route) status() RouteStatus {
 			Breaker: "disabled", ConsecutiveFailures: int(e.consecutive.Load())}
 		if e.breaker != nil {
 			es.Breaker = e.breaker.State().String()
+		}
+		if l := e.limits; l != nil {
+			es.Connections, es.PendingRequests, es.ActiveRequests = len(l.conns), int(l.pending.Load()), int(l.requests.Load())
 		}
 		if until := e.ejectedUntil.Load(); until > time.Now().UnixNano() {
 			t := time.Unix(0, until).UTC()
@@ -287,6 +300,11 @@ type EndpointStatus struct {
 	Breaker             string     `json:"breaker"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`
 	EjectedUntil        *time.Time `json:"ejected_until,omitempty"`
+	// Connections open to the node, requests waiting for one, and
+	// requests in flight to it, as resilience.limits bounds them.
+	Connections     int `json:"connections"`
+	PendingRequests int `json:"pending_requests"`
+	ActiveRequests  int `json:"active_requests"`
 }
 
 var errClientGone = errors.New("client went away")

@@ -167,7 +167,13 @@ func (s *TCPServer) handle(client net.Conn) {
 			}
 			break
 		}
-		c, err := s.dial(ep.Addr, header)
+		c, err := s.dial(ep, header)
+		if errors.Is(err, ErrLocalLimit) {
+			refuseTry(breakerDone, pk)
+			lastErr = err
+			tried = append(tried, ep.ID)
+			continue
+		}
 		rt.reportTry(ep, breakerDone, err != nil, err != nil)
 		if err != nil {
 			done(pk, err, start)
@@ -206,19 +212,26 @@ func (s *TCPServer) handle(client net.Conn) {
 	<-errc
 }
 
-// dial connects to a node at addr and writes header, if any, before
-// anything else, so the node has it even when the client never sends a
-// byte. Both steps are bounded by the connect timeout. A header that cannot
-// be written fails the dial: no client byte has gone out yet, so the caller
-// may move on to another node.
-func (s *TCPServer) dial(addr string, header []byte) (net.Conn, error) {
+// dial connects to node e and writes header, if any, before anything
+// else, so the node has it even when the client never sends a byte. Both
+// steps are bounded by the connect timeout. A header that cannot be
+// written fails the dial: no client byte has gone out yet, so the caller
+// may move on to another node. At e's max_connections it first waits for
+// a slot, up to the connect timeout, and fails with ErrLocalLimit.
+func (s *TCPServer) dial(e *endpoint, header []byte) (net.Conn, error) {
+	addr := e.Addr
+	if err := e.limits.acquireConn(context.Background(), s.rt.cfg.Timeouts.Connect); err != nil {
+		return nil, err
+	}
 	deadline := time.Now().Add(s.rt.cfg.Timeouts.Connect)
 	d := net.Dialer{Deadline: deadline, KeepAlive: 30 * time.Second}
 	c, err := d.Dial("tcp", addr)
 	if err != nil {
+		e.limits.endConn()
 		return nil, err
 	}
 	c = newRawConn(c)
+	e.limits.attach(c)
 	if len(header) == 0 {
 		return c, nil
 	}

@@ -86,6 +86,12 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 			m.refused("client_closed")
 			return
 		}
+		if errors.Is(err, ErrLocalLimit) {
+			refuseTry(breakerDone, pk)
+			lastErr = err
+			tried = append(tried, e.ID)
+			continue
+		}
 		rt.reportTry(e, breakerDone, true, true)
 		done(pk, err, start)
 		lastErr = err

@@ -1,0 +1,376 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sidecarlb/sidecar/config"
+)
+
+// defaultLimit is each of a node's limits when its config value is zero.
+const defaultLimit = 1024
+
+// ErrLocalLimit: the node picked was at one of the sidecar's own limits for
+// it (resilience.limits), so the request was not sent to it. It is the
+// sidecar's overload, not the node's failure.
+var ErrLocalLimit = errors.New("local limit reached")
+
+// The limits, as metrics and errors name them.
+const (
+	limitConnections = iota // max_connections
+	limitPending            // max_pending_requests
+	limitRequests           // max_requests
+	numLimits
+)
+
+var limitNames = [numLimits]string{"max_connections", "max_pending_requests", "max_requests"}
+
+// The refusals, made once: a refusal on the hot path allocates nothing.
+var (
+	errMaxConnections = fmt.Errorf("%w: max_connections (no connection to the node came free in time)", ErrLocalLimit)
+	errMaxPending     = fmt.Errorf("%w: max_pending_requests", ErrLocalLimit)
+	errMaxRequests    = fmt.Errorf("%w: max_requests", ErrLocalLimit)
+)
+
+// errLocalRefusal is what a try refused by a local limit reports to its
+// node's breaker, which excludes it: neither a success nor a failure.
+var errLocalRefusal = errors.New("refused by a local limit")
+
+// nodeLimits bounds what the sidecar asks of one node (one endpoint of a
+// route; pools renewed by max_connection_age share it), as Envoy's
+// circuit-breaker thresholds bound a cluster:
+//
+//   - connections open to the node, HTTP/1.1, HTTP/2, TCP and upgraded, at
+//     most max_connections: a connection holds a slot from its dial to its
+//     Close;
+//   - requests waiting for a connection (pending), at most
+//     max_pending_requests: past it a request is refused at once, and one
+//     that waited the connect timeout (or until its context ended) for a
+//     slot, or a connection put back, is refused then;
+//   - requests in flight to the node (HTTP/2 streams included), at most
+//     max_requests: past it a request is refused at once. An upgrade
+//     (WebSocket) counts against max_connections only, for as long as its
+//     tunnel lasts.
+//
+// A refusal is ErrLocalLimit, counted in sidecar_upstream_overflows_total;
+// the retry loop tries another node, and neither the breaker nor outlier
+// detection counts it. A request costs two atomic adds and allocates
+// nothing; a new connection takes a slot from a buffered channel, used as
+// a semaphore. A nil *nodeLimits limits nothing. Its methods are safe for
+// concurrent use.
+type nodeLimits struct {
+	conns       chan struct{} // a token per connection slot taken; cap max_connections
+	maxPending  int64
+	maxRequests int64
+	pending     atomic.Int64
+	requests    atomic.Int64
+	overflows   [numLimits]prometheus.Counter // nil: not counted
+	// reclaim, when not nil, closes an idle connection of the node's
+	// pools, if there is one, giving back its slot: a request that waits
+	// for one calls it first, so that one pool's idle connections do not
+	// keep another's requests waiting. It does not block.
+	reclaim func()
+}
+
+// newNodeLimits returns the limits c sets; a zero value is defaultLimit.
+// overflows, by limit, may be nil.
+func newNodeLimits(c config.Limits, overflows *[numLimits]prometheus.Counter) *nodeLimits {
+	or := func(v int) int {
+		if v <= 0 {
+			return defaultLimit
+		}
+		return v
+	}
+	l := &nodeLimits{
+		conns:       make(chan struct{}, or(c.MaxConnections)),
+		maxPending:  int64(or(c.MaxPendingRequests)),
+		maxRequests: int64(or(c.MaxRequests)),
+	}
+	if overflows != nil {
+		l.overflows = *overflows
+	}
+	return l
+}
+
+// overflow counts a refusal at limit and returns err.
+func (l *nodeLimits) overflow(limit int, err error) error {
+	if c := l.overflows[limit]; c != nil {
+		c.Inc()
+	}
+	return err
+}
+
+// startRequest takes a request slot, or returns errMaxRequests, taking
+// none, when max_requests are in flight. It does not block.
+func (l *nodeLimits) startRequest() error {
+	if l == nil {
+		return nil
+	}
+	if l.requests.Add(1) > l.maxRequests {
+		l.requests.Add(-1)
+		return l.overflow(limitRequests, errMaxRequests)
+	}
+	return nil
+}
+
+// endRequest gives back a slot startRequest took.
+func (l *nodeLimits) endRequest() {
+	if l != nil {
+		l.requests.Add(-1)
+	}
+}
+
+// retake takes back a request slot given back, past max_requests if need
+// be: for an answer kept from a try that ended, relayed after all.
+func (l *nodeLimits) retake() {
+	if l != nil {
+		l.requests.Add(1)
+	}
+}
+
+// tryConn takes a connection slot if one is free. It does not block.
+func (l *nodeLimits) tryConn() bool {
+	if l == nil {
+		return true
+	}
+	select {
+	case l.conns <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+// endConn gives back a connection slot.
+func (l *nodeLimits) endConn() {
+	if l != nil {
+		<-l.conns
+	}
+}
+
+// startPending counts a request waiting for a connection, or returns
+// errMaxPending, counting nothing, when max_pending_requests already wait.
+func (l *nodeLimits) startPending() error {
+	if l.pending.Add(1) > l.maxPending {
+		l.pending.Add(-1)
+		return l.overflow(limitPending, errMaxPending)
+	}
+	return nil
+}
+
+func (l *nodeLimits) endPending() { l.pending.Add(-1) }
+
+// acquireConn takes a connection slot, waiting for one as a pending request
+// when none is free, for at most wait or until ctx ends. It fails with
+// ErrLocalLimit, never an error of the node's.
+func (l *nodeLimits) acquireConn(ctx context.Context, wait time.Duration) error {
+	if l.tryConn() {
+		return nil
+	}
+	_, err := waitConn[struct{}](ctx, l, wait, nil)
+	return err
+}
+
+// waitConn waits, as a pending request, for a connection slot or for a
+// value on more (an HTTP/1.1 connection put back; nil: none), for at most
+// wait or until ctx ends: v is more's value, or T's zero value when a slot
+// was taken. It fails with ErrLocalLimit.
+func waitConn[T any](ctx context.Context, l *nodeLimits, wait time.Duration, more <-chan T) (v T, err error) {
+	if err := l.startPending(); err != nil {
+		return v, err
+	}
+	defer l.endPending()
+	if l.reclaim != nil {
+		l.reclaim()
+	}
+	if wait <= 0 {
+		wait = time.Second // as Timeouts.Connect's default
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case l.conns <- struct{}{}:
+		return v, nil
+	case v = <-more:
+		return v, nil
+	case <-ctx.Done():
+		l.overflow(limitConnections, nil)
+		return v, fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
+	case <-t.C:
+		return v, l.overflow(limitConnections, errMaxConnections)
+	}
+}
+
+// attach makes c's Close give back the connection slot its dial took. c is
+// the connection newRawConn returned; one of another type holds no slot,
+// which is given back at once.
+func (l *nodeLimits) attach(c net.Conn) {
+	if l == nil {
+		return
+	}
+	if rc, ok := c.(*rawConn); ok {
+		rc.limits = l
+		return
+	}
+	l.endConn()
+}
+
+// setLimits makes p's connections count against lim.
+func (p *h1Pool) setLimits(lim *nodeLimits) {
+	p.lim = lim
+	p.handoff = make(chan *h1Conn)
+}
+
+// connect returns a new connection to addr. At max_connections it waits,
+// as a pending request, for a slot (a connection closing) or for a
+// connection put back (handed over by put), up to the connect timeout. A
+// dial that fails gives its slot back.
+func (p *h1Pool) connect(ctx context.Context, addr string) (*h1Conn, error) {
+	if !p.lim.tryConn() {
+		// put hands a connection to a waiter, or closes it when none is
+		// ready to take it, which frees a slot; one put back before this
+		// request counted itself a waiter is idle, and take finds it.
+		p.mu.Lock()
+		p.waiters++
+		p.mu.Unlock()
+		pc := p.take(time.Now())
+		var err error
+		if pc == nil {
+			pc, err = waitConn(ctx, p.lim, p.dialer.Timeout, p.handoff)
+		}
+		p.mu.Lock()
+		p.waiters--
+		p.mu.Unlock()
+		if pc != nil || err != nil {
+			return pc, err
+		}
+	}
+	pc, err := p.dial(ctx, addr)
+	if err != nil {
+		p.lim.endConn()
+	}
+	return pc, err
+}
+
+// handOver gives pc, put back, to a request waiting for a connection, or
+// closes it when none is ready to take it: its slot is then the waiter's.
+func (p *h1Pool) handOver(pc *h1Conn) {
+	select {
+	case p.handoff <- pc:
+	default:
+		pc.c.Close()
+	}
+}
+
+// h2Wait is a request waiting, at max_connections, for room on one of an
+// h2Pool's connections (a stream ending) or a connection slot, as a
+// pending request bounded by the connect timeout. Its zero value has not
+// waited.
+type h2Wait struct {
+	started bool
+	slot    bool // a slot taken, for the next dial
+	timer   *time.Timer
+}
+
+// wait counts the request pending the first time, and returns at once so
+// that the caller looks at its connections again, room signals reaching
+// it from then on; later, it waits for a signal or a slot. It fails with
+// ErrLocalLimit.
+func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
+	l := p.lim
+	if !w.started {
+		if err := l.startPending(); err != nil {
+			return err
+		}
+		w.started = true
+		p.waiters.Add(1)
+		if l.reclaim != nil {
+			l.reclaim()
+		}
+		w.timer = time.NewTimer(p.timeouts.Connect)
+		return nil
+	}
+	select {
+	case l.conns <- struct{}{}:
+		w.slot = true
+	case <-p.room:
+	case <-ctx.Done():
+		l.overflow(limitConnections, nil)
+		return fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
+	case <-w.timer.C:
+		return l.overflow(limitConnections, errMaxConnections)
+	}
+	return nil
+}
+
+// end stops the wait, if any: a slot taken and not used is given back, and
+// a room signal is passed on to the next waiter, since this one may have
+// taken the last.
+func (w *h2Wait) end(p *h2Pool) {
+	if !w.started {
+		return
+	}
+	if w.slot {
+		p.lim.endConn()
+	}
+	w.timer.Stop()
+	p.lim.endPending()
+	if p.waiters.Add(-1) > 0 {
+		p.signalRoom()
+	}
+}
+
+// roomFreed tells the requests waiting for a stream, if any, that one
+// ended. It does not block.
+func (p *h2Pool) roomFreed() {
+	if p.waiters.Load() > 0 {
+		p.signalRoom()
+	}
+}
+
+func (p *h2Pool) signalRoom() {
+	select {
+	case p.room <- struct{}{}:
+	default:
+	}
+}
+
+// closeAnIdle closes an idle connection of e's current pools, if one has
+// any, so that a request waiting for a connection slot may have its slot:
+// the HTTP/1.1 pool's least recently used, else the HTTP/2 pool's
+// connections with no stream, else the Transports' idle ones.
+func (e *endpoint) closeAnIdle() {
+	p := e.pools.Load()
+	if p.fast != nil && p.fast.closeOldest() {
+		return
+	}
+	if p.h2c != nil {
+		p.h2c.closeIdle()
+	}
+	p.h1.CloseIdleConnections()
+	if p.h2 != nil {
+		p.h2.CloseIdleConnections()
+	}
+}
+
+// closeOldest closes the least recently used idle connection, reporting
+// whether there was one.
+func (p *h1Pool) closeOldest() bool {
+	p.mu.Lock()
+	if len(p.idle) == 0 {
+		p.mu.Unlock()
+		return false
+	}
+	pc := p.idle[0]
+	p.idle = slices.Delete(p.idle, 0, 1)
+	p.mu.Unlock()
+	pc.c.Close()
+	return true
+}
