@@ -22,6 +22,16 @@ import (
 // one connection may carry many concurrent RPCs.
 const h2MaxStreams = 1000
 
+// h2MaxEarlyResets bounds how many more of a connection's streams may end
+// early than were answered. A stream ends early when the client resets it
+// before its answer began, or when it is refused for h2MaxStreams. Past the
+// bound the client is taken for a rapid-reset attacker (CVE-2023-44487)
+// and the connection ends with GOAWAY ENHANCE_YOUR_CALM, as x/net and
+// Envoy end one, instead of refusing its streams forever; a client that
+// also gets answers may reset as many streams as were answered, and this
+// many more.
+const h2MaxEarlyResets = 1000
+
 var (
 	errStreamReset  = errors.New("http2: stream reset by the client")
 	errH2BodyClosed = errors.New("http2: request body closed")
@@ -42,6 +52,9 @@ type h2ServerConn struct {
 	maxSeen   uint32 // highest stream ID the client opened
 	goingAway bool   // GOAWAY sent: no new streams
 	idle      *time.Timer
+	// early and answered count the streams that ended early and those
+	// answered (see h2MaxEarlyResets).
+	early, answered int
 }
 
 func (s *Server) serveH2(nc net.Conn) {
@@ -51,6 +64,7 @@ func (s *Server) serveH2(nc net.Conn) {
 		remote:  nc.RemoteAddr().String(),
 		streams: make(map[uint32]*h2ServerStream),
 	}
+	sc.headerTimeout = s.opts.ReadHeaderTimeout
 	if !s.track(func() { s.h2conns[sc] = struct{}{} }) {
 		nc.Close()
 		return
@@ -187,13 +201,20 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		sc.mu.Lock()
 		st := sc.streams[f.StreamID]
+		var calm error
 		if st != nil {
+			if !st.reset && !st.sentHeader {
+				calm = sc.endedEarlyLocked()
+			}
 			st.resetLocked(errStreamReset)
 		}
 		idle := st == nil && sc.idleLocked(f.StreamID)
 		sc.mu.Unlock()
 		if idle {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if calm != nil {
+			return calm
 		}
 	case *http2.SettingsFrame:
 		if f.IsAck() {
@@ -272,6 +293,9 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		// resetting streams at once cannot run unbounded handlers.
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
 		sc.flushLocked()
+		if !sc.goingAway {
+			return sc.endedEarlyLocked()
+		}
 		return nil
 	}
 	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
@@ -290,6 +314,17 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.streams[id] = st
 	sc.idle.Stop()
 	sc.s.startHandler(st)
+	return nil
+}
+
+// endedEarlyLocked counts a stream that ended early, and returns the
+// connection error that ends the connection past h2MaxEarlyResets. sc.mu
+// is held.
+func (sc *h2ServerConn) endedEarlyLocked() error {
+	sc.early++
+	if sc.early > h2MaxEarlyResets+sc.answered {
+		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+	}
 	return nil
 }
 
@@ -522,6 +557,10 @@ func (st *h2ServerStream) resetLocked(err error) {
 
 func (st *h2ServerStream) run() {
 	defer st.finish()
+	if st.req.Context().Err() != nil {
+		// Reset before its handler started: no node hears of it.
+		return
+	}
 	st.sc.s.handler.ServeHTTP(st, st.req)
 }
 
@@ -591,6 +630,9 @@ func (st *h2ServerStream) finish() {
 		if p == nil && !st.body.eof {
 			// The answer is complete; the client need not send the rest.
 			sc.writeRSTLocked(st.id, http2.ErrCodeNo)
+		}
+		if p == nil {
+			sc.answered++
 		}
 		sc.flushLocked()
 	}
