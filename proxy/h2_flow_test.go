@@ -379,40 +379,61 @@ func TestH2WriteStall(t *testing.T) {
 	})
 }
 
-// TestH2RapidResetNode: streams an app resets as soon as it opens them
-// (rapid reset) end the app's connection with GOAWAY ENHANCE_YOUR_CALM and
-// hardly reach the node: a stream reset before its handler started, or
-// before its request went out, opens none there.
+// TestH2RapidResetNode: streams reset as soon as they open (rapid reset),
+// by the app or by the server for the app's fault ("made you reset": a
+// window overflow, a body longer than its content-length), end the app's
+// connection with GOAWAY ENHANCE_YOUR_CALM and hardly reach the node: a
+// stream reset before its handler started, or before its request went out,
+// opens none there.
 func TestH2RapidResetNode(t *testing.T) {
 	leakcheck.Check(t)
-	node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
-		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true, EndStream: true})
-	})
-	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
-		RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
-	c := dialRawH2(t, sc.addr, true)
-	const opened = 4 * h2MaxEarlyResets
-	for i := range opened {
-		id := uint32(2*i + 1)
-		c.request(id, http.MethodGet, "/", true)
-		_ = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
-		if i%100 == 99 {
+	tests := []struct {
+		name  string
+		reset func(c *rawH2, id uint32)
+	}{
+		{"RST_STREAM", func(c *rawH2, id uint32) {
+			c.request(id, http.MethodGet, "/", true)
+			_ = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		}},
+		{"window overflow", func(c *rawH2, id uint32) {
+			c.request(id, http.MethodGet, "/", true)
+			_ = c.fr.WriteWindowUpdate(id, 1<<31-1)
+		}},
+		{"body past content-length", func(c *rawH2, id uint32) {
+			c.request(id, http.MethodPost, "/", false, "content-length", "1")
+			c.data(id, true, []byte("xx"))
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+				_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true, EndStream: true})
+			})
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+				RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
+			c := dialRawH2(t, sc.addr, true)
+			const opened = 4 * h2MaxEarlyResets
+			for i := range opened {
+				tc.reset(c, uint32(2*i+1))
+				if i%100 == 99 {
+					c.flush()
+				}
+			}
 			c.flush()
-		}
-	}
-	c.flush()
-	if err := c.read(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatal("connection still open after the rapid resets")
-	}
-	if c.goAway == nil || c.goAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
-		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", c.goAway)
-	}
-	// Some handler may start before the read loop reaches its reset; a
-	// tenth is far beyond what the race gives.
-	got := node.headers.Load()
-	t.Logf("node got %d of %d streams", got, h2MaxEarlyResets+1)
-	if got > h2MaxEarlyResets/10 {
-		t.Errorf("node got %d streams, want at most %d: resets before the handler ran reach it", got, h2MaxEarlyResets/10)
+			if err := c.read(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatal("connection still open after the rapid resets")
+			}
+			if c.goAway == nil || c.goAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
+				t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM", c.goAway)
+			}
+			// Some handler may start before the read loop reaches its
+			// reset; a tenth is far beyond what the race gives.
+			got := node.headers.Load()
+			t.Logf("node got %d of %d streams", got, (c.goAway.LastStreamID+1)/2)
+			if got > h2MaxEarlyResets/10 {
+				t.Errorf("node got %d streams, want at most %d: resets before the handler ran reach it", got, h2MaxEarlyResets/10)
+			}
+		})
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -23,18 +24,20 @@ import (
 const h2MaxStreams = 1000
 
 // h2MaxEarlyResets bounds how many more of a connection's streams may end
-// early than were answered. A stream ends early when the client resets it
-// before its answer began, or when it is refused for h2MaxStreams. Past the
-// bound the client is taken for a rapid-reset attacker (CVE-2023-44487)
-// and the connection ends with GOAWAY ENHANCE_YOUR_CALM, as x/net and
-// Envoy end one, instead of refusing its streams forever; a client that
-// also gets answers may reset as many streams as were answered, and this
-// many more.
+// early than were answered. A stream ends early when it is reset before its
+// answer began, by the client or by the server for the client's fault (a
+// window overflow, a body longer than its content-length: "made you
+// reset"), or when it is refused for h2MaxStreams. Past the bound the
+// client is taken for a rapid-reset attacker (CVE-2023-44487) and the
+// connection ends with GOAWAY ENHANCE_YOUR_CALM, as x/net and Envoy end
+// one, instead of refusing its streams forever; a client that also gets
+// answers may reset as many streams as were answered, and this many more.
 const h2MaxEarlyResets = 1000
 
 var (
 	errStreamReset  = errors.New("http2: stream reset by the client")
 	errH2BodyClosed = errors.New("http2: request body closed")
+	errRapidReset   = errors.New("http2: too many streams reset before their answer")
 )
 
 // h2ServerConn is one app connection speaking HTTP/2 with prior knowledge.
@@ -55,6 +58,10 @@ type h2ServerConn struct {
 	// early and answered count the streams that ended early and those
 	// answered (see h2MaxEarlyResets).
 	early, answered int
+
+	// calm is set once early passed the bound: the read loop ends the
+	// connection.
+	calm atomic.Bool
 }
 
 func (s *Server) serveH2(nc net.Conn) {
@@ -112,6 +119,9 @@ func (sc *h2ServerConn) readLoop() (err error) {
 	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
 	first := true
 	for {
+		if sc.calm.Load() {
+			return sc.goAway(http2.ErrCodeEnhanceYourCalm, errRapidReset)
+		}
 		f, err := sc.readFrame()
 		if err != nil {
 			var se http2.StreamError
@@ -201,20 +211,13 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 	case *http2.RSTStreamFrame:
 		sc.mu.Lock()
 		st := sc.streams[f.StreamID]
-		var calm error
 		if st != nil {
-			if !st.reset && !st.sentHeader {
-				calm = sc.endedEarlyLocked()
-			}
 			st.resetLocked(errStreamReset)
 		}
 		idle := st == nil && sc.idleLocked(f.StreamID)
 		sc.mu.Unlock()
 		if idle {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
-		if calm != nil {
-			return calm
 		}
 	case *http2.SettingsFrame:
 		if f.IsAck() {
@@ -294,7 +297,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
 		sc.flushLocked()
 		if !sc.goingAway {
-			return sc.endedEarlyLocked()
+			sc.endedEarlyLocked()
 		}
 		return nil
 	}
@@ -317,15 +320,13 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	return nil
 }
 
-// endedEarlyLocked counts a stream that ended early, and returns the
-// connection error that ends the connection past h2MaxEarlyResets. sc.mu
-// is held.
-func (sc *h2ServerConn) endedEarlyLocked() error {
+// endedEarlyLocked counts a stream that ended early; past
+// h2MaxEarlyResets the read loop ends the connection. sc.mu is held.
+func (sc *h2ServerConn) endedEarlyLocked() {
 	sc.early++
 	if sc.early > h2MaxEarlyResets+sc.answered {
-		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+		sc.calm.Store(true)
 	}
-	return nil
 }
 
 func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
@@ -544,10 +545,15 @@ type h2ServerStream struct {
 }
 
 // resetLocked ends the stream from the client's side or the connection's:
-// the handler's context is cancelled, its body read and writes fail.
+// the handler's context is cancelled, its body read and writes fail. A
+// reset for the client's doing before the answer began counts against
+// h2MaxEarlyResets.
 func (st *h2ServerStream) resetLocked(err error) {
 	if st.reset {
 		return
+	}
+	if !st.sentHeader && (err == errStreamReset || err == errMalformedBody) {
+		st.sc.endedEarlyLocked()
 	}
 	st.reset = true
 	st.body.closeLocked(err)
