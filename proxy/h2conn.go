@@ -209,9 +209,10 @@ func (c *h2conn) readFrame() (http2.Frame, error) {
 		frag := block.HeaderBlockFragment()
 		wire += len(frag)
 		// A sender far over the header list limit is not decoded at all,
-		// nor is anything after an invalid field. A block's encoding is
-		// never larger than the list it decodes to, so one over the limit
-		// on the wire is over it decoded.
+		// nor is anything after an invalid field. A field's encoding is
+		// never larger than the 32 bytes over its name and value it counts
+		// for in the list, so a block over the limit on the wire is over
+		// it decoded, or padded out with what decodes to no field.
 		if int64(len(frag)) > int64(2*c.hs.remain) || c.hs.invalid != nil || wire > h2MaxHeaderList {
 			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
 		}
