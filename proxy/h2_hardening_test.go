@@ -21,7 +21,9 @@ import (
 // timerPanicConn is a connection that panics the first time its
 // SetWriteDeadline or its Close is called, as panicOn says: what a timer
 // callback of the HTTP/2 engine calls on the socket when it closes an idle
-// connection, or one whose ping went unanswered.
+// connection, or one whose ping went unanswered. SetWriteDeadline panics
+// for the second a closing connection gets, not for the writer's stall
+// deadline (h2WriteStall).
 type timerPanicConn struct {
 	net.Conn
 	panicOn  string // "SetWriteDeadline" or "Close"
@@ -29,7 +31,7 @@ type timerPanicConn struct {
 }
 
 func (c *timerPanicConn) SetWriteDeadline(t time.Time) error {
-	if c.panicOn == "SetWriteDeadline" && c.panicked.CompareAndSwap(false, true) {
+	if c.panicOn == "SetWriteDeadline" && time.Until(t) <= 5*time.Second && c.panicked.CompareAndSwap(false, true) {
 		panic("deadline boom")
 	}
 	return c.Conn.SetWriteDeadline(t)

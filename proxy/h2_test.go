@@ -1391,8 +1391,11 @@ func TestH2MaxConcurrentStreams(t *testing.T) {
 }
 
 // TestH2ResetFlood: a client that opens streams and resets them at once
-// cannot make the server run more than 1000 handlers, even handlers that
-// ignore the reset; the connection serves again once they return.
+// (rapid reset, CVE-2023-44487) cannot make the server run more than 1000
+// handlers, even handlers that ignore the reset, and gets GOAWAY
+// ENHANCE_YOUR_CALM once h2MaxEarlyResets more streams ended early than
+// were answered, instead of REFUSED_STREAM for as long as it goes on. The
+// server serves the next connection.
 func TestH2ResetFlood(t *testing.T) {
 	leakcheck.Check(t)
 	release := make(chan struct{})
@@ -1414,9 +1417,23 @@ func TestH2ResetFlood(t *testing.T) {
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
 	c := dialRawH2(t, px.Listener.Addr().String(), true)
+	// Answered streams earn as many early ends.
+	const answered = 10
+	for i := range answered {
+		c.request(uint32(2*i+1), http.MethodGet, "/ok", true)
+	}
+	c.flush()
+	c.mustRead(5*time.Second, "the first answers", func() bool {
+		for i := range answered {
+			if !c.stream(uint32(2*i + 1)).done {
+				return false
+			}
+		}
+		return true
+	})
 	const opened = 3 * h2MaxStreams
 	for i := range opened {
-		id := uint32(2*i + 1)
+		id := uint32(2*(answered+i) + 1)
 		c.request(id, http.MethodGet, "/", true)
 		_ = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
 		if i%100 == 99 {
@@ -1424,19 +1441,19 @@ func TestH2ResetFlood(t *testing.T) {
 		}
 	}
 	c.flush()
-	refused := 0
-	c.mustRead(20*time.Second, "the streams past the limit refused", func() bool {
-		refused = 0
-		for _, s := range c.streams {
-			if s.rst != nil && *s.rst == http2.ErrCodeRefusedStream {
-				refused++
-			}
-		}
-		return refused >= opened-h2MaxStreams
-	})
-	resWait(t, 10*time.Second, "the handlers of the streams let in to start", func() bool { return calls.Load() >= h2MaxStreams })
-	if got := calls.Load(); got != h2MaxStreams {
-		t.Errorf("handlers started = %d, want %d", got, h2MaxStreams)
+	if err := c.read(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("connection still open after the flood")
+	}
+	if c.goAway == nil || c.goAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", c.goAway)
+	}
+	// Refused streams and resets before the answer count alike; the
+	// GOAWAY comes at the first past the bound.
+	if last, want := c.goAway.LastStreamID, uint32(2*(answered+h2MaxEarlyResets+answered)+1); last != want {
+		t.Errorf("GOAWAY last stream %d, want %d: %d early ends allowed after %d answers", last, want, h2MaxEarlyResets+answered, answered)
+	}
+	if got := calls.Load(); got > h2MaxStreams {
+		t.Errorf("handlers started = %d, want at most %d", got, h2MaxStreams)
 	}
 	if p := peak.Load(); p > h2MaxStreams {
 		t.Errorf("%d handlers ran at once, want at most %d", p, h2MaxStreams)
@@ -1446,13 +1463,13 @@ func TestH2ResetFlood(t *testing.T) {
 		_, _, r := h2ServerLoad(srv)
 		return r == 0
 	})
-	id := uint32(2*opened + 1)
-	c.request(id, http.MethodGet, "/ok", true)
-	c.flush()
-	s := c.stream(id)
-	c.mustRead(5*time.Second, "the next answer", func() bool { return s.done })
+	c2 := dialRawH2(t, px.Listener.Addr().String(), true)
+	c2.request(1, http.MethodGet, "/ok", true)
+	c2.flush()
+	s := c2.stream(1)
+	c2.mustRead(5*time.Second, "the next connection's answer", func() bool { return s.done })
 	if s.status() != "200" || string(s.body) != "ok" {
-		t.Errorf("next request: %v, want 200 ok", s)
+		t.Errorf("next connection: %v, want 200 ok", s)
 	}
 }
 

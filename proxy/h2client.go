@@ -368,6 +368,19 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, errConnUnusable
 	}
+	if err := ctx.Err(); err != nil {
+		// The app gave up before the stream opened, an app resetting its
+		// stream at once say: the node never hears of it.
+		idle, retired := len(cc.streams) == 0 && cc.reserved == 0, cc.retired
+		if idle && !retired {
+			cc.idle.Reset(cc.pool.timeouts.Idle)
+		}
+		cc.mu.Unlock()
+		if idle && retired {
+			cc.closeAfterFlush()
+		}
+		return nil, err
+	}
 	cs.id = cc.nextID
 	cc.nextID += 2
 	cs.sendWin = cc.peerInitWin

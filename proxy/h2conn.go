@@ -10,10 +10,12 @@ import (
 	"net"
 	"net/http"
 	"net/textproto"
+	"os"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -47,13 +49,34 @@ const (
 	h2MaxHeaderList = 1 << 20
 	h2DefaultFrame  = 16 << 10
 	h2InitialWindow = 65535
+	// h2MaxContinuations bounds the CONTINUATION frames of one header
+	// block: twice what a header list of h2MaxHeaderList takes in frames
+	// of the default size. Frames that decode to no field (empty ones,
+	// HPACK table-size updates) count as much as any: one more ends the
+	// connection with ENHANCE_YOUR_CALM.
+	h2MaxContinuations = 128
+	// h2MaxQueuedControlFrames bounds the frames other than DATA and
+	// header blocks (SETTINGS and PING acknowledgements, RST_STREAM,
+	// WINDOW_UPDATE, GOAWAY) waiting for the writer, most of them answers
+	// to the peer's frames. A peer that sends such frames and does not
+	// read the answers gets its connection closed past it, as x/net's
+	// maxQueuedControlFrames has it, instead of growing the queue.
+	h2MaxQueuedControlFrames = 10000
 )
+
+// h2WriteStall bounds how long a write to the peer may move no byte: a
+// peer that stops reading its socket, streams open or not, has its
+// connection closed after between half of it and all of it. A var, for
+// tests.
+var h2WriteStall = 30 * time.Second
 
 var (
 	errH2ConnClosed = errors.New("http2: connection closed")
 	// errH2Panicked ends a connection, or a stream, whose goroutine
 	// panicked.
 	errH2Panicked = errors.New("http2: connection goroutine panicked")
+	// errH2ControlFlood ends a connection past h2MaxQueuedControlFrames.
+	errH2ControlFlood = errors.New("http2: peer does not read the answers to its control frames")
 )
 
 // h2conn is one HTTP/2 connection's shared state: the frame reader, the
@@ -77,6 +100,17 @@ type h2conn struct {
 	// failed to parse too: a StreamError alone does not say whether its
 	// frame opened the stream.
 	lastType http2.FrameType
+	// headerTimeout bounds reading the rest of a header block once its
+	// HEADERS frame came; zero for no bound. Set before the read loop
+	// starts.
+	headerTimeout time.Duration
+	// writeStall is h2WriteStall when the connection was made; writeBy is
+	// the write deadline the writer last set. The writer's.
+	writeStall time.Duration
+	writeBy    time.Time
+	// ctrlQueued counts the control frames in out (see
+	// h2MaxQueuedControlFrames): added to under mu, read by the read loop.
+	ctrlQueued atomic.Int32
 
 	mu   sync.Mutex
 	cond sync.Cond // window updates, output drained, connection failed
@@ -87,6 +121,11 @@ type h2conn struct {
 	done     chan struct{} // closed when the connection fails or closes
 	err      error         // why; under mu
 	closing  bool          // close once the buffered output is sent; under mu
+	closeBy  time.Time     // the write deadline closeAfterFlush set; under mu
+	// sendWaits counts the times sendData waited for a window or for
+	// room, under mu: each wait must follow a change, never a pass of the
+	// writer that wrote nothing.
+	sendWaits int
 
 	enc    *hpack.Encoder // under mu: header blocks go out in encoding order
 	encBuf []byte
@@ -114,6 +153,7 @@ func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 		peerMaxStreams: 100,
 		recvWin:        h2ConnWindow,
 		maxHeaderList:  h2MaxHeaderList,
+		writeStall:     h2WriteStall,
 	}
 	c.cond.L = &c.mu
 	c.fr = http2.NewFramer(nil, bufio.NewReaderSize(nc, 16<<10))
@@ -144,6 +184,9 @@ func (c *h2conn) setMaxHeaderList(n uint32) {
 // they are valid only until the next call. A field-level violation is a
 // StreamError; a block over the limits or undecodable, a ConnectionError.
 func (c *h2conn) readFrame() (http2.Frame, error) {
+	if c.ctrlQueued.Load() > h2MaxQueuedControlFrames {
+		return nil, errH2ControlFlood
+	}
 	fh, err := c.fr.ReadFrameHeader()
 	if err != nil {
 		return nil, frameSizeError(err)
@@ -167,11 +210,25 @@ func (c *h2conn) readFrame() (http2.Frame, error) {
 		HeaderBlockFragment() []byte
 		HeadersEnded() bool
 	} = hf
+	if !hf.HeadersEnded() && c.headerTimeout > 0 {
+		// The rest of the block comes as promptly as an HTTP/1.1 head.
+		_ = c.nc.SetReadDeadline(time.Now().Add(c.headerTimeout))
+		defer c.nc.SetReadDeadline(time.Time{})
+	}
+	// The block's bytes on the wire and its CONTINUATION frames, which
+	// fields that decode to nothing do not bound.
+	wire, continuations := 0, 0
 	for {
 		frag := block.HeaderBlockFragment()
+		wire += len(frag)
 		// A sender far over the header list limit is not decoded at all,
-		// nor is anything after an invalid field.
-		if int64(len(frag)) > int64(2*c.hs.remain) || c.hs.invalid != nil {
+		// nor is anything after an invalid field. A field's encoding, as
+		// any encoder makes it, is no larger than the 32 bytes over its
+		// name and value it counts for in the list, so a block of twice
+		// the limit on the wire is far over it decoded, or padded out with
+		// what decodes to no field (empty CONTINUATIONs, table-size
+		// updates).
+		if int64(len(frag)) > int64(2*c.hs.remain) || c.hs.invalid != nil || wire > 2*int(c.maxHeaderList) {
 			return nil, http2.ConnectionError(http2.ErrCodeProtocol)
 		}
 		if _, err := c.hdec.Write(frag); err != nil {
@@ -179,6 +236,9 @@ func (c *h2conn) readFrame() (http2.Frame, error) {
 		}
 		if block.HeadersEnded() {
 			break
+		}
+		if continuations++; continuations > h2MaxContinuations {
+			return nil, http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
 		}
 		f, err := c.fr.ReadFrame()
 		if err != nil {
@@ -320,10 +380,10 @@ func (c *h2conn) writeLoop() {
 		c.mu.Lock()
 		buf, closing := c.out, c.closing
 		c.out, c.spare = c.spare[:0], nil
+		c.ctrlQueued.Store(0)
 		c.mu.Unlock()
 		if len(buf) > 0 {
-			_, err := c.nc.Write(buf)
-			if err != nil {
+			if err := c.write(buf); err != nil {
 				c.fail(err)
 				return
 			}
@@ -332,8 +392,11 @@ func (c *h2conn) writeLoop() {
 		if cap(buf) <= 4*h2MaxOutBuffer {
 			c.spare = buf[:0]
 		}
-		if len(c.out) < h2MaxOutBuffer {
-			c.cond.Broadcast() // producers waiting for room
+		// Producers wait for room only while the output is at the cap, so
+		// only a write of that much can have made room for them: a pass
+		// that wrote less wakes nobody.
+		if len(buf) >= h2MaxOutBuffer && len(c.out) < h2MaxOutBuffer {
+			c.cond.Broadcast()
 		}
 		drained := closing && len(c.out) == 0
 		c.mu.Unlock()
@@ -341,6 +404,42 @@ func (c *h2conn) writeLoop() {
 			c.fail(errH2ConnClosed)
 			return
 		}
+	}
+}
+
+// write sends buf, failing when no byte of it moves for the write stall
+// (armWriteDeadline). The writer's.
+func (c *h2conn) write(buf []byte) error {
+	for {
+		c.armWriteDeadline()
+		n, err := c.nc.Write(buf)
+		if err == nil || n == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		buf = buf[n:] // the peer reads, slowly: a new deadline for the rest
+	}
+}
+
+// armWriteDeadline moves the write deadline a write stall ahead once less
+// than half of it is left, so that most writes set none; but a deadline
+// closeAfterFlush set stays. The writer's; c.mu must not be held.
+func (c *h2conn) armWriteDeadline() {
+	if c.writeStall <= 0 {
+		return
+	}
+	now := time.Now()
+	if c.writeBy.Sub(now) >= c.writeStall/2 {
+		return
+	}
+	c.writeBy = now.Add(c.writeStall)
+	_ = c.nc.SetWriteDeadline(c.writeBy)
+	c.mu.Lock()
+	closeBy := c.closeBy
+	c.mu.Unlock()
+	if !closeBy.IsZero() {
+		// closeAfterFlush set it while this was being set.
+		c.writeBy = closeBy
+		_ = c.nc.SetWriteDeadline(closeBy)
 	}
 }
 
@@ -391,8 +490,10 @@ func (c *h2conn) closeAfterFlush() {
 		c.closing = true
 		c.flushLocked()
 	}
+	c.closeBy = time.Now().Add(time.Second)
+	closeBy := c.closeBy
 	c.mu.Unlock()
-	_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+	_ = c.nc.SetWriteDeadline(closeBy)
 }
 
 // closed waits until the connection has failed or closed, at most d.
@@ -431,6 +532,9 @@ func (c *h2conn) waitLocked(ctx context.Context) error {
 // Frame encoders: they append to c.out and must be called with c.mu held.
 
 func (c *h2conn) frameHeaderLocked(length int, typ http2.FrameType, flags http2.Flags, stream uint32) {
+	if typ != http2.FrameData && typ != http2.FrameHeaders && typ != http2.FrameContinuation {
+		c.ctrlQueued.Add(1)
+	}
 	c.out = append(c.out, byte(length>>16), byte(length>>8), byte(length), byte(typ), byte(flags))
 	c.out = binary.BigEndian.AppendUint32(c.out, stream&(1<<31-1))
 }
@@ -761,7 +865,12 @@ func (c *h2conn) sendData(ctx context.Context, stream uint32, win *int64, p []by
 		n := int64(len(p))
 		n = min(n, c.sendWin, *win, int64(c.peerMaxFrame))
 		if n <= 0 || len(c.out) >= h2MaxOutBuffer {
-			c.flushLocked()
+			// Only output waiting is the writer's business: asked to send
+			// nothing, it would wake this wait for nothing, forever.
+			if len(c.out) > 0 {
+				c.flushLocked()
+			}
+			c.sendWaits++
 			if err := c.waitLocked(ctx); err != nil {
 				return err
 			}

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -22,9 +23,21 @@ import (
 // one connection may carry many concurrent RPCs.
 const h2MaxStreams = 1000
 
+// h2MaxEarlyResets bounds how many more of a connection's streams may end
+// early than were answered. A stream ends early when it is reset before its
+// answer began, by the client or by the server for the client's fault (a
+// window overflow, a body longer than its content-length: "made you
+// reset"), or when it is refused for h2MaxStreams. Past the bound the
+// client is taken for a rapid-reset attacker (CVE-2023-44487) and the
+// connection ends with GOAWAY ENHANCE_YOUR_CALM, as x/net and Envoy end
+// one, instead of refusing its streams forever; a client that also gets
+// answers may reset as many streams as were answered, and this many more.
+const h2MaxEarlyResets = 1000
+
 var (
 	errStreamReset  = errors.New("http2: stream reset by the client")
 	errH2BodyClosed = errors.New("http2: request body closed")
+	errRapidReset   = errors.New("http2: too many streams reset before their answer")
 )
 
 // h2ServerConn is one app connection speaking HTTP/2 with prior knowledge.
@@ -42,6 +55,13 @@ type h2ServerConn struct {
 	maxSeen   uint32 // highest stream ID the client opened
 	goingAway bool   // GOAWAY sent: no new streams
 	idle      *time.Timer
+	// early and answered count the streams that ended early and those
+	// answered (see h2MaxEarlyResets).
+	early, answered int
+
+	// calm is set once early passed the bound: the read loop ends the
+	// connection.
+	calm atomic.Bool
 }
 
 func (s *Server) serveH2(nc net.Conn) {
@@ -52,6 +72,7 @@ func (s *Server) serveH2(nc net.Conn) {
 		streams: make(map[uint32]*h2ServerStream),
 	}
 	sc.setMaxHeaderList(uint32(min(s.opts.MaxHeaderBytes, h2MaxHeaderList)))
+	sc.headerTimeout = s.opts.ReadHeaderTimeout
 	if !s.track(func() { s.h2conns[sc] = struct{}{} }) {
 		nc.Close()
 		return
@@ -99,6 +120,9 @@ func (sc *h2ServerConn) readLoop() (err error) {
 	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
 	first := true
 	for {
+		if sc.calm.Load() {
+			return sc.goAway(http2.ErrCodeEnhanceYourCalm, errRapidReset)
+		}
 		f, err := sc.readFrame()
 		if err != nil {
 			var se http2.StreamError
@@ -273,6 +297,9 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		// resetting streams at once cannot run unbounded handlers.
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
 		sc.flushLocked()
+		if !sc.goingAway {
+			sc.endedEarlyLocked()
+		}
 		return nil
 	}
 	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
@@ -292,6 +319,15 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.idle.Stop()
 	sc.s.startHandler(st)
 	return nil
+}
+
+// endedEarlyLocked counts a stream that ended early; past
+// h2MaxEarlyResets the read loop ends the connection. sc.mu is held.
+func (sc *h2ServerConn) endedEarlyLocked() {
+	sc.early++
+	if sc.early > h2MaxEarlyResets+sc.answered {
+		sc.calm.Store(true)
+	}
 }
 
 func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
@@ -510,10 +546,15 @@ type h2ServerStream struct {
 }
 
 // resetLocked ends the stream from the client's side or the connection's:
-// the handler's context is cancelled, its body read and writes fail.
+// the handler's context is cancelled, its body read and writes fail. A
+// reset for the client's doing before the answer began counts against
+// h2MaxEarlyResets.
 func (st *h2ServerStream) resetLocked(err error) {
 	if st.reset {
 		return
+	}
+	if !st.sentHeader && (err == errStreamReset || err == errMalformedBody) {
+		st.sc.endedEarlyLocked()
 	}
 	st.reset = true
 	st.body.closeLocked(err)
@@ -523,6 +564,10 @@ func (st *h2ServerStream) resetLocked(err error) {
 
 func (st *h2ServerStream) run() {
 	defer st.finish()
+	if st.req.Context().Err() != nil {
+		// Reset before its handler started: no node hears of it.
+		return
+	}
 	st.sc.s.handler.ServeHTTP(st, st.req)
 }
 
@@ -592,6 +637,9 @@ func (st *h2ServerStream) finish() {
 		if p == nil && !st.body.eof {
 			// The answer is complete; the client need not send the rest.
 			sc.writeRSTLocked(st.id, http2.ErrCodeNo)
+		}
+		if p == nil {
+			sc.answered++
 		}
 		sc.flushLocked()
 	}

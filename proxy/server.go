@@ -16,8 +16,9 @@ import (
 // ServerOptions tune a listener's HTTP server.
 type ServerOptions struct {
 	// ReadHeaderTimeout bounds reading a request's header (slowloris
-	// protection), and an HTTP/2 client's preface and SETTINGS; if zero,
-	// 10s is used.
+	// protection), an HTTP/2 client's preface and SETTINGS, and the rest of
+	// an HTTP/2 header block once its HEADERS frame came; if zero, 10s is
+	// used.
 	ReadHeaderTimeout time.Duration
 	// IdleTimeout closes a client's keep-alive connection after this long
 	// unused; if zero, 90s is used.
