@@ -491,7 +491,7 @@ func TestH2HeaderBlockBounds(t *testing.T) {
 		code   http2.ErrCode
 	}{
 		{"empty CONTINUATION frames", h2MaxContinuations, nil, http2.ErrCodeEnhanceYourCalm},
-		{"table-size updates", h2MaxHeaderList/h2DefaultFrame + 1, updates, http2.ErrCodeProtocol},
+		{"table-size updates", 2*DefaultMaxHeaderBytes/h2DefaultFrame + 1, updates, http2.ErrCodeProtocol}, // twice the header list bound on the wire
 		{"one-byte table-size updates", h2MaxContinuations, []byte{0x20}, http2.ErrCodeEnhanceYourCalm},
 	}
 	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -533,7 +533,7 @@ func TestH2HeaderBlockBounds(t *testing.T) {
 	})
 	t.Run("long block within the bounds", func(t *testing.T) {
 		c := ready(t)
-		long := string(bytes.Repeat([]byte("a"), h2MaxHeaderList/2))
+		long := string(bytes.Repeat([]byte("a"), DefaultMaxHeaderBytes/2))
 		c.request(1, http.MethodGet, "/", true, "x-long", long) // 16 KiB frames
 		c.flush()
 		s := c.stream(1)
