@@ -42,6 +42,49 @@ type h2ServerConn struct {
 	maxSeen   uint32 // highest stream ID the client opened
 	goingAway bool   // GOAWAY sent: no new streams
 	idle      *time.Timer
+	// closedRing remembers how the last h2ClosedMemory streams closed, for
+	// a HEADERS frame on a stream no longer open: ignored after the
+	// sidecar's reset, a stream error after the client's, a connection
+	// error after a normal close or on a stream never opened (RFC 9113,
+	// 5.1 and 5.1.1). A stream older than the ring counts as never
+	// opened, as x/net counts every closed stream.
+	closedRing [h2ClosedMemory]closedStream
+	closedNext int
+}
+
+// h2ClosedMemory is how many closed streams a connection remembers (see
+// closedRing), at 8 bytes each.
+const h2ClosedMemory = 32
+
+// closedStream is how one stream closed.
+type closedStream struct {
+	id  uint32
+	how closeKind
+}
+
+type closeKind uint8
+
+const (
+	closedNormally closeKind = iota + 1 // both sides ended it
+	resetBySidecar                      // the sidecar sent RST_STREAM
+	resetByClient                       // the client sent RST_STREAM
+)
+
+// closedLocked records how stream id closed. sc.mu is held.
+func (sc *h2ServerConn) closedLocked(id uint32, how closeKind) {
+	sc.closedRing[sc.closedNext] = closedStream{id, how}
+	sc.closedNext = (sc.closedNext + 1) % h2ClosedMemory
+}
+
+// howClosedLocked says how stream id closed, or 0 when the connection does
+// not remember it. sc.mu is held.
+func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
+	for _, c := range sc.closedRing {
+		if c.id == id {
+			return c.how
+		}
+	}
+	return 0
 }
 
 func (s *Server) serveH2(nc net.Conn) {
@@ -110,6 +153,7 @@ func (sc *h2ServerConn) readLoop() (err error) {
 					// closes: what the client sends on it before it sees the
 					// reset is not on an idle stream.
 					sc.maxSeen = se.StreamID
+					sc.closedLocked(se.StreamID, resetBySidecar)
 				} else if sc.idleLocked(se.StreamID) {
 					sc.mu.Unlock()
 					return sc.goAway(http2.ErrCodeProtocol, err)
@@ -188,6 +232,7 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		sc.mu.Lock()
 		st := sc.streams[f.StreamID]
 		if st != nil {
+			st.peerReset = true
 			st.resetLocked(errStreamReset)
 		}
 		idle := st == nil && sc.idleLocked(f.StreamID)
@@ -227,8 +272,19 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		}
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
+	case *http2.PriorityFrame:
+		if f.StreamDep == f.StreamID {
+			// A stream cannot depend on itself (RFC 9113, 5.3.1).
+			sc.mu.Lock()
+			if st := sc.streams[f.StreamID]; st != nil {
+				st.resetLocked(errStreamReset)
+			}
+			sc.writeRSTLocked(f.StreamID, http2.ErrCodeProtocol)
+			sc.flushLocked()
+			sc.mu.Unlock()
+		}
 	}
-	// PRIORITY and unknown frames are ignored.
+	// Other PRIORITY frames and unknown frames are ignored.
 	return nil
 }
 
@@ -240,8 +296,19 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if st := sc.streams[id]; st != nil {
-		// Trailers: they must end the stream.
-		if !f.StreamEnded() || st.body.eof {
+		switch {
+		case st.peerReset || st.body.eof:
+			// After the client's RST_STREAM or END_STREAM (RFC 9113, 5.1).
+			st.resetLocked(errStreamReset)
+			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+			sc.flushLocked()
+			return nil
+		case st.reset:
+			// The sidecar reset the stream: what the client sent before it
+			// saw the reset is ignored.
+			return nil
+		case !f.StreamEnded():
+			// Trailers: they must end the stream.
 			st.resetLocked(errStreamReset)
 			sc.writeRSTLocked(id, http2.ErrCodeProtocol)
 			sc.flushLocked()
@@ -262,15 +329,33 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	if id <= sc.maxSeen {
-		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
-		sc.flushLocked()
-		return nil
+		switch sc.howClosedLocked(id) {
+		case resetBySidecar:
+			return nil
+		case resetByClient:
+			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+			sc.flushLocked()
+			return nil
+		case closedNormally:
+			return http2.ConnectionError(http2.ErrCodeStreamClosed)
+		}
+		// Never opened (a lower ID than one the client opened), or closed
+		// longer ago than the connection remembers.
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	sc.maxSeen = id
 	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
+		sc.closedLocked(id, resetBySidecar)
+		sc.flushLocked()
+		return nil
+	}
+	if f.HasPriority() && f.Priority.StreamDep == id {
+		// A stream cannot depend on itself (RFC 9113, 5.3.1).
+		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.closedLocked(id, resetBySidecar)
 		sc.flushLocked()
 		return nil
 	}
@@ -279,6 +364,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	req, err := sc.newRequest(st, f)
 	if err != nil {
 		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.closedLocked(id, resetBySidecar)
 		sc.flushLocked()
 		sc.s.log.Debug("malformed http2 request", zap.String("remote", sc.remote), zap.Error(err))
 		return nil
@@ -302,7 +388,7 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 		return err
 	}
 	st := sc.streams[id]
-	if st == nil || st.body.eof {
+	if st == nil || st.body.eof || st.peerReset {
 		sc.consumedLocked(len(data))
 		if sc.idleLocked(id) {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
@@ -376,10 +462,14 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	switch {
 	case method == "":
 		return nil, errors.New("missing :method")
+	case !validHeaderKey(method):
+		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
+		// be a request line of the client's making.
+		return nil, errors.New("invalid :method")
 	case connect && (scheme != "" || path != "" || authority == ""):
 		return nil, errors.New("malformed CONNECT")
-	case !connect && (scheme == "" || path == ""):
-		return nil, errors.New("missing :scheme or :path")
+	case !connect && (scheme != "http" && scheme != "https" || !validPseudoPath(path, method)):
+		return nil, errors.New("missing or invalid :scheme or :path")
 	}
 	fields := f.RegularFields()
 	for _, hf := range fields {
@@ -397,6 +487,9 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 		authority = header.Get("Host")
 	}
 	delete(header, "Host")
+	if !httpguts.ValidHostHeader(authority) {
+		return nil, errors.New("invalid :authority")
+	}
 
 	var u *url.URL
 	switch {
@@ -450,6 +543,25 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	return req, nil
 }
 
+// validPseudoPath reports whether path is a valid :path for method (RFC
+// 9113, 8.3.1): "*" for OPTIONS, or an absolute path with its query, of
+// visible ASCII and other non-control bytes. A space or a control byte
+// would end or split an HTTP/1.1 request line.
+func validPseudoPath(path, method string) bool {
+	if path == "*" {
+		return method == http.MethodOptions
+	}
+	if path == "" || path[0] != '/' {
+		return false
+	}
+	for i := 0; i < len(path); i++ {
+		if c := path[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
 // closeIfIdle closes the connection once no stream has been open for the
 // idle timeout. It runs on the idle timer; a panic ends the connection, not
 // the process.
@@ -499,7 +611,8 @@ type h2ServerStream struct {
 
 	// Under sc.mu:
 	sendWin    int64
-	reset      bool // the client reset the stream or the connection ended
+	reset      bool // the client or the sidecar reset the stream, or the connection ended
+	peerReset  bool // the client reset the stream
 	sentHeader bool
 	trailer    http.Header // trailers received, for req.Trailer at the body's end
 
@@ -593,6 +706,14 @@ func (st *h2ServerStream) finish() {
 			sc.writeRSTLocked(st.id, http2.ErrCodeNo)
 		}
 		sc.flushLocked()
+	}
+	switch {
+	case st.peerReset:
+		sc.closedLocked(st.id, resetByClient)
+	case st.reset || p != nil || !st.body.eof:
+		sc.closedLocked(st.id, resetBySidecar)
+	default:
+		sc.closedLocked(st.id, closedNormally)
 	}
 	st.reset = true
 	st.body.closeLocked(errH2BodyClosed)

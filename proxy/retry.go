@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -115,6 +116,12 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 
 		if err != nil {
 			if r.Context().Err() != nil {
+				breakerDone(nil)
+				release(pk)
+				return nil, nil, balancer.Pick{}, err
+			}
+			if errors.Is(err, ErrBadRequest) {
+				// Refused before it was sent: the client's request, not the node.
 				breakerDone(nil)
 				release(pk)
 				return nil, nil, balancer.Pick{}, err
