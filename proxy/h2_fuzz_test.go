@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,7 +21,7 @@ import (
 )
 
 // Fuzz tests of the HTTP/2 read path: frame bytes as a client sends them
-// after its preface, checked against x/net's Framer and server.
+// after its preface, checked against x/net's Framer and Go's server.
 
 // h2FuzzSeeds are frame sequences a client sends after its preface, made by
 // x/net's Framer: requests with and without bodies, padding, priority,
@@ -196,12 +195,11 @@ func FuzzH2ServerConn(f *testing.F) {
 }
 
 // FuzzH2RequestPseudoHeaders holds the server's acceptance of a request's
-// pseudo-header fields to x/net's server: what x/net refuses, the sidecar
-// refuses too (but for OPTIONS *, which x/net does not take over HTTP/2);
-// what x/net accepts and the sidecar refuses is explained by one of its
-// stricter rules (RFC 9113, 8.3.1); and every request the sidecar accepts
-// makes an HTTP/1.1 request line that reads back as the same method and
-// target.
+// pseudo-header fields to Go's server (x/net's, bundled in net/http): what
+// Go refuses, the sidecar refuses too; what Go accepts and the sidecar
+// refuses is explained by one of its stricter rules (RFC 9113, 8.3.1); and
+// every request the sidecar accepts makes an HTTP/1.1 request line that
+// reads back as the same method and target.
 func FuzzH2RequestPseudoHeaders(f *testing.F) {
 	for _, s := range [][4]string{
 		{"GET", "http", "echo", "/a?b=c"},
@@ -245,11 +243,12 @@ func FuzzH2RequestPseudoHeaders(f *testing.F) {
 		req, sidecarErr := sidecarRequest(frames.Bytes())
 		xnetOK := x.accepts(t, frames.Bytes())
 		sidecarOK := sidecarErr == nil
+		// net/http answers OPTIONS * itself, without the handler.
 		if sidecarOK && !xnetOK && !(method == http.MethodOptions && path == "*") {
-			t.Fatalf("%q %q %q %q (present %#x): the sidecar accepts, x/net refuses", method, scheme, authority, path, present)
+			t.Fatalf("%q %q %q %q (present %#x): the sidecar accepts, Go refuses", method, scheme, authority, path, present)
 		}
 		if !sidecarOK && xnetOK && !stricterRule(method, scheme, authority, path) {
-			t.Fatalf("%q %q %q %q (present %#x): x/net accepts, the sidecar refuses: %v", method, scheme, authority, path, present, sidecarErr)
+			t.Fatalf("%q %q %q %q (present %#x): Go accepts, the sidecar refuses: %v", method, scheme, authority, path, present, sidecarErr)
 		}
 		if !sidecarOK || method == http.MethodConnect {
 			return
@@ -263,7 +262,7 @@ func FuzzH2RequestPseudoHeaders(f *testing.F) {
 }
 
 // stricterRule reports whether a request breaks a rule the sidecar holds
-// and x/net's server does not: a method that is not a token, a :path that
+// and Go's server does not: a method that is not a token, a :path that
 // is not an absolute path of visible bytes, an :authority that is not a
 // valid host.
 func stricterRule(method, scheme, authority, path string) bool {
@@ -293,48 +292,85 @@ func sidecarRequest(frames []byte) (*http.Request, error) {
 	return req, err
 }
 
-// xnetAcceptance serves HTTP/2 connections with x/net's server, to ask it
-// whether it takes a request.
+// xnetAcceptance serves HTTP/2 connections with Go's server (net/http's
+// h2c, the x/net server bundled), to ask it whether it takes a request.
 type xnetAcceptance struct {
-	srv *http2.Server
-	mu  sync.Mutex
+	conns chan net.Conn
 }
 
-func newXnetAcceptance(testing.TB) *xnetAcceptance {
-	return &xnetAcceptance{srv: &http2.Server{}}
+func newXnetAcceptance(tb testing.TB) *xnetAcceptance {
+	x := &xnetAcceptance{conns: make(chan net.Conn)}
+	protocols := new(http.Protocols)
+	protocols.SetUnencryptedHTTP2(true)
+	srv := &http.Server{Protocols: protocols, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Handled", "1")
+	})}
+	ln := &chanListener{conns: x.conns, closed: make(chan struct{})}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = srv.Serve(ln)
+	}()
+	tb.Cleanup(func() {
+		srv.Close()
+		<-done
+	})
+	return x
 }
 
-// accepts reports whether x/net's server passes the request in frames
+// chanListener accepts the connections sent on conns.
+type chanListener struct {
+	conns     chan net.Conn
+	closed    chan struct{}
+	closeOnce sync.Once
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.closeOnce.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+// accepts reports whether Go's server passes the request in frames
 // (HEADERS on stream 1) to its handler.
 func (x *xnetAcceptance) accepts(t *testing.T, frames []byte) bool {
 	client, server := net.Pipe()
 	defer client.Close()
-	var called atomic.Bool
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		x.srv.ServeConn(server, &http2.ServeConnOpts{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			called.Store(true)
-		})})
-	}()
-	defer func() { client.Close(); <-done }()
-	fr := http2.NewFramer(client, client)
+	x.conns <- server
+	fr := http2.NewFramer(io.Discard, client)
 	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	go func() {
 		_, _ = client.Write([]byte(http2.ClientPreface))
-		_ = fr.WriteSettings()
+		var settings bytes.Buffer
+		_ = http2.NewFramer(&settings, nil).WriteSettings()
+		_, _ = client.Write(settings.Bytes())
 		_, _ = client.Write(frames)
 	}()
 	_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
 	for {
 		f, err := fr.ReadFrame()
 		if err != nil {
-			t.Fatalf("x/net server: %v", err)
+			t.Fatalf("Go's server: %v", err)
 		}
 		switch f := f.(type) {
 		case *http2.MetaHeadersFrame:
 			if f.StreamID == 1 {
-				return called.Load()
+				for _, hf := range f.Fields {
+					if hf.Name == "x-handled" {
+						return true
+					}
+				}
+				return false
 			}
 		case *http2.RSTStreamFrame:
 			if f.StreamID == 1 {
