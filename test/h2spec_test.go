@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/proxy"
 	"github.com/sidecarlb/sidecar/test/consulagent"
 )
@@ -64,6 +65,7 @@ func h2specBinary(t *testing.T) string {
 // it is dialled at 127.0.0.1 and answers each request 400 (an IP is no
 // service name) over the same HTTP/2 engine, which is what h2spec checks.
 func TestH2Spec(t *testing.T) {
+	leakcheck.Check(t)
 	bin := h2specBinary(t)
 	// The nodes answer every request with a body: a third of h2spec's
 	// flow-control cases need DATA to come back, and skip otherwise.
@@ -89,6 +91,24 @@ func TestH2Spec(t *testing.T) {
 	for _, l := range listeners {
 		t.Run(l.name, func(t *testing.T) {
 			_, port, _ := net.SplitHostPort(l.addr)
+			// What h2spec sends reaches a node: GET / with its :authority.
+			want := http.StatusOK
+			if l.host == "127.0.0.1" && l.name == "forward" {
+				want = http.StatusBadRequest
+			}
+			req, err := http.NewRequestWithContext(protoCtx(t, 10*time.Second), http.MethodGet, "http://"+l.addr+"/", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = net.JoinHostPort(l.host, port)
+			resp, err := protoHTTPClient(t, true).Do(req)
+			if err != nil {
+				t.Fatalf("GET / with :authority %s: %v", req.Host, err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Fatalf("GET / with :authority %s = %d, want %d", req.Host, resp.StatusCode, want)
+			}
 			cases := runH2Spec(t, bin, l.host, port)
 			var passed int
 			var failed []string
