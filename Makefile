@@ -36,7 +36,7 @@ h2spec: bin/h2spec
 
 bin/h2spec: tools/h2spec/go.mod tools/h2spec/go.sum
 	@mkdir -p bin
-	cd tools/h2spec && GOFLAGS=-mod=mod $(GO) build -trimpath -o ../../bin/h2spec github.com/summerwind/h2spec/cmd/h2spec
+	cd tools/h2spec && $(GO) build -trimpath -o ../../bin/h2spec github.com/summerwind/h2spec/cmd/h2spec
 	@touch bin/h2spec
 
 test: consul h2spec build
