@@ -72,6 +72,13 @@ func h2FuzzSeeds() [][]byte {
 		_ = fr.WriteRawFrame(0xfa, 0, 1, []byte("unknown"))
 		_ = fr.WriteContinuation(5, true, nil)
 	})
+	add(func(fr *http2.Framer, block func(...string) []byte) {
+		// Each a stream error of its own: an upper-case name, a pseudo
+		// field after a regular one, a repeated pseudo field.
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block(append(get, "X-Up", "1")...), EndStream: true, EndHeaders: true})
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: block("x-a", "1", ":method", "GET"), EndStream: true, EndHeaders: true})
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 5, BlockFragment: block(append(get, ":path", "/b")...), EndStream: true, EndHeaders: true})
+	})
 	return seeds
 }
 
