@@ -64,6 +64,11 @@ func h2specBinary(t *testing.T) string {
 // that resolves to a loopback address, naming a static service; elsewhere
 // it is dialled at 127.0.0.1 and answers each request 400 (an IP is no
 // service name) over the same HTTP/2 engine, which is what h2spec checks.
+//
+// Upstream listeners of protocol tcp are left out: they relay bytes to a
+// node without reading HTTP, so h2spec would test the node, not the
+// sidecar. The admin listener is the same engine (proxy.Server) in front
+// of another handler: what h2spec checks of it is checked here.
 func TestH2Spec(t *testing.T) {
 	leakcheck.Check(t)
 	bin := h2specBinary(t)
