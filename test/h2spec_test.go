@@ -72,8 +72,9 @@ func h2specBinary(t *testing.T) string {
 func TestH2Spec(t *testing.T) {
 	leakcheck.Check(t)
 	bin := h2specBinary(t)
-	// The nodes answer every request with a body: a third of h2spec's
-	// flow-control cases need DATA to come back, and skip otherwise.
+	// The nodes answer every request with a body: six of h2spec's
+	// stream-state and flow-control cases need DATA to come back, and skip
+	// otherwise.
 	h2Node, h1Node := h2specNode(t, true), h2specNode(t, false)
 
 	fwdHost := "127.0.0.1"
