@@ -74,9 +74,15 @@ func TestH2StreamStates(t *testing.T) {
 		}, rst, http2.ErrCodeStreamClosed},
 		{"headers on a stream the client reset, once its handler returned", func(c *rawH2) {
 			c.headers(1, false, get("/hold")...)
+			c.flush()
+			s := c.stream(1)
+			c.mustRead(5*time.Second, "the answer's header", func() bool { return s.header != nil })
 			_ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel)
 			c.flush()
-			time.Sleep(50 * time.Millisecond) // the handler returns
+			resWait(t, 5*time.Second, "the handler to return", func() bool {
+				_, streams, _ := h2ServerLoad(srv)
+				return streams == 0
+			})
 			c.headers(1, true, "x-trailer", "1")
 		}, rst, http2.ErrCodeStreamClosed},
 		{"headers on a stream closed normally", func(c *rawH2) {
