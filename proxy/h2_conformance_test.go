@@ -325,3 +325,35 @@ func TestH1WriterRefusesBadRequestLine(t *testing.T) {
 		t.Errorf("well-formed request: %d, node saw %q; want 200 and GET /public?x=1", rec.Code, node.seen())
 	}
 }
+
+// TestH2ClientGoAwayThenPing: frames a client sends after its GOAWAY, on a
+// connection with no stream open, are still handled (h2spec 7/1 sends a
+// PING after a GOAWAY and wants its ACK, or a clean close): the PING is
+// answered, and the connection closes once the client stops sending. The
+// sidecar used to close at the GOAWAY, with the PING unread; when the PING
+// reached its socket first, the close was a reset the client saw as an
+// error.
+func TestH2ClientGoAwayThenPing(t *testing.T) {
+	leakcheck.Check(t)
+	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), ServerOptions{}, testLogger(t))
+	px := startProxyServerWith(t, srv)
+	c := dialRawH2(t, px.Listener.Addr().String(), true)
+	_ = c.fr.WriteGoAway(0, 0xff, nil)
+	data := [8]byte{'h', '2', 's', 'p', 'e', 'c'}
+	_ = c.fr.WritePing(false, data)
+	c.flush()
+	var ack bool
+	for c.err == nil && !ack {
+		_ = c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("waiting for the PING's ACK: %v", err)
+		}
+		if p, ok := f.(*http2.PingFrame); ok && p.IsAck() && p.Data == data {
+			ack = true
+		}
+	}
+	if err := c.read(5*time.Second, func() bool { return false }); !errors.Is(err, io.EOF) {
+		t.Errorf("after the PING's ACK: %v, want the connection closed", err)
+	}
+}

@@ -22,6 +22,10 @@ import (
 // one connection may carry many concurrent RPCs.
 const h2MaxStreams = 1000
 
+// h2GoAwayLinger is how long a connection the client ended with GOAWAY,
+// and that has no stream open, is still read before the sidecar closes it.
+const h2GoAwayLinger = time.Second
+
 var (
 	errStreamReset  = errors.New("http2: stream reset by the client")
 	errH2BodyClosed = errors.New("http2: request body closed")
@@ -267,8 +271,12 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		idle := len(sc.streams) == 0
 		sc.mu.Unlock()
 		if idle {
-			sc.closeAfterFlush()
-			return errH2ConnClosed
+			// The client is done, but what it sent after its GOAWAY (a
+			// PING) is still read and answered until it closes, for at
+			// most h2GoAwayLinger: closed with its input unread, the
+			// connection would be reset, and the client could lose the
+			// answers.
+			_ = sc.nc.SetReadDeadline(time.Now().Add(h2GoAwayLinger))
 		}
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
