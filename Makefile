@@ -6,7 +6,7 @@ CONSUL_VERSION := v1.22.0
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul test test-short lint bench pgo demo clean
+.PHONY: all build consul h2spec test test-short lint bench pgo demo clean
 
 all: build
 
@@ -30,7 +30,16 @@ bin/consul: tools/consul/go.mod tools/consul/go.sum
 	fi
 	@touch bin/consul
 
-test: consul build
+# bin/h2spec: the HTTP/2 conformance suite TestH2Spec runs, the pinned
+# version built from tools/h2spec.
+h2spec: bin/h2spec
+
+bin/h2spec: tools/h2spec/go.mod tools/h2spec/go.sum
+	@mkdir -p bin
+	cd tools/h2spec && $(GO) build -trimpath -o ../../bin/h2spec github.com/summerwind/h2spec/cmd/h2spec
+	@touch bin/h2spec
+
+test: consul h2spec build
 	$(GO) test -race -count=1 ./...
 
 # Unit tests only: no Consul needed.

@@ -27,6 +27,9 @@ var (
 	// read (bad chunk framing, cut short): the client's fault, not the
 	// node's.
 	ErrBadRequestBody = errors.New("bad request body")
+	// ErrBadRequest: the request cannot be written to a node as it is (a
+	// method that is not a token, a control byte in its target).
+	ErrBadRequest = errors.New("bad request")
 )
 
 // proxyError is an error with the service it concerns.
@@ -47,6 +50,8 @@ func classify(err error) (status int, code string) {
 		return http.StatusBadRequest, "bad_service_name"
 	case errors.Is(err, ErrBadRequestBody):
 		return http.StatusBadRequest, "bad_request_body"
+	case errors.Is(err, ErrBadRequest):
+		return http.StatusBadRequest, "bad_request"
 	case errors.Is(err, ErrUnknownService):
 		return http.StatusNotFound, "unknown_service"
 	case errors.Is(err, balancer.ErrNoEndpoints):

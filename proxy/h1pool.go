@@ -258,6 +258,9 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 // never fully left, or may safely be applied twice (idempotent method or an
 // Idempotency-Key header).
 func (p *h1Pool) roundTrip(out *http.Request, b *body, now time.Time) (*http.Response, error) {
+	if err := checkRequestLine(out); err != nil {
+		return nil, err
+	}
 	ctx := out.Context()
 	var body reqBody
 	if b != nil {

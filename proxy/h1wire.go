@@ -17,6 +17,30 @@ import (
 // The HTTP/1.1 wire format of h1Pool: writing a request, reading and
 // framing a response.
 
+// checkRequestLine refuses a request whose method, query or host
+// writeRequest would write as they are, when they could end or split the
+// request line or the Host field: the engines that read requests refuse
+// such requests already, and this is the second line.
+func checkRequestLine(out *http.Request) error {
+	if !validHeaderKey(out.Method) {
+		return fmt.Errorf("%w: invalid method %q", ErrBadRequest, out.Method)
+	}
+	if !visibleBytes(out.URL.RawQuery) || !visibleBytes(out.Host) {
+		return fmt.Errorf("%w: control byte or space in the query or host", ErrBadRequest)
+	}
+	return nil
+}
+
+// visibleBytes reports whether s holds no space or control byte.
+func visibleBytes(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
 // writeRequest writes out's head and body and flushes.
 func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 	w := pc.bw

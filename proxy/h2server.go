@@ -34,6 +34,10 @@ const h2MaxStreams = 1000
 // answers may reset as many streams as were answered, and this many more.
 const h2MaxEarlyResets = 1000
 
+// h2GoAwayLinger is how long a connection the client ended with GOAWAY,
+// and that has no stream open, is still read before the sidecar closes it.
+const h2GoAwayLinger = time.Second
+
 var (
 	errStreamReset  = errors.New("http2: stream reset by the client")
 	errH2BodyClosed = errors.New("http2: request body closed")
@@ -62,6 +66,50 @@ type h2ServerConn struct {
 	// calm is set once early passed the bound: the read loop ends the
 	// connection.
 	calm atomic.Bool
+
+	// closedRing remembers how the last h2ClosedMemory streams closed, for
+	// a HEADERS frame on a stream no longer open: ignored after the
+	// sidecar's reset, a stream error after the client's, a connection
+	// error after a normal close or on a stream never opened (RFC 9113,
+	// 5.1 and 5.1.1). A stream older than the ring counts as never
+	// opened, as x/net counts every closed stream.
+	closedRing [h2ClosedMemory]closedStream
+	closedNext int
+}
+
+// h2ClosedMemory is how many closed streams a connection remembers (see
+// closedRing), at 8 bytes each.
+const h2ClosedMemory = 32
+
+// closedStream is how one stream closed.
+type closedStream struct {
+	id  uint32
+	how closeKind
+}
+
+type closeKind uint8
+
+const (
+	closedNormally closeKind = iota + 1 // both sides ended it
+	resetBySidecar                      // the sidecar sent RST_STREAM
+	resetByClient                       // the client sent RST_STREAM
+)
+
+// closedLocked records how stream id closed. sc.mu is held.
+func (sc *h2ServerConn) closedLocked(id uint32, how closeKind) {
+	sc.closedRing[sc.closedNext] = closedStream{id, how}
+	sc.closedNext = (sc.closedNext + 1) % h2ClosedMemory
+}
+
+// howClosedLocked says how stream id closed, or 0 when the connection does
+// not remember it. sc.mu is held.
+func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
+	for _, c := range sc.closedRing {
+		if c.id == id {
+			return c.how
+		}
+	}
+	return 0
 }
 
 func (s *Server) serveH2(nc net.Conn) {
@@ -135,6 +183,7 @@ func (sc *h2ServerConn) readLoop() (err error) {
 					// closes: what the client sends on it before it sees the
 					// reset is not on an idle stream.
 					sc.maxSeen = se.StreamID
+					sc.closedLocked(se.StreamID, resetBySidecar)
 				} else if sc.idleLocked(se.StreamID) {
 					sc.mu.Unlock()
 					return sc.goAway(http2.ErrCodeProtocol, err)
@@ -213,6 +262,7 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		sc.mu.Lock()
 		st := sc.streams[f.StreamID]
 		if st != nil {
+			st.peerReset = true
 			st.resetLocked(errStreamReset)
 		}
 		idle := st == nil && sc.idleLocked(f.StreamID)
@@ -247,13 +297,28 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		idle := len(sc.streams) == 0
 		sc.mu.Unlock()
 		if idle {
-			sc.closeAfterFlush()
-			return errH2ConnClosed
+			// The client is done, but what it sent after its GOAWAY (a
+			// PING) is still read and answered until it closes, for at
+			// most h2GoAwayLinger: closed with its input unread, the
+			// connection would be reset, and the client could lose the
+			// answers.
+			_ = sc.nc.SetReadDeadline(time.Now().Add(h2GoAwayLinger))
 		}
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
+	case *http2.PriorityFrame:
+		if f.StreamDep == f.StreamID {
+			// A stream cannot depend on itself (RFC 9113, 5.3.1).
+			sc.mu.Lock()
+			if st := sc.streams[f.StreamID]; st != nil {
+				st.resetLocked(errStreamReset)
+			}
+			sc.writeRSTLocked(f.StreamID, http2.ErrCodeProtocol)
+			sc.flushLocked()
+			sc.mu.Unlock()
+		}
 	}
-	// PRIORITY and unknown frames are ignored.
+	// Other PRIORITY frames and unknown frames are ignored.
 	return nil
 }
 
@@ -265,8 +330,19 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if st := sc.streams[id]; st != nil {
-		// Trailers: they must end the stream.
-		if !f.StreamEnded() || st.body.eof {
+		switch {
+		case st.peerReset || st.body.eof:
+			// After the client's RST_STREAM or END_STREAM (RFC 9113, 5.1).
+			st.resetLocked(errStreamReset)
+			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+			sc.flushLocked()
+			return nil
+		case st.reset:
+			// The sidecar reset the stream: what the client sent before it
+			// saw the reset is ignored.
+			return nil
+		case !f.StreamEnded():
+			// Trailers: they must end the stream.
 			st.resetLocked(errStreamReset)
 			sc.writeRSTLocked(id, http2.ErrCodeProtocol)
 			sc.flushLocked()
@@ -287,19 +363,38 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	if id <= sc.maxSeen {
-		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
-		sc.flushLocked()
-		return nil
+		switch sc.howClosedLocked(id) {
+		case resetBySidecar:
+			return nil
+		case resetByClient:
+			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+			sc.flushLocked()
+			return nil
+		case closedNormally:
+			return http2.ConnectionError(http2.ErrCodeStreamClosed)
+		}
+		// Never opened (a lower ID than one the client opened), or closed
+		// longer ago than the connection remembers.
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	sc.maxSeen = id
 	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
 		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
+		sc.closedLocked(id, resetBySidecar)
 		sc.flushLocked()
 		if !sc.goingAway {
 			sc.endedEarlyLocked()
 		}
+		return nil
+	}
+	if f.HasPriority() && f.Priority.StreamDep == id {
+		// A stream cannot depend on itself (RFC 9113, 5.3.1).
+		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.closedLocked(id, resetBySidecar)
+		sc.flushLocked()
+		sc.endedEarlyLocked()
 		return nil
 	}
 	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
@@ -307,7 +402,9 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	req, err := sc.newRequest(st, f)
 	if err != nil {
 		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.closedLocked(id, resetBySidecar)
 		sc.flushLocked()
+		sc.endedEarlyLocked()
 		sc.s.log.Debug("malformed http2 request", zap.String("remote", sc.remote), zap.Error(err))
 		return nil
 	}
@@ -339,7 +436,7 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 		return err
 	}
 	st := sc.streams[id]
-	if st == nil || st.body.eof {
+	if st == nil || st.body.eof || st.peerReset {
 		sc.consumedLocked(len(data))
 		if sc.idleLocked(id) {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
@@ -413,10 +510,14 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	switch {
 	case method == "":
 		return nil, errors.New("missing :method")
+	case !validHeaderKey(method):
+		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
+		// be a request line of the client's making.
+		return nil, errors.New("invalid :method")
 	case connect && (scheme != "" || path != "" || authority == ""):
 		return nil, errors.New("malformed CONNECT")
-	case !connect && (scheme == "" || path == ""):
-		return nil, errors.New("missing :scheme or :path")
+	case !connect && (scheme != "http" && scheme != "https" || !validPseudoPath(path, method)):
+		return nil, errors.New("missing or invalid :scheme or :path")
 	}
 	fields := f.RegularFields()
 	for _, hf := range fields {
@@ -434,6 +535,9 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 		authority = header.Get("Host")
 	}
 	delete(header, "Host")
+	if !httpguts.ValidHostHeader(authority) {
+		return nil, errors.New("invalid :authority")
+	}
 
 	var u *url.URL
 	switch {
@@ -487,6 +591,25 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	return req, nil
 }
 
+// validPseudoPath reports whether path is a valid :path for method (RFC
+// 9113, 8.3.1): "*" for OPTIONS, or an absolute path with its query, of
+// visible ASCII and other non-control bytes. A space or a control byte
+// would end or split an HTTP/1.1 request line.
+func validPseudoPath(path, method string) bool {
+	if path == "*" {
+		return method == http.MethodOptions
+	}
+	if path == "" || path[0] != '/' {
+		return false
+	}
+	for i := 0; i < len(path); i++ {
+		if c := path[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
 // closeIfIdle closes the connection once no stream has been open for the
 // idle timeout. It runs on the idle timer; a panic ends the connection, not
 // the process.
@@ -536,7 +659,8 @@ type h2ServerStream struct {
 
 	// Under sc.mu:
 	sendWin    int64
-	reset      bool // the client reset the stream or the connection ended
+	reset      bool // the client or the sidecar reset the stream, or the connection ended
+	peerReset  bool // the client reset the stream
 	sentHeader bool
 	trailer    http.Header // trailers received, for req.Trailer at the body's end
 
@@ -642,6 +766,14 @@ func (st *h2ServerStream) finish() {
 			sc.answered++
 		}
 		sc.flushLocked()
+	}
+	switch {
+	case st.peerReset:
+		sc.closedLocked(st.id, resetByClient)
+	case st.reset || p != nil || !st.body.eof:
+		sc.closedLocked(st.id, resetBySidecar)
+	default:
+		sc.closedLocked(st.id, closedNormally)
 	}
 	st.reset = true
 	st.body.closeLocked(errH2BodyClosed)

@@ -140,6 +140,12 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 				tried = append(tried, e.ID)
 				continue
 			}
+			if errors.Is(err, ErrBadRequest) {
+				// Refused before it was sent: the client's request, not the node.
+				breakerDone(nil)
+				release(pk)
+				return nil, nil, balancer.Pick{}, err
+			}
 			if b != nil && b.failed() != nil {
 				// The client's body broke, not the node.
 				breakerDone(nil)
