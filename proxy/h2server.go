@@ -42,6 +42,9 @@ var (
 	errStreamReset  = errors.New("http2: stream reset by the client")
 	errH2BodyClosed = errors.New("http2: request body closed")
 	errRapidReset   = errors.New("http2: too many streams reset before their answer")
+	// errH2HeaderListTooLarge: a request's header list is over
+	// ServerOptions.MaxHeaderBytes; it is answered 431.
+	errH2HeaderListTooLarge = errors.New("http2: header list larger than the limit")
 )
 
 // h2ServerConn is one app connection speaking HTTP/2 with prior knowledge.
@@ -400,6 +403,22 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
 	st.body.init(sc.h2conn, id)
 	req, err := sc.newRequest(st, f)
+	if err == errH2HeaderListTooLarge {
+		// Well-formed, only too large: the client is told so, as x/net's
+		// server and the HTTP/1.1 side tell it, and the stream ends (RFC
+		// 9113, 8.1: an answer before the whole request, then NO_ERROR).
+		sc.encodeLocked(":status", "431")
+		sc.writeHeaderBlockLocked(id, true)
+		how := closedNormally
+		if !f.StreamEnded() {
+			sc.writeRSTLocked(id, http2.ErrCodeNo)
+			how = resetBySidecar
+		}
+		sc.closedLocked(id, how)
+		sc.flushLocked()
+		sc.endedEarlyLocked()
+		return nil
+	}
 	if err != nil {
 		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
 		sc.closedLocked(id, resetBySidecar)
@@ -489,7 +508,7 @@ var errMalformedBody = errors.New("http2: request body does not match its conten
 func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame) (*http.Request, error) {
 	if f.Truncated {
 		// The framer dropped the fields past the limit.
-		return nil, errors.New("header list larger than the limit")
+		return nil, errH2HeaderListTooLarge
 	}
 	var method, scheme, authority, path string
 	for _, hf := range f.PseudoFields() {

@@ -17,7 +17,7 @@ import (
 // TestH2HPACKAmplificationBounded: a header field sent once into the HPACK
 // dynamic table and then named by a one-byte index again and again decodes
 // to far more than it costs on the wire. The HTTP/2 server bounds the
-// decoded list by MaxHeaderBytes: such a request is reset and never
+// decoded list by MaxHeaderBytes: such a request is answered 431 and never
 // reaches the HTTP/1.1 node, and the connection serves the next request.
 func TestH2HPACKAmplificationBounded(t *testing.T) {
 	leakcheck.Check(t)
@@ -54,8 +54,8 @@ func TestH2HPACKAmplificationBounded(t *testing.T) {
 	c.mustRead(5*time.Second, "the answer to the amplified request", func() bool { return c.stream(1).done })
 	decoded := 200 * (len("x-amp") + len(value) + 32)
 	t.Logf("%d wire bytes (with the preface and SETTINGS) decode to a %d-byte header list", wire, decoded)
-	if s := c.stream(1); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
-		t.Errorf("amplified request: %v, want RST_STREAM PROTOCOL_ERROR and no answer", s)
+	if s := c.stream(1); s.status() != "431" || s.rst != nil {
+		t.Errorf("amplified request: %v, want 431 and the stream ended", s)
 	}
 	c.request(3, "GET", "/after", true)
 	c.flush()
@@ -72,7 +72,7 @@ func TestH2HPACKAmplificationBounded(t *testing.T) {
 
 // TestH2MaxHeaderBytesAdvertised: the HTTP/2 server tells the client its
 // header list limit in SETTINGS_MAX_HEADER_LIST_SIZE, serves a request
-// under it and resets one over it.
+// under it and answers one over it 431.
 func TestH2MaxHeaderBytesAdvertised(t *testing.T) {
 	leakcheck.Check(t)
 	node := startServer(t, nodeHandler("n"))
@@ -110,7 +110,21 @@ func TestH2MaxHeaderBytesAdvertised(t *testing.T) {
 	if s := c.stream(1); s.status() != "200" {
 		t.Errorf("request under the limit: %v, want 200", s)
 	}
-	if s := c.stream(3); s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
-		t.Errorf("request over the limit: %v, want RST_STREAM PROTOCOL_ERROR and no answer", s)
+	if s := c.stream(3); s.status() != "431" || s.rst != nil {
+		t.Errorf("request over the limit: %v, want 431 and the stream ended", s)
+	}
+	// One not yet ended gets its answer, then RST_STREAM NO_ERROR: the
+	// rest of its request is not wanted.
+	c.request(5, "POST", "/big", false, "x-big", strings.Repeat("b", 8<<10))
+	c.flush()
+	c.mustRead(5*time.Second, "the answer and RST_STREAM", func() bool { return c.stream(5).done && c.stream(5).rst != nil })
+	if s := c.stream(5); s.status() != "431" || s.rst == nil || *s.rst != http2.ErrCodeNo {
+		t.Errorf("request over the limit, its body to come: %v, want 431 and RST_STREAM NO_ERROR", s)
+	}
+	c.request(7, "GET", "/ok", true)
+	c.flush()
+	c.mustRead(5*time.Second, "the next answer", func() bool { return c.stream(7).done })
+	if s := c.stream(7); s.status() != "200" {
+		t.Errorf("next request on the connection: %v, want 200", s)
 	}
 }
