@@ -165,7 +165,7 @@ type Proxy struct {
 	// HTTP/1.1 the head as sent, on HTTP/2 the decoded header list (name,
 	// value and 32 bytes per field, as RFC 9113 counts it), so that HPACK
 	// cannot make a few bytes a large header at a node. A request over it
-	// is refused: 431 on HTTP/1.1, its stream reset on HTTP/2. Default
+	// is answered 431 (on HTTP/1.1, the connection then closes). Default
 	// 61440 (60 KiB, as Envoy); at most 1 MiB.
 	// Proxy-wide only: a listener reads the header before it knows where
 	// the request goes.

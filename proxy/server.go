@@ -28,10 +28,11 @@ type ServerOptions struct {
 	// comes (request line and fields), answered 431 past it, the
 	// connection closed; on HTTP/2 the decoded header list as RFC 9113
 	// counts it (name, value and 32 bytes per field), advertised in
-	// SETTINGS_MAX_HEADER_LIST_SIZE, the stream reset (PROTOCOL_ERROR)
-	// past it and the connection kept, unless one field alone is over it
-	// or the block runs on past twice what is left of it, which end the
-	// connection (COMPRESSION_ERROR, PROTOCOL_ERROR) as x/net does.
+	// SETTINGS_MAX_HEADER_LIST_SIZE, answered 431 past it and the
+	// connection kept, as x/net answers, unless one field alone is over it
+	// or the block runs on past twice what is left of it (or twice the
+	// bound on the wire), which end the connection (COMPRESSION_ERROR,
+	// PROTOCOL_ERROR).
 	// If zero, DefaultMaxHeaderBytes is used.
 	MaxHeaderBytes int
 }
