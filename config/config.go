@@ -9,6 +9,11 @@
 // values only: nothing in a *Config needs further defaulting.
 //
 // A key given with no value (`key:` or `key: ~`) counts as absent.
+//
+// Every scalar value may hold ${VAR} and ${VAR:-default}, expanded from the
+// environment after the YAML is parsed and before the value is typed ($$ is
+// a literal $); an unset variable without a default is a problem at the
+// value's key path. See expandEnv and expandScalar.
 package config
 
 import (
