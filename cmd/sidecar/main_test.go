@@ -19,6 +19,10 @@ func TestRunCommands(t *testing.T) {
 	if err := os.WriteFile(bad, []byte("service: {name: echo, port: 0}\nupstreams: [{name: a, listen: '127.0.0.1:1', protocol: htp}]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	unsetVar := filepath.Join(dir, "unset.yaml")
+	if err := os.WriteFile(unsetVar, []byte("service:\n  name: echo\n  address: ${SIDECAR_TEST_POD_IP}\n  port: ${SIDECAR_TEST_PORT:-9001}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name       string
 		args       []string
@@ -30,6 +34,8 @@ func TestRunCommands(t *testing.T) {
 		{"validate good", []string{"validate", "-config", good}, exitOK, "good.yaml: ok", nil},
 		{"validate bad names every key", []string{"validate", "-config", bad}, exitConfig, "",
 			[]string{"bad.yaml: service.port: must be 1-65535", `bad.yaml: upstreams[0].protocol: unknown "htp"`}},
+		{"validate unset variable", []string{"validate", "-config", unsetVar}, exitConfig, "",
+			[]string{"unset.yaml: service.address: ${SIDECAR_TEST_POD_IP} is not set"}},
 		{"validate missing file", []string{"validate", "-config", filepath.Join(dir, "nope.yaml")}, exitConfig, "", []string{"nope.yaml"}},
 		{"serve bad config exits 2 before starting", []string{"-config", bad}, exitConfig, "", []string{"service.port"}},
 		{"unknown command", []string{"frobnicate"}, exitConfig, "", []string{`unknown command "frobnicate"`}},
@@ -116,5 +122,17 @@ func TestBuildVersion(t *testing.T) {
 				t.Errorf("buildVersion() = %q, want %q", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestValidateExpandsEnv(t *testing.T) {
+	t.Setenv("SIDECAR_TEST_POD_IP", "10.1.2.3")
+	path := filepath.Join(t.TempDir(), "env.yaml")
+	if err := os.WriteFile(path, []byte("service:\n  name: echo\n  address: ${SIDECAR_TEST_POD_IP}\n  port: ${SIDECAR_TEST_PORT:-9001}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"validate", "-config", path}, &stdout, &stderr); code != exitOK {
+		t.Fatalf("run(validate) = %d, want 0; stderr:\n%s", code, stderr.String())
 	}
 }
