@@ -9,6 +9,11 @@
 // values only: nothing in a *Config needs further defaulting.
 //
 // A key given with no value (`key:` or `key: ~`) counts as absent.
+//
+// Every scalar value may hold ${VAR} and ${VAR:-default}, expanded from the
+// environment after the YAML is parsed and before the value is typed ($$ is
+// a literal $); an unset variable without a default is a problem at the
+// value's key path. See expandEnv and expandScalar.
 package config
 
 import (
@@ -286,19 +291,32 @@ func Load(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	return ParseEnv(data, path, os.Getenv)
+	return parse(data, path, os.LookupEnv)
 }
 
 // Parse is Load for bytes already in memory; source names them in errors.
-// It reads the process environment for the Consul fallbacks.
+// It reads the process environment for ${VAR} and the Consul fallbacks.
 func Parse(data []byte, source string) (*Config, error) {
-	return ParseEnv(data, source, os.Getenv)
+	return parse(data, source, os.LookupEnv)
 }
 
 // ParseEnv is Parse with the environment lookup injected; a nil getenv
-// means an empty environment. It is safe for concurrent use.
+// means an empty environment, and a variable getenv returns "" for counts
+// as unset. It is safe for concurrent use.
 func ParseEnv(data []byte, source string, getenv func(string) string) (*Config, error) {
+	return parse(data, source, func(k string) (string, bool) {
+		if getenv == nil {
+			return "", false
+		}
+		v := getenv(k)
+		return v, v != ""
+	})
+}
+
+func parse(data []byte, source string, lookup func(string) (string, bool)) (*Config, error) {
 	p := newParser(source)
+	p.lookup = lookup
+	getenv := func(k string) string { v, _ := lookup(k); return v }
 	root, err := parseYAML(data)
 	if err != nil {
 		p.add(&Problem{Source: source, Message: err.Error()})

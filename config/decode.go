@@ -114,6 +114,11 @@ func (p *parser) decode(n *yaml.Node, v reflect.Value, path string, depth int) {
 		}
 		return
 	}
+	p.value(p.expandScalar(n, path), v, path, depth)
+}
+
+// value decodes n, a node whose environment variables are expanded, into v.
+func (p *parser) value(n *yaml.Node, v reflect.Value, path string, depth int) {
 	if isNull(n) {
 		return
 	}
@@ -123,7 +128,9 @@ func (p *parser) decode(n *yaml.Node, v reflect.Value, path string, depth int) {
 			setDefaults(nv)
 			v.Set(nv)
 		}
-		p.decode(n, v.Elem(), path, depth+1)
+		if p.spend(n, path, depth+1) {
+			p.value(n, v.Elem(), path, depth+1)
+		}
 		return
 	}
 	if v.Type() == durationType {

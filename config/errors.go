@@ -64,11 +64,12 @@ func (e *Error) Unwrap() []error {
 type parser struct {
 	source   string
 	problems []*Problem
-	failed   []string        // paths whose value did not decode
-	lines    map[string]int  // path of every key present in the file → its line
-	guessed  map[string]bool // paths suggested for a misspelt key
-	budget   int             // node visits left; guards against alias bombs
-	full     bool            // maxProblems reached
+	failed   []string                    // paths whose value did not decode
+	lines    map[string]int              // path of every key present in the file → its line
+	guessed  map[string]bool             // paths suggested for a misspelt key
+	budget   int                         // node visits left; guards against alias bombs
+	full     bool                        // maxProblems reached
+	lookup   func(string) (string, bool) // environment for ${VAR}; nil: no expansion
 }
 
 func newParser(source string) *parser {

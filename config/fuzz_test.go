@@ -20,8 +20,10 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add([]byte("a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\n"))
 	f.Add([]byte("service: &s {name: x, port: 1, <<: *s}"))
+	f.Add([]byte("service:\n  name: ${NAME:-web}\n  port: ${PORT}\n  address: ${UNSET}\n  ttl: ${TTL:-5s}\n  meta: {a: '$${X}$', b: '${B'}\n"))
+	env := map[string]string{"NAME": "web", "PORT": "9001", "TTL": "1m", "B": "a: [b, {c: #"}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c, err := ParseEnv(data, "fuzz.yaml", nil)
+		c, err := ParseEnv(data, "fuzz.yaml", func(k string) string { return env[k] })
 		if err != nil {
 			if c != nil {
 				t.Errorf("ParseEnv() = %+v and error %v; want nil config with an error", c, err)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"maps"
 	"math"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -110,13 +109,11 @@ func DefaultRun() *Run {
 
 // resolveRun expands Env, parses MemoryLimit and normalises StopSignal.
 func (p *parser) resolveRun(r *Run, getenv func(string) string) {
+	// The file-wide expansion skips env's values (see expandScalar): they
+	// expand here, once, with $NAME too and unset variables empty.
+	lookup := func(k string) (string, bool) { return getenv(k), true }
 	for k, v := range r.Env {
-		r.Env[k] = os.Expand(v, func(name string) string {
-			if name == "$" {
-				return "$"
-			}
-			return getenv(name)
-		})
+		r.Env[k], _, _ = expandEnv(v, lookup, true)
 	}
 	if n, err := ParseBytes(r.MemoryLimit); err != nil {
 		p.errorf("service.run.memory_limit", "%v", err)

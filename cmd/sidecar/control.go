@@ -33,8 +33,7 @@ var controlTimeouts = map[string]time.Duration{
 // control runs status, kill, restart or update against a running sidecar,
 // through its admin listener.
 func control(cmd string, args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(cmd, stderr)
 	path := fs.String("config", "", "config file naming admin.listen and admin.token (default ./config.yaml)")
 	addr := fs.String("admin", "", "admin listener host:port, instead of -config; the token comes from $"+tokenEnv)
 	raw := fs.Bool("json", false, "print the answer as JSON")

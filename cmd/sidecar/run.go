@@ -23,13 +23,8 @@ import (
 // runApp is `sidecar run [-config FILE] -- CMD ARGS…`: serve, with CMD ARGS
 // as service.run.command and args.
 func runApp(args []string, stderr io.Writer) int {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("run", stderr)
 	path := fs.String("config", "config.yaml", "config file")
-	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: sidecar run [-config FILE] -- CMD ARGS…")
-		fs.PrintDefaults()
-	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return exitOK
