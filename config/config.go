@@ -117,6 +117,10 @@ type Admin struct {
 	Token string `yaml:"token"`
 	// Pprof serves Go's runtime profiles under /debug/pprof/. Default false.
 	Pprof bool `yaml:"pprof"`
+	// Insecure allows a non-loopback Listen without Token. Default false:
+	// such a listener is refused, since it exposes /status and the app
+	// control routes.
+	Insecure bool `yaml:"insecure"`
 }
 
 // Log configures the logger.
