@@ -68,7 +68,7 @@ func (p *parser) validateService(s *Service) {
 	}
 	switch _, _, err := net.SplitHostPort(s.Address); {
 	case s.Address == "":
-		p.errorf("service.address", "must not be empty")
+		// None registered: Consul gives peers the node's address.
 	case err == nil:
 		p.errorf("service.address", "%q has a port; put the port in service.port", s.Address)
 	case strings.ContainsAny(s.Address, " \t\r\n/[]"):

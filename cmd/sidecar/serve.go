@@ -205,7 +205,7 @@ func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbe
 	if s.Check.HTTP != "" {
 		probe = heartbeat.HTTPProbe(s.Check.HTTP, s.Check.Timeout)
 	} else {
-		probe = heartbeat.TCPProbe(net.JoinHostPort(s.Address, fmt.Sprint(s.Port)), s.Check.Timeout)
+		probe = heartbeat.TCPProbe(s.ProbeAddr(), s.Check.Timeout)
 	}
 	return heartbeat.NewRegistrar(agent, heartbeat.Service{
 		ID: s.ID, Name: s.Name, Address: s.Address, Port: s.Port,
