@@ -1,5 +1,5 @@
 // Package admin serves the sidecar's loopback admin listener: liveness,
-// a JSON status document and Prometheus metrics.
+// readiness, a JSON status document and Prometheus metrics.
 package admin
 
 import (
@@ -28,6 +28,10 @@ type Options struct {
 	// that requests other than GET and HEAD on routes added with Handle
 	// must carry; without it they get 401.
 	Token string
+	// Ready reports readiness for GET /ready and, if not ready, a one-line
+	// reason; it is called per request, must not block and must be safe
+	// for concurrent use. If nil, /ready answers as /healthz does.
+	Ready func() (ready bool, reason string)
 }
 
 // Handler is the admin listener's handler.
@@ -44,6 +48,7 @@ func New(opts Options) *Handler {
 	}
 	h := &Handler{mux: http.NewServeMux(), opts: opts, started: opts.Now()}
 	h.mux.HandleFunc("GET /healthz", h.healthz)
+	h.mux.HandleFunc("GET /ready", h.ready)
 	h.mux.HandleFunc("GET /status", h.status)
 	if opts.Gatherer != nil {
 		h.mux.Handle("GET /metrics", promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{}))
@@ -81,6 +86,26 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.Serv
 func (h *Handler) healthz(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	_, _ = w.Write([]byte("ok\n"))
+}
+
+// readyDoc is the JSON body of /ready.
+type readyDoc struct {
+	Ready  bool   `json:"ready"`
+	Reason string `json:"reason,omitempty"`
+}
+
+// ready answers 200 {"ready":true} or 503 {"ready":false,"reason":"..."}.
+func (h *Handler) ready(w http.ResponseWriter, _ *http.Request) {
+	doc := readyDoc{Ready: true}
+	if h.opts.Ready != nil {
+		doc.Ready, doc.Reason = h.opts.Ready()
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	if !doc.Ready {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_ = json.NewEncoder(w).Encode(doc)
 }
 
 func (h *Handler) status(w http.ResponseWriter, _ *http.Request) {

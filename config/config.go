@@ -18,7 +18,9 @@ package config
 
 import (
 	"fmt"
+	"net"
 	"os"
+	"strconv"
 	"time"
 )
 
@@ -51,7 +53,6 @@ const (
 const (
 	defaultConsulAddress = "127.0.0.1:8500"
 	defaultAdminListen   = "127.0.0.1:15100"
-	defaultServiceAddr   = "127.0.0.1"
 )
 
 // Config is the whole configuration file.
@@ -72,10 +73,13 @@ type Config struct {
 type Service struct {
 	Name string `yaml:"name"` // required
 	// ID is the unique instance id. If empty, "<name>-<address>-<port>" is
-	// used, with every character outside [A-Za-z0-9_.-] replaced by '-'.
-	ID      string            `yaml:"id"`
-	Address string            `yaml:"address"` // if empty, 127.0.0.1
-	Port    int               `yaml:"port"`    // required, 1-65535
+	// used (the host name in place of an empty address), with every
+	// character outside [A-Za-z0-9_.-] replaced by '-'.
+	ID string `yaml:"id"`
+	// Address is the address peers dial. If empty, none is registered and
+	// Consul gives peers the node's address; the app is probed on loopback.
+	Address string            `yaml:"address"`
+	Port    int               `yaml:"port"` // required, 1-65535
 	Tags    []string          `yaml:"tags"`
 	Meta    map[string]string `yaml:"meta"`
 	Weight  int               `yaml:"weight"` // default 1
@@ -122,6 +126,10 @@ type Admin struct {
 	Token string `yaml:"token"`
 	// Pprof serves Go's runtime profiles under /debug/pprof/. Default false.
 	Pprof bool `yaml:"pprof"`
+	// Insecure allows a non-loopback Listen without Token. Default false:
+	// such a listener is refused, since it exposes /status and the app
+	// control routes.
+	Insecure bool `yaml:"insecure"`
 }
 
 // Log configures the logger.
@@ -232,9 +240,18 @@ type Upstream struct {
 	ProxyProtocol string `yaml:"proxy_protocol"`
 }
 
+// ProbeAddr is the host:port the sidecar probes the app on: Address, or
+// loopback if Address is empty.
+func (s *Service) ProbeAddr() string {
+	host := s.Address
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, strconv.Itoa(s.Port))
+}
+
 // setDefaults is called by the decoder on a freshly allocated Service.
 func (s *Service) setDefaults() {
-	s.Address = defaultServiceAddr
 	s.Weight = 1
 	s.Check = Check{Interval: time.Second, Timeout: time.Second}
 	s.TTL = 5 * time.Second

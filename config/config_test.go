@@ -139,13 +139,40 @@ func TestParseValid(t *testing.T) {
 			name: "service defaults",
 			yaml: "service: {name: echo, port: 9001}",
 			check: func(t *testing.T, c *Config) {
+				host, err := os.Hostname()
+				if err != nil {
+					t.Fatal(err)
+				}
+				// No address: Consul gives peers the node's; the id names
+				// this host instead.
 				want := &Service{
-					Name: "echo", ID: "echo-127.0.0.1-9001", Address: "127.0.0.1", Port: 9001, Weight: 1,
+					Name: "echo", ID: "echo-" + host + "-9001", Address: "", Port: 9001, Weight: 1,
 					Check: Check{Interval: time.Second, Timeout: time.Second},
 					TTL:   5 * time.Second, DeregisterCriticalAfter: time.Minute, Drain: 2 * time.Second,
 				}
 				if !reflect.DeepEqual(c.Service, want) {
 					t.Errorf("Service = %+v, want %+v", c.Service, want)
+				}
+			},
+		},
+		{
+			name: "set address is registered and probed",
+			yaml: "service: {name: echo, address: 10.0.0.7, port: 9001}",
+			check: func(t *testing.T, c *Config) {
+				if c.Service.ID != "echo-10.0.0.7-9001" || c.Service.Address != "10.0.0.7" {
+					t.Errorf("Service ID, Address = %q, %q, want echo-10.0.0.7-9001, 10.0.0.7", c.Service.ID, c.Service.Address)
+				}
+				if got := c.Service.ProbeAddr(); got != "10.0.0.7:9001" {
+					t.Errorf("ProbeAddr() = %q, want 10.0.0.7:9001", got)
+				}
+			},
+		},
+		{
+			name: "unset address is probed on loopback",
+			yaml: "service: {name: echo, port: 9001}",
+			check: func(t *testing.T, c *Config) {
+				if got := c.Service.ProbeAddr(); got != "127.0.0.1:9001" {
+					t.Errorf("ProbeAddr() = %q, want 127.0.0.1:9001", got)
 				}
 			},
 		},

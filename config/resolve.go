@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 )
@@ -30,7 +31,11 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 	}
 
 	if s := c.Service; s != nil && s.ID == "" {
-		s.ID = serviceID(s.Name, s.Address, s.Port)
+		host := s.Address
+		if host == "" {
+			host, _ = hostname()
+		}
+		s.ID = serviceID(s.Name, host, s.Port)
 	}
 	if s := c.Service; s != nil && s.Run != nil {
 		p.resolveRun(s.Run, getenv)
@@ -76,8 +81,15 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 
 // serviceID derives an instance id "<name>-<address>-<port>", with every
 // character outside [A-Za-z0-9_.-] replaced by '-'.
-func serviceID(name, address string, port int) string {
-	id := name + "-" + address + "-" + strconv.Itoa(port)
+// hostname names this host in a derived service id; a variable for tests.
+var hostname = os.Hostname
+
+// serviceID is "<name>-<host>-<port>", or "<name>-<port>" without a host.
+func serviceID(name, host string, port int) string {
+	id := name + "-" + strconv.Itoa(port)
+	if host != "" {
+		id = name + "-" + host + "-" + strconv.Itoa(port)
+	}
 	return strings.Map(func(r rune) rune {
 		if isNameRune(r) {
 			return r

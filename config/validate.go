@@ -27,6 +27,7 @@ func (p *parser) validate(c *Config) {
 		p.validateService(c.Service)
 	}
 	p.hostPort("admin.listen", c.Admin.Listen)
+	p.validateAdmin(&c.Admin)
 	p.oneOf("log.level", c.Log.Level, levels)
 	p.oneOf("log.format", c.Log.Format, formats)
 	p.validateDiscovery(&c.Discovery)
@@ -37,6 +38,29 @@ func (p *parser) validate(c *Config) {
 	p.listenConflicts(c)
 }
 
+// validateAdmin refuses an admin listener reachable beyond this host
+// without a token, unless admin.insecure says it is meant.
+func (p *parser) validateAdmin(a *Admin) {
+	if a.Token != "" || a.Insecure || checkHostPort(a.Listen) != nil {
+		return
+	}
+	host, _, err := net.SplitHostPort(a.Listen)
+	if err != nil || loopbackHost(host) {
+		return
+	}
+	p.errorf("admin.listen", "%q is not a loopback address and admin.token is empty: set admin.token, listen on 127.0.0.1, or set admin.insecure: true if it is meant", a.Listen)
+}
+
+// loopbackHost reports whether host (from a listen address) binds loopback
+// only: a loopback IP or "localhost". An empty host binds every interface.
+func loopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
+
 func (p *parser) validateService(s *Service) {
 	p.name("service.name", s.Name)
 	if p.present("service.id") && s.ID != "" {
@@ -44,7 +68,7 @@ func (p *parser) validateService(s *Service) {
 	}
 	switch _, _, err := net.SplitHostPort(s.Address); {
 	case s.Address == "":
-		p.errorf("service.address", "must not be empty")
+		// None registered: Consul gives peers the node's address.
 	case err == nil:
 		p.errorf("service.address", "%q has a port; put the port in service.port", s.Address)
 	case strings.ContainsAny(s.Address, " \t\r\n/[]"):

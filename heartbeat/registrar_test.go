@@ -33,6 +33,19 @@ func TestRegistration(t *testing.T) {
 			},
 		},
 		{
+			// No address registered: Consul gives peers the node's.
+			name: "no address",
+			svc:  Service{ID: "web-host1-8080", Name: "web", Port: 8080},
+			want: &api.AgentServiceRegistration{
+				ID: "web-host1-8080", Name: "web", Port: 8080,
+				Check: &api.AgentServiceCheck{
+					CheckID: "service:web-host1-8080:ttl", Name: "heartbeat",
+					Notes: "kept by the sidecar heartbeat",
+					TTL:   "5s", DeregisterCriticalServiceAfter: "1m0s", Status: "critical",
+				},
+			},
+		},
+		{
 			name: "everything set",
 			svc: Service{
 				ID: "web-a", Name: "web", Address: "10.0.0.7", Port: 8080,

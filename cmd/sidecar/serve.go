@@ -84,7 +84,11 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		}
 		sections["app"] = func() any { return app.Status() }
 	}
-	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token})
+	ready := &readiness{registrar: registrar, cache: cache}
+	for _, u := range cfg.Upstreams {
+		ready.upstreams = append(ready.upstreams, u.Name)
+	}
+	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token, Ready: ready.check})
 	if cfg.Admin.Pprof {
 		adminHandler.EnablePprof()
 	}
@@ -128,6 +132,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	}
 	log.Info("sidecar started", zap.String("version", version), zap.String("admin", cfg.Admin.Listen),
 		zap.Int("listeners", len(servers)-1))
+	ready.started.Store(true)
 
 	var failure error
 	select {
@@ -139,6 +144,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	// Shutdown: out of the registry first, so peers stop sending; then let
 	// traffic drain; then close the listeners and wait for requests.
 	log.Info("shutting down")
+	ready.draining.Store(true)
 	if registrar != nil {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := registrar.Deregister(dctx); err != nil {
@@ -199,7 +205,7 @@ func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbe
 	if s.Check.HTTP != "" {
 		probe = heartbeat.HTTPProbe(s.Check.HTTP, s.Check.Timeout)
 	} else {
-		probe = heartbeat.TCPProbe(net.JoinHostPort(s.Address, fmt.Sprint(s.Port)), s.Check.Timeout)
+		probe = heartbeat.TCPProbe(s.ProbeAddr(), s.Check.Timeout)
 	}
 	return heartbeat.NewRegistrar(agent, heartbeat.Service{
 		ID: s.ID, Name: s.Name, Address: s.Address, Port: s.Port,
