@@ -6,7 +6,7 @@ CONSUL_VERSION := v1.22.0
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul h2spec test test-short lint bench pgo demo clean
+.PHONY: all build consul h2spec systemd-analyze test test-short lint bench pgo demo clean
 
 all: build
 
@@ -39,7 +39,12 @@ bin/h2spec: tools/h2spec/go.mod tools/h2spec/go.sum
 	cd tools/h2spec && $(GO) build -trimpath -o ../../bin/h2spec github.com/summerwind/h2spec/cmd/h2spec
 	@touch bin/h2spec
 
-test: consul h2spec build
+# systemd-analyze rates the example unit's hardening in TestSystemdUnitHardening
+# (Debian's systemd package, on the machine already in most images).
+systemd-analyze:
+	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq systemd; }
+
+test: consul h2spec systemd-analyze build
 	$(GO) test -race -count=1 ./...
 
 # Unit tests only: no Consul needed.

@@ -133,6 +133,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	log.Info("sidecar started", zap.String("version", version), zap.String("admin", cfg.Admin.Listen),
 		zap.Int("listeners", len(servers)-1))
 	ready.started.Store(true)
+	notifyCtx, stopNotify := context.WithCancel(ctx)
+	notifyDone := make(chan struct{})
+	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, log) }()
 
 	var failure error
 	select {
@@ -145,6 +148,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	// traffic drain; then close the listeners and wait for requests.
 	log.Info("shutting down")
 	ready.draining.Store(true)
+	stopNotify()
+	<-notifyDone
+	notifyStopping(log)
 	if registrar != nil {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := registrar.Deregister(dctx); err != nil {
