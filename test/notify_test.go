@@ -89,4 +89,3 @@ func TestSystemdNotify(t *testing.T) {
 		t.Fatalf("sidecar exit code = %d, want 0\n%s", code, app.sidecar.Output())
 	}
 }
-
