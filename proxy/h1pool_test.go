@@ -673,24 +673,7 @@ func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
 // BenchmarkIdleBroken measures the check the pool makes on an idle
 // connection before it reuses it: one non-blocking peek.
 func BenchmarkIdleBroken(b *testing.B) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	c, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
-	peer := <-accepted
-	defer peer.Close()
-	rc := newRawConn(c).(*rawConn)
+	rc, _ := rawPair(b)
 	b.ReportAllocs()
 	for b.Loop() {
 		if rc.idleBroken() {

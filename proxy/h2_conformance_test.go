@@ -167,58 +167,30 @@ func startLineNode(t testing.TB) *lineNode {
 		t.Fatal(err)
 	}
 	n := &lineNode{addr: ln.Addr().String()}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	conns := make(map[net.Conn]struct{})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
+	acceptEach(t, ln, func(nc net.Conn) {
+		tp := textproto.NewReader(bufio.NewReader(nc))
 		for {
-			nc, err := ln.Accept()
+			// The line as it came, whatever parsing would make of it.
+			line, err := tp.ReadLine()
 			if err != nil {
 				return
 			}
-			mu.Lock()
-			conns[nc] = struct{}{}
-			mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer nc.Close()
-				tp := textproto.NewReader(bufio.NewReader(nc))
-				for {
-					// The line as it came, whatever parsing would make of it.
-					line, err := tp.ReadLine()
-					if err != nil {
-						return
-					}
-					n.mu.Lock()
-					n.lines = append(n.lines, line)
-					n.mu.Unlock()
-					h, err := tp.ReadMIMEHeader()
-					if err != nil {
-						return
-					}
-					if cl, _ := strconv.Atoi(h.Get("Content-Length")); cl > 0 {
-						if _, err := io.CopyN(io.Discard, tp.R, int64(cl)); err != nil {
-							return
-						}
-					}
-					if _, err := io.WriteString(nc, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"); err != nil {
-						return
-					}
+			n.mu.Lock()
+			n.lines = append(n.lines, line)
+			n.mu.Unlock()
+			h, err := tp.ReadMIMEHeader()
+			if err != nil {
+				return
+			}
+			if cl, _ := strconv.Atoi(h.Get("Content-Length")); cl > 0 {
+				if _, err := io.CopyN(io.Discard, tp.R, int64(cl)); err != nil {
+					return
 				}
-			}()
+			}
+			if _, err := io.WriteString(nc, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"); err != nil {
+				return
+			}
 		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for nc := range conns {
-			nc.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
 	})
 	return n
 }

@@ -409,6 +409,15 @@ func startRawH2Node(t testing.TB, answer func(fr *http2.Framer, f *http2.MetaHea
 		t.Fatal(err)
 	}
 	n := &rawH2Node{addr: ln.Addr().String(), goAway: make(chan http2.ErrCode, 16)}
+	acceptEach(t, ln, func(nc net.Conn) { n.serve(nc, answer) })
+	return n
+}
+
+// acceptEach serves each connection ln accepts with serve, on a goroutine
+// of its own, and closes the connection when serve returns. The test's
+// cleanup closes ln and every connection still open, and waits for the
+// goroutines.
+func acceptEach(t testing.TB, ln net.Listener, serve func(net.Conn)) {
 	var (
 		wg     sync.WaitGroup
 		mu     sync.Mutex
@@ -435,7 +444,7 @@ func startRawH2Node(t testing.TB, answer func(fr *http2.Framer, f *http2.MetaHea
 			go func() {
 				defer wg.Done()
 				defer nc.Close()
-				n.serve(nc, answer)
+				serve(nc)
 			}()
 		}
 	}()
@@ -449,7 +458,6 @@ func startRawH2Node(t testing.TB, answer func(fr *http2.Framer, f *http2.MetaHea
 		mu.Unlock()
 		wg.Wait()
 	})
-	return n
 }
 
 func (n *rawH2Node) serve(nc net.Conn, answer func(*http2.Framer, *http2.MetaHeadersFrame)) {

@@ -14,7 +14,7 @@ import (
 
 // rawPair returns a rawConn client and the plain server end of a loopback
 // TCP connection.
-func rawPair(t *testing.T) (*rawConn, net.Conn) {
+func rawPair(t testing.TB) (*rawConn, net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
