@@ -159,15 +159,7 @@ func h2specNode(tb testing.TB, h2c bool) string {
 		_, _ = w.Write(body)
 	})}
 	ln := protoListen(tb)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	tb.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	protoServeOn(tb, func() error { return srv.Serve(ln) }, func() { srv.Close() })
 	return ln.Addr().String()
 }
 

@@ -38,15 +38,7 @@ func protoHTTP(tb testing.TB, h2c bool) string {
 		w.Header().Set("X-Checksum", hex.EncodeToString(sum[:]))
 	})}
 	ln := protoListen(tb)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	tb.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	protoServeOn(tb, func() error { return srv.Serve(ln) }, func() { srv.Close() })
 	return ln.Addr().String()
 }
 

@@ -111,18 +111,12 @@ func protoTCPUpstream(tb testing.TB, addrs []string, balancer string) string {
 		tb.Fatal(err)
 	}
 	ln := protoListen(tb)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	tb.Cleanup(func() {
+	protoServeOn(tb, func() error { return srv.Serve(ln) }, func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := srv.Shutdown(ctx); err != nil {
 			tb.Errorf("Shutdown() error = %v", err)
 		}
-		<-done
 	})
 	return ln.Addr().String()
 }

@@ -97,21 +97,27 @@ func protoSplit(tb testing.TB, addr string) (string, int) {
 	return tcp.IP.String(), tcp.Port
 }
 
+// protoServeOn runs serve (a server's Serve on its listener) until the test
+// ends; the test's cleanup then calls stop and waits for serve to return.
+func protoServeOn(tb testing.TB, serve func() error, stop func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = serve()
+	}()
+	tb.Cleanup(func() {
+		stop()
+		<-done
+	})
+}
+
 // protoServe serves h on a loopback listener with the sidecar's listener
 // server (HTTP/1.1 and h2c on one port) and returns its address.
 func protoServe(tb testing.TB, h http.Handler) string {
 	tb.Helper()
 	ln := protoListen(tb)
 	srv := proxy.NewServer(h, proxy.ServerOptions{}, zap.NewNop())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	tb.Cleanup(func() {
-		srv.Close()
-		<-done
-	})
+	protoServeOn(tb, func() error { return srv.Serve(ln) }, func() { srv.Close() })
 	return ln.Addr().String()
 }
 
@@ -168,15 +174,7 @@ func protoGRPC(tb testing.TB, id string) *protoGRPCNode {
 	n := &protoGRPCNode{id: id, addr: ln.Addr().String()}
 	srv := grpc.NewServer()
 	grpc_testing.RegisterTestServiceServer(srv, n)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	tb.Cleanup(func() {
-		srv.Stop()
-		<-done
-	})
+	protoServeOn(tb, func() error { return srv.Serve(ln) }, srv.Stop)
 	return n
 }
 

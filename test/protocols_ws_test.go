@@ -66,16 +66,8 @@ func protoWS(tb testing.TB, id string) *protoWSNode {
 	})}
 	ln := protoListen(tb)
 	n.addr = ln.Addr().String()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = srv.Serve(ln)
-	}()
-	tb.Cleanup(func() {
-		srv.Close()
-		<-done
-		conns.Wait()
-	})
+	tb.Cleanup(conns.Wait) // after the server's cleanup below: cleanups run last first
+	protoServeOn(tb, func() error { return srv.Serve(ln) }, func() { srv.Close() })
 	return n
 }
 
