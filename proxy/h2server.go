@@ -618,15 +618,7 @@ func validPseudoPath(path, method string) bool {
 	if path == "*" {
 		return method == http.MethodOptions
 	}
-	if path == "" || path[0] != '/' {
-		return false
-	}
-	for i := 0; i < len(path); i++ {
-		if c := path[i]; c <= ' ' || c == 0x7f {
-			return false
-		}
-	}
-	return true
+	return path != "" && path[0] == '/' && visibleBytes(path)
 }
 
 // closeIfIdle closes the connection once no stream has been open for the
