@@ -79,12 +79,12 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 	}
 }
 
-// serviceID derives an instance id "<name>-<address>-<port>", with every
-// character outside [A-Za-z0-9_.-] replaced by '-'.
 // hostname names this host in a derived service id; a variable for tests.
 var hostname = os.Hostname
 
-// serviceID is "<name>-<host>-<port>", or "<name>-<port>" without a host.
+// serviceID derives an instance id "<name>-<host>-<port>", or
+// "<name>-<port>" without a host, with every character outside
+// [A-Za-z0-9_.-] replaced by '-'.
 func serviceID(name, host string, port int) string {
 	id := name + "-" + strconv.Itoa(port)
 	if host != "" {
