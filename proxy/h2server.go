@@ -384,20 +384,12 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
-		sc.writeRSTLocked(id, http2.ErrCodeRefusedStream)
-		sc.closedLocked(id, resetBySidecar)
-		sc.flushLocked()
-		if !sc.goingAway {
-			sc.endedEarlyLocked()
-		}
+		sc.refuseStreamLocked(id, http2.ErrCodeRefusedStream)
 		return nil
 	}
 	if f.HasPriority() && f.Priority.StreamDep == id {
 		// A stream cannot depend on itself (RFC 9113, 5.3.1).
-		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
-		sc.closedLocked(id, resetBySidecar)
-		sc.flushLocked()
-		sc.endedEarlyLocked()
+		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
 		return nil
 	}
 	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
@@ -420,10 +412,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return nil
 	}
 	if err != nil {
-		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
-		sc.closedLocked(id, resetBySidecar)
-		sc.flushLocked()
-		sc.endedEarlyLocked()
+		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
 		sc.s.log.Debug("malformed http2 request", zap.String("remote", sc.remote), zap.Error(err))
 		return nil
 	}
@@ -435,6 +424,18 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.idle.Stop()
 	sc.s.startHandler(st)
 	return nil
+}
+
+// refuseStreamLocked resets stream id, opened but given no handler, with
+// code: it is remembered as reset by the sidecar and, unless the connection
+// is going away, counted as ended early. sc.mu is held.
+func (sc *h2ServerConn) refuseStreamLocked(id uint32, code http2.ErrCode) {
+	sc.writeRSTLocked(id, code)
+	sc.closedLocked(id, resetBySidecar)
+	sc.flushLocked()
+	if !sc.goingAway {
+		sc.endedEarlyLocked()
+	}
 }
 
 // endedEarlyLocked counts a stream that ended early; past
