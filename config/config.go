@@ -109,14 +109,28 @@ type Check struct {
 
 // Consul says how to reach the Consul agent.
 type Consul struct {
-	// Address is "host:port", "http://host:port" or "https://host:port".
-	// If the file leaves it empty, CONSUL_HTTP_ADDR is used, else
-	// 127.0.0.1:8500.
+	// Address is "host:port", "http://host:port", "https://host:port" or
+	// "unix:///path/to/consul.sock". If the file leaves it empty,
+	// CONSUL_HTTP_ADDR is used, else 127.0.0.1:8500; a bare host:port is
+	// https when CONSUL_HTTP_SSL is true.
 	Address string `yaml:"address"`
-	// Token is the ACL token. If the file leaves it empty,
-	// CONSUL_HTTP_TOKEN is used (possibly empty).
+	// Token is the ACL token. If the file leaves it and TokenFile empty,
+	// CONSUL_HTTP_TOKEN_FILE fills TokenFile, else CONSUL_HTTP_TOKEN fills
+	// Token (possibly empty).
 	Token      string `yaml:"token"`
 	Datacenter string `yaml:"datacenter"` // empty means the agent's own
+	// TokenFile is a file holding the ACL token, read when the client is
+	// made; not together with Token. See Token for the environment.
+	TokenFile string `yaml:"token_file"`
+	// Namespace and Partition (Consul Enterprise) scope every request;
+	// empty means CONSUL_NAMESPACE and CONSUL_PARTITION, else the token's
+	// or agent's default.
+	Namespace string `yaml:"namespace"`
+	Partition string `yaml:"partition"`
+	// TLS is how the sidecar checks the agent's certificate and which
+	// client certificate it shows, for an https:// address. Each field
+	// the file leaves unset takes its CONSUL_* variable.
+	TLS ConsulTLS `yaml:"tls"`
 }
 
 // Admin is the admin HTTP listener.

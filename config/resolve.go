@@ -26,9 +26,7 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 	if err := checkConsulAddress(c.Consul.Address); err != nil {
 		p.errorf("consul.address", "%v%s", err, from)
 	}
-	if c.Consul.Token == "" {
-		c.Consul.Token = getenv("CONSUL_HTTP_TOKEN")
-	}
+	p.resolveConsul(&c.Consul, getenv, from)
 
 	if s := c.Service; s != nil && s.ID == "" {
 		host := s.Address

@@ -361,13 +361,19 @@ func checkHostPort(s string) error {
 	return nil
 }
 
-// checkConsulAddress accepts "host:port", "http://host:port" and
-// "https://host:port".
+// checkConsulAddress accepts "host:port", "http://host:port",
+// "https://host:port" and "unix:///path/to/consul.sock".
 func checkConsulAddress(s string) error {
 	hostPort := s
-	if scheme, _, ok := strings.Cut(s, "://"); ok {
+	if scheme, rest, ok := strings.Cut(s, "://"); ok {
+		if scheme == "unix" {
+			if rest == "" || strings.ContainsAny(rest, "\x00\r\n") {
+				return fmt.Errorf("want unix:///path/to/consul.sock, got %q", s)
+			}
+			return nil
+		}
 		if scheme != "http" && scheme != "https" {
-			return fmt.Errorf("unsupported scheme %q in %q (want http or https)", scheme, s)
+			return fmt.Errorf("unsupported scheme %q in %q (want http, https or unix)", scheme, s)
 		}
 		u, err := url.Parse(s)
 		if err != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {

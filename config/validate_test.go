@@ -161,7 +161,7 @@ service:
 	{
 		name: "bad consul address",
 		yaml: "consul: {address: 'ftp://consul:8500'}",
-		want: []string{`config.yaml: consul.address: unsupported scheme "ftp" in "ftp://consul:8500" (want http or https)`},
+		want: []string{`config.yaml: consul.address: unsupported scheme "ftp" in "ftp://consul:8500" (want http, https or unix)`},
 	},
 	{
 		name: "bad consul address from env",

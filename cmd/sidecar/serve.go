@@ -181,13 +181,37 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	return failure
 }
 
+// newConsulClient makes the Consul client from c, in which config.Load has
+// already filled what the file left unset from the CONSUL_* variables.
+// consul/api's DefaultConfig reads them too; every field it reads is set
+// here from c, so the file wins, except CONSUL_HTTP_AUTH, which has no key.
+// The HTTP client is built here from c.TLS, so that NewClient's own fallback
+// to the environment cannot undo a key the file set (insecure_skip_verify:
+// false). A unix:// address gets consul/api's own unix transport.
 func newConsulClient(c config.Consul) (*api.Client, error) {
 	cc := api.DefaultConfig()
 	cc.Address = c.Address
+	cc.Scheme = "http" // an https:// address sets https
 	cc.Token = c.Token
+	cc.TokenFile = c.TokenFile
 	cc.Datacenter = c.Datacenter
+	cc.Namespace = c.Namespace
+	cc.Partition = c.Partition
+	cc.TLSConfig = api.TLSConfig{
+		Address:            c.TLS.ServerName,
+		CAFile:             c.TLS.CAFile,
+		CAPath:             c.TLS.CAPath,
+		CertFile:           c.TLS.CertFile,
+		KeyFile:            c.TLS.KeyFile,
+		InsecureSkipVerify: c.TLS.InsecureSkipVerify,
+	}
 	// One blocking query per watched service: keep their connections.
 	cc.Transport.MaxIdleConnsPerHost = 4096
+	hc, err := api.NewHttpClient(cc.Transport, cc.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: consul.tls: %w", err)
+	}
+	cc.HttpClient = hc
 	client, err := api.NewClient(cc)
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
