@@ -207,6 +207,10 @@ func newConsulClient(c config.Consul) (*api.Client, error) {
 	}
 	// One blocking query per watched service: keep their connections.
 	cc.Transport.MaxIdleConnsPerHost = 4096
+	// HTTP/1.1 over https:// too, as over http://: Go's HTTP/2 client hides
+	// a failed handshake ("tls: certificate required") behind "http2: client
+	// conn could not be established".
+	cc.Transport.ForceAttemptHTTP2 = false
 	hc, err := api.NewHttpClient(cc.Transport, cc.TLSConfig)
 	if err != nil {
 		return nil, fmt.Errorf("consul client: consul.tls: %w", err)

@@ -47,6 +47,17 @@ type Ports struct {
 type Options struct {
 	// ExtraHCL is appended to the agent's configuration file.
 	ExtraHCL string
+	// TLS, if set, makes the agent serve its HTTP API over HTTPS only, on
+	// Ports.HTTP, with TLS.ServerCert; with TLS.VerifyIncoming it requires
+	// a client certificate signed by TLS.CA. Client uses TLS.ClientCert.
+	TLS *TLSFiles
+	// ACLToken, if set, turns ACLs on with default_policy "deny" and makes
+	// it the initial management token (and the agent's token); Client
+	// uses it.
+	ACLToken string
+	// UnixSocket, if set, is the path of a unix socket the agent serves
+	// its HTTP API on, in place of Ports.HTTP.
+	UnixSocket string
 }
 
 // Binary returns the path of the consul binary tests use, or an error saying
@@ -98,13 +109,45 @@ func Start(t testing.TB, opts Options) *Agent {
 
 func (a *Agent) writeConfig(opts Options) {
 	ports := a.Ports
+	httpPorts := fmt.Sprintf("http = %d", ports.HTTP)
+	var extra string
+	if t := opts.TLS; t != nil {
+		httpPorts = fmt.Sprintf("http = -1\n  https = %d", ports.HTTP)
+		extra += fmt.Sprintf(`
+tls {
+  defaults {
+    ca_file = %q
+    cert_file = %q
+    key_file = %q
+  }
+  https {
+    verify_incoming = %t
+  }
+}
+`, t.CA, t.ServerCert, t.ServerKey, t.VerifyIncoming)
+	}
+	if opts.ACLToken != "" {
+		extra += fmt.Sprintf(`
+acl {
+  enabled = true
+  default_policy = "deny"
+  tokens {
+    initial_management = %q
+    agent = %q
+  }
+}
+`, opts.ACLToken, opts.ACLToken)
+	}
+	if opts.UnixSocket != "" {
+		extra += fmt.Sprintf("\naddresses {\n  http = %q\n}\n", "unix://"+opts.UnixSocket)
+	}
 	hcl := fmt.Sprintf(`
 node_name = "sidecar-test"
 bind_addr = "127.0.0.1"
 client_addr = "127.0.0.1"
 log_level = "warn"
 ports {
-  http = %d
+  %s
   dns = -1
   grpc = -1
   grpc_tls = -1
@@ -116,7 +159,8 @@ limits {
   http_max_conns_per_client = 10000
 }
 %s
-`, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, opts.ExtraHCL)
+%s
+`, httpPorts, ports.SerfLAN, ports.SerfWAN, ports.Server, extra, opts.ExtraHCL)
 	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
 		a.t.Fatal(err)
 	}
@@ -125,10 +169,26 @@ limits {
 // Addr is the agent's HTTP address, host:port.
 func (a *Agent) Addr() string { return "127.0.0.1:" + strconv.Itoa(a.Ports.HTTP) }
 
-// Client returns an API client for the agent.
+// URL is the agent's address as consul.address takes it:
+// "https://127.0.0.1:PORT" with Options.TLS, "unix:///PATH" with
+// Options.UnixSocket, else Addr.
+func (a *Agent) URL() string {
+	switch {
+	case a.opts.UnixSocket != "":
+		return "unix://" + a.opts.UnixSocket
+	case a.opts.TLS != nil:
+		return "https://" + a.Addr()
+	}
+	return a.Addr()
+}
+
+// Client returns an API client for the agent, with the client certificate
+// and the management token the agent's Options call for.
 func (a *Agent) Client() *api.Client {
-	cfg := api.DefaultConfig()
-	cfg.Address = a.Addr()
+	cfg := &api.Config{Address: a.URL(), Token: a.opts.ACLToken}
+	if t := a.opts.TLS; t != nil {
+		cfg.TLSConfig = api.TLSConfig{CAFile: t.CA, CertFile: t.ClientCert, KeyFile: t.ClientKey}
+	}
 	c, err := api.NewClient(cfg)
 	if err != nil {
 		a.t.Fatal(err)
