@@ -62,16 +62,28 @@ func (h *Handler) Handle(pattern string, handler http.Handler) {
 	h.mux.Handle(pattern, RequireToken(h.opts.Token, handler))
 }
 
+// HandleAction adds a route whose every request, GET and HEAD included,
+// needs Options.Token when it is set: an action that must also be reachable
+// by GET (a Kubernetes httpGet hook can send nothing else).
+func (h *Handler) HandleAction(pattern string, handler http.Handler) {
+	h.mux.Handle(pattern, requireToken(h.opts.Token, handler, true))
+}
+
 // RequireToken wraps next so that requests other than GET and HEAD must
 // carry "Authorization: Bearer token"; others get 401. An empty token
 // lets everything through.
 func RequireToken(token string, next http.Handler) http.Handler {
+	return requireToken(token, next, false)
+}
+
+// requireToken is RequireToken, for GET and HEAD too when all is true.
+func requireToken(token string, next http.Handler, all bool) http.Handler {
 	if token == "" {
 		return next
 	}
 	want := []byte("Bearer " + token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet && r.Method != http.MethodHead &&
+		if (all || r.Method != http.MethodGet && r.Method != http.MethodHead) &&
 			subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar admin"`)
 			http.Error(w, "missing or wrong admin token (admin.token)", http.StatusUnauthorized)

@@ -42,3 +42,36 @@ func TestToken(t *testing.T) {
 		t.Errorf("GET /status with a token configured = %d, want 200", rec.Code)
 	}
 }
+
+// TestHandleAction: a route added with HandleAction needs the token on GET
+// and HEAD as well as POST.
+func TestHandleAction(t *testing.T) {
+	t.Parallel()
+	ok := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	tests := []struct {
+		name, token, method, auth string
+		want                      int
+	}{
+		{"no token configured", "", http.MethodGet, "", http.StatusNoContent},
+		{"get without token", "s3cret", http.MethodGet, "", http.StatusUnauthorized},
+		{"head without token", "s3cret", http.MethodHead, "", http.StatusUnauthorized},
+		{"get with wrong token", "s3cret", http.MethodGet, "Bearer nope", http.StatusUnauthorized},
+		{"get with token", "s3cret", http.MethodGet, "Bearer s3cret", http.StatusNoContent},
+		{"post with token", "s3cret", http.MethodPost, "Bearer s3cret", http.StatusNoContent},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := New(Options{Token: tc.token})
+			h.HandleAction("/drain", ok)
+			req := httptest.NewRequest(tc.method, "/drain", nil)
+			if tc.auth != "" {
+				req.Header.Set("Authorization", tc.auth)
+			}
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, req)
+			if rec.Code != tc.want {
+				t.Errorf("%s with %q = %d, want %d", tc.method, tc.auth, rec.Code, tc.want)
+			}
+		})
+	}
+}

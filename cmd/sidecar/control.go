@@ -28,10 +28,11 @@ var controlTimeouts = map[string]time.Duration{
 	"kill":    time.Minute,
 	"restart": 5 * time.Minute,
 	"update":  15 * time.Minute,
+	"drain":   time.Minute,
 }
 
-// control runs status, kill, restart or update against a running sidecar,
-// through its admin listener.
+// control runs status, kill, restart, update or drain against a running
+// sidecar, through its admin listener.
 func control(cmd string, args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet(cmd, stderr)
 	path := fs.String("config", "", "config file naming admin.listen and admin.token (default ./config.yaml)")
@@ -54,8 +55,11 @@ func control(cmd string, args []string, stdout, stderr io.Writer) int {
 		return exitConfig
 	}
 	c := &adminClient{base: "http://" + target, token: token, http: &http.Client{Timeout: *timeout}}
-	if cmd == "status" {
+	switch cmd {
+	case "status":
 		return c.status(*raw, stdout, stderr)
+	case "drain":
+		return c.drain(*raw, stdout, stderr)
 	}
 	return c.act(cmd, *raw, stdout, stderr)
 }
@@ -283,4 +287,38 @@ func printStatus(w io.Writer, doc map[string]json.RawMessage) {
 
 func seconds(s float64) time.Duration {
 	return time.Duration(s * float64(time.Second)).Round(time.Second)
+}
+
+// drain posts /drain: the sidecar deregisters and answers once
+// service.drain has passed.
+func (c *adminClient) drain(raw bool, stdout, stderr io.Writer) int {
+	code, body, err := c.do(http.MethodPost, "/drain")
+	if err != nil {
+		fmt.Fprintf(stderr, "sidecar drain: %v\n", err)
+		return exitFail
+	}
+	if code == http.StatusUnauthorized {
+		fmt.Fprintf(stderr, "sidecar drain: the admin token is missing or wrong (admin.token, or $%s with -admin)\n", tokenEnv)
+		return exitFail
+	}
+	var res drainResult
+	if err := json.Unmarshal(body, &res); err != nil {
+		fmt.Fprintf(stderr, "sidecar drain: unexpected answer %d: %s\n", code, bytes.TrimSpace(body))
+		return exitFail
+	}
+	took := time.Duration(res.Seconds * float64(time.Second)).Round(time.Millisecond)
+	switch {
+	case raw:
+		_, _ = stdout.Write(body)
+	case !res.OK:
+	case res.Deregistered != "":
+		fmt.Fprintf(stdout, "%s deregistered and drained in %v; /ready answers 503 until the sidecar stops\n", res.Deregistered, took)
+	default:
+		fmt.Fprintf(stdout, "draining (no service registered); /ready answers 503 until the sidecar stops\n")
+	}
+	if !res.OK {
+		fmt.Fprintf(stderr, "sidecar drain: %s (after %v)\n", res.Error, took)
+		return exitFail
+	}
+	return exitOK
 }

@@ -8,6 +8,8 @@
 //	sidecar validate [-config FILE]     check a config and exit
 //	sidecar status|kill|restart|update [-config FILE | -admin ADDR] [-timeout D]
 //	                                    control a running sidecar's app (status: -json)
+//	sidecar drain [-config FILE | -admin ADDR] [-timeout D]
+//	                                    deregister and drain before the app is stopped
 //	sidecar version                     print the version (also --version)
 //	sidecar help [CMD]                  print the usage (also -h, --help)
 //
@@ -96,7 +98,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitOK
 	case "run":
 		return runApp(args, stderr)
-	case "status", "kill", "restart", "update":
+	case "status", "kill", "restart", "update", "drain":
 		return control(cmd, args, stdout, stderr)
 	case "help":
 		if len(args) > 1 || len(args) == 1 && !commands[args[0]] {
@@ -113,7 +115,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // commands are the subcommands help knows; "serve" is the default one.
 var commands = map[string]bool{
 	"serve": true, "run": true, "validate": true, "version": true, "help": true,
-	"status": true, "kill": true, "restart": true, "update": true,
+	"status": true, "kill": true, "restart": true, "update": true, "drain": true,
 }
 
 func unknown(cmd string, stderr io.Writer) int {
@@ -223,6 +225,9 @@ func usage(w io.Writer) {
   sidecar update  [-config FILE | -admin ADDR] [-timeout 15m]
                                       run service.run.build; only when it succeeds,
                                       a rolling restart
+  sidecar drain   [-config FILE | -admin ADDR] [-timeout 1m]
+                                      deregister, /ready 503, return after service.drain;
+                                      the sidecar keeps proxying until it is stopped
   sidecar version                     print the version (also --version, -version)
   sidecar help [CMD]                  print this usage (also -h, --help)
 `+"  control commands read admin.listen and admin.token from the config, or\n"+

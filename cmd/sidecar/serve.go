@@ -97,6 +97,19 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 			adminHandler.Handle(pattern, h)
 		}
 	}
+	var drainLog *zap.Logger
+	if cfg.Service != nil {
+		drainLog = log.With(zap.String("service", cfg.Service.Name))
+	} else {
+		drainLog = log
+	}
+	drain := &drainer{ready: ready, registrar: registrar, log: drainLog}
+	if cfg.Service != nil {
+		drain.wait = cfg.Service.Drain
+	}
+	// GET too: a Kubernetes httpGet preStop hook can only GET.
+	adminHandler.HandleAction("POST /drain", drain)
+	adminHandler.HandleAction("GET /drain", drain)
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		closeAll(servers)
@@ -151,19 +164,8 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	stopNotify()
 	<-notifyDone
 	notifyStopping(log)
-	if registrar != nil {
-		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if err := registrar.Deregister(dctx); err != nil {
-			log.Warn("deregister failed", zap.Error(err))
-		} else {
-			log.Info("deregistered", zap.String("service", cfg.Service.Name), zap.String("id", registrar.ServiceID()))
-		}
-		cancel()
-		if d := cfg.Service.Drain; d > 0 && failure == nil {
-			log.Info("draining", zap.Duration("drain", d))
-			time.Sleep(d)
-		}
-	}
+	// Deregister and drain, unless /drain did already.
+	drain.drain(failure == nil)
 	// Then stop the app (stop signal, SIGKILL after stop_timeout).
 	stopApp()
 	<-appDone
