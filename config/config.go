@@ -2,8 +2,8 @@
 //
 // The file's keys are a public contract: they are the snake_case names in the
 // yaml tags below and nothing else; an unknown key is an error. Load decodes
-// the file, fills in defaults, applies the CONSUL_HTTP_ADDR and
-// CONSUL_HTTP_TOKEN fallbacks, resolves what each upstream inherits from
+// the file, fills in defaults, fills the consul keys the file leaves unset
+// from the CONSUL_* variables (ConsulEnv), resolves what each upstream inherits from
 // proxy, and validates the result, reporting every problem at once by file
 // and full key path. After a successful Load the wiring code reads resolved
 // values only: nothing in a *Config needs further defaulting.
@@ -305,8 +305,8 @@ func defaults() *Config {
 	}
 }
 
-// Default returns the configuration an empty file yields when
-// CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN are unset: a client-only sidecar.
+// Default returns the configuration an empty file yields when no CONSUL_*
+// variable is set: a client-only sidecar.
 func Default() *Config {
 	c := defaults()
 	p := newParser("")
