@@ -32,8 +32,10 @@ func TestNewReload(t *testing.T) {
 	}{
 		{name: "same file", edit: func(s string) string { return s }},
 		{
-			name:    "log level live, format not",
-			edit:    func(s string) string { return strings.Replace(s, "{level: info}", "{level: debug, format: console}", 1) },
+			name: "log level live, format not",
+			edit: func(s string) string {
+				return strings.Replace(s, "{level: info}", "{level: debug, format: console}", 1)
+			},
 			live:    []string{"log.level"},
 			restart: []string{"log.format"},
 		},
@@ -45,7 +47,7 @@ func TestNewReload(t *testing.T) {
 				s = strings.Replace(s, "port: 9001", "port: 9002", 1)
 				return strings.Replace(s, "name: web", "name: web2", 1)
 			},
-			live:    []string{"service.tags", "service.meta", "service.weight", "service.drain"},
+			live: []string{"service.tags", "service.meta", "service.weight", "service.drain"},
 			// service.id follows from name and port.
 			restart: []string{"service.name", "service.id", "service.port"},
 		},
@@ -55,8 +57,10 @@ func TestNewReload(t *testing.T) {
 			restart: []string{"service"},
 		},
 		{
-			name:    "consul and admin",
-			edit:    func(s string) string { return strings.Replace(strings.Replace(s, "8500", "8501", 1), "15100", "15101", 1) },
+			name: "consul and admin",
+			edit: func(s string) string {
+				return strings.Replace(strings.Replace(s, "8500", "8501", 1), "15100", "15101", 1)
+			},
 			restart: []string{"consul.address", "admin.listen"},
 		},
 		{
