@@ -7,7 +7,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -29,8 +32,13 @@ const shutdownTimeout = 10 * time.Second
 
 // serve runs the sidecar until ctx is done, then shuts down in order:
 // deregister, drain, stop the app (with service.run), close the listeners.
-func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
-	log, err := newLogger(cfg.Log, logOut)
+// Meanwhile SIGHUP and POST /reload on the admin listener reload the config
+// with load (see reloader).
+func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config, error), logOut io.Writer) error {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP) // from now on SIGHUP reloads, never kills
+	defer signal.Stop(hup)
+	log, level, err := newLogger(cfg.Log, logOut)
 	if err != nil {
 		return err
 	}
@@ -97,6 +105,10 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 			adminHandler.Handle(pattern, h)
 		}
 	}
+	rl := newReloader(cfg, load, servers, reg)
+	rl.log, rl.level, rl.px, rl.cache, rl.registrar = log.Named("reload"), level, px, cache, registrar
+	adminHandler.Handle("POST /reload", rl)
+	adminHandler.HandlePrivate("GET /config", admin.Document(func() (any, error) { return rl.config().Masked() }))
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		closeAll(servers)
@@ -105,16 +117,23 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	servers = append(servers, adminSrv)
 
 	var wg sync.WaitGroup
-	errs := make(chan error, len(servers))
-	for _, s := range servers {
+	errs := make(chan error, 1)
+	start := func(s *server) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if err := s.serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errs <- fmt.Errorf("serve %s: %w", s.name, err)
+				select {
+				case errs <- fmt.Errorf("serve %s: %w", s.name, err):
+				default: // one failure stops the sidecar; the first is enough
+				}
 			}
 		}()
 	}
+	for _, s := range servers {
+		start(s)
+	}
+	rl.start, rl.drain = start, &wg
 
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
@@ -135,7 +154,10 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	ready.started.Store(true)
 	notifyCtx, stopNotify := context.WithCancel(ctx)
 	notifyDone := make(chan struct{})
-	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, log) }()
+	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, &rl.readySent, log) }()
+	hupCtx, stopHUP := context.WithCancel(ctx)
+	hupDone := make(chan struct{})
+	go func() { defer close(hupDone); rl.handleHUP(hupCtx, hup) }()
 
 	var failure error
 	select {
@@ -148,6 +170,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	// traffic drain; then close the listeners and wait for requests.
 	log.Info("shutting down")
 	ready.draining.Store(true)
+	stopHUP()
+	<-hupDone
+	servers = append(rl.close(), adminSrv) // as the last reload left them
 	stopNotify()
 	<-notifyDone
 	notifyStopping(log)
@@ -159,7 +184,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 			log.Info("deregistered", zap.String("service", cfg.Service.Name), zap.String("id", registrar.ServiceID()))
 		}
 		cancel()
-		if d := cfg.Service.Drain; d > 0 && failure == nil {
+		if d := rl.config().Service.Drain; d > 0 && failure == nil {
 			log.Info("draining", zap.Duration("drain", d))
 			time.Sleep(d)
 		}
@@ -224,12 +249,16 @@ func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbe
 	}, log)
 }
 
-// server is one bound listener and what serves it.
+// server is one bound listener and what serves it. A proxy listener also
+// has its route: update swaps it, retire drops it once the listener is shut
+// down; both are nil on the admin listener.
 type server struct {
 	name     string
 	ln       net.Listener
 	serve    func() error
 	shutdown func(context.Context) error
+	update   func(proxy.RouteConfig) error
+	retire   func()
 }
 
 // listen binds the forward-proxy listener and every upstream listener, so a
@@ -237,46 +266,19 @@ type server struct {
 func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) ([]*server, error) {
 	var servers []*server
 	if cfg.Proxy.Listen != "" {
-		h, err := px.Forward(cfg.Proxy.Listen, proxy.RouteConfig{
-			Balancer:     cfg.Proxy.Balancer,
-			HashKey:      cfg.Proxy.HashKey,
-			PreserveHost: cfg.Proxy.PreserveHost,
-			Timeouts:     timeouts(cfg.Proxy.Timeouts),
-			Resilience:   cfg.Proxy.Resilience,
-		})
+		f, err := px.Forward(cfg.Proxy.Listen, forwardRoute(cfg.Proxy))
 		if err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
 		}
-		s, err := bind(cfg.Proxy.Listen, h, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+		s, err := bind(cfg.Proxy.Listen, f, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 		if err != nil {
 			return nil, fmt.Errorf("proxy.listen: %w", err)
 		}
+		s.update = f.Update
 		servers = append(servers, s)
 	}
 	for i, u := range cfg.Upstreams {
-		cache.Pin(u.Name)
-		rc := proxy.RouteConfig{
-			Service:       u.Name,
-			Protocol:      u.Protocol,
-			Balancer:      u.Balancer,
-			HashKey:       u.HashKey,
-			Tags:          u.Tags,
-			PreserveHost:  u.PreserveHost,
-			Timeouts:      timeouts(u.Timeouts),
-			Resilience:    u.Resilience,
-			TLS:           u.TLS,
-			ProxyProtocol: u.ProxyProtocol,
-		}
-		var s *server
-		var err error
-		if u.Protocol == config.ProtocolTCP {
-			s, err = bindTCP(px, u.Listen, rc)
-		} else {
-			var h http.Handler
-			if h, err = px.Upstream(u.Listen, rc); err == nil {
-				s, err = bind(u.Listen, h, u.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
-			}
-		}
+		s, err := listenUpstream(u, cfg.Proxy.MaxHeaderBytes, px, cache, log)
 		if err != nil {
 			closeAll(servers)
 			return nil, fmt.Errorf("upstreams[%d] (%s on %s): %w", i, u.Name, u.Listen, err)
@@ -284,6 +286,54 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		servers = append(servers, s)
 	}
 	return servers, nil
+}
+
+// listenUpstream binds the listener of upstream u, and pins its service in
+// the cache.
+func listenUpstream(u config.Upstream, maxHeaderBytes int, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) (*server, error) {
+	cache.Pin(u.Name)
+	rc := upstreamRoute(u)
+	if u.Protocol == config.ProtocolTCP {
+		return bindTCP(px, u.Listen, rc)
+	}
+	h, err := px.Upstream(u.Listen, rc)
+	if err != nil {
+		return nil, err
+	}
+	s, err := bind(u.Listen, h, u.Timeouts, maxHeaderBytes, log)
+	if err != nil {
+		h.Retire()
+		return nil, err
+	}
+	s.update, s.retire = h.Update, h.Retire
+	return s, nil
+}
+
+// forwardRoute is the forward proxy's route defaults.
+func forwardRoute(p config.Proxy) proxy.RouteConfig {
+	return proxy.RouteConfig{
+		Balancer:     p.Balancer,
+		HashKey:      p.HashKey,
+		PreserveHost: p.PreserveHost,
+		Timeouts:     timeouts(p.Timeouts),
+		Resilience:   p.Resilience,
+	}
+}
+
+// upstreamRoute is the route of upstream u.
+func upstreamRoute(u config.Upstream) proxy.RouteConfig {
+	return proxy.RouteConfig{
+		Service:       u.Name,
+		Protocol:      u.Protocol,
+		Balancer:      u.Balancer,
+		HashKey:       u.HashKey,
+		Tags:          u.Tags,
+		PreserveHost:  u.PreserveHost,
+		Timeouts:      timeouts(u.Timeouts),
+		Resilience:    u.Resilience,
+		TLS:           u.TLS,
+		ProxyProtocol: u.ProxyProtocol,
+	}
 }
 
 func timeouts(t config.Timeouts) proxy.Timeouts {
@@ -307,6 +357,7 @@ func bindTCP(px *proxy.Proxy, addr string, rc proxy.RouteConfig) (*server, error
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
+		ts.Retire()
 		return nil, err
 	}
 	serve := func() error {
@@ -315,7 +366,7 @@ func bindTCP(px *proxy.Proxy, addr string, rc proxy.RouteConfig) (*server, error
 		}
 		return nil
 	}
-	return &server{name: addr, ln: ln, serve: serve, shutdown: ts.Shutdown}, nil
+	return &server{name: addr, ln: ln, serve: serve, shutdown: ts.Shutdown, update: ts.Update, retire: ts.Retire}, nil
 }
 
 func closeAll(servers []*server) {
