@@ -458,3 +458,103 @@ admin: {listen: %s, token: admin-secret}
 		t.Errorf("GET /config after reload lacks level warn:\n%s", body)
 	}
 }
+
+// TestReloadUnderLoad is the reload target: about 1,000 requests a second
+// through an upstream listener for a few seconds while SIGHUPs apply real
+// changes (balancer and tags toggled, another upstream added and removed):
+// no request may fail. It logs how long each reload took to apply (the
+// log's took), p50 and max; the figures are measured, not asserted.
+func TestReloadUnderLoad(t *testing.T) {
+	agent := consulagent.Start(t, consulagent.Options{})
+	c := agent.Client()
+	rlEcho(t, c, "echo", "echo-blue", "blue")
+	rlEcho(t, c, "echo", "echo-green", "green")
+	up, other, admin := pxLoopback(t), pxLoopback(t), pxLoopback(t)
+	variant := func(i int) string {
+		if i%2 == 0 {
+			return rlClientConfig(agent.Addr(), admin, "info", "{name: echo, listen: "+up+"}")
+		}
+		return rlClientConfig(agent.Addr(), admin, "info",
+			"{name: echo, listen: "+up+", balancer: least_request, tags: [blue]}",
+			"{name: echo, listen: "+other+"}")
+	}
+	s := rlStart(t, admin, variant(0))
+	rlInstances(t, &http.Client{Timeout: 5 * time.Second}, "http://"+up, 4)
+
+	const (
+		workers  = 20
+		every    = 20 * time.Millisecond // 20 workers: 1,000 requests a second
+		reloads  = 8
+		interval = 400 * time.Millisecond
+	)
+	type tally struct {
+		ok, failed int
+		errs       []string
+	}
+	done := make(chan struct{})
+	results := make(chan tally, workers)
+	start := time.Now()
+	for range workers {
+		go func() {
+			var r tally
+			defer func() { results <- r }()
+			client := &http.Client{Timeout: 5 * time.Second}
+			tick := time.NewTicker(every)
+			defer tick.Stop()
+			for {
+				select {
+				case <-done:
+					return
+				case <-tick.C:
+				}
+				if _, err := rlGet(client, "http://"+up); err != nil {
+					r.failed++
+					if len(r.errs) < 5 {
+						r.errs = append(r.errs, err.Error())
+					}
+				} else {
+					r.ok++
+				}
+			}
+		}()
+	}
+	time.Sleep(interval)
+	for i := 1; i <= reloads; i++ {
+		s.hup(t, variant(i), "ok")
+		time.Sleep(interval)
+	}
+	close(done)
+	var total tally
+	for range workers {
+		r := <-results
+		total.ok += r.ok
+		total.failed += r.failed
+		total.errs = append(total.errs, r.errs...)
+	}
+	elapsed := time.Since(start)
+	t.Logf("%d requests in %v (%.0f/s) across %d reloads, %d failed", total.ok+total.failed, elapsed.Round(time.Millisecond),
+		float64(total.ok+total.failed)/elapsed.Seconds(), reloads, total.failed)
+	if total.failed > 0 {
+		t.Errorf("%d of %d requests failed during reloads, want 0; first errors: %q", total.failed, total.ok+total.failed, total.errs)
+	}
+	if total.ok == 0 {
+		t.Fatal("no request succeeded")
+	}
+
+	// How long each reload took to apply, from the log.
+	var took []time.Duration
+	for _, line := range strings.Split(s.proc.Output(), "\n") {
+		var entry struct {
+			Msg  string  `json:"msg"`
+			Took float64 `json:"took"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Msg == "config reloaded" {
+			took = append(took, time.Duration(entry.Took*float64(time.Second)))
+		}
+	}
+	if len(took) != reloads {
+		t.Fatalf("%d \"config reloaded\" lines with took, want %d", len(took), reloads)
+	}
+	slices.Sort(took)
+	t.Logf("reload applied in p50 %v, max %v (race-enabled build): %v", took[len(took)/2], took[len(took)-1], took)
+}

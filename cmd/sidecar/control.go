@@ -327,6 +327,8 @@ func (c *adminClient) reload(raw bool, stdout, stderr io.Writer) int {
 				fmt.Fprintf(stdout, "config reloaded in %v\n", took)
 			}
 			printKeys(stdout, "applied", res.Live)
+			printKeys(stdout, "listeners opened", res.Opened)
+			printKeys(stdout, "listeners closed (draining)", res.Closed)
 			printKeys(stdout, "needs a restart (running value kept)", res.Restart)
 		}
 		return exitOK

@@ -95,6 +95,10 @@ type reloadResult struct {
 	// their running value until a restart.
 	Live    []string `json:"live,omitempty"`
 	Restart []string `json:"restart,omitempty"`
+	// Opened and Closed are the listener addresses the reload bound and
+	// closed (closed ones drain in the background).
+	Opened  []string `json:"opened,omitempty"`
+	Closed  []string `json:"closed,omitempty"`
 	Seconds float64  `json:"seconds"`
 }
 
@@ -154,7 +158,8 @@ func (r *reloader) reload(trigger string) reloadResult {
 		r.log.Error("config reload failed", append(fields, zap.Strings("errors", res.Errors), zap.Strings("applied", res.Live))...)
 	default:
 		r.lastOK.SetToCurrentTime()
-		r.log.Info("config reloaded", append(fields, zap.Strings("applied", res.Live))...)
+		r.log.Info("config reloaded", append(fields, zap.Strings("applied", res.Live),
+			zap.Strings("opened", res.Opened), zap.Strings("closed", res.Closed))...)
 	}
 	for _, key := range res.Restart {
 		r.log.Warn("config change needs a restart", zap.String("key", key))
@@ -206,6 +211,7 @@ func (r *reloader) apply() reloadResult {
 		if s, ok := added[u.Listen]; ok {
 			r.ups[u.Listen] = s
 			r.start(s)
+			res.Opened = append(res.Opened, u.Listen)
 			continue
 		}
 		if reflect.DeepEqual(old[u.Listen], u) {
@@ -221,6 +227,7 @@ func (r *reloader) apply() reloadResult {
 		if !hasListen(eff.Upstreams, addr) {
 			delete(r.ups, addr)
 			r.closeListener(s)
+			res.Closed = append(res.Closed, addr)
 		}
 	}
 	if r.forward != nil && !reflect.DeepEqual(forwardRoute(running.Proxy), forwardRoute(eff.Proxy)) {
