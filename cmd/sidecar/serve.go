@@ -130,10 +130,10 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 			}
 		}()
 	}
+	rl.start, rl.drain = start, &wg // before the admin listener takes POST /reload
 	for _, s := range servers {
 		start(s)
 	}
-	rl.start, rl.drain = start, &wg
 
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
