@@ -1,9 +1,13 @@
 package proxy
 
 import (
+	"context"
+	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"testing"
+	"time"
 
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
@@ -105,5 +109,71 @@ func TestForwarderUpdate(t *testing.T) {
 	}
 	if err := f.Update(RouteConfig{Balancer: "bogus"}); err == nil {
 		t.Error("Update() with an unknown balancer: error = nil, want one")
+	}
+}
+
+// TestTCPServerUpdate: Update changes where new TCP connections go, while a
+// connection already open carries on to its node.
+func TestTCPServerUpdate(t *testing.T) {
+	leakcheck.Check(t)
+	node := startTCPNode(t)
+	dead := startTCPNode(t)
+	dead.stop() // dials refused
+	px := New(staticCache(t, map[string][]string{"live": {node.addr}, "dead": {dead.addr}}), nil, testLogger(t))
+	ts, err := px.TCP("tcp", RouteConfig{Service: "live", Protocol: "tcp"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { defer close(served); _ = ts.Serve(ln) }()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = ts.Shutdown(ctx)
+		<-served
+	}()
+	s := &tcpSetup{addr: ln.Addr().String()}
+
+	open, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close()
+	roundTrip := func(c net.Conn) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, "ping\n"); err != nil {
+			return err
+		}
+		buf := make([]byte, 5)
+		_, err := io.ReadFull(c, buf)
+		return err
+	}
+	if err := roundTrip(open); err != nil {
+		t.Fatalf("before Update: %v", err)
+	}
+	if err := ts.Update(RouteConfig{Service: "dead", Protocol: "tcp"}); err != nil {
+		t.Fatalf("Update() error = %v", err)
+	}
+	if err := s.echo(); err == nil {
+		t.Error("a new connection after Update to a dead service echoed, want it closed")
+	}
+	if err := roundTrip(open); err != nil {
+		t.Errorf("the connection open across Update: %v, want it to carry on", err)
+	}
+	if err := ts.Update(RouteConfig{Service: "live", Protocol: "tcp", ProxyProtocol: "v9"}); err == nil {
+		t.Error("Update() with an unknown proxy protocol: error = nil, want one")
+	}
+	if err := ts.Update(RouteConfig{Service: "live", Protocol: "tcp"}); err != nil {
+		t.Fatalf("Update() error = %v", err)
+	}
+	if err := s.echo(); err != nil {
+		t.Errorf("after Update back to a live service: %v", err)
+	}
+	if st := px.Status(); len(st) != 1 || st[0].Service != "live" {
+		t.Errorf("Status() = %+v, want the one route to live", st)
 	}
 }
