@@ -26,6 +26,7 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 // apply live:
 //
 //   - log.level;
+//   - discovery.cache_size, idle_timeout, stale_for and resolve_timeout;
 //   - service.tags, service.meta, service.weight (registered again) and
 //     service.drain;
 //   - proxy.balancer, hash_key, preserve_host, resilience and timeouts but
@@ -36,7 +37,7 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 //
 // Every other key needs a restart: service (its presence, name, id,
 // address, port, check, ttl, deregister_critical_after, run), consul.*,
-// admin.*, log.format, discovery.*, proxy.listen, proxy.max_header_bytes,
+// admin.*, log.format, discovery.backend and static, proxy.listen, proxy.max_header_bytes,
 // proxy.timeouts.read_header, and any section this list does not name. The
 // listener-side settings (read_header, max_header_bytes) are read when a
 // listener opens: a listener that stays keeps its own, a new one takes
@@ -47,6 +48,9 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 func NewReload(running, next *Config) Reload {
 	eff := *running // sections not named below keep their running value
 	eff.Log.Level = next.Log.Level
+	d := next.Discovery
+	d.Backend, d.Static = running.Discovery.Backend, running.Discovery.Static
+	eff.Discovery = d
 
 	if running.Service != nil && next.Service != nil {
 		s := *running.Service

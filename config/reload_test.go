@@ -57,6 +57,14 @@ func TestNewReload(t *testing.T) {
 			restart: []string{"service"},
 		},
 		{
+			name: "discovery tuning live, backend not",
+			edit: func(s string) string {
+				return strings.Replace(s, "log: {level: info}", "log: {level: info}\ndiscovery: {cache_size: 9, stale_for: 1m, backend: static, static: {a: [\"127.0.0.1:1\"], b: [\"127.0.0.1:2\"]}}", 1)
+			},
+			live:    []string{"discovery.cache_size", "discovery.stale_for"},
+			restart: []string{"discovery.backend", "discovery.static"},
+		},
+		{
 			name: "consul and admin",
 			edit: func(s string) string {
 				return strings.Replace(strings.Replace(s, "8500", "8501", 1), "15100", "15101", 1)

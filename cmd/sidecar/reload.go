@@ -40,6 +40,7 @@ type reloader struct {
 	level     zap.AtomicLevel
 	px        *proxy.Proxy
 	cache     *discovery.Cache
+	backend   discovery.Backend    // the cache's; *discovery.Consul takes stale_for live
 	registrar *heartbeat.Registrar // nil for a client-only sidecar
 	start     func(*server)        // serves a newly bound listener
 	drain     *sync.WaitGroup      // listeners closed by a reload, until drained
@@ -238,6 +239,12 @@ func (r *reloader) apply() reloadResult {
 		}
 	}
 
+	if d := eff.Discovery; !reflect.DeepEqual(d, running.Discovery) {
+		r.cache.Tune(cacheOptions(d))
+		if c, ok := r.backend.(*discovery.Consul); ok {
+			c.SetTimeouts(d.StaleFor, d.ResolveTimeout)
+		}
+	}
 	if l, err := zapcore.ParseLevel(eff.Log.Level); err == nil {
 		r.level.SetLevel(l)
 	}

@@ -56,11 +56,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	if err != nil {
 		return err
 	}
-	cache := discovery.NewCache(backend, discovery.CacheOptions{
-		Size:           cfg.Discovery.CacheSize,
-		IdleTimeout:    cfg.Discovery.IdleTimeout,
-		ResolveTimeout: cfg.Discovery.ResolveTimeout,
-	}, log.Named("discovery"))
+	cache := discovery.NewCache(backend, cacheOptions(cfg.Discovery), log.Named("discovery"))
 	defer cache.Close()
 	reg.MustRegister(cache.Collector())
 
@@ -106,7 +102,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		}
 	}
 	rl := newReloader(cfg, load, servers, reg)
-	rl.log, rl.level, rl.px, rl.cache, rl.registrar = log.Named("reload"), level, px, cache, registrar
+	rl.log, rl.level, rl.px, rl.cache, rl.backend, rl.registrar = log.Named("reload"), level, px, cache, backend, registrar
 	adminHandler.Handle("POST /reload", rl)
 	adminHandler.HandlePrivate("GET /config", admin.Document(func() (any, error) { return rl.config().Masked() }))
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
@@ -229,6 +225,10 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 		StaleFor:       cfg.Discovery.StaleFor,
 		ResolveTimeout: cfg.Discovery.ResolveTimeout,
 	}, log.Named("discovery")), nil
+}
+
+func cacheOptions(d config.Discovery) discovery.CacheOptions {
+	return discovery.CacheOptions{Size: d.CacheSize, IdleTimeout: d.IdleTimeout, ResolveTimeout: d.ResolveTimeout}
 }
 
 func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
