@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"net/http"
+	"reflect"
 	"slices"
 	"sync/atomic"
 )
@@ -53,24 +54,52 @@ func (u *Upstream) Update(cfg RouteConfig) error {
 func (u *Upstream) Retire() { u.p.retireRoute(u.route.Load(), true) }
 
 // swapRoute builds the route for cfg and publishes it in cur, then retires
-// the route it replaces. The balancer, breakers and ejections start afresh
-// (slow start included); the endpoint metrics carry on when the service is
-// the same.
+// the route it replaces. The balancer starts afresh (slow start included).
+// When the endpoints would be built the same way (sameEndpoints), the new
+// route takes over the old one's that it keeps: their node connections,
+// breakers, ejections and limits carry on. Otherwise they start afresh and
+// the old route's connections close as their requests end; the endpoint
+// metrics carry on when the service is the same.
 func (p *Proxy) swapRoute(cur *atomic.Pointer[route], listener string, cfg RouteConfig) error {
 	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
 	if err != nil {
 		return fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
+	old := cur.Load()
+	adopted := false
+	if sameEndpoints(old.cfg, rt.cfg) {
+		old.mu.Lock()
+		if st := old.state.Load(); st != nil {
+			rt.mu.Lock()
+			rt.state.Store(st) // rebuildLocked carries over what it keeps
+			rt.rebuildLocked(st.snap)
+			rt.mu.Unlock()
+			adopted = true
+		}
+		old.mu.Unlock()
+	}
 	p.mu.Lock()
-	old := cur.Swap(rt)
+	cur.Store(rt)
 	if i := slices.Index(p.routes, old); i >= 0 {
 		p.routes[i] = rt
 	} else {
 		p.routes = append(p.routes, rt)
 	}
 	p.mu.Unlock()
-	old.close(old.cfg.Service != rt.cfg.Service)
+	if !adopted {
+		old.close(old.cfg.Service != rt.cfg.Service)
+	}
 	return nil
+}
+
+// sameEndpoints reports whether routes under a and b build their endpoints
+// alike: same service, pools (protocol, TLS, connect and idle timeouts,
+// connection age), limits and breaker settings.
+func sameEndpoints(a, b RouteConfig) bool {
+	ta, tb := a.Timeouts, b.Timeouts
+	return a.Service == b.Service && a.Protocol == b.Protocol && reflect.DeepEqual(a.TLS, b.TLS) &&
+		ta.Connect == tb.Connect && ta.Idle == tb.Idle && ta.MaxConnectionAge == tb.MaxConnectionAge &&
+		a.Resilience.Limits == b.Resilience.Limits && a.Resilience.Breaker == b.Resilience.Breaker
 }
 
 // retireRoute removes rt from Status and closes its node connections as

@@ -177,3 +177,45 @@ func TestTCPServerUpdate(t *testing.T) {
 		t.Errorf("Status() = %+v, want the one route to live", st)
 	}
 }
+
+// TestUpstreamUpdateKeepsNodeConnections: an Update that builds endpoints
+// the same way (here, only the balancer changes) takes over the node
+// connections; one that changes the pools (the connect timeout) dials
+// afresh.
+func TestUpstreamUpdateKeepsNodeConnections(t *testing.T) {
+	leakcheck.Check(t)
+	node := startNodes(t, 1)[0]
+	px := New(staticCache(t, map[string][]string{"echo": {node.Listener.Addr().String()}}), nil, testLogger(t))
+	up, err := px.Upstream("upstream", RouteConfig{Service: "echo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startProxyServer(t, up)
+	client := newClient(t, nil)
+	get := func(when string) {
+		t.Helper()
+		for range 3 {
+			if resp := doGet(t, client, srv.URL+"/", nil); resp.status != http.StatusOK {
+				t.Fatalf("%s: %d %s", when, resp.status, resp.body)
+			}
+		}
+	}
+	get("before Update")
+	if n := node.accepts.Load(); n != 1 {
+		t.Fatalf("node accepted %d connections, want 1", n)
+	}
+	if err := up.Update(RouteConfig{Service: "echo", Balancer: "least_request"}); err != nil {
+		t.Fatal(err)
+	}
+	get("after a balancer change")
+	if n := node.accepts.Load(); n != 1 {
+		t.Errorf("after a balancer change the node accepted %d connections, want the 1 kept", n)
+	}
+	if err := up.Update(RouteConfig{Service: "echo", Timeouts: Timeouts{Connect: 3 * time.Second}}); err != nil {
+		t.Fatal(err)
+	}
+	get("after a connect timeout change")
+	if n := node.accepts.Load(); n != 2 {
+		t.Errorf("after a connect timeout change the node accepted %d connections, want 2 (new pools)", n)
+	}
+}
