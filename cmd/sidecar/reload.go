@@ -57,19 +57,19 @@ type reloader struct {
 	closed  bool
 }
 
-func newReloader(cfg *config.Config, load func() (*config.Config, error), servers []*server, reg prometheus.Registerer) *reloader {
-	r := &reloader{
-		load: load,
-		ups:  make(map[string]*server, len(cfg.Upstreams)),
-		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sidecar_config_reloads_total",
-			Help: "Config reloads (SIGHUP, sidecar reload), by result: ok, invalid (the file was rejected) or failed (a change could not be applied).",
-		}, []string{"result"}),
-		lastOK: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "sidecar_config_last_reload_success_timestamp_seconds",
-			Help: "When the config was last loaded successfully, at start or by a reload, in Unix seconds.",
-		}),
-	}
+// init registers the reload metrics with reg and takes over the running
+// config and its proxy listeners; start and drain must be set before the
+// first reload.
+func (r *reloader) init(cfg *config.Config, servers []*server, reg prometheus.Registerer) {
+	r.ups = make(map[string]*server, len(cfg.Upstreams))
+	r.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_config_reloads_total",
+		Help: "Config reloads (SIGHUP, sidecar reload), by result: ok, invalid (the file was rejected) or failed (a change could not be applied).",
+	}, []string{"result"})
+	r.lastOK = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "sidecar_config_last_reload_success_timestamp_seconds",
+		Help: "When the config was last loaded successfully, at start or by a reload, in Unix seconds.",
+	})
 	for _, res := range []string{reloadOK, reloadInvalid, reloadFailed} {
 		r.reloads.WithLabelValues(res)
 	}
@@ -83,7 +83,6 @@ func newReloader(cfg *config.Config, load func() (*config.Config, error), server
 			r.ups[s.name] = s
 		}
 	}
-	return r
 }
 
 // reloadResult is the answer of POST /reload, as `sidecar reload` prints it.

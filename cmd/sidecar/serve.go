@@ -101,8 +101,8 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 			adminHandler.Handle(pattern, h)
 		}
 	}
-	rl := newReloader(cfg, load, servers, reg)
-	rl.log, rl.level, rl.px, rl.cache, rl.backend, rl.registrar = log.Named("reload"), level, px, cache, backend, registrar
+	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar}
+	rl.init(cfg, servers, reg)
 	adminHandler.Handle("POST /reload", rl)
 	adminHandler.HandlePrivate("GET /config", admin.Document(func() (any, error) { return rl.config().Masked() }))
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
