@@ -145,7 +145,7 @@ func (r *reloader) reload(trigger string) reloadResult {
 	notifyReloading(&r.readySent, r.log)
 	defer notifyReloaded(&r.readySent, r.log)
 	start := time.Now()
-	res := r.apply()
+	res := r.safeApply()
 	took := time.Since(start)
 	res.Seconds = took.Seconds()
 	r.reloads.WithLabelValues(res.Result).Inc()
@@ -165,6 +165,18 @@ func (r *reloader) reload(trigger string) reloadResult {
 		r.log.Warn("config change needs a restart", zap.String("key", key))
 	}
 	return res
+}
+
+// safeApply is apply, with a panic logged and reported as a failed reload
+// rather than ending the sidecar.
+func (r *reloader) safeApply() (res reloadResult) {
+	defer func() {
+		if v := recover(); v != nil {
+			r.log.Error("config reload panicked", zap.Any("panic", v), zap.Stack("stack"))
+			res = reloadResult{Result: reloadFailed, Errors: []string{fmt.Sprintf("panic: %v", v)}}
+		}
+	}()
+	return r.apply()
 }
 
 // apply loads the file and applies it; r.mu is held. New listeners are
@@ -273,6 +285,11 @@ func (r *reloader) closeListener(s *server) {
 	r.drain.Add(1)
 	go func() {
 		defer r.drain.Done()
+		defer func() {
+			if v := recover(); v != nil {
+				r.log.Error("closing a listener panicked", zap.String("listener", s.name), zap.Any("panic", v), zap.Stack("stack"))
+			}
+		}()
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
 		if err := s.shutdown(ctx); err != nil {
