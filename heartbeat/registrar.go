@@ -7,7 +7,9 @@
 // status at once, the steady state at least every TTL/3 so the TTL never
 // lapses. When the agent has forgotten the service (it restarted), Run
 // registers it again. Deregister removes the service on shutdown; Run never
-// does, so the caller can order deregister → drain → exit.
+// does, so the caller can order deregister → drain → exit. Update registers
+// it again with new tags, meta and weight (a config reload), the check
+// keeping its status.
 //
 // # Overrides
 //
