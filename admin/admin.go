@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"gopkg.in/yaml.v3"
 )
 
 // Options configure the admin handler.
@@ -62,34 +63,68 @@ func (h *Handler) Handle(pattern string, handler http.Handler) {
 	h.mux.Handle(pattern, RequireToken(h.opts.Token, handler))
 }
 
-// HandleAction adds a route whose every request, GET and HEAD included,
-// needs Options.Token when it is set: an action that must also be reachable
-// by GET (a Kubernetes httpGet hook can send nothing else).
-func (h *Handler) HandleAction(pattern string, handler http.Handler) {
-	h.mux.Handle(pattern, requireToken(h.opts.Token, handler, true))
+// HandlePrivate adds a route whose every request, GET and HEAD included,
+// needs the token when Options.Token is set: for what shows more than
+// /status does, such as the running config, and for an action that must
+// also be reachable by GET (a Kubernetes httpGet hook can send nothing else).
+func (h *Handler) HandlePrivate(pattern string, handler http.Handler) {
+	h.mux.Handle(pattern, requireTokenAlways(h.opts.Token, handler))
 }
 
 // RequireToken wraps next so that requests other than GET and HEAD must
 // carry "Authorization: Bearer token"; others get 401. An empty token
 // lets everything through.
 func RequireToken(token string, next http.Handler) http.Handler {
-	return requireToken(token, next, false)
+	if token == "" {
+		return next
+	}
+	always := requireTokenAlways(token, next)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			next.ServeHTTP(w, r)
+			return
+		}
+		always.ServeHTTP(w, r)
+	})
 }
 
-// requireToken is RequireToken, for GET and HEAD too when all is true.
-func requireToken(token string, next http.Handler, all bool) http.Handler {
+// requireTokenAlways wraps next so that every request must carry
+// "Authorization: Bearer token"; an empty token lets everything through.
+func requireTokenAlways(token string, next http.Handler) http.Handler {
 	if token == "" {
 		return next
 	}
 	want := []byte("Bearer " + token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if (all || r.Method != http.MethodGet && r.Method != http.MethodHead) &&
-			subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="sidecar admin"`)
 			http.Error(w, "missing or wrong admin token (admin.token)", http.StatusUnauthorized)
 			return
 		}
 		next.ServeHTTP(w, r)
+	})
+}
+
+// Document returns the handler of a read-only document: doc() as indented
+// JSON, or as YAML with ?format=yaml; 500 when doc fails. doc is called per
+// request and must be safe for concurrent use.
+func Document(doc func() (any, error)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		v, err := doc()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		if r.URL.Query().Get("format") == "yaml" {
+			w.Header().Set("Content-Type", "application/yaml")
+			_ = yaml.NewEncoder(w).Encode(v)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(v)
 	})
 }
 

@@ -3,6 +3,7 @@ package admin
 import (
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 )
 
@@ -43,9 +44,39 @@ func TestToken(t *testing.T) {
 	}
 }
 
-// TestHandleAction: a route added with HandleAction needs the token on GET
+func TestHandlePrivate(t *testing.T) {
+	t.Parallel()
+	doc := Document(func() (any, error) { return map[string]any{"log": map[string]any{"level": "info"}}, nil })
+	tests := []struct {
+		name, token, auth, query string
+		want                     int
+		body                     string
+	}{
+		{"no token configured", "", "", "", http.StatusOK, `"level": "info"`},
+		{"get without token", "s3cret", "", "", http.StatusUnauthorized, ""},
+		{"get with wrong token", "s3cret", "Bearer nope", "", http.StatusUnauthorized, ""},
+		{"get with token", "s3cret", "Bearer s3cret", "", http.StatusOK, `"level": "info"`},
+		{"yaml", "", "", "?format=yaml", http.StatusOK, "level: info"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := New(Options{Token: tc.token})
+			h.HandlePrivate("GET /config", doc)
+			req := httptest.NewRequest(http.MethodGet, "/config"+tc.query, nil)
+			if tc.auth != "" {
+				req.Header.Set("Authorization", tc.auth)
+			}
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, req)
+			if rec.Code != tc.want || !strings.Contains(rec.Body.String(), tc.body) {
+				t.Errorf("GET /config%s with %q = %d %q, want %d with %q", tc.query, tc.auth, rec.Code, rec.Body, tc.want, tc.body)
+			}
+		})
+	}
+}
+// TestHandlePrivateMethods: a route added with HandlePrivate needs the token on GET
 // and HEAD as well as POST.
-func TestHandleAction(t *testing.T) {
+func TestHandlePrivateMethods(t *testing.T) {
 	t.Parallel()
 	ok := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	tests := []struct {
@@ -62,7 +93,7 @@ func TestHandleAction(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			h := New(Options{Token: tc.token})
-			h.HandleAction("/drain", ok)
+			h.HandlePrivate("/drain", ok)
 			req := httptest.NewRequest(tc.method, "/drain", nil)
 			if tc.auth != "" {
 				req.Header.Set("Authorization", tc.auth)

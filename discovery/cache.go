@@ -84,6 +84,12 @@ type Cache struct {
 	lru    *simplelru.LRU[string, *Watch] // unpinned watches
 	pinned map[string]struct{}
 	closed bool
+
+	// resolveTimeout is opts.ResolveTimeout, which Tune changes (opts.Size
+	// and IdleTimeout change under mu); retune tells the janitor the idle
+	// timeout changed.
+	resolveTimeout atomic.Int64
+	retune         chan struct{}
 }
 
 // NewCache returns a cache of watches of b's services, and starts its idle
@@ -104,7 +110,9 @@ func NewCache(b Backend, opts CacheOptions, log *zap.Logger) *Cache {
 		cancel:  cancel,
 		lru:     l,
 		pinned:  make(map[string]struct{}),
+		retune:  make(chan struct{}, 1),
 	}
+	c.resolveTimeout.Store(int64(opts.ResolveTimeout))
 	c.wg.Add(1)
 	go c.janitor()
 	return c
@@ -154,7 +162,7 @@ func (c *Cache) resolve(ctx context.Context, service string) (*Watch, error) {
 		return nil, err
 	}
 	if w.snap.Load() == nil {
-		t := time.NewTimer(c.opts.ResolveTimeout)
+		t := time.NewTimer(time.Duration(c.resolveTimeout.Load()))
 		defer t.Stop()
 		select {
 		case <-w.ready:
@@ -283,7 +291,7 @@ func (c *Cache) janitor() {
 	}()
 	clock := time.NewTicker(tickEvery)
 	defer clock.Stop()
-	sweep := time.NewTicker(max(c.opts.IdleTimeout/4, time.Second))
+	sweep := time.NewTicker(c.sweepEvery())
 	defer sweep.Stop()
 	for {
 		select {
@@ -293,7 +301,42 @@ func (c *Cache) janitor() {
 			c.tick()
 		case <-sweep.C:
 			c.sweep()
+		case <-c.retune:
+			sweep.Reset(c.sweepEvery())
+			c.sweep()
 		}
+	}
+}
+
+// sweepEvery is how often the janitor sweeps: a quarter of the idle
+// timeout, at least a second.
+func (c *Cache) sweepEvery() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return max(c.opts.IdleTimeout/4, time.Second)
+}
+
+// Tune changes Size, IdleTimeout and ResolveTimeout of a running cache
+// (zero values select the defaults, as in CacheOptions): past a smaller
+// size the least recently used watches stop at once, and idle watches are
+// swept under the new timeout at once. It does not block on lookups and is
+// safe for concurrent use.
+func (c *Cache) Tune(opts CacheOptions) {
+	opts.Now = c.opts.Now
+	opts = opts.withDefaults()
+	c.resolveTimeout.Store(int64(opts.ResolveTimeout))
+	c.mu.Lock()
+	c.opts.Size, c.opts.IdleTimeout, c.opts.ResolveTimeout = opts.Size, opts.IdleTimeout, opts.ResolveTimeout
+	for c.lru.Len() > opts.Size {
+		if _, old, ok := c.lru.RemoveOldest(); ok {
+			c.stopLocked(old, "evicted")
+		}
+	}
+	c.lru.Resize(opts.Size)
+	c.mu.Unlock()
+	select {
+	case c.retune <- struct{}{}:
+	default:
 	}
 }
 

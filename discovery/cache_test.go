@@ -412,3 +412,52 @@ func TestCacheJanitor(t *testing.T) {
 		t.Fatal("idle watch not stopped by the janitor")
 	}
 }
+
+// TestCacheTune: a smaller size stops the least recently used watches at
+// once, a shorter idle timeout sweeps at once, and a larger size holds
+// more watches afterwards.
+func TestCacheTune(t *testing.T) {
+	leakcheck.Check(t)
+	clock := newFakeClock()
+	c, f := consulCache(t, CacheOptions{Size: 3, IdleTimeout: time.Hour, Now: clock.Now})
+	for i, s := range []string{"a", "b", "c", "d", "e"} {
+		f.set(uint64(10+i), s, node(s+"1", i))
+	}
+	ctx := context.Background()
+	wa, _ := c.Watch(ctx, "a")
+	clock.Add(touchEvery)
+	c.tick()
+	wb, _ := c.Watch(ctx, "b")
+	clock.Add(touchEvery)
+	c.tick()
+	wc, _ := c.Watch(ctx, "c")
+
+	c.Tune(CacheOptions{Size: 2, IdleTimeout: time.Hour})
+	select {
+	case <-wa.Stopped():
+	case <-time.After(2 * time.Second):
+		t.Fatal("the least recently used watch did not stop when the size shrank")
+	}
+	if stopped(wb) || stopped(wc) {
+		t.Fatal("b or c stopped; want only a")
+	}
+
+	clock.Add(2 * time.Minute)
+	c.tick()
+	c.Watch(ctx, "c")
+	c.Tune(CacheOptions{Size: 4, IdleTimeout: time.Minute})
+	select {
+	case <-wb.Stopped():
+	case <-time.After(2 * time.Second):
+		t.Fatal("b, idle past the new idle timeout, did not stop")
+	}
+	if stopped(wc) {
+		t.Error("c, just used, stopped")
+	}
+	wd, _ := c.Watch(ctx, "d")
+	we, _ := c.Watch(ctx, "e")
+	wa2, _ := c.Watch(ctx, "a")
+	if stopped(wc) || stopped(wd) || stopped(we) || stopped(wa2) {
+		t.Error("a watch stopped under the new size of 4")
+	}
+}

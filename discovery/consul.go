@@ -94,13 +94,17 @@ type Consul struct {
 	known      atomic.Pointer[map[string]struct{}] // nil until the first answer
 	knownReady chan struct{}                       // closed with the first answer
 	knownErr   atomic.Pointer[error]               // last failure of the catalog query
+
+	// staleFor and resolveTimeout are opts.StaleFor and ResolveTimeout,
+	// which SetTimeouts changes while watches run.
+	staleFor, resolveTimeout atomic.Int64
 }
 
 // NewConsul returns a Consul backend querying health for instances and
 // catalog for the list of services. Close stops it.
 func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, log *zap.Logger) *Consul {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Consul{
+	c := &Consul{
 		health:     health,
 		catalog:    catalog,
 		opts:       opts.withDefaults(),
@@ -109,7 +113,23 @@ func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, l
 		cancel:     cancel,
 		knownReady: make(chan struct{}),
 	}
+	c.SetTimeouts(c.opts.StaleFor, c.opts.ResolveTimeout)
+	return c
 }
+
+// SetTimeouts changes ConsulOptions.StaleFor and ResolveTimeout (zero: 2s)
+// for the running watches: a set already stale is held or cleared by the
+// new staleFor from its next wait on. Safe for concurrent use.
+func (c *Consul) SetTimeouts(staleFor, resolveTimeout time.Duration) {
+	if resolveTimeout <= 0 {
+		resolveTimeout = 2 * time.Second
+	}
+	c.staleFor.Store(int64(max(staleFor, 0)))
+	c.resolveTimeout.Store(int64(resolveTimeout))
+}
+
+// staleLimit is StaleFor as SetTimeouts last set it.
+func (c *Consul) staleLimit() time.Duration { return time.Duration(c.staleFor.Load()) }
 
 // Close stops the catalog watch behind Known and waits for it. Watches run
 // by Watch stop with their own contexts.
@@ -180,8 +200,8 @@ func (h *healthWatch) run(ctx context.Context) {
 // reset is cleared on time when StaleFor runs out.
 func (h *healthWatch) waitTime() time.Duration {
 	wait := h.c.opts.WaitTime
-	if h.c.opts.StaleFor > 0 && h.reset && h.cur != nil && h.cur.Stale {
-		left := h.cur.StaleSince.Add(h.c.opts.StaleFor).Sub(h.c.opts.Now())
+	if limit := h.c.staleLimit(); limit > 0 && h.reset && h.cur != nil && h.cur.Stale {
+		left := h.cur.StaleSince.Add(limit).Sub(h.c.opts.Now())
 		wait = min(wait, max(left, 10*time.Millisecond))
 	}
 	return wait
@@ -260,8 +280,8 @@ func (h *healthWatch) fail(err error) time.Duration {
 		h.publish(&Snapshot{Service: h.service, Endpoints: cur.Endpoints, Updated: cur.Updated,
 			Stale: true, StaleSince: since, Err: err}, h.idx.last)
 	}
-	if h.c.opts.StaleFor > 0 {
-		left := since.Add(h.c.opts.StaleFor).Sub(now)
+	if limit := h.c.staleLimit(); limit > 0 {
+		left := since.Add(limit).Sub(now)
 		wait = min(wait, max(left, time.Millisecond))
 	}
 	return wait
@@ -269,7 +289,8 @@ func (h *healthWatch) fail(err error) time.Duration {
 
 // expired reports whether a set stale since since has outlived StaleFor.
 func (h *healthWatch) expired(since, now time.Time) bool {
-	return h.c.opts.StaleFor > 0 && now.Sub(since) >= h.c.opts.StaleFor
+	limit := h.c.staleLimit()
+	return limit > 0 && now.Sub(since) >= limit
 }
 
 func (h *healthWatch) publish(s *Snapshot, index uint64) {

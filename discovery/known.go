@@ -24,7 +24,7 @@ func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 		return ok, nil
 	}
 	c.knownOnce.Do(c.startCatalog)
-	t := time.NewTimer(c.opts.ResolveTimeout)
+	t := time.NewTimer(time.Duration(c.resolveTimeout.Load()))
 	defer t.Stop()
 	select {
 	case <-c.knownReady:
@@ -75,8 +75,8 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 	)
 	for {
 		wait := c.opts.WaitTime
-		if !resetAt.IsZero() && c.opts.StaleFor > 0 {
-			left := resetAt.Add(c.opts.StaleFor).Sub(c.opts.Now())
+		if limit := c.staleLimit(); !resetAt.IsZero() && limit > 0 {
+			left := resetAt.Add(limit).Sub(c.opts.Now())
 			wait = min(wait, max(left, 10*time.Millisecond))
 		}
 		q := &api.QueryOptions{Datacenter: c.opts.Datacenter, WaitIndex: idx.wait, WaitTime: wait}
@@ -124,7 +124,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		old := c.known.Load()
 		if !resetAt.IsZero() && old != nil {
 			kept := 0
-			if c.opts.StaleFor == 0 || now.Sub(resetAt) < c.opts.StaleFor {
+			if limit := c.staleLimit(); limit == 0 || now.Sub(resetAt) < limit {
 				for name := range *old {
 					if _, ok := names[name]; !ok {
 						names[name] = struct{}{}

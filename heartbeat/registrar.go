@@ -7,7 +7,9 @@
 // status at once, the steady state at least every TTL/3 so the TTL never
 // lapses. When the agent has forgotten the service (it restarted), Run
 // registers it again. Deregister removes the service on shutdown; Run never
-// does, so the caller can order deregister → drain → exit.
+// does, so the caller can order deregister → drain → exit. Update registers
+// it again with new tags, meta and weight (a config reload), the check
+// keeping its status.
 //
 // # Overrides
 //
@@ -134,10 +136,12 @@ type Registrar struct {
 	running atomic.Bool
 	stopped atomic.Bool   // set by Deregister: Run calls Consul no more
 	resumed atomic.Bool   // set by Register: Run must register again
+	changed atomic.Bool   // set by Update: Run must register again
 	sem     chan struct{} // serialises Consul calls of Run and Deregister
 	wake    chan struct{} // the override changed
 
 	mu       sync.Mutex
+	live     Live    // the registration's tags, meta and weight; Update sets it
 	override *report // nil when the probe decides
 	cleared  *report // the override ClearOverride last removed
 	ovSeq    uint64  // bumped on every SetOverride and ClearOverride
@@ -171,6 +175,7 @@ func NewRegistrar(agent Agent, svc Service, probe Prober, opts Options, log *zap
 		sem:     make(chan struct{}, 1),
 		wake:    make(chan struct{}, 1),
 	}
+	r.live = Live{Tags: svc.Tags, Meta: svc.Meta, Weight: svc.Weight}
 	r.status = Status{
 		ServiceID:   svc.ID,
 		CheckID:     checkID,
@@ -299,6 +304,27 @@ func (r *Registrar) Register() {
 	r.log.Info("registering again")
 }
 
+// Live is the part of a Service that Update changes on a registered
+// instance.
+type Live struct {
+	Tags   []string
+	Meta   map[string]string
+	Weight int
+}
+
+// Update registers the service again with live's tags, meta and weight,
+// keeping its ID, address, port and its check with the check's current
+// status, so a passing instance stays passing throughout. A running
+// Registrar does it at once; a deregistered one uses them when Register
+// brings it back. It does not block and is safe for concurrent use.
+func (r *Registrar) Update(live Live) {
+	r.mu.Lock()
+	r.live = live
+	r.mu.Unlock()
+	r.changed.Store(true)
+	r.signal()
+}
+
 // errStopped is returned by call once Deregister has been called.
 var errStopped = errors.New("deregistered")
 
@@ -322,13 +348,16 @@ func (r *Registrar) registration(status string) *api.AgentServiceRegistration {
 	if s, ok := r.probe.(fmt.Stringer); ok {
 		notes += ": " + s.String()
 	}
+	r.mu.Lock()
+	live := r.live
+	r.mu.Unlock()
 	reg := &api.AgentServiceRegistration{
 		ID:      r.svc.ID,
 		Name:    r.svc.Name,
 		Address: r.svc.Address,
 		Port:    r.svc.Port,
-		Tags:    r.svc.Tags,
-		Meta:    r.svc.Meta,
+		Tags:    live.Tags,
+		Meta:    live.Meta,
 		Check: &api.AgentServiceCheck{
 			CheckID:                        r.checkID,
 			Name:                           "heartbeat",
@@ -338,8 +367,8 @@ func (r *Registrar) registration(status string) *api.AgentServiceRegistration {
 			Status:                         status,
 		},
 	}
-	if r.svc.Weight > 0 {
-		reg.Weights = &api.AgentWeights{Passing: r.svc.Weight, Warning: 1}
+	if live.Weight > 0 {
+		reg.Weights = &api.AgentWeights{Passing: live.Weight, Warning: 1}
 	}
 	return reg
 }

@@ -751,3 +751,42 @@ func TestStatusJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestUpdateRegistersAgainKeepingPassing: Update registers the service
+// again with the new tags, meta and weight and the check's current status,
+// so a passing instance is never registered critical.
+func TestUpdateRegistersAgainKeepingPassing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		a := newFakeAgent()
+		r := newTestRegistrar(t, a, &fakeProbe{}, Options{})
+		stop := start(r)
+		defer stop()
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if st := r.Status(); st.CheckStatus != api.HealthPassing {
+			t.Fatalf("check %s before Update, want passing", st.CheckStatus)
+		}
+		since := time.Now()
+		r.Update(Live{Tags: []string{"v2"}, Meta: map[string]string{"zone": "b"}, Weight: 7})
+		synctest.Wait()
+		regs := a.get("register", since)
+		if len(regs) != 1 {
+			t.Fatalf("got %d registrations after Update, want 1", len(regs))
+		}
+		reg := regs[0].reg
+		if !reflect.DeepEqual(reg.Tags, []string{"v2"}) || reg.Meta["zone"] != "b" || reg.Weights.Passing != 7 {
+			t.Errorf("registration after Update: tags %q meta %v weights %+v, want [v2], zone b, 7", reg.Tags, reg.Meta, reg.Weights)
+		}
+		if reg.ID != r.ServiceID() || reg.Port != testService.Port || reg.Name != testService.Name {
+			t.Errorf("registration after Update = %s %s:%d, want the same instance", reg.ID, reg.Name, reg.Port)
+		}
+		if regs[0].status != api.HealthPassing {
+			t.Errorf("registered again with check %s, want passing", regs[0].status)
+		}
+		for _, u := range a.get("update", since) {
+			if u.status != api.HealthPassing {
+				t.Errorf("check updated to %s after Update, want passing", u.status)
+			}
+		}
+	})
+}

@@ -68,6 +68,11 @@ func (r *Registrar) Run(ctx context.Context) {
 				l.registered, l.retrying, l.failures = false, false, 0
 				l.retry.Stop()
 			}
+			if l.r.changed.Swap(false) && l.registered {
+				// Update: register again with the new tags, meta and
+				// weight, and the check's status as it stands.
+				l.registered = false
+			}
 			if l.applyOverride() {
 				probe()
 			}

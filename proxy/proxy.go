@@ -1,6 +1,11 @@
 // Package proxy carries the app's outbound requests to healthy nodes: one
 // listener per configured upstream, and a forward-proxy listener where the
 // request's host names the service.
+//
+// A config reload changes a listener's route in place: Upstream, TCPServer
+// and Forwarder each hold their route behind an atomic pointer that a
+// request (or TCP connection) loads once, and Update publishes a new one;
+// requests in flight finish on the route they started on.
 package proxy
 
 import (
@@ -13,6 +18,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -108,24 +114,35 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 	return &Proxy{resolver: resolver, log: log, metrics: metrics}
 }
 
-// Upstream returns the handler of a per-upstream listener: every request on
-// it goes to cfg.Service.
-func (p *Proxy) Upstream(listener string, cfg RouteConfig) (http.Handler, error) {
-	cfg.Timeouts = cfg.Timeouts.withDefaults()
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
-	if err != nil {
-		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
-	}
-	p.addRoute(rt)
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p.serve(w, r, rt)
-	}), nil
-}
-
 // Forward returns the handler of the forward-proxy listener: the request's
 // host names the service, and defaults (less its Service) says how to carry
 // it. Names that are not registered services are refused.
-func (p *Proxy) Forward(listener string, defaults RouteConfig) (http.Handler, error) {
+func (p *Proxy) Forward(listener string, defaults RouteConfig) (*Forwarder, error) {
+	f := &Forwarder{p: p, listener: listener}
+	st, err := newForwardState(defaults)
+	if err != nil {
+		return nil, err
+	}
+	f.state.Store(st)
+	return f, nil
+}
+
+// Forwarder is the handler of the forward-proxy listener.
+type Forwarder struct {
+	p        *Proxy
+	listener string
+	state    atomic.Pointer[forwardState] // swapped by Update
+	mu       sync.Mutex                   // serialises route creation and Update
+}
+
+// forwardState is the forward proxy's defaults and the routes built from
+// them, one per service named so far.
+type forwardState struct {
+	defaults RouteConfig
+	routes   sync.Map // service name → *route
+}
+
+func newForwardState(defaults RouteConfig) (*forwardState, error) {
 	defaults.Timeouts = defaults.Timeouts.withDefaults()
 	if _, err := parseHashKey(defaults.HashKey); err != nil {
 		return nil, err
@@ -133,19 +150,30 @@ func (p *Proxy) Forward(listener string, defaults RouteConfig) (http.Handler, er
 	if _, err := balancer.New(balancerName(defaults.Balancer), balancer.Options{}); err != nil {
 		return nil, err
 	}
-	f := &forwarder{p: p, listener: listener, defaults: defaults}
-	return f, nil
+	return &forwardState{defaults: defaults}, nil
 }
 
-type forwarder struct {
-	p        *Proxy
-	listener string
-	defaults RouteConfig
-	routes   sync.Map // service name → *route
-	mu       sync.Mutex
+// Update makes requests that arrive from now on follow defaults: each
+// service's route is built afresh on its next request. Requests in flight
+// finish on the route they started on, whose node connections then close.
+// On error nothing changes. It does not block, and is safe for concurrent
+// use with ServeHTTP.
+func (f *Forwarder) Update(defaults RouteConfig) error {
+	st, err := newForwardState(defaults)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	old := f.state.Swap(st)
+	f.mu.Unlock()
+	old.routes.Range(func(_, v any) bool {
+		f.p.retireRoute(v.(*route), false) // the new route of the service keeps its series
+		return true
+	})
+	return nil
 }
 
-func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
@@ -171,7 +199,7 @@ func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Service names are case-insensitive, as in DNS and Consul: every spelling
 // shares the route of the lower-case name, and errors name what the client
 // sent.
-func (f *forwarder) route(ctx context.Context, sent string) (*route, error) {
+func (f *Forwarder) route(ctx context.Context, sent string) (*route, error) {
 	name := strings.ToLower(sent) // no allocation when already lower case
 	known, err := f.p.resolver.Known(ctx, name)
 	if err != nil {
@@ -180,21 +208,22 @@ func (f *forwarder) route(ctx context.Context, sent string) (*route, error) {
 	if !known {
 		return nil, &proxyError{sent, ErrUnknownService}
 	}
-	if rt, ok := f.routes.Load(name); ok {
+	if rt, ok := f.state.Load().routes.Load(name); ok {
 		return rt.(*route), nil
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if rt, ok := f.routes.Load(name); ok {
+	st := f.state.Load()
+	if rt, ok := st.routes.Load(name); ok {
 		return rt.(*route), nil
 	}
-	cfg := f.defaults
+	cfg := st.defaults
 	cfg.Service = name
 	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics, f.p.log)
 	if err != nil {
 		return nil, err
 	}
-	f.routes.Store(name, rt)
+	st.routes.Store(name, rt)
 	f.p.addRoute(rt)
 	return rt, nil
 }

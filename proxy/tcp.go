@@ -27,8 +27,9 @@ const tcpDialAttempts = 3
 // each connection to a node starts with a PROXY protocol v2 header naming
 // the client's address and the listener address it connected to.
 type TCPServer struct {
-	p  *Proxy
-	rt *route
+	p        *Proxy
+	listener string
+	route    atomic.Pointer[route] // swapped by Update; each connection loads it once
 
 	mu     sync.Mutex
 	ln     net.Listener
@@ -51,8 +52,28 @@ func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
 	p.addRoute(rt)
-	return &TCPServer{p: p, rt: rt, conns: make(map[net.Conn]struct{})}, nil
+	s := &TCPServer{p: p, listener: listener, conns: make(map[net.Conn]struct{})}
+	s.route.Store(rt)
+	return s, nil
 }
+
+// Update makes connections accepted from now on follow cfg; connections
+// already open keep the route they started with, and the old route's node
+// connections close as those end. On error nothing changes. It does not
+// block, and is safe for concurrent use with Serve.
+func (s *TCPServer) Update(cfg RouteConfig) error {
+	cfg.Timeouts = cfg.Timeouts.withDefaults()
+	if cfg.ProxyProtocol != "" && cfg.ProxyProtocol != proxyProtocolV2 {
+		return fmt.Errorf("upstream %q on %s: unknown proxy protocol %q (want %s or none)",
+			cfg.Service, s.listener, cfg.ProxyProtocol, proxyProtocolV2)
+	}
+	return s.p.swapRoute(&s.route, s.listener, cfg)
+}
+
+// Retire drops the route from Status and its metrics, and lets its node
+// connections close as their client connections end. Call it once the
+// listener is shut down.
+func (s *TCPServer) Retire() { s.p.retireRoute(s.route.Load(), true) }
 
 // Serve accepts connections on ln until Shutdown. It returns
 // net.ErrClosed after Shutdown.
@@ -73,7 +94,7 @@ func (s *TCPServer) Serve(ln net.Listener) error {
 			}
 			// Out of file descriptors and the like: back off, as net/http does.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.p.log.Warn("accept failed", zap.String("listener", s.rt.listener), zap.Error(err))
+			s.p.log.Warn("accept failed", zap.String("listener", s.listener), zap.Error(err))
 			time.Sleep(delay)
 			continue
 		}
@@ -136,7 +157,7 @@ func (s *TCPServer) handle(client net.Conn) {
 			s.p.log.Error("tcp connection panicked", zap.Any("panic", v), zap.Stack("stack"))
 		}
 	}()
-	rt := s.rt
+	rt := s.route.Load()
 	m := &rt.metrics
 	m.inflight.Inc()
 	defer m.inflight.Dec()
@@ -167,7 +188,7 @@ func (s *TCPServer) handle(client net.Conn) {
 			}
 			break
 		}
-		c, err := s.dial(ep, header)
+		c, err := dialNode(ep, header, rt.cfg.Timeouts.Connect)
 		if errors.Is(err, ErrLocalLimit) {
 			refuseTry(breakerDone, pk)
 			lastErr = err
@@ -212,18 +233,18 @@ func (s *TCPServer) handle(client net.Conn) {
 	<-errc
 }
 
-// dial connects to node e and writes header, if any, before anything
+// dialNode connects to node e and writes header, if any, before anything
 // else, so the node has it even when the client never sends a byte. Both
 // steps are bounded by the connect timeout. A header that cannot be
 // written fails the dial: no client byte has gone out yet, so the caller
 // may move on to another node. At e's max_connections it first waits for
 // a slot, up to the connect timeout, and fails with ErrLocalLimit.
-func (s *TCPServer) dial(e *endpoint, header []byte) (net.Conn, error) {
+func dialNode(e *endpoint, header []byte, connect time.Duration) (net.Conn, error) {
 	addr := e.Addr
-	if err := e.limits.acquireConn(context.Background(), s.rt.cfg.Timeouts.Connect); err != nil {
+	if err := e.limits.acquireConn(context.Background(), connect); err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(s.rt.cfg.Timeouts.Connect)
+	deadline := time.Now().Add(connect)
 	d := net.Dialer{Deadline: deadline, KeepAlive: 30 * time.Second}
 	c, err := d.Dial("tcp", addr)
 	if err != nil {

@@ -122,7 +122,7 @@ func startTCPRoute(t testing.TB, addrs []string, res config.Resilience) *tcpSetu
 	if err != nil {
 		t.Fatal(err)
 	}
-	fc := countFailures(ts.rt)
+	fc := countFailures(ts.route.Load())
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

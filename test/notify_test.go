@@ -19,8 +19,9 @@ import (
 
 // TestSystemdNotify checks that a sidecar started with $NOTIFY_SOCKET (a
 // Type=notify unit) sends READY=1 only once it is ready as /ready says it,
-// STATUS= with the reason while it is not, and STOPPING=1 when SIGTERM
-// starts the shutdown.
+// STATUS= with the reason while it is not, RELOADING=1 (with
+// MONOTONIC_USEC=) then READY=1 around a SIGHUP reload, and STOPPING=1 when
+// SIGTERM starts the shutdown.
 func TestSystemdNotify(t *testing.T) {
 	agent := consulagent.Start(t, consulagent.Options{})
 	sock := filepath.Join(t.TempDir(), "notify.sock")
@@ -79,6 +80,15 @@ func TestSystemdNotify(t *testing.T) {
 		if !strings.HasPrefix(m, "STATUS=") {
 			t.Fatalf("notify message %q before READY=1, want STATUS= lines only", m)
 		}
+	}
+
+	// A reload: RELOADING=1 with the monotonic time, then READY=1.
+	app.sidecar.Signal(syscall.SIGHUP)
+	if m := next("RELOADING=1"); !strings.Contains(m, "RELOADING=1") || !strings.Contains(m, "MONOTONIC_USEC=") {
+		t.Fatalf("first notify message after SIGHUP = %q, want RELOADING=1 and MONOTONIC_USEC=", m)
+	}
+	if m := next("READY=1 after the reload"); !strings.Contains(m, "READY=1") {
+		t.Fatalf("notify message after RELOADING=1 = %q, want READY=1", m)
 	}
 
 	app.sidecar.Signal(syscall.SIGTERM)

@@ -119,7 +119,7 @@ upstreams:
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- serve(ctx, cfg, io.Discard) }()
+	go func() { done <- serve(ctx, cfg, func() (*config.Config, error) { return cfg, nil }, io.Discard) }()
 	deadline := time.Now().Add(10 * time.Second)
 	for !fake.saw("/v1/agent/service/register", "/v1/agent/check/update/", "/v1/health/service/peer") {
 		if time.Now().After(deadline) {

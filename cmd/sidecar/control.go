@@ -29,10 +29,11 @@ var controlTimeouts = map[string]time.Duration{
 	"restart": 5 * time.Minute,
 	"update":  15 * time.Minute,
 	"drain":   time.Minute,
+	"reload":  30 * time.Second,
 }
 
-// control runs status, kill, restart, update or drain against a running
-// sidecar, through its admin listener.
+// control runs status, kill, restart, update, drain or reload against a
+// running sidecar, through its admin listener.
 func control(cmd string, args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet(cmd, stderr)
 	path := fs.String("config", "", "config file naming admin.listen and admin.token (default ./config.yaml)")
@@ -60,6 +61,8 @@ func control(cmd string, args []string, stdout, stderr io.Writer) int {
 		return c.status(*raw, stdout, stderr)
 	case "drain":
 		return c.drain(*raw, stdout, stderr)
+	case "reload":
+		return c.reload(*raw, stdout, stderr)
 	}
 	return c.act(cmd, *raw, stdout, stderr)
 }
@@ -321,4 +324,64 @@ func (c *adminClient) drain(raw bool, stdout, stderr io.Writer) int {
 		return exitFail
 	}
 	return exitOK
+}
+
+// reload posts /reload: the sidecar re-reads its config file. It prints
+// what was applied and what needs a restart, or the file's problems as
+// `sidecar validate` does (exit 2), or what failed to apply (exit 1).
+func (c *adminClient) reload(raw bool, stdout, stderr io.Writer) int {
+	code, body, err := c.do(http.MethodPost, "/reload")
+	if err != nil {
+		fmt.Fprintf(stderr, "sidecar reload: %v\n", err)
+		return exitFail
+	}
+	if code == http.StatusUnauthorized {
+		fmt.Fprintf(stderr, "sidecar reload: the admin token is missing or wrong (admin.token, or $%s with -admin)\n", tokenEnv)
+		return exitFail
+	}
+	var res reloadResult
+	if err := json.Unmarshal(body, &res); err != nil {
+		fmt.Fprintf(stderr, "sidecar reload: unexpected answer %d: %s\n", code, bytes.TrimSpace(body))
+		return exitFail
+	}
+	if raw {
+		_, _ = stdout.Write(body)
+	}
+	took := time.Duration(res.Seconds * float64(time.Second)).Round(time.Microsecond)
+	switch res.Result {
+	case reloadInvalid:
+		for _, e := range res.Errors {
+			fmt.Fprintln(stderr, e)
+		}
+		fmt.Fprintln(stderr, "sidecar reload: config rejected; the running config stays")
+		return exitConfig
+	case reloadOK:
+		if !raw {
+			switch {
+			case len(res.Live) == 0 && len(res.Restart) == 0:
+				fmt.Fprintf(stdout, "config reloaded in %v: no change\n", took)
+			default:
+				fmt.Fprintf(stdout, "config reloaded in %v\n", took)
+			}
+			printKeys(stdout, "applied", res.Live)
+			printKeys(stdout, "listeners opened", res.Opened)
+			printKeys(stdout, "listeners closed (draining)", res.Closed)
+			printKeys(stdout, "needs a restart (running value kept)", res.Restart)
+		}
+		return exitOK
+	}
+	for _, e := range res.Errors {
+		fmt.Fprintf(stderr, "sidecar reload: %s\n", e)
+	}
+	if !raw {
+		printKeys(stdout, "applied", res.Live)
+		printKeys(stdout, "needs a restart (running value kept)", res.Restart)
+	}
+	return exitFail
+}
+
+func printKeys(w io.Writer, what string, keys []string) {
+	if len(keys) > 0 {
+		fmt.Fprintf(w, "  %s: %s\n", what, strings.Join(keys, ", "))
+	}
 }

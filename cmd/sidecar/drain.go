@@ -21,7 +21,7 @@ type drainer struct {
 	once      sync.Once
 	ready     *readiness
 	registrar *heartbeat.Registrar // nil for a client-only sidecar
-	wait      time.Duration        // service.drain
+	wait      func() time.Duration // service.drain of the running config
 	log       *zap.Logger
 	res       drainResult // set inside once
 }
@@ -52,9 +52,9 @@ func (d *drainer) drain(sleep bool) drainResult {
 				d.res.Deregistered = d.registrar.ServiceID()
 			}
 			cancel()
-			if sleep && d.wait > 0 {
-				d.log.Info("draining", zap.Duration("drain", d.wait))
-				time.Sleep(d.wait)
+			if w := d.wait(); sleep && w > 0 {
+				d.log.Info("draining", zap.Duration("drain", w))
+				time.Sleep(w)
 			}
 		}
 		d.res.Seconds = time.Since(start).Seconds()

@@ -10,6 +10,8 @@
 //	                                    control a running sidecar's app (status: -json)
 //	sidecar drain [-config FILE | -admin ADDR] [-timeout D]
 //	                                    deregister and drain before the app is stopped
+//	sidecar reload [-config FILE | -admin ADDR] [-json] [-timeout D]
+//	                                    make a running sidecar re-read its config file
 //	sidecar version                     print the version (also --version)
 //	sidecar help [CMD]                  print the usage (also -h, --help)
 //
@@ -91,14 +93,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 		defer stop()
-		if err := serve(ctx, cfg, stderr); err != nil {
+		load := func() (*config.Config, error) { return config.Load(path) }
+		if err := serve(ctx, cfg, load, stderr); err != nil {
 			fmt.Fprintf(stderr, "sidecar: %v\n", err)
 			return exitFail
 		}
 		return exitOK
 	case "run":
 		return runApp(args, stderr)
-	case "status", "kill", "restart", "update", "drain":
+	case "status", "kill", "restart", "update", "drain", "reload":
 		return control(cmd, args, stdout, stderr)
 	case "help":
 		if len(args) > 1 || len(args) == 1 && !commands[args[0]] {
@@ -115,7 +118,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // commands are the subcommands help knows; "serve" is the default one.
 var commands = map[string]bool{
 	"serve": true, "run": true, "validate": true, "version": true, "help": true,
-	"status": true, "kill": true, "restart": true, "update": true, "drain": true,
+	"status": true, "kill": true, "restart": true, "update": true, "drain": true, "reload": true,
 }
 
 func unknown(cmd string, stderr io.Writer) int {
@@ -228,6 +231,9 @@ func usage(w io.Writer) {
   sidecar drain   [-config FILE | -admin ADDR] [-timeout 1m]
                                       deregister, /ready 503, return after service.drain;
                                       the sidecar keeps proxying until it is stopped
+  sidecar reload  [-config FILE | -admin ADDR] [-json] [-timeout 30s]
+                                      re-read and apply the running sidecar's config
+                                      file (as SIGHUP does); exit 2 when invalid
   sidecar version                     print the version (also --version, -version)
   sidecar help [CMD]                  print this usage (also -h, --help)
 `+"  control commands read admin.listen and admin.token from the config, or\n"+

@@ -47,9 +47,20 @@ func runApp(args []string, stderr io.Writer) int {
 		cfg.Service.Run = config.DefaultRun()
 	}
 	cfg.Service.Run.Command, cfg.Service.Run.Args = fs.Arg(0), fs.Args()[1:]
+	// A reload reads the file as the start did, the command line included.
+	load := func() (*config.Config, error) {
+		next, err := config.Load(*path)
+		if err == nil && next.Service != nil {
+			if next.Service.Run == nil {
+				next.Service.Run = config.DefaultRun()
+			}
+			next.Service.Run.Command, next.Service.Run.Args = fs.Arg(0), fs.Args()[1:]
+		}
+		return next, err
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := serve(ctx, cfg, stderr); err != nil {
+	if err := serve(ctx, cfg, load, stderr); err != nil {
 		fmt.Fprintf(stderr, "sidecar: %v\n", err)
 		return exitFail
 	}

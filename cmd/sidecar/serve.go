@@ -7,7 +7,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"os/signal"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -29,8 +32,13 @@ const shutdownTimeout = 10 * time.Second
 
 // serve runs the sidecar until ctx is done, then shuts down in order:
 // deregister, drain, stop the app (with service.run), close the listeners.
-func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
-	log, err := newLogger(cfg.Log, logOut)
+// Meanwhile SIGHUP and POST /reload on the admin listener reload the config
+// with load (see reloader).
+func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config, error), logOut io.Writer) error {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP) // from now on SIGHUP reloads, never kills
+	defer signal.Stop(hup)
+	log, level, err := newLogger(cfg.Log, logOut)
 	if err != nil {
 		return err
 	}
@@ -48,11 +56,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
-	cache := discovery.NewCache(backend, discovery.CacheOptions{
-		Size:           cfg.Discovery.CacheSize,
-		IdleTimeout:    cfg.Discovery.IdleTimeout,
-		ResolveTimeout: cfg.Discovery.ResolveTimeout,
-	}, log.Named("discovery"))
+	cache := discovery.NewCache(backend, cacheOptions(cfg.Discovery), log.Named("discovery"))
 	defer cache.Close()
 	reg.MustRegister(cache.Collector())
 
@@ -103,13 +107,19 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	} else {
 		drainLog = log
 	}
-	drain := &drainer{ready: ready, registrar: registrar, log: drainLog}
-	if cfg.Service != nil {
-		drain.wait = cfg.Service.Drain
-	}
+	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar}
+	rl.init(cfg, servers, reg)
+	drain := &drainer{ready: ready, registrar: registrar, log: drainLog, wait: func() time.Duration {
+		if s := rl.config().Service; s != nil {
+			return s.Drain
+		}
+		return 0
+	}}
+	adminHandler.Handle("POST /reload", rl)
+	adminHandler.HandlePrivate("GET /config", admin.Document(func() (any, error) { return rl.config().Masked() }))
 	// GET too: a Kubernetes httpGet preStop hook can only GET.
-	adminHandler.HandleAction("POST /drain", drain)
-	adminHandler.HandleAction("GET /drain", drain)
+	adminHandler.HandlePrivate("POST /drain", drain)
+	adminHandler.HandlePrivate("GET /drain", drain)
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		closeAll(servers)
@@ -118,15 +128,22 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	servers = append(servers, adminSrv)
 
 	var wg sync.WaitGroup
-	errs := make(chan error, len(servers))
-	for _, s := range servers {
+	errs := make(chan error, 1)
+	start := func(s *server) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if err := s.serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				errs <- fmt.Errorf("serve %s: %w", s.name, err)
+				select {
+				case errs <- fmt.Errorf("serve %s: %w", s.name, err):
+				default: // one failure stops the sidecar; the first is enough
+				}
 			}
 		}()
+	}
+	rl.start, rl.drain = start, &wg // before the admin listener takes POST /reload
+	for _, s := range servers {
+		start(s)
 	}
 
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
@@ -148,7 +165,10 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	ready.started.Store(true)
 	notifyCtx, stopNotify := context.WithCancel(ctx)
 	notifyDone := make(chan struct{})
-	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, log) }()
+	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, &rl.readySent, log) }()
+	hupCtx, stopHUP := context.WithCancel(ctx)
+	hupDone := make(chan struct{})
+	go func() { defer close(hupDone); rl.handleHUP(hupCtx, hup) }()
 
 	var failure error
 	select {
@@ -161,6 +181,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	// traffic drain; then close the listeners and wait for requests.
 	log.Info("shutting down")
 	ready.draining.Store(true)
+	stopHUP()
+	<-hupDone
+	servers = append(rl.close(), adminSrv) // as the last reload left them
 	stopNotify()
 	<-notifyDone
 	notifyStopping(log)
@@ -236,6 +259,10 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 	}, log.Named("discovery")), nil
 }
 
+func cacheOptions(d config.Discovery) discovery.CacheOptions {
+	return discovery.CacheOptions{Size: d.CacheSize, IdleTimeout: d.IdleTimeout, ResolveTimeout: d.ResolveTimeout}
+}
+
 func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
 	var probe heartbeat.Prober
 	if s.Check.HTTP != "" {
@@ -254,12 +281,16 @@ func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbe
 	}, log)
 }
 
-// server is one bound listener and what serves it.
+// server is one bound listener and what serves it. A proxy listener also
+// has its route: update swaps it, retire drops it once the listener is shut
+// down; both are nil on the admin listener.
 type server struct {
 	name     string
 	ln       net.Listener
 	serve    func() error
 	shutdown func(context.Context) error
+	update   func(proxy.RouteConfig) error
+	retire   func()
 }
 
 // listen binds the forward-proxy listener and every upstream listener, so a
@@ -267,46 +298,19 @@ type server struct {
 func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) ([]*server, error) {
 	var servers []*server
 	if cfg.Proxy.Listen != "" {
-		h, err := px.Forward(cfg.Proxy.Listen, proxy.RouteConfig{
-			Balancer:     cfg.Proxy.Balancer,
-			HashKey:      cfg.Proxy.HashKey,
-			PreserveHost: cfg.Proxy.PreserveHost,
-			Timeouts:     timeouts(cfg.Proxy.Timeouts),
-			Resilience:   cfg.Proxy.Resilience,
-		})
+		f, err := px.Forward(cfg.Proxy.Listen, forwardRoute(cfg.Proxy))
 		if err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
 		}
-		s, err := bind(cfg.Proxy.Listen, h, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+		s, err := bind(cfg.Proxy.Listen, f, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 		if err != nil {
 			return nil, fmt.Errorf("proxy.listen: %w", err)
 		}
+		s.update = f.Update
 		servers = append(servers, s)
 	}
 	for i, u := range cfg.Upstreams {
-		cache.Pin(u.Name)
-		rc := proxy.RouteConfig{
-			Service:       u.Name,
-			Protocol:      u.Protocol,
-			Balancer:      u.Balancer,
-			HashKey:       u.HashKey,
-			Tags:          u.Tags,
-			PreserveHost:  u.PreserveHost,
-			Timeouts:      timeouts(u.Timeouts),
-			Resilience:    u.Resilience,
-			TLS:           u.TLS,
-			ProxyProtocol: u.ProxyProtocol,
-		}
-		var s *server
-		var err error
-		if u.Protocol == config.ProtocolTCP {
-			s, err = bindTCP(px, u.Listen, rc)
-		} else {
-			var h http.Handler
-			if h, err = px.Upstream(u.Listen, rc); err == nil {
-				s, err = bind(u.Listen, h, u.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
-			}
-		}
+		s, err := listenUpstream(u, cfg.Proxy.MaxHeaderBytes, px, cache, log)
 		if err != nil {
 			closeAll(servers)
 			return nil, fmt.Errorf("upstreams[%d] (%s on %s): %w", i, u.Name, u.Listen, err)
@@ -314,6 +318,54 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		servers = append(servers, s)
 	}
 	return servers, nil
+}
+
+// listenUpstream binds the listener of upstream u, and pins its service in
+// the cache.
+func listenUpstream(u config.Upstream, maxHeaderBytes int, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) (*server, error) {
+	cache.Pin(u.Name)
+	rc := upstreamRoute(u)
+	if u.Protocol == config.ProtocolTCP {
+		return bindTCP(px, u.Listen, rc)
+	}
+	h, err := px.Upstream(u.Listen, rc)
+	if err != nil {
+		return nil, err
+	}
+	s, err := bind(u.Listen, h, u.Timeouts, maxHeaderBytes, log)
+	if err != nil {
+		h.Retire()
+		return nil, err
+	}
+	s.update, s.retire = h.Update, h.Retire
+	return s, nil
+}
+
+// forwardRoute is the forward proxy's route defaults.
+func forwardRoute(p config.Proxy) proxy.RouteConfig {
+	return proxy.RouteConfig{
+		Balancer:     p.Balancer,
+		HashKey:      p.HashKey,
+		PreserveHost: p.PreserveHost,
+		Timeouts:     timeouts(p.Timeouts),
+		Resilience:   p.Resilience,
+	}
+}
+
+// upstreamRoute is the route of upstream u.
+func upstreamRoute(u config.Upstream) proxy.RouteConfig {
+	return proxy.RouteConfig{
+		Service:       u.Name,
+		Protocol:      u.Protocol,
+		Balancer:      u.Balancer,
+		HashKey:       u.HashKey,
+		Tags:          u.Tags,
+		PreserveHost:  u.PreserveHost,
+		Timeouts:      timeouts(u.Timeouts),
+		Resilience:    u.Resilience,
+		TLS:           u.TLS,
+		ProxyProtocol: u.ProxyProtocol,
+	}
 }
 
 func timeouts(t config.Timeouts) proxy.Timeouts {
@@ -337,6 +389,7 @@ func bindTCP(px *proxy.Proxy, addr string, rc proxy.RouteConfig) (*server, error
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
+		ts.Retire()
 		return nil, err
 	}
 	serve := func() error {
@@ -345,7 +398,7 @@ func bindTCP(px *proxy.Proxy, addr string, rc proxy.RouteConfig) (*server, error
 		}
 		return nil
 	}
-	return &server{name: addr, ln: ln, serve: serve, shutdown: ts.Shutdown}, nil
+	return &server{name: addr, ln: ln, serve: serve, shutdown: ts.Shutdown, update: ts.Update, retire: ts.Retire}, nil
 }
 
 func closeAll(servers []*server) {

@@ -1,0 +1,178 @@
+package config
+
+import (
+	"reflect"
+	"strconv"
+	"strings"
+)
+
+// Reload is what a reload makes of a newly loaded file, against the
+// configuration running.
+type Reload struct {
+	// Effective is the configuration to run: the new file's where a change
+	// applies live, the running one's where it does not.
+	Effective *Config
+	// Live names every key, by full path, whose change applies live.
+	Live []string
+	// Restart names every key whose change needs a restart; Effective keeps
+	// its running value.
+	Restart []string
+}
+
+// Changed reports whether the reload changes anything, live or not.
+func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
+
+// NewReload compares next, a freshly loaded file, with running. These
+// apply live:
+//
+//   - log.level;
+//   - discovery.cache_size, idle_timeout, stale_for and resolve_timeout;
+//   - service.tags, service.meta, service.weight (registered again) and
+//     service.drain;
+//   - proxy.balancer, hash_key, preserve_host, resilience and timeouts but
+//     read_header (the forward proxy's routes);
+//   - upstreams, matched by listen: added, removed, and changed in every
+//     key but protocol between tcp and the HTTP family, datacenter and
+//     timeouts.read_header.
+//
+// Every other key needs a restart: service (its presence, name, id,
+// address, port, check, ttl, deregister_critical_after, run), consul.*,
+// admin.*, log.format, discovery.backend and static, proxy.listen, proxy.max_header_bytes,
+// proxy.timeouts.read_header, and any section this list does not name. The
+// listener-side settings (read_header, max_header_bytes) are read when a
+// listener opens: a listener that stays keeps its own, a new one takes
+// the running proxy.max_header_bytes and its file's read_header.
+//
+// Neither config is modified; Effective may share slices and maps with
+// both, which nothing changes after Load.
+func NewReload(running, next *Config) Reload {
+	eff := *running // sections not named below keep their running value
+	eff.Log.Level = next.Log.Level
+	d := next.Discovery
+	d.Backend, d.Static = running.Discovery.Backend, running.Discovery.Static
+	eff.Discovery = d
+
+	if running.Service != nil && next.Service != nil {
+		s := *running.Service
+		s.Tags, s.Meta, s.Weight, s.Drain = next.Service.Tags, next.Service.Meta, next.Service.Weight, next.Service.Drain
+		eff.Service = &s
+	}
+
+	p := running.Proxy
+	p.Balancer, p.HashKey, p.PreserveHost, p.Resilience = next.Proxy.Balancer, next.Proxy.HashKey, next.Proxy.PreserveHost, next.Proxy.Resilience
+	p.Timeouts = liveTimeouts(running.Proxy.Timeouts, next.Proxy.Timeouts)
+	eff.Proxy = p
+
+	eff.Upstreams = make([]Upstream, 0, len(next.Upstreams))
+	for _, n := range next.Upstreams {
+		r, ok := upstreamAt(running.Upstreams, n.Listen)
+		switch {
+		case !ok:
+			eff.Upstreams = append(eff.Upstreams, n) // a new listener takes the file's all
+		case (r.Protocol == ProtocolTCP) != (n.Protocol == ProtocolTCP):
+			eff.Upstreams = append(eff.Upstreams, r) // another kind of listener
+		default:
+			u := n
+			u.Datacenter = r.Datacenter
+			u.Timeouts = liveTimeouts(r.Timeouts, n.Timeouts)
+			eff.Upstreams = append(eff.Upstreams, u)
+		}
+	}
+	return Reload{
+		Effective: &eff,
+		Live:      diffConfig(running, &eff),
+		Restart:   diffConfig(&eff, next),
+	}
+}
+
+// liveTimeouts is next with the running read_header, which only a new
+// listener reads.
+func liveTimeouts(running, next Timeouts) Timeouts {
+	next.ReadHeader = running.ReadHeader
+	return next
+}
+
+func upstreamAt(us []Upstream, listen string) (Upstream, bool) {
+	for _, u := range us {
+		if u.Listen == listen {
+			return u, true
+		}
+	}
+	return Upstream{}, false
+}
+
+// diffConfig names the keys whose values differ between a and b, by full
+// path: the deepest key of each struct that differs, and whole lists and
+// maps. Upstreams are matched by listen and named by their index in b (in
+// a when removed).
+func diffConfig(a, b *Config) []string {
+	var keys []string
+	av, bv := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
+	t := av.Type()
+	for i := range t.NumField() {
+		name := yamlName(t.Field(i))
+		if name == "" {
+			continue
+		}
+		if name == "upstreams" {
+			keys = append(keys, diffUpstreams(a.Upstreams, b.Upstreams)...)
+			continue
+		}
+		keys = diffValue(keys, name, av.Field(i), bv.Field(i))
+	}
+	return keys
+}
+
+func diffUpstreams(a, b []Upstream) []string {
+	var keys []string
+	for i, u := range b {
+		prefix := "upstreams[" + strconv.Itoa(i) + "]"
+		old, ok := upstreamAt(a, u.Listen)
+		if !ok {
+			keys = append(keys, prefix)
+			continue
+		}
+		keys = diffValue(keys, prefix, reflect.ValueOf(old), reflect.ValueOf(u))
+	}
+	for i, u := range a {
+		if _, ok := upstreamAt(b, u.Listen); !ok {
+			keys = append(keys, "upstreams["+strconv.Itoa(i)+"]")
+		}
+	}
+	return keys
+}
+
+// diffValue appends to keys the paths under prefix where a and b differ.
+func diffValue(keys []string, prefix string, a, b reflect.Value) []string {
+	if reflect.DeepEqual(a.Interface(), b.Interface()) {
+		return keys
+	}
+	switch a.Kind() {
+	case reflect.Pointer:
+		if a.IsNil() || b.IsNil() {
+			return append(keys, prefix)
+		}
+		return diffValue(keys, prefix, a.Elem(), b.Elem())
+	case reflect.Struct:
+		t := a.Type()
+		for i := range t.NumField() {
+			if name := yamlName(t.Field(i)); name != "" {
+				keys = diffValue(keys, prefix+"."+name, a.Field(i), b.Field(i))
+			}
+		}
+		return keys
+	}
+	return append(keys, prefix)
+}
+
+// yamlName is a field's key in the file, or "" for a field not in it.
+func yamlName(f reflect.StructField) string {
+	if !f.IsExported() {
+		return ""
+	}
+	name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+	if name == "-" {
+		return ""
+	}
+	return name
+}
