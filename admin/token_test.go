@@ -74,6 +74,7 @@ func TestHandlePrivate(t *testing.T) {
 		})
 	}
 }
+
 // TestHandlePrivateMethods: a route added with HandlePrivate needs the token on GET
 // and HEAD as well as POST.
 func TestHandlePrivateMethods(t *testing.T) {
