@@ -383,7 +383,7 @@ func TestDiscoveryConsulHeap(t *testing.T) {
 	heap := int64(after.HeapInuse) - int64(before.HeapInuse)
 	stack := int64(after.StackInuse) - int64(before.StackInuse)
 	t.Logf("%d services × %d nodes watched: HeapInuse +%.1f MiB (%.1f KiB per service), StackInuse +%.1f MiB, goroutines +%d; "+
-		"includes the API client's HTTP connections, one parked blocking query per service",
+		"includes the API client's HTTP connections (at most discovery.max_connections)",
 		services, nodes, float64(heap)/(1<<20), float64(heap)/services/1024, float64(stack)/(1<<20),
 		runtime.NumGoroutine()-goroutines)
 	t.Logf("most health queries in flight for one service: %d", health.maxPeak())
