@@ -50,7 +50,7 @@ func TestDockerBuildContext(t *testing.T) {
 		}
 	}
 
-	need := []string{"go.mod", "go.sum"}
+	need := []string{"go.mod", "go.sum", "cmd/sidecar/default.pgo"} // the profile: go build -pgo=auto
 	list := exec.Command("go", "list", "-deps", "-f", "{{if .Module}}{{if .Module.Main}}{{.Dir}}{{end}}{{end}}", "./cmd/sidecar")
 	list.Dir = root
 	out, err := list.Output()
