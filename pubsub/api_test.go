@@ -174,7 +174,9 @@ func TestParseEvent(t *testing.T) {
 	}{
 		{"json data", `{"data":{"a":1}}`, true, func(m *Message) bool { return m.DataContentType == "application/json" && string(m.Data) == `{"a":1}` }},
 		{"text data", `{"data":"hi","datacontenttype":"text/plain"}`, true, func(m *Message) bool { return string(m.Data) == "hi" }},
-		{"base64", `{"data_base64":"AAE="}`, true, func(m *Message) bool { return string(m.Data) == "\x00\x01" && m.DataContentType == "application/octet-stream" }},
+		{"base64", `{"data_base64":"AAE="}`, true, func(m *Message) bool {
+			return string(m.Data) == "\x00\x01" && m.DataContentType == "application/octet-stream"
+		}},
 		{"fields", `{"id":"x","source":"s","type":"t","time":"2026-01-02T03:04:05Z","traceparent":"00-a","n":1}`, true, func(m *Message) bool {
 			return m.ID == "x" && m.Source == "s" && m.Type == "t" && m.Time.Year() == 2026 && string(m.Extensions["traceparent"]) == `"00-a"` && string(m.Extensions["n"]) == "1"
 		}},

@@ -109,7 +109,10 @@ func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int
 	if a.draining.Load() {
 		return Result{Outcome: NotDelivered, Reason: "draining"}
 	}
-	var g interface{ Inc(); Dec() }
+	var g interface {
+		Inc()
+		Dec()
+	}
 	if a.metrics != nil {
 		g = a.metrics.InFlight.WithLabelValues(m.Topic, group)
 		g.Inc()
