@@ -84,6 +84,15 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		}
 		sections["app"] = func() any { return app.Status() }
 	}
+	var ps *pubsubRuntime
+	if cfg.PubSub.Enabled() {
+		if ps, err = newPubSub(cfg, consul, cache, reg, registrar, log); err != nil {
+			closeAll(servers)
+			return err
+		}
+		servers = append(servers, ps.servers...)
+		sections["pubsub"] = ps.status
+	}
 	ready := &readiness{registrar: registrar, cache: cache}
 	for _, u := range cfg.Upstreams {
 		ready.upstreams = append(ready.upstreams, u.Name)
@@ -116,6 +125,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		}()
 	}
 
+	if ps != nil {
+		ps.start()
+	}
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
 	if registrar != nil {
@@ -151,6 +163,19 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	stopNotify()
 	<-notifyDone
 	notifyStopping(log)
+	drainDone := make(chan struct{})
+	if ps != nil {
+		// Peers stop sending to the group endpoints; deliveries in flight
+		// finish while the app still runs (within service.drain).
+		drain := 5 * time.Second
+		if cfg.Service != nil {
+			drain = max(cfg.Service.Drain, time.Second)
+		}
+		dctx, cancel := context.WithTimeout(context.Background(), drain)
+		go func() { defer close(drainDone); defer cancel(); ps.drain(dctx) }()
+	} else {
+		close(drainDone)
+	}
 	if registrar != nil {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := registrar.Deregister(dctx); err != nil {
@@ -164,6 +189,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 			time.Sleep(d)
 		}
 	}
+	<-drainDone
 	// Then stop the app (stop signal, SIGKILL after stop_timeout).
 	stopApp()
 	<-appDone
@@ -177,6 +203,9 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		}
 	}
 	wg.Wait()
+	if ps != nil {
+		ps.stop()
+	}
 	log.Info("stopped")
 	return failure
 }

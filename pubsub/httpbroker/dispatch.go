@@ -1,0 +1,634 @@
+package httpbroker
+
+import (
+	"container/heap"
+	"context"
+	"encoding/json"
+	"net/http"
+	"runtime/debug"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/store"
+)
+
+const (
+	// lanesInFlight bounds the batches one lane has out at once.
+	lanesInFlight = 2
+	// maxBatch bounds the messages in one batch, whatever max_in_flight is.
+	maxBatch = 256
+	// requeueDelay is the first wait before sending a message that never
+	// reached an app again; it doubles to maxRequeueDelay.
+	requeueDelay    = 100 * time.Millisecond
+	maxRequeueDelay = 2 * time.Second
+)
+
+// Dispatcher is the publishing side: it takes custody of published messages
+// (it is the publish API's pubsub.Sink) and delivers each to every group
+// subscribed to its topic. Safe for concurrent use.
+type Dispatcher struct {
+	store   *store.Store
+	reg     *Registry
+	picker  *picker
+	client  *http.Client
+	metrics *pubsub.Metrics
+	log     *zap.Logger
+	now     func() time.Time
+
+	mu      sync.Mutex
+	ctx     context.Context // set by Run; nil before
+	wg      sync.WaitGroup
+	msgs    map[uint64]*pending
+	waiting []uint64 // not yet assigned to groups: the registry has not synced
+	lanes   map[laneKey]*lane
+}
+
+// pending is one message in the outbox, in memory: its topic, when it came,
+// and the state of the groups that have one.
+type pending struct {
+	topic  string
+	at     time.Time
+	open   int // groups without a final outcome
+	groups map[string]store.GroupState
+}
+
+type laneKey struct{ topic, group string }
+
+// DispatcherOptions configure a Dispatcher.
+type DispatcherOptions struct {
+	Metrics *pubsub.Metrics
+	Now     func() time.Time // if nil, time.Now
+}
+
+// NewDispatcher returns a Dispatcher over st, delivering through cache. It
+// owns a Registry over kv; Run starts both.
+func NewDispatcher(st *store.Store, kv KV, cache Watcher, opts DispatcherOptions, log *zap.Logger) *Dispatcher {
+	d := &Dispatcher{
+		store:   st,
+		picker:  newPicker(cache),
+		client:  &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second}},
+		metrics: opts.Metrics,
+		log:     log,
+		now:     opts.Now,
+		msgs:    map[uint64]*pending{},
+		lanes:   map[laneKey]*lane{},
+	}
+	if d.now == nil {
+		d.now = time.Now
+	}
+	d.reg = NewRegistry(kv, d.assignWaiting, log)
+	return d
+}
+
+// Registry returns the dispatcher's view of the subscriptions.
+func (d *Dispatcher) Registry() *Registry { return d.reg }
+
+// Load reads the outbox left by a previous run into memory. Call it once,
+// before Run.
+func (d *Dispatcher) Load() error {
+	now := d.now()
+	return d.store.Load(func(seq uint64, topic string, groups map[string]store.GroupState) error {
+		d.msgs[seq] = &pending{topic: topic, at: now, groups: groups}
+		d.waiting = append(d.waiting, seq)
+		return nil
+	})
+}
+
+// Run delivers until ctx ends, then waits for the batches out to finish.
+func (d *Dispatcher) Run(ctx context.Context) {
+	d.mu.Lock()
+	d.ctx = ctx
+	for _, l := range d.lanes {
+		d.startLane(l)
+	}
+	d.mu.Unlock()
+	d.reg.Run(ctx)
+	d.wg.Wait()
+}
+
+// Publish stores pubs durably, then assigns them to their groups. It is the
+// publish API's Sink.
+func (d *Dispatcher) Publish(pubs []pubsub.Publication) ([]bool, error) {
+	entries := make([]store.Entry, len(pubs))
+	for i, p := range pubs {
+		b, err := p.Msg.Marshal()
+		if err != nil {
+			return nil, err
+		}
+		entries[i] = store.Entry{Key: p.Key, Topic: p.Msg.Topic, Body: b}
+	}
+	res, err := d.store.Append(entries)
+	if err != nil {
+		return nil, err
+	}
+	dup := make([]bool, len(res))
+	now := d.now()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i, r := range res {
+		dup[i] = r.Duplicate
+		if !r.Duplicate {
+			d.addLocked(r.Seq, entries[i].Topic, now)
+		}
+	}
+	return dup, nil
+}
+
+// addLocked takes a newly stored message into memory. d.mu must be held.
+func (d *Dispatcher) addLocked(seq uint64, topic string, at time.Time) {
+	d.msgs[seq] = &pending{topic: topic, at: at}
+	if _, synced := d.reg.Groups(topic); !synced || len(d.waiting) > 0 {
+		d.waiting = append(d.waiting, seq)
+		return
+	}
+	d.assignLocked(seq)
+}
+
+// assignWaiting assigns the messages waiting for the registry; the
+// registry calls it after every change.
+func (d *Dispatcher) assignWaiting() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, l := range d.lanes {
+		if recs, _ := d.reg.Groups(l.key.topic); len(recs) > 0 {
+			for _, r := range recs {
+				if r.Group == l.key.group {
+					l.setRecord(r)
+				}
+			}
+		}
+	}
+	w := d.waiting
+	d.waiting = nil
+	for _, seq := range w {
+		d.assignLocked(seq)
+	}
+}
+
+// assignLocked hands message seq to a lane per group of its topic, skipping
+// groups already done; with no group at all the message is finished.
+func (d *Dispatcher) assignLocked(seq uint64) {
+	p := d.msgs[seq]
+	if p == nil {
+		return
+	}
+	recs, _ := d.reg.Groups(p.topic)
+	for _, r := range recs {
+		gs := p.groups[r.Group]
+		if gs.Done {
+			continue
+		}
+		p.open++
+		d.laneLocked(r).push(item{seq: seq, attempts: gs.Attempts, at: p.at})
+	}
+	if p.open == 0 {
+		delete(d.msgs, seq)
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if _, err := d.store.Apply([]store.Update{{Seq: seq, Delete: true}}, nil); err != nil {
+				d.log.Error("drop message without subscribers failed", zap.Uint64("seq", seq), zap.Error(err))
+			}
+		}()
+		if d.metrics != nil && len(recs) == 0 {
+			d.metrics.Outcomes.WithLabelValues(p.topic, "", "no_subscribers").Inc()
+		}
+	}
+}
+
+func (d *Dispatcher) laneLocked(r Record) *lane {
+	k := laneKey{r.Topic, r.Group}
+	l := d.lanes[k]
+	if l == nil {
+		l = newLane(d, k, r)
+		d.lanes[k] = l
+		if d.ctx != nil {
+			d.startLane(l)
+		}
+	}
+	return l
+}
+
+func (d *Dispatcher) startLane(l *lane) {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				d.log.Error("lane panicked", zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			}
+		}()
+		l.run(d.ctx)
+	}()
+}
+
+// GroupStatus is one lane's state for /status.
+type GroupStatus struct {
+	Topic         string  `json:"topic"`
+	Group         string  `json:"group"`
+	Pending       int     `json:"pending"`
+	InFlight      int     `json:"in_flight"`
+	OldestSeconds float64 `json:"oldest_pending_seconds"`
+}
+
+// Status is the dispatcher's state for /status.
+type Status struct {
+	Outbox        int           `json:"outbox"`
+	OldestSeconds float64       `json:"oldest_pending_seconds"`
+	Unassigned    int           `json:"waiting_for_subscriptions"`
+	Groups        []GroupStatus `json:"groups"`
+}
+
+// Status returns a snapshot of the outbox and each lane. It walks every
+// pending message: meant for /status and scrapes, not a hot path.
+func (d *Dispatcher) Status() Status {
+	now := d.now()
+	d.mu.Lock()
+	s := Status{Outbox: len(d.msgs), Unassigned: len(d.waiting)}
+	for _, p := range d.msgs {
+		s.OldestSeconds = max(s.OldestSeconds, now.Sub(p.at).Seconds())
+	}
+	lanes := make([]*lane, 0, len(d.lanes))
+	for _, l := range d.lanes {
+		lanes = append(lanes, l)
+	}
+	d.mu.Unlock()
+	for _, l := range lanes {
+		s.Groups = append(s.Groups, l.status(now))
+	}
+	sort.Slice(s.Groups, func(i, j int) bool {
+		a, b := s.Groups[i], s.Groups[j]
+		return a.Topic < b.Topic || a.Topic == b.Topic && a.Group < b.Group
+	})
+	return s
+}
+
+// item is one message waiting in a lane.
+type item struct {
+	seq      uint64
+	attempts int // deliveries that reached the app
+	missed   int // sends in a row that did not reach it
+	at       time.Time
+	due      time.Time
+}
+
+// retryHeap orders items by due time.
+type retryHeap []item
+
+func (h retryHeap) Len() int           { return len(h) }
+func (h retryHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h retryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *retryHeap) Push(x any)        { *h = append(*h, x.(item)) }
+func (h *retryHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}
+
+// lane delivers one topic's messages to one group.
+type lane struct {
+	d    *Dispatcher
+	key  laneKey
+	wake chan struct{}
+
+	mu       sync.Mutex
+	rec      Record
+	ready    []item
+	retry    retryHeap
+	inflight map[uint64]time.Time // seq → published, of items out in batches
+}
+
+func newLane(d *Dispatcher, k laneKey, r Record) *lane {
+	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]time.Time{}}
+}
+
+func (l *lane) setRecord(r Record) {
+	l.mu.Lock()
+	l.rec = r
+	l.mu.Unlock()
+}
+
+func (l *lane) push(it item) {
+	l.mu.Lock()
+	l.ready = append(l.ready, it)
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *lane) later(it item, d time.Duration) {
+	it.due = l.d.now().Add(d)
+	l.mu.Lock()
+	heap.Push(&l.retry, it)
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *lane) signal() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// take moves due retries to ready and returns up to n ready items, with
+// the lane's record, or the time of the next retry when none is ready.
+func (l *lane) take() ([]item, Record, time.Time) {
+	now := l.d.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for len(l.retry) > 0 && !l.retry[0].due.After(now) {
+		l.ready = append(l.ready, heap.Pop(&l.retry).(item))
+	}
+	n := min(max(l.rec.MaxInFlight, 1), maxBatch)
+	if len(l.ready) == 0 {
+		var next time.Time
+		if len(l.retry) > 0 {
+			next = l.retry[0].due
+		}
+		return nil, l.rec, next
+	}
+	n = min(n, len(l.ready))
+	batch := make([]item, n)
+	copy(batch, l.ready[:n])
+	l.ready = l.ready[n:]
+	if len(l.ready) == 0 {
+		l.ready = nil // let the backing array go
+	}
+	for _, it := range batch {
+		l.inflight[it.seq] = it.at
+	}
+	return batch, l.rec, time.Time{}
+}
+
+func (l *lane) status(now time.Time) GroupStatus {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := GroupStatus{Topic: l.key.topic, Group: l.key.group, Pending: len(l.ready) + len(l.retry) + len(l.inflight), InFlight: len(l.inflight)}
+	oldest := func(at time.Time) { s.OldestSeconds = max(s.OldestSeconds, now.Sub(at).Seconds()) }
+	for _, it := range l.ready {
+		oldest(it.at)
+	}
+	for _, it := range l.retry {
+		oldest(it.at)
+	}
+	for _, at := range l.inflight {
+		oldest(at)
+	}
+	return s
+}
+
+// run sends batches until ctx ends, at most lanesInFlight at once.
+func (l *lane) run(ctx context.Context) {
+	slots := make(chan struct{}, lanesInFlight)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		batch, rec, next := l.take()
+		if len(batch) == 0 {
+			<-slots
+			if !l.wait(ctx, next) {
+				return
+			}
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			l.send(ctx, batch, rec)
+		}()
+	}
+}
+
+// wait waits for a signal, or until next if it is set; false when ctx ends.
+func (l *lane) wait(ctx context.Context, next time.Time) bool {
+	var timer <-chan time.Time
+	if !next.IsZero() {
+		t := time.NewTimer(max(next.Sub(l.d.now()), time.Millisecond))
+		defer t.Stop()
+		timer = t.C
+	}
+	select {
+	case <-l.wake:
+	case <-timer:
+	case <-ctx.Done():
+		return false
+	}
+	return true
+}
+
+// send delivers one batch to one instance of the group and records each
+// message's outcome.
+func (l *lane) send(ctx context.Context, batch []item, rec Record) {
+	log := l.d.log.With(zap.String("topic", rec.Topic), zap.String("group", rec.Group))
+	req := &deliverRequest{Topic: rec.Topic, Group: rec.Group, Messages: make([]peerMessage, 0, len(batch))}
+	bodies := make([][]byte, 0, len(batch))
+	live := batch[:0:0]
+	var gone []item
+	for _, it := range batch {
+		_, body, ok, err := l.d.store.Get(it.seq)
+		switch {
+		case err != nil:
+			log.Error("read message failed", zap.Uint64("seq", it.seq), zap.Error(err))
+			l.requeue(it)
+			continue
+		case !ok:
+			gone = append(gone, it) // finished by a lane that could not tell us
+			continue
+		}
+		live = append(live, it)
+		bodies = append(bodies, body)
+		req.Messages = append(req.Messages, peerMessage{Attempt: it.attempts + 1, Message: body})
+	}
+	l.forget(gone)
+	if len(live) == 0 {
+		return
+	}
+	var results []pubsub.Result
+	addr, err := l.d.picker.pick(ctx, rec.Service)
+	if err == nil {
+		// A batch may wait behind another for the app's slots.
+		results, err = send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Debug("batch not delivered", zap.String("peer", addr), zap.Int("messages", len(live)), zap.Error(err))
+		}
+		for _, it := range live {
+			l.requeue(it)
+		}
+		return
+	}
+	l.record(rec, live, bodies, results, log)
+}
+
+// requeue schedules an item that did not reach the app; not an attempt.
+func (l *lane) requeue(it item) {
+	d := requeueDelay
+	for i := 0; i < it.missed && d < maxRequeueDelay; i++ {
+		d *= 2
+	}
+	it.missed++
+	l.mu.Lock()
+	delete(l.inflight, it.seq)
+	l.mu.Unlock()
+	l.later(it, min(d, maxRequeueDelay))
+}
+
+func (l *lane) forget(items []item) {
+	if len(items) == 0 {
+		return
+	}
+	l.mu.Lock()
+	for _, it := range items {
+		delete(l.inflight, it.seq)
+	}
+	l.mu.Unlock()
+}
+
+// record stores the outcome of each message of a delivered batch in one
+// commit (dead letters included), then updates memory.
+func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub.Result, log *zap.Logger) {
+	var updates []store.Update
+	var dead []store.Entry
+	type next struct {
+		it    item
+		delay time.Duration
+	}
+	var retries []next
+	var finished, missed []item
+	m := l.d.metrics
+	for i, it := range live {
+		r := results[i]
+		if r.Outcome != pubsub.NotDelivered {
+			it.attempts++
+			it.missed = 0
+			if m != nil {
+				m.Attempts.WithLabelValues(rec.Topic, rec.Group).Inc()
+			}
+		}
+		reason := ""
+		switch r.Outcome {
+		case pubsub.NotDelivered:
+			missed = append(missed, it)
+			continue
+		case pubsub.Success, pubsub.Drop:
+			finished = append(finished, it)
+			updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: it.attempts, Done: true})
+			if m != nil {
+				m.Outcomes.WithLabelValues(rec.Topic, rec.Group, r.Outcome.String()).Inc()
+			}
+			continue
+		case pubsub.Retry:
+			if it.attempts < rec.MaxAttempts {
+				retries = append(retries, next{it, rec.policy().Delay(it.attempts, r.RetryAfter)})
+				updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: it.attempts})
+				continue
+			}
+			reason = "max_attempts"
+		case pubsub.DeadLetter:
+			reason = "rejected"
+		}
+		body, err := deadLetter(bodies[i], rec, reason, r.Reason, it.attempts)
+		if err != nil {
+			log.Error("build dead letter failed", zap.Uint64("seq", it.seq), zap.Error(err))
+			retries = append(retries, next{it, rec.policy().Delay(it.attempts, 0)})
+			continue
+		}
+		finished = append(finished, it)
+		updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: it.attempts, Done: true})
+		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Body: body})
+		if m != nil {
+			m.Outcomes.WithLabelValues(rec.Topic, rec.Group, "deadletter").Inc()
+			m.DeadLetters.WithLabelValues(rec.Topic, rec.Group, reason).Inc()
+		}
+		log.Info("dead-lettered", zap.String("reason", reason), zap.String("detail", r.Reason), zap.Int("attempts", it.attempts), zap.String("dead_letter_topic", rec.DeadLetter))
+	}
+	// A message whose last group is finishing here is deleted in the same
+	// commit.
+	d := l.d
+	d.mu.Lock()
+	var lastSeqs []uint64
+	for _, it := range finished {
+		if p := d.msgs[it.seq]; p != nil {
+			p.open--
+			if p.open <= 0 {
+				lastSeqs = append(lastSeqs, it.seq)
+				delete(d.msgs, it.seq)
+			}
+		}
+	}
+	d.mu.Unlock()
+	for _, seq := range lastSeqs {
+		updates = append(updates, store.Update{Seq: seq, Delete: true})
+	}
+	res, err := d.store.Apply(updates, dead)
+	if err != nil {
+		log.Error("record outcomes failed; the batch will be sent again", zap.Error(err))
+		d.mu.Lock()
+		for _, it := range finished {
+			if p := d.msgs[it.seq]; p != nil {
+				p.open++
+			}
+		}
+		d.mu.Unlock()
+		for _, it := range live {
+			l.requeue(it)
+		}
+		return
+	}
+	now := d.now()
+	if len(res) > 0 {
+		d.mu.Lock()
+		for i, r := range res {
+			if !r.Duplicate {
+				d.addLocked(r.Seq, dead[i].Topic, now)
+			}
+		}
+		d.mu.Unlock()
+	}
+	l.forget(finished)
+	for _, n := range retries {
+		l.mu.Lock()
+		delete(l.inflight, n.it.seq)
+		l.mu.Unlock()
+		l.later(n.it, n.delay)
+	}
+	for _, it := range missed {
+		l.requeue(it)
+	}
+}
+
+// deadLetter returns the stored message body moved to rec's dead-letter
+// topic, with the reason and attempts as extension attributes.
+func deadLetter(body []byte, rec Record, reason, detail string, attempts int) ([]byte, error) {
+	m, err := pubsub.Unmarshal(body)
+	if err != nil {
+		return nil, err
+	}
+	if m.Extensions == nil {
+		m.Extensions = map[string]json.RawMessage{}
+	}
+	why := reason
+	if detail != "" {
+		why += ": " + detail
+	}
+	q, _ := json.Marshal(why)
+	m.Extensions[pubsub.ExtDeadLetterReason] = q
+	m.Extensions[pubsub.ExtDeadLetterAttempts] = json.RawMessage(strconv.Itoa(attempts))
+	m.Extensions["deadlettertopic"], _ = json.Marshal(m.Topic)
+	m.Extensions["deadlettergroup"], _ = json.Marshal(rec.Group)
+	m.Topic = rec.DeadLetter
+	return m.Marshal()
+}
