@@ -19,7 +19,7 @@ import (
 
 const (
 	// lanesInFlight bounds the batches one lane has out at once.
-	lanesInFlight = 2
+	lanesInFlight = 8
 	// maxBatch bounds the messages in one batch, whatever max_in_flight is.
 	maxBatch = 256
 	// requeueDelay is the first wait before sending a message that never

@@ -188,6 +188,7 @@ func BenchmarkAppend(b *testing.B) {
 	defer s.Close()
 	body := make([]byte, 1024)
 	b.ReportAllocs()
+	b.SetParallelism(32)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			if _, err := s.Append([]Entry{{Topic: "t", Body: body}}); err != nil {

@@ -1,0 +1,114 @@
+package httpbroker
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+func post(t *testing.T, url, key, body string) int {
+	t.Helper()
+	req, _ := http.NewRequest("POST", url+"/v1.0/publish/pubsub/orders", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Idempotency-Key", key)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestDispatchRetryThenDeadLetter: a handler answering 503 gets
+// max_attempts (5) deliveries, numbered 1..5, then the message leaves the
+// outbox as a dead letter (no group subscribes to orders.dlq here, so the
+// dead letter is finished too).
+func TestDispatchRetryThenDeadLetter(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	var attempts []string
+	r := newRig(t, t.TempDir(), http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		mu.Lock()
+		attempts = append(attempts, req.Header.Get("Sidecar-Delivery-Attempt"))
+		mu.Unlock()
+		w.WriteHeader(503)
+	}), true)
+	if code := post(t, r.api.URL, "k", `{}`); code != 204 {
+		t.Fatalf("publish = %d, want 204", code)
+	}
+	waitFor(t, 10*time.Second, "the outbox to empty", func() bool { return r.store.Pending() == 0 })
+	mu.Lock()
+	defer mu.Unlock()
+	if got := strings.Join(attempts, ","); got != "1,2,3,4,5" {
+		t.Errorf("attempts = %s, want 1,2,3,4,5", got)
+	}
+}
+
+// TestDispatchRestart: messages stored by one dispatcher whose subscriber
+// never answered are delivered by the next one over the same store.
+func TestDispatchRestart(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	var down atomic.Bool
+	down.Store(true)
+	var got sync.Map
+	handler := http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if down.Load() {
+			w.WriteHeader(503)
+			return
+		}
+		b, _ := io.ReadAll(req.Body)
+		got.Store(string(b), true)
+	})
+	r := newRig(t, dir, handler, true)
+	for i := range 20 {
+		if code := post(t, r.api.URL, fmt.Sprint("k", i), fmt.Sprintf(`{"i":%d}`, i)); code != 204 {
+			t.Fatalf("publish = %d", code)
+		}
+	}
+	r.close()
+	down.Store(false)
+	r2 := newRig(t, dir, handler, true)
+	waitFor(t, 10*time.Second, "the outbox to empty", func() bool { return r2.store.Pending() == 0 })
+	n := 0
+	got.Range(func(any, any) bool { n++; return true })
+	if n != 20 {
+		t.Errorf("delivered %d distinct messages after the restart, want 20", n)
+	}
+	if s := r2.disp.Status(); s.Outbox != 0 || len(s.Groups) != 1 || s.Groups[0].Pending != 0 {
+		t.Errorf("Status() = %+v, want an empty outbox and one idle group", s)
+	}
+}
+
+// TestRegistryKeepsGroups: a group missing from a later answer stays, and
+// a changed record replaces the old one.
+func TestRegistryKeepsGroups(t *testing.T) {
+	t.Parallel()
+	r := NewRegistry(newFakeKV(), nil, zap.NewNop())
+	a, b := benchRecord("orders", "a"), benchRecord("orders", "b")
+	pairs := func(recs ...Record) api.KVPairs {
+		return newFakeKV(recs...).pairs
+	}
+	r.set(pairs(a, b))
+	a.MaxAttempts = 7
+	r.set(pairs(a))
+	got, synced := r.Groups("orders")
+	if !synced || len(got) != 2 || got[0].MaxAttempts != 7 || got[1].Group != "b" {
+		t.Errorf("Groups() = %+v, %v; want a (7 attempts) and b", got, synced)
+	}
+	r.set(api.KVPairs{{Key: KVPrefix + "x/y", Value: []byte("not json")}})
+	if got, _ := r.Groups("x"); len(got) != 0 {
+		t.Errorf("a bad record was taken: %+v", got)
+	}
+}
