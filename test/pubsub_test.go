@@ -376,3 +376,48 @@ func TestPubSubCustody(t *testing.T) {
 		return len(union(apps[0].ids("/events"), apps[1].ids("/events"))) == 3*n+50
 	})
 }
+
+// TestPubSubDrain: mid-stream, one subscriber gets SIGTERM (it finishes
+// what is in flight and hands the rest back) and another's app crashes;
+// the third instance gets the rest: nothing lost, nothing dead-lettered,
+// and the drained sidecar exits cleanly.
+func TestPubSubDrain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	t.Parallel()
+	agent := consulagent.Start(t, consulagent.Options{})
+	var apps []*subApp
+	var subs []*psNode
+	for range 3 {
+		a := startSubApp(t)
+		a.delay = 20 * time.Millisecond
+		apps = append(apps, a)
+		subs = append(subs, newPSNode(t, agent.Addr(), "ledger", a, psSub{"entries", "/entries", "ledger", ", max_in_flight: 8"}, psSub{"entries.dlq", "/dlq", "ledger", ""}).start())
+	}
+	waitPeers(t, agent, "ledger", 3, "entries", "entries.dlq")
+	pub := newPSNode(t, agent.Addr(), "", nil).start()
+	const n = 600
+	for i := range n {
+		if code := pub.publish("entries", fmt.Sprintf("l-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish l-%d = %d, want 204", i, code)
+		}
+	}
+	all := func() map[string][]int {
+		return union(apps[0].ids("/entries"), apps[1].ids("/entries"), apps[2].ids("/entries"))
+	}
+	consulagent.WaitFor(t, 30*time.Second, "a first share delivered", func() bool { return len(all()) >= n/6 })
+	subs[0].proc.Signal(syscall.SIGTERM)
+	_ = apps[1].srv.Close() // the app crashes
+	if code := subs[0].proc.Wait(20 * time.Second); code != 0 {
+		t.Errorf("drained sidecar exit code = %d, want 0", code)
+	}
+	consulagent.WaitFor(t, 90*time.Second, "every entry delivered", func() bool { return len(all()) == n })
+	consulagent.WaitFor(t, 30*time.Second, "the outbox to empty", func() bool { return pub.status().Outbox == 0 })
+	if d := union(apps[0].ids("/dlq"), apps[1].ids("/dlq"), apps[2].ids("/dlq")); len(d) != 0 {
+		t.Errorf("%d dead letters, want none", len(d))
+	}
+	if len(apps[2].ids("/entries")) == 0 {
+		t.Errorf("the surviving instance got nothing")
+	}
+}
