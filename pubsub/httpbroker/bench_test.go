@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
 	"syscall"
@@ -68,13 +69,19 @@ func publishOnce(client *http.Client, url string, body []byte) error {
 }
 
 // BenchmarkPublish: 1 KiB messages through the publish API to the fsynced
-// store, one connection at a time (latency) and 64 at once (throughput),
-// while the dispatcher delivers them to an app that answers at once.
+// store, one connection at a time (latency) and 64 at once (throughput).
+// With deliver, the same process also delivers them to an app that answers
+// at once (publisher, peer and app share the CPU); without, the group's
+// instance is unreachable and the messages stay in the outbox.
 func BenchmarkPublish(b *testing.B) {
 	body := make([]byte, 1024)
-	for _, conc := range []int{1, 64} {
-		b.Run(fmt.Sprintf("publishers=%d", conc), func(b *testing.B) {
-			r := newRig(b, b.TempDir(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), false)
+	for _, c := range []struct {
+		conc    int
+		deliver bool
+	}{{1, false}, {64, false}, {1, true}, {64, true}} {
+		conc := c.conc
+		b.Run(fmt.Sprintf("publishers=%d/deliver=%v", conc, c.deliver), func(b *testing.B) {
+			r := newRigPeer(b, b.TempDir(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), false, c.deliver)
 			url := r.api.URL + "/v1.0/publish/pubsub/orders"
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conc}}
 			var mu sync.Mutex
@@ -106,6 +113,8 @@ func BenchmarkPublish(b *testing.B) {
 			b.StopTimer()
 			b.ReportMetric(float64(len(ds))/elapsed.Seconds(), "msgs/s")
 			percentiles(b, "publish", ds)
+			c, w := r.store.Commits()
+			b.ReportMetric(float64(w)/float64(max(c, 1)), "writes/commit")
 		})
 	}
 }
@@ -137,4 +146,38 @@ func BenchmarkDeliver(b *testing.B) {
 	elapsed := time.Since(start)
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+}
+
+// BenchmarkPendingMemory: the heap a dispatcher holds for 100,000 pending
+// messages (1 KiB each) of one topic and group whose only instance is
+// unreachable, after loading them from the store as a restart does.
+func BenchmarkPendingMemory(b *testing.B) {
+	const n = 100_000
+	dir := b.TempDir()
+	fill := newRigPeer(b, dir, http.NotFoundHandler(), true, false)
+	fill.stop()
+	<-fill.done
+	body := make([]byte, 1024)
+	for i := 0; i < n; i += 1000 {
+		pubs := make([]publication, 1000)
+		for j := range pubs {
+			pubs[j] = publication{topic: "orders", body: body}
+		}
+		if err := fill.append(pubs); err != nil {
+			b.Fatal(err)
+		}
+	}
+	fill.close()
+	for range b.N {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		r := newRigPeer(b, dir, http.NotFoundHandler(), true, false)
+		waitFor(b, time.Minute, "the lane to hold every message", func() bool { s := r.disp.Status(); return len(s.Groups) == 1 && s.Groups[0].Pending == n })
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/(1<<20), "heap-MiB")
+		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/n, "heap-B/msg")
+		r.close()
+	}
 }

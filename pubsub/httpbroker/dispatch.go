@@ -51,9 +51,9 @@ type Dispatcher struct {
 // pending is one message in the outbox, in memory: its topic, when it came,
 // and the state of the groups that have one.
 type pending struct {
-	topic  string
-	at     time.Time
-	open   int // groups without a final outcome
+	topic  string // interned: one string per topic
+	at     int64  // unix nanoseconds
+	open   int32  // groups without a final outcome
 	groups map[string]store.GroupState
 }
 
@@ -91,8 +91,14 @@ func (d *Dispatcher) Registry() *Registry { return d.reg }
 // Load reads the outbox left by a previous run into memory. Call it once,
 // before Run.
 func (d *Dispatcher) Load() error {
-	now := d.now()
+	now := d.now().UnixNano()
+	topics := map[string]string{}
 	return d.store.Load(func(seq uint64, topic string, groups map[string]store.GroupState) error {
+		if t, ok := topics[topic]; ok {
+			topic = t
+		} else {
+			topics[topic] = topic
+		}
 		d.msgs[seq] = &pending{topic: topic, at: now, groups: groups}
 		d.waiting = append(d.waiting, seq)
 		return nil
@@ -127,7 +133,7 @@ func (d *Dispatcher) Publish(pubs []pubsub.Publication) ([]bool, error) {
 		return nil, err
 	}
 	dup := make([]bool, len(res))
-	now := d.now()
+	now := d.now().UnixNano()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for i, r := range res {
@@ -140,7 +146,7 @@ func (d *Dispatcher) Publish(pubs []pubsub.Publication) ([]bool, error) {
 }
 
 // addLocked takes a newly stored message into memory. d.mu must be held.
-func (d *Dispatcher) addLocked(seq uint64, topic string, at time.Time) {
+func (d *Dispatcher) addLocked(seq uint64, topic string, at int64) {
 	d.msgs[seq] = &pending{topic: topic, at: at}
 	if _, synced := d.reg.Groups(topic); !synced || len(d.waiting) > 0 {
 		d.waiting = append(d.waiting, seq)
@@ -184,7 +190,7 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 			continue
 		}
 		p.open++
-		d.laneLocked(r).push(item{seq: seq, attempts: gs.Attempts, at: p.at})
+		d.laneLocked(r).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at})
 	}
 	if p.open == 0 {
 		delete(d.msgs, seq)
@@ -251,7 +257,7 @@ func (d *Dispatcher) Status() Status {
 	d.mu.Lock()
 	s := Status{Outbox: len(d.msgs), Unassigned: len(d.waiting)}
 	for _, p := range d.msgs {
-		s.OldestSeconds = max(s.OldestSeconds, now.Sub(p.at).Seconds())
+		s.OldestSeconds = max(s.OldestSeconds, age(now, p.at))
 	}
 	lanes := make([]*lane, 0, len(d.lanes))
 	for _, l := range d.lanes {
@@ -271,17 +277,22 @@ func (d *Dispatcher) Status() Status {
 // item is one message waiting in a lane.
 type item struct {
 	seq      uint64
-	attempts int // deliveries that reached the app
-	missed   int // sends in a row that did not reach it
-	at       time.Time
-	due      time.Time
+	attempts int32 // deliveries that reached the app
+	missed   int32 // sends in a row that did not reach it
+	at       int64 // published, unix nanoseconds
+	due      int64 // next send, unix nanoseconds
+}
+
+// age is the seconds from at (unix nanoseconds) to now.
+func age(now time.Time, at int64) float64 {
+	return max(float64(now.UnixNano()-at)/1e9, 0)
 }
 
 // retryHeap orders items by due time.
 type retryHeap []item
 
 func (h retryHeap) Len() int           { return len(h) }
-func (h retryHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h retryHeap) Less(i, j int) bool { return h[i].due < h[j].due }
 func (h retryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
 func (h *retryHeap) Push(x any)        { *h = append(*h, x.(item)) }
 func (h *retryHeap) Pop() any {
@@ -301,11 +312,11 @@ type lane struct {
 	rec      Record
 	ready    []item
 	retry    retryHeap
-	inflight map[uint64]time.Time // seq → published, of items out in batches
+	inflight map[uint64]int64 // seq → published, of items out in batches
 }
 
 func newLane(d *Dispatcher, k laneKey, r Record) *lane {
-	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]time.Time{}}
+	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]int64{}}
 }
 
 func (l *lane) setRecord(r Record) {
@@ -322,7 +333,7 @@ func (l *lane) push(it item) {
 }
 
 func (l *lane) later(it item, d time.Duration) {
-	it.due = l.d.now().Add(d)
+	it.due = l.d.now().Add(d).UnixNano()
 	l.mu.Lock()
 	heap.Push(&l.retry, it)
 	l.mu.Unlock()
@@ -342,14 +353,14 @@ func (l *lane) take() ([]item, Record, time.Time) {
 	now := l.d.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for len(l.retry) > 0 && !l.retry[0].due.After(now) {
+	for len(l.retry) > 0 && l.retry[0].due <= now.UnixNano() {
 		l.ready = append(l.ready, heap.Pop(&l.retry).(item))
 	}
 	n := min(max(l.rec.MaxInFlight, 1), maxBatch)
 	if len(l.ready) == 0 {
 		var next time.Time
 		if len(l.retry) > 0 {
-			next = l.retry[0].due
+			next = time.Unix(0, l.retry[0].due)
 		}
 		return nil, l.rec, next
 	}
@@ -370,7 +381,7 @@ func (l *lane) status(now time.Time) GroupStatus {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	s := GroupStatus{Topic: l.key.topic, Group: l.key.group, Pending: len(l.ready) + len(l.retry) + len(l.inflight), InFlight: len(l.inflight)}
-	oldest := func(at time.Time) { s.OldestSeconds = max(s.OldestSeconds, now.Sub(at).Seconds()) }
+	oldest := func(at int64) { s.OldestSeconds = max(s.OldestSeconds, age(now, at)) }
 	for _, it := range l.ready {
 		oldest(it.at)
 	}
@@ -449,7 +460,7 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 		}
 		live = append(live, it)
 		bodies = append(bodies, body)
-		req.Messages = append(req.Messages, peerMessage{Attempt: it.attempts + 1, Message: body})
+		req.Messages = append(req.Messages, peerMessage{Attempt: int(it.attempts) + 1, Message: body})
 	}
 	l.forget(gone)
 	if len(live) == 0 {
@@ -476,7 +487,7 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 // requeue schedules an item that did not reach the app; not an attempt.
 func (l *lane) requeue(it item) {
 	d := requeueDelay
-	for i := 0; i < it.missed && d < maxRequeueDelay; i++ {
+	for i := int32(0); i < it.missed && d < maxRequeueDelay; i++ {
 		d *= 2
 	}
 	it.missed++
@@ -525,35 +536,35 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 			continue
 		case pubsub.Success, pubsub.Drop:
 			finished = append(finished, it)
-			updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: it.attempts, Done: true})
+			updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
 			if m != nil {
 				m.Outcomes.WithLabelValues(rec.Topic, rec.Group, r.Outcome.String()).Inc()
 			}
 			continue
 		case pubsub.Retry:
-			if it.attempts < rec.MaxAttempts {
-				retries = append(retries, next{it, rec.policy().Delay(it.attempts, r.RetryAfter)})
-				updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: it.attempts})
+			if int(it.attempts) < rec.MaxAttempts {
+				retries = append(retries, next{it, rec.policy().Delay(int(it.attempts), r.RetryAfter)})
+				updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts)})
 				continue
 			}
 			reason = "max_attempts"
 		case pubsub.DeadLetter:
 			reason = "rejected"
 		}
-		body, err := deadLetter(bodies[i], rec, reason, r.Reason, it.attempts)
+		body, err := deadLetter(bodies[i], rec, reason, r.Reason, int(it.attempts))
 		if err != nil {
 			log.Error("build dead letter failed", zap.Uint64("seq", it.seq), zap.Error(err))
-			retries = append(retries, next{it, rec.policy().Delay(it.attempts, 0)})
+			retries = append(retries, next{it, rec.policy().Delay(int(it.attempts), 0)})
 			continue
 		}
 		finished = append(finished, it)
-		updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: it.attempts, Done: true})
+		updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
 		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Body: body})
 		if m != nil {
 			m.Outcomes.WithLabelValues(rec.Topic, rec.Group, "deadletter").Inc()
 			m.DeadLetters.WithLabelValues(rec.Topic, rec.Group, reason).Inc()
 		}
-		log.Info("dead-lettered", zap.String("reason", reason), zap.String("detail", r.Reason), zap.Int("attempts", it.attempts), zap.String("dead_letter_topic", rec.DeadLetter))
+		log.Info("dead-lettered", zap.String("reason", reason), zap.String("detail", r.Reason), zap.Int32("attempts", it.attempts), zap.String("dead_letter_topic", rec.DeadLetter))
 	}
 	// A message whose last group is finishing here is deleted in the same
 	// commit.
@@ -588,7 +599,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 		}
 		return
 	}
-	now := d.now()
+	now := d.now().UnixNano()
 	if len(res) > 0 {
 		d.mu.Lock()
 		for i, r := range res {

@@ -1,6 +1,7 @@
 package httpbroker
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -110,5 +111,20 @@ func TestRegistryKeepsGroups(t *testing.T) {
 	r.set(api.KVPairs{{Key: KVPrefix + "x/y", Value: []byte("not json")}})
 	if got, _ := r.Groups("x"); len(got) != 0 {
 		t.Errorf("a bad record was taken: %+v", got)
+	}
+}
+
+func TestDeliverRequestEncode(t *testing.T) {
+	t.Parallel()
+	req := &deliverRequest{Topic: "orders", Group: "billing", Messages: []peerMessage{
+		{Attempt: 1, Message: []byte(`{"id":"a","data":"eyJ9"}`)}, {Attempt: 3, Message: []byte(`{"id":"b"}`)},
+	}}
+	var got deliverRequest
+	if err := json.Unmarshal(req.encode(), &got); err != nil {
+		t.Fatalf("encode() is not JSON: %v\n%s", err, req.encode())
+	}
+	want, _ := json.Marshal(req)
+	if again, _ := json.Marshal(got); string(again) != string(want) {
+		t.Errorf("encode() decodes to %s, want %s", again, want)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -94,16 +95,39 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(deliverResponse{Results: res})
 }
 
+// encode is json.Marshal(r) without re-validating each message, which the
+// store holds as the JSON Message.Marshal wrote.
+func (r *deliverRequest) encode() []byte {
+	n := 64 + len(r.Topic) + len(r.Group)
+	for _, m := range r.Messages {
+		n += len(m.Message) + 32
+	}
+	b := make([]byte, 0, n)
+	b = append(b, `{"topic":`...)
+	b = strconv.AppendQuote(b, r.Topic) // topics and groups are plain ASCII
+	b = append(b, `,"group":`...)
+	b = strconv.AppendQuote(b, r.Group)
+	b = append(b, `,"messages":[`...)
+	for i, m := range r.Messages {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"attempt":`...)
+		b = strconv.AppendInt(b, int64(m.Attempt), 10)
+		b = append(b, `,"message":`...)
+		b = append(b, m.Message...)
+		b = append(b, '}')
+	}
+	return append(b, "]}"...)
+}
+
 // errPeer wraps every failure of a delivery request as a whole.
 var errPeer = errors.New("peer delivery failed")
 
 // send posts one batch to the peer at addr and returns one result per
 // message. An error means no result is known: none counts as an attempt.
 func send(ctx context.Context, client *http.Client, addr string, req *deliverRequest, timeout time.Duration) ([]pubsub.Result, error) {
-	body, err := json.Marshal(req)
-	if err != nil {
-		return nil, err
-	}
+	body := req.encode()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+DeliverPath, bytesReader(body))

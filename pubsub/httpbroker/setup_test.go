@@ -76,6 +76,12 @@ func benchRecord(topic, group string) Record {
 
 // newRig starts a rig whose app is handler, over the store in dir.
 func newRig(tb testing.TB, dir string, handler http.Handler, noSync bool) *rig {
+	return newRigPeer(tb, dir, handler, noSync, true)
+}
+
+// newRigPeer is newRig, with the group's only instance unreachable unless
+// reachable: messages then stay in the outbox.
+func newRigPeer(tb testing.TB, dir string, handler http.Handler, noSync, reachable bool) *rig {
 	tb.Helper()
 	app := httptest.NewServer(handler)
 	tb.Cleanup(app.Close)
@@ -86,7 +92,11 @@ func newRig(tb testing.TB, dir string, handler http.Handler, noSync bool) *rig {
 	sub := pubsub.Subscription{Topic: "orders", Group: "billing", Route: "/orders", ContentMode: "structured", MaxInFlight: 64, Timeout: 5 * time.Second}
 	pa := pubsub.NewApp(strings.TrimPrefix(app.URL, "http://"), []pubsub.Subscription{sub}, nil, nil, zap.NewNop())
 	peer := httptest.NewServer(NewServer(pa, zap.NewNop()))
-	static, err := discovery.NewStatic(map[string][]string{ServiceName("billing"): {strings.TrimPrefix(peer.URL, "http://")}})
+	peerAddr := strings.TrimPrefix(peer.URL, "http://")
+	if !reachable {
+		peerAddr = "127.0.0.1:1"
+	}
+	static, err := discovery.NewStatic(map[string][]string{ServiceName("billing"): {peerAddr}})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -65,6 +65,8 @@ type Store struct {
 	stopped chan struct{}
 	once    sync.Once
 	pending atomic.Int64 // messages in the outbox
+	commits atomic.Int64 // transactions committed
+	writes  atomic.Int64 // writes committed in them
 	swept   time.Time    // committer only
 }
 
@@ -124,6 +126,10 @@ func (s *Store) Close() error {
 	<-s.stopped
 	return s.db.Close()
 }
+
+// Commits returns the number of group commits so far and of the writes
+// they carried: their ratio is the mean batch.
+func (s *Store) Commits() (commits, writes int64) { return s.commits.Load(), s.writes.Load() }
 
 // Pending returns the number of messages in the outbox.
 func (s *Store) Pending() int { return int(s.pending.Load()) }
@@ -390,6 +396,8 @@ func (s *Store) commit() {
 			return nil
 		})
 		if err == nil {
+			s.commits.Add(1)
+			s.writes.Add(int64(len(batch)))
 			if sweep {
 				s.swept = now
 			}
