@@ -187,6 +187,26 @@ func (n *psNode) status() (s struct {
 	return s
 }
 
+// metric returns the value of the sample line starting with series (name
+// and labels as the exposition format writes them, labels sorted), or -1.
+func (n *psNode) metric(series string) float64 {
+	resp, err := http.Get("http://" + n.admin + "/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
+}
+
 // waitPeers waits until Consul has want passing instances of the group's
 // peer service, and the subscription records are in KV.
 func waitPeers(t *testing.T, agent *consulagent.Agent, group string, want int, topics ...string) {
@@ -303,6 +323,32 @@ func TestPubSubGroups(t *testing.T) {
 	shipApp.mu.Unlock()
 	if ev == nil || ev["topic"] != "poison.dlq" || !strings.Contains(fmt.Sprint(ev["deadletterreason"]), "404") || fmt.Sprint(ev["deadletterattempts"]) != "1" {
 		t.Errorf("dead letter = %v, want topic poison.dlq, a reason naming 404, 1 attempt", ev)
+	}
+
+	// The counts, in /metrics and /status.
+	consulagent.WaitFor(t, 10*time.Second, "the dead letter's outcome", func() bool { return pub.status().Outbox == 0 })
+	for series, want := range map[string]float64{
+		`sidecar_pubsub_published_total{result="ok",topic="orders"}`:                           n + 1,
+		`sidecar_pubsub_outcomes_total{group="billing",outcome="success",topic="orders"}`:      n,
+		`sidecar_pubsub_outcomes_total{group="shipping",outcome="success",topic="orders"}`:     n,
+		`sidecar_pubsub_attempts_total{group="billing",topic="flaky"}`:                         5 * (k + 1),
+		`sidecar_pubsub_dead_letters_total{group="billing",reason="rejected",topic="poison"}`:  1,
+		`sidecar_pubsub_outcomes_total{group="shipping",outcome="success",topic="poison.dlq"}`: 1,
+		`sidecar_pubsub_outbox_messages`:                                                       0,
+	} {
+		if got := pub.metric(series); got != want {
+			t.Errorf("publisher %s = %v, want %v", series, got, want)
+		}
+	}
+	if got := nodes[2].metric(`sidecar_pubsub_delivered_total{group="shipping",outcome="success",topic="orders"}`); got != n {
+		t.Errorf("shipping's delivered_total for orders = %v, want %d", got, n)
+	}
+	groups := map[string]int{}
+	for _, g := range pub.status().Groups {
+		groups[g.Topic+"/"+g.Group] = g.Pending
+	}
+	if len(groups) != 5 || groups["orders/billing"] != 0 || groups["orders/shipping"] != 0 {
+		t.Errorf("/status groups = %v, want 5 topic/group pairs with nothing pending", groups)
 	}
 }
 
