@@ -205,15 +205,18 @@ type failedEntry struct {
 	Error   string `json:"error"`
 }
 
-// maxBulkEntries bounds one bulk request.
-const maxBulkEntries = 10_000
+// Bounds of one bulk request.
+const (
+	maxBulkEntries = 10_000
+	maxBulkBytes   = 256 << 20
+)
 
 func (a *API) bulk(w http.ResponseWriter, r *http.Request) {
 	topic, ok := a.target(w, r)
 	if !ok {
 		return
 	}
-	body, ok := readBody(w, r, 16*a.maxBytes+envelopeSlack)
+	body, ok := readBody(w, r, min(16*a.maxBytes, maxBulkBytes)+envelopeSlack)
 	if !ok {
 		a.metrics.published(topic, "too_large")
 		return

@@ -1,0 +1,385 @@
+package httpbroker
+
+import (
+	"container/heap"
+	"context"
+	"encoding/json"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/store"
+)
+
+// item is one message waiting in a lane.
+type item struct {
+	seq      uint64
+	attempts int32 // deliveries that reached the app
+	missed   int32 // sends in a row that did not reach it
+	at       int64 // published, unix nanoseconds
+	due      int64 // next send, unix nanoseconds
+}
+
+// age is the seconds from at (unix nanoseconds) to now.
+func age(now time.Time, at int64) float64 {
+	return max(float64(now.UnixNano()-at)/1e9, 0)
+}
+
+// retryHeap orders items by due time.
+type retryHeap []item
+
+func (h retryHeap) Len() int           { return len(h) }
+func (h retryHeap) Less(i, j int) bool { return h[i].due < h[j].due }
+func (h retryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *retryHeap) Push(x any)        { *h = append(*h, x.(item)) }
+func (h *retryHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
+}
+
+// lane delivers one topic's messages to one group.
+type lane struct {
+	d    *Dispatcher
+	key  laneKey
+	wake chan struct{}
+
+	mu       sync.Mutex
+	rec      Record
+	ready    []item
+	retry    retryHeap
+	inflight map[uint64]int64 // seq → published, of items out in batches
+}
+
+func newLane(d *Dispatcher, k laneKey, r Record) *lane {
+	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]int64{}}
+}
+
+func (l *lane) setRecord(r Record) {
+	l.mu.Lock()
+	l.rec = r
+	l.mu.Unlock()
+}
+
+func (l *lane) push(it item) {
+	l.mu.Lock()
+	l.ready = append(l.ready, it)
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *lane) later(it item, d time.Duration) {
+	it.due = l.d.now().Add(d).UnixNano()
+	l.mu.Lock()
+	heap.Push(&l.retry, it)
+	l.mu.Unlock()
+	l.signal()
+}
+
+func (l *lane) signal() {
+	select {
+	case l.wake <- struct{}{}:
+	default:
+	}
+}
+
+// take moves due retries to ready and returns up to n ready items, with
+// the lane's record, or the time of the next retry when none is ready.
+func (l *lane) take() ([]item, Record, time.Time) {
+	now := l.d.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for len(l.retry) > 0 && l.retry[0].due <= now.UnixNano() {
+		l.ready = append(l.ready, heap.Pop(&l.retry).(item))
+	}
+	n := min(max(l.rec.MaxInFlight, 1), maxBatch)
+	if len(l.ready) == 0 {
+		var next time.Time
+		if len(l.retry) > 0 {
+			next = time.Unix(0, l.retry[0].due)
+		}
+		return nil, l.rec, next
+	}
+	n = min(n, len(l.ready))
+	batch := make([]item, n)
+	copy(batch, l.ready[:n])
+	l.ready = l.ready[n:]
+	if len(l.ready) == 0 {
+		l.ready = nil // let the backing array go
+	}
+	for _, it := range batch {
+		l.inflight[it.seq] = it.at
+	}
+	return batch, l.rec, time.Time{}
+}
+
+func (l *lane) status(now time.Time) GroupStatus {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := GroupStatus{Topic: l.key.topic, Group: l.key.group, Pending: len(l.ready) + len(l.retry) + len(l.inflight), InFlight: len(l.inflight)}
+	oldest := func(at int64) { s.OldestSeconds = max(s.OldestSeconds, age(now, at)) }
+	for _, it := range l.ready {
+		oldest(it.at)
+	}
+	for _, it := range l.retry {
+		oldest(it.at)
+	}
+	for _, at := range l.inflight {
+		oldest(at)
+	}
+	return s
+}
+
+// run sends batches until ctx ends, at most lanesInFlight at once.
+func (l *lane) run(ctx context.Context) {
+	slots := make(chan struct{}, lanesInFlight)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		batch, rec, next := l.take()
+		if len(batch) == 0 {
+			<-slots
+			if !l.wait(ctx, next) {
+				return
+			}
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			l.send(ctx, batch, rec)
+		}()
+	}
+}
+
+// wait waits for a signal, or until next if it is set; false when ctx ends.
+func (l *lane) wait(ctx context.Context, next time.Time) bool {
+	var timer <-chan time.Time
+	if !next.IsZero() {
+		t := time.NewTimer(max(next.Sub(l.d.now()), time.Millisecond))
+		defer t.Stop()
+		timer = t.C
+	}
+	select {
+	case <-l.wake:
+	case <-timer:
+	case <-ctx.Done():
+		return false
+	}
+	return true
+}
+
+// send delivers one batch to one instance of the group and records each
+// message's outcome.
+func (l *lane) send(ctx context.Context, batch []item, rec Record) {
+	log := l.d.log.With(zap.String("topic", rec.Topic), zap.String("group", rec.Group))
+	req := &deliverRequest{Topic: rec.Topic, Group: rec.Group, Messages: make([]peerMessage, 0, len(batch))}
+	bodies := make([][]byte, 0, len(batch))
+	live := batch[:0:0]
+	var gone []item
+	for _, it := range batch {
+		_, body, ok, err := l.d.store.Get(it.seq)
+		switch {
+		case err != nil:
+			log.Error("read message failed", zap.Uint64("seq", it.seq), zap.Error(err))
+			l.requeue(it)
+			continue
+		case !ok:
+			gone = append(gone, it) // finished by a lane that could not tell us
+			continue
+		}
+		live = append(live, it)
+		bodies = append(bodies, body)
+		req.Messages = append(req.Messages, peerMessage{Attempt: int(it.attempts) + 1, Message: body})
+	}
+	l.forget(gone)
+	if len(live) == 0 {
+		return
+	}
+	var results []pubsub.Result
+	addr, err := l.d.picker.pick(ctx, rec.Service)
+	if err == nil {
+		// A batch may wait behind another for the app's slots.
+		results, err = send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
+	}
+	if err != nil {
+		if ctx.Err() == nil {
+			log.Debug("batch not delivered", zap.String("peer", addr), zap.Int("messages", len(live)), zap.Error(err))
+		}
+		for _, it := range live {
+			l.requeue(it)
+		}
+		return
+	}
+	l.record(rec, live, bodies, results, log)
+}
+
+// requeue schedules an item that did not reach the app; not an attempt.
+func (l *lane) requeue(it item) {
+	d := requeueDelay
+	for i := int32(0); i < it.missed && d < maxRequeueDelay; i++ {
+		d *= 2
+	}
+	it.missed++
+	l.mu.Lock()
+	delete(l.inflight, it.seq)
+	l.mu.Unlock()
+	l.later(it, min(d, maxRequeueDelay))
+}
+
+func (l *lane) forget(items []item) {
+	if len(items) == 0 {
+		return
+	}
+	l.mu.Lock()
+	for _, it := range items {
+		delete(l.inflight, it.seq)
+	}
+	l.mu.Unlock()
+}
+
+// record stores the outcome of each message of a delivered batch in one
+// commit (dead letters included), then updates memory.
+func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub.Result, log *zap.Logger) {
+	var updates []store.Update
+	var dead []store.Entry
+	type next struct {
+		it    item
+		delay time.Duration
+	}
+	var retries []next
+	var finished, missed []item
+	m := l.d.metrics
+	for i, it := range live {
+		r := results[i]
+		if r.Outcome != pubsub.NotDelivered {
+			it.attempts++
+			it.missed = 0
+			if m != nil {
+				m.Attempts.WithLabelValues(rec.Topic, rec.Group).Inc()
+			}
+		}
+		reason := ""
+		switch r.Outcome {
+		case pubsub.NotDelivered:
+			missed = append(missed, it)
+			continue
+		case pubsub.Success, pubsub.Drop:
+			finished = append(finished, it)
+			updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
+			if m != nil {
+				m.Outcomes.WithLabelValues(rec.Topic, rec.Group, r.Outcome.String()).Inc()
+			}
+			continue
+		case pubsub.Retry:
+			if int(it.attempts) < rec.MaxAttempts {
+				retries = append(retries, next{it, rec.policy().Delay(int(it.attempts), r.RetryAfter)})
+				updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts)})
+				continue
+			}
+			reason = "max_attempts"
+		case pubsub.DeadLetter:
+			reason = "rejected"
+		}
+		body, err := deadLetter(bodies[i], rec, reason, r.Reason, int(it.attempts))
+		if err != nil {
+			log.Error("build dead letter failed", zap.Uint64("seq", it.seq), zap.Error(err))
+			retries = append(retries, next{it, rec.policy().Delay(int(it.attempts), 0)})
+			continue
+		}
+		finished = append(finished, it)
+		updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
+		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Body: body})
+		if m != nil {
+			m.Outcomes.WithLabelValues(rec.Topic, rec.Group, "deadletter").Inc()
+			m.DeadLetters.WithLabelValues(rec.Topic, rec.Group, reason).Inc()
+		}
+		log.Info("dead-lettered", zap.String("reason", reason), zap.String("detail", r.Reason), zap.Int32("attempts", it.attempts), zap.String("dead_letter_topic", rec.DeadLetter))
+	}
+	// A message whose last group is finishing here is deleted in the same
+	// commit.
+	d := l.d
+	d.mu.Lock()
+	var lastSeqs []uint64
+	for _, it := range finished {
+		if p := d.msgs[it.seq]; p != nil {
+			p.open--
+			if p.open <= 0 {
+				lastSeqs = append(lastSeqs, it.seq)
+				delete(d.msgs, it.seq)
+			}
+		}
+	}
+	d.mu.Unlock()
+	for _, seq := range lastSeqs {
+		updates = append(updates, store.Update{Seq: seq, Delete: true})
+	}
+	res, err := d.store.Apply(updates, dead)
+	if err != nil {
+		log.Error("record outcomes failed; the batch will be sent again", zap.Error(err))
+		d.mu.Lock()
+		for _, it := range finished {
+			if p := d.msgs[it.seq]; p != nil {
+				p.open++
+			}
+		}
+		d.mu.Unlock()
+		for _, it := range live {
+			l.requeue(it)
+		}
+		return
+	}
+	now := d.now().UnixNano()
+	if len(res) > 0 {
+		d.mu.Lock()
+		for i, r := range res {
+			if !r.Duplicate {
+				d.addLocked(r.Seq, dead[i].Topic, now)
+			}
+		}
+		d.mu.Unlock()
+	}
+	l.forget(finished)
+	for _, n := range retries {
+		l.mu.Lock()
+		delete(l.inflight, n.it.seq)
+		l.mu.Unlock()
+		l.later(n.it, n.delay)
+	}
+	for _, it := range missed {
+		l.requeue(it)
+	}
+}
+
+// deadLetter returns the stored message body moved to rec's dead-letter
+// topic, with the reason and attempts as extension attributes.
+func deadLetter(body []byte, rec Record, reason, detail string, attempts int) ([]byte, error) {
+	m, err := pubsub.Unmarshal(body)
+	if err != nil {
+		return nil, err
+	}
+	if m.Extensions == nil {
+		m.Extensions = map[string]json.RawMessage{}
+	}
+	why := reason
+	if detail != "" {
+		why += ": " + detail
+	}
+	q, _ := json.Marshal(why)
+	m.Extensions[pubsub.ExtDeadLetterReason] = q
+	m.Extensions[pubsub.ExtDeadLetterAttempts] = json.RawMessage(strconv.Itoa(attempts))
+	m.Extensions["deadlettertopic"], _ = json.Marshal(m.Topic)
+	m.Extensions["deadlettergroup"], _ = json.Marshal(rec.Group)
+	m.Topic = rec.DeadLetter
+	return m.Marshal()
+}
