@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -57,29 +56,22 @@ func TestDispatchRetryThenDeadLetter(t *testing.T) {
 }
 
 // TestDispatchRestart: messages stored by one dispatcher whose subscriber
-// never answered are delivered by the next one over the same store.
+// could not be reached are delivered by the next one over the same store.
 func TestDispatchRestart(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	var down atomic.Bool
-	down.Store(true)
 	var got sync.Map
 	handler := http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		if down.Load() {
-			w.WriteHeader(503)
-			return
-		}
 		b, _ := io.ReadAll(req.Body)
 		got.Store(string(b), true)
 	})
-	r := newRig(t, dir, handler, true)
+	r := newRigPeer(t, dir, handler, true, false)
 	for i := range 20 {
 		if code := post(t, r.api.URL, fmt.Sprint("k", i), fmt.Sprintf(`{"i":%d}`, i)); code != 204 {
 			t.Fatalf("publish = %d", code)
 		}
 	}
 	r.close()
-	down.Store(false)
 	r2 := newRig(t, dir, handler, true)
 	waitFor(t, 10*time.Second, "the outbox to empty", func() bool { return r2.store.Pending() == 0 })
 	n := 0
@@ -126,5 +118,47 @@ func TestDeliverRequestEncode(t *testing.T) {
 	want, _ := json.Marshal(req)
 	if again, _ := json.Marshal(got); string(again) != string(want) {
 		t.Errorf("encode() decodes to %s, want %s", again, want)
+	}
+}
+
+// TestSlowHandlerNoRedelivery: with ten times max_in_flight messages
+// published at once to a slow handler, the app never has more than
+// max_in_flight deliveries and gets each message once: messages waiting at
+// the peer for a slot are not given up on and sent again.
+func TestSlowHandlerNoRedelivery(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	seen := map[string]int{}
+	var cur, peak int
+	r := newRigSub(t, t.TempDir(), http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		b, _ := io.ReadAll(req.Body)
+		mu.Lock()
+		seen[string(b)]++
+		cur++
+		peak = max(peak, cur)
+		mu.Unlock()
+		time.Sleep(50 * time.Millisecond)
+		mu.Lock()
+		cur--
+		mu.Unlock()
+	}), true, true, 4, 2*time.Second)
+	for i := range 40 {
+		if code := post(t, r.api.URL, fmt.Sprint("s", i), fmt.Sprintf(`{"i":%d}`, i)); code != 204 {
+			t.Fatalf("publish = %d", code)
+		}
+	}
+	waitFor(t, 20*time.Second, "the outbox to empty", func() bool { return r.store.Pending() == 0 })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 40 {
+		t.Errorf("delivered %d distinct messages, want 40", len(seen))
+	}
+	for body, n := range seen {
+		if n != 1 {
+			t.Errorf("%s delivered %d times, want once", body, n)
+		}
+	}
+	if peak > 4 {
+		t.Errorf("peak deliveries at the app = %d, want at most max_in_flight 4", peak)
 	}
 }

@@ -14,6 +14,17 @@ import (
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
+// batchSize is the messages per batch for a subscription's max_in_flight:
+// a quarter of it, so a lane's lanesInFlight (8) batches put at most twice
+// max_in_flight messages at one instance. A message then waits for a slot
+// at most one round of deliveries, which the request's timeout (twice the
+// subscription's, plus 5s) covers: a slow handler does not make the
+// publisher give up on messages the peer is about to deliver, and send them
+// again (Dapr's redelivery storm, dapr#8321).
+func batchSize(maxInFlight int) int {
+	return min(max((maxInFlight+3)/4, 1), maxBatch)
+}
+
 // item is one message waiting in a lane.
 type item struct {
 	seq      uint64
@@ -96,7 +107,7 @@ func (l *lane) take() ([]item, Record, time.Time) {
 	for len(l.retry) > 0 && l.retry[0].due <= now.UnixNano() {
 		l.ready = append(l.ready, heap.Pop(&l.retry).(item))
 	}
-	n := min(max(l.rec.MaxInFlight, 1), maxBatch)
+	n := batchSize(l.rec.MaxInFlight)
 	if len(l.ready) == 0 {
 		var next time.Time
 		if len(l.retry) > 0 {

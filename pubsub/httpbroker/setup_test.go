@@ -82,6 +82,12 @@ func newRig(tb testing.TB, dir string, handler http.Handler, noSync bool) *rig {
 // newRigPeer is newRig, with the group's only instance unreachable unless
 // reachable: messages then stay in the outbox.
 func newRigPeer(tb testing.TB, dir string, handler http.Handler, noSync, reachable bool) *rig {
+	return newRigSub(tb, dir, handler, noSync, reachable, 64, 5*time.Second)
+}
+
+// newRigSub is newRigPeer with the subscription's max_in_flight and
+// timeout.
+func newRigSub(tb testing.TB, dir string, handler http.Handler, noSync, reachable bool, maxInFlight int, timeout time.Duration) *rig {
 	tb.Helper()
 	app := httptest.NewServer(handler)
 	tb.Cleanup(app.Close)
@@ -89,7 +95,7 @@ func newRigPeer(tb testing.TB, dir string, handler http.Handler, noSync, reachab
 	if err != nil {
 		tb.Fatal(err)
 	}
-	sub := pubsub.Subscription{Topic: "orders", Group: "billing", Route: "/orders", ContentMode: "structured", MaxInFlight: 64, Timeout: 5 * time.Second}
+	sub := pubsub.Subscription{Topic: "orders", Group: "billing", Route: "/orders", ContentMode: "structured", MaxInFlight: maxInFlight, Timeout: timeout}
 	pa := pubsub.NewApp(strings.TrimPrefix(app.URL, "http://"), []pubsub.Subscription{sub}, nil, nil, zap.NewNop())
 	peer := httptest.NewServer(NewServer(pa, zap.NewNop()))
 	peerAddr := strings.TrimPrefix(peer.URL, "http://")
@@ -101,7 +107,9 @@ func newRigPeer(tb testing.TB, dir string, handler http.Handler, noSync, reachab
 		tb.Fatal(err)
 	}
 	cache := discovery.NewCache(static, discovery.CacheOptions{}, zap.NewNop())
-	d := NewDispatcher(st, newFakeKV(benchRecord("orders", "billing")), cache, DispatcherOptions{}, zap.NewNop())
+	rec := benchRecord("orders", "billing")
+	rec.MaxInFlight, rec.Timeout = maxInFlight, timeout
+	d := NewDispatcher(st, newFakeKV(rec), cache, DispatcherOptions{}, zap.NewNop())
 	if err := d.Load(); err != nil {
 		tb.Fatal(err)
 	}
