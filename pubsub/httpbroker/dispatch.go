@@ -39,6 +39,7 @@ type Dispatcher struct {
 
 	mu      sync.Mutex
 	ctx     context.Context // set by Run; nil before
+	sendCtx context.Context // batches out: outlives ctx by stopGrace
 	wg      sync.WaitGroup
 	msgs    map[uint64]*pending
 	waiting []uint64 // not yet assigned to groups: the registry has not synced
@@ -102,15 +103,25 @@ func (d *Dispatcher) Load() error {
 	})
 }
 
-// Run delivers until ctx ends, then waits for the batches out to finish.
+// stopGrace is how long batches out when Run's context ends may take to
+// come back before they are cancelled (and their messages sent again by
+// the next run).
+const stopGrace = 5 * time.Second
+
+// Run delivers until ctx ends, then waits for the batches out to finish,
+// at most stopGrace.
 func (d *Dispatcher) Run(ctx context.Context) {
+	sendCtx, cancelSends := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelSends()
 	d.mu.Lock()
-	d.ctx = ctx
+	d.ctx, d.sendCtx = ctx, sendCtx
 	for _, l := range d.lanes {
 		d.startLane(l)
 	}
 	d.mu.Unlock()
 	d.reg.Run(ctx)
+	t := time.AfterFunc(stopGrace, cancelSends)
+	defer t.Stop()
 	d.wg.Wait()
 }
 

@@ -168,7 +168,7 @@ func (l *lane) run(ctx context.Context) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-slots }()
-			l.send(ctx, batch, rec)
+			l.send(l.d.sendCtx, batch, rec)
 		}()
 	}
 }
