@@ -158,16 +158,21 @@ func (rt *pubsubRuntime) start() {
 // every new delivery "not delivered" (the publisher sends it elsewhere),
 // and waits for the deliveries in flight until ctx ends.
 func (rt *pubsubRuntime) drain(ctx context.Context) {
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		if rt.app != nil {
+			if err := rt.app.Drain(ctx); err != nil {
+				rt.log.Warn("deliveries still in flight at the end of the drain", zap.Error(err))
+			}
+		}
+	}()
 	for _, r := range rt.registrars {
 		if err := r.Deregister(ctx); err != nil {
 			rt.log.Warn("deregister group endpoint failed", zap.String("id", r.ServiceID()), zap.Error(err))
 		}
 	}
-	if rt.app != nil {
-		if err := rt.app.Drain(ctx); err != nil {
-			rt.log.Warn("deliveries still in flight at the end of the drain", zap.Error(err))
-		}
-	}
+	<-drained
 }
 
 // stop ends the dispatcher and closes the store; call it after the
