@@ -32,7 +32,7 @@ var (
 	brokers      = []string{BrokerHTTP}
 	deliveries   = []string{DeliveryQueue}
 	contentModes = []string{ContentStructured, ContentBinary, ContentRaw}
-	orderings    = []string{OrderingNone}
+	orderings    = []string{OrderingNone, OrderingPerKey}
 )
 
 // PubSub is the publish API on localhost and the broker behind it.
@@ -78,9 +78,12 @@ type Subscription struct {
 	// MaxInFlight bounds concurrent deliveries to the app; default 32.
 	MaxInFlight int `yaml:"max_in_flight"`
 	// Timeout bounds one delivery attempt; default 30s.
-	Timeout  time.Duration `yaml:"timeout"`
-	Ordering string        `yaml:"ordering"` // none (default)
-	Retry    RetryPolicy   `yaml:"retry"`
+	Timeout time.Duration `yaml:"timeout"`
+	// Ordering per_key makes a group get the messages of one
+	// Sidecar-Ordering-Key from one publisher one at a time, in publish
+	// order; none (the default) sends them as they come.
+	Ordering string      `yaml:"ordering"`
+	Retry    RetryPolicy `yaml:"retry"`
 	// DeadLetterTopic defaults to "<topic>.dlq".
 	DeadLetterTopic string `yaml:"dead_letter_topic"`
 }
@@ -199,11 +202,7 @@ func (p *parser) validateSubscription(path string, s *Subscription, seen map[str
 		p.errorf(path+".max_in_flight", "must be at least 1, got %d", s.MaxInFlight)
 	}
 	p.positive(path+".timeout", s.Timeout)
-	if s.Ordering == OrderingPerKey {
-		p.errorf(path+".ordering", "per_key is not supported yet by the http broker (want none)")
-	} else {
-		p.oneOf(path+".ordering", s.Ordering, orderings)
-	}
+	p.oneOf(path+".ordering", s.Ordering, orderings)
 	if s.Retry.MaxAttempts < 1 {
 		p.errorf(path+".retry.max_attempts", "must be at least 1 (it counts the first delivery), got %d", s.Retry.MaxAttempts)
 	}

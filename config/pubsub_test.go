@@ -93,7 +93,7 @@ func TestPubSubErrors(t *testing.T) {
 				`config.yaml: subscriptions[0].content_mode: unknown "json" (want structured, binary or raw)`,
 				`config.yaml: subscriptions[0].max_in_flight: must be at least 1, got 0`,
 				`config.yaml: subscriptions[0].timeout: must be greater than 0, got 0s`,
-				`config.yaml: subscriptions[0].ordering: unknown "random" (want none)`,
+				`config.yaml: subscriptions[0].ordering: unknown "random" (want none or per_key)`,
 				`config.yaml: subscriptions[0].retry.max_attempts: must be at least 1 (it counts the first delivery), got 0`,
 				`config.yaml: subscriptions[0].retry.max_backoff: must be at least retry.backoff (1s), got 10ms`,
 				`config.yaml: subscriptions[0].dead_letter_topic: invalid character '/' in "d/l" (allowed: A-Z, a-z, 0-9, '.', '_', '-')`,

@@ -144,6 +144,10 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 	}
 	key := r.Header.Get("Idempotency-Key")
 	m, status, code, err := a.message(topic, key, ct, body, structured)
+	if err == nil {
+		err = m.setOrdering(r.Header.Get("Sidecar-Ordering-Key"))
+		status, code = http.StatusBadRequest, errBadRequest
+	}
 	if err != nil {
 		a.metrics.published(topic, "invalid")
 		apiError(w, status, code, "%v", err)
@@ -190,6 +194,17 @@ func (a *API) message(topic, key, ct string, body []byte, structured bool) (*Mes
 		m.ID = NewID()
 	}
 	return m, 0, "", nil
+}
+
+// maxOrderingKey bounds Sidecar-Ordering-Key.
+const maxOrderingKey = 255
+
+func (m *Message) setOrdering(k string) error {
+	if len(k) > maxOrderingKey {
+		return fmt.Errorf("Sidecar-Ordering-Key longer than %d bytes", maxOrderingKey)
+	}
+	m.OrderingKey = k
+	return nil
 }
 
 // bulkEntry is one entry of Dapr's bulk publish request.
@@ -250,6 +265,10 @@ func (a *API) bulk(w http.ResponseWriter, r *http.Request) {
 		}
 		key := e.Metadata["idempotencyKey"]
 		m, status, code, err := a.message(topic, key, ct, data, structured)
+		if err == nil {
+			err = m.setOrdering(e.Metadata["orderingKey"])
+			status, code = http.StatusBadRequest, errBadRequest
+		}
 		if err != nil {
 			a.metrics.published(topic, "invalid")
 			apiError(w, status, code, "entry %q: %v", e.EntryID, err)

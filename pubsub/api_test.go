@@ -122,7 +122,15 @@ func TestPublishMessage(t *testing.T) {
 	if got, _ := json.Marshal(m); string(got) != string(must(json.Marshal(want))) {
 		t.Errorf("message = %s, want %+v", got, want)
 	}
+	if w := do(a, "POST", "/v1.0/publish/pubsub/orders", "", "x", "Sidecar-Ordering-Key", strings.Repeat("k", 256)); w.Code != 400 {
+		t.Errorf("publish with a 256-byte ordering key = %d, want 400", w.Code)
+	}
+	w = do(a, "POST", "/v1.0/publish/pubsub/orders", "", "x", "Sidecar-Ordering-Key", "cust-7")
+	if id := w.Header().Get("Sidecar-Message-Id"); sink.msgs[1].OrderingKey != "cust-7" {
+		t.Errorf("ordering key = %q, want cust-7 (id %s)", sink.msgs[1].OrderingKey, id)
+	}
 	w = do(a, "POST", "/v1.0/publish/pubsub/orders", "", "x")
+	sink.msgs = sink.msgs[1:]
 	if id := w.Header().Get("Sidecar-Message-Id"); len(id) != 36 || sink.msgs[1].DataContentType != "text/plain" {
 		t.Errorf("unkeyed id = %q (want a UUID), content type %q (want text/plain)", id, sink.msgs[1].DataContentType)
 	}

@@ -42,6 +42,9 @@ type Message struct {
 	// Extensions are the other CloudEvent attributes, by name, each a JSON
 	// scalar.
 	Extensions map[string]json.RawMessage `json:"ext,omitempty"`
+	// OrderingKey is the Sidecar-Ordering-Key the message was published
+	// with; "" for none. It is not delivered.
+	OrderingKey string `json:"ordering_key,omitempty"`
 }
 
 // Marshal encodes m for the store and the wire between sidecars.

@@ -84,6 +84,7 @@ func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, r
 			Topic: sub.Topic, Group: sub.Group, Service: httpbroker.ServiceName(sub.Group), Delivery: sub.Delivery,
 			MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout, MaxAttempts: sub.Retry.MaxAttempts,
 			Backoff: sub.Retry.Backoff, MaxBackoff: sub.Retry.MaxBackoff, DeadLetter: sub.DeadLetterTopic,
+			Ordering: sub.Ordering,
 		})
 		groups[sub.Group] = true
 	}

@@ -49,10 +49,11 @@ type Dispatcher struct {
 // pending is one message in the outbox, in memory: its topic, when it came,
 // and the state of the groups that have one.
 type pending struct {
-	topic  string // interned: one string per topic
-	at     int64  // unix nanoseconds
-	open   int32  // groups without a final outcome
-	groups map[string]store.GroupState
+	topic    string // interned: one string per topic
+	ordering string // the ordering key, "" for none
+	at       int64  // unix nanoseconds
+	open     int32  // groups without a final outcome
+	groups   map[string]store.GroupState
 }
 
 type laneKey struct{ topic, group string }
@@ -91,13 +92,13 @@ func (d *Dispatcher) Registry() *Registry { return d.reg }
 func (d *Dispatcher) Load() error {
 	now := d.now().UnixNano()
 	topics := map[string]string{}
-	return d.store.Load(func(seq uint64, topic string, groups map[string]store.GroupState) error {
+	return d.store.Load(func(seq uint64, topic, ordering string, groups map[string]store.GroupState) error {
 		if t, ok := topics[topic]; ok {
 			topic = t
 		} else {
 			topics[topic] = topic
 		}
-		d.msgs[seq] = &pending{topic: topic, at: now, groups: groups}
+		d.msgs[seq] = &pending{topic: topic, ordering: ordering, at: now, groups: groups}
 		d.waiting = append(d.waiting, seq)
 		return nil
 	})
@@ -134,7 +135,7 @@ func (d *Dispatcher) Publish(pubs []pubsub.Publication) ([]bool, error) {
 		if err != nil {
 			return nil, err
 		}
-		entries[i] = store.Entry{Key: p.Key, Topic: p.Msg.Topic, Body: b}
+		entries[i] = store.Entry{Key: p.Key, Topic: p.Msg.Topic, Ordering: p.Msg.OrderingKey, Body: b}
 	}
 	res, err := d.store.Append(entries)
 	if err != nil {
@@ -147,15 +148,15 @@ func (d *Dispatcher) Publish(pubs []pubsub.Publication) ([]bool, error) {
 	for i, r := range res {
 		dup[i] = r.Duplicate
 		if !r.Duplicate {
-			d.addLocked(r.Seq, entries[i].Topic, now)
+			d.addLocked(r.Seq, entries[i].Topic, entries[i].Ordering, now)
 		}
 	}
 	return dup, nil
 }
 
 // addLocked takes a newly stored message into memory. d.mu must be held.
-func (d *Dispatcher) addLocked(seq uint64, topic string, at int64) {
-	d.msgs[seq] = &pending{topic: topic, at: at}
+func (d *Dispatcher) addLocked(seq uint64, topic, ordering string, at int64) {
+	d.msgs[seq] = &pending{topic: topic, ordering: ordering, at: at}
 	if _, synced := d.reg.Groups(topic); !synced || len(d.waiting) > 0 {
 		d.waiting = append(d.waiting, seq)
 		return
@@ -198,7 +199,7 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 			continue
 		}
 		p.open++
-		d.laneLocked(r).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at})
+		d.laneLocked(r).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at, key: p.ordering})
 	}
 	if p.open == 0 {
 		delete(d.msgs, seq)

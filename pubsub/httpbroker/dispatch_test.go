@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -160,5 +161,59 @@ func TestSlowHandlerNoRedelivery(t *testing.T) {
 	}
 	if peak > 4 {
 		t.Errorf("peak deliveries at the app = %d, want at most max_in_flight 4", peak)
+	}
+}
+
+// TestOrderingPerKey: with ordering per_key, the messages of one key reach
+// the app one at a time and succeed in publish order, though some fail
+// once and are retried; messages of other keys go meanwhile.
+func TestOrderingPerKey(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	done := map[string][]int{} // key → message numbers, in order of success
+	busy := map[string]bool{}
+	r := newRigSub(t, t.TempDir(), http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		var ev struct {
+			Data struct {
+				K string
+				I int
+			}
+		}
+		_ = json.NewDecoder(req.Body).Decode(&ev)
+		k, i := ev.Data.K, ev.Data.I
+		mu.Lock()
+		if busy[k] {
+			t.Errorf("two messages of key %s at the app at once", k)
+		}
+		busy[k] = true
+		mu.Unlock()
+		time.Sleep(time.Millisecond)
+		mu.Lock()
+		defer mu.Unlock()
+		busy[k] = false
+		if i%3 == 0 && req.Header.Get("Sidecar-Delivery-Attempt") == "1" {
+			w.WriteHeader(503)
+			return
+		}
+		done[k] = append(done[k], i)
+	}), true, true, 16, 5*time.Second, func(rec *Record) { rec.Ordering = "per_key" })
+	for i := range 60 {
+		k := fmt.Sprint("k", i%4)
+		req, _ := http.NewRequest("POST", r.api.URL+"/v1.0/publish/pubsub/orders", strings.NewReader(fmt.Sprintf(`{"K":%q,"I":%d}`, k, i)))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Sidecar-Ordering-Key", k)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil || resp.StatusCode != 204 {
+			t.Fatalf("publish %d: %v %v", i, err, resp)
+		}
+		resp.Body.Close()
+	}
+	waitFor(t, 20*time.Second, "the outbox to empty", func() bool { return r.store.Pending() == 0 })
+	mu.Lock()
+	defer mu.Unlock()
+	for k, got := range done {
+		if len(got) != 15 || !slices.IsSorted(got) {
+			t.Errorf("key %s succeeded in the order %v, want its 15 messages in publish order", k, got)
+		}
 	}
 }

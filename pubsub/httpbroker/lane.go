@@ -10,6 +10,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
@@ -28,10 +29,11 @@ func batchSize(maxInFlight int) int {
 // item is one message waiting in a lane.
 type item struct {
 	seq      uint64
-	attempts int32 // deliveries that reached the app
-	missed   int32 // sends in a row that did not reach it
-	at       int64 // published, unix nanoseconds
-	due      int64 // next send, unix nanoseconds
+	attempts int32  // deliveries that reached the app
+	missed   int32  // sends in a row that did not reach it
+	at       int64  // published, unix nanoseconds
+	due      int64  // next send, unix nanoseconds
+	key      string // ordering key, "" for none
 }
 
 // age is the seconds from at (unix nanoseconds) to now.
@@ -64,10 +66,14 @@ type lane struct {
 	ready    []item
 	retry    retryHeap
 	inflight map[uint64]int64 // seq → published, of items out in batches
+	// held maps an ordering key to the message that holds it, with
+	// ordering per_key: from its first send until its final outcome no
+	// other message of the key is sent.
+	held map[string]uint64
 }
 
 func newLane(d *Dispatcher, k laneKey, r Record) *lane {
-	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]int64{}}
+	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]int64{}, held: map[string]uint64{}}
 }
 
 func (l *lane) setRecord(r Record) {
@@ -115,17 +121,52 @@ func (l *lane) take() ([]item, Record, time.Time) {
 		}
 		return nil, l.rec, next
 	}
-	n = min(n, len(l.ready))
-	batch := make([]item, n)
-	copy(batch, l.ready[:n])
-	l.ready = l.ready[n:]
+	var batch []item
+	if l.rec.Ordering == config.OrderingPerKey {
+		batch = l.takeOrdered(n)
+	} else {
+		n = min(n, len(l.ready))
+		batch = make([]item, n)
+		copy(batch, l.ready[:n])
+		l.ready = l.ready[n:]
+	}
 	if len(l.ready) == 0 {
 		l.ready = nil // let the backing array go
 	}
 	for _, it := range batch {
 		l.inflight[it.seq] = it.at
 	}
-	return batch, l.rec, time.Time{}
+	var next time.Time
+	if len(batch) == 0 && len(l.retry) > 0 {
+		next = time.Unix(0, l.retry[0].due)
+	}
+	return batch, l.rec, next
+}
+
+// maxOrderedScan bounds the ready messages takeOrdered looks at per call.
+const maxOrderedScan = 4096
+
+// takeOrdered takes up to n ready messages, skipping those whose ordering
+// key another message holds: a key's messages go one at a time, the
+// earliest first (ready is in publish order, and a message back from a
+// retry still holds its key). l.mu must be held.
+func (l *lane) takeOrdered(n int) []item {
+	var batch []item
+	keep := l.ready[:0:0]
+	i := 0
+	for ; i < len(l.ready) && len(batch) < n && i < maxOrderedScan; i++ {
+		it := l.ready[i]
+		if it.key != "" {
+			if holder, ok := l.held[it.key]; ok && holder != it.seq {
+				keep = append(keep, it)
+				continue
+			}
+			l.held[it.key] = it.seq
+		}
+		batch = append(batch, it)
+	}
+	l.ready = append(keep, l.ready[i:]...)
+	return batch
 }
 
 func (l *lane) status(now time.Time) GroupStatus {
@@ -252,11 +293,19 @@ func (l *lane) forget(items []item) {
 	if len(items) == 0 {
 		return
 	}
+	released := false
 	l.mu.Lock()
 	for _, it := range items {
 		delete(l.inflight, it.seq)
+		if it.key != "" && l.held[it.key] == it.seq {
+			delete(l.held, it.key)
+			released = true
+		}
 	}
 	l.mu.Unlock()
+	if released {
+		l.signal() // the key's next message may go
+	}
 }
 
 // record stores the outcome of each message of a delivered batch in one
@@ -310,7 +359,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 		}
 		finished = append(finished, it)
 		updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
-		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Body: body})
+		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Ordering: it.key, Body: body})
 		if m != nil {
 			m.Outcomes.WithLabelValues(rec.Topic, rec.Group, "deadletter").Inc()
 			m.DeadLetters.WithLabelValues(rec.Topic, rec.Group, reason).Inc()
@@ -355,7 +404,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 		d.mu.Lock()
 		for i, r := range res {
 			if !r.Duplicate {
-				d.addLocked(r.Seq, dead[i].Topic, now)
+				d.addLocked(r.Seq, dead[i].Topic, dead[i].Ordering, now)
 			}
 		}
 		d.mu.Unlock()

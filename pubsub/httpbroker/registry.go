@@ -33,6 +33,7 @@ type Record struct {
 	Backoff     time.Duration `json:"backoff"`
 	MaxBackoff  time.Duration `json:"max_backoff"`
 	DeadLetter  string        `json:"dead_letter_topic"`
+	Ordering    string        `json:"ordering"` // none or per_key
 }
 
 func (r *Record) policy() pubsub.Policy {

@@ -87,7 +87,7 @@ func newRigPeer(tb testing.TB, dir string, handler http.Handler, noSync, reachab
 
 // newRigSub is newRigPeer with the subscription's max_in_flight and
 // timeout.
-func newRigSub(tb testing.TB, dir string, handler http.Handler, noSync, reachable bool, maxInFlight int, timeout time.Duration) *rig {
+func newRigSub(tb testing.TB, dir string, handler http.Handler, noSync, reachable bool, maxInFlight int, timeout time.Duration, mods ...func(*Record)) *rig {
 	tb.Helper()
 	app := httptest.NewServer(handler)
 	tb.Cleanup(app.Close)
@@ -109,6 +109,9 @@ func newRigSub(tb testing.TB, dir string, handler http.Handler, noSync, reachabl
 	cache := discovery.NewCache(static, discovery.CacheOptions{}, zap.NewNop())
 	rec := benchRecord("orders", "billing")
 	rec.MaxInFlight, rec.Timeout = maxInFlight, timeout
+	for _, mod := range mods {
+		mod(&rec)
+	}
 	d := NewDispatcher(st, newFakeKV(rec), cache, DispatcherOptions{}, zap.NewNop())
 	if err := d.Load(); err != nil {
 		tb.Fatal(err)

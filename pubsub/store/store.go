@@ -34,7 +34,7 @@ var (
 )
 
 var (
-	bucketOutbox   = []byte("outbox")    // seq → topic length, topic, body
+	bucketOutbox   = []byte("outbox")    // seq → topic length, topic, ordering key length, key, body
 	bucketState    = []byte("state")     // seq, group → attempts (4), done (1)
 	bucketDedup    = []byte("dedup")     // key → expiry (8), seq (8)
 	bucketDedupExp = []byte("dedup_exp") // expiry (8), key → nothing
@@ -139,7 +139,9 @@ type Entry struct {
 	// Key is the Idempotency-Key; "" for none.
 	Key   string
 	Topic string
-	Body  []byte
+	// Ordering is the ordering key; "" for none. At most 255 bytes.
+	Ordering string
+	Body     []byte
 }
 
 // Appended is what Append did with one Entry.
@@ -209,13 +211,15 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 			if err != nil {
 				return err
 			}
-			if len(e.Topic) > 255 {
-				return fmt.Errorf("topic longer than 255 bytes")
+			if len(e.Topic) > 255 || len(e.Ordering) > 255 {
+				return fmt.Errorf("topic or ordering key longer than 255 bytes")
 			}
-			v := make([]byte, 1+len(e.Topic)+len(e.Body))
-			v[0] = byte(len(e.Topic))
-			copy(v[1:], e.Topic)
-			copy(v[1+len(e.Topic):], e.Body)
+			v := make([]byte, 0, 2+len(e.Topic)+len(e.Ordering)+len(e.Body))
+			v = append(v, byte(len(e.Topic)))
+			v = append(v, e.Topic...)
+			v = append(v, byte(len(e.Ordering)))
+			v = append(v, e.Ordering...)
+			v = append(v, e.Body...)
 			if err := ob.Put(seqKey(seq), v); err != nil {
 				return err
 			}
@@ -268,7 +272,7 @@ func (s *Store) Get(seq uint64) (topic string, body []byte, ok bool, err error) 
 		if v == nil {
 			return nil
 		}
-		t, b, derr := decodeValue(v)
+		t, _, b, derr := decodeValue(v)
 		if derr != nil {
 			return fmt.Errorf("message %d: %w", seq, derr)
 		}
@@ -285,16 +289,17 @@ type GroupState struct {
 }
 
 // Load calls fn for each message in the outbox, in publish order, with its
-// topic and the state of each group that has one. It reads one snapshot and
-// must not be called concurrently with fn writing to the store.
-func (s *Store) Load(fn func(seq uint64, topic string, groups map[string]GroupState) error) error {
+// topic, its ordering key and the state of each group that has one. It
+// reads one snapshot and must not be called concurrently with fn writing to
+// the store.
+func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[string]GroupState) error) error {
 	return s.db.View(func(tx *bolt.Tx) error {
 		sc := tx.Bucket(bucketState).Cursor()
 		sk, sv := sc.First()
 		c := tx.Bucket(bucketOutbox).Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
 			seq := binary.BigEndian.Uint64(k)
-			topic, _, err := decodeValue(v)
+			topic, ordering, _, err := decodeValue(v)
 			if err != nil {
 				return fmt.Errorf("message %d: %w", seq, err)
 			}
@@ -308,7 +313,7 @@ func (s *Store) Load(fn func(seq uint64, topic string, groups map[string]GroupSt
 				}
 				groups[string(sk[8:])] = GroupState{Attempts: int(binary.BigEndian.Uint32(sv)), Done: sv[4] == 1}
 			}
-			if err := fn(seq, topic, groups); err != nil {
+			if err := fn(seq, topic, ordering, groups); err != nil {
 				return err
 			}
 		}
@@ -316,12 +321,20 @@ func (s *Store) Load(fn func(seq uint64, topic string, groups map[string]GroupSt
 	})
 }
 
-func decodeValue(v []byte) (topic string, body []byte, err error) {
-	if len(v) < 1 || len(v) < 1+int(v[0]) {
-		return "", nil, errors.New("corrupt record")
+func decodeValue(v []byte) (topic, ordering string, body []byte, err error) {
+	if len(v) < 1 || len(v) < 2+int(v[0]) {
+		return "", "", nil, errors.New("corrupt record")
 	}
 	n := int(v[0])
-	return string(v[1 : 1+n]), v[1+n:], nil
+	topic, v = string(v[1:1+n]), v[1+n:]
+	if len(v) < 1+int(v[0]) {
+		return "", "", nil, errors.New("corrupt record")
+	}
+	n = int(v[0])
+	if n > 0 {
+		ordering = string(v[1 : 1+n])
+	}
+	return topic, ordering, v[1+n:], nil
 }
 
 func seqKey(seq uint64) []byte {

@@ -19,15 +19,15 @@ func open(t *testing.T, dir string, opts Options) *Store {
 }
 
 type loaded struct {
-	topic  string
-	groups map[string]GroupState
+	topic, ordering string
+	groups          map[string]GroupState
 }
 
 func loadAll(t *testing.T, s *Store) map[uint64]loaded {
 	t.Helper()
 	got := map[uint64]loaded{}
-	if err := s.Load(func(seq uint64, topic string, g map[string]GroupState) error {
-		got[seq] = loaded{topic, g}
+	if err := s.Load(func(seq uint64, topic, ordering string, g map[string]GroupState) error {
+		got[seq] = loaded{topic, ordering, g}
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -42,7 +42,7 @@ func TestAppendGetReopen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := s.Append([]Entry{{Topic: "orders", Body: []byte("one")}, {Topic: "audit", Body: []byte("two")}})
+	res, err := s.Append([]Entry{{Topic: "orders", Ordering: "cust-7", Body: []byte("one")}, {Topic: "audit", Body: []byte("two")}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,8 +65,8 @@ func TestAppendGetReopen(t *testing.T) {
 	}
 	got := loadAll(t, s)
 	want := map[string]GroupState{"billing": {Attempts: 3}, "ship": {Attempts: 1, Done: true}}
-	if l := got[res[0].Seq]; l.topic != "orders" || fmt.Sprint(l.groups) != fmt.Sprint(want) {
-		t.Errorf("Load() message %d = %+v, want orders with %v", res[0].Seq, l, want)
+	if l := got[res[0].Seq]; l.topic != "orders" || l.ordering != "cust-7" || fmt.Sprint(l.groups) != fmt.Sprint(want) {
+		t.Errorf("Load() message %d = %+v, want orders, cust-7, with %v", res[0].Seq, l, want)
 	}
 	if l := got[res[1].Seq]; l.topic != "audit" || l.groups != nil {
 		t.Errorf("Load() message %d = %+v, want audit without state", res[1].Seq, l)
