@@ -30,7 +30,7 @@ const MaxMessageBytesLimit = 64 << 20
 
 var (
 	brokers      = []string{BrokerHTTP}
-	deliveries   = []string{DeliveryQueue}
+	deliveries   = []string{DeliveryQueue, DeliveryBroadcast}
 	contentModes = []string{ContentStructured, ContentBinary, ContentRaw}
 	orderings    = []string{OrderingNone, OrderingPerKey}
 )
@@ -72,8 +72,10 @@ type Subscription struct {
 	Route string `yaml:"route"` // required, starts with '/'
 	// Group defaults to service.name: the instances of one group share the
 	// messages.
-	Group       string `yaml:"group"`
-	Delivery    string `yaml:"delivery"`     // queue (default)
+	Group string `yaml:"group"`
+	// Delivery queue (the default) gives each message to one instance of
+	// the group; broadcast to every live instance.
+	Delivery    string `yaml:"delivery"`
 	ContentMode string `yaml:"content_mode"` // structured (default), binary or raw
 	// MaxInFlight bounds concurrent deliveries to the app; default 32.
 	MaxInFlight int `yaml:"max_in_flight"`
@@ -192,11 +194,7 @@ func (p *parser) validateSubscription(path string, s *Subscription, seen map[str
 	if s.Group != "" || p.present(path+".group") {
 		p.name(path+".group", s.Group)
 	}
-	if s.Delivery == DeliveryBroadcast {
-		p.errorf(path+".delivery", "broadcast is not supported yet by the http broker (want queue)")
-	} else {
-		p.oneOf(path+".delivery", s.Delivery, deliveries)
-	}
+	p.oneOf(path+".delivery", s.Delivery, deliveries)
 	p.oneOf(path+".content_mode", s.ContentMode, contentModes)
 	if s.MaxInFlight < 1 {
 		p.errorf(path+".max_in_flight", "must be at least 1, got %d", s.MaxInFlight)

@@ -89,7 +89,7 @@ func TestPubSubErrors(t *testing.T) {
 				`config.yaml: subscriptions[0].topic: invalid character ' ' in "a b" (allowed: A-Z, a-z, 0-9, '.', '_', '-')`,
 				`config.yaml: subscriptions[0].route: must start with /, got "events"`,
 				`config.yaml: subscriptions[0].group: invalid name "x y": use letters, digits, '-', '_' and '.'`,
-				`config.yaml: subscriptions[0].delivery: unknown "fanout" (want queue)`,
+				`config.yaml: subscriptions[0].delivery: unknown "fanout" (want queue or broadcast)`,
 				`config.yaml: subscriptions[0].content_mode: unknown "json" (want structured, binary or raw)`,
 				`config.yaml: subscriptions[0].max_in_flight: must be at least 1, got 0`,
 				`config.yaml: subscriptions[0].timeout: must be greater than 0, got 0s`,

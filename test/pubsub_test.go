@@ -268,12 +268,13 @@ func TestPubSubGroups(t *testing.T) {
 	for _, a := range billingApps {
 		nodes = append(nodes, newPSNode(t, agent.Addr(), "billing", a,
 			psSub{"orders", "/orders", "billing", ""}, psSub{"flaky", "/flaky", "billing", ""},
-			psSub{"poison", "/poison", "billing", ""}).start())
+			psSub{"poison", "/poison", "billing", ""}, psSub{"prices", "/prices", "pricecache", ", delivery: broadcast"}).start())
 	}
 	nodes = append(nodes, newPSNode(t, agent.Addr(), "shipping", shipApp,
 		psSub{"orders", "/orders", "shipping", ", max_in_flight: 4"}, psSub{"poison.dlq", "/dlq", "shipping", ""}).start())
 	waitPeers(t, agent, "billing", 2, "orders", "flaky", "poison")
 	waitPeers(t, agent, "shipping", 1, "orders", "poison.dlq")
+	waitPeers(t, agent, "pricecache", 2, "prices")
 	pub := newPSNode(t, agent.Addr(), "", nil).start()
 
 	const n = 300
@@ -290,12 +291,23 @@ func TestPubSubGroups(t *testing.T) {
 		pub.publish("flaky", fmt.Sprintf("f-%d", i), `{}`)
 	}
 	pub.publish("poison", "p-0", `{"bad":true}`)
+	for i := range 20 {
+		pub.publish("prices", fmt.Sprintf("pr-%d", i), `{}`)
+	}
 
 	consulagent.WaitFor(t, 30*time.Second, "every order at both groups", func() bool {
 		return len(union(billingApps[0].ids("/orders"), billingApps[1].ids("/orders"))) == n && len(shipApp.ids("/orders")) == n
 	})
+	consulagent.WaitFor(t, 30*time.Second, "every price at both instances (broadcast)", func() bool {
+		return len(billingApps[0].ids("/prices")) == 20 && len(billingApps[1].ids("/prices")) == 20
+	})
 	consulagent.WaitFor(t, 30*time.Second, "the outbox to empty", func() bool { return pub.status().Outbox == 0 })
 	for i, a := range billingApps {
+		for id, at := range a.ids("/prices") {
+			if len(at) != 1 {
+				t.Errorf("billing instance %d got price %s %d times, want once", i, id, len(at))
+			}
+		}
 		if got := len(a.ids("/orders")); got == 0 || got == n {
 			t.Errorf("billing instance %d got %d of %d orders, want a share", i, got, n)
 		}
@@ -347,8 +359,9 @@ func TestPubSubGroups(t *testing.T) {
 	for _, g := range pub.status().Groups {
 		groups[g.Topic+"/"+g.Group] = g.Pending
 	}
-	if len(groups) != 5 || groups["orders/billing"] != 0 || groups["orders/shipping"] != 0 {
-		t.Errorf("/status groups = %v, want 5 topic/group pairs with nothing pending", groups)
+	// 5 queue groups, the broadcast group's fan-out and its 2 instances.
+	if len(groups) != 8 || groups["orders/billing"] != 0 || groups["orders/shipping"] != 0 || groups["prices/pricecache"] != 0 {
+		t.Errorf("/status groups = %v, want 8 lanes with nothing pending", groups)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"runtime/debug"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -36,6 +37,8 @@ type Dispatcher struct {
 	metrics *pubsub.Metrics
 	log     *zap.Logger
 	now     func() time.Time
+	// goneAfter: see DispatcherOptions.GoneAfter.
+	goneAfter time.Duration
 
 	mu      sync.Mutex
 	ctx     context.Context // set by Run; nil before
@@ -62,6 +65,10 @@ type laneKey struct{ topic, group string }
 type DispatcherOptions struct {
 	Metrics *pubsub.Metrics
 	Now     func() time.Time // if nil, time.Now
+	// GoneAfter is how long an instance of a broadcast group may be missing
+	// from the live set before the messages waiting for it are given up;
+	// if zero, 30s.
+	GoneAfter time.Duration
 }
 
 // NewDispatcher returns a Dispatcher over st, delivering through cache. It
@@ -79,6 +86,10 @@ func NewDispatcher(st *store.Store, kv KV, cache Watcher, opts DispatcherOptions
 	}
 	if d.now == nil {
 		d.now = time.Now
+	}
+	d.goneAfter = opts.GoneAfter
+	if d.goneAfter == 0 {
+		d.goneAfter = defaultGoneAfter
 	}
 	d.reg = NewRegistry(kv, d.assignWaiting, log)
 	return d
@@ -170,11 +181,13 @@ func (d *Dispatcher) assignWaiting() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, l := range d.lanes {
-		if recs, _ := d.reg.Groups(l.key.topic); len(recs) > 0 {
-			for _, r := range recs {
-				if r.Group == l.key.group {
-					l.setRecord(r)
-				}
+		recs, _ := d.reg.Groups(l.key.topic)
+		for _, r := range recs {
+			if inst, ok := strings.CutPrefix(l.key.group, r.Group+"@"); ok && r.broadcast() {
+				r.Instance = inst
+			}
+			if r.target() == l.key.group {
+				l.setRecord(r)
 			}
 		}
 	}
@@ -196,6 +209,9 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 	for _, r := range recs {
 		gs := p.groups[r.Group]
 		if gs.Done {
+			if r.broadcast() {
+				d.assignInstancesLocked(seq, p, r)
+			}
 			continue
 		}
 		p.open++
@@ -217,7 +233,7 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 }
 
 func (d *Dispatcher) laneLocked(r Record) *lane {
-	k := laneKey{r.Topic, r.Group}
+	k := laneKey{r.Topic, r.target()}
 	l := d.lanes[k]
 	if l == nil {
 		l = newLane(d, k, r)

@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"encoding/json"
+	"errors"
 	"strconv"
 	"sync"
 	"time"
@@ -70,6 +71,9 @@ type lane struct {
 	// ordering per_key: from its first send until its final outcome no
 	// other message of the key is sent.
 	held map[string]uint64
+	// goneSince is when a broadcast instance's lane first found its
+	// instance missing from the live set; 0 while it is live.
+	goneSince int64
 }
 
 func newLane(d *Dispatcher, k laneKey, r Record) *lane {
@@ -258,8 +262,22 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 	if len(live) == 0 {
 		return
 	}
+	if rec.broadcast() {
+		l.fanOut(ctx, live, rec, log)
+		return
+	}
 	var results []pubsub.Result
-	addr, err := l.d.picker.pick(ctx, rec.Service)
+	var addr string
+	var err error
+	if rec.Instance != "" {
+		addr, err = l.pickInstance(ctx, rec)
+		if errors.Is(err, errInstanceGone) {
+			l.finishGone(live, rec, log)
+			return
+		}
+	} else {
+		addr, err = l.d.picker.pick(ctx, rec.Service)
+	}
 	if err == nil {
 		// A batch may wait behind another for the app's slots.
 		results, err = send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
@@ -336,7 +354,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 			continue
 		case pubsub.Success, pubsub.Drop:
 			finished = append(finished, it)
-			updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
+			updates = append(updates, store.Update{Seq: it.seq, Group: rec.target(), Attempts: int(it.attempts), Done: true})
 			if m != nil {
 				m.Outcomes.WithLabelValues(rec.Topic, rec.Group, r.Outcome.String()).Inc()
 			}
@@ -344,7 +362,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 		case pubsub.Retry:
 			if int(it.attempts) < rec.MaxAttempts {
 				retries = append(retries, next{it, rec.policy().Delay(int(it.attempts), r.RetryAfter)})
-				updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts)})
+				updates = append(updates, store.Update{Seq: it.seq, Group: rec.target(), Attempts: int(it.attempts)})
 				continue
 			}
 			reason = "max_attempts"
@@ -358,7 +376,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 			continue
 		}
 		finished = append(finished, it)
-		updates = append(updates, store.Update{Seq: it.seq, Group: rec.Group, Attempts: int(it.attempts), Done: true})
+		updates = append(updates, store.Update{Seq: it.seq, Group: rec.target(), Attempts: int(it.attempts), Done: true})
 		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Ordering: it.key, Body: body})
 		if m != nil {
 			m.Outcomes.WithLabelValues(rec.Topic, rec.Group, "deadletter").Inc()

@@ -61,4 +61,33 @@ func (p *picker) pick(ctx context.Context, service string) (string, error) {
 	return pk.Endpoint.Addr, nil
 }
 
+// instances returns the IDs of service's live instances.
+func (p *picker) instances(ctx context.Context, service string) ([]string, error) {
+	w, err := p.cache.Watch(ctx, service)
+	if err != nil {
+		return nil, err
+	}
+	eps := w.Snapshot().Endpoints
+	ids := make([]string, len(eps))
+	for i := range eps {
+		ids[i] = eps[i].ID
+	}
+	return ids, nil
+}
+
+// instance returns the address of service's live instance id; ok is false
+// when it is not live.
+func (p *picker) instance(ctx context.Context, service, id string) (addr string, ok bool, err error) {
+	w, err := p.cache.Watch(ctx, service)
+	if err != nil {
+		return "", false, err
+	}
+	for _, e := range w.Snapshot().Endpoints {
+		if e.ID == id {
+			return e.Addr, true, nil
+		}
+	}
+	return "", false, nil
+}
+
 func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }

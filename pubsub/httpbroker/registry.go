@@ -12,6 +12,7 @@ import (
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/pubsub"
 )
 
@@ -34,7 +35,22 @@ type Record struct {
 	MaxBackoff  time.Duration `json:"max_backoff"`
 	DeadLetter  string        `json:"dead_letter_topic"`
 	Ordering    string        `json:"ordering"` // none or per_key
+	// Instance, set on the records of a broadcast group's per-instance
+	// lanes only, is the instance (Consul service ID) the lane delivers to.
+	Instance string `json:"-"`
 }
+
+// target is the name a lane and the stored delivery state use: the group,
+// or "group@instance" for one instance of a broadcast group.
+func (r *Record) target() string {
+	if r.Instance != "" {
+		return r.Group + "@" + r.Instance
+	}
+	return r.Group
+}
+
+// broadcast reports whether r is a broadcast group's fan-out record.
+func (r *Record) broadcast() bool { return r.Delivery == config.DeliveryBroadcast && r.Instance == "" }
 
 func (r *Record) policy() pubsub.Policy {
 	return pubsub.Policy{MaxAttempts: r.MaxAttempts, Backoff: r.Backoff, MaxBackoff: r.MaxBackoff}
