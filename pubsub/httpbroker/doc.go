@@ -26,6 +26,10 @@
 // (the peer is draining, the app is unhealthy, the peer went away) is not an
 // attempt; it is sent again, usually to another instance.
 //
+// Ordering per_key: a lane sends the messages of one ordering key one at a
+// time, earliest first; a message holds its key from its first send until
+// its final outcome (lane.takeOrdered). Broadcast groups: see broadcast.go.
+//
 // Nothing here holds a message only in memory: the in-memory lanes are an
 // index over the store, rebuilt by Load after a restart.
 package httpbroker

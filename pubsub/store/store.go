@@ -256,7 +256,7 @@ func deleteMessage(ob, st *bolt.Bucket, seq uint64) error {
 	}
 	c := st.Cursor()
 	prefix := seqKey(seq)
-	for k, _ := c.Seek(prefix); k != nil && len(k) >= 8 && string(k[:8]) == string(prefix); k, _ = c.Seek(prefix) {
+	for k, _ := c.Seek(prefix); len(k) >= 8 && string(k[:8]) == string(prefix); k, _ = c.Seek(prefix) {
 		if err := c.Delete(); err != nil {
 			return err
 		}
