@@ -269,7 +269,7 @@ type GroupStatus struct {
 
 // Status is the dispatcher's state for /status.
 type Status struct {
-	Outbox        int           `json:"outbox"`
+	Outbox        int           `json:"outbox"` // messages in the store
 	OldestSeconds float64       `json:"oldest_pending_seconds"`
 	Unassigned    int           `json:"waiting_for_subscriptions"`
 	Groups        []GroupStatus `json:"groups"`
@@ -280,7 +280,7 @@ type Status struct {
 func (d *Dispatcher) Status() Status {
 	now := d.now()
 	d.mu.Lock()
-	s := Status{Outbox: len(d.msgs), Unassigned: len(d.waiting)}
+	s := Status{Outbox: d.store.Pending(), Unassigned: len(d.waiting)}
 	for _, p := range d.msgs {
 		s.OldestSeconds = max(s.OldestSeconds, age(now, p.at))
 	}
