@@ -94,7 +94,10 @@ func Open(dir string, opts Options) (*Store, error) {
 		Timeout:        2 * time.Second, // another process holds the file
 		NoFreelistSync: true,
 		FreelistType:   bolt.FreelistMapType,
-		NoSync:         opts.NoSync,
+		// Address space only: no remap (which waits for every reader)
+		// until the file passes 256MiB.
+		InitialMmapSize: 256 << 20,
+		NoSync:          opts.NoSync,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
