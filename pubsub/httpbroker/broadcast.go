@@ -30,10 +30,11 @@ var errInstanceGone = errors.New("instance not live")
 // instance.
 func (l *lane) fanOut(ctx context.Context, batch []item, rec Record, log *zap.Logger) {
 	ids, err := l.d.picker.instances(ctx, rec.Service)
-	if err != nil || len(ids) == 0 {
-		for _, it := range batch {
-			l.requeue(it)
-		}
+	if err == nil && len(ids) == 0 {
+		err = errors.New("no live instance")
+	}
+	if err != nil {
+		l.pause(batch, err, log)
 		return
 	}
 	d := l.d

@@ -20,6 +20,10 @@ const (
 	lanesInFlight = 8
 	// maxBatch bounds the messages in one batch, whatever max_in_flight is.
 	maxBatch = 256
+	// pauseDelay is a lane's first pause when no instance can be reached;
+	// it doubles to maxPauseDelay.
+	pauseDelay    = 100 * time.Millisecond
+	maxPauseDelay = 2 * time.Second
 	// requeueDelay is the first wait before sending a message that never
 	// reached an app again; it doubles to maxRequeueDelay.
 	requeueDelay    = 100 * time.Millisecond

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -71,6 +72,10 @@ type lane struct {
 	// ordering per_key: from its first send until its final outcome no
 	// other message of the key is sent.
 	held map[string]uint64
+	// pauseUntil (unix nanoseconds) stops take until then; pauses counts
+	// the pauses in a row.
+	pauseUntil int64
+	pauses     int
 	// goneSince is when a broadcast instance's lane first found its
 	// instance missing from the live set; 0 while it is live.
 	goneSince int64
@@ -116,6 +121,9 @@ func (l *lane) take() ([]item, Record, time.Time) {
 	defer l.mu.Unlock()
 	for len(l.retry) > 0 && l.retry[0].due <= now.UnixNano() {
 		l.ready = append(l.ready, heap.Pop(&l.retry).(item))
+	}
+	if now.UnixNano() < l.pauseUntil {
+		return nil, l.rec, time.Unix(0, l.pauseUntil)
 	}
 	n := batchSize(l.rec.MaxInFlight)
 	if len(l.ready) == 0 {
@@ -239,6 +247,26 @@ func (l *lane) wait(ctx context.Context, next time.Time) bool {
 // message's outcome.
 func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 	log := l.d.log.With(zap.String("topic", rec.Topic), zap.String("group", rec.Group))
+	if rec.broadcast() {
+		l.fanOut(ctx, batch, rec, log)
+		return
+	}
+	// The instance first: while none is live the messages stay on disk.
+	var addr string
+	var err error
+	if rec.Instance != "" {
+		addr, err = l.pickInstance(ctx, rec)
+		if errors.Is(err, errInstanceGone) {
+			l.finishGone(batch, rec, log)
+			return
+		}
+	} else {
+		addr, err = l.d.picker.pick(ctx, rec.Service)
+	}
+	if err != nil {
+		l.pause(batch, err, log)
+		return
+	}
 	req := &deliverRequest{Topic: rec.Topic, Group: rec.Group, Messages: make([]peerMessage, 0, len(batch))}
 	bodies := make([][]byte, 0, len(batch))
 	live := batch[:0:0]
@@ -262,36 +290,52 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 	if len(live) == 0 {
 		return
 	}
-	if rec.broadcast() {
-		l.fanOut(ctx, live, rec, log)
-		return
-	}
-	var results []pubsub.Result
-	var addr string
-	var err error
-	if rec.Instance != "" {
-		addr, err = l.pickInstance(ctx, rec)
-		if errors.Is(err, errInstanceGone) {
-			l.finishGone(live, rec, log)
-			return
-		}
-	} else {
-		addr, err = l.d.picker.pick(ctx, rec.Service)
-	}
-	if err == nil {
-		// A batch may wait behind another for the app's slots.
-		results, err = send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
-	}
+	// A batch may wait behind another for the app's slots.
+	results, err := send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Debug("batch not delivered", zap.String("peer", addr), zap.Int("messages", len(live)), zap.Error(err))
 		}
-		for _, it := range live {
-			l.requeue(it)
-		}
+		l.pause(live, err, log)
 		return
 	}
+	l.resume()
 	l.record(rec, live, bodies, results, log)
+}
+
+// pause puts a batch that could not be sent (no live instance, the peer
+// unreachable) back at the head of the lane, and stops the lane for
+// pauseDelay doubling to maxPauseDelay: a group that is down costs
+// nothing but a timer, whatever its backlog. Not an attempt.
+func (l *lane) pause(batch []item, err error, log *zap.Logger) {
+	now := l.d.now()
+	l.mu.Lock()
+	for _, it := range batch {
+		delete(l.inflight, it.seq)
+	}
+	l.ready = append(slices.Clone(batch), l.ready...)
+	d := pauseDelay
+	for i := 0; i < l.pauses && d < maxPauseDelay; i++ {
+		d *= 2
+	}
+	d = min(d, maxPauseDelay)
+	if until := now.Add(d).UnixNano(); until > l.pauseUntil {
+		l.pauseUntil = until
+	}
+	l.pauses++
+	first := l.pauses == 1
+	l.mu.Unlock()
+	if first {
+		log.Debug("lane paused", zap.Duration("for", d), zap.Error(err))
+	}
+	l.signal()
+}
+
+// resume ends the doubling of pauses after a batch got through.
+func (l *lane) resume() {
+	l.mu.Lock()
+	l.pauses = 0
+	l.mu.Unlock()
 }
 
 // requeue schedules an item that did not reach the app; not an attempt.

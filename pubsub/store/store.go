@@ -34,7 +34,8 @@ var (
 )
 
 var (
-	bucketOutbox   = []byte("outbox")    // seq → topic length, topic, ordering key length, key, body
+	bucketOutbox   = []byte("outbox")    // seq → body
+	bucketMeta     = []byte("meta")      // seq → topic length, topic, ordering key length, key
 	bucketState    = []byte("state")     // seq, group → attempts (4), done (1)
 	bucketDedup    = []byte("dedup")     // key → expiry (8), seq (8)
 	bucketDedupExp = []byte("dedup_exp") // expiry (8), key → nothing
@@ -104,12 +105,12 @@ func Open(dir string, opts Options) (*Store, error) {
 	}
 	var n int
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketOutbox, bucketState, bucketDedup, bucketDedupExp} {
+		for _, b := range [][]byte{bucketOutbox, bucketMeta, bucketState, bucketDedup, bucketDedupExp} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		n = tx.Bucket(bucketOutbox).Stats().KeyN
+		n = tx.Bucket(bucketMeta).Stats().KeyN // small records: no body is read
 		return nil
 	})
 	if err != nil {
@@ -182,14 +183,14 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 	now := s.opts.Now()
 	err := s.do(func(tx *bolt.Tx) error {
 		added, deleted = 0, 0
-		ob, st := tx.Bucket(bucketOutbox), tx.Bucket(bucketState)
+		ob, mb, st := tx.Bucket(bucketOutbox), tx.Bucket(bucketMeta), tx.Bucket(bucketState)
 		dd, de := tx.Bucket(bucketDedup), tx.Bucket(bucketDedupExp)
 		for _, u := range updates {
 			if u.Delete {
-				if ob.Get(seqKey(u.Seq)) != nil {
+				if mb.Get(seqKey(u.Seq)) != nil {
 					deleted++
 				}
-				if err := deleteMessage(ob, st, u.Seq); err != nil {
+				if err := deleteMessage(ob, mb, st, u.Seq); err != nil {
 					return err
 				}
 				continue
@@ -217,13 +218,15 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 			if len(e.Topic) > 255 || len(e.Ordering) > 255 {
 				return fmt.Errorf("topic or ordering key longer than 255 bytes")
 			}
-			v := make([]byte, 0, 2+len(e.Topic)+len(e.Ordering)+len(e.Body))
-			v = append(v, byte(len(e.Topic)))
-			v = append(v, e.Topic...)
-			v = append(v, byte(len(e.Ordering)))
-			v = append(v, e.Ordering...)
-			v = append(v, e.Body...)
-			if err := ob.Put(seqKey(seq), v); err != nil {
+			meta := make([]byte, 0, 2+len(e.Topic)+len(e.Ordering))
+			meta = append(meta, byte(len(e.Topic)))
+			meta = append(meta, e.Topic...)
+			meta = append(meta, byte(len(e.Ordering)))
+			meta = append(meta, e.Ordering...)
+			if err := mb.Put(seqKey(seq), meta); err != nil {
+				return err
+			}
+			if err := ob.Put(seqKey(seq), e.Body); err != nil {
 				return err
 			}
 			added++
@@ -253,8 +256,11 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 	return out, nil
 }
 
-func deleteMessage(ob, st *bolt.Bucket, seq uint64) error {
+func deleteMessage(ob, mb, st *bolt.Bucket, seq uint64) error {
 	if err := ob.Delete(seqKey(seq)); err != nil {
+		return err
+	}
+	if err := mb.Delete(seqKey(seq)); err != nil {
 		return err
 	}
 	c := st.Cursor()
@@ -271,11 +277,12 @@ func deleteMessage(ob, st *bolt.Bucket, seq uint64) error {
 // ok is false when there is no such message.
 func (s *Store) Get(seq uint64) (topic string, body []byte, ok bool, err error) {
 	err = s.db.View(func(tx *bolt.Tx) error {
-		v := tx.Bucket(bucketOutbox).Get(seqKey(seq))
-		if v == nil {
+		v := tx.Bucket(bucketMeta).Get(seqKey(seq))
+		b := tx.Bucket(bucketOutbox).Get(seqKey(seq))
+		if v == nil || b == nil {
 			return nil
 		}
-		t, _, b, derr := decodeValue(v)
+		t, _, derr := decodeMeta(v)
 		if derr != nil {
 			return fmt.Errorf("message %d: %w", seq, derr)
 		}
@@ -299,10 +306,10 @@ func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[stri
 	return s.db.View(func(tx *bolt.Tx) error {
 		sc := tx.Bucket(bucketState).Cursor()
 		sk, sv := sc.First()
-		c := tx.Bucket(bucketOutbox).Cursor()
+		c := tx.Bucket(bucketMeta).Cursor()
 		for k, v := c.First(); k != nil; k, v = c.Next() {
 			seq := binary.BigEndian.Uint64(k)
-			topic, ordering, _, err := decodeValue(v)
+			topic, ordering, err := decodeMeta(v)
 			if err != nil {
 				return fmt.Errorf("message %d: %w", seq, err)
 			}
@@ -324,20 +331,19 @@ func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[stri
 	})
 }
 
-func decodeValue(v []byte) (topic, ordering string, body []byte, err error) {
+func decodeMeta(v []byte) (topic, ordering string, err error) {
 	if len(v) < 1 || len(v) < 2+int(v[0]) {
-		return "", "", nil, errors.New("corrupt record")
+		return "", "", errors.New("corrupt record")
 	}
 	n := int(v[0])
 	topic, v = string(v[1:1+n]), v[1+n:]
-	if len(v) < 1+int(v[0]) {
-		return "", "", nil, errors.New("corrupt record")
+	if len(v) != 1+int(v[0]) {
+		return "", "", errors.New("corrupt record")
 	}
-	n = int(v[0])
-	if n > 0 {
-		ordering = string(v[1 : 1+n])
+	if n = int(v[0]); n > 0 {
+		ordering = string(v[1:])
 	}
-	return topic, ordering, v[1+n:], nil
+	return topic, ordering, nil
 }
 
 func seqKey(seq uint64) []byte {
