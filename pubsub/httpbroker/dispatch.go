@@ -221,6 +221,7 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 		p.open++
 		d.laneLocked(r).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at, key: p.ordering})
 	}
+	p.groups = nil // the lanes have it now
 	if p.open == 0 {
 		delete(d.msgs, seq)
 		d.wg.Add(1)

@@ -142,8 +142,11 @@ func (l *lane) take() ([]item, Record, time.Time) {
 		copy(batch, l.ready[:n])
 		l.ready = l.ready[n:]
 	}
-	if len(l.ready) == 0 {
+	switch {
+	case len(l.ready) == 0:
 		l.ready = nil // let the backing array go
+	case cap(l.ready) >= 4096 && len(l.ready) < cap(l.ready)/4:
+		l.ready = slices.Clone(l.ready) // drop the taken prefix
 	}
 	for _, it := range batch {
 		l.inflight[it.seq] = it.at
