@@ -1,18 +1,26 @@
 package httpbroker
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
 func post(t *testing.T, url, key, body string) int {
@@ -216,4 +224,57 @@ func TestOrderingPerKey(t *testing.T) {
 			t.Errorf("key %s succeeded in the order %v, want its 15 messages in publish order", k, got)
 		}
 	}
+}
+
+// downKV fails every List until up is set, as Consul does during an
+// outage.
+type downKV struct {
+	*fakeKV
+	up atomic.Bool
+}
+
+func (k *downKV) List(prefix string, q *api.QueryOptions) (api.KVPairs, *api.QueryMeta, error) {
+	if !k.up.Load() {
+		return nil, nil, errors.New("connection refused")
+	}
+	return k.fakeKV.List(prefix, q)
+}
+
+// TestPublishBeforeSubscriptionsKnown: while Consul cannot say which groups
+// exist, published messages are stored and answered 204, then delivered
+// once the subscriptions are known.
+func TestPublishBeforeSubscriptionsKnown(t *testing.T) {
+	t.Parallel()
+	var got atomic.Int32
+	app := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { got.Add(1) }))
+	t.Cleanup(app.Close)
+	sub := pubsub.Subscription{Topic: "orders", Group: "billing", Route: "/o", ContentMode: "raw", MaxInFlight: 8, Timeout: 5 * time.Second}
+	peer := httptest.NewServer(NewServer(pubsub.NewApp(strings.TrimPrefix(app.URL, "http://"), []pubsub.Subscription{sub}, nil, nil, zap.NewNop()), zap.NewNop()))
+	t.Cleanup(peer.Close)
+	static, _ := discovery.NewStatic(map[string][]string{ServiceName("billing"): {strings.TrimPrefix(peer.URL, "http://")}})
+	cache := discovery.NewCache(static, discovery.CacheOptions{}, zap.NewNop())
+	t.Cleanup(cache.Close)
+	st, err := store.Open(t.TempDir(), store.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	kv := &downKV{fakeKV: newFakeKV(benchRecord("orders", "billing"))}
+	d := NewDispatcher(st, kv, cache, DispatcherOptions{}, zap.NewNop())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); d.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	pubAPI := httptest.NewServer(pubsub.NewAPI(d, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop()))
+	t.Cleanup(pubAPI.Close)
+	for i := range 10 {
+		if code := post(t, pubAPI.URL, fmt.Sprint("k", i), `{}`); code != 204 {
+			t.Fatalf("publish with Consul down = %d, want 204", code)
+		}
+	}
+	if s := d.Status(); s.Outbox != 10 || s.Unassigned != 10 || got.Load() != 0 {
+		t.Fatalf("Status() = %+v with %d delivered, want 10 stored and waiting, none delivered", s, got.Load())
+	}
+	kv.up.Store(true)
+	waitFor(t, 15*time.Second, "delivery once Consul answers", func() bool { return got.Load() == 10 && st.Pending() == 0 })
 }
