@@ -145,8 +145,9 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 	key := r.Header.Get("Idempotency-Key")
 	m, status, code, err := a.message(topic, key, ct, body, structured)
 	if err == nil {
-		err = m.setOrdering(r.Header.Get("Sidecar-Ordering-Key"))
-		status, code = http.StatusBadRequest, errBadRequest
+		if err = m.setOrdering(r.Header.Get("Sidecar-Ordering-Key")); err != nil {
+			status, code = http.StatusBadRequest, errBadRequest
+		}
 	}
 	if err != nil {
 		a.metrics.published(topic, "invalid")
@@ -266,8 +267,9 @@ func (a *API) bulk(w http.ResponseWriter, r *http.Request) {
 		key := e.Metadata["idempotencyKey"]
 		m, status, code, err := a.message(topic, key, ct, data, structured)
 		if err == nil {
-			err = m.setOrdering(e.Metadata["orderingKey"])
-			status, code = http.StatusBadRequest, errBadRequest
+			if err = m.setOrdering(e.Metadata["orderingKey"]); err != nil {
+				status, code = http.StatusBadRequest, errBadRequest
+			}
 		}
 		if err != nil {
 			a.metrics.published(topic, "invalid")
