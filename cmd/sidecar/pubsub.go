@@ -130,8 +130,11 @@ func newGroupRegistrar(s *config.Service, group, host string, port int, agent *a
 }
 
 // start runs the dispatcher, the group registrations and the announcement
-// of the subscriptions until stop.
+// of the subscriptions until stop. A nil runtime (pub/sub off) does nothing.
 func (rt *pubsubRuntime) start() {
+	if rt == nil {
+		return
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	rt.cancel, rt.done = cancel, make(chan struct{})
 	n := 1 + len(rt.registrars)
@@ -153,6 +156,28 @@ func (rt *pubsubRuntime) start() {
 		}
 		close(rt.done)
 	}()
+}
+
+// beginDrain starts drain, bounded by service.drain (at least 1s; 5s for a
+// client-only sidecar), and returns a channel closed when it is over: the
+// app must run until then. Nil-safe.
+func (rt *pubsubRuntime) beginDrain(svc *config.Service) <-chan struct{} {
+	done := make(chan struct{})
+	if rt == nil {
+		close(done)
+		return done
+	}
+	d := 5 * time.Second
+	if svc != nil {
+		d = max(svc.Drain, time.Second)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	go func() {
+		defer close(done)
+		defer cancel()
+		rt.drain(ctx)
+	}()
+	return done
 }
 
 // drain deregisters the group endpoints, so peers stop sending, answers
@@ -177,8 +202,11 @@ func (rt *pubsubRuntime) drain(ctx context.Context) {
 }
 
 // stop ends the dispatcher and closes the store; call it after the
-// listeners have shut down.
+// listeners have shut down. Nil-safe.
 func (rt *pubsubRuntime) stop() {
+	if rt == nil {
+		return
+	}
 	if rt.cancel != nil {
 		rt.cancel()
 		<-rt.done

@@ -125,9 +125,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		}()
 	}
 
-	if ps != nil {
-		ps.start()
-	}
+	ps.start()
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
 	if registrar != nil {
@@ -163,19 +161,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	stopNotify()
 	<-notifyDone
 	notifyStopping(log)
-	drainDone := make(chan struct{})
-	if ps != nil {
-		// Peers stop sending to the group endpoints; deliveries in flight
-		// finish while the app still runs (within service.drain).
-		drain := 5 * time.Second
-		if cfg.Service != nil {
-			drain = max(cfg.Service.Drain, time.Second)
-		}
-		dctx, cancel := context.WithTimeout(context.Background(), drain)
-		go func() { defer close(drainDone); defer cancel(); ps.drain(dctx) }()
-	} else {
-		close(drainDone)
-	}
+	drainDone := ps.beginDrain(cfg.Service)
 	if registrar != nil {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := registrar.Deregister(dctx); err != nil {
@@ -203,9 +189,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 		}
 	}
 	wg.Wait()
-	if ps != nil {
-		ps.stop()
-	}
+	ps.stop()
 	log.Info("stopped")
 	return failure
 }
