@@ -25,6 +25,7 @@ import (
 type pubsubRuntime struct {
 	cfg        *config.Config
 	store      *store.Store
+	broker     pubsub.Broker // the http broker's dispatcher
 	dispatcher *httpbroker.Dispatcher
 	app        *pubsub.App // nil without subscriptions
 	registrars []*heartbeat.Registrar
@@ -58,12 +59,12 @@ func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, r
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_pubsub_outbox_oldest_seconds", Help: "Age of the oldest message in the outbox."},
 			func() float64 { return d.Status().OldestSeconds }),
 	)
-	rt := &pubsubRuntime{cfg: cfg, store: st, dispatcher: d, consul: consul, log: log}
+	rt := &pubsubRuntime{cfg: cfg, store: st, broker: d, dispatcher: d, consul: consul, log: log}
 	source := pubsub.DefaultSource
 	if cfg.Service != nil {
 		source = cfg.Service.Name
 	}
-	apiHandler := pubsub.NewAPI(d, pubsub.APIOptions{Name: ps.Name, Source: source, MaxBytes: ps.MaxMessageBytesN, Metrics: metrics}, log.Named("pubsub"))
+	apiHandler := pubsub.NewAPI(rt.broker, pubsub.APIOptions{Name: ps.Name, Source: source, MaxBytes: ps.MaxMessageBytesN, Metrics: metrics}, log.Named("pubsub"))
 	s, err := bind(ps.Listen, apiHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		_ = st.Close()
@@ -139,7 +140,7 @@ func (rt *pubsubRuntime) start() {
 	rt.cancel, rt.done = cancel, make(chan struct{})
 	n := 1 + len(rt.registrars)
 	finished := make(chan struct{}, n+1)
-	go func() { rt.dispatcher.Run(ctx); finished <- struct{}{} }()
+	go func() { rt.broker.Run(ctx); finished <- struct{}{} }()
 	for _, r := range rt.registrars {
 		go func() { r.Run(ctx); finished <- struct{}{} }()
 	}

@@ -303,3 +303,5 @@ func (d *Dispatcher) Status() Status {
 	})
 	return s
 }
+
+var _ pubsub.Broker = (*Dispatcher)(nil)
