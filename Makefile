@@ -6,7 +6,7 @@ CONSUL_VERSION := v1.22.0
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul h2spec systemd-analyze test test-short lint bench pgo demo clean
+.PHONY: all build consul h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub clean
 
 all: build
 
@@ -14,6 +14,7 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/sidecar ./cmd/sidecar
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/echo ./examples/echo
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/loadgen ./examples/loadgen
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/orders ./examples/orders
 
 # bin/consul: consul from PATH when there is one, else the pinned version
 # built from tools/consul (about 6 minutes cold on 2 cores; cached after).
@@ -76,6 +77,11 @@ pgo:
 
 demo: consul build
 	./examples/demo.sh
+
+# The pub/sub order flow: two consumers sharing a group, a second group,
+# one subscriber's sidecar killed mid-stream, and the count of lost orders.
+demo-pubsub: consul build
+	./examples/pubsub-demo.sh
 
 clean:
 	rm -rf bin

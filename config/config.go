@@ -66,6 +66,10 @@ type Config struct {
 	Discovery Discovery  `yaml:"discovery"`
 	Proxy     Proxy      `yaml:"proxy"`
 	Upstreams []Upstream `yaml:"upstreams"`
+	// PubSub is the publish API and broker; off unless pubsub.listen is set.
+	PubSub PubSub `yaml:"pubsub"`
+	// Subscriptions are the topics the local app receives.
+	Subscriptions []Subscription `yaml:"subscriptions"`
 }
 
 // Service describes the local app and how the sidecar keeps its Consul
@@ -302,6 +306,7 @@ func defaults() *Config {
 			Resilience:     defaultResilience(),
 			MaxHeaderBytes: 60 << 10,
 		},
+		PubSub: defaultPubSub(),
 	}
 }
 

@@ -116,7 +116,8 @@ func TestParseValid(t *testing.T) {
 						Backend: "consul", CacheSize: 1024,
 						IdleTimeout: 10 * time.Minute, ResolveTimeout: 2 * time.Second,
 					},
-					Proxy: Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
+					Proxy:  Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
+					PubSub: PubSub{Name: "pubsub", Broker: "http", MaxMessageBytes: "1MiB", MaxMessageBytesN: 1 << 20},
 				}
 				if !reflect.DeepEqual(c, want) {
 					t.Errorf("Parse(\"\") = %+v, want %+v", c, want)

@@ -39,6 +39,8 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 		p.resolveRun(s.Run, getenv)
 	}
 
+	p.resolvePubSub(c)
+
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]
 		path := fmt.Sprintf("upstreams[%d]", i)

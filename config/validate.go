@@ -35,6 +35,7 @@ func (p *parser) validate(c *Config) {
 	for i := range c.Upstreams {
 		p.validateUpstream(fmt.Sprintf("upstreams[%d]", i), &c.Upstreams[i], &c.Discovery)
 	}
+	p.validatePubSub(c)
 	p.listenConflicts(c)
 }
 
@@ -258,6 +259,8 @@ func (p *parser) listenConflicts(c *Config) {
 	}
 	add("admin.listen", c.Admin.Listen)
 	add("proxy.listen", c.Proxy.Listen)
+	add("pubsub.listen", c.PubSub.Listen)
+	add("pubsub.http.listen", c.PubSub.HTTP.Listen)
 	for i, u := range c.Upstreams {
 		add(fmt.Sprintf("upstreams[%d].listen", i), u.Listen)
 	}

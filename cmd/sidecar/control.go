@@ -15,6 +15,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/proxy"
+	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
 	"github.com/sidecarlb/sidecar/supervisor"
 )
 
@@ -285,6 +286,25 @@ func printStatus(w io.Writer, doc map[string]json.RawMessage) {
 				fmt.Fprintln(w)
 			}
 		}
+	}
+	if raw, ok := doc["pubsub"]; ok {
+		printPubSub(w, raw)
+	}
+}
+
+// printPubSub prints the outbox and each topic and group's backlog.
+func printPubSub(w io.Writer, raw json.RawMessage) {
+	var s httpbroker.Status
+	if json.Unmarshal(raw, &s) != nil {
+		return
+	}
+	fmt.Fprintf(w, "pubsub     outbox %d, oldest %v", s.Outbox, seconds(s.OldestSeconds))
+	if s.Unassigned > 0 {
+		fmt.Fprintf(w, ", %d waiting for the subscriptions from Consul", s.Unassigned)
+	}
+	fmt.Fprintln(w)
+	for _, g := range s.Groups {
+		fmt.Fprintf(w, "  %s → %s: %d pending, %d in flight, oldest %v\n", g.Topic, g.Group, g.Pending, g.InFlight, seconds(g.OldestSeconds))
 	}
 }
 

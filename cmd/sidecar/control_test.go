@@ -13,6 +13,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/heartbeat"
+	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
 	"github.com/sidecarlb/sidecar/supervisor"
 )
 
@@ -30,6 +31,7 @@ func fakeAdmin(t *testing.T, token string) *httptest.Server {
 			"service": heartbeat.Status{ServiceID: "web-1", Registered: true, CheckStatus: "passing", Output: "GET /health: 200 OK"},
 			"upstreams": []map[string]any{{"listener": "127.0.0.1:15002", "service": "db", "balancer": "round_robin",
 				"endpoints": []map[string]any{{"id": "db-1", "addr": "10.0.0.1:5432"}, {"id": "db-2", "addr": "10.0.0.2:5432"}}}},
+			"pubsub": httpbroker.Status{Outbox: 7, OldestSeconds: 3, Groups: []httpbroker.GroupStatus{{Topic: "orders", Group: "billing", Pending: 7, InFlight: 2, OldestSeconds: 3}}},
 		})
 	})
 	post := func(path string, code int, res supervisor.Result) {
@@ -76,6 +78,8 @@ func TestControlCommands(t *testing.T) {
 			"last exit: exit status 1, 1m0s ago",
 			"service    web-1, registered, check passing: GET /health: 200 OK",
 			"127.0.0.1:15002 → db (round_robin): 2 endpoints 10.0.0.1:5432, 10.0.0.2:5432",
+			"pubsub     outbox 7, oldest 3s",
+			"orders → billing: 7 pending, 2 in flight, oldest 3s",
 		}, nil},
 		{"status json", "", []string{"status", "-json", "-admin", addr}, exitOK, []string{`"pid":4242`}, nil},
 		{"restart with the config's token", "", []string{"restart", "-config", cfg}, exitOK,

@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/heartbeat"
 )
 
@@ -20,8 +21,9 @@ import (
 type drainer struct {
 	once      sync.Once
 	ready     *readiness
-	registrar *heartbeat.Registrar // nil for a client-only sidecar
-	wait      func() time.Duration // service.drain of the running config
+	registrar *heartbeat.Registrar   // nil for a client-only sidecar
+	pubsub    *pubsubRuntime         // nil without pub/sub
+	service   func() *config.Service // the running config's; nil for a client-only sidecar
 	log       *zap.Logger
 	res       drainResult // set inside once
 }
@@ -42,6 +44,10 @@ func (d *drainer) drain(sleep bool) drainResult {
 		start := time.Now()
 		d.ready.draining.Store(true)
 		d.res.OK = true
+		svc := d.service()
+		// Pub/sub stops taking deliveries and finishes those in flight
+		// (bounded by service.drain) while the service leaves the catalog.
+		pubsubDone := d.pubsub.beginDrain(svc)
 		if d.registrar != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			if err := d.registrar.Deregister(ctx); err != nil {
@@ -52,11 +58,12 @@ func (d *drainer) drain(sleep bool) drainResult {
 				d.res.Deregistered = d.registrar.ServiceID()
 			}
 			cancel()
-			if w := d.wait(); sleep && w > 0 {
-				d.log.Info("draining", zap.Duration("drain", w))
-				time.Sleep(w)
+			if sleep && svc != nil && svc.Drain > 0 {
+				d.log.Info("draining", zap.Duration("drain", svc.Drain))
+				time.Sleep(svc.Drain)
 			}
 		}
+		<-pubsubDone
 		d.res.Seconds = time.Since(start).Seconds()
 	})
 	return d.res

@@ -2,11 +2,11 @@ package main
 
 import (
 	"bytes"
+	"github.com/sidecarlb/sidecar/config"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
-	"time"
 
 	"go.uber.org/zap"
 )
@@ -16,7 +16,7 @@ import (
 func TestDrainClientOnly(t *testing.T) {
 	r := &readiness{}
 	r.started.Store(true)
-	d := &drainer{ready: r, log: zap.NewNop(), wait: func() time.Duration { return 0 }}
+	d := &drainer{ready: r, log: zap.NewNop(), service: func() *config.Service { return nil }}
 	rec := httptest.NewRecorder()
 	d.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, "/drain", nil))
 	if rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), `"ok":true`) || strings.Contains(rec.Body.String(), "deregistered") {

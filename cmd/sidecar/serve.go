@@ -88,6 +88,14 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		}
 		sections["app"] = func() any { return app.Status() }
 	}
+	var ps *pubsubRuntime
+	if cfg.PubSub.Enabled() {
+		if ps, err = newPubSub(cfg, consul, cache, reg, registrar, log); err != nil {
+			closeAll(servers)
+			return err
+		}
+		sections["pubsub"] = ps.status
+	}
 	ready := &readiness{registrar: registrar, cache: cache}
 	for _, u := range cfg.Upstreams {
 		ready.upstreams = append(ready.upstreams, u.Name)
@@ -108,13 +116,8 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		drainLog = log
 	}
 	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar}
-	rl.init(cfg, servers, reg)
-	drain := &drainer{ready: ready, registrar: registrar, log: drainLog, wait: func() time.Duration {
-		if s := rl.config().Service; s != nil {
-			return s.Drain
-		}
-		return 0
-	}}
+	rl.init(cfg, servers, reg) // the proxy listeners; pub/sub's are not reloaded
+	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: drainLog, service: func() *config.Service { return rl.config().Service }}
 	adminHandler.Handle("POST /reload", rl)
 	adminHandler.HandlePrivate("GET /config", admin.Document(func() (any, error) { return rl.config().Masked() }))
 	// GET too: a Kubernetes httpGet preStop hook can only GET.
@@ -126,6 +129,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		return fmt.Errorf("admin.listen: %w", err)
 	}
 	servers = append(servers, adminSrv)
+	if ps != nil {
+		servers = append(servers, ps.servers...)
+	}
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 1)
@@ -146,6 +152,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		start(s)
 	}
 
+	ps.start()
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
 	if registrar != nil {
@@ -184,6 +191,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	stopHUP()
 	<-hupDone
 	servers = append(rl.close(), adminSrv) // as the last reload left them
+	if ps != nil {
+		servers = append(servers, ps.servers...)
+	}
 	stopNotify()
 	<-notifyDone
 	notifyStopping(log)
@@ -202,6 +212,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		}
 	}
 	wg.Wait()
+	ps.stop()
 	log.Info("stopped")
 	return failure
 }

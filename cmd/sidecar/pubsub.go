@@ -1,0 +1,224 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/heartbeat"
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
+	"github.com/sidecarlb/sidecar/pubsub/store"
+)
+
+// pubsubRuntime is pub/sub wired up: the store, the publish API, the
+// dispatcher, and for a subscriber the peer listener, the delivery to the
+// app and one registration per group.
+type pubsubRuntime struct {
+	cfg        *config.Config
+	store      *store.Store
+	broker     pubsub.Broker // the http broker's dispatcher
+	dispatcher *httpbroker.Dispatcher
+	app        *pubsub.App // nil without subscriptions
+	registrars []*heartbeat.Registrar
+	records    []httpbroker.Record
+	consul     *api.Client
+	servers    []*server
+	log        *zap.Logger
+
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// newPubSub opens the store and binds the listeners; start runs the rest.
+// appRegistrar is the app's own registration, nil for a client-only
+// sidecar.
+func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, reg prometheus.Registerer, appRegistrar *heartbeat.Registrar, log *zap.Logger) (*pubsubRuntime, error) {
+	ps := &cfg.PubSub
+	st, err := store.Open(ps.DataDir, store.Options{})
+	if err != nil {
+		return nil, fmt.Errorf("pubsub.data_dir: %w", err)
+	}
+	metrics := pubsub.NewMetrics(reg)
+	d := httpbroker.NewDispatcher(st, consul.KV(), cache, httpbroker.DispatcherOptions{Metrics: metrics}, log.Named("broker"))
+	if err := d.Load(); err != nil {
+		_ = st.Close()
+		return nil, fmt.Errorf("pubsub.data_dir: load outbox: %w", err)
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_pubsub_outbox_messages", Help: "Messages in the outbox, waiting for a final outcome in some group."},
+			func() float64 { return float64(st.Pending()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_pubsub_outbox_oldest_seconds", Help: "Age of the oldest message in the outbox."},
+			func() float64 { return d.Status().OldestSeconds }),
+	)
+	rt := &pubsubRuntime{cfg: cfg, store: st, broker: d, dispatcher: d, consul: consul, log: log}
+	source := pubsub.DefaultSource
+	if cfg.Service != nil {
+		source = cfg.Service.Name
+	}
+	apiHandler := pubsub.NewAPI(rt.broker, pubsub.APIOptions{Name: ps.Name, Source: source, MaxBytes: ps.MaxMessageBytesN, Metrics: metrics}, log.Named("pubsub"))
+	s, err := bind(ps.Listen, apiHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+	if err != nil {
+		_ = st.Close()
+		return nil, fmt.Errorf("pubsub.listen: %w", err)
+	}
+	rt.servers = append(rt.servers, s)
+	if len(cfg.Subscriptions) == 0 {
+		return rt, nil
+	}
+
+	svc := cfg.Service
+	healthy := func() bool { return appRegistrar.Status().CheckStatus == api.HealthPassing }
+	var subs []pubsub.Subscription
+	groups := map[string]bool{}
+	for _, sub := range cfg.Subscriptions {
+		subs = append(subs, pubsub.Subscription{Topic: sub.Topic, Group: sub.Group, Route: sub.Route, ContentMode: sub.ContentMode, MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout})
+		rt.records = append(rt.records, httpbroker.Record{
+			Topic: sub.Topic, Group: sub.Group, Service: httpbroker.ServiceName(sub.Group), Delivery: sub.Delivery,
+			MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout, MaxAttempts: sub.Retry.MaxAttempts,
+			Backoff: sub.Retry.Backoff, MaxBackoff: sub.Retry.MaxBackoff, DeadLetter: sub.DeadLetterTopic,
+			Ordering: sub.Ordering,
+		})
+		groups[sub.Group] = true
+	}
+	rt.app = pubsub.NewApp(svc.ProbeAddr(), subs, healthy, metrics, log.Named("pubsub"))
+	s, err = bind(ps.HTTP.Listen, httpbroker.NewServer(rt.app, log.Named("broker")), cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+	if err != nil {
+		rt.closeListeners()
+		_ = st.Close()
+		return nil, fmt.Errorf("pubsub.http.listen: %w", err)
+	}
+	rt.servers = append(rt.servers, s)
+	host, portStr, err := net.SplitHostPort(ps.HTTP.Advertise)
+	if err != nil {
+		// No service.address: advertise no address, Consul gives the node's.
+		_, portStr, _ = net.SplitHostPort(ps.HTTP.Listen)
+	}
+	port, _ := strconv.Atoi(portStr)
+	for group := range groups {
+		rt.registrars = append(rt.registrars, newGroupRegistrar(svc, group, host, port, consul.Agent(), log.Named("heartbeat")))
+	}
+	return rt, nil
+}
+
+// newGroupRegistrar registers the peer listener as the group's service,
+// with a TTL check that follows the app's own probe.
+func newGroupRegistrar(s *config.Service, group, host string, port int, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
+	var probe heartbeat.Prober
+	if s.Check.HTTP != "" {
+		probe = heartbeat.HTTPProbe(s.Check.HTTP, s.Check.Timeout)
+	} else {
+		probe = heartbeat.TCPProbe(s.ProbeAddr(), s.Check.Timeout)
+	}
+	name := httpbroker.ServiceName(group)
+	return heartbeat.NewRegistrar(agent, heartbeat.Service{
+		ID: s.ID + "-" + name, Name: name, Address: host, Port: port,
+		Meta: map[string]string{"service": s.Name, "service_id": s.ID},
+	}, probe, heartbeat.Options{
+		Interval:                s.Check.Interval,
+		Timeout:                 s.Check.Timeout,
+		TTL:                     s.TTL,
+		DeregisterCriticalAfter: s.DeregisterCriticalAfter,
+	}, log.With(zap.String("group", group)))
+}
+
+// start runs the dispatcher, the group registrations and the announcement
+// of the subscriptions until stop. A nil runtime (pub/sub off) does nothing.
+func (rt *pubsubRuntime) start() {
+	if rt == nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	rt.cancel, rt.done = cancel, make(chan struct{})
+	n := 1 + len(rt.registrars)
+	finished := make(chan struct{}, n+1)
+	go func() { rt.broker.Run(ctx); finished <- struct{}{} }()
+	for _, r := range rt.registrars {
+		go func() { r.Run(ctx); finished <- struct{}{} }()
+	}
+	if len(rt.records) > 0 {
+		n++
+		go func() {
+			httpbroker.Announce(ctx, rt.consul.KV(), rt.records, 30*time.Second, rt.log.Named("broker"))
+			finished <- struct{}{}
+		}()
+	}
+	go func() {
+		for range n {
+			<-finished
+		}
+		close(rt.done)
+	}()
+}
+
+// beginDrain starts drain, bounded by service.drain (at least 1s; 5s for a
+// client-only sidecar), and returns a channel closed when it is over: the
+// app must run until then. Nil-safe.
+func (rt *pubsubRuntime) beginDrain(svc *config.Service) <-chan struct{} {
+	done := make(chan struct{})
+	if rt == nil {
+		close(done)
+		return done
+	}
+	d := 5 * time.Second
+	if svc != nil {
+		d = max(svc.Drain, time.Second)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	go func() {
+		defer close(done)
+		defer cancel()
+		rt.drain(ctx)
+	}()
+	return done
+}
+
+// drain deregisters the group endpoints, so peers stop sending, answers
+// every new delivery "not delivered" (the publisher sends it elsewhere),
+// and waits for the deliveries in flight until ctx ends.
+func (rt *pubsubRuntime) drain(ctx context.Context) {
+	drained := make(chan struct{})
+	go func() {
+		defer close(drained)
+		if rt.app != nil {
+			if err := rt.app.Drain(ctx); err != nil {
+				rt.log.Warn("deliveries still in flight at the end of the drain", zap.Error(err))
+			}
+		}
+	}()
+	for _, r := range rt.registrars {
+		if err := r.Deregister(ctx); err != nil {
+			rt.log.Warn("deregister group endpoint failed", zap.String("id", r.ServiceID()), zap.Error(err))
+		}
+	}
+	<-drained
+}
+
+// stop ends the dispatcher and closes the store; call it after the
+// listeners have shut down. Nil-safe.
+func (rt *pubsubRuntime) stop() {
+	if rt == nil {
+		return
+	}
+	if rt.cancel != nil {
+		rt.cancel()
+		<-rt.done
+	}
+	if err := rt.store.Close(); err != nil {
+		rt.log.Warn("close store", zap.Error(err))
+	}
+}
+
+func (rt *pubsubRuntime) closeListeners() {
+	closeAll(rt.servers)
+}
+
+func (rt *pubsubRuntime) status() any { return rt.dispatcher.Status() }

@@ -1,0 +1,188 @@
+package pubsub
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Subscription is one topic the local app receives, as the subscriber's
+// sidecar delivers it.
+type Subscription struct {
+	Topic       string
+	Group       string
+	Route       string // path on the app
+	ContentMode string // structured, binary or raw
+	MaxInFlight int
+	Timeout     time.Duration
+}
+
+// App delivers messages to the local app: POST service.address:port+route,
+// at most MaxInFlight at once per subscription, none while the app is
+// unhealthy or the sidecar is draining. Safe for concurrent use.
+type App struct {
+	base     string
+	client   *http.Client
+	healthy  func() bool
+	metrics  *Metrics
+	log      *zap.Logger
+	subs     map[subKey]*appSub
+	draining atomic.Bool
+	inflight sync.WaitGroup
+}
+
+type subKey struct{ topic, group string }
+
+type appSub struct {
+	Subscription
+	sem chan struct{}
+}
+
+// NewApp returns an App delivering to the app at addr (host:port). healthy
+// reports the app's check; nil means always healthy.
+func NewApp(addr string, subs []Subscription, healthy func() bool, metrics *Metrics, log *zap.Logger) *App {
+	a := &App{
+		base:    "http://" + addr,
+		client:  &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, IdleConnTimeout: 90 * time.Second, DialContext: (&net.Dialer{Timeout: 2 * time.Second}).DialContext}},
+		healthy: healthy,
+		metrics: metrics,
+		log:     log,
+		subs:    make(map[subKey]*appSub, len(subs)),
+	}
+	for _, s := range subs {
+		a.subs[subKey{s.Topic, s.Group}] = &appSub{Subscription: s, sem: make(chan struct{}, s.MaxInFlight)}
+	}
+	return a
+}
+
+// Has reports whether topic and group are subscribed here.
+func (a *App) Has(topic, group string) bool {
+	_, ok := a.subs[subKey{topic, group}]
+	return ok
+}
+
+// Drain stops new deliveries (they answer NotDelivered) and waits for those
+// in flight, until ctx ends.
+func (a *App) Drain(ctx context.Context) error {
+	a.draining.Store(true)
+	done := make(chan struct{})
+	go func() { a.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		select {
+		case <-done:
+			return nil
+		default:
+			return ctx.Err()
+		}
+	}
+}
+
+// Deliver delivers m, the attempt-th attempt, to the app. It waits for one
+// of the subscription's MaxInFlight slots while ctx lasts; once the app has
+// the request, the delivery runs to its own timeout even if ctx ends.
+func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int) Result {
+	s, ok := a.subs[subKey{m.Topic, group}]
+	switch {
+	case !ok:
+		return Result{Outcome: NotDelivered, Reason: "not subscribed here"}
+	case a.draining.Load():
+		return Result{Outcome: NotDelivered, Reason: "draining"}
+	case a.healthy != nil && !a.healthy():
+		return Result{Outcome: NotDelivered, Reason: "app unhealthy"}
+	}
+	select {
+	case s.sem <- struct{}{}:
+	case <-ctx.Done():
+		return Result{Outcome: NotDelivered, Reason: "gave up waiting for a slot"}
+	}
+	defer func() { <-s.sem }()
+	a.inflight.Add(1)
+	defer a.inflight.Done()
+	if a.draining.Load() {
+		return Result{Outcome: NotDelivered, Reason: "draining"}
+	}
+	var g interface {
+		Inc()
+		Dec()
+	}
+	if a.metrics != nil {
+		g = a.metrics.InFlight.WithLabelValues(m.Topic, group)
+		g.Inc()
+		defer g.Dec()
+	}
+	r := a.post(context.WithoutCancel(ctx), s, m, attempt)
+	if a.metrics != nil {
+		a.metrics.Delivered.WithLabelValues(m.Topic, group, r.Outcome.String()).Inc()
+	}
+	return r
+}
+
+func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Result {
+	ctx, cancel := context.WithTimeout(ctx, s.Timeout)
+	defer cancel()
+	var body []byte
+	ct := m.DataContentType
+	if s.ContentMode == "structured" {
+		body, ct = m.Structured(), "application/cloudevents+json"
+	} else {
+		body = m.Data
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+s.Route, bytes.NewReader(body))
+	if err != nil {
+		return Result{Outcome: DeadLetter, Reason: "bad request: " + err.Error()}
+	}
+	req.Header.Set("Content-Type", ct)
+	req.Header.Set("Sidecar-Delivery-Attempt", strconv.Itoa(attempt))
+	switch s.ContentMode {
+	case "binary":
+		req.Header.Set("ce-specversion", SpecVersion)
+		req.Header.Set("ce-id", m.ID)
+		req.Header.Set("ce-source", m.Source)
+		req.Header.Set("ce-type", m.Type)
+		req.Header.Set("ce-time", m.Time.UTC().Format(time.RFC3339Nano))
+		req.Header.Set("ce-topic", m.Topic)
+		req.Header.Set("ce-pubsubname", m.PubsubName)
+		for name, v := range m.Extensions {
+			req.Header.Set("ce-"+name, extValue(v))
+		}
+	case "raw":
+		req.Header.Set("ce-id", m.ID)
+	}
+	resp, err := a.client.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return Result{Outcome: NotDelivered, Reason: "app not reachable: " + err.Error()}
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return Result{Outcome: Retry, Reason: "timeout after " + s.Timeout.String()}
+		}
+		return Result{Outcome: Retry, Reason: err.Error()}
+	}
+	defer resp.Body.Close()
+	rb, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	return Classify(resp.StatusCode, resp.Header, rb)
+}
+
+// extValue renders an extension attribute for a ce- header: a string
+// without its quotes, anything else as its JSON text.
+func extValue(v []byte) string {
+	var s string
+	if json.Unmarshal(v, &s) == nil {
+		return s
+	}
+	return string(v)
+}

@@ -1,0 +1,183 @@
+package httpbroker
+
+// Benchmarks of the publish path and of delivery, in one process on
+// loopback, beside the disk's own fsync. Run them without -race:
+//
+//	go test -run '^$' -bench . -benchtime 2000x ./pubsub/httpbroker/
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// percentiles reports p50 and p99 of ds, in µs, as metrics named prefix-p50
+// and prefix-p99.
+func percentiles(b *testing.B, prefix string, ds []time.Duration) {
+	if len(ds) == 0 {
+		return
+	}
+	slices.Sort(ds)
+	b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), prefix+"-p50-µs")
+	b.ReportMetric(float64(ds[len(ds)*99/100].Microseconds()), prefix+"-p99-µs")
+}
+
+// BenchmarkFsync is the baseline: 1 KiB appended to a file in the same
+// directory the store uses, then fdatasync, as bbolt does per commit.
+func BenchmarkFsync(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "fsync"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1024)
+	ds := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		start := time.Now()
+		if _, err := f.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if err := syscall.Fdatasync(int(f.Fd())); err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, time.Since(start))
+	}
+	percentiles(b, "fsync", ds)
+}
+
+func publishOnce(client *http.Client, url string, body []byte) error {
+	resp, err := client.Post(url, "application/octet-stream", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 204 {
+		return fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return nil
+}
+
+// BenchmarkPublish: 1 KiB messages through the publish API to the fsynced
+// store, one connection at a time (latency) and 64 at once (throughput).
+// With deliver, the same process also delivers them to an app that answers
+// at once (publisher, peer and app share the CPU); without, the group's
+// instance is unreachable and the messages stay in the outbox.
+func BenchmarkPublish(b *testing.B) {
+	body := make([]byte, 1024)
+	for _, c := range []struct {
+		conc    int
+		deliver bool
+	}{{1, false}, {64, false}, {1, true}, {64, true}} {
+		conc := c.conc
+		b.Run(fmt.Sprintf("publishers=%d/deliver=%v", conc, c.deliver), func(b *testing.B) {
+			r := newRigPeer(b, b.TempDir(), http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), false, c.deliver)
+			url := r.api.URL + "/v1.0/publish/pubsub/orders"
+			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: conc}}
+			var mu sync.Mutex
+			ds := make([]time.Duration, 0, b.N)
+			var wg sync.WaitGroup
+			per := (b.N + conc - 1) / conc
+			b.ResetTimer()
+			start := time.Now()
+			for range conc {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					local := make([]time.Duration, 0, per)
+					for range per {
+						t0 := time.Now()
+						if err := publishOnce(client, url, body); err != nil {
+							b.Error(err)
+							return
+						}
+						local = append(local, time.Since(t0))
+					}
+					mu.Lock()
+					ds = append(ds, local...)
+					mu.Unlock()
+				}()
+			}
+			wg.Wait()
+			elapsed := time.Since(start)
+			b.StopTimer()
+			b.ReportMetric(float64(len(ds))/elapsed.Seconds(), "msgs/s")
+			percentiles(b, "publish", ds)
+			c, w := r.store.Commits()
+			b.ReportMetric(float64(w)/float64(max(c, 1)), "writes/commit")
+		})
+	}
+}
+
+// BenchmarkDeliver: b.N messages already in the outbox are delivered by
+// one subscriber to an app that answers at once; msgs/s is the rate from
+// the dispatcher's start until the outbox is empty.
+func BenchmarkDeliver(b *testing.B) {
+	dir := b.TempDir()
+	body := make([]byte, 1024)
+	fill := newRig(b, dir, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(503) }), true)
+	fill.stop() // store only: the dispatcher does not run
+	<-fill.done
+	for i := 0; i < b.N; i += 500 {
+		n := min(500, b.N-i)
+		pubs := make([]publication, n)
+		for j := range pubs {
+			pubs[j] = publication{topic: "orders", body: body}
+		}
+		if err := fill.append(pubs); err != nil {
+			b.Fatal(err)
+		}
+	}
+	fill.close()
+	b.ResetTimer()
+	start := time.Now()
+	r := newRig(b, dir, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), false)
+	waitFor(b, 10*time.Minute, "the outbox to empty", func() bool { return r.store.Pending() == 0 })
+	elapsed := time.Since(start)
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+}
+
+// BenchmarkPendingMemory: the heap a dispatcher holds for 100,000 pending
+// messages (1 KiB each) of one topic and group whose only instance is
+// unreachable, after loading them from the store as a restart does.
+func BenchmarkPendingMemory(b *testing.B) {
+	const n = 100_000
+	dir := b.TempDir()
+	fill := newRigPeer(b, dir, http.NotFoundHandler(), true, false)
+	fill.stop()
+	<-fill.done
+	body := make([]byte, 1024)
+	for i := 0; i < n; i += 1000 {
+		pubs := make([]publication, 1000)
+		for j := range pubs {
+			pubs[j] = publication{topic: "orders", body: body}
+		}
+		if err := fill.append(pubs); err != nil {
+			b.Fatal(err)
+		}
+	}
+	fill.close()
+	for range b.N {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		r := newRigPeer(b, dir, http.NotFoundHandler(), true, false)
+		waitFor(b, time.Minute, "the lane to hold every message", func() bool { s := r.disp.Status(); return len(s.Groups) == 1 && s.Groups[0].Pending == n })
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/(1<<20), "heap-MiB")
+		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/n, "heap-B/msg")
+		r.close()
+	}
+}

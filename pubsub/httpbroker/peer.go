@@ -1,0 +1,163 @@
+package httpbroker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/pubsub"
+)
+
+// DeliverPath is the peer listener's one route.
+const DeliverPath = "/v1/pubsub/deliver"
+
+// maxPeerBody bounds a delivery request a peer reads.
+const maxPeerBody = 256 << 20
+
+// deliverRequest is a batch of one topic's messages for one group.
+type deliverRequest struct {
+	Topic    string        `json:"topic"`
+	Group    string        `json:"group"`
+	Messages []peerMessage `json:"messages"`
+}
+
+type peerMessage struct {
+	Attempt int             `json:"attempt"` // the attempt this delivery is, from 1
+	Message json.RawMessage `json:"message"` // a pubsub.Message
+}
+
+type deliverResponse struct {
+	Results []peerResult `json:"results"` // one per message, in order
+}
+
+type peerResult struct {
+	Outcome      string `json:"outcome"`
+	RetryAfterMS int64  `json:"retry_after_ms,omitempty"`
+	Reason       string `json:"reason,omitempty"`
+}
+
+// Deliverer is what the Server hands messages to; *pubsub.App satisfies it.
+type Deliverer interface {
+	// Deliver may block for a slot while ctx lasts; safe for concurrent use.
+	Deliver(ctx context.Context, group string, m *pubsub.Message, attempt int) pubsub.Result
+}
+
+// Server is the subscriber side: it takes batches from peer sidecars on
+// pubsub.http.listen, delivers each message to the app, and answers each
+// one's outcome.
+type Server struct {
+	app Deliverer
+	log *zap.Logger
+}
+
+// NewServer returns the peer handler delivering to app.
+func NewServer(app Deliverer, log *zap.Logger) *Server { return &Server{app: app, log: log} }
+
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path != DeliverPath {
+		http.NotFound(w, r)
+		return
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
+	var req deliverRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxPeerBody)).Decode(&req); err != nil {
+		http.Error(w, "bad delivery request: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	res := make([]peerResult, len(req.Messages))
+	var wg sync.WaitGroup
+	for i, pm := range req.Messages {
+		m, err := pubsub.Unmarshal(pm.Message)
+		if err != nil || m.Topic != req.Topic || pm.Attempt < 1 {
+			res[i] = peerResult{Outcome: pubsub.NotDelivered.String(), Reason: "bad message"}
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out := s.app.Deliver(r.Context(), req.Group, m, pm.Attempt)
+			res[i] = peerResult{Outcome: out.Outcome.String(), RetryAfterMS: out.RetryAfter.Milliseconds(), Reason: out.Reason}
+		}()
+	}
+	wg.Wait()
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(deliverResponse{Results: res})
+}
+
+// encode is json.Marshal(r) without re-validating each message, which the
+// store holds as the JSON Message.Marshal wrote.
+func (r *deliverRequest) encode() []byte {
+	n := 64 + len(r.Topic) + len(r.Group)
+	for _, m := range r.Messages {
+		n += len(m.Message) + 32
+	}
+	b := make([]byte, 0, n)
+	b = append(b, `{"topic":`...)
+	b = strconv.AppendQuote(b, r.Topic) // topics and groups are plain ASCII
+	b = append(b, `,"group":`...)
+	b = strconv.AppendQuote(b, r.Group)
+	b = append(b, `,"messages":[`...)
+	for i, m := range r.Messages {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, `{"attempt":`...)
+		b = strconv.AppendInt(b, int64(m.Attempt), 10)
+		b = append(b, `,"message":`...)
+		b = append(b, m.Message...)
+		b = append(b, '}')
+	}
+	return append(b, "]}"...)
+}
+
+// errPeer wraps every failure of a delivery request as a whole.
+var errPeer = errors.New("peer delivery failed")
+
+// send posts one batch to the peer at addr and returns one result per
+// message. An error means no result is known: none counts as an attempt.
+func send(ctx context.Context, client *http.Client, addr string, req *deliverRequest, timeout time.Duration) ([]pubsub.Result, error) {
+	body := req.encode()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+DeliverPath, bytesReader(body))
+	if err != nil {
+		return nil, err
+	}
+	hr.Header.Set("Content-Type", "application/json")
+	resp, err := client.Do(hr)
+	if err != nil {
+		return nil, errors.Join(errPeer, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, errors.Join(errPeer, errors.New(resp.Status+": "+string(b)))
+	}
+	var dr deliverResponse
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&dr); err != nil {
+		return nil, errors.Join(errPeer, err)
+	}
+	if len(dr.Results) != len(req.Messages) {
+		return nil, errors.Join(errPeer, errors.New("answer has the wrong number of results"))
+	}
+	out := make([]pubsub.Result, len(dr.Results))
+	for i, r := range dr.Results {
+		o, ok := pubsub.ParseOutcome(r.Outcome)
+		if !ok {
+			o = pubsub.NotDelivered
+		}
+		out[i] = pubsub.Result{Outcome: o, RetryAfter: time.Duration(r.RetryAfterMS) * time.Millisecond, Reason: r.Reason}
+	}
+	return out, nil
+}

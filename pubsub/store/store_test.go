@@ -1,0 +1,224 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+)
+
+func open(t *testing.T, dir string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+type loaded struct {
+	topic, ordering string
+	groups          map[string]GroupState
+}
+
+func loadAll(t *testing.T, s *Store) map[uint64]loaded {
+	t.Helper()
+	got := map[uint64]loaded{}
+	if err := s.Load(func(seq uint64, topic, ordering string, g map[string]GroupState) error {
+		got[seq] = loaded{topic, ordering, g}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+func TestAppendGetReopen(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.Append([]Entry{{Topic: "orders", Ordering: "cust-7", Body: []byte("one")}, {Topic: "audit", Body: []byte("two")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Seq == 0 || res[1].Seq != res[0].Seq+1 || res[0].Duplicate {
+		t.Fatalf("Append() = %+v, want two fresh consecutive seqs", res)
+	}
+	if _, err := s.Apply([]Update{{Seq: res[0].Seq, Group: "billing", Attempts: 3}, {Seq: res[0].Seq, Group: "ship", Attempts: 1, Done: true}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = open(t, dir, Options{})
+	if s.Pending() != 2 {
+		t.Errorf("Pending() after reopen = %d, want 2", s.Pending())
+	}
+	topic, body, ok, err := s.Get(res[1].Seq)
+	if err != nil || !ok || topic != "audit" || string(body) != "two" {
+		t.Errorf("Get(%d) = %q, %q, %v, %v; want audit, two", res[1].Seq, topic, body, ok, err)
+	}
+	got := loadAll(t, s)
+	want := map[string]GroupState{"billing": {Attempts: 3}, "ship": {Attempts: 1, Done: true}}
+	if l := got[res[0].Seq]; l.topic != "orders" || l.ordering != "cust-7" || fmt.Sprint(l.groups) != fmt.Sprint(want) {
+		t.Errorf("Load() message %d = %+v, want orders, cust-7, with %v", res[0].Seq, l, want)
+	}
+	if l := got[res[1].Seq]; l.topic != "audit" || l.groups != nil {
+		t.Errorf("Load() message %d = %+v, want audit without state", res[1].Seq, l)
+	}
+}
+
+func TestDeleteAndDeadLetterAtomic(t *testing.T) {
+	t.Parallel()
+	s := open(t, t.TempDir(), Options{})
+	res, _ := s.Append([]Entry{{Topic: "orders", Body: []byte("x")}})
+	seq := res[0].Seq
+	if _, err := s.Apply([]Update{{Seq: seq, Group: "g", Attempts: 2}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	dl, err := s.Apply([]Update{{Seq: seq, Delete: true}}, []Entry{{Topic: "orders.dlq", Body: []byte("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := loadAll(t, s)
+	if len(got) != 1 || got[dl[0].Seq].topic != "orders.dlq" {
+		t.Errorf("Load() = %+v, want only the dead letter %d", got, dl[0].Seq)
+	}
+	if _, _, ok, _ := s.Get(seq); ok {
+		t.Errorf("Get(%d) found the deleted message", seq)
+	}
+	if s.Pending() != 1 {
+		t.Errorf("Pending() = %d, want 1", s.Pending())
+	}
+}
+
+func TestDedup(t *testing.T) {
+	t.Parallel()
+	now := time.Unix(1000, 0)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	s := open(t, t.TempDir(), Options{Now: clock, DedupFor: 10 * time.Minute})
+	first, _ := s.Append([]Entry{{Key: "k1", Topic: "t", Body: []byte("a")}})
+	again, _ := s.Append([]Entry{{Key: "k1", Topic: "t", Body: []byte("b")}, {Key: "k1", Topic: "t", Body: []byte("c")}})
+	for i, a := range again {
+		if !a.Duplicate || a.Seq != first[0].Seq {
+			t.Errorf("Append(k1 again)[%d] = %+v, want duplicate of %d", i, a, first[0].Seq)
+		}
+	}
+	if s.Pending() != 1 {
+		t.Errorf("Pending() = %d, want 1", s.Pending())
+	}
+	mu.Lock()
+	now = now.Add(10*time.Minute + time.Second)
+	mu.Unlock()
+	later, _ := s.Append([]Entry{{Key: "k1", Topic: "t", Body: []byte("d")}})
+	if later[0].Duplicate {
+		t.Errorf("Append(k1 after 10m) = %+v, want a fresh message", later[0])
+	}
+}
+
+func TestFull(t *testing.T) {
+	t.Parallel()
+	s := open(t, t.TempDir(), Options{MaxPending: 2})
+	if _, err := s.Append([]Entry{{Topic: "t"}, {Topic: "t"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Append([]Entry{{Topic: "t"}}); !errors.Is(err, ErrFull) {
+		t.Errorf("Append() past MaxPending = %v, want ErrFull", err)
+	}
+}
+
+func TestClosed(t *testing.T) {
+	t.Parallel()
+	s, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Close()
+	if _, err := s.Append([]Entry{{Topic: "t"}}); !errors.Is(err, ErrClosed) {
+		t.Errorf("Append() after Close = %v, want ErrClosed", err)
+	}
+}
+
+// TestConcurrentAppend: many writers share commits and every message gets
+// its own sequence number.
+func TestConcurrentAppend(t *testing.T) {
+	t.Parallel()
+	s := open(t, t.TempDir(), Options{NoSync: true})
+	var wg sync.WaitGroup
+	seqs := make(chan uint64, 64*50)
+	for w := 0; w < 64; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 50; i++ {
+				r, err := s.Append([]Entry{{Key: fmt.Sprintf("%d-%d", w, i), Topic: "t", Body: []byte("x")}})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				seqs <- r[0].Seq
+			}
+		}()
+	}
+	wg.Wait()
+	close(seqs)
+	seen := map[uint64]bool{}
+	for q := range seqs {
+		if seen[q] {
+			t.Fatalf("seq %d handed out twice", q)
+		}
+		seen[q] = true
+	}
+	if len(seen) != 3200 || s.Pending() != 3200 {
+		t.Errorf("got %d seqs, Pending() = %d; want 3200", len(seen), s.Pending())
+	}
+}
+
+func BenchmarkAppend(b *testing.B) {
+	s, err := Open(b.TempDir(), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	body := make([]byte, 1024)
+	b.ReportAllocs()
+	b.SetParallelism(32)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := s.Append([]Entry{{Topic: "t", Body: body}}); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkAppendOne: one 1 KiB message at a time, each waiting for its
+// commit: the store's own latency, beside the fsync of a plain file.
+func BenchmarkAppendOne(b *testing.B) {
+	s, err := Open(b.TempDir(), Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	body := make([]byte, 1024)
+	ds := make([]time.Duration, 0, b.N)
+	b.ResetTimer()
+	for range b.N {
+		t0 := time.Now()
+		if _, err := s.Append([]Entry{{Topic: "t", Body: body}}); err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, time.Since(t0))
+	}
+	slices.Sort(ds)
+	b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(ds[len(ds)*99/100].Microseconds()), "p99-µs")
+}
