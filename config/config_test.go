@@ -115,6 +115,7 @@ func TestParseValid(t *testing.T) {
 					Discovery: Discovery{
 						Backend: "consul", CacheSize: 1024,
 						IdleTimeout: 10 * time.Minute, ResolveTimeout: 2 * time.Second,
+						MaxConnections: 4, Consistency: "stale", MaxStale: 10 * time.Second,
 					},
 					Proxy: Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
 				}

@@ -14,11 +14,12 @@ import (
 )
 
 var (
-	balancers = []string{BalancerRandom, BalancerRoundRobin, BalancerHash, BalancerLeastRequest}
-	protocols = []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP}
-	backends  = []string{BackendConsul, BackendStatic}
-	levels    = []string{"debug", "info", "warn", "error"}
-	formats   = []string{"json", "console"}
+	balancers     = []string{BalancerRandom, BalancerRoundRobin, BalancerHash, BalancerLeastRequest}
+	protocols     = []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP}
+	backends      = []string{BackendConsul, BackendStatic}
+	consistencies = []string{ConsistencyDefault, ConsistencyStale, ConsistencyConsistent}
+	levels        = []string{"debug", "info", "warn", "error"}
+	formats       = []string{"json", "console"}
 )
 
 // validate records every semantic problem in c, which has been resolved.
@@ -156,6 +157,11 @@ func (p *parser) validateDiscovery(d *Discovery) {
 	p.nonNegative("discovery.idle_timeout", d.IdleTimeout)
 	p.nonNegative("discovery.stale_for", d.StaleFor)
 	p.positive("discovery.resolve_timeout", d.ResolveTimeout)
+	if d.MaxConnections < 3 {
+		p.errorf("discovery.max_connections", "must be at least 3 (two blocking queries and one fetch), got %d", d.MaxConnections)
+	}
+	p.oneOf("discovery.consistency", d.Consistency, consistencies)
+	p.nonNegative("discovery.max_stale", d.MaxStale)
 }
 
 func (p *parser) validateProxy(x *Proxy) {

@@ -244,6 +244,15 @@ discovery:
 		},
 	},
 	{
+		name: "bad discovery connections and consistency",
+		yaml: "discovery: {max_connections: 2, consistency: eventual, max_stale: -1s}",
+		want: []string{
+			`config.yaml: discovery.max_connections: must be at least 3 (two blocking queries and one fetch), got 2`,
+			`config.yaml: discovery.consistency: unknown "eventual" (want default, stale or consistent)`,
+			`config.yaml: discovery.max_stale: must not be negative, got -1s`,
+		},
+	},
+	{
 		name: "bad protocol with index path",
 		yaml: `
 upstreams:

@@ -64,13 +64,14 @@ func TestConsulSnapshotFollowsChanges(t *testing.T) {
 
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	// Fetches answer at once; the state query blocks.
 	for i, q := range f.queries {
-		if q.Datacenter != "dc2" || q.WaitTime != time.Minute || q.UseCache || q.AllowStale || !f.passingOnly[i] {
+		if q.Datacenter != "dc2" || q.WaitTime != 0 || q.WaitIndex != 0 || q.UseCache || q.AllowStale || !f.passingOnly[i] {
 			t.Errorf("query %d: options %+v, passingOnly %v", i, q, f.passingOnly[i])
 		}
 	}
-	if w := f.waits["web"]; len(w) < 3 || w[0] != 0 || w[1] != 10 || w[2] != 11 {
-		t.Errorf("WaitIndex sequence = %v, want 0, 10, 11, ...", w)
+	if w := f.waits["state"]; len(w) < 3 || w[0] != 0 || w[1] != 10 || w[2] != 11 {
+		t.Errorf("state WaitIndex sequence = %v, want 0, 10, 11, ...", w)
 	}
 }
 
@@ -82,12 +83,16 @@ func TestConsulSameIndexNoPublish(t *testing.T) {
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
 
 	// Data that changed without the index moving is not looked at.
+	waitUntil(t, "the state query parked", func() bool { return slices.Contains(f.waitIndexes("state"), 10) })
 	f.setQuiet("web", node("b", 2))
-	calls := f.callCount("web")
+	calls, states := f.callCount("web"), f.callCount("state")
 	f.poke()
-	waitUntil(t, "a second answer", func() bool { return f.callCount("web") >= calls+1 })
+	waitUntil(t, "a second state answer", func() bool { return f.callCount("state") >= states+1 })
 	f.poke()
-	waitUntil(t, "a third answer", func() bool { return f.callCount("web") >= calls+2 })
+	waitUntil(t, "a third state answer", func() bool { return f.callCount("state") >= states+2 })
+	if n := f.callCount("web") - calls; n != 0 {
+		t.Errorf("%d fetches of web at the same index, want 0", n)
+	}
 	if n, _, _ := rec.count(); n != 1 {
 		t.Errorf("published %d snapshots, want 1", n)
 	}
@@ -103,14 +108,17 @@ func TestConsulIdenticalSetNotRedelivered(t *testing.T) {
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
 	first := rec.last()
-	_, confirms, _ := rec.count()
+	waitUntil(t, "the state query parked", func() bool { return slices.Contains(f.waitIndexes("state"), 10) })
+	calls := f.callCount("web")
 
 	f.set(11, "web", node("b", 2), node("a", 1)) // same set, other order
 	f.set(12, "other", node("x", 9))             // index moves for another service
-	waitUntil(t, "the answers", func() bool { _, n, _ := rec.count(); return n >= confirms+1 })
-	waitUntil(t, "WaitIndex 12", func() bool { return slices.Contains(f.waitIndexes("web"), 12) })
+	waitUntil(t, "state WaitIndex 12", func() bool { return slices.Contains(f.waitIndexes("state"), 12) })
 	if n, _, _ := rec.count(); n != 1 || rec.last() != first {
 		t.Errorf("published %d snapshots (last %p, first %p), want the first only", n, rec.last(), first)
+	}
+	if n := f.callCount("web") - calls; n != 0 {
+		t.Errorf("%d fetches of web for changes of its order and of another service, want 0", n)
 	}
 
 	changed := node("b", 2)
@@ -125,8 +133,8 @@ func TestConsulIndexZeroIsOne(t *testing.T) {
 	f.set(0, "web", node("a", 1))
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
-	waitUntil(t, "a blocking query", func() bool { return len(f.waitIndexes("web")) >= 2 })
-	if w := f.waitIndexes("web"); w[1] != 1 {
+	waitUntil(t, "a blocking query", func() bool { return len(f.waitIndexes("state")) >= 2 })
+	if w := f.waitIndexes("state"); w[1] != 1 {
 		t.Errorf("WaitIndex after index 0 = %d, want 1", w[1])
 	}
 }
@@ -141,11 +149,11 @@ func TestConsulIndexBackwardsResets(t *testing.T) {
 	f.set(5, "web", node("a", 1), node("b", 2))
 	waitUntil(t, "the new set", func() bool { return len(rec.last().Endpoints) == 2 })
 	waitUntil(t, "the query after the reset", func() bool {
-		w := f.waitIndexes("web")
+		w := f.waitIndexes("state")
 		i := slices.Index(w, 100)
 		return i >= 0 && len(w) > i+2
 	})
-	w := f.waitIndexes("web")
+	w := f.waitIndexes("state")
 	i := slices.Index(w, 100)
 	if w[i+1] != 0 || w[i+2] != 5 {
 		t.Errorf("WaitIndex sequence = %v, want 100, 0, 5", w)
@@ -167,7 +175,7 @@ func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
 		t.Fatalf("Snapshot = %+v, want the last set, stale, without error", stale)
 	}
 	f.set(6, "web") // still empty
-	waitUntil(t, "WaitIndex 6", func() bool { return slices.Contains(f.waitIndexes("web"), 6) })
+	waitUntil(t, "WaitIndex 6", func() bool { return slices.Contains(f.waitIndexes("state"), 6) })
 	if rec.last() != stale {
 		t.Errorf("a second empty answer published %+v", rec.last())
 	}
@@ -225,11 +233,15 @@ func TestConsulErrorServesStale(t *testing.T) {
 	if !slices.Equal(ids(s), []string{"a"}) || !errors.Is(s.Err, errDown) || s.StaleSince.IsZero() {
 		t.Fatalf("Snapshot = %+v, want [a], stale with %v", s, errDown)
 	}
-	// Backing off: 10, 20, 40, 40... ms (±25%), not a tight loop.
-	calls := f.callCount("web")
+	// The state query backs off: 10, 20, 40, 40... ms (±25%), not a
+	// tight loop, and the service is not fetched meanwhile.
+	calls, states := f.callCount("web"), f.callCount("state")
 	time.Sleep(300 * time.Millisecond)
-	if n := f.callCount("web") - calls; n < 2 || n > 20 {
-		t.Errorf("%d queries in 300ms while failing, want 2 to 20", n)
+	if n := f.callCount("state") - states; n < 2 || n > 20 {
+		t.Errorf("%d state queries in 300ms while failing, want 2 to 20", n)
+	}
+	if n := f.callCount("web") - calls; n != 0 {
+		t.Errorf("%d fetches of web while the state query fails, want 0", n)
 	}
 	if n, _, fails := rec.count(); n != 2 || fails < 2 {
 		t.Errorf("published %d snapshots with %d failures, want 2 snapshots and every failure", n, fails)
@@ -241,7 +253,7 @@ func TestConsulErrorServesStale(t *testing.T) {
 		t.Errorf("IDs = %v, want [a]", got)
 	}
 	// The retry after a failure asked for an immediate answer.
-	if w := f.waitIndexes("web"); w[len(w)-2] != 0 && w[len(w)-1] != 0 {
+	if w := f.waitIndexes("state"); w[len(w)-2] != 0 && w[len(w)-1] != 0 {
 		t.Errorf("WaitIndex sequence = %v, want a 0 after the failures", w)
 	}
 	// And then blocks again: a change shows.

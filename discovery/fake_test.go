@@ -176,7 +176,30 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 				Tags: slices.Clone(in.tags), Meta: in.meta,
 				Weights: api.AgentWeights{Passing: in.weight, Warning: 1},
 			},
+			Checks: api.HealthChecks{{Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id,
+				ServiceName: service, Status: api.HealthPassing}},
 		})
+	}
+	return out, &api.QueryMeta{LastIndex: index}, nil
+}
+
+// State answers the health of every instance's check, as
+// /v1/health/state/any does: one passing check per instance.
+func (f *fakeConsul) State(state string, q *api.QueryOptions) (api.HealthChecks, *api.QueryMeta, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	index, err := f.block("state", q)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out api.HealthChecks
+	for service, insts := range f.services {
+		for _, in := range insts {
+			out = append(out, &api.HealthCheck{
+				Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id, ServiceName: service,
+				Status: api.HealthPassing, ServiceTags: slices.Clone(in.tags),
+			})
+		}
 	}
 	return out, &api.QueryMeta{LastIndex: index}, nil
 }
@@ -190,8 +213,11 @@ func (f *fakeConsul) Services(q *api.QueryOptions) (map[string][]string, *api.Qu
 	}
 	out := map[string][]string{"consul": nil}
 	for name, insts := range f.services {
-		if len(insts) > 0 {
-			out[name] = nil
+		for _, in := range insts {
+			out[name] = append(out[name], in.tags...)
+		}
+		if len(insts) > 0 && out[name] == nil {
+			out[name] = []string{}
 		}
 	}
 	return out, &api.QueryMeta{LastIndex: index}, nil

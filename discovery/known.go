@@ -3,18 +3,18 @@ package discovery
 import (
 	"context"
 	"fmt"
-	"runtime/debug"
+	"hash/fnv"
+	"slices"
 	"strings"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 )
 
 // Known reports whether service is registered in the catalog, ignoring case
-// as Consul's own lookups do. The first call starts one blocking watch on the
-// catalog's list of services, shared by all callers and kept until Close, and
-// waits for its first answer, at most ResolveTimeout and while ctx lasts.
+// as Consul's own lookups do. The first call (or Watch) starts the catalog
+// watch, shared by all callers and kept until Close, and Known waits for its
+// first answer, at most ResolveTimeout and while ctx lasts.
 // After that Known is a lock-free map lookup. While Consul fails, the last
 // list answers. Safe for concurrent use.
 func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
@@ -23,7 +23,7 @@ func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 		_, ok := (*m)[service]
 		return ok, nil
 	}
-	c.knownOnce.Do(c.startCatalog)
+	c.start()
 	t := time.NewTimer(c.opts.ResolveTimeout)
 	defer t.Stop()
 	select {
@@ -42,22 +42,6 @@ func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 	}
 }
 
-func (c *Consul) startCatalog() {
-	if c.ctx.Err() != nil {
-		return
-	}
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		defer func() {
-			if r := recover(); r != nil {
-				c.log.Error("catalog watch panicked", zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
-			}
-		}()
-		c.watchCatalog(c.ctx)
-	}()
-}
-
 // watchCatalog follows the list of services until ctx is done, by the same
 // blocking-query rules as a health watch. Every answer with a new index
 // replaces the list, and a failure keeps the last one, with one exception
@@ -65,6 +49,11 @@ func (c *Consul) startCatalog() {
 // backwards (a restarted agent that has not re-learned its services), names
 // missing from the answers stay known until an answer holds them all again
 // or StaleFor runs out. Keeping a name costs little: its watch is empty.
+//
+// It also tells the health watches of registrations: each new index asks
+// the watches of the services that appeared, disappeared or changed their
+// tags to fetch again, and those of the services with an instance without
+// checks (which the health state does not show).
 func (c *Consul) watchCatalog(ctx context.Context) {
 	var (
 		idx      blockingIndex
@@ -72,6 +61,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		failures int
 		ready    bool
 		resetAt  time.Time // when the last reset began; zero if none is pending
+		tags     map[string]uint64
 	)
 	for {
 		wait := c.opts.WaitTime
@@ -79,7 +69,8 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			left := resetAt.Add(c.opts.StaleFor).Sub(c.opts.Now())
 			wait = min(wait, max(left, 10*time.Millisecond))
 		}
-		q := &api.QueryOptions{Datacenter: c.opts.Datacenter, WaitIndex: idx.wait, WaitTime: wait}
+		q := c.opts.query()
+		q.WaitIndex, q.WaitTime = idx.wait, wait
 		services, meta, err := c.catalog.Services(q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
@@ -121,6 +112,15 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		for name := range services {
 			names[strings.ToLower(name)] = struct{}{}
 		}
+		next := digestTags(services)
+		switch {
+		case changed && tags == nil:
+			// What changed before the first answer is unknown.
+			c.kickAll()
+		case changed:
+			c.kick(changedKeys(tags, next), nil, true)
+		}
+		tags = next
 		old := c.known.Load()
 		if !resetAt.IsZero() && old != nil {
 			kept := 0
@@ -148,4 +148,19 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			close(c.knownReady)
 		}
 	}
+}
+
+// digestTags hashes each service's tags, by lower-case service name.
+func digestTags(services map[string][]string) map[string]uint64 {
+	out := make(map[string]uint64, len(services))
+	h := fnv.New64a()
+	for name, tags := range services {
+		h.Reset()
+		for _, tag := range slices.Sorted(slices.Values(tags)) {
+			h.Write([]byte(tag))
+			h.Write([]byte{0})
+		}
+		out[strings.ToLower(name)] += h.Sum64() + 1
+	}
+	return out
 }

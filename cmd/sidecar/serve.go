@@ -36,7 +36,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	}
 	defer func() { _ = log.Sync() }()
 
-	consul, err := newConsulClient(cfg.Consul)
+	consul, err := newConsulClient(cfg.Consul, cfg.Discovery)
 	if err != nil {
 		return err
 	}
@@ -181,13 +181,24 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	return failure
 }
 
-func newConsulClient(c config.Consul) (*api.Client, error) {
+// newConsulClient returns the one Consul client of the sidecar, for
+// registration, heartbeats and discovery alike, its connections to the
+// agent bounded by discovery.max_connections.
+func newConsulClient(c config.Consul, d config.Discovery) (*api.Client, error) {
 	cc := api.DefaultConfig()
 	cc.Address = c.Address
 	cc.Token = c.Token
 	cc.Datacenter = c.Datacenter
-	// One blocking query per watched service: keep their connections.
-	cc.Transport.MaxIdleConnsPerHost = 4096
+	hc, err := api.NewHttpClient(cc.Transport, cc.TLSConfig)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	maxStale := time.Duration(0)
+	if d.Consistency == config.ConsistencyStale {
+		maxStale = d.MaxStale
+	}
+	hc.Transport = discovery.NewTransport(cc.Transport, d.MaxConnections, maxStale)
+	cc.HttpClient = hc
 	client, err := api.NewClient(cc)
 	if err != nil {
 		return nil, fmt.Errorf("consul client: %w", err)
@@ -201,6 +212,8 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 	}
 	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
 		Datacenter:     cfg.Consul.Datacenter,
+		Consistency:    discovery.Consistency(cfg.Discovery.Consistency),
+		MaxConnections: cfg.Discovery.MaxConnections,
 		StaleFor:       cfg.Discovery.StaleFor,
 		ResolveTimeout: cfg.Discovery.ResolveTimeout,
 	}, log.Named("discovery")), nil

@@ -1,0 +1,258 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"hash/fnv"
+	"runtime/debug"
+	"strings"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+// fetchJob asks a worker to fetch h's service.
+type fetchJob struct {
+	ctx context.Context // the watch's; cancelling it aborts the fetch
+	h   *healthWatch
+}
+
+// fetchResult is a worker's answer, sent on the watch's reply channel.
+type fetchResult struct {
+	entries []*api.ServiceEntry
+	meta    *api.QueryMeta
+	err     error
+}
+
+// start starts, once, the workers and the two watches, owned by c.ctx.
+func (c *Consul) start() {
+	c.startOnce.Do(func() {
+		if c.ctx.Err() != nil {
+			return
+		}
+		for range c.opts.MaxConnections - 2 {
+			c.goOwned("fetch worker", c.worker)
+		}
+		c.goOwned("state watch", c.watchState)
+		c.goOwned("catalog watch", c.watchCatalog)
+	})
+}
+
+// goOwned runs f in a goroutine owned by c.ctx, recovering a panic.
+func (c *Consul) goOwned(name string, f func(ctx context.Context)) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				c.log.Error(name+" panicked", zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			}
+		}()
+		f(c.ctx)
+	}()
+}
+
+// worker fetches services for the watches until ctx is done: the pool of
+// workers bounds the fetches in flight, whatever the number of watches.
+func (c *Consul) worker(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case j := <-c.jobs:
+			var r fetchResult
+			if j.ctx.Err() == nil {
+				q := c.opts.query()
+				r.entries, r.meta, r.err = c.health.Service(j.h.service, "", true, q.WithContext(j.ctx))
+			}
+			// The reply is buffered and each watch has one fetch in flight
+			// at most, but a watch that stopped may have left the reply to
+			// its last fetch unread.
+			select {
+			case j.h.reply <- r:
+			case <-j.ctx.Done():
+			}
+		}
+	}
+}
+
+// stateFailure is the last failure of the state watch, nil while it answers.
+func (c *Consul) stateFailure() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stateErr
+}
+
+// kickAll asks every watch to fetch again (or, while the state watch fails,
+// to mark its set stale).
+func (c *Consul) kickAll() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, set := range c.watchers {
+		for h := range set {
+			h.Kick()
+		}
+	}
+}
+
+// kick asks the watches of the given lower-case service names to fetch
+// again, and those of every service on the given nodes, and, if dark is
+// set, those of every service with an instance without checks.
+func (c *Consul) kick(services map[string]struct{}, nodes map[string]struct{}, dark bool) {
+	if len(services) == 0 && len(nodes) == 0 && !dark {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for key, set := range c.watchers {
+		_, changed := services[key]
+		for h := range set {
+			if changed || (dark && h.dark.Load()) || onNodes(h.nodes, nodes) {
+				h.Kick()
+			}
+		}
+	}
+}
+
+func onNodes(hn []string, nodes map[string]struct{}) bool {
+	if len(nodes) == 0 {
+		return false
+	}
+	for _, n := range hn {
+		if _, ok := nodes[n]; ok {
+			return true
+		}
+	}
+	return false
+}
+
+// stateDigest sums, order-independently, what passing depends on in the
+// health state: per service, each of its checks' node, check ID, service ID
+// and status, and its tags; per node, the status of the node's own checks.
+// Outputs and indexes are left out, so a check whose output alone moved
+// fetches nothing.
+type stateDigest struct {
+	services map[string]uint64 // by lower-case service name
+	nodes    map[string]uint64
+}
+
+func digestState(checks api.HealthChecks) stateDigest {
+	d := stateDigest{services: make(map[string]uint64), nodes: make(map[string]uint64)}
+	h := fnv.New64a()
+	for _, ch := range checks {
+		if ch == nil {
+			continue
+		}
+		h.Reset()
+		for _, s := range []string{ch.Node, ch.CheckID, ch.ServiceID, ch.Status} {
+			h.Write([]byte(s))
+			h.Write([]byte{0})
+		}
+		for _, tag := range ch.ServiceTags {
+			h.Write([]byte(tag))
+			h.Write([]byte{1})
+		}
+		if ch.ServiceName == "" {
+			d.nodes[ch.Node] += h.Sum64()
+		} else {
+			d.services[strings.ToLower(ch.ServiceName)] += h.Sum64()
+		}
+	}
+	return d
+}
+
+// changedKeys returns the keys whose value differs between a and b, or that
+// only one has.
+func changedKeys(a, b map[string]uint64) map[string]struct{} {
+	out := make(map[string]struct{})
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			out[k] = struct{}{}
+		}
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			out[k] = struct{}{}
+		}
+	}
+	return out
+}
+
+// watchState follows the health of every check in the datacenter with one
+// blocking query, and asks the watches of the services whose checks changed
+// (or whose nodes' checks changed) to fetch again. While it fails, every
+// watch is told so and serves its last set, stale; when it answers again,
+// every watch fetches again.
+func (c *Consul) watchState(ctx context.Context) {
+	var (
+		idx      blockingIndex
+		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		failures int
+		prev     *stateDigest
+	)
+	for {
+		q := c.opts.query()
+		q.WaitIndex, q.WaitTime = idx.wait, c.opts.WaitTime
+		checks, meta, err := c.health.State(api.HealthAny, q.WithContext(ctx))
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			err = fmt.Errorf("query health state: %w", err)
+			idx.failed()
+			failures++
+			if failures == 1 || failures%logEvery == 0 {
+				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
+			}
+			c.mu.Lock()
+			first := c.stateErr == nil
+			c.stateErr = err
+			c.mu.Unlock()
+			if first {
+				c.kickAll()
+			}
+			if !sleep(ctx, back.next()) {
+				return
+			}
+			continue
+		}
+		recovered := failures > 0
+		if recovered {
+			c.log.Info("consul query recovered", zap.Int("attempt", failures))
+			failures = 0
+			back.reset()
+			c.mu.Lock()
+			c.stateErr = nil
+			c.mu.Unlock()
+		}
+		var index uint64
+		if meta != nil {
+			index = meta.LastIndex
+		}
+		changed, backwards := idx.observe(index)
+		if !changed && !recovered && prev != nil {
+			continue
+		}
+		d := digestState(checks)
+		if prev == nil || recovered || backwards {
+			// What changed before this answer is unknown: fetch all.
+			c.kickAll()
+		} else {
+			services, nodes := changedKeys(prev.services, d.services), changedKeys(prev.nodes, d.nodes)
+			if len(nodes) > 0 {
+				// Services with checks on those nodes: when a node
+				// recovers, the last passing answer did not list it.
+				for _, ch := range checks {
+					if ch == nil || ch.ServiceName == "" {
+						continue
+					}
+					if _, ok := nodes[ch.Node]; ok {
+						services[strings.ToLower(ch.ServiceName)] = struct{}{}
+					}
+				}
+			}
+			c.kick(services, nodes, false)
+		}
+		prev = &d
+	}
+}
