@@ -47,6 +47,9 @@ type Ports struct {
 type Options struct {
 	// ExtraHCL is appended to the agent's configuration file.
 	ExtraHCL string
+	// MaxConnsPerClient is the agent's limits.http_max_conns_per_client;
+	// if zero, 10000 (Consul's own default is 200).
+	MaxConnsPerClient int
 }
 
 // Binary returns the path of the consul binary tests use, or an error saying
@@ -98,6 +101,10 @@ func Start(t testing.TB, opts Options) *Agent {
 
 func (a *Agent) writeConfig(opts Options) {
 	ports := a.Ports
+	maxConns := opts.MaxConnsPerClient
+	if maxConns == 0 {
+		maxConns = 10000
+	}
 	hcl := fmt.Sprintf(`
 node_name = "sidecar-test"
 bind_addr = "127.0.0.1"
@@ -113,10 +120,10 @@ ports {
   server = %d
 }
 limits {
-  http_max_conns_per_client = 10000
+  http_max_conns_per_client = %d
 }
 %s
-`, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, opts.ExtraHCL)
+`, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, maxConns, opts.ExtraHCL)
 	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
 		a.t.Fatal(err)
 	}
