@@ -3,6 +3,7 @@ package discovery
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -83,7 +84,7 @@ func TestConsulSameIndexNoPublish(t *testing.T) {
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
 
 	// Data that changed without the index moving is not looked at.
-	waitUntil(t, "the state query parked", func() bool { return slices.Contains(f.waitIndexes("state"), 10) })
+	settle(t, f, 10)
 	f.setQuiet("web", node("b", 2))
 	calls, states := f.callCount("web"), f.callCount("state")
 	f.poke()
@@ -108,7 +109,7 @@ func TestConsulIdenticalSetNotRedelivered(t *testing.T) {
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
 	first := rec.last()
-	waitUntil(t, "the state query parked", func() bool { return slices.Contains(f.waitIndexes("state"), 10) })
+	settle(t, f, 10)
 	calls := f.callCount("web")
 
 	f.set(11, "web", node("b", 2), node("a", 1)) // same set, other order
@@ -303,7 +304,8 @@ func TestConsulCancelStopsQuery(t *testing.T) {
 		defer close(done)
 		c.Watch(ctx, "web", rec)
 	}()
-	waitUntil(t, "a parked query", func() bool { return len(f.waitIndexes("web")) >= 2 })
+	waitUntil(t, "the first snapshot", func() bool { return rec.last() != nil })
+	settle(t, f, 10)
 	cancel()
 	select {
 	case <-done:
@@ -505,5 +507,128 @@ func TestConsulKnownAfterReset(t *testing.T) {
 			f.set(31, "web")
 			waitUntil(t, "web deregistered", func() bool { ok, _ := c.Known(ctx, "web"); return !ok })
 		})
+	}
+}
+
+func TestConsulBoundedFetches(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	f.delay = 2 * time.Millisecond
+	const services = 200
+	for i := range services {
+		f.set(uint64(10+i), fmt.Sprint("svc", i), node(fmt.Sprint("a", i), i%250+1))
+	}
+	c := newTestConsul(t, f, ConsulOptions{MaxConnections: 4})
+	recs := make([]*recorder, services)
+	for i := range recs {
+		recs[i] = runWatch(t, c, fmt.Sprint("svc", i))
+	}
+	waitUntil(t, "every service's first snapshot", func() bool {
+		for _, r := range recs {
+			if r.last() == nil {
+				return false
+			}
+		}
+		return true
+	})
+	settle(t, f, uint64(10+services-1))
+	// A change of one service fetches that one only.
+	calls := f.callCount("svc7")
+	others := f.callCount("svc8")
+	f.set(1000, "svc7", node("b", 9))
+	waitUntil(t, "svc7 changed", func() bool { return slices.Equal(ids(recs[7].last()), []string{"b"}) })
+	if n := f.callCount("svc7") - calls; n > 2 {
+		t.Errorf("%d fetches of svc7 for one change, want 1 (2 if its first answer raced the state watch)", n)
+	}
+	if n := f.callCount("svc8") - others; n != 0 {
+		t.Errorf("%d fetches of svc8 for a change of svc7, want 0", n)
+	}
+	total, fetches := f.peaks()
+	t.Logf("at most %d queries in flight, %d of them fetches", total, fetches)
+	if total > 4 || fetches > 2 {
+		t.Errorf("%d queries in flight at once (%d fetches), want at most MaxConnections (4), 2 of them fetches", total, fetches)
+	}
+}
+
+func TestConsulCheckLessInstanceFollowsCatalog(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	a := node("a", 1)
+	a.noCheck = true
+	f.set(10, "web", a)
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	// A second check-less instance moves neither the health state nor
+	// the catalog's names and tags, only the catalog's index.
+	b := node("b", 2)
+	b.noCheck = true
+	f.set(11, "web", a, b)
+	waitUntil(t, "the new instance", func() bool { return slices.Equal(ids(rec.last()), []string{"a", "b"}) })
+}
+
+func TestConsulNodeCheckFetches(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1), node("b", 2))
+	f.set(10, "api", node("x", 3))
+	web, api := runWatch(t, c, "web"), runWatch(t, c, "api")
+	waitUntil(t, "first snapshots", func() bool { return web.last() != nil && api.last() != nil })
+	apiCalls := f.callCount("api")
+
+	f.setNode(11, "node2", true)
+	waitUntil(t, "b out", func() bool { return slices.Equal(ids(web.last()), []string{"a"}) })
+	f.setNode(12, "node2", false)
+	waitUntil(t, "b back", func() bool { return slices.Equal(ids(web.last()), []string{"a", "b"}) })
+	if n := f.callCount("api") - apiCalls; n != 0 {
+		t.Errorf("%d fetches of api, on another node, want 0", n)
+	}
+}
+
+func TestConsulConsistency(t *testing.T) {
+	for _, tc := range []struct {
+		mode              Consistency
+		stale, consistent bool
+	}{
+		{"", false, false},
+		{ConsistencyDefault, false, false},
+		{ConsistencyStale, true, false},
+		{ConsistencyConsistent, false, true},
+	} {
+		t.Run(string(tc.mode), func(t *testing.T) {
+			f := newFakeConsul()
+			c := newTestConsul(t, f, ConsulOptions{Consistency: tc.mode})
+			f.set(10, "web", node("a", 1))
+			rec := runWatch(t, c, "web")
+			waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+			waitUntil(t, "the catalog query", func() bool { return f.callCount("") > 0 })
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			all := slices.Concat(f.queries, f.states, f.catalogs)
+			for i, q := range all {
+				if q.AllowStale != tc.stale || q.RequireConsistent != tc.consistent {
+					t.Errorf("query %d: AllowStale %v, RequireConsistent %v; want %v, %v",
+						i, q.AllowStale, q.RequireConsistent, tc.stale, tc.consistent)
+				}
+			}
+		})
+	}
+}
+
+// settle waits until the state and catalog queries are parked at index and
+// the fetches their first answers asked for have run out.
+func settle(t *testing.T, f *fakeConsul, index uint64) {
+	t.Helper()
+	waitUntil(t, "the watches parked", func() bool {
+		return slices.Contains(f.waitIndexes("state"), index) && slices.Contains(f.waitIndexes(""), index)
+	})
+	for prev := -1; ; time.Sleep(50 * time.Millisecond) {
+		f.mu.Lock()
+		n := len(f.queries)
+		f.mu.Unlock()
+		if n == prev {
+			return
+		}
+		prev = n
 	}
 }

@@ -29,7 +29,16 @@ type fakeConsul struct {
 	maxInflight map[string]int
 	waits       map[string][]uint64 // WaitIndex of each query
 	queries     []api.QueryOptions  // every health query, for its options
+	states      []api.QueryOptions  // every state query
+	catalogs    []api.QueryOptions  // every catalog query
 	passingOnly []bool
+
+	critical map[string]bool // nodes whose own check is critical
+	delay    time.Duration   // how long each health fetch takes
+	total    int             // queries of any kind in flight
+	maxTotal int
+	fetching int // health fetches in flight
+	maxFetch int
 }
 
 // inst is one scripted instance.
@@ -38,6 +47,7 @@ type inst struct {
 	port, weight             int
 	tags                     []string
 	meta                     map[string]string
+	noCheck                  bool // registered without a check of its own
 }
 
 func newFakeConsul() *fakeConsul {
@@ -49,7 +59,34 @@ func newFakeConsul() *fakeConsul {
 		inflight:    make(map[string]int),
 		maxInflight: make(map[string]int),
 		waits:       make(map[string][]uint64),
+		critical:    make(map[string]bool),
 	}
+}
+
+// setNode moves the index and sets whether node's own check is critical.
+func (f *fakeConsul) setNode(index uint64, node string, critical bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.index = index
+	f.critical[node] = critical
+	f.changed()
+}
+
+// peaks returns the most queries of any kind, and the most health fetches,
+// in flight at once.
+func (f *fakeConsul) peaks() (total, fetches int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.maxTotal, f.maxFetch
+}
+
+// nodeCheck is node's own check, as the fake reports it.
+func (f *fakeConsul) nodeCheck(node string) *api.HealthCheck {
+	status := api.HealthPassing
+	if f.critical[node] {
+		status = api.HealthCritical
+	}
+	return &api.HealthCheck{Node: node, CheckID: "serfHealth", Status: status}
 }
 
 func (f *fakeConsul) changed() {
@@ -119,7 +156,9 @@ func (f *fakeConsul) block(key string, q *api.QueryOptions) (uint64, error) {
 	f.inflight[key]++
 	f.maxInflight[key] = max(f.maxInflight[key], f.inflight[key])
 	f.waits[key] = append(f.waits[key], q.WaitIndex)
-	defer func() { f.inflight[key]-- }()
+	f.total++
+	f.maxTotal = max(f.maxTotal, f.total)
+	defer func() { f.inflight[key]--; f.total-- }()
 	index, err := f.blockLocked(q)
 	if err == nil {
 		f.answers[key]++
@@ -160,6 +199,17 @@ func (f *fakeConsul) blockLocked(q *api.QueryOptions) (uint64, error) {
 func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.QueryOptions) ([]*api.ServiceEntry, *api.QueryMeta, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.fetching++
+	f.maxFetch = max(f.maxFetch, f.fetching)
+	defer func() { f.fetching-- }()
+	if f.delay > 0 {
+		f.total++
+		f.maxTotal = max(f.maxTotal, f.total)
+		f.mu.Unlock()
+		time.Sleep(f.delay)
+		f.mu.Lock()
+		f.total--
+	}
 	f.queries = append(f.queries, *q)
 	f.passingOnly = append(f.passingOnly, passingOnly)
 	index, err := f.block(service, q)
@@ -169,6 +219,14 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 	// Fresh structs on every answer, as the real client decodes them.
 	var out []*api.ServiceEntry
 	for _, in := range f.services[service] {
+		if passingOnly && f.critical[in.node] {
+			continue
+		}
+		checks := api.HealthChecks{f.nodeCheck(in.node)}
+		if !in.noCheck {
+			checks = append(checks, &api.HealthCheck{Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id,
+				ServiceName: service, Status: api.HealthPassing})
+		}
 		out = append(out, &api.ServiceEntry{
 			Node: &api.Node{Node: in.node, Address: in.nodeAddr},
 			Service: &api.AgentService{
@@ -176,8 +234,7 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 				Tags: slices.Clone(in.tags), Meta: in.meta,
 				Weights: api.AgentWeights{Passing: in.weight, Warning: 1},
 			},
-			Checks: api.HealthChecks{{Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id,
-				ServiceName: service, Status: api.HealthPassing}},
+			Checks: checks,
 		})
 	}
 	return out, &api.QueryMeta{LastIndex: index}, nil
@@ -188,13 +245,22 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 func (f *fakeConsul) State(state string, q *api.QueryOptions) (api.HealthChecks, *api.QueryMeta, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.states = append(f.states, *q)
 	index, err := f.block("state", q)
 	if err != nil {
 		return nil, nil, err
 	}
 	var out api.HealthChecks
+	nodes := map[string]bool{}
 	for service, insts := range f.services {
 		for _, in := range insts {
+			if !nodes[in.node] {
+				nodes[in.node] = true
+				out = append(out, f.nodeCheck(in.node))
+			}
+			if in.noCheck {
+				continue
+			}
 			out = append(out, &api.HealthCheck{
 				Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id, ServiceName: service,
 				Status: api.HealthPassing, ServiceTags: slices.Clone(in.tags),
@@ -207,6 +273,7 @@ func (f *fakeConsul) State(state string, q *api.QueryOptions) (api.HealthChecks,
 func (f *fakeConsul) Services(q *api.QueryOptions) (map[string][]string, *api.QueryMeta, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.catalogs = append(f.catalogs, *q)
 	index, err := f.block("", q)
 	if err != nil {
 		return nil, nil, err
