@@ -158,6 +158,7 @@ func TestDiscoveryScale(t *testing.T) {
   address: %s
 admin:
   listen: %s
+  pprof: true
 log:
   level: warn
 discovery:
@@ -238,6 +239,13 @@ proxy:
 		answered.Load(), services, resolveTime)
 	time.Sleep(time.Second) // settle, for the memory figure
 	t.Logf("sidecar RSS with %d services watched: %.1f MiB", services, float64(vmRSS(sc.Pid()))/(1<<20))
+	if path := os.Getenv("SCALE_HEAP_PROFILE"); path != "" {
+		if r, err := http.Get("http://" + admin + "/debug/pprof/heap"); err == nil {
+			b, _ := io.ReadAll(r.Body)
+			r.Body.Close()
+			_ = os.WriteFile(path, b, 0o644)
+		}
+	}
 
 	// Health flips, spread over the services: each out of rotation.
 	const flips = 50
