@@ -2,9 +2,11 @@ package discovery
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -233,6 +235,8 @@ type healthWatch struct {
 	cur      *Snapshot // last published
 	failures int       // consecutive failed queries
 	logged   bool      // whether one of them was logged here
+	// aclLogged is set once ACLs hiding the service has been logged.
+	aclLogged bool
 	// reset is set when the index went backwards or a query failed, and
 	// cleared by the first non-empty answer after it (or by StaleFor running
 	// out): until then an empty answer does not replace a non-empty set. A
@@ -309,6 +313,7 @@ func (h *healthWatch) fetch(ctx context.Context) time.Duration {
 	if ctx.Err() != nil {
 		return 0
 	}
+	h.acl(r)
 	if r.err != nil {
 		return h.fail(r.err, true)
 	}
@@ -318,6 +323,31 @@ func (h *healthWatch) fetch(ctx context.Context) time.Duration {
 	}
 	h.answer(r.entries, index)
 	return h.staleLeft()
+}
+
+// acl tells the sink whether ACLs hid part of the service in the answer r,
+// and logs it, with the fix, the first time.
+func (h *healthWatch) acl(r fetchResult) {
+	var err error
+	var se api.StatusError
+	switch {
+	case errors.As(r.err, &se) && se.Code == http.StatusForbidden:
+		err = fmt.Errorf("query health of %q: %w: %s", h.service, ErrACLDenied, aclFix(h.service))
+	case r.err == nil && r.meta != nil && r.meta.ResultsFilteredByACLs:
+		err = fmt.Errorf("query health of %q: %w: %s", h.service, ErrACLFiltered, aclFix(h.service))
+	case r.err != nil:
+		return // another failure says nothing of ACLs
+	}
+	h.sink.ACL(err)
+	if err != nil && !h.aclLogged {
+		h.aclLogged = true
+		h.log.Warn("consul acls hide the service", zap.Error(err))
+	}
+}
+
+// aclFix says what a token needs to read service.
+func aclFix(service string) string {
+	return fmt.Sprintf(`give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service %q { policy = "read" } and node_prefix "" { policy = "read" }`, service)
 }
 
 // staleLeft is how long until a stale set kept after a reset must be cleared

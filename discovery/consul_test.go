@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -631,4 +632,42 @@ func settle(t *testing.T, f *fakeConsul, index uint64) {
 		}
 		prev = n
 	}
+}
+
+func TestConsulACLVisible(t *testing.T) {
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	f.set(10, "api", node("x", 2))
+	f.filtered["web"] = true
+	f.denied["api"] = true
+	c := newTestCache(t, NewConsul(f, f, ConsulOptions{BackoffMin: 5 * time.Millisecond, BackoffMax: 20 * time.Millisecond},
+		zaptest.NewLogger(t)), CacheOptions{ResolveTimeout: 100 * time.Millisecond})
+	ctx := context.Background()
+	if _, err := c.Watch(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = c.Watch(ctx, "api") // denied: no first answer
+	waitUntil(t, "both marked", func() bool {
+		st := c.Snapshots()
+		return len(st) == 2 && st[0].ACL != "" && st[1].ACL != ""
+	})
+	st := c.Snapshots()
+	for _, tc := range []struct {
+		s    WatchStatus
+		want string
+	}{{st[0], "denied by Consul ACLs"}, {st[1], "answer filtered by Consul ACLs"}} {
+		if !strings.Contains(tc.s.ACL, tc.want) || !strings.Contains(tc.s.ACL, `service "`+tc.s.Service+`" { policy = "read" }`) {
+			t.Errorf("Snapshots() %s: ACL = %q, want %q and the fix", tc.s.Service, tc.s.ACL, tc.want)
+		}
+	}
+	if n := c.aclBlocked.Load(); n < 2 {
+		t.Errorf("ACL-blocked answers counted = %d, want 2 or more", n)
+	}
+
+	// Once the token may read it, the answer is whole and the mark goes.
+	f.mu.Lock()
+	f.filtered["web"] = false
+	f.mu.Unlock()
+	f.set(11, "web", node("b", 3))
+	waitUntil(t, "web whole again", func() bool { return c.Snapshots()[1].ACL == "" })
 }

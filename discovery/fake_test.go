@@ -34,6 +34,8 @@ type fakeConsul struct {
 	passingOnly []bool
 
 	critical map[string]bool // nodes whose own check is critical
+	filtered map[string]bool // services whose answers ACLs filter
+	denied   map[string]bool // services whose queries ACLs deny
 	delay    time.Duration   // how long each health fetch takes
 	total    int             // queries of any kind in flight
 	maxTotal int
@@ -60,6 +62,8 @@ func newFakeConsul() *fakeConsul {
 		maxInflight: make(map[string]int),
 		waits:       make(map[string][]uint64),
 		critical:    make(map[string]bool),
+		filtered:    make(map[string]bool),
+		denied:      make(map[string]bool),
 	}
 }
 
@@ -216,6 +220,12 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 	if err != nil {
 		return nil, nil, err
 	}
+	if f.denied[service] {
+		return nil, nil, api.StatusError{Code: 403, Body: "Permission denied"}
+	}
+	if f.filtered[service] {
+		return nil, &api.QueryMeta{LastIndex: index, ResultsFilteredByACLs: true}, nil
+	}
 	// Fresh structs on every answer, as the real client decodes them.
 	var out []*api.ServiceEntry
 	for _, in := range f.services[service] {
@@ -301,6 +311,22 @@ type recorder struct {
 	snaps    []*Snapshot
 	confirms int
 	fails    []error
+	acls     []error
+}
+
+func (r *recorder) ACL(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.acls = append(r.acls, err)
+}
+
+func (r *recorder) lastACL() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.acls) == 0 {
+		return nil
+	}
+	return r.acls[len(r.acls)-1]
 }
 
 func (r *recorder) Publish(s *Snapshot) {

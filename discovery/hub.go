@@ -185,10 +185,11 @@ func changedKeys(a, b map[string]uint64) map[string]struct{} {
 // every watch fetches again.
 func (c *Consul) watchState(ctx context.Context) {
 	var (
-		idx      blockingIndex
-		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
-		failures int
-		prev     *stateDigest
+		idx       blockingIndex
+		back      = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		failures  int
+		prev      *stateDigest
+		aclLogged bool
 	)
 	for {
 		q := c.opts.query()
@@ -228,6 +229,12 @@ func (c *Consul) watchState(ctx context.Context) {
 		var index uint64
 		if meta != nil {
 			index = meta.LastIndex
+			if meta.ResultsFilteredByACLs && !aclLogged {
+				aclLogged = true
+				c.log.Warn("consul acls hide checks from the health state",
+					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" } and node_prefix "" { policy = "read" }`),
+					zap.String("effect", "changes of the hidden services are seen at their resync only"))
+			}
 		}
 		changed, backwards := idx.observe(index)
 		if !changed && !recovered && prev != nil {

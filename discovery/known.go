@@ -56,12 +56,13 @@ func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 // checks (which the health state does not show).
 func (c *Consul) watchCatalog(ctx context.Context) {
 	var (
-		idx      blockingIndex
-		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
-		failures int
-		ready    bool
-		resetAt  time.Time // when the last reset began; zero if none is pending
-		tags     map[string]uint64
+		idx       blockingIndex
+		back      = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		failures  int
+		ready     bool
+		resetAt   time.Time // when the last reset began; zero if none is pending
+		tags      map[string]uint64
+		aclLogged bool
 	)
 	for {
 		wait := c.opts.WaitTime
@@ -100,6 +101,12 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		var index uint64
 		if meta != nil {
 			index = meta.LastIndex
+			if meta.ResultsFilteredByACLs && !aclLogged {
+				aclLogged = true
+				c.log.Warn("consul acls hide services from the catalog",
+					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" }`),
+					zap.String("effect", "the forward proxy answers 404 for the hidden services"))
+			}
 		}
 		changed, backwards := idx.observe(index)
 		if backwards && resetAt.IsZero() {
