@@ -93,7 +93,8 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			}
 			continue
 		}
-		if failures > 0 {
+		recovered := failures > 0
+		if recovered {
 			c.log.Info("consul query recovered", zap.Int("attempt", failures))
 			failures = 0
 			back.reset()
@@ -121,8 +122,9 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		}
 		next := digestTags(services)
 		switch {
-		case changed && tags == nil:
-			// What changed before the first answer is unknown.
+		case tags == nil || recovered || backwards:
+			// What changed before the first answer, or while the query
+			// failed or the agent restarted, is unknown.
 			c.kickAll()
 		case changed:
 			c.kick(changedKeys(tags, next), nil, true)
