@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -276,6 +277,22 @@ func (s *Service) setDefaults() {
 	s.TTL = 5 * time.Second
 	s.DeregisterCriticalAfter = time.Minute
 	s.Drain = 2 * time.Second
+}
+
+// RemoteDatacenters lists, once each in order, the datacenters upstreams
+// name other than consul.datacenter: discovery follows each with two more
+// blocking queries. None with the static backend.
+func (c *Config) RemoteDatacenters() []string {
+	if c.Discovery.Backend == BackendStatic {
+		return nil
+	}
+	var out []string
+	for _, u := range c.Upstreams {
+		if u.Datacenter != "" && u.Datacenter != c.Consul.Datacenter && !slices.Contains(out, u.Datacenter) {
+			out = append(out, u.Datacenter)
+		}
+	}
+	return out
 }
 
 // setDefaults is called by the decoder on each new upstreams element.

@@ -211,6 +211,7 @@ func TestParseValid(t *testing.T) {
 			name: "upstreams inherit from proxy and consul",
 			yaml: `
 consul: {datacenter: dc2}
+discovery: {max_connections: 5}
 proxy:
   balancer: hash
   hash_key: cookie:session

@@ -36,6 +36,10 @@ func (p *parser) validate(c *Config) {
 	for i := range c.Upstreams {
 		p.validateUpstream(fmt.Sprintf("upstreams[%d]", i), &c.Upstreams[i], &c.Discovery)
 	}
+	if dcs := c.RemoteDatacenters(); len(dcs) > 0 && c.Discovery.MaxConnections >= 3 && c.Discovery.MaxConnections < 3+2*len(dcs) {
+		p.errorf("discovery.max_connections", "must be at least %d with upstreams in %d other datacenters (%s; two blocking queries each), got %d",
+			3+2*len(dcs), len(dcs), strings.Join(dcs, ", "), c.Discovery.MaxConnections)
+	}
 	p.listenConflicts(c)
 }
 

@@ -253,6 +253,18 @@ discovery:
 		},
 	},
 	{
+		name: "connections for other datacenters",
+		yaml: `
+upstreams:
+  - {name: a, listen: "127.0.0.1:7001", datacenter: dc2}
+  - {name: b, listen: "127.0.0.1:7002", datacenter: dc3}
+  - {name: c, listen: "127.0.0.1:7003", datacenter: dc2}
+`,
+		want: []string{
+			`config.yaml: discovery.max_connections: must be at least 7 with upstreams in 2 other datacenters (dc2, dc3; two blocking queries each), got 4`,
+		},
+	},
+	{
 		name: "bad protocol with index path",
 		yaml: `
 upstreams:

@@ -15,6 +15,9 @@ var (
 	// ErrWatchStopped: a watch stopped (evicted, or its backend gave up)
 	// before its first answer. Looking the service up again starts a new one.
 	ErrWatchStopped = errors.New("watch stopped before its first answer")
+	// ErrUnknownDatacenter: a watch or lookup named a datacenter the backend
+	// was not set up to follow.
+	ErrUnknownDatacenter = errors.New("datacenter not followed by discovery")
 	// ErrACLFiltered: Consul left instances out of an answer because the
 	// token may not read them (X-Consul-Results-Filtered-By-ACLs).
 	ErrACLFiltered = errors.New("answer filtered by Consul ACLs")

@@ -55,14 +55,20 @@ const (
 type ConsulOptions struct {
 	// Datacenter to query; if empty, the agent's own.
 	Datacenter string
+	// Datacenters are the other datacenters whose services may be watched
+	// (by the keys Key(name, dc) makes); each costs two more blocking
+	// queries, so MaxConnections must be at least 3 + 2*len(Datacenters).
+	// Watching any other fails with ErrUnknownDatacenter.
+	Datacenters []string
 	// Consistency of every read; if empty, the agent's default
 	// (ConsistencyDefault unless the agent sets discovery_max_stale).
 	Consistency Consistency
 	// MaxConnections bounds the backend's concurrent requests to the agent:
-	// the two blocking queries (health state and catalog) and up to
-	// MaxConnections-2 fetches of changed services at once. If below 3, 4 is
-	// used. Bound the client's transport to the same number (NewTransport)
-	// so that connections are bounded too.
+	// two blocking queries (health state and catalog) per datacenter and
+	// the fetches of changed services, at most MaxConnections minus those.
+	// If below 3 + 2*len(Datacenters), that plus one is used. Bound the
+	// client's transport to the same number (NewTransport) so that
+	// connections are bounded too.
 	MaxConnections int
 	// WaitTime bounds each blocking query; if zero, 5m is used. It is also
 	// the resync period: every watched service is fetched again at least
@@ -92,8 +98,15 @@ func (o ConsulOptions) withDefaults() ConsulOptions {
 	if o.WaitTime <= 0 {
 		o.WaitTime = 5 * time.Minute
 	}
-	if o.MaxConnections < 3 {
-		o.MaxConnections = 4
+	var remote []string
+	for _, dc := range o.Datacenters {
+		if dc != "" && dc != o.Datacenter && !slices.Contains(remote, dc) {
+			remote = append(remote, dc)
+		}
+	}
+	o.Datacenters = remote
+	if o.MaxConnections < 3+2*len(o.Datacenters) {
+		o.MaxConnections = 4 + 2*len(o.Datacenters)
 	}
 	if o.ResolveTimeout <= 0 {
 		o.ResolveTimeout = 2 * time.Second
@@ -111,9 +124,13 @@ func (o ConsulOptions) withDefaults() ConsulOptions {
 	return o
 }
 
-// query returns the options of a read: datacenter and consistency.
-func (o *ConsulOptions) query() *api.QueryOptions {
-	q := &api.QueryOptions{Datacenter: o.Datacenter}
+// query returns the options of a read in dc (if empty, o.Datacenter):
+// datacenter and consistency.
+func (o *ConsulOptions) query(dc string) *api.QueryOptions {
+	if dc == "" {
+		dc = o.Datacenter
+	}
+	q := &api.QueryOptions{Datacenter: dc}
 	switch o.Consistency {
 	case ConsistencyStale:
 		q.AllowStale = true
@@ -147,6 +164,15 @@ type Consul struct {
 	startOnce sync.Once
 	jobs      chan fetchJob // to the workers; unbuffered
 
+	dcs map[string]*dcWatch // by datacenter; "" is Datacenter (the agent's own if empty)
+}
+
+// dcWatch is the state of the two watches of one datacenter.
+type dcWatch struct {
+	c   *Consul
+	dc  string // "" for ConsulOptions.Datacenter
+	log *zap.Logger
+
 	mu       sync.Mutex
 	watchers map[string]map[*healthWatch]struct{} // by lower-case service name
 	stateErr error                                // last failure of the state query; nil while it answers
@@ -156,22 +182,60 @@ type Consul struct {
 	knownErr   atomic.Pointer[error]               // last failure of the catalog query
 }
 
+// query returns the options of a read in d's datacenter.
+func (d *dcWatch) query() *api.QueryOptions { return d.c.opts.query(d.dc) }
+
+// dcWatch returns the watches of dc ("" for the default datacenter).
+func (c *Consul) dcWatch(dc string) (*dcWatch, error) {
+	if dc == c.opts.Datacenter {
+		dc = ""
+	}
+	if d, ok := c.dcs[dc]; ok {
+		return d, nil
+	}
+	return nil, fmt.Errorf("datacenter %q: %w", dc, ErrUnknownDatacenter)
+}
+
 // NewConsul returns a Consul backend querying health for instances and
 // catalog for the list of services. Its watches start with the first Watch
 // or Known call; Close stops them.
 func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, log *zap.Logger) *Consul {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Consul{
-		health:     health,
-		catalog:    catalog,
-		opts:       opts.withDefaults(),
-		log:        log.Named("discovery"),
-		ctx:        ctx,
-		cancel:     cancel,
-		jobs:       make(chan fetchJob),
-		watchers:   make(map[string]map[*healthWatch]struct{}),
-		knownReady: make(chan struct{}),
+	c := &Consul{
+		health:  health,
+		catalog: catalog,
+		opts:    opts.withDefaults(),
+		log:     log.Named("discovery"),
+		ctx:     ctx,
+		cancel:  cancel,
+		jobs:    make(chan fetchJob),
+		dcs:     make(map[string]*dcWatch),
 	}
+	for _, dc := range append([]string{""}, c.opts.Datacenters...) {
+		l := c.log
+		if dc != "" {
+			l = l.With(zap.String("datacenter", dc))
+		}
+		c.dcs[dc] = &dcWatch{c: c, dc: dc, log: l,
+			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{})}
+	}
+	return c
+}
+
+// Key is the watch key of service in datacenter dc: service itself when dc
+// is empty, else "service@dc". The Cache and the proxy treat keys as
+// service names; the Consul backend splits them.
+func Key(service, dc string) string {
+	if dc == "" {
+		return service
+	}
+	return service + "@" + dc
+}
+
+// SplitKey splits a key made by Key.
+func SplitKey(key string) (service, dc string) {
+	service, dc, _ = strings.Cut(key, "@")
+	return service, dc
 }
 
 // Close stops the watches and the workers and waits for them. Watches run
@@ -185,33 +249,41 @@ func (c *Consul) Close() {
 // blocks; cancelling ctx aborts the fetch in flight at once. It fetches the
 // service once, then again each time the datacenter's watches say it may
 // have changed, at most once at a time and once per change.
-func (c *Consul) Watch(ctx context.Context, service string, sink Sink) {
+func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
+	service, dc := SplitKey(key)
+	d, err := c.dcWatch(dc)
+	if err != nil {
+		sink.Fail(fmt.Errorf("watch %q: %w", key, err))
+		<-ctx.Done() // giving up would make the cache start the watch again
+		return
+	}
 	c.start()
 	h := &healthWatch{
 		c:       c,
+		d:       d,
 		service: service,
 		key:     strings.ToLower(service),
 		sink:    sink,
-		log:     c.log.With(zap.String("service", service)),
+		log:     d.log.With(zap.String("service", service)),
 		back:    backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax},
 		kick:    make(chan struct{}, 1),
 		reply:   make(chan fetchResult, 1),
 	}
-	c.mu.Lock()
-	set := c.watchers[h.key]
+	d.mu.Lock()
+	set := d.watchers[h.key]
 	if set == nil {
 		set = make(map[*healthWatch]struct{})
-		c.watchers[h.key] = set
+		d.watchers[h.key] = set
 	}
 	set[h] = struct{}{}
-	c.mu.Unlock()
+	d.mu.Unlock()
 	defer func() {
-		c.mu.Lock()
+		d.mu.Lock()
 		delete(set, h)
 		if len(set) == 0 {
-			delete(c.watchers, h.key)
+			delete(d.watchers, h.key)
 		}
-		c.mu.Unlock()
+		d.mu.Unlock()
 	}()
 	h.run(ctx)
 }
@@ -220,6 +292,7 @@ func (c *Consul) Watch(ctx context.Context, service string, sink Sink) {
 // touches it, but for kick, which anyone may signal.
 type healthWatch struct {
 	c       *Consul
+	d       *dcWatch // the watches of its datacenter
 	service string
 	key     string // service in lower case, as the watches key services
 	sink    Sink
@@ -281,7 +354,7 @@ func (h *healthWatch) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		if err := h.c.stateFailure(); err != nil {
+		if err := h.d.stateFailure(); err != nil {
 			// The agent is failing: keep the set, stale, without a
 			// fetch of our own (the state watch logs and retries).
 			retry = h.fail(err, false)
@@ -426,9 +499,9 @@ func (h *healthWatch) observe(entries []*api.ServiceEntry) {
 		dark = dark || !own
 	}
 	h.dark.Store(dark)
-	h.c.mu.Lock()
+	h.d.mu.Lock()
 	h.nodes = nodes
-	h.c.mu.Unlock()
+	h.d.mu.Unlock()
 }
 
 // fail handles a failed query and returns how long to wait before the next.

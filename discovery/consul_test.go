@@ -365,7 +365,7 @@ func TestConsulKnown(t *testing.T) {
 
 	// While Consul is down, the last list answers.
 	f.setErr(errDown)
-	waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })
+	waitUntil(t, "a failed catalog query", func() bool { return c.dcs[""].knownErr.Load() != nil })
 	if ok, err := c.Known(ctx, "api"); !ok || err != nil {
 		t.Errorf("Known(api) while down = %v, %v, want true", ok, err)
 	}
@@ -464,7 +464,7 @@ func TestConsulEmptyAfterOutageKeepsLastSet(t *testing.T) {
 func TestConsulKnownAfterReset(t *testing.T) {
 	outage := func(t *testing.T, f *fakeConsul, c *Consul) {
 		f.setErr(errDown)
-		waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })
+		waitUntil(t, "a failed catalog query", func() bool { return c.dcs[""].knownErr.Load() != nil })
 		answers := f.answerCount("")
 		f.set(20, "web") // the agent comes back without its services
 		f.setErr(nil)
@@ -670,4 +670,35 @@ func TestConsulACLVisible(t *testing.T) {
 	f.mu.Unlock()
 	f.set(11, "web", node("b", 3))
 	waitUntil(t, "web whole again", func() bool { return c.Snapshots()[1].ACL == "" })
+}
+
+func TestConsulDatacenters(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	c := newTestConsul(t, f, ConsulOptions{Datacenter: "dc1", Datacenters: []string{"dc2", "dc1"}})
+	if c.opts.MaxConnections != 6 {
+		t.Errorf("MaxConnections = %d, want 6 (raised for dc2's two blocking queries)", c.opts.MaxConnections)
+	}
+	local, remote := runWatch(t, c, "web"), runWatch(t, c, Key("web", "dc2"))
+	waitUntil(t, "both snapshots", func() bool { return local.last() != nil && remote.last() != nil })
+	waitUntil(t, "the catalog queries", func() bool { return f.callCount("") >= 2 })
+	if ok, err := c.Known(context.Background(), Key("web", "dc2")); !ok || err != nil {
+		t.Errorf("Known(web@dc2) = %v, %v; want true", ok, err)
+	}
+	if _, err := c.Known(context.Background(), Key("web", "dc3")); !errors.Is(err, ErrUnknownDatacenter) {
+		t.Errorf("Known(web@dc3) error = %v, want ErrUnknownDatacenter", err)
+	}
+	other := runWatch(t, c, Key("web", "dc3"))
+	waitUntil(t, "the failure", func() bool { _, _, n := other.count(); return n == 1 })
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	seen := map[string]int{}
+	for _, q := range slices.Concat(f.queries, f.states, f.catalogs) {
+		seen[q.Datacenter]++
+	}
+	if len(seen) != 2 || seen["dc1"] < 3 || seen["dc2"] < 3 {
+		t.Errorf("queries by datacenter = %v, want fetch, state and catalog queries in dc1 and dc2 only", seen)
+	}
 }

@@ -33,8 +33,10 @@ func (c *Consul) start() {
 		for range c.opts.MaxConnections - 2 {
 			c.goOwned("fetch worker", c.worker)
 		}
-		c.goOwned("state watch", c.watchState)
-		c.goOwned("catalog watch", c.watchCatalog)
+		for _, d := range c.dcs {
+			c.goOwned("state watch", d.watchState)
+			c.goOwned("catalog watch", d.watchCatalog)
+		}
 	})
 }
 
@@ -62,7 +64,7 @@ func (c *Consul) worker(ctx context.Context) {
 		case j := <-c.jobs:
 			var r fetchResult
 			if j.ctx.Err() == nil {
-				q := c.opts.query()
+				q := j.h.d.query()
 				r.entries, r.meta, r.err = c.health.Service(j.h.service, "", true, q.WithContext(j.ctx))
 			}
 			// The reply is buffered and each watch has one fetch in flight
@@ -77,18 +79,18 @@ func (c *Consul) worker(ctx context.Context) {
 }
 
 // stateFailure is the last failure of the state watch, nil while it answers.
-func (c *Consul) stateFailure() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.stateErr
+func (d *dcWatch) stateFailure() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.stateErr
 }
 
 // kickAll asks every watch to fetch again (or, while the state watch fails,
 // to mark its set stale).
-func (c *Consul) kickAll() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, set := range c.watchers {
+func (d *dcWatch) kickAll() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, set := range d.watchers {
 		for h := range set {
 			h.Kick()
 		}
@@ -98,13 +100,13 @@ func (c *Consul) kickAll() {
 // kick asks the watches of the given lower-case service names to fetch
 // again, and those of every service on the given nodes, and, if dark is
 // set, those of every service with an instance without checks.
-func (c *Consul) kick(services map[string]struct{}, nodes map[string]struct{}, dark bool) {
+func (d *dcWatch) kick(services map[string]struct{}, nodes map[string]struct{}, dark bool) {
 	if len(services) == 0 && len(nodes) == 0 && !dark {
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for key, set := range c.watchers {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for key, set := range d.watchers {
 		_, changed := services[key]
 		for h := range set {
 			if changed || (dark && h.dark.Load()) || onNodes(h.nodes, nodes) {
@@ -183,18 +185,18 @@ func changedKeys(a, b map[string]uint64) map[string]struct{} {
 // (or whose nodes' checks changed) to fetch again. While it fails, every
 // watch is told so and serves its last set, stale; when it answers again,
 // every watch fetches again.
-func (c *Consul) watchState(ctx context.Context) {
+func (d *dcWatch) watchState(ctx context.Context) {
 	var (
 		idx       blockingIndex
-		back      = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		back      = backoff{min: d.c.opts.BackoffMin, max: d.c.opts.BackoffMax}
 		failures  int
 		prev      *stateDigest
 		aclLogged bool
 	)
 	for {
-		q := c.opts.query()
-		q.WaitIndex, q.WaitTime = idx.wait, c.opts.WaitTime
-		checks, meta, err := c.health.State(api.HealthAny, q.WithContext(ctx))
+		q := d.query()
+		q.WaitIndex, q.WaitTime = idx.wait, d.c.opts.WaitTime
+		checks, meta, err := d.c.health.State(api.HealthAny, q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
 		}
@@ -203,14 +205,14 @@ func (c *Consul) watchState(ctx context.Context) {
 			idx.failed()
 			failures++
 			if failures == 1 || failures%logEvery == 0 {
-				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
+				d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
 			}
-			c.mu.Lock()
-			first := c.stateErr == nil
-			c.stateErr = err
-			c.mu.Unlock()
+			d.mu.Lock()
+			first := d.stateErr == nil
+			d.stateErr = err
+			d.mu.Unlock()
 			if first {
-				c.kickAll()
+				d.kickAll()
 			}
 			if !sleep(ctx, back.next()) {
 				return
@@ -219,19 +221,19 @@ func (c *Consul) watchState(ctx context.Context) {
 		}
 		recovered := failures > 0
 		if recovered {
-			c.log.Info("consul query recovered", zap.Int("attempt", failures))
+			d.log.Info("consul query recovered", zap.Int("attempt", failures))
 			failures = 0
 			back.reset()
-			c.mu.Lock()
-			c.stateErr = nil
-			c.mu.Unlock()
+			d.mu.Lock()
+			d.stateErr = nil
+			d.mu.Unlock()
 		}
 		var index uint64
 		if meta != nil {
 			index = meta.LastIndex
 			if meta.ResultsFilteredByACLs && !aclLogged {
 				aclLogged = true
-				c.log.Warn("consul acls hide checks from the health state",
+				d.log.Warn("consul acls hide checks from the health state",
 					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" } and node_prefix "" { policy = "read" }`),
 					zap.String("effect", "changes of the hidden services are seen at their resync only"))
 			}
@@ -240,12 +242,12 @@ func (c *Consul) watchState(ctx context.Context) {
 		if !changed && !recovered && prev != nil {
 			continue
 		}
-		d := digestState(checks)
+		dg := digestState(checks)
 		if prev == nil || recovered || backwards {
 			// What changed before this answer is unknown: fetch all.
-			c.kickAll()
+			d.kickAll()
 		} else {
-			services, nodes := changedKeys(prev.services, d.services), changedKeys(prev.nodes, d.nodes)
+			services, nodes := changedKeys(prev.services, dg.services), changedKeys(prev.nodes, dg.nodes)
 			if len(nodes) > 0 {
 				// Services with checks on those nodes: when a node
 				// recovers, the last passing answer did not list it.
@@ -258,8 +260,8 @@ func (c *Consul) watchState(ctx context.Context) {
 					}
 				}
 			}
-			c.kick(services, nodes, false)
+			d.kick(services, nodes, false)
 		}
-		prev = &d
+		prev = &dg
 	}
 }

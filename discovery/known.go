@@ -18,8 +18,19 @@ import (
 // After that Known is a lock-free map lookup. While Consul fails, the last
 // list answers. Safe for concurrent use.
 func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
+	service, dc := SplitKey(service)
+	d, err := c.dcWatch(dc)
+	if err != nil {
+		return false, err
+	}
+	return d.knows(ctx, service)
+}
+
+// knows is Known in d's datacenter.
+func (d *dcWatch) knows(ctx context.Context, service string) (bool, error) {
+	c := d.c
 	service = strings.ToLower(service) // no allocation when already lower case
-	if m := c.known.Load(); m != nil {
+	if m := d.known.Load(); m != nil {
 		_, ok := (*m)[service]
 		return ok, nil
 	}
@@ -27,15 +38,15 @@ func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 	t := time.NewTimer(c.opts.ResolveTimeout)
 	defer t.Stop()
 	select {
-	case <-c.knownReady:
-		_, ok := (*c.known.Load())[service]
+	case <-d.knownReady:
+		_, ok := (*d.known.Load())[service]
 		return ok, nil
 	case <-ctx.Done():
 		return false, fmt.Errorf("list services: %w", ctx.Err())
 	case <-c.ctx.Done():
 		return false, fmt.Errorf("list services: %w", ErrClosed)
 	case <-t.C:
-		if err := c.knownErr.Load(); err != nil {
+		if err := d.knownErr.Load(); err != nil {
 			return false, fmt.Errorf("list services: %w: %w", ErrResolveTimeout, *err)
 		}
 		return false, fmt.Errorf("list services: %w", ErrResolveTimeout)
@@ -54,7 +65,8 @@ func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 // the watches of the services that appeared, disappeared or changed their
 // tags to fetch again, and those of the services with an instance without
 // checks (which the health state does not show).
-func (c *Consul) watchCatalog(ctx context.Context) {
+func (d *dcWatch) watchCatalog(ctx context.Context) {
+	c := d.c
 	var (
 		idx       blockingIndex
 		back      = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
@@ -70,7 +82,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			left := resetAt.Add(c.opts.StaleFor).Sub(c.opts.Now())
 			wait = min(wait, max(left, 10*time.Millisecond))
 		}
-		q := c.opts.query()
+		q := d.query()
 		q.WaitIndex, q.WaitTime = idx.wait, wait
 		services, meta, err := c.catalog.Services(q.WithContext(ctx))
 		if ctx.Err() != nil {
@@ -79,14 +91,14 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		now := c.opts.Now()
 		if err != nil {
 			err = fmt.Errorf("query catalog services: %w", err)
-			c.knownErr.Store(&err)
+			d.knownErr.Store(&err)
 			idx.failed()
 			if ready && resetAt.IsZero() {
 				resetAt = now
 			}
 			failures++
 			if failures == 1 || failures%logEvery == 0 {
-				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
+				d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
 			}
 			if !sleep(ctx, back.next()) {
 				return
@@ -95,7 +107,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		}
 		recovered := failures > 0
 		if recovered {
-			c.log.Info("consul query recovered", zap.Int("attempt", failures))
+			d.log.Info("consul query recovered", zap.Int("attempt", failures))
 			failures = 0
 			back.reset()
 		}
@@ -104,7 +116,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			index = meta.LastIndex
 			if meta.ResultsFilteredByACLs && !aclLogged {
 				aclLogged = true
-				c.log.Warn("consul acls hide services from the catalog",
+				d.log.Warn("consul acls hide services from the catalog",
 					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" }`),
 					zap.String("effect", "the forward proxy answers 404 for the hidden services"))
 			}
@@ -125,12 +137,12 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		case tags == nil || recovered || backwards:
 			// What changed before the first answer, or while the query
 			// failed or the agent restarted, is unknown.
-			c.kickAll()
+			d.kickAll()
 		case changed:
-			c.kick(changedKeys(tags, next), nil, true)
+			d.kick(changedKeys(tags, next), nil, true)
 		}
 		tags = next
-		old := c.known.Load()
+		old := d.known.Load()
 		if !resetAt.IsZero() && old != nil {
 			kept := 0
 			if c.opts.StaleFor == 0 || now.Sub(resetAt) < c.opts.StaleFor {
@@ -144,17 +156,17 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			if kept == 0 {
 				resetAt = time.Time{}
 			} else if changed {
-				c.log.Info("services missing after a reset, keeping them known",
+				d.log.Info("services missing after a reset, keeping them known",
 					zap.Int("services", kept), zap.Uint64("index", index))
 			}
 		}
 		if old == nil || len(*old) != len(names) {
-			c.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
+			d.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
 		}
-		c.known.Store(&names)
+		d.known.Store(&names)
 		if !ready {
 			ready = true
-			close(c.knownReady)
+			close(d.knownReady)
 		}
 	}
 }

@@ -86,7 +86,7 @@ func serve(ctx context.Context, cfg *config.Config, logOut io.Writer) error {
 	}
 	ready := &readiness{registrar: registrar, cache: cache}
 	for _, u := range cfg.Upstreams {
-		ready.upstreams = append(ready.upstreams, u.Name)
+		ready.upstreams = append(ready.upstreams, upstreamKey(cfg, u))
 	}
 	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token, Ready: ready.check})
 	if cfg.Admin.Pprof {
@@ -212,11 +212,21 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 	}
 	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
 		Datacenter:     cfg.Consul.Datacenter,
+		Datacenters:    cfg.RemoteDatacenters(),
 		Consistency:    discovery.Consistency(cfg.Discovery.Consistency),
 		MaxConnections: cfg.Discovery.MaxConnections,
 		StaleFor:       cfg.Discovery.StaleFor,
 		ResolveTimeout: cfg.Discovery.ResolveTimeout,
 	}, log.Named("discovery")), nil
+}
+
+// upstreamKey is the discovery key of u: its name, with its datacenter
+// when that is not consul.datacenter (and the backend is Consul).
+func upstreamKey(cfg *config.Config, u config.Upstream) string {
+	if u.Datacenter == "" || u.Datacenter == cfg.Consul.Datacenter || cfg.Discovery.Backend == config.BackendStatic {
+		return u.Name
+	}
+	return discovery.Key(u.Name, u.Datacenter)
 }
 
 func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
@@ -267,9 +277,9 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		servers = append(servers, s)
 	}
 	for i, u := range cfg.Upstreams {
-		cache.Pin(u.Name)
+		cache.Pin(upstreamKey(cfg, u))
 		rc := proxy.RouteConfig{
-			Service:       u.Name,
+			Service:       upstreamKey(cfg, u),
 			Protocol:      u.Protocol,
 			Balancer:      u.Balancer,
 			HashKey:       u.HashKey,

@@ -50,6 +50,11 @@ type Options struct {
 	// MaxConnsPerClient is the agent's limits.http_max_conns_per_client;
 	// if zero, 10000 (Consul's own default is 200).
 	MaxConnsPerClient int
+	// Datacenter is the agent's datacenter; if empty, Consul's dc1.
+	Datacenter string
+	// JoinWAN is the serf WAN address (host:port) of an agent of another
+	// datacenter to federate with (see Agent.WANAddr).
+	JoinWAN string
 }
 
 // Binary returns the path of the consul binary tests use, or an error saying
@@ -105,6 +110,13 @@ func (a *Agent) writeConfig(opts Options) {
 	if maxConns == 0 {
 		maxConns = 10000
 	}
+	extra := opts.ExtraHCL
+	if opts.Datacenter != "" {
+		extra += fmt.Sprintf("\ndatacenter = %q\n", opts.Datacenter)
+	}
+	if opts.JoinWAN != "" {
+		extra += fmt.Sprintf("\nretry_join_wan = [%q]\n", opts.JoinWAN)
+	}
 	hcl := fmt.Sprintf(`
 node_name = "sidecar-test"
 bind_addr = "127.0.0.1"
@@ -123,11 +135,14 @@ limits {
   http_max_conns_per_client = %d
 }
 %s
-`, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, maxConns, opts.ExtraHCL)
+`, ports.HTTP, ports.SerfLAN, ports.SerfWAN, ports.Server, maxConns, extra)
 	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
 		a.t.Fatal(err)
 	}
 }
+
+// WANAddr is the agent's serf WAN address, host:port, for Options.JoinWAN.
+func (a *Agent) WANAddr() string { return "127.0.0.1:" + strconv.Itoa(a.Ports.SerfWAN) }
 
 // Addr is the agent's HTTP address, host:port.
 func (a *Agent) Addr() string { return "127.0.0.1:" + strconv.Itoa(a.Ports.HTTP) }
