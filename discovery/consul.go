@@ -185,13 +185,19 @@ type dcWatch struct {
 // query returns the options of a read in d's datacenter.
 func (d *dcWatch) query() *api.QueryOptions { return d.c.opts.query(d.dc) }
 
-// dcWatch returns the watches of dc ("" for the default datacenter).
+// dcWatch returns the watches of dc ("" for the default datacenter). A
+// datacenter that is not followed is the default one when Datacenter is
+// empty (the agent's own, whose name the backend does not know), and
+// ErrUnknownDatacenter otherwise.
 func (c *Consul) dcWatch(dc string) (*dcWatch, error) {
-	if dc == c.opts.Datacenter {
+	if dc == c.opts.Datacenter || strings.EqualFold(dc, c.opts.Datacenter) {
 		dc = ""
 	}
 	if d, ok := c.dcs[dc]; ok {
 		return d, nil
+	}
+	if c.opts.Datacenter == "" {
+		return c.dcs[""], nil
 	}
 	return nil, fmt.Errorf("datacenter %q: %w", dc, ErrUnknownDatacenter)
 }

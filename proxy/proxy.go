@@ -151,13 +151,13 @@ func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
 	}
-	name, tag, err := serviceFromRequest(r)
+	name, tag, dc, err := serviceFromRequest(r)
 	if err != nil {
 		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
 		answerError(w, r, err)
 		return
 	}
-	rt, err := f.route(r.Context(), name, tag)
+	rt, err := f.route(r.Context(), name, tag, dc)
 	if err != nil {
 		_, code := classify(err)
 		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
@@ -168,13 +168,13 @@ func (f *forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // route returns the route of the service the client named as sent (with
-// the tag its instances must carry, if any), creating it on first use once
-// discovery confirms the name is registered. Service names are
+// the tag its instances must carry and its datacenter, if any), creating it
+// on first use once discovery confirms the name is registered. Service names are
 // case-insensitive, as in DNS and Consul: every spelling shares the route of
 // the lower-case name, and errors name what the client sent. Tags are
 // compared as spelt, as Consul does.
-func (f *forwarder) route(ctx context.Context, sent, tag string) (*route, error) {
-	name := strings.ToLower(sent) // no allocation when already lower case
+func (f *forwarder) route(ctx context.Context, sent, tag, dc string) (*route, error) {
+	name := discovery.Key(strings.ToLower(sent), dc) // no allocation when already lower case and dc is empty
 	known, err := f.p.resolver.Known(ctx, name)
 	if err != nil {
 		return nil, &proxyError{sent, fmt.Errorf("%w: %w", ErrDiscovery, err)}

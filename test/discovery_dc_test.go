@@ -3,6 +3,7 @@ package test
 import (
 	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -40,17 +41,20 @@ func TestDiscoveryDatacenter(t *testing.T) {
 	register(dc1, "echo-dc1")
 	register(dc2, "echo-dc2-a")
 
-	admin, local, remote := pxLoopback(t), pxLoopback(t), pxLoopback(t)
+	admin, local, remote, fwd := pxLoopback(t), pxLoopback(t), pxLoopback(t), pxLoopback(t)
 	harness.StartSidecar(t, admin, fmt.Sprintf(`consul:
   address: %s
+  datacenter: dc1
 admin:
   listen: %s
 discovery:
   max_connections: 5
+proxy:
+  listen: %s
 upstreams:
   - {name: echo, listen: "%s"}
   - {name: echo, listen: "%s", datacenter: dc2}
-`, dc1.Addr(), admin, local, remote))
+`, dc1.Addr(), admin, fwd, local, remote))
 
 	c := pxHTTPClient(t, nil)
 	instances := func(base string) map[string]bool {
@@ -71,6 +75,20 @@ upstreams:
 	if s := instances(local); len(s) != 1 || !s["echo-dc1"] {
 		t.Errorf("instances through the local upstream = %v, want echo-dc1 only", s)
 	}
+	// The forward proxy reads the datacenter of Consul's DNS form.
+	pc := pxHTTPClient(t, &url.URL{Scheme: "http", Host: fwd})
+	for target, want := range map[string]string{
+		"http://echo.service.dc2.consul/": "echo-dc2-a", "http://echo.service.dc1.consul/": "echo-dc1",
+		"http://echo.service.consul/": "echo-dc1", "http://echo/": "echo-dc1",
+	} {
+		if r := pxGet(t, pc, target, nil); r.status != http.StatusOK || r.instance != want {
+			t.Errorf("GET %s via the forward proxy: status %d from %q, want 200 from %s", target, r.status, r.instance, want)
+		}
+	}
+	if r := pxGet(t, pc, "http://echo.service.dc9.consul/", nil); r.status == http.StatusOK || !strings.Contains(r.body, "dc9") {
+		t.Errorf("GET echo.service.dc9.consul: status %d, body %q; want an error naming dc9", r.status, r.body)
+	}
+
 	register(dc2, "echo-dc2-b")
 	consulagent.WaitFor(t, 10*time.Second, "echo-dc2-b through the dc2 upstream", func() bool {
 		s := instances(remote)
