@@ -149,7 +149,8 @@ const logEvery = 10
 // every check (/v1/health/state/any), one on the catalog's list of services.
 // When either shows that a watched service may have changed, that service's
 // passing instances are fetched again (/v1/health/service/NAME?passing), by
-// a pool of MaxConnections-2 workers. Safe for concurrent use.
+// a pool of workers: MaxConnections less the two blocking queries of each
+// datacenter followed. Safe for concurrent use.
 type Consul struct {
 	health  HealthClient
 	catalog CatalogClient

@@ -9,7 +9,8 @@
 //     outputs and indexes left out) and per node (its own checks);
 //   - one blocking query on /v1/catalog/services (names and tags), which also
 //     answers Known;
-//   - a pool of MaxConnections-2 workers fetching
+//   - a pool of MaxConnections-2 workers (less two more per other
+//     datacenter followed) fetching
 //     /v1/health/service/NAME?passing for the watched services whose digest
 //     changed, whose node's checks changed, that appeared, disappeared or
 //     changed tags in the catalog, or, on any catalog change, that have an

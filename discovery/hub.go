@@ -30,7 +30,8 @@ func (c *Consul) start() {
 		if c.ctx.Err() != nil {
 			return
 		}
-		for range c.opts.MaxConnections - 2 {
+		// Two blocking queries per datacenter; the rest fetch.
+		for range c.opts.MaxConnections - 2*len(c.dcs) {
 			c.goOwned("fetch worker", c.worker)
 		}
 		for _, d := range c.dcs {
