@@ -60,6 +60,11 @@ type ConsulOptions struct {
 	// queries, so MaxConnections must be at least 3 + 2*len(Datacenters).
 	// Watching any other fails with ErrUnknownDatacenter.
 	Datacenters []string
+	// LocalDatacenter reports the agent's own datacenter. It is asked once
+	// (until it succeeds), when Datacenter is empty and a key names a
+	// datacenter that is not followed, to tell the agent's own from an
+	// unknown one. If nil, such a datacenter is taken to be the agent's.
+	LocalDatacenter func(ctx context.Context) (string, error)
 	// Consistency of every read; if empty, the agent's default
 	// (ConsistencyDefault unless the agent sets discovery_max_stale).
 	Consistency Consistency
@@ -166,6 +171,9 @@ type Consul struct {
 	jobs      chan fetchJob // to the workers; unbuffered
 
 	dcs map[string]*dcWatch // by datacenter; "" is Datacenter (the agent's own if empty)
+
+	localMu sync.Mutex
+	localDC string // the agent's datacenter, once LocalDatacenter answered
 }
 
 // dcWatch is the state of the two watches of one datacenter.
@@ -186,21 +194,44 @@ type dcWatch struct {
 // query returns the options of a read in d's datacenter.
 func (d *dcWatch) query() *api.QueryOptions { return d.c.opts.query(d.dc) }
 
-// dcWatch returns the watches of dc ("" for the default datacenter). A
-// datacenter that is not followed is the default one when Datacenter is
-// empty (the agent's own, whose name the backend does not know), and
-// ErrUnknownDatacenter otherwise.
-func (c *Consul) dcWatch(dc string) (*dcWatch, error) {
-	if dc == c.opts.Datacenter || strings.EqualFold(dc, c.opts.Datacenter) {
+// dcWatch returns the watches of dc ("" for the default datacenter), or
+// ErrUnknownDatacenter for a datacenter that is not followed. When
+// Datacenter is empty, the agent's own is asked of LocalDatacenter.
+func (c *Consul) dcWatch(ctx context.Context, dc string) (*dcWatch, error) {
+	if strings.EqualFold(dc, c.opts.Datacenter) {
 		dc = ""
 	}
 	if d, ok := c.dcs[dc]; ok {
 		return d, nil
 	}
 	if c.opts.Datacenter == "" {
-		return c.dcs[""], nil
+		local, err := c.localDatacenter(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("datacenter %q: %w", dc, err)
+		}
+		if local == "" || strings.EqualFold(dc, local) {
+			return c.dcs[""], nil
+		}
 	}
 	return nil, fmt.Errorf("datacenter %q: %w", dc, ErrUnknownDatacenter)
+}
+
+// localDatacenter is the agent's datacenter, "" if LocalDatacenter is nil.
+func (c *Consul) localDatacenter(ctx context.Context) (string, error) {
+	if c.opts.LocalDatacenter == nil {
+		return "", nil
+	}
+	c.localMu.Lock()
+	defer c.localMu.Unlock()
+	if c.localDC != "" {
+		return c.localDC, nil
+	}
+	dc, err := c.opts.LocalDatacenter(ctx)
+	if err != nil {
+		return "", fmt.Errorf("ask the agent its datacenter: %w", err)
+	}
+	c.localDC = dc
+	return dc, nil
 }
 
 // NewConsul returns a Consul backend querying health for instances and
@@ -258,11 +289,21 @@ func (c *Consul) Close() {
 // have changed, at most once at a time and once per change.
 func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
 	service, dc := SplitKey(key)
-	d, err := c.dcWatch(dc)
-	if err != nil {
+	back := backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+	var d *dcWatch
+	for {
+		var err error
+		if d, err = c.dcWatch(ctx, dc); err == nil {
+			break
+		}
 		sink.Fail(fmt.Errorf("watch %q: %w", key, err))
-		<-ctx.Done() // giving up would make the cache start the watch again
-		return
+		if errors.Is(err, ErrUnknownDatacenter) {
+			<-ctx.Done() // giving up would make the cache start the watch again
+			return
+		}
+		if !sleep(ctx, back.next()) { // the agent did not say its datacenter
+			return
+		}
 	}
 	c.start()
 	h := &healthWatch{

@@ -702,3 +702,39 @@ func TestConsulDatacenters(t *testing.T) {
 		t.Errorf("queries by datacenter = %v, want fetch, state and catalog queries in dc1 and dc2 only", seen)
 	}
 }
+
+func TestConsulLocalDatacenter(t *testing.T) {
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	var mu sync.Mutex
+	asked, fail := 0, true
+	c := newTestConsul(t, f, ConsulOptions{Datacenters: []string{"dc2"}, LocalDatacenter: func(context.Context) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		asked++
+		if fail {
+			return "", errDown
+		}
+		return "dc1", nil
+	}})
+	ctx := context.Background()
+	if _, err := c.Known(ctx, Key("web", "dc1")); !errors.Is(err, errDown) {
+		t.Errorf("Known(web@dc1) with the agent down: error = %v, want %v", err, errDown)
+	}
+	mu.Lock()
+	fail = false
+	mu.Unlock()
+	for _, tc := range []struct {
+		key  string
+		want error
+	}{{Key("web", "dc1"), nil}, {Key("web", "DC1"), nil}, {"web", nil}, {Key("web", "dc2"), nil}, {Key("web", "dc9"), ErrUnknownDatacenter}} {
+		if _, err := c.Known(ctx, tc.key); !errors.Is(err, tc.want) {
+			t.Errorf("Known(%s) error = %v, want %v", tc.key, err, tc.want)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if asked != 2 {
+		t.Errorf("the agent was asked its datacenter %d times, want 2 (once failing, once answering)", asked)
+	}
+}

@@ -320,14 +320,6 @@ func (r *recorder) ACL(err error) {
 	r.acls = append(r.acls, err)
 }
 
-func (r *recorder) lastACL() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if len(r.acls) == 0 {
-		return nil
-	}
-	return r.acls[len(r.acls)-1]
-}
 
 func (r *recorder) Publish(s *Snapshot) {
 	r.mu.Lock()

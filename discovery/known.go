@@ -19,7 +19,7 @@ import (
 // list answers. Safe for concurrent use.
 func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
 	service, dc := SplitKey(service)
-	d, err := c.dcWatch(dc)
+	d, err := c.dcWatch(ctx, dc)
 	if err != nil {
 		return false, err
 	}

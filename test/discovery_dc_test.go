@@ -42,9 +42,9 @@ func TestDiscoveryDatacenter(t *testing.T) {
 	register(dc2, "echo-dc2-a")
 
 	admin, local, remote, fwd := pxLoopback(t), pxLoopback(t), pxLoopback(t), pxLoopback(t)
+	// consul.datacenter unset: the sidecar asks the agent its own.
 	harness.StartSidecar(t, admin, fmt.Sprintf(`consul:
   address: %s
-  datacenter: dc1
 admin:
   listen: %s
 discovery:

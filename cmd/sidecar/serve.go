@@ -211,8 +211,13 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 		return discovery.NewStatic(cfg.Discovery.Static)
 	}
 	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
-		Datacenter:     cfg.Consul.Datacenter,
-		Datacenters:    cfg.RemoteDatacenters(),
+		Datacenter:  cfg.Consul.Datacenter,
+		Datacenters: cfg.RemoteDatacenters(),
+		LocalDatacenter: func(ctx context.Context) (string, error) {
+			var self struct{ Config struct{ Datacenter string } }
+			_, err := consul.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx))
+			return self.Config.Datacenter, err
+		},
 		Consistency:    discovery.Consistency(cfg.Discovery.Consistency),
 		MaxConnections: cfg.Discovery.MaxConnections,
 		StaleFor:       cfg.Discovery.StaleFor,
