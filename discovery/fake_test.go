@@ -320,7 +320,6 @@ func (r *recorder) ACL(err error) {
 	r.acls = append(r.acls, err)
 }
 
-
 func (r *recorder) Publish(s *Snapshot) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
