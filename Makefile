@@ -2,7 +2,7 @@
 # the tests. Both set up what they need on a fresh machine.
 
 GO        ?= go
-CONSUL_VERSION := v1.22.0
+CONSUL_VERSION := v1.16.3
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 

@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -28,6 +29,13 @@ import (
 const (
 	BackendConsul = "consul"
 	BackendStatic = "static"
+)
+
+// Discovery consistency modes, as Consul names them.
+const (
+	ConsistencyDefault    = "default"
+	ConsistencyStale      = "stale"
+	ConsistencyConsistent = "consistent"
 )
 
 // Upstream protocols.
@@ -173,6 +181,18 @@ type Discovery struct {
 	// ResolveTimeout bounds the wait for a service's first endpoint set.
 	// Default 2s.
 	ResolveTimeout time.Duration `yaml:"resolve_timeout"`
+	// MaxConnections bounds the sidecar's concurrent connections to the
+	// Consul agent, blocking queries and heartbeats included, whatever the
+	// number of watched services. Default 4; at least 3 (two blocking
+	// queries and one fetch).
+	MaxConnections int `yaml:"max_connections"`
+	// Consistency of discovery's reads: default, stale or consistent.
+	// Default stale.
+	Consistency string `yaml:"consistency"`
+	// MaxStale bounds how far behind the leader a server answering a stale
+	// read may be; past it the read goes to the leader. Default 10s; 0
+	// means no bound. Only used with consistency stale.
+	MaxStale time.Duration `yaml:"max_stale"`
 }
 
 // Proxy configures the forward proxy and the defaults upstreams inherit.
@@ -277,6 +297,22 @@ func (s *Service) setDefaults() {
 	s.Drain = 2 * time.Second
 }
 
+// RemoteDatacenters lists, once each in order, the datacenters upstreams
+// name other than consul.datacenter: discovery follows each with two more
+// blocking queries. None with the static backend.
+func (c *Config) RemoteDatacenters() []string {
+	if c.Discovery.Backend == BackendStatic {
+		return nil
+	}
+	var out []string
+	for _, u := range c.Upstreams {
+		if u.Datacenter != "" && u.Datacenter != c.Consul.Datacenter && !slices.Contains(out, u.Datacenter) {
+			out = append(out, u.Datacenter)
+		}
+	}
+	return out
+}
+
 // setDefaults is called by the decoder on each new upstreams element.
 func (u *Upstream) setDefaults() {
 	u.Protocol = ProtocolHTTP
@@ -293,6 +329,9 @@ func defaults() *Config {
 			CacheSize:      1024,
 			IdleTimeout:    10 * time.Minute,
 			ResolveTimeout: 2 * time.Second,
+			MaxConnections: 4,
+			Consistency:    ConsistencyStale,
+			MaxStale:       10 * time.Second,
 		},
 		Proxy: Proxy{
 			Balancer: BalancerRoundRobin,

@@ -115,6 +115,7 @@ func TestParseValid(t *testing.T) {
 					Discovery: Discovery{
 						Backend: "consul", CacheSize: 1024,
 						IdleTimeout: 10 * time.Minute, ResolveTimeout: 2 * time.Second,
+						MaxConnections: 4, Consistency: "stale", MaxStale: 10 * time.Second,
 					},
 					Proxy:  Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
 					PubSub: PubSub{Name: "pubsub", Broker: "http", MaxMessageBytes: "1MiB", MaxMessageBytesN: 1 << 20},
@@ -211,6 +212,7 @@ func TestParseValid(t *testing.T) {
 			name: "upstreams inherit from proxy and consul",
 			yaml: `
 consul: {datacenter: dc2}
+discovery: {max_connections: 5}
 proxy:
   balancer: hash
   hash_key: cookie:session

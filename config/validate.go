@@ -14,11 +14,12 @@ import (
 )
 
 var (
-	balancers = []string{BalancerRandom, BalancerRoundRobin, BalancerHash, BalancerLeastRequest}
-	protocols = []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP}
-	backends  = []string{BackendConsul, BackendStatic}
-	levels    = []string{"debug", "info", "warn", "error"}
-	formats   = []string{"json", "console"}
+	balancers     = []string{BalancerRandom, BalancerRoundRobin, BalancerHash, BalancerLeastRequest}
+	protocols     = []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC, ProtocolTCP}
+	backends      = []string{BackendConsul, BackendStatic}
+	consistencies = []string{ConsistencyDefault, ConsistencyStale, ConsistencyConsistent}
+	levels        = []string{"debug", "info", "warn", "error"}
+	formats       = []string{"json", "console"}
 )
 
 // validate records every semantic problem in c, which has been resolved.
@@ -36,6 +37,7 @@ func (p *parser) validate(c *Config) {
 		p.validateUpstream(fmt.Sprintf("upstreams[%d]", i), &c.Upstreams[i], &c.Discovery)
 	}
 	p.validatePubSub(c)
+	p.consulConnections(c)
 	p.listenConflicts(c)
 }
 
@@ -157,6 +159,30 @@ func (p *parser) validateDiscovery(d *Discovery) {
 	p.nonNegative("discovery.idle_timeout", d.IdleTimeout)
 	p.nonNegative("discovery.stale_for", d.StaleFor)
 	p.positive("discovery.resolve_timeout", d.ResolveTimeout)
+	if d.MaxConnections < 3 {
+		p.errorf("discovery.max_connections", "must be at least 3 (two blocking queries and one fetch), got %d", d.MaxConnections)
+	}
+	p.oneOf("discovery.consistency", d.Consistency, consistencies)
+	p.nonNegative("discovery.max_stale", d.MaxStale)
+}
+
+// consulConnections checks that discovery.max_connections leaves one
+// connection for registration, heartbeats and fetches beside the queries
+// that block for minutes: two per datacenter followed, and pub/sub's watch
+// of its subscription records. (Under 3 is validateDiscovery's error.)
+func (p *parser) consulConnections(c *Config) {
+	dcs := c.RemoteDatacenters()
+	need, why := 3+2*len(dcs), []string{"two blocking queries and one fetch"}
+	if len(dcs) > 0 {
+		why = append(why, fmt.Sprintf("two blocking queries for each of %d other datacenters (%s)", len(dcs), strings.Join(dcs, ", ")))
+	}
+	if c.PubSub.Enabled() {
+		need++
+		why = append(why, "pub/sub's watch of its subscriptions")
+	}
+	if c.Discovery.MaxConnections >= 3 && c.Discovery.MaxConnections < need {
+		p.errorf("discovery.max_connections", "must be at least %d (%s), got %d", need, strings.Join(why, ", "), c.Discovery.MaxConnections)
+	}
 }
 
 func (p *parser) validateProxy(x *Proxy) {

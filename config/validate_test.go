@@ -244,6 +244,37 @@ discovery:
 		},
 	},
 	{
+		name: "bad discovery connections and consistency",
+		yaml: "discovery: {max_connections: 2, consistency: eventual, max_stale: -1s}",
+		want: []string{
+			`config.yaml: discovery.max_connections: must be at least 3 (two blocking queries and one fetch), got 2`,
+			`config.yaml: discovery.consistency: unknown "eventual" (want default, stale or consistent)`,
+			`config.yaml: discovery.max_stale: must not be negative, got -1s`,
+		},
+	},
+	{
+		name: "connections for other datacenters",
+		yaml: `
+upstreams:
+  - {name: a, listen: "127.0.0.1:7001", datacenter: dc2}
+  - {name: b, listen: "127.0.0.1:7002", datacenter: dc3}
+  - {name: c, listen: "127.0.0.1:7003", datacenter: dc2}
+`,
+		want: []string{
+			`config.yaml: discovery.max_connections: must be at least 7 (two blocking queries and one fetch, two blocking queries for each of 2 other datacenters (dc2, dc3)), got 4`,
+		},
+	},
+	{
+		name: "connections for pub/sub",
+		yaml: `
+discovery: {max_connections: 3}
+pubsub: {listen: "127.0.0.1:15200", data_dir: /tmp/ps}
+`,
+		want: []string{
+			`config.yaml: discovery.max_connections: must be at least 4 (two blocking queries and one fetch, pub/sub's watch of its subscriptions), got 3`,
+		},
+	},
+	{
 		name: "bad protocol with index path",
 		yaml: `
 upstreams:

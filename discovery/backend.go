@@ -15,6 +15,14 @@ var (
 	// ErrWatchStopped: a watch stopped (evicted, or its backend gave up)
 	// before its first answer. Looking the service up again starts a new one.
 	ErrWatchStopped = errors.New("watch stopped before its first answer")
+	// ErrUnknownDatacenter: a watch or lookup named a datacenter the backend
+	// was not set up to follow.
+	ErrUnknownDatacenter = errors.New("datacenter not followed by discovery")
+	// ErrACLFiltered: Consul left instances out of an answer because the
+	// token may not read them (X-Consul-Results-Filtered-By-ACLs).
+	ErrACLFiltered = errors.New("answer filtered by Consul ACLs")
+	// ErrACLDenied: Consul refused a query with 403.
+	ErrACLDenied = errors.New("denied by Consul ACLs")
 )
 
 // Backend is a source of service instances: Consul, or a static map.
@@ -46,4 +54,8 @@ type Sink interface {
 	// Fail records a failed query. The current snapshot stays until the
 	// backend publishes another.
 	Fail(err error)
+	// ACL records whether the registry's ACLs hid part of the service:
+	// an error wrapping ErrACLFiltered or ErrACLDenied, or nil once an
+	// answer is whole again.
+	ACL(err error)
 }

@@ -80,6 +80,9 @@ type Cache struct {
 	// without a lock. Writes happen under mu.
 	index sync.Map
 
+	// aclBlocked counts the answers the registry's ACLs filtered or denied.
+	aclBlocked atomic.Int64
+
 	mu     sync.Mutex
 	lru    *simplelru.LRU[string, *Watch] // unpinned watches
 	pinned map[string]struct{}
@@ -370,7 +373,10 @@ type WatchStatus struct {
 	AgeSeconds float64       `json:"age_seconds"`
 	Stale      bool          `json:"stale"`
 	// Error is the backend's last error, if it is failing.
-	Error    string    `json:"error,omitempty"`
+	Error string `json:"error,omitempty"`
+	// ACL says what the registry's ACLs hid at the last answer (filtered
+	// instances or a denied query) and the fix, if they did.
+	ACL      string    `json:"acl,omitempty"`
 	Pinned   bool      `json:"pinned"`
 	LastUsed time.Time `json:"last_used"`
 }
@@ -398,6 +404,9 @@ func (c *Cache) Snapshots() []WatchStatus {
 		}
 		if err := w.Err(); err != nil {
 			st.Error = err.Error()
+		}
+		if err := w.ACL(); err != nil {
+			st.ACL = err.Error()
 		}
 		out = append(out, st)
 		return true

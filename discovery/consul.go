@@ -2,8 +2,11 @@ package discovery
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -15,23 +18,67 @@ import (
 )
 
 // HealthClient is the part of *api.Health the Consul backend uses;
-// *api.Health satisfies it. Service may block for up to q.WaitTime and must
-// return soon after q.Context() is done.
+// *api.Health satisfies it. Service answers at once (the backend sends no
+// WaitIndex); State blocks for up to q.WaitTime. Both must return soon after
+// q.Context() is done.
 type HealthClient interface {
 	Service(service, tag string, passingOnly bool, q *api.QueryOptions) ([]*api.ServiceEntry, *api.QueryMeta, error)
+	State(state string, q *api.QueryOptions) (api.HealthChecks, *api.QueryMeta, error)
 }
 
-// CatalogClient is the part of *api.Catalog used for Known; *api.Catalog
-// satisfies it. Services blocks like HealthClient.Service.
+// CatalogClient is the part of *api.Catalog used for Known and for
+// registrations; *api.Catalog satisfies it. Services blocks like
+// HealthClient.State.
 type CatalogClient interface {
 	Services(q *api.QueryOptions) (map[string][]string, *api.QueryMeta, error)
 }
+
+// Consistency is the consistency mode of Consul's reads.
+type Consistency string
+
+// Consistency modes, as Consul names them.
+const (
+	// ConsistencyDefault reads from the leader, which may answer from its
+	// own state for a moment after losing its leadership.
+	ConsistencyDefault Consistency = "default"
+	// ConsistencyStale lets any server answer, however far behind the
+	// leader (bounded by the max_stale the transport adds; see
+	// NewTransport): reads scale with the servers and carry on without a
+	// leader, at the price of answers that may lag.
+	ConsistencyStale Consistency = "stale"
+	// ConsistencyConsistent makes the leader confirm its leadership with a
+	// quorum before every answer: never stale, one more round trip.
+	ConsistencyConsistent Consistency = "consistent"
+)
 
 // ConsulOptions tune the Consul backend. The zero value is usable.
 type ConsulOptions struct {
 	// Datacenter to query; if empty, the agent's own.
 	Datacenter string
-	// WaitTime bounds each blocking query; if zero, 5m is used.
+	// Datacenters are the other datacenters whose services may be watched
+	// (by the keys Key(name, dc) makes); each costs two more blocking
+	// queries, so MaxConnections must be at least 3 + 2*len(Datacenters).
+	// Watching any other fails with ErrUnknownDatacenter.
+	Datacenters []string
+	// LocalDatacenter reports the agent's own datacenter. It is asked once
+	// (until it succeeds), when Datacenter is empty and a key names a
+	// datacenter that is not followed, to tell the agent's own from an
+	// unknown one. If nil, such a datacenter is taken to be the agent's.
+	LocalDatacenter func(ctx context.Context) (string, error)
+	// Consistency of every read; if empty, the agent's default
+	// (ConsistencyDefault unless the agent sets discovery_max_stale).
+	Consistency Consistency
+	// MaxConnections bounds the backend's concurrent requests to the agent:
+	// two blocking queries (health state and catalog) per datacenter and
+	// the fetches of changed services, at most MaxConnections minus those.
+	// If below 3 + 2*len(Datacenters), that plus one is used. Bound the
+	// client's transport to the same number (NewTransport) so that
+	// connections are bounded too.
+	MaxConnections int
+	// WaitTime bounds each blocking query; if zero, 5m is used. It is also
+	// the resync period: every watched service is fetched again at least
+	// this often (with ±10% jitter), which catches the changes neither
+	// index shows (see the package doc).
 	WaitTime time.Duration
 	// StaleFor is how long the last good set keeps serving, marked Stale,
 	// while Consul fails, or while Consul answers empty after an index reset
@@ -56,6 +103,16 @@ func (o ConsulOptions) withDefaults() ConsulOptions {
 	if o.WaitTime <= 0 {
 		o.WaitTime = 5 * time.Minute
 	}
+	var remote []string
+	for _, dc := range o.Datacenters {
+		if dc != "" && dc != o.Datacenter && !slices.Contains(remote, dc) {
+			remote = append(remote, dc)
+		}
+	}
+	o.Datacenters = remote
+	if o.MaxConnections < 3+2*len(o.Datacenters) {
+		o.MaxConnections = 4 + 2*len(o.Datacenters)
+	}
 	if o.ResolveTimeout <= 0 {
 		o.ResolveTimeout = 2 * time.Second
 	}
@@ -72,46 +129,137 @@ func (o ConsulOptions) withDefaults() ConsulOptions {
 	return o
 }
 
+// query returns the options of a read in dc (if empty, o.Datacenter):
+// datacenter and consistency.
+func (o *ConsulOptions) query(dc string) *api.QueryOptions {
+	if dc == "" {
+		dc = o.Datacenter
+	}
+	q := &api.QueryOptions{Datacenter: dc}
+	switch o.Consistency {
+	case ConsistencyStale:
+		q.AllowStale = true
+	case ConsistencyConsistent:
+		q.RequireConsistent = true
+	}
+	return q
+}
+
 // logEvery is how many consecutive failures of a query pass between two
 // warnings; the first failure is always logged, and so is the recovery.
 const logEvery = 10
 
-// Consul is a Backend that follows Consul's health endpoint with one
-// blocking query per watched service, keeping passing instances only.
-// Safe for concurrent use.
+// Consul is a Backend that follows a whole datacenter with two blocking
+// queries, whatever the number of watched services: one on the health of
+// every check (/v1/health/state/any), one on the catalog's list of services.
+// When either shows that a watched service may have changed, that service's
+// passing instances are fetched again (/v1/health/service/NAME?passing), by
+// a pool of workers: MaxConnections less the two blocking queries of each
+// datacenter followed. Safe for concurrent use.
 type Consul struct {
 	health  HealthClient
 	catalog CatalogClient
 	opts    ConsulOptions
 	log     *zap.Logger
 
-	// ctx owns the catalog watch behind Known.
+	// ctx owns the two watches and the workers.
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	knownOnce  sync.Once
-	known      atomic.Pointer[map[string]struct{}] // nil until the first answer
-	knownReady chan struct{}                       // closed with the first answer
-	knownErr   atomic.Pointer[error]               // last failure of the catalog query
+	startOnce sync.Once
+	jobs      chan fetchJob // to the workers; unbuffered
+
+	dcs map[string]*dcWatch // by datacenter; "" is Datacenter (the agent's own if empty)
+
+	localMu sync.Mutex
+	localDC string // the agent's datacenter, once LocalDatacenter answered
 
 	// staleFor and resolveTimeout are opts.StaleFor and ResolveTimeout,
 	// which SetTimeouts changes while watches run.
 	staleFor, resolveTimeout atomic.Int64
 }
 
+// dcWatch is the state of the two watches of one datacenter.
+type dcWatch struct {
+	c   *Consul
+	dc  string // "" for ConsulOptions.Datacenter
+	log *zap.Logger
+
+	mu       sync.Mutex
+	watchers map[string]map[*healthWatch]struct{} // by lower-case service name
+	stateErr error                                // last failure of the state query; nil while it answers
+
+	known      atomic.Pointer[map[string]struct{}] // nil until the first answer
+	knownReady chan struct{}                       // closed with the first answer
+	knownErr   atomic.Pointer[error]               // last failure of the catalog query
+}
+
+// query returns the options of a read in d's datacenter.
+func (d *dcWatch) query() *api.QueryOptions { return d.c.opts.query(d.dc) }
+
+// dcWatch returns the watches of dc ("" for the default datacenter), or
+// ErrUnknownDatacenter for a datacenter that is not followed. When
+// Datacenter is empty, the agent's own is asked of LocalDatacenter.
+func (c *Consul) dcWatch(ctx context.Context, dc string) (*dcWatch, error) {
+	if strings.EqualFold(dc, c.opts.Datacenter) {
+		dc = ""
+	}
+	if d, ok := c.dcs[dc]; ok {
+		return d, nil
+	}
+	if c.opts.Datacenter == "" {
+		local, err := c.localDatacenter(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("datacenter %q: %w", dc, err)
+		}
+		if local == "" || strings.EqualFold(dc, local) {
+			return c.dcs[""], nil
+		}
+	}
+	return nil, fmt.Errorf("datacenter %q: %w", dc, ErrUnknownDatacenter)
+}
+
+// localDatacenter is the agent's datacenter, "" if LocalDatacenter is nil.
+func (c *Consul) localDatacenter(ctx context.Context) (string, error) {
+	if c.opts.LocalDatacenter == nil {
+		return "", nil
+	}
+	c.localMu.Lock()
+	defer c.localMu.Unlock()
+	if c.localDC != "" {
+		return c.localDC, nil
+	}
+	dc, err := c.opts.LocalDatacenter(ctx)
+	if err != nil {
+		return "", fmt.Errorf("ask the agent its datacenter: %w", err)
+	}
+	c.localDC = dc
+	return dc, nil
+}
+
 // NewConsul returns a Consul backend querying health for instances and
-// catalog for the list of services. Close stops it.
+// catalog for the list of services. Its watches start with the first Watch
+// or Known call; Close stops them.
 func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, log *zap.Logger) *Consul {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Consul{
-		health:     health,
-		catalog:    catalog,
-		opts:       opts.withDefaults(),
-		log:        log.Named("discovery"),
-		ctx:        ctx,
-		cancel:     cancel,
-		knownReady: make(chan struct{}),
+		health:  health,
+		catalog: catalog,
+		opts:    opts.withDefaults(),
+		log:     log.Named("discovery"),
+		ctx:     ctx,
+		cancel:  cancel,
+		jobs:    make(chan fetchJob),
+		dcs:     make(map[string]*dcWatch),
+	}
+	for _, dc := range append([]string{""}, c.opts.Datacenters...) {
+		l := c.log
+		if dc != "" {
+			l = l.With(zap.String("datacenter", dc))
+		}
+		c.dcs[dc] = &dcWatch{c: c, dc: dc, log: l,
+			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{})}
 	}
 	c.SetTimeouts(c.opts.StaleFor, c.opts.ResolveTimeout)
 	return c
@@ -131,7 +279,23 @@ func (c *Consul) SetTimeouts(staleFor, resolveTimeout time.Duration) {
 // staleLimit is StaleFor as SetTimeouts last set it.
 func (c *Consul) staleLimit() time.Duration { return time.Duration(c.staleFor.Load()) }
 
-// Close stops the catalog watch behind Known and waits for it. Watches run
+// Key is the watch key of service in datacenter dc: service itself when dc
+// is empty, else "service@dc". The Cache and the proxy treat keys as
+// service names; the Consul backend splits them.
+func Key(service, dc string) string {
+	if dc == "" {
+		return service
+	}
+	return service + "@" + dc
+}
+
+// SplitKey splits a key made by Key.
+func SplitKey(key string) (service, dc string) {
+	service, dc, _ = strings.Cut(key, "@")
+	return service, dc
+}
+
+// Close stops the watches and the workers and waits for them. Watches run
 // by Watch stop with their own contexts.
 func (c *Consul) Close() {
 	c.cancel()
@@ -139,83 +303,215 @@ func (c *Consul) Close() {
 }
 
 // Watch follows the passing instances of service until ctx is done. It
-// blocks; cancelling ctx aborts the query in flight at once.
-func (c *Consul) Watch(ctx context.Context, service string, sink Sink) {
+// blocks; cancelling ctx aborts the fetch in flight at once. It fetches the
+// service once, then again each time the datacenter's watches say it may
+// have changed, at most once at a time and once per change.
+func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
+	service, dc := SplitKey(key)
+	back := backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+	var d *dcWatch
+	for {
+		var err error
+		if d, err = c.dcWatch(ctx, dc); err == nil {
+			break
+		}
+		sink.Fail(fmt.Errorf("watch %q: %w", key, err))
+		if errors.Is(err, ErrUnknownDatacenter) {
+			<-ctx.Done() // giving up would make the cache start the watch again
+			return
+		}
+		if !sleep(ctx, back.next()) { // the agent did not say its datacenter
+			return
+		}
+	}
+	c.start()
 	h := &healthWatch{
 		c:       c,
+		d:       d,
 		service: service,
+		key:     strings.ToLower(service),
 		sink:    sink,
-		log:     c.log.With(zap.String("service", service)),
+		log:     d.log.With(zap.String("service", service)),
 		back:    backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax},
+		kick:    make(chan struct{}, 1),
+		reply:   make(chan fetchResult, 1),
 	}
+	d.mu.Lock()
+	set := d.watchers[h.key]
+	if set == nil {
+		set = make(map[*healthWatch]struct{})
+		d.watchers[h.key] = set
+	}
+	set[h] = struct{}{}
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		delete(set, h)
+		if len(set) == 0 {
+			delete(d.watchers, h.key)
+		}
+		d.mu.Unlock()
+	}()
 	h.run(ctx)
 }
 
-// healthWatch is the state of one service's blocking query. Only its own
-// goroutine touches it.
+// healthWatch is the state of one watched service. Only its own goroutine
+// touches it, but for kick, which anyone may signal.
 type healthWatch struct {
 	c       *Consul
+	d       *dcWatch // the watches of its datacenter
 	service string
+	key     string // service in lower case, as the watches key services
 	sink    Sink
 	log     *zap.Logger
+
+	// kick asks for a fetch; a buffer of one coalesces the changes seen
+	// while a fetch runs into one more fetch.
+	kick  chan struct{}
+	reply chan fetchResult // from the worker running this watch's fetch
 
 	idx      blockingIndex
 	back     backoff
 	cur      *Snapshot // last published
 	failures int       // consecutive failed queries
+	logged   bool      // whether one of them was logged here
+	// aclLogged is set once ACLs hiding the service has been logged.
+	aclLogged bool
 	// reset is set when the index went backwards or a query failed, and
 	// cleared by the first non-empty answer after it (or by StaleFor running
 	// out): until then an empty answer does not replace a non-empty set. A
 	// restarted dev agent comes back empty, and its index does not always go
 	// backwards.
 	reset bool
+	// dark is set when an instance in the last answer has no check of its
+	// own: the health state does not show such an instance's changes, so
+	// every change of the catalog fetches the service again.
+	dark atomic.Bool
+	// nodes are the nodes of the last answer's instances; a change of a
+	// node's own checks fetches the services on it again. Read by the state
+	// watch under c.mu.
+	nodes []string
+}
+
+// Kick asks h to fetch again. It does not block.
+func (h *healthWatch) Kick() {
+	select {
+	case h.kick <- struct{}{}:
+	default:
+	}
 }
 
 func (h *healthWatch) run(ctx context.Context) {
+	retry := h.fetch(ctx)
 	for {
-		q := &api.QueryOptions{
-			Datacenter: h.c.opts.Datacenter,
-			WaitIndex:  h.idx.wait,
-			WaitTime:   h.waitTime(),
+		// At least once per WaitTime, the service is fetched again.
+		wait := resyncJitter(h.c.opts.WaitTime)
+		if retry > 0 {
+			wait = min(wait, retry)
 		}
-		entries, meta, err := h.c.health.Service(h.service, "", true, q.WithContext(ctx))
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-h.kick:
+		case <-t.C:
+		}
+		t.Stop()
 		if ctx.Err() != nil {
 			return
 		}
-		if err != nil {
-			if !sleep(ctx, h.fail(err)) {
-				return
-			}
+		if err := h.d.stateFailure(); err != nil {
+			// The agent is failing: keep the set, stale, without a
+			// fetch of our own (the state watch logs and retries).
+			retry = h.fail(err, false)
 			continue
 		}
-		var index uint64
-		if meta != nil {
-			index = meta.LastIndex
-		}
-		h.answer(entries, index)
+		retry = h.fetch(ctx)
 	}
 }
 
-// waitTime bounds the next blocking query so that a stale set kept after a
-// reset is cleared on time when StaleFor runs out.
-func (h *healthWatch) waitTime() time.Duration {
-	wait := h.c.opts.WaitTime
+// resyncJitter returns d ± 10%.
+func resyncJitter(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.9 + 0.2*rand.Float64()))
+}
+
+// fetch queries the service through the worker pool and handles the answer.
+// It returns how long to wait before a retry, 0 for none.
+func (h *healthWatch) fetch(ctx context.Context) time.Duration {
+	select {
+	case h.c.jobs <- fetchJob{ctx: ctx, h: h}:
+	case <-ctx.Done():
+		return 0
+	}
+	var r fetchResult
+	select {
+	case r = <-h.reply:
+	case <-ctx.Done():
+		return 0
+	}
+	if ctx.Err() != nil {
+		return 0
+	}
+	h.acl(r)
+	if r.err != nil {
+		return h.fail(r.err, true)
+	}
+	var index uint64
+	if r.meta != nil {
+		index = r.meta.LastIndex
+	}
+	h.answer(r.entries, index)
+	return h.staleLeft()
+}
+
+// acl tells the sink whether ACLs hid part of the service in the answer r,
+// and logs it, with the fix, the first time.
+func (h *healthWatch) acl(r fetchResult) {
+	var err error
+	var se api.StatusError
+	switch {
+	case errors.As(r.err, &se) && se.Code == http.StatusForbidden:
+		err = fmt.Errorf("query health of %q: %w: %s", h.service, ErrACLDenied, aclFix(h.service))
+	case r.err == nil && r.meta != nil && r.meta.ResultsFilteredByACLs:
+		err = fmt.Errorf("query health of %q: %w: %s", h.service, ErrACLFiltered, aclFix(h.service))
+	case r.err != nil:
+		return // another failure says nothing of ACLs
+	}
+	h.sink.ACL(err)
+	if err != nil && !h.aclLogged {
+		h.aclLogged = true
+		h.log.Warn("consul acls hide the service", zap.Error(err))
+	}
+}
+
+// aclFix says what a token needs to read service.
+func aclFix(service string) string {
+	return fmt.Sprintf(`give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service %q { policy = "read" } and node_prefix "" { policy = "read" }`, service)
+}
+
+// staleLeft is how long until a stale set kept after a reset must be cleared
+// because StaleFor ran out, or 0 when none is kept.
+func (h *healthWatch) staleLeft() time.Duration {
 	if limit := h.c.staleLimit(); limit > 0 && h.reset && h.cur != nil && h.cur.Stale {
 		left := h.cur.StaleSince.Add(limit).Sub(h.c.opts.Now())
-		wait = min(wait, max(left, 10*time.Millisecond))
+		return max(left, 10*time.Millisecond)
 	}
-	return wait
+	return 0
 }
 
 // answer handles a successful query.
 func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	now := h.c.opts.Now()
 	if h.failures > 0 {
-		h.log.Info("consul query recovered", zap.Int("attempt", h.failures))
-		h.failures = 0
+		if h.logged {
+			h.log.Info("consul query recovered", zap.Int("attempt", h.failures))
+		}
+		h.failures, h.logged = 0, false
 		h.back.reset()
 	}
 	h.sink.Confirm(now)
+	h.observe(entries)
 	changed, backwards := h.idx.observe(index)
 	if backwards {
 		h.reset = true
@@ -248,15 +544,45 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	h.publish(&Snapshot{Service: h.service, Endpoints: eps, Updated: now}, index)
 }
 
+// observe records, from an answer, whether the service has instances
+// without checks of their own and which nodes it runs on.
+func (h *healthWatch) observe(entries []*api.ServiceEntry) {
+	dark := false
+	var nodes []string
+	for _, e := range entries {
+		if e == nil || e.Service == nil {
+			continue
+		}
+		if e.Node != nil && !slices.Contains(nodes, e.Node.Node) {
+			nodes = append(nodes, e.Node.Node)
+		}
+		own := false
+		for _, ch := range e.Checks {
+			if ch != nil && ch.ServiceID == e.Service.ID {
+				own = true
+				break
+			}
+		}
+		dark = dark || !own
+	}
+	h.dark.Store(dark)
+	h.d.mu.Lock()
+	h.nodes = nodes
+	h.d.mu.Unlock()
+}
+
 // fail handles a failed query and returns how long to wait before the next.
-func (h *healthWatch) fail(err error) time.Duration {
+// A failure of the state watch, relayed to every service, is logged there
+// (logged false), not once per service.
+func (h *healthWatch) fail(err error, logged bool) time.Duration {
 	now := h.c.opts.Now()
 	err = fmt.Errorf("query health of %q: %w", h.service, err)
 	h.sink.Fail(err)
 	h.idx.failed()
 	h.reset = true
 	h.failures++
-	if h.failures == 1 || h.failures%logEvery == 0 {
+	if logged && (!h.logged || h.failures%logEvery == 0) {
+		h.logged = true
 		h.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", h.failures))
 	}
 	wait := h.back.next()

@@ -3,7 +3,9 @@ package discovery
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -64,13 +66,14 @@ func TestConsulSnapshotFollowsChanges(t *testing.T) {
 
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	// Fetches answer at once; the state query blocks.
 	for i, q := range f.queries {
-		if q.Datacenter != "dc2" || q.WaitTime != time.Minute || q.UseCache || q.AllowStale || !f.passingOnly[i] {
+		if q.Datacenter != "dc2" || q.WaitTime != 0 || q.WaitIndex != 0 || q.UseCache || q.AllowStale || !f.passingOnly[i] {
 			t.Errorf("query %d: options %+v, passingOnly %v", i, q, f.passingOnly[i])
 		}
 	}
-	if w := f.waits["web"]; len(w) < 3 || w[0] != 0 || w[1] != 10 || w[2] != 11 {
-		t.Errorf("WaitIndex sequence = %v, want 0, 10, 11, ...", w)
+	if w := f.waits["state"]; len(w) < 3 || w[0] != 0 || w[1] != 10 || w[2] != 11 {
+		t.Errorf("state WaitIndex sequence = %v, want 0, 10, 11, ...", w)
 	}
 }
 
@@ -82,12 +85,16 @@ func TestConsulSameIndexNoPublish(t *testing.T) {
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
 
 	// Data that changed without the index moving is not looked at.
+	settle(t, f, 10)
 	f.setQuiet("web", node("b", 2))
-	calls := f.callCount("web")
+	calls, states := f.callCount("web"), f.callCount("state")
 	f.poke()
-	waitUntil(t, "a second answer", func() bool { return f.callCount("web") >= calls+1 })
+	waitUntil(t, "a second state answer", func() bool { return f.callCount("state") >= states+1 })
 	f.poke()
-	waitUntil(t, "a third answer", func() bool { return f.callCount("web") >= calls+2 })
+	waitUntil(t, "a third state answer", func() bool { return f.callCount("state") >= states+2 })
+	if n := f.callCount("web") - calls; n != 0 {
+		t.Errorf("%d fetches of web at the same index, want 0", n)
+	}
 	if n, _, _ := rec.count(); n != 1 {
 		t.Errorf("published %d snapshots, want 1", n)
 	}
@@ -103,14 +110,17 @@ func TestConsulIdenticalSetNotRedelivered(t *testing.T) {
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
 	first := rec.last()
-	_, confirms, _ := rec.count()
+	settle(t, f, 10)
+	calls := f.callCount("web")
 
 	f.set(11, "web", node("b", 2), node("a", 1)) // same set, other order
 	f.set(12, "other", node("x", 9))             // index moves for another service
-	waitUntil(t, "the answers", func() bool { _, n, _ := rec.count(); return n >= confirms+1 })
-	waitUntil(t, "WaitIndex 12", func() bool { return slices.Contains(f.waitIndexes("web"), 12) })
+	waitUntil(t, "state WaitIndex 12", func() bool { return slices.Contains(f.waitIndexes("state"), 12) })
 	if n, _, _ := rec.count(); n != 1 || rec.last() != first {
 		t.Errorf("published %d snapshots (last %p, first %p), want the first only", n, rec.last(), first)
+	}
+	if n := f.callCount("web") - calls; n != 0 {
+		t.Errorf("%d fetches of web for changes of its order and of another service, want 0", n)
 	}
 
 	changed := node("b", 2)
@@ -125,8 +135,8 @@ func TestConsulIndexZeroIsOne(t *testing.T) {
 	f.set(0, "web", node("a", 1))
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
-	waitUntil(t, "a blocking query", func() bool { return len(f.waitIndexes("web")) >= 2 })
-	if w := f.waitIndexes("web"); w[1] != 1 {
+	waitUntil(t, "a blocking query", func() bool { return len(f.waitIndexes("state")) >= 2 })
+	if w := f.waitIndexes("state"); w[1] != 1 {
 		t.Errorf("WaitIndex after index 0 = %d, want 1", w[1])
 	}
 }
@@ -141,11 +151,11 @@ func TestConsulIndexBackwardsResets(t *testing.T) {
 	f.set(5, "web", node("a", 1), node("b", 2))
 	waitUntil(t, "the new set", func() bool { return len(rec.last().Endpoints) == 2 })
 	waitUntil(t, "the query after the reset", func() bool {
-		w := f.waitIndexes("web")
+		w := f.waitIndexes("state")
 		i := slices.Index(w, 100)
 		return i >= 0 && len(w) > i+2
 	})
-	w := f.waitIndexes("web")
+	w := f.waitIndexes("state")
 	i := slices.Index(w, 100)
 	if w[i+1] != 0 || w[i+2] != 5 {
 		t.Errorf("WaitIndex sequence = %v, want 100, 0, 5", w)
@@ -167,7 +177,7 @@ func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
 		t.Fatalf("Snapshot = %+v, want the last set, stale, without error", stale)
 	}
 	f.set(6, "web") // still empty
-	waitUntil(t, "WaitIndex 6", func() bool { return slices.Contains(f.waitIndexes("web"), 6) })
+	waitUntil(t, "WaitIndex 6", func() bool { return slices.Contains(f.waitIndexes("state"), 6) })
 	if rec.last() != stale {
 		t.Errorf("a second empty answer published %+v", rec.last())
 	}
@@ -225,11 +235,15 @@ func TestConsulErrorServesStale(t *testing.T) {
 	if !slices.Equal(ids(s), []string{"a"}) || !errors.Is(s.Err, errDown) || s.StaleSince.IsZero() {
 		t.Fatalf("Snapshot = %+v, want [a], stale with %v", s, errDown)
 	}
-	// Backing off: 10, 20, 40, 40... ms (±25%), not a tight loop.
-	calls := f.callCount("web")
+	// The state query backs off: 10, 20, 40, 40... ms (±25%), not a
+	// tight loop, and the service is not fetched meanwhile.
+	calls, states := f.callCount("web"), f.callCount("state")
 	time.Sleep(300 * time.Millisecond)
-	if n := f.callCount("web") - calls; n < 2 || n > 20 {
-		t.Errorf("%d queries in 300ms while failing, want 2 to 20", n)
+	if n := f.callCount("state") - states; n < 2 || n > 20 {
+		t.Errorf("%d state queries in 300ms while failing, want 2 to 20", n)
+	}
+	if n := f.callCount("web") - calls; n != 0 {
+		t.Errorf("%d fetches of web while the state query fails, want 0", n)
 	}
 	if n, _, fails := rec.count(); n != 2 || fails < 2 {
 		t.Errorf("published %d snapshots with %d failures, want 2 snapshots and every failure", n, fails)
@@ -241,7 +255,7 @@ func TestConsulErrorServesStale(t *testing.T) {
 		t.Errorf("IDs = %v, want [a]", got)
 	}
 	// The retry after a failure asked for an immediate answer.
-	if w := f.waitIndexes("web"); w[len(w)-2] != 0 && w[len(w)-1] != 0 {
+	if w := f.waitIndexes("state"); w[len(w)-2] != 0 && w[len(w)-1] != 0 {
 		t.Errorf("WaitIndex sequence = %v, want a 0 after the failures", w)
 	}
 	// And then blocks again: a change shows.
@@ -291,7 +305,8 @@ func TestConsulCancelStopsQuery(t *testing.T) {
 		defer close(done)
 		c.Watch(ctx, "web", rec)
 	}()
-	waitUntil(t, "a parked query", func() bool { return len(f.waitIndexes("web")) >= 2 })
+	waitUntil(t, "the first snapshot", func() bool { return rec.last() != nil })
+	settle(t, f, 10)
 	cancel()
 	select {
 	case <-done:
@@ -350,7 +365,7 @@ func TestConsulKnown(t *testing.T) {
 
 	// While Consul is down, the last list answers.
 	f.setErr(errDown)
-	waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })
+	waitUntil(t, "a failed catalog query", func() bool { return c.dcs[""].knownErr.Load() != nil })
 	if ok, err := c.Known(ctx, "api"); !ok || err != nil {
 		t.Errorf("Known(api) while down = %v, %v, want true", ok, err)
 	}
@@ -449,7 +464,7 @@ func TestConsulEmptyAfterOutageKeepsLastSet(t *testing.T) {
 func TestConsulKnownAfterReset(t *testing.T) {
 	outage := func(t *testing.T, f *fakeConsul, c *Consul) {
 		f.setErr(errDown)
-		waitUntil(t, "a failed catalog query", func() bool { return c.knownErr.Load() != nil })
+		waitUntil(t, "a failed catalog query", func() bool { return c.dcs[""].knownErr.Load() != nil })
 		answers := f.answerCount("")
 		f.set(20, "web") // the agent comes back without its services
 		f.setErr(nil)
@@ -493,5 +508,233 @@ func TestConsulKnownAfterReset(t *testing.T) {
 			f.set(31, "web")
 			waitUntil(t, "web deregistered", func() bool { ok, _ := c.Known(ctx, "web"); return !ok })
 		})
+	}
+}
+
+func TestConsulBoundedFetches(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	f.delay = 2 * time.Millisecond
+	const services = 200
+	for i := range services {
+		f.set(uint64(10+i), fmt.Sprint("svc", i), node(fmt.Sprint("a", i), i%250+1))
+	}
+	c := newTestConsul(t, f, ConsulOptions{MaxConnections: 4})
+	recs := make([]*recorder, services)
+	for i := range recs {
+		recs[i] = runWatch(t, c, fmt.Sprint("svc", i))
+	}
+	waitUntil(t, "every service's first snapshot", func() bool {
+		for _, r := range recs {
+			if r.last() == nil {
+				return false
+			}
+		}
+		return true
+	})
+	settle(t, f, uint64(10+services-1))
+	// A change of one service fetches that one only.
+	calls := f.callCount("svc7")
+	others := f.callCount("svc8")
+	f.set(1000, "svc7", node("b", 9))
+	waitUntil(t, "svc7 changed", func() bool { return slices.Equal(ids(recs[7].last()), []string{"b"}) })
+	if n := f.callCount("svc7") - calls; n > 2 {
+		t.Errorf("%d fetches of svc7 for one change, want 1 (2 if its first answer raced the state watch)", n)
+	}
+	if n := f.callCount("svc8") - others; n != 0 {
+		t.Errorf("%d fetches of svc8 for a change of svc7, want 0", n)
+	}
+	total, fetches := f.peaks()
+	t.Logf("at most %d queries in flight, %d of them fetches", total, fetches)
+	if total > 4 || fetches > 2 {
+		t.Errorf("%d queries in flight at once (%d fetches), want at most MaxConnections (4), 2 of them fetches", total, fetches)
+	}
+}
+
+func TestConsulCheckLessInstanceFollowsCatalog(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	a := node("a", 1)
+	a.noCheck = true
+	f.set(10, "web", a)
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+
+	// A second check-less instance moves neither the health state nor
+	// the catalog's names and tags, only the catalog's index.
+	b := node("b", 2)
+	b.noCheck = true
+	f.set(11, "web", a, b)
+	waitUntil(t, "the new instance", func() bool { return slices.Equal(ids(rec.last()), []string{"a", "b"}) })
+}
+
+func TestConsulNodeCheckFetches(t *testing.T) {
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{})
+	f.set(10, "web", node("a", 1), node("b", 2))
+	f.set(10, "api", node("x", 3))
+	web, api := runWatch(t, c, "web"), runWatch(t, c, "api")
+	waitUntil(t, "first snapshots", func() bool { return web.last() != nil && api.last() != nil })
+	apiCalls := f.callCount("api")
+
+	f.setNode(11, "node2", true)
+	waitUntil(t, "b out", func() bool { return slices.Equal(ids(web.last()), []string{"a"}) })
+	f.setNode(12, "node2", false)
+	waitUntil(t, "b back", func() bool { return slices.Equal(ids(web.last()), []string{"a", "b"}) })
+	if n := f.callCount("api") - apiCalls; n != 0 {
+		t.Errorf("%d fetches of api, on another node, want 0", n)
+	}
+}
+
+func TestConsulConsistency(t *testing.T) {
+	for _, tc := range []struct {
+		mode              Consistency
+		stale, consistent bool
+	}{
+		{"", false, false},
+		{ConsistencyDefault, false, false},
+		{ConsistencyStale, true, false},
+		{ConsistencyConsistent, false, true},
+	} {
+		t.Run(string(tc.mode), func(t *testing.T) {
+			f := newFakeConsul()
+			c := newTestConsul(t, f, ConsulOptions{Consistency: tc.mode})
+			f.set(10, "web", node("a", 1))
+			rec := runWatch(t, c, "web")
+			waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+			waitUntil(t, "the catalog query", func() bool { return f.callCount("") > 0 })
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			all := slices.Concat(f.queries, f.states, f.catalogs)
+			for i, q := range all {
+				if q.AllowStale != tc.stale || q.RequireConsistent != tc.consistent {
+					t.Errorf("query %d: AllowStale %v, RequireConsistent %v; want %v, %v",
+						i, q.AllowStale, q.RequireConsistent, tc.stale, tc.consistent)
+				}
+			}
+		})
+	}
+}
+
+// settle waits until the state and catalog queries are parked at index and
+// the fetches their first answers asked for have run out.
+func settle(t *testing.T, f *fakeConsul, index uint64) {
+	t.Helper()
+	waitUntil(t, "the watches parked", func() bool {
+		return slices.Contains(f.waitIndexes("state"), index) && slices.Contains(f.waitIndexes(""), index)
+	})
+	for prev := -1; ; time.Sleep(50 * time.Millisecond) {
+		f.mu.Lock()
+		n := len(f.queries)
+		f.mu.Unlock()
+		if n == prev {
+			return
+		}
+		prev = n
+	}
+}
+
+func TestConsulACLVisible(t *testing.T) {
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	f.set(10, "api", node("x", 2))
+	f.filtered["web"] = true
+	f.denied["api"] = true
+	c := newTestCache(t, NewConsul(f, f, ConsulOptions{BackoffMin: 5 * time.Millisecond, BackoffMax: 20 * time.Millisecond},
+		zaptest.NewLogger(t)), CacheOptions{ResolveTimeout: 100 * time.Millisecond})
+	ctx := context.Background()
+	if _, err := c.Watch(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = c.Watch(ctx, "api") // denied: no first answer
+	waitUntil(t, "both marked", func() bool {
+		st := c.Snapshots()
+		return len(st) == 2 && st[0].ACL != "" && st[1].ACL != ""
+	})
+	st := c.Snapshots()
+	for _, tc := range []struct {
+		s    WatchStatus
+		want string
+	}{{st[0], "denied by Consul ACLs"}, {st[1], "answer filtered by Consul ACLs"}} {
+		if !strings.Contains(tc.s.ACL, tc.want) || !strings.Contains(tc.s.ACL, `service "`+tc.s.Service+`" { policy = "read" }`) {
+			t.Errorf("Snapshots() %s: ACL = %q, want %q and the fix", tc.s.Service, tc.s.ACL, tc.want)
+		}
+	}
+	if n := c.aclBlocked.Load(); n < 2 {
+		t.Errorf("ACL-blocked answers counted = %d, want 2 or more", n)
+	}
+
+	// Once the token may read it, the answer is whole and the mark goes.
+	f.mu.Lock()
+	f.filtered["web"] = false
+	f.mu.Unlock()
+	f.set(11, "web", node("b", 3))
+	waitUntil(t, "web whole again", func() bool { return c.Snapshots()[1].ACL == "" })
+}
+
+func TestConsulDatacenters(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	c := newTestConsul(t, f, ConsulOptions{Datacenter: "dc1", Datacenters: []string{"dc2", "dc1"}})
+	if c.opts.MaxConnections != 6 {
+		t.Errorf("MaxConnections = %d, want 6 (raised for dc2's two blocking queries)", c.opts.MaxConnections)
+	}
+	local, remote := runWatch(t, c, "web"), runWatch(t, c, Key("web", "dc2"))
+	waitUntil(t, "both snapshots", func() bool { return local.last() != nil && remote.last() != nil })
+	waitUntil(t, "the catalog queries", func() bool { return f.callCount("") >= 2 })
+	if ok, err := c.Known(context.Background(), Key("web", "dc2")); !ok || err != nil {
+		t.Errorf("Known(web@dc2) = %v, %v; want true", ok, err)
+	}
+	if _, err := c.Known(context.Background(), Key("web", "dc3")); !errors.Is(err, ErrUnknownDatacenter) {
+		t.Errorf("Known(web@dc3) error = %v, want ErrUnknownDatacenter", err)
+	}
+	other := runWatch(t, c, Key("web", "dc3"))
+	waitUntil(t, "the failure", func() bool { _, _, n := other.count(); return n == 1 })
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	seen := map[string]int{}
+	for _, q := range slices.Concat(f.queries, f.states, f.catalogs) {
+		seen[q.Datacenter]++
+	}
+	if len(seen) != 2 || seen["dc1"] < 3 || seen["dc2"] < 3 {
+		t.Errorf("queries by datacenter = %v, want fetch, state and catalog queries in dc1 and dc2 only", seen)
+	}
+}
+
+func TestConsulLocalDatacenter(t *testing.T) {
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	var mu sync.Mutex
+	asked, fail := 0, true
+	c := newTestConsul(t, f, ConsulOptions{Datacenters: []string{"dc2"}, LocalDatacenter: func(context.Context) (string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		asked++
+		if fail {
+			return "", errDown
+		}
+		return "dc1", nil
+	}})
+	ctx := context.Background()
+	if _, err := c.Known(ctx, Key("web", "dc1")); !errors.Is(err, errDown) {
+		t.Errorf("Known(web@dc1) with the agent down: error = %v, want %v", err, errDown)
+	}
+	mu.Lock()
+	fail = false
+	mu.Unlock()
+	for _, tc := range []struct {
+		key  string
+		want error
+	}{{Key("web", "dc1"), nil}, {Key("web", "DC1"), nil}, {"web", nil}, {Key("web", "dc2"), nil}, {Key("web", "dc9"), ErrUnknownDatacenter}} {
+		if _, err := c.Known(ctx, tc.key); !errors.Is(err, tc.want) {
+			t.Errorf("Known(%s) error = %v, want %v", tc.key, err, tc.want)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if asked != 2 {
+		t.Errorf("the agent was asked its datacenter %d times, want 2 (once failing, once answering)", asked)
 	}
 }

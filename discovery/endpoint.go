@@ -1,9 +1,33 @@
 // Package discovery resolves service names to the complete set of their
 // healthy instances, as immutable snapshots that follow the registry.
 //
-// The Consul backend keeps one blocking query per watched service, shared by
-// every listener and balancer that needs it; the Static backend serves a fixed
-// map for local development and tests.
+// The Consul backend costs a fixed number of connections to the agent,
+// whatever the number of watched services (as fabio follows a datacenter):
+//
+//   - one blocking query on /v1/health/state/any, digested per service
+//     (each check's node, ID, service ID, status and the service's tags;
+//     outputs and indexes left out) and per node (its own checks);
+//   - one blocking query on /v1/catalog/services (names and tags), which also
+//     answers Known;
+//   - a pool of MaxConnections-2 workers (less two more per other
+//     datacenter followed) fetching
+//     /v1/health/service/NAME?passing for the watched services whose digest
+//     changed, whose node's checks changed, that appeared, disappeared or
+//     changed tags in the catalog, or, on any catalog change, that have an
+//     instance without a check of its own (invisible to the health state).
+//
+// A watch fetches at most once at a time and once per change (a change seen
+// while it fetches makes one more fetch). It is also fetched again once per
+// wait time (5m), with jitter, which catches the rare change that neither
+// index shows: an instance re-registered in place with a new address, or the
+// first check-less instance of a service whose other instances have checks.
+// While the health-state query fails, every watch serves its last set,
+// stale, without a query of its own; when it answers again every watch
+// fetches once. The cost of the design is that every check change in the
+// datacenter wakes the state query, whose answer lists every check.
+//
+// Every watch is shared by every listener and balancer that needs it; the
+// Static backend serves a fixed map for local development and tests.
 package discovery
 
 import (

@@ -29,7 +29,18 @@ type fakeConsul struct {
 	maxInflight map[string]int
 	waits       map[string][]uint64 // WaitIndex of each query
 	queries     []api.QueryOptions  // every health query, for its options
+	states      []api.QueryOptions  // every state query
+	catalogs    []api.QueryOptions  // every catalog query
 	passingOnly []bool
+
+	critical map[string]bool // nodes whose own check is critical
+	filtered map[string]bool // services whose answers ACLs filter
+	denied   map[string]bool // services whose queries ACLs deny
+	delay    time.Duration   // how long each health fetch takes
+	total    int             // queries of any kind in flight
+	maxTotal int
+	fetching int // health fetches in flight
+	maxFetch int
 }
 
 // inst is one scripted instance.
@@ -38,6 +49,7 @@ type inst struct {
 	port, weight             int
 	tags                     []string
 	meta                     map[string]string
+	noCheck                  bool // registered without a check of its own
 }
 
 func newFakeConsul() *fakeConsul {
@@ -49,7 +61,36 @@ func newFakeConsul() *fakeConsul {
 		inflight:    make(map[string]int),
 		maxInflight: make(map[string]int),
 		waits:       make(map[string][]uint64),
+		critical:    make(map[string]bool),
+		filtered:    make(map[string]bool),
+		denied:      make(map[string]bool),
 	}
+}
+
+// setNode moves the index and sets whether node's own check is critical.
+func (f *fakeConsul) setNode(index uint64, node string, critical bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.index = index
+	f.critical[node] = critical
+	f.changed()
+}
+
+// peaks returns the most queries of any kind, and the most health fetches,
+// in flight at once.
+func (f *fakeConsul) peaks() (total, fetches int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.maxTotal, f.maxFetch
+}
+
+// nodeCheck is node's own check, as the fake reports it.
+func (f *fakeConsul) nodeCheck(node string) *api.HealthCheck {
+	status := api.HealthPassing
+	if f.critical[node] {
+		status = api.HealthCritical
+	}
+	return &api.HealthCheck{Node: node, CheckID: "serfHealth", Status: status}
 }
 
 func (f *fakeConsul) changed() {
@@ -119,7 +160,9 @@ func (f *fakeConsul) block(key string, q *api.QueryOptions) (uint64, error) {
 	f.inflight[key]++
 	f.maxInflight[key] = max(f.maxInflight[key], f.inflight[key])
 	f.waits[key] = append(f.waits[key], q.WaitIndex)
-	defer func() { f.inflight[key]-- }()
+	f.total++
+	f.maxTotal = max(f.maxTotal, f.total)
+	defer func() { f.inflight[key]--; f.total-- }()
 	index, err := f.blockLocked(q)
 	if err == nil {
 		f.answers[key]++
@@ -160,15 +203,40 @@ func (f *fakeConsul) blockLocked(q *api.QueryOptions) (uint64, error) {
 func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.QueryOptions) ([]*api.ServiceEntry, *api.QueryMeta, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.fetching++
+	f.maxFetch = max(f.maxFetch, f.fetching)
+	defer func() { f.fetching-- }()
+	if f.delay > 0 {
+		f.total++
+		f.maxTotal = max(f.maxTotal, f.total)
+		f.mu.Unlock()
+		time.Sleep(f.delay)
+		f.mu.Lock()
+		f.total--
+	}
 	f.queries = append(f.queries, *q)
 	f.passingOnly = append(f.passingOnly, passingOnly)
 	index, err := f.block(service, q)
 	if err != nil {
 		return nil, nil, err
 	}
+	if f.denied[service] {
+		return nil, nil, api.StatusError{Code: 403, Body: "Permission denied"}
+	}
+	if f.filtered[service] {
+		return nil, &api.QueryMeta{LastIndex: index, ResultsFilteredByACLs: true}, nil
+	}
 	// Fresh structs on every answer, as the real client decodes them.
 	var out []*api.ServiceEntry
 	for _, in := range f.services[service] {
+		if passingOnly && f.critical[in.node] {
+			continue
+		}
+		checks := api.HealthChecks{f.nodeCheck(in.node)}
+		if !in.noCheck {
+			checks = append(checks, &api.HealthCheck{Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id,
+				ServiceName: service, Status: api.HealthPassing})
+		}
 		out = append(out, &api.ServiceEntry{
 			Node: &api.Node{Node: in.node, Address: in.nodeAddr},
 			Service: &api.AgentService{
@@ -176,7 +244,38 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 				Tags: slices.Clone(in.tags), Meta: in.meta,
 				Weights: api.AgentWeights{Passing: in.weight, Warning: 1},
 			},
+			Checks: checks,
 		})
+	}
+	return out, &api.QueryMeta{LastIndex: index}, nil
+}
+
+// State answers the health of every instance's check, as
+// /v1/health/state/any does: one passing check per instance.
+func (f *fakeConsul) State(state string, q *api.QueryOptions) (api.HealthChecks, *api.QueryMeta, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.states = append(f.states, *q)
+	index, err := f.block("state", q)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out api.HealthChecks
+	nodes := map[string]bool{}
+	for service, insts := range f.services {
+		for _, in := range insts {
+			if !nodes[in.node] {
+				nodes[in.node] = true
+				out = append(out, f.nodeCheck(in.node))
+			}
+			if in.noCheck {
+				continue
+			}
+			out = append(out, &api.HealthCheck{
+				Node: in.node, CheckID: "service:" + in.id, ServiceID: in.id, ServiceName: service,
+				Status: api.HealthPassing, ServiceTags: slices.Clone(in.tags),
+			})
+		}
 	}
 	return out, &api.QueryMeta{LastIndex: index}, nil
 }
@@ -184,14 +283,18 @@ func (f *fakeConsul) Service(service, tag string, passingOnly bool, q *api.Query
 func (f *fakeConsul) Services(q *api.QueryOptions) (map[string][]string, *api.QueryMeta, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.catalogs = append(f.catalogs, *q)
 	index, err := f.block("", q)
 	if err != nil {
 		return nil, nil, err
 	}
 	out := map[string][]string{"consul": nil}
 	for name, insts := range f.services {
-		if len(insts) > 0 {
-			out[name] = nil
+		for _, in := range insts {
+			out[name] = append(out[name], in.tags...)
+		}
+		if len(insts) > 0 && out[name] == nil {
+			out[name] = []string{}
 		}
 	}
 	return out, &api.QueryMeta{LastIndex: index}, nil
@@ -208,6 +311,13 @@ type recorder struct {
 	snaps    []*Snapshot
 	confirms int
 	fails    []error
+	acls     []error
+}
+
+func (r *recorder) ACL(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.acls = append(r.acls, err)
 }
 
 func (r *recorder) Publish(s *Snapshot) {

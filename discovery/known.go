@@ -3,59 +3,54 @@ package discovery
 import (
 	"context"
 	"fmt"
-	"runtime/debug"
+	"hash/fnv"
+	"slices"
 	"strings"
 	"time"
 
-	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 )
 
 // Known reports whether service is registered in the catalog, ignoring case
-// as Consul's own lookups do. The first call starts one blocking watch on the
-// catalog's list of services, shared by all callers and kept until Close, and
-// waits for its first answer, at most ResolveTimeout and while ctx lasts.
+// as Consul's own lookups do. The first call (or Watch) starts the catalog
+// watch, shared by all callers and kept until Close, and Known waits for its
+// first answer, at most ResolveTimeout and while ctx lasts.
 // After that Known is a lock-free map lookup. While Consul fails, the last
 // list answers. Safe for concurrent use.
 func (c *Consul) Known(ctx context.Context, service string) (bool, error) {
+	service, dc := SplitKey(service)
+	d, err := c.dcWatch(ctx, dc)
+	if err != nil {
+		return false, err
+	}
+	return d.knows(ctx, service)
+}
+
+// knows is Known in d's datacenter.
+func (d *dcWatch) knows(ctx context.Context, service string) (bool, error) {
+	c := d.c
 	service = strings.ToLower(service) // no allocation when already lower case
-	if m := c.known.Load(); m != nil {
+	if m := d.known.Load(); m != nil {
 		_, ok := (*m)[service]
 		return ok, nil
 	}
-	c.knownOnce.Do(c.startCatalog)
+	c.start()
 	t := time.NewTimer(time.Duration(c.resolveTimeout.Load()))
 	defer t.Stop()
 	select {
-	case <-c.knownReady:
-		_, ok := (*c.known.Load())[service]
+	case <-d.knownReady:
+		_, ok := (*d.known.Load())[service]
 		return ok, nil
 	case <-ctx.Done():
 		return false, fmt.Errorf("list services: %w", ctx.Err())
 	case <-c.ctx.Done():
 		return false, fmt.Errorf("list services: %w", ErrClosed)
 	case <-t.C:
-		if err := c.knownErr.Load(); err != nil {
+		if err := d.knownErr.Load(); err != nil {
 			return false, fmt.Errorf("list services: %w: %w", ErrResolveTimeout, *err)
 		}
 		return false, fmt.Errorf("list services: %w", ErrResolveTimeout)
 	}
-}
-
-func (c *Consul) startCatalog() {
-	if c.ctx.Err() != nil {
-		return
-	}
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		defer func() {
-			if r := recover(); r != nil {
-				c.log.Error("catalog watch panicked", zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
-			}
-		}()
-		c.watchCatalog(c.ctx)
-	}()
 }
 
 // watchCatalog follows the list of services until ctx is done, by the same
@@ -65,13 +60,21 @@ func (c *Consul) startCatalog() {
 // backwards (a restarted agent that has not re-learned its services), names
 // missing from the answers stay known until an answer holds them all again
 // or StaleFor runs out. Keeping a name costs little: its watch is empty.
-func (c *Consul) watchCatalog(ctx context.Context) {
+//
+// It also tells the health watches of registrations: each new index asks
+// the watches of the services that appeared, disappeared or changed their
+// tags to fetch again, and those of the services with an instance without
+// checks (which the health state does not show).
+func (d *dcWatch) watchCatalog(ctx context.Context) {
+	c := d.c
 	var (
-		idx      blockingIndex
-		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
-		failures int
-		ready    bool
-		resetAt  time.Time // when the last reset began; zero if none is pending
+		idx       blockingIndex
+		back      = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		failures  int
+		ready     bool
+		resetAt   time.Time // when the last reset began; zero if none is pending
+		tags      map[string]uint64
+		aclLogged bool
 	)
 	for {
 		wait := c.opts.WaitTime
@@ -79,7 +82,8 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			left := resetAt.Add(limit).Sub(c.opts.Now())
 			wait = min(wait, max(left, 10*time.Millisecond))
 		}
-		q := &api.QueryOptions{Datacenter: c.opts.Datacenter, WaitIndex: idx.wait, WaitTime: wait}
+		q := d.query()
+		q.WaitIndex, q.WaitTime = idx.wait, wait
 		services, meta, err := c.catalog.Services(q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
@@ -87,28 +91,35 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		now := c.opts.Now()
 		if err != nil {
 			err = fmt.Errorf("query catalog services: %w", err)
-			c.knownErr.Store(&err)
+			d.knownErr.Store(&err)
 			idx.failed()
 			if ready && resetAt.IsZero() {
 				resetAt = now
 			}
 			failures++
 			if failures == 1 || failures%logEvery == 0 {
-				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
+				d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
 			}
 			if !sleep(ctx, back.next()) {
 				return
 			}
 			continue
 		}
-		if failures > 0 {
-			c.log.Info("consul query recovered", zap.Int("attempt", failures))
+		recovered := failures > 0
+		if recovered {
+			d.log.Info("consul query recovered", zap.Int("attempt", failures))
 			failures = 0
 			back.reset()
 		}
 		var index uint64
 		if meta != nil {
 			index = meta.LastIndex
+			if meta.ResultsFilteredByACLs && !aclLogged {
+				aclLogged = true
+				d.log.Warn("consul acls hide services from the catalog",
+					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" }`),
+					zap.String("effect", "the forward proxy answers 404 for the hidden services"))
+			}
 		}
 		changed, backwards := idx.observe(index)
 		if backwards && resetAt.IsZero() {
@@ -121,7 +132,17 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 		for name := range services {
 			names[strings.ToLower(name)] = struct{}{}
 		}
-		old := c.known.Load()
+		next := digestTags(services)
+		switch {
+		case tags == nil || recovered || backwards:
+			// What changed before the first answer, or while the query
+			// failed or the agent restarted, is unknown.
+			d.kickAll()
+		case changed:
+			d.kick(changedKeys(tags, next), nil, true)
+		}
+		tags = next
+		old := d.known.Load()
 		if !resetAt.IsZero() && old != nil {
 			kept := 0
 			if limit := c.staleLimit(); limit == 0 || now.Sub(resetAt) < limit {
@@ -135,17 +156,32 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			if kept == 0 {
 				resetAt = time.Time{}
 			} else if changed {
-				c.log.Info("services missing after a reset, keeping them known",
+				d.log.Info("services missing after a reset, keeping them known",
 					zap.Int("services", kept), zap.Uint64("index", index))
 			}
 		}
 		if old == nil || len(*old) != len(names) {
-			c.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
+			d.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
 		}
-		c.known.Store(&names)
+		d.known.Store(&names)
 		if !ready {
 			ready = true
-			close(c.knownReady)
+			close(d.knownReady)
 		}
 	}
+}
+
+// digestTags hashes each service's tags, by lower-case service name.
+func digestTags(services map[string][]string) map[string]uint64 {
+	out := make(map[string]uint64, len(services))
+	h := fnv.New64a()
+	for name, tags := range services {
+		h.Reset()
+		for _, tag := range slices.Sorted(slices.Values(tags)) {
+			h.Write([]byte(tag))
+			h.Write([]byte{0})
+		}
+		out[strings.ToLower(name)] += h.Sum64() + 1
+	}
+	return out
 }

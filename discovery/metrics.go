@@ -9,6 +9,10 @@ var (
 		"Healthy endpoints in the service's current set.", []string{"service"}, nil)
 	staleDesc = prometheus.NewDesc("sidecar_discovery_stale",
 		"1 while the service's set is served stale (registry failing or just reset).", []string{"service"}, nil)
+	aclDesc = prometheus.NewDesc("sidecar_discovery_acl_blocked",
+		"1 while the registry's ACLs filter the service's instances or deny its query.", []string{"service"}, nil)
+	aclTotalDesc = prometheus.NewDesc("sidecar_discovery_acl_blocked_answers_total",
+		"Answers of the registry that its ACLs filtered or denied.", nil, nil)
 )
 
 // Collector returns a Prometheus collector of the cache's watched services,
@@ -21,6 +25,8 @@ func (cc cacheCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- ageDesc
 	ch <- endpointsDesc
 	ch <- staleDesc
+	ch <- aclDesc
+	ch <- aclTotalDesc
 }
 
 func (cc cacheCollector) Collect(ch chan<- prometheus.Metric) {
@@ -32,5 +38,11 @@ func (cc cacheCollector) Collect(ch chan<- prometheus.Metric) {
 			stale = 1
 		}
 		ch <- prometheus.MustNewConstMetric(staleDesc, prometheus.GaugeValue, stale, s.Service)
+		acl := 0.0
+		if s.ACL != "" {
+			acl = 1
+		}
+		ch <- prometheus.MustNewConstMetric(aclDesc, prometheus.GaugeValue, acl, s.Service)
 	}
+	ch <- prometheus.MustNewConstMetric(aclTotalDesc, prometheus.CounterValue, float64(cc.c.aclBlocked.Load()))
 }

@@ -75,9 +75,11 @@ func staticEndpoint(entry string) (Endpoint, error) {
 }
 
 // Watch publishes the fixed set of service (empty if it is not in the map)
-// and blocks until ctx is done.
+// and blocks until ctx is done. A datacenter in the key (see Key) is
+// ignored: the map has one.
 func (s *Static) Watch(ctx context.Context, service string, sink Sink) {
-	snap := s.snaps[strings.ToLower(service)]
+	name, _ := SplitKey(service)
+	snap := s.snaps[strings.ToLower(name)]
 	if snap == nil {
 		snap = &Snapshot{Service: service, Updated: time.Now()}
 	}
@@ -88,7 +90,8 @@ func (s *Static) Watch(ctx context.Context, service string, sink Sink) {
 
 // Known reports whether service is in the map. It never blocks.
 func (s *Static) Known(_ context.Context, service string) (bool, error) {
-	_, ok := s.snaps[strings.ToLower(service)]
+	name, _ := SplitKey(service)
+	_, ok := s.snaps[strings.ToLower(name)]
 	return ok, nil
 }
 

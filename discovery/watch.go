@@ -16,6 +16,7 @@ type Watch struct {
 	snap      atomic.Pointer[Snapshot]
 	confirmed atomic.Int64          // unix nanoseconds of the last answer, 0 before it
 	lastErr   atomic.Pointer[error] // last failure, nil once the backend answers again
+	aclErr    atomic.Pointer[error] // what ACLs hid, nil while answers are whole
 	// lastUsed is the cache clock, as an offset from the cache's epoch, at
 	// the last lookup; it moves at most once a second.
 	lastUsed atomic.Int64
@@ -100,3 +101,23 @@ func (s sink) Confirm(t time.Time) {
 }
 
 func (s sink) Fail(err error) { s.w.lastErr.Store(&err) }
+
+func (s sink) ACL(err error) {
+	if err == nil {
+		if s.w.aclErr.Load() != nil {
+			s.w.aclErr.Store(nil)
+		}
+		return
+	}
+	s.w.aclErr.Store(&err)
+	s.w.cache.aclBlocked.Add(1)
+}
+
+// ACL is what the registry's ACLs hid of the service at its last answer
+// (an error wrapping ErrACLFiltered or ErrACLDenied), or nil.
+func (w *Watch) ACL() error {
+	if p := w.aclErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}

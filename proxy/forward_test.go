@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -83,7 +84,7 @@ func TestServiceName(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(fmt.Sprintf("%q", tc.host), func(t *testing.T) {
-			got, err := serviceName(tc.host)
+			got, _, _, err := serviceName(tc.host)
 			if tc.want == "" {
 				if !errors.Is(err, ErrBadServiceName) {
 					t.Errorf("serviceName(%q) = %q, %v; want ErrBadServiceName", tc.host, got, err)
@@ -123,7 +124,7 @@ func TestServiceFromRequest(t *testing.T) {
 			if err != nil {
 				t.Fatalf("ReadRequest(%q): %v", raw, err)
 			}
-			got, err := serviceFromRequest(r)
+			got, _, _, err := serviceFromRequest(r)
 			if tc.want == "" {
 				if !errors.Is(err, ErrBadServiceName) {
 					t.Errorf("serviceFromRequest(%s) = %q, %v; want ErrBadServiceName", tc.target, got, err)
@@ -151,6 +152,28 @@ func isLocalName(s string) bool {
 	return l == "localhost" || strings.HasSuffix(l, ".localhost")
 }
 
+func TestServiceNameTag(t *testing.T) {
+	for _, tc := range []struct{ host, name, tag, dc string }{
+		{"echo.service.consul", "echo", "", ""},
+		{"v1.echo.service.consul", "echo", "v1", ""},
+		{"V1.Echo.Service.Consul:80", "Echo", "V1", ""},
+		{"echo.service.dc2.consul", "echo", "", "dc2"},
+		{"Echo.Service.DC2.Consul.", "Echo", "", "dc2"},
+		{"canary.eu.echo.service.dc2.consul", "echo", "canary.eu", "dc2"},
+		{"v1.echo", "v1.echo", "", ""}, // not Consul DNS: a dotted name
+	} {
+		name, tag, dc, err := serviceName(tc.host)
+		if err != nil || name != tc.name || tag != tc.tag || dc != tc.dc {
+			t.Errorf("serviceName(%q) = %q, %q, %q, %v; want %q, %q, %q", tc.host, name, tag, dc, err, tc.name, tc.tag, tc.dc)
+		}
+	}
+	for _, host := range []string{".echo.service.consul", "echo.service.a.b.consul", "echo.service.d/c.consul"} {
+		if _, _, _, err := serviceName(host); !errors.Is(err, ErrBadServiceName) {
+			t.Errorf("serviceName(%q) error = %v, want ErrBadServiceName", host, err)
+		}
+	}
+}
+
 func FuzzServiceName(f *testing.F) {
 	for _, s := range []string{
 		"echo", "echo:80", "echo.service.consul", "echo.service.dc1.consul:8080", "echo.",
@@ -160,7 +183,7 @@ func FuzzServiceName(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, host string) {
-		name, err := serviceName(host)
+		name, _, _, err := serviceName(host)
 		if err != nil {
 			if !errors.Is(err, ErrBadServiceName) {
 				t.Fatalf("serviceName(%q) error = %v, want ErrBadServiceName", host, err)
@@ -180,13 +203,13 @@ func FuzzServiceName(f *testing.F) {
 			t.Fatalf("serviceName(%q) = %q, with a trailing dot", host, name)
 		}
 		// An accepted name is its own service name.
-		if again, err := serviceName(name); err != nil || again != name {
+		if again, _, _, err := serviceName(name); err != nil || again != name {
 			t.Fatalf("serviceName(%q) = %q, %v; want it unchanged (from host %q)", name, again, err, host)
 		}
 		// Case does not matter: in upper case, the host names the same
 		// service.
 		if upper := strings.ToUpper(host); len(upper) == len(host) {
-			if got, err := serviceName(upper); err != nil || !strings.EqualFold(got, name) {
+			if got, _, _, err := serviceName(upper); err != nil || !strings.EqualFold(got, name) {
 				t.Fatalf("serviceName(%q) = %q, %v; want %q in any case (from host %q)", upper, got, err, name, host)
 			}
 		}
@@ -250,8 +273,10 @@ func TestForwardHTTPProxyClient(t *testing.T) {
 	if len(seen) != 3 {
 		t.Errorf("instances reached = %v, want all 3", seen)
 	}
-	if got := s.resolver.watched(); len(got) != 1 || got[0] != "echo" {
-		t.Errorf("services looked up = %v, want [echo]", got)
+	// echo.service.dc1.consul is echo in dc1 (the static map has one
+	// datacenter).
+	if got := s.resolver.watched(); !slices.Equal(got, []string{"echo", "echo@dc1"}) {
+		t.Errorf("services looked up = %v, want [echo echo@dc1]", got)
 	}
 }
 
@@ -399,5 +424,22 @@ func TestForwardBadDefaults(t *testing.T) {
 		if _, err := p.Upstream("up", RouteConfig{Service: "echo", HashKey: cfg.HashKey, Balancer: cfg.Balancer}); err == nil {
 			t.Errorf("Upstream(%+v) error = nil, want one", cfg)
 		}
+	}
+}
+
+// TestForwardTag: TAG.NAME.service.consul keeps the instances carrying TAG,
+// on a route of its own; the static nodes carry none, so none is left.
+func TestForwardTag(t *testing.T) {
+	leakcheck.Check(t)
+	s := newForwardSetup(t, RouteConfig{})
+	client := newClient(t, func(tr *http.Transport) { tr.Proxy = http.ProxyURL(s.proxyURL) })
+	if resp := doGet(t, client, "http://echo.service.consul/x", nil); resp.status != http.StatusOK {
+		t.Fatalf("GET echo.service.consul: status = %d, want 200; body %q", resp.status, resp.body)
+	}
+	if resp := doGet(t, client, "http://v1.echo.service.consul/x", nil); resp.status != http.StatusServiceUnavailable {
+		t.Errorf("GET v1.echo.service.consul: status = %d, want 503 (no instance tagged v1); body %q", resp.status, resp.body)
+	}
+	if resp := doGet(t, client, "http://echo.service.consul/x", nil); resp.status != http.StatusOK {
+		t.Errorf("GET echo.service.consul after the tagged route: status = %d, want 200", resp.status)
 	}
 }

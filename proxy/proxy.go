@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -178,13 +179,13 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
 	}
-	name, err := serviceFromRequest(r)
+	name, tag, dc, err := serviceFromRequest(r)
 	if err != nil {
 		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
 		answerError(w, r, err)
 		return
 	}
-	rt, err := f.route(r.Context(), name)
+	rt, err := f.route(r.Context(), name, tag, dc)
 	if err != nil {
 		_, code := classify(err)
 		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
@@ -194,13 +195,14 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.p.serve(w, r, rt)
 }
 
-// route returns the route of the service the client named as sent,
-// creating it on first use once discovery confirms the name is registered.
-// Service names are case-insensitive, as in DNS and Consul: every spelling
-// shares the route of the lower-case name, and errors name what the client
-// sent.
-func (f *Forwarder) route(ctx context.Context, sent string) (*route, error) {
-	name := strings.ToLower(sent) // no allocation when already lower case
+// route returns the route of the service the client named as sent (with
+// the tag its instances must carry and its datacenter, if any), creating it
+// on first use once discovery confirms the name is registered. Service names are
+// case-insensitive, as in DNS and Consul: every spelling shares the route of
+// the lower-case name, and errors name what the client sent. Tags are
+// compared as spelt, as Consul does.
+func (f *Forwarder) route(ctx context.Context, sent, tag, dc string) (*route, error) {
+	name := discovery.Key(strings.ToLower(sent), dc) // no allocation when already lower case and dc is empty
 	known, err := f.p.resolver.Known(ctx, name)
 	if err != nil {
 		return nil, &proxyError{sent, fmt.Errorf("%w: %w", ErrDiscovery, err)}
@@ -208,22 +210,29 @@ func (f *Forwarder) route(ctx context.Context, sent string) (*route, error) {
 	if !known {
 		return nil, &proxyError{sent, ErrUnknownService}
 	}
-	if rt, ok := f.state.Load().routes.Load(name); ok {
+	key := name
+	if tag != "" {
+		key = name + "#" + tag // # is in no service name
+	}
+	if rt, ok := f.state.Load().routes.Load(key); ok {
 		return rt.(*route), nil
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	st := f.state.Load()
-	if rt, ok := st.routes.Load(name); ok {
+	if rt, ok := st.routes.Load(key); ok {
 		return rt.(*route), nil
 	}
 	cfg := st.defaults
 	cfg.Service = name
+	if tag != "" {
+		cfg.Tags = append(slices.Clip(cfg.Tags), tag)
+	}
 	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics, f.p.log)
 	if err != nil {
 		return nil, err
 	}
-	st.routes.Store(name, rt)
+	st.routes.Store(key, rt)
 	f.p.addRoute(rt)
 	return rt, nil
 }

@@ -47,6 +47,10 @@ func (d *discHealth) Service(service, tag string, passingOnly bool, q *api.Query
 	return d.h.Service(service, tag, passingOnly, q)
 }
 
+func (d *discHealth) State(state string, q *api.QueryOptions) (api.HealthChecks, *api.QueryMeta, error) {
+	return d.h.State(state, q)
+}
+
 // maxPeak returns the most queries one service had in flight at once.
 func (d *discHealth) maxPeak() int {
 	d.mu.Lock()

@@ -201,7 +201,7 @@ func (r *reloader) apply() reloadResult {
 		if _, ok := r.ups[u.Listen]; ok {
 			continue
 		}
-		s, err := listenUpstream(u, eff.Proxy.MaxHeaderBytes, r.px, r.cache, r.log)
+		s, err := listenUpstream(eff, u, r.px, r.cache, r.log)
 		if err != nil {
 			for _, s := range added {
 				_ = s.ln.Close()
@@ -229,7 +229,7 @@ func (r *reloader) apply() reloadResult {
 		if reflect.DeepEqual(old[u.Listen], u) {
 			continue
 		}
-		if err := r.ups[u.Listen].update(upstreamRoute(u)); err != nil {
+		if err := r.ups[u.Listen].update(upstreamRoute(eff, u)); err != nil {
 			eff.Upstreams[i] = old[u.Listen] // still running as it was
 			res.Result = reloadFailed
 			res.Errors = append(res.Errors, fmt.Sprintf("upstreams[%d] (%s on %s): %v", i, u.Name, u.Listen, err))

@@ -44,7 +44,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 	defer func() { _ = log.Sync() }()
 
-	consul, err := newConsulClient(cfg.Consul)
+	consul, err := newConsulClient(cfg.Consul, cfg.Discovery)
 	if err != nil {
 		return err
 	}
@@ -98,7 +98,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 	ready := &readiness{registrar: registrar, cache: cache}
 	for _, u := range cfg.Upstreams {
-		ready.upstreams = append(ready.upstreams, u.Name)
+		ready.upstreams = append(ready.upstreams, upstreamKey(cfg, u))
 	}
 	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token, Ready: ready.check})
 	if cfg.Admin.Pprof {
@@ -223,8 +223,10 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 // here from c, so the file wins, except CONSUL_HTTP_AUTH, which has no key.
 // The HTTP client is built here from c.TLS, so that NewClient's own fallback
 // to the environment cannot undo a key the file set (insecure_skip_verify:
-// false). A unix:// address gets consul/api's own unix transport.
-func newConsulClient(c config.Consul) (*api.Client, error) {
+// false). A unix:// address gets consul/api's own unix transport. Its
+// connections to the agent, for registration, heartbeats, discovery and
+// pub/sub alike, are bounded by discovery.max_connections.
+func newConsulClient(c config.Consul, d config.Discovery) (*api.Client, error) {
 	cc := api.DefaultConfig()
 	cc.Address = c.Address
 	cc.Scheme = "http" // an https:// address sets https
@@ -241,8 +243,6 @@ func newConsulClient(c config.Consul) (*api.Client, error) {
 		KeyFile:            c.TLS.KeyFile,
 		InsecureSkipVerify: c.TLS.InsecureSkipVerify,
 	}
-	// One blocking query per watched service: keep their connections.
-	cc.Transport.MaxIdleConnsPerHost = 4096
 	// HTTP/1.1 over https:// too, as over http://: Go's HTTP/2 client hides
 	// a failed handshake ("tls: certificate required") behind "http2: client
 	// conn could not be established".
@@ -251,6 +251,11 @@ func newConsulClient(c config.Consul) (*api.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("consul client: consul.tls: %w", err)
 	}
+	maxStale := time.Duration(0)
+	if d.Consistency == config.ConsistencyStale {
+		maxStale = d.MaxStale
+	}
+	hc.Transport = discovery.NewTransport(cc.Transport, d.MaxConnections, maxStale)
 	cc.HttpClient = hc
 	client, err := api.NewClient(cc)
 	if err != nil {
@@ -264,7 +269,15 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 		return discovery.NewStatic(cfg.Discovery.Static)
 	}
 	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
-		Datacenter:     cfg.Consul.Datacenter,
+		Datacenter:  cfg.Consul.Datacenter,
+		Datacenters: cfg.RemoteDatacenters(),
+		LocalDatacenter: func(ctx context.Context) (string, error) {
+			var self struct{ Config struct{ Datacenter string } }
+			_, err := consul.Raw().Query("/v1/agent/self", &self, (&api.QueryOptions{}).WithContext(ctx))
+			return self.Config.Datacenter, err
+		},
+		Consistency:    discovery.Consistency(cfg.Discovery.Consistency),
+		MaxConnections: cfg.Discovery.MaxConnections,
 		StaleFor:       cfg.Discovery.StaleFor,
 		ResolveTimeout: cfg.Discovery.ResolveTimeout,
 	}, log.Named("discovery")), nil
@@ -272,6 +285,15 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 
 func cacheOptions(d config.Discovery) discovery.CacheOptions {
 	return discovery.CacheOptions{Size: d.CacheSize, IdleTimeout: d.IdleTimeout, ResolveTimeout: d.ResolveTimeout}
+}
+
+// upstreamKey is the discovery key of u: its name, with its datacenter
+// when that is not consul.datacenter (and the backend is Consul).
+func upstreamKey(cfg *config.Config, u config.Upstream) string {
+	if u.Datacenter == "" || u.Datacenter == cfg.Consul.Datacenter || cfg.Discovery.Backend == config.BackendStatic {
+		return u.Name
+	}
+	return discovery.Key(u.Name, u.Datacenter)
 }
 
 func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
@@ -321,7 +343,7 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 		servers = append(servers, s)
 	}
 	for i, u := range cfg.Upstreams {
-		s, err := listenUpstream(u, cfg.Proxy.MaxHeaderBytes, px, cache, log)
+		s, err := listenUpstream(cfg, u, px, cache, log)
 		if err != nil {
 			closeAll(servers)
 			return nil, fmt.Errorf("upstreams[%d] (%s on %s): %w", i, u.Name, u.Listen, err)
@@ -333,9 +355,9 @@ func listen(cfg *config.Config, px *proxy.Proxy, cache *discovery.Cache, log *za
 
 // listenUpstream binds the listener of upstream u, and pins its service in
 // the cache.
-func listenUpstream(u config.Upstream, maxHeaderBytes int, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) (*server, error) {
-	cache.Pin(u.Name)
-	rc := upstreamRoute(u)
+func listenUpstream(cfg *config.Config, u config.Upstream, px *proxy.Proxy, cache *discovery.Cache, log *zap.Logger) (*server, error) {
+	rc := upstreamRoute(cfg, u)
+	cache.Pin(rc.Service)
 	if u.Protocol == config.ProtocolTCP {
 		return bindTCP(px, u.Listen, rc)
 	}
@@ -343,7 +365,7 @@ func listenUpstream(u config.Upstream, maxHeaderBytes int, px *proxy.Proxy, cach
 	if err != nil {
 		return nil, err
 	}
-	s, err := bind(u.Listen, h, u.Timeouts, maxHeaderBytes, log)
+	s, err := bind(u.Listen, h, u.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		h.Retire()
 		return nil, err
@@ -363,10 +385,10 @@ func forwardRoute(p config.Proxy) proxy.RouteConfig {
 	}
 }
 
-// upstreamRoute is the route of upstream u.
-func upstreamRoute(u config.Upstream) proxy.RouteConfig {
+// upstreamRoute is the route of upstream u of cfg.
+func upstreamRoute(cfg *config.Config, u config.Upstream) proxy.RouteConfig {
 	return proxy.RouteConfig{
-		Service:       u.Name,
+		Service:       upstreamKey(cfg, u),
 		Protocol:      u.Protocol,
 		Balancer:      u.Balancer,
 		HashKey:       u.HashKey,

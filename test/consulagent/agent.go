@@ -58,6 +58,14 @@ type Options struct {
 	// UnixSocket, if set, is the path of a unix socket the agent serves
 	// its HTTP API on, in place of Ports.HTTP.
 	UnixSocket string
+	// MaxConnsPerClient is the agent's limits.http_max_conns_per_client;
+	// if zero, 10000 (Consul's own default is 200).
+	MaxConnsPerClient int
+	// Datacenter is the agent's datacenter; if empty, Consul's dc1.
+	Datacenter string
+	// JoinWAN is the serf WAN address (host:port) of an agent of another
+	// datacenter to federate with (see Agent.WANAddr).
+	JoinWAN string
 }
 
 // Binary returns the path of the consul binary tests use, or an error saying
@@ -141,6 +149,16 @@ acl {
 	if opts.UnixSocket != "" {
 		extra += fmt.Sprintf("\naddresses {\n  http = %q\n}\n", "unix://"+opts.UnixSocket)
 	}
+	maxConns := opts.MaxConnsPerClient
+	if maxConns == 0 {
+		maxConns = 10000
+	}
+	if opts.Datacenter != "" {
+		extra += fmt.Sprintf("\ndatacenter = %q\n", opts.Datacenter)
+	}
+	if opts.JoinWAN != "" {
+		extra += fmt.Sprintf("\nretry_join_wan = [%q]\n", opts.JoinWAN)
+	}
 	hcl := fmt.Sprintf(`
 node_name = "sidecar-test"
 bind_addr = "127.0.0.1"
@@ -156,15 +174,18 @@ ports {
   server = %d
 }
 limits {
-  http_max_conns_per_client = 10000
+  http_max_conns_per_client = %d
 }
 %s
 %s
-`, httpPorts, ports.SerfLAN, ports.SerfWAN, ports.Server, extra, opts.ExtraHCL)
+`, httpPorts, ports.SerfLAN, ports.SerfWAN, ports.Server, maxConns, extra, opts.ExtraHCL)
 	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
 		a.t.Fatal(err)
 	}
 }
+
+// WANAddr is the agent's serf WAN address, host:port, for Options.JoinWAN.
+func (a *Agent) WANAddr() string { return "127.0.0.1:" + strconv.Itoa(a.Ports.SerfWAN) }
 
 // Addr is the agent's HTTP address, host:port.
 func (a *Agent) Addr() string { return "127.0.0.1:" + strconv.Itoa(a.Ports.HTTP) }

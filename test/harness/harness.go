@@ -26,10 +26,16 @@ var (
 )
 
 // Binaries builds cmd/sidecar and examples/echo once per test process and
-// returns the folder holding them.
+// returns the folder holding them. $SIDECAR_TEST_BIN names a folder holding
+// them already (e.g. bin/ after make build, without the race detector, for
+// figures of memory).
 func Binaries(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
+		if dir := os.Getenv("SIDECAR_TEST_BIN"); dir != "" {
+			binDir = dir
+			return
+		}
 		root := consulagent.RepoRoot(t)
 		binDir, buildErr = os.MkdirTemp("", "sidecar-test-bin-")
 		if buildErr != nil {

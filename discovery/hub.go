@@ -1,0 +1,268 @@
+package discovery
+
+import (
+	"context"
+	"fmt"
+	"hash/fnv"
+	"runtime/debug"
+	"strings"
+
+	"github.com/hashicorp/consul/api"
+	"go.uber.org/zap"
+)
+
+// fetchJob asks a worker to fetch h's service.
+type fetchJob struct {
+	ctx context.Context // the watch's; cancelling it aborts the fetch
+	h   *healthWatch
+}
+
+// fetchResult is a worker's answer, sent on the watch's reply channel.
+type fetchResult struct {
+	entries []*api.ServiceEntry
+	meta    *api.QueryMeta
+	err     error
+}
+
+// start starts, once, the workers and the two watches, owned by c.ctx.
+func (c *Consul) start() {
+	c.startOnce.Do(func() {
+		if c.ctx.Err() != nil {
+			return
+		}
+		// Two blocking queries per datacenter; the rest fetch.
+		for range c.opts.MaxConnections - 2*len(c.dcs) {
+			c.goOwned("fetch worker", c.worker)
+		}
+		for _, d := range c.dcs {
+			c.goOwned("state watch", d.watchState)
+			c.goOwned("catalog watch", d.watchCatalog)
+		}
+	})
+}
+
+// goOwned runs f in a goroutine owned by c.ctx, recovering a panic.
+func (c *Consul) goOwned(name string, f func(ctx context.Context)) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer func() {
+			if r := recover(); r != nil {
+				c.log.Error(name+" panicked", zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			}
+		}()
+		f(c.ctx)
+	}()
+}
+
+// worker fetches services for the watches until ctx is done: the pool of
+// workers bounds the fetches in flight, whatever the number of watches.
+func (c *Consul) worker(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case j := <-c.jobs:
+			var r fetchResult
+			if j.ctx.Err() == nil {
+				q := j.h.d.query()
+				r.entries, r.meta, r.err = c.health.Service(j.h.service, "", true, q.WithContext(j.ctx))
+			}
+			// The reply is buffered and each watch has one fetch in flight
+			// at most, but a watch that stopped may have left the reply to
+			// its last fetch unread.
+			select {
+			case j.h.reply <- r:
+			case <-j.ctx.Done():
+			}
+		}
+	}
+}
+
+// stateFailure is the last failure of the state watch, nil while it answers.
+func (d *dcWatch) stateFailure() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.stateErr
+}
+
+// kickAll asks every watch to fetch again (or, while the state watch fails,
+// to mark its set stale).
+func (d *dcWatch) kickAll() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, set := range d.watchers {
+		for h := range set {
+			h.Kick()
+		}
+	}
+}
+
+// kick asks the watches of the given lower-case service names to fetch
+// again, and those of every service on the given nodes, and, if dark is
+// set, those of every service with an instance without checks.
+func (d *dcWatch) kick(services map[string]struct{}, nodes map[string]struct{}, dark bool) {
+	if len(services) == 0 && len(nodes) == 0 && !dark {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for key, set := range d.watchers {
+		_, changed := services[key]
+		for h := range set {
+			if changed || (dark && h.dark.Load()) || onNodes(h.nodes, nodes) {
+				h.Kick()
+			}
+		}
+	}
+}
+
+func onNodes(hn []string, nodes map[string]struct{}) bool {
+	if len(nodes) == 0 {
+		return false
+	}
+	for _, n := range hn {
+		if _, ok := nodes[n]; ok {
+			return true
+		}
+	}
+	return false
+}
+
+// stateDigest sums, order-independently, what passing depends on in the
+// health state: per service, each of its checks' node, check ID, service ID
+// and status, and its tags; per node, the status of the node's own checks.
+// Outputs and indexes are left out, so a check whose output alone moved
+// fetches nothing.
+type stateDigest struct {
+	services map[string]uint64 // by lower-case service name
+	nodes    map[string]uint64
+}
+
+func digestState(checks api.HealthChecks) stateDigest {
+	d := stateDigest{services: make(map[string]uint64), nodes: make(map[string]uint64)}
+	h := fnv.New64a()
+	for _, ch := range checks {
+		if ch == nil {
+			continue
+		}
+		h.Reset()
+		for _, s := range []string{ch.Node, ch.CheckID, ch.ServiceID, ch.Status} {
+			h.Write([]byte(s))
+			h.Write([]byte{0})
+		}
+		for _, tag := range ch.ServiceTags {
+			h.Write([]byte(tag))
+			h.Write([]byte{1})
+		}
+		if ch.ServiceName == "" {
+			d.nodes[ch.Node] += h.Sum64()
+		} else {
+			d.services[strings.ToLower(ch.ServiceName)] += h.Sum64()
+		}
+	}
+	return d
+}
+
+// changedKeys returns the keys whose value differs between a and b, or that
+// only one has.
+func changedKeys(a, b map[string]uint64) map[string]struct{} {
+	out := make(map[string]struct{})
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			out[k] = struct{}{}
+		}
+	}
+	for k := range b {
+		if _, ok := a[k]; !ok {
+			out[k] = struct{}{}
+		}
+	}
+	return out
+}
+
+// watchState follows the health of every check in the datacenter with one
+// blocking query, and asks the watches of the services whose checks changed
+// (or whose nodes' checks changed) to fetch again. While it fails, every
+// watch is told so and serves its last set, stale; when it answers again,
+// every watch fetches again.
+func (d *dcWatch) watchState(ctx context.Context) {
+	var (
+		idx       blockingIndex
+		back      = backoff{min: d.c.opts.BackoffMin, max: d.c.opts.BackoffMax}
+		failures  int
+		prev      *stateDigest
+		aclLogged bool
+	)
+	for {
+		q := d.query()
+		q.WaitIndex, q.WaitTime = idx.wait, d.c.opts.WaitTime
+		checks, meta, err := d.c.health.State(api.HealthAny, q.WithContext(ctx))
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			err = fmt.Errorf("query health state: %w", err)
+			idx.failed()
+			failures++
+			if failures == 1 || failures%logEvery == 0 {
+				d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
+			}
+			d.mu.Lock()
+			first := d.stateErr == nil
+			d.stateErr = err
+			d.mu.Unlock()
+			if first {
+				d.kickAll()
+			}
+			if !sleep(ctx, back.next()) {
+				return
+			}
+			continue
+		}
+		recovered := failures > 0
+		if recovered {
+			d.log.Info("consul query recovered", zap.Int("attempt", failures))
+			failures = 0
+			back.reset()
+			d.mu.Lock()
+			d.stateErr = nil
+			d.mu.Unlock()
+		}
+		var index uint64
+		if meta != nil {
+			index = meta.LastIndex
+			if meta.ResultsFilteredByACLs && !aclLogged {
+				aclLogged = true
+				d.log.Warn("consul acls hide checks from the health state",
+					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" } and node_prefix "" { policy = "read" }`),
+					zap.String("effect", "changes of the hidden services are seen at their resync only"))
+			}
+		}
+		changed, backwards := idx.observe(index)
+		if !changed && !recovered && prev != nil {
+			continue
+		}
+		dg := digestState(checks)
+		if prev == nil || recovered || backwards {
+			// What changed before this answer is unknown: fetch all.
+			d.kickAll()
+		} else {
+			services, nodes := changedKeys(prev.services, dg.services), changedKeys(prev.nodes, dg.nodes)
+			if len(nodes) > 0 {
+				// Services with checks on those nodes: when a node
+				// recovers, the last passing answer did not list it.
+				for _, ch := range checks {
+					if ch == nil || ch.ServiceName == "" {
+						continue
+					}
+					if _, ok := nodes[ch.Node]; ok {
+						services[strings.ToLower(ch.ServiceName)] = struct{}{}
+					}
+				}
+			}
+			d.kick(services, nodes, false)
+		}
+		prev = &dg
+	}
+}
