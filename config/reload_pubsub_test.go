@@ -51,8 +51,10 @@ func TestNewReloadSubscriptions(t *testing.T) {
 			live: []string{"subscriptions[1]", "subscriptions[1]"},
 		},
 		{
-			name:    "max_message_bytes live, other pubsub keys not",
-			edit:    func(s string) string { return strings.Replace(s, "data_dir: /var/lib/sidecar", "data_dir: /tmp/x\n  max_message_bytes: 2MiB\n  name: ps", 1) },
+			name: "max_message_bytes live, other pubsub keys not",
+			edit: func(s string) string {
+				return strings.Replace(s, "data_dir: /var/lib/sidecar", "data_dir: /tmp/x\n  max_message_bytes: 2MiB\n  name: ps", 1)
+			},
 			live:    []string{"pubsub.max_message_bytes"},
 			restart: []string{"pubsub.name", "pubsub.data_dir"},
 		},
