@@ -33,11 +33,17 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 //     read_header (the forward proxy's routes);
 //   - upstreams, matched by listen: added, removed, and changed in every
 //     key but protocol between tcp and the HTTP family, datacenter and
-//     timeouts.read_header.
+//     timeouts.read_header;
+//   - pubsub.max_message_bytes, for the publishes that start after it;
+//   - subscriptions, matched by topic and group: added, removed and changed
+//     in every key, when the subscriber side runs (pub/sub on with
+//     pubsub.http.listen set in the running file and the next) and
+//     service.name stays (the default group). Otherwise they need a restart.
 //
 // Every other key needs a restart: service (its presence, name, id,
 // address, port, check, ttl, deregister_critical_after, run), consul.*,
 // admin.*, log.format, discovery.backend and static, proxy.listen, proxy.max_header_bytes,
+// every pubsub key but max_message_bytes,
 // proxy.timeouts.read_header, and any section this list does not name. The
 // listener-side settings (read_header, max_header_bytes) are read when a
 // listener opens: a listener that stays keeps its own, a new one takes
@@ -78,11 +84,27 @@ func NewReload(running, next *Config) Reload {
 			eff.Upstreams = append(eff.Upstreams, u)
 		}
 	}
+
+	if running.PubSub.Enabled() {
+		eff.PubSub.MaxMessageBytes, eff.PubSub.MaxMessageBytesN = next.PubSub.MaxMessageBytes, next.PubSub.MaxMessageBytesN
+	}
+	if subscriptionsLive(running, next) {
+		eff.Subscriptions = next.Subscriptions
+	}
 	return Reload{
 		Effective: &eff,
 		Live:      diffConfig(running, &eff),
 		Restart:   diffConfig(&eff, next),
 	}
+}
+
+// subscriptionsLive reports whether next's subscriptions can replace the
+// running ones: the peer listener they are delivered through runs and stays,
+// and the group a subscription defaults to (service.name) is the same.
+func subscriptionsLive(running, next *Config) bool {
+	r, n := &running.PubSub, &next.PubSub
+	return r.Enabled() && n.Enabled() && r.HTTP.Listen != "" && n.HTTP.Listen == r.HTTP.Listen &&
+		running.Service != nil && next.Service != nil && running.Service.Name == next.Service.Name
 }
 
 // liveTimeouts is next with the running read_header, which only a new
@@ -103,8 +125,8 @@ func upstreamAt(us []Upstream, listen string) (Upstream, bool) {
 
 // diffConfig names the keys whose values differ between a and b, by full
 // path: the deepest key of each struct that differs, and whole lists and
-// maps. Upstreams are matched by listen and named by their index in b (in
-// a when removed).
+// maps. Upstreams are matched by listen, subscriptions by topic and group,
+// and named by their index in b (in a when removed).
 func diffConfig(a, b *Config) []string {
 	var keys []string
 	av, bv := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
@@ -114,8 +136,12 @@ func diffConfig(a, b *Config) []string {
 		if name == "" {
 			continue
 		}
-		if name == "upstreams" {
+		switch name {
+		case "upstreams":
 			keys = append(keys, diffUpstreams(a.Upstreams, b.Upstreams)...)
+			continue
+		case "subscriptions":
+			keys = append(keys, diffSubscriptions(a.Subscriptions, b.Subscriptions)...)
 			continue
 		}
 		keys = diffValue(keys, name, av.Field(i), bv.Field(i))
@@ -137,6 +163,34 @@ func diffUpstreams(a, b []Upstream) []string {
 	for i, u := range a {
 		if _, ok := upstreamAt(b, u.Listen); !ok {
 			keys = append(keys, "upstreams["+strconv.Itoa(i)+"]")
+		}
+	}
+	return keys
+}
+
+// diffSubscriptions is diffUpstreams for subscriptions, matched by topic
+// and group.
+func diffSubscriptions(a, b []Subscription) []string {
+	var keys []string
+	at := func(ss []Subscription, s Subscription) (Subscription, bool) {
+		for _, o := range ss {
+			if o.Topic == s.Topic && o.Group == s.Group {
+				return o, true
+			}
+		}
+		return Subscription{}, false
+	}
+	for i, s := range b {
+		prefix := "subscriptions[" + strconv.Itoa(i) + "]"
+		if old, ok := at(a, s); ok {
+			keys = diffValue(keys, prefix, reflect.ValueOf(old), reflect.ValueOf(s))
+		} else {
+			keys = append(keys, prefix)
+		}
+	}
+	for i, s := range a {
+		if _, ok := at(b, s); !ok {
+			keys = append(keys, "subscriptions["+strconv.Itoa(i)+"]")
 		}
 	}
 	return keys

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -50,7 +51,7 @@ type API struct {
 	mux      *http.ServeMux
 	name     string
 	source   string
-	maxBytes int64
+	maxBytes atomic.Int64 // max_message_bytes; SetMaxBytes changes it
 	sink     Sink
 	metrics  *Metrics
 	log      *zap.Logger
@@ -66,9 +67,14 @@ type APIOptions struct {
 	Now      func() time.Time // if nil, time.Now
 }
 
+// SetMaxBytes changes max_message_bytes for the requests that start after
+// it; safe for concurrent use.
+func (a *API) SetMaxBytes(n int64) { a.maxBytes.Store(n) }
+
 // NewAPI returns the publish API over sink.
 func NewAPI(sink Sink, opts APIOptions, log *zap.Logger) *API {
-	a := &API{mux: http.NewServeMux(), name: opts.Name, source: opts.Source, maxBytes: opts.MaxBytes, sink: sink, metrics: opts.Metrics, log: log, now: opts.Now}
+	a := &API{mux: http.NewServeMux(), name: opts.Name, source: opts.Source, sink: sink, metrics: opts.Metrics, log: log, now: opts.Now}
+	a.maxBytes.Store(opts.MaxBytes)
 	if a.source == "" {
 		a.source = DefaultSource
 	}
@@ -133,9 +139,9 @@ func (a *API) publish(w http.ResponseWriter, r *http.Request) {
 	}
 	ct := r.Header.Get("Content-Type")
 	structured := mediaType(ct) == "application/cloudevents+json"
-	limit := a.maxBytes
+	limit := a.maxBytes.Load()
 	if structured {
-		limit = a.maxBytes*4/3 + envelopeSlack // data_base64 grows by a third
+		limit = limit*4/3 + envelopeSlack // data_base64 grows by a third
 	}
 	body, ok := readBody(w, r, limit)
 	if !ok {
@@ -188,8 +194,8 @@ func (a *API) message(topic, key, ct string, body []byte, structured bool) (*Mes
 	if m.DataContentType == "" {
 		m.DataContentType = DefaultDataType
 	}
-	if int64(len(m.Data)) > a.maxBytes {
-		return nil, http.StatusRequestEntityTooLarge, errTooLarge, fmt.Errorf("data is %d bytes, over max_message_bytes (%d)", len(m.Data), a.maxBytes)
+	if limit := a.maxBytes.Load(); int64(len(m.Data)) > limit {
+		return nil, http.StatusRequestEntityTooLarge, errTooLarge, fmt.Errorf("data is %d bytes, over max_message_bytes (%d)", len(m.Data), limit)
 	}
 	if m.ID == "" {
 		m.ID = NewID()
@@ -232,7 +238,7 @@ func (a *API) bulk(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	body, ok := readBody(w, r, min(16*a.maxBytes, maxBulkBytes)+envelopeSlack)
+	body, ok := readBody(w, r, min(16*a.maxBytes.Load(), maxBulkBytes)+envelopeSlack)
 	if !ok {
 		a.metrics.published(topic, "too_large")
 		return

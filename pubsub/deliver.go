@@ -36,7 +36,7 @@ type App struct {
 	healthy  func() bool
 	metrics  *Metrics
 	log      *zap.Logger
-	subs     map[subKey]*appSub
+	subs     atomic.Pointer[map[subKey]*appSub] // replaced whole by Update
 	draining atomic.Bool
 	inflight sync.WaitGroup
 }
@@ -57,17 +57,40 @@ func NewApp(addr string, subs []Subscription, healthy func() bool, metrics *Metr
 		healthy: healthy,
 		metrics: metrics,
 		log:     log,
-		subs:    make(map[subKey]*appSub, len(subs)),
 	}
-	for _, s := range subs {
-		a.subs[subKey{s.Topic, s.Group}] = &appSub{Subscription: s, sem: make(chan struct{}, s.MaxInFlight)}
-	}
+	a.Update(subs)
 	return a
+}
+
+// Update replaces the subscriptions, matched by topic and group, for the
+// deliveries that start after it returns: a delivery in flight finishes
+// with the subscription it started with; one of a removed subscription
+// answers NotDelivered (the publisher sends it to another instance). A
+// subscription whose max_in_flight stays keeps its slots, so the bound
+// holds across the change; a new bound starts with fresh slots, and the
+// deliveries in flight under the old one are not counted against it.
+// Update must not be called concurrently with itself; it is safe alongside
+// Deliver.
+func (a *App) Update(subs []Subscription) {
+	var old map[subKey]*appSub // nil (empty) on the first call
+	if p := a.subs.Load(); p != nil {
+		old = *p
+	}
+	m := make(map[subKey]*appSub, len(subs))
+	for _, s := range subs {
+		k := subKey{s.Topic, s.Group}
+		if o, ok := old[k]; ok && o.MaxInFlight == s.MaxInFlight {
+			m[k] = &appSub{Subscription: s, sem: o.sem}
+			continue
+		}
+		m[k] = &appSub{Subscription: s, sem: make(chan struct{}, s.MaxInFlight)}
+	}
+	a.subs.Store(&m)
 }
 
 // Has reports whether topic and group are subscribed here.
 func (a *App) Has(topic, group string) bool {
-	_, ok := a.subs[subKey{topic, group}]
+	_, ok := (*a.subs.Load())[subKey{topic, group}]
 	return ok
 }
 
@@ -94,7 +117,7 @@ func (a *App) Drain(ctx context.Context) error {
 // of the subscription's MaxInFlight slots while ctx lasts; once the app has
 // the request, the delivery runs to its own timeout even if ctx ends.
 func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int) Result {
-	s, ok := a.subs[subKey{m.Topic, group}]
+	s, ok := (*a.subs.Load())[subKey{m.Topic, group}]
 	switch {
 	case !ok:
 		return Result{Outcome: NotDelivered, Reason: "not subscribed here"}

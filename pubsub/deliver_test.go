@@ -233,3 +233,91 @@ func TestPolicyDelay(t *testing.T) {
 		t.Errorf("Delay(1, Retry-After 5s) = %v, want 5s", d)
 	}
 }
+
+func TestAppUpdate(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var paths []string
+	a := appAt(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.URL.Path)
+		mu.Unlock()
+		if r.URL.Path == "/events" {
+			<-release // the delivery in flight across the updates
+		}
+	}, testSub("raw"))
+	inflight := make(chan Result, 1)
+	go func() { inflight <- a.Deliver(context.Background(), "billing", testMsg(), 1) }()
+	for {
+		mu.Lock()
+		n := len(paths)
+		mu.Unlock()
+		if n == 1 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	changed := testSub("raw")
+	changed.Route = "/v2"
+	payments := testSub("raw")
+	payments.Topic, payments.Route = "payments", "/payments"
+	a.Update([]Subscription{changed, payments})
+	if r := a.Deliver(context.Background(), "billing", testMsg(), 1); r.Outcome != Success {
+		t.Errorf("Deliver(changed) = %v (%s), want Success", r.Outcome, r.Reason)
+	}
+	pm := testMsg()
+	pm.Topic = "payments"
+	if r := a.Deliver(context.Background(), "billing", pm, 1); r.Outcome != Success {
+		t.Errorf("Deliver(added) = %v (%s), want Success", r.Outcome, r.Reason)
+	}
+
+	a.Update([]Subscription{payments})
+	if a.Has("orders", "billing") {
+		t.Error(`Has("orders", "billing") = true after its removal`)
+	}
+	if r := a.Deliver(context.Background(), "billing", testMsg(), 1); r.Outcome != NotDelivered {
+		t.Errorf("Deliver(removed) = %v, want NotDelivered", r.Outcome)
+	}
+	close(release)
+	if r := <-inflight; r.Outcome != Success {
+		t.Errorf("delivery in flight across the updates = %v (%s), want Success", r.Outcome, r.Reason)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"/events", "/v2", "/payments"}; strings.Join(paths, " ") != strings.Join(want, " ") {
+		t.Errorf("app got %q, want %q", paths, want)
+	}
+}
+
+// TestAppUpdateKeepsSlots: a subscription whose max_in_flight stays keeps
+// its slots, so the bound holds across an update.
+func TestAppUpdateKeepsSlots(t *testing.T) {
+	t.Parallel()
+	var cur, peak atomic.Int32
+	a := appAt(t, func(w http.ResponseWriter, r *http.Request) {
+		n := cur.Add(1)
+		for {
+			p := peak.Load()
+			if n <= p || peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+		cur.Add(-1)
+	}, testSub("raw"))
+	var wg sync.WaitGroup
+	for range 40 {
+		wg.Go(func() { a.Deliver(context.Background(), "billing", testMsg(), 1) })
+	}
+	for i := range 20 {
+		s := testSub("raw")
+		s.Route = "/r" + string(rune('a'+i))
+		a.Update([]Subscription{s})
+	}
+	wg.Wait()
+	if p := peak.Load(); p > 4 {
+		t.Errorf("peak in flight = %d across updates, want at most max_in_flight 4", p)
+	}
+}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"reflect"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -27,15 +29,30 @@ type pubsubRuntime struct {
 	store      *store.Store
 	broker     pubsub.Broker // the http broker's dispatcher
 	dispatcher *httpbroker.Dispatcher
-	app        *pubsub.App // nil without subscriptions
-	registrars []*heartbeat.Registrar
-	records    []httpbroker.Record
+	api        *pubsub.API
+	app        *pubsub.App // nil without pubsub.http.listen (no subscriber side)
 	consul     *api.Client
 	servers    []*server
 	log        *zap.Logger
+	host       string // the group endpoints' advertised address and port
+	port       int
 
 	cancel context.CancelFunc
-	done   chan struct{}
+	wg     sync.WaitGroup // the goroutines start and reloads started
+
+	mu       sync.Mutex      // the fields below; held by reloads and the drain
+	ctx      context.Context // set by start; nil before
+	groups   map[string]*groupEndpoint
+	subs     []config.Subscription // as applied
+	records  []httpbroker.Record
+	announce context.CancelFunc // the Announce of records; nil before start
+	draining bool
+}
+
+// groupEndpoint is one group's registration of the peer listener.
+type groupEndpoint struct {
+	r    *heartbeat.Registrar
+	stop context.CancelFunc // ends its Run; nil before start
 }
 
 // newPubSub opens the store and binds the listeners; start runs the rest.
@@ -64,8 +81,8 @@ func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, r
 	if cfg.Service != nil {
 		source = cfg.Service.Name
 	}
-	apiHandler := pubsub.NewAPI(rt.broker, pubsub.APIOptions{Name: ps.Name, Source: source, MaxBytes: ps.MaxMessageBytesN, Metrics: metrics}, log.Named("pubsub"))
-	s, err := bind(ps.Listen, apiHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+	rt.api = pubsub.NewAPI(rt.broker, pubsub.APIOptions{Name: ps.Name, Source: source, MaxBytes: ps.MaxMessageBytesN, Metrics: metrics}, log.Named("pubsub"))
+	s, err := bind(ps.Listen, rt.api, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		_ = st.Close()
 		return nil, fmt.Errorf("pubsub.listen: %w", err)
@@ -75,21 +92,13 @@ func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, r
 		return rt, nil
 	}
 
-	svc := cfg.Service
-	healthy := func() bool { return appRegistrar.Status().CheckStatus == api.HealthPassing }
-	var subs []pubsub.Subscription
-	groups := map[string]bool{}
-	for _, sub := range cfg.Subscriptions {
-		subs = append(subs, pubsub.Subscription{Topic: sub.Topic, Group: sub.Group, Route: sub.Route, ContentMode: sub.ContentMode, MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout})
-		rt.records = append(rt.records, httpbroker.Record{
-			Topic: sub.Topic, Group: sub.Group, Service: httpbroker.ServiceName(sub.Group), Delivery: sub.Delivery,
-			MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout, MaxAttempts: sub.Retry.MaxAttempts,
-			Backoff: sub.Retry.Backoff, MaxBackoff: sub.Retry.MaxBackoff, DeadLetter: sub.DeadLetterTopic,
-			Ordering: sub.Ordering,
-		})
-		groups[sub.Group] = true
+	// The subscriber side runs with pubsub.http.listen set, subscriptions
+	// or not, so a reload can add some.
+	if ps.HTTP.Listen == "" || cfg.Service == nil {
+		return rt, nil
 	}
-	rt.app = pubsub.NewApp(svc.ProbeAddr(), subs, healthy, metrics, log.Named("pubsub"))
+	healthy := func() bool { return appRegistrar.Status().CheckStatus == api.HealthPassing }
+	rt.app = pubsub.NewApp(cfg.Service.ProbeAddr(), nil, healthy, metrics, log.Named("pubsub"))
 	s, err = bind(ps.HTTP.Listen, httpbroker.NewServer(rt.app, log.Named("broker")), cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		rt.closeListeners()
@@ -102,11 +111,110 @@ func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, r
 		// No service.address: advertise no address, Consul gives the node's.
 		_, portStr, _ = net.SplitHostPort(ps.HTTP.Listen)
 	}
-	port, _ := strconv.Atoi(portStr)
-	for group := range groups {
-		rt.registrars = append(rt.registrars, newGroupRegistrar(svc, group, host, port, consul.Agent(), log.Named("heartbeat")))
-	}
+	rt.host = host
+	rt.port, _ = strconv.Atoi(portStr)
+	rt.groups = map[string]*groupEndpoint{}
+	rt.setSubscriptions(cfg.Subscriptions)
 	return rt, nil
+}
+
+// setSubscriptions makes subs the subscriptions in force, matched by topic
+// and group: the app takes the deliveries of the new set first (a removed
+// one answers "not delivered" from now on, its deliveries in flight
+// finish), then a new group's endpoint registers, a gone group's
+// deregisters, and the records are written again to KV when they changed.
+// A gone subscription's record stays in KV: its group stays durable and
+// its messages wait for another instance. rt.mu is held, or start has not
+// run.
+func (rt *pubsubRuntime) setSubscriptions(subs []config.Subscription) {
+	appSubs := make([]pubsub.Subscription, 0, len(subs))
+	records := make([]httpbroker.Record, 0, len(subs))
+	groups := map[string]bool{}
+	for _, sub := range subs {
+		appSubs = append(appSubs, pubsub.Subscription{Topic: sub.Topic, Group: sub.Group, Route: sub.Route, ContentMode: sub.ContentMode, MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout})
+		records = append(records, httpbroker.Record{
+			Topic: sub.Topic, Group: sub.Group, Service: httpbroker.ServiceName(sub.Group), Delivery: sub.Delivery,
+			MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout, MaxAttempts: sub.Retry.MaxAttempts,
+			Backoff: sub.Retry.Backoff, MaxBackoff: sub.Retry.MaxBackoff, DeadLetter: sub.DeadLetterTopic,
+			Ordering: sub.Ordering,
+		})
+		groups[sub.Group] = true
+	}
+	rt.app.Update(appSubs)
+	rt.subs = subs
+	for group := range groups {
+		if _, ok := rt.groups[group]; ok || rt.draining {
+			continue
+		}
+		g := &groupEndpoint{r: newGroupRegistrar(rt.cfg.Service, group, rt.host, rt.port, rt.consul.Agent(), rt.log.Named("heartbeat"))}
+		rt.groups[group] = g
+		rt.runGroup(g)
+	}
+	for group, g := range rt.groups {
+		if groups[group] {
+			continue
+		}
+		delete(rt.groups, group)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := g.r.Deregister(ctx); err != nil {
+			rt.log.Warn("deregister group endpoint failed", zap.String("id", g.r.ServiceID()), zap.Error(err))
+		}
+		cancel()
+		if g.stop != nil {
+			g.stop()
+		}
+	}
+	if !reflect.DeepEqual(records, rt.records) {
+		rt.records = records
+		rt.runAnnounce()
+	}
+}
+
+// runGroup runs g's registrar once start has run; start runs it otherwise.
+func (rt *pubsubRuntime) runGroup(g *groupEndpoint) {
+	if rt.ctx == nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(rt.ctx)
+	g.stop = cancel
+	rt.wg.Go(func() { g.r.Run(ctx) })
+}
+
+// runAnnounce (re)starts the announcement of rt.records once start has
+// run: the first pass writes every record at once.
+func (rt *pubsubRuntime) runAnnounce() {
+	if rt.ctx == nil {
+		return
+	}
+	if rt.announce != nil {
+		rt.announce()
+	}
+	if len(rt.records) == 0 {
+		rt.announce = nil
+		return
+	}
+	ctx, cancel := context.WithCancel(rt.ctx)
+	rt.announce = cancel
+	records := rt.records
+	rt.wg.Go(func() { httpbroker.Announce(ctx, rt.consul.KV(), records, 30*time.Second, rt.log.Named("broker")) })
+}
+
+// reload applies a reload's effective config: pubsub.max_message_bytes and
+// the subscriptions (see setSubscriptions). It blocks while a gone group
+// deregisters (at most 5s). Nil-safe.
+func (rt *pubsubRuntime) reload(cfg *config.Config) {
+	if rt == nil {
+		return
+	}
+	rt.api.SetMaxBytes(cfg.PubSub.MaxMessageBytesN)
+	if rt.app == nil {
+		return
+	}
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	if !reflect.DeepEqual(cfg.Subscriptions, rt.subs) {
+		rt.setSubscriptions(cfg.Subscriptions)
+	}
 }
 
 // newGroupRegistrar registers the peer listener as the group's service,
@@ -137,26 +245,15 @@ func (rt *pubsubRuntime) start() {
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	rt.cancel, rt.done = cancel, make(chan struct{})
-	n := 1 + len(rt.registrars)
-	finished := make(chan struct{}, n+1)
-	go func() { rt.broker.Run(ctx); finished <- struct{}{} }()
-	for _, r := range rt.registrars {
-		go func() { r.Run(ctx); finished <- struct{}{} }()
+	rt.cancel = cancel
+	rt.wg.Go(func() { rt.broker.Run(ctx) })
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	rt.ctx = ctx
+	for _, g := range rt.groups {
+		rt.runGroup(g)
 	}
-	if len(rt.records) > 0 {
-		n++
-		go func() {
-			httpbroker.Announce(ctx, rt.consul.KV(), rt.records, 30*time.Second, rt.log.Named("broker"))
-			finished <- struct{}{}
-		}()
-	}
-	go func() {
-		for range n {
-			<-finished
-		}
-		close(rt.done)
-	}()
+	rt.runAnnounce()
 }
 
 // beginDrain starts drain, bounded by service.drain (at least 1s; 5s for a
@@ -194,9 +291,16 @@ func (rt *pubsubRuntime) drain(ctx context.Context) {
 			}
 		}
 	}()
-	for _, r := range rt.registrars {
-		if err := r.Deregister(ctx); err != nil {
-			rt.log.Warn("deregister group endpoint failed", zap.String("id", r.ServiceID()), zap.Error(err))
+	rt.mu.Lock()
+	rt.draining = true // a reload registers no new group now
+	groups := make([]*groupEndpoint, 0, len(rt.groups))
+	for _, g := range rt.groups {
+		groups = append(groups, g)
+	}
+	rt.mu.Unlock()
+	for _, g := range groups {
+		if err := g.r.Deregister(ctx); err != nil {
+			rt.log.Warn("deregister group endpoint failed", zap.String("id", g.r.ServiceID()), zap.Error(err))
 		}
 	}
 	<-drained
@@ -210,7 +314,7 @@ func (rt *pubsubRuntime) stop() {
 	}
 	if rt.cancel != nil {
 		rt.cancel()
-		<-rt.done
+		rt.wg.Wait()
 	}
 	if err := rt.store.Close(); err != nil {
 		rt.log.Warn("close store", zap.Error(err))

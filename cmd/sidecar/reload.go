@@ -32,7 +32,7 @@ const (
 // reloader re-reads the config file on SIGHUP or POST /reload and applies
 // what config.NewReload says applies live: proxy listeners opened, closed
 // (drained) and their routes swapped, the log level, the registration's
-// tags, meta and weight. Reloads run one at a time; none after shutdown
+// tags, meta and weight, pub/sub's subscriptions and max_message_bytes. Reloads run one at a time; none after shutdown
 // begins.
 type reloader struct {
 	load      func() (*config.Config, error)
@@ -42,6 +42,7 @@ type reloader struct {
 	cache     *discovery.Cache
 	backend   discovery.Backend    // the cache's; *discovery.Consul takes stale_for live
 	registrar *heartbeat.Registrar // nil for a client-only sidecar
+	pubsub    *pubsubRuntime       // nil without pub/sub
 	start     func(*server)        // serves a newly bound listener
 	drain     *sync.WaitGroup      // listeners closed by a reload, until drained
 
@@ -264,6 +265,9 @@ func (r *reloader) apply() reloadResult {
 		if !reflect.DeepEqual(e.Tags, o.Tags) || !reflect.DeepEqual(e.Meta, o.Meta) || e.Weight != o.Weight {
 			r.registrar.Update(heartbeat.Live{Tags: e.Tags, Meta: e.Meta, Weight: e.Weight})
 		}
+	}
+	if !reflect.DeepEqual(eff.Subscriptions, running.Subscriptions) || eff.PubSub.MaxMessageBytesN != running.PubSub.MaxMessageBytesN {
+		r.pubsub.reload(eff)
 	}
 	r.running.Store(eff)
 	res.Live = config.NewReload(running, eff).Live // less what failed

@@ -115,7 +115,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	} else {
 		drainLog = log
 	}
-	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar}
+	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps}
 	rl.init(cfg, servers, reg) // the proxy listeners; pub/sub's are not reloaded
 	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: drainLog, service: func() *config.Service { return rl.config().Service }}
 	adminHandler.Handle("POST /reload", rl)
