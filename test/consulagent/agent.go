@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -325,24 +326,53 @@ func (a *Agent) Log() string { return a.log.String() }
 // that no earlier call in this process returned: the kernel may hand a
 // port it just freed to the next bind, and two listeners of one test
 // configured with the same port would clash.
+//
+// The port is picked below the kernel's ephemeral range
+// (net.ipv4.ip_local_port_range), where no outgoing connection takes its
+// source port: the tests open thousands of connections, and one of them
+// could take a port from that range between FreePort and the bind of the
+// process the port was meant for. Packages run their tests in parallel
+// processes, so the pick is random and checked free by a bind.
 func FreePort(t testing.TB) int {
 	t.Helper()
 	handedOut.Lock()
 	defer handedOut.Unlock()
-	for range 100 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	lo, hi := portRange()
+	for range 1000 {
+		port := lo + rand.IntN(hi-lo)
+		if handedOut.ports[port] {
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
 		if err != nil {
-			t.Fatal(err)
+			continue // in use
 		}
-		port := l.Addr().(*net.TCPAddr).Port
 		l.Close()
-		if !handedOut.ports[port] {
-			handedOut.ports[port] = true
-			return port
-		}
+		handedOut.ports[port] = true
+		return port
 	}
 	t.Fatal("no loopback port free that was not handed out before")
 	return 0
+}
+
+// portRange is where FreePort picks: from 10000 up to the start of the
+// ephemeral range, or 20000–30000 when that range cannot be read or leaves
+// too little room below it.
+func portRange() (lo, hi int) {
+	lo, hi = 10000, 30000
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return lo, hi
+	}
+	f := bytes.Fields(b)
+	if len(f) != 2 {
+		return lo, hi
+	}
+	first, err := strconv.Atoi(string(f[0]))
+	if err != nil || first-lo < 5000 {
+		return 20000, 30000
+	}
+	return lo, first
 }
 
 var handedOut = struct {
