@@ -117,6 +117,9 @@ func (p *Proxy) retireRoute(rt *route, dropMetrics bool) {
 // the route that took its place under the same labels, which resolves the
 // same series.
 func (rt *route) close(dropMetrics bool) {
+	if rt.codec != nil {
+		rt.codec.Schemas().Close()
+	}
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 	st := rt.state.Load()

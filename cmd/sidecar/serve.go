@@ -365,6 +365,7 @@ func upstreamRoute(u config.Upstream) proxy.RouteConfig {
 		Resilience:    u.Resilience,
 		TLS:           u.TLS,
 		ProxyProtocol: u.ProxyProtocol,
+		Codec:         u.Codec,
 	}
 }
 
