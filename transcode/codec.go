@@ -47,5 +47,7 @@ func (jsonCodec) fromProto(md protoreflect.MessageDescriptor, b []byte) ([]byte,
 // protoCodec passes protobuf through: the node checks what it reads.
 type protoCodec struct{}
 
-func (protoCodec) toProto(_ protoreflect.MessageDescriptor, b []byte) ([]byte, error)   { return b, nil }
-func (protoCodec) fromProto(_ protoreflect.MessageDescriptor, b []byte) ([]byte, error) { return b, nil }
+func (protoCodec) toProto(_ protoreflect.MessageDescriptor, b []byte) ([]byte, error) { return b, nil }
+func (protoCodec) fromProto(_ protoreflect.MessageDescriptor, b []byte) ([]byte, error) {
+	return b, nil
+}

@@ -71,7 +71,9 @@ func (s v1Stream) open(ctx context.Context) (func(*rpb.ServerReflectionRequest) 
 
 // v1alphaStream speaks v1alpha; its messages are v1's on the wire, so they
 // are converted by marshalling.
-type v1alphaStream struct{ c rpbalpha.ServerReflectionClient }
+type v1alphaStream struct {
+	c rpbalpha.ServerReflectionClient
+}
 
 func (s v1alphaStream) open(ctx context.Context) (func(*rpb.ServerReflectionRequest) error, func() (*rpb.ServerReflectionResponse, error), func() error, error) {
 	st, err := s.c.ServerReflectionInfo(ctx)
