@@ -63,13 +63,13 @@ func newTranscoder(rt *route, m *Metrics) (*transcode.Transcoder, error) {
 
 // reflectionNode picks the node a schema is fetched from, as a request
 // would be, without counting it as one.
-func (rt *route) reflectionNode(ctx context.Context) (string, error) {
-	e, pk, err := rt.pick(ctx, 0, false, nil)
+func (rt *route) reflectionNode(ctx context.Context, exclude []string) (id, addr string, err error) {
+	e, pk, err := rt.pick(ctx, 0, false, exclude)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	release(pk)
-	return e.Addr, nil
+	return e.ID, e.Addr, nil
 }
 
 // serveTranscoded carries a call a client made in a protocol the route
@@ -95,6 +95,10 @@ func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *rout
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 		defer cancel()
+	}
+	if r.ProtoMajor == 1 {
+		// A client stream over HTTP/1.1 reads answers while it sends.
+		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
 	resp, e, pk, err := p.roundTrip(ctx, call.Request(r), rt, true, start)
 	if err != nil {

@@ -499,3 +499,78 @@ func TestTranscodeRetriesLikeNative(t *testing.T) {
 		t.Error("no connect_failed retry counted")
 	}
 }
+
+// TestTranscodeClientAndBidiStreams: connect-go clients over h2 (Connect
+// JSON and gRPC-Web) stream to Collect, and ping-pong on Chat, each
+// answer read before the next message is sent; a grpc-go JSON client
+// does the same on Chat.
+func TestTranscodeClientAndBidiStreams(t *testing.T) {
+	encoding.RegisterCodec(jsonCodec{})
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	px := startTranscoding(t, config.Codec{}, node.Addr)
+	hc := h2cClient(t, nil)
+	for _, tc := range []struct {
+		name string
+		opts []connect.ClientOption
+	}{
+		{"connect json", []connect.ClientOption{connect.WithProtoJSON()}},
+		{"grpc-web json", []connect.ClientOption{connect.WithGRPCWeb(), connect.WithProtoJSON()}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			cs := connectClient(t, hc, px.URL, "Collect", tc.opts...).CallClientStream(ctx)
+			for _, s := range []string{"a", "b", "c"} {
+				if err := cs.Send(echoRequest(t, s)); err != nil {
+					t.Fatalf("Send() error = %v", err)
+				}
+			}
+			resp, err := cs.CloseAndReceive()
+			if err != nil || textOf(resp.Msg) != "a,b,c" {
+				t.Fatalf("Collect = %v, %v; want a,b,c", resp, err)
+			}
+
+			bs := connectClient(t, hc, px.URL, "Chat", tc.opts...).CallBidiStream(ctx)
+			for _, s := range []string{"ping", "pong", "again"} {
+				if err := bs.Send(echoRequest(t, s)); err != nil {
+					t.Fatalf("Send(%s) error = %v", s, err)
+				}
+				m, err := bs.Receive()
+				if err != nil || textOf(m) != s {
+					t.Fatalf("Receive() = %v, %v; want %s", m, err, s)
+				}
+			}
+			_ = bs.CloseRequest()
+			if _, err := bs.Receive(); !errors.Is(err, io.EOF) {
+				t.Errorf("Receive() after the last = %v, want EOF", err)
+			}
+			_ = bs.CloseResponse()
+		})
+	}
+
+	t.Run("grpc json", func(t *testing.T) {
+		cc, err := grpc.NewClient(px.Listener.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cc.Close()
+		st, err := cc.NewStream(context.Background(), &grpc.StreamDesc{ClientStreams: true, ServerStreams: true},
+			"/test.v1.Echo/Chat", grpc.CallContentSubtype("json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, outDesc := echoMessages(1)
+		for _, s := range []string{"x", "y"} {
+			if err := st.SendMsg(echoRequest(t, s)); err != nil {
+				t.Fatal(err)
+			}
+			m := dynamicpb.NewMessage(outDesc)
+			if err := st.RecvMsg(m); err != nil || textOf(m) != s {
+				t.Fatalf("RecvMsg() = %v, %v; want %s", m, err, s)
+			}
+		}
+		_ = st.CloseSend()
+		if err := st.RecvMsg(dynamicpb.NewMessage(outDesc)); err != io.EOF {
+			t.Errorf("RecvMsg() after the last = %v, want EOF", err)
+		}
+	})
+}

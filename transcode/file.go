@@ -31,6 +31,15 @@ func LoadFile(path string) (*File, error) {
 	return &File{files: files}, nil
 }
 
+// LoadFileFromBytes is LoadFile of a serialized FileDescriptorSet.
+func LoadFileFromBytes(b []byte) (*File, error) {
+	files, err := ParseDescriptorSet(b)
+	if err != nil {
+		return nil, err
+	}
+	return &File{files: files}, nil
+}
+
 // ParseDescriptorSet builds the files of a serialized FileDescriptorSet,
 // which must hold every file its files import.
 func ParseDescriptorSet(b []byte) (*protoregistry.Files, error) {

@@ -94,6 +94,7 @@ type Call struct {
 	body        []byte // gRPC-framed protobuf messages
 	timeout     time.Duration
 	rpcID       json.RawMessage // JSON-RPC's id
+	stream      io.Reader       // a client stream's body, turned as it is read; nil when body holds the call
 }
 
 // Timeout is the deadline the client asked for, or 0.
@@ -112,13 +113,26 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 	if r.Method != http.MethodPost {
 		return c, &Error{Code: codes.Unimplemented, HTTPStatus: http.StatusMethodNotAllowed, Message: "method " + r.Method + " not allowed: use POST"}
 	}
+	c.timeout = timeoutOf(p, r.Header)
+	service, method := "", ""
+	if p != jsonRPC {
+		var ok bool
+		if service, method, ok = splitPath(r.URL.Path); !ok {
+			return c, Errorf(codes.Unimplemented, "path %q is not /pkg.Service/Method", r.URL.Path)
+		}
+		if err := c.resolve(ctx, t.schemas, service, method); err != nil {
+			return c, err
+		}
+		if c.method.IsStreamingClient() && p != connectUnary {
+			// Messages are turned as they come, for client and bidi streams.
+			c.stream = r.Body
+			return c, nil
+		}
+	}
 	body, err := readBody(r)
 	if err != nil {
 		return c, err
 	}
-	c.timeout = timeoutOf(p, r.Header)
-
-	service, method := "", ""
 	var msgs [][]byte
 	switch p {
 	case jsonRPC:
@@ -139,38 +153,41 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 			return c, Errorf(codes.InvalidArgument, "JSON-RPC params must hold one message, not %d", len(req.Params))
 		}
 		service, method, msgs = req.Method[:i], req.Method[i+1:], [][]byte{req.Params[0]}
-	default:
-		var ok bool
-		if service, method, ok = splitPath(r.URL.Path); !ok {
-			return c, Errorf(codes.Unimplemented, "path %q is not /pkg.Service/Method", r.URL.Path)
+		if err := c.resolve(ctx, t.schemas, service, method); err != nil {
+			return c, err
 		}
-		if p == connectUnary {
-			msgs = [][]byte{body}
-		} else if msgs, err = unframe(p, body); err != nil {
+	case connectUnary:
+		msgs = [][]byte{body}
+	default:
+		if msgs, err = unframe(p, body); err != nil {
 			return c, err
 		}
 	}
-	c.path = "/" + service + "/" + method
-	md, err := t.schemas.Method(ctx, service, method)
-	if err != nil {
-		return c, err
-	}
-	c.method = md
-	if (p == connectUnary || p == jsonRPC) && (md.IsStreamingClient() || md.IsStreamingServer()) {
-		return c, Errorf(codes.Unimplemented, "%s is a streaming method: call it with application/connect+json", md.FullName())
-	}
-	if !md.IsStreamingClient() && len(msgs) != 1 {
-		return c, Errorf(codes.InvalidArgument, "%s takes one request message, not %d", md.FullName(), len(msgs))
+	if len(msgs) != 1 {
+		return c, Errorf(codes.InvalidArgument, "%s takes one request message, not %d", c.method.FullName(), len(msgs))
 	}
 	c.body, err = c.encode(msgs)
 	if err != nil && t.schemas.Stale(ctx, service) {
 		// A field the node added since the schema was fetched: read again.
-		if md, err2 := t.schemas.Method(ctx, service, method); err2 == nil {
-			c.method = md
+		if err2 := c.resolve(ctx, t.schemas, service, method); err2 == nil {
 			c.body, err = c.encode(msgs)
 		}
 	}
 	return c, err
+}
+
+// resolve finds the call's method in the schema.
+func (c *Call) resolve(ctx context.Context, schemas *Schemas, service, method string) error {
+	c.path = "/" + service + "/" + method
+	md, err := schemas.Method(ctx, service, method)
+	if err != nil {
+		return err
+	}
+	c.method = md
+	if (c.proto == connectUnary || c.proto == jsonRPC) && (md.IsStreamingClient() || md.IsStreamingServer()) {
+		return Errorf(codes.Unimplemented, "%s is a streaming method: call it with application/connect+json", md.FullName())
+	}
+	return nil
 }
 
 // encode turns the client's messages into gRPC frames of protobuf.
@@ -207,12 +224,61 @@ func (c *Call) Request(r *http.Request) *http.Request {
 		h["Grpc-Timeout"] = []string{strconv.FormatInt(c.timeout.Microseconds(), 10) + "u"}
 	}
 	out.Header = h
+	out.Trailer = nil
+	if c.stream != nil {
+		out.Body = &streamBody{c: c, src: c.stream}
+		out.GetBody = nil
+		out.ContentLength = -1
+		return out
+	}
 	out.Body = io.NopCloser(bytes.NewReader(c.body))
 	out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(c.body)), nil }
 	out.ContentLength = int64(len(c.body))
-	out.Trailer = nil
 	return out
 }
+
+// streamBody is a client stream turned into gRPC frames of protobuf
+// message by message, as the client sends them.
+type streamBody struct {
+	c       *Call
+	src     io.Reader
+	hdr     [5]byte
+	pending []byte
+	err     error
+}
+
+func (b *streamBody) Read(p []byte) (int, error) {
+	for len(b.pending) == 0 {
+		if b.err != nil {
+			return 0, b.err
+		}
+		b.pending, b.err = b.next()
+	}
+	n := copy(p, b.pending)
+	b.pending = b.pending[n:]
+	return n, nil
+}
+
+// next reads and turns the client's next message.
+func (b *streamBody) next() ([]byte, error) {
+	flag, msg, err := readFrame(b.src, &b.hdr)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case b.c.proto == connectStream && flag&flagEndStream != 0:
+		return nil, io.EOF
+	case flag != 0:
+		return nil, Errorf(codes.InvalidArgument, "unexpected frame flags %#x in the request", flag)
+	}
+	pb, err := b.c.codec.toProto(b.c.method.Input(), msg)
+	if err != nil {
+		return nil, Errorf(codes.InvalidArgument, "malformed %s: %v", b.c.method.Input().FullName(), err)
+	}
+	return appendFrame(make([]byte, 0, 5+len(pb)), 0, pb), nil
+}
+
+func (b *streamBody) Close() error { return nil }
 
 // dropRequestHeader reports the client header fields that belong to its
 // protocol, not to the call's metadata.
@@ -354,17 +420,17 @@ func unframe(p protocol, b []byte) ([][]byte, error) {
 func readFrame(r io.Reader, hdr *[5]byte) (flag byte, msg []byte, err error) {
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		if err == io.ErrUnexpectedEOF {
-			return 0, nil, errors.New("truncated message frame from the node")
+			return 0, nil, errors.New("truncated message frame")
 		}
 		return 0, nil, err
 	}
 	n := binary.BigEndian.Uint32(hdr[1:])
 	if n > MaxMessage {
-		return 0, nil, Errorf(codes.ResourceExhausted, "message from the node over %d bytes", MaxMessage)
+		return 0, nil, Errorf(codes.ResourceExhausted, "message over %d bytes", MaxMessage)
 	}
 	msg = make([]byte, n)
 	if _, err := io.ReadFull(r, msg); err != nil {
-		return 0, nil, fmt.Errorf("truncated message from the node: %w", err)
+		return 0, nil, fmt.Errorf("truncated message: %w", err)
 	}
 	return hdr[0], msg, nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -21,8 +22,9 @@ import (
 // grpc.reflection.v1, falling back to v1alpha: one stream per fetch, to one
 // node.
 type Reflection struct {
-	// Node returns the address of a healthy node to ask. It may block.
-	Node func(ctx context.Context) (string, error)
+	// Node returns a healthy node to ask, other than those in exclude: an
+	// ID to exclude it by, and its address. It may block.
+	Node func(ctx context.Context, exclude []string) (id, addr string, err error)
 	// DialOptions dial the node (transport credentials: insecure or TLS).
 	DialOptions []grpc.DialOption
 }
@@ -30,12 +32,35 @@ type Reflection struct {
 // Name implements Source.
 func (*Reflection) Name() string { return "reflection" }
 
+// maxReflectionNodes bounds the nodes one fetch tries: a node that cannot
+// be reached is passed over, as a call would pass it over.
+const maxReflectionNodes = 3
+
 // Fetch implements Source.
 func (r *Reflection) Fetch(ctx context.Context, service string) (*protoregistry.Files, error) {
-	addr, err := r.Node(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("pick a node: %w", err)
+	var tried []string
+	var lastErr error
+	for range maxReflectionNodes {
+		id, addr, err := r.Node(ctx, tried)
+		if err != nil {
+			if lastErr != nil {
+				return nil, lastErr
+			}
+			return nil, fmt.Errorf("pick a node: %w", err)
+		}
+		if slices.Contains(tried, id) {
+			break
+		}
+		files, err := r.fetchFrom(ctx, addr, service)
+		if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+			return files, err
+		}
+		tried, lastErr = append(tried, id), err
 	}
+	return nil, lastErr
+}
+
+func (r *Reflection) fetchFrom(ctx context.Context, addr, service string) (*protoregistry.Files, error) {
 	cc, err := grpc.NewClient(addr, r.DialOptions...)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)

@@ -28,7 +28,7 @@ func (c *clock) now() time.Time      { return time.Unix(0, c.t.Load()) }
 func (c *clock) add(d time.Duration) { c.t.Add(int64(d)) }
 func reflectionOf(addr string) *transcode.Reflection {
 	return &transcode.Reflection{
-		Node:        func(context.Context) (string, error) { return addr, nil },
+		Node:        func(context.Context, []string) (string, string, error) { return addr, addr, nil },
 		DialOptions: []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())},
 	}
 }
