@@ -275,7 +275,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 			return
 		}
 	}
-	if rt.codec != nil && transcode.Match(r.Header.Get("Content-Type")) {
+	if rt.codec != nil && (transcode.Match(r.Header.Get("Content-Type")) || transcode.MatchGet(r)) {
 		p.serveTranscoded(w, r, rt, start)
 		return
 	}

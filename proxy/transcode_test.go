@@ -574,3 +574,41 @@ func TestTranscodeClientAndBidiStreams(t *testing.T) {
 		}
 	})
 }
+
+// TestTranscodeConnectGet: Connect's GET for a NO_SIDE_EFFECTS method,
+// from net/http and from a connect-go client with WithHTTPGet; POST-only
+// methods refuse it with 405.
+func TestTranscodeConnectGet(t *testing.T) {
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	px := startTranscoding(t, config.Codec{}, node.Addr)
+	c := newClient(t, nil)
+	r := doGet(t, c, px.URL+"/test.v1.Echo/Say?connect=v1&encoding=json&message=%7B%22text%22%3A%22g%22%7D", nil)
+	if r.status != 200 || r.body != `{"text":"g"}` {
+		t.Errorf("GET = %d %s, want 200 {\"text\":\"g\"}", r.status, r.body)
+	}
+	b, _ := proto.Marshal(echoRequest(t, "b64"))
+	r = doGet(t, c, px.URL+"/test.v1.Echo/Say?encoding=proto&base64=1&message="+base64.RawURLEncoding.EncodeToString(b), nil)
+	if r.status != 200 || r.header.Get("Content-Type") != "application/proto" {
+		t.Errorf("GET proto = %d %q, want 200 application/proto", r.status, r.header.Get("Content-Type"))
+	}
+	r = doGet(t, c, px.URL+"/test.v1.Echo/Collect?encoding=json&message=%7B%7D", nil)
+	if r.status != 501 {
+		t.Errorf("GET of a streaming method = %d %s, want 501", r.status, r.body)
+	}
+
+	node2 := transcodetest.Start(t, 2, transcodetest.ReflectionV1, "")
+	px2 := startTranscoding(t, config.Codec{}, node2.Addr)
+	if r := doGet(t, c, px2.URL+"/test.v1.Echo/Shout?encoding=json&message=%7B%7D", nil); r.status != 405 || !strings.Contains(r.body, "NO_SIDE_EFFECTS") {
+		t.Errorf("GET of a method not marked NO_SIDE_EFFECTS = %d %s, want 405", r.status, r.body)
+	}
+
+	cl := connectClient(t, c, px.URL, "Say", connect.WithProtoJSON(), connect.WithHTTPGet(),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects))
+	resp, err := cl.CallUnary(context.Background(), connect.NewRequest(echoRequest(t, "via get")))
+	if err != nil || textOf(resp.Msg) != "via get" {
+		t.Errorf("CallUnary() with GET = %v, %v", resp, err)
+	}
+	if n := node.Calls.Load(); n != 3 {
+		t.Errorf("node calls = %d, want 3", n)
+	}
+}

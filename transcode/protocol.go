@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/descriptorpb"
 )
 
 // protocol is how a client frames its call.
@@ -59,6 +61,14 @@ func kind(contentType string) (protocol, messageCodec) {
 		return jsonRPC, jsonCodec{}
 	}
 	return 0, nil
+}
+
+// MatchGet reports whether r is a Connect unary GET
+// (?encoding=…&message=…), for methods marked NO_SIDE_EFFECTS. It is
+// cheap and does not allocate.
+func MatchGet(r *http.Request) bool {
+	return r.Method == http.MethodGet && strings.Contains(r.URL.RawQuery, "message=") &&
+		strings.Contains(r.URL.RawQuery, "encoding=")
 }
 
 // Match reports whether a request of contentType is transcoded. It is
@@ -105,6 +115,9 @@ func (c *Call) Timeout() time.Duration { return c.timeout }
 // a Call even with an error, for WriteError to answer in the client's
 // protocol; the error is an *Error. Nothing has been sent to a node.
 func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error) {
+	if r.Method == http.MethodGet {
+		return t.decodeGet(ctx, r)
+	}
 	p, codec := kind(r.Header.Get("Content-Type"))
 	c := &Call{proto: p, codec: codec, contentType: r.Header.Get("Content-Type")}
 	if p == 0 {
@@ -173,6 +186,65 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 			c.body, err = c.encode(msgs)
 		}
 	}
+	return c, err
+}
+
+// decodeGet reads a Connect unary GET: the message in the query, for a
+// method marked NO_SIDE_EFFECTS.
+func (t *Transcoder) decodeGet(ctx context.Context, r *http.Request) (*Call, error) {
+	q := r.URL.Query()
+	c := &Call{proto: connectUnary, codec: jsonCodec{}}
+	switch enc := q.Get("encoding"); enc {
+	case "json":
+	case "proto":
+		c.codec = protoCodec{}
+	default:
+		return c, Errorf(codes.Unimplemented, "encoding %q is not supported (json, proto)", enc)
+	}
+	c.timeout = timeoutOf(connectUnary, r.Header)
+	service, method, ok := splitPath(r.URL.Path)
+	if !ok {
+		return c, Errorf(codes.Unimplemented, "path %q is not /pkg.Service/Method", r.URL.Path)
+	}
+	if err := c.resolve(ctx, t.schemas, service, method); err != nil {
+		return c, err
+	}
+	if opts, _ := c.method.Options().(*descriptorpb.MethodOptions); opts.GetIdempotencyLevel() != descriptorpb.MethodOptions_NO_SIDE_EFFECTS {
+		return c, &Error{Code: codes.Unimplemented, HTTPStatus: http.StatusMethodNotAllowed,
+			Message: fmt.Sprintf("%s is not marked NO_SIDE_EFFECTS: use POST", c.method.FullName())}
+	}
+	msg := []byte(q.Get("message"))
+	if q.Get("base64") == "1" {
+		s := strings.TrimRight(string(msg), "=")
+		b, err := base64.RawURLEncoding.DecodeString(s)
+		if err != nil {
+			return c, Errorf(codes.InvalidArgument, "message is not base64url: %v", err)
+		}
+		msg = b
+	}
+	switch comp := q.Get("compression"); comp {
+	case "", "identity":
+	case "gzip":
+		zr, err := gzip.NewReader(bytes.NewReader(msg))
+		if err != nil {
+			return c, Errorf(codes.InvalidArgument, "bad gzip message: %v", err)
+		}
+		if msg, err = io.ReadAll(io.LimitReader(zr, MaxMessage+1)); err != nil {
+			return c, Errorf(codes.InvalidArgument, "bad gzip message: %v", err)
+		}
+	default:
+		return c, Errorf(codes.Unimplemented, "compression %q is not supported (identity, gzip)", comp)
+	}
+	if len(msg) > MaxMessage {
+		return c, Errorf(codes.ResourceExhausted, "message over %d bytes", MaxMessage)
+	}
+	body, err := c.encode([][]byte{msg})
+	if err != nil && t.schemas.Stale(ctx, service) {
+		if err2 := c.resolve(ctx, t.schemas, service, method); err2 == nil {
+			body, err = c.encode([][]byte{msg})
+		}
+	}
+	c.body = body
 	return c, err
 }
 

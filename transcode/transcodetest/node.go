@@ -40,7 +40,7 @@ const Service = "test.v1.Echo"
 //	                       google.protobuf.Timestamp at = 6; string extra = 4 (v2) }
 //	message EchoResponse { string text = 1; int32 n = 2; string extra = 4 (v2) }
 //	service Echo {
-//	  rpc Say(EchoRequest) returns (EchoResponse);              // text back; code != 0: that status
+//	  rpc Say(EchoRequest) returns (EchoResponse);              // NO_SIDE_EFFECTS; text back; code != 0: that status
 //	  rpc Count(EchoRequest) returns (stream EchoResponse);     // count messages, n = 1..count
 //	  rpc Collect(stream EchoRequest) returns (EchoResponse);   // texts joined
 //	  rpc Chat(stream EchoRequest) returns (stream EchoResponse); // each text back
@@ -100,8 +100,10 @@ func fileProto(version int) *descriptorpb.FileDescriptorProto {
 		return &descriptorpb.MethodDescriptorProto{Name: proto.String(name), InputType: proto.String(".test.v1.EchoRequest"),
 			OutputType: proto.String(".test.v1.EchoResponse"), ClientStreaming: proto.Bool(cs), ServerStreaming: proto.Bool(ss)}
 	}
+	say := method("Say", false, false)
+	say.Options = &descriptorpb.MethodOptions{IdempotencyLevel: descriptorpb.MethodOptions_NO_SIDE_EFFECTS.Enum()}
 	svc := &descriptorpb.ServiceDescriptorProto{Name: proto.String("Echo"), Method: []*descriptorpb.MethodDescriptorProto{
-		method("Say", false, false), method("Count", false, true), method("Collect", true, false), method("Chat", true, true),
+		say, method("Count", false, true), method("Collect", true, false), method("Chat", true, true),
 	}}
 	if version >= 2 {
 		req.Field = append(req.Field, field("extra", 4, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""))
