@@ -403,6 +403,15 @@ func TestTranscodeJSONRPC(t *testing.T) {
 	if r.status != 200 || strings.TrimSpace(r.body) != `{"id":"x","result":null,"error":"no"}` {
 		t.Errorf("error answer = %d %s", r.status, r.body)
 	}
+	// go-micro names the service without its package.
+	r = post(t, c, px.URL+"/", "application/json-rpc", `{"method":"Echo.Say","params":[{"text":"short"}],"id":8}`)
+	if r.status != 200 || strings.TrimSpace(r.body) != `{"id":8,"result":{"text":"short"},"error":null}` {
+		t.Errorf("short name answer = %d %s", r.status, r.body)
+	}
+	r = post(t, c, px.URL+"/", "application/json-rpc", `{"method":"Nope.Say","params":[{}],"id":9}`)
+	if r.status != 200 || !strings.Contains(r.body, `"error":"unknown service Nope"`) {
+		t.Errorf("unknown short name answer = %d %s", r.status, r.body)
+	}
 	r = post(t, c, px.URL+"/", "application/json-rpc", `{"method":`)
 	if r.status != 400 || !strings.Contains(r.body, `"error":"malformed JSON-RPC request`) {
 		t.Errorf("malformed answer = %d %s, want 400 with an error", r.status, r.body)

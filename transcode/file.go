@@ -64,3 +64,15 @@ func (f *File) Fetch(_ context.Context, service string) (*protoregistry.Files, e
 	}
 	return f.files, nil
 }
+
+// Services implements Lister: the services the file defines.
+func (f *File) Services(context.Context) ([]string, error) {
+	var names []string
+	f.files.RangeFiles(func(fd protoreflect.FileDescriptor) bool {
+		for i := range fd.Services().Len() {
+			names = append(names, string(fd.Services().Get(i).FullName()))
+		}
+		return true
+	})
+	return names, nil
+}

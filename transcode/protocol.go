@@ -160,12 +160,18 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 		c.rpcID = req.ID
 		i := strings.LastIndexByte(req.Method, '.')
 		if i <= 0 || i == len(req.Method)-1 {
-			return c, Errorf(codes.InvalidArgument, `JSON-RPC method %q is not "pkg.Service.Method"`, req.Method)
+			return c, Errorf(codes.InvalidArgument, `JSON-RPC method %q is not "Service.Method"`, req.Method)
 		}
 		if len(req.Params) != 1 {
 			return c, Errorf(codes.InvalidArgument, "JSON-RPC params must hold one message, not %d", len(req.Params))
 		}
 		service, method, msgs = req.Method[:i], req.Method[i+1:], [][]byte{req.Params[0]}
+		if !strings.Contains(service, ".") {
+			// go-micro's shape: the service without its package.
+			if service, err = t.schemas.FullName(ctx, service); err != nil {
+				return c, err
+			}
+		}
 		if err := c.resolve(ctx, t.schemas, service, method); err != nil {
 			return c, err
 		}

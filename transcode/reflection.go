@@ -60,6 +60,52 @@ func (r *Reflection) Fetch(ctx context.Context, service string) (*protoregistry.
 	return nil, lastErr
 }
 
+// Services implements Lister: the services a node lists by reflection.
+func (r *Reflection) Services(ctx context.Context) ([]string, error) {
+	_, addr, err := r.Node(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("pick a node: %w", err)
+	}
+	cc, err := grpc.NewClient(addr, r.DialOptions...)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer cc.Close()
+	names, err := listServices(ctx, v1Stream{rpb.NewServerReflectionClient(cc)})
+	if status.Code(err) == codes.Unimplemented {
+		names, err = listServices(ctx, v1alphaStream{rpbalpha.NewServerReflectionClient(cc)})
+		if status.Code(err) == codes.Unimplemented {
+			return nil, fmt.Errorf("node %s: %w", addr, ErrNoSchema)
+		}
+	}
+	return names, err
+}
+
+func listServices(ctx context.Context, rs reflectionStream) ([]string, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	send, recv, closeSend, err := rs.open(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := send(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		return nil, err
+	}
+	resp, err := recv()
+	if err != nil {
+		return nil, err
+	}
+	_ = closeSend()
+	if e := resp.GetErrorResponse(); e != nil {
+		return nil, status.Error(codes.Code(e.ErrorCode), e.ErrorMessage)
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.GetName())
+	}
+	return names, nil
+}
+
 func (r *Reflection) fetchFrom(ctx context.Context, addr, service string) (*protoregistry.Files, error) {
 	cc, err := grpc.NewClient(addr, r.DialOptions...)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,6 +25,13 @@ type Source interface {
 	Fetch(ctx context.Context, service string) (*protoregistry.Files, error)
 	// Name names the source in metrics and logs: "reflection" or "file".
 	Name() string
+}
+
+// Lister is a Source that can list the services it describes.
+type Lister interface {
+	// Services returns the full names of the services the source knows.
+	// It blocks, and is safe for concurrent use.
+	Services(ctx context.Context) ([]string, error)
 }
 
 var (
@@ -48,6 +56,9 @@ type Schemas struct {
 	wg     sync.WaitGroup
 
 	slots sync.Map // service name → *slot
+
+	namesMu sync.Mutex // serialises listings; never held on the hot path
+	names   atomic.Pointer[nameIndex]
 }
 
 // SchemaOptions tune a Schemas.
@@ -254,4 +265,70 @@ func (s *Schemas) fetch(service string) (f *fetched) {
 	return &fetched{err: &Error{Code: codes.Unimplemented, HTTPStatus: 415,
 		Message: fmt.Sprintf("cannot transcode calls to %s: the node has no gRPC reflection service and codec.descriptor_set is not set", service)},
 		at: s.opts.Now()}
+}
+
+// FullName returns the full name of the service named short ("Greeter"
+// for "pkg.v1.Greeter"), from the services the sources list: go-micro's
+// JSON-RPC names services without their package. The list is asked for
+// when a name is not in it, at most once per Retry, and kept until
+// Refresh. It blocks while the list is fetched; otherwise it takes no
+// lock.
+func (s *Schemas) FullName(ctx context.Context, short string) (string, error) {
+	now := s.opts.Now()
+	idx := s.names.Load()
+	full, ok := "", false
+	if idx != nil {
+		full, ok = idx.names[short]
+	}
+	if idx == nil || (!ok && now.Sub(idx.at) >= s.opts.Retry) || now.Sub(idx.at) >= s.opts.Refresh {
+		s.namesMu.Lock()
+		if cur := s.names.Load(); cur == idx { // nobody listed meanwhile
+			idx = s.listServices(ctx)
+			s.names.Store(idx)
+		} else {
+			idx = cur
+		}
+		s.namesMu.Unlock()
+		full, ok = idx.names[short]
+	}
+	switch {
+	case !ok:
+		return "", Errorf(codes.Unimplemented, "unknown service %s", short)
+	case full == "":
+		return "", Errorf(codes.InvalidArgument, "service name %s is ambiguous: name it with its package", short)
+	}
+	return full, nil
+}
+
+// nameIndex maps short service names to full ones ("" when ambiguous).
+type nameIndex struct {
+	names map[string]string
+	at    time.Time
+}
+
+// listServices asks every Lister source for its services.
+func (s *Schemas) listServices(ctx context.Context) *nameIndex {
+	idx := &nameIndex{names: map[string]string{}, at: s.opts.Now()}
+	for _, src := range s.sources {
+		l, ok := src.(Lister)
+		if !ok {
+			continue
+		}
+		lctx, cancel := context.WithTimeout(ctx, s.opts.FetchTimeout)
+		list, err := l.Services(lctx)
+		cancel()
+		if err != nil {
+			s.opts.Log.Debug("list services failed", zap.String("source", src.Name()), zap.Error(err))
+			continue
+		}
+		for _, n := range list {
+			short := n[strings.LastIndexByte(n, '.')+1:]
+			if prev, dup := idx.names[short]; dup && prev != n {
+				idx.names[short] = ""
+			} else {
+				idx.names[short] = n
+			}
+		}
+	}
+	return idx
 }

@@ -218,3 +218,26 @@ func TestSchemasRefresh(t *testing.T) {
 		t.Errorf("fetches after Refresh = %d, want 2", n)
 	}
 }
+
+// TestSchemasFullName: a service named without its package is found in
+// the services a node lists by reflection, or a descriptor set defines.
+func TestSchemasFullName(t *testing.T) {
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1Alpha, "")
+	f, err := transcode.LoadFileFromBytes(transcodetest.DescriptorSet(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		src  transcode.Source
+	}{{"reflection", reflectionOf(node.Addr)}, {"file", f}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newSchemas(t, nil, nil, tc.src)
+			if got, err := s.FullName(context.Background(), "Echo"); err != nil || got != transcodetest.Service {
+				t.Errorf("FullName(Echo) = %q, %v; want %s", got, err, transcodetest.Service)
+			}
+			_, err := s.FullName(context.Background(), "Nope")
+			wantCode(t, err, codes.Unimplemented, 0)
+		})
+	}
+}
