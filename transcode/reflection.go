@@ -152,6 +152,7 @@ func (s v1alphaStream) open(ctx context.Context) (func(*rpb.ServerReflectionRequ
 		return nil, nil, nil, err
 	}
 	send := func(req *rpb.ServerReflectionRequest) error {
+		//lint:ignore SA1019 v1alpha is deprecated, and still what older servers serve
 		var a rpbalpha.ServerReflectionRequest
 		if err := convert(req, &a); err != nil {
 			return err
