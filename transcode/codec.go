@@ -12,9 +12,10 @@ import (
 // connectrpc.com/vanguard could stand instead (see the README): the
 // framing around it is the protocol's, in protocol.go.
 type messageCodec interface {
-	// toProto encodes the client's message b as protobuf. An error means
-	// the client's message is malformed (invalid_argument).
-	toProto(md protoreflect.MessageDescriptor, b []byte) ([]byte, error)
+	// toProto appends the client's message b, encoded as protobuf, to
+	// dst. An error means the client's message is malformed
+	// (invalid_argument).
+	toProto(dst []byte, md protoreflect.MessageDescriptor, b []byte) ([]byte, error)
 	// fromProto encodes the node's protobuf message b as the client's.
 	fromProto(md protoreflect.MessageDescriptor, b []byte) ([]byte, error)
 }
@@ -28,12 +29,12 @@ var (
 	jsonOut = protojson.MarshalOptions{}
 )
 
-func (jsonCodec) toProto(md protoreflect.MessageDescriptor, b []byte) ([]byte, error) {
+func (jsonCodec) toProto(dst []byte, md protoreflect.MessageDescriptor, b []byte) ([]byte, error) {
 	m := dynamicpb.NewMessage(md)
 	if err := jsonIn.Unmarshal(b, m); err != nil {
 		return nil, err
 	}
-	return proto.MarshalOptions{}.Marshal(m)
+	return proto.MarshalOptions{}.MarshalAppend(dst, m)
 }
 
 func (jsonCodec) fromProto(md protoreflect.MessageDescriptor, b []byte) ([]byte, error) {
@@ -47,7 +48,9 @@ func (jsonCodec) fromProto(md protoreflect.MessageDescriptor, b []byte) ([]byte,
 // protoCodec passes protobuf through: the node checks what it reads.
 type protoCodec struct{}
 
-func (protoCodec) toProto(_ protoreflect.MessageDescriptor, b []byte) ([]byte, error) { return b, nil }
+func (protoCodec) toProto(dst []byte, _ protoreflect.MessageDescriptor, b []byte) ([]byte, error) {
+	return append(dst, b...), nil
+}
 func (protoCodec) fromProto(_ protoreflect.MessageDescriptor, b []byte) ([]byte, error) {
 	return b, nil
 }

@@ -272,13 +272,28 @@ func (c *Call) resolve(ctx context.Context, schemas *Schemas, service, method st
 func (c *Call) encode(msgs [][]byte) ([]byte, error) {
 	var out []byte
 	for _, m := range msgs {
-		pb, err := c.codec.toProto(c.method.Input(), m)
-		if err != nil {
-			return nil, Errorf(codes.InvalidArgument, "malformed %s: %v", c.method.Input().FullName(), err)
+		var err error
+		if out, err = c.appendFrame(out, m); err != nil {
+			return nil, err
 		}
-		out = appendFrame(out, 0, pb)
 	}
 	return out, nil
+}
+
+// appendFrame appends the client's message m to dst as a gRPC frame of
+// protobuf, encoded in place after the frame's header.
+func (c *Call) appendFrame(dst, m []byte) ([]byte, error) {
+	at := len(dst)
+	if dst == nil {
+		dst = make([]byte, 0, 5+len(m)+len(m)/8) // protobuf is seldom bigger than its JSON
+	}
+	dst = append(dst, 0, 0, 0, 0, 0)
+	dst, err := c.codec.toProto(dst, c.method.Input(), m)
+	if err != nil {
+		return nil, Errorf(codes.InvalidArgument, "malformed %s: %v", c.method.Input().FullName(), err)
+	}
+	binary.BigEndian.PutUint32(dst[at+1:at+5], uint32(len(dst)-at-5))
+	return dst, nil
 }
 
 // Request returns the gRPC request for the node, made on r (a shallow
@@ -349,11 +364,7 @@ func (b *streamBody) next() ([]byte, error) {
 	case flag != 0:
 		return nil, Errorf(codes.InvalidArgument, "unexpected frame flags %#x in the request", flag)
 	}
-	pb, err := b.c.codec.toProto(b.c.method.Input(), msg)
-	if err != nil {
-		return nil, Errorf(codes.InvalidArgument, "malformed %s: %v", b.c.method.Input().FullName(), err)
-	}
-	return appendFrame(make([]byte, 0, 5+len(pb)), 0, pb), nil
+	return b.c.appendFrame(nil, msg)
 }
 
 func (b *streamBody) Close() error { return nil }
@@ -398,7 +409,20 @@ func readBody(r *http.Request) ([]byte, error) {
 	default:
 		return nil, Errorf(codes.Unimplemented, "content encoding %q is not supported (identity, gzip)", enc)
 	}
-	b, err := io.ReadAll(io.LimitReader(rd, MaxMessage+1))
+	var b []byte
+	var err error
+	if n := r.ContentLength; n > 0 && n <= MaxMessage && rd == r.Body {
+		b = make([]byte, n)
+		if _, err = io.ReadFull(rd, b); err == nil {
+			// The length was the client's word: anything past it is an error.
+			var one [1]byte
+			if k, _ := rd.Read(one[:]); k > 0 {
+				err = errors.New("body longer than its Content-Length")
+			}
+		}
+	} else {
+		b, err = io.ReadAll(io.LimitReader(rd, MaxMessage+1))
+	}
 	if err != nil {
 		return nil, Errorf(codes.InvalidArgument, "read the request body: %v", err)
 	}
