@@ -25,6 +25,8 @@
 // Call.Request through its own attempt path (balancing, retries,
 // breakers, metrics) and hands the response to Call.Respond.
 //
-// Bounds: a request body and each message at most MaxMessage (4 MiB);
-// client and bidi streams are read whole before the call is sent.
+// Bounds: a request body and each message at most MaxMessage (4 MiB).
+// Unary and server-streaming calls are read whole and checked before
+// anything is sent; client and bidi streams are turned message by message
+// as the client sends them.
 package transcode
