@@ -621,3 +621,22 @@ func TestTranscodeConnectGet(t *testing.T) {
 		t.Errorf("node calls = %d, want 3", n)
 	}
 }
+
+// TestTranscodeDeadline: Connect-Timeout-Ms bounds the call: the node
+// sees the deadline, and the client gets deadline_exceeded (504).
+func TestTranscodeDeadline(t *testing.T) {
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	px := startTranscoding(t, config.Codec{}, node.Addr)
+	c := newClient(t, nil)
+	start := time.Now()
+	r := post(t, c, px.URL+"/test.v1.Echo/Say", "application/json", `{"text":"slow","delayMs":10000}`, "Connect-Timeout-Ms", "100")
+	if r.status != http.StatusGatewayTimeout || !strings.Contains(r.body, `"code":"deadline_exceeded"`) {
+		t.Errorf("answer = %d %s, want 504 deadline_exceeded", r.status, r.body)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("answered after %v, want about 100ms", d)
+	}
+	if n := node.Calls.Load(); n != 1 {
+		t.Errorf("node calls = %d, want 1", n)
+	}
+}

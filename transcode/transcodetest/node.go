@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -37,10 +38,10 @@ const Service = "test.v1.Echo"
 // "extra" to both messages and the method Shout.
 //
 //	message EchoRequest  { string text = 1; int32 code = 2; bytes pad = 3; int32 count = 5;
-//	                       google.protobuf.Timestamp at = 6; string extra = 4 (v2) }
+//	                       google.protobuf.Timestamp at = 6; int32 delay_ms = 7; string extra = 4 (v2) }
 //	message EchoResponse { string text = 1; int32 n = 2; string extra = 4 (v2) }
 //	service Echo {
-//	  rpc Say(EchoRequest) returns (EchoResponse);              // NO_SIDE_EFFECTS; text back; code != 0: that status
+//	  rpc Say(EchoRequest) returns (EchoResponse);              // NO_SIDE_EFFECTS; text back after delay_ms; code != 0: that status
 //	  rpc Count(EchoRequest) returns (stream EchoResponse);     // count messages, n = 1..count
 //	  rpc Collect(stream EchoRequest) returns (EchoResponse);   // texts joined
 //	  rpc Chat(stream EchoRequest) returns (stream EchoResponse); // each text back
@@ -78,8 +79,7 @@ func DescriptorSet(version int) []byte {
 func fileProto(version int) *descriptorpb.FileDescriptorProto {
 	opt := descriptorpb.FieldDescriptorProto_LABEL_OPTIONAL.Enum()
 	field := func(name string, n int32, typ descriptorpb.FieldDescriptorProto_Type, typeName string) *descriptorpb.FieldDescriptorProto {
-		f := &descriptorpb.FieldDescriptorProto{Name: proto.String(name), Number: proto.Int32(n), Type: typ.Enum(), Label: opt,
-			JsonName: proto.String(name)}
+		f := &descriptorpb.FieldDescriptorProto{Name: proto.String(name), Number: proto.Int32(n), Type: typ.Enum(), Label: opt}
 		if typeName != "" {
 			f.TypeName = proto.String(typeName)
 		}
@@ -91,6 +91,7 @@ func fileProto(version int) *descriptorpb.FileDescriptorProto {
 		field("pad", 3, descriptorpb.FieldDescriptorProto_TYPE_BYTES, ""),
 		field("count", 5, descriptorpb.FieldDescriptorProto_TYPE_INT32, ""),
 		field("at", 6, descriptorpb.FieldDescriptorProto_TYPE_MESSAGE, ".google.protobuf.Timestamp"),
+		field("delay_ms", 7, descriptorpb.FieldDescriptorProto_TYPE_INT32, ""),
 	}}
 	resp := &descriptorpb.DescriptorProto{Name: proto.String("EchoResponse"), Field: []*descriptorpb.FieldDescriptorProto{
 		field("text", 1, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""),
@@ -215,6 +216,13 @@ func serviceDesc(n *Node, sd protoreflect.ServiceDescriptor) *grpc.ServiceDesc {
 	}
 	desc := &grpc.ServiceDesc{ServiceName: Service, HandlerType: (*any)(nil), Metadata: "test/v1/echo.proto"}
 	desc.Methods = append(desc.Methods, unary("Say", func(ctx context.Context, m *dynamicpb.Message) (any, error) {
+		if d := m.Get(in.Fields().ByName("delay_ms")).Int(); d > 0 {
+			select {
+			case <-time.After(time.Duration(d) * time.Millisecond):
+			case <-ctx.Done():
+				return nil, status.FromContextError(ctx.Err()).Err()
+			}
+		}
 		if code := m.Get(in.Fields().ByName("code")).Int(); code != 0 {
 			st := status.New(codes.Code(code), text(m))
 			st, _ = st.WithDetails(&errdetails.ErrorInfo{Reason: "TEST", Domain: "sidecar.test"})
