@@ -32,6 +32,7 @@ import (
 	"google.golang.org/protobuf/types/dynamicpb"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/transcode/transcodetest"
 )
 
@@ -80,6 +81,7 @@ func post(t testing.TB, c *http.Client, url, contentType, body string, header ..
 // with a Connect JSON body over HTTP/1.1; metadata goes both ways; the
 // schema is fetched once for all calls.
 func TestTranscodeConnectJSON(t *testing.T) {
+	leakcheck.Check(t)
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	px := startTranscoding(t, config.Codec{}, node.Addr)
 	c := newClient(t, nil)
@@ -442,6 +444,7 @@ func TestTranscodeConnectStreamHTTP1(t *testing.T) {
 // TestTranscodeSchemaChange: the node gains a field and a method; the
 // sidecar, still running, picks both up.
 func TestTranscodeSchemaChange(t *testing.T) {
+	leakcheck.Check(t)
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	px := startTranscoding(t, config.Codec{}, node.Addr)
 	c := newClient(t, nil)
@@ -514,6 +517,7 @@ func TestTranscodeRetriesLikeNative(t *testing.T) {
 // answer read before the next message is sent; a grpc-go JSON client
 // does the same on Chat.
 func TestTranscodeClientAndBidiStreams(t *testing.T) {
+	leakcheck.Check(t)
 	encoding.RegisterCodec(jsonCodec{})
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	px := startTranscoding(t, config.Codec{}, node.Addr)
@@ -625,6 +629,7 @@ func TestTranscodeConnectGet(t *testing.T) {
 // TestTranscodeDeadline: Connect-Timeout-Ms bounds the call: the node
 // sees the deadline, and the client gets deadline_exceeded (504).
 func TestTranscodeDeadline(t *testing.T) {
+	leakcheck.Check(t)
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	px := startTranscoding(t, config.Codec{}, node.Addr)
 	c := newClient(t, nil)

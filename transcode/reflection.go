@@ -88,10 +88,10 @@ func listServices(ctx context.Context, rs reflectionStream) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := send(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_ListServices{}}); err != nil {
+	if err := send(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_ListServices{}}); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
-	resp, err := recv()
+	resp, err := recv() // after io.EOF from send: the stream's status
 	if err != nil {
 		return nil, err
 	}

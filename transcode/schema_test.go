@@ -11,10 +11,12 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/transcode"
 	"github.com/sidecarlb/sidecar/transcode/transcodetest"
 )
@@ -53,7 +55,7 @@ func (f *fetchCounter) onFetch(_ string, err error) {
 func (f *fetchCounter) oks() int { f.mu.Lock(); defer f.mu.Unlock(); return f.ok }
 
 func newSchemas(t *testing.T, c *clock, fc *fetchCounter, sources ...transcode.Source) *transcode.Schemas {
-	opts := transcode.SchemaOptions{Refresh: time.Minute, Retry: time.Second}
+	opts := transcode.SchemaOptions{Refresh: time.Minute, Retry: time.Second, Log: zaptest.NewLogger(t)}
 	if c != nil {
 		opts.Now = c.now
 	}
@@ -79,6 +81,7 @@ func wantCode(t *testing.T, err error, code codes.Code, httpStatus int) {
 // TestSchemasFetchOnceForConcurrentCalls: 32 concurrent first calls share
 // one reflection stream; later calls make none.
 func TestSchemasFetchOnceForConcurrentCalls(t *testing.T) {
+	leakcheck.Check(t)
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	fc := &fetchCounter{}
 	s := newSchemas(t, nil, fc, reflectionOf(node.Addr))
@@ -198,6 +201,7 @@ func TestSchemasUnknownServiceAndMethod(t *testing.T) {
 // TestSchemasRefresh: a schema older than Refresh is fetched again in the
 // background while the old one serves.
 func TestSchemasRefresh(t *testing.T) {
+	leakcheck.Check(t)
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	c := newClock()
 	fc := &fetchCounter{}
