@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -314,7 +315,7 @@ func (c *Call) Request(r *http.Request) *http.Request {
 	h["Content-Type"] = []string{"application/grpc"}
 	h["Te"] = []string{"trailers"}
 	if c.timeout > 0 {
-		h["Grpc-Timeout"] = []string{strconv.FormatInt(c.timeout.Microseconds(), 10) + "u"}
+		h["Grpc-Timeout"] = []string{encodeTimeout(c.timeout)}
 	}
 	out.Header = h
 	out.Trailer = nil
@@ -449,6 +450,29 @@ func timeoutOf(p protocol, h http.Header) time.Duration {
 	return 0
 }
 
+// encodeTimeout writes d as a grpc-timeout value: at most eight digits,
+// in the finest unit that fits, rounded up.
+func encodeTimeout(d time.Duration) string {
+	const maxValue = 99_999_999
+	for _, u := range []struct {
+		d    time.Duration
+		unit string
+	}{{time.Nanosecond, "n"}, {time.Microsecond, "u"}, {time.Millisecond, "m"}, {time.Second, "S"}, {time.Minute, "M"}} {
+		if v := ceilDiv(d, u.d); v <= maxValue {
+			return strconv.FormatInt(int64(v), 10) + u.unit
+		}
+	}
+	return strconv.FormatInt(int64(min(ceilDiv(d, time.Hour), maxValue)), 10) + "H"
+}
+
+func ceilDiv(d, unit time.Duration) time.Duration {
+	v := d / unit
+	if d%unit != 0 {
+		v++
+	}
+	return v
+}
+
 func grpcTimeout(v string) (time.Duration, bool) {
 	if len(v) < 2 || len(v) > 9 {
 		return 0, false
@@ -473,6 +497,9 @@ func grpcTimeout(v string) (time.Duration, bool) {
 		u = time.Nanosecond
 	default:
 		return 0, false
+	}
+	if n > int64(math.MaxInt64/u) {
+		return math.MaxInt64, true
 	}
 	return time.Duration(n) * u, true
 }
