@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"reflect"
 	"time"
 
 	"go.uber.org/zap"
@@ -59,6 +60,16 @@ func newTranscoder(rt *route, m *Metrics) (*transcode.Transcoder, error) {
 		},
 		Log: rt.log.Named("transcode"),
 	})), nil
+}
+
+// inheritSchemas gives rt the schemas old fetched when both transcode the
+// same service from the same sources, so a reload fetches nothing again.
+func (rt *route) inheritSchemas(old *route) {
+	if rt.codec == nil || old.codec == nil || old.cfg.Service != rt.cfg.Service || old.cfg.Codec != rt.cfg.Codec ||
+		!reflect.DeepEqual(old.cfg.TLS, rt.cfg.TLS) {
+		return
+	}
+	rt.codec.Schemas().Inherit(old.codec.Schemas())
 }
 
 // reflectionNode picks the node a schema is fetched from, as a request

@@ -645,3 +645,40 @@ func TestTranscodeDeadline(t *testing.T) {
 		t.Errorf("node calls = %d, want 1", n)
 	}
 }
+
+// TestTranscodeReloadKeepsSchemas: a reload that keeps the codec keeps the
+// schemas fetched: no new reflection call; one that changes it fetches
+// again.
+func TestTranscodeReloadKeepsSchemas(t *testing.T) {
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	cfg := RouteConfig{Service: "echo", Protocol: config.ProtocolGRPC, Codec: config.Codec{Transcode: true}}
+	u, err := New(staticCache(t, map[string][]string{"echo": {node.Addr}}), nil, testLogger(t)).Upstream("upstream", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px := startProxyServer(t, u)
+	c := newClient(t, nil)
+	call := func() {
+		t.Helper()
+		if r := post(t, c, px.URL+"/test.v1.Echo/Say", "application/json", `{"text":"r"}`); r.status != 200 {
+			t.Fatalf("call = %d %s", r.status, r.body)
+		}
+	}
+	call()
+	cfg.Balancer = "least_request"
+	if err := u.Update(cfg); err != nil {
+		t.Fatal(err)
+	}
+	call()
+	if n := node.ReflectionCalls.Load(); n != 1 {
+		t.Errorf("reflection calls after a reload keeping the codec = %d, want 1", n)
+	}
+	cfg.Codec.Refresh = time.Hour
+	if err := u.Update(cfg); err != nil {
+		t.Fatal(err)
+	}
+	call()
+	if n := node.ReflectionCalls.Load(); n != 2 {
+		t.Errorf("reflection calls after a reload changing the codec = %d, want 2", n)
+	}
+}

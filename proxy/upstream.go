@@ -66,6 +66,7 @@ func (p *Proxy) swapRoute(cur *atomic.Pointer[route], listener string, cfg Route
 		return fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
 	old := cur.Load()
+	rt.inheritSchemas(old)
 	adopted := false
 	if sameEndpoints(old.cfg, rt.cfg) {
 		old.mu.Lock()

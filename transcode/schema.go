@@ -116,6 +116,23 @@ func NewSchemas(sources []Source, opts SchemaOptions) *Schemas {
 	return &Schemas{sources: sources, opts: opts, ctx: ctx, cancel: cancel}
 }
 
+// Inherit starts s with the schemas old has fetched, for a route that
+// replaces another with the same sources (a config reload): calls go on
+// without fetching them again. Call it before s is used.
+func (s *Schemas) Inherit(old *Schemas) {
+	old.slots.Range(func(k, v any) bool {
+		if f := v.(*slot).cur.Load(); f != nil {
+			sl := &slot{}
+			sl.cur.Store(f)
+			s.slots.Store(k, sl)
+		}
+		return true
+	})
+	if idx := old.names.Load(); idx != nil {
+		s.names.Store(idx)
+	}
+}
+
 // Close stops the fetches under way and waits for them.
 func (s *Schemas) Close() {
 	s.cancel()
