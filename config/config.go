@@ -276,7 +276,35 @@ type Upstream struct {
 	// address it connected to. Protocol tcp only; empty (the default)
 	// sends none.
 	ProxyProtocol string `yaml:"proxy_protocol"`
+	// Codec transcodes JSON, Connect, gRPC-Web and JSON-RPC calls into
+	// gRPC for the nodes. Protocol grpc only.
+	Codec Codec `yaml:"codec"`
 }
+
+// Codec says whether and how a grpc upstream transcodes the calls of
+// clients that do not speak gRPC with protobuf (see package transcode).
+type Codec struct {
+	// Transcode turns transcoding on; false (the default) passes every
+	// request through untouched.
+	Transcode bool `yaml:"transcode"`
+	// Descriptors is where schemas come from: reflection (also when empty),
+	// the nodes' gRPC server reflection, with DescriptorSet as a fallback
+	// when set; or file, DescriptorSet alone.
+	Descriptors string `yaml:"descriptors"`
+	// DescriptorSet is a FileDescriptorSet file (protoc --include_imports
+	// --descriptor_set_out); required with descriptors: file.
+	DescriptorSet string `yaml:"descriptor_set"`
+	// Refresh is how often a service's schema is fetched again; if zero,
+	// 5m is used. It is also fetched again when a call names a method or a
+	// field it lacks.
+	Refresh time.Duration `yaml:"refresh"`
+}
+
+// Codec descriptor sources.
+const (
+	DescriptorsReflection = "reflection"
+	DescriptorsFile       = "file"
+)
 
 // ProbeAddr is the host:port the sidecar probes the app on: Address, or
 // loopback if Address is empty.

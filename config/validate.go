@@ -7,10 +7,15 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protodesc"
+	"google.golang.org/protobuf/types/descriptorpb"
 )
 
 var (
@@ -247,6 +252,47 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 		// An unknown protocol is reported on its own key.
 		p.errorf(pp, "not supported with protocol %s (only with tcp)", u.Protocol)
 	}
+	p.validateCodec(path+".codec", u)
+}
+
+// validateCodec checks an upstream's codec: transcoding on grpc only, a
+// known descriptor source, a descriptor set that reads.
+func (p *parser) validateCodec(path string, u *Upstream) {
+	c := &u.Codec
+	if c.Transcode && u.Protocol != ProtocolGRPC && slices.Contains(protocols, u.Protocol) {
+		p.errorf(path+".transcode", "not supported with protocol %s (only with grpc)", u.Protocol)
+	}
+	if c.Descriptors != "" {
+		p.oneOf(path+".descriptors", c.Descriptors, []string{DescriptorsReflection, DescriptorsFile})
+	}
+	if c.Descriptors == DescriptorsFile && c.DescriptorSet == "" {
+		p.errorf(path+".descriptor_set", "required with descriptors: file")
+	}
+	if c.DescriptorSet != "" {
+		if err := checkDescriptorSet(c.DescriptorSet); err != nil {
+			p.errorf(path+".descriptor_set", "%v", err)
+		}
+	}
+	if p.present(path + ".refresh") {
+		p.positive(path+".refresh", c.Refresh)
+	}
+}
+
+// checkDescriptorSet reads a FileDescriptorSet file and checks that its
+// files link (every import included).
+func checkDescriptorSet(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var set descriptorpb.FileDescriptorSet
+	if err := proto.Unmarshal(b, &set); err != nil {
+		return fmt.Errorf("%s is not a FileDescriptorSet: %w", path, err)
+	}
+	if _, err := protodesc.NewFiles(&set); err != nil {
+		return fmt.Errorf("%s: %w (made without --include_imports?)", path, err)
+	}
+	return nil
 }
 
 // staticHas reports whether static lists service name. Case does not

@@ -17,6 +17,7 @@ type Metrics struct {
 	ejections          *prometheus.CounterVec
 	ejectionsRefused   *prometheus.CounterVec
 	overflows          *prometheus.CounterVec
+	schemaFetches      *prometheus.CounterVec
 }
 
 // NewMetrics creates the proxy's metrics and registers them with reg, when
@@ -65,9 +66,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "sidecar_upstream_overflows_total",
 		Help: "Tries refused because their node was at one of the sidecar's limits for it, by limit (max_connections, max_pending_requests, max_requests).",
 	}, []string{"listener", "service", "endpoint", "limit"})
+	m.schemaFetches = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_codec_schema_fetches_total",
+		Help: "Schema fetches of transcoding upstreams (gRPC reflection calls, descriptor-set look-ups), by source and result (ok, no_schema, unknown_service, error).",
+	}, []string{"listener", "service", "source", "result"})
 	if reg != nil {
 		reg.MustRegister(m.requests, m.refused, m.duration, m.inflight,
-			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused, m.overflows)
+			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused, m.overflows, m.schemaFetches)
 	}
 	return m
 }

@@ -27,6 +27,7 @@ import (
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/transcode"
 )
 
 // Resolver finds the watched endpoint set of a service. *discovery.Cache
@@ -66,6 +67,9 @@ type RouteConfig struct {
 	// listener address it connected to. Only tcp routes use it; empty (the
 	// default) sends none.
 	ProxyProtocol string
+	// Codec, with Transcode on a grpc route, transcodes the calls of
+	// Connect, gRPC-Web, JSON and JSON-RPC clients (see transcode.go).
+	Codec config.Codec
 }
 
 // Timeouts bound the phases of a proxied request.
@@ -279,6 +283,10 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 			p.serveUpgrade(w, r, rt, proto, start)
 			return
 		}
+	}
+	if rt.codec != nil && (transcode.Match(r.Header.Get("Content-Type")) || transcode.MatchGet(r)) {
+		p.serveTranscoded(w, r, rt, start)
+		return
 	}
 	grpc := isGRPC(r)
 

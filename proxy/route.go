@@ -13,6 +13,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/transcode"
 )
 
 // route carries requests for one service under one configuration: an
@@ -31,6 +32,7 @@ type route struct {
 	metrics  routeMetrics
 	budget   *retryBudget
 	log      *zap.Logger
+	codec    *transcode.Transcoder // nil unless cfg.Codec.Transcode
 
 	mu    sync.Mutex // serialises rebuilds; never held on the hot path
 	state atomic.Pointer[routeState]
@@ -76,7 +78,7 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 		scheme = "https"
 	}
 	log = log.With(zap.String("listener", listener), zap.String("service", cfg.Service))
-	return &route{
+	rt := &route{
 		scheme:   scheme,
 		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf, log: log},
 		listener: listener,
@@ -88,7 +90,11 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 		metrics:  m.route(listener, cfg.Service),
 		budget:   newRetryBudget(cfg.Resilience.Retries.Budget),
 		log:      log,
-	}, nil
+	}
+	if rt.codec, err = newTranscoder(rt, m); err != nil {
+		return nil, err
+	}
+	return rt, nil
 }
 
 // balancerName is the balancer a route uses for a configured name: the

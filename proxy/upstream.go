@@ -66,6 +66,7 @@ func (p *Proxy) swapRoute(cur *atomic.Pointer[route], listener string, cfg Route
 		return fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
 	old := cur.Load()
+	rt.inheritSchemas(old)
 	adopted := false
 	if sameEndpoints(old.cfg, rt.cfg) {
 		old.mu.Lock()
@@ -117,6 +118,9 @@ func (p *Proxy) retireRoute(rt *route, dropMetrics bool) {
 // the route that took its place under the same labels, which resolves the
 // same series.
 func (rt *route) close(dropMetrics bool) {
+	if rt.codec != nil {
+		rt.codec.Schemas().Close()
+	}
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 	st := rt.state.Load()

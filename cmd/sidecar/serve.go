@@ -398,6 +398,7 @@ func upstreamRoute(cfg *config.Config, u config.Upstream) proxy.RouteConfig {
 		Resilience:    u.Resilience,
 		TLS:           u.TLS,
 		ProxyProtocol: u.ProxyProtocol,
+		Codec:         u.Codec,
 	}
 }
 

@@ -1,0 +1,111 @@
+package test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sidecarlb/sidecar/test/consulagent"
+	"github.com/sidecarlb/sidecar/test/harness"
+	"github.com/sidecarlb/sidecar/transcode/transcodetest"
+)
+
+// TestCodecTranscode runs the sidecar binary against a Consul agent, with
+// a grpc upstream whose codec transcodes, in front of two grpc-go nodes:
+// one with reflection v1, one with v1alpha only. A plain net/http client
+// calls them with Connect JSON; a malformed body is refused with nothing
+// sent; the admin metrics show one schema fetch for all the calls.
+func TestCodecTranscode(t *testing.T) {
+	agent := consulagent.Start(t, consulagent.Options{})
+	harness.Binaries(t)
+	a := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	b := transcodetest.Start(t, 1, transcodetest.ReflectionV1Alpha, "")
+	consul := agent.Client()
+	protoRegister(t, consul, "codec-echo", "codec-a", a.Addr)
+	protoRegister(t, consul, "codec-echo", "codec-b", b.Addr)
+	consulagent.WaitFor(t, 10*time.Second, "both nodes of codec-echo passing", func() bool {
+		entries, _, err := consul.Health().Service("codec-echo", "", true, nil)
+		return err == nil && len(entries) == 2
+	})
+	admin, listen := pxLoopback(t), pxLoopback(t)
+	harness.StartSidecar(t, admin, fmt.Sprintf(`consul:
+  address: %s
+admin:
+  listen: %s
+upstreams:
+  - name: codec-echo
+    listen: %s
+    protocol: grpc
+    codec: {transcode: true, refresh: 1m}
+`, agent.Addr(), admin, listen))
+
+	c := &http.Client{Timeout: 10 * time.Second}
+	post := func(body string) (int, string) {
+		t.Helper()
+		resp, err := c.Post("http://"+listen+"/test.v1.Echo/Say", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	for i := range 10 {
+		if status, body := post(`{"text":"hello"}`); status != 200 || body != `{"text":"hello"}` {
+			t.Fatalf("call %d = %d %s, want 200 {\"text\":\"hello\"}", i, status, body)
+		}
+	}
+	if a.Calls.Load() == 0 || b.Calls.Load() == 0 {
+		t.Errorf("calls per node = %d, %d; want both nodes balanced to", a.Calls.Load(), b.Calls.Load())
+	}
+	calls := a.Calls.Load() + b.Calls.Load()
+	if status, body := post(`{"text":"hello","nope":1}`); status != 400 || !strings.Contains(body, `"code":"invalid_argument"`) {
+		t.Errorf("unknown field = %d %s, want 400 invalid_argument", status, body)
+	}
+	if n := a.Calls.Load() + b.Calls.Load(); n != calls {
+		t.Errorf("node calls after a refused call = %d, want %d", n, calls)
+	}
+	if n := a.ReflectionCalls.Load() + b.ReflectionCalls.Load(); n != 1 {
+		t.Errorf("reflection streams on the nodes = %d, want 1 for 11 calls", n)
+	}
+	resp, err := c.Get("http://" + admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	want := `sidecar_codec_schema_fetches_total{listener="` + listen + `",result="ok",service="codec-echo",source="reflection"} 1`
+	if !strings.Contains(string(metrics), want) {
+		t.Errorf("metrics lack %s", want)
+	}
+}
+
+// TestCodecValidate: sidecar validate refuses a codec on a non-grpc
+// upstream and a descriptor set that does not read, naming each key, and
+// exits 2.
+func TestCodecValidate(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.yaml")
+	cfg := `discovery: {backend: static, static: {a: ["127.0.0.1:1"], b: ["127.0.0.1:2"]}}
+upstreams:
+  - {name: a, listen: 127.0.0.1:15002, protocol: http, codec: {transcode: true}}
+  - {name: b, listen: 127.0.0.1:15003, protocol: grpc, codec: {transcode: true, descriptors: file, descriptor_set: ` + filepath.Join(dir, "none.pb") + `}}
+`
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := harness.Start(t, "sidecar", "validate", "-config", path)
+	if code := p.Wait(30 * time.Second); code != 2 {
+		t.Errorf("sidecar validate exit = %d, want 2\n%s", code, p.Output())
+	}
+	for _, want := range []string{"upstreams[0].codec.transcode: not supported with protocol http", "upstreams[1].codec.descriptor_set: open "} {
+		if !strings.Contains(p.Output(), want) {
+			t.Errorf("validate output lacks %q:\n%s", want, p.Output())
+		}
+	}
+}
