@@ -681,3 +681,37 @@ func BenchmarkIdleBroken(b *testing.B) {
 		}
 	}
 }
+
+// TestH1PoolIdleSweep: connections left idle past the idle timeout are
+// closed by the pool's sweep, with no request coming to find them stale,
+// and the sweep comes back for a connection that was not stale yet when it
+// ran.
+func TestH1PoolIdleSweep(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := newH1Pool(Timeouts{Connect: time.Second, Idle: idle})
+	t.Cleanup(p.retire)
+	a, err := p.dial(context.Background(), node.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := p.dial(context.Background(), node.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resWait(t, 2*time.Second, "the node to accept both connections", func() bool { return node.accepts.Load() == 2 })
+	p.put(a)
+	time.Sleep(idle / 2)
+	p.put(b) // idle half as long as a when the first sweep runs
+	resWait(t, 5*time.Second, "the sweep to close the idle connections", func() bool {
+		return node.closed.Load() == 2
+	})
+	p.mu.Lock()
+	n := len(p.idle)
+	p.mu.Unlock()
+	if n != 0 {
+		t.Errorf("idle connections after the sweep = %d, want 0", n)
+	}
+}
