@@ -44,7 +44,7 @@ const (
 // It is safe for concurrent use.
 type h1Pool struct {
 	dialer net.Dialer
-	idleTO time.Duration
+	idleTO time.Duration // 0: no limit
 
 	mu     sync.Mutex
 	idle   []*h1Conn // most recently used last
@@ -142,7 +142,7 @@ func (p *h1Pool) take(now time.Time) *h1Conn {
 			c := p.idle[n-1]
 			p.idle[n-1] = nil
 			p.idle = p.idle[:n-1]
-			if now.Sub(c.idleAt) > p.idleTO {
+			if p.idleTO > 0 && now.Sub(c.idleAt) > p.idleTO {
 				stale = append(stale, c)
 				continue
 			}
@@ -181,7 +181,7 @@ func (p *h1Pool) put(pc *h1Conn) {
 		return
 	}
 	p.idle = append(p.idle, pc)
-	if p.sweep == nil {
+	if p.sweep == nil && p.idleTO > 0 {
 		p.sweep = time.AfterFunc(p.idleTO, p.sweepIdle)
 	}
 	p.mu.Unlock()

@@ -715,3 +715,27 @@ func TestH1PoolIdleSweep(t *testing.T) {
 		t.Errorf("idle connections after the sweep = %d, want 0", n)
 	}
 }
+
+// TestH1PoolZeroIdle: timeouts.idle 0s means no limit: a connection idle
+// for a day is reused, and no sweep is armed to close it.
+func TestH1PoolZeroIdle(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := newH1Pool(Timeouts{Connect: time.Second}.withDefaults())
+	t.Cleanup(p.retire)
+	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	armed := p.sweep != nil
+	p.mu.Unlock()
+	if armed {
+		t.Error("idle sweep armed with no idle limit")
+	}
+	pc := p.take(time.Now().Add(24 * time.Hour))
+	if pc == nil {
+		t.Fatal("take() a day later = nil, want the idle connection: no idle limit")
+	}
+	p.put(pc)
+}

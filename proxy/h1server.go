@@ -107,7 +107,7 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	c.cond.L = &c.mu
 	if !s.track(func() {
 		s.h1conns[c] = struct{}{}
-		if s.idleSweep == nil {
+		if s.idleSweep == nil && s.opts.IdleTimeout > 0 {
 			s.idleSweep = time.AfterFunc(s.opts.IdleTimeout, s.sweepIdle)
 		}
 	}) {
@@ -212,7 +212,7 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl, limit) {
 		return c.checkRequest(&c.tmpl, true)
 	}
-	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
+	_ = c.nc.SetReadDeadline(deadline(c.s.opts.ReadHeaderTimeout))
 	c.lr.n = int64(limit) + h1BufSize // the reader's read-ahead past the head
 	start := c.nread - int64(c.br.Buffered())
 	framing := c.peekHead()
@@ -855,7 +855,7 @@ func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
 		return false, false
 	}
 	nc := b.w.c.nc
-	_ = nc.SetReadDeadline(time.Now().Add(b.w.c.s.opts.ReadHeaderTimeout))
+	_ = nc.SetReadDeadline(deadline(b.w.c.s.opts.ReadHeaderTimeout))
 	n, err := io.CopyN(io.Discard, b.rc, h1DiscardLimit+1)
 	_ = nc.SetReadDeadline(time.Time{}) // between requests there is none
 	return err == io.EOF && n <= h1DiscardLimit, false

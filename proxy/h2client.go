@@ -183,7 +183,7 @@ func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
 	)
 	cc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	cc.flushLocked()
-	cc.idle = time.AfterFunc(p.timeouts.Idle, cc.closeIfIdle)
+	cc.idle = newIdleTimer(p.timeouts.Idle, cc.closeIfIdle)
 	cc.health = time.AfterFunc(p.pingAfter, cc.checkHealth)
 	cc.mu.Unlock()
 	go cc.writeLoop()
@@ -279,7 +279,7 @@ type h2ClientConn struct {
 	reserved int
 	goAway   bool // the node sent GOAWAY, or the sidecar did: no new streams
 	retired  bool // the pool retired it: no new reservations, reserved streams go on
-	idle     *time.Timer
+	idle     idleTimer
 	health   *time.Timer // pings a silent node
 	lastSeen int64       // framesRead at the last health check
 	pinged   bool        // a ping is out, unanswered
@@ -373,7 +373,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 		// stream at once say: the node never hears of it.
 		idle, retired := len(cc.streams) == 0 && cc.reserved == 0, cc.retired
 		if idle && !retired {
-			cc.idle.Reset(cc.pool.timeouts.Idle)
+			cc.idle.reset()
 		}
 		cc.mu.Unlock()
 		if idle && retired {
@@ -386,7 +386,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	cs.sendWin = cc.peerInitWin
 	cs.body.init(cc.h2conn, cs.id)
 	cc.streams[cs.id] = cs
-	cc.idle.Stop()
+	cc.idle.stop()
 	if err := cc.encodeRequestLocked(req); err != nil {
 		delete(cc.streams, cs.id)
 		cc.mu.Unlock()
@@ -630,7 +630,7 @@ func (cs *h2ClientStream) closeIfDoneLocked() {
 			cc.closing = true
 			cc.flushLocked()
 		} else {
-			cc.idle.Reset(cc.pool.timeouts.Idle)
+			cc.idle.reset()
 		}
 	}
 }
@@ -685,7 +685,7 @@ func (cc *h2ClientConn) readLoop() {
 	cc.fail(err)
 	cc.pool.remove(cc)
 	cc.mu.Lock()
-	cc.idle.Stop()
+	cc.idle.stop()
 	cc.health.Stop()
 	for _, cs := range cc.streams {
 		cs.failLocked(fmt.Errorf("http2: connection to node lost: %w", err))

@@ -61,7 +61,7 @@ type h2ServerConn struct {
 	streams   map[uint32]*h2ServerStream
 	maxSeen   uint32 // highest stream ID the client opened
 	goingAway bool   // GOAWAY sent: no new streams
-	idle      *time.Timer
+	idle      idleTimer
 	// early and answered count the streams that ended early and those
 	// answered (see h2MaxEarlyResets).
 	early, answered int
@@ -138,7 +138,7 @@ func (s *Server) serveH2(nc net.Conn) {
 	)
 	sc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	sc.flushLocked()
-	sc.idle = time.AfterFunc(s.opts.IdleTimeout, sc.closeIfIdle)
+	sc.idle = newIdleTimer(s.opts.IdleTimeout, sc.closeIfIdle)
 	sc.mu.Unlock()
 	go sc.writeLoop()
 
@@ -151,7 +151,7 @@ func (s *Server) serveH2(nc net.Conn) {
 	}
 	sc.fail(err)
 	sc.mu.Lock()
-	sc.idle.Stop()
+	sc.idle.stop()
 	for _, st := range sc.streams {
 		st.resetLocked(err)
 	}
@@ -168,7 +168,7 @@ func (sc *h2ServerConn) readLoop() (err error) {
 		}
 	}()
 	// The client's SETTINGS must come as promptly as an HTTP/1.1 header.
-	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
+	_ = sc.nc.SetReadDeadline(deadline(sc.s.opts.ReadHeaderTimeout))
 	first := true
 	for {
 		if sc.calm.Load() {
@@ -421,7 +421,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		st.body.eof = true
 	}
 	sc.streams[id] = st
-	sc.idle.Stop()
+	sc.idle.stop()
 	sc.s.startHandler(st)
 	return nil
 }
@@ -798,7 +798,7 @@ func (st *h2ServerStream) finish() {
 			sc.closeAfterFlush()
 			return
 		}
-		sc.idle.Reset(sc.s.opts.IdleTimeout)
+		sc.idle.reset()
 	}
 	sc.mu.Unlock()
 	st.cancel()
