@@ -823,12 +823,16 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		cs.failLocked(err)
 	case *http2.WindowUpdateFrame:
 		if f.StreamID == 0 {
-			cc.sendWin += int64(f.Increment)
-			if cc.sendWin > 1<<31-1 {
+			if !growWindow(&cc.sendWin, f.Increment) {
 				return http2.ConnectionError(http2.ErrCodeFlowControl)
 			}
 		} else if cs := cc.streams[f.StreamID]; cs != nil {
-			cs.sendWin += int64(f.Increment)
+			if !growWindow(&cs.sendWin, f.Increment) {
+				// A stream error, as the server treats an app's.
+				cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
+				cc.flushLocked()
+				cs.failLocked(errors.New("http2: node overflowed the stream send window"))
+			}
 		} else if cc.idleLocked(f.StreamID) {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}

@@ -826,6 +826,19 @@ func (c *h2conn) applySettingsLocked(f *http2.SettingsFrame) (winDelta int64, er
 	return winDelta, nil
 }
 
+// maxWindow is the largest a flow-control window may grow (RFC 9113,
+// section 6.9.1).
+const maxWindow = 1<<31 - 1
+
+// growWindow adds a WINDOW_UPDATE's increment to the send window *w and
+// reports whether the window stays within maxWindow. Past it the peer broke
+// flow control: a connection error on stream 0, a stream error (RST_STREAM
+// FLOW_CONTROL_ERROR) on another. Client and server both check with it.
+func growWindow(w *int64, inc uint32) bool {
+	*w += int64(inc)
+	return *w <= maxWindow
+}
+
 // consumedLocked acknowledges n bytes the consumer read (or the sidecar
 // discarded) at the connection level, sending a WINDOW_UPDATE once half the
 // window has been used.

@@ -246,13 +246,11 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		sc.mu.Lock()
 		defer sc.mu.Unlock()
 		if f.StreamID == 0 {
-			sc.sendWin += int64(f.Increment)
-			if sc.sendWin > 1<<31-1 {
+			if !growWindow(&sc.sendWin, f.Increment) {
 				return http2.ConnectionError(http2.ErrCodeFlowControl)
 			}
 		} else if st := sc.streams[f.StreamID]; st != nil {
-			st.sendWin += int64(f.Increment)
-			if st.sendWin > 1<<31-1 {
+			if !growWindow(&st.sendWin, f.Increment) {
 				st.resetLocked(errStreamReset)
 				sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
 				sc.flushLocked()
