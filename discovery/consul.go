@@ -12,6 +12,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // HealthClient is the part of *api.Health the Consul backend uses;
@@ -146,7 +148,7 @@ func (c *Consul) Watch(ctx context.Context, service string, sink Sink) {
 		service: service,
 		sink:    sink,
 		log:     c.log.With(zap.String("service", service)),
-		back:    backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax},
+		back:    newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax),
 	}
 	h.run(ctx)
 }
@@ -160,7 +162,7 @@ type healthWatch struct {
 	log     *zap.Logger
 
 	idx      blockingIndex
-	back     backoff
+	back     retryBackoff
 	cur      *Snapshot // last published
 	failures int       // consecutive failed queries
 	// reset is set when the index went backwards or a query failed, and
@@ -183,7 +185,7 @@ func (h *healthWatch) run(ctx context.Context) {
 			return
 		}
 		if err != nil {
-			if !sleep(ctx, h.fail(err)) {
+			if !backoff.Wait(ctx, h.fail(err)) {
 				return
 			}
 			continue

@@ -9,6 +9,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // Known reports whether service is registered in the catalog, ignoring case
@@ -68,7 +70,7 @@ func (c *Consul) startCatalog() {
 func (c *Consul) watchCatalog(ctx context.Context) {
 	var (
 		idx      blockingIndex
-		back     = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		back     = newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax)
 		failures int
 		ready    bool
 		resetAt  time.Time // when the last reset began; zero if none is pending
@@ -96,7 +98,7 @@ func (c *Consul) watchCatalog(ctx context.Context) {
 			if failures == 1 || failures%logEvery == 0 {
 				c.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
 			}
-			if !sleep(ctx, back.next()) {
+			if !backoff.Wait(ctx, back.next()) {
 				return
 			}
 			continue

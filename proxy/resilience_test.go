@@ -852,13 +852,13 @@ func TestRetryBackoffRespectsCancel(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
 		start := time.Now()
-		if backoff(ctx, time.Hour, 3) {
+		if waitBackoff(ctx, time.Hour, 3) {
 			t.Error("backoff() on a cancelled context = true, want false")
 		}
-		if backoff(ctx, 0, 1) {
+		if waitBackoff(ctx, 0, 1) {
 			t.Error("backoff() with no delay on a cancelled context = true, want false")
 		}
-		if !backoff(context.Background(), 0, 1) {
+		if !waitBackoff(context.Background(), 0, 1) {
 			t.Error("backoff() with no delay = false, want true")
 		}
 		if d := time.Since(start); d > time.Second {
@@ -1767,4 +1767,21 @@ func TestOutlierEjectionGrows(t *testing.T) {
 		}
 	}
 	check(t, "ejection after 100 successes", base)
+}
+
+// TestRetryBackoff: the delay before retry n is between half and all of
+// base × 2^(n−1), doubling at most 6 times; no base, no delay.
+func TestRetryBackoff(t *testing.T) {
+	const base = 40 * time.Millisecond
+	for n := 1; n <= 10; n++ {
+		d := base << min(n-1, 6)
+		for range 50 {
+			if got := retryBackoff(base, n); got < d/2 || got > d {
+				t.Fatalf("retryBackoff(%v, %d) = %v, want within [%v, %v]", base, n, got, d/2, d)
+			}
+		}
+	}
+	if got := retryBackoff(0, 3); got != 0 {
+		t.Errorf("retryBackoff(0, 3) = %v, want 0", got)
+	}
 }
