@@ -15,6 +15,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
@@ -440,7 +442,7 @@ func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
 			}
 			continue
 		}
-		name := lowerHeader(k)
+		name := httpwire.LowerKey(k)
 		if name == "user-agent" && len(vv) == 1 && vv[0] == "" {
 			continue
 		}
@@ -453,7 +455,7 @@ func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
 		keys := make([]string, 0, len(req.Trailer))
 		for k := range req.Trailer {
 			if h2FieldAllowed(k) {
-				keys = append(keys, lowerHeader(k))
+				keys = append(keys, httpwire.LowerKey(k))
 			}
 		}
 		if len(keys) > 0 {
@@ -773,7 +775,7 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 			}
 		} else {
 			for _, hf := range f.RegularFields() {
-				k := canonicalHeader(hf.Name)
+				k := httpwire.CanonicalKey(hf.Name)
 				cs.trailer[k] = append(cs.trailer[k], hf.Value)
 			}
 		}
@@ -901,7 +903,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 	}
 	header := cc.header(f.RegularFields(), false)
 	resp := &http.Response{
-		Status:        statusLine(code),
+		Status:        httpwire.StatusLine(code),
 		StatusCode:    code,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,

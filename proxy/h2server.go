@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/textproto"
 	"net/url"
 	"strconv"
 	"strings"
@@ -17,6 +16,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
@@ -351,7 +352,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		if t := st.req.Trailer; t != nil {
 			for _, hf := range f.RegularFields() {
-				k := canonicalHeader(hf.Name)
+				k := httpwire.CanonicalKey(hf.Name)
 				if _, declared := t[k]; declared {
 					if st.trailer == nil {
 						st.trailer = make(http.Header)
@@ -528,7 +529,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	switch {
 	case method == "":
 		return nil, errors.New("missing :method")
-	case !validHeaderKey(method):
+	case !httpwire.ValidToken(method):
 		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
 		// be a request line of the client's making.
 		return nil, errors.New("invalid :method")
@@ -883,7 +884,7 @@ func (st *h2ServerStream) FlushError() error {
 func (st *h2ServerStream) writeHeaderLocked(end bool) {
 	sc := st.sc
 	st.sentHeader = true
-	sc.encodeLocked(":status", statusText(st.status))
+	sc.encodeLocked(":status", httpwire.StatusCode(st.status))
 	for k, vv := range st.header {
 		if !strings.HasPrefix(k, http.TrailerPrefix) {
 			sc.encodeHeaderLocked(k, vv)
@@ -912,7 +913,7 @@ func (st *h2ServerStream) writeTrailersLocked() {
 	sc := st.sc
 	for k, vv := range st.header {
 		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && name != "" {
-			sc.encodeHeaderLocked(textproto.CanonicalMIMEHeaderKey(name), vv)
+			sc.encodeHeaderLocked(httpwire.CanonicalKey(name), vv)
 		}
 	}
 	declaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })

@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // hashKey extracts the request key the hash balancer places requests by.
@@ -39,7 +40,7 @@ func parseHashKey(s string) (hashKey, error) {
 	}
 	switch source {
 	case config.HashHeader:
-		return hashKey{kind: hashHeader, name: http.CanonicalHeaderKey(name)}, nil
+		return hashKey{kind: hashHeader, name: httpwire.CanonicalKey(name)}, nil
 	case config.HashCookie:
 		return hashKey{kind: hashCookie, name: name}, nil
 	case config.HashQuery:

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // serveUpgrade carries a protocol upgrade (WebSocket): one node, picked
@@ -127,7 +128,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		return
 	}
 	defer backConn.Close()
-	if got := upgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
+	if got := httpwire.UpgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
 		rt.reportTry(e, breakerDone, true, true)
 		done(pk, fmt.Errorf("node switched to %q, not %q", got, proto), start)
 		writeError(w, &proxyError{rt.cfg.Service, fmt.Errorf("node switched to protocol %q, want %q", got, proto)})
