@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // rawNode is an HTTP/1.1 node answering with canned bytes, so tests control
@@ -633,7 +635,7 @@ func TestH1UpgradedCloseWriteError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &h1Upgraded{pc: &h1Conn{c: newRawConn(c)}}
+	u := &h1Upgraded{pc: &h1Conn{c: rawio.Wrap(c)}}
 	if err := u.CloseWrite(); err != nil {
 		t.Fatalf("CloseWrite on an open connection: %v", err)
 	}
@@ -666,18 +668,6 @@ func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
 		deadline := time.Now().Add(5 * time.Second)
 		for closed.Load() < int32(i+1) && time.Now().Before(deadline) {
 			time.Sleep(time.Millisecond)
-		}
-	}
-}
-
-// BenchmarkIdleBroken measures the check the pool makes on an idle
-// connection before it reuses it: one non-blocking peek.
-func BenchmarkIdleBroken(b *testing.B) {
-	rc, _ := rawPair(b)
-	b.ReportAllocs()
-	for b.Loop() {
-		if rc.idleBroken() {
-			b.Fatal("open connection reported broken")
 		}
 	}
 }

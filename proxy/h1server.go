@@ -20,6 +20,7 @@ import (
 	"golang.org/x/net/http/httpguts"
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // The HTTP/1.1 side of Server: the sidecar's own connection loop in place
@@ -329,8 +330,8 @@ func (c *h1ServerConn) refuse(err error) {
 // serve runs the handler for one request and finishes its answer; it
 // reports whether the connection may carry another request.
 func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
-	inFlight.Add(1)
-	defer inFlight.Add(-1)
+	rawio.StartRequest()
+	defer rawio.EndRequest()
 	c.mu.Lock()
 	c.seq++
 	c.reqDone = false

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // The HTTP/1.1 wire format of h1Pool: writing a request, reading and
@@ -88,8 +89,8 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 	w.WriteString("\r\n")
 	if body.src == nil {
 		w.Write(body.buf)
-		if rc, ok := pc.c.(*rawConn); ok {
-			return rc.holdWrite(w.Flush)
+		if rc, ok := pc.c.(*rawio.Conn); ok {
+			return rc.HoldWrite(w.Flush)
 		}
 		return w.Flush()
 	}

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
@@ -161,7 +162,7 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 		p.lim.endConn()
 		return nil, err
 	}
-	nc = newRawConn(nc)
+	nc = rawio.Wrap(nc)
 	p.lim.attach(nc)
 	return p.start(nc), nil
 }

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
@@ -726,9 +727,9 @@ func (s *Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
-		inFlight.Add(1)
+		rawio.StartRequest()
 		st.run()
-		inFlight.Add(-1)
+		rawio.EndRequest()
 		idle.Reset(h2WorkerIdle)
 		select {
 		case st = <-s.work:

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/backoff"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // pools are the connection pools of one endpoint: HTTP/1.1 keep-alive and
@@ -134,7 +135,7 @@ func newTransport(c *poolConfig, h2 bool, lim *nodeLimits) *http.Transport {
 				lim.endConn()
 				return nil, err
 			}
-			c = newRawConn(c)
+			c = rawio.Wrap(c)
 			lim.attach(c)
 			return c, nil
 		},

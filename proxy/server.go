@@ -11,6 +11,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // ServerOptions tune a listener's HTTP server.
@@ -156,7 +158,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
-		go s.sniff(newRawConn(c))
+		go s.sniff(rawio.Wrap(c))
 	}
 }
 
@@ -301,6 +303,13 @@ func (s *Server) closeConns() {
 type prefixConn struct {
 	net.Conn
 	prefix []byte
+}
+
+// RawBeneath makes a relay read what the sniffer read first, then the raw
+// connection beneath (rawio.Layered).
+func (c *prefixConn) RawBeneath() (*rawio.Conn, []byte) {
+	r, _ := c.Conn.(*rawio.Conn)
+	return r, c.prefix
 }
 
 func (c *prefixConn) Read(p []byte) (int, error) {

@@ -402,3 +402,61 @@ func TestTCPCopyHalfClose(t *testing.T) {
 		t.Fatal("node saw no EOF after the client's half-close")
 	}
 }
+
+// TestTCPIdleTimeout checks a TCP route closes a connection silent for the
+// idle timeout, and keeps one whose traffic goes on past it.
+func TestTCPIdleTimeout(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	p := New(staticCache(t, map[string][]string{"echo": {ln.Addr().String()}}), nil, testLogger(t))
+	const idle = 300 * time.Millisecond
+	ts, err := p.TCP("test", RouteConfig{Service: "echo", Protocol: "tcp", Timeouts: Timeouts{Idle: idle}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ts.Serve(pl)
+	defer ts.Shutdown(t.Context())
+
+	busy, err := net.Dial("tcp", pl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	quiet, err := net.Dial("tcp", pl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	start := time.Now()
+	buf := make([]byte, 4)
+	for time.Since(start) < 3*idle {
+		busy.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := busy.Write([]byte("ping")); err != nil {
+			t.Fatalf("busy connection write after %v: %v", time.Since(start), err)
+		}
+		if _, err := io.ReadFull(busy, buf); err != nil {
+			t.Fatalf("busy connection closed after %v: %v", time.Since(start), err)
+		}
+		time.Sleep(idle / 6)
+	}
+	quiet.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := quiet.Read(buf); err != io.EOF {
+		t.Fatalf("quiet connection read = %v, want EOF from the idle timeout", err)
+	}
+}
