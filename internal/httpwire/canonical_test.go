@@ -66,3 +66,20 @@ func BenchmarkCanonicalKey(b *testing.B) {
 		})
 	}
 }
+
+// FuzzCanonicalKey: CanonicalKey is textproto.CanonicalMIMEHeaderKey for
+// any bytes a peer may send as a field name, and ValidToken agrees with
+// ValidLowerToken on names with no upper-case letter.
+func FuzzCanonicalKey(f *testing.F) {
+	for _, k := range []string{"content-type", "Content-Type", "X_Under", "a b", "", "é", "TE"} {
+		f.Add(k)
+	}
+	f.Fuzz(func(t *testing.T, k string) {
+		if got, want := CanonicalKey(k), textproto.CanonicalMIMEHeaderKey(k); got != want {
+			t.Fatalf("CanonicalKey(%q) = %q, want %q", k, got, want)
+		}
+		if strings.ToLower(k) == k && ValidToken(k) != ValidLowerToken(k) {
+			t.Fatalf("ValidToken(%q) = %v, ValidLowerToken = %v; want equal for a lower-case name", k, ValidToken(k), ValidLowerToken(k))
+		}
+	})
+}
