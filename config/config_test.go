@@ -245,6 +245,24 @@ upstreams:
 			},
 		},
 		{
+			// The one place timeouts get their defaults: 0s in the file
+			// stays 0 (no limit) for the proxy, and upstreams inherit it.
+			name: "zero idle and read_header mean no limit",
+			yaml: `
+proxy:
+  timeouts: {idle: 0s, read_header: 0s}
+upstreams: [{name: a, listen: 127.0.0.1:15002}]
+`,
+			check: func(t *testing.T, c *Config) {
+				if pt := c.Proxy.Timeouts; pt.Idle != 0 || pt.ReadHeader != 0 {
+					t.Errorf("proxy.timeouts idle = %v, read_header = %v; want 0 and 0", pt.Idle, pt.ReadHeader)
+				}
+				if ut := c.Upstreams[0].Timeouts; ut.Idle != 0 || ut.ReadHeader != 0 {
+					t.Errorf("upstreams[0].timeouts idle = %v, read_header = %v; want 0 and 0 (inherited)", ut.Idle, ut.ReadHeader)
+				}
+			},
+		},
+		{
 			name: "static backend",
 			yaml: `
 discovery:

@@ -16,6 +16,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protodesc"
 	"google.golang.org/protobuf/types/descriptorpb"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 var (
@@ -487,25 +489,10 @@ func SplitHashKey(s string) (source, name string, err error) {
 		switch {
 		case name == "":
 			return "", "", fmt.Errorf("%s:NAME needs a name, got %q", source, s)
-		case source != HashQuery && !isToken(name):
+		case source != HashQuery && !httpwire.ValidToken(name):
 			return "", "", fmt.Errorf("invalid %s name %q in %q", source, name, s)
 		}
 		return source, name, nil
 	}
 	return "", "", fmt.Errorf("unknown hash key %q (want header:NAME, cookie:NAME, query:NAME, path or client_ip)", s)
-}
-
-// isToken reports whether s is an RFC 9110 token, the syntax of header
-// field names and cookie names.
-func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
-			return false
-		}
-	}
-	return true
 }

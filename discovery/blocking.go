@@ -1,9 +1,9 @@
 package discovery
 
 import (
-	"context"
-	"math/rand/v2"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // blockingIndex follows the index of a Consul blocking query by Consul's
@@ -41,34 +41,20 @@ func (b *blockingIndex) observe(index uint64) (changed, backwards bool) {
 // the same index still means nothing changed meanwhile.
 func (b *blockingIndex) failed() { b.wait = 0 }
 
-// backoff spaces retries of a failing query: min doubling to max, each
-// delay jittered by ±25% so that many watches do not retry in step.
-type backoff struct {
-	min, max time.Duration
-	cur      time.Duration
+// retryBackoff spaces retries of a failing query: min doubling to max,
+// each delay jittered by ±25% so that many watches do not retry in step.
+type retryBackoff struct {
+	backoff.Exponential
+	n int // retries so far
 }
 
-func (b *backoff) next() time.Duration {
-	switch {
-	case b.cur == 0:
-		b.cur = b.min
-	case b.cur < b.max:
-		b.cur = min(2*b.cur, b.max)
-	}
-	return time.Duration(float64(b.cur) * (0.75 + 0.5*rand.Float64()))
+func newRetryBackoff(min, max time.Duration) retryBackoff {
+	return retryBackoff{Exponential: backoff.Exponential{Base: min, Max: max, Jitter: 0.25}}
 }
 
-func (b *backoff) reset() { b.cur = 0 }
-
-// sleep waits for d or until ctx is done, and reports whether ctx is still
-// live.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
+func (b *retryBackoff) next() time.Duration {
+	b.n++
+	return b.Backoff(b.n)
 }
+
+func (b *retryBackoff) reset() { b.n = 0 }

@@ -15,6 +15,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // HealthClient is the part of *api.Health the Consul backend uses;
@@ -308,7 +310,7 @@ func (c *Consul) Close() {
 // have changed, at most once at a time and once per change.
 func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
 	service, dc := SplitKey(key)
-	back := backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+	back := newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax)
 	var d *dcWatch
 	for {
 		var err error
@@ -320,7 +322,7 @@ func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
 			<-ctx.Done() // giving up would make the cache start the watch again
 			return
 		}
-		if !sleep(ctx, back.next()) { // the agent did not say its datacenter
+		if !backoff.Wait(ctx, back.next()) { // the agent did not say its datacenter
 			return
 		}
 	}
@@ -332,7 +334,7 @@ func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
 		key:     strings.ToLower(service),
 		sink:    sink,
 		log:     d.log.With(zap.String("service", service)),
-		back:    backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax},
+		back:    newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax),
 		kick:    make(chan struct{}, 1),
 		reply:   make(chan fetchResult, 1),
 	}
@@ -371,7 +373,7 @@ type healthWatch struct {
 	reply chan fetchResult // from the worker running this watch's fetch
 
 	idx      blockingIndex
-	back     backoff
+	back     retryBackoff
 	cur      *Snapshot // last published
 	failures int       // consecutive failed queries
 	logged   bool      // whether one of them was logged here

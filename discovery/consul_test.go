@@ -397,7 +397,7 @@ func TestConsulKnownTimeout(t *testing.T) {
 }
 
 func TestBackoff(t *testing.T) {
-	b := backoff{min: 100 * time.Millisecond, max: 10 * time.Second}
+	b := newRetryBackoff(100*time.Millisecond, 10*time.Second)
 	want := []time.Duration{100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000}
 	for i, w := range want {
 		w *= time.Millisecond

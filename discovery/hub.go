@@ -9,6 +9,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // fetchJob asks a worker to fetch h's service.
@@ -189,7 +191,7 @@ func changedKeys(a, b map[string]uint64) map[string]struct{} {
 func (d *dcWatch) watchState(ctx context.Context) {
 	var (
 		idx       blockingIndex
-		back      = backoff{min: d.c.opts.BackoffMin, max: d.c.opts.BackoffMax}
+		back      = newRetryBackoff(d.c.opts.BackoffMin, d.c.opts.BackoffMax)
 		failures  int
 		prev      *stateDigest
 		aclLogged bool
@@ -215,7 +217,7 @@ func (d *dcWatch) watchState(ctx context.Context) {
 			if first {
 				d.kickAll()
 			}
-			if !sleep(ctx, back.next()) {
+			if !backoff.Wait(ctx, back.next()) {
 				return
 			}
 			continue

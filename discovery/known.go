@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // Known reports whether service is registered in the catalog, ignoring case
@@ -69,7 +71,7 @@ func (d *dcWatch) watchCatalog(ctx context.Context) {
 	c := d.c
 	var (
 		idx       blockingIndex
-		back      = backoff{min: c.opts.BackoffMin, max: c.opts.BackoffMax}
+		back      = newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax)
 		failures  int
 		ready     bool
 		resetAt   time.Time // when the last reset began; zero if none is pending
@@ -100,7 +102,7 @@ func (d *dcWatch) watchCatalog(ctx context.Context) {
 			if failures == 1 || failures%logEvery == 0 {
 				d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
 			}
-			if !sleep(ctx, back.next()) {
+			if !backoff.Wait(ctx, back.next()) {
 				return
 			}
 			continue

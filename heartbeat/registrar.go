@@ -32,7 +32,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"strconv"
@@ -43,6 +42,8 @@ import (
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // Agent is the part of *api.Agent the Registrar uses; *api.Agent satisfies it.
@@ -407,11 +408,5 @@ const (
 	backoffMax  = 5 * time.Second
 )
 
-// backoff returns the delay before retry number n (n ≥ 1).
-func backoff(n int) time.Duration {
-	d := backoffMax
-	if n < 16 {
-		d = min(backoffBase<<max(n-1, 0), backoffMax)
-	}
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
+// retryBackoff gives the delay before retry number n (n ≥ 1).
+var retryBackoff = backoff.Exponential{Base: backoffBase, Max: backoffMax, Jitter: 0.2}

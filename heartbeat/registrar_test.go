@@ -712,7 +712,7 @@ func TestBackoff(t *testing.T) {
 			want = min(backoffBase<<(n-1), backoffMax)
 		}
 		for range 20 {
-			if got := backoff(n); got < want*8/10 || got > want*12/10 {
+			if got := retryBackoff.Backoff(n); got < want*8/10 || got > want*12/10 {
 				t.Fatalf("backoff(%d) = %v, want %v ±20%%", n, got, want)
 			}
 		}

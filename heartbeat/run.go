@@ -277,6 +277,6 @@ func (l *loop) fail(err error, msg string) {
 	}
 	// Never wait longer than the TTL, so an agent that comes back (empty,
 	// after a restart) sees the service again within one TTL.
-	l.retry.Reset(min(backoff(l.failures), l.r.opts.TTL))
+	l.retry.Reset(min(retryBackoff.Backoff(l.failures), l.r.opts.TTL))
 	l.retrying = true
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // parseHead is the fast path of the HTTP/1.1 server's request parsing: a
@@ -35,7 +37,7 @@ func parseHead(br *bufio.Reader, tmpl *http.Request, limit int) (ok bool) {
 
 	method, line, ok1 := strings.Cut(line, " ")
 	target, proto, ok2 := strings.Cut(line, " ")
-	if !ok1 || !ok2 || proto != "HTTP/1.1" || !validHeaderKey(method) {
+	if !ok1 || !ok2 || proto != "HTTP/1.1" || !httpwire.ValidToken(method) {
 		return false
 	}
 	path, query, hasQuery := strings.Cut(target, "?")
@@ -52,11 +54,11 @@ func parseHead(br *bufio.Reader, tmpl *http.Request, limit int) (ok bool) {
 	for rest != "" {
 		line, rest, _ = strings.Cut(rest, "\r\n")
 		k, v, found := strings.Cut(line, ":")
-		if !found || !validHeaderKey(k) || !plainValue(v) {
+		if !found || !httpwire.ValidToken(k) || !plainValue(v) {
 			return false // also a leading space: an obs-fold
 		}
 		v = strings.Trim(v, " \t")
-		key := canonicalKey(k)
+		key := httpwire.CanonicalKey(k)
 		switch key {
 		case "Host":
 			if hasHost {

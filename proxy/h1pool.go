@@ -13,6 +13,8 @@ import (
 	"os"
 	"sync"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // useH1Pool sends plain HTTP/1.1 requests that qualify (see h1Qualifies)
@@ -44,7 +46,7 @@ const (
 // It is safe for concurrent use.
 type h1Pool struct {
 	dialer net.Dialer
-	idleTO time.Duration
+	idleTO time.Duration // 0: no limit
 
 	mu     sync.Mutex
 	idle   []*h1Conn // most recently used last
@@ -92,7 +94,7 @@ func hasIdempotencyKey(h http.Header) bool {
 type h1Conn struct {
 	pool   *h1Pool
 	c      net.Conn
-	raw    *rawConn // c, when it is one: to check it before reuse
+	raw    *rawio.Conn // c, when it is one: to check it before reuse
 	lr     limitReader
 	br     *bufio.Reader
 	bw     *bufio.Writer
@@ -131,7 +133,7 @@ const noLimit = 1 << 62
 
 // take returns an idle connection, or nil. It closes those idle too long,
 // and those idle for h1CheckIdleAfter that the node closed meanwhile
-// (rawConn.idleBroken): a request sent on one would fail with nothing read,
+// (rawio.Conn.IdleBroken): a request sent on one would fail with nothing read,
 // which only an idempotent request could then be retried after.
 func (p *h1Pool) take(now time.Time) *h1Conn {
 	for {
@@ -142,7 +144,7 @@ func (p *h1Pool) take(now time.Time) *h1Conn {
 			c := p.idle[n-1]
 			p.idle[n-1] = nil
 			p.idle = p.idle[:n-1]
-			if now.Sub(c.idleAt) > p.idleTO {
+			if p.idleTO > 0 && now.Sub(c.idleAt) > p.idleTO {
 				stale = append(stale, c)
 				continue
 			}
@@ -153,7 +155,7 @@ func (p *h1Pool) take(now time.Time) *h1Conn {
 		for _, c := range stale {
 			c.c.Close()
 		}
-		if pc == nil || pc.raw == nil || now.Sub(pc.idleAt) < h1CheckIdleAfter || !pc.raw.idleBroken() {
+		if pc == nil || pc.raw == nil || now.Sub(pc.idleAt) < h1CheckIdleAfter || !pc.raw.IdleBroken() {
 			return pc
 		}
 		pc.c.Close()
@@ -181,7 +183,7 @@ func (p *h1Pool) put(pc *h1Conn) {
 		return
 	}
 	p.idle = append(p.idle, pc)
-	if p.sweep == nil {
+	if p.sweep == nil && p.idleTO > 0 {
 		p.sweep = time.AfterFunc(p.idleTO, p.sweepIdle)
 	}
 	p.mu.Unlock()
@@ -241,10 +243,10 @@ func (p *h1Pool) dial(ctx context.Context, addr string) (*h1Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c = newRawConn(c)
+	c = rawio.Wrap(c)
 	p.lim.attach(c)
 	pc := &h1Conn{pool: p, c: c, lr: limitReader{c: c, err: errHeaderTooLong}}
-	pc.raw, _ = c.(*rawConn)
+	pc.raw, _ = c.(*rawio.Conn)
 	pc.br = bufio.NewReaderSize(&pc.lr, h1ReadBuffer)
 	pc.bw = bufio.NewWriterSize(c, h1WriteBuffer)
 	pc.tp.R = pc.br
@@ -309,7 +311,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 		unsent = true
 	} else if resp, err = pc.readResponse(out); err != nil {
 		// The request's last write may be made by the first read
-		// (rawConn.holdWrite): if that failed, the request is unsent.
+		// (rawio.Conn.HoldWrite): if that failed, the request is unsent.
 		var ope *net.OpError
 		unsent = errors.As(err, &ope) && ope.Op == "write"
 	}
@@ -348,7 +350,15 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 // answer: what the node sent past the answer's head is read first.
 type h1Upgraded struct{ pc *h1Conn }
 
-func (u *h1Upgraded) Read(p []byte) (int, error)  { return u.pc.br.Read(p) }
+func (u *h1Upgraded) Read(p []byte) (int, error) { return u.pc.br.Read(p) }
+
+// RawBeneath makes a relay send what the pool's reader holds first, then
+// read the raw connection beneath (rawio.Layered).
+func (u *h1Upgraded) RawBeneath() (*rawio.Conn, []byte) {
+	r, _ := u.pc.c.(*rawio.Conn)
+	held, _ := u.pc.br.Peek(u.pc.br.Buffered())
+	return r, held
+}
 func (u *h1Upgraded) Write(p []byte) (int, error) { return u.pc.c.Write(p) }
 func (u *h1Upgraded) Close() error                { return u.pc.c.Close() }
 

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // rawNode is an HTTP/1.1 node answering with canned bytes, so tests control
@@ -633,7 +635,7 @@ func TestH1UpgradedCloseWriteError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &h1Upgraded{pc: &h1Conn{c: newRawConn(c)}}
+	u := &h1Upgraded{pc: &h1Conn{c: rawio.Wrap(c)}}
 	if err := u.CloseWrite(); err != nil {
 		t.Fatalf("CloseWrite on an open connection: %v", err)
 	}
@@ -670,14 +672,60 @@ func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
 	}
 }
 
-// BenchmarkIdleBroken measures the check the pool makes on an idle
-// connection before it reuses it: one non-blocking peek.
-func BenchmarkIdleBroken(b *testing.B) {
-	rc, _ := rawPair(b)
-	b.ReportAllocs()
-	for b.Loop() {
-		if rc.idleBroken() {
-			b.Fatal("open connection reported broken")
-		}
+// TestH1PoolIdleSweep: connections left idle past the idle timeout are
+// closed by the pool's sweep, with no request coming to find them stale,
+// and the sweep comes back for a connection that was not stale yet when it
+// ran.
+func TestH1PoolIdleSweep(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := newH1Pool(Timeouts{Connect: time.Second, Idle: idle})
+	t.Cleanup(p.retire)
+	a, err := p.dial(context.Background(), node.addr())
+	if err != nil {
+		t.Fatal(err)
 	}
+	b, err := p.dial(context.Background(), node.addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resWait(t, 2*time.Second, "the node to accept both connections", func() bool { return node.accepts.Load() == 2 })
+	p.put(a)
+	time.Sleep(idle / 2)
+	p.put(b) // idle half as long as a when the first sweep runs
+	resWait(t, 5*time.Second, "the sweep to close the idle connections", func() bool {
+		return node.closed.Load() == 2
+	})
+	p.mu.Lock()
+	n := len(p.idle)
+	p.mu.Unlock()
+	if n != 0 {
+		t.Errorf("idle connections after the sweep = %d, want 0", n)
+	}
+}
+
+// TestH1PoolZeroIdle: timeouts.idle 0s means no limit: a connection idle
+// for a day is reused, and no sweep is armed to close it.
+func TestH1PoolZeroIdle(t *testing.T) {
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
+	})
+	p := newH1Pool(Timeouts{Connect: time.Second}.withDefaults())
+	t.Cleanup(p.retire)
+	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	armed := p.sweep != nil
+	p.mu.Unlock()
+	if armed {
+		t.Error("idle sweep armed with no idle limit")
+	}
+	pc := p.take(time.Now().Add(24 * time.Hour))
+	if pc == nil {
+		t.Fatal("take() a day later = nil, want the idle connection: no idle limit")
+	}
+	p.put(pc)
 }

@@ -18,6 +18,9 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // The HTTP/1.1 side of Server: the sidecar's own connection loop in place
@@ -107,7 +110,7 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	c.cond.L = &c.mu
 	if !s.track(func() {
 		s.h1conns[c] = struct{}{}
-		if s.idleSweep == nil {
+		if s.idleSweep == nil && s.opts.IdleTimeout > 0 {
 			s.idleSweep = time.AfterFunc(s.opts.IdleTimeout, s.sweepIdle)
 		}
 	}) {
@@ -212,7 +215,7 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl, limit) {
 		return c.checkRequest(&c.tmpl, true)
 	}
-	_ = c.nc.SetReadDeadline(time.Now().Add(c.s.opts.ReadHeaderTimeout))
+	_ = c.nc.SetReadDeadline(deadline(c.s.opts.ReadHeaderTimeout))
 	c.lr.n = int64(limit) + h1BufSize // the reader's read-ahead past the head
 	start := c.nread - int64(c.br.Buffered())
 	framing := c.peekHead()
@@ -279,7 +282,7 @@ func (c *h1ServerConn) checkRequest(req *http.Request, fast bool) (*http.Request
 	if !fast {
 		// textproto rejected bad values already; names it lets through.
 		for k := range req.Header {
-			if !validHeaderKey(k) {
+			if !httpwire.ValidToken(k) {
 				return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
 			}
 		}
@@ -315,20 +318,20 @@ func (c *h1ServerConn) refuse(err error) {
 		code, text = http.StatusNotImplemented, "unsupported transfer encoding"
 	}
 	c.s.log.Debug("bad request", zap.String("remote", c.remote), zap.Error(err))
-	msg := statusLine(code)
+	msg := httpwire.StatusLine(code)
 	if text != "" {
 		msg += ": " + text
 	}
 	_ = c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-	c.bw.WriteString("HTTP/1.1 " + statusLine(code) + "\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n" + msg)
+	c.bw.WriteString("HTTP/1.1 " + httpwire.StatusLine(code) + "\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n" + msg)
 	c.bw.Flush()
 }
 
 // serve runs the handler for one request and finishes its answer; it
 // reports whether the connection may carry another request.
 func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
-	inFlight.Add(1)
-	defer inFlight.Add(-1)
+	rawio.StartRequest()
+	defer rawio.EndRequest()
 	c.mu.Lock()
 	c.seq++
 	c.reqDone = false
@@ -498,7 +501,7 @@ func (w *h1Response) WriteHeader(code int) {
 	if code < 200 && code != http.StatusSwitchingProtocols {
 		// Informational: sent at once, header and all.
 		w.wmu.Lock()
-		w.c.bw.WriteString("HTTP/1.1 " + statusLine(code) + "\r\n")
+		w.c.bw.WriteString("HTTP/1.1 " + httpwire.StatusLine(code) + "\r\n")
 		writeHeaderLines(w.c.bw, w.header, nil)
 		w.c.bw.WriteString("\r\n")
 		w.c.bw.Flush()
@@ -602,7 +605,7 @@ func (w *h1Response) commit(final bool) {
 		w.contentLength = w.written
 		setLength = true
 	}
-	if hasToken(h["Connection"], "close") || w.c.s.isClosed() {
+	if httpwire.HasToken(h["Connection"], "close") || w.c.s.isClosed() {
 		w.closeAfter = true
 	}
 	if w.bodyAllowed() && w.contentLength < 0 {
@@ -622,7 +625,7 @@ func (w *h1Response) commit(final bool) {
 
 	bw := w.c.bw
 	bw.WriteString("HTTP/1.1 ")
-	bw.WriteString(statusLine(w.status))
+	bw.WriteString(httpwire.StatusLine(w.status))
 	bw.WriteString("\r\n")
 	writeHeaderLines(bw, h, w.trailers)
 	if _, ok := h["Date"]; !ok {
@@ -640,7 +643,7 @@ func (w *h1Response) commit(final bool) {
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
 	}
 	switch {
-	case w.closeAfter && !hasToken(h["Connection"], "close") && req.ProtoAtLeast(1, 1):
+	case w.closeAfter && !httpwire.HasToken(h["Connection"], "close") && req.ProtoAtLeast(1, 1):
 		bw.WriteString("Connection: close\r\n")
 	case !w.closeAfter && !req.ProtoAtLeast(1, 1):
 		bw.WriteString("Connection: keep-alive\r\n") // an HTTP/1.0 client that asked for it
@@ -657,7 +660,7 @@ func (w *h1Response) commit(final bool) {
 // Fields declared as trailers (skip) wait for the end of the body.
 func writeHeaderLines(bw *bufio.Writer, h http.Header, skip []string) {
 	for k, vv := range h {
-		if strings.HasPrefix(k, http.TrailerPrefix) || !validHeaderKey(k) || slices.Contains(skip, k) {
+		if strings.HasPrefix(k, http.TrailerPrefix) || !httpwire.ValidToken(k) || slices.Contains(skip, k) {
 			continue
 		}
 		for _, v := range vv {
@@ -687,7 +690,7 @@ func (w *h1Response) finish() {
 		}
 		for k, vv := range h {
 			name, ok := strings.CutPrefix(k, http.TrailerPrefix)
-			if !ok || !validHeaderKey(name) {
+			if !ok || !httpwire.ValidToken(name) {
 				continue
 			}
 			for _, v := range vv {
@@ -855,7 +858,7 @@ func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
 		return false, false
 	}
 	nc := b.w.c.nc
-	_ = nc.SetReadDeadline(time.Now().Add(b.w.c.s.opts.ReadHeaderTimeout))
+	_ = nc.SetReadDeadline(deadline(b.w.c.s.opts.ReadHeaderTimeout))
 	n, err := io.CopyN(io.Discard, b.rc, h1DiscardLimit+1)
 	_ = nc.SetReadDeadline(time.Time{}) // between requests there is none
 	return err == io.EOF && n <= h1DiscardLimit, false

@@ -11,7 +11,8 @@ import (
 	"strings"
 	"time"
 
-	"golang.org/x/net/http/httpguts"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // The HTTP/1.1 wire format of h1Pool: writing a request, reading and
@@ -22,7 +23,7 @@ import (
 // request line or the Host field: the engines that read requests refuse
 // such requests already, and this is the second line.
 func checkRequestLine(out *http.Request) error {
-	if !validHeaderKey(out.Method) {
+	if !httpwire.ValidToken(out.Method) {
 		return fmt.Errorf("%w: invalid method %q", ErrBadRequest, out.Method)
 	}
 	if !visibleBytes(out.URL.RawQuery) || !visibleBytes(out.Host) {
@@ -88,8 +89,8 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 	w.WriteString("\r\n")
 	if body.src == nil {
 		w.Write(body.buf)
-		if rc, ok := pc.c.(*rawConn); ok {
-			return rc.holdWrite(w.Flush)
+		if rc, ok := pc.c.(*rawio.Conn); ok {
+			return rc.HoldWrite(w.Flush)
 		}
 		return w.Flush()
 	}
@@ -164,7 +165,7 @@ func (pc *h1Conn) readResponse(out *http.Request) (*http.Response, error) {
 		if err != nil || code < 100 || code > 999 || (len(status) > 3 && status[3] != ' ') {
 			return nil, fmt.Errorf("malformed HTTP status code %q", status)
 		}
-		if code == http.StatusSwitchingProtocols && upgradeType(out.Header) != "" {
+		if code == http.StatusSwitchingProtocols && httpwire.UpgradeType(out.Header) != "" {
 			hdr, err := parseHeader(rest)
 			if err != nil {
 				return nil, err
@@ -264,7 +265,7 @@ func parseHeader(head string) (http.Header, error) {
 			continue
 		}
 		k, v, ok := strings.Cut(line, ":")
-		if !ok || !validHeaderKey(k) {
+		if !ok || !httpwire.ValidToken(k) {
 			return nil, fmt.Errorf("malformed response header line %q", line)
 		}
 		v = textproto.TrimString(v)
@@ -273,7 +274,7 @@ func parseHeader(head string) (http.Header, error) {
 				return nil, fmt.Errorf("invalid value of response header %q", k)
 			}
 		}
-		k = canonicalKey(k)
+		k = httpwire.CanonicalKey(k)
 		lastKey = k
 		if vv := h[k]; vv == nil && len(strs) > 0 {
 			vv, strs = strs[:1:1], strs[1:]
@@ -285,43 +286,6 @@ func parseHeader(head string) (http.Header, error) {
 	}
 	return h, nil
 }
-
-// canonicalKey is textproto.CanonicalMIMEHeaderKey for k, a valid field
-// name, returning at once one already canonical, as nearly every key is.
-func canonicalKey(k string) string {
-	upper := true
-	for i := 0; i < len(k); i++ {
-		c := k[i]
-		if upper && 'a' <= c && c <= 'z' || !upper && 'A' <= c && c <= 'Z' {
-			return textproto.CanonicalMIMEHeaderKey(k)
-		}
-		upper = c == '-'
-	}
-	return k
-}
-
-// validHeaderKey reports whether k is a non-empty token (RFC 9110 section
-// 5.6.2): a field name, or a method.
-func validHeaderKey(k string) bool {
-	if k == "" {
-		return false
-	}
-	for i := 0; i < len(k); i++ {
-		if !tokenByte[k[i]] {
-			return false
-		}
-	}
-	return true
-}
-
-// tokenByte says which bytes a token may hold: letters, digits and
-// !#$%&'*+-.^_`|~.
-var tokenByte = func() (t [256]bool) {
-	for c := 0; c < 256; c++ {
-		t[c] = httpguts.IsTokenRune(rune(c))
-	}
-	return t
-}()
 
 // frame sets the response's ContentLength, TransferEncoding, Close and
 // announced Trailer the way http.Transport does.
@@ -368,7 +332,7 @@ func frame(resp *http.Response, method string) error {
 			resp.Trailer = make(http.Header)
 			for _, v := range tr {
 				for _, k := range strings.Split(v, ",") {
-					k = http.CanonicalHeaderKey(textproto.TrimString(k))
+					k = httpwire.CanonicalKey(textproto.TrimString(k))
 					switch k {
 					case "", "Transfer-Encoding", "Trailer", "Content-Length":
 						continue
@@ -389,23 +353,9 @@ var chunkedEncoding = []string{"chunked"}
 // shouldClose reports whether an HTTP/1.minor response ends its connection.
 func shouldClose(minor int, conn []string) bool {
 	if minor == 0 {
-		return !hasToken(conn, "keep-alive")
+		return !httpwire.HasToken(conn, "keep-alive")
 	}
-	return hasToken(conn, "close")
-}
-
-// hasToken reports whether a comma-separated header field holds token.
-func hasToken(values []string, token string) bool {
-	for _, v := range values {
-		for len(v) > 0 {
-			var f string
-			f, v, _ = strings.Cut(v, ",")
-			if strings.EqualFold(textproto.TrimString(f), token) {
-				return true
-			}
-		}
-	}
-	return false
+	return httpwire.HasToken(conn, "close")
 }
 
 // h1Body reads one response's framed body from its connection, giving the

@@ -543,3 +543,69 @@ func TestH2HeaderBlockBounds(t *testing.T) {
 		}
 	})
 }
+
+// TestH2NodeStreamWindowOverflow: a node whose WINDOW_UPDATE takes a
+// stream's send window past 2^31-1 breaks flow control (RFC 9113, 6.9.1):
+// the pool resets that stream with FLOW_CONTROL_ERROR and fails its
+// request, as the server does an app's stream.
+func TestH2NodeStreamWindowOverflow(t *testing.T) {
+	leakcheck.Check(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rst := make(chan http2.ErrCode, 1)
+	acceptEach(t, ln, func(nc net.Conn) {
+		preface := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(nc, preface); err != nil {
+			return
+		}
+		fr := http2.NewFramer(nc, nc)
+		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		_ = fr.WriteSettings()
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					_ = fr.WriteSettingsAck()
+				}
+			case *http2.MetaHeadersFrame:
+				// 65,535 + 2^31-1: past the largest window.
+				_ = fr.WriteWindowUpdate(f.StreamID, 1<<31-1)
+			case *http2.RSTStreamFrame:
+				select {
+				case rst <- f.ErrCode:
+				default:
+				}
+			}
+		}
+	})
+	p := newH2Pool(Timeouts{Connect: time.Second}, nil)
+	t.Cleanup(p.retire)
+	pr, pw := io.Pipe() // a body still being sent: the stream stays open
+	t.Cleanup(func() { pw.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+ln.Addr().String()+"/", pr)
+	req.ContentLength = -1
+	resp, err := p.roundTrip(req)
+	if err == nil {
+		resp.Body.Close()
+		t.Fatalf("roundTrip() = %d, nil; want an error", resp.StatusCode)
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("roundTrip() error = %v only when the request timed out, want the stream failed at once", err)
+	}
+	select {
+	case code := <-rst:
+		if code != http2.ErrCodeFlowControl {
+			t.Errorf("node got RST_STREAM %v, want FLOW_CONTROL_ERROR", code)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("node got no RST_STREAM")
+	}
+}

@@ -18,6 +18,8 @@ import (
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // Fuzz tests of the HTTP/2 read path: frame bytes as a client sends them
@@ -276,7 +278,7 @@ func stricterRule(method, scheme, authority, path string) bool {
 	if method == http.MethodConnect {
 		return !httpguts.ValidHostHeader(authority)
 	}
-	return !validHeaderKey(method) || !validPseudoPath(path, method) || !httpguts.ValidHostHeader(authority)
+	return !httpwire.ValidToken(method) || !validPseudoPath(path, method) || !httpguts.ValidHostHeader(authority)
 }
 
 // sidecarRequest reads one request's frames as the server does (readFrame,

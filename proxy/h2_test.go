@@ -2167,3 +2167,33 @@ func TestH2ContentLengthMismatch(t *testing.T) {
 		t.Error("the excess bytes reached the node as a request of their own")
 	}
 }
+
+// TestH2PoolIdleClose: a pooled HTTP/2 connection with no stream open for
+// the idle timeout is closed, timed from the end of its last stream (one
+// stream outlasts the timeout here), with no request coming to find it.
+func TestH2PoolIdleClose(t *testing.T) {
+	leakcheck.Check(t)
+	const idle = 200 * time.Millisecond
+	node := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(2 * idle)
+		io.WriteString(w, "slow")
+	}), nil)
+	p := newH2Pool(Timeouts{Connect: time.Second, Idle: idle}, testLogger(t))
+	t.Cleanup(p.retire)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr+"/slow", nil)
+	resp, err := p.roundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || string(body) != "slow" {
+		t.Fatalf("body = %q, %v; want \"slow\"", body, err)
+	}
+	if got := node.closes.Load(); got != 0 {
+		t.Fatalf("node connections closed as the stream ended = %d, want 0 (idle for less than %v)", got, idle)
+	}
+	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.closes.Load() == 1 })
+}

@@ -15,6 +15,9 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
@@ -159,7 +162,7 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 		p.lim.endConn()
 		return nil, err
 	}
-	nc = newRawConn(nc)
+	nc = rawio.Wrap(nc)
 	p.lim.attach(nc)
 	return p.start(nc), nil
 }
@@ -183,7 +186,7 @@ func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
 	)
 	cc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	cc.flushLocked()
-	cc.idle = time.AfterFunc(p.timeouts.Idle, cc.closeIfIdle)
+	cc.idle = newIdleTimer(p.timeouts.Idle, cc.closeIfIdle)
 	cc.health = time.AfterFunc(p.pingAfter, cc.checkHealth)
 	cc.mu.Unlock()
 	go cc.writeLoop()
@@ -279,7 +282,7 @@ type h2ClientConn struct {
 	reserved int
 	goAway   bool // the node sent GOAWAY, or the sidecar did: no new streams
 	retired  bool // the pool retired it: no new reservations, reserved streams go on
-	idle     *time.Timer
+	idle     idleTimer
 	health   *time.Timer // pings a silent node
 	lastSeen int64       // framesRead at the last health check
 	pinged   bool        // a ping is out, unanswered
@@ -373,7 +376,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 		// stream at once say: the node never hears of it.
 		idle, retired := len(cc.streams) == 0 && cc.reserved == 0, cc.retired
 		if idle && !retired {
-			cc.idle.Reset(cc.pool.timeouts.Idle)
+			cc.idle.reset()
 		}
 		cc.mu.Unlock()
 		if idle && retired {
@@ -386,7 +389,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	cs.sendWin = cc.peerInitWin
 	cs.body.init(cc.h2conn, cs.id)
 	cc.streams[cs.id] = cs
-	cc.idle.Stop()
+	cc.idle.stop()
 	if err := cc.encodeRequestLocked(req); err != nil {
 		delete(cc.streams, cs.id)
 		cc.mu.Unlock()
@@ -440,7 +443,7 @@ func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
 			}
 			continue
 		}
-		name := lowerHeader(k)
+		name := httpwire.LowerKey(k)
 		if name == "user-agent" && len(vv) == 1 && vv[0] == "" {
 			continue
 		}
@@ -453,7 +456,7 @@ func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
 		keys := make([]string, 0, len(req.Trailer))
 		for k := range req.Trailer {
 			if h2FieldAllowed(k) {
-				keys = append(keys, lowerHeader(k))
+				keys = append(keys, httpwire.LowerKey(k))
 			}
 		}
 		if len(keys) > 0 {
@@ -630,7 +633,7 @@ func (cs *h2ClientStream) closeIfDoneLocked() {
 			cc.closing = true
 			cc.flushLocked()
 		} else {
-			cc.idle.Reset(cc.pool.timeouts.Idle)
+			cc.idle.reset()
 		}
 	}
 }
@@ -685,7 +688,7 @@ func (cc *h2ClientConn) readLoop() {
 	cc.fail(err)
 	cc.pool.remove(cc)
 	cc.mu.Lock()
-	cc.idle.Stop()
+	cc.idle.stop()
 	cc.health.Stop()
 	for _, cs := range cc.streams {
 		cs.failLocked(fmt.Errorf("http2: connection to node lost: %w", err))
@@ -773,7 +776,7 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 			}
 		} else {
 			for _, hf := range f.RegularFields() {
-				k := canonicalHeader(hf.Name)
+				k := httpwire.CanonicalKey(hf.Name)
 				cs.trailer[k] = append(cs.trailer[k], hf.Value)
 			}
 		}
@@ -823,12 +826,16 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 		cs.failLocked(err)
 	case *http2.WindowUpdateFrame:
 		if f.StreamID == 0 {
-			cc.sendWin += int64(f.Increment)
-			if cc.sendWin > 1<<31-1 {
+			if !growWindow(&cc.sendWin, f.Increment) {
 				return http2.ConnectionError(http2.ErrCodeFlowControl)
 			}
 		} else if cs := cc.streams[f.StreamID]; cs != nil {
-			cs.sendWin += int64(f.Increment)
+			if !growWindow(&cs.sendWin, f.Increment) {
+				// A stream error, as the server treats an app's.
+				cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
+				cc.flushLocked()
+				cs.failLocked(errors.New("http2: node overflowed the stream send window"))
+			}
 		} else if cc.idleLocked(f.StreamID) {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
@@ -897,7 +904,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 	}
 	header := cc.header(f.RegularFields(), false)
 	resp := &http.Response{
-		Status:        statusLine(code),
+		Status:        httpwire.StatusLine(code),
 		StatusCode:    code,
 		Proto:         "HTTP/2.0",
 		ProtoMajor:    2,

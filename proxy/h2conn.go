@@ -12,7 +12,6 @@ import (
 	"net/textproto"
 	"os"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,6 +21,8 @@ import (
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // The sidecar's own HTTP/2 engine: a client-facing server (h2server.go) and
@@ -297,7 +298,7 @@ func (c *h2conn) emitField(hf hpack.HeaderField) {
 		}
 	default:
 		hs.sawRegular = true
-		if !validWireHeaderFieldName(hf.Name) {
+		if !httpwire.ValidLowerToken(hf.Name) {
 			hs.invalid = fmt.Errorf("invalid header field name %q", hf.Name)
 		}
 	}
@@ -314,20 +315,6 @@ func (c *h2conn) emitField(hf hpack.HeaderField) {
 	}
 	hs.remain -= size
 	c.meta.Fields = append(c.meta.Fields, hf)
-}
-
-// validWireHeaderFieldName reports whether v is a valid header field name
-// as HTTP/2 sends it: a token, in lower case.
-func validWireHeaderFieldName(v string) bool {
-	if len(v) == 0 {
-		return false
-	}
-	for i := 0; i < len(v); i++ {
-		if b := v[i]; !httpguts.IsTokenRune(rune(b)) || 'A' <= b && b <= 'Z' {
-			return false
-		}
-	}
-	return true
 }
 
 // checkPseudos checks a block's pseudo-header fields: known, not repeated,
@@ -631,91 +618,13 @@ func h2FieldAllowed(k string) bool {
 
 var h2ConnectionFields = [...]string{"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
 
-// statusCodes and statusLines hold each status's code and status line, so
-// that answering allocates neither.
-var statusCodes, statusLines = func() (codes, lines [600]string) {
-	for code := range 600 {
-		codes[code] = strconv.Itoa(code)
-		lines[code] = codes[code] + " " + http.StatusText(code)
-	}
-	return
-}()
-
-func statusText(code int) string {
-	if code >= 0 && code < len(statusCodes) {
-		return statusCodes[code]
-	}
-	return strconv.Itoa(code)
-}
-
-func statusLine(code int) string {
-	if code >= 0 && code < len(statusLines) {
-		return statusLines[code]
-	}
-	return strconv.Itoa(code)
-}
-
-// lowerHeader returns a canonical header key in lower case, as HTTP/2
-// sends it, without allocating for common keys.
-func lowerHeader(k string) string {
-	if v, ok := commonLower[k]; ok {
-		return v
-	}
-	for i := 0; i < len(k); i++ {
-		if c := k[i]; 'A' <= c && c <= 'Z' {
-			return strings.ToLower(k)
-		}
-	}
-	return k
-}
-
-var commonLower = func() map[string]string {
-	m := make(map[string]string)
-	for _, k := range []string{
-		"Accept", "Accept-Charset", "Accept-Encoding", "Accept-Language", "Accept-Ranges",
-		"Age", "Allow", "Authorization", "Cache-Control", "Content-Disposition",
-		"Content-Encoding", "Content-Language", "Content-Length", "Content-Location",
-		"Content-Range", "Content-Type", "Cookie", "Date", "Etag", "Expect", "Expires",
-		"From", "If-Match", "If-Modified-Since", "If-None-Match", "If-Range",
-		"If-Unmodified-Since", "Last-Modified", "Link", "Location", "Max-Forwards",
-		"Origin", "Proxy-Authenticate", "Proxy-Authorization", "Range", "Referer",
-		"Refresh", "Retry-After", "Server", "Set-Cookie", "Strict-Transport-Security",
-		"Trailer", "User-Agent", "Vary", "Via", "Www-Authenticate", "X-Forwarded-For",
-		"X-Forwarded-Proto", "X-Content-Type-Options", "X-Request-Id", "X-Sidecar-Error",
-		"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Grpc-Encoding",
-		"Grpc-Accept-Encoding", "Grpc-Timeout", "Traceparent", "Tracestate", "Te",
-	} {
-		m[k] = strings.ToLower(k)
-	}
-	return m
-}()
-
-// commonCanonical is commonLower the other way round: canonical keys by
-// their HTTP/2 (lower-case) names.
-var commonCanonical = func() map[string]string {
-	m := make(map[string]string, len(commonLower))
-	for k, lower := range commonLower {
-		m[lower] = k
-	}
-	return m
-}()
-
-// canonicalHeader returns the canonical key of an HTTP/2 field name,
-// without allocating for common ones.
-func canonicalHeader(name string) string {
-	if k, ok := commonCanonical[name]; ok {
-		return k
-	}
-	return textproto.CanonicalMIMEHeaderKey(name)
-}
-
 // encodeHeaderLocked adds header k's values to c.encBuf, unless HTTP/2
 // forbids the field. c.mu must be held.
 func (c *h2conn) encodeHeaderLocked(k string, vv []string) {
 	if !h2FieldAllowed(k) {
 		return
 	}
-	name := lowerHeader(k)
+	name := httpwire.LowerKey(k)
 	for _, v := range vv {
 		c.encodeLocked(name, v)
 	}
@@ -750,7 +659,7 @@ func (c *h2conn) header(fields []hpack.HeaderField, joinCookies bool) http.Heade
 			cookies = append(cookies, hf.Value)
 			continue
 		}
-		k := canonicalHeader(hf.Name)
+		k := httpwire.CanonicalKey(hf.Name)
 		if vv, ok := header[k]; ok {
 			header[k] = append(vv, hf.Value)
 			continue
@@ -790,7 +699,7 @@ func (c *h2conn) values(n int) []string {
 func declaredTrailers(h http.Header, fn func(k string)) {
 	for _, v := range h["Trailer"] {
 		for _, k := range strings.Split(v, ",") {
-			if k = textproto.CanonicalMIMEHeaderKey(textproto.TrimString(k)); k != "" {
+			if k = httpwire.CanonicalKey(textproto.TrimString(k)); k != "" {
 				fn(k)
 			}
 		}
@@ -824,6 +733,19 @@ func (c *h2conn) applySettingsLocked(f *http2.SettingsFrame) (winDelta int64, er
 	c.writeSettingsAckLocked()
 	c.flushLocked()
 	return winDelta, nil
+}
+
+// maxWindow is the largest a flow-control window may grow (RFC 9113,
+// section 6.9.1).
+const maxWindow = 1<<31 - 1
+
+// growWindow adds a WINDOW_UPDATE's increment to the send window *w and
+// reports whether the window stays within maxWindow. Past it the peer broke
+// flow control: a connection error on stream 0, a stream error (RST_STREAM
+// FLOW_CONTROL_ERROR) on another. Client and server both check with it.
+func growWindow(w *int64, inc uint32) bool {
+	*w += int64(inc)
+	return *w <= maxWindow
 }
 
 // consumedLocked acknowledges n bytes the consumer read (or the sidecar

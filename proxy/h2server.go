@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/textproto"
 	"net/url"
 	"strconv"
 	"strings"
@@ -17,6 +16,9 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
@@ -61,7 +63,7 @@ type h2ServerConn struct {
 	streams   map[uint32]*h2ServerStream
 	maxSeen   uint32 // highest stream ID the client opened
 	goingAway bool   // GOAWAY sent: no new streams
-	idle      *time.Timer
+	idle      idleTimer
 	// early and answered count the streams that ended early and those
 	// answered (see h2MaxEarlyResets).
 	early, answered int
@@ -138,7 +140,7 @@ func (s *Server) serveH2(nc net.Conn) {
 	)
 	sc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	sc.flushLocked()
-	sc.idle = time.AfterFunc(s.opts.IdleTimeout, sc.closeIfIdle)
+	sc.idle = newIdleTimer(s.opts.IdleTimeout, sc.closeIfIdle)
 	sc.mu.Unlock()
 	go sc.writeLoop()
 
@@ -151,7 +153,7 @@ func (s *Server) serveH2(nc net.Conn) {
 	}
 	sc.fail(err)
 	sc.mu.Lock()
-	sc.idle.Stop()
+	sc.idle.stop()
 	for _, st := range sc.streams {
 		st.resetLocked(err)
 	}
@@ -168,7 +170,7 @@ func (sc *h2ServerConn) readLoop() (err error) {
 		}
 	}()
 	// The client's SETTINGS must come as promptly as an HTTP/1.1 header.
-	_ = sc.nc.SetReadDeadline(time.Now().Add(sc.s.opts.ReadHeaderTimeout))
+	_ = sc.nc.SetReadDeadline(deadline(sc.s.opts.ReadHeaderTimeout))
 	first := true
 	for {
 		if sc.calm.Load() {
@@ -246,13 +248,11 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 		sc.mu.Lock()
 		defer sc.mu.Unlock()
 		if f.StreamID == 0 {
-			sc.sendWin += int64(f.Increment)
-			if sc.sendWin > 1<<31-1 {
+			if !growWindow(&sc.sendWin, f.Increment) {
 				return http2.ConnectionError(http2.ErrCodeFlowControl)
 			}
 		} else if st := sc.streams[f.StreamID]; st != nil {
-			st.sendWin += int64(f.Increment)
-			if st.sendWin > 1<<31-1 {
+			if !growWindow(&st.sendWin, f.Increment) {
 				st.resetLocked(errStreamReset)
 				sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
 				sc.flushLocked()
@@ -353,7 +353,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		}
 		if t := st.req.Trailer; t != nil {
 			for _, hf := range f.RegularFields() {
-				k := canonicalHeader(hf.Name)
+				k := httpwire.CanonicalKey(hf.Name)
 				if _, declared := t[k]; declared {
 					if st.trailer == nil {
 						st.trailer = make(http.Header)
@@ -421,7 +421,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		st.body.eof = true
 	}
 	sc.streams[id] = st
-	sc.idle.Stop()
+	sc.idle.stop()
 	sc.s.startHandler(st)
 	return nil
 }
@@ -530,7 +530,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	switch {
 	case method == "":
 		return nil, errors.New("missing :method")
-	case !validHeaderKey(method):
+	case !httpwire.ValidToken(method):
 		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
 		// be a request line of the client's making.
 		return nil, errors.New("invalid :method")
@@ -727,9 +727,9 @@ func (s *Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
-		inFlight.Add(1)
+		rawio.StartRequest()
 		st.run()
-		inFlight.Add(-1)
+		rawio.EndRequest()
 		idle.Reset(h2WorkerIdle)
 		select {
 		case st = <-s.work:
@@ -798,7 +798,7 @@ func (st *h2ServerStream) finish() {
 			sc.closeAfterFlush()
 			return
 		}
-		sc.idle.Reset(sc.s.opts.IdleTimeout)
+		sc.idle.reset()
 	}
 	sc.mu.Unlock()
 	st.cancel()
@@ -885,7 +885,7 @@ func (st *h2ServerStream) FlushError() error {
 func (st *h2ServerStream) writeHeaderLocked(end bool) {
 	sc := st.sc
 	st.sentHeader = true
-	sc.encodeLocked(":status", statusText(st.status))
+	sc.encodeLocked(":status", httpwire.StatusCode(st.status))
 	for k, vv := range st.header {
 		if !strings.HasPrefix(k, http.TrailerPrefix) {
 			sc.encodeHeaderLocked(k, vv)
@@ -914,7 +914,7 @@ func (st *h2ServerStream) writeTrailersLocked() {
 	sc := st.sc
 	for k, vv := range st.header {
 		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && name != "" {
-			sc.encodeHeaderLocked(textproto.CanonicalMIMEHeaderKey(name), vv)
+			sc.encodeHeaderLocked(httpwire.CanonicalKey(name), vv)
 		}
 	}
 	declaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })

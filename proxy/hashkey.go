@@ -5,6 +5,9 @@ import (
 	"net"
 	"net/http"
 	"strings"
+
+	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // hashKey extracts the request key the hash balancer places requests by.
@@ -24,30 +27,28 @@ const (
 	hashClientIP
 )
 
-// parseHashKey parses a hash_key setting: header:NAME, cookie:NAME,
+// parseHashKey parses a hash_key setting as config.SplitHashKey does (the
+// one parser, which config validation uses too): header:NAME, cookie:NAME,
 // query:NAME, path or client_ip. The empty string means no key.
 func parseHashKey(s string) (hashKey, error) {
-	switch s {
-	case "":
+	if s == "" {
 		return hashKey{}, nil
-	case "path":
-		return hashKey{kind: hashPath}, nil
-	case "client_ip":
-		return hashKey{kind: hashClientIP}, nil
 	}
-	kind, name, ok := strings.Cut(s, ":")
-	if !ok || name == "" {
-		return hashKey{}, fmt.Errorf("hash key %q: want header:NAME, cookie:NAME, query:NAME, path or client_ip", s)
+	source, name, err := config.SplitHashKey(s)
+	if err != nil {
+		return hashKey{}, fmt.Errorf("hash key: %w", err)
 	}
-	switch kind {
-	case "header":
-		return hashKey{kind: hashHeader, name: http.CanonicalHeaderKey(name)}, nil
-	case "cookie":
+	switch source {
+	case config.HashHeader:
+		return hashKey{kind: hashHeader, name: httpwire.CanonicalKey(name)}, nil
+	case config.HashCookie:
 		return hashKey{kind: hashCookie, name: name}, nil
-	case "query":
+	case config.HashQuery:
 		return hashKey{kind: hashQuery, name: name}, nil
+	case config.HashPath:
+		return hashKey{kind: hashPath}, nil
 	}
-	return hashKey{}, fmt.Errorf("hash key %q: unknown kind %q", s, kind)
+	return hashKey{kind: hashClientIP}, nil
 }
 
 // sum returns the 64-bit FNV-1a hash of the request's key, and false when

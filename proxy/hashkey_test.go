@@ -22,6 +22,7 @@ func TestParseHashKey(t *testing.T) {
 		{spec: "cookie:session", want: hashKey{kind: hashCookie, name: "session"}},
 		{spec: "cookie:Session", want: hashKey{kind: hashCookie, name: "Session"}},
 		{spec: "query:user", want: hashKey{kind: hashQuery, name: "user"}},
+		{spec: "query:a b", want: hashKey{kind: hashQuery, name: "a b"}}, // any non-empty name
 
 		{spec: "header", wantErr: true},
 		{spec: "header:", wantErr: true},
@@ -34,6 +35,11 @@ func TestParseHashKey(t *testing.T) {
 		{spec: "client_ip:x", wantErr: true},
 		{spec: "ip", wantErr: true},
 		{spec: "nope", wantErr: true},
+		// Header and cookie names are tokens, as config validation says
+		// (one parser for both).
+		{spec: "header:X User", wantErr: true},
+		{spec: "header:X:User", wantErr: true},
+		{spec: "cookie:a;b", wantErr: true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.spec, func(t *testing.T) {

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // defaultLimit is each of a node's limits when its config value is zero.
@@ -209,14 +210,14 @@ func waitConn[T any](ctx context.Context, l *nodeLimits, wait time.Duration, mor
 }
 
 // attach makes c's Close give back the connection slot its dial took. c is
-// the connection newRawConn returned; one of another type holds no slot,
+// the connection rawio.Wrap returned; one of another type holds no slot,
 // which is given back at once.
 func (l *nodeLimits) attach(c net.Conn) {
 	if l == nil {
 		return
 	}
-	if rc, ok := c.(*rawConn); ok {
-		rc.limits = l
+	if rc, ok := c.(*rawio.Conn); ok {
+		rc.OnClose(l.endConn)
 		return
 	}
 	l.endConn()

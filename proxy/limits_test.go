@@ -15,6 +15,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // limitNode is a node serving HTTP/1.1 and h2c that tracks how many
@@ -469,7 +470,7 @@ func TestNodeLimits(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c = newRawConn(c)
+			c = rawio.Wrap(c)
 			l.attach(c)
 			conns = append(conns, c)
 		}

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -14,6 +13,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/backoff"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // pools are the connection pools of one endpoint: HTTP/1.1 keep-alive and
@@ -49,8 +50,7 @@ func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
 	}
 	if age := c.timeouts.MaxConnectionAge; age > 0 {
 		// ±10% jitter, so the pools of many endpoints do not renew together.
-		jitter := time.Duration(rand.Int64N(int64(age)/5+1)) - age/10
-		p.expires = now.Add(age + jitter).UnixNano()
+		p.expires = now.Add(backoff.Jitter(age, 0.1)).UnixNano()
 	}
 	return p
 }
@@ -135,7 +135,7 @@ func newTransport(c *poolConfig, h2 bool, lim *nodeLimits) *http.Transport {
 				lim.endConn()
 				return nil, err
 			}
-			c = newRawConn(c)
+			c = rawio.Wrap(c)
 			lim.attach(c)
 			return c, nil
 		},

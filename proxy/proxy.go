@@ -79,7 +79,7 @@ type Timeouts struct {
 	// Request bounds the whole exchange with a node; zero means none.
 	Request time.Duration
 	// Idle is how long an unused keep-alive connection to a node is kept;
-	// if zero, 90s is used.
+	// zero means no limit. (config.Load gives the 90s default.)
 	Idle time.Duration
 	// MaxConnectionAge renews an endpoint's connections this often (±10%),
 	// draining the old ones; zero keeps them as long as they work.
@@ -93,9 +93,6 @@ type Timeouts struct {
 func (t Timeouts) withDefaults() Timeouts {
 	if t.Connect <= 0 {
 		t.Connect = time.Second
-	}
-	if t.Idle <= 0 {
-		t.Idle = 90 * time.Second
 	}
 	return t
 }

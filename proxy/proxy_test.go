@@ -76,10 +76,24 @@ func startServerWith(t testing.TB, h http.Handler, srv *http.Server) *testServer
 }
 
 // startProxyServer serves a proxy handler the way the sidecar does, on the
-// server NewServer builds.
+// server NewServer builds, with the timeouts an empty config file gives.
 func startProxyServer(t testing.TB, h http.Handler) *testServer {
 	t.Helper()
-	return startProxyServerWith(t, NewServer(h, ServerOptions{}, testLogger(t)))
+	return startProxyServerWith(t, NewServer(h, sidecarServerOptions(), testLogger(t)))
+}
+
+// sidecarServerOptions are the listener options of a sidecar whose file
+// sets none: config.Load is where their defaults come from.
+func sidecarServerOptions() ServerOptions {
+	t := config.Default().Proxy.Timeouts
+	return ServerOptions{ReadHeaderTimeout: t.ReadHeader, IdleTimeout: t.Idle}
+}
+
+// sidecarTimeouts are the route timeouts the tests ran with before a zero
+// idle meant no limit: the connect and idle timeouts an empty file gives.
+func sidecarTimeouts() Timeouts {
+	t := config.Default().Proxy.Timeouts
+	return Timeouts{Connect: t.Connect, Idle: t.Idle}
 }
 
 // startProxyServerWith serves srv on a loopback listener until the test
@@ -176,6 +190,9 @@ func testLogger(testing.TB) *zap.Logger { return zap.NewNop() }
 // startUpstream starts an upstream listener for cfg.
 func startUpstream(t testing.TB, resolver Resolver, cfg RouteConfig) *testServer {
 	t.Helper()
+	if cfg.Timeouts == (Timeouts{}) {
+		cfg.Timeouts = sidecarTimeouts()
+	}
 	h, err := New(resolver, nil, testLogger(t)).Upstream("upstream", cfg)
 	if err != nil {
 		t.Fatalf("Upstream(%+v) error = %v", cfg, err)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // maxReplayBody is the largest request body kept in memory so it can be
@@ -490,20 +490,20 @@ func (b *body) giveUp() { b.state.Add(2) }
 // replayable reports whether a try that reached a node may be repeated.
 func (b *body) replayable() bool { return b.buf != nil || !b.handed() }
 
-// backoff waits the jittered delay before retry n (1-based), or until ctx
-// is done.
-func backoff(ctx context.Context, base time.Duration, n int) bool {
+// waitBackoff waits the jittered delay before retry n (1-based) of a
+// route whose retries.backoff is base, or until ctx is done, and reports
+// whether ctx is still live.
+func waitBackoff(ctx context.Context, base time.Duration, n int) bool {
+	return backoff.Wait(ctx, retryBackoff(base, n))
+}
+
+// retryBackoff is the delay before retry n: drawn between half and all of
+// base × 2^(n−1), doubling at most 6 times. In the one backoff's terms,
+// three quarters of that ±1/3.
+func retryBackoff(base time.Duration, n int) time.Duration {
 	if base <= 0 {
-		return ctx.Err() == nil
+		return 0
 	}
-	d := base << min(n-1, 6)
-	d = d/2 + rand.N(d/2+1)
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	c := base * 3 / 4
+	return backoff.Exponential{Base: c, Max: c << 6, Jitter: 1.0 / 3}.Backoff(n)
 }

@@ -852,13 +852,13 @@ func TestRetryBackoffRespectsCancel(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		cancel()
 		start := time.Now()
-		if backoff(ctx, time.Hour, 3) {
+		if waitBackoff(ctx, time.Hour, 3) {
 			t.Error("backoff() on a cancelled context = true, want false")
 		}
-		if backoff(ctx, 0, 1) {
+		if waitBackoff(ctx, 0, 1) {
 			t.Error("backoff() with no delay on a cancelled context = true, want false")
 		}
-		if !backoff(context.Background(), 0, 1) {
+		if !waitBackoff(context.Background(), 0, 1) {
 			t.Error("backoff() with no delay = false, want true")
 		}
 		if d := time.Since(start); d > time.Second {
@@ -1666,4 +1666,122 @@ func retriesSpent(p *Proxy) int64 {
 		}
 	}
 	return n
+}
+
+// TestRetryBudgetPercentWins: through the proxy, the retry budget allows
+// percent of the requests in its window as retries when that share is above
+// the per-second floor. Every other proxy-level test sets a budget whose
+// floor wins, so this one alone holds the percent rule end to end.
+func TestRetryBudgetPercentWins(t *testing.T) {
+	res := resDefaults(t)
+	res.Breaker.Enabled = false
+	res.Outlier.Enabled = false
+	res.Retries.Attempts = 1
+	res.Retries.Backoff = time.Millisecond
+	// Floor: 1/s over 10s = 10 retries. Percent: 20% of the requests.
+	res.Retries.Budget = config.Budget{Percent: 20, MinPerSecond: 1, Window: 10 * time.Second}
+	nodes := resStartNodes(t, 2)
+	s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+
+	const good, bad = 100, 40
+	for i := range good {
+		if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
+			t.Fatalf("GET #%d: status %d, want 200", i, r.status)
+		}
+	}
+	for _, n := range nodes {
+		n.status.Store(http.StatusServiceUnavailable)
+	}
+	for range bad {
+		s.do(t, http.MethodGet, "/", nil)
+	}
+	// The k-th failing request is retried when the retries so far are
+	// under (100+k)*20/100: the first 25 are, then one in five as the
+	// requests grow the budget, 28 of the 40 in all (20% of 140). With the
+	// floor alone only 10 would be.
+	retried := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "status_503", "outcome": "retried"})
+	refused := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "status_503", "outcome": "budget_exhausted"})
+	if retried != 28 || refused != 12 {
+		t.Errorf("sidecar_retries_total{status_503} retried = %v, budget_exhausted = %v; want 28 and 12 (20%% of 140 requests, above the floor of 10)",
+			retried, refused)
+	}
+}
+
+// TestOutlierEjectionGrows: each ejection of the same node lasts base ×
+// the times it was ejected, and 100 successes after an ejection forgive
+// the earlier ones, so the next lasts base again.
+func TestOutlierEjectionGrows(t *testing.T) {
+	const base = 200 * time.Millisecond
+	res := resDefaults(t)
+	res.Breaker.Enabled = false
+	res.Retries.Attempts = 0
+	res.Outlier.ConsecutiveFailures = 3
+	res.Outlier.BaseEjection = base
+	res.Outlier.MaxEjection = time.Minute
+	nodes := resStartNodes(t, 3)
+	bad := nodes[0]
+	s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+
+	// ejectOnce fails bad until it is ejected and returns how long the
+	// ejection lasts, within the time the requests took; then waits for it
+	// to end.
+	ejectOnce := func(t *testing.T) (lo, hi time.Duration) {
+		t.Helper()
+		bad.status.Store(http.StatusServiceUnavailable)
+		var before, after time.Time
+		var until *time.Time
+		for i := 0; until == nil; i++ {
+			if i == 30 {
+				t.Fatal("node answering 503 not ejected after 30 requests")
+			}
+			before = time.Now()
+			s.do(t, http.MethodGet, "/", nil)
+			after = time.Now()
+			until = s.endpoint(t, bad.addr).EjectedUntil
+		}
+		bad.status.Store(http.StatusOK)
+		resWait(t, 5*time.Second, "the ejection to end", func() bool {
+			return len(s.ejected()) == 0 && s.eligible() == len(nodes)
+		})
+		return until.Sub(after), until.Sub(before)
+	}
+	check := func(t *testing.T, what string, want time.Duration) {
+		t.Helper()
+		lo, hi := ejectOnce(t)
+		// until = now + d for some now between before and after.
+		if want < lo.Truncate(time.Millisecond) || want > hi+time.Millisecond {
+			t.Errorf("%s lasted between %v and %v, want %v", what, lo, hi, want)
+		}
+	}
+	check(t, "first ejection", base)
+	check(t, "second ejection", 2*base)
+	check(t, "third ejection", 3*base)
+	// 100 successes on the node forgive the ejections so far.
+	from := bad.hits.Load()
+	for i := 0; bad.hits.Load()-from < 100; i++ {
+		if i == 1000 {
+			t.Fatalf("returned node got %d of 1000 requests, want 100", bad.hits.Load()-from)
+		}
+		if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
+			t.Fatalf("GET: status %d, want 200", r.status)
+		}
+	}
+	check(t, "ejection after 100 successes", base)
+}
+
+// TestRetryBackoff: the delay before retry n is between half and all of
+// base × 2^(n−1), doubling at most 6 times; no base, no delay.
+func TestRetryBackoff(t *testing.T) {
+	const base = 40 * time.Millisecond
+	for n := 1; n <= 10; n++ {
+		d := base << min(n-1, 6)
+		for range 50 {
+			if got := retryBackoff(base, n); got < d/2 || got > d {
+				t.Fatalf("retryBackoff(%v, %d) = %v, want within [%v, %v]", base, n, got, d/2, d)
+			}
+		}
+	}
+	if got := retryBackoff(0, 3); got != 0 {
+		t.Errorf("retryBackoff(0, 3) = %v, want 0", got)
+	}
 }

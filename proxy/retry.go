@@ -241,7 +241,7 @@ func retryWait(ctx context.Context, rt *route, n int, neverSent bool) bool {
 	if neverSent && n == 1 {
 		return ctx.Err() == nil // another node at once
 	}
-	return backoff(ctx, rt.cfg.Resilience.Retries.Backoff, n)
+	return waitBackoff(ctx, rt.cfg.Resilience.Retries.Backoff, n)
 }
 
 // pendingRetry is a retry decided on whose try has not been sent yet; its

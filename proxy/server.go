@@ -11,17 +11,19 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
+
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // ServerOptions tune a listener's HTTP server.
 type ServerOptions struct {
 	// ReadHeaderTimeout bounds reading a request's header (slowloris
 	// protection), an HTTP/2 client's preface and SETTINGS, and the rest of
-	// an HTTP/2 header block once its HEADERS frame came; if zero, 10s is
-	// used.
+	// an HTTP/2 header block once its HEADERS frame came; zero means no
+	// limit. (config.Load gives the 10s default.)
 	ReadHeaderTimeout time.Duration
 	// IdleTimeout closes a client's keep-alive connection after this long
-	// unused; if zero, 90s is used.
+	// unused; zero means no limit. (config.Load gives the 90s default.)
 	IdleTimeout time.Duration
 	// MaxHeaderBytes bounds a request's header, and so what one request
 	// makes the sidecar hold and send on: on HTTP/1.1 the head as it
@@ -70,12 +72,6 @@ type Server struct {
 // prior knowledge on the same port, with header and idle timeouts, and the
 // server's own errors (malformed requests) logged at debug.
 func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
-	if opts.ReadHeaderTimeout <= 0 {
-		opts.ReadHeaderTimeout = 10 * time.Second
-	}
-	if opts.IdleTimeout <= 0 {
-		opts.IdleTimeout = 90 * time.Second
-	}
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
@@ -162,7 +158,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
-		go s.sniff(newRawConn(c))
+		go s.sniff(rawio.Wrap(c))
 	}
 }
 
@@ -177,7 +173,7 @@ func (s *Server) sniff(c net.Conn) {
 	preface := http2.ClientPreface
 	buf := make([]byte, len(preface))
 	n, h2 := 0, true
-	_ = c.SetReadDeadline(time.Now().Add(s.opts.ReadHeaderTimeout))
+	_ = c.SetReadDeadline(deadline(s.opts.ReadHeaderTimeout))
 	for n < len(buf) {
 		m, err := c.Read(buf[n:])
 		n += m
@@ -309,6 +305,13 @@ type prefixConn struct {
 	prefix []byte
 }
 
+// RawBeneath makes a relay read what the sniffer read first, then the raw
+// connection beneath (rawio.Layered).
+func (c *prefixConn) RawBeneath() (*rawio.Conn, []byte) {
+	r, _ := c.Conn.(*rawio.Conn)
+	return r, c.prefix
+}
+
 func (c *prefixConn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {
 		n := copy(p, c.prefix)
@@ -324,4 +327,43 @@ func (c *prefixConn) CloseWrite() error {
 		return cw.CloseWrite()
 	}
 	return c.Conn.Close()
+}
+
+// deadline returns the deadline d from now, or none when d is zero (no
+// limit).
+func deadline(d time.Duration) time.Time {
+	if d <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(d)
+}
+
+// idleTimer runs its func once a connection has been idle for d; with d
+// zero (no limit) it never does. Its methods are the time.Timer's it
+// holds, and safe for concurrent use as those are.
+type idleTimer struct {
+	t *time.Timer
+	d time.Duration
+}
+
+// newIdleTimer starts an idleTimer that runs f after d.
+func newIdleTimer(d time.Duration, f func()) idleTimer {
+	if d <= 0 {
+		return idleTimer{}
+	}
+	return idleTimer{t: time.AfterFunc(d, f), d: d}
+}
+
+// reset starts the wait of d again.
+func (i idleTimer) reset() {
+	if i.t != nil {
+		i.t.Reset(i.d)
+	}
+}
+
+// stop keeps the func from running until the next reset.
+func (i idleTimer) stop() {
+	if i.t != nil {
+		i.t.Stop()
+	}
 }

@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // tcpDialAttempts bounds how many nodes a TCP connection tries before it is
@@ -99,7 +100,7 @@ func (s *TCPServer) Serve(ln net.Listener) error {
 			continue
 		}
 		delay = 0
-		c = newRawConn(c)
+		c = rawio.Wrap(c)
 		if !s.track(c, true) {
 			c.Close()
 			return net.ErrClosed
@@ -218,10 +219,10 @@ func (s *TCPServer) handle(client net.Conn) {
 	var last atomic.Int64
 	defer closeWhenIdle(rt.cfg.Timeouts.Idle, &last, client, backend).Stop()
 
-	if cr, ok := client.(*rawConn); ok {
-		if br, ok := backend.(*rawConn); ok {
-			if pr, err := newRelayPair(cr, br, nil, nil, true, &last); err == nil {
-				pr.wait()
+	if cr, ok := client.(*rawio.Conn); ok {
+		if br, ok := backend.(*rawio.Conn); ok {
+			if pr, err := rawio.NewPair(cr, br, nil, nil, true, &last); err == nil {
+				pr.Wait()
 				return
 			}
 		}
@@ -251,7 +252,7 @@ func dialNode(e *endpoint, header []byte, connect time.Duration) (net.Conn, erro
 		e.limits.endConn()
 		return nil, err
 	}
-	c = newRawConn(c)
+	c = rawio.Wrap(c)
 	e.limits.attach(c)
 	if len(header) == 0 {
 		return c, nil

@@ -311,3 +311,152 @@ func TestTCPEveryBreakerOpen(t *testing.T) {
 		}
 	}
 }
+
+// plainListener hands out its connections as a type other than
+// *net.TCPConn, still able to half-close: the TCP route cannot make them
+// raw connections, so it copies with a goroutine each way instead of
+// handing the pair to the relay loop.
+type plainListener struct{ net.Listener }
+
+type plainConn struct{ *net.TCPConn }
+
+func (l plainListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return plainConn{c.(*net.TCPConn)}, nil
+}
+
+// TestTCPCopyHalfClose: on the copy path (no relay loop), a half-close
+// from either side reaches the other while the opposite direction goes
+// on: the node's FIN reaches the client as EOF, and what the client sends
+// after that still reaches the node, followed by the client's FIN.
+func TestTCPCopyHalfClose(t *testing.T) {
+	nodeLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan string, 1)
+	var wg sync.WaitGroup
+	t.Cleanup(func() { nodeLn.Close(); wg.Wait() })
+	wg.Go(func() {
+		c, err := nodeLn.Accept()
+		if err != nil {
+			got <- "accept: " + err.Error()
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "hello")
+		c.(*net.TCPConn).CloseWrite()
+		b, err := io.ReadAll(c) // until the client's FIN
+		if err != nil {
+			got <- "read: " + err.Error()
+			return
+		}
+		got <- string(b)
+	})
+
+	px, _ := staticProxy(t, []string{nodeLn.Addr().String()})
+	ts, err := px.TCP("test", RouteConfig{Service: "svc", Protocol: "tcp", Resilience: connResDefaults(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		ts.Serve(plainListener{ln})
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		ts.Shutdown(ctx)
+		<-served
+	})
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	if err != nil || string(b) != "hello" {
+		t.Fatalf("client read %q, %v; want \"hello\" then EOF (the node's half-close)", b, err)
+	}
+	if _, err := io.WriteString(c, "after the node's FIN"); err != nil {
+		t.Fatalf("client write after the node's half-close: %v", err)
+	}
+	c.(*net.TCPConn).CloseWrite()
+	select {
+	case s := <-got:
+		if s != "after the node's FIN" {
+			t.Errorf("node read %q, want %q then EOF (the client's half-close)", s, "after the node's FIN")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("node saw no EOF after the client's half-close")
+	}
+}
+
+// TestTCPIdleTimeout checks a TCP route closes a connection silent for the
+// idle timeout, and keeps one whose traffic goes on past it.
+func TestTCPIdleTimeout(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	p := New(staticCache(t, map[string][]string{"echo": {ln.Addr().String()}}), nil, testLogger(t))
+	const idle = 300 * time.Millisecond
+	ts, err := p.TCP("test", RouteConfig{Service: "echo", Protocol: "tcp", Timeouts: Timeouts{Idle: idle}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go ts.Serve(pl)
+	defer ts.Shutdown(t.Context())
+
+	busy, err := net.Dial("tcp", pl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	quiet, err := net.Dial("tcp", pl.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	start := time.Now()
+	buf := make([]byte, 4)
+	for time.Since(start) < 3*idle {
+		busy.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := busy.Write([]byte("ping")); err != nil {
+			t.Fatalf("busy connection write after %v: %v", time.Since(start), err)
+		}
+		if _, err := io.ReadFull(busy, buf); err != nil {
+			t.Fatalf("busy connection closed after %v: %v", time.Since(start), err)
+		}
+		time.Sleep(idle / 6)
+	}
+	quiet.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := quiet.Read(buf); err != io.EOF {
+		t.Fatalf("quiet connection read = %v, want EOF from the idle timeout", err)
+	}
+}

@@ -15,6 +15,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // serveUpgrade carries a protocol upgrade (WebSocket): one node, picked
@@ -127,7 +129,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		return
 	}
 	defer backConn.Close()
-	if got := upgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
+	if got := httpwire.UpgradeType(resp.Header); got == "" || !strings.EqualFold(got, proto) {
 		rt.reportTry(e, breakerDone, true, true)
 		done(pk, fmt.Errorf("node switched to %q, not %q", got, proto), start)
 		writeError(w, &proxyError{rt.cfg.Service, fmt.Errorf("node switched to protocol %q, want %q", got, proto)})
@@ -176,15 +178,15 @@ func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser, tu
 		last = new(atomic.Int64)
 		defer closeWhenIdle(tunnel, last, app, node).Stop()
 	}
-	ar, aPrefix := rawBeneath(app)
-	nr, nHeld := rawBeneath(node)
+	ar, aPrefix := rawio.Beneath(app)
+	nr, nHeld := rawio.Beneath(node)
 	if ar != nil && nr != nil {
 		aHeld, _ := held.Peek(held.Buffered())
 		if len(aPrefix) > 0 {
 			aHeld = append(append([]byte(nil), aHeld...), aPrefix...)
 		}
-		if pr, err := newRelayPair(ar, nr, aHeld, nHeld, false, last); err == nil {
-			return pr.wait()
+		if pr, err := rawio.NewPair(ar, nr, aHeld, nHeld, false, last); err == nil {
+			return pr.Wait()
 		}
 	}
 	errc := make(chan error, 2)
@@ -206,7 +208,7 @@ func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser, tu
 }
 
 // closeBoth closes a and b at once: a relay blocked writing to one holds a
-// read on the other (rawConn.relayTo), and a Close waits for that read,
+// read on the other (rawio.Conn.RelayTo), and a Close waits for that read,
 // but closing the first wakes the blocked write. It returns when both are
 // closed.
 func closeBoth(a, b io.Closer) {
@@ -278,8 +280,8 @@ func (ic *idleCloser) Stop() {
 
 // relay copies held, then src, to dst until src ends, stamping last (when
 // not nil) with the time of every transfer. When src is a raw connection
-// underneath (rawBeneath; what it holds goes first), the copy runs in
-// rawConn.relayTo, with raw calls at any load; otherwise it is a plain
+// underneath (rawio.Beneath; what it holds goes first), the copy runs in
+// rawio.Conn.RelayTo, with raw calls at any load; otherwise it is a plain
 // read-write loop.
 func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) error {
 	bp := bufPool.Get().(*[]byte)
@@ -290,14 +292,14 @@ func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) err
 			return err
 		}
 	}
-	if rc, pending := rawBeneath(src); rc != nil {
+	if rc, pending := rawio.Beneath(src); rc != nil {
 		// What src read already goes first; src is not read again.
 		if len(pending) > 0 {
 			if _, err := dst.Write(pending); err != nil {
 				return err
 			}
 		}
-		return rc.relayTo(dst, buf, last)
+		return rc.RelayTo(dst, buf, last)
 	}
 	for {
 		n, err := src.Read(buf)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // TestUpgradeRelay drives a protocol upgrade through the proxy with raw
@@ -29,8 +30,10 @@ import (
 func TestUpgradeRelay(t *testing.T) {
 	t.Run("idle", testUpgradeRelay)
 	t.Run("busy", func(t *testing.T) {
-		inFlight.Add(2) // ordinary system calls, as under load
-		defer inFlight.Add(-2)
+		rawio.StartRequest() // ordinary system calls, as under load
+		rawio.StartRequest()
+		defer rawio.EndRequest()
+		defer rawio.EndRequest()
 		testUpgradeRelay(t)
 	})
 }

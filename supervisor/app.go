@@ -33,7 +33,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -45,6 +44,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/backoff"
 )
 
 // Health is the instance's health check as the supervisor drives it.
@@ -426,10 +427,6 @@ func (a *App) backoff(n int) time.Duration {
 	if a.opts.Backoff != nil {
 		return a.opts.Backoff(n)
 	}
-	d := a.spec.BackoffMin
-	for i := 1; i < n && d < a.spec.BackoffMax; i++ {
-		d *= 2
-	}
-	d = min(d, a.spec.BackoffMax)
-	return min(time.Duration(float64(d)*(0.8+0.4*rand.Float64())), a.spec.BackoffMax)
+	b := backoff.Exponential{Base: a.spec.BackoffMin, Max: a.spec.BackoffMax, Jitter: 0.2}
+	return min(b.Backoff(n), a.spec.BackoffMax)
 }

@@ -10,8 +10,8 @@ import (
 )
 
 // lifetime names the functions of goroutines that live as long as the
-// process once started, and so are not leaks: proxy's relay loops.
-var lifetime = [][]byte{[]byte("proxy.(*relayLoop).run(")}
+// process once started, and so are not leaks: rawio's relay loops.
+var lifetime = [][]byte{[]byte("rawio.(*relayLoop).run(")}
 
 // count is runtime.NumGoroutine() without the lifetime goroutines.
 func count() (int, []byte) {

@@ -1,4 +1,4 @@
-package proxy
+package rawio
 
 import (
 	"bytes"
@@ -11,28 +11,26 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
 // loopPair relays between two loopback connections through a relay loop,
 // and returns the pair and the far ends: app talks to the pair's first
 // connection, node to its second.
-func loopPair(t *testing.T, aHeld, bHeld []byte, halfClose bool, last *atomic.Int64) (p *relayPair, app, node *net.TCPConn) {
+func loopPair(t *testing.T, aHeld, bHeld []byte, halfClose bool, last *atomic.Int64) (p *Pair, app, node *net.TCPConn) {
 	t.Helper()
 	a, appEnd := rawPair(t)
 	b, nodeEnd := rawPair(t)
-	p, err := newRelayPair(a, b, aHeld, bHeld, halfClose, last)
+	p, err := NewPair(a, b, aHeld, bHeld, halfClose, last)
 	if err != nil {
-		t.Fatalf("newRelayPair: %v", err)
+		t.Fatalf("NewPair: %v", err)
 	}
 	t.Cleanup(p.Close)
 	return p, appEnd.(*net.TCPConn), nodeEnd.(*net.TCPConn)
 }
 
 // waitPair returns the pair's end, failing the test if it takes 5 s.
-func waitPair(t *testing.T, p *relayPair) error {
+func waitPair(t *testing.T, p *Pair) error {
 	t.Helper()
 	select {
 	case <-p.done:
@@ -143,7 +141,7 @@ func TestRelayLoopLastDataWithFIN(t *testing.T) {
 					send()
 					time.Sleep(time.Millisecond)
 				}
-				p, err := newRelayPair(a, b, nil, nil, true, nil)
+				p, err := NewPair(a, b, nil, nil, true, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -202,11 +200,11 @@ func TestRelayLoopClose(t *testing.T) {
 		t.Run(fmt.Sprint(which), func(t *testing.T) {
 			a, appEnd := rawPair(t)
 			b, nodeEnd := rawPair(t)
-			p, err := newRelayPair(a, b, nil, nil, true, nil)
+			p, err := NewPair(a, b, nil, nil, true, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
-			[]*rawConn{a, b}[which].Close()
+			[]*Conn{a, b}[which].Close()
 			if err := waitPair(t, p); !errors.Is(err, net.ErrClosed) {
 				t.Fatalf("pair ended with %v, want net.ErrClosed", err)
 			}
@@ -221,7 +219,7 @@ func TestRelayLoopClose(t *testing.T) {
 	t.Run("before the loop adds it", func(t *testing.T) {
 		a, _ := rawPair(t)
 		b, _ := rawPair(t)
-		p, err := newRelayPair(a, b, nil, nil, true, nil)
+		p, err := NewPair(a, b, nil, nil, true, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -300,64 +298,6 @@ func TestRelayLoopMany(t *testing.T) {
 	}
 }
 
-// TestTCPIdleTimeout checks a TCP route closes a connection silent for the
-// idle timeout, and keeps one whose traffic goes on past it.
-func TestTCPIdleTimeout(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	p := New(staticCache(t, map[string][]string{"echo": {ln.Addr().String()}}), nil, zap.NewNop())
-	const idle = 300 * time.Millisecond
-	ts, err := p.TCP("test", RouteConfig{Service: "echo", Protocol: "tcp", Timeouts: Timeouts{Idle: idle}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	pl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go ts.Serve(pl)
-	defer ts.Shutdown(t.Context())
-
-	busy, err := net.Dial("tcp", pl.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer busy.Close()
-	quiet, err := net.Dial("tcp", pl.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer quiet.Close()
-	start := time.Now()
-	buf := make([]byte, 4)
-	for time.Since(start) < 3*idle {
-		busy.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := busy.Write([]byte("ping")); err != nil {
-			t.Fatalf("busy connection write after %v: %v", time.Since(start), err)
-		}
-		if _, err := io.ReadFull(busy, buf); err != nil {
-			t.Fatalf("busy connection closed after %v: %v", time.Since(start), err)
-		}
-		time.Sleep(idle / 6)
-	}
-	quiet.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := quiet.Read(buf); err != io.EOF {
-		t.Fatalf("quiet connection read = %v, want EOF from the idle timeout", err)
-	}
-}
-
 // TestRelayLoopCloseDuringHandOver closes a connection while it is handed
 // to a relay loop, as an idle timer or Shutdown may: either the hand-over
 // fails, or the pair it made ends. A pair that missed the Close would copy
@@ -368,7 +308,7 @@ func TestRelayLoopCloseDuringHandOver(t *testing.T) {
 		b, nodeEnd := rawPair(t)
 		closed := make(chan struct{})
 		go func() { a.Close(); close(closed) }()
-		p, err := newRelayPair(a, b, nil, nil, true, nil)
+		p, err := NewPair(a, b, nil, nil, true, nil)
 		<-closed
 		if err == nil {
 			select {

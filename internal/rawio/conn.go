@@ -1,4 +1,4 @@
-package proxy
+package rawio
 
 import (
 	"io"
@@ -11,7 +11,7 @@ import (
 	"unsafe"
 )
 
-// rawConn is a TCP connection whose reads and writes, while the sidecar is
+// Conn is a TCP connection whose reads and writes, while the sidecar is
 // nearly idle, skip the Go scheduler's system-call bookkeeping.
 //
 // The runtime brackets every syscall.Read and Write with entersyscall and
@@ -39,8 +39,8 @@ import (
 //
 // Relayed connections are another matter: a relay loop takes their
 // sockets out of the netpoller altogether (relayloop_linux.go), or, where
-// none can, relayTo copies raw at any load.
-type rawConn struct {
+// none can, RelayTo copies raw at any load.
+type Conn struct {
 	net.Conn
 	tcp *net.TCPConn
 	rc  syscall.RawConn
@@ -59,10 +59,10 @@ type rawConn struct {
 	writeFn func(uintptr) bool
 
 	// relay is the relay loop's pair that owns the socket now, if any.
-	relay atomic.Pointer[relayPair]
+	relay atomic.Pointer[Pair]
 
 	// hold makes the next Write a held one (held), made by the Read that
-	// follows it; see holdWrite. Both are the HTTP/1.1 pool's, which uses
+	// follows it; see HoldWrite. Both are the HTTP/1.1 pool's, which uses
 	// a connection from one goroutine at a time.
 	hold bool
 	held []byte
@@ -71,23 +71,23 @@ type rawConn struct {
 	heldFn func(uintptr) bool
 	waited bool
 
-	// idleBroken's, under rmu.
+	// IdleBroken's, under rmu.
 	peekFn     func(uintptr) bool
 	peekBuf    [1]byte
 	peekBroken bool
 
-	// limits, when not nil, holds a connection slot of the node's for
-	// this connection, given back by its first Close.
-	limits    *nodeLimits
-	slotFreed atomic.Bool
+	// onClose, when not nil, runs at the first Close (a node's connection
+	// slot given back, say).
+	onClose   func()
+	closeDone atomic.Bool
 }
 
 // sysFn is syscall.RawSyscall or syscall.Syscall.
 type sysFn func(trap, a1, a2, a3 uintptr) (r1, r2 uintptr, err syscall.Errno)
 
-// newRawConn wraps c when it is a TCP connection, and returns it as it is
+// Wrap wraps c when it is a TCP connection, and returns it as it is
 // otherwise.
-func newRawConn(c net.Conn) net.Conn {
+func Wrap(c net.Conn) net.Conn {
 	tcp, ok := c.(*net.TCPConn)
 	if !ok {
 		return c
@@ -96,7 +96,7 @@ func newRawConn(c net.Conn) net.Conn {
 	if err != nil {
 		return c
 	}
-	r := &rawConn{Conn: tcp, tcp: tcp, rc: rc}
+	r := &Conn{Conn: tcp, tcp: tcp, rc: rc}
 	r.readFn = r.read
 	r.writeFn = r.write
 	r.heldFn = r.writeThenReadFn
@@ -104,13 +104,13 @@ func newRawConn(c net.Conn) net.Conn {
 	return r
 }
 
-// idleBroken reports whether the connection, idle in a pool, can no longer
+// IdleBroken reports whether the connection, idle in a pool, can no longer
 // carry a request: the peer closed or reset it, or sent bytes nobody asked
 // for (a 408 before it closed, say). It peeks at the socket without
 // blocking, in one system call, and takes nothing from it; net/http's
 // Transport learns the same from the read it keeps under way on every idle
 // connection. It must not be called while the connection is read.
-func (c *rawConn) idleBroken() bool {
+func (c *Conn) IdleBroken() bool {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	c.peekBroken = true
@@ -120,7 +120,7 @@ func (c *rawConn) idleBroken() bool {
 	return c.peekBroken
 }
 
-func (c *rawConn) peek(fd uintptr) bool {
+func (c *Conn) peek(fd uintptr) bool {
 	for {
 		_, _, e := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&c.peekBuf[0])), 1,
 			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
@@ -135,8 +135,16 @@ func (c *rawConn) peek(fd uintptr) bool {
 }
 
 // inFlight counts the requests (HTTP/1.1) and streams (HTTP/2) whose
-// handlers are running.
+// handlers are running: StartRequest and EndRequest.
 var inFlight atomic.Int64
+
+// StartRequest counts a request (or HTTP/2 stream) whose handler runs from
+// now, until its EndRequest: past rawMaxInFlight of them, reads and writes
+// take the runtime's own path.
+func StartRequest() { inFlight.Add(1) }
+
+// EndRequest counts a request's handler done.
+func EndRequest() { inFlight.Add(-1) }
 
 // rawMaxInFlight is the most requests in flight at which reads and writes
 // take the raw path.
@@ -145,7 +153,7 @@ const rawMaxInFlight = 4
 // maxRW caps one read or write, as internal/poll does.
 const maxRW = 1 << 30
 
-func (c *rawConn) Read(p []byte) (int, error) {
+func (c *Conn) Read(p []byte) (int, error) {
 	if c.held != nil {
 		return c.writeThenRead(p)
 	}
@@ -175,11 +183,11 @@ func (c *rawConn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-func (c *rawConn) read(fd uintptr) bool { return c.readWith(syscall.RawSyscall, fd) }
+func (c *Conn) read(fd uintptr) bool { return c.readWith(syscall.RawSyscall, fd) }
 
 // readWith reads into rbuf through sys, and reports false when it must
 // wait for the socket to be readable.
-func (c *rawConn) readWith(sys sysFn, fd uintptr) bool {
+func (c *Conn) readWith(sys sysFn, fd uintptr) bool {
 	for {
 		n, _, e := sys(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&c.rbuf[0])), uintptr(len(c.rbuf)))
 		switch e {
@@ -196,7 +204,7 @@ func (c *rawConn) readWith(sys sysFn, fd uintptr) bool {
 	}
 }
 
-func (c *rawConn) Write(p []byte) (int, error) {
+func (c *Conn) Write(p []byte) (int, error) {
 	if c.hold {
 		c.hold, c.held = false, p
 		return len(p), nil
@@ -207,7 +215,7 @@ func (c *rawConn) Write(p []byte) (int, error) {
 	return c.rawWrite(p)
 }
 
-func (c *rawConn) rawWrite(p []byte) (int, error) {
+func (c *Conn) rawWrite(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -226,13 +234,13 @@ func (c *rawConn) rawWrite(p []byte) (int, error) {
 	return n, nil
 }
 
-func (c *rawConn) write(fd uintptr) bool {
+func (c *Conn) write(fd uintptr) bool {
 	return !c.writeWith(syscall.RawSyscall, fd) // when blocked, wait until writable
 }
 
 // writeWith writes the rest of wbuf through sys, and reports whether the
 // socket would block before it is all written.
-func (c *rawConn) writeWith(sys sysFn, fd uintptr) (blocked bool) {
+func (c *Conn) writeWith(sys sysFn, fd uintptr) (blocked bool) {
 	for c.wn < len(c.wbuf) {
 		chunk := c.wbuf[c.wn:]
 		if len(chunk) > maxRW {
@@ -253,7 +261,7 @@ func (c *rawConn) writeWith(sys sysFn, fd uintptr) (blocked bool) {
 	return false
 }
 
-// holdWrite makes flush's write, if it makes one, wait for the next Read,
+// HoldWrite makes flush's write, if it makes one, wait for the next Read,
 // which makes it in the same RawConn.Read that then waits for the answer.
 // A request's node cannot answer before it has the request, so the read Go
 // would try right after writing it finds nothing: one system call per
@@ -261,7 +269,7 @@ func (c *rawConn) writeWith(sys sysFn, fd uintptr) (blocked bool) {
 // netpoller forgets readiness it saw before a read begins, not readiness it
 // sees while the read waits, however soon the answer comes. The written
 // bytes (flush's buffer) must stay as they are until that Read.
-func (c *rawConn) holdWrite(flush func() error) error {
+func (c *Conn) HoldWrite(flush func() error) error {
 	c.hold = true
 	err := flush()
 	c.hold = false
@@ -271,7 +279,7 @@ func (c *rawConn) holdWrite(flush func() error) error {
 // writeThenRead makes the held write, waits for c to be readable and
 // reads into p. A write the socket will not take whole at once is
 // finished by an ordinary Write, after which the read is an ordinary Read.
-func (c *rawConn) writeThenRead(p []byte) (int, error) {
+func (c *Conn) writeThenRead(p []byte) (int, error) {
 	held := c.held
 	c.held = nil
 	if len(p) == 0 {
@@ -308,7 +316,7 @@ func (c *rawConn) writeThenRead(p []byte) (int, error) {
 	return n, nil
 }
 
-func (c *rawConn) writeThenReadFn(fd uintptr) bool {
+func (c *Conn) writeThenReadFn(fd uintptr) bool {
 	sys := sysFn(syscall.RawSyscall)
 	if inFlight.Load() > rawMaxInFlight {
 		sys = syscall.Syscall // under load, as Read and Write do
@@ -323,7 +331,7 @@ func (c *rawConn) writeThenReadFn(fd uintptr) bool {
 	return c.readWith(sys, fd)
 }
 
-// relayTo copies what c reads to dst until EOF or an error, stamping last
+// RelayTo copies what c reads to dst until EOF or an error, stamping last
 // (when not nil) with the time of every transfer, for a relayed connection
 // that no relay loop took (one side is TLS, or the platform is not Linux).
 //
@@ -338,12 +346,12 @@ func (c *rawConn) writeThenReadFn(fd uintptr) bool {
 // netpoller says a socket is ready, not that its peer shut down, so a FIN
 // that came with the last data shows only to a further read. (The relay
 // loop, whose events say so, spares that read.)
-func (c *rawConn) relayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
+func (c *Conn) RelayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
 	var (
 		errno syscall.Errno
 		werr  error
 	)
-	raw, _ := rawBeneath(dst)
+	raw, _ := Beneath(dst)
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	err := c.rc.Read(func(fd uintptr) bool {
@@ -384,24 +392,28 @@ func (c *rawConn) relayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
 	return werr
 }
 
-// rawBeneath returns the raw connection under c, if any, with the bytes c
-// has read from it and not yet handed out.
-func rawBeneath(c any) (*rawConn, []byte) {
+// Beneath returns the raw connection under c, if any, with the bytes c
+// has read from it and not yet handed out: c itself, or a Layered
+// connection over one.
+func Beneath(c any) (*Conn, []byte) {
 	switch c := c.(type) {
-	case *rawConn:
+	case *Conn:
 		return c, nil
-	case *prefixConn:
-		r, _ := c.Conn.(*rawConn)
-		return r, c.prefix
-	case *h1Upgraded:
-		r, _ := c.pc.c.(*rawConn)
-		held, _ := c.pc.br.Peek(c.pc.br.Buffered())
-		return r, held
+	case Layered:
+		return c.RawBeneath()
 	}
 	return nil, nil
 }
 
-func (c *rawConn) opError(op string, err error) error {
+// Layered is a connection read through a layer of its own (a sniffer's
+// prefix, an HTTP/1.1 reader's buffer) over a Conn.
+type Layered interface {
+	// RawBeneath returns the Conn beneath, or nil, and the bytes the layer
+	// read from it and has not handed out. It does not block.
+	RawBeneath() (*Conn, []byte)
+}
+
+func (c *Conn) opError(op string, err error) error {
 	if ope, ok := err.(*net.OpError); ok {
 		err = ope.Err // RawConn's own wrapping says "raw-read"
 	}
@@ -410,17 +422,21 @@ func (c *rawConn) opError(op string, err error) error {
 
 // Close closes the connection, or the relay pair it was handed to. The
 // socket closes first: a hand-over that has not stored its pair yet finds
-// it closed (newRelayPair).
-func (c *rawConn) Close() error {
+// it closed (NewPair).
+func (c *Conn) Close() error {
 	err := c.Conn.Close()
 	if p := c.relay.Load(); p != nil {
 		p.Close()
 	}
-	if c.limits != nil && c.slotFreed.CompareAndSwap(false, true) {
-		c.limits.endConn()
+	if c.onClose != nil && c.closeDone.CompareAndSwap(false, true) {
+		c.onClose()
 	}
 	return err
 }
 
+// OnClose makes the first Close run f. Call it before the connection is
+// shared.
+func (c *Conn) OnClose(f func()) { c.onClose = f }
+
 // CloseWrite half-closes, as relayed upgrades need.
-func (c *rawConn) CloseWrite() error { return c.tcp.CloseWrite() }
+func (c *Conn) CloseWrite() error { return c.tcp.CloseWrite() }

@@ -1,4 +1,4 @@
-package proxy
+package rawio
 
 import (
 	"bytes"
@@ -12,9 +12,9 @@ import (
 	"time"
 )
 
-// rawPair returns a rawConn client and the plain server end of a loopback
+// rawPair returns a Conn client and the plain server end of a loopback
 // TCP connection.
-func rawPair(t testing.TB) (*rawConn, net.Conn) {
+func rawPair(t testing.TB) (*Conn, net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -34,9 +34,9 @@ func rawPair(t testing.TB) (*rawConn, net.Conn) {
 	if srv == nil {
 		t.Fatal("accept failed")
 	}
-	rc, ok := newRawConn(c).(*rawConn)
+	rc, ok := Wrap(c).(*Conn)
 	if !ok {
-		t.Fatalf("newRawConn(%T) did not wrap", c)
+		t.Fatalf("Wrap(%T) did not wrap", c)
 	}
 	t.Cleanup(func() { rc.Close(); srv.Close() })
 	return rc, srv
@@ -178,7 +178,7 @@ func TestRelayEndsWithLastData(t *testing.T) {
 		}
 		var got bytes.Buffer
 		done := make(chan error, 1)
-		go func() { done <- relay(&got, nil, c, nil) }()
+		go func() { done <- c.RelayTo(&got, make([]byte, 32<<10), nil) }()
 		if !early {
 			time.Sleep(time.Millisecond)
 			send()
@@ -214,7 +214,7 @@ func TestRawConnHoldWrite(t *testing.T) {
 			for _, size := range []int{5, 8 << 20} {
 				c, srv := rawPair(t)
 				req := bytes.Repeat([]byte("q"), size)
-				if err := c.holdWrite(func() error {
+				if err := c.HoldWrite(func() error {
 					_, err := c.Write(req)
 					return err
 				}); err != nil {
@@ -245,7 +245,7 @@ func TestRawConnHoldWrite(t *testing.T) {
 	}
 	t.Run("failed", func(t *testing.T) {
 		c, _ := rawPair(t)
-		c.holdWrite(func() error { _, err := c.Write([]byte("q")); return err })
+		c.HoldWrite(func() error { _, err := c.Write([]byte("q")); return err })
 		c.Conn.(*net.TCPConn).CloseWrite()
 		_, err := c.Read(make([]byte, 8))
 		var ope *net.OpError
@@ -253,4 +253,16 @@ func TestRawConnHoldWrite(t *testing.T) {
 			t.Fatalf("read after a failed held write = %v, want a write *net.OpError", err)
 		}
 	})
+}
+
+// BenchmarkIdleBroken measures the check the HTTP/1.1 pool makes on an idle
+// connection before it reuses it: one non-blocking peek.
+func BenchmarkIdleBroken(b *testing.B) {
+	rc, _ := rawPair(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		if rc.IdleBroken() {
+			b.Fatal("open connection reported broken")
+		}
+	}
 }

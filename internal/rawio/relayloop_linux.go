@@ -1,4 +1,4 @@
-package proxy
+package rawio
 
 import (
 	"errors"
@@ -34,12 +34,12 @@ type relayLoop struct {
 	file *os.File
 
 	mu     sync.Mutex
-	cmds   []*relayPair // added or to close, in order; evfd is written for the first
-	taking []*relayPair // the loop's copy of cmds
+	cmds   []*Pair // added or to close, in order; evfd is written for the first
+	taking []*Pair // the loop's copy of cmds
 
 	ends    map[int32]*relayEnd
-	again   []*relayPair // pairs still readable after their turn's budget
-	turn    []*relayPair
+	again   []*Pair // pairs still readable after their turn's budget
+	turn    []*Pair
 	events  [128]syscall.EpollEvent
 	scratch []byte
 }
@@ -48,8 +48,8 @@ type relayLoop struct {
 // others' turns: a bulk transfer does not starve ping-pong traffic.
 const relayBudget = 16
 
-// A relayPair is two connections whose bytes a relay loop copies both ways.
-type relayPair struct {
+// A Pair is two connections whose bytes a relay loop copies both ways.
+type Pair struct {
 	loop *relayLoop
 	ends [2]relayEnd
 	last *atomic.Int64 // stamped on every transfer; nil when unused
@@ -68,7 +68,7 @@ type relayPair struct {
 
 // relayEnd is one connection of a pair, and the direction that reads it.
 type relayEnd struct {
-	p  *relayPair
+	p  *Pair
 	fd int
 	// in: readable as far as we know (cleared on EAGAIN, or on a short read
 	// before the peer shut down); out: writable as far as we know; hup: the
@@ -154,18 +154,18 @@ const epollET = 1 << 31
 
 const relayEvents = syscall.EPOLLIN | syscall.EPOLLOUT | syscall.EPOLLRDHUP | epollET
 
-// newRelayPair hands a and b to a relay loop, which copies between them
+// NewPair hands a and b to a relay loop, which copies between them
 // until the pair ends; aHeld and bHeld are bytes already read from a and b,
 // sent before anything else. On success the loop owns both sockets: a and
 // b are closed, and closing either again closes the pair. On an error, a
 // and b are as they were.
-func newRelayPair(a, b *rawConn, aHeld, bHeld []byte, halfClose bool, last *atomic.Int64) (*relayPair, error) {
+func NewPair(a, b *Conn, aHeld, bHeld []byte, halfClose bool, last *atomic.Int64) (*Pair, error) {
 	l, err := pickRelayLoop()
 	if err != nil {
 		return nil, err
 	}
-	p := &relayPair{loop: l, last: last, halfClose: halfClose, done: make(chan struct{})}
-	for i, c := range [2]*rawConn{a, b} {
+	p := &Pair{loop: l, last: last, halfClose: halfClose, done: make(chan struct{})}
+	for i, c := range [2]*Conn{a, b} {
 		fd, err := c.dupFD()
 		if err != nil {
 			if i == 1 {
@@ -191,7 +191,7 @@ func newRelayPair(a, b *rawConn, aHeld, bHeld []byte, halfClose bool, last *atom
 }
 
 // dupFD duplicates c's socket descriptor.
-func (c *rawConn) dupFD() (int, error) {
+func (c *Conn) dupFD() (int, error) {
 	var (
 		fd    uintptr
 		errno syscall.Errno
@@ -208,15 +208,15 @@ func (c *rawConn) dupFD() (int, error) {
 	return int(fd), nil
 }
 
-// wait blocks until the pair ends, and says why: nil for a clean end,
+// Wait blocks until the pair ends, and says why: nil for a clean end,
 // net.ErrClosed when it was closed, or the I/O error that ended it.
-func (p *relayPair) wait() error {
+func (p *Pair) Wait() error {
 	<-p.done
 	return p.err
 }
 
 // Close ends the pair, closing both sockets; it does not wait.
-func (p *relayPair) Close() {
+func (p *Pair) Close() {
 	if !p.closeReq.Swap(true) {
 		p.loop.command(p)
 	}
@@ -224,7 +224,7 @@ func (p *relayPair) Close() {
 
 // command queues p for the loop, to add it or to close it, and wakes the
 // loop.
-func (l *relayLoop) command(p *relayPair) {
+func (l *relayLoop) command(p *Pair) {
 	l.mu.Lock()
 	wake := len(l.cmds) == 0 // else evfd is written and the loop has yet to take cmds
 	l.cmds = append(l.cmds, p)
@@ -306,7 +306,7 @@ func (l *relayLoop) commands() {
 	clear(l.taking)
 }
 
-func (l *relayLoop) add(p *relayPair) {
+func (l *relayLoop) add(p *Pair) {
 	p.added = true
 	for i := range p.ends {
 		e := &p.ends[i]
@@ -336,7 +336,7 @@ func (l *relayLoop) event(e *relayEnd, ev uint32) {
 	l.pumpBoth(e.p)
 }
 
-func (l *relayLoop) pumpBoth(p *relayPair) {
+func (l *relayLoop) pumpBoth(p *Pair) {
 	l.pump(&p.ends[0], &p.ends[1])
 	l.pump(&p.ends[1], &p.ends[0])
 	if p.finished {
@@ -443,25 +443,28 @@ func (l *relayLoop) send(dst *relayEnd, b []byte) (rest []byte, ok bool) {
 	return b, true
 }
 
+// pendingPool holds the buffers of bytes read before a hand-over.
+var pendingPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
 func (e *relayEnd) setPending(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	e.pbuf = bufPool.Get().(*[]byte)
+	e.pbuf = pendingPool.Get().(*[]byte)
 	e.pending = append((*e.pbuf)[:0], b...)
 }
 
 func (e *relayEnd) releasePending() {
 	e.pending = nil
 	if e.pbuf != nil {
-		bufPool.Put(e.pbuf)
+		pendingPool.Put(e.pbuf)
 		e.pbuf = nil
 	}
 }
 
 // finish ends p: both sockets closed, its buffers released, its waiter
 // woken.
-func (l *relayLoop) finish(p *relayPair, err error) {
+func (l *relayLoop) finish(p *Pair, err error) {
 	if p.finished {
 		return
 	}
