@@ -575,6 +575,7 @@ func TestConsulNodeCheckFetches(t *testing.T) {
 	f.set(10, "api", node("x", 3))
 	web, api := runWatch(t, c, "web"), runWatch(t, c, "api")
 	waitUntil(t, "first snapshots", func() bool { return web.last() != nil && api.last() != nil })
+	settle(t, f, 10) // the fetches the first state and catalog answers asked for
 	apiCalls := f.callCount("api")
 
 	f.setNode(11, "node2", true)
