@@ -71,6 +71,12 @@ func (a *App) Has(topic, group string) bool {
 	return ok
 }
 
+// Ready reports whether a delivery now could reach the app: the sidecar is
+// not draining and the app's check passes.
+func (a *App) Ready() bool {
+	return !a.draining.Load() && (a.healthy == nil || a.healthy())
+}
+
 // Drain stops new deliveries (they answer NotDelivered) and waits for those
 // in flight, until ctx ends.
 func (a *App) Drain(ctx context.Context) error {

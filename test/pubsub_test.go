@@ -107,9 +107,14 @@ type psNode struct {
 
 type psSub struct{ topic, route, group, extra string }
 
-// newPSNode configures a sidecar; with app it registers service name for
-// it and subscribes to subs.
+// newPSNode configures a sidecar on the http broker; with app it registers
+// service name for it and subscribes to subs.
 func newPSNode(t *testing.T, consulAddr, name string, app *subApp, subs ...psSub) *psNode {
+	return newPSNodeOn(t, consulAddr, "", name, app, subs...)
+}
+
+// newPSNodeOn is newPSNode on the nats broker when natsURL is set.
+func newPSNodeOn(t *testing.T, consulAddr, natsURL, name string, app *subApp, subs ...psSub) *psNode {
 	n := &psNode{
 		t: t, name: name, app: app, consulAt: consulAddr,
 		admin:   fmt.Sprintf("127.0.0.1:%d", consulagent.FreePort(t)),
@@ -137,6 +142,9 @@ pubsub:
   data_dir: %s
   http: {listen: %s}
 `, consulAddr, n.admin, n.api, n.dataDir, n.peer)
+	if natsURL != "" {
+		fmt.Fprintf(&b, "  broker: nats\n  nats: {urls: [%q], ack_wait: 5s, on_unavailable: reject}\n", natsURL)
+	}
 	if len(subs) > 0 {
 		b.WriteString("subscriptions:\n")
 		for _, s := range subs {
@@ -244,12 +252,9 @@ func union(maps ...map[string][]int) map[string][]int {
 // fails k times is delivered exactly k+1 times with attempts 1..k+1; a
 // message the app rejects reaches the dead-letter topic's subscribers with
 // its reason.
-func TestPubSubGroups(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration test")
-	}
-	t.Parallel()
-	agent := consulagent.Start(t, consulagent.Options{})
+func TestPubSubGroups(t *testing.T) { forBrokers(t, testPubSubGroups) }
+
+func testPubSubGroups(t *testing.T, env *psEnv) {
 	const k = 3
 	billingApps := []*subApp{startSubApp(t), startSubApp(t)}
 	for _, a := range billingApps {
@@ -266,16 +271,16 @@ func TestPubSubGroups(t *testing.T) {
 	shipApp := startSubApp(t)
 	var nodes []*psNode
 	for _, a := range billingApps {
-		nodes = append(nodes, newPSNode(t, agent.Addr(), "billing", a,
+		nodes = append(nodes, env.node(t, "billing", a,
 			psSub{"orders", "/orders", "billing", ""}, psSub{"flaky", "/flaky", "billing", ""},
 			psSub{"poison", "/poison", "billing", ""}, psSub{"prices", "/prices", "pricecache", ", delivery: broadcast"}).start())
 	}
-	nodes = append(nodes, newPSNode(t, agent.Addr(), "shipping", shipApp,
+	nodes = append(nodes, env.node(t, "shipping", shipApp,
 		psSub{"orders", "/orders", "shipping", ", max_in_flight: 4"}, psSub{"poison.dlq", "/dlq", "shipping", ""}).start())
-	waitPeers(t, agent, "billing", 2, "orders", "flaky", "poison")
-	waitPeers(t, agent, "shipping", 1, "orders", "poison.dlq")
-	waitPeers(t, agent, "pricecache", 2, "prices")
-	pub := newPSNode(t, agent.Addr(), "", nil).start()
+	env.waitGroup(t, "billing", 2, false, "orders", "flaky", "poison")
+	env.waitGroup(t, "shipping", 1, false, "orders", "poison.dlq")
+	env.waitGroup(t, "pricecache", 2, true, "prices")
+	pub := env.node(t, "", nil).start()
 
 	const n = 300
 	for i := range n {
@@ -302,6 +307,7 @@ func TestPubSubGroups(t *testing.T) {
 		return len(billingApps[0].ids("/prices")) == 20 && len(billingApps[1].ids("/prices")) == 20
 	})
 	consulagent.WaitFor(t, 30*time.Second, "the outbox to empty", func() bool { return pub.status().Outbox == 0 })
+	env.waitSettled(t, nodes...)
 	for i, a := range billingApps {
 		for id, at := range a.ids("/prices") {
 			if len(at) != 1 {
@@ -337,6 +343,10 @@ func TestPubSubGroups(t *testing.T) {
 		t.Errorf("dead letter = %v, want topic poison.dlq, a reason naming 404, 1 attempt", ev)
 	}
 
+	if env.nats != nil {
+		checkNATSCounts(t, pub, nodes, n, k)
+		return
+	}
 	// The counts, in /metrics and /status.
 	consulagent.WaitFor(t, 10*time.Second, "the dead letter's outcome", func() bool { return pub.status().Outbox == 0 })
 	for series, want := range map[string]float64{
@@ -371,6 +381,44 @@ func TestPubSubGroups(t *testing.T) {
 // comes back and gets every message. A subscriber sidecar killed (-9)
 // mid-stream loses nothing and dead-letters nothing. Publishing keeps
 // answering 204 while Consul is down.
+// checkNATSCounts checks TestPubSubGroups' counts on the nats broker,
+// where the subscribers' sidecars own the outcomes: /metrics of the
+// publisher and the subscribers, and the subscribers' /status.
+func checkNATSCounts(t *testing.T, pub *psNode, nodes []*psNode, n, k int) {
+	t.Helper()
+	if got := pub.metric(`sidecar_pubsub_published_total{result="ok",topic="orders"}`); got != float64(n+1) {
+		t.Errorf("publisher's published_total for orders = %v, want %d", got, n+1)
+	}
+	sum := func(series string, ns ...*psNode) float64 {
+		total := 0.0
+		for _, node := range ns {
+			total += max(node.metric(series), 0)
+		}
+		return total
+	}
+	billing := nodes[:2]
+	consulagent.WaitFor(t, 10*time.Second, "the counts", func() bool {
+		return sum(`sidecar_pubsub_outcomes_total{group="shipping",outcome="success",topic="poison.dlq"}`, nodes[2]) == 1
+	})
+	for series, want := range map[string]float64{
+		`sidecar_pubsub_outcomes_total{group="billing",outcome="success",topic="orders"}`:     float64(n),
+		`sidecar_pubsub_attempts_total{group="billing",topic="flaky"}`:                        float64(5 * (k + 1)),
+		`sidecar_pubsub_dead_letters_total{group="billing",reason="rejected",topic="poison"}`: 1,
+	} {
+		if got := sum(series, billing...); got != want {
+			t.Errorf("billing %s = %v, want %v", series, got, want)
+		}
+	}
+	if got := nodes[2].metric(`sidecar_pubsub_delivered_total{group="shipping",outcome="success",topic="orders"}`); got != float64(n) {
+		t.Errorf("shipping's delivered_total for orders = %v, want %d", got, n)
+	}
+	for _, g := range nodes[2].status().Groups {
+		if g.Pending != 0 {
+			t.Errorf("shipping /status %s/%s pending = %d, want 0", g.Topic, g.Group, g.Pending)
+		}
+	}
+}
+
 func TestPubSubCustody(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")

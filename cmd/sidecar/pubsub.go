@@ -16,6 +16,7 @@ import (
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
+	"github.com/sidecarlb/sidecar/pubsub/natsbroker"
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
@@ -27,6 +28,7 @@ type pubsubRuntime struct {
 	store      *store.Store
 	broker     pubsub.Broker // the http broker's dispatcher
 	dispatcher *httpbroker.Dispatcher
+	nats       *natsbroker.Broker // the nats broker, in place of the store and dispatcher
 	app        *pubsub.App // nil without subscriptions
 	registrars []*heartbeat.Registrar
 	records    []httpbroker.Record
@@ -43,6 +45,9 @@ type pubsubRuntime struct {
 // sidecar.
 func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, reg prometheus.Registerer, appRegistrar *heartbeat.Registrar, log *zap.Logger) (*pubsubRuntime, error) {
 	ps := &cfg.PubSub
+	if ps.Broker == config.BrokerNATS {
+		return newNATSPubSub(cfg, reg, appRegistrar, log)
+	}
 	st, err := store.Open(ps.DataDir, store.Options{})
 	if err != nil {
 		return nil, fmt.Errorf("pubsub.data_dir: %w", err)
@@ -212,6 +217,10 @@ func (rt *pubsubRuntime) stop() {
 		rt.cancel()
 		<-rt.done
 	}
+	if rt.nats != nil {
+		rt.nats.Close()
+		return
+	}
 	if err := rt.store.Close(); err != nil {
 		rt.log.Warn("close store", zap.Error(err))
 	}
@@ -221,4 +230,9 @@ func (rt *pubsubRuntime) closeListeners() {
 	closeAll(rt.servers)
 }
 
-func (rt *pubsubRuntime) status() any { return rt.dispatcher.Status() }
+func (rt *pubsubRuntime) status() any {
+	if rt.nats != nil {
+		return rt.nats.Status()
+	}
+	return rt.dispatcher.Status()
+}
