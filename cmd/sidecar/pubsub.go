@@ -29,7 +29,7 @@ type pubsubRuntime struct {
 	broker     pubsub.Broker // the http broker's dispatcher
 	dispatcher *httpbroker.Dispatcher
 	nats       *natsbroker.Broker // the nats broker, in place of the store and dispatcher
-	app        *pubsub.App // nil without subscriptions
+	app        *pubsub.App        // nil without subscriptions
 	registrars []*heartbeat.Registrar
 	records    []httpbroker.Record
 	consul     *api.Client
