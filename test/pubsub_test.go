@@ -247,7 +247,7 @@ func union(maps ...map[string][]int) map[string][]int {
 	return out
 }
 
-// TestPubSubGroups: two instances of one group share a topic's messages,
+// TestPubSubGroups, for each broker: two instances of one group share a topic's messages,
 // a second group gets its own copy of each, nothing is lost; a handler that
 // fails k times is delivered exactly k+1 times with attempts 1..k+1; a
 // message the app rejects reaches the dead-letter topic's subscribers with
@@ -484,26 +484,23 @@ func TestPubSubCustody(t *testing.T) {
 	})
 }
 
-// TestPubSubDrain: mid-stream, one subscriber gets SIGTERM (it finishes
+// TestPubSubDrain, for each broker: mid-stream, one subscriber gets SIGTERM (it finishes
 // what is in flight and hands the rest back) and another's app crashes;
 // the third instance gets the rest: nothing lost, nothing dead-lettered,
 // and the drained sidecar exits cleanly.
-func TestPubSubDrain(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration test")
-	}
-	t.Parallel()
-	agent := consulagent.Start(t, consulagent.Options{})
+func TestPubSubDrain(t *testing.T) { forBrokers(t, testPubSubDrain) }
+
+func testPubSubDrain(t *testing.T, env *psEnv) {
 	var apps []*subApp
 	var subs []*psNode
 	for range 3 {
 		a := startSubApp(t)
 		a.delay = 20 * time.Millisecond
 		apps = append(apps, a)
-		subs = append(subs, newPSNode(t, agent.Addr(), "ledger", a, psSub{"entries", "/entries", "ledger", ", max_in_flight: 8"}, psSub{"entries.dlq", "/dlq", "ledger", ""}).start())
+		subs = append(subs, env.node(t, "ledger", a, psSub{"entries", "/entries", "ledger", ", max_in_flight: 8"}, psSub{"entries.dlq", "/dlq", "ledger", ""}).start())
 	}
-	waitPeers(t, agent, "ledger", 3, "entries", "entries.dlq")
-	pub := newPSNode(t, agent.Addr(), "", nil).start()
+	env.waitGroup(t, "ledger", 3, false, "entries", "entries.dlq")
+	pub := env.node(t, "", nil).start()
 	const n = 600
 	for i := range n {
 		if code := pub.publish("entries", fmt.Sprintf("l-%d", i), `{}`); code != 204 {
@@ -521,6 +518,7 @@ func TestPubSubDrain(t *testing.T) {
 	}
 	consulagent.WaitFor(t, 90*time.Second, "every entry delivered", func() bool { return len(all()) == n })
 	consulagent.WaitFor(t, 30*time.Second, "the outbox to empty", func() bool { return pub.status().Outbox == 0 })
+	env.waitSettled(t, subs[2])
 	if d := union(apps[0].ids("/dlq"), apps[1].ids("/dlq"), apps[2].ids("/dlq")); len(d) != 0 {
 		t.Errorf("%d dead letters, want none", len(d))
 	}

@@ -100,6 +100,9 @@ func New(opts Options, app *pubsub.App, subs []Subscription, log *zap.Logger) (*
 		nats.MaxReconnects(-1),
 		nats.RetryOnFailedConnect(true),
 		nats.ReconnectWait(250 * time.Millisecond),
+		// No buffering while disconnected: a publish then fails at once
+		// (503) rather than being sent later, after its answer.
+		nats.ReconnectBufSize(-1),
 		nats.ReconnectJitter(100*time.Millisecond, time.Second),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			log.Warn("nats disconnected", zap.Error(err))

@@ -1,0 +1,113 @@
+package test
+
+// Failure tests of the nats broker: real sidecars and a real nats-server.
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sidecarlb/sidecar/test/consulagent"
+	"github.com/sidecarlb/sidecar/test/natsserver"
+)
+
+func newNATSEnv(t *testing.T) *psEnv {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	t.Parallel()
+	return &psEnv{broker: "nats", agent: consulagent.Start(t, consulagent.Options{}), nats: natsserver.Start(t)}
+}
+
+// TestPubSubNATSKillSubscriber: one of a group's two subscriber sidecars is
+// killed (-9) mid-stream: what it had pulled comes again after ack_wait and
+// the other instance gets everything; nothing lost, nothing dead-lettered.
+// The killed sidecar comes back and takes its share again.
+func TestPubSubNATSKillSubscriber(t *testing.T) {
+	env := newNATSEnv(t)
+	apps := []*subApp{startSubApp(t), startSubApp(t)}
+	var subs []*psNode
+	for _, a := range apps {
+		a.delay = 5 * time.Millisecond
+		subs = append(subs, env.node(t, "audit", a, psSub{"events", "/events", "audit", ", max_in_flight: 8"}, psSub{"events.dlq", "/dlq", "audit", ""}).start())
+	}
+	env.waitGroup(t, "audit", 2, false, "events")
+	pub := env.node(t, "", nil).start()
+	const n = 600
+	for i := range n {
+		if code := pub.publish("events", fmt.Sprintf("e-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish e-%d = %d, want 204", i, code)
+		}
+		if i == n/3 {
+			subs[1].proc.Signal(syscall.SIGKILL)
+			subs[1].proc.Wait(5 * time.Second)
+		}
+	}
+	all := func() map[string][]int { return union(apps[0].ids("/events"), apps[1].ids("/events")) }
+	consulagent.WaitFor(t, 60*time.Second, "every event delivered", func() bool { return len(all()) == n })
+	if d := union(apps[0].ids("/dlq"), apps[1].ids("/dlq")); len(d) != 0 {
+		t.Errorf("%d dead letters, want none", len(d))
+	}
+	before := len(apps[1].ids("/events"))
+	subs[1].start()
+	env.waitGroup(t, "audit", 2, false, "events")
+	for i := n; i < n+200; i++ {
+		if code := pub.publish("events", fmt.Sprintf("e-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish e-%d = %d, want 204", i, code)
+		}
+	}
+	consulagent.WaitFor(t, 30*time.Second, "every event delivered after the restart", func() bool { return len(all()) == n+200 })
+	if after := len(apps[1].ids("/events")); after == before {
+		t.Errorf("the restarted instance got nothing of the last 200")
+	}
+	env.waitSettled(t, subs...)
+}
+
+// TestPubSubNATSUnavailable: with on_unavailable: reject, publishing
+// answers 503 with Retry-After while nats-server is down (killed -9), and
+// 204 again once it is back on the same store; what was published before
+// the crash is delivered after it, with what was published since.
+func TestPubSubNATSUnavailable(t *testing.T) {
+	env := newNATSEnv(t)
+	app := startSubApp(t)
+	sub := env.node(t, "stock", app, psSub{"moves", "/moves", "stock", ""}).start()
+	env.waitGroup(t, "stock", 1, false, "moves")
+	pub := env.node(t, "", nil).start()
+	app.mu.Lock()
+	app.delay = 50 * time.Millisecond // some still unacked at the crash
+	app.mu.Unlock()
+	for i := range 50 {
+		if code := pub.publish("moves", fmt.Sprintf("m-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish m-%d = %d, want 204", i, code)
+		}
+	}
+	env.nats.Kill()
+	consulagent.WaitFor(t, 10*time.Second, "503 with NATS down", func() bool {
+		req, _ := http.NewRequest("POST", "http://"+pub.api+"/v1.0/publish/pubsub/moves", strings.NewReader(`{}`))
+		req.Header.Set("Idempotency-Key", "down")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		if resp.StatusCode == 503 && resp.Header.Get("Retry-After") == "" {
+			t.Errorf("503 without Retry-After")
+		}
+		return resp.StatusCode == 503
+	})
+	env.nats.Start()
+	consulagent.WaitFor(t, 20*time.Second, "204 with NATS back", func() bool { return pub.publish("moves", "m-50", `{}`) == 204 })
+	for i := 51; i < 100; i++ {
+		if code := pub.publish("moves", fmt.Sprintf("m-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish m-%d = %d, want 204", i, code)
+		}
+	}
+	consulagent.WaitFor(t, 60*time.Second, "every move delivered", func() bool { return len(app.ids("/moves")) == 100 })
+	if _, ok := app.ids("/moves")["down"]; ok {
+		t.Errorf("the message answered 503 was delivered")
+	}
+	env.waitSettled(t, sub)
+}
