@@ -137,7 +137,7 @@ func TestSlowHandler(t *testing.T) {
 			return len(got) == to && running == 0
 		})
 	}
-	publish(0, 2) // a slot stays free: its pull would get a redelivery
+	publish(0, 2)                       // a slot stays free: its pull would get a redelivery
 	time.Sleep(1500 * time.Millisecond) // more than ack_wait: a redelivery would show
 	publish(2, 8)
 	mu.Lock()
