@@ -1,0 +1,134 @@
+package natsbroker
+
+// Benchmarks of publishing through the sidecar's API to JetStream beside
+// the same-run baseline, nats.go publishing directly to the same
+// nats-server (a separate process on loopback). Run them without -race:
+//
+//	go test -run '^$' -bench . -benchtime 5000x ./pubsub/natsbroker/
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/test/natsserver"
+)
+
+func percentiles(b *testing.B, prefix string, ds []time.Duration) {
+	if len(ds) == 0 {
+		return
+	}
+	slices.Sort(ds)
+	b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), prefix+"-p50-µs")
+	b.ReportMetric(float64(ds[len(ds)*99/100].Microseconds()), prefix+"-p99-µs")
+}
+
+// BenchmarkPublish: 1 KiB messages, acknowledged by JetStream, one at a
+// time (latency percentiles) and from 64 publishers (messages/s): direct
+// is nats.go's js.Publish, sidecar the publish API over the broker, both
+// on one nats-server and stream.
+func BenchmarkPublish(b *testing.B) {
+	srv := natsserver.Start(b)
+	br, err := New(Options{URLs: []string{srv.URL()}}, nil, nil, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer br.Close()
+	if err := br.ensureStream(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	hs := &http.Server{Handler: pubsub.NewAPI(br, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop())}
+	go func() { _ = hs.Serve(ln) }()
+	defer hs.Close()
+	url := "http://" + ln.Addr().String() + "/v1.0/publish/pubsub/bench"
+
+	nc, err := nats.Connect(srv.URL())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	body := make([]byte, 1024)
+	var seq atomic.Int64
+
+	direct := func(ctx context.Context) error {
+		msg := nats.NewMsg(Subject("sidecar", "bench"))
+		msg.Data = body
+		msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprint("d-", seq.Add(1)))
+		_, err := js.PublishMsg(ctx, msg)
+		return err
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128}}
+	sidecar := func(context.Context) error {
+		resp, err := client.Post(url, "application/octet-stream", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 204 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	}
+	for _, c := range []struct {
+		name    string
+		publish func(context.Context) error
+	}{{"direct", direct}, {"sidecar", sidecar}} {
+		b.Run(c.name+"/conc-1", func(b *testing.B) {
+			ctx := context.Background()
+			ds := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for range b.N {
+				start := time.Now()
+				if err := c.publish(ctx); err != nil {
+					b.Fatal(err)
+				}
+				ds = append(ds, time.Since(start))
+			}
+			b.StopTimer()
+			percentiles(b, c.name, ds)
+		})
+		b.Run(c.name+"/conc-64", func(b *testing.B) {
+			ctx := context.Background()
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			var failed atomic.Value
+			start := time.Now()
+			b.ResetTimer()
+			for range 64 {
+				wg.Go(func() {
+					for next.Add(1) <= int64(b.N) {
+						if err := c.publish(ctx); err != nil {
+							failed.Store(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			if err, _ := failed.Load().(error); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+		})
+	}
+}
