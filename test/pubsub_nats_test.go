@@ -111,3 +111,41 @@ func TestPubSubNATSUnavailable(t *testing.T) {
 	}
 	env.waitSettled(t, sub)
 }
+
+// TestPubSubNATSSpool: with on_unavailable: spool, publishing under load
+// answers 204 for every message while nats-server is killed (-9) and
+// restarted on the same store; the publisher's sidecar is itself killed
+// (-9) while messages wait in its spool and restarted on the same
+// data_dir; every message is delivered.
+func TestPubSubNATSSpool(t *testing.T) {
+	env := newNATSEnv(t)
+	app := startSubApp(t)
+	sub := env.node(t, "stock", app, psSub{"moves", "/moves", "stock", ""}).start()
+	env.waitGroup(t, "stock", 1, false, "moves")
+	pub := env.node(t, "", nil)
+	pub.cfg = strings.Replace(pub.cfg, "on_unavailable: reject", "on_unavailable: spool", 1)
+	pub.start()
+	const n = 300
+	for i := range n {
+		switch i {
+		case n / 3:
+			env.nats.Kill()
+		case n / 2:
+			// Messages wait in the spool: the publisher's sidecar crashes.
+			if s := pub.status(); s.Spooled == 0 {
+				t.Errorf("spooled = 0 with NATS down, want some")
+			}
+			pub.proc.Signal(syscall.SIGKILL)
+			pub.proc.Wait(5 * time.Second)
+			pub.start()
+		case 2 * n / 3:
+			env.nats.Start()
+		}
+		if code := pub.publish("moves", fmt.Sprintf("m-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish m-%d = %d, want 204", i, code)
+		}
+	}
+	consulagent.WaitFor(t, 60*time.Second, "every move delivered", func() bool { return len(app.ids("/moves")) == n })
+	consulagent.WaitFor(t, 10*time.Second, "the spool to empty", func() bool { return pub.status().Spooled == 0 })
+	env.waitSettled(t, sub)
+}

@@ -176,8 +176,9 @@ func (n *psNode) publish(topic, key, body string) int {
 
 // status returns the pubsub section of the sidecar's /status.
 func (n *psNode) status() (s struct {
-	Outbox int `json:"outbox"`
-	Groups []struct {
+	Outbox  int `json:"outbox"`
+	Spooled int `json:"spooled"` // the nats broker's spool
+	Groups  []struct {
 		Topic, Group string
 		Pending      int
 	} `json:"groups"`

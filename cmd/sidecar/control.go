@@ -321,7 +321,11 @@ func printNATS(w io.Writer, s natsbroker.Status) {
 	if s.Connected {
 		state = "connected to " + s.Server
 	}
-	fmt.Fprintf(w, "pubsub     nats %s, stream %s\n", state, s.Stream)
+	fmt.Fprintf(w, "pubsub     nats %s, stream %s", state, s.Stream)
+	if s.Spooled > 0 {
+		fmt.Fprintf(w, ", %d spooled", s.Spooled)
+	}
+	fmt.Fprintln(w)
 	for _, g := range s.Groups {
 		pending := strconv.FormatInt(g.Pending, 10)
 		if g.Pending < 0 {

@@ -219,7 +219,9 @@ func (rt *pubsubRuntime) stop() {
 	}
 	if rt.nats != nil {
 		rt.nats.Close()
-		return
+		if rt.store == nil { // on_unavailable: reject
+			return
+		}
 	}
 	if err := rt.store.Close(); err != nil {
 		rt.log.Warn("close store", zap.Error(err))

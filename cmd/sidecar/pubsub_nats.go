@@ -11,11 +11,13 @@ import (
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/pubsub/natsbroker"
+	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
 // newNATSPubSub wires pub/sub on NATS JetStream (pubsub.broker: nats): the
 // publish API over the broker and, for a subscriber, the delivery to the
-// app. No store and no peer listener: JetStream keeps custody.
+// app. No peer listener: JetStream keeps custody; the store in data_dir is
+// only the spool of on_unavailable: spool.
 func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *heartbeat.Registrar, log *zap.Logger) (*pubsubRuntime, error) {
 	ps := &cfg.PubSub
 	n := &ps.NATS
@@ -25,8 +27,20 @@ func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *
 	if cfg.Service != nil {
 		source, instance = cfg.Service.Name, cfg.Service.ID
 	}
+	var spool *store.Store
 	if n.OnUnavailable == config.UnavailableSpool {
-		log.Warn("pubsub.nats.on_unavailable spool is not built yet: publishing answers 503 with Retry-After while NATS is down")
+		st, err := store.Open(ps.DataDir, store.Options{})
+		if err != nil {
+			return nil, fmt.Errorf("pubsub.data_dir: %w", err)
+		}
+		spool, rt.store = st, st
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_pubsub_outbox_messages", Help: "Messages in the spool, waiting for NATS."},
+			func() float64 { return float64(st.Pending()) }))
+	}
+	closeSpool := func() {
+		if spool != nil {
+			_ = spool.Close()
+		}
 	}
 	var subs []natsbroker.Subscription
 	if len(cfg.Subscriptions) > 0 {
@@ -46,9 +60,10 @@ func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *
 	b, err := natsbroker.New(natsbroker.Options{
 		URLs: n.URLs, CredentialsFile: n.CredentialsFile, Stream: n.Stream, SubjectPrefix: n.SubjectPrefix,
 		Replicas: n.Replicas, MaxAge: n.MaxAge, AckWait: n.AckWait,
-		Name: "sidecar " + source + " " + instance, Instance: instance, Metrics: metrics,
+		Name: "sidecar " + source + " " + instance, Instance: instance, Metrics: metrics, Spool: spool,
 	}, rt.app, subs, log.Named("broker"))
 	if err != nil {
+		closeSpool()
 		return nil, fmt.Errorf("pubsub.nats: %w", err)
 	}
 	rt.broker, rt.nats = b, b
@@ -56,6 +71,7 @@ func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *
 	s, err := bind(ps.Listen, apiHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		b.Close()
+		closeSpool()
 		return nil, fmt.Errorf("pubsub.listen: %w", err)
 	}
 	rt.servers = append(rt.servers, s)

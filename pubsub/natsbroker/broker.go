@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
 // ErrUnavailable is returned by Publish while NATS cannot be reached.
@@ -45,6 +46,10 @@ type Options struct {
 	// PublishTimeout bounds one Publish; if zero, 5s.
 	PublishTimeout time.Duration
 	Metrics        *pubsub.Metrics
+	// Spool, if set, takes the messages Publish cannot hand to JetStream
+	// (pubsub.nats.on_unavailable: spool); Run forwards them. If nil,
+	// Publish fails while NATS is unreachable (reject).
+	Spool *store.Store
 }
 
 // Subscription is one topic and group this sidecar consumes.
@@ -201,6 +206,14 @@ func (b *Broker) ensureStream(ctx context.Context) error {
 // within the duplicate window is reported in dup. On an error some
 // messages may be stored: they are delivered, which at-least-once allows.
 func (b *Broker) Publish(pubs []pubsub.Publication) ([]bool, error) {
+	dup, err := b.publishAll(pubs)
+	if err != nil && b.opts.Spool != nil {
+		return b.spool(pubs)
+	}
+	return dup, err
+}
+
+func (b *Broker) publishAll(pubs []pubsub.Publication) ([]bool, error) {
 	if !b.nc.IsConnected() {
 		return nil, ErrUnavailable
 	}
@@ -268,10 +281,13 @@ func (b *Broker) publish(ctx context.Context, m *pubsub.Message, msgID string) (
 }
 
 // Run creates the stream and the consumers, retrying while NATS is down,
-// and delivers until ctx ends; then it returns once every delivery has
+// forwards the spool, and delivers until ctx ends; then it returns once every delivery has
 // come back (acked, or nak'd to be sent again).
 func (b *Broker) Run(ctx context.Context) {
 	var wg sync.WaitGroup
+	if b.opts.Spool != nil {
+		wg.Go(func() { b.forward(ctx) })
+	}
 	for i := range b.subs {
 		wg.Go(func() { b.consume(ctx, i) })
 	}
@@ -284,6 +300,7 @@ type Status struct {
 	Connected bool          `json:"connected"`
 	Server    string        `json:"server,omitempty"`
 	Stream    string        `json:"stream"`
+	Spooled   int           `json:"spooled"` // messages waiting in the spool for NATS
 	Groups    []GroupStatus `json:"groups"`
 }
 
@@ -302,6 +319,9 @@ type GroupStatus struct {
 // Status asks the server for each consumer's backlog, within 2s.
 func (b *Broker) Status() Status {
 	s := Status{Broker: "nats", Connected: b.nc.IsConnected(), Server: b.nc.ConnectedUrlRedacted(), Stream: b.opts.Stream}
+	if b.opts.Spool != nil {
+		s.Spooled = b.opts.Spool.Pending()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	for i, sub := range b.subs {

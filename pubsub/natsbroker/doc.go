@@ -8,9 +8,12 @@
 // subjects "<subject_prefix>.>", replicas, max_age and a 10-minute
 // duplicate window), with the message id as Nats-Msg-Id, so a repeated
 // Idempotency-Key within the window is stored once. Publish returns only
-// once the server has acknowledged every message; while NATS is unreachable
-// it fails at once (pubsub.nats.on_unavailable: reject, answered 503 with
-// Retry-After by the API).
+// once the server has acknowledged every message. When that fails (NATS
+// unreachable, no ack in time), with a Spool (pubsub.nats.on_unavailable:
+// spool) the messages are appended to the fsynced store in data_dir
+// instead, and Run's forwarder sends them, oldest first, once NATS is back,
+// deleting each after its ack; without one (reject) Publish fails at once,
+// answered 503 with Retry-After by the API.
 //
 // Delivery: a subscription's group is one durable pull consumer filtered
 // on the topic's subject and shared by every instance of the group
