@@ -132,3 +132,61 @@ func BenchmarkPublish(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkDeliver: messages already in the stream delivered by one
+// subscriber sidecar's broker to an app that answers at once (max_in_flight
+// 32, structured), in messages/s.
+func BenchmarkDeliver(b *testing.B) {
+	srv := natsserver.Start(b)
+	var got atomic.Int64
+	done := make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.WriteHeader(http.StatusNoContent)
+		if got.Add(1) == int64(b.N) {
+			close(done)
+		}
+	})}
+	go func() { _ = app.Serve(ln) }()
+	defer app.Close()
+	a := pubsub.NewApp(ln.Addr().String(), []pubsub.Subscription{{Topic: "bench", Group: "g", Route: "/", ContentMode: "structured", MaxInFlight: 32, Timeout: 10 * time.Second}}, nil, nil, zap.NewNop())
+	br, err := New(Options{URLs: []string{srv.URL()}}, a, []Subscription{{Topic: "bench", Group: "g", MaxInFlight: 32, Policy: pubsub.Policy{MaxAttempts: 3, Backoff: time.Millisecond, MaxBackoff: time.Millisecond}, DeadLetter: "bench.dlq"}}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer br.Close()
+	// The consumer exists (deliver-new) before the messages go in.
+	setup, cancelSetup := context.WithCancel(context.Background())
+	if br.consumer(setup, br.subs[0], zap.NewNop()) == nil {
+		b.Fatal("no consumer")
+	}
+	cancelSetup()
+	body := make([]byte, 1024)
+	pubs := make([]pubsub.Publication, 0, 100)
+	for i := 0; i < b.N; {
+		pubs = pubs[:0]
+		for ; len(pubs) < 100 && i < b.N; i++ {
+			pubs = append(pubs, pubsub.Publication{Msg: &pubsub.Message{ID: fmt.Sprint("m-", i), Source: "b", Type: pubsub.DefaultType, Time: time.Now(), DataContentType: "application/octet-stream", Topic: "bench", PubsubName: "pubsub", Data: body}})
+		}
+		if _, err := br.Publish(pubs); err != nil {
+			b.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	defer func() { cancel(); <-stopped }()
+	start := time.Now()
+	b.ResetTimer()
+	go func() { br.Run(ctx); close(stopped) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("delivered %d of %d", got.Load(), b.N)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}

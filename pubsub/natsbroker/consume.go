@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"runtime/debug"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -20,7 +22,6 @@ const (
 	fetchWait    = 5 * time.Second        // one pull request's life
 	retryWait    = 500 * time.Millisecond // after an error, before trying again
 	notReadyWait = 200 * time.Millisecond // while the app is unhealthy or draining
-	ackTimeout   = 5 * time.Second
 	// notDeliveredDelay is the nak delay of a message that did not reach
 	// an app that is not listening.
 	notDeliveredDelay = time.Second
@@ -38,42 +39,35 @@ func (b *Broker) consume(ctx context.Context, i int) {
 	if cons == nil {
 		return
 	}
-	slots := make(chan struct{}, sub.MaxInFlight)
-	release := func(n int) {
-		for range n {
-			<-slots
-		}
-	}
-	defer func() {
-		for range sub.MaxInFlight { // every delivery has handed back its slot
-			slots <- struct{}{}
-		}
-	}()
+	// out counts the messages pulled and not yet settled, at most
+	// MaxInFlight; a pull asks for the free slots once a quarter of them
+	// (or all, when nothing is out) are free, so pulls come in batches.
+	var out atomic.Int64
+	freed := make(chan struct{}, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	limit := int64(sub.MaxInFlight)
+	minBatch := max(1, limit/4)
 	for ctx.Err() == nil {
 		if b.app != nil && !b.app.Ready() {
 			sleep(ctx, notReadyWait)
 			continue
 		}
-		select {
-		case slots <- struct{}{}:
-		case <-ctx.Done():
-			return
-		}
-		n := 1
-		for n < sub.MaxInFlight {
+		busy := out.Load()
+		if free := limit - busy; free < minBatch && busy > 0 {
 			select {
-			case slots <- struct{}{}:
-				n++
-				continue
-			default:
+			case <-freed:
+			case <-ctx.Done():
 			}
-			break
+			continue
 		}
+		n := int(limit - busy)
+		out.Add(int64(n))
 		fctx, cancel := context.WithTimeout(ctx, fetchWait)
 		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
 		if err != nil {
 			cancel()
-			release(n)
+			out.Add(-int64(n))
 			if ctx.Err() == nil {
 				log.Debug("pull failed", zap.Error(err))
 				sleep(ctx, retryWait)
@@ -84,15 +78,21 @@ func (b *Broker) consume(ctx context.Context, i int) {
 		for msg := range batch.Messages() {
 			got++
 			b.inFlight[i].Add(1)
-			go func() {
-				defer release(1)
-				defer b.inFlight[i].Add(-1)
+			wg.Go(func() {
+				defer func() {
+					b.inFlight[i].Add(-1)
+					out.Add(-1)
+					select {
+					case freed <- struct{}{}:
+					default:
+					}
+				}()
 				defer recoverLog(log)
 				b.handle(ctx, sub, msg, log)
-			}()
+			})
 		}
 		cancel()
-		release(n - got)
+		out.Add(-int64(n - got))
 		if err := batch.Error(); err != nil && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, jetstream.ErrNoHeartbeat) {
 			log.Debug("pull ended", zap.Error(err))
 			if got == 0 {
@@ -168,10 +168,9 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg
 	}
 	switch r.Outcome {
 	case pubsub.Success, pubsub.Drop:
-		actx, cancel := context.WithTimeout(context.Background(), ackTimeout)
-		err := msg.DoubleAck(actx)
-		cancel()
-		if err != nil {
+		// A plain ack: if it is lost, the message comes again (the
+		// duplicate window between the app's success and its record).
+		if err := msg.Ack(); err != nil {
 			log.Warn("ack failed: the message will come again", zap.String("id", m.ID), zap.Error(err))
 			return
 		}
