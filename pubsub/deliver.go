@@ -38,6 +38,9 @@ type App struct {
 	log      *zap.Logger
 	subs     map[subKey]*appSub
 	draining atomic.Bool
+	// drainMu orders inflight.Add after the draining check against
+	// Drain's Wait: a WaitGroup must not grow from zero during a Wait.
+	drainMu  sync.Mutex
 	inflight sync.WaitGroup
 }
 
@@ -80,7 +83,9 @@ func (a *App) Ready() bool {
 // Drain stops new deliveries (they answer NotDelivered) and waits for those
 // in flight, until ctx ends.
 func (a *App) Drain(ctx context.Context) error {
+	a.drainMu.Lock()
 	a.draining.Store(true)
+	a.drainMu.Unlock()
 	done := make(chan struct{})
 	go func() { a.inflight.Wait(); close(done) }()
 	select {
@@ -115,11 +120,14 @@ func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int
 		return Result{Outcome: NotDelivered, Reason: "gave up waiting for a slot"}
 	}
 	defer func() { <-s.sem }()
-	a.inflight.Add(1)
-	defer a.inflight.Done()
+	a.drainMu.Lock()
 	if a.draining.Load() {
+		a.drainMu.Unlock()
 		return Result{Outcome: NotDelivered, Reason: "draining"}
 	}
+	a.inflight.Add(1)
+	a.drainMu.Unlock()
+	defer a.inflight.Done()
 	var g interface {
 		Inc()
 		Dec()
