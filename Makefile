@@ -7,7 +7,7 @@ NATS_VERSION   := v2.15.3
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul nats h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub clean
+.PHONY: all build consul nats h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
 
 all: build
 
@@ -98,6 +98,10 @@ demo: consul build
 # one subscriber's sidecar killed mid-stream, and the count of lost orders.
 demo-pubsub: consul build
 	./examples/pubsub-demo.sh
+
+# The same order flow on the nats broker (a nats-server with JetStream).
+demo-pubsub-nats: consul nats build
+	DEMO_BROKER=nats ./examples/pubsub-demo.sh
 
 clean:
 	rm -rf bin
