@@ -3,12 +3,16 @@ package test
 // Failure tests of the nats broker: real sidecars and a real nats-server.
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/sidecarlb/sidecar/test/consulagent"
 	"github.com/sidecarlb/sidecar/test/natsserver"
@@ -148,4 +152,62 @@ func TestPubSubNATSSpool(t *testing.T) {
 	consulagent.WaitFor(t, 60*time.Second, "every move delivered", func() bool { return len(app.ids("/moves")) == n })
 	consulagent.WaitFor(t, 10*time.Second, "the spool to empty", func() bool { return pub.status().Spooled == 0 })
 	env.waitSettled(t, sub)
+}
+
+// TestPubSubNATSCluster: a 3-node NATS cluster with replicas: 3 loses one
+// node (kill -9) under publish load: with on_unavailable: spool no publish
+// fails, and every message is delivered (0 lost).
+func TestPubSubNATSCluster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test")
+	}
+	t.Parallel()
+	nodes := natsserver.StartCluster(t, 3)
+	env := &psEnv{broker: "nats", agent: consulagent.Start(t, consulagent.Options{}), nats: nodes[0]}
+	var urls []string
+	for _, n := range nodes {
+		urls = append(urls, fmt.Sprintf("%q", n.URL()))
+	}
+	cluster := func(n *psNode) *psNode {
+		n.cfg = strings.Replace(n.cfg, fmt.Sprintf("urls: [%q], ack_wait: 5s, on_unavailable: reject", nodes[0].URL()),
+			"urls: ["+strings.Join(urls, ", ")+"], ack_wait: 5s, on_unavailable: spool, replicas: 3", 1)
+		return n.start()
+	}
+	app := startSubApp(t)
+	sub := cluster(env.node(t, "ledger", app, psSub{"entries", "/entries", "ledger", ""}))
+	consulagent.WaitFor(t, 60*time.Second, "the consumer on the cluster", func() bool {
+		for _, g := range sub.status().Groups {
+			if g.Pending == 0 {
+				return true
+			}
+		}
+		return false
+	})
+	nc, err := nats.Connect(nodes[0].URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := js.Stream(ctx, "SIDECAR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info := st.CachedInfo(); info.Config.Replicas != 3 || info.Cluster == nil || len(info.Cluster.Replicas) != 2 {
+		t.Fatalf("stream replicas = %d, cluster %+v; want 3 (a leader and 2 replicas)", info.Config.Replicas, info.Cluster)
+	}
+	pub := cluster(env.node(t, "", nil))
+	const n = 600
+	for i := range n {
+		if i == n/3 {
+			nodes[2].Kill()
+		}
+		if code := pub.publish("entries", fmt.Sprintf("c-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish c-%d = %d, want 204", i, code)
+		}
+	}
+	consulagent.WaitFor(t, 90*time.Second, "every entry delivered", func() bool { return len(app.ids("/entries")) == n })
+	consulagent.WaitFor(t, 30*time.Second, "the spool to empty", func() bool { return pub.status().Spooled == 0 })
 }

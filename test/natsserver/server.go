@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -30,7 +31,8 @@ type Server struct {
 	t      testing.TB
 	bin    string
 	Port   int
-	Dir    string // the JetStream store directory
+	Dir    string   // the JetStream store directory
+	args   []string // cluster flags; none for a single server
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{}
@@ -81,6 +83,39 @@ func Start(t testing.TB) *Server {
 	return s
 }
 
+// StartCluster starts n nats-servers with JetStream routed into one
+// cluster, each on its own client port and store, and waits until each
+// accepts connections (JetStream elects its leaders a little later). They
+// are stopped when the test ends.
+func StartCluster(t testing.TB, n int) []*Server {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		if testing.Short() {
+			t.Skip(err)
+		}
+		t.Fatal(err)
+	}
+	routePorts := make([]int, n)
+	var routes []string
+	for i := range n {
+		routePorts[i] = consulagent.FreePort(t)
+		routes = append(routes, "nats://127.0.0.1:"+strconv.Itoa(routePorts[i]))
+	}
+	servers := make([]*Server, n)
+	for i := range n {
+		s := &Server{t: t, bin: bin, Dir: t.TempDir(), Port: consulagent.FreePort(t)}
+		s.args = []string{"-n", "node-" + strconv.Itoa(i), "--cluster_name", "test",
+			"--cluster", routes[i], "--routes", strings.Join(routes, ",")}
+		if err := s.start(); err != nil {
+			t.Fatalf("nats-server node-%d not ready: %v\n%s", i, err, s.Log())
+		}
+		t.Cleanup(s.Stop)
+		servers[i] = s
+	}
+	return servers
+}
+
 // URL is the client URL of the server.
 func (s *Server) URL() string { return "nats://127.0.0.1:" + strconv.Itoa(s.Port) }
 
@@ -93,7 +128,11 @@ func (s *Server) Start() {
 }
 
 func (s *Server) start() error {
-	cmd := exec.Command(s.bin, "-a", "127.0.0.1", "-p", strconv.Itoa(s.Port), "-js", "-sd", s.Dir, "-n", "test")
+	args := append([]string{"-a", "127.0.0.1", "-p", strconv.Itoa(s.Port), "-js", "-sd", s.Dir}, s.args...)
+	if len(s.args) == 0 {
+		args = append(args, "-n", "test")
+	}
+	cmd := exec.Command(s.bin, args...)
 	cmd.Stdout = &s.log
 	cmd.Stderr = &s.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
