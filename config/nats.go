@@ -92,11 +92,6 @@ func (p *parser) validateNATS(c *Config) {
 		p.errorf("pubsub.nats.ack_wait", "must be at least 1s, got %s", n.AckWait)
 	}
 	p.oneOf("pubsub.nats.on_unavailable", n.OnUnavailable, unavailables)
-	for i, s := range c.Subscriptions {
-		if s.Ordering == OrderingPerKey {
-			p.errorf(fmt.Sprintf("subscriptions[%d].ordering", i), "per_key is not supported with pubsub.broker nats yet (use none, or broker http)")
-		}
-	}
 }
 
 // checkNATSName accepts a stream name or subject token: 1-64 characters

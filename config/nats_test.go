@@ -62,7 +62,7 @@ func TestPubSubNATSErrors(t *testing.T) {
     ack_wait: 10ms
     on_unavailable: drop
 subscriptions:
-  - {topic: orders, route: /events/orders, ordering: per_key}
+  - {topic: orders, route: /events/orders}
 `
 	_, err := ParseEnv([]byte(yaml), "config.yaml", nil)
 	if err == nil {
@@ -78,7 +78,6 @@ subscriptions:
 		`config.yaml: pubsub.nats.max_age: must be greater than 0, got 0s`,
 		`config.yaml: pubsub.nats.ack_wait: must be at least 1s, got 10ms`,
 		`config.yaml: pubsub.nats.on_unavailable: unknown "drop" (want spool or reject)`,
-		`config.yaml: subscriptions[0].ordering: per_key is not supported with pubsub.broker nats yet (use none, or broker http)`,
 	}
 	for _, w := range want {
 		if !strings.Contains(err.Error(), w) {

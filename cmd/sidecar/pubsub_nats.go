@@ -52,7 +52,7 @@ func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *
 			subs = append(subs, natsbroker.Subscription{
 				Topic: sub.Topic, Group: sub.Group, Broadcast: sub.Delivery == config.DeliveryBroadcast, MaxInFlight: sub.MaxInFlight,
 				Policy:     pubsub.Policy{MaxAttempts: sub.Retry.MaxAttempts, Backoff: sub.Retry.Backoff, MaxBackoff: sub.Retry.MaxBackoff},
-				DeadLetter: sub.DeadLetterTopic,
+				DeadLetter: sub.DeadLetterTopic, PerKey: sub.Ordering == config.OrderingPerKey,
 			})
 		}
 		rt.app = pubsub.NewApp(svc.ProbeAddr(), appSubs, healthy, metrics, log.Named("pubsub"))

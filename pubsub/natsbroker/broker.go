@@ -60,6 +60,12 @@ type Subscription struct {
 	MaxInFlight int
 	Policy      pubsub.Policy
 	DeadLetter  string // the dead-letter topic
+	// PerKey (ordering: per_key) makes the group's consumer give out one
+	// message at a time, in stream order, so a key's next message waits
+	// for the one before to have a final outcome, retries included, across
+	// instances. It holds for every key at once: the group gets no
+	// concurrency.
+	PerKey bool
 }
 
 // Broker publishes to and consumes from JetStream. Publish is safe for

@@ -3,6 +3,7 @@ package natsbroker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -160,5 +161,75 @@ func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) 
 			t.Fatalf("timed out after %v waiting for %s", within, what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestOrderingPerKey: with PerKey, the messages of each key reach the app
+// one at a time, in publish order, though some fail their first attempt
+// and are retried, and though two brokers (two instances) share the group.
+func TestOrderingPerKey(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	var mu sync.Mutex
+	var order []string // successful deliveries, in the order they ended
+	running := 0
+	bad := false
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.Header.Get("ce-id")
+		mu.Lock()
+		running++
+		bad = bad || running > 1
+		mu.Unlock()
+		time.Sleep(time.Millisecond)
+		mu.Lock()
+		defer mu.Unlock()
+		running--
+		n, _ := strconv.Atoi(id[2:])
+		if n%3 == 0 && r.Header.Get("Sidecar-Delivery-Attempt") == "1" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		order = append(order, id)
+	}))
+	t.Cleanup(app.Close)
+	addr := app.Listener.Addr().(*net.TCPAddr).AddrPort().String()
+	sub := Subscription{Topic: "keyed", Group: "g", MaxInFlight: 8, PerKey: true, Policy: pubsub.Policy{MaxAttempts: 5, Backoff: 5 * time.Millisecond, MaxBackoff: 5 * time.Millisecond}, DeadLetter: "keyed.dlq"}
+	var brokers []*Broker
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	for range 2 {
+		a := pubsub.NewApp(addr, []pubsub.Subscription{{Topic: "keyed", Group: "g", Route: "/", ContentMode: "raw", MaxInFlight: 8, Timeout: 5 * time.Second}}, nil, nil, zap.NewNop())
+		b := newBroker(t, srv.URL(), a, []Subscription{sub}, Options{AckWait: 2 * time.Second})
+		brokers = append(brokers, b)
+		wg.Go(func() { b.Run(ctx) })
+	}
+	waitFor(t, 10*time.Second, "the consumer", func() bool { return brokers[0].Status().Groups[0].Pending == 0 })
+	const n = 60
+	for i := range n {
+		m := msg("keyed", fmt.Sprintf("%c-%d", 'a'+i%3, i))
+		m.OrderingKey = string(rune('a' + i%3))
+		if _, err := brokers[i%2].Publish([]pubsub.Publication{{Msg: m}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 30*time.Second, "every message", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(order) == n
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	last := map[byte]int{}
+	for _, id := range order {
+		k := id[0]
+		i, _ := strconv.Atoi(id[2:])
+		if prev, ok := last[k]; ok && i <= prev {
+			t.Errorf("key %c: %s after %c-%d, want publish order", k, id, k, prev)
+		}
+		last[k] = i
+	}
+	if bad {
+		t.Errorf("two deliveries of the group ran at once")
 	}
 }

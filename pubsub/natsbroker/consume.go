@@ -118,6 +118,9 @@ func (b *Broker) consumer(ctx context.Context, sub Subscription, log *zap.Logger
 	if sub.Broadcast {
 		cfg.InactiveThreshold = broadcastIdle
 	}
+	if sub.PerKey {
+		cfg.MaxAckPending = 1
+	}
 	for wait := retryWait; ; wait = min(2*wait, 10*time.Second) {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := b.ensureStream(cctx)
