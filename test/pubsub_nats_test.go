@@ -4,6 +4,7 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"strings"
@@ -102,6 +103,12 @@ func TestPubSubNATSUnavailable(t *testing.T) {
 		}
 		return resp.StatusCode == 503
 	})
+	if got := pub.metric("sidecar_pubsub_nats_connected"); got != 0 {
+		t.Errorf("sidecar_pubsub_nats_connected with NATS down = %v, want 0", got)
+	}
+	if s := pub.natsStatus(); s.Connected {
+		t.Errorf("/status connected = true with NATS down")
+	}
 	env.nats.Start()
 	consulagent.WaitFor(t, 20*time.Second, "204 with NATS back", func() bool { return pub.publish("moves", "m-50", `{}`) == 204 })
 	for i := 51; i < 100; i++ {
@@ -110,6 +117,9 @@ func TestPubSubNATSUnavailable(t *testing.T) {
 		}
 	}
 	consulagent.WaitFor(t, 60*time.Second, "every move delivered", func() bool { return len(app.ids("/moves")) == 100 })
+	if got := pub.metric("sidecar_pubsub_nats_connected"); got != 1 {
+		t.Errorf("sidecar_pubsub_nats_connected with NATS back = %v, want 1", got)
+	}
 	if _, ok := app.ids("/moves")["down"]; ok {
 		t.Errorf("the message answered 503 was delivered")
 	}
@@ -210,4 +220,21 @@ func TestPubSubNATSCluster(t *testing.T) {
 	}
 	consulagent.WaitFor(t, 90*time.Second, "every entry delivered", func() bool { return len(app.ids("/entries")) == n })
 	consulagent.WaitFor(t, 30*time.Second, "the spool to empty", func() bool { return pub.status().Spooled == 0 })
+}
+
+// natsStatus returns the nats broker's part of the sidecar's /status.
+func (n *psNode) natsStatus() (s struct {
+	Connected bool `json:"connected"`
+}) {
+	resp, err := http.Get("http://" + n.admin + "/status")
+	if err != nil {
+		return s
+	}
+	defer resp.Body.Close()
+	var all struct {
+		Pubsub json.RawMessage `json:"pubsub"`
+	}
+	_ = json.NewDecoder(resp.Body).Decode(&all)
+	_ = json.Unmarshal(all.Pubsub, &s)
+	return s
 }

@@ -67,6 +67,13 @@ func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *
 		return nil, fmt.Errorf("pubsub.nats: %w", err)
 	}
 	rt.broker, rt.nats = b, b
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "sidecar_pubsub_nats_connected", Help: "1 while the sidecar is connected to NATS, else 0."},
+		func() float64 {
+			if b.Connected() {
+				return 1
+			}
+			return 0
+		}))
 	apiHandler := pubsub.NewAPI(b, pubsub.APIOptions{Name: ps.Name, Source: source, MaxBytes: ps.MaxMessageBytesN, Metrics: metrics}, log.Named("pubsub"))
 	s, err := bind(ps.Listen, apiHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {

@@ -138,6 +138,9 @@ func New(opts Options, app *pubsub.App, subs []Subscription, log *zap.Logger) (*
 	return b, nil
 }
 
+// Connected reports whether the connection to NATS is up.
+func (b *Broker) Connected() bool { return b.nc.IsConnected() }
+
 // Close closes the connection; call it after Run has returned.
 func (b *Broker) Close() { b.nc.Close() }
 
