@@ -238,3 +238,32 @@ func (n *psNode) natsStatus() (s struct {
 	_ = json.Unmarshal(all.Pubsub, &s)
 	return s
 }
+
+// TestPubSubNATSGroupDown: a group that has subscribed once is durable:
+// messages published while its only instance is down (SIGTERM) are
+// delivered when it comes back, each once, attempt 1.
+func TestPubSubNATSGroupDown(t *testing.T) {
+	env := newNATSEnv(t)
+	app := startSubApp(t)
+	sub := env.node(t, "audit", app, psSub{"events", "/events", "audit", ""}).start()
+	env.waitGroup(t, "audit", 1, false, "events")
+	sub.proc.Signal(syscall.SIGTERM)
+	if code := sub.proc.Wait(15 * time.Second); code != 0 {
+		t.Errorf("drained sidecar exit code = %d, want 0", code)
+	}
+	pub := env.node(t, "", nil).start()
+	const n = 100
+	for i := range n {
+		if code := pub.publish("events", fmt.Sprintf("e-%d", i), `{}`); code != 204 {
+			t.Fatalf("publish e-%d = %d, want 204", i, code)
+		}
+	}
+	sub.start()
+	consulagent.WaitFor(t, 30*time.Second, "every event delivered", func() bool { return len(app.ids("/events")) == n })
+	env.waitSettled(t, sub)
+	for id, at := range app.ids("/events") {
+		if len(at) != 1 || at[0] != 1 {
+			t.Errorf("%s delivered with attempts %v, want [1]", id, at)
+		}
+	}
+}
