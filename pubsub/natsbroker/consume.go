@@ -239,7 +239,7 @@ func (b *Broker) deadLetter(sub Subscription, msg jetstream.Msg, m *pubsub.Messa
 	ctx, cancel := context.WithTimeout(context.Background(), b.opts.PublishTimeout)
 	defer cancel()
 	// Its own Nats-Msg-Id: the original's id would be taken for a repeat.
-	if _, err := b.publish(ctx, &dead, m.ID+"\x00dlq\x00"+sub.Group); err != nil {
+	if _, err := b.publish(ctx, &dead, m.ID+" dlq "+sub.Group); err != nil {
 		log.Warn("dead-letter publish failed: the message will come again", zap.String("id", m.ID), zap.Error(err))
 		_ = msg.NakWithDelay(sub.Policy.Delay(attempts, 0))
 		return
