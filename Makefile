@@ -3,10 +3,11 @@
 
 GO        ?= go
 CONSUL_VERSION := v1.16.3
+NATS_VERSION   := v2.15.3
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub clean
+.PHONY: all build consul nats h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
 
 all: build
 
@@ -31,6 +32,21 @@ bin/consul: tools/consul/go.mod tools/consul/go.sum
 	fi
 	@touch bin/consul
 
+# bin/nats-server: nats-server from PATH when there is one, else the pinned
+# version built from tools/nats; the pub/sub NATS JetStream broker's tests
+# start it (test/natsserver).
+nats: bin/nats-server
+
+bin/nats-server: tools/nats/go.mod tools/nats/go.sum
+	@mkdir -p bin
+	@if command -v nats-server >/dev/null 2>&1; then \
+		echo "using $$(command -v nats-server)"; ln -sf "$$(command -v nats-server)" bin/nats-server; \
+	else \
+		echo "building nats-server $(NATS_VERSION) into bin/nats-server"; \
+		cd tools/nats && $(GO) build -trimpath -o ../../bin/nats-server github.com/nats-io/nats-server/v2; \
+	fi
+	@touch bin/nats-server
+
 # bin/h2spec: the HTTP/2 conformance suite TestH2Spec runs, the pinned
 # version built from tools/h2spec.
 h2spec: bin/h2spec
@@ -45,7 +61,7 @@ bin/h2spec: tools/h2spec/go.mod tools/h2spec/go.sum
 systemd-analyze:
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq systemd; }
 
-test: consul h2spec systemd-analyze build
+test: consul nats h2spec systemd-analyze build
 	$(GO) test -race -count=1 ./...
 
 # Unit tests only: no Consul needed.
@@ -82,6 +98,10 @@ demo: consul build
 # one subscriber's sidecar killed mid-stream, and the count of lost orders.
 demo-pubsub: consul build
 	./examples/pubsub-demo.sh
+
+# The same order flow on the nats broker (a nats-server with JetStream).
+demo-pubsub-nats: consul nats build
+	DEMO_BROKER=nats ./examples/pubsub-demo.sh
 
 clean:
 	rm -rf bin

@@ -118,7 +118,7 @@ func TestParseValid(t *testing.T) {
 						MaxConnections: 4, Consistency: "stale", MaxStale: 10 * time.Second,
 					},
 					Proxy:  Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
-					PubSub: PubSub{Name: "pubsub", Broker: "http", MaxMessageBytes: "1MiB", MaxMessageBytesN: 1 << 20},
+					PubSub: PubSub{Name: "pubsub", Broker: "http", MaxMessageBytes: "1MiB", MaxMessageBytesN: 1 << 20, NATS: defaultPubSubNATS()},
 				}
 				if !reflect.DeepEqual(c, want) {
 					t.Errorf("Parse(\"\") = %+v, want %+v", c, want)

@@ -29,7 +29,7 @@ const (
 const MaxMessageBytesLimit = 64 << 20
 
 var (
-	brokers      = []string{BrokerHTTP}
+	brokers      = []string{BrokerHTTP, BrokerNATS}
 	deliveries   = []string{DeliveryQueue, DeliveryBroadcast}
 	contentModes = []string{ContentStructured, ContentBinary, ContentRaw}
 	orderings    = []string{OrderingNone, OrderingPerKey}
@@ -53,6 +53,7 @@ type PubSub struct {
 	// MaxMessageBytesN is MaxMessageBytes resolved by Load.
 	MaxMessageBytesN int64      `yaml:"-"`
 	HTTP             PubSubHTTP `yaml:"http"`
+	NATS             PubSubNATS `yaml:"nats"`
 }
 
 // PubSubHTTP configures the http broker's peer listener.
@@ -101,7 +102,7 @@ type RetryPolicy struct {
 }
 
 func defaultPubSub() PubSub {
-	return PubSub{Name: "pubsub", Broker: BrokerHTTP, MaxMessageBytes: "1MiB"}
+	return PubSub{Name: "pubsub", Broker: BrokerHTTP, MaxMessageBytes: "1MiB", NATS: defaultPubSubNATS()}
 }
 
 // setDefaults is called by the decoder on each new subscriptions element.
@@ -162,6 +163,9 @@ func (p *parser) validatePubSub(c *Config) {
 	if p.present("pubsub.http.advertise") && ps.HTTP.Advertise != "" {
 		p.hostPort("pubsub.http.advertise", ps.HTTP.Advertise)
 	}
+	if ps.Broker == BrokerNATS {
+		p.validateNATS(c)
+	}
 	if len(c.Subscriptions) == 0 {
 		return
 	}
@@ -170,7 +174,7 @@ func (p *parser) validatePubSub(c *Config) {
 		p.errorf("subscriptions", "needs service: (deliveries go to service.address:service.port)")
 	case !on:
 		p.errorf("subscriptions", "needs pubsub.listen: pub/sub is off")
-	case ps.HTTP.Listen == "":
+	case ps.HTTP.Listen == "" && ps.Broker == BrokerHTTP:
 		p.errorf("pubsub.http.listen", "required when there are subscriptions (where peer sidecars deliver)")
 	}
 	seen := map[string]int{}

@@ -60,7 +60,7 @@ func TestPubSubErrors(t *testing.T) {
 			want: []string{
 				`config.yaml: pubsub.max_message_bytes: unknown unit in "1XB" (want e.g. 512MiB, 512M, 1GB or a number of bytes)`,
 				`config.yaml: pubsub.name: invalid name "a b": use letters, digits, '-', '_' and '.'`,
-				`config.yaml: pubsub.broker: unknown "kafka" (want http)`,
+				`config.yaml: pubsub.broker: unknown "kafka" (want http or nats)`,
 				`config.yaml: pubsub.data_dir: required when pubsub.listen is set (the durable outbox, retry state and dedup live there)`,
 			},
 		},

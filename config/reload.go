@@ -99,11 +99,13 @@ func NewReload(running, next *Config) Reload {
 }
 
 // subscriptionsLive reports whether next's subscriptions can replace the
-// running ones: the peer listener they are delivered through runs and stays,
-// and the group a subscription defaults to (service.name) is the same.
+// running ones: the http broker runs and stays, the peer listener they are
+// delivered through runs and stays, and the group a subscription defaults
+// to (service.name) is the same. With the nats broker they need a restart.
 func subscriptionsLive(running, next *Config) bool {
 	r, n := &running.PubSub, &next.PubSub
-	return r.Enabled() && n.Enabled() && r.HTTP.Listen != "" && n.HTTP.Listen == r.HTTP.Listen &&
+	return r.Enabled() && n.Enabled() && r.Broker == BrokerHTTP && n.Broker == BrokerHTTP &&
+		r.HTTP.Listen != "" && n.HTTP.Listen == r.HTTP.Listen &&
 		running.Service != nil && next.Service != nil && running.Service.Name == next.Service.Name
 }
 

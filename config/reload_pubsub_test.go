@@ -24,8 +24,15 @@ func TestNewReloadSubscriptions(t *testing.T) {
 	tests := []struct {
 		name          string
 		edit          func(string) string
+		nats          bool // both files with broker: nats
 		live, restart []string
 	}{
+		{
+			name:    "the nats broker: subscriptions wait for the restart",
+			nats:    true,
+			edit:    func(s string) string { return s + "  - {topic: payments, route: /payments}\n" },
+			restart: []string{"subscriptions[2]"},
+		},
 		{
 			name: "added",
 			edit: func(s string) string { return s + "  - {topic: payments, route: /payments}\n" },
@@ -77,6 +84,10 @@ func TestNewReloadSubscriptions(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			running := mustParse(t, reloadPubSubBase)
 			next := mustParse(t, tc.edit(reloadPubSubBase))
+			if tc.nats {
+				running = mustParse(t, natsBase(reloadPubSubBase))
+				next = mustParse(t, natsBase(tc.edit(reloadPubSubBase)))
+			}
 			r := NewReload(running, next)
 			if !equalKeys(r.Live, tc.live) {
 				t.Errorf("Live = %q, want %q", r.Live, tc.live)
@@ -90,6 +101,11 @@ func TestNewReloadSubscriptions(t *testing.T) {
 			}
 		})
 	}
+}
+
+// natsBase is a file with the nats broker in place of the http one.
+func natsBase(s string) string {
+	return strings.Replace(s, "  data_dir: /var/lib/sidecar\n", "  data_dir: /var/lib/sidecar\n  broker: nats\n", 1)
 }
 
 func TestNewReloadSubscriptionsEffective(t *testing.T) {

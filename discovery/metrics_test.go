@@ -14,7 +14,8 @@ import (
 
 // TestCollector: the sidecar_discovery_* gauges follow each watched
 // service: its endpoint count, whether it is served stale, and for how
-// long, read at scrape time.
+// long, whether ACLs hide it, read at scrape time; the one counter
+// (_total) counts the answers ACLs filtered.
 func TestCollector(t *testing.T) {
 	clock := newFakeClock()
 	f := newFakeConsul()
@@ -33,15 +34,23 @@ func TestCollector(t *testing.T) {
 		}
 		var lines []string
 		for _, mf := range mfs {
-			if mf.GetType().String() != "GAUGE" {
-				t.Errorf("%s is a %v, want a gauge", mf.GetName(), mf.GetType())
+			counter := strings.HasSuffix(mf.GetName(), "_total")
+			switch typ := mf.GetType().String(); {
+			case counter && typ != "COUNTER":
+				t.Errorf("%s is a %v, want a counter", mf.GetName(), typ)
+			case !counter && typ != "GAUGE":
+				t.Errorf("%s is a %v, want a gauge", mf.GetName(), typ)
 			}
 			for _, m := range mf.GetMetric() {
 				var labels []string
 				for _, lp := range m.GetLabel() {
 					labels = append(labels, fmt.Sprintf("%s=%q", lp.GetName(), lp.GetValue()))
 				}
-				lines = append(lines, fmt.Sprintf("%s{%s} %v", mf.GetName(), strings.Join(labels, ","), m.GetGauge().GetValue()))
+				v := m.GetGauge().GetValue()
+				if counter {
+					v = m.GetCounter().GetValue()
+				}
+				lines = append(lines, fmt.Sprintf("%s{%s} %v", mf.GetName(), strings.Join(labels, ","), v))
 			}
 		}
 		slices.Sort(lines)
@@ -49,7 +58,7 @@ func TestCollector(t *testing.T) {
 			t.Errorf("gathered:\n%s\nwant:\n%s", got, want)
 		}
 	}
-	check(t, "") // no service watched: no series
+	check(t, "sidecar_discovery_acl_blocked_answers_total{} 0") // no service watched: no series of one
 
 	f.set(10, "web", node("a", 1), node("b", 2))
 	f.set(11, "api", node("c", 3))
@@ -59,6 +68,9 @@ func TestCollector(t *testing.T) {
 		}
 	}
 	check(t, `
+sidecar_discovery_acl_blocked_answers_total{} 0
+sidecar_discovery_acl_blocked{service="api"} 0
+sidecar_discovery_acl_blocked{service="web"} 0
 sidecar_discovery_endpoints{service="api"} 1
 sidecar_discovery_endpoints{service="web"} 2
 sidecar_discovery_snapshot_age_seconds{service="api"} 0
@@ -75,6 +87,9 @@ sidecar_discovery_stale{service="web"} 0
 	waitUntil(t, "stale", func() bool { return w.Snapshot().Stale && a.Snapshot().Stale })
 	clock.Add(90 * time.Second)
 	check(t, `
+sidecar_discovery_acl_blocked_answers_total{} 0
+sidecar_discovery_acl_blocked{service="api"} 0
+sidecar_discovery_acl_blocked{service="web"} 0
 sidecar_discovery_endpoints{service="api"} 1
 sidecar_discovery_endpoints{service="web"} 1
 sidecar_discovery_snapshot_age_seconds{service="api"} 90
@@ -87,6 +102,9 @@ sidecar_discovery_stale{service="web"} 1
 	waitUntil(t, "fresh", func() bool { return !w.Snapshot().Stale })
 	waitUntil(t, "api fresh", func() bool { return !a.Snapshot().Stale })
 	check(t, `
+sidecar_discovery_acl_blocked_answers_total{} 0
+sidecar_discovery_acl_blocked{service="api"} 0
+sidecar_discovery_acl_blocked{service="web"} 0
 sidecar_discovery_endpoints{service="api"} 1
 sidecar_discovery_endpoints{service="web"} 1
 sidecar_discovery_snapshot_age_seconds{service="api"} 0

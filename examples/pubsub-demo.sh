@@ -11,9 +11,13 @@
 # ones lost (0). It stops every process it started, on Ctrl-C too.
 #
 #   make demo-pubsub            builds what it needs, then runs this script
+#   make demo-pubsub-nats       the same on the nats broker (NATS JetStream)
 #   ./examples/pubsub-demo.sh   needs bin/sidecar, bin/orders (make build) and consul
 #
 # Environment:
+#   DEMO_BROKER     http (default: peer to peer over Consul) or nats (a
+#                   nats-server with JetStream on BASE+4; bin/nats-server
+#                   from make nats, else nats-server on PATH, or NATS_SERVER_BIN)
 #   DEMO_ORDERS     orders to publish; default 3000
 #   DEMO_RATE       orders per second; default 300
 #   DEMO_PORT_BASE  first of the loopback ports BASE..BASE+39; default 19400
@@ -25,6 +29,7 @@ cd "$(dirname "$0")/.."
 orders=${DEMO_ORDERS:-3000}
 rate=${DEMO_RATE:-300}
 base=${DEMO_PORT_BASE:-19400}
+broker=${DEMO_BROKER:-http}
 
 say() { printf '» %s\n' "$*"; }
 die() {
@@ -33,6 +38,7 @@ die() {
 }
 [[ $orders =~ ^[0-9]+$ ]] && ((orders >= 100)) || die "DEMO_ORDERS must be a whole number, at least 100; got '$orders'"
 [[ $rate =~ ^[0-9]+$ ]] && ((rate >= 1)) || die "DEMO_RATE must be a whole number of orders per second; got '$rate'"
+[[ $broker == http || $broker == nats ]] || die "DEMO_BROKER must be http or nats; got '$broker'"
 [[ $base =~ ^[0-9]+$ ]] && ((base >= 1024 && base <= 65490)) || die "DEMO_PORT_BASE must be a port from 1024 to 65490; got '$base'"
 
 consul=${CONSUL_BIN:-}
@@ -43,6 +49,15 @@ if [[ -z $consul ]]; then
 		consul=$(command -v consul)
 	else
 		die "no consul binary: run 'make consul' (or 'make demo-pubsub'), put consul on PATH, or set CONSUL_BIN"
+	fi
+fi
+natsd=
+if [[ $broker == nats ]]; then
+	natsd=${NATS_SERVER_BIN:-}
+	if [[ -z $natsd && -x bin/nats-server ]]; then
+		natsd=bin/nats-server
+	elif [[ -z $natsd ]]; then
+		natsd=$(command -v nats-server) || die "no nats-server binary: run 'make nats' (or 'make demo-pubsub-nats'), put nats-server on PATH, or set NATS_SERVER_BIN"
 	fi
 fi
 for b in bin/sidecar bin/orders; do
@@ -114,6 +129,15 @@ say "starting a Consul dev agent on 127.0.0.1:$consul_http"
 start consul "$consul" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$consul_http" \
 	-serf-lan-port $((base + 1)) -serf-wan-port $((base + 2)) -server-port $((base + 3)) -dns-port -1 -grpc-port -1
 wait_until 20 "consul" curl -sf "http://127.0.0.1:$consul_http/v1/status/leader"
+# The broker's part of each sidecar's pubsub: section.
+broker_yaml=""
+if [[ $broker == nats ]]; then
+	say "starting nats-server with JetStream on 127.0.0.1:$((base + 4))"
+	start nats-server "$natsd" -a 127.0.0.1 -p $((base + 4)) -js -sd "$dir/nats"
+	wait_until 20 "nats-server" bash -c "echo > /dev/tcp/127.0.0.1/$((base + 4))"
+	broker_yaml="  broker: nats
+  nats: {urls: [\"nats://127.0.0.1:$((base + 4))\"]}"
+fi
 
 consumer() { # consumer N NAME GROUP
 	local n=$1 name=$2 group=$3
@@ -133,6 +157,7 @@ pubsub:
   listen: 127.0.0.1:$(api_port "$n")
   data_dir: $dir/$name.data
   http: {listen: 127.0.0.1:$(peer_port "$n")}
+$broker_yaml
 subscriptions:
   - {topic: orders, route: /orders, group: $group}
 YAML
@@ -145,13 +170,25 @@ consumer 3 shipping-1 shipping
 passing() { # passing SERVICE COUNT
 	[[ $(curl -sf "http://127.0.0.1:$consul_http/v1/health/service/$1?passing" | grep -Ec "\"Service\": ?\"$1\"") -eq $2 ]]
 }
-wait_until 20 "two passing billing peers" passing pubsub-billing 2
-wait_until 20 "one passing shipping peer" passing pubsub-shipping 1
+consuming() { # consuming N: the sidecar's nats consumer exists
+	curl -sf "http://127.0.0.1:$(admin_port "$1")/status" | grep -Eq '"pending": ?[0-9]'
+}
+if [[ $broker == nats ]]; then
+	for n in 1 2 3; do
+		wait_until 20 "consumer $n" consuming "$n"
+	done
+else
+	wait_until 20 "two passing billing peers" passing pubsub-billing 2
+	wait_until 20 "one passing shipping peer" passing pubsub-shipping 1
+fi
 
 cat >"$dir/publisher.yaml" <<YAML
 consul: {address: 127.0.0.1:$consul_http}
 admin: {listen: 127.0.0.1:$pub_admin}
-pubsub: {listen: 127.0.0.1:$pub_api, data_dir: $dir/publisher.data}
+pubsub:
+  listen: 127.0.0.1:$pub_api
+  data_dir: $dir/publisher.data
+$broker_yaml
 YAML
 start publisher-sidecar bin/sidecar -config "$dir/publisher.yaml"
 wait_until 20 "the publish API" curl -sf "http://127.0.0.1:$pub_api/v1.0/healthz"
@@ -163,8 +200,17 @@ sleep "$((half > 0 ? half : 1))"
 say "kill -9 billing-2's sidecar, mid-stream"
 signal KILL billing-2-sidecar
 wait_until $((orders / rate + 30)) "the publisher" bash -c "! kill -0 ${pids[${#pids[@]} - 1]} 2>/dev/null"
-say "published $orders; waiting for the outbox to empty"
-wait_until 120 "the publisher's outbox to empty" bash -c "curl -sf http://127.0.0.1:$pub_admin/status | grep -Eq '\"outbox\": ?0,'"
+if [[ $broker == nats ]]; then
+	say "published $orders; waiting for the consumers to have nothing pending"
+	settled() { # settled N: the consumer of sidecar N has nothing pending or out
+		curl -sf "http://127.0.0.1:$(admin_port "$1")/status" | grep -Eq '"pending": ?0,'
+	}
+	wait_until 120 "billing's consumer" settled 1
+	wait_until 120 "shipping's consumer" settled 3
+else
+	say "published $orders; waiting for the outbox to empty"
+	wait_until 120 "the publisher's outbox to empty" bash -c "curl -sf http://127.0.0.1:$pub_admin/status | grep -Eq '\"outbox\": ?0,'"
+fi
 
 ids() { curl -sf "http://127.0.0.1:$(app_port "$1")/ids"; }
 b1=$(ids 1 | wc -l)

@@ -38,6 +38,9 @@ type App struct {
 	log      *zap.Logger
 	subs     atomic.Pointer[map[subKey]*appSub] // replaced whole by Update
 	draining atomic.Bool
+	// drainMu orders inflight.Add after the draining check against
+	// Drain's Wait: a WaitGroup must not grow from zero during a Wait.
+	drainMu  sync.Mutex
 	inflight sync.WaitGroup
 }
 
@@ -94,10 +97,18 @@ func (a *App) Has(topic, group string) bool {
 	return ok
 }
 
+// Ready reports whether a delivery now could reach the app: the sidecar is
+// not draining and the app's check passes.
+func (a *App) Ready() bool {
+	return !a.draining.Load() && (a.healthy == nil || a.healthy())
+}
+
 // Drain stops new deliveries (they answer NotDelivered) and waits for those
 // in flight, until ctx ends.
 func (a *App) Drain(ctx context.Context) error {
+	a.drainMu.Lock()
 	a.draining.Store(true)
+	a.drainMu.Unlock()
 	done := make(chan struct{})
 	go func() { a.inflight.Wait(); close(done) }()
 	select {
@@ -132,11 +143,14 @@ func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int
 		return Result{Outcome: NotDelivered, Reason: "gave up waiting for a slot"}
 	}
 	defer func() { <-s.sem }()
-	a.inflight.Add(1)
-	defer a.inflight.Done()
+	a.drainMu.Lock()
 	if a.draining.Load() {
+		a.drainMu.Unlock()
 		return Result{Outcome: NotDelivered, Reason: "draining"}
 	}
+	a.inflight.Add(1)
+	a.drainMu.Unlock()
+	defer a.inflight.Done()
 	var g interface {
 		Inc()
 		Dec()

@@ -321,3 +321,32 @@ func TestAppUpdateKeepsSlots(t *testing.T) {
 		t.Errorf("peak in flight = %d across updates, want at most max_in_flight 4", p)
 	}
 }
+
+// TestDrainWhileDelivering: Drain races deliveries that start at the same
+// moment (the race detector checks the WaitGroup's use); every delivery
+// either ran to its end before Drain returned or answered NotDelivered.
+func TestDrainWhileDelivering(t *testing.T) {
+	for range 20 {
+		var done atomic.Int64
+		a := appAt(t, func(w http.ResponseWriter, _ *http.Request) { time.Sleep(time.Millisecond) }, testSub("raw"))
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for range 16 {
+			wg.Go(func() {
+				<-start
+				if a.Deliver(context.Background(), "billing", testMsg(), 1).Outcome == Success {
+					done.Add(1)
+				}
+			})
+		}
+		close(start)
+		if err := a.Drain(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		finished := done.Load()
+		wg.Wait()
+		if got := done.Load(); got != finished {
+			t.Fatalf("%d deliveries succeeded after Drain returned, want 0", got-finished)
+		}
+	}
+}

@@ -107,9 +107,14 @@ type psNode struct {
 
 type psSub struct{ topic, route, group, extra string }
 
-// newPSNode configures a sidecar; with app it registers service name for
-// it and subscribes to subs.
+// newPSNode configures a sidecar on the http broker; with app it registers
+// service name for it and subscribes to subs.
 func newPSNode(t *testing.T, consulAddr, name string, app *subApp, subs ...psSub) *psNode {
+	return newPSNodeOn(t, consulAddr, "", name, app, subs...)
+}
+
+// newPSNodeOn is newPSNode on the nats broker when natsURL is set.
+func newPSNodeOn(t *testing.T, consulAddr, natsURL, name string, app *subApp, subs ...psSub) *psNode {
 	n := &psNode{
 		t: t, name: name, app: app, consulAt: consulAddr,
 		admin:   fmt.Sprintf("127.0.0.1:%d", consulagent.FreePort(t)),
@@ -137,6 +142,9 @@ pubsub:
   data_dir: %s
   http: {listen: %s}
 `, consulAddr, n.admin, n.api, n.dataDir, n.peer)
+	if natsURL != "" {
+		fmt.Fprintf(&b, "  broker: nats\n  nats: {urls: [%q], ack_wait: 5s, on_unavailable: reject}\n", natsURL)
+	}
 	if len(subs) > 0 {
 		b.WriteString("subscriptions:\n")
 		for _, s := range subs {
@@ -168,8 +176,9 @@ func (n *psNode) publish(topic, key, body string) int {
 
 // status returns the pubsub section of the sidecar's /status.
 func (n *psNode) status() (s struct {
-	Outbox int `json:"outbox"`
-	Groups []struct {
+	Outbox  int `json:"outbox"`
+	Spooled int `json:"spooled"` // the nats broker's spool
+	Groups  []struct {
 		Topic, Group string
 		Pending      int
 	} `json:"groups"`
@@ -239,17 +248,14 @@ func union(maps ...map[string][]int) map[string][]int {
 	return out
 }
 
-// TestPubSubGroups: two instances of one group share a topic's messages,
+// TestPubSubGroups, for each broker: two instances of one group share a topic's messages,
 // a second group gets its own copy of each, nothing is lost; a handler that
 // fails k times is delivered exactly k+1 times with attempts 1..k+1; a
 // message the app rejects reaches the dead-letter topic's subscribers with
 // its reason.
-func TestPubSubGroups(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration test")
-	}
-	t.Parallel()
-	agent := consulagent.Start(t, consulagent.Options{})
+func TestPubSubGroups(t *testing.T) { forBrokers(t, testPubSubGroups) }
+
+func testPubSubGroups(t *testing.T, env *psEnv) {
 	const k = 3
 	billingApps := []*subApp{startSubApp(t), startSubApp(t)}
 	for _, a := range billingApps {
@@ -266,16 +272,16 @@ func TestPubSubGroups(t *testing.T) {
 	shipApp := startSubApp(t)
 	var nodes []*psNode
 	for _, a := range billingApps {
-		nodes = append(nodes, newPSNode(t, agent.Addr(), "billing", a,
+		nodes = append(nodes, env.node(t, "billing", a,
 			psSub{"orders", "/orders", "billing", ""}, psSub{"flaky", "/flaky", "billing", ""},
 			psSub{"poison", "/poison", "billing", ""}, psSub{"prices", "/prices", "pricecache", ", delivery: broadcast"}).start())
 	}
-	nodes = append(nodes, newPSNode(t, agent.Addr(), "shipping", shipApp,
+	nodes = append(nodes, env.node(t, "shipping", shipApp,
 		psSub{"orders", "/orders", "shipping", ", max_in_flight: 4"}, psSub{"poison.dlq", "/dlq", "shipping", ""}).start())
-	waitPeers(t, agent, "billing", 2, "orders", "flaky", "poison")
-	waitPeers(t, agent, "shipping", 1, "orders", "poison.dlq")
-	waitPeers(t, agent, "pricecache", 2, "prices")
-	pub := newPSNode(t, agent.Addr(), "", nil).start()
+	env.waitGroup(t, "billing", 2, false, "orders", "flaky", "poison")
+	env.waitGroup(t, "shipping", 1, false, "orders", "poison.dlq")
+	env.waitGroup(t, "pricecache", 2, true, "prices")
+	pub := env.node(t, "", nil).start()
 
 	const n = 300
 	for i := range n {
@@ -302,6 +308,7 @@ func TestPubSubGroups(t *testing.T) {
 		return len(billingApps[0].ids("/prices")) == 20 && len(billingApps[1].ids("/prices")) == 20
 	})
 	consulagent.WaitFor(t, 30*time.Second, "the outbox to empty", func() bool { return pub.status().Outbox == 0 })
+	env.waitSettled(t, nodes...)
 	for i, a := range billingApps {
 		for id, at := range a.ids("/prices") {
 			if len(at) != 1 {
@@ -337,6 +344,10 @@ func TestPubSubGroups(t *testing.T) {
 		t.Errorf("dead letter = %v, want topic poison.dlq, a reason naming 404, 1 attempt", ev)
 	}
 
+	if env.nats != nil {
+		checkNATSCounts(t, pub, nodes, n, k)
+		return
+	}
 	// The counts, in /metrics and /status.
 	consulagent.WaitFor(t, 10*time.Second, "the dead letter's outcome", func() bool { return pub.status().Outbox == 0 })
 	for series, want := range map[string]float64{
@@ -371,6 +382,44 @@ func TestPubSubGroups(t *testing.T) {
 // comes back and gets every message. A subscriber sidecar killed (-9)
 // mid-stream loses nothing and dead-letters nothing. Publishing keeps
 // answering 204 while Consul is down.
+// checkNATSCounts checks TestPubSubGroups' counts on the nats broker,
+// where the subscribers' sidecars own the outcomes: /metrics of the
+// publisher and the subscribers, and the subscribers' /status.
+func checkNATSCounts(t *testing.T, pub *psNode, nodes []*psNode, n, k int) {
+	t.Helper()
+	if got := pub.metric(`sidecar_pubsub_published_total{result="ok",topic="orders"}`); got != float64(n+1) {
+		t.Errorf("publisher's published_total for orders = %v, want %d", got, n+1)
+	}
+	sum := func(series string, ns ...*psNode) float64 {
+		total := 0.0
+		for _, node := range ns {
+			total += max(node.metric(series), 0)
+		}
+		return total
+	}
+	billing := nodes[:2]
+	consulagent.WaitFor(t, 10*time.Second, "the counts", func() bool {
+		return sum(`sidecar_pubsub_outcomes_total{group="shipping",outcome="success",topic="poison.dlq"}`, nodes[2]) == 1
+	})
+	for series, want := range map[string]float64{
+		`sidecar_pubsub_outcomes_total{group="billing",outcome="success",topic="orders"}`:     float64(n),
+		`sidecar_pubsub_attempts_total{group="billing",topic="flaky"}`:                        float64(5 * (k + 1)),
+		`sidecar_pubsub_dead_letters_total{group="billing",reason="rejected",topic="poison"}`: 1,
+	} {
+		if got := sum(series, billing...); got != want {
+			t.Errorf("billing %s = %v, want %v", series, got, want)
+		}
+	}
+	if got := nodes[2].metric(`sidecar_pubsub_delivered_total{group="shipping",outcome="success",topic="orders"}`); got != float64(n) {
+		t.Errorf("shipping's delivered_total for orders = %v, want %d", got, n)
+	}
+	for _, g := range nodes[2].status().Groups {
+		if g.Pending != 0 {
+			t.Errorf("shipping /status %s/%s pending = %d, want 0", g.Topic, g.Group, g.Pending)
+		}
+	}
+}
+
 func TestPubSubCustody(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test")
@@ -436,26 +485,23 @@ func TestPubSubCustody(t *testing.T) {
 	})
 }
 
-// TestPubSubDrain: mid-stream, one subscriber gets SIGTERM (it finishes
+// TestPubSubDrain, for each broker: mid-stream, one subscriber gets SIGTERM (it finishes
 // what is in flight and hands the rest back) and another's app crashes;
 // the third instance gets the rest: nothing lost, nothing dead-lettered,
 // and the drained sidecar exits cleanly.
-func TestPubSubDrain(t *testing.T) {
-	if testing.Short() {
-		t.Skip("integration test")
-	}
-	t.Parallel()
-	agent := consulagent.Start(t, consulagent.Options{})
+func TestPubSubDrain(t *testing.T) { forBrokers(t, testPubSubDrain) }
+
+func testPubSubDrain(t *testing.T, env *psEnv) {
 	var apps []*subApp
 	var subs []*psNode
 	for range 3 {
 		a := startSubApp(t)
 		a.delay = 20 * time.Millisecond
 		apps = append(apps, a)
-		subs = append(subs, newPSNode(t, agent.Addr(), "ledger", a, psSub{"entries", "/entries", "ledger", ", max_in_flight: 8"}, psSub{"entries.dlq", "/dlq", "ledger", ""}).start())
+		subs = append(subs, env.node(t, "ledger", a, psSub{"entries", "/entries", "ledger", ", max_in_flight: 8"}, psSub{"entries.dlq", "/dlq", "ledger", ""}).start())
 	}
-	waitPeers(t, agent, "ledger", 3, "entries", "entries.dlq")
-	pub := newPSNode(t, agent.Addr(), "", nil).start()
+	env.waitGroup(t, "ledger", 3, false, "entries", "entries.dlq")
+	pub := env.node(t, "", nil).start()
 	const n = 600
 	for i := range n {
 		if code := pub.publish("entries", fmt.Sprintf("l-%d", i), `{}`); code != 204 {
@@ -473,6 +519,7 @@ func TestPubSubDrain(t *testing.T) {
 	}
 	consulagent.WaitFor(t, 90*time.Second, "every entry delivered", func() bool { return len(all()) == n })
 	consulagent.WaitFor(t, 30*time.Second, "the outbox to empty", func() bool { return pub.status().Outbox == 0 })
+	env.waitSettled(t, subs[2])
 	if d := union(apps[0].ids("/dlq"), apps[1].ids("/dlq"), apps[2].ids("/dlq")); len(d) != 0 {
 		t.Errorf("%d dead letters, want none", len(d))
 	}

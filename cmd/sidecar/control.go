@@ -10,12 +10,14 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/proxy"
 	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
+	"github.com/sidecarlb/sidecar/pubsub/natsbroker"
 	"github.com/sidecarlb/sidecar/supervisor"
 )
 
@@ -294,6 +296,11 @@ func printStatus(w io.Writer, doc map[string]json.RawMessage) {
 
 // printPubSub prints the outbox and each topic and group's backlog.
 func printPubSub(w io.Writer, raw json.RawMessage) {
+	var n natsbroker.Status
+	if json.Unmarshal(raw, &n) == nil && n.Broker == "nats" {
+		printNATS(w, n)
+		return
+	}
 	var s httpbroker.Status
 	if json.Unmarshal(raw, &s) != nil {
 		return
@@ -305,6 +312,30 @@ func printPubSub(w io.Writer, raw json.RawMessage) {
 	fmt.Fprintln(w)
 	for _, g := range s.Groups {
 		fmt.Fprintf(w, "  %s → %s: %d pending, %d in flight, oldest %v\n", g.Topic, g.Group, g.Pending, g.InFlight, seconds(g.OldestSeconds))
+	}
+}
+
+// printNATS prints the nats broker's connection and each consumer.
+func printNATS(w io.Writer, s natsbroker.Status) {
+	state := "disconnected"
+	if s.Connected {
+		state = "connected to " + s.Server
+	}
+	fmt.Fprintf(w, "pubsub     nats %s, stream %s", state, s.Stream)
+	if s.Spooled > 0 {
+		fmt.Fprintf(w, ", %d spooled", s.Spooled)
+	}
+	fmt.Fprintln(w)
+	for _, g := range s.Groups {
+		pending := strconv.FormatInt(g.Pending, 10)
+		if g.Pending < 0 {
+			pending = "?"
+		}
+		fmt.Fprintf(w, "  %s → %s: %s pending, %d in flight (consumer %s)", g.Topic, g.Group, pending, g.InFlight, g.Consumer)
+		if g.Error != "" {
+			fmt.Fprintf(w, "; %s", g.Error)
+		}
+		fmt.Fprintln(w)
 	}
 }
 

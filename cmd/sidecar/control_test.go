@@ -176,3 +176,17 @@ func TestNewAppErrors(t *testing.T) {
 		})
 	}
 }
+
+func TestPrintPubSubNATS(t *testing.T) {
+	raw := []byte(`{"broker":"nats","connected":true,"server":"nats://127.0.0.1:4222","stream":"SIDECAR",
+		"groups":[{"topic":"orders","group":"billing","consumer":"billing__orders__3cce84f2","pending":4,"in_flight":2},
+		{"topic":"prices","group":"cache","consumer":"c","pending":-1,"in_flight":0,"error":"nats: timeout"}]}`)
+	var b bytes.Buffer
+	printPubSub(&b, raw)
+	want := "pubsub     nats connected to nats://127.0.0.1:4222, stream SIDECAR\n" +
+		"  orders → billing: 4 pending, 2 in flight (consumer billing__orders__3cce84f2)\n" +
+		"  prices → cache: ? pending, 0 in flight (consumer c); nats: timeout\n"
+	if got := b.String(); got != want {
+		t.Errorf("printPubSub() =\n%s\nwant:\n%s", got, want)
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
+	"github.com/sidecarlb/sidecar/pubsub/natsbroker"
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
@@ -30,7 +31,8 @@ type pubsubRuntime struct {
 	broker     pubsub.Broker // the http broker's dispatcher
 	dispatcher *httpbroker.Dispatcher
 	api        *pubsub.API
-	app        *pubsub.App // nil without pubsub.http.listen (no subscriber side)
+	app        *pubsub.App        // nil without pubsub.http.listen (no subscriber side)
+	nats       *natsbroker.Broker // the nats broker, in place of the store and dispatcher
 	consul     *api.Client
 	servers    []*server
 	log        *zap.Logger
@@ -60,6 +62,9 @@ type groupEndpoint struct {
 // sidecar.
 func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, reg prometheus.Registerer, appRegistrar *heartbeat.Registrar, log *zap.Logger) (*pubsubRuntime, error) {
 	ps := &cfg.PubSub
+	if ps.Broker == config.BrokerNATS {
+		return newNATSPubSub(cfg, reg, appRegistrar, log)
+	}
 	st, err := store.Open(ps.DataDir, store.Options{})
 	if err != nil {
 		return nil, fmt.Errorf("pubsub.data_dir: %w", err)
@@ -316,6 +321,12 @@ func (rt *pubsubRuntime) stop() {
 		rt.cancel()
 		rt.wg.Wait()
 	}
+	if rt.nats != nil {
+		rt.nats.Close()
+		if rt.store == nil { // on_unavailable: reject
+			return
+		}
+	}
 	if err := rt.store.Close(); err != nil {
 		rt.log.Warn("close store", zap.Error(err))
 	}
@@ -325,4 +336,9 @@ func (rt *pubsubRuntime) closeListeners() {
 	closeAll(rt.servers)
 }
 
-func (rt *pubsubRuntime) status() any { return rt.dispatcher.Status() }
+func (rt *pubsubRuntime) status() any {
+	if rt.nats != nil {
+		return rt.nats.Status()
+	}
+	return rt.dispatcher.Status()
+}

@@ -1,0 +1,233 @@
+package natsbroker
+
+// Benchmarks of publishing through the sidecar's API to JetStream beside
+// the same-run baseline, nats.go publishing directly to the same
+// nats-server (a separate process on loopback). Run them without -race:
+//
+//	go test -run '^$' -bench . -benchtime 5000x ./pubsub/natsbroker/
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/test/natsserver"
+)
+
+func percentiles(b *testing.B, prefix string, ds []time.Duration) {
+	if len(ds) == 0 {
+		return
+	}
+	slices.Sort(ds)
+	b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), prefix+"-p50-µs")
+	b.ReportMetric(float64(ds[len(ds)*99/100].Microseconds()), prefix+"-p99-µs")
+}
+
+// BenchmarkPublish: 1 KiB messages, acknowledged by JetStream, one at a
+// time (latency percentiles) and from 64 publishers (messages/s): direct
+// is nats.go's js.Publish, sidecar the publish API over the broker, both
+// on one nats-server and stream.
+func BenchmarkPublish(b *testing.B) {
+	srv := natsserver.Start(b)
+	br, err := New(Options{URLs: []string{srv.URL()}}, nil, nil, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer br.Close()
+	if err := br.ensureStream(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	hs := &http.Server{Handler: pubsub.NewAPI(br, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop())}
+	go func() { _ = hs.Serve(ln) }()
+	defer hs.Close()
+	url := "http://" + ln.Addr().String() + "/v1.0/publish/pubsub/bench"
+
+	nc, err := nats.Connect(srv.URL())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	body := make([]byte, 1024)
+	var seq atomic.Int64
+
+	direct := func(ctx context.Context) error {
+		msg := nats.NewMsg(Subject("sidecar", "bench"))
+		msg.Data = body
+		msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprint("d-", seq.Add(1)))
+		_, err := js.PublishMsg(ctx, msg)
+		return err
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128}}
+	sidecar := func(context.Context) error {
+		resp, err := client.Post(url, "application/octet-stream", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 204 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	}
+	// Bulk of 100: Dapr's bulk API through the sidecar, 4 requests at once.
+	var bulk bytes.Buffer
+	bulk.WriteString("[")
+	for i := range 100 {
+		if i > 0 {
+			bulk.WriteString(",")
+		}
+		fmt.Fprintf(&bulk, `{"entryId":"%d","event":"%s","contentType":"text/plain"}`, i, bytes.Repeat([]byte("x"), 1024))
+	}
+	bulk.WriteString("]")
+	bulkURL := "http://" + ln.Addr().String() + "/v1.0-alpha1/publish/bulk/pubsub/bench"
+	b.Run("sidecar/bulk-100", func(b *testing.B) {
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		var failed atomic.Value
+		start := time.Now()
+		b.ResetTimer()
+		for range 4 {
+			wg.Go(func() {
+				for next.Add(100) <= int64(b.N)+99 {
+					resp, err := client.Post(bulkURL, "application/json", bytes.NewReader(bulk.Bytes()))
+					if err != nil {
+						failed.Store(err)
+						return
+					}
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != 204 {
+						failed.Store(fmt.Errorf("status %d", resp.StatusCode))
+						return
+					}
+				}
+			})
+		}
+		wg.Wait()
+		b.StopTimer()
+		if err, _ := failed.Load().(error); err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64((b.N+99)/100*100)/time.Since(start).Seconds(), "msgs/s")
+	})
+	for _, c := range []struct {
+		name    string
+		publish func(context.Context) error
+	}{{"direct", direct}, {"sidecar", sidecar}} {
+		b.Run(c.name+"/conc-1", func(b *testing.B) {
+			ctx := context.Background()
+			ds := make([]time.Duration, 0, b.N)
+			b.ResetTimer()
+			for range b.N {
+				start := time.Now()
+				if err := c.publish(ctx); err != nil {
+					b.Fatal(err)
+				}
+				ds = append(ds, time.Since(start))
+			}
+			b.StopTimer()
+			percentiles(b, c.name, ds)
+		})
+		b.Run(c.name+"/conc-64", func(b *testing.B) {
+			ctx := context.Background()
+			var next atomic.Int64
+			var wg sync.WaitGroup
+			var failed atomic.Value
+			start := time.Now()
+			b.ResetTimer()
+			for range 64 {
+				wg.Go(func() {
+					for next.Add(1) <= int64(b.N) {
+						if err := c.publish(ctx); err != nil {
+							failed.Store(err)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			if err, _ := failed.Load().(error); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+		})
+	}
+}
+
+// BenchmarkDeliver: messages already in the stream delivered by one
+// subscriber sidecar's broker to an app that answers at once (max_in_flight
+// 32, structured), in messages/s.
+func BenchmarkDeliver(b *testing.B) {
+	srv := natsserver.Start(b)
+	var got atomic.Int64
+	done := make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.WriteHeader(http.StatusNoContent)
+		if got.Add(1) == int64(b.N) {
+			close(done)
+		}
+	})}
+	go func() { _ = app.Serve(ln) }()
+	defer app.Close()
+	a := pubsub.NewApp(ln.Addr().String(), []pubsub.Subscription{{Topic: "bench", Group: "g", Route: "/", ContentMode: "structured", MaxInFlight: 32, Timeout: 10 * time.Second}}, nil, nil, zap.NewNop())
+	br, err := New(Options{URLs: []string{srv.URL()}}, a, []Subscription{{Topic: "bench", Group: "g", MaxInFlight: 32, Policy: pubsub.Policy{MaxAttempts: 3, Backoff: time.Millisecond, MaxBackoff: time.Millisecond}, DeadLetter: "bench.dlq"}}, zap.NewNop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer br.Close()
+	// The consumer exists (deliver-new) before the messages go in.
+	setup, cancelSetup := context.WithCancel(context.Background())
+	if br.consumer(setup, br.subs[0], zap.NewNop()) == nil {
+		b.Fatal("no consumer")
+	}
+	cancelSetup()
+	body := make([]byte, 1024)
+	pubs := make([]pubsub.Publication, 0, 100)
+	for i := 0; i < b.N; {
+		pubs = pubs[:0]
+		for ; len(pubs) < 100 && i < b.N; i++ {
+			pubs = append(pubs, pubsub.Publication{Msg: &pubsub.Message{ID: fmt.Sprint("m-", i), Source: "b", Type: pubsub.DefaultType, Time: time.Now(), DataContentType: "application/octet-stream", Topic: "bench", PubsubName: "pubsub", Data: body}})
+		}
+		if _, err := br.Publish(pubs); err != nil {
+			b.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	defer func() { cancel(); <-stopped }()
+	start := time.Now()
+	b.ResetTimer()
+	go func() { br.Run(ctx); close(stopped) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Minute):
+		b.Fatalf("delivered %d of %d", got.Load(), b.N)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}

@@ -1,0 +1,235 @@
+package natsbroker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/test/natsserver"
+)
+
+func TestSubject(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ topic, want string }{
+		{"orders", "sidecar.orders"},
+		{"orders.dlq", "sidecar.orders.dlq"},
+		{"a..b", "sidecar.a.%.b"},
+		{".a", "sidecar.%.a"},
+		{"a.", "sidecar.a.%"},
+	}
+	for _, tc := range tests {
+		if got := Subject("sidecar", tc.topic); got != tc.want {
+			t.Errorf("Subject(%q) = %q, want %q", tc.topic, got, tc.want)
+		}
+	}
+}
+
+func TestConsumerName(t *testing.T) {
+	t.Parallel()
+	seen := map[string]string{}
+	for _, in := range [][3]string{{"a.b", "g", ""}, {"a_b", "g", ""}, {"a.b", "g", "i-1"}, {"a.b", "h", ""}, {"a", "b.c", ""}, {"a.b", "c", ""}} {
+		name := ConsumerName(in[0], in[1], in[2])
+		if prev, dup := seen[name]; dup {
+			t.Errorf("ConsumerName%v = %q, the same as for %s", in, name, prev)
+		}
+		seen[name] = name
+		for _, c := range name {
+			if c == '.' || c == '*' || c == '>' || c == ' ' || c == '/' {
+				t.Errorf("ConsumerName%v = %q holds %q", in, name, c)
+			}
+		}
+	}
+}
+
+func newBroker(t *testing.T, url string, app *pubsub.App, subs []Subscription, opts Options) *Broker {
+	t.Helper()
+	opts.URLs = []string{url}
+	opts.Instance = "test-1"
+	opts.PublishTimeout = 2 * time.Second
+	b, err := New(opts, app, subs, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	return b
+}
+
+func msg(topic, id string) *pubsub.Message {
+	return &pubsub.Message{ID: id, Source: "test", Type: pubsub.DefaultType, Time: time.Now(), DataContentType: "text/plain", Topic: topic, PubsubName: "pubsub", Data: []byte("x")}
+}
+
+// TestPublishDedup: a repeated id within the window is reported as a
+// duplicate, alone or in a batch; with the server down Publish fails at
+// once with ErrUnavailable.
+func TestPublishDedup(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	b := newBroker(t, srv.URL(), nil, nil, Options{})
+	dup, err := b.Publish([]pubsub.Publication{{Key: "k", Msg: msg("orders", "k")}})
+	if err != nil || dup[0] {
+		t.Fatalf("Publish() = %v, %v, want [false], nil", dup, err)
+	}
+	dup, err = b.Publish([]pubsub.Publication{{Key: "k", Msg: msg("orders", "k")}, {Msg: msg("orders", "x1")}, {Msg: msg("orders", "x2")}})
+	if err != nil || !dup[0] || dup[1] || dup[2] {
+		t.Fatalf("Publish() = %v, %v, want [true false false], nil", dup, err)
+	}
+	srv.Kill()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err = b.Publish([]pubsub.Publication{{Msg: msg("orders", "y")}})
+		if errors.Is(err, ErrUnavailable) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Publish() with the server down = %v, want ErrUnavailable", err)
+	}
+}
+
+// TestSlowHandler: a delivery that runs for more than twice ack_wait is
+// not redelivered meanwhile (in-progress acks), though a pull for a free
+// slot is waiting; and no more than max_in_flight run at once.
+func TestSlowHandler(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	var mu sync.Mutex
+	got := map[string]int{}
+	running, most := 0, 0
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		running++
+		most = max(most, running)
+		got[r.Header.Get("ce-id")]++
+		mu.Unlock()
+		time.Sleep(2500 * time.Millisecond)
+		mu.Lock()
+		running--
+		mu.Unlock()
+	}))
+	t.Cleanup(app.Close)
+	const inFlight = 3
+	a := pubsub.NewApp(app.Listener.Addr().(*net.TCPAddr).AddrPort().String(), []pubsub.Subscription{{Topic: "slow", Group: "g", Route: "/", ContentMode: "raw", MaxInFlight: inFlight, Timeout: 10 * time.Second}}, nil, nil, zap.NewNop())
+	b := newBroker(t, srv.URL(), a, []Subscription{{Topic: "slow", Group: "g", MaxInFlight: inFlight, Policy: pubsub.Policy{MaxAttempts: 3, Backoff: 10 * time.Millisecond, MaxBackoff: 10 * time.Millisecond}, DeadLetter: "slow.dlq"}}, Options{AckWait: time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 10*time.Second, "the consumer", func() bool { return b.Status().Groups[0].Pending == 0 })
+	publish := func(from, to int) {
+		for i := from; i < to; i++ {
+			if _, err := b.Publish([]pubsub.Publication{{Msg: msg("slow", "s-"+strconv.Itoa(i))}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		waitFor(t, 20*time.Second, "the deliveries done", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(got) == to && running == 0
+		})
+	}
+	publish(0, 2)                       // a slot stays free: its pull would get a redelivery
+	time.Sleep(1500 * time.Millisecond) // more than ack_wait: a redelivery would show
+	publish(2, 8)
+	mu.Lock()
+	defer mu.Unlock()
+	for id, n := range got {
+		if n != 1 {
+			t.Errorf("%s delivered %d times, want once", id, n)
+		}
+	}
+	if most > inFlight {
+		t.Errorf("%d deliveries ran at once, want at most %d", most, inFlight)
+	}
+}
+
+func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestOrderingPerKey: with PerKey, the messages of each key reach the app
+// one at a time, in publish order, though some fail their first attempt
+// and are retried, and though two brokers (two instances) share the group.
+func TestOrderingPerKey(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	var mu sync.Mutex
+	var order []string // successful deliveries, in the order they ended
+	running := 0
+	bad := false
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id := r.Header.Get("ce-id")
+		mu.Lock()
+		running++
+		bad = bad || running > 1
+		mu.Unlock()
+		time.Sleep(time.Millisecond)
+		mu.Lock()
+		defer mu.Unlock()
+		running--
+		n, _ := strconv.Atoi(id[2:])
+		if n%3 == 0 && r.Header.Get("Sidecar-Delivery-Attempt") == "1" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		order = append(order, id)
+	}))
+	t.Cleanup(app.Close)
+	addr := app.Listener.Addr().(*net.TCPAddr).AddrPort().String()
+	sub := Subscription{Topic: "keyed", Group: "g", MaxInFlight: 8, PerKey: true, Policy: pubsub.Policy{MaxAttempts: 5, Backoff: 5 * time.Millisecond, MaxBackoff: 5 * time.Millisecond}, DeadLetter: "keyed.dlq"}
+	var brokers []*Broker
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	for range 2 {
+		a := pubsub.NewApp(addr, []pubsub.Subscription{{Topic: "keyed", Group: "g", Route: "/", ContentMode: "raw", MaxInFlight: 8, Timeout: 5 * time.Second}}, nil, nil, zap.NewNop())
+		b := newBroker(t, srv.URL(), a, []Subscription{sub}, Options{AckWait: 2 * time.Second})
+		brokers = append(brokers, b)
+		wg.Go(func() { b.Run(ctx) })
+	}
+	waitFor(t, 10*time.Second, "the consumer", func() bool { return brokers[0].Status().Groups[0].Pending == 0 })
+	const n = 60
+	for i := range n {
+		m := msg("keyed", fmt.Sprintf("%c-%d", 'a'+i%3, i))
+		m.OrderingKey = string(rune('a' + i%3))
+		if _, err := brokers[i%2].Publish([]pubsub.Publication{{Msg: m}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 30*time.Second, "every message", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(order) == n
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	last := map[byte]int{}
+	for _, id := range order {
+		k := id[0]
+		i, _ := strconv.Atoi(id[2:])
+		if prev, ok := last[k]; ok && i <= prev {
+			t.Errorf("key %c: %s after %c-%d, want publish order", k, id, k, prev)
+		}
+		last[k] = i
+	}
+	if bad {
+		t.Errorf("two deliveries of the group ran at once")
+	}
+}
