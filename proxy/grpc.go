@@ -4,7 +4,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"time"
 )
 
 // isGRPC reports whether r is a gRPC call: HTTP/2 with a gRPC content type.
@@ -14,36 +13,6 @@ func isGRPC(r *http.Request) bool {
 	}
 	ct := r.Header["Content-Type"] // canonical already: no Get's canonicalising
 	return len(ct) > 0 && strings.HasPrefix(ct[0], "application/grpc")
-}
-
-// grpcTimeout parses a grpc-timeout header ("100m", "5S", …): at most eight
-// digits and a unit. It reports false when absent or malformed.
-func grpcTimeout(v string) (time.Duration, bool) {
-	if len(v) < 2 || len(v) > 9 {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(v[:len(v)-1], 10, 64)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	var unit time.Duration
-	switch v[len(v)-1] {
-	case 'H':
-		unit = time.Hour
-	case 'M':
-		unit = time.Minute
-	case 'S':
-		unit = time.Second
-	case 'm':
-		unit = time.Millisecond
-	case 'u':
-		unit = time.Microsecond
-	case 'n':
-		unit = time.Nanosecond
-	default:
-		return 0, false
-	}
-	return time.Duration(n) * unit, true
 }
 
 // gRPC status codes the sidecar answers with.

@@ -27,6 +27,7 @@ import (
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/transcode"
 )
 
@@ -290,7 +291,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	ctx := r.Context()
 	timeout := rt.cfg.Timeouts.Request
 	if grpc {
-		if d, ok := grpcTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
+		if d, ok := httpwire.GRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
 			timeout = d
 		}
 	}

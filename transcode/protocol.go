@@ -10,7 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -19,6 +18,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/descriptorpb"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // protocol is how a client frames its call.
@@ -444,7 +445,7 @@ func timeoutOf(p protocol, h http.Header) time.Duration {
 		}
 		return 0
 	}
-	if d, ok := grpcTimeout(h.Get("Grpc-Timeout")); ok {
+	if d, ok := httpwire.GRPCTimeout(h.Get("Grpc-Timeout")); ok {
 		return d
 	}
 	return 0
@@ -471,37 +472,6 @@ func ceilDiv(d, unit time.Duration) time.Duration {
 		v++
 	}
 	return v
-}
-
-func grpcTimeout(v string) (time.Duration, bool) {
-	if len(v) < 2 || len(v) > 9 {
-		return 0, false
-	}
-	n, err := strconv.ParseInt(v[:len(v)-1], 10, 64)
-	if err != nil || n < 0 {
-		return 0, false
-	}
-	var u time.Duration
-	switch v[len(v)-1] {
-	case 'H':
-		u = time.Hour
-	case 'M':
-		u = time.Minute
-	case 'S':
-		u = time.Second
-	case 'm':
-		u = time.Millisecond
-	case 'u':
-		u = time.Microsecond
-	case 'n':
-		u = time.Nanosecond
-	default:
-		return 0, false
-	}
-	if n > int64(math.MaxInt64/u) {
-		return math.MaxInt64, true
-	}
-	return time.Duration(n) * u, true
 }
 
 // Frame flags: gRPC's compressed bit, Connect's end of stream, gRPC-Web's

@@ -3,6 +3,8 @@ package transcode
 import (
 	"testing"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // TestEncodeTimeout: grpc-timeout values keep to eight digits, round up,
@@ -26,7 +28,7 @@ func TestEncodeTimeout(t *testing.T) {
 		if len(got) > 9 {
 			t.Errorf("encodeTimeout(%v) = %q: over eight digits", tc.d, got)
 		}
-		back, ok := grpcTimeout(got)
+		back, ok := httpwire.GRPCTimeout(got)
 		if !ok || back < tc.d {
 			t.Errorf("encodeTimeout(%v) = %q, reads back as %v, %v: want at least %v", tc.d, got, back, ok, tc.d)
 		}
