@@ -126,6 +126,10 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
 	if err != nil {
 		closeAll(servers)
+		if ps != nil {
+			ps.closeListeners()
+			ps.stop() // closes the store, so a restart can open it
+		}
 		return fmt.Errorf("admin.listen: %w", err)
 	}
 	servers = append(servers, adminSrv)
