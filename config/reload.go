@@ -2,6 +2,7 @@ package config
 
 import (
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -42,7 +43,9 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 //
 // Every other key needs a restart: service (its presence, name, id,
 // address, port, check, ttl, deregister_critical_after, run), consul.*,
-// admin.*, log.format, discovery.backend and static, proxy.listen, proxy.max_header_bytes,
+// admin.*, log.format, discovery.backend, static, max_connections,
+// consistency and max_stale, an upstream added in a datacenter the running
+// discovery does not follow, proxy.listen, proxy.max_header_bytes,
 // every pubsub key but max_message_bytes,
 // proxy.timeouts.read_header, and any section this list does not name. The
 // listener-side settings (read_header, max_header_bytes) are read when a
@@ -56,6 +59,8 @@ func NewReload(running, next *Config) Reload {
 	eff.Log.Level = next.Log.Level
 	d := next.Discovery
 	d.Backend, d.Static = running.Discovery.Backend, running.Discovery.Static
+	// The Consul client's transport and query options are made at start.
+	d.MaxConnections, d.Consistency, d.MaxStale = running.Discovery.MaxConnections, running.Discovery.Consistency, running.Discovery.MaxStale
 	eff.Discovery = d
 
 	if running.Service != nil && next.Service != nil {
@@ -73,6 +78,9 @@ func NewReload(running, next *Config) Reload {
 	for _, n := range next.Upstreams {
 		r, ok := upstreamAt(running.Upstreams, n.Listen)
 		switch {
+		case !ok && !followed(running, n.Datacenter):
+			// A datacenter whose watches did not start with the sidecar:
+			// the upstream waits for the restart that starts them.
 		case !ok:
 			eff.Upstreams = append(eff.Upstreams, n) // a new listener takes the file's all
 		case (r.Protocol == ProtocolTCP) != (n.Protocol == ProtocolTCP):
@@ -107,6 +115,13 @@ func subscriptionsLive(running, next *Config) bool {
 	return r.Enabled() && n.Enabled() && r.Broker == BrokerHTTP && n.Broker == BrokerHTTP &&
 		r.HTTP.Listen != "" && n.HTTP.Listen == r.HTTP.Listen &&
 		running.Service != nil && next.Service != nil && running.Service.Name == next.Service.Name
+}
+
+// followed reports whether running's discovery follows datacenter dc: the
+// local one, or another that one of its upstreams named at start.
+func followed(running *Config, dc string) bool {
+	return dc == "" || dc == running.Consul.Datacenter || running.Discovery.Backend == BackendStatic ||
+		slices.Contains(running.RemoteDatacenters(), dc)
 }
 
 // liveTimeouts is next with the running read_header, which only a new

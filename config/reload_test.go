@@ -13,7 +13,7 @@ service:
   port: 9001
   tags: [v1]
   meta: {zone: a}
-consul: {address: 127.0.0.1:8500}
+consul: {address: 127.0.0.1:8500, datacenter: dc1}
 admin: {listen: 127.0.0.1:15100}
 log: {level: info}
 proxy:
@@ -89,6 +89,16 @@ func TestNewReload(t *testing.T) {
 				return strings.Replace(s, "{name: b, listen: 127.0.0.1:16002, protocol: tcp}", "{name: d, listen: 127.0.0.1:16003}", 1)
 			},
 			live: []string{"upstreams[0].name", "upstreams[0].balancer", "upstreams[0].tags", "upstreams[1]", "upstreams[1]"},
+		},
+		{
+			name: "upstream added in a datacenter not followed, consul transport keys: restart",
+			edit: func(s string) string {
+				s = strings.Replace(s, "log: {level: info}", "log: {level: info}\ndiscovery: {max_connections: 5, consistency: consistent, max_stale: 1s}", 1)
+				return s + "  - {name: e, listen: 127.0.0.1:16005, datacenter: dc9}\n  - {name: f, listen: 127.0.0.1:16006, datacenter: dc1}\n"
+			},
+			// f is added (named by its index in the effective config, where e is not).
+			live:    []string{"upstreams[2]"},
+			restart: []string{"discovery.max_connections", "discovery.consistency", "discovery.max_stale", "upstreams[2]"},
 		},
 		{
 			name: "upstream from tcp to http: kept",
