@@ -986,6 +986,13 @@ var h2ConnErrorCases = []struct {
 	{"initial window size past 2^31-1", func(fr *http2.Framer, _ uint32) {
 		_ = fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 31})
 	}, http2.ErrCodeFlowControl},
+	{"initial window change taking a stream's window past 2^31-1", func(fr *http2.Framer, stream uint32) {
+		// Whatever the window was, one more byte on the stream and then
+		// the largest initial window put it one past the maximum (RFC
+		// 9113, 6.9.2). Nothing was sent on the stream yet.
+		_ = fr.WriteWindowUpdate(stream, 1)
+		_ = fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
+	}, http2.ErrCodeFlowControl},
 	{"undecodable header block", func(fr *http2.Framer, stream uint32) {
 		// An indexed field of index 0, which no table holds.
 		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: []byte{0x80}, EndHeaders: true})

@@ -849,7 +849,10 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 			return err
 		}
 		for _, cs := range cc.streams {
-			cs.sendWin += delta
+			// As the server does (RFC 9113, section 6.9.2).
+			if !growWindowBy(&cs.sendWin, delta) {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
 		}
 	case *http2.PingFrame:
 		if !f.IsAck() {

@@ -744,7 +744,14 @@ const maxWindow = 1<<31 - 1
 // flow control: a connection error on stream 0, a stream error (RST_STREAM
 // FLOW_CONTROL_ERROR) on another. Client and server both check with it.
 func growWindow(w *int64, inc uint32) bool {
-	*w += int64(inc)
+	return growWindowBy(w, int64(inc))
+}
+
+// growWindowBy changes the send window *w by delta (negative when a new
+// SETTINGS_INITIAL_WINDOW_SIZE shrinks it) and reports whether it stays
+// within maxWindow.
+func growWindowBy(w *int64, delta int64) bool {
+	*w += delta
 	return *w <= maxWindow
 }
 

@@ -284,7 +284,11 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 			return err
 		}
 		for _, st := range sc.streams {
-			st.sendWin += delta
+			// A new initial window that takes an open stream's window past
+			// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
+			if !growWindowBy(&st.sendWin, delta) {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
 		}
 	case *http2.PingFrame:
 		if f.IsAck() {
