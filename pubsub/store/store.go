@@ -169,15 +169,18 @@ type Update struct {
 // Append stores entries durably and returns once they are fsynced. It may
 // block for one commit; it is safe for concurrent use.
 func (s *Store) Append(entries []Entry) ([]Appended, error) {
+	if s.pending.Load()+int64(len(entries)) > int64(s.opts.MaxPending) {
+		return nil, ErrFull
+	}
 	return s.Apply(nil, entries)
 }
 
 // Apply applies updates and appends entries in one transaction, so that a
-// dead letter is stored in the same commit that finishes the original.
+// dead letter is stored in the same commit that finishes the original. It
+// does not refuse entries at MaxPending, as Append does: they are the dead
+// letters of messages it finishes, and refusing them would leave those
+// messages to be delivered again for as long as the outbox stays full.
 func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
-	if len(entries) > 0 && s.pending.Load()+int64(len(entries)) > int64(s.opts.MaxPending) {
-		return nil, ErrFull
-	}
 	out := make([]Appended, len(entries))
 	var added, deleted int64
 	now := s.opts.Now()
