@@ -3,7 +3,6 @@ package httpbroker
 import (
 	"context"
 	"encoding/json"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -13,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/backoff"
 	"github.com/sidecarlb/sidecar/pubsub"
 )
 
@@ -125,16 +125,19 @@ func (r *Registry) Run(ctx context.Context) {
 			}
 			failures++
 			r.log.Warn("watch subscriptions failed", zap.Int("attempt", failures), zap.Error(err))
-			sleep(ctx, backoff(failures))
+			backoff.Wait(ctx, consulBackoff.Backoff(failures))
 			continue
 		}
 		failures = 0
-		if meta.LastIndex < index {
+		// Consul's rule, as in discovery: an index of 0 is taken as 1, so
+		// that the next query blocks rather than answering at once.
+		last := max(meta.LastIndex, 1)
+		if last < index {
 			index = 0 // the index went backwards: start over
-		} else if meta.LastIndex == index && r.topics.Load() != nil {
+		} else if last == index && r.topics.Load() != nil {
 			continue
 		} else {
-			index = meta.LastIndex
+			index = last
 		}
 		r.set(pairs)
 	}
@@ -178,7 +181,7 @@ func (r *Registry) set(pairs api.KVPairs) {
 func Announce(ctx context.Context, kv KV, recs []Record, reannounce time.Duration, log *zap.Logger) {
 	for first := true; ctx.Err() == nil; first = false {
 		announce(ctx, kv, recs, first, log)
-		sleep(ctx, reannounce)
+		backoff.Wait(ctx, reannounce)
 	}
 }
 
@@ -197,26 +200,10 @@ func announce(ctx context.Context, kv KV, recs []Record, first bool, log *zap.Lo
 				break
 			}
 			log.Warn("announce subscription failed", zap.String("topic", rec.Topic), zap.Int("attempt", attempt), zap.Error(err))
-			sleep(ctx, backoff(attempt))
+			backoff.Wait(ctx, consulBackoff.Backoff(attempt))
 		}
 	}
 }
 
-// backoff between failed Consul calls: 200ms doubling to 5s, ±20%.
-func backoff(n int) time.Duration {
-	d := 200 * time.Millisecond
-	for i := 1; i < n && d < 5*time.Second; i++ {
-		d *= 2
-	}
-	d = min(d, 5*time.Second)
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
-}
+// consulBackoff spaces failed Consul calls: 200ms doubling to 5s, ±20%.
+var consulBackoff = backoff.Exponential{Base: 200 * time.Millisecond, Max: 5 * time.Second, Jitter: 0.2}
