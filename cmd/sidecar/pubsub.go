@@ -93,9 +93,6 @@ func newPubSub(cfg *config.Config, consul *api.Client, cache *discovery.Cache, r
 		return nil, fmt.Errorf("pubsub.listen: %w", err)
 	}
 	rt.servers = append(rt.servers, s)
-	if len(cfg.Subscriptions) == 0 {
-		return rt, nil
-	}
 
 	// The subscriber side runs with pubsub.http.listen set, subscriptions
 	// or not, so a reload can add some.
