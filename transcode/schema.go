@@ -57,6 +57,12 @@ type Schemas struct {
 
 	slots sync.Map // service name → *slot
 
+	// unknownSlots counts the slots kept for names no source knows, which
+	// come from clients' paths: past maxUnknownSlots, such a slot is
+	// dropped after its fetch rather than kept, so made-up names cannot
+	// grow the map without bound.
+	unknownSlots atomic.Int64
+
 	namesMu sync.Mutex // serialises listings; never held on the hot path
 	names   atomic.Pointer[nameIndex]
 }
@@ -86,7 +92,13 @@ type slot struct {
 	cur    atomic.Pointer[fetched]
 	mu     sync.Mutex
 	flight chan struct{} // closed when the fetch under way ends; nil if none
+	// unknown is set while the slot is counted in Schemas.unknownSlots;
+	// only the fetch goroutine, one at a time, reads and writes it.
+	unknown bool
 }
+
+// maxUnknownSlots bounds the slots kept for service names no source knows.
+const maxUnknownSlots = 1024
 
 type fetched struct {
 	svc protoreflect.ServiceDescriptor
@@ -230,12 +242,31 @@ func (s *Schemas) start(service string, sl *slot) <-chan struct{} {
 			f = &fetched{svc: prev.svc, at: f.at.Add(s.opts.Retry - s.opts.Refresh)}
 		}
 		sl.cur.Store(f)
+		s.keepUnknown(service, sl, f.svc == nil && isUnknown(f.err))
 		sl.mu.Lock()
 		sl.flight = nil
 		sl.mu.Unlock()
 		close(ch)
 	}()
 	return ch
+}
+
+// keepUnknown counts sl among the slots of unknown names when unknown, or
+// drops it from the map when maxUnknownSlots are kept already; a slot whose
+// name became known leaves the count.
+func (s *Schemas) keepUnknown(service string, sl *slot, unknown bool) {
+	switch {
+	case unknown && !sl.unknown:
+		if s.unknownSlots.Add(1) > maxUnknownSlots {
+			s.unknownSlots.Add(-1)
+			s.slots.CompareAndDelete(service, sl)
+			return
+		}
+		sl.unknown = true
+	case !unknown && sl.unknown:
+		s.unknownSlots.Add(-1)
+		sl.unknown = false
+	}
 }
 
 func isUnknown(err error) bool {

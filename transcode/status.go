@@ -26,7 +26,7 @@ type Error struct {
 	HTTPStatus int
 }
 
-func (e *Error) Error() string { return fmt.Sprintf("%s: %s", connectCodes[e.Code], e.Message) }
+func (e *Error) Error() string { return fmt.Sprintf("%s: %s", ConnectCode(e.Code), e.Message) }
 
 // Errorf returns an Error with code and a formatted message.
 func Errorf(code codes.Code, format string, args ...any) *Error {
