@@ -37,7 +37,7 @@ func (e Exponential) Backoff(n int) time.Duration {
 		ceiling = min(e.Max, maxDelay)
 	}
 	d := min(e.Base, ceiling)
-	for i := 1; i < n && d < ceiling; i++ {
+	for i := 1; i < n && d > 0 && d < ceiling; i++ { // a zero Base stays zero: no need to count to n
 		d = min(2*d, ceiling)
 	}
 	return Jitter(d, e.Jitter)
