@@ -6,6 +6,7 @@ import (
 	"hash/fnv"
 	"runtime/debug"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
@@ -57,6 +58,10 @@ func (c *Consul) goOwned(name string, f func(ctx context.Context)) {
 	}()
 }
 
+// fetchTimeout bounds one fetch of a service's instances; a fetch that
+// runs out fails like any other and is retried with the watch's backoff.
+const fetchTimeout = 10 * time.Second
+
 // worker fetches services for the watches until ctx is done: the pool of
 // workers bounds the fetches in flight, whatever the number of watches.
 func (c *Consul) worker(ctx context.Context) {
@@ -67,8 +72,12 @@ func (c *Consul) worker(ctx context.Context) {
 		case j := <-c.jobs:
 			var r fetchResult
 			if j.ctx.Err() == nil {
+				// Not a blocking query: bound it, so that an agent that
+				// never answers cannot hold one of the few workers.
+				fctx, cancel := context.WithTimeout(j.ctx, fetchTimeout)
 				q := j.h.d.query()
-				r.entries, r.meta, r.err = c.health.Service(j.h.service, "", true, q.WithContext(j.ctx))
+				r.entries, r.meta, r.err = c.health.Service(j.h.service, "", true, q.WithContext(fctx))
+				cancel()
 			}
 			// The reply is buffered and each watch has one fetch in flight
 			// at most, but a watch that stopped may have left the reply to
