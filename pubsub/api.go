@@ -227,9 +227,13 @@ type failedEntry struct {
 	Error   string `json:"error"`
 }
 
+// MaxBulkEntries bounds the entries of one bulk request: a broker that
+// publishes a request's entries at once must have room for this many.
+const MaxBulkEntries = 10_000
+
 // Bounds of one bulk request.
 const (
-	maxBulkEntries = 10_000
+	maxBulkEntries = MaxBulkEntries
 	maxBulkBytes   = 256 << 20
 )
 

@@ -129,7 +129,9 @@ func New(opts Options, app *pubsub.App, subs []Subscription, log *zap.Logger) (*
 	if err != nil {
 		return nil, fmt.Errorf("connect to nats %v: %w", opts.URLs, err)
 	}
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(4096))
+	js, err := jetstream.New(nc,
+		// Room for a whole bulk request, published at once.
+		jetstream.WithPublishAsyncMaxPending(pubsub.MaxBulkEntries))
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("jetstream: %w", err)
