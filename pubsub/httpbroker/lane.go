@@ -491,7 +491,12 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 func deadLetter(body []byte, rec Record, reason, detail string, attempts int) ([]byte, error) {
 	m, err := pubsub.Unmarshal(body)
 	if err != nil {
-		return nil, err
+		// A stored body that no longer reads: dead-letter its bytes as they
+		// are (as the nats broker does), so the message ends rather than
+		// being retried past max_attempts for ever.
+		m = &pubsub.Message{ID: pubsub.NewID(), Source: pubsub.DefaultSource, Type: pubsub.DefaultType,
+			Time: time.Now(), DataContentType: "application/octet-stream", Topic: rec.Topic, Data: body}
+		detail = "undecodable: " + err.Error()
 	}
 	if m.Extensions == nil {
 		m.Extensions = map[string]json.RawMessage{}
