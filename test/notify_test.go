@@ -69,7 +69,10 @@ func TestSystemdNotify(t *testing.T) {
 	}
 
 	app.echo = harness.StartEcho(t, app.echoAddr, app.id)
-	for {
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if time.Now().After(deadline) {
+			t.Fatal("no READY=1 within 30s of the app starting, only STATUS= lines")
+		}
 		m := next("READY=1")
 		if strings.Contains(m, "READY=1") {
 			if code, reason := readyState(t, app.adminAddr); code != http.StatusOK {

@@ -93,7 +93,7 @@ func TestPubSubNATSUnavailable(t *testing.T) {
 	consulagent.WaitFor(t, 10*time.Second, "503 with NATS down", func() bool {
 		req, _ := http.NewRequest("POST", "http://"+pub.api+"/v1.0/publish/pubsub/moves", strings.NewReader(`{}`))
 		req.Header.Set("Idempotency-Key", "down")
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := adminHTTP.Do(req)
 		if err != nil {
 			return false
 		}
@@ -226,7 +226,7 @@ func TestPubSubNATSCluster(t *testing.T) {
 func (n *psNode) natsStatus() (s struct {
 	Connected bool `json:"connected"`
 }) {
-	resp, err := http.Get("http://" + n.admin + "/status")
+	resp, err := adminHTTP.Get("http://" + n.admin + "/status")
 	if err != nil {
 		return s
 	}

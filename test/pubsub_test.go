@@ -21,6 +21,11 @@ import (
 	"github.com/sidecarlb/sidecar/test/harness"
 )
 
+// adminHTTP is the client of the tests' calls to a sidecar's admin and
+// publish listeners: bounded, so that a sidecar that accepts and never
+// answers fails the WaitFor around the call instead of hanging the test.
+var adminHTTP = &http.Client{Timeout: 10 * time.Second}
+
 // subApp is an app that records the messages its sidecar delivers.
 type subApp struct {
 	t    *testing.T
@@ -93,16 +98,14 @@ func (a *subApp) ids(route string) map[string][]int {
 
 // psNode is one sidecar with pub/sub on.
 type psNode struct {
-	t        *testing.T
-	name     string
-	admin    string
-	api      string
-	peer     string
-	dataDir  string
-	cfg      string
-	proc     *harness.Proc
-	app      *subApp
-	consulAt string
+	t       *testing.T
+	admin   string
+	api     string
+	peer    string
+	dataDir string
+	cfg     string
+	proc    *harness.Proc
+	app     *subApp
 }
 
 type psSub struct{ topic, route, group, extra string }
@@ -116,7 +119,7 @@ func newPSNode(t *testing.T, consulAddr, name string, app *subApp, subs ...psSub
 // newPSNodeOn is newPSNode on the nats broker when natsURL is set.
 func newPSNodeOn(t *testing.T, consulAddr, natsURL, name string, app *subApp, subs ...psSub) *psNode {
 	n := &psNode{
-		t: t, name: name, app: app, consulAt: consulAddr,
+		t: t, app: app,
 		admin:   fmt.Sprintf("127.0.0.1:%d", consulagent.FreePort(t)),
 		api:     fmt.Sprintf("127.0.0.1:%d", consulagent.FreePort(t)),
 		peer:    fmt.Sprintf("127.0.0.1:%d", consulagent.FreePort(t)),
@@ -166,7 +169,7 @@ func (n *psNode) publish(topic, key, body string) int {
 	req, _ := http.NewRequest("POST", "http://"+n.api+"/v1.0/publish/pubsub/"+topic, strings.NewReader(body))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Idempotency-Key", key)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := adminHTTP.Do(req)
 	if err != nil {
 		n.t.Fatalf("publish %s: %v", key, err)
 	}
@@ -183,7 +186,7 @@ func (n *psNode) status() (s struct {
 		Pending      int
 	} `json:"groups"`
 }) {
-	resp, err := http.Get("http://" + n.admin + "/status")
+	resp, err := adminHTTP.Get("http://" + n.admin + "/status")
 	if err != nil {
 		return s
 	}
@@ -199,7 +202,7 @@ func (n *psNode) status() (s struct {
 // metric returns the value of the sample line starting with series (name
 // and labels as the exposition format writes them, labels sorted), or -1.
 func (n *psNode) metric(series string) float64 {
-	resp, err := http.Get("http://" + n.admin + "/metrics")
+	resp, err := adminHTTP.Get("http://" + n.admin + "/metrics")
 	if err != nil {
 		return -1
 	}

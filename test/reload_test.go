@@ -75,7 +75,7 @@ func (s *rlSidecar) reloads(t *testing.T, result string) int {
 
 func rlMetric(t *testing.T, admin, series string) (float64, bool) {
 	t.Helper()
-	resp, err := http.Get("http://" + admin + "/metrics")
+	resp, err := adminHTTP.Get("http://" + admin + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -423,7 +423,7 @@ admin: {listen: %s, token: admin-secret}
 		if token != "" {
 			req.Header.Set("Authorization", "Bearer "+token)
 		}
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := adminHTTP.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -356,23 +356,26 @@ func FreePort(t testing.TB) int {
 }
 
 // portRange is where FreePort picks: from 10000 up to the start of the
-// ephemeral range, or 20000–30000 when that range cannot be read or leaves
-// too little room below it.
+// kernel's ephemeral range, or, when that leaves too little room, from the
+// end of the range up to 65535; 20000–30000 when the range cannot be read.
 func portRange() (lo, hi int) {
-	lo, hi = 10000, 30000
 	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return lo, hi
-	}
 	f := bytes.Fields(b)
-	if len(f) != 2 {
-		return lo, hi
-	}
-	first, err := strconv.Atoi(string(f[0]))
-	if err != nil || first-lo < 5000 {
+	if err != nil || len(f) != 2 {
 		return 20000, 30000
 	}
-	return lo, first
+	first, err1 := strconv.Atoi(string(f[0]))
+	last, err2 := strconv.Atoi(string(f[1]))
+	switch {
+	case err1 != nil || err2 != nil:
+		return 20000, 30000
+	case first-10000 >= 5000:
+		return 10000, first
+	case 65535-last >= 5000:
+		return last + 1, 65536
+	default:
+		return 20000, 30000 // no room outside the range: take the risk
+	}
 }
 
 var handedOut = struct {
