@@ -167,7 +167,7 @@ const maxOrderedScan = 4096
 // retry still holds its key). l.mu must be held.
 func (l *lane) takeOrdered(n int) []item {
 	var batch []item
-	keep := l.ready[:0:0]
+	var keep []item // the skipped ones, at most maxOrderedScan
 	i := 0
 	for ; i < len(l.ready) && len(batch) < n && i < maxOrderedScan; i++ {
 		it := l.ready[i]
@@ -180,7 +180,11 @@ func (l *lane) takeOrdered(n int) []item {
 		}
 		batch = append(batch, it)
 	}
-	l.ready = append(keep, l.ready[i:]...)
+	// The skipped messages go back just before the unscanned ones, in
+	// their order, in place: no copy of the backlog per take.
+	start := i - len(keep)
+	copy(l.ready[start:i], keep)
+	l.ready = l.ready[start:]
 	return batch
 }
 
