@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // isGRPC reports whether r is a gRPC call: HTTP/2 with a gRPC content type.
@@ -44,22 +46,7 @@ func writeGRPCError(w http.ResponseWriter, err error) {
 	h := w.Header()
 	h.Set("Content-Type", "application/grpc")
 	h.Set("Grpc-Status", strconv.Itoa(grpcCode(status)))
-	h.Set("Grpc-Message", grpcPercentEncode("sidecar: "+err.Error()))
+	h.Set("Grpc-Message", httpwire.EncodeGRPCMessage("sidecar: "+err.Error()))
 	h.Set("X-Sidecar-Error", code)
 	w.WriteHeader(http.StatusOK)
-}
-
-// grpcPercentEncode encodes a grpc-message value as the gRPC spec says:
-// printable ASCII except '%' as is, everything else as %XX.
-func grpcPercentEncode(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= ' ' && c <= '~' && c != '%' {
-			b.WriteByte(c)
-			continue
-		}
-		b.WriteString("%" + strings.ToUpper(strconv.FormatUint(uint64(c)>>4, 16)) + strings.ToUpper(strconv.FormatUint(uint64(c)&15, 16)))
-	}
-	return b.String()
 }

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"google.golang.org/grpc/codes"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // Respond answers the client with the node's gRPC response, in the
@@ -257,7 +259,7 @@ func statusFields(st *Error) (code, msg, details string) {
 	if st == nil {
 		return "0", "", ""
 	}
-	return strconv.Itoa(int(st.Code)), percentEncode(st.Message), st.statusDetailsBin()
+	return strconv.Itoa(int(st.Code)), httpwire.EncodeGRPCMessage(st.Message), st.statusDetailsBin()
 }
 
 type connectError struct {

@@ -5,12 +5,13 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
-	"strings"
 
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // Error is a gRPC status: the node's, or one the sidecar answers with
@@ -106,7 +107,7 @@ func statusFrom(h http.Header) (e *Error, ok bool) {
 	if n == 0 {
 		return nil, true
 	}
-	e = &Error{Code: codes.Code(n), Message: percentDecode(h.Get("Grpc-Message"))}
+	e = &Error{Code: codes.Code(n), Message: httpwire.DecodeGRPCMessage(h.Get("Grpc-Message"))}
 	if d := h.Get("Grpc-Status-Details-Bin"); d != "" {
 		if b, err := decodeBinHeader(d); err == nil {
 			var st spb.Status
@@ -124,44 +125,6 @@ func decodeBinHeader(v string) ([]byte, error) {
 		return base64.StdEncoding.DecodeString(v)
 	}
 	return base64.RawStdEncoding.DecodeString(v)
-}
-
-// percentDecode undoes grpc-message's percent-encoding; a malformed escape
-// is kept as is.
-func percentDecode(s string) string {
-	if !strings.Contains(s, "%") {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '%' && i+2 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 2
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-// percentEncode encodes a grpc-message value: printable ASCII but '%' as
-// is, every other byte as %XX.
-func percentEncode(s string) string {
-	var b strings.Builder
-	const hex = "0123456789ABCDEF"
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= ' ' && c <= '~' && c != '%' {
-			b.WriteByte(c)
-			continue
-		}
-		b.WriteByte('%')
-		b.WriteByte(hex[c>>4])
-		b.WriteByte(hex[c&15])
-	}
-	return b.String()
 }
 
 // statusDetailsBin encodes e's details as a grpc-status-details-bin value,

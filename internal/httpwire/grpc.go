@@ -3,6 +3,7 @@ package httpwire
 import (
 	"math"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -40,4 +41,42 @@ func GRPCTimeout(v string) (time.Duration, bool) {
 		return math.MaxInt64, true
 	}
 	return time.Duration(n) * unit, true
+}
+
+// EncodeGRPCMessage encodes a grpc-message value as gRPC over HTTP/2 says:
+// printable ASCII but '%' as it is, every other byte as %XX.
+func EncodeGRPCMessage(s string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= ' ' && c <= '~' && c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		b.WriteByte('%')
+		b.WriteByte(hex[c>>4])
+		b.WriteByte(hex[c&15])
+	}
+	return b.String()
+}
+
+// DecodeGRPCMessage undoes EncodeGRPCMessage; a '%' not followed by two hex
+// digits stays as it is.
+func DecodeGRPCMessage(s string) string {
+	if !strings.Contains(s, "%") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+3], 16, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 2
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

@@ -37,3 +37,26 @@ func TestGRPCTimeout(t *testing.T) {
 		}
 	}
 }
+
+func TestGRPCMessage(t *testing.T) {
+	for _, tc := range []struct{ in, enc string }{
+		{"", ""},
+		{"plain text", "plain text"},
+		{"100% sure", "100%25 sure"},
+		{"tab\there", "tab%09here"},
+		{"caf\u00e9", "caf%C3%A9"},
+		{"line\nbreak", "line%0Abreak"},
+	} {
+		if got := EncodeGRPCMessage(tc.in); got != tc.enc {
+			t.Errorf("EncodeGRPCMessage(%q) = %q, want %q", tc.in, got, tc.enc)
+		}
+		if got := DecodeGRPCMessage(tc.enc); got != tc.in {
+			t.Errorf("DecodeGRPCMessage(%q) = %q, want %q", tc.enc, got, tc.in)
+		}
+	}
+	for _, s := range []string{"50%", "%zz", "%4"} {
+		if got := DecodeGRPCMessage(s); got != s {
+			t.Errorf("DecodeGRPCMessage(%q) = %q, want it as it is", s, got)
+		}
+	}
+}
