@@ -87,7 +87,9 @@ func (p *Proxy) swapRoute(cur *atomic.Pointer[route], listener string, cfg Route
 		p.routes = append(p.routes, rt)
 	}
 	p.mu.Unlock()
-	if !adopted {
+	if adopted {
+		old.closeSchemas() // its endpoints carry on in rt, its schemas do not
+	} else {
 		old.close(old.cfg.Service != rt.cfg.Service)
 	}
 	return nil
@@ -112,15 +114,20 @@ func (p *Proxy) retireRoute(rt *route, dropMetrics bool) {
 	rt.close(dropMetrics)
 }
 
+// closeSchemas stops the route's schema fetches (a route that transcodes).
+func (rt *route) closeSchemas() {
+	if rt.codec != nil {
+		rt.codec.Schemas().Close()
+	}
+}
+
 // close retires every endpoint of a route nothing picks from any more:
 // requests in flight on it finish, then its connections close. With
 // dropMetrics its per-endpoint series go too; without it they stay for
 // the route that took its place under the same labels, which resolves the
 // same series.
 func (rt *route) close(dropMetrics bool) {
-	if rt.codec != nil {
-		rt.codec.Schemas().Close()
-	}
+	rt.closeSchemas()
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 	st := rt.state.Load()
