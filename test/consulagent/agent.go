@@ -71,20 +71,25 @@ type Options struct {
 
 // Binary returns the path of the consul binary tests use, or an error saying
 // how to get one.
-func Binary() (string, error) {
-	if p := os.Getenv("CONSUL_BIN"); p != "" {
+func Binary() (string, error) { return FindBinary("CONSUL_BIN", "consul", "consul") }
+
+// FindBinary returns the path of the program name that tests run: $env when
+// set, then bin/name at the repository root (built by `make target`), then
+// name on PATH; else an error saying how to get one.
+func FindBinary(env, name, target string) (string, error) {
+	if p := os.Getenv(env); p != "" {
 		return p, nil
 	}
 	if root, err := repoRoot(); err == nil {
-		p := filepath.Join(root, "bin", "consul")
+		p := filepath.Join(root, "bin", name)
 		if _, err := os.Stat(p); err == nil {
 			return p, nil
 		}
 	}
-	if p, err := exec.LookPath("consul"); err == nil {
+	if p, err := exec.LookPath(name); err == nil {
 		return p, nil
 	}
-	return "", errors.New("no consul binary: run `make consul` (builds bin/consul), put consul on PATH, or set CONSUL_BIN")
+	return "", fmt.Errorf("no %s binary: run `make %s` (builds bin/%s), put %s on PATH, or set %s", name, target, name, name, env)
 }
 
 // Start starts a dev agent and waits until it has elected itself leader. The

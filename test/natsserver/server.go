@@ -13,9 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,19 +40,7 @@ type Server struct {
 // Binary returns the path of the nats-server binary tests use, or an error
 // saying how to get one.
 func Binary() (string, error) {
-	if p := os.Getenv("NATS_SERVER_BIN"); p != "" {
-		return p, nil
-	}
-	if root, err := repoRoot(); err == nil {
-		p := filepath.Join(root, "bin", "nats-server")
-		if _, err := os.Stat(p); err == nil {
-			return p, nil
-		}
-	}
-	if p, err := exec.LookPath("nats-server"); err == nil {
-		return p, nil
-	}
-	return "", errors.New("no nats-server binary: run `make nats` (builds bin/nats-server), put nats-server on PATH, or set NATS_SERVER_BIN")
+	return consulagent.FindBinary("NATS_SERVER_BIN", "nats-server", "nats")
 }
 
 // Start starts a nats-server with JetStream and waits until it accepts
@@ -197,22 +183,3 @@ func (s *Server) signal(sig syscall.Signal) {
 
 // Log returns what the server has printed so far.
 func (s *Server) Log() string { return s.log.String() }
-
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			if _, err := os.Stat(filepath.Join(dir, "tools")); err == nil {
-				return dir, nil
-			}
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("repository root not found")
-		}
-		dir = parent
-	}
-}
