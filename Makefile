@@ -7,7 +7,7 @@ NATS_VERSION   := v2.15.3
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul nats h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
+.PHONY: cover all build consul nats h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
 
 all: build
 
@@ -63,6 +63,18 @@ systemd-analyze:
 
 test: consul nats h2spec systemd-analyze build
 	$(GO) test -race -count=1 ./...
+
+# Coverage of the unit and integration tests together: the sidecar processes
+# that test/ starts are built with -cover and write their counters to
+# bin/cover/procs when they exit, so cmd/sidecar, heartbeat, supervisor and
+# config count what the real processes ran. bin/cover/all.out is the merged
+# profile (go tool cover -html=bin/cover/all.out to browse it).
+cover: consul nats h2spec systemd-analyze
+	@rm -rf bin/cover && mkdir -p bin/cover/procs
+	SIDECAR_TEST_COVERDIR=$(CURDIR)/bin/cover/procs $(GO) test -race -count=1 -coverpkg=./... -coverprofile=bin/cover/unit.out ./...
+	$(GO) tool covdata textfmt -i bin/cover/procs -o bin/cover/procs.out
+	{ cat bin/cover/unit.out; tail -n +2 bin/cover/procs.out; } > bin/cover/all.out
+	@awk '/^mode:/ {next} {k = $$1; p = $$1; sub(/\/[^\/]*$$/, "", p); pk[k] = p; st[k] = $$2; if ($$3 > 0) hit[k] = 1} END {for (k in st) {t[pk[k]] += st[k]; T += st[k]; if (k in hit) {c[pk[k]] += st[k]; C += st[k]}} for (p in t) printf "%-55s %5.1f%%\n", p, 100 * c[p] / t[p]; printf "%-55s %5.1f%%\n", "total (statements)", 100 * C / T}' bin/cover/all.out | sort
 
 # Unit tests only: no Consul needed.
 test-short:

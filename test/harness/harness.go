@@ -28,7 +28,11 @@ var (
 // Binaries builds cmd/sidecar and examples/echo once per test process and
 // returns the folder holding them. $SIDECAR_TEST_BIN names a folder holding
 // them already (e.g. bin/ after make build, without the race detector, for
-// figures of memory).
+// figures of memory). With $SIDECAR_TEST_COVERDIR set, they are built with
+// coverage of every package of the module, and the processes the tests start
+// write their counters there when they exit (GOCOVERDIR), so integration
+// coverage of cmd/sidecar, heartbeat, supervisor and config shows
+// (`make cover`).
 func Binaries(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
@@ -41,8 +45,12 @@ func Binaries(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
+		args := []string{"build", "-race"}
+		if coverDir() != "" {
+			args = append(args, "-cover", "-coverpkg=github.com/sidecarlb/sidecar/...")
+		}
 		for pkg, name := range map[string]string{"./cmd/sidecar": "sidecar", "./examples/echo": "echo"} {
-			cmd := exec.Command("go", "build", "-race", "-o", filepath.Join(binDir, name), pkg)
+			cmd := exec.Command("go", append(args, "-o", filepath.Join(binDir, name), pkg)...)
 			cmd.Dir = root
 			if out, err := cmd.CombinedOutput(); err != nil {
 				buildErr = fmt.Errorf("go build %s: %v\n%s", pkg, err, out)
@@ -55,6 +63,9 @@ func Binaries(t testing.TB) string {
 	}
 	return binDir
 }
+
+// coverDir is where covered binaries write their counters, or "".
+func coverDir() string { return os.Getenv("SIDECAR_TEST_COVERDIR") }
 
 // Proc is a child process started by a test.
 type Proc struct {
@@ -75,6 +86,9 @@ func Start(t testing.TB, name string, args ...string) *Proc {
 	p.cmd = exec.Command(filepath.Join(Binaries(t), name), args...)
 	p.cmd.Stdout = &p.out
 	p.cmd.Stderr = &p.out
+	if dir := coverDir(); dir != "" {
+		p.cmd.Env = append(os.Environ(), "GOCOVERDIR="+dir)
+	}
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := p.cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", name, err)
