@@ -214,6 +214,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	<-appDone
 	stopHeartbeat()
 	<-hbDone
+	adminHandler.Close() // the dashboards' streams end, so the admin listener can close
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	for _, s := range servers {
