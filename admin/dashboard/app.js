@@ -290,7 +290,14 @@
     c.textContent = text;
   }
 
+  // tick moves the clocks on between documents: the uptime, and every
+  // "… ago" (the stream sends only what changed).
   function tick() {
+    if (prev && Date.now() - lastUpdate > 900) {
+      renderService(prev.service);
+      renderApp(prev.app);
+      renderDiscovery(prev.discovery);
+    }
     if (uptimeAt) {
       const up = uptimeAt[0] + (Date.now() - uptimeAt[1]) / 1000;
       document.getElementById("uptime").textContent = "up " + duration(up);

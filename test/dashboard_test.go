@@ -1,0 +1,312 @@
+package test
+
+// The live dashboard in a real browser: headless Chromium (Debian's
+// chromium package, `make chromium`) driven by chromedp loads the admin
+// listener's GET / of a real sidecar that runs its app and balances over
+// itself and a second instance, registered in a real Consul agent. The
+// page must load with no console error or exception, list both nodes of
+// the route, and drop the second within dashLeaveBound of its app being
+// killed (SIGKILL, restart: never).
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/sidecarlb/sidecar/test/consulagent"
+	"github.com/sidecarlb/sidecar/test/harness"
+)
+
+// dashLeaveBound bounds the time from killing an app to its node leaving
+// the page: the instance's check goes critical at its next probe (every
+// 100ms here), Consul's blocking query answers the watching sidecar, its
+// route follows the snapshot within 100ms and the stream sends within
+// 250ms. Generous for a loaded machine; the measured time is logged.
+const dashLeaveBound = 10 * time.Second
+
+// dashInstance is a sidecar that runs echo as its app, registered as web.
+type dashInstance struct {
+	id, appAddr, adminAddr string
+	appPort                int
+	sidecar                *harness.Proc
+}
+
+func newDashInstance(t *testing.T, id string) *dashInstance {
+	port := consulagent.FreePort(t)
+	return &dashInstance{id: id, appPort: port, appAddr: "127.0.0.1:" + strconv.Itoa(port),
+		adminAddr: "127.0.0.1:" + strconv.Itoa(consulagent.FreePort(t))}
+}
+
+// config runs echo with restart: never (a killed app stays dead) and, when
+// upstream is not empty, an upstream listener for web there.
+func (d *dashInstance) config(t *testing.T, consulAddr, upstream string) string {
+	echo := filepath.Join(harness.Binaries(t), "echo")
+	cfg := fmt.Sprintf(`service:
+  name: web
+  id: %[1]s
+  port: %[2]d
+  check: {http: "http://%[3]s/health", interval: 100ms, timeout: 1s}
+  ttl: 2s
+  drain: 100ms
+  run:
+    command: %[4]s
+    args: [-listen, "%[3]s", -name, %[1]s]
+    restart: never
+    stop_timeout: 2s
+consul:
+  address: %[5]s
+admin:
+  listen: %[6]s
+  token: s3cret
+`, d.id, d.appPort, d.appAddr, echo, consulAddr, d.adminAddr)
+	if upstream != "" {
+		cfg += fmt.Sprintf("upstreams:\n  - name: web\n    listen: %s\n", upstream)
+	}
+	return cfg
+}
+
+// status reads the instance's /status.
+func (d *dashInstance) status(t *testing.T) map[string]json.RawMessage {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + d.adminAddr + "/status")
+	if err != nil {
+		t.Fatalf("GET /status of %s: %v", d.id, err)
+	}
+	defer resp.Body.Close()
+	var doc map[string]json.RawMessage
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		t.Fatalf("GET /status of %s: %v", d.id, err)
+	}
+	return doc
+}
+
+// routeNodes lists the nodes of the instance's upstream route in /status.
+func (d *dashInstance) routeNodes(t *testing.T) []string {
+	var routes []struct {
+		Endpoints []struct {
+			Addr string `json:"addr"`
+		} `json:"endpoints"`
+	}
+	_ = json.Unmarshal(d.status(t)["upstreams"], &routes)
+	var out []string
+	for _, r := range routes {
+		for _, e := range r.Endpoints {
+			out = append(out, e.Addr)
+		}
+	}
+	return out
+}
+
+// chromiumPath finds Debian's chromium (make chromium installs it).
+func chromiumPath(t *testing.T) string {
+	t.Helper()
+	for _, name := range []string{"chromium", "chromium-browser"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	if testing.Short() {
+		t.Skip("no chromium; -short")
+	}
+	t.Fatal("no chromium on PATH: run make chromium (apt-get install chromium)")
+	return ""
+}
+
+// browser is headless Chromium with a fresh profile, collecting the
+// console errors and uncaught exceptions of its page.
+type browser struct {
+	ctx  context.Context
+	mu   sync.Mutex
+	errs []string
+}
+
+func startBrowser(t *testing.T) *browser {
+	t.Helper()
+	opts := []chromedp.ExecAllocatorOption{
+		chromedp.ExecPath(chromiumPath(t)),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("headless", true),
+		chromedp.Flag("no-sandbox", true),
+		chromedp.Flag("disable-gpu", true),
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("no-first-run", true),
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.WindowSize(1280, 900),
+	}
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	ctx, cancel := chromedp.NewContext(actx)
+	b := &browser{ctx: ctx}
+	// The first Run starts the browser; it must have no timeout of its own.
+	if err := chromedp.Do(ctx); err != nil {
+		cancel()
+		cancelAlloc()
+		t.Fatalf("start chromium: %v", err)
+	}
+	messages := chromedp.Console(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for m, err := range messages {
+			if err != nil {
+				return
+			}
+			if m.Type == chromedp.ConsoleError || m.IsException() {
+				b.mu.Lock()
+				b.errs = append(b.errs, fmt.Sprintf("%s (%s:%d)", m, m.URL, m.Line))
+				b.mu.Unlock()
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); cancelAlloc(); <-done })
+	return b
+}
+
+func (b *browser) errors() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]string(nil), b.errs...)
+}
+
+// do runs steps within a time limit.
+func (b *browser) do(t *testing.T, within time.Duration, what string, steps ...chromedp.Action[chromedp.Void]) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, within)
+	defer cancel()
+	if err := chromedp.Do(ctx, steps...); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// text returns the text of the element sel selects.
+func (b *browser) text(t *testing.T, sel string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
+	defer cancel()
+	s, err := chromedp.Run(ctx, chromedp.Text(chromedp.CSS(sel)))
+	if err != nil {
+		t.Fatalf("text of %s: %v", sel, err)
+	}
+	return s
+}
+
+// screenshot saves the PNG shot takes in dir and, when
+// $SIDECAR_TEST_ARTIFACTS names a folder, a copy there.
+func (b *browser) screenshot(t *testing.T, dir, name string, shot chromedp.Action[[]byte]) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, 20*time.Second)
+	defer cancel()
+	png, err := chromedp.Run(ctx, shot)
+	if err != nil {
+		t.Fatalf("screenshot %s: %v", name, err)
+	}
+	for _, d := range []string{dir, os.Getenv("SIDECAR_TEST_ARTIFACTS")} {
+		if d == "" {
+			continue
+		}
+		path := filepath.Join(d, name)
+		if err := os.WriteFile(path, png, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("screenshot: %s", path)
+	}
+}
+
+func TestDashboardInBrowser(t *testing.T) {
+	chromiumPath(t)
+	agent := consulagent.Start(t, consulagent.Options{})
+	a, b := newDashInstance(t, "web-a"), newDashInstance(t, "web-b")
+	upstream := "127.0.0.1:" + strconv.Itoa(consulagent.FreePort(t))
+	b.sidecar = harness.StartSidecar(t, b.adminAddr, b.config(t, agent.Addr(), ""))
+	a.sidecar = harness.StartSidecar(t, a.adminAddr, a.config(t, agent.Addr(), upstream))
+	consulagent.WaitFor(t, 30*time.Second, "both instances in the route of web-a's sidecar", func() bool {
+		return len(a.routeNodes(t)) == 2
+	})
+	// Some traffic, so that rates and latencies show.
+	c := &http.Client{Timeout: 5 * time.Second}
+	for i := range 40 {
+		resp, err := c.Get("http://" + upstream + "/")
+		if err != nil {
+			t.Fatalf("GET #%d through the upstream: %v", i, err)
+		}
+		resp.Body.Close()
+	}
+
+	br := startBrowser(t)
+	shots := t.TempDir()
+	rowA, rowB := `tr[data-node="`+a.appAddr+`"]`, `tr[data-node="`+b.appAddr+`"]`
+	br.do(t, 30*time.Second, "load the dashboard and see both nodes",
+		chromedp.Navigate("http://"+a.adminAddr+"/"),
+		chromedp.WaitVisible(chromedp.CSS(rowA)),
+		chromedp.WaitVisible(chromedp.CSS(rowB)),
+		chromedp.WaitVisible(chromedp.CSS(`#conn.badge-ok`)),
+	)
+	conn, service, app := br.text(t, "#conn"), br.text(t, "#service"), br.text(t, "#app")
+	if !strings.Contains(conn, "live") {
+		t.Errorf("connection badge = %q, want live", conn)
+	}
+	for _, want := range []string{"web-a", "registered", "passing"} {
+		if !strings.Contains(service, want) {
+			t.Errorf("registration section = %q, want it to show %q", service, want)
+		}
+	}
+	if !strings.Contains(app, "running") {
+		t.Errorf("app section = %q, want it to show running", app)
+	}
+	br.screenshot(t, shots, "dashboard-1280.png", chromedp.FullScreenshot(100))
+
+	// Kill web-b's app; its sidecar does not restart it.
+	var appStatus struct {
+		PID int `json:"pid"`
+	}
+	if err := json.Unmarshal(b.status(t)["app"], &appStatus); err != nil || appStatus.PID <= 0 {
+		t.Fatalf("web-b's app pid: %v (%d)", err, appStatus.PID)
+	}
+	killed := time.Now()
+	if err := syscall.Kill(appStatus.PID, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill web-b's app: %v", err)
+	}
+	br.do(t, dashLeaveBound, "web-b's node leaves the page",
+		chromedp.WaitNotPresent(chromedp.CSS(rowB)))
+	took := time.Since(killed)
+	t.Logf("web-b's node left the page %v after its app was killed (bound %v)", took.Round(time.Millisecond), dashLeaveBound)
+	br.do(t, 10*time.Second, "web-a's node stays", chromedp.WaitVisible(chromedp.CSS(rowA)))
+	events := br.text(t, "#events")
+	if !strings.Contains(events, "node "+b.appAddr+" left web") {
+		t.Errorf("changes = %q, want one saying %s left web", events, b.appAddr)
+	}
+	br.screenshot(t, shots, "dashboard-after-kill.png", chromedp.FullScreenshot(100))
+
+	// At a phone's width nothing but the tables' own boxes scrolls sideways.
+	br.do(t, 20*time.Second, "phone width", chromedp.EmulateViewport(390, 844))
+	ctx, cancel := context.WithTimeout(br.ctx, 10*time.Second)
+	defer cancel()
+	overflow, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`document.documentElement.scrollWidth > document.documentElement.clientWidth + 1 ||
+		[...document.querySelectorAll("header, .card")].some((e) => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if overflow {
+		t.Errorf("at 390px the page scrolls sideways")
+	}
+	br.screenshot(t, shots, "dashboard-390.png", chromedp.CaptureScreenshot()) // the viewport: a full-page shot lays the page out again without the scrollbar
+
+	if errs := br.errors(); len(errs) > 0 {
+		t.Errorf("console errors and exceptions:\n%s", strings.Join(errs, "\n"))
+	}
+}
