@@ -7,7 +7,7 @@ NATS_VERSION   := v2.15.3
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: all build consul nats h2spec systemd-analyze test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
+.PHONY: all build consul nats h2spec systemd-analyze chromium test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
 
 all: build
 
@@ -61,7 +61,13 @@ bin/h2spec: tools/h2spec/go.mod tools/h2spec/go.sum
 systemd-analyze:
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq systemd; }
 
-test: consul nats h2spec systemd-analyze build
+# chromium: headless Chromium for TestDashboardInBrowser, which drives the
+# admin dashboard through chromedp (Debian's chromium package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: consul nats h2spec systemd-analyze chromium build
 	$(GO) test -race -count=1 ./...
 
 # Unit tests only: no Consul needed.
