@@ -257,8 +257,8 @@ func TestDashboardInBrowser(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS(`#conn.badge-ok`)),
 	)
 	conn, service, app := br.text(t, "#conn"), br.text(t, "#service"), br.text(t, "#app")
-	if !strings.Contains(conn, "live") {
-		t.Errorf("connection badge = %q, want live", conn)
+	if !strings.Contains(conn, "live") || strings.Contains(conn, "polling") {
+		t.Errorf("connection badge = %q, want live from the stream, not polling", conn)
 	}
 	for _, want := range []string{"web-a", "registered", "passing"} {
 		if !strings.Contains(service, want) {
@@ -308,5 +308,33 @@ func TestDashboardInBrowser(t *testing.T) {
 
 	if errs := br.errors(); len(errs) > 0 {
 		t.Errorf("console errors and exceptions:\n%s", strings.Join(errs, "\n"))
+	}
+}
+
+// TestDashboardStreamEndsAtShutdown: a dashboard's open stream does not
+// hold the sidecar's shutdown: SIGTERM ends the stream, and no listener
+// is reported late.
+func TestDashboardStreamEndsAtShutdown(t *testing.T) {
+	agent := consulagent.Start(t, consulagent.Options{})
+	admin := "127.0.0.1:" + strconv.Itoa(consulagent.FreePort(t))
+	sc := harness.StartSidecar(t, admin, fmt.Sprintf("consul: {address: %s}\nadmin: {listen: %s}\n", agent.Addr(), admin))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/status/stream", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, 64)
+	if _, err := resp.Body.Read(first); err != nil {
+		t.Fatalf("reading the stream: %v", err)
+	}
+	sc.Signal(syscall.SIGTERM)
+	if code := sc.Wait(20 * time.Second); code != 0 {
+		t.Fatalf("sidecar exited %d after SIGTERM, want 0", code)
+	}
+	if out := sc.Output(); strings.Contains(out, "did not close in time") {
+		t.Errorf("a listener closed late with a dashboard stream open:\n%s", out)
 	}
 }
