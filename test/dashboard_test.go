@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -25,6 +26,12 @@ import (
 
 	"github.com/chromedp/chromedp"
 
+	"github.com/sidecarlb/sidecar/admin"
+	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/heartbeat"
+	"github.com/sidecarlb/sidecar/proxy"
+	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
+	"github.com/sidecarlb/sidecar/supervisor"
 	"github.com/sidecarlb/sidecar/test/consulagent"
 	"github.com/sidecarlb/sidecar/test/harness"
 )
@@ -336,5 +343,73 @@ func TestDashboardStreamEndsAtShutdown(t *testing.T) {
 	}
 	if out := sc.Output(); strings.Contains(out, "did not close in time") {
 		t.Errorf("a listener closed late with a dashboard stream open:\n%s", out)
+	}
+}
+
+// TestDashboardRendersEveryState: the page renders, with no console error,
+// a status document holding every state it knows (ejected and breaker-open
+// nodes, a stale watch, a failing one, pub/sub lag, a crashed app, a
+// critical check), served by the real admin handler in process.
+func TestDashboardRendersEveryState(t *testing.T) {
+	chromiumPath(t)
+	until := time.Now().Add(30 * time.Second).UTC()
+	h := admin.New(admin.Options{Version: "v1.2.3", Sections: map[string]func() any{
+		"service": func() any {
+			return heartbeat.Status{ServiceID: "web-1", Registered: true, CheckStatus: "critical", Output: "GET /health: connection refused"}
+		},
+		"app": func() any {
+			return supervisor.Status{State: "backoff", Command: "./web", Restarts: 3, Policy: "always", LastExit: "signal: killed",
+				LastExitAt: time.Now().Add(-2 * time.Second), Reason: "restarting in 400ms", NextStart: time.Now().Add(400 * time.Millisecond)}
+		},
+		"upstreams": func() any {
+			return []proxy.RouteStatus{{Listener: "127.0.0.1:15002", Service: "db", Balancer: "least_request", Stale: true, Panic: true,
+				Endpoints: []proxy.EndpointStatus{
+					{ID: "db-1", Addr: "10.0.0.1:5432", Weight: 2, Breaker: "open", State: "breaker_open", ConsecutiveFailures: 5},
+					{ID: "db-2", Addr: "10.0.0.2:5432", Weight: 1, Breaker: "closed", State: "ejected", EjectedUntil: &until,
+						NodeStats: proxy.NodeStats{WindowSeconds: 10, RequestsPerSecond: 3.5, ErrorRate: 0.5,
+							LatencyMS: &proxy.Percentiles{P50: 1.5, P90: 12, P99: 250}}},
+					{ID: "db-3", Addr: "10.0.0.3:5432", Weight: 1, Breaker: "half-open", State: "breaker_half_open"},
+				}}, {Listener: "127.0.0.1:15003", Service: "cache", Balancer: "round_robin", Error: "no healthy endpoints"}}
+		},
+		"discovery": func() any {
+			return []discovery.WatchStatus{
+				{Service: "db", Endpoints: 3, Stale: true, AgeSeconds: 42, Confirmed: time.Now().Add(-45 * time.Second), Error: "connection refused"},
+				{Service: "cache", Pending: true},
+			}
+		},
+		"pubsub": func() any {
+			return httpbroker.Status{Outbox: 7, OldestSeconds: 3, Groups: []httpbroker.GroupStatus{{Topic: "orders", Group: "billing", Pending: 7, InFlight: 2, OldestSeconds: 3}}}
+		},
+	}})
+	srv := httptest.NewServer(h)
+	t.Cleanup(srv.Close)
+	t.Cleanup(h.Close) // before srv.Close: the page's stream ends
+
+	br := startBrowser(t)
+	br.do(t, 30*time.Second, "load the dashboard",
+		chromedp.Navigate(srv.URL+"/"),
+		chromedp.WaitVisible(chromedp.CSS(`tr[data-node="10.0.0.2:5432"]`)),
+		chromedp.WaitVisible(chromedp.CSS(`#pubsub-card`)))
+	for sel, want := range map[string][]string{
+		`tr[data-node="10.0.0.1:5432"]`: {"breaker open", "5 failed"},
+		`tr[data-node="10.0.0.2:5432"]`: {"ejected", "until", "3.5", "50.0%", "250.0"},
+		`tr[data-node="10.0.0.3:5432"]`: {"half-open"},
+		`#routes`:                       {"stale set", "panic", "no healthy nodes", "no healthy endpoints"},
+		`tr[data-watch="db"]`:           {"stale for 42 s", "connection refused"},
+		`tr[data-watch="cache"]`:        {"waiting for the first answer"},
+		`#service`:                      {"critical", "connection refused"},
+		`#app`:                          {"backoff", "restarting in 400ms", "signal: killed"},
+		`#pubsub`:                       {"7 messages", "orders", "billing"},
+	} {
+		got := br.text(t, sel)
+		for _, w := range want {
+			if !strings.Contains(got, w) {
+				t.Errorf("%s = %q, want it to show %q", sel, got, w)
+			}
+		}
+	}
+	br.screenshot(t, t.TempDir(), "dashboard-states.png", chromedp.FullScreenshot(100))
+	if errs := br.errors(); len(errs) > 0 {
+		t.Errorf("console errors and exceptions:\n%s", strings.Join(errs, "\n"))
 	}
 }
