@@ -75,7 +75,14 @@ func (rt *route) follow(ctx context.Context, timeout time.Duration) {
 	if snap == nil {
 		return
 	}
-	if st := rt.state.Load(); st == nil || st.snap != snap {
-		rt.update(snap)
+	if st := rt.state.Load(); st != nil && st.snap == snap {
+		return
+	}
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	// A route a reload replaced is left be: rebuilding it would make
+	// endpoints, and series, that nothing retires.
+	if st := rt.state.Load(); !rt.retired && (st == nil || st.snap != snap) {
+		rt.rebuildLocked(snap)
 	}
 }

@@ -172,3 +172,34 @@ func TestFollowStops(t *testing.T) {
 		t.Fatal("Follow did not return after its context ended")
 	}
 }
+
+// TestFollowLeavesRetiredRoute: a route a reload replaced or closed is not
+// rebuilt by Follow, which would make endpoints and series nothing retires.
+func TestFollowLeavesRetiredRoute(t *testing.T) {
+	nodes := startNodes(t, 2)
+	a, b := nodes[0].Listener.Addr().String(), nodes[1].Listener.Addr().String()
+	backend := newMovingBackend(t, a)
+	cache := discovery.NewCache(backend, discovery.CacheOptions{}, testLogger(t))
+	t.Cleanup(cache.Close)
+	reg := prometheus.NewRegistry()
+	px := New(cache, NewMetrics(reg), testLogger(t))
+	h, err := px.Upstream("upstream", RouteConfig{Service: "echo", Timeouts: sidecarTimeouts()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := h.route.Load()
+	rt.follow(context.Background(), time.Second)
+	if got := endpointSeries(t, reg); !slices.Equal(got, []string{a}) {
+		t.Fatalf("endpoint series = %v, want [%s]", got, a)
+	}
+	h.Retire()
+	backend.set(t, a, b)
+	waitFor(t, "the new set in the cache", func() bool {
+		w, err := cache.Watch(context.Background(), "echo")
+		return err == nil && len(w.Snapshot().Endpoints) == 2
+	})
+	rt.follow(context.Background(), time.Second)
+	if got := endpointSeries(t, reg); len(got) != 0 {
+		t.Errorf("endpoint series after following a retired route = %v, want none", got)
+	}
+}

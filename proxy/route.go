@@ -41,6 +41,7 @@ type route struct {
 	// a forward-proxy route, which Follow does not look a watch up for.
 	watch    atomic.Pointer[discovery.Watch]
 	onDemand bool
+	retired  bool // under mu: replaced or closed, so Follow leaves it be
 }
 
 // routeState is an immutable view of the endpoints a route knows, rebuilt
