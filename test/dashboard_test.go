@@ -27,6 +27,7 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/sidecarlb/sidecar/admin"
+	"github.com/sidecarlb/sidecar/admin/dashboard"
 	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/proxy"
@@ -411,5 +412,47 @@ func TestDashboardRendersEveryState(t *testing.T) {
 	br.screenshot(t, t.TempDir(), "dashboard-states.png", chromedp.FullScreenshot(100))
 	if errs := br.errors(); len(errs) > 0 {
 		t.Errorf("console errors and exceptions:\n%s", strings.Join(errs, "\n"))
+	}
+}
+
+// TestDashboardPollsWithoutStream: where /status/stream is not served
+// (a proxy in between that refuses it, an older sidecar), the page falls
+// back to polling /status and still follows a node leaving.
+func TestDashboardPollsWithoutStream(t *testing.T) {
+	chromiumPath(t)
+	var mu sync.Mutex
+	nodes := []string{"10.0.0.1:80", "10.0.0.2:80"}
+	mux := http.NewServeMux()
+	dashboard.Register(mux)
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
+		mu.Lock()
+		var eps []proxy.EndpointStatus
+		for _, n := range nodes {
+			eps = append(eps, proxy.EndpointStatus{ID: n, Addr: n, Weight: 1, Breaker: "closed", State: "serving"})
+		}
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"version": "old", "uptime_seconds": 1,
+			"upstreams": []proxy.RouteStatus{{Listener: "127.0.0.1:15002", Service: "web", Balancer: "round_robin", Endpoints: eps}}})
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+
+	br := startBrowser(t)
+	br.do(t, 30*time.Second, "load the dashboard",
+		chromedp.Navigate(srv.URL+"/"),
+		chromedp.WaitVisible(chromedp.CSS(`tr[data-node="10.0.0.2:80"]`)))
+	if conn := br.text(t, "#conn"); !strings.Contains(conn, "polling") {
+		t.Errorf("connection badge = %q, want polling", conn)
+	}
+	mu.Lock()
+	nodes = nodes[:1]
+	mu.Unlock()
+	br.do(t, 10*time.Second, "the node leaves the page", chromedp.WaitNotPresent(chromedp.CSS(`tr[data-node="10.0.0.2:80"]`)))
+	// The refused stream is the only error the browser may report.
+	for _, e := range br.errors() {
+		if !strings.Contains(e, "EventSource") && !strings.Contains(e, "status/stream") {
+			t.Errorf("console error: %s", e)
+		}
 	}
 }
