@@ -1,5 +1,6 @@
 // Package admin serves the sidecar's loopback admin listener: liveness,
-// readiness, a JSON status document and Prometheus metrics.
+// readiness, a JSON status document (also as a stream of server-sent
+// events), the live dashboard at GET / and Prometheus metrics.
 package admin
 
 import (
@@ -7,7 +8,10 @@ import (
 	"encoding/json"
 	"net/http"
 	"sort"
+	"sync"
 	"time"
+
+	"github.com/sidecarlb/sidecar/admin/dashboard"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -33,6 +37,9 @@ type Options struct {
 	// reason; it is called per request, must not block and must be safe
 	// for concurrent use. If nil, /ready answers as /healthz does.
 	Ready func() (ready bool, reason string)
+	// StreamEvery is how often GET /status/stream sends the status
+	// document; if zero, 250ms is used.
+	StreamEvery time.Duration
 }
 
 // Handler is the admin listener's handler.
@@ -40,6 +47,9 @@ type Handler struct {
 	mux     *http.ServeMux
 	opts    Options
 	started time.Time
+
+	closeOnce sync.Once
+	closing   chan struct{} // closed by Close: streams end
 }
 
 // New returns the admin handler.
@@ -47,10 +57,17 @@ func New(opts Options) *Handler {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	h := &Handler{mux: http.NewServeMux(), opts: opts, started: opts.Now()}
+	if opts.StreamEvery <= 0 {
+		opts.StreamEvery = 250 * time.Millisecond
+	}
+	h := &Handler{mux: http.NewServeMux(), opts: opts, started: opts.Now(), closing: make(chan struct{})}
 	h.mux.HandleFunc("GET /healthz", h.healthz)
 	h.mux.HandleFunc("GET /ready", h.ready)
 	h.mux.HandleFunc("GET /status", h.status)
+	// The dashboard and its stream show what /status does, so they are
+	// read as /status is: GET needs no token.
+	h.mux.HandleFunc("GET /status/stream", h.stream)
+	dashboard.Register(h.mux)
 	if opts.Gatherer != nil {
 		h.mux.Handle("GET /metrics", promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{}))
 	}
@@ -155,7 +172,21 @@ func (h *Handler) ready(w http.ResponseWriter, _ *http.Request) {
 	_ = json.NewEncoder(w).Encode(doc)
 }
 
+// Close ends the status streams in progress, so that shutting the admin
+// listener down need not wait for the dashboards watching it. Later
+// streams end at once. Safe to call more than once.
+func (h *Handler) Close() { h.closeOnce.Do(func() { close(h.closing) }) }
+
 func (h *Handler) status(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(h.document())
+}
+
+// document is the /status document: version, uptime and every section.
+func (h *Handler) document() map[string]any {
 	doc := map[string]any{
 		"version":        h.opts.Version,
 		"uptime_seconds": h.opts.Now().Sub(h.started).Seconds(),
@@ -168,8 +199,5 @@ func (h *Handler) status(w http.ResponseWriter, _ *http.Request) {
 	for _, k := range keys {
 		doc[k] = h.opts.Sections[k]()
 	}
-	w.Header().Set("Content-Type", "application/json")
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(doc)
+	return doc
 }

@@ -347,6 +347,7 @@ upstreams:
 EOF
 start client-sidecar bin/sidecar -config "$dir/client-sidecar.yaml"
 say "started the client's sidecar: 127.0.0.1:$upstream balances over healthy echo instances (round_robin)"
+say "dashboard: http://127.0.0.1:$client_admin/ (open it in a browser to watch the failover live)"
 
 # A process that failed at once (a port taken meanwhile, a bad config) is
 # better reported now than after the wait below.

@@ -234,6 +234,7 @@ func (f *Forwarder) route(ctx context.Context, sent, tag, dc string) (*route, er
 	if err != nil {
 		return nil, err
 	}
+	rt.onDemand = true
 	st.routes.Store(key, rt)
 	f.p.addRoute(rt)
 	return rt, nil
@@ -344,7 +345,9 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		outcome = errGateway // counts as slow for latency-aware balancing
 	}
 	done(pk, outcome, start)
-	m.duration.Observe(time.Since(start).Seconds())
+	now := time.Now()
+	m.duration.Observe(now.Sub(start).Seconds())
+	e.stats.latency(now, now.Sub(start))
 	if err != nil && !errors.Is(err, errClientGone) {
 		// The node failed mid-body: abort so the client sees a broken
 		// response, not a short one that looks complete.

@@ -106,6 +106,7 @@ func (rt *route) reportTry(e *endpoint, breakerDone func(error), breakerFailure,
 
 // observe records a try's outcome on e for outlier ejection.
 func (rt *route) observe(e *endpoint, gatewayFailure bool) {
+	e.stats.try(time.Now(), gatewayFailure)
 	o := rt.cfg.Resilience.Outlier
 	if !gatewayFailure {
 		if e.consecutive.Load() != 0 {

@@ -36,6 +36,12 @@ type route struct {
 
 	mu    sync.Mutex // serialises rebuilds; never held on the hot path
 	state atomic.Pointer[routeState]
+
+	// watch is the one the last pick used, for Proxy.Follow; onDemand marks
+	// a forward-proxy route, which Follow does not look a watch up for.
+	watch    atomic.Pointer[discovery.Watch]
+	onDemand bool
+	retired  bool // under mu: replaced or closed, so Follow leaves it be
 }
 
 // routeState is an immutable view of the endpoints a route knows, rebuilt
@@ -55,6 +61,7 @@ type endpoint struct {
 	poolConfig *poolConfig
 	limits     *nodeLimits // shared by its pools, old and renewed
 	requests   [len(codeClasses)]prometheus.Counter
+	stats      nodeStats // recent rates and latencies, for /status
 	health
 }
 
@@ -112,6 +119,9 @@ func (rt *route) pick(ctx context.Context, key uint64, hasKey bool, exclude []st
 	w, err := rt.resolver.Watch(ctx, rt.cfg.Service)
 	if err != nil {
 		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, fmt.Errorf("%w: %w", ErrDiscovery, err)}
+	}
+	if rt.watch.Load() != w {
+		rt.watch.Store(w)
 	}
 	snap := w.Snapshot()
 	st := rt.state.Load()
@@ -214,6 +224,7 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 		overflows[i] = rt.metrics.overflows.WithLabelValues(ep.Addr, name)
 	}
 	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool, limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
+	e.stats.born = time.Now().UnixNano()
 	e.limits.reclaim = e.closeAnIdle
 	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
@@ -273,10 +284,20 @@ func (rt *route) status() RouteStatus {
 		if l := e.limits; l != nil {
 			es.Connections, es.PendingRequests, es.ActiveRequests = len(l.conns), int(l.pending.Load()), int(l.requests.Load())
 		}
-		if until := e.ejectedUntil.Load(); until > time.Now().UnixNano() {
+		now := time.Now()
+		es.State = "serving"
+		switch es.Breaker {
+		case "open":
+			es.State = "breaker_open"
+		case "half-open":
+			es.State = "breaker_half_open"
+		}
+		if until := e.ejectedUntil.Load(); until > now.UnixNano() {
 			t := time.Unix(0, until).UTC()
 			es.EjectedUntil = &t
+			es.State = "ejected"
 		}
+		es.NodeStats = e.stats.summary(now)
 		s.Endpoints = append(s.Endpoints, es)
 	}
 	return s
@@ -306,11 +327,18 @@ type EndpointStatus struct {
 	Breaker             string     `json:"breaker"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`
 	EjectedUntil        *time.Time `json:"ejected_until,omitempty"`
+	// State sums up whether the node gets requests: serving, ejected
+	// (outlier detection), breaker_open or breaker_half_open. Every node
+	// listed passes its Consul checks; those that fail them are not listed.
+	State string `json:"state"`
 	// Connections open to the node, requests waiting for one, and
 	// requests in flight to it, as resilience.limits bounds them.
 	Connections     int `json:"connections"`
 	PendingRequests int `json:"pending_requests"`
 	ActiveRequests  int `json:"active_requests"`
+	// NodeStats are the node's request rate, error rate and latency
+	// percentiles over the last 10 seconds.
+	NodeStats
 }
 
 var errClientGone = errors.New("client went away")

@@ -70,6 +70,7 @@ func (p *Proxy) swapRoute(cur *atomic.Pointer[route], listener string, cfg Route
 	adopted := false
 	if sameEndpoints(old.cfg, rt.cfg) {
 		old.mu.Lock()
+		old.retired = true
 		if st := old.state.Load(); st != nil {
 			rt.mu.Lock()
 			rt.state.Store(st) // rebuildLocked carries over what it keeps
@@ -130,6 +131,7 @@ func (rt *route) close(dropMetrics bool) {
 	rt.closeSchemas()
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
+	rt.retired = true
 	st := rt.state.Load()
 	if st == nil {
 		return

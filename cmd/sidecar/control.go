@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/proxy"
 	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
@@ -286,11 +287,74 @@ func printStatus(w io.Writer, doc map[string]json.RawMessage) {
 					fmt.Fprintf(w, "; %s", r.Error)
 				}
 				fmt.Fprintln(w)
+				printEndpoints(w, r)
 			}
 		}
 	}
+	if raw, ok := doc["discovery"]; ok {
+		printDiscovery(w, raw)
+	}
 	if raw, ok := doc["pubsub"]; ok {
 		printPubSub(w, raw)
+	}
+}
+
+// printEndpoints prints a route's flags and each node's state, breaker,
+// ejection and figures.
+func printEndpoints(w io.Writer, r proxy.RouteStatus) {
+	if r.Stale {
+		fmt.Fprintln(w, "    stale: discovery serves the last set it had")
+	}
+	if r.Panic {
+		fmt.Fprintln(w, "    panic: too few nodes left after ejection, balancing over all")
+	}
+	for _, e := range r.Endpoints {
+		state := e.State
+		if state == "" {
+			state = "serving"
+		}
+		fmt.Fprintf(w, "    %s %s, breaker %s", e.Addr, strings.ReplaceAll(state, "_", " "), e.Breaker)
+		if e.ConsecutiveFailures > 0 {
+			fmt.Fprintf(w, " (%d failures in a row)", e.ConsecutiveFailures)
+		}
+		if e.EjectedUntil != nil {
+			fmt.Fprintf(w, ", ejected for %v more", time.Until(*e.EjectedUntil).Round(time.Second))
+		}
+		fmt.Fprintf(w, ", %d in flight, %.1f req/s, %.1f%% errors", e.ActiveRequests, e.RequestsPerSecond, 100*e.ErrorRate)
+		if l := e.LatencyMS; l != nil {
+			fmt.Fprintf(w, ", p50 %.1fms p99 %.1fms", l.P50, l.P99)
+		}
+		fmt.Fprintln(w)
+	}
+}
+
+// printDiscovery prints each discovery watch and how fresh its set is.
+func printDiscovery(w io.Writer, raw json.RawMessage) {
+	var watches []discovery.WatchStatus
+	if json.Unmarshal(raw, &watches) != nil {
+		return
+	}
+	fmt.Fprintf(w, "discovery  %d watches\n", len(watches))
+	for _, ws := range watches {
+		fmt.Fprintf(w, "  %s: ", ws.Service)
+		switch {
+		case ws.Pending:
+			fmt.Fprint(w, "waiting for the first answer")
+		case ws.Stale:
+			fmt.Fprintf(w, "%d nodes, STALE for %v", ws.Endpoints, seconds(ws.AgeSeconds))
+		default:
+			fmt.Fprintf(w, "%d nodes, fresh", ws.Endpoints)
+		}
+		if !ws.Confirmed.IsZero() {
+			fmt.Fprintf(w, ", confirmed %v ago", time.Since(ws.Confirmed).Round(time.Second))
+		}
+		if ws.Error != "" {
+			fmt.Fprintf(w, "; %s", ws.Error)
+		}
+		if ws.ACL != "" {
+			fmt.Fprintf(w, "; %s", ws.ACL)
+		}
+		fmt.Fprintln(w)
 	}
 }
 

@@ -30,7 +30,17 @@ func fakeAdmin(t *testing.T, token string) *httptest.Server {
 				RSSBytes: 12 << 20, MemoryLimit: 256 << 20, Policy: "always", LastExit: "exit status 1", LastExitAt: time.Now().Add(-time.Minute)},
 			"service": heartbeat.Status{ServiceID: "web-1", Registered: true, CheckStatus: "passing", Output: "GET /health: 200 OK"},
 			"upstreams": []map[string]any{{"listener": "127.0.0.1:15002", "service": "db", "balancer": "round_robin",
-				"endpoints": []map[string]any{{"id": "db-1", "addr": "10.0.0.1:5432"}, {"id": "db-2", "addr": "10.0.0.2:5432"}}}},
+				"stale": true,
+				"endpoints": []map[string]any{
+					{"id": "db-1", "addr": "10.0.0.1:5432", "breaker": "closed", "state": "serving", "requests_per_second": 12.5,
+						"error_rate": 0.02, "active_requests": 3, "latency_ms": map[string]any{"p50": 1.25, "p90": 2, "p99": 4.5}},
+					{"id": "db-2", "addr": "10.0.0.2:5432", "breaker": "open", "state": "ejected", "consecutive_failures": 5,
+						"ejected_until": time.Now().Add(30500 * time.Millisecond)},
+				}}},
+			"discovery": []map[string]any{
+				{"service": "db", "endpoints": 2, "stale": true, "age_seconds": 42.2, "confirmed": time.Now().Add(-45 * time.Second), "error": "connection refused"},
+				{"service": "web", "endpoints": 3, "confirmed": time.Now()},
+			},
 			"pubsub": httpbroker.Status{Outbox: 7, OldestSeconds: 3, Groups: []httpbroker.GroupStatus{{Topic: "orders", Group: "billing", Pending: 7, InFlight: 2, OldestSeconds: 3}}},
 		})
 	})
@@ -78,6 +88,12 @@ func TestControlCommands(t *testing.T) {
 			"last exit: exit status 1, 1m0s ago",
 			"service    web-1, registered, check passing: GET /health: 200 OK",
 			"127.0.0.1:15002 → db (round_robin): 2 endpoints 10.0.0.1:5432, 10.0.0.2:5432",
+			"    stale: discovery serves the last set it had",
+			"    10.0.0.1:5432 serving, breaker closed, 3 in flight, 12.5 req/s, 2.0% errors, p50 1.2ms p99 4.5ms",
+			"    10.0.0.2:5432 ejected, breaker open (5 failures in a row), ejected for 30s more, 0 in flight, 0.0 req/s, 0.0% errors\n",
+			"discovery  2 watches",
+			"  db: 2 nodes, STALE for 42s, confirmed 45s ago; connection refused",
+			"  web: 3 nodes, fresh, confirmed 0s ago",
 			"pubsub     outbox 7, oldest 3s",
 			"orders → billing: 7 pending, 2 in flight, oldest 3s",
 		}, nil},

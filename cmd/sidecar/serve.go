@@ -177,6 +177,12 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	notifyCtx, stopNotify := context.WithCancel(ctx)
 	notifyDone := make(chan struct{})
 	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, &rl.readySent, log) }()
+	// Routes follow discovery between requests: /status and the series
+	// drop nodes that left at once.
+	followCtx, stopFollow := context.WithCancel(context.Background())
+	followDone := make(chan struct{})
+	go func() { defer close(followDone); px.Follow(followCtx, 0) }()
+	defer func() { stopFollow(); <-followDone }()
 	hupCtx, stopHUP := context.WithCancel(ctx)
 	hupDone := make(chan struct{})
 	go func() { defer close(hupDone); rl.handleHUP(hupCtx, hup) }()
@@ -208,6 +214,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	<-appDone
 	stopHeartbeat()
 	<-hbDone
+	adminHandler.Close() // the dashboards' streams end, so the admin listener can close
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	for _, s := range servers {
