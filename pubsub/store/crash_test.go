@@ -29,43 +29,15 @@ func TestTornTailDropped(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
 		name   string
-		damage func(t *testing.T, path string, size int64)
+		damage func(path string, size int64) error
+		// The damage hit the last acknowledged record: here it stands
+		// for one whose write the crash tore.
+		lastTorn bool
 	}{
-		{"cut mid-record", func(t *testing.T, path string, size int64) {
-			if err := os.Truncate(path, size-7); err != nil {
-				t.Fatal(err)
-			}
-		}},
-		{"cut mid-header", func(t *testing.T, path string, size int64) {
-			f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			if _, err := f.Write([]byte{1, 2, 3}); err != nil {
-				t.Fatal(err)
-			}
-		}},
-		{"checksum mismatch", func(t *testing.T, path string, size int64) {
-			f, err := os.OpenFile(path, os.O_RDWR, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			if _, err := f.WriteAt([]byte{'X'}, size-1); err != nil { // last body byte
-				t.Fatal(err)
-			}
-		}},
-		{"garbage length", func(t *testing.T, path string, size int64) {
-			f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			if _, err := f.Write(bytes.Repeat([]byte{0xff}, 16)); err != nil {
-				t.Fatal(err)
-			}
-		}},
+		{"cut mid-record", func(path string, size int64) error { return os.Truncate(path, size-7) }, true},
+		{"cut mid-header", func(path string, size int64) error { return writeAt(path, size, []byte{1, 2, 3}) }, false},
+		{"checksum mismatch", func(path string, size int64) error { return writeAt(path, size-1, []byte{'X'}) }, true},
+		{"garbage length", func(path string, size int64) error { return writeAt(path, size, bytes.Repeat([]byte{0xff}, 16)) }, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -90,12 +62,11 @@ func TestTornTailDropped(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			tc.damage(t, path, fi.Size())
-			// "cut" and "checksum" damage the last acknowledged record:
-			// here it stands for one whose write the crash tore.
-			damagedLast := tc.name == "cut mid-record" || tc.name == "checksum mismatch"
+			if err := tc.damage(path, fi.Size()); err != nil {
+				t.Fatal(err)
+			}
 			want := acked
-			if damagedLast {
+			if tc.lastTorn {
 				want = acked[:len(acked)-1]
 			}
 			s = open(t, dir, Options{})
@@ -129,6 +100,18 @@ func TestTornTailDropped(t *testing.T) {
 			}
 		})
 	}
+}
+
+func writeAt(path string, off int64, b []byte) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteAt(b, off); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func TestCorruptOlderSegmentRefused(t *testing.T) {
