@@ -92,15 +92,8 @@ func (s *Store) encodeEntries(o *op, act *segment, now int64) (added int64) {
 		if e.Key != "" {
 			kexp = exp
 		}
-		start := len(s.buf)
 		s.buf = encodeAppend(s.buf, seq, kexp, e.Key, e.Topic, e.Ordering, e.Body)
-		rec := len(s.buf) - start
-		s.msgs[seq] = msg{
-			seg: act, off: act.size + int64(len(s.buf)-len(e.Body)), n: uint32(len(e.Body)), rec: uint32(rec),
-			topic: s.intern([]byte(e.Topic)), ordering: strings.Clone(e.Ordering),
-		}
-		act.live++
-		act.liveBytes += int64(rec)
+		s.msgs[seq] = s.newMsg(act, act.size+int64(len(s.buf)-len(e.Body)), len(e.Body), e.Topic, e.Ordering)
 		added++
 		if e.Key != "" {
 			key := strings.Clone(e.Key)
@@ -203,9 +196,9 @@ func (s *Store) reclaim(now int64) error {
 		if _, err := old.f.ReadAt(body, m.off); err != nil {
 			return fmt.Errorf("copy message %d forward: %w", seq, err)
 		}
-		s.buf = encodeAppend(s.buf, seq, 0, "", m.topic, m.ordering, body)
+		s.buf = encodeAppend(s.buf, seq, 0, "", s.topics[m.topic], m.ordering(), body)
 		moved[seq] = act.size + int64(len(s.buf)-len(body))
-		for _, g := range m.groups {
+		for _, g := range m.groups() {
 			s.buf = encodeState(s.buf, seq, g.name, g.attempts, g.done)
 		}
 	}
@@ -230,7 +223,7 @@ func (s *Store) reclaim(now int64) error {
 		m.seg, m.off = act, off
 		s.msgs[seq] = m
 		act.live++
-		act.liveBytes += int64(m.rec)
+		act.liveBytes += s.recLen(&m)
 	}
 	for _, k := range keys {
 		e := s.dedup[k]

@@ -25,6 +25,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -83,7 +84,9 @@ type Store struct {
 	buf     []byte
 	broken  error // a failed write or fsync: nothing more is acknowledged
 	swept   time.Time
-	names   map[string]string // interned topic and group names
+	names   map[string]string // interned group names
+	topicID map[string]uint32 // topic → index in topics
+	topics  []string
 }
 
 type segment struct {
@@ -91,18 +94,65 @@ type segment struct {
 	f         *os.File
 	size      int64
 	live      int   // messages whose current copy is in this segment
-	liveBytes int64 // their append records' bytes
+	liveBytes int64 // about their append records' bytes
 }
 
-// msg is what memory holds of a pending message.
+// msg is what memory holds of a pending message: 32 bytes, and x only
+// for a message with an ordering key or a group state.
 type msg struct {
-	seg      *segment
-	off      int64 // of the body in seg's file
-	n        uint32
-	rec      uint32 // bytes of the append record
-	topic    string
+	seg   *segment
+	off   int64 // of the body in seg's file
+	n     uint32
+	topic uint32 // index in Store.topics
+	x     *msgExtra
+}
+
+type msgExtra struct {
 	ordering string
 	groups   []groupState
+}
+
+func (m *msg) ordering() string {
+	if m.x == nil {
+		return ""
+	}
+	return m.x.ordering
+}
+
+func (m *msg) groups() []groupState {
+	if m.x == nil {
+		return nil
+	}
+	return m.x.groups
+}
+
+// recLen is about the bytes of m's append record (its key not counted),
+// for the accounting of live bytes per segment.
+func (s *Store) recLen(m *msg) int64 {
+	return recHeader + int64(appendHeadLen("", s.topics[m.topic], m.ordering())) + int64(m.n)
+}
+
+// newMsg returns the msg of a body of n bytes at off in seg.
+func (s *Store) newMsg(seg *segment, off int64, n int, topic, ordering string) msg {
+	m := msg{seg: seg, off: off, n: uint32(n), topic: s.topicIndex(topic)}
+	if ordering != "" {
+		m.x = &msgExtra{ordering: strings.Clone(ordering)}
+	}
+	seg.live++
+	seg.liveBytes += s.recLen(&m)
+	return m
+}
+
+// topicIndex returns topic's index in s.topics, adding it if new.
+func (s *Store) topicIndex(topic string) uint32 {
+	if i, ok := s.topicID[topic]; ok {
+		return i
+	}
+	i := uint32(len(s.topics))
+	topic = strings.Clone(topic)
+	s.topicID[topic] = i
+	s.topics = append(s.topics, topic)
+	return i
 }
 
 type groupState struct {
@@ -155,7 +205,7 @@ func Open(dir string, opts Options) (*Store, error) {
 	s := &Store{
 		dir: dir, opts: opts, lock: lock,
 		ops: make(chan *op, maxBatch), quit: make(chan struct{}), stopped: make(chan struct{}),
-		msgs: map[uint64]msg{}, dedup: map[string]dedupEntry{}, names: map[string]string{},
+		msgs: map[uint64]msg{}, dedup: map[string]dedupEntry{}, names: map[string]string{}, topicID: map[string]uint32{},
 		nextSeq: 1,
 	}
 	if err := s.load(); err != nil {
@@ -248,13 +298,7 @@ func (s *Store) replay(seg *segment, off int64, r record, now int64) {
 		s.nextSeq = max(s.nextSeq, r.seq)
 	case recAppend:
 		s.drop(r.seq)
-		recLen := uint32(recHeader + r.bodyOff + r.bodyLen)
-		s.msgs[r.seq] = msg{
-			seg: seg, off: off + recHeader + int64(r.bodyOff), n: uint32(r.bodyLen), rec: recLen,
-			topic: s.intern(r.topic), ordering: string(r.ordering),
-		}
-		seg.live++
-		seg.liveBytes += int64(recLen)
+		s.msgs[r.seq] = s.newMsg(seg, off+recHeader+int64(r.bodyOff), r.bodyLen, string(r.topic), string(r.ordering))
 		s.nextSeq = max(s.nextSeq, r.seq+1)
 		if len(r.key) > 0 && r.exp > now {
 			s.dedup[string(r.key)] = dedupEntry{exp: r.exp, seq: r.seq, seg: seg}
@@ -280,23 +324,26 @@ func (s *Store) drop(seq uint64) bool {
 		return false
 	}
 	m.seg.live--
-	m.seg.liveBytes -= int64(m.rec)
+	m.seg.liveBytes -= s.recLen(&m)
 	delete(s.msgs, seq)
 	return true
 }
 
 func (m *msg) setGroup(name string, attempts uint32, done bool) {
-	for i := range m.groups {
-		if m.groups[i].name == name {
-			m.groups[i].attempts, m.groups[i].done = attempts, done
+	if m.x == nil {
+		m.x = &msgExtra{}
+	}
+	for i := range m.x.groups {
+		if m.x.groups[i].name == name {
+			m.x.groups[i].attempts, m.x.groups[i].done = attempts, done
 			return
 		}
 	}
-	m.groups = append(m.groups, groupState{name: name, attempts: attempts, done: done})
+	m.x.groups = append(m.x.groups, groupState{name: name, attempts: attempts, done: done})
 }
 
-// intern returns the one copy of a topic or group name (a few distinct
-// ones, each in many messages).
+// intern returns the one copy of a group name (a few distinct ones, each
+// in many messages).
 func (s *Store) intern(b []byte) string {
 	if t, ok := s.names[string(b)]; ok {
 		return t
@@ -436,7 +483,7 @@ func (s *Store) Get(seq uint64) (topic string, body []byte, ok bool, err error) 
 	if _, err := m.seg.f.ReadAt(body, m.off); err != nil {
 		return "", nil, false, fmt.Errorf("read message %d: %w", seq, err)
 	}
-	return m.topic, body, true, nil
+	return s.topics[m.topic], body, true, nil
 }
 
 // GroupState is the stored delivery state of one message for one group.
@@ -460,9 +507,13 @@ func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[stri
 		s.mu.RLock()
 		m, ok := s.msgs[seq]
 		var groups map[string]GroupState
-		if ok && len(m.groups) > 0 {
-			groups = make(map[string]GroupState, len(m.groups))
-			for _, g := range m.groups {
+		var topic, ordering string
+		if ok {
+			topic, ordering = s.topics[m.topic], m.ordering()
+		}
+		if gs := m.groups(); ok && len(gs) > 0 {
+			groups = make(map[string]GroupState, len(gs))
+			for _, g := range gs {
 				groups[g.name] = GroupState{Attempts: int(g.attempts), Done: g.done}
 			}
 		}
@@ -470,7 +521,7 @@ func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[stri
 		if !ok {
 			continue
 		}
-		if err := fn(seq, m.topic, m.ordering, groups); err != nil {
+		if err := fn(seq, topic, ordering, groups); err != nil {
 			return err
 		}
 	}
