@@ -30,8 +30,9 @@ const (
 )
 
 // encodeMsg returns m as a NATS message on subject. An attribute with a
-// line break (a CloudEvent's source or type may hold one) cannot be a
-// header: such a message is stored as JSON, as before.
+// line break, another control byte or a space at either end (a
+// CloudEvent's source or type may hold one) cannot be a header: such a
+// message is stored as JSON, as before.
 func encodeMsg(subject string, m *pubsub.Message) (*nats.Msg, error) {
 	msg := nats.NewMsg(subject)
 	if !headerSafe(m) {
@@ -65,12 +66,27 @@ func encodeMsg(subject string, m *pubsub.Message) (*nats.Msg, error) {
 
 func headerSafe(m *pubsub.Message) bool {
 	for _, v := range []string{m.ID, m.Source, m.Type, m.DataContentType, m.Topic, m.PubsubName, m.OrderingKey} {
-		if strings.ContainsAny(v, "\r\n") {
+		if !headerValue(v) {
 			return false
 		}
 	}
 	for _, v := range m.Extensions {
-		if strings.ContainsAny(string(v), "\r\n") {
+		if !headerValue(string(v)) {
+			return false
+		}
+	}
+	return true
+}
+
+// headerValue reports whether v comes back from a header as it went in:
+// no control bytes (a reader drops or refuses them) and no space at
+// either end (a reader trims it).
+func headerValue(v string) bool {
+	if strings.TrimSpace(v) != v {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c < 0x20 || c == 0x7f {
 			return false
 		}
 	}
