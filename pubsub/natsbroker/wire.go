@@ -43,23 +43,31 @@ func encodeMsg(subject string, m *pubsub.Message) (*nats.Msg, error) {
 		msg.Data = body
 		return msg, nil
 	}
-	h := msg.Header
-	h.Set(hdrSpec, pubsub.SpecVersion)
-	h.Set(hdrID, m.ID)
-	h.Set(hdrSource, m.Source)
-	h.Set(hdrType, m.Type)
-	h.Set(hdrTime, m.Time.Format(time.RFC3339Nano))
-	h.Set(hdrCT, m.DataContentType)
-	h.Set(hdrTopic, m.Topic)
+	// One backing array for every value and a map sized once: two
+	// allocations in place of one per header.
+	vals := make([]string, 0, 10+len(m.Extensions))
+	h := make(nats.Header, 10+len(m.Extensions))
+	set := func(k, v string) {
+		vals = append(vals, v)
+		h[k] = vals[len(vals)-1 : len(vals) : len(vals)]
+	}
+	set(hdrSpec, pubsub.SpecVersion)
+	set(hdrID, m.ID)
+	set(hdrSource, m.Source)
+	set(hdrType, m.Type)
+	set(hdrTime, m.Time.Format(time.RFC3339Nano))
+	set(hdrCT, m.DataContentType)
+	set(hdrTopic, m.Topic)
 	if m.PubsubName != "" {
-		h.Set(hdrPubsub, m.PubsubName)
+		set(hdrPubsub, m.PubsubName)
 	}
 	if m.OrderingKey != "" {
-		h.Set(hdrOrdering, m.OrderingKey)
+		set(hdrOrdering, m.OrderingKey)
 	}
 	for name, v := range m.Extensions {
-		h.Set(hdrExtPfx+name, string(v)) // a JSON scalar: no line breaks
+		set(hdrExtPfx+name, string(v)) // a JSON scalar: no line breaks
 	}
+	msg.Header = h
 	msg.Data = m.Data
 	return msg, nil
 }
