@@ -56,20 +56,17 @@ func (s *Store) commitBatch(batch []*op) error {
 	now := s.opts.Now().UnixNano()
 	act := s.segs[len(s.segs)-1]
 	s.buf = s.buf[:0]
-	var delta int64
 	s.mu.Lock()
 	for _, o := range batch {
 		// Entries before updates: a torn write keeps a dead letter rather
 		// than the finish of the message it stands for.
-		delta += s.encodeEntries(o, act, now)
-		delta += s.encodeUpdates(o.updates)
+		o.delta = s.encodeEntries(o, act, now) + s.encodeUpdates(o.updates)
 	}
 	_, err := act.f.WriteAt(s.buf, act.size)
 	if err == nil {
 		act.size += int64(len(s.buf))
 	}
 	s.mu.Unlock()
-	s.pending.Add(delta)
 	if err != nil {
 		s.broken = fmt.Errorf("write log: %w", err)
 		return s.broken

@@ -176,6 +176,7 @@ type op struct {
 	updates []Update
 	entries []Entry
 	out     []Appended
+	delta   int64 // messages added less those finished, set by the committer
 	done    chan error
 }
 
@@ -447,24 +448,24 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 	case <-s.quit:
 		return nil, ErrClosed
 	}
+	var err error
 	select {
-	case err := <-o.done:
-		if err != nil {
-			return nil, err
-		}
-		return o.out, nil
+	case err = <-o.done:
 	case <-s.stopped:
 		// The committer may have answered just before stopping.
 		select {
-		case err := <-o.done:
-			if err != nil {
-				return nil, err
-			}
-			return o.out, nil
+		case err = <-o.done:
 		default:
-			return nil, ErrClosed
+			err = ErrClosed
 		}
 	}
+	if err != nil {
+		return nil, err
+	}
+	// Counted here, once durable, just before the caller learns of it (as
+	// the caller's own bookkeeping follows).
+	s.pending.Add(o.delta)
+	return o.out, nil
 }
 
 // Get returns the topic and body of message seq, read from the log; ok is
