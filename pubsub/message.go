@@ -96,24 +96,38 @@ func ParseEvent(body []byte, m *Message) error {
 	if d.More() {
 		return fmt.Errorf("%w: data after the JSON object", ErrBadEvent)
 	}
-	str := func(name string, dst *string) error {
-		raw, ok := attrs[name]
-		if !ok || string(raw) == "null" {
-			return nil
-		}
-		var s string
-		if json.Unmarshal(raw, &s) != nil || s == "" {
-			return fmt.Errorf("%w: %s must be a non-empty string", ErrBadEvent, name)
-		}
-		*dst = s
+	if err := parseAttributes(attrs, m); err != nil {
+		return err
+	}
+	if err := parseData(attrs, m); err != nil {
+		return err
+	}
+	return parseExtensions(attrs, m)
+}
+
+// eventString reads attribute name of attrs into dst: absent or null
+// leaves dst as it is, anything but a non-empty string is an error.
+func eventString(attrs map[string]json.RawMessage, name string, dst *string) error {
+	raw, ok := attrs[name]
+	if !ok || string(raw) == "null" {
 		return nil
 	}
+	var s string
+	if json.Unmarshal(raw, &s) != nil || s == "" {
+		return fmt.Errorf("%w: %s must be a non-empty string", ErrBadEvent, name)
+	}
+	*dst = s
+	return nil
+}
+
+// parseAttributes reads the context attributes CloudEvents defines.
+func parseAttributes(attrs map[string]json.RawMessage, m *Message) error {
 	var spec, tm string
 	for _, a := range []struct {
 		name string
 		dst  *string
 	}{{"specversion", &spec}, {"id", &m.ID}, {"source", &m.Source}, {"type", &m.Type}, {"time", &tm}, {"datacontenttype", &m.DataContentType}} {
-		if err := str(a.name, a.dst); err != nil {
+		if err := eventString(attrs, a.name, a.dst); err != nil {
 			return err
 		}
 	}
@@ -127,8 +141,15 @@ func ParseEvent(body []byte, m *Message) error {
 		}
 		m.Time = t
 	}
+	return nil
+}
+
+// parseData reads data or data_base64 (not both), defaulting
+// datacontenttype to what each implies.
+func parseData(attrs map[string]json.RawMessage, m *Message) error {
 	data, hasData := attrs["data"]
 	b64, hasB64 := attrs["data_base64"]
+	_, hasType := attrs["datacontenttype"]
 	switch {
 	case hasData && hasB64:
 		return fmt.Errorf("%w: both data and data_base64", ErrBadEvent)
@@ -142,11 +163,11 @@ func ParseEvent(body []byte, m *Message) error {
 			return fmt.Errorf("%w: data_base64 is not base64", ErrBadEvent)
 		}
 		m.Data = b
-		if _, ok := attrs["datacontenttype"]; !ok {
+		if !hasType {
 			m.DataContentType = "application/octet-stream"
 		}
 	case hasData && string(data) != "null":
-		if _, ok := attrs["datacontenttype"]; !ok {
+		if !hasType {
 			m.DataContentType = "application/json"
 		}
 		var s string
@@ -156,6 +177,12 @@ func ParseEvent(body []byte, m *Message) error {
 			m.Data = append([]byte(nil), data...)
 		}
 	}
+	return nil
+}
+
+// parseExtensions keeps every other attribute as an extension: a valid
+// name and a scalar value.
+func parseExtensions(attrs map[string]json.RawMessage, m *Message) error {
 	for name, v := range attrs {
 		switch name {
 		case "specversion", "id", "source", "type", "time", "datacontenttype", "data", "data_base64", "topic", "pubsubname":

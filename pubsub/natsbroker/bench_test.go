@@ -16,6 +16,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -34,6 +35,14 @@ func percentiles(b *testing.B, prefix string, ds []time.Duration) {
 	slices.Sort(ds)
 	b.ReportMetric(float64(ds[len(ds)/2].Microseconds()), prefix+"-p50-µs")
 	b.ReportMetric(float64(ds[len(ds)*99/100].Microseconds()), prefix+"-p99-µs")
+}
+
+// cpuNow is the CPU time this process has used (user and system): the
+// steadier figure on a shared machine, reported per message.
+func cpuNow() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkPublish: 1 KiB messages, acknowledged by JetStream, one at a
@@ -105,6 +114,7 @@ func BenchmarkPublish(b *testing.B) {
 		var failed atomic.Value
 		start := time.Now()
 		b.ResetTimer()
+		cpu0 := cpuNow()
 		for range 4 {
 			wg.Go(func() {
 				for next.Add(100) <= int64(b.N)+99 {
@@ -124,6 +134,7 @@ func BenchmarkPublish(b *testing.B) {
 		}
 		wg.Wait()
 		b.StopTimer()
+		b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
 		if err, _ := failed.Load().(error); err != nil {
 			b.Fatal(err)
 		}
@@ -137,6 +148,7 @@ func BenchmarkPublish(b *testing.B) {
 			ctx := context.Background()
 			ds := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
+			cpu0 := cpuNow()
 			for range b.N {
 				start := time.Now()
 				if err := c.publish(ctx); err != nil {
@@ -145,6 +157,7 @@ func BenchmarkPublish(b *testing.B) {
 				ds = append(ds, time.Since(start))
 			}
 			b.StopTimer()
+			b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
 			percentiles(b, c.name, ds)
 		})
 		b.Run(c.name+"/conc-64", func(b *testing.B) {
@@ -154,6 +167,7 @@ func BenchmarkPublish(b *testing.B) {
 			var failed atomic.Value
 			start := time.Now()
 			b.ResetTimer()
+			cpu0 := cpuNow()
 			for range 64 {
 				wg.Go(func() {
 					for next.Add(1) <= int64(b.N) {
@@ -166,6 +180,7 @@ func BenchmarkPublish(b *testing.B) {
 			}
 			wg.Wait()
 			b.StopTimer()
+			b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
 			if err, _ := failed.Load().(error); err != nil {
 				b.Fatal(err)
 			}
@@ -222,6 +237,7 @@ func BenchmarkDeliver(b *testing.B) {
 	defer func() { cancel(); <-stopped }()
 	start := time.Now()
 	b.ResetTimer()
+	cpu0 := cpuNow()
 	go func() { br.Run(ctx); close(stopped) }()
 	select {
 	case <-done:
@@ -229,5 +245,6 @@ func BenchmarkDeliver(b *testing.B) {
 		b.Fatalf("delivered %d of %d", got.Load(), b.N)
 	}
 	b.StopTimer()
+	b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
 }

@@ -266,12 +266,10 @@ func (b *Broker) publishAll(pubs []pubsub.Publication) ([]bool, error) {
 }
 
 func (b *Broker) natsMsg(m *pubsub.Message, msgID string) (*nats.Msg, error) {
-	body, err := m.Marshal()
+	msg, err := encodeMsg(Subject(b.opts.SubjectPrefix, m.Topic), m)
 	if err != nil {
 		return nil, err
 	}
-	msg := nats.NewMsg(Subject(b.opts.SubjectPrefix, m.Topic))
-	msg.Data = body
 	msg.Header.Set(jetstream.MsgIDHeader, msgID)
 	return msg, nil
 }

@@ -152,7 +152,7 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg
 		return
 	}
 	attempt := int(meta.NumDelivered)
-	m, err := pubsub.Unmarshal(msg.Data())
+	m, err := decodeMsg(msg.Headers(), msg.Data())
 	if err != nil {
 		// Not a sidecar message: dead-letter its bytes as they are.
 		m = &pubsub.Message{

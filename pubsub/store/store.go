@@ -1,28 +1,36 @@
-// Package store keeps the pub/sub messages a sidecar has answered for, in a
-// bbolt file under pubsub.data_dir: the outbox (each message until every
-// group has a final outcome), the delivery state of each message for each
-// group (attempts made, done), and the Idempotency-Key dedup table.
+// Package store keeps the pub/sub messages a sidecar has answered for, in
+// an append-only log under pubsub.data_dir: the outbox (each message until
+// every group has a final outcome), the delivery state of each message for
+// each group (attempts made, done), and the Idempotency-Key dedup table.
 //
 // Every write goes through one committer goroutine that takes whatever
-// writes are waiting, applies them in one transaction and fsyncs once
-// (group commit). A writer waits for its commit: when Append returns nil,
-// the messages are on disk. The committer does not wait for company the way
-// bbolt's DB.Batch does (MaxBatchDelay, 10ms by default): an idle store
-// commits at once, so a lone publisher pays one fsync, and a busy one
+// writes are waiting, appends their records to the log in one write and
+// fdatasyncs once (group commit): one fsync per batch, where bbolt paid two
+// per commit. A writer waits for its commit: when Append returns nil, the
+// messages are on disk. The committer does not wait for company: an idle
+// store commits at once, so a lone publisher pays one fsync, and a busy one
 // batches everything that queued during the previous fsync.
+//
+// Memory holds only what delivery needs: for each pending message its
+// topic, ordering key, group states and where its body lies in the log, not
+// the body; Get reads the body back from the file. The log is split into
+// segments; a segment whose messages are all finished is removed (its live
+// Idempotency-Keys carried over first), and one whose messages are mostly
+// finished has the rest copied forward so that it can be.
 package store
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sys/unix"
 )
 
 var (
@@ -33,15 +41,7 @@ var (
 	ErrClosed = errors.New("store closed")
 )
 
-var (
-	bucketOutbox   = []byte("outbox")    // seq → body
-	bucketMeta     = []byte("meta")      // seq → topic length, topic, ordering key length, key
-	bucketState    = []byte("state")     // seq, group → attempts (4), done (1)
-	bucketDedup    = []byte("dedup")     // key → expiry (8), seq (8)
-	bucketDedupExp = []byte("dedup_exp") // expiry (8), key → nothing
-)
-
-// maxBatch bounds the writes applied in one transaction.
+// maxBatch bounds the writes applied in one commit.
 const maxBatch = 4096
 
 // Options tune a Store. Zero values select the documented defaults.
@@ -54,29 +54,135 @@ type Options struct {
 	Now func() time.Time
 	// NoSync skips fsync, for benchmarks that measure everything else.
 	NoSync bool
+	// SegmentSize is the size at which the log moves to a new segment
+	// file; if zero, 64 MiB.
+	SegmentSize int64
 }
 
 // Store is the durable state of one sidecar's pub/sub. It is safe for
 // concurrent use.
 type Store struct {
-	db      *bolt.DB
+	dir     string
 	opts    Options
+	lock    *os.File // flock held while open
 	ops     chan *op
 	quit    chan struct{}
 	stopped chan struct{}
 	once    sync.Once
 	pending atomic.Int64 // messages in the outbox
-	commits atomic.Int64 // transactions committed
+	commits atomic.Int64 // group commits (fsyncs)
 	writes  atomic.Int64 // writes committed in them
-	swept   time.Time    // committer only
+
+	mu   sync.RWMutex // guards msgs and segs; held by readers of a body
+	msgs map[uint64]msg
+	segs []*segment // oldest first; the last is written to
+
+	// Committer only.
+	dedup   map[string]dedupEntry
+	dedupQ  []dedupExp // in expiry order
+	nextSeq uint64
+	buf     []byte
+	broken  error // a failed write or fsync: nothing more is acknowledged
+	swept   time.Time
+	names   map[string]string // interned group names
+	topicID map[string]uint32 // topic → index in topics
+	topics  []string
+}
+
+type segment struct {
+	id        uint64
+	f         *os.File
+	size      int64
+	live      int   // messages whose current copy is in this segment
+	liveBytes int64 // about their append records' bytes
+}
+
+// msg is what memory holds of a pending message: 32 bytes, and x only
+// for a message with an ordering key or a group state.
+type msg struct {
+	seg   *segment
+	off   int64 // of the body in seg's file
+	n     uint32
+	topic uint32 // index in Store.topics
+	x     *msgExtra
+}
+
+type msgExtra struct {
+	ordering string
+	groups   []groupState
+}
+
+func (m *msg) ordering() string {
+	if m.x == nil {
+		return ""
+	}
+	return m.x.ordering
+}
+
+func (m *msg) groups() []groupState {
+	if m.x == nil {
+		return nil
+	}
+	return m.x.groups
+}
+
+// recLen is about the bytes of m's append record (its key not counted),
+// for the accounting of live bytes per segment.
+func (s *Store) recLen(m *msg) int64 {
+	return recHeader + int64(appendHeadLen("", s.topics[m.topic], m.ordering())) + int64(m.n)
+}
+
+// newMsg returns the msg of a body of n bytes at off in seg.
+func (s *Store) newMsg(seg *segment, off int64, n int, topic, ordering string) msg {
+	m := msg{seg: seg, off: off, n: uint32(n), topic: s.topicIndex(topic)}
+	if ordering != "" {
+		m.x = &msgExtra{ordering: strings.Clone(ordering)}
+	}
+	seg.live++
+	seg.liveBytes += s.recLen(&m)
+	return m
+}
+
+// topicIndex returns topic's index in s.topics, adding it if new.
+func (s *Store) topicIndex(topic string) uint32 {
+	if i, ok := s.topicID[topic]; ok {
+		return i
+	}
+	i := uint32(len(s.topics))
+	topic = strings.Clone(topic)
+	s.topicID[topic] = i
+	s.topics = append(s.topics, topic)
+	return i
+}
+
+type groupState struct {
+	name     string
+	attempts uint32
+	done     bool
+}
+
+type dedupEntry struct {
+	exp int64
+	seq uint64
+	seg *segment
+}
+
+type dedupExp struct {
+	exp int64
+	key string
 }
 
 type op struct {
-	fn   func(tx *bolt.Tx) error
-	done chan error
+	updates []Update
+	entries []Entry
+	out     []Appended
+	delta   int64 // messages added less those finished, set by the committer
+	done    chan error
 }
 
-// Open opens or creates the store in dir.
+// Open opens or creates the store in dir. It replays the log: a record torn
+// by a crash at the end of the newest segment is dropped; damage anywhere
+// else is an error, and nothing is removed.
 func Open(dir string, opts Options) (*Store, error) {
 	if opts.DedupFor == 0 {
 		opts.DedupFor = 10 * time.Minute
@@ -87,48 +193,190 @@ func Open(dir string, opts Options) (*Store, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.SegmentSize == 0 {
+		opts.SegmentSize = 64 << 20
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create data dir: %w", err)
 	}
-	path := filepath.Join(dir, "pubsub.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{
-		Timeout:        2 * time.Second, // another process holds the file
-		NoFreelistSync: true,
-		FreelistType:   bolt.FreelistMapType,
-		// Address space only: no remap (which waits for every reader)
-		// until the file passes 256MiB.
-		InitialMmapSize: 256 << 20,
-		NoSync:          opts.NoSync,
-	})
+	lock, err := lockDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
+		return nil, err
 	}
-	var n int
-	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketOutbox, bucketMeta, bucketState, bucketDedup, bucketDedupExp} {
-			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
-				return err
-			}
-		}
-		n = tx.Bucket(bucketMeta).Stats().KeyN // small records: no body is read
-		return nil
-	})
-	if err != nil {
-		_ = db.Close()
-		return nil, fmt.Errorf("open %s: %w", path, err)
+	s := &Store{
+		dir: dir, opts: opts, lock: lock,
+		ops: make(chan *op, maxBatch), quit: make(chan struct{}), stopped: make(chan struct{}),
+		msgs: map[uint64]msg{}, dedup: map[string]dedupEntry{}, names: map[string]string{}, topicID: map[string]uint32{},
+		nextSeq: 1,
 	}
-	s := &Store{db: db, opts: opts, ops: make(chan *op, maxBatch), quit: make(chan struct{}), stopped: make(chan struct{})}
-	s.pending.Store(int64(n))
+	if err := s.load(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	s.pending.Store(int64(len(s.msgs)))
+	s.swept = opts.Now()
 	go s.commit()
 	return s, nil
 }
 
-// Close stops the committer and closes the file. Writes waiting for a
+// lockDir takes an exclusive lock on dir/LOCK, waiting up to 2s for
+// another process to let go of it.
+func lockDir(dir string) (*os.File, error) {
+	path := filepath.Join(dir, "LOCK")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	for deadline := time.Now().Add(2 * time.Second); ; {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if err != unix.EWOULDBLOCK || time.Now().After(deadline) {
+			_ = f.Close()
+			return nil, fmt.Errorf("lock %s (another sidecar uses this data_dir?): %w", path, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// load replays the segments, imports a bbolt file left by an older
+// version, and opens the segment to write to.
+func (s *Store) load() error {
+	ids, err := listSegments(s.dir)
+	if err != nil {
+		return fmt.Errorf("read data dir: %w", err)
+	}
+	now := s.opts.Now().UnixNano()
+	for i, id := range ids {
+		path := segPath(s.dir, id)
+		seg := &segment{id: id}
+		s.segs = append(s.segs, seg)
+		end, err := readSegment(path, func(off int64, r record) error {
+			s.replay(seg, off, r, now)
+			return nil
+		})
+		last := i == len(ids)-1
+		switch {
+		case errors.Is(err, errTorn) && last:
+			// The write a crash cut off: never acknowledged.
+			if err := os.Truncate(path, end); err != nil {
+				return fmt.Errorf("drop torn tail of %s: %w", path, err)
+			}
+		case errors.Is(err, errTorn):
+			return fmt.Errorf("%s: corrupt record at offset %d", path, end)
+		case err != nil:
+			return fmt.Errorf("read %s: %w", path, err)
+		}
+		seg.size = end
+		mode := os.O_RDONLY
+		if last {
+			mode = os.O_RDWR
+		}
+		if seg.f, err = os.OpenFile(path, mode, 0); err != nil {
+			return fmt.Errorf("open %s: %w", path, err)
+		}
+	}
+	for k, e := range s.dedup {
+		s.dedupQ = append(s.dedupQ, dedupExp{e.exp, k})
+	}
+	slices.SortFunc(s.dedupQ, func(a, b dedupExp) int { return int(min(max(a.exp-b.exp, -1), 1)) })
+	if len(s.segs) == 0 {
+		if err := s.importBolt(); err != nil {
+			return err
+		}
+	}
+	if len(s.segs) == 0 || s.segs[len(s.segs)-1].size == 0 {
+		return s.rotate()
+	}
+	return nil
+}
+
+// replay applies one record read from seg at off to memory.
+func (s *Store) replay(seg *segment, off int64, r record, now int64) {
+	switch r.kind {
+	case recSeq:
+		s.nextSeq = max(s.nextSeq, r.seq)
+	case recAppend:
+		s.drop(r.seq)
+		s.msgs[r.seq] = s.newMsg(seg, off+recHeader+int64(r.bodyOff), r.bodyLen, string(r.topic), string(r.ordering))
+		s.nextSeq = max(s.nextSeq, r.seq+1)
+		if len(r.key) > 0 && r.exp > now {
+			s.dedup[string(r.key)] = dedupEntry{exp: r.exp, seq: r.seq, seg: seg}
+		}
+	case recState:
+		if m, ok := s.msgs[r.seq]; ok {
+			m.setGroup(s.intern(r.group), r.attempts, r.done)
+			s.msgs[r.seq] = m
+		}
+	case recDelete:
+		s.drop(r.seq)
+	case recDedup:
+		if r.exp > now {
+			s.dedup[string(r.key)] = dedupEntry{exp: r.exp, seq: r.seq, seg: seg}
+		}
+	}
+}
+
+// drop forgets message seq, if it is pending.
+func (s *Store) drop(seq uint64) bool {
+	m, ok := s.msgs[seq]
+	if !ok {
+		return false
+	}
+	m.seg.live--
+	m.seg.liveBytes -= s.recLen(&m)
+	delete(s.msgs, seq)
+	return true
+}
+
+func (m *msg) setGroup(name string, attempts uint32, done bool) {
+	if m.x == nil {
+		m.x = &msgExtra{}
+	}
+	for i := range m.x.groups {
+		if m.x.groups[i].name == name {
+			m.x.groups[i].attempts, m.x.groups[i].done = attempts, done
+			return
+		}
+	}
+	m.x.groups = append(m.x.groups, groupState{name: name, attempts: attempts, done: done})
+}
+
+// intern returns the one copy of a group name (a few distinct ones, each
+// in many messages).
+func (s *Store) intern(b []byte) string {
+	if t, ok := s.names[string(b)]; ok {
+		return t
+	}
+	t := string(b)
+	s.names[t] = t
+	return t
+}
+
+// Close stops the committer and closes the files. Writes waiting for a
 // commit that did not happen get ErrClosed.
 func (s *Store) Close() error {
 	s.once.Do(func() { close(s.quit) })
 	<-s.stopped
-	return s.db.Close()
+	return s.closeFiles()
+}
+
+func (s *Store) closeFiles() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	for _, seg := range s.segs {
+		if seg.f != nil {
+			errs = append(errs, seg.f.Close())
+			seg.f = nil
+		}
+	}
+	if s.lock != nil {
+		errs = append(errs, s.lock.Close())
+		s.lock = nil
+	}
+	return errors.Join(errs...)
 }
 
 // Commits returns the number of group commits so far and of the writes
@@ -140,7 +388,7 @@ func (s *Store) Pending() int { return int(s.pending.Load()) }
 
 // Entry is a message to append.
 type Entry struct {
-	// Key is the Idempotency-Key; "" for none.
+	// Key is the Idempotency-Key; "" for none. At most 65,535 bytes.
 	Key   string
 	Topic string
 	// Ordering is the ordering key; "" for none. At most 255 bytes.
@@ -175,124 +423,68 @@ func (s *Store) Append(entries []Entry) ([]Appended, error) {
 	return s.Apply(nil, entries)
 }
 
-// Apply applies updates and appends entries in one transaction, so that a
-// dead letter is stored in the same commit that finishes the original. It
-// does not refuse entries at MaxPending, as Append does: they are the dead
-// letters of messages it finishes, and refusing them would leave those
-// messages to be delivered again for as long as the outbox stays full.
+// Apply applies updates and appends entries in one commit, so that a dead
+// letter is stored in the same commit that finishes the original: the
+// records of one call are written together, and a crash keeps all of them
+// or (when they were never acknowledged) drops the torn rest. It does not
+// refuse entries at MaxPending, as Append does: they are the dead letters
+// of messages it finishes, and refusing them would leave those messages to
+// be delivered again for as long as the outbox stays full.
 func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
-	out := make([]Appended, len(entries))
-	var added, deleted int64
-	now := s.opts.Now()
-	err := s.do(func(tx *bolt.Tx) error {
-		added, deleted = 0, 0
-		ob, mb, st := tx.Bucket(bucketOutbox), tx.Bucket(bucketMeta), tx.Bucket(bucketState)
-		dd, de := tx.Bucket(bucketDedup), tx.Bucket(bucketDedupExp)
-		for _, u := range updates {
-			if u.Delete {
-				if mb.Get(seqKey(u.Seq)) != nil {
-					deleted++
-				}
-				if err := deleteMessage(ob, mb, st, u.Seq); err != nil {
-					return err
-				}
-				continue
-			}
-			v := make([]byte, 5)
-			binary.BigEndian.PutUint32(v, uint32(u.Attempts))
-			if u.Done {
-				v[4] = 1
-			}
-			if err := st.Put(stateKey(u.Seq, u.Group), v); err != nil {
-				return err
-			}
+	for _, e := range entries {
+		if len(e.Topic) > 255 || len(e.Ordering) > 255 {
+			return nil, fmt.Errorf("topic or ordering key longer than 255 bytes")
 		}
-		for i, e := range entries {
-			if e.Key != "" {
-				if v := dd.Get([]byte(e.Key)); len(v) == 16 && int64(binary.BigEndian.Uint64(v)) > now.UnixNano() {
-					out[i] = Appended{Seq: binary.BigEndian.Uint64(v[8:]), Duplicate: true}
-					continue
-				}
-			}
-			seq, err := ob.NextSequence()
-			if err != nil {
-				return err
-			}
-			if len(e.Topic) > 255 || len(e.Ordering) > 255 {
-				return fmt.Errorf("topic or ordering key longer than 255 bytes")
-			}
-			meta := make([]byte, 0, 2+len(e.Topic)+len(e.Ordering))
-			meta = append(meta, byte(len(e.Topic)))
-			meta = append(meta, e.Topic...)
-			meta = append(meta, byte(len(e.Ordering)))
-			meta = append(meta, e.Ordering...)
-			if err := mb.Put(seqKey(seq), meta); err != nil {
-				return err
-			}
-			if err := ob.Put(seqKey(seq), e.Body); err != nil {
-				return err
-			}
-			added++
-			out[i] = Appended{Seq: seq}
-			if e.Key != "" {
-				exp := uint64(now.Add(s.opts.DedupFor).UnixNano())
-				dv := make([]byte, 16)
-				binary.BigEndian.PutUint64(dv, exp)
-				binary.BigEndian.PutUint64(dv[8:], seq)
-				if err := dd.Put([]byte(e.Key), dv); err != nil {
-					return err
-				}
-				ek := make([]byte, 8+len(e.Key))
-				binary.BigEndian.PutUint64(ek, exp)
-				copy(ek[8:], e.Key)
-				if err := de.Put(ek, nil); err != nil {
-					return err
-				}
-			}
+		if len(e.Key) > 0xffff {
+			return nil, fmt.Errorf("idempotency key longer than 65535 bytes")
 		}
-		return nil
-	})
+		if len(e.Body) > maxRecord-appendHeadLen(e.Key, e.Topic, e.Ordering) {
+			return nil, fmt.Errorf("message of %d bytes is over the store's %d", len(e.Body), maxRecord)
+		}
+	}
+	o := &op{updates: updates, entries: entries, out: make([]Appended, len(entries)), done: make(chan error, 1)}
+	select {
+	case s.ops <- o:
+	case <-s.quit:
+		return nil, ErrClosed
+	}
+	var err error
+	select {
+	case err = <-o.done:
+	case <-s.stopped:
+		// The committer may have answered just before stopping.
+		select {
+		case err = <-o.done:
+		default:
+			err = ErrClosed
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
-	s.pending.Add(added - deleted)
-	return out, nil
+	// Counted here, once durable, just before the caller learns of it (as
+	// the caller's own bookkeeping follows).
+	s.pending.Add(o.delta)
+	return o.out, nil
 }
 
-func deleteMessage(ob, mb, st *bolt.Bucket, seq uint64) error {
-	if err := ob.Delete(seqKey(seq)); err != nil {
-		return err
-	}
-	if err := mb.Delete(seqKey(seq)); err != nil {
-		return err
-	}
-	c := st.Cursor()
-	prefix := seqKey(seq)
-	for k, _ := c.Seek(prefix); len(k) >= 8 && string(k[:8]) == string(prefix); k, _ = c.Seek(prefix) {
-		if err := c.Delete(); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// Get returns the topic and body of message seq, copied out of the file;
-// ok is false when there is no such message.
+// Get returns the topic and body of message seq, read from the log; ok is
+// false when there is no such message.
 func (s *Store) Get(seq uint64) (topic string, body []byte, ok bool, err error) {
-	err = s.db.View(func(tx *bolt.Tx) error {
-		v := tx.Bucket(bucketMeta).Get(seqKey(seq))
-		b := tx.Bucket(bucketOutbox).Get(seqKey(seq))
-		if v == nil || b == nil {
-			return nil
-		}
-		t, _, derr := decodeMeta(v)
-		if derr != nil {
-			return fmt.Errorf("message %d: %w", seq, derr)
-		}
-		topic, body, ok = t, append([]byte(nil), b...), true
-		return nil
-	})
-	return topic, body, ok, err
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	m, ok := s.msgs[seq]
+	if !ok {
+		return "", nil, false, nil
+	}
+	if m.seg.f == nil {
+		return "", nil, false, ErrClosed
+	}
+	body = make([]byte, m.n)
+	if _, err := m.seg.f.ReadAt(body, m.off); err != nil {
+		return "", nil, false, fmt.Errorf("read message %d: %w", seq, err)
+	}
+	return s.topics[m.topic], body, true, nil
 }
 
 // GroupState is the stored delivery state of one message for one group.
@@ -302,167 +494,37 @@ type GroupState struct {
 }
 
 // Load calls fn for each message in the outbox, in publish order, with its
-// topic, its ordering key and the state of each group that has one. It
-// reads one snapshot and must not be called concurrently with fn writing to
-// the store.
+// topic, its ordering key and the state of each group that has one. fn may
+// call Get; it must not be called concurrently with writes to the store.
 func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[string]GroupState) error) error {
-	return s.db.View(func(tx *bolt.Tx) error {
-		sc := tx.Bucket(bucketState).Cursor()
-		sk, sv := sc.First()
-		c := tx.Bucket(bucketMeta).Cursor()
-		for k, v := c.First(); k != nil; k, v = c.Next() {
-			seq := binary.BigEndian.Uint64(k)
-			topic, ordering, err := decodeMeta(v)
-			if err != nil {
-				return fmt.Errorf("message %d: %w", seq, err)
-			}
-			var groups map[string]GroupState
-			for ; sk != nil && binary.BigEndian.Uint64(sk[:8]) <= seq; sk, sv = sc.Next() {
-				if binary.BigEndian.Uint64(sk[:8]) != seq || len(sv) != 5 {
-					continue
-				}
-				if groups == nil {
-					groups = map[string]GroupState{}
-				}
-				groups[string(sk[8:])] = GroupState{Attempts: int(binary.BigEndian.Uint32(sv)), Done: sv[4] == 1}
-			}
-			if err := fn(seq, topic, ordering, groups); err != nil {
-				return err
+	s.mu.RLock()
+	seqs := make([]uint64, 0, len(s.msgs))
+	for seq := range s.msgs {
+		seqs = append(seqs, seq)
+	}
+	s.mu.RUnlock()
+	slices.Sort(seqs)
+	for _, seq := range seqs {
+		s.mu.RLock()
+		m, ok := s.msgs[seq]
+		var groups map[string]GroupState
+		var topic, ordering string
+		if ok {
+			topic, ordering = s.topics[m.topic], m.ordering()
+		}
+		if gs := m.groups(); ok && len(gs) > 0 {
+			groups = make(map[string]GroupState, len(gs))
+			for _, g := range gs {
+				groups[g.name] = GroupState{Attempts: int(g.attempts), Done: g.done}
 			}
 		}
-		return nil
-	})
-}
-
-func decodeMeta(v []byte) (topic, ordering string, err error) {
-	if len(v) < 1 || len(v) < 2+int(v[0]) {
-		return "", "", errors.New("corrupt record")
-	}
-	n := int(v[0])
-	topic, v = string(v[1:1+n]), v[1+n:]
-	if len(v) != 1+int(v[0]) {
-		return "", "", errors.New("corrupt record")
-	}
-	if n = int(v[0]); n > 0 {
-		ordering = string(v[1:])
-	}
-	return topic, ordering, nil
-}
-
-func seqKey(seq uint64) []byte {
-	k := make([]byte, 8)
-	binary.BigEndian.PutUint64(k, seq)
-	return k
-}
-
-func stateKey(seq uint64, group string) []byte {
-	k := make([]byte, 8+len(group))
-	binary.BigEndian.PutUint64(k, seq)
-	copy(k[8:], group)
-	return k
-}
-
-// do hands fn to the committer and waits for its commit.
-func (s *Store) do(fn func(tx *bolt.Tx) error) error {
-	o := &op{fn: fn, done: make(chan error, 1)}
-	select {
-	case s.ops <- o:
-	case <-s.quit:
-		return ErrClosed
-	}
-	select {
-	case err := <-o.done:
-		return err
-	case <-s.stopped:
-		// The committer may have answered just before stopping.
-		select {
-		case err := <-o.done:
-			return err
-		default:
-			return ErrClosed
-		}
-	}
-}
-
-// commit is the committer goroutine: it applies the waiting writes in one
-// transaction each round. If that transaction fails, each write is retried
-// alone so one bad write fails only its own caller.
-func (s *Store) commit() {
-	defer close(s.stopped)
-	batch := make([]*op, 0, maxBatch)
-	for {
-		batch = batch[:0]
-		select {
-		case o := <-s.ops:
-			batch = append(batch, o)
-		case <-s.quit:
-			return
-		}
-	fill:
-		for len(batch) < maxBatch {
-			select {
-			case o := <-s.ops:
-				batch = append(batch, o)
-			default:
-				break fill
-			}
-		}
-		now := s.opts.Now()
-		sweep := now.Sub(s.swept) > 10*time.Second
-		err := s.db.Update(func(tx *bolt.Tx) error {
-			for _, o := range batch {
-				if err := o.fn(tx); err != nil {
-					return err
-				}
-			}
-			if sweep {
-				return sweepDedup(tx, now)
-			}
-			return nil
-		})
-		if err == nil {
-			s.commits.Add(1)
-			s.writes.Add(int64(len(batch)))
-			if sweep {
-				s.swept = now
-			}
-			for _, o := range batch {
-				o.done <- nil
-			}
+		s.mu.RUnlock()
+		if !ok {
 			continue
 		}
-		if len(batch) == 1 {
-			batch[0].done <- err
-			continue
-		}
-		for _, o := range batch {
-			o.done <- s.db.Update(o.fn)
-		}
-	}
-}
-
-// sweepDedup forgets keys whose time is up, at most 10,000 a commit.
-func sweepDedup(tx *bolt.Tx, now time.Time) error {
-	dd, de := tx.Bucket(bucketDedup), tx.Bucket(bucketDedupExp)
-	c := de.Cursor()
-	for i, k := 0, firstKey(c); k != nil && i < 10_000; i, k = i+1, firstKey(c) {
-		if int64(binary.BigEndian.Uint64(k[:8])) > now.UnixNano() {
-			break
-		}
-		key := append([]byte(nil), k[8:]...)
-		if v := dd.Get(key); len(v) == 16 && binary.BigEndian.Uint64(v) == binary.BigEndian.Uint64(k[:8]) {
-			if err := dd.Delete(key); err != nil {
-				return err
-			}
-		}
-		if err := c.Delete(); err != nil {
+		if err := fn(seq, topic, ordering, groups); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-func firstKey(c *bolt.Cursor) []byte {
-	k, _ := c.First()
-	return k
 }
