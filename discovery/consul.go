@@ -107,7 +107,8 @@ func (o ConsulOptions) withDefaults() ConsulOptions {
 	}
 	var remote []string
 	for _, dc := range o.Datacenters {
-		if dc != "" && dc != o.Datacenter && !slices.Contains(remote, dc) {
+		if dc != "" && !strings.EqualFold(dc, o.Datacenter) &&
+			!slices.ContainsFunc(remote, func(r string) bool { return strings.EqualFold(r, dc) }) {
 			remote = append(remote, dc)
 		}
 	}
@@ -172,7 +173,7 @@ type Consul struct {
 	startOnce sync.Once
 	jobs      chan fetchJob // to the workers; unbuffered
 
-	dcs map[string]*dcWatch // by datacenter; "" is Datacenter (the agent's own if empty)
+	dcs map[string]*dcWatch // by lower-case datacenter; "" is Datacenter (the agent's own if empty)
 
 	localMu sync.Mutex
 	localDC string // the agent's datacenter, once LocalDatacenter answered
@@ -207,7 +208,7 @@ func (c *Consul) dcWatch(ctx context.Context, dc string) (*dcWatch, error) {
 	if strings.EqualFold(dc, c.opts.Datacenter) {
 		dc = ""
 	}
-	if d, ok := c.dcs[dc]; ok {
+	if d, ok := c.dcs[strings.ToLower(dc)]; ok {
 		return d, nil
 	}
 	if c.opts.Datacenter == "" {
@@ -260,7 +261,7 @@ func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, l
 		if dc != "" {
 			l = l.With(zap.String("datacenter", dc))
 		}
-		c.dcs[dc] = &dcWatch{c: c, dc: dc, log: l,
+		c.dcs[strings.ToLower(dc)] = &dcWatch{c: c, dc: dc, log: l,
 			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{})}
 	}
 	c.SetTimeouts(c.opts.StaleFor, c.opts.ResolveTimeout)
@@ -291,9 +292,10 @@ func Key(service, dc string) string {
 	return service + "@" + dc
 }
 
-// SplitKey splits a key made by Key.
+// SplitKey splits a key made by Key, or the service and datacenter of one
+// made by FailoverKey.
 func SplitKey(key string) (service, dc string) {
-	service, dc, _ = strings.Cut(key, "@")
+	service, dc, _, _ = parseKey(key)
 	return service, dc
 }
 
@@ -308,8 +310,21 @@ func (c *Consul) Close() {
 // blocks; cancelling ctx aborts the fetch in flight at once. It fetches the
 // service once, then again each time the datacenter's watches say it may
 // have changed, at most once at a time and once per change.
+//
+// A key made by FailoverKey follows the service in each of its datacenters
+// and serves the first with a healthy instance (see FailoverKey).
 func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
-	service, dc := SplitKey(key)
+	service, dc, failover, tags := parseKey(key)
+	if len(failover) > 0 {
+		c.watchFailover(ctx, key, service, dc, failover, tags, sink)
+		return
+	}
+	c.watchDC(ctx, key, service, dc, sink)
+}
+
+// watchDC follows service in datacenter dc ("" for the default one) under
+// the name key until ctx is done.
+func (c *Consul) watchDC(ctx context.Context, key, service, dc string, sink Sink) {
 	back := newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax)
 	var d *dcWatch
 	for {

@@ -50,7 +50,7 @@ func (r *readiness) check() (bool, string) {
 		}
 	}
 	for _, name := range r.upstreams {
-		if !answered[name] {
+		if !answered[name] && r.cache.Pinned(name) { // a reload may have dropped it
 			return false, fmt.Sprintf("waiting for discovery of %q", name)
 		}
 	}

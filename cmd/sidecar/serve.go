@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -292,12 +293,17 @@ func cacheOptions(d config.Discovery) discovery.CacheOptions {
 }
 
 // upstreamKey is the discovery key of u: its name, with its datacenter
-// when that is not consul.datacenter (and the backend is Consul).
+// when that is not consul.datacenter, and its failover datacenters and
+// tags (when the backend is Consul).
 func upstreamKey(cfg *config.Config, u config.Upstream) string {
-	if u.Datacenter == "" || u.Datacenter == cfg.Consul.Datacenter || cfg.Discovery.Backend == config.BackendStatic {
+	if cfg.Discovery.Backend == config.BackendStatic {
 		return u.Name
 	}
-	return discovery.Key(u.Name, u.Datacenter)
+	dc := u.Datacenter
+	if strings.EqualFold(dc, cfg.Consul.Datacenter) {
+		dc = ""
+	}
+	return discovery.FailoverKey(u.Name, dc, u.Failover, u.Tags)
 }
 
 func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
