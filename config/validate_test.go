@@ -268,7 +268,7 @@ upstreams:
 		name: "failover datacenters",
 		yaml: `
 consul: {datacenter: dc1}
-discovery: {max_connections: 9}
+discovery: {max_connections: 11}
 upstreams:
   - {name: a, listen: "127.0.0.1:7001", failover: [dc2, DC1, "dc 3", Dc2, dc3]}
   - {name: b, listen: "127.0.0.1:7002", datacenter: "dc.4"}

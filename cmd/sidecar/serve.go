@@ -117,6 +117,17 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		drainLog = log
 	}
 	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps}
+	ready.current = func() []string {
+		eff := rl.config()
+		if eff == nil {
+			return nil // before init: r.upstreams
+		}
+		keys := make([]string, 0, len(eff.Upstreams))
+		for _, u := range eff.Upstreams {
+			keys = append(keys, upstreamKey(eff, u))
+		}
+		return keys
+	}
 	rl.init(cfg, servers, reg) // the proxy listeners; pub/sub's are not reloaded
 	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: drainLog, service: func() *config.Service { return rl.config().Service }}
 	adminHandler.Handle("POST /reload", rl)
