@@ -189,6 +189,16 @@ type dcWatch struct {
 	dc  string // "" for ConsulOptions.Datacenter
 	log *zap.Logger
 
+	// stateReady is closed by the state watch's first outcome, answer or
+	// failure: a watch's first fetch waits for it, so that the first answer
+	// need not fetch again the services fetched before it (which it cannot
+	// tell changed or not).
+	stateReady chan struct{}
+	stateOnce  sync.Once
+	// catalogReady is the same for the catalog watch's first outcome.
+	catalogReady chan struct{}
+	catalogOnce  sync.Once
+
 	mu       sync.Mutex
 	watchers map[string]map[*healthWatch]struct{} // by lower-case service name
 	stateErr error                                // last failure of the state query; nil while it answers
@@ -262,7 +272,8 @@ func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, l
 			l = l.With(zap.String("datacenter", dc))
 		}
 		c.dcs[strings.ToLower(dc)] = &dcWatch{c: c, dc: dc, log: l,
-			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{})}
+			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{}),
+			stateReady: make(chan struct{}), catalogReady: make(chan struct{})}
 	}
 	c.SetTimeouts(c.opts.StaleFor, c.opts.ResolveTimeout)
 	return c
@@ -419,6 +430,13 @@ func (h *healthWatch) Kick() {
 }
 
 func (h *healthWatch) run(ctx context.Context) {
+	for _, first := range []chan struct{}{h.d.stateReady, h.d.catalogReady} {
+		select {
+		case <-first:
+		case <-ctx.Done():
+			return
+		}
+	}
 	retry := h.fetch(ctx)
 	for {
 		// At least once per WaitTime, the service is fetched again.

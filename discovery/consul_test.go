@@ -64,9 +64,15 @@ func TestConsulSnapshotFollowsChanges(t *testing.T) {
 		t.Errorf("the first snapshot changed or was reused")
 	}
 
+	checkFetchOptions(t, f)
+}
+
+// checkFetchOptions checks that the fetches answer at once, in dc2, and
+// that the state query blocks on the indexes 0, 10, 11.
+func checkFetchOptions(t *testing.T, f *fakeConsul) {
+	t.Helper()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	// Fetches answer at once; the state query blocks.
 	for i, q := range f.queries {
 		if q.Datacenter != "dc2" || q.WaitTime != 0 || q.WaitIndex != 0 || q.UseCache || q.AllowStale || !f.passingOnly[i] {
 			t.Errorf("query %d: options %+v, passingOnly %v", i, q, f.passingOnly[i])
@@ -737,5 +743,24 @@ func TestConsulLocalDatacenter(t *testing.T) {
 	defer mu.Unlock()
 	if asked != 2 {
 		t.Errorf("the agent was asked its datacenter %d times, want 2 (once failing, once answering)", asked)
+	}
+}
+
+// TestConsulStartFetchesOnce: watches started together with the backend
+// fetch their service once, not once more for the state watch's first
+// answer.
+func TestConsulStartFetchesOnce(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	f.set(10, "api", node("b", 2))
+	c := newTestConsul(t, f, ConsulOptions{WaitTime: time.Minute})
+	web, api := runWatch(t, c, "web"), runWatch(t, c, "api")
+	waitUntil(t, "first snapshots", func() bool { return web.last() != nil && api.last() != nil })
+	settle(t, f, 10)
+	for _, s := range []string{"web", "api"} {
+		if n := f.callCount(s); n != 1 {
+			t.Errorf("fetches of %s = %d, want 1", s, n)
+		}
 	}
 }
