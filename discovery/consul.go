@@ -411,6 +411,9 @@ type healthWatch struct {
 	// restarted dev agent comes back empty, and its index does not always go
 	// backwards.
 	reset bool
+	// settleUntil is set by the first non-empty answer after a reset:
+	// until then the reset holds (see resetSettle). Zero otherwise.
+	settleUntil time.Time
 	// dark is set when an instance in the last answer has no check of its
 	// own: the health state does not show such an instance's changes, so
 	// every change of the catalog fetches the service again.
@@ -525,14 +528,37 @@ func aclFix(service string) string {
 	return fmt.Sprintf(`give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service %q { policy = "read" } and node_prefix "" { policy = "read" }`, service)
 }
 
-// staleLeft is how long until a stale set kept after a reset must be cleared
-// because StaleFor ran out, or 0 when none is kept.
+// staleLeft is how long until a stale set kept after a reset must be
+// fetched again, because StaleFor or the settling after the reset (see
+// resetSettle) runs out, or 0 when none is kept.
 func (h *healthWatch) staleLeft() time.Duration {
-	if limit := h.c.staleLimit(); limit > 0 && h.reset && h.cur != nil && h.cur.Stale {
-		left := h.cur.StaleSince.Add(limit).Sub(h.c.opts.Now())
-		return max(left, 10*time.Millisecond)
+	if !h.reset || h.cur == nil || !h.cur.Stale {
+		return 0
 	}
-	return 0
+	now := h.c.opts.Now()
+	var left time.Duration
+	if limit := h.c.staleLimit(); limit > 0 {
+		left = max(h.cur.StaleSince.Add(limit).Sub(now), 10*time.Millisecond)
+	}
+	if !h.settleUntil.IsZero() {
+		settle := max(h.settleUntil.Sub(now), 10*time.Millisecond)
+		if left == 0 || settle < left {
+			left = settle
+		}
+	}
+	return left
+}
+
+// resetSettle is how long after the first non-empty answer that follows a
+// reset an empty answer still keeps the last set: a restarted client agent
+// may first answer from the servers' old state, then sync the checks that
+// lapsed while it was down (critical until their next heartbeat).
+const resetSettle = 5 * time.Second
+
+// resetting reports whether an empty answer at now keeps the last set:
+// after a reset, until resetSettle past the first non-empty answer.
+func (h *healthWatch) resetting(now time.Time) bool {
+	return h.reset && (h.settleUntil.IsZero() || now.Before(h.settleUntil))
 }
 
 // answer handles a successful query.
@@ -549,7 +575,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	h.observe(entries)
 	changed, backwards := h.idx.observe(index)
 	if backwards {
-		h.reset = true
+		h.reset, h.settleUntil = true, time.Time{}
 		h.log.Info("consul index went backwards", zap.Uint64("index", index))
 	}
 	cur := h.cur
@@ -557,7 +583,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 		return
 	}
 	eps := endpointsOf(entries)
-	if h.reset && len(eps) == 0 && cur != nil && len(cur.Endpoints) > 0 {
+	if h.resetting(now) && len(eps) == 0 && cur != nil && len(cur.Endpoints) > 0 {
 		since := now
 		if cur.Stale {
 			since = cur.StaleSince
@@ -572,7 +598,15 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 			return
 		}
 	}
-	h.reset = false
+	if h.reset && h.settleUntil.IsZero() {
+		// A restarted agent may answer with its old state first and only
+		// then sync checks that lapsed while it was down: an empty answer
+		// shortly after this one still keeps the last set.
+		h.settleUntil = now.Add(resetSettle)
+	}
+	if !h.resetting(now) {
+		h.reset, h.settleUntil = false, time.Time{}
+	}
 	if cur != nil && !cur.Stale && sameEndpoints(cur.Endpoints, eps) {
 		return
 	}
@@ -614,7 +648,7 @@ func (h *healthWatch) fail(err error, logged bool) time.Duration {
 	err = fmt.Errorf("query health of %q: %w", h.service, err)
 	h.sink.Fail(err)
 	h.idx.failed()
-	h.reset = true
+	h.reset, h.settleUntil = true, time.Time{}
 	h.failures++
 	if logged && (!h.logged || h.failures%logEvery == 0) {
 		h.logged = true

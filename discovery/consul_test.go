@@ -170,7 +170,8 @@ func TestConsulIndexBackwardsResets(t *testing.T) {
 
 func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
 	f := newFakeConsul()
-	c := newTestConsul(t, f, ConsulOptions{})
+	clk := newFakeClock()
+	c := newTestConsul(t, f, ConsulOptions{Now: clk.Now})
 	f.set(100, "web", node("a", 1), node("b", 2))
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
@@ -194,11 +195,47 @@ func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
 		t.Errorf("IDs = %v, want [c]", got)
 	}
 
-	// Past the reset, an emptied service is empty.
+	// Right after it, a restarted agent may still sync checks that lapsed
+	// while it was down: an empty answer keeps the set.
+	relearned := rec.last()
 	f.set(8, "web")
+	waitUntil(t, "the re-learned set, stale", func() bool { return rec.last().Stale })
+	if got := ids(rec.last()); !slices.Equal(got, ids(relearned)) {
+		t.Errorf("IDs after an empty answer while settling = %v, want %v", got, ids(relearned))
+	}
+	f.set(9, "web", node("c", 3))
+	waitUntil(t, "the set fresh again", func() bool { return !rec.last().Stale })
+
+	// Past the reset and its settling, an emptied service is empty.
+	clk.Add(resetSettle)
+	f.set(10, "web")
 	waitUntil(t, "the empty set", func() bool { return len(rec.last().Endpoints) == 0 })
 	if s := rec.last(); s.Stale {
 		t.Errorf("Snapshot = %+v, want fresh and empty", s)
+	}
+}
+
+// TestConsulSettleRunsOut: an empty answer kept while settling after a
+// reset is fetched again when the settling runs out, and then served.
+func TestConsulSettleRunsOut(t *testing.T) {
+	f := newFakeConsul()
+	clk := newFakeClock()
+	c := newTestConsul(t, f, ConsulOptions{Now: clk.Now})
+	f.set(100, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	f.set(5, "web", node("a", 1)) // index backwards: a reset
+	waitUntil(t, "WaitIndex 5", func() bool { return slices.Contains(f.waitIndexes("state"), 5) })
+	f.set(6, "web")
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	clk.Add(resetSettle)
+	// The retry timer runs on real time, resetSettle from the stale answer.
+	deadline := time.Now().Add(resetSettle + 5*time.Second)
+	for s := rec.last(); s.Stale || len(s.Endpoints) > 0; s = rec.last() {
+		if time.Now().After(deadline) {
+			t.Fatalf("Snapshot = %+v %v past the settling, want fresh and empty", s, ids(s))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
