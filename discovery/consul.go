@@ -359,7 +359,6 @@ func (c *Consul) watchDC(ctx context.Context, key, service, dc string, sink Sink
 		service: service,
 		key:     strings.ToLower(service),
 		sink:    sink,
-		log:     d.log.With(zap.String("service", service)),
 		back:    newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax),
 		kick:    make(chan struct{}, 1),
 		reply:   make(chan fetchResult, 1),
@@ -391,7 +390,6 @@ type healthWatch struct {
 	service string
 	key     string // service in lower case, as the watches key services
 	sink    Sink
-	log     *zap.Logger
 
 	// kick asks for a fetch; a buffer of one coalesces the changes seen
 	// while a fetch runs into one more fetch.
@@ -423,6 +421,11 @@ type healthWatch struct {
 	// watch under c.mu.
 	nodes []string
 }
+
+// logger is the datacenter's logger with the service: made when a line is
+// logged, since a logger kept per watch costs about 1 KB (its encoder),
+// 5 MB at 5,000 watches.
+func (h *healthWatch) logger() *zap.Logger { return h.d.log.With(zap.String("service", h.service)) }
 
 // Kick asks h to fetch again. It does not block.
 func (h *healthWatch) Kick() {
@@ -519,7 +522,7 @@ func (h *healthWatch) acl(r fetchResult) {
 	h.sink.ACL(err)
 	if err != nil && !h.aclLogged {
 		h.aclLogged = true
-		h.log.Warn("consul acls hide the service", zap.Error(err))
+		h.logger().Warn("consul acls hide the service", zap.Error(err))
 	}
 }
 
@@ -566,7 +569,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	now := h.c.opts.Now()
 	if h.failures > 0 {
 		if h.logged {
-			h.log.Info("consul query recovered", zap.Int("attempt", h.failures))
+			h.logger().Info("consul query recovered", zap.Int("attempt", h.failures))
 		}
 		h.failures, h.logged = 0, false
 		h.back.reset()
@@ -576,7 +579,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	changed, backwards := h.idx.observe(index)
 	if backwards {
 		h.reset, h.settleUntil = true, time.Time{}
-		h.log.Info("consul index went backwards", zap.Uint64("index", index))
+		h.logger().Info("consul index went backwards", zap.Uint64("index", index))
 	}
 	cur := h.cur
 	if !changed && !h.reset && cur != nil && !cur.Stale {
@@ -590,7 +593,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 		}
 		if !h.expired(since, now) {
 			if !cur.Stale || cur.Err != nil {
-				h.log.Warn("empty answer after a reset, keeping last endpoints",
+				h.logger().Warn("empty answer after a reset, keeping last endpoints",
 					zap.Int("endpoints", len(cur.Endpoints)), zap.Uint64("index", index))
 				h.publish(&Snapshot{Service: h.service, Endpoints: cur.Endpoints, Updated: cur.Updated,
 					Stale: true, StaleSince: since}, index)
@@ -652,7 +655,7 @@ func (h *healthWatch) fail(err error, logged bool) time.Duration {
 	h.failures++
 	if logged && (!h.logged || h.failures%logEvery == 0) {
 		h.logged = true
-		h.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", h.failures))
+		h.logger().Warn("consul query failed", zap.Error(err), zap.Int("attempt", h.failures))
 	}
 	wait := h.back.next()
 	cur := h.cur
@@ -665,7 +668,7 @@ func (h *healthWatch) fail(err error, logged bool) time.Duration {
 	}
 	if h.expired(since, now) {
 		if len(cur.Endpoints) > 0 || cur.Err == nil {
-			h.log.Warn("stale endpoints expired", zap.Error(err))
+			h.logger().Warn("stale endpoints expired", zap.Error(err))
 			h.publish(&Snapshot{Service: h.service, Updated: now, Stale: true, StaleSince: since, Err: err},
 				h.idx.last)
 		}
@@ -691,7 +694,7 @@ func (h *healthWatch) expired(since, now time.Time) bool {
 func (h *healthWatch) publish(s *Snapshot, index uint64) {
 	h.cur = s
 	h.sink.Publish(s)
-	h.log.Info("endpoints changed", zap.Int("endpoints", len(s.Endpoints)),
+	h.logger().Info("endpoints changed", zap.Int("endpoints", len(s.Endpoints)),
 		zap.Uint64("index", index), zap.Bool("stale", s.Stale))
 }
 
