@@ -123,7 +123,8 @@ func SidecarNoRace(t testing.TB) string {
 			return
 		}
 		noRaceBin = filepath.Join(dir, "sidecar")
-		cmd := exec.Command("go", "build", "-o", noRaceBin, "./cmd/sidecar")
+		// The flags of make build, so that its compiled packages are reused.
+		cmd := exec.Command("go", "build", "-trimpath", "-o", noRaceBin, "./cmd/sidecar")
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
