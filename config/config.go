@@ -22,6 +22,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -262,6 +263,10 @@ type Upstream struct {
 	Tags []string `yaml:"tags"`
 	// Datacenter inherits Consul.Datacenter when empty.
 	Datacenter string `yaml:"datacenter"`
+	// Failover lists other datacenters, in order: while Datacenter has no
+	// healthy instance (carrying Tags), the first of them that has one
+	// serves, until Datacenter has one again. Empty (the default): none.
+	Failover []string `yaml:"failover"`
 	// PreserveHost inherits Proxy.PreserveHost when the key is absent.
 	PreserveHost bool `yaml:"preserve_host"`
 	// Timeouts: each zero field inherits the same field of Proxy.Timeouts.
@@ -326,7 +331,8 @@ func (s *Service) setDefaults() {
 }
 
 // RemoteDatacenters lists, once each in order, the datacenters upstreams
-// name other than consul.datacenter: discovery follows each with two more
+// name other than consul.datacenter, in datacenter or failover (Consul's
+// names are case-insensitive): discovery follows each with two more
 // blocking queries. None with the static backend.
 func (c *Config) RemoteDatacenters() []string {
 	if c.Discovery.Backend == BackendStatic {
@@ -334,8 +340,10 @@ func (c *Config) RemoteDatacenters() []string {
 	}
 	var out []string
 	for _, u := range c.Upstreams {
-		if u.Datacenter != "" && u.Datacenter != c.Consul.Datacenter && !slices.Contains(out, u.Datacenter) {
-			out = append(out, u.Datacenter)
+		for _, dc := range append([]string{u.Datacenter}, u.Failover...) {
+			if dc != "" && !strings.EqualFold(dc, c.Consul.Datacenter) && !slices.ContainsFunc(out, func(o string) bool { return strings.EqualFold(o, dc) }) {
+				out = append(out, dc)
+			}
 		}
 	}
 	return out

@@ -34,7 +34,9 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 //     read_header (the forward proxy's routes);
 //   - upstreams, matched by listen: added, removed, and changed in every
 //     key but protocol between tcp and the HTTP family, datacenter and
-//     timeouts.read_header;
+//     timeouts.read_header; failover changes live when the running
+//     discovery follows every datacenter it names (else it keeps its
+//     running value until a restart);
 //   - pubsub.max_message_bytes, for the publishes that start after it;
 //   - subscriptions, matched by topic and group: added, removed and changed
 //     in every key, when the subscriber side runs (pub/sub on with
@@ -44,8 +46,8 @@ func (r Reload) Changed() bool { return len(r.Live)+len(r.Restart) > 0 }
 // Every other key needs a restart: service (its presence, name, id,
 // address, port, check, ttl, deregister_critical_after, run), consul.*,
 // admin.*, log.format, discovery.backend, static, max_connections,
-// consistency and max_stale, an upstream added in a datacenter the running
-// discovery does not follow, proxy.listen, proxy.max_header_bytes,
+// consistency and max_stale, an upstream added in a datacenter (or with a
+// failover datacenter) the running discovery does not follow, proxy.listen, proxy.max_header_bytes,
 // every pubsub key but max_message_bytes,
 // proxy.timeouts.read_header, and any section this list does not name. The
 // listener-side settings (read_header, max_header_bytes) are read when a
@@ -78,7 +80,7 @@ func NewReload(running, next *Config) Reload {
 	for _, n := range next.Upstreams {
 		r, ok := upstreamAt(running.Upstreams, n.Listen)
 		switch {
-		case !ok && !followed(running, n.Datacenter):
+		case !ok && !(followed(running, n.Datacenter) && allFollowed(running, n.Failover)):
 			// A datacenter whose watches did not start with the sidecar:
 			// the upstream waits for the restart that starts them.
 		case !ok:
@@ -88,6 +90,9 @@ func NewReload(running, next *Config) Reload {
 		default:
 			u := n
 			u.Datacenter = r.Datacenter
+			if !allFollowed(running, n.Failover) {
+				u.Failover = r.Failover // a new datacenter waits for the restart
+			}
 			u.Timeouts = liveTimeouts(r.Timeouts, n.Timeouts)
 			eff.Upstreams = append(eff.Upstreams, u)
 		}
@@ -120,8 +125,19 @@ func subscriptionsLive(running, next *Config) bool {
 // followed reports whether running's discovery follows datacenter dc: the
 // local one, or another that one of its upstreams named at start.
 func followed(running *Config, dc string) bool {
-	return dc == "" || dc == running.Consul.Datacenter || running.Discovery.Backend == BackendStatic ||
-		slices.Contains(running.RemoteDatacenters(), dc)
+	return dc == "" || strings.EqualFold(dc, running.Consul.Datacenter) || running.Discovery.Backend == BackendStatic ||
+		slices.ContainsFunc(running.RemoteDatacenters(), func(r string) bool { return strings.EqualFold(r, dc) })
+}
+
+// allFollowed reports whether running's discovery follows every datacenter
+// in dcs.
+func allFollowed(running *Config, dcs []string) bool {
+	for _, dc := range dcs {
+		if !followed(running, dc) {
+			return false
+		}
+	}
+	return true
 }
 
 // liveTimeouts is next with the running read_header, which only a new

@@ -166,3 +166,21 @@ func equalKeys(a, b []string) bool {
 	}
 	return reflect.DeepEqual(a, b)
 }
+
+func TestNewReloadFailover(t *testing.T) {
+	base := strings.Replace(reloadBase, "log: {level: info}", "log: {level: info}\ndiscovery: {max_connections: 9}", 1) +
+		"  - {name: c, listen: 127.0.0.1:16003, datacenter: dc2}\n"
+	next := strings.Replace(base, "{name: a, listen: 127.0.0.1:16001}", "{name: a, listen: 127.0.0.1:16001, failover: [DC2]}", 1)
+	next = strings.Replace(next, "{name: b, listen: 127.0.0.1:16002, protocol: tcp}", "{name: b, listen: 127.0.0.1:16002, protocol: tcp, failover: [dc9]}", 1)
+	next += "  - {name: e, listen: 127.0.0.1:16005, failover: [dc8]}\n"
+	r := NewReload(mustParse(t, base), mustParse(t, next))
+	if want := []string{"upstreams[0].failover"}; !equalKeys(r.Live, want) {
+		t.Errorf("Live = %q, want %q", r.Live, want)
+	}
+	if want := []string{"upstreams[1].failover", "upstreams[3]"}; !equalKeys(r.Restart, want) {
+		t.Errorf("Restart = %q, want %q", r.Restart, want)
+	}
+	if got := r.Effective.Upstreams[0].Failover; len(got) != 1 || got[0] != "DC2" {
+		t.Errorf("effective upstreams[0].failover = %v, want [DC2]", got)
+	}
+}

@@ -226,6 +226,7 @@ func (p *parser) validateUpstream(path string, u *Upstream, d *Discovery) {
 		p.hashKey(path+".hash_key", u.HashKey)
 	}
 	p.tags(path+".tags", u.Tags)
+	p.failover(path, u)
 	// Zero inherits proxy's value, which proxy's own checks cover.
 	for _, t := range []struct {
 		key string
@@ -352,6 +353,34 @@ func (p *parser) name(path, s string) {
 	case !validName(s):
 		p.errorf(path, "invalid name %q: use letters, digits, '-', '_' and '.'", s)
 	}
+}
+
+// failover checks upstream u's datacenter and failover list: datacenter
+// names, none twice, none the upstream's own datacenter (case-insensitive,
+// as Consul compares them).
+func (p *parser) failover(path string, u *Upstream) {
+	if u.Datacenter != "" && !validDatacenter(u.Datacenter) {
+		p.errorf(path+".datacenter", "invalid datacenter %q: use letters, digits, '-' and '_'", u.Datacenter)
+	}
+	for i, dc := range u.Failover {
+		fp := fmt.Sprintf("%s.failover[%d]", path, i)
+		switch {
+		case !validDatacenter(dc):
+			p.errorf(fp, "invalid datacenter %q: use letters, digits, '-' and '_'", dc)
+		case strings.EqualFold(dc, u.Datacenter):
+			p.errorf(fp, "%q is the upstream's own datacenter", dc)
+		case slices.ContainsFunc(u.Failover[:i], func(o string) bool { return strings.EqualFold(o, dc) }):
+			p.errorf(fp, "%q is listed twice", dc)
+		}
+	}
+}
+
+// validDatacenter reports whether s is a Consul datacenter name: one DNS
+// label of letters, digits, '-' and '_'.
+func validDatacenter(s string) bool {
+	return s != "" && len(s) <= 63 && !strings.ContainsFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_')
+	})
 }
 
 func (p *parser) tags(path string, tags []string) {

@@ -265,6 +265,33 @@ upstreams:
 		},
 	},
 	{
+		name: "failover datacenters",
+		yaml: `
+consul: {datacenter: dc1}
+discovery: {max_connections: 11}
+upstreams:
+  - {name: a, listen: "127.0.0.1:7001", failover: [dc2, DC1, "dc 3", Dc2, dc3]}
+  - {name: b, listen: "127.0.0.1:7002", datacenter: "dc.4"}
+`,
+		want: []string{
+			`config.yaml: upstreams[0].failover[1]: "DC1" is the upstream's own datacenter`,
+			`config.yaml: upstreams[0].failover[2]: invalid datacenter "dc 3": use letters, digits, '-' and '_'`,
+			`config.yaml: upstreams[0].failover[3]: "Dc2" is listed twice`,
+			`config.yaml: upstreams[1].datacenter: invalid datacenter "dc.4": use letters, digits, '-' and '_'`,
+		},
+	},
+	{
+		name: "connections for failover datacenters",
+		yaml: `
+upstreams:
+  - {name: a, listen: "127.0.0.1:7001", failover: [dc2, dc3]}
+  - {name: b, listen: "127.0.0.1:7002", datacenter: DC2}
+`,
+		want: []string{
+			`config.yaml: discovery.max_connections: must be at least 7 (two blocking queries and one fetch, two blocking queries for each of 2 other datacenters (dc2, dc3)), got 4`,
+		},
+	},
+	{
 		name: "connections for pub/sub",
 		yaml: `
 discovery: {max_connections: 3}

@@ -283,6 +283,38 @@ func (c *Cache) Pin(service string) {
 	_, _ = c.watchLocked(service) // fails only when closed, ruled out above
 }
 
+// Pinned reports whether service is pinned. It takes the cache's lock.
+func (c *Cache) Pinned(service string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.pinned[service]
+	return ok
+}
+
+// Unpin undoes Pin: the watch of service, if any, goes back to the LRU,
+// to be evicted by size or idleness like one started by a lookup (the
+// forward proxy may still use it). It does not block.
+func (c *Cache) Unpin(service string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.pinned[service]; !ok || c.closed {
+		return
+	}
+	delete(c.pinned, service)
+	v, ok := c.index.Load(service)
+	if !ok {
+		return
+	}
+	w := v.(*Watch)
+	w.pinned.Store(false)
+	if c.lru.Len() >= c.opts.Size {
+		if _, old, ok := c.lru.RemoveOldest(); ok {
+			c.stopLocked(old, "evicted")
+		}
+	}
+	c.lru.Add(service, w)
+}
+
 // janitor keeps the coarse clock and stops idle watches until the cache
 // closes.
 func (c *Cache) janitor() {
@@ -379,6 +411,9 @@ type WatchStatus struct {
 	ACL      string    `json:"acl,omitempty"`
 	Pinned   bool      `json:"pinned"`
 	LastUsed time.Time `json:"last_used"`
+	// Datacenter is the datacenter serving the set of a watch with
+	// failover (see FailoverKey); empty for other watches.
+	Datacenter string `json:"datacenter,omitempty"`
 }
 
 // Snapshots describes every watched service, sorted by service. It takes no
@@ -399,6 +434,7 @@ func (c *Cache) Snapshots() []WatchStatus {
 			st.Endpoints = len(s.Endpoints)
 			st.Updated = s.Updated
 			st.Stale = s.Stale
+			st.Datacenter = s.Datacenter
 		} else {
 			st.Pending = true
 		}

@@ -460,3 +460,31 @@ func TestCacheTune(t *testing.T) {
 		t.Error("a watch stopped under the new size of 4")
 	}
 }
+
+func TestCacheUnpin(t *testing.T) {
+	leakcheck.Check(t)
+	b, err := NewStatic(map[string][]string{"a": {"10.0.0.1:80"}, "b": {"10.0.0.2:80"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewCache(b, CacheOptions{Size: 1}, zaptest.NewLogger(t))
+	defer c.Close()
+	c.Pin("a")
+	if !c.Pinned("a") {
+		t.Fatalf("Pinned(a) = false after Pin")
+	}
+	waitUntil(t, "a answered", func() bool { s := c.Snapshots(); return len(s) == 1 && !s[0].Pending })
+	c.Unpin("a")
+	if c.Pinned("a") {
+		t.Errorf("Pinned(a) = true after Unpin")
+	}
+	// Back in the LRU of size 1: a lookup of b evicts it.
+	if _, err := c.Watch(context.Background(), "b"); err != nil {
+		t.Fatalf("Watch(b) error = %v", err)
+	}
+	waitUntil(t, "a evicted", func() bool {
+		s := c.Snapshots()
+		return len(s) == 1 && s[0].Service == "b"
+	})
+	c.Unpin("never pinned") // no-op
+}

@@ -107,7 +107,8 @@ func (o ConsulOptions) withDefaults() ConsulOptions {
 	}
 	var remote []string
 	for _, dc := range o.Datacenters {
-		if dc != "" && dc != o.Datacenter && !slices.Contains(remote, dc) {
+		if dc != "" && !strings.EqualFold(dc, o.Datacenter) &&
+			!slices.ContainsFunc(remote, func(r string) bool { return strings.EqualFold(r, dc) }) {
 			remote = append(remote, dc)
 		}
 	}
@@ -172,7 +173,7 @@ type Consul struct {
 	startOnce sync.Once
 	jobs      chan fetchJob // to the workers; unbuffered
 
-	dcs map[string]*dcWatch // by datacenter; "" is Datacenter (the agent's own if empty)
+	dcs map[string]*dcWatch // by lower-case datacenter; "" is Datacenter (the agent's own if empty)
 
 	localMu sync.Mutex
 	localDC string // the agent's datacenter, once LocalDatacenter answered
@@ -187,6 +188,16 @@ type dcWatch struct {
 	c   *Consul
 	dc  string // "" for ConsulOptions.Datacenter
 	log *zap.Logger
+
+	// stateReady is closed by the state watch's first outcome, answer or
+	// failure: a watch's first fetch waits for it, so that the first answer
+	// need not fetch again the services fetched before it (which it cannot
+	// tell changed or not).
+	stateReady chan struct{}
+	stateOnce  sync.Once
+	// catalogReady is the same for the catalog watch's first outcome.
+	catalogReady chan struct{}
+	catalogOnce  sync.Once
 
 	mu       sync.Mutex
 	watchers map[string]map[*healthWatch]struct{} // by lower-case service name
@@ -207,7 +218,7 @@ func (c *Consul) dcWatch(ctx context.Context, dc string) (*dcWatch, error) {
 	if strings.EqualFold(dc, c.opts.Datacenter) {
 		dc = ""
 	}
-	if d, ok := c.dcs[dc]; ok {
+	if d, ok := c.dcs[strings.ToLower(dc)]; ok {
 		return d, nil
 	}
 	if c.opts.Datacenter == "" {
@@ -260,8 +271,9 @@ func NewConsul(health HealthClient, catalog CatalogClient, opts ConsulOptions, l
 		if dc != "" {
 			l = l.With(zap.String("datacenter", dc))
 		}
-		c.dcs[dc] = &dcWatch{c: c, dc: dc, log: l,
-			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{})}
+		c.dcs[strings.ToLower(dc)] = &dcWatch{c: c, dc: dc, log: l,
+			watchers: make(map[string]map[*healthWatch]struct{}), knownReady: make(chan struct{}),
+			stateReady: make(chan struct{}), catalogReady: make(chan struct{})}
 	}
 	c.SetTimeouts(c.opts.StaleFor, c.opts.ResolveTimeout)
 	return c
@@ -291,9 +303,10 @@ func Key(service, dc string) string {
 	return service + "@" + dc
 }
 
-// SplitKey splits a key made by Key.
+// SplitKey splits a key made by Key, or the service and datacenter of one
+// made by FailoverKey.
 func SplitKey(key string) (service, dc string) {
-	service, dc, _ = strings.Cut(key, "@")
+	service, dc, _, _ = parseKey(key)
 	return service, dc
 }
 
@@ -308,8 +321,21 @@ func (c *Consul) Close() {
 // blocks; cancelling ctx aborts the fetch in flight at once. It fetches the
 // service once, then again each time the datacenter's watches say it may
 // have changed, at most once at a time and once per change.
+//
+// A key made by FailoverKey follows the service in each of its datacenters
+// and serves the first with a healthy instance (see FailoverKey).
 func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
-	service, dc := SplitKey(key)
+	service, dc, failover, tags := parseKey(key)
+	if len(failover) > 0 {
+		c.watchFailover(ctx, key, service, dc, failover, tags, sink)
+		return
+	}
+	c.watchDC(ctx, key, service, dc, sink)
+}
+
+// watchDC follows service in datacenter dc ("" for the default one) under
+// the name key until ctx is done.
+func (c *Consul) watchDC(ctx context.Context, key, service, dc string, sink Sink) {
 	back := newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax)
 	var d *dcWatch
 	for {
@@ -333,7 +359,6 @@ func (c *Consul) Watch(ctx context.Context, key string, sink Sink) {
 		service: service,
 		key:     strings.ToLower(service),
 		sink:    sink,
-		log:     d.log.With(zap.String("service", service)),
 		back:    newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax),
 		kick:    make(chan struct{}, 1),
 		reply:   make(chan fetchResult, 1),
@@ -365,7 +390,6 @@ type healthWatch struct {
 	service string
 	key     string // service in lower case, as the watches key services
 	sink    Sink
-	log     *zap.Logger
 
 	// kick asks for a fetch; a buffer of one coalesces the changes seen
 	// while a fetch runs into one more fetch.
@@ -385,6 +409,9 @@ type healthWatch struct {
 	// restarted dev agent comes back empty, and its index does not always go
 	// backwards.
 	reset bool
+	// settleUntil is set by the first non-empty answer after a reset:
+	// until then the reset holds (see resetSettle). Zero otherwise.
+	settleUntil time.Time
 	// dark is set when an instance in the last answer has no check of its
 	// own: the health state does not show such an instance's changes, so
 	// every change of the catalog fetches the service again.
@@ -395,6 +422,11 @@ type healthWatch struct {
 	nodes []string
 }
 
+// logger is the datacenter's logger with the service: made when a line is
+// logged, since a logger kept per watch costs about 1 KB (its encoder),
+// 5 MB at 5,000 watches.
+func (h *healthWatch) logger() *zap.Logger { return h.d.log.With(zap.String("service", h.service)) }
+
 // Kick asks h to fetch again. It does not block.
 func (h *healthWatch) Kick() {
 	select {
@@ -404,6 +436,13 @@ func (h *healthWatch) Kick() {
 }
 
 func (h *healthWatch) run(ctx context.Context) {
+	for _, first := range []chan struct{}{h.d.stateReady, h.d.catalogReady} {
+		select {
+		case <-first:
+		case <-ctx.Done():
+			return
+		}
+	}
 	retry := h.fetch(ctx)
 	for {
 		// At least once per WaitTime, the service is fetched again.
@@ -483,7 +522,7 @@ func (h *healthWatch) acl(r fetchResult) {
 	h.sink.ACL(err)
 	if err != nil && !h.aclLogged {
 		h.aclLogged = true
-		h.log.Warn("consul acls hide the service", zap.Error(err))
+		h.logger().Warn("consul acls hide the service", zap.Error(err))
 	}
 }
 
@@ -492,14 +531,37 @@ func aclFix(service string) string {
 	return fmt.Sprintf(`give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service %q { policy = "read" } and node_prefix "" { policy = "read" }`, service)
 }
 
-// staleLeft is how long until a stale set kept after a reset must be cleared
-// because StaleFor ran out, or 0 when none is kept.
+// staleLeft is how long until a stale set kept after a reset must be
+// fetched again, because StaleFor or the settling after the reset (see
+// resetSettle) runs out, or 0 when none is kept.
 func (h *healthWatch) staleLeft() time.Duration {
-	if limit := h.c.staleLimit(); limit > 0 && h.reset && h.cur != nil && h.cur.Stale {
-		left := h.cur.StaleSince.Add(limit).Sub(h.c.opts.Now())
-		return max(left, 10*time.Millisecond)
+	if !h.reset || h.cur == nil || !h.cur.Stale {
+		return 0
 	}
-	return 0
+	now := h.c.opts.Now()
+	var left time.Duration
+	if limit := h.c.staleLimit(); limit > 0 {
+		left = max(h.cur.StaleSince.Add(limit).Sub(now), 10*time.Millisecond)
+	}
+	if !h.settleUntil.IsZero() {
+		settle := max(h.settleUntil.Sub(now), 10*time.Millisecond)
+		if left == 0 || settle < left {
+			left = settle
+		}
+	}
+	return left
+}
+
+// resetSettle is how long after the first non-empty answer that follows a
+// reset an empty answer still keeps the last set: a restarted client agent
+// may first answer from the servers' old state, then sync the checks that
+// lapsed while it was down (critical until their next heartbeat).
+const resetSettle = 5 * time.Second
+
+// resetting reports whether an empty answer at now keeps the last set:
+// after a reset, until resetSettle past the first non-empty answer.
+func (h *healthWatch) resetting(now time.Time) bool {
+	return h.reset && (h.settleUntil.IsZero() || now.Before(h.settleUntil))
 }
 
 // answer handles a successful query.
@@ -507,7 +569,7 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	now := h.c.opts.Now()
 	if h.failures > 0 {
 		if h.logged {
-			h.log.Info("consul query recovered", zap.Int("attempt", h.failures))
+			h.logger().Info("consul query recovered", zap.Int("attempt", h.failures))
 		}
 		h.failures, h.logged = 0, false
 		h.back.reset()
@@ -516,22 +578,22 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 	h.observe(entries)
 	changed, backwards := h.idx.observe(index)
 	if backwards {
-		h.reset = true
-		h.log.Info("consul index went backwards", zap.Uint64("index", index))
+		h.reset, h.settleUntil = true, time.Time{}
+		h.logger().Info("consul index went backwards", zap.Uint64("index", index))
 	}
 	cur := h.cur
 	if !changed && !h.reset && cur != nil && !cur.Stale {
 		return
 	}
 	eps := endpointsOf(entries)
-	if h.reset && len(eps) == 0 && cur != nil && len(cur.Endpoints) > 0 {
+	if h.resetting(now) && len(eps) == 0 && cur != nil && len(cur.Endpoints) > 0 {
 		since := now
 		if cur.Stale {
 			since = cur.StaleSince
 		}
 		if !h.expired(since, now) {
 			if !cur.Stale || cur.Err != nil {
-				h.log.Warn("empty answer after a reset, keeping last endpoints",
+				h.logger().Warn("empty answer after a reset, keeping last endpoints",
 					zap.Int("endpoints", len(cur.Endpoints)), zap.Uint64("index", index))
 				h.publish(&Snapshot{Service: h.service, Endpoints: cur.Endpoints, Updated: cur.Updated,
 					Stale: true, StaleSince: since}, index)
@@ -539,7 +601,15 @@ func (h *healthWatch) answer(entries []*api.ServiceEntry, index uint64) {
 			return
 		}
 	}
-	h.reset = false
+	if h.reset && h.settleUntil.IsZero() {
+		// A restarted agent may answer with its old state first and only
+		// then sync checks that lapsed while it was down: an empty answer
+		// shortly after this one still keeps the last set.
+		h.settleUntil = now.Add(resetSettle)
+	}
+	if !h.resetting(now) {
+		h.reset, h.settleUntil = false, time.Time{}
+	}
 	if cur != nil && !cur.Stale && sameEndpoints(cur.Endpoints, eps) {
 		return
 	}
@@ -581,11 +651,11 @@ func (h *healthWatch) fail(err error, logged bool) time.Duration {
 	err = fmt.Errorf("query health of %q: %w", h.service, err)
 	h.sink.Fail(err)
 	h.idx.failed()
-	h.reset = true
+	h.reset, h.settleUntil = true, time.Time{}
 	h.failures++
 	if logged && (!h.logged || h.failures%logEvery == 0) {
 		h.logged = true
-		h.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", h.failures))
+		h.logger().Warn("consul query failed", zap.Error(err), zap.Int("attempt", h.failures))
 	}
 	wait := h.back.next()
 	cur := h.cur
@@ -598,7 +668,7 @@ func (h *healthWatch) fail(err error, logged bool) time.Duration {
 	}
 	if h.expired(since, now) {
 		if len(cur.Endpoints) > 0 || cur.Err == nil {
-			h.log.Warn("stale endpoints expired", zap.Error(err))
+			h.logger().Warn("stale endpoints expired", zap.Error(err))
 			h.publish(&Snapshot{Service: h.service, Updated: now, Stale: true, StaleSince: since, Err: err},
 				h.idx.last)
 		}
@@ -624,7 +694,7 @@ func (h *healthWatch) expired(since, now time.Time) bool {
 func (h *healthWatch) publish(s *Snapshot, index uint64) {
 	h.cur = s
 	h.sink.Publish(s)
-	h.log.Info("endpoints changed", zap.Int("endpoints", len(s.Endpoints)),
+	h.logger().Info("endpoints changed", zap.Int("endpoints", len(s.Endpoints)),
 		zap.Uint64("index", index), zap.Bool("stale", s.Stale))
 }
 

@@ -64,9 +64,15 @@ func TestConsulSnapshotFollowsChanges(t *testing.T) {
 		t.Errorf("the first snapshot changed or was reused")
 	}
 
+	checkFetchOptions(t, f)
+}
+
+// checkFetchOptions checks that the fetches answer at once, in dc2, and
+// that the state query blocks on the indexes 0, 10, 11.
+func checkFetchOptions(t *testing.T, f *fakeConsul) {
+	t.Helper()
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	// Fetches answer at once; the state query blocks.
 	for i, q := range f.queries {
 		if q.Datacenter != "dc2" || q.WaitTime != 0 || q.WaitIndex != 0 || q.UseCache || q.AllowStale || !f.passingOnly[i] {
 			t.Errorf("query %d: options %+v, passingOnly %v", i, q, f.passingOnly[i])
@@ -164,7 +170,8 @@ func TestConsulIndexBackwardsResets(t *testing.T) {
 
 func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
 	f := newFakeConsul()
-	c := newTestConsul(t, f, ConsulOptions{})
+	clk := newFakeClock()
+	c := newTestConsul(t, f, ConsulOptions{Now: clk.Now})
 	f.set(100, "web", node("a", 1), node("b", 2))
 	rec := runWatch(t, c, "web")
 	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
@@ -188,11 +195,47 @@ func TestConsulEmptyAfterResetKeepsLastSet(t *testing.T) {
 		t.Errorf("IDs = %v, want [c]", got)
 	}
 
-	// Past the reset, an emptied service is empty.
+	// Right after it, a restarted agent may still sync checks that lapsed
+	// while it was down: an empty answer keeps the set.
+	relearned := rec.last()
 	f.set(8, "web")
+	waitUntil(t, "the re-learned set, stale", func() bool { return rec.last().Stale })
+	if got := ids(rec.last()); !slices.Equal(got, ids(relearned)) {
+		t.Errorf("IDs after an empty answer while settling = %v, want %v", got, ids(relearned))
+	}
+	f.set(9, "web", node("c", 3))
+	waitUntil(t, "the set fresh again", func() bool { return !rec.last().Stale })
+
+	// Past the reset and its settling, an emptied service is empty.
+	clk.Add(resetSettle)
+	f.set(10, "web")
 	waitUntil(t, "the empty set", func() bool { return len(rec.last().Endpoints) == 0 })
 	if s := rec.last(); s.Stale {
 		t.Errorf("Snapshot = %+v, want fresh and empty", s)
+	}
+}
+
+// TestConsulSettleRunsOut: an empty answer kept while settling after a
+// reset is fetched again when the settling runs out, and then served.
+func TestConsulSettleRunsOut(t *testing.T) {
+	f := newFakeConsul()
+	clk := newFakeClock()
+	c := newTestConsul(t, f, ConsulOptions{Now: clk.Now})
+	f.set(100, "web", node("a", 1))
+	rec := runWatch(t, c, "web")
+	waitUntil(t, "first snapshot", func() bool { return rec.last() != nil })
+	f.set(5, "web", node("a", 1)) // index backwards: a reset
+	waitUntil(t, "WaitIndex 5", func() bool { return slices.Contains(f.waitIndexes("state"), 5) })
+	f.set(6, "web")
+	waitUntil(t, "a stale snapshot", func() bool { return rec.last().Stale })
+	clk.Add(resetSettle)
+	// The retry timer runs on real time, resetSettle from the stale answer.
+	deadline := time.Now().Add(resetSettle + 5*time.Second)
+	for s := rec.last(); s.Stale || len(s.Endpoints) > 0; s = rec.last() {
+		if time.Now().After(deadline) {
+			t.Fatalf("Snapshot = %+v %v past the settling, want fresh and empty", s, ids(s))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -737,5 +780,24 @@ func TestConsulLocalDatacenter(t *testing.T) {
 	defer mu.Unlock()
 	if asked != 2 {
 		t.Errorf("the agent was asked its datacenter %d times, want 2 (once failing, once answering)", asked)
+	}
+}
+
+// TestConsulStartFetchesOnce: watches started together with the backend
+// fetch their service once, not once more for the state watch's first
+// answer.
+func TestConsulStartFetchesOnce(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	f.set(10, "web", node("a", 1))
+	f.set(10, "api", node("b", 2))
+	c := newTestConsul(t, f, ConsulOptions{WaitTime: time.Minute})
+	web, api := runWatch(t, c, "web"), runWatch(t, c, "api")
+	waitUntil(t, "first snapshots", func() bool { return web.last() != nil && api.last() != nil })
+	settle(t, f, 10)
+	for _, s := range []string{"web", "api"} {
+		if n := f.callCount(s); n != 1 {
+			t.Errorf("fetches of %s = %d, want 1", s, n)
+		}
 	}
 }

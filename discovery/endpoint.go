@@ -107,4 +107,7 @@ type Snapshot struct {
 	// Err is the error that made the set stale, or nil. Watch.Err has the
 	// latest one.
 	Err error
+	// Datacenter is the datacenter whose instances these are, for a watch
+	// with failover (see FailoverKey); empty for other watches.
+	Datacenter string
 }

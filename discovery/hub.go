@@ -226,6 +226,7 @@ func (d *dcWatch) watchState(ctx context.Context) {
 			if first {
 				d.kickAll()
 			}
+			d.stateOnce.Do(func() { close(d.stateReady) }) // the first fetches go ahead
 			if !backoff.Wait(ctx, back.next()) {
 				return
 			}
@@ -255,7 +256,11 @@ func (d *dcWatch) watchState(ctx context.Context) {
 			continue
 		}
 		dg := digestState(checks)
-		if prev == nil || recovered || backwards {
+		if prev == nil && !recovered {
+			// The watches' first fetches waited for this answer: what
+			// changes from here on, the next answers show.
+			d.stateOnce.Do(func() { close(d.stateReady) })
+		} else if recovered || backwards {
 			// What changed before this answer is unknown: fetch all.
 			d.kickAll()
 		} else {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/internal/backoff"
@@ -68,108 +69,140 @@ func (d *dcWatch) knows(ctx context.Context, service string) (bool, error) {
 // tags to fetch again, and those of the services with an instance without
 // checks (which the health state does not show).
 func (d *dcWatch) watchCatalog(ctx context.Context) {
-	c := d.c
-	var (
-		idx       blockingIndex
-		back      = newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax)
-		failures  int
-		ready     bool
-		resetAt   time.Time // when the last reset began; zero if none is pending
-		tags      map[string]uint64
-		aclLogged bool
-	)
+	st := &catalogState{back: newRetryBackoff(d.c.opts.BackoffMin, d.c.opts.BackoffMax)}
 	for {
-		wait := c.opts.WaitTime
-		if limit := c.staleLimit(); !resetAt.IsZero() && limit > 0 {
-			left := resetAt.Add(limit).Sub(c.opts.Now())
-			wait = min(wait, max(left, 10*time.Millisecond))
-		}
 		q := d.query()
-		q.WaitIndex, q.WaitTime = idx.wait, wait
-		services, meta, err := c.catalog.Services(q.WithContext(ctx))
+		q.WaitIndex, q.WaitTime = st.idx.wait, d.catalogWait(st)
+		services, meta, err := d.c.catalog.Services(q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
 		}
-		now := c.opts.Now()
 		if err != nil {
-			err = fmt.Errorf("query catalog services: %w", err)
-			d.knownErr.Store(&err)
-			idx.failed()
-			if ready && resetAt.IsZero() {
-				resetAt = now
-			}
-			failures++
-			if failures == 1 || failures%logEvery == 0 {
-				d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", failures))
-			}
-			if !backoff.Wait(ctx, back.next()) {
+			if !d.catalogFailed(ctx, st, err) {
 				return
 			}
 			continue
 		}
-		recovered := failures > 0
-		if recovered {
-			d.log.Info("consul query recovered", zap.Int("attempt", failures))
-			failures = 0
-			back.reset()
+		d.catalogAnswered(st, services, meta)
+	}
+}
+
+// catalogState is the state of a catalog watch, touched by its goroutine
+// only.
+type catalogState struct {
+	idx       blockingIndex
+	back      retryBackoff
+	failures  int
+	ready     bool              // whether the list was stored once
+	resetAt   time.Time         // when the last reset began; zero if none is pending
+	tags      map[string]uint64 // digestTags of the last answer
+	aclLogged bool
+}
+
+// catalogWait is how long the next catalog query may block: the wait
+// time, or less while names missing after a reset are kept.
+func (d *dcWatch) catalogWait(st *catalogState) time.Duration {
+	wait := d.c.opts.WaitTime
+	if limit := d.c.staleLimit(); !st.resetAt.IsZero() && limit > 0 {
+		left := st.resetAt.Add(limit).Sub(d.c.opts.Now())
+		wait = min(wait, max(left, 10*time.Millisecond))
+	}
+	return wait
+}
+
+// catalogFailed handles a failed catalog query and waits out the backoff;
+// false when ctx ended first.
+func (d *dcWatch) catalogFailed(ctx context.Context, st *catalogState, err error) bool {
+	err = fmt.Errorf("query catalog services: %w", err)
+	d.knownErr.Store(&err)
+	st.idx.failed()
+	if st.ready && st.resetAt.IsZero() {
+		st.resetAt = d.c.opts.Now()
+	}
+	st.failures++
+	if st.failures == 1 || st.failures%logEvery == 0 {
+		d.log.Warn("consul query failed", zap.Error(err), zap.Int("attempt", st.failures))
+	}
+	d.catalogOnce.Do(func() { close(d.catalogReady) }) // the first fetches go ahead
+	return backoff.Wait(ctx, st.back.next())
+}
+
+// catalogAnswered handles an answer of the catalog query: kicks the
+// watches of what changed and stores the list of names.
+func (d *dcWatch) catalogAnswered(st *catalogState, services map[string][]string, meta *api.QueryMeta) {
+	now := d.c.opts.Now()
+	recovered := st.failures > 0
+	if recovered {
+		d.log.Info("consul query recovered", zap.Int("attempt", st.failures))
+		st.failures = 0
+		st.back.reset()
+	}
+	var index uint64
+	if meta != nil {
+		index = meta.LastIndex
+		if meta.ResultsFilteredByACLs && !st.aclLogged {
+			st.aclLogged = true
+			d.log.Warn("consul acls hide services from the catalog",
+				zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" }`),
+				zap.String("effect", "the forward proxy answers 404 for the hidden services"))
 		}
-		var index uint64
-		if meta != nil {
-			index = meta.LastIndex
-			if meta.ResultsFilteredByACLs && !aclLogged {
-				aclLogged = true
-				d.log.Warn("consul acls hide services from the catalog",
-					zap.String("fix", `give the token (consul.token or CONSUL_HTTP_TOKEN) a policy with service_prefix "" { policy = "read" }`),
-					zap.String("effect", "the forward proxy answers 404 for the hidden services"))
+	}
+	changed, backwards := st.idx.observe(index)
+	if backwards && st.resetAt.IsZero() {
+		st.resetAt = now
+	}
+	if !changed && st.ready && st.resetAt.IsZero() {
+		return
+	}
+	names := make(map[string]struct{}, len(services))
+	for name := range services {
+		names[strings.ToLower(name)] = struct{}{}
+	}
+	next := digestTags(services)
+	switch {
+	case st.tags == nil && !recovered:
+		// The watches' first fetches waited for this answer: what changes
+		// from here on, the next answers show.
+		d.catalogOnce.Do(func() { close(d.catalogReady) })
+	case st.tags == nil || recovered || backwards:
+		// What changed while the query failed or the agent restarted is
+		// unknown.
+		d.kickAll()
+	case changed:
+		d.kick(changedKeys(st.tags, next), nil, true)
+	}
+	st.tags = next
+	old := d.known.Load()
+	if !st.resetAt.IsZero() && old != nil {
+		d.keepMissing(st, names, *old, changed, index, now)
+	}
+	if old == nil || len(*old) != len(names) {
+		d.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
+	}
+	d.known.Store(&names)
+	if !st.ready {
+		st.ready = true
+		close(d.knownReady)
+	}
+}
+
+// keepMissing adds to names those of old it lacks while a reset is pending
+// and StaleFor has not run out, and ends the reset when none is missing.
+func (d *dcWatch) keepMissing(st *catalogState, names, old map[string]struct{}, changed bool, index uint64, now time.Time) {
+	kept := 0
+	if limit := d.c.staleLimit(); limit == 0 || now.Sub(st.resetAt) < limit {
+		for name := range old {
+			if _, ok := names[name]; !ok {
+				names[name] = struct{}{}
+				kept++
 			}
 		}
-		changed, backwards := idx.observe(index)
-		if backwards && resetAt.IsZero() {
-			resetAt = now
-		}
-		if !changed && ready && resetAt.IsZero() {
-			continue
-		}
-		names := make(map[string]struct{}, len(services))
-		for name := range services {
-			names[strings.ToLower(name)] = struct{}{}
-		}
-		next := digestTags(services)
-		switch {
-		case tags == nil || recovered || backwards:
-			// What changed before the first answer, or while the query
-			// failed or the agent restarted, is unknown.
-			d.kickAll()
-		case changed:
-			d.kick(changedKeys(tags, next), nil, true)
-		}
-		tags = next
-		old := d.known.Load()
-		if !resetAt.IsZero() && old != nil {
-			kept := 0
-			if limit := c.staleLimit(); limit == 0 || now.Sub(resetAt) < limit {
-				for name := range *old {
-					if _, ok := names[name]; !ok {
-						names[name] = struct{}{}
-						kept++
-					}
-				}
-			}
-			if kept == 0 {
-				resetAt = time.Time{}
-			} else if changed {
-				d.log.Info("services missing after a reset, keeping them known",
-					zap.Int("services", kept), zap.Uint64("index", index))
-			}
-		}
-		if old == nil || len(*old) != len(names) {
-			d.log.Info("services changed", zap.Int("services", len(names)), zap.Uint64("index", index))
-		}
-		d.known.Store(&names)
-		if !ready {
-			ready = true
-			close(d.knownReady)
-		}
+	}
+	if kept == 0 {
+		st.resetAt = time.Time{}
+	} else if changed {
+		d.log.Info("services missing after a reset, keeping them known",
+			zap.Int("services", kept), zap.Uint64("index", index))
 	}
 }
 

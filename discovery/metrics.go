@@ -11,6 +11,8 @@ var (
 		"1 while the service's set is served stale (registry failing or just reset).", []string{"service"}, nil)
 	aclDesc = prometheus.NewDesc("sidecar_discovery_acl_blocked",
 		"1 while the registry's ACLs filter the service's instances or deny its query.", []string{"service"}, nil)
+	servingDesc = prometheus.NewDesc("sidecar_discovery_serving_datacenter",
+		"1 for the datacenter whose instances a watch with failover serves.", []string{"service", "datacenter"}, nil)
 	aclTotalDesc = prometheus.NewDesc("sidecar_discovery_acl_blocked_answers_total",
 		"Answers of the registry that its ACLs filtered or denied.", nil, nil)
 )
@@ -27,6 +29,7 @@ func (cc cacheCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- staleDesc
 	ch <- aclDesc
 	ch <- aclTotalDesc
+	ch <- servingDesc
 }
 
 func (cc cacheCollector) Collect(ch chan<- prometheus.Metric) {
@@ -43,6 +46,9 @@ func (cc cacheCollector) Collect(ch chan<- prometheus.Metric) {
 			acl = 1
 		}
 		ch <- prometheus.MustNewConstMetric(aclDesc, prometheus.GaugeValue, acl, s.Service)
+		if s.Datacenter != "" {
+			ch <- prometheus.MustNewConstMetric(servingDesc, prometheus.GaugeValue, 1, s.Service, s.Datacenter)
+		}
 	}
 	ch <- prometheus.MustNewConstMetric(aclTotalDesc, prometheus.CounterValue, float64(cc.c.aclBlocked.Load()))
 }

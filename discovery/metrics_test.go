@@ -113,3 +113,53 @@ sidecar_discovery_stale{service="api"} 0
 sidecar_discovery_stale{service="web"} 0
 `)
 }
+
+// dcBackend publishes one endpoint of each service, served by dc2.
+type dcBackend struct{}
+
+func (dcBackend) Watch(ctx context.Context, service string, sink Sink) {
+	s := snap(nil, "a")
+	s.Service, s.Datacenter = service, "dc2"
+	sink.Publish(s)
+	<-ctx.Done()
+}
+func (dcBackend) Known(context.Context, string) (bool, error) { return true, nil }
+func (dcBackend) Close()                                      {}
+
+// TestCollectorServingDatacenter: a watch with failover says which
+// datacenter serves it, in the metrics and in Snapshots.
+func TestCollectorServingDatacenter(t *testing.T) {
+	c := newTestCache(t, dcBackend{}, CacheOptions{})
+	if _, err := c.Watch(context.Background(), "web|dc2"); err != nil {
+		t.Fatal(err)
+	}
+	if st := c.Snapshots(); len(st) != 1 || st[0].Datacenter != "dc2" {
+		t.Errorf("Snapshots() = %+v, want web|dc2 served by dc2", st)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c.Collector())
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, mf := range mfs {
+		if mf.GetName() != "sidecar_discovery_serving_datacenter" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var labels []string
+			for _, lp := range m.GetLabel() {
+				labels = append(labels, lp.GetName()+"="+lp.GetValue())
+			}
+			if got := strings.Join(labels, ","); got == "datacenter=dc2,service=web|dc2" && m.GetGauge().GetValue() == 1 {
+				found = true
+			} else {
+				t.Errorf("serving_datacenter{%s} = %v", got, m.GetGauge().GetValue())
+			}
+		}
+	}
+	if !found {
+		t.Errorf("no sidecar_discovery_serving_datacenter{service=\"web|dc2\",datacenter=\"dc2\"} 1")
+	}
+}

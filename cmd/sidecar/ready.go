@@ -20,6 +20,9 @@ type readiness struct {
 	registrar *heartbeat.Registrar // nil for a client-only sidecar
 	cache     *discovery.Cache
 	upstreams []string
+	// current, if set, lists the upstreams' keys in the config in effect
+	// (a reload may change them), in place of upstreams.
+	current func() []string
 }
 
 // check reports whether the sidecar is ready, and if not, why. It does not
@@ -40,16 +43,22 @@ func (r *readiness) check() (bool, string) {
 			return false, fmt.Sprintf("check %s", st.CheckStatus)
 		}
 	}
-	if len(r.upstreams) == 0 {
+	upstreams := r.upstreams
+	if r.current != nil {
+		if cur := r.current(); cur != nil {
+			upstreams = cur
+		}
+	}
+	if len(upstreams) == 0 {
 		return true, ""
 	}
-	answered := make(map[string]bool, len(r.upstreams))
+	answered := make(map[string]bool, len(upstreams))
 	for _, s := range r.cache.Snapshots() {
 		if !s.Pending {
 			answered[s.Service] = true
 		}
 	}
-	for _, name := range r.upstreams {
+	for _, name := range upstreams {
 		if !answered[name] {
 			return false, fmt.Sprintf("waiting for discovery of %q", name)
 		}

@@ -243,6 +243,7 @@ func (r *reloader) apply() reloadResult {
 			res.Closed = append(res.Closed, addr)
 		}
 	}
+	repin(r.cache, running, eff)
 	if r.forward != nil && !reflect.DeepEqual(forwardRoute(running.Proxy), forwardRoute(eff.Proxy)) {
 		if err := r.forward.update(forwardRoute(eff.Proxy)); err != nil {
 			eff.Proxy = running.Proxy
@@ -322,3 +323,19 @@ func (r *reloader) close() []*server {
 
 // config returns the effective running configuration, for GET /config.
 func (r *reloader) config() *config.Config { return r.running.Load() }
+
+// repin pins the services of eff's upstreams and unpins those of running's
+// that eff no longer names, so that the cache may evict them.
+func repin(cache *discovery.Cache, running, eff *config.Config) {
+	keep := make(map[string]bool, len(eff.Upstreams))
+	for _, u := range eff.Upstreams {
+		k := upstreamKey(eff, u)
+		keep[k] = true
+		cache.Pin(k)
+	}
+	for _, u := range running.Upstreams {
+		if k := upstreamKey(running, u); !keep[k] {
+			cache.Unpin(k)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -116,6 +117,17 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		drainLog = log
 	}
 	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps}
+	ready.current = func() []string {
+		eff := rl.config()
+		if eff == nil {
+			return nil // before init: r.upstreams
+		}
+		keys := make([]string, 0, len(eff.Upstreams))
+		for _, u := range eff.Upstreams {
+			keys = append(keys, upstreamKey(eff, u))
+		}
+		return keys
+	}
 	rl.init(cfg, servers, reg) // the proxy listeners; pub/sub's are not reloaded
 	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: drainLog, service: func() *config.Service { return rl.config().Service }}
 	adminHandler.Handle("POST /reload", rl)
@@ -299,12 +311,17 @@ func cacheOptions(d config.Discovery) discovery.CacheOptions {
 }
 
 // upstreamKey is the discovery key of u: its name, with its datacenter
-// when that is not consul.datacenter (and the backend is Consul).
+// when that is not consul.datacenter, and its failover datacenters and
+// tags (when the backend is Consul).
 func upstreamKey(cfg *config.Config, u config.Upstream) string {
-	if u.Datacenter == "" || u.Datacenter == cfg.Consul.Datacenter || cfg.Discovery.Backend == config.BackendStatic {
+	if cfg.Discovery.Backend == config.BackendStatic {
 		return u.Name
 	}
-	return discovery.Key(u.Name, u.Datacenter)
+	dc := u.Datacenter
+	if strings.EqualFold(dc, cfg.Consul.Datacenter) {
+		dc = ""
+	}
+	return discovery.FailoverKey(u.Name, dc, u.Failover, u.Tags)
 }
 
 func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {

@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -67,6 +68,17 @@ type Options struct {
 	// JoinWAN is the serf WAN address (host:port) of an agent of another
 	// datacenter to federate with (see Agent.WANAddr).
 	JoinWAN string
+	// Mode is "" for a dev agent (a one-server datacenter in memory), or
+	// "server" or "client" for an agent of a cluster (see StartCluster),
+	// which keeps its state in a data directory across Stop and Start.
+	Mode string
+	// NodeName is the agent's node name; if empty, sidecar-test.
+	NodeName string
+	// BootstrapExpect is the number of servers a server waits for before
+	// electing a leader (Mode server).
+	BootstrapExpect int
+	// RetryJoin lists serf LAN addresses (host:port) of agents to join.
+	RetryJoin []string
 }
 
 // Binary returns the path of the consul binary tests use, or an error saying
@@ -165,8 +177,22 @@ acl {
 	if opts.JoinWAN != "" {
 		extra += fmt.Sprintf("\nretry_join_wan = [%q]\n", opts.JoinWAN)
 	}
+	node := opts.NodeName
+	if node == "" {
+		node = "sidecar-test"
+	}
+	if opts.Mode != "" {
+		extra += fmt.Sprintf("\ndata_dir = %q\nserver = %t\nperformance {\n  raft_multiplier = 1\n}\n",
+			filepath.Join(a.dir, "data"), opts.Mode == "server")
+		if opts.BootstrapExpect > 0 {
+			extra += fmt.Sprintf("bootstrap_expect = %d\n", opts.BootstrapExpect)
+		}
+		if len(opts.RetryJoin) > 0 {
+			extra += fmt.Sprintf("retry_join = [%s]\nretry_interval = \"1s\"\n", quoteAll(opts.RetryJoin))
+		}
+	}
 	hcl := fmt.Sprintf(`
-node_name = "sidecar-test"
+node_name = %q
 bind_addr = "127.0.0.1"
 client_addr = "127.0.0.1"
 log_level = "warn"
@@ -184,7 +210,7 @@ limits {
 }
 %s
 %s
-`, httpPorts, ports.SerfLAN, ports.SerfWAN, ports.Server, maxConns, extra, opts.ExtraHCL)
+`, node, httpPorts, ports.SerfLAN, ports.SerfWAN, ports.Server, maxConns, extra, opts.ExtraHCL)
 	if err := os.WriteFile(filepath.Join(a.dir, "agent.hcl"), []byte(hcl), 0o600); err != nil {
 		a.t.Fatal(err)
 	}
@@ -244,7 +270,30 @@ func (a *Agent) Start() {
 }
 
 func (a *Agent) start() error {
-	cmd := exec.Command(a.bin, "agent", "-dev", "-config-file", filepath.Join(a.dir, "agent.hcl"))
+	if err := a.launch(); err != nil {
+		return err
+	}
+	if err := a.waitReady(a.exitedChan(), 60*time.Second); err != nil {
+		a.Kill()
+		return err
+	}
+	return nil
+}
+
+// exitedChan is the channel closed when the running agent exits.
+func (a *Agent) exitedChan() <-chan struct{} {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.exited
+}
+
+// launch starts the agent process without waiting for it to be ready.
+func (a *Agent) launch() error {
+	args := []string{"agent", "-config-file", filepath.Join(a.dir, "agent.hcl")}
+	if a.opts.Mode == "" {
+		args = append(args, "-dev")
+	}
+	cmd := exec.Command(a.bin, args...)
 	cmd.Stdout = &a.log
 	cmd.Stderr = &a.log
 	// Own process group so Stop reaches every child; die with the test binary.
@@ -262,11 +311,15 @@ func (a *Agent) start() error {
 	a.cmd, a.exited = cmd, exited
 	a.mu.Unlock()
 	go func() { _ = cmd.Wait(); close(exited) }()
-	if err := a.waitReady(exited, 60*time.Second); err != nil {
-		a.Kill()
-		return err
-	}
 	return nil
+}
+
+func quoteAll(ss []string) string {
+	q := make([]string, len(ss))
+	for i, s := range ss {
+		q[i] = strconv.Quote(s)
+	}
+	return strings.Join(q, ", ")
 }
 
 func (a *Agent) waitReady(exited <-chan struct{}, within time.Duration) error {

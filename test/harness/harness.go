@@ -83,7 +83,11 @@ type Proc struct {
 func Start(t testing.TB, name string, args ...string) *Proc {
 	t.Helper()
 	p := &Proc{t: t, Name: name, exited: make(chan struct{})}
-	p.cmd = exec.Command(filepath.Join(Binaries(t), name), args...)
+	bin := name // an absolute path, as SidecarNoRace returns, runs as is
+	if !filepath.IsAbs(name) {
+		bin = filepath.Join(Binaries(t), name)
+	}
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout = &p.out
 	p.cmd.Stderr = &p.out
 	if dir := coverDir(); dir != "" {
@@ -110,15 +114,59 @@ func Start(t testing.TB, name string, args ...string) *Proc {
 	return p
 }
 
+var (
+	noRaceOnce sync.Once
+	noRaceBin  string
+	noRaceErr  error
+)
+
+// SidecarNoRace returns the path of a sidecar built without the race
+// detector, for the tests that run dozens of sidecars: $SIDECAR_TEST_BIN's
+// when set, else one built once per test binary.
+func SidecarNoRace(t testing.TB) string {
+	t.Helper()
+	noRaceOnce.Do(func() {
+		if dir := os.Getenv("SIDECAR_TEST_BIN"); dir != "" {
+			noRaceBin = filepath.Join(dir, "sidecar")
+			return
+		}
+		root := consulagent.RepoRoot(t)
+		dir, err := os.MkdirTemp("", "sidecar-test-norace-")
+		if err != nil {
+			noRaceErr = err
+			return
+		}
+		noRaceBin = filepath.Join(dir, "sidecar")
+		// The flags of make build, so that its compiled packages are reused.
+		cmd := exec.Command("go", "build", "-trimpath", "-o", noRaceBin, "./cmd/sidecar")
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			noRaceErr = fmt.Errorf("go build ./cmd/sidecar: %v\n%s", err, out)
+		}
+	})
+	if noRaceErr != nil {
+		t.Fatal(noRaceErr)
+	}
+	return noRaceBin
+}
+
 // StartSidecar writes cfg to a file and starts the sidecar with it. It waits
 // until the admin listener (adminAddr) answers /healthz.
 func StartSidecar(t testing.TB, adminAddr, cfg string) *Proc {
+	t.Helper()
+	return StartSidecarBin(t, "sidecar", adminAddr, cfg)
+}
+
+// StartSidecarBin is StartSidecar with the sidecar binary bin: a name that
+// Binaries built, or an absolute path (see SidecarNoRace).
+func StartSidecarBin(t testing.TB, bin, adminAddr, cfg string) *Proc {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "config.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := Start(t, "sidecar", "-config", path)
+	p := Start(t, bin, "-config", path)
 	p.WaitHTTP("http://"+adminAddr+"/healthz", 15*time.Second)
 	return p
 }
