@@ -17,6 +17,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
 	rpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
@@ -47,6 +48,8 @@ const Service = "test.v1.Echo"
 //	  rpc Chat(stream EchoRequest) returns (stream EchoResponse); // each text back
 //	  rpc Shout(EchoRequest) returns (EchoResponse);            // v2: text upper-cased
 //	}
+//
+// A call with the metadata x-compress is answered with gzip messages.
 func Schema(version int) *protoregistry.Files {
 	fd, err := protodesc.NewFile(fileProto(version), protoregistry.GlobalFiles)
 	if err != nil {
@@ -140,6 +143,8 @@ type Node struct {
 	Calls atomic.Int64
 	// LastMetadata is the metadata of the last Echo call.
 	LastMetadata atomic.Pointer[metadata.MD]
+	// Compressed counts the calls answered with gzip (x-compress).
+	Compressed atomic.Int64
 }
 
 // Start starts a node serving schema version on 127.0.0.1, stopped when
@@ -203,6 +208,12 @@ func serviceDesc(n *Node, sd protoreflect.ServiceDescriptor) *grpc.ServiceDesc {
 		n.Calls.Add(1)
 		md, _ := metadata.FromIncomingContext(ctx)
 		n.LastMetadata.Store(&md)
+		if len(md.Get("x-compress")) > 0 {
+			// The caller asks for a gzip answer (it must accept gzip).
+			if grpc.SetSendCompressor(ctx, gzip.Name) == nil {
+				n.Compressed.Add(1)
+			}
+		}
 	}
 	unary := func(name string, f func(ctx context.Context, m *dynamicpb.Message) (any, error)) grpc.MethodDesc {
 		return grpc.MethodDesc{MethodName: name, Handler: func(_ any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
