@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/types/dynamicpb"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/transcode/transcodetest"
 )
 
@@ -290,5 +291,29 @@ func TestTranscodeEncodingRefusals(t *testing.T) {
 	}
 	if n := node.Calls.Load(); n != 1 {
 		t.Errorf("node calls = %d, want 1 (only the good one)", n)
+	}
+}
+
+// TestEndpointVersion: a node's version is its meta "version", else a tag
+// version=V or version:V.
+func TestEndpointVersion(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tags []string
+		meta map[string]string
+		want string
+	}{
+		{"none", []string{"v1", "version"}, nil, ""},
+		{"meta", []string{"version=2"}, map[string]string{"version": "1"}, "1"},
+		{"tag =", []string{"blue", "version=2"}, nil, "2"},
+		{"tag :", []string{"version:3"}, map[string]string{"zone": "a"}, "3"},
+		{"empty tag value", []string{"version="}, nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := discovery.NewEndpoint("a", "127.0.0.1", 1, tc.tags, tc.meta, 1)
+			if got := endpointVersion(&e); got != tc.want {
+				t.Errorf("endpointVersion(%v, %v) = %q, want %q", tc.tags, tc.meta, got, tc.want)
+			}
+		})
 	}
 }

@@ -36,7 +36,9 @@ import (
 const Service = "test.v1.Echo"
 
 // Schema returns the test service's files. Version 2 adds the field
-// "extra" to both messages and the method Shout.
+// "extra" to both messages and the method Shout; version 3 also moves
+// "text" to field 9 in both, so that a call turned with another version's
+// schema loses its text.
 //
 //	message EchoRequest  { string text = 1; int32 code = 2; bytes pad = 3; int32 count = 5;
 //	                       google.protobuf.Timestamp at = 6; int32 delay_ms = 7; string extra = 4 (v2) }
@@ -109,6 +111,10 @@ func fileProto(version int) *descriptorpb.FileDescriptorProto {
 	svc := &descriptorpb.ServiceDescriptorProto{Name: proto.String("Echo"), Method: []*descriptorpb.MethodDescriptorProto{
 		say, method("Count", false, true), method("Collect", true, false), method("Chat", true, true),
 	}}
+	if version >= 3 {
+		req.Field[0].Number = proto.Int32(9)
+		resp.Field[0].Number = proto.Int32(9)
+	}
 	if version >= 2 {
 		req.Field = append(req.Field, field("extra", 4, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""))
 		resp.Field = append(resp.Field, field("extra", 4, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""))
