@@ -32,7 +32,7 @@ type route struct {
 	metrics  routeMetrics
 	budget   *retryBudget
 	log      *zap.Logger
-	codec    *transcode.Transcoder // nil unless cfg.Codec.Transcode
+	codec    *transcode.Transcoder      // nil unless cfg.Codec.Transcode
 	versions atomic.Pointer[versionSet] // the nodes' versions, for codec (transcode.go)
 
 	mu    sync.Mutex // serialises rebuilds; never held on the hot path
