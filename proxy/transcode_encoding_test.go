@@ -8,11 +8,14 @@ import (
 	"encoding/binary"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
@@ -315,5 +318,47 @@ func TestEndpointVersion(t *testing.T) {
 				t.Errorf("endpointVersion(%v, %v) = %q, want %q", tc.tags, tc.meta, got, tc.want)
 			}
 		})
+	}
+}
+
+// TestForwardTranscode: the forward proxy transcodes for a service that
+// proxy.services marks grpc with a codec, reached by Host header (in any
+// case, with Consul's DNS suffix) or by absolute-form URL; a service it
+// does not list passes application/json through untouched.
+func TestForwardTranscode(t *testing.T) {
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	plain := startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("Content-Type", "text/plain")
+		_, _ = io.WriteString(w, r.Header.Get("Content-Type")+" "+string(b))
+	}))
+	m := NewMetrics(prometheus.NewRegistry())
+	cache := staticCache(t, map[string][]string{"echo": {node.Addr}, "plain": {strings.TrimPrefix(plain.URL, "http://")}})
+	h, err := New(cache, m, testLogger(t)).Forward("forward", RouteConfig{PerService: map[string]ServiceConfig{
+		"echo": {Protocol: config.ProtocolGRPC, Codec: config.Codec{Transcode: true}},
+	}})
+	if err != nil {
+		t.Fatalf("Forward() error = %v", err)
+	}
+	px := startProxyServer(t, h)
+	c := newClient(t, nil)
+	for _, host := range []string{"echo", "Echo.service.consul"} {
+		req, _ := http.NewRequest(http.MethodPost, px.URL+"/test.v1.Echo/Say", strings.NewReader(`{"text":"fwd"}`))
+		req.Host = host
+		req.Header.Set("Content-Type", "application/json")
+		if r := do(t, c, req); r.status != 200 || r.body != `{"text":"fwd"}` {
+			t.Errorf("Host %s: answer = %d %q, want 200 {\"text\":\"fwd\"}", host, r.status, r.body)
+		}
+	}
+	pu, _ := url.Parse(px.URL)
+	viaProxy := newClient(t, func(tr *http.Transport) { tr.Proxy = http.ProxyURL(pu) })
+	if r := post(t, viaProxy, "http://echo/test.v1.Echo/Count", "application/connect+json", string(framed(0, []byte(`{"text":"p","count":2}`)))); r.status != 200 || len(frames(t, []byte(r.body))) != 3 {
+		t.Errorf("absolute-form Connect stream = %d %q, want two messages and the end", r.status, r.body)
+	}
+	if r := post(t, viaProxy, "http://plain/x", "application/json", `{"a":1}`); r.body != `application/json {"a":1}` {
+		t.Errorf("unlisted service got %q, want application/json {\"a\":1} untouched", r.body)
+	}
+	if n := testutil.ToFloat64(m.schemaFetches.WithLabelValues("forward", "echo", "reflection", "ok")); n != 1 {
+		t.Errorf("schema fetches = %v, want 1", n)
 	}
 }

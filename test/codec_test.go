@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -147,6 +148,57 @@ upstreams:
 	}
 	if na, nb := a.ReflectionCalls.Load(), b.ReflectionCalls.Load(); na != 1 || nb != 1 {
 		t.Errorf("reflection streams = v1 %d, v3 %d; want one on each (a schema per version)", na, nb)
+	}
+}
+
+// TestCodecForwardProxy: the sidecar binary's forward listener, with
+// proxy.services marking a Consul service grpc with a codec, transcodes a
+// plain net/http client's Connect JSON call named by Host header and by an
+// absolute-form URL (HTTP_PROXY style).
+func TestCodecForwardProxy(t *testing.T) {
+	agent := consulagent.Start(t, consulagent.Options{})
+	harness.Binaries(t)
+	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	consul := agent.Client()
+	protoRegister(t, consul, "codec-fwd", "codec-fwd-1", node.Addr)
+	consulagent.WaitFor(t, 10*time.Second, "codec-fwd passing", func() bool {
+		entries, _, err := consul.Health().Service("codec-fwd", "", true, nil)
+		return err == nil && len(entries) == 1
+	})
+	admin, forward := pxLoopback(t), pxLoopback(t)
+	harness.StartSidecar(t, admin, fmt.Sprintf(`consul:
+  address: %s
+admin:
+  listen: %s
+proxy:
+  listen: %s
+  services:
+    - name: Codec-Fwd
+      protocol: grpc
+      codec: {transcode: true}
+`, agent.Addr(), admin, forward))
+
+	check := func(name string, c *http.Client, req *http.Request) {
+		t.Helper()
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != `{"text":"fwd"}` {
+			t.Errorf("%s = %d %s, want 200 {\"text\":\"fwd\"}", name, resp.StatusCode, body)
+		}
+	}
+	req, _ := http.NewRequest(http.MethodPost, "http://"+forward+"/test.v1.Echo/Say", strings.NewReader(`{"text":"fwd"}`))
+	req.Host = "codec-fwd.service.consul"
+	check("Host header", &http.Client{Timeout: 10 * time.Second}, req)
+	proxyURL, _ := url.Parse("http://" + forward)
+	req, _ = http.NewRequest(http.MethodPost, "http://codec-fwd/test.v1.Echo/Say", strings.NewReader(`{"text":"fwd"}`))
+	check("absolute-form URL", &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{Proxy: http.ProxyURL(proxyURL)}}, req)
+	if n := node.Calls.Load(); n != 2 {
+		t.Errorf("node calls = %d, want 2", n)
 	}
 }
 
