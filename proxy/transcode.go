@@ -12,10 +12,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
@@ -31,14 +28,7 @@ func newTranscoder(rt *route, m *Metrics) (*transcode.Transcoder, error) {
 	}
 	var sources []transcode.Source
 	if c.Descriptors != config.DescriptorsFile {
-		creds := insecure.NewCredentials()
-		if rt.pool.tls != nil {
-			creds = credentials.NewTLS(rt.pool.tls.Clone())
-		}
-		sources = append(sources, &transcode.Reflection{
-			Node:        rt.reflectionNode,
-			DialOptions: []grpc.DialOption{grpc.WithTransportCredentials(creds)},
-		})
+		sources = append(sources, &transcode.Reflection{Node: rt.reflectionNode, TLS: rt.pool.tls})
 	}
 	if c.DescriptorSet != "" {
 		f, err := transcode.LoadFile(c.DescriptorSet)

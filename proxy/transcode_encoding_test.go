@@ -362,3 +362,20 @@ func TestForwardTranscode(t *testing.T) {
 		t.Errorf("schema fetches = %v, want 1", n)
 	}
 }
+
+// TestTranscodeTLSNode: a node reached over TLS (h2 by ALPN) gives its
+// schema by reflection over TLS too, and calls are transcoded to it.
+func TestTranscodeTLSNode(t *testing.T) {
+	node := transcodetest.New(t, 1, transcodetest.ReflectionV1)
+	ts, ca := tlsNodeWith(t, node.Server)
+	addr := strings.TrimPrefix(ts.URL, "https://")
+	px := startRoute(t, RouteConfig{Service: "echo", Protocol: config.ProtocolGRPC, Codec: config.Codec{Transcode: true},
+		TLS: &config.TLS{CAFile: ca, ServerName: "example.com"}}, addr)
+	r := post(t, newClient(t, nil), px.URL+"/test.v1.Echo/Say", "application/json", `{"text":"tls"}`)
+	if r.status != 200 || r.body != `{"text":"tls"}` {
+		t.Errorf("answer = %d %q, want 200 {\"text\":\"tls\"}", r.status, r.body)
+	}
+	if n := node.ReflectionCalls.Load(); n != 1 {
+		t.Errorf("reflection streams = %d, want 1", n)
+	}
+}

@@ -6,7 +6,9 @@
 //
 // The schema comes at run time: Schemas fetches a service's descriptors
 // from a node's gRPC server reflection service (grpc.reflection.v1,
-// falling back to v1alpha; see Reflection) or from a FileDescriptorSet
+// falling back to v1alpha, over net/http's HTTP/2 client with the
+// messages encoded by hand, so grpc-go's client is not linked in; see
+// Reflection) or from a FileDescriptorSet
 // file (File), once per service, with concurrent first calls sharing the
 // fetch. After that a call reads the cached schema through an atomic
 // pointer: no lock and no fetch on the hot path. The schema is fetched

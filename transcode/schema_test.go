@@ -12,9 +12,7 @@ import (
 	"time"
 
 	"go.uber.org/zap/zaptest"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/transcode"
@@ -30,8 +28,7 @@ func (c *clock) now() time.Time      { return time.Unix(0, c.t.Load()) }
 func (c *clock) add(d time.Duration) { c.t.Add(int64(d)) }
 func reflectionOf(addr string) *transcode.Reflection {
 	return &transcode.Reflection{
-		Node:        func(context.Context, []string) (string, string, error) { return addr, addr, nil },
-		DialOptions: []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())},
+		Node: func(context.Context, []string) (string, string, error) { return addr, addr, nil },
 	}
 }
 

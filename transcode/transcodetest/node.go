@@ -171,7 +171,18 @@ func Start(t testing.TB, version int, refl Reflection, addr string) *Node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &Node{Addr: ln.Addr().String()}
+	n := New(t, version, refl)
+	n.Addr = ln.Addr().String()
+	go func() { _ = n.Server.Serve(ln) }()
+	t.Cleanup(n.Server.Stop)
+	return n
+}
+
+// New returns a node serving schema version that is not yet serving: its
+// Server may be run by the caller (as an http.Handler behind TLS, say).
+func New(t testing.TB, version int, refl Reflection) *Node {
+	t.Helper()
+	n := &Node{}
 	n.Server = grpc.NewServer(grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		if strings.HasPrefix(info.FullMethod, "/grpc.reflection.") {
 			n.ReflectionCalls.Add(1)
@@ -192,8 +203,6 @@ func Start(t testing.TB, version int, refl Reflection, addr string) *Node {
 	case ReflectionV1Alpha:
 		rpbalpha.RegisterServerReflectionServer(n.Server, reflection.NewServer(opts))
 	}
-	go func() { _ = n.Server.Serve(ln) }()
-	t.Cleanup(n.Server.Stop)
 	return n
 }
 
