@@ -17,6 +17,14 @@
 // that it lacks: a node that gains a method or a field is followed
 // without a restart.
 //
+// A call whose context carries a version (WithVersion: the proxy sets it
+// when a service's nodes carry more than one) is resolved with the schema
+// fetched from nodes of that version, kept apart from the others'.
+//
+// Compression and text framing (encoding.go): clients' gzip messages are
+// inflated and their answers compressed as they sent; grpc-web-text is
+// base64 both ways; the node always gets plain protobuf frames.
+//
 // Messages are converted by protojson over dynamicpb (codec.go), behind
 // the small messageCodec interface; protobuf clients' messages pass
 // through untouched. Framing, status and metadata are each protocol's
