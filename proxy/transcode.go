@@ -192,7 +192,9 @@ func (rt *route) versionsOf(st *routeState) *versionSet {
 		v := endpointVersion(&e.Endpoint)
 		vs.ids = append(vs.ids, id)
 		vs.of[id] = v
-		vs.exclude[v] = vs.exclude[v] // every version has an entry
+		if _, ok := vs.exclude[v]; !ok {
+			vs.exclude[v] = nil // every version has an entry
+		}
 	}
 	slices.Sort(vs.ids)
 	for v := range vs.exclude {
