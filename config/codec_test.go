@@ -81,3 +81,48 @@ upstreams:
 		}
 	}
 }
+
+// TestProxyServices: proxy.services decodes with protocol http by default,
+// and each bad entry is reported on its own key.
+func TestProxyServices(t *testing.T) {
+	c, err := ParseEnv([]byte(`
+proxy:
+  listen: 127.0.0.1:15001
+  services:
+    - {name: greeter, protocol: grpc, codec: {transcode: true, refresh: 1m}}
+    - {name: web}
+`), "config.yaml", env(nil))
+	if err != nil {
+		t.Fatalf("ParseEnv() error = %v", err)
+	}
+	want := []ForwardService{
+		{Name: "greeter", Protocol: ProtocolGRPC, Codec: Codec{Transcode: true, Refresh: time.Minute}},
+		{Name: "web", Protocol: ProtocolHTTP},
+	}
+	if got := c.Proxy.Services; len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("Proxy.Services = %+v, want %+v", got, want)
+	}
+
+	_, err = ParseEnv([]byte(`
+proxy:
+  services:
+    - {protocol: grpc}
+    - {name: a, protocol: tcp}
+    - {name: b, codec: {transcode: true}}
+    - {name: B, protocol: grpc, codec: {descriptors: dwarf}}
+`), "config.yaml", env(nil))
+	if err == nil {
+		t.Fatal("ParseEnv() error = nil, want one per bad key")
+	}
+	for _, want := range []string{
+		`proxy.services[0].name: required`,
+		`proxy.services[1].protocol: unknown "tcp"`,
+		`proxy.services[2].codec.transcode: not supported with protocol http (only with grpc)`,
+		`proxy.services[3].name: "B" is listed twice`,
+		`proxy.services[3].codec.descriptors: unknown "dwarf"`,
+	} {
+		if !strings.Contains(err.Error(), "config.yaml: "+want) {
+			t.Errorf("ParseEnv() error:\n%v\nwant a line with %q", err, want)
+		}
+	}
+}

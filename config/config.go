@@ -222,6 +222,26 @@ type Proxy struct {
 	// Proxy-wide only: a listener reads the header before it knows where
 	// the request goes.
 	MaxHeaderBytes int `yaml:"max_header_bytes"`
+	// Services sets, per service reached through the forward proxy, what
+	// the Host header cannot say: its protocol and codec (a gRPC service
+	// whose Connect, gRPC-Web and JSON calls are transcoded). Empty (the
+	// default): every service is carried as http.
+	Services []ForwardService `yaml:"services"`
+}
+
+// ForwardService is how the forward proxy carries one service.
+type ForwardService struct {
+	Name string `yaml:"name"` // service name, required; unique ignoring case
+	// Protocol is http (the default), http2 or grpc.
+	Protocol string `yaml:"protocol"`
+	// Codec, with protocol grpc, transcodes as upstreams[].codec does.
+	Codec Codec `yaml:"codec"`
+}
+
+// setDefaults is called by the decoder on a freshly allocated
+// ForwardService.
+func (f *ForwardService) setDefaults() {
+	f.Protocol = ProtocolHTTP
 }
 
 // MaxHeaderBytesLimit is the largest proxy.max_header_bytes accepted.

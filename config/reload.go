@@ -74,6 +74,7 @@ func NewReload(running, next *Config) Reload {
 	p := running.Proxy
 	p.Balancer, p.HashKey, p.PreserveHost, p.Resilience = next.Proxy.Balancer, next.Proxy.HashKey, next.Proxy.PreserveHost, next.Proxy.Resilience
 	p.Timeouts = liveTimeouts(running.Proxy.Timeouts, next.Proxy.Timeouts)
+	p.Services = next.Proxy.Services
 	eff.Proxy = p
 
 	eff.Upstreams = make([]Upstream, 0, len(next.Upstreams))

@@ -205,6 +205,7 @@ func (p *parser) validateProxy(x *Proxy) {
 	p.nonNegative("proxy.timeouts.max_connection_age", x.Timeouts.MaxConnectionAge)
 	p.nonNegative("proxy.timeouts.tunnel", x.Timeouts.Tunnel)
 	p.validateResilience("proxy.resilience", &x.Resilience)
+	p.validateForwardServices(x.Services)
 	if x.MaxHeaderBytes < 1 || x.MaxHeaderBytes > MaxHeaderBytesLimit {
 		p.errorf("proxy.max_header_bytes", "must be between 1 and %d, got %d", MaxHeaderBytesLimit, x.MaxHeaderBytes)
 	}
@@ -524,4 +525,22 @@ func SplitHashKey(s string) (source, name string, err error) {
 		return source, name, nil
 	}
 	return "", "", fmt.Errorf("unknown hash key %q (want header:NAME, cookie:NAME, query:NAME, path or client_ip)", s)
+}
+
+// validateForwardServices checks proxy.services: a name each, once, and a
+// protocol and codec the forward proxy can carry.
+func (p *parser) validateForwardServices(list []ForwardService) {
+	seen := map[string]bool{}
+	for i := range list {
+		f := &list[i]
+		path := fmt.Sprintf("proxy.services[%d]", i)
+		p.name(path+".name", f.Name)
+		if key := strings.ToLower(f.Name); f.Name != "" && seen[key] {
+			p.errorf(path+".name", "%q is listed twice (names ignore case)", f.Name)
+		} else {
+			seen[key] = true
+		}
+		p.oneOf(path+".protocol", f.Protocol, []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC})
+		p.validateCodec(path+".codec", &Upstream{Protocol: f.Protocol, Codec: f.Codec})
+	}
 }

@@ -22,6 +22,20 @@ func tlsNode(t *testing.T, h2 bool) (*httptest.Server, string) {
 		w.Write([]byte(r.Proto))
 	}))
 	node.EnableHTTP2 = h2
+	return startTLSNode(t, node)
+}
+
+// tlsNodeWith starts a TLS node (h2 by ALPN) serving h, and writes its
+// certificate to a PEM file to trust it by.
+func tlsNodeWith(t *testing.T, h http.Handler) (*httptest.Server, string) {
+	t.Helper()
+	node := httptest.NewUnstartedServer(h)
+	node.EnableHTTP2 = true
+	return startTLSNode(t, node)
+}
+
+func startTLSNode(t *testing.T, node *httptest.Server) (*httptest.Server, string) {
+	t.Helper()
 	node.StartTLS()
 	t.Cleanup(node.Close)
 	ca := filepath.Join(t.TempDir(), "ca.pem")

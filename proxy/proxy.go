@@ -71,6 +71,16 @@ type RouteConfig struct {
 	// Codec, with Transcode on a grpc route, transcodes the calls of
 	// Connect, gRPC-Web, JSON and JSON-RPC clients (see transcode.go).
 	Codec config.Codec
+	// PerService, in the forward proxy's defaults only, carries the
+	// services it names (in lower case) with their own protocol and codec.
+	PerService map[string]ServiceConfig
+}
+
+// ServiceConfig is how the forward proxy carries one service, in place of
+// its defaults' Protocol and Codec (proxy.services).
+type ServiceConfig struct {
+	Protocol string
+	Codec    config.Codec
 }
 
 // Timeouts bound the phases of a proxied request.
@@ -227,6 +237,10 @@ func (f *Forwarder) route(ctx context.Context, sent, tag, dc string) (*route, er
 	}
 	cfg := st.defaults
 	cfg.Service = name
+	if sc, ok := cfg.PerService[strings.ToLower(sent)]; ok {
+		cfg.Protocol, cfg.Codec = sc.Protocol, sc.Codec // a gRPC service, say, that transcodes
+	}
+	cfg.PerService = nil
 	if tag != "" {
 		cfg.Tags = append(slices.Clip(cfg.Tags), tag)
 	}

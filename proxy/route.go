@@ -32,7 +32,8 @@ type route struct {
 	metrics  routeMetrics
 	budget   *retryBudget
 	log      *zap.Logger
-	codec    *transcode.Transcoder // nil unless cfg.Codec.Transcode
+	codec    *transcode.Transcoder      // nil unless cfg.Codec.Transcode
+	versions atomic.Pointer[versionSet] // the nodes' versions, for codec (transcode.go)
 
 	mu    sync.Mutex // serialises rebuilds; never held on the hot path
 	state atomic.Pointer[routeState]
@@ -128,9 +129,17 @@ func (rt *route) pick(ctx context.Context, key uint64, hasKey bool, exclude []st
 	if st == nil || st.snap != snap {
 		st = rt.update(snap)
 	}
+	var vs *versionSet
+	if rt.codec != nil {
+		vs, exclude = rt.versionExclude(ctx, st, exclude) // a transcoded call keeps to its version
+	}
 	pk, err := rt.bal.Pick(balancer.Request{Key: key, HasKey: hasKey, Exclude: exclude})
 	if err != nil {
 		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, err}
+	}
+	if vs != nil && !vs.has(ctx, pk.Endpoint.ID) {
+		release(pk) // only other versions are left
+		return nil, balancer.Pick{}, &proxyError{rt.cfg.Service, balancer.ErrNoEndpoints}
 	}
 	e := st.endpoints[pk.Endpoint.ID]
 	if e == nil {

@@ -4,17 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"reflect"
+	"slices"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/transcode"
 )
 
@@ -27,14 +28,7 @@ func newTranscoder(rt *route, m *Metrics) (*transcode.Transcoder, error) {
 	}
 	var sources []transcode.Source
 	if c.Descriptors != config.DescriptorsFile {
-		creds := insecure.NewCredentials()
-		if rt.pool.tls != nil {
-			creds = credentials.NewTLS(rt.pool.tls.Clone())
-		}
-		sources = append(sources, &transcode.Reflection{
-			Node:        rt.reflectionNode,
-			DialOptions: []grpc.DialOption{grpc.WithTransportCredentials(creds)},
-		})
+		sources = append(sources, &transcode.Reflection{Node: rt.reflectionNode, TLS: rt.pool.tls})
 	}
 	if c.DescriptorSet != "" {
 		f, err := transcode.LoadFile(c.DescriptorSet)
@@ -90,6 +84,11 @@ func (rt *route) reflectionNode(ctx context.Context, exclude []string) (id, addr
 // turned back.
 func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *route, start time.Time) {
 	m := &rt.metrics
+	if v := rt.callVersion(r.Context()); v != "" {
+		// Nodes of several versions: the call keeps to one, decoded with
+		// its schema and sent to its nodes only.
+		r = r.WithContext(transcode.WithVersion(r.Context(), v))
+	}
 	call, err := rt.codec.Decode(r.Context(), r)
 	if err != nil {
 		// Refused before anything was sent: malformed, unknown method, no schema.
@@ -151,4 +150,109 @@ func errCode(err error) codes.Code {
 		return e.Code
 	}
 	return codes.Unknown
+}
+
+// VersionMeta is the Consul service meta key that carries a node's
+// version; a tag "version=V" (or "version:V") serves when the meta is
+// absent. A transcoding route whose nodes carry more than one version
+// fetches a schema per version, and keeps each call to one version's
+// nodes.
+const VersionMeta = "version"
+
+// endpointVersion is e's version, or "" for none.
+func endpointVersion(e *discovery.Endpoint) string {
+	if v := e.Meta[VersionMeta]; v != "" {
+		return v
+	}
+	for _, t := range e.Tags {
+		if len(t) > len(VersionMeta)+1 && strings.HasPrefix(t, VersionMeta) && (t[len(VersionMeta)] == '=' || t[len(VersionMeta)] == ':') {
+			return t[len(VersionMeta)+1:]
+		}
+	}
+	return ""
+}
+
+// versionSet is the versions of a route state's nodes, built once per
+// state.
+type versionSet struct {
+	st      *routeState
+	ids     []string            // every endpoint, sorted
+	of      map[string]string   // endpoint ID → version
+	exclude map[string][]string // version → the IDs of the other versions' nodes
+}
+
+// versionsOf returns st's versionSet; nil when its nodes have at most one
+// version (then nothing changes for any call).
+func (rt *route) versionsOf(st *routeState) *versionSet {
+	if vs := rt.versions.Load(); vs != nil && vs.st == st {
+		return vs.orNil()
+	}
+	vs := &versionSet{st: st, of: make(map[string]string, len(st.endpoints)), exclude: map[string][]string{}}
+	for id, e := range st.endpoints {
+		v := endpointVersion(&e.Endpoint)
+		vs.ids = append(vs.ids, id)
+		vs.of[id] = v
+		if _, ok := vs.exclude[v]; !ok {
+			vs.exclude[v] = nil // every version has an entry
+		}
+	}
+	slices.Sort(vs.ids)
+	for v := range vs.exclude {
+		for _, id := range vs.ids {
+			if vs.of[id] != v {
+				vs.exclude[v] = append(vs.exclude[v], id)
+			}
+		}
+	}
+	rt.versions.Store(vs)
+	return vs.orNil()
+}
+
+func (vs *versionSet) orNil() *versionSet {
+	if len(vs.exclude) <= 1 {
+		return nil
+	}
+	return vs
+}
+
+// has reports whether endpoint id is of the version ctx carries.
+func (vs *versionSet) has(ctx context.Context, id string) bool {
+	v := transcode.Version(ctx)
+	return v == "" || vs.of[id] == v
+}
+
+// callVersion chooses the version of the nodes a transcoded call goes to:
+// "" when they have at most one; otherwise that of a node drawn at random,
+// so versions get calls in proportion to their nodes, and the route's
+// balancer chooses among the version's nodes.
+func (rt *route) callVersion(ctx context.Context) string {
+	st := rt.state.Load()
+	if w, err := rt.resolver.Watch(ctx, rt.cfg.Service); err == nil && (st == nil || st.snap != w.Snapshot()) {
+		st = rt.update(w.Snapshot())
+	}
+	if st == nil {
+		return "" // the pick will say why
+	}
+	vs := rt.versionsOf(st)
+	if vs == nil {
+		return ""
+	}
+	return vs.of[vs.ids[rand.IntN(len(vs.ids))]]
+}
+
+// versionExclude adds the nodes of other versions than ctx's to a pick's
+// exclude list, when st's nodes have more than one; vs is nil otherwise.
+func (rt *route) versionExclude(ctx context.Context, st *routeState, exclude []string) (*versionSet, []string) {
+	v := transcode.Version(ctx)
+	if v == "" {
+		return nil, exclude
+	}
+	vs := rt.versionsOf(st)
+	if vs == nil {
+		return nil, exclude
+	}
+	if len(exclude) == 0 {
+		return vs, vs.exclude[v]
+	}
+	return vs, append(slices.Clip(exclude), vs.exclude[v]...)
 }

@@ -6,7 +6,9 @@
 //
 // The schema comes at run time: Schemas fetches a service's descriptors
 // from a node's gRPC server reflection service (grpc.reflection.v1,
-// falling back to v1alpha; see Reflection) or from a FileDescriptorSet
+// falling back to v1alpha, over net/http's HTTP/2 client with the
+// messages encoded by hand, so grpc-go's client is not linked in; see
+// Reflection) or from a FileDescriptorSet
 // file (File), once per service, with concurrent first calls sharing the
 // fetch. After that a call reads the cached schema through an atomic
 // pointer: no lock and no fetch on the hot path. The schema is fetched
@@ -14,6 +16,14 @@
 // once per Retry) when a call names a method, or a message holds a field,
 // that it lacks: a node that gains a method or a field is followed
 // without a restart.
+//
+// A call whose context carries a version (WithVersion: the proxy sets it
+// when a service's nodes carry more than one) is resolved with the schema
+// fetched from nodes of that version, kept apart from the others'.
+//
+// Compression and text framing (encoding.go): clients' gzip messages are
+// inflated and their answers compressed as they sent; grpc-web-text is
+// base64 both ways; the node always gets plain protobuf frames.
 //
 // Messages are converted by protojson over dynamicpb (codec.go), behind
 // the small messageCodec interface; protobuf clients' messages pass

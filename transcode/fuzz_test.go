@@ -24,6 +24,8 @@ func FuzzDecode(f *testing.F) {
 		{"application/grpc+json", "/test.v1.Echo/Collect", "\x00\x00\x00\x00\x02{}"},
 		{"application/json-rpc", "/", `{"method":"Echo.Say","params":[{}],"id":1}`},
 		{"application/json", "/test.v1.Echo/Say", `{"at":"2026-13-45T99:00:00Z"}`},
+		{"application/grpc-web-text", "/test.v1.Echo/Say", "AAAAAAMKAWE="},
+		{"application/grpc-web", "/test.v1.Echo/Say", "\x01\x00\x00\x00\x03\x0a\x01a"},
 	} {
 		f.Add(seed.ct, seed.path, []byte(seed.body))
 	}

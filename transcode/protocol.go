@@ -59,6 +59,10 @@ func kind(contentType string) (protocol, messageCodec) {
 		return grpcWeb, protoCodec{}
 	case "application/grpc-web+json":
 		return grpcWeb, jsonCodec{}
+	case "application/grpc-web-text", "application/grpc-web-text+proto":
+		return grpcWeb, protoCodec{}
+	case "application/grpc-web-text+json":
+		return grpcWeb, jsonCodec{}
 	case "application/json-rpc":
 		return jsonRPC, jsonCodec{}
 	}
@@ -107,6 +111,9 @@ type Call struct {
 	timeout     time.Duration
 	rpcID       json.RawMessage // JSON-RPC's id
 	stream      io.Reader       // a client stream's body, turned as it is read; nil when body holds the call
+	text        bool            // grpc-web-text: base64 both ways
+	inGzip      bool            // the client's messages (or unary body) are gzip
+	outGzip     bool            // answer with gzip messages (or body)
 }
 
 // Timeout is the deadline the client asked for, or 0.
@@ -125,8 +132,19 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 	if p == 0 {
 		return c, Errorf(codes.Internal, "content type %q is not transcoded", c.contentType)
 	}
+	c.text = p == grpcWeb && strings.Contains(strings.ToLower(c.contentType), "grpc-web-text")
 	if r.Method != http.MethodPost {
 		return c, &Error{Code: codes.Unimplemented, HTTPStatus: http.StatusMethodNotAllowed, Message: "method " + r.Method + " not allowed: use POST"}
+	}
+	if err := c.readEncoding(r.Header); err != nil {
+		return c, err
+	}
+	var src io.Reader = r.Body
+	if r.Body == nil {
+		src = http.NoBody
+	}
+	if c.text {
+		src = newBase64Reader(src)
 	}
 	c.timeout = timeoutOf(p, r.Header)
 	service, method := "", ""
@@ -140,11 +158,11 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 		}
 		if c.method.IsStreamingClient() && p != connectUnary {
 			// Messages are turned as they come, for client and bidi streams.
-			c.stream = r.Body
+			c.stream = src
 			return c, nil
 		}
 	}
-	body, err := readBody(r)
+	body, err := c.readBody(r, src)
 	if err != nil {
 		return c, err
 	}
@@ -180,7 +198,7 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 	case connectUnary:
 		msgs = [][]byte{body}
 	default:
-		if msgs, err = unframe(p, body); err != nil {
+		if msgs, err = c.unframe(body); err != nil {
 			return c, err
 		}
 	}
@@ -315,6 +333,7 @@ func (c *Call) Request(r *http.Request) *http.Request {
 	}
 	h["Content-Type"] = []string{"application/grpc"}
 	h["Te"] = []string{"trailers"}
+	h["Grpc-Accept-Encoding"] = []string{acceptEncoding}
 	if c.timeout > 0 {
 		h["Grpc-Timeout"] = []string{encodeTimeout(c.timeout)}
 	}
@@ -363,8 +382,11 @@ func (b *streamBody) next() ([]byte, error) {
 	switch {
 	case b.c.proto == connectStream && flag&flagEndStream != 0:
 		return nil, io.EOF
-	case flag != 0:
+	case flag&^flagCompressed != 0:
 		return nil, Errorf(codes.InvalidArgument, "unexpected frame flags %#x in the request", flag)
+	}
+	if msg, err = b.c.inflate(flag, msg); err != nil {
+		return nil, err
 	}
 	return b.c.appendFrame(nil, msg)
 }
@@ -393,23 +415,16 @@ func splitPath(p string) (service, method string, ok bool) {
 	return p[1:i], p[i+1:], true
 }
 
-// readBody reads a request body of at most MaxMessage bytes, gunzipped
-// when its Content-Encoding (Connect unary) says gzip.
-func readBody(r *http.Request) ([]byte, error) {
-	var rd io.Reader = r.Body
-	if r.Body == nil {
-		rd = http.NoBody
-	}
-	switch enc := r.Header.Get("Content-Encoding"); enc {
-	case "", "identity":
-	case "gzip":
+// readBody reads a request body of at most MaxMessage bytes from rd (r's
+// body, or its base64 decoder), gunzipped when its Content-Encoding
+// (Connect unary, JSON-RPC) says gzip.
+func (c *Call) readBody(r *http.Request, rd io.Reader) ([]byte, error) {
+	if c.inGzip && (c.proto == connectUnary || c.proto == jsonRPC) {
 		zr, err := gzip.NewReader(rd)
 		if err != nil {
 			return nil, Errorf(codes.InvalidArgument, "bad gzip body: %v", err)
 		}
 		rd = zr
-	default:
-		return nil, Errorf(codes.Unimplemented, "content encoding %q is not supported (identity, gzip)", enc)
 	}
 	var b []byte
 	var err error
@@ -488,8 +503,9 @@ func appendFrame(dst []byte, flag byte, msg []byte) []byte {
 	return append(dst, msg...)
 }
 
-// unframe splits a request body of length-prefixed messages.
-func unframe(p protocol, b []byte) ([][]byte, error) {
+// unframe splits a request body of length-prefixed messages, inflating
+// compressed ones.
+func (c *Call) unframe(b []byte) ([][]byte, error) {
 	var msgs [][]byte
 	for len(b) > 0 {
 		if len(b) < 5 {
@@ -502,12 +518,14 @@ func unframe(p protocol, b []byte) ([][]byte, error) {
 		msg := b[5 : 5+n]
 		b = b[5+n:]
 		switch {
-		case p == connectStream && flag&flagEndStream != 0:
+		case c.proto == connectStream && flag&flagEndStream != 0:
 			continue
-		case flag&flagCompressed != 0:
-			return nil, Errorf(codes.Unimplemented, "compressed messages are not supported")
-		case flag != 0:
+		case flag&^flagCompressed != 0:
 			return nil, Errorf(codes.InvalidArgument, "unexpected frame flags %#x", flag)
+		}
+		msg, err := c.inflate(flag, msg)
+		if err != nil {
+			return nil, err
 		}
 		msgs = append(msgs, msg)
 	}

@@ -2,15 +2,15 @@ package transcode
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"slices"
+	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	rpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
-	rpbalpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protodesc"
@@ -20,13 +20,16 @@ import (
 
 // Reflection fetches schemas from a node's gRPC server reflection service,
 // grpc.reflection.v1, falling back to v1alpha: one stream per fetch, to one
-// node.
+// node. The stream goes over net/http's own HTTP/2 client (h2c, or TLS
+// with h2 by ALPN) with the few reflection messages encoded by hand
+// (reflectionpb.go), so that grpc-go's client and transport are not linked
+// into the sidecar for it.
 type Reflection struct {
 	// Node returns a healthy node to ask, other than those in exclude: an
 	// ID to exclude it by, and its address. It may block.
 	Node func(ctx context.Context, exclude []string) (id, addr string, err error)
-	// DialOptions dial the node (transport credentials: insecure or TLS).
-	DialOptions []grpc.DialOption
+	// TLS, when not nil, reaches the nodes over TLS; nil: h2c.
+	TLS *tls.Config
 }
 
 // Name implements Source.
@@ -66,14 +69,11 @@ func (r *Reflection) Services(ctx context.Context) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pick a node: %w", err)
 	}
-	cc, err := grpc.NewClient(addr, r.DialOptions...)
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
-	}
-	defer cc.Close()
-	names, err := listServices(ctx, v1Stream{rpb.NewServerReflectionClient(cc)})
+	tr := r.transport()
+	defer tr.CloseIdleConnections()
+	names, err := listServices(ctx, r.stream(tr, addr, reflectionV1))
 	if status.Code(err) == codes.Unimplemented {
-		names, err = listServices(ctx, v1alphaStream{rpbalpha.NewServerReflectionClient(cc)})
+		names, err = listServices(ctx, r.stream(tr, addr, reflectionV1Alpha))
 		if status.Code(err) == codes.Unimplemented {
 			return nil, fmt.Errorf("node %s: %w", addr, ErrNoSchema)
 		}
@@ -81,14 +81,44 @@ func (r *Reflection) Services(ctx context.Context) ([]string, error) {
 	return names, err
 }
 
-func listServices(ctx context.Context, rs reflectionStream) ([]string, error) {
+// The reflection services' stream paths: v1alpha's messages are v1's on
+// the wire.
+const (
+	reflectionV1      = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+	reflectionV1Alpha = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+)
+
+// transport is an HTTP/2-only client for one fetch; the caller closes its
+// connections when done.
+func (r *Reflection) transport() *http.Transport {
+	var p http.Protocols
+	tr := &http.Transport{Protocols: &p, DisableCompression: true, ResponseHeaderTimeout: 10 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second}
+	if r.TLS != nil {
+		p.SetHTTP2(true)
+		tr.TLSClientConfig = r.TLS.Clone()
+	} else {
+		p.SetUnencryptedHTTP2(true)
+	}
+	return tr
+}
+
+func (r *Reflection) stream(tr *http.Transport, addr, path string) h2Stream {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return h2Stream{tr: tr, url: scheme + "://" + addr + path}
+}
+
+func listServices(ctx context.Context, rs h2Stream) ([]string, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	send, recv, closeSend, err := rs.open(ctx)
 	if err != nil {
 		return nil, err
 	}
-	if err := send(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_ListServices{}}); err != nil && !errors.Is(err, io.EOF) {
+	if err := send(reflectionRequest{field: reqListServices, value: "*"}); err != nil && !errors.Is(err, io.EOF) {
 		return nil, err
 	}
 	resp, err := recv() // after io.EOF from send: the stream's status
@@ -96,25 +126,18 @@ func listServices(ctx context.Context, rs reflectionStream) ([]string, error) {
 		return nil, err
 	}
 	_ = closeSend()
-	if e := resp.GetErrorResponse(); e != nil {
-		return nil, status.Error(codes.Code(e.ErrorCode), e.ErrorMessage)
+	if resp.isErr {
+		return nil, status.Error(codes.Code(resp.errCode), resp.errMessage)
 	}
-	var names []string
-	for _, s := range resp.GetListServicesResponse().GetService() {
-		names = append(names, s.GetName())
-	}
-	return names, nil
+	return resp.services, nil
 }
 
 func (r *Reflection) fetchFrom(ctx context.Context, addr, service string) (*protoregistry.Files, error) {
-	cc, err := grpc.NewClient(addr, r.DialOptions...)
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", addr, err)
-	}
-	defer cc.Close()
-	files, err := fetchFiles(ctx, v1Stream{rpb.NewServerReflectionClient(cc)}, service)
+	tr := r.transport()
+	defer tr.CloseIdleConnections()
+	files, err := fetchFiles(ctx, r.stream(tr, addr, reflectionV1), service)
 	if status.Code(err) == codes.Unimplemented {
-		files, err = fetchFiles(ctx, v1alphaStream{rpbalpha.NewServerReflectionClient(cc)}, service)
+		files, err = fetchFiles(ctx, r.stream(tr, addr, reflectionV1Alpha), service)
 		if status.Code(err) == codes.Unimplemented {
 			return nil, fmt.Errorf("node %s: %w", addr, ErrNoSchema)
 		}
@@ -125,57 +148,89 @@ func (r *Reflection) fetchFrom(ctx context.Context, addr, service string) (*prot
 	return files, nil
 }
 
-// reflectionStream is one ServerReflectionInfo stream, in v1's messages.
-type reflectionStream interface {
-	open(ctx context.Context) (send func(*rpb.ServerReflectionRequest) error, recv func() (*rpb.ServerReflectionResponse, error), closeSend func() error, err error)
+// h2Stream is one ServerReflectionInfo stream: a POST whose body the
+// client writes message by message while it reads the answers.
+type h2Stream struct {
+	tr  *http.Transport
+	url string
 }
 
-type v1Stream struct{ c rpb.ServerReflectionClient }
-
-func (s v1Stream) open(ctx context.Context) (func(*rpb.ServerReflectionRequest) error, func() (*rpb.ServerReflectionResponse, error), func() error, error) {
-	st, err := s.c.ServerReflectionInfo(ctx)
+// open starts the stream. send returns io.EOF once the node has ended it
+// (recv then returns its status); recv returns io.EOF at a clean end; a
+// node that cannot be reached is an Unavailable status. Everything stops
+// when ctx ends.
+func (s h2Stream) open(ctx context.Context) (send func(reflectionRequest) error, recv func() (*reflectionResponse, error), closeSend func() error, err error) {
+	pr, pw := io.Pipe()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, pr)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return st.Send, st.Recv, st.CloseSend, nil
-}
-
-// v1alphaStream speaks v1alpha; its messages are v1's on the wire, so they
-// are converted by marshalling.
-type v1alphaStream struct {
-	c rpbalpha.ServerReflectionClient
-}
-
-func (s v1alphaStream) open(ctx context.Context) (func(*rpb.ServerReflectionRequest) error, func() (*rpb.ServerReflectionResponse, error), func() error, error) {
-	st, err := s.c.ServerReflectionInfo(ctx)
-	if err != nil {
-		return nil, nil, nil, err
+	req.Header = http.Header{"Content-Type": {"application/grpc"}, "Te": {"trailers"}}
+	type answer struct {
+		resp *http.Response
+		err  error
 	}
-	send := func(req *rpb.ServerReflectionRequest) error {
-		//lint:ignore SA1019 v1alpha is deprecated, and still what older servers serve
-		var a rpbalpha.ServerReflectionRequest
-		if err := convert(req, &a); err != nil {
-			return err
+	answers := make(chan answer, 1)
+	go func() {
+		resp, err := s.tr.RoundTrip(req)
+		answers <- answer{resp, err}
+	}()
+	context.AfterFunc(ctx, func() { pw.CloseWithError(ctx.Err()) })
+	var (
+		resp         *http.Response
+		hdr          [5]byte
+		trailersOnly bool // an OK status in the header: no trailers follow
+	)
+	send = func(m reflectionRequest) error {
+		if _, err := pw.Write(appendFrame(nil, 0, m.marshal())); err != nil {
+			return io.EOF // the node ended the stream (or ctx did): recv says how
 		}
-		return st.Send(&a)
+		return nil
 	}
-	recv := func() (*rpb.ServerReflectionResponse, error) {
-		a, err := st.Recv()
-		if err != nil {
-			return nil, err
+	recv = func() (*reflectionResponse, error) {
+		if resp == nil {
+			select {
+			case a := <-answers:
+				if a.err != nil {
+					return nil, status.Errorf(codes.Unavailable, "%v", a.err)
+				}
+				resp = a.resp
+				context.AfterFunc(ctx, func() { resp.Body.Close() })
+			case <-ctx.Done():
+				return nil, status.FromContextError(ctx.Err()).Err()
+			}
+			if resp.StatusCode != http.StatusOK {
+				return nil, status.Errorf(httpToCode(resp.StatusCode), "node answered HTTP %d", resp.StatusCode)
+			}
+			if st, ok := statusFrom(resp.Header); ok {
+				if st != nil {
+					return nil, status.Error(st.Code, st.Message) // trailers only
+				}
+				trailersOnly = true
+			}
 		}
-		var resp rpb.ServerReflectionResponse
-		return &resp, convert(a, &resp)
+		flag, msg, err := readFrame(resp.Body, &hdr)
+		switch {
+		case err == io.EOF:
+			st, ok := statusFrom(resp.Trailer)
+			if !ok && !trailersOnly {
+				return nil, status.Error(codes.Internal, "node sent no grpc-status")
+			}
+			if st != nil {
+				return nil, status.Error(st.Code, st.Message)
+			}
+			return nil, io.EOF
+		case err != nil:
+			if ctx.Err() != nil {
+				return nil, status.FromContextError(ctx.Err()).Err()
+			}
+			return nil, status.Errorf(codes.Unavailable, "read the reflection stream: %v", err)
+		case flag != 0:
+			return nil, status.Errorf(codes.Internal, "reflection message with flags %#x", flag)
+		}
+		return parseReflectionResponse(msg)
 	}
-	return send, recv, st.CloseSend, nil
-}
-
-func convert(from, to proto.Message) error {
-	b, err := proto.Marshal(from)
-	if err != nil {
-		return err
-	}
-	return proto.Unmarshal(b, to)
+	return send, recv, pw.Close, nil
 }
 
 // maxReflectionFiles bounds the files one fetch gathers.
@@ -183,7 +238,7 @@ const maxReflectionFiles = 10000
 
 // fetchFiles asks for the file defining service, then for every file it
 // depends on that the node did not send along, all on one stream.
-func fetchFiles(ctx context.Context, rs reflectionStream, service string) (*protoregistry.Files, error) {
+func fetchFiles(ctx context.Context, rs h2Stream, service string) (*protoregistry.Files, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	send, recv, closeSend, err := rs.open(ctx)
@@ -191,7 +246,7 @@ func fetchFiles(ctx context.Context, rs reflectionStream, service string) (*prot
 		return nil, err
 	}
 	got := map[string]*descriptorpb.FileDescriptorProto{}
-	ask := func(req *rpb.ServerReflectionRequest) error {
+	ask := func(req reflectionRequest) error {
 		if err := send(req); err != nil {
 			if errors.Is(err, io.EOF) {
 				_, err = recv() // the stream's status
@@ -202,13 +257,13 @@ func fetchFiles(ctx context.Context, rs reflectionStream, service string) (*prot
 		if err != nil {
 			return err
 		}
-		if e := resp.GetErrorResponse(); e != nil {
-			if codes.Code(e.ErrorCode) == codes.NotFound {
+		if resp.isErr {
+			if codes.Code(resp.errCode) == codes.NotFound {
 				return ErrUnknownService
 			}
-			return status.Error(codes.Code(e.ErrorCode), e.ErrorMessage)
+			return status.Error(codes.Code(resp.errCode), resp.errMessage)
 		}
-		for _, b := range resp.GetFileDescriptorResponse().GetFileDescriptorProto() {
+		for _, b := range resp.files {
 			fd := new(descriptorpb.FileDescriptorProto)
 			if err := proto.Unmarshal(b, fd); err != nil {
 				return fmt.Errorf("read a file descriptor: %w", err)
@@ -220,7 +275,7 @@ func fetchFiles(ctx context.Context, rs reflectionStream, service string) (*prot
 		}
 		return nil
 	}
-	err = ask(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_FileContainingSymbol{FileContainingSymbol: service}})
+	err = ask(reflectionRequest{field: reqFileContainingSymbol, value: service})
 	if err != nil {
 		return nil, err
 	}
@@ -241,7 +296,7 @@ func fetchFiles(ctx context.Context, rs reflectionStream, service string) (*prot
 			got[missing] = protodesc.ToFileDescriptorProto(d) // a well-known type linked in
 			continue
 		}
-		if err := ask(&rpb.ServerReflectionRequest{MessageRequest: &rpb.ServerReflectionRequest_FileByFilename{FileByFilename: missing}}); err != nil {
+		if err := ask(reflectionRequest{field: reqFileByFilename, value: missing}); err != nil {
 			return nil, fmt.Errorf("file %s: %w", missing, err)
 		}
 		if got[missing] == nil {

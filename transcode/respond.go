@@ -36,14 +36,19 @@ func (c *Call) Respond(w http.ResponseWriter, resp *http.Response) error {
 		msgs    [][]byte
 		started bool
 		rc      = http.NewResponseController(w)
+		nodeGz  = resp.Header.Get("Grpc-Encoding") == encGzip
 	)
 	for {
 		flag, msg, err := readFrame(resp.Body, &hdr)
 		if err == io.EOF {
 			break
 		}
-		if err == nil && flag != 0 {
-			err = Errorf(codes.Internal, "node sent a message with flags %#x", flag)
+		switch {
+		case err != nil:
+		case flag == flagCompressed && nodeGz:
+			msg, err = gunzip(msg)
+		case flag != 0:
+			err = Errorf(codes.Internal, "node sent a message with flags %#x and grpc-encoding %q", flag, resp.Header.Get("Grpc-Encoding"))
 		}
 		if err == nil {
 			msg, err = c.codec.fromProto(c.method.Output(), msg)
@@ -73,7 +78,7 @@ func (c *Call) Respond(w http.ResponseWriter, resp *http.Response) error {
 			c.writeHeader(w, resp.Header)
 			started = true
 		}
-		if _, err := w.Write(appendFrame(nil, 0, msg)); err != nil {
+		if err := c.writeFrame(w, 0, msg); err != nil {
 			return err
 		}
 		if err := rc.Flush(); err != nil {
@@ -137,6 +142,11 @@ func (c *Call) writeHeader(w http.ResponseWriter, node http.Header) {
 	h := w.Header()
 	copyMetadata(h, node, "")
 	h["Content-Type"] = []string{c.responseContentType()}
+	content, accept := encodingHeaders(c.proto)
+	h[accept] = []string{acceptEncoding}
+	if c.outGzip {
+		h[content] = []string{encGzip}
+	}
 	w.WriteHeader(http.StatusOK)
 }
 
@@ -168,9 +178,14 @@ func (c *Call) finish(w http.ResponseWriter, header, trailer http.Header, st *Er
 		copyMetadata(h, header, "")
 		copyMetadata(h, trailer, "Trailer-")
 		h["Content-Type"] = []string{c.responseContentType()}
-		h["Content-Length"] = []string{strconv.Itoa(len(msgs[0]))}
+		body := msgs[0]
+		if c.outGzip {
+			body = gzipped(body)
+			h["Content-Encoding"] = []string{encGzip}
+		}
+		h["Content-Length"] = []string{strconv.Itoa(len(body))}
 		w.WriteHeader(http.StatusOK)
-		_, _ = w.Write(msgs[0])
+		_, _ = w.Write(body)
 	case jsonRPC:
 		if st != nil {
 			c.WriteError(w, st)
@@ -220,7 +235,7 @@ func (c *Call) endStream(w http.ResponseWriter, trailer http.Header, st *Error) 
 			}
 		}
 		b, _ := json.Marshal(end)
-		_, _ = w.Write(appendFrame(nil, flagEndStream, b))
+		_ = c.writeFrame(w, flagEndStream, b)
 	case grpcWeb:
 		var b strings.Builder
 		md := http.Header{}
@@ -238,7 +253,7 @@ func (c *Call) endStream(w http.ResponseWriter, trailer http.Header, st *Error) 
 		if details != "" {
 			b.WriteString("grpc-status-details-bin: " + details + "\r\n")
 		}
-		_, _ = w.Write(appendFrame(nil, flagTrailer, []byte(b.String())))
+		_ = c.writeFrame(w, flagTrailer, []byte(b.String()))
 	case grpcJSON:
 		h := w.Header()
 		copyMetadata(h, trailer, http.TrailerPrefix)

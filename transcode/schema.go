@@ -42,7 +42,8 @@ var (
 )
 
 // Schemas keeps the descriptors of the services one route calls, fetched
-// from its sources once per service and kept: concurrent first calls share
+// from its sources once per service (and per version of its nodes: see
+// WithVersion) and kept: concurrent first calls share
 // one fetch, a schema older than Refresh is fetched again in the
 // background while the old one serves, and a method the schema does not
 // know fetches it again (at most once per Retry) before it is refused.
@@ -55,7 +56,7 @@ type Schemas struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	slots sync.Map // service name → *slot
+	slots sync.Map // service name, or "name@version" → *slot
 
 	// unknownSlots counts the slots kept for names no source knows, which
 	// come from clients' paths: past maxUnknownSlots, such a slot is
@@ -157,17 +158,21 @@ func (s *Schemas) Close() {
 // are *Error: Unimplemented for an unknown service or method (HTTPStatus
 // 415 when no source has a schema at all), Unavailable when a fetch
 // failed.
+//
+// The schema is the one of the nodes of the version ctx carries
+// (WithVersion), or of any node when it carries none.
 func (s *Schemas) Method(ctx context.Context, service, method string) (protoreflect.MethodDescriptor, error) {
-	sl := s.slot(service)
+	version := Version(ctx)
+	sl := s.slot(service, version)
 	f := sl.cur.Load()
 	now := s.opts.Now()
 	switch {
 	case f == nil:
-		f = s.wait(ctx, service, sl)
+		f = s.wait(ctx, service, version, sl)
 	case f.err != nil && now.Sub(f.at) >= s.opts.Retry:
-		f = s.wait(ctx, service, sl)
+		f = s.wait(ctx, service, version, sl)
 	case f.err == nil && now.Sub(f.at) >= s.opts.Refresh:
-		s.start(service, sl) // the old schema serves meanwhile
+		s.start(service, version, sl) // the old schema serves meanwhile
 	}
 	if f == nil {
 		return nil, Errorf(codes.Canceled, "waiting for the schema of %s: %v", service, ctx.Err())
@@ -180,7 +185,7 @@ func (s *Schemas) Method(ctx context.Context, service, method string) (protorefl
 	}
 	if now.Sub(f.at) >= s.opts.Retry {
 		// A method added since the fetch: ask again.
-		if f = s.wait(ctx, service, sl); f != nil && f.err == nil {
+		if f = s.wait(ctx, service, version, sl); f != nil && f.err == nil {
 			if md := f.svc.Methods().ByName(protoreflect.Name(method)); md != nil {
 				return md, nil
 			}
@@ -193,27 +198,37 @@ func (s *Schemas) Method(ctx context.Context, service, method string) (protorefl
 // once per Retry: for a message the schema failed to read (a field added
 // on the node). It reports whether a fetch was made and succeeded.
 func (s *Schemas) Stale(ctx context.Context, service string) bool {
-	sl := s.slot(service)
+	version := Version(ctx)
+	sl := s.slot(service, version)
 	f := sl.cur.Load()
 	if f == nil || s.opts.Now().Sub(f.at) < s.opts.Retry {
 		return false
 	}
-	f = s.wait(ctx, service, sl)
+	f = s.wait(ctx, service, version, sl)
 	return f != nil && f.err == nil
 }
 
-func (s *Schemas) slot(service string) *slot {
-	if v, ok := s.slots.Load(service); ok {
+// slotKey is the slots' key of service's schema at version.
+func slotKey(service, version string) string {
+	if version == "" {
+		return service
+	}
+	return service + "@" + version // '@' is in no protobuf name
+}
+
+func (s *Schemas) slot(service, version string) *slot {
+	key := slotKey(service, version)
+	if v, ok := s.slots.Load(key); ok {
 		return v.(*slot)
 	}
-	v, _ := s.slots.LoadOrStore(service, &slot{})
+	v, _ := s.slots.LoadOrStore(key, &slot{})
 	return v.(*slot)
 }
 
 // wait starts a fetch of service unless one is under way, and waits for
 // it. It returns nil when ctx ends first.
-func (s *Schemas) wait(ctx context.Context, service string, sl *slot) *fetched {
-	ch := s.start(service, sl)
+func (s *Schemas) wait(ctx context.Context, service, version string, sl *slot) *fetched {
+	ch := s.start(service, version, sl)
 	select {
 	case <-ch:
 		return sl.cur.Load()
@@ -224,7 +239,7 @@ func (s *Schemas) wait(ctx context.Context, service string, sl *slot) *fetched {
 
 // start starts a fetch of service unless one is under way, and returns the
 // channel closed when it ends.
-func (s *Schemas) start(service string, sl *slot) <-chan struct{} {
+func (s *Schemas) start(service, version string, sl *slot) <-chan struct{} {
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
 	if sl.flight != nil {
@@ -235,14 +250,14 @@ func (s *Schemas) start(service string, sl *slot) <-chan struct{} {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		f := s.fetch(service)
+		f := s.fetch(service, version)
 		if prev := sl.cur.Load(); f.err != nil && prev != nil && prev.err == nil && !isUnknown(f.err) {
 			// A failed refresh keeps the schema that works, for another Retry.
-			s.opts.Log.Warn("schema refresh failed", zap.String("grpc_service", service), zap.Error(f.err))
+			s.opts.Log.Warn("schema refresh failed", zap.String("grpc_service", service), zap.String("version", version), zap.Error(f.err))
 			f = &fetched{svc: prev.svc, at: f.at.Add(s.opts.Retry - s.opts.Refresh)}
 		}
 		sl.cur.Store(f)
-		s.keepUnknown(service, sl, f.svc == nil && isUnknown(f.err))
+		s.keepUnknown(slotKey(service, version), sl, f.svc == nil && isUnknown(f.err))
 		sl.mu.Lock()
 		sl.flight = nil
 		sl.mu.Unlock()
@@ -251,15 +266,15 @@ func (s *Schemas) start(service string, sl *slot) <-chan struct{} {
 	return ch
 }
 
-// keepUnknown counts sl among the slots of unknown names when unknown, or
-// drops it from the map when maxUnknownSlots are kept already; a slot whose
-// name became known leaves the count.
-func (s *Schemas) keepUnknown(service string, sl *slot, unknown bool) {
+// keepUnknown counts sl (at key) among the slots of unknown names when
+// unknown, or drops it from the map when maxUnknownSlots are kept already;
+// a slot whose name became known leaves the count.
+func (s *Schemas) keepUnknown(key string, sl *slot, unknown bool) {
 	switch {
 	case unknown && !sl.unknown:
 		if s.unknownSlots.Add(1) > maxUnknownSlots {
 			s.unknownSlots.Add(-1)
-			s.slots.CompareAndDelete(service, sl)
+			s.slots.CompareAndDelete(key, sl)
 			return
 		}
 		sl.unknown = true
@@ -274,15 +289,16 @@ func isUnknown(err error) bool {
 	return errors.As(err, &e) && e.Code == codes.Unimplemented
 }
 
-// fetch asks the sources in turn for service's schema.
-func (s *Schemas) fetch(service string) (f *fetched) {
+// fetch asks the sources in turn for service's schema, at version: the
+// sources' context carries it, for Reflection's Node to pick a node of it.
+func (s *Schemas) fetch(service, version string) (f *fetched) {
 	defer func() {
 		if r := recover(); r != nil {
 			s.opts.Log.Error("schema fetch panicked", zap.String("grpc_service", service), zap.Any("panic", r), zap.Stack("stack"))
 			f = &fetched{err: Errorf(codes.Internal, "fetching the schema of %s failed", service), at: s.opts.Now()}
 		}
 	}()
-	ctx, cancel := context.WithTimeout(s.ctx, s.opts.FetchTimeout)
+	ctx, cancel := context.WithTimeout(WithVersion(s.ctx, version), s.opts.FetchTimeout)
 	defer cancel()
 	unknown := false
 	for _, src := range s.sources {
@@ -379,4 +395,23 @@ func (s *Schemas) listServices(ctx context.Context) *nameIndex {
 		}
 	}
 	return idx
+}
+
+type versionKey struct{}
+
+// WithVersion returns ctx carrying the version of the nodes a call goes
+// to: Schemas.Method then answers from the schema fetched from nodes of
+// that version, kept apart from other versions', and a fetch's context
+// carries it to Reflection's Node. An empty version is no version.
+func WithVersion(ctx context.Context, version string) context.Context {
+	if version == "" {
+		return ctx
+	}
+	return context.WithValue(ctx, versionKey{}, version)
+}
+
+// Version returns the version ctx carries, or "".
+func Version(ctx context.Context) string {
+	v, _ := ctx.Value(versionKey{}).(string)
+	return v
 }

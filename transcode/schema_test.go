@@ -6,15 +6,14 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"go.uber.org/zap/zaptest"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/transcode"
@@ -30,8 +29,7 @@ func (c *clock) now() time.Time      { return time.Unix(0, c.t.Load()) }
 func (c *clock) add(d time.Duration) { c.t.Add(int64(d)) }
 func reflectionOf(addr string) *transcode.Reflection {
 	return &transcode.Reflection{
-		Node:        func(context.Context, []string) (string, string, error) { return addr, addr, nil },
-		DialOptions: []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())},
+		Node: func(context.Context, []string) (string, string, error) { return addr, addr, nil },
 	}
 }
 
@@ -243,5 +241,46 @@ func TestSchemasFullName(t *testing.T) {
 			_, err := s.FullName(context.Background(), "Nope")
 			wantCode(t, err, codes.Unimplemented, 0)
 		})
+	}
+}
+
+// TestSchemasPerVersion: a call's version (WithVersion) picks the schema
+// fetched from a node of that version, each fetched once, kept apart from
+// the others and from calls with no version.
+func TestSchemasPerVersion(t *testing.T) {
+	v1 := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
+	v2 := transcodetest.Start(t, 2, transcodetest.ReflectionV1, "")
+	var mu sync.Mutex
+	var asked []string
+	src := &transcode.Reflection{Node: func(ctx context.Context, _ []string) (string, string, error) {
+		mu.Lock()
+		asked = append(asked, transcode.Version(ctx))
+		mu.Unlock()
+		if transcode.Version(ctx) == "2" {
+			return v2.Addr, v2.Addr, nil
+		}
+		return v1.Addr, v1.Addr, nil
+	}}
+	s := newSchemas(t, nil, nil, src)
+	for range 3 {
+		if _, err := s.Method(transcode.WithVersion(context.Background(), "2"), transcodetest.Service, "Shout"); err != nil {
+			t.Fatalf("Method(Shout) at version 2 error = %v", err)
+		}
+		if _, err := s.Method(transcode.WithVersion(context.Background(), "1"), transcodetest.Service, "Say"); err != nil {
+			t.Fatalf("Method(Say) at version 1 error = %v", err)
+		}
+	}
+	_, err := s.Method(transcode.WithVersion(context.Background(), "1"), transcodetest.Service, "Shout")
+	wantCode(t, err, codes.Unimplemented, 0)
+	if _, err := s.Method(context.Background(), transcodetest.Service, "Say"); err != nil {
+		t.Fatalf("Method(Say) with no version error = %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"2", "1", ""}; !slices.Equal(asked, want) {
+		t.Errorf("nodes asked for versions %q, want %q (one fetch each)", asked, want)
+	}
+	if n1, n2 := v1.ReflectionCalls.Load(), v2.ReflectionCalls.Load(); n1 != 2 || n2 != 1 {
+		t.Errorf("reflection streams = v1 %d, v2 %d; want 2 (version 1, none) and 1", n1, n2)
 	}
 }

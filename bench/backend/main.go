@@ -34,6 +34,7 @@ import (
 	"github.com/coder/websocket"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/reflection"
 )
 
 // Counts are what a backend has served since it started.
@@ -137,6 +138,7 @@ func main() {
 	}
 	gs := grpc.NewServer(grpc.MaxConcurrentStreams(1000))
 	grpc_testing.RegisterTestServiceServer(gs, &testService{name: *name, c: &c})
+	reflection.Register(gs) // for a sidecar that transcodes (the codec scenarios)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

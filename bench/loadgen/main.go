@@ -93,13 +93,13 @@ type options struct {
 func main() {
 	var o options
 	var targets string
-	flag.StringVar(&o.mode, "mode", "get", "get, post, h2c, grpc, bidi, ws or rate")
+	flag.StringVar(&o.mode, "mode", "get", "get, post, h2c, grpc, bidi, ws, rate or connect")
 	flag.StringVar(&targets, "targets", "127.0.0.1:9101", "comma-separated host:port list")
 	flag.IntVar(&o.workers, "c", 64, "connections (get, post, ws, rate) or concurrent streams (h2c, grpc, bidi)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "measured time")
 	flag.DurationVar(&o.warmup, "warmup", time.Second, "unmeasured time before it")
 	flag.Float64Var(&o.rate, "rate", 1000, "requests per second (rate mode)")
-	flag.IntVar(&o.size, "size", 4096, "body bytes (post), payload bytes (grpc, bidi, ws: default 100)")
+	flag.IntVar(&o.size, "size", 4096, "body bytes (post), payload bytes (grpc, bidi, ws, connect: default 100)")
 	flag.IntVar(&o.depth, "depth", 32, "messages in flight per stream (bidi)")
 	flag.Parse()
 	o.targets = strings.Split(targets, ",")
@@ -144,6 +144,8 @@ func run(o options) (*Result, error) {
 		loops, cleanup, err = grpcUnaryLoops(ctx, o, &phase)
 	case "bidi":
 		loops, cleanup, err = grpcBidiLoops(ctx, o, &phase)
+	case "connect":
+		loops = connectLoops(o, &phase)
 	case "ws":
 		loops, err = wsLoops(ctx, o, &phase)
 	default:

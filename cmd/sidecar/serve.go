@@ -410,7 +410,20 @@ func forwardRoute(p config.Proxy) proxy.RouteConfig {
 		PreserveHost: p.PreserveHost,
 		Timeouts:     timeouts(p.Timeouts),
 		Resilience:   p.Resilience,
+		PerService:   forwardServices(p.Services),
 	}
+}
+
+// forwardServices is proxy.services by lower-case name, or nil.
+func forwardServices(list []config.ForwardService) map[string]proxy.ServiceConfig {
+	if len(list) == 0 {
+		return nil
+	}
+	m := make(map[string]proxy.ServiceConfig, len(list))
+	for _, s := range list {
+		m[strings.ToLower(s.Name)] = proxy.ServiceConfig{Protocol: s.Protocol, Codec: s.Codec}
+	}
+	return m
 }
 
 // upstreamRoute is the route of upstream u of cfg.

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/reflection"
 	rpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
@@ -35,7 +36,9 @@ import (
 const Service = "test.v1.Echo"
 
 // Schema returns the test service's files. Version 2 adds the field
-// "extra" to both messages and the method Shout.
+// "extra" to both messages and the method Shout; version 3 also moves
+// "text" to field 9 in both, so that a call turned with another version's
+// schema loses its text.
 //
 //	message EchoRequest  { string text = 1; int32 code = 2; bytes pad = 3; int32 count = 5;
 //	                       google.protobuf.Timestamp at = 6; int32 delay_ms = 7; string extra = 4 (v2) }
@@ -47,6 +50,8 @@ const Service = "test.v1.Echo"
 //	  rpc Chat(stream EchoRequest) returns (stream EchoResponse); // each text back
 //	  rpc Shout(EchoRequest) returns (EchoResponse);            // v2: text upper-cased
 //	}
+//
+// A call with the metadata x-compress is answered with gzip messages.
 func Schema(version int) *protoregistry.Files {
 	fd, err := protodesc.NewFile(fileProto(version), protoregistry.GlobalFiles)
 	if err != nil {
@@ -106,6 +111,10 @@ func fileProto(version int) *descriptorpb.FileDescriptorProto {
 	svc := &descriptorpb.ServiceDescriptorProto{Name: proto.String("Echo"), Method: []*descriptorpb.MethodDescriptorProto{
 		say, method("Count", false, true), method("Collect", true, false), method("Chat", true, true),
 	}}
+	if version >= 3 {
+		req.Field[0].Number = proto.Int32(9)
+		resp.Field[0].Number = proto.Int32(9)
+	}
 	if version >= 2 {
 		req.Field = append(req.Field, field("extra", 4, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""))
 		resp.Field = append(resp.Field, field("extra", 4, descriptorpb.FieldDescriptorProto_TYPE_STRING, ""))
@@ -140,6 +149,8 @@ type Node struct {
 	Calls atomic.Int64
 	// LastMetadata is the metadata of the last Echo call.
 	LastMetadata atomic.Pointer[metadata.MD]
+	// Compressed counts the calls answered with gzip (x-compress).
+	Compressed atomic.Int64
 }
 
 // Start starts a node serving schema version on 127.0.0.1, stopped when
@@ -160,7 +171,18 @@ func Start(t testing.TB, version int, refl Reflection, addr string) *Node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := &Node{Addr: ln.Addr().String()}
+	n := New(t, version, refl)
+	n.Addr = ln.Addr().String()
+	go func() { _ = n.Server.Serve(ln) }()
+	t.Cleanup(n.Server.Stop)
+	return n
+}
+
+// New returns a node serving schema version that is not yet serving: its
+// Server may be run by the caller (as an http.Handler behind TLS, say).
+func New(t testing.TB, version int, refl Reflection) *Node {
+	t.Helper()
+	n := &Node{}
 	n.Server = grpc.NewServer(grpc.StreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 		if strings.HasPrefix(info.FullMethod, "/grpc.reflection.") {
 			n.ReflectionCalls.Add(1)
@@ -181,8 +203,6 @@ func Start(t testing.TB, version int, refl Reflection, addr string) *Node {
 	case ReflectionV1Alpha:
 		rpbalpha.RegisterServerReflectionServer(n.Server, reflection.NewServer(opts))
 	}
-	go func() { _ = n.Server.Serve(ln) }()
-	t.Cleanup(n.Server.Stop)
 	return n
 }
 
@@ -203,6 +223,12 @@ func serviceDesc(n *Node, sd protoreflect.ServiceDescriptor) *grpc.ServiceDesc {
 		n.Calls.Add(1)
 		md, _ := metadata.FromIncomingContext(ctx)
 		n.LastMetadata.Store(&md)
+		if len(md.Get("x-compress")) > 0 {
+			// The caller asks for a gzip answer (it must accept gzip).
+			if grpc.SetSendCompressor(ctx, gzip.Name) == nil {
+				n.Compressed.Add(1)
+			}
+		}
 	}
 	unary := func(name string, f func(ctx context.Context, m *dynamicpb.Message) (any, error)) grpc.MethodDesc {
 		return grpc.MethodDesc{MethodName: name, Handler: func(_ any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {

@@ -162,6 +162,7 @@ upstreams:
   - name: bench-grpc
     listen: %s
     protocol: grpc
+    codec: {transcode: true}  # for the codec scenarios (codec.go); native calls pay one Content-Type match
 `, t[lnH1][0], t[lnH2][0], t[lnGRPC][0])
 	return b.String()
 }

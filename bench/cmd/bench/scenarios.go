@@ -32,6 +32,9 @@ type scenario struct {
 	// MinRuns raises -runs for this scenario: its medians need more runs
 	// to hold still against the machine's noise.
 	MinRuns int `json:"min_runs,omitempty"`
+	// Peers, when set, are the only peers the scenario runs against (see
+	// codec.go).
+	Peers []string `json:"peers,omitempty"`
 }
 
 var scenarios = []scenario{
@@ -122,6 +125,7 @@ func (r *scenarioResult) cell(peer string) *cell {
 // runScenario runs sc -runs times against every peer, rotating the order
 // of the peers from run to run so none always goes first.
 func (h *harness) runScenario(sc scenario, peers []*peer) *scenarioResult {
+	peers = sc.peersOf(peers)
 	res := &scenarioResult{scenario: sc, LoadBefore: loadavg()}
 	byPeer := map[string]*cell{}
 	for _, p := range peers {
