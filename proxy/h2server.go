@@ -808,7 +808,7 @@ func (st *h2ServerStream) finish() {
 	st.cancel()
 }
 
-func (st *h2ServerStream) adoptHeader(h http.Header) bool {
+func (st *h2ServerStream) AdoptHeader(h http.Header) bool {
 	if st.header != nil || h == nil {
 		return false
 	}

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h1"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
@@ -44,7 +45,7 @@ type ServerOptions struct {
 // as Envoy's max_request_headers_kb.
 const DefaultMaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
 
-// Server serves one proxy listener: HTTP/1.1 (h1server.go) and HTTP/2 with
+// Server serves one proxy listener: HTTP/1.1 (internal/h1) and HTTP/2 with
 // prior knowledge (h2server.go) on the same port, both through the
 // sidecar's own connection loops. Each accepted connection is sniffed for
 // the HTTP/2 preface and handed to one or the other.
@@ -58,15 +59,11 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	sniffing  map[net.Conn]struct{}
-	h1conns   map[*h1ServerConn]struct{}
 	h2conns   map[*h2ServerConn]struct{}
 	work      chan *h2ServerStream // idle HTTP/2 handler workers take streams here
 	closed    atomic.Bool          // set under mu, so track cannot add after it; read anywhere
-	drained   chan struct{}        // closed when the last connection ends after shutdown
-	// idleSweep closes HTTP/1.1 connections idle past the idle timeout
-	// (sweepIdle), under mu; it runs while there are any.
-	idleSweep *time.Timer
-	epoch     time.Time // h1ServerConn.idleSince counts from here
+	drained   chan struct{}        // closed when the last HTTP/2 connection ends after shutdown
+	h1        *h1.Server
 }
 
 // NewServer returns the server of a proxy listener: HTTP/1.1 and h2c with
@@ -77,7 +74,7 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	return &Server{
+	s := &Server{
 		handler:   h,
 		opts:      opts,
 		log:       log,
@@ -85,44 +82,16 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		stop:      stop,
 		listeners: make(map[net.Listener]struct{}),
 		sniffing:  make(map[net.Conn]struct{}),
-		h1conns:   make(map[*h1ServerConn]struct{}),
 		h2conns:   make(map[*h2ServerConn]struct{}),
 		work:      make(chan *h2ServerStream),
-		epoch:     time.Now(),
 	}
-}
-
-// sweepIdle closes the HTTP/1.1 connections that have waited the idle
-// timeout for a request, and comes back when the next idle one will have,
-// or after the idle timeout, while any connection is left: one going idle
-// later cannot time out sooner. One timer for the server does what a read
-// deadline on every connection would, without the two timer updates per
-// request such a deadline costs (set when the connection goes idle,
-// cleared when the request comes).
-func (s *Server) sweepIdle() {
-	now := time.Since(s.epoch)
-	next := s.opts.IdleTimeout
-	var idle []*h1ServerConn
-	s.mu.Lock()
-	for c := range s.h1conns {
-		if c.state.Load() != h1Idle {
-			continue
-		}
-		if left := time.Duration(c.idleSince.Load()) + s.opts.IdleTimeout - now; left > 0 {
-			next = min(next, left)
-		} else {
-			idle = append(idle, c)
-		}
-	}
-	if len(s.h1conns) > 0 {
-		s.idleSweep.Reset(next)
-	} else {
-		s.idleSweep = nil
-	}
-	s.mu.Unlock()
-	for _, c := range idle {
-		c.closeIfIdle()
-	}
+	s.h1 = h1.NewServer(ctx, h, h1.Options{
+		ReadHeaderTimeout: opts.ReadHeaderTimeout,
+		IdleTimeout:       opts.IdleTimeout,
+		MaxHeaderBytes:    opts.MaxHeaderBytes,
+		ConnContext:       withInterrupter,
+	}, log)
+	return s
 }
 
 // Serve accepts connections on ln until Shutdown or Close, and returns
@@ -194,7 +163,7 @@ func (s *Server) sniff(c net.Conn) {
 		s.serveH2(c)
 		return
 	}
-	s.serveH1(c, buf[:n])
+	s.h1.ServeConn(c, buf[:n])
 }
 
 func (s *Server) isClosed() bool { return s.closed.Load() }
@@ -216,7 +185,7 @@ func (s *Server) untrack(remove func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	remove()
-	if s.drained != nil && len(s.h1conns)+len(s.h2conns) == 0 {
+	if s.drained != nil && len(s.h2conns) == 0 {
 		close(s.drained)
 		s.drained = nil
 	}
@@ -244,12 +213,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for sc := range s.h2conns {
 		h2 = append(h2, sc)
 	}
-	h1 := make([]*h1ServerConn, 0, len(s.h1conns))
-	for c := range s.h1conns {
-		h1 = append(h1, c)
-	}
 	var drained chan struct{}
-	if len(s.h1conns)+len(s.h2conns) > 0 {
+	if len(s.h2conns) > 0 {
 		if s.drained == nil {
 			s.drained = make(chan struct{})
 		}
@@ -259,17 +224,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for _, sc := range h2 {
 		sc.shutdown()
 	}
-	for _, c := range h1 {
-		c.closeIfIdle()
-	}
-	var err error
-	if drained != nil {
+	err := s.h1.Shutdown(ctx)
+	if err == nil && drained != nil {
 		select {
 		case <-drained:
 		case <-ctx.Done():
 			err = ctx.Err()
-			s.closeConns()
 		}
+	}
+	if err != nil {
+		s.closeConns()
 	}
 	s.stop() // idle workers exit
 	return err
@@ -291,43 +255,11 @@ func (s *Server) closeConns() {
 	for sc := range s.h2conns {
 		h2 = append(h2, sc)
 	}
-	for c := range s.h1conns {
-		c.nc.Close()
-	}
 	s.mu.Unlock()
+	s.h1.Close()
 	for _, sc := range h2 {
 		sc.fail(errH2ConnClosed)
 	}
-}
-
-// prefixConn is a connection whose first bytes were already read.
-type prefixConn struct {
-	net.Conn
-	prefix []byte
-}
-
-// RawBeneath makes a relay read what the sniffer read first, then the raw
-// connection beneath (rawio.Layered).
-func (c *prefixConn) RawBeneath() (*rawio.Conn, []byte) {
-	r, _ := c.Conn.(*rawio.Conn)
-	return r, c.prefix
-}
-
-func (c *prefixConn) Read(p []byte) (int, error) {
-	if len(c.prefix) > 0 {
-		n := copy(p, c.prefix)
-		c.prefix = c.prefix[n:]
-		return n, nil
-	}
-	return c.Conn.Read(p)
-}
-
-// CloseWrite half-closes the connection, as a relayed upgrade needs.
-func (c *prefixConn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return c.Conn.Close()
 }
 
 // deadline returns the deadline d from now, or none when d is zero (no
