@@ -186,7 +186,7 @@ func FuzzH2ServerConn(f *testing.F) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			srv.serveH2(server)
+			srv.h2.serveH2(server)
 		}()
 		go func() { _, _ = io.Copy(io.Discard, client) }()
 		_ = client.SetWriteDeadline(time.Now().Add(2 * time.Second))

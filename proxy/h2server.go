@@ -54,7 +54,7 @@ var (
 // handler runs on a goroutine of its own.
 type h2ServerConn struct {
 	*h2conn
-	s      *Server
+	s      *h2Server
 	remote string
 
 	// Under mu:
@@ -117,7 +117,7 @@ func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
 	return 0
 }
 
-func (s *Server) serveH2(nc net.Conn) {
+func (s *h2Server) serveH2(nc net.Conn) {
 	sc := &h2ServerConn{
 		h2conn:  newH2Conn(nc, s.log),
 		s:       s,
@@ -126,11 +126,11 @@ func (s *Server) serveH2(nc net.Conn) {
 	}
 	sc.setMaxHeaderList(uint32(min(s.opts.MaxHeaderBytes, h2MaxHeaderList)))
 	sc.headerTimeout = s.opts.ReadHeaderTimeout
-	if !s.track(func() { s.h2conns[sc] = struct{}{} }) {
+	if !s.track(sc) {
 		nc.Close()
 		return
 	}
-	defer s.untrack(func() { delete(s.h2conns, sc) })
+	defer s.untrack(sc)
 
 	sc.mu.Lock()
 	sc.writeSettingsLocked(
@@ -719,7 +719,7 @@ const h2WorkerIdle = 10 * time.Second
 
 // startHandler runs st's handler on an idle worker of the server, or on a
 // new one when all are busy.
-func (s *Server) startHandler(st *h2ServerStream) {
+func (s *h2Server) startHandler(st *h2ServerStream) {
 	select {
 	case s.work <- st:
 	default:
@@ -727,7 +727,7 @@ func (s *Server) startHandler(st *h2ServerStream) {
 	}
 }
 
-func (s *Server) worker(st *h2ServerStream) {
+func (s *h2Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
