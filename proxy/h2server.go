@@ -271,11 +271,11 @@ func (sc *h2ServerConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if f.StreamID == 0 {
-		if !growWindow(&sc.sendWin, f.Increment) {
+		if !sc.sendWin.add(int64(f.Increment)) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	} else if st := sc.streams[f.StreamID]; st != nil {
-		if !growWindow(&st.sendWin, f.Increment) {
+		if !st.sendWin.add(int64(f.Increment)) {
 			st.resetLocked(errStreamReset)
 			sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
 			sc.flushLocked()
@@ -317,7 +317,7 @@ func (sc *h2ServerConn) onSettings(f *http2.SettingsFrame) error {
 	for _, st := range sc.streams {
 		// A new initial window that takes an open stream's window past
 		// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
-		if !growWindowBy(&st.sendWin, delta) {
+		if !st.sendWin.add(delta) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	}
@@ -436,7 +436,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
 		return nil
 	}
-	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
+	st := &h2ServerStream{sc: sc, id: id, sendWin: outflow(sc.peerInitWin)}
 	st.body.init(sc.h2conn, id)
 	req, err := sc.newRequest(st, f)
 	if err == errH2HeaderListTooLarge {
@@ -750,7 +750,7 @@ type h2ServerStream struct {
 	body   recvBuf
 
 	// Under sc.mu:
-	sendWin    int64
+	sendWin    outflow
 	reset      bool // the client or the sidecar reset the stream, or the connection ended
 	peerReset  bool // the client reset the stream
 	sentHeader bool
