@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
@@ -54,7 +55,7 @@ var (
 // handler runs on a goroutine of its own.
 type h2ServerConn struct {
 	*h2conn
-	s      *Server
+	s      *h2Server
 	remote string
 
 	// Under mu:
@@ -117,7 +118,7 @@ func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
 	return 0
 }
 
-func (s *Server) serveH2(nc net.Conn) {
+func (s *h2Server) serveH2(nc net.Conn) {
 	sc := &h2ServerConn{
 		h2conn:  newH2Conn(nc, s.log),
 		s:       s,
@@ -126,11 +127,11 @@ func (s *Server) serveH2(nc net.Conn) {
 	}
 	sc.setMaxHeaderList(uint32(min(s.opts.MaxHeaderBytes, h2MaxHeaderList)))
 	sc.headerTimeout = s.opts.ReadHeaderTimeout
-	if !s.track(func() { s.h2conns[sc] = struct{}{} }) {
+	if !s.track(sc) {
 		nc.Close()
 		return
 	}
-	defer s.untrack(func() { delete(s.h2conns, sc) })
+	defer s.untrack(sc)
 
 	sc.mu.Lock()
 	sc.writeSettingsLocked(
@@ -238,6 +239,8 @@ func (sc *h2ServerConn) goAway(code http2.ErrCode, err error) error {
 	return err
 }
 
+// handle applies one frame from the client, by its type: one method per
+// frame type, as x/net's read loop has.
 func (sc *h2ServerConn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
@@ -245,90 +248,129 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 	case *http2.DataFrame:
 		return sc.onData(f)
 	case *http2.WindowUpdateFrame:
-		sc.mu.Lock()
-		defer sc.mu.Unlock()
-		if f.StreamID == 0 {
-			if !growWindow(&sc.sendWin, f.Increment) {
-				return http2.ConnectionError(http2.ErrCodeFlowControl)
-			}
-		} else if st := sc.streams[f.StreamID]; st != nil {
-			if !growWindow(&st.sendWin, f.Increment) {
-				st.resetLocked(errStreamReset)
-				sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
-				sc.flushLocked()
-			}
-		} else if sc.idleLocked(f.StreamID) {
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
-		sc.cond.Broadcast()
+		return sc.onWindowUpdate(f)
 	case *http2.RSTStreamFrame:
-		sc.mu.Lock()
-		st := sc.streams[f.StreamID]
-		if st != nil {
-			st.peerReset = true
-			st.resetLocked(errStreamReset)
-		}
-		idle := st == nil && sc.idleLocked(f.StreamID)
-		sc.mu.Unlock()
-		if idle {
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
+		return sc.onRSTStream(f)
 	case *http2.SettingsFrame:
-		if f.IsAck() {
-			return nil
-		}
-		sc.mu.Lock()
-		defer sc.mu.Unlock()
-		delta, err := sc.applySettingsLocked(f)
-		if err != nil {
-			return err
-		}
-		for _, st := range sc.streams {
-			// A new initial window that takes an open stream's window past
-			// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
-			if !growWindowBy(&st.sendWin, delta) {
-				return http2.ConnectionError(http2.ErrCodeFlowControl)
-			}
-		}
+		return sc.onSettings(f)
 	case *http2.PingFrame:
-		if f.IsAck() {
-			return nil
-		}
-		sc.mu.Lock()
-		sc.writePingLocked(true, f.Data)
-		sc.flushLocked()
-		sc.mu.Unlock()
+		return sc.onPing(f)
 	case *http2.GoAwayFrame:
-		sc.mu.Lock()
-		sc.goingAway = true
-		idle := len(sc.streams) == 0
-		sc.mu.Unlock()
-		if idle {
-			// The client is done, but what it sent after its GOAWAY (a
-			// PING) is still read and answered until it closes, for at
-			// most h2GoAwayLinger: closed with its input unread, the
-			// connection would be reset, and the client could lose the
-			// answers.
-			_ = sc.nc.SetReadDeadline(time.Now().Add(h2GoAwayLinger))
-		}
+		return sc.onGoAway(f)
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	case *http2.PriorityFrame:
-		if f.StreamDep == f.StreamID {
-			// A stream cannot depend on itself (RFC 9113, 5.3.1).
-			sc.mu.Lock()
-			if st := sc.streams[f.StreamID]; st != nil {
-				st.resetLocked(errStreamReset)
-			}
-			sc.writeRSTLocked(f.StreamID, http2.ErrCodeProtocol)
-			sc.flushLocked()
-			sc.mu.Unlock()
-		}
+		return sc.onPriority(f)
 	}
-	// Other PRIORITY frames and unknown frames are ignored.
+	// Unknown frames are ignored.
 	return nil
 }
 
+// onWindowUpdate handles more send window, for the connection or a stream.
+func (sc *h2ServerConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if f.StreamID == 0 {
+		if !sc.sendWin.add(int64(f.Increment)) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	} else if st := sc.streams[f.StreamID]; st != nil {
+		if !st.sendWin.add(int64(f.Increment)) {
+			st.resetLocked(errStreamReset)
+			sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
+			sc.flushLocked()
+		}
+	} else if sc.idleLocked(f.StreamID) {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	sc.cond.Broadcast()
+	return nil
+}
+
+// onRSTStream handles the client resetting a stream.
+func (sc *h2ServerConn) onRSTStream(f *http2.RSTStreamFrame) error {
+	sc.mu.Lock()
+	st := sc.streams[f.StreamID]
+	if st != nil {
+		st.peerReset = true
+		st.resetLocked(errStreamReset)
+	}
+	idle := st == nil && sc.idleLocked(f.StreamID)
+	sc.mu.Unlock()
+	if idle {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil
+}
+
+// onSettings handles the client's settings, or their acknowledgement.
+func (sc *h2ServerConn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	delta, err := sc.applySettingsLocked(f)
+	if err != nil {
+		return err
+	}
+	for _, st := range sc.streams {
+		// A new initial window that takes an open stream's window past
+		// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
+		if !st.sendWin.add(delta) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	}
+	return nil
+}
+
+// onPing handles a ping, answered.
+func (sc *h2ServerConn) onPing(f *http2.PingFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	sc.mu.Lock()
+	sc.writePingLocked(true, f.Data)
+	sc.flushLocked()
+	sc.mu.Unlock()
+	return nil
+}
+
+// onGoAway handles the client going away.
+func (sc *h2ServerConn) onGoAway(f *http2.GoAwayFrame) error {
+	sc.mu.Lock()
+	sc.goingAway = true
+	idle := len(sc.streams) == 0
+	sc.mu.Unlock()
+	if idle {
+		// The client is done, but what it sent after its GOAWAY (a
+		// PING) is still read and answered until it closes, for at
+		// most h2GoAwayLinger: closed with its input unread, the
+		// connection would be reset, and the client could lose the
+		// answers.
+		_ = sc.nc.SetReadDeadline(time.Now().Add(h2GoAwayLinger))
+	}
+	return nil
+}
+
+// onPriority handles a PRIORITY frame: only a stream depending on itself
+// matters.
+func (sc *h2ServerConn) onPriority(f *http2.PriorityFrame) error {
+	if f.StreamDep == f.StreamID {
+		// A stream cannot depend on itself (RFC 9113, 5.3.1).
+		sc.mu.Lock()
+		if st := sc.streams[f.StreamID]; st != nil {
+			st.resetLocked(errStreamReset)
+		}
+		sc.writeRSTLocked(f.StreamID, http2.ErrCodeProtocol)
+		sc.flushLocked()
+		sc.mu.Unlock()
+	}
+	return nil
+}
+
+// onHeaders handles a HEADERS frame (with its CONTINUATIONs): a new
+// request, trailers of an open one, or a frame on a stream already closed.
 func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	if id%2 == 0 {
@@ -337,88 +379,97 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if st := sc.streams[id]; st != nil {
-		switch {
-		case st.peerReset || st.body.eof:
-			// After the client's RST_STREAM or END_STREAM (RFC 9113, 5.1).
-			st.resetLocked(errStreamReset)
-			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
-			sc.flushLocked()
-			return nil
-		case st.reset:
-			// The sidecar reset the stream: what the client sent before it
-			// saw the reset is ignored.
-			return nil
-		case !f.StreamEnded():
-			// Trailers: they must end the stream.
-			st.resetLocked(errStreamReset)
-			sc.writeRSTLocked(id, http2.ErrCodeProtocol)
-			sc.flushLocked()
-			return nil
-		}
-		if t := st.req.Trailer; t != nil {
-			for _, hf := range f.RegularFields() {
-				k := httpwire.CanonicalKey(hf.Name)
-				if _, declared := t[k]; declared {
-					if st.trailer == nil {
-						st.trailer = make(http.Header)
-					}
-					st.trailer[k] = append(st.trailer[k], hf.Value)
-				}
-			}
-		}
-		st.endBodyLocked()
+		sc.onTrailersLocked(st, f)
 		return nil
 	}
 	if id <= sc.maxSeen {
-		switch sc.howClosedLocked(id) {
-		case resetBySidecar:
-			return nil
-		case resetByClient:
-			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
-			sc.flushLocked()
-			return nil
-		case closedNormally:
-			return http2.ConnectionError(http2.ErrCodeStreamClosed)
-		}
-		// Never opened (a lower ID than one the client opened), or closed
-		// longer ago than the connection remembers.
-		return http2.ConnectionError(http2.ErrCodeProtocol)
+		return sc.onClosedHeadersLocked(id)
 	}
 	sc.maxSeen = id
+	sc.openStreamLocked(f)
+	return nil
+}
+
+// onTrailersLocked handles HEADERS on an open stream: its trailers, which
+// must end it. sc.mu is held.
+func (sc *h2ServerConn) onTrailersLocked(st *h2ServerStream, f *http2.MetaHeadersFrame) {
+	id := st.id
+	switch {
+	case st.peerReset || st.body.eof:
+		// After the client's RST_STREAM or END_STREAM (RFC 9113, 5.1).
+		st.resetLocked(errStreamReset)
+		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+		sc.flushLocked()
+		return
+	case st.reset:
+		// The sidecar reset the stream: what the client sent before it
+		// saw the reset is ignored.
+		return
+	case !f.StreamEnded():
+		// Trailers: they must end the stream.
+		st.resetLocked(errStreamReset)
+		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.flushLocked()
+		return
+	}
+	if t := st.req.Trailer; t != nil {
+		for _, hf := range f.RegularFields() {
+			k := httpwire.CanonicalKey(hf.Name)
+			if _, declared := t[k]; declared {
+				if st.trailer == nil {
+					st.trailer = make(http.Header)
+				}
+				st.trailer[k] = append(st.trailer[k], hf.Value)
+			}
+		}
+	}
+	st.endBodyLocked()
+}
+
+// onClosedHeadersLocked handles HEADERS on a stream no longer open, by how
+// it closed. sc.mu is held.
+func (sc *h2ServerConn) onClosedHeadersLocked(id uint32) error {
+	switch sc.howClosedLocked(id) {
+	case resetBySidecar:
+		return nil
+	case resetByClient:
+		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+		sc.flushLocked()
+		return nil
+	case closedNormally:
+		return http2.ConnectionError(http2.ErrCodeStreamClosed)
+	}
+	// Never opened (a lower ID than one the client opened), or closed
+	// longer ago than the connection remembers.
+	return http2.ConnectionError(http2.ErrCodeProtocol)
+}
+
+// openStreamLocked opens the stream a request's HEADERS start and starts
+// its handler, or refuses it. sc.mu is held.
+func (sc *h2ServerConn) openStreamLocked(f *http2.MetaHeadersFrame) {
+	id := f.StreamID
 	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
 		sc.refuseStreamLocked(id, http2.ErrCodeRefusedStream)
-		return nil
+		return
 	}
 	if f.HasPriority() && f.Priority.StreamDep == id {
 		// A stream cannot depend on itself (RFC 9113, 5.3.1).
 		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
-		return nil
+		return
 	}
-	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
+	st := &h2ServerStream{sc: sc, id: id, sendWin: outflow(sc.peerInitWin)}
 	st.body.init(sc.h2conn, id)
 	req, err := sc.newRequest(st, f)
 	if err == errH2HeaderListTooLarge {
-		// Well-formed, only too large: the client is told so, as x/net's
-		// server and the HTTP/1.1 side tell it, and the stream ends (RFC
-		// 9113, 8.1: an answer before the whole request, then NO_ERROR).
-		sc.encodeLocked(":status", "431")
-		sc.writeHeaderBlockLocked(id, true)
-		how := closedNormally
-		if !f.StreamEnded() {
-			sc.writeRSTLocked(id, http2.ErrCodeNo)
-			how = resetBySidecar
-		}
-		sc.closedLocked(id, how)
-		sc.flushLocked()
-		sc.endedEarlyLocked()
-		return nil
+		sc.answer431Locked(id, f.StreamEnded())
+		return
 	}
 	if err != nil {
 		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
 		sc.s.log.Debug("malformed http2 request", zap.String("remote", sc.remote), zap.Error(err))
-		return nil
+		return
 	}
 	st.req = req
 	if f.StreamEnded() {
@@ -427,7 +478,23 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.streams[id] = st
 	sc.idle.stop()
 	sc.s.startHandler(st)
-	return nil
+}
+
+// answer431Locked answers a well-formed request whose header list is only
+// too large: the client is told so, as x/net's server and the HTTP/1.1
+// side tell it, and the stream ends (RFC 9113, 8.1: an answer before the
+// whole request, then NO_ERROR). sc.mu is held.
+func (sc *h2ServerConn) answer431Locked(id uint32, ended bool) {
+	sc.encodeLocked(":status", "431")
+	sc.writeHeaderBlockLocked(id, true)
+	how := closedNormally
+	if !ended {
+		sc.writeRSTLocked(id, http2.ErrCodeNo)
+		how = resetBySidecar
+	}
+	sc.closedLocked(id, how)
+	sc.flushLocked()
+	sc.endedEarlyLocked()
 }
 
 // refuseStreamLocked resets stream id, opened but given no handler, with
@@ -515,46 +582,16 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 		// The framer dropped the fields past the limit.
 		return nil, errH2HeaderListTooLarge
 	}
-	var method, scheme, authority, path string
-	for _, hf := range f.PseudoFields() {
-		switch hf.Name {
-		case ":method":
-			method = hf.Value
-		case ":scheme":
-			scheme = hf.Value
-		case ":authority":
-			authority = hf.Value
-		case ":path":
-			path = hf.Value
-		default:
-			return nil, fmt.Errorf("pseudo-header %s not supported", hf.Name)
-		}
-	}
-	connect := method == http.MethodConnect
-	switch {
-	case method == "":
-		return nil, errors.New("missing :method")
-	case !httpwire.ValidToken(method):
-		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
-		// be a request line of the client's making.
-		return nil, errors.New("invalid :method")
-	case connect && (scheme != "" || path != "" || authority == ""):
-		return nil, errors.New("malformed CONNECT")
-	case !connect && (scheme != "http" && scheme != "https" || !validPseudoPath(path, method)):
-		return nil, errors.New("missing or invalid :scheme or :path")
+	p, err := requestPseudo(f)
+	if err != nil {
+		return nil, err
 	}
 	fields := f.RegularFields()
-	for _, hf := range fields {
-		switch hf.Name {
-		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-			return nil, fmt.Errorf("connection-specific header %s", hf.Name)
-		case "te":
-			if hf.Value != "trailers" {
-				return nil, errors.New("te other than trailers")
-			}
-		}
+	if err := checkRequestFields(fields); err != nil {
+		return nil, err
 	}
 	header := sc.header(fields, true)
+	authority := p.authority
 	if authority == "" {
 		authority = header.Get("Host")
 	}
@@ -562,57 +599,123 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	if !httpguts.ValidHostHeader(authority) {
 		return nil, errors.New("invalid :authority")
 	}
-
-	var u *url.URL
-	switch {
-	case connect:
-		u = &url.URL{Host: authority}
-	case path == "*" && method == http.MethodOptions:
-		u = &url.URL{Path: "*"}
-	default:
-		var err error
-		if u, err = url.ParseRequestURI(path); err != nil {
-			return nil, err
-		}
+	u, err := p.url(authority)
+	if err != nil {
+		return nil, err
 	}
 	// Not derived from the server's context: registering with a parent
 	// costs every call, and shutdown reaches each stream itself.
 	ctx, cancel := context.WithCancel(context.Background())
 	st.cancel = cancel
 	req := new(http.Request).WithContext(ctx) // one allocation, not two
-	req.Method = method
+	req.Method = p.method
 	req.URL = u
 	req.Proto, req.ProtoMajor = "HTTP/2.0", 2
 	req.Header = header
 	req.Host = authority
 	req.RemoteAddr = sc.remote
-	req.RequestURI = path
+	req.RequestURI = p.path
 	if len(header["Trailer"]) > 0 {
 		req.Trailer = make(http.Header)
-		declaredTrailers(header, func(k string) {
+		httpwire.DeclaredTrailers(header, func(k string) {
 			if httpguts.ValidTrailerHeader(k) {
 				req.Trailer[k] = nil
 			}
 		})
 	}
-	switch {
-	case f.StreamEnded():
-		if v := header.Get("Content-Length"); v != "" && v != "0" {
-			return nil, errors.New("content-length without a body")
-		}
-		req.Body = http.NoBody
-	default:
-		req.ContentLength = -1
-		if v := header.Get("Content-Length"); v != "" {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 0 {
-				return nil, errors.New("malformed content-length")
-			}
-			req.ContentLength = n
-		}
-		req.Body = h2ServerBody{st}
+	if err := setRequestBody(req, st, f.StreamEnded()); err != nil {
+		return nil, err
 	}
 	return req, nil
+}
+
+// pseudo holds a request's pseudo-header fields.
+type pseudo struct {
+	method, scheme, authority, path string
+}
+
+// requestPseudo reads and checks a request's pseudo-header fields (RFC
+// 9113, 8.3.1).
+func requestPseudo(f *http2.MetaHeadersFrame) (p pseudo, err error) {
+	for _, hf := range f.PseudoFields() {
+		switch hf.Name {
+		case ":method":
+			p.method = hf.Value
+		case ":scheme":
+			p.scheme = hf.Value
+		case ":authority":
+			p.authority = hf.Value
+		case ":path":
+			p.path = hf.Value
+		default:
+			return p, fmt.Errorf("pseudo-header %s not supported", hf.Name)
+		}
+	}
+	connect := p.method == http.MethodConnect
+	switch {
+	case p.method == "":
+		return p, errors.New("missing :method")
+	case !httpwire.ValidToken(p.method):
+		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
+		// be a request line of the client's making.
+		return p, errors.New("invalid :method")
+	case connect && (p.scheme != "" || p.path != "" || p.authority == ""):
+		return p, errors.New("malformed CONNECT")
+	case !connect && (p.scheme != "http" && p.scheme != "https" || !validPseudoPath(p.path, p.method)):
+		return p, errors.New("missing or invalid :scheme or :path")
+	}
+	return p, nil
+}
+
+// url is the request's URL, for authority.
+func (p pseudo) url(authority string) (*url.URL, error) {
+	switch {
+	case p.method == http.MethodConnect:
+		return &url.URL{Host: authority}, nil
+	case p.path == "*" && p.method == http.MethodOptions:
+		return &url.URL{Path: "*"}, nil
+	}
+	return url.ParseRequestURI(p.path)
+}
+
+// checkRequestFields refuses the fields HTTP/2 forbids in a request:
+// connection-specific ones, and te other than "trailers" (RFC 9113, 8.2.2).
+func checkRequestFields(fields []hpack.HeaderField) error {
+	for _, hf := range fields {
+		switch hf.Name {
+		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+			return fmt.Errorf("connection-specific header %s", hf.Name)
+		case "te":
+			if hf.Value != "trailers" {
+				return errors.New("te other than trailers")
+			}
+		}
+	}
+	return nil
+}
+
+// setRequestBody gives req its body and length: none when the HEADERS
+// frame ended the stream, which a content-length must then agree with,
+// else st's, of the declared content-length or unknown.
+func setRequestBody(req *http.Request, st *h2ServerStream, ended bool) error {
+	v := req.Header.Get("Content-Length")
+	if ended {
+		if v != "" && v != "0" {
+			return errors.New("content-length without a body")
+		}
+		req.Body = http.NoBody
+		return nil
+	}
+	req.ContentLength = -1
+	if v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return errors.New("malformed content-length")
+		}
+		req.ContentLength = n
+	}
+	req.Body = h2ServerBody{st}
+	return nil
 }
 
 // validPseudoPath reports whether path is a valid :path for method (RFC
@@ -674,7 +777,7 @@ type h2ServerStream struct {
 	body   recvBuf
 
 	// Under sc.mu:
-	sendWin    int64
+	sendWin    outflow
 	reset      bool // the client or the sidecar reset the stream, or the connection ended
 	peerReset  bool // the client reset the stream
 	sentHeader bool
@@ -719,7 +822,7 @@ const h2WorkerIdle = 10 * time.Second
 
 // startHandler runs st's handler on an idle worker of the server, or on a
 // new one when all are busy.
-func (s *Server) startHandler(st *h2ServerStream) {
+func (s *h2Server) startHandler(st *h2ServerStream) {
 	select {
 	case s.work <- st:
 	default:
@@ -727,7 +830,7 @@ func (s *Server) startHandler(st *h2ServerStream) {
 	}
 }
 
-func (s *Server) worker(st *h2ServerStream) {
+func (s *h2Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
@@ -808,7 +911,7 @@ func (st *h2ServerStream) finish() {
 	st.cancel()
 }
 
-func (st *h2ServerStream) adoptHeader(h http.Header) bool {
+func (st *h2ServerStream) AdoptHeader(h http.Header) bool {
 	if st.header != nil || h == nil {
 		return false
 	}
@@ -838,7 +941,7 @@ func (st *h2ServerStream) Write(p []byte) (int, error) {
 	if st.status == 0 {
 		st.WriteHeader(http.StatusOK)
 	}
-	if !bodyAllowed(st.status) || st.req.Method == http.MethodHead {
+	if !httpwire.BodyAllowed(st.status) || st.req.Method == http.MethodHead {
 		return 0, http.ErrBodyNotAllowed
 	}
 	sc := st.sc
@@ -921,7 +1024,7 @@ func (st *h2ServerStream) writeTrailersLocked() {
 			sc.encodeHeaderLocked(httpwire.CanonicalKey(name), vv)
 		}
 	}
-	declaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })
+	httpwire.DeclaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })
 	sc.writeHeaderBlockLocked(st.id, true)
 }
 
