@@ -68,7 +68,7 @@ chromium:
 		{ apt-get update -qq && apt-get install -y -qq chromium; }
 
 test: consul nats h2spec systemd-analyze chromium build
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
 
 # Coverage of the unit and integration tests together: the sidecar processes
 # that test/ starts are built with -cover and write their counters to
