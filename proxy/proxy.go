@@ -28,6 +28,7 @@ import (
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/proxy/resilience"
 	"github.com/sidecarlb/sidecar/transcode"
 )
 
@@ -103,6 +104,7 @@ type Proxy struct {
 	resolver Resolver
 	log      *zap.Logger
 	metrics  *Metrics
+	clock    resilience.Clock // ejections' ends; resilience.System but in tests
 
 	mu     sync.Mutex
 	routes []*route // for Status, in creation order
@@ -114,7 +116,7 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Proxy{resolver: resolver, log: log, metrics: metrics}
+	return &Proxy{resolver: resolver, log: log, metrics: metrics, clock: resilience.System}
 }
 
 // Forward returns the handler of the forward-proxy listener: the request's
@@ -230,7 +232,7 @@ func (f *Forwarder) route(ctx context.Context, sent, tag, dc string) (*route, er
 	if tag != "" {
 		cfg.Tags = append(slices.Clip(cfg.Tags), tag)
 	}
-	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics, f.p.log)
+	rt, err := newRoute(f.p, f.listener, cfg)
 	if err != nil {
 		return nil, err
 	}

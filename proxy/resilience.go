@@ -14,8 +14,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/balancer"
-	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/backoff"
+	"github.com/sidecarlb/sidecar/proxy/resilience"
 )
 
 // maxReplayBody is the largest request body kept in memory so it can be
@@ -27,60 +27,36 @@ var (
 	// errGateway marks a response that counts as a gateway failure (502,
 	// 503, 504) for outlier ejection and latency-aware balancing.
 	errGateway = errors.New("gateway failure")
-	// errBreakerFailure is what a tripping outcome reports to a breaker.
-	errBreakerFailure = errors.New("breaker failure")
 	// ErrBreakerOpen: every node the request could go to has an open
 	// circuit breaker.
-	ErrBreakerOpen = errors.New("circuit breaker open")
+	ErrBreakerOpen = resilience.ErrBreakerOpen
 )
 
 // health is the resilience state of one endpoint within a route.
 type health struct {
-	breaker *gobreaker.TwoStepCircuitBreaker[struct{}] // nil when disabled
-
-	consecutive  atomic.Int32 // gateway failures in a row
-	ejections    atomic.Int32 // times ejected; multiplies the ejection time
-	successes    atomic.Int32 // successes since the last ejection
-	ejectedUntil atomic.Int64 // unix nanoseconds; 0 when not ejected
+	breaker *resilience.Breaker // nil when disabled
+	outlier resilience.Outlier
 }
 
-func (h *health) ejected(now time.Time) bool { return h.ejectedUntil.Load() > now.UnixNano() }
+func (h *health) ejected(now time.Time) bool { return h.outlier.Ejected(now) }
 
 // newBreaker returns the endpoint's breaker, reporting its transitions.
-func (rt *route) newBreaker(ep string) *gobreaker.TwoStepCircuitBreaker[struct{}] {
-	b := rt.cfg.Resilience.Breaker
-	if !b.Enabled {
+func (rt *route) newBreaker(ep string) *resilience.Breaker {
+	if !rt.cfg.Resilience.Breaker.Enabled {
 		return nil
 	}
 	gauge := rt.metrics.breakerState.WithLabelValues(ep)
 	gauge.Set(0)
-	return gobreaker.NewTwoStepCircuitBreaker[struct{}](gobreaker.Settings{
-		Name:        ep,
-		MaxRequests: uint32(max(b.HalfOpenRequests, 1)),
-		Timeout:     b.OpenFor,
-		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= uint32(max(b.ConsecutiveFailures, 1)) },
-		// A try a local limit refused never reached the node.
-		IsExcluded: func(err error) bool { return err == errLocalRefusal },
-		OnStateChange: func(_ string, from, to gobreaker.State) {
-			gauge.Set(float64(to))
-			rt.metrics.breakerTransitions.WithLabelValues(ep, to.String()).Inc()
-			rt.log.Info("breaker state changed", zap.String("endpoint", ep),
-				zap.String("from", from.String()), zap.String("to", to.String()))
-		},
+	return resilience.NewBreaker(ep, rt.cfg.Resilience.Breaker, func(from, to gobreaker.State) {
+		gauge.Set(float64(to))
+		rt.metrics.breakerTransitions.WithLabelValues(ep, to.String()).Inc()
+		rt.log.Info("breaker state changed", zap.String("endpoint", ep),
+			zap.String("from", from.String()), zap.String("to", to.String()))
 	})
 }
 
 // allow asks e's breaker for a try. The returned func reports its outcome.
-func (e *endpoint) allow() (func(error), error) {
-	if e.breaker == nil {
-		return noopDone, nil
-	}
-	done, err := e.breaker.Allow()
-	if err != nil {
-		return nil, ErrBreakerOpen
-	}
-	return done, nil
-}
+func (e *endpoint) allow() (func(error), error) { return e.breaker.Allow() }
 
 func noopDone(error) {}
 
@@ -88,7 +64,7 @@ func noopDone(error) {}
 // the node: e's breaker counts it neither way (breakerDone, from e.allow),
 // outlier detection does not see it, and its pick takes no sample.
 func refuseTry(breakerDone func(error), pk balancer.Pick) {
-	breakerDone(errLocalRefusal)
+	breakerDone(resilience.ErrRefused)
 	release(pk)
 }
 
@@ -97,41 +73,23 @@ func refuseTry(breakerDone func(error), pk balancer.Pick) {
 // detection. A success for both ends both runs of consecutive failures.
 func (rt *route) reportTry(e *endpoint, breakerDone func(error), breakerFailure, gatewayFailure bool) {
 	if breakerFailure {
-		breakerDone(errBreakerFailure)
+		breakerDone(resilience.ErrTripping)
 	} else {
 		breakerDone(nil)
 	}
-	rt.observe(e, gatewayFailure)
-}
-
-// observe records a try's outcome on e for outlier ejection.
-func (rt *route) observe(e *endpoint, gatewayFailure bool) {
-	o := rt.cfg.Resilience.Outlier
-	if !gatewayFailure {
-		if e.consecutive.Load() != 0 {
-			e.consecutive.Store(0)
-		}
-		// A long healthy run forgives earlier ejections.
-		if e.ejections.Load() > 0 && e.successes.Add(1) >= 100 {
-			e.ejections.Store(0)
-		}
-		return
-	}
-	if !o.Enabled {
-		return
-	}
-	if n := e.consecutive.Add(1); n >= int32(max(o.ConsecutiveFailures, 1)) {
+	if e.outlier.Observe(&rt.cfg.Resilience.Outlier, gatewayFailure) {
 		rt.eject(e)
 	}
 }
 
 // eject takes e out of balancing for base × times ejected (capped), unless
-// that would put more than max_ejection_percent of the nodes out.
+// that would put more than max_ejection_percent of the nodes out. The
+// node comes back when the route's clock says the time is up.
 func (rt *route) eject(e *endpoint) {
-	o := rt.cfg.Resilience.Outlier
+	o := &rt.cfg.Resilience.Outlier
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
-	now := time.Now()
+	now := rt.clock.Now()
 	st := rt.state.Load()
 	if st == nil || e.ejected(now) || st.endpoints[e.ID] != e {
 		return
@@ -146,15 +104,11 @@ func (rt *route) eject(e *endpoint) {
 		rt.metrics.ejectionsRefused.Inc()
 		return
 	}
-	times := e.ejections.Add(1)
-	d := min(o.BaseEjection*time.Duration(times), max(o.MaxEjection, o.BaseEjection))
-	e.ejectedUntil.Store(now.Add(d).UnixNano())
-	e.consecutive.Store(0)
-	e.successes.Store(0)
+	d, times := e.outlier.Eject(o, now)
 	rt.metrics.ejections.WithLabelValues(e.Addr).Inc()
 	rt.log.Info("endpoint ejected", zap.String("endpoint", e.Addr), zap.Duration("for", d), zap.Int32("times", times))
 	rt.rebuildLocked(st.snap)
-	time.AfterFunc(d, func() {
+	rt.clock.AfterFunc(d, func() {
 		rt.mu.Lock()
 		defer rt.mu.Unlock()
 		if st := rt.state.Load(); st != nil {
@@ -162,71 +116,6 @@ func (rt *route) eject(e *endpoint) {
 			rt.rebuildLocked(st.snap)
 		}
 	})
-}
-
-// retryBudget caps retries at a share of requests over a sliding window,
-// with a floor of minPerSecond, counted in one-second buckets without
-// locks. Counts at a bucket's turnover are approximate.
-type retryBudget struct {
-	percent, minPerSecond int64
-	buckets               []budgetBucket
-}
-
-type budgetBucket struct {
-	second            atomic.Int64
-	requests, retries atomic.Int64
-}
-
-func newRetryBudget(b config.Budget) *retryBudget {
-	n := max(int(b.Window/time.Second), 1)
-	return &retryBudget{percent: int64(b.Percent), minPerSecond: int64(b.MinPerSecond), buckets: make([]budgetBucket, n)}
-}
-
-func (b *retryBudget) bucket(sec int64) *budgetBucket {
-	bk := &b.buckets[sec%int64(len(b.buckets))]
-	if old := bk.second.Load(); old != sec && bk.second.CompareAndSwap(old, sec) {
-		bk.requests.Store(0)
-		bk.retries.Store(0)
-	}
-	return bk
-}
-
-// request counts a request offered.
-func (b *retryBudget) request(now time.Time) { b.bucket(now.Unix()).requests.Add(1) }
-
-// spend takes one retry from the budget, reporting false when none is left.
-func (b *retryBudget) spend(now time.Time) bool {
-	sec := now.Unix()
-	var requests, retries int64
-	for i := range b.buckets {
-		bk := &b.buckets[i]
-		if s := bk.second.Load(); s > sec-int64(len(b.buckets)) && s <= sec {
-			requests += bk.requests.Load()
-			retries += bk.retries.Load()
-		}
-	}
-	allowed := max(requests*b.percent/100, b.minPerSecond*int64(len(b.buckets)))
-	if retries >= allowed {
-		return false
-	}
-	b.bucket(sec).retries.Add(1)
-	return true
-}
-
-// refund gives back a retry spent at then that was not made after all, if
-// its second is still in the window.
-func (b *retryBudget) refund(then time.Time) {
-	sec := then.Unix()
-	bk := &b.buckets[sec%int64(len(b.buckets))]
-	if bk.second.Load() != sec {
-		return
-	}
-	for {
-		n := bk.retries.Load()
-		if n <= 0 || bk.retries.CompareAndSwap(n, n-1) {
-			return
-		}
-	}
 }
 
 // idempotent reports whether a request may be sent twice.

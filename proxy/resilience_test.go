@@ -22,6 +22,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
+	"github.com/sidecarlb/sidecar/proxy/resilience"
 )
 
 // resDefaults returns proxy.resilience as an empty config file leaves it.
@@ -143,7 +144,14 @@ func staticProxy(t testing.TB, addrs []string) (*Proxy, *prometheus.Registry) {
 // settings (Service is set here).
 func resProxy(t testing.TB, addrs []string, rc RouteConfig) *resSetup {
 	t.Helper()
+	return resProxyClock(t, addrs, rc, resilience.System)
+}
+
+// resProxyClock is resProxy with the clock ejections follow.
+func resProxyClock(t testing.TB, addrs []string, rc RouteConfig, clock resilience.Clock) *resSetup {
+	t.Helper()
 	px, reg := staticProxy(t, addrs)
+	px.clock = clock
 	rc.Service = "svc"
 	h, err := px.Upstream("test", rc)
 	if err != nil {
@@ -296,102 +304,6 @@ func resHits(nodes []*resNode) int64 {
 		sum += n.hits.Load()
 	}
 	return sum
-}
-
-func TestRetryBudget(t *testing.T) {
-	t0 := time.Unix(1_700_000_000, 0)
-	tests := []struct {
-		name     string
-		requests int // offered at t0
-		at       time.Duration
-		spent    int // retries spent at t0
-		want     int // further retries allowed at t0+at
-	}{
-		{name: "floor with no requests", want: 30},
-		{name: "floor above percent", requests: 100, want: 30},
-		{name: "percent above floor", requests: 1000, want: 200},
-		{name: "percent partly spent", requests: 1000, spent: 150, want: 50},
-		{name: "spent within window", requests: 1000, spent: 200, at: 9 * time.Second, want: 0},
-		{name: "window slid past", requests: 1000, spent: 200, at: 10 * time.Second, want: 30},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			b := newRetryBudget(config.Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second})
-			for range tc.requests {
-				b.request(t0)
-			}
-			for i := range tc.spent {
-				if !b.spend(t0) {
-					t.Fatalf("spend() #%d at t0 = false, want true", i+1)
-				}
-			}
-			now := t0.Add(tc.at)
-			got := 0
-			for got < 10_000 && b.spend(now) {
-				got++
-			}
-			if got != tc.want {
-				t.Errorf("spend() allowed %d retries, want %d", got, tc.want)
-			}
-		})
-	}
-
-	t.Run("sliding", func(t *testing.T) {
-		// 500 requests in each of 10 seconds: 1000 retries over the
-		// window; a second later the oldest second's share is gone.
-		b := newRetryBudget(config.Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second})
-		for s := range 10 {
-			now := t0.Add(time.Duration(s) * time.Second)
-			for range 500 {
-				b.request(now)
-			}
-		}
-		last := t0.Add(9 * time.Second)
-		n := 0
-		for n < 10_000 && b.spend(last) {
-			n++
-		}
-		if n != 1000 {
-			t.Fatalf("spend() allowed %d retries over 5000 requests, want 1000", n)
-		}
-		// One second on: 4500 requests left in the window (900 allowed),
-		// all 1000 retries still in it.
-		if b.spend(t0.Add(10 * time.Second)) {
-			t.Errorf("spend() one second on = true, want false: retries still exceed 20%%")
-		}
-		// Eleven seconds after the last retries, nothing is left but the
-		// floor.
-		later := t0.Add(19 * time.Second)
-		n = 0
-		for n < 10_000 && b.spend(later) {
-			n++
-		}
-		if n != 30 {
-			t.Errorf("spend() after the window allowed %d, want 30", n)
-		}
-	})
-
-	t.Run("refund", func(t *testing.T) {
-		// A retry decided on but never sent gives its share back; one
-		// from a second that has left the window has nothing to give.
-		b := newRetryBudget(config.Budget{Percent: 20, MinPerSecond: 3, Window: 10 * time.Second})
-		for n := 0; n < 30; n++ {
-			if !b.spend(t0) {
-				t.Fatalf("spend() #%d = false, want true", n+1)
-			}
-		}
-		if b.spend(t0) {
-			t.Fatal("spend() past the floor = true, want false")
-		}
-		b.refund(t0)
-		if !b.spend(t0) {
-			t.Error("spend() after a refund = false, want true")
-		}
-		b.refund(t0.Add(-10 * time.Second)) // the same bucket, an older second
-		if b.spend(t0) {
-			t.Error("spend() after refunding a second out of the window = true, want false")
-		}
-	})
 }
 
 func TestRetryDialRefused(t *testing.T) {
@@ -688,27 +600,27 @@ func TestOutlierEjection(t *testing.T) {
 		nodes := resStartNodes(t, 3)
 		bad := nodes[1]
 		bad.status.Store(http.StatusServiceUnavailable)
-		s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+		clk := resilience.NewManual(time.Unix(1_700_000_000, 0))
+		s := resProxyClock(t, resAddrs(nodes), RouteConfig{Resilience: res}, clk)
 		for range 20 {
 			s.do(t, http.MethodGet, "/", nil)
 		}
 		if got := s.ejected(); len(got) != 1 {
 			t.Fatalf("ejected endpoints = %v, want [%s]", got, bad.addr)
 		}
-		ejectedAt := time.Now()
 		bad.status.Store(http.StatusOK)
 		hits := bad.hits.Load()
+		clk.Advance(299 * time.Millisecond)
 		for range 9 {
 			s.do(t, http.MethodGet, "/", nil)
 		}
-		if got := bad.hits.Load(); got != hits && time.Since(ejectedAt) < 250*time.Millisecond {
+		if got := bad.hits.Load(); got != hits {
 			t.Errorf("ejected node got %d requests while ejected", got-hits)
 		}
-		// Not only the clock: the timer that puts the node back in the
-		// balancer's set may run a little after the ejection's end.
-		resWait(t, 2*time.Second, "the ejection to end", func() bool {
-			return len(s.ejected()) == 0 && s.eligible() == len(nodes)
-		})
+		clk.Advance(time.Millisecond)
+		if got, n := s.ejected(), s.eligible(); len(got) != 0 || n != len(nodes) {
+			t.Fatalf("at the ejection's end: ejected %v, %d eligible, want none and %d", got, n, len(nodes))
+		}
 		hits = bad.hits.Load()
 		for i := range 30 {
 			if r := s.do(t, http.MethodGet, "/", nil); r.status != http.StatusOK {
@@ -1661,9 +1573,7 @@ func retriesSpent(p *Proxy) int64 {
 	defer p.mu.Unlock()
 	var n int64
 	for _, rt := range p.routes {
-		for i := range rt.budget.buckets {
-			n += rt.budget.buckets[i].retries.Load()
-		}
+		n += rt.budget.Spent()
 	}
 	return n
 }
@@ -1720,37 +1630,35 @@ func TestOutlierEjectionGrows(t *testing.T) {
 	res.Outlier.MaxEjection = time.Minute
 	nodes := resStartNodes(t, 3)
 	bad := nodes[0]
-	s := resProxy(t, resAddrs(nodes), RouteConfig{Resilience: res})
+	clk := resilience.NewManual(time.Unix(1_700_000_000, 0))
+	s := resProxyClock(t, resAddrs(nodes), RouteConfig{Resilience: res}, clk)
 
 	// ejectOnce fails bad until it is ejected and returns how long the
-	// ejection lasts, within the time the requests took; then waits for it
-	// to end.
-	ejectOnce := func(t *testing.T) (lo, hi time.Duration) {
+	// ejection lasts by the route's clock; then moves the clock to its end
+	// and checks the node is back.
+	ejectOnce := func(t *testing.T) time.Duration {
 		t.Helper()
 		bad.status.Store(http.StatusServiceUnavailable)
-		var before, after time.Time
 		var until *time.Time
 		for i := 0; until == nil; i++ {
 			if i == 30 {
 				t.Fatal("node answering 503 not ejected after 30 requests")
 			}
-			before = time.Now()
 			s.do(t, http.MethodGet, "/", nil)
-			after = time.Now()
 			until = s.endpoint(t, bad.addr).EjectedUntil
 		}
 		bad.status.Store(http.StatusOK)
-		resWait(t, 5*time.Second, "the ejection to end", func() bool {
-			return len(s.ejected()) == 0 && s.eligible() == len(nodes)
-		})
-		return until.Sub(after), until.Sub(before)
+		d := until.Sub(clk.Now())
+		clk.Advance(d)
+		if got, n := s.ejected(), s.eligible(); len(got) != 0 || n != len(nodes) {
+			t.Fatalf("at the ejection's end: ejected %v, %d eligible, want none and %d", got, n, len(nodes))
+		}
+		return d
 	}
 	check := func(t *testing.T, what string, want time.Duration) {
 		t.Helper()
-		lo, hi := ejectOnce(t)
-		// until = now + d for some now between before and after.
-		if want < lo.Truncate(time.Millisecond) || want > hi+time.Millisecond {
-			t.Errorf("%s lasted between %v and %v, want %v", what, lo, hi, want)
+		if got := ejectOnce(t); got != want {
+			t.Errorf("%s lasted %v, want %v", what, got, want)
 		}
 	}
 	check(t, "first ejection", base)

@@ -36,7 +36,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 		}
 	}()
 	res := &rt.cfg.Resilience
-	rt.budget.request(start)
+	rt.budget.Request(start)
 	key, hasKey := rt.key.sum(r)
 	method := r.Method
 	replayable := idempotent(method) || res.Retries.RetryNonIdempotent
@@ -224,7 +224,7 @@ func (p *Proxy) decideRetry(rt *route, reason string, allowed bool, retries *int
 	var spent time.Time
 	if !neverSent {
 		spent = time.Now()
-		if !rt.budget.spend(spent) {
+		if !rt.budget.Spend(spent) {
 			rt.metrics.retries.WithLabelValues(reason, "budget_exhausted").Inc()
 			return false
 		}
@@ -264,7 +264,7 @@ func (n *pendingRetry) sent(rt *route) {
 // was never sent.
 func (n *pendingRetry) cancel(rt *route) {
 	if !n.spent.IsZero() {
-		rt.budget.refund(n.spent)
+		rt.budget.Refund(n.spent)
 	}
 	*n = pendingRetry{}
 }

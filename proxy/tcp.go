@@ -48,7 +48,7 @@ func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
 		return nil, fmt.Errorf("upstream %q on %s: unknown proxy protocol %q (want %s or none)",
 			cfg.Service, listener, cfg.ProxyProtocol, proxyProtocolV2)
 	}
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
+	rt, err := newRoute(p, listener, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
