@@ -460,3 +460,53 @@ func TestTCPIdleTimeout(t *testing.T) {
 		t.Fatalf("quiet connection read = %v, want EOF from the idle timeout", err)
 	}
 }
+
+// TestTCPRetriesFollowPolicy: a TCP connection goes through the same
+// attempt loop as a request: a refused dial is retried on another node as
+// retries.attempts allows (not a fixed number of dials), and each retry is
+// counted in sidecar_retries_total.
+func TestTCPRetriesFollowPolicy(t *testing.T) {
+	t.Run("no retries", func(t *testing.T) {
+		res := connResDefaults(t)
+		res.Retries.Attempts = 0
+		live := startTCPNode(t)
+		dead := resDeadAddr(t)
+		s := startTCPRoute(t, []string{live.addr, dead}, res)
+		failed := 0
+		for range 10 {
+			if s.echo() != nil {
+				failed++
+			}
+		}
+		if failed == 0 || s.fc.failures(dead) != failed {
+			t.Errorf("%d of 10 connections failed, %d dials to the dead node; want every dial to it to fail its connection, with no retry",
+				failed, s.fc.failures(dead))
+		}
+		if got := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "connect_failed", "outcome": "retried"}); got != 0 {
+			t.Errorf(`sidecar_retries_total{reason="connect_failed",outcome="retried"} = %v, want 0`, got)
+		}
+	})
+	t.Run("more retries than three dials", func(t *testing.T) {
+		res := connResDefaults(t)
+		res.Retries.Attempts = 5
+		live := startTCPNode(t)
+		addrs := []string{live.addr}
+		for range 5 {
+			addrs = append(addrs, resDeadAddr(t))
+		}
+		s := startTCPRoute(t, addrs, res)
+		for i := range 12 {
+			if err := s.echo(); err != nil {
+				t.Fatalf("connection #%d: %v", i, err)
+			}
+		}
+		dials := 0
+		for _, a := range addrs[1:] {
+			dials += s.fc.failures(a)
+		}
+		got := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "connect_failed", "outcome": "retried"})
+		if dials == 0 || int(got) != dials {
+			t.Errorf(`sidecar_retries_total{reason="connect_failed",outcome="retried"} = %v, want one per failed dial (%d)`, got, dials)
+		}
+	})
+}
