@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
@@ -331,7 +332,7 @@ func (pc *h1Conn) roundTrip(ctx context.Context, out *http.Request, body reqBody
 
 	rb := &h1Body{pc: pc, resp: resp, x: x}
 	switch {
-	case resp.ContentLength == 0 || out.Method == http.MethodHead || !bodyAllowed(resp.StatusCode):
+	case resp.ContentLength == 0 || out.Method == http.MethodHead || !httpwire.BodyAllowed(resp.StatusCode):
 		resp.Body = http.NoBody
 		rb.finish(nil)
 		return resp, false, false, nil
@@ -485,10 +486,6 @@ func (x *exchange) wrap(err error) error {
 }
 
 var aLongTimeAgo = time.Unix(1, 0)
-
-func bodyAllowed(code int) bool {
-	return code >= 200 && code != http.StatusNoContent && code != http.StatusNotModified
-}
 
 // reqBody is a request body of known length: buf, or n bytes of src.
 type reqBody struct {

@@ -528,7 +528,7 @@ func firstValue(vv []string) string {
 }
 
 func (w *h1Response) bodyAllowed() bool {
-	return w.req.Method != http.MethodHead && bodyAllowed(w.status)
+	return w.req.Method != http.MethodHead && httpwire.BodyAllowed(w.status)
 }
 
 func (w *h1Response) Write(p []byte) (int, error) {
@@ -538,7 +538,7 @@ func (w *h1Response) Write(p []byte) (int, error) {
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)
 	}
-	if !bodyAllowed(w.status) {
+	if !httpwire.BodyAllowed(w.status) {
 		return 0, http.ErrBodyNotAllowed
 	}
 	if w.contentLength >= 0 && w.written+int64(len(p)) > w.contentLength {
@@ -593,8 +593,8 @@ func (w *h1Response) commit(final bool) {
 	w.committed = true
 	h, req := w.header, w.req
 	delete(h, "Transfer-Encoding")
-	declaredTrailers(h, func(k string) { w.trailers = append(w.trailers, k) })
-	bodyOK := bodyAllowed(w.status)
+	httpwire.DeclaredTrailers(h, func(k string) { w.trailers = append(w.trailers, k) })
+	bodyOK := httpwire.BodyAllowed(w.status)
 	if !bodyOK && w.status != http.StatusNotModified {
 		delete(h, "Content-Length")
 		w.contentLength = -1
@@ -664,7 +664,7 @@ func writeHeaderLines(bw *bufio.Writer, h http.Header, skip []string) {
 			continue
 		}
 		for _, v := range vv {
-			writeField(bw, k, v)
+			httpwire.WriteField(bw, k, v)
 		}
 	}
 }
@@ -685,7 +685,7 @@ func (w *h1Response) finish() {
 		h := w.header
 		for _, k := range w.trailers {
 			for _, v := range h[k] {
-				writeField(bw, k, v)
+				httpwire.WriteField(bw, k, v)
 			}
 		}
 		for k, vv := range h {
@@ -694,7 +694,7 @@ func (w *h1Response) finish() {
 				continue
 			}
 			for _, v := range vv {
-				writeField(bw, name, v)
+				httpwire.WriteField(bw, name, v)
 			}
 		}
 		bw.WriteString("\r\n")

@@ -74,7 +74,7 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 			vv = vv[:1]
 		}
 		for _, v := range vv {
-			writeField(w, k, v)
+			httpwire.WriteField(w, k, v)
 		}
 	}
 	if body.n > 0 || out.Method == http.MethodPost || out.Method == http.MethodPut || out.Method == http.MethodPatch {
@@ -113,34 +113,6 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 		}
 	}
 	return w.Flush()
-}
-
-var headerNewlineToSpace = strings.NewReplacer("\n", " ", "\r", " ")
-
-// writeField writes one header (or trailer) line, its value trimmed and
-// any line break in it made a space, so that no value can end the head.
-func writeField(w *bufio.Writer, k, v string) {
-	for i := 0; i < len(v); i++ {
-		if c := v[i]; c == '\r' || c == '\n' {
-			v = headerNewlineToSpace.Replace(v)
-			break
-		}
-	}
-	v = textproto.TrimString(v)
-	if len(k)+len(v)+4 > w.Available() {
-		w.WriteString(k)
-		w.WriteString(": ")
-		w.WriteString(v)
-		w.WriteString("\r\n")
-		return
-	}
-	// One copy into the buffer's free space, not four calls.
-	b := w.AvailableBuffer()
-	b = append(b, k...)
-	b = append(b, ": "...)
-	b = append(b, v...)
-	b = append(b, "\r\n"...)
-	w.Write(b)
 }
 
 // readResponse reads a response head, skipping 1xx informational ones, and
@@ -300,7 +272,7 @@ func frame(resp *http.Response, method string) error {
 		delete(h, "Transfer-Encoding")
 		chunked = true
 	}
-	noBody := method == http.MethodHead || !bodyAllowed(resp.StatusCode)
+	noBody := method == http.MethodHead || !httpwire.BodyAllowed(resp.StatusCode)
 	resp.ContentLength = -1
 	if cl, ok := h["Content-Length"]; ok && !chunked {
 		for _, v := range cl[1:] {

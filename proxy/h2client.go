@@ -920,7 +920,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 			resp.ContentLength = n
 		}
 	}
-	declaredTrailers(header, func(k string) {
+	httpwire.DeclaredTrailers(header, func(k string) {
 		if resp.Trailer == nil {
 			resp.Trailer = make(http.Header)
 		}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/textproto"
 	"os"
 	"runtime"
 	"strings"
@@ -692,18 +691,6 @@ func (c *h2conn) values(n int) []string {
 	v := c.valueChunk[:n:n]
 	c.valueChunk = c.valueChunk[n:]
 	return v
-}
-
-// declaredTrailers calls fn with each key h's Trailer header declares, in
-// canonical form.
-func declaredTrailers(h http.Header, fn func(k string)) {
-	for _, v := range h["Trailer"] {
-		for _, k := range strings.Split(v, ",") {
-			if k = httpwire.CanonicalKey(textproto.TrimString(k)); k != "" {
-				fn(k)
-			}
-		}
-	}
 }
 
 // applySettingsLocked applies a SETTINGS frame from the peer and

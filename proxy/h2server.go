@@ -589,7 +589,7 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	req.RequestURI = path
 	if len(header["Trailer"]) > 0 {
 		req.Trailer = make(http.Header)
-		declaredTrailers(header, func(k string) {
+		httpwire.DeclaredTrailers(header, func(k string) {
 			if httpguts.ValidTrailerHeader(k) {
 				req.Trailer[k] = nil
 			}
@@ -838,7 +838,7 @@ func (st *h2ServerStream) Write(p []byte) (int, error) {
 	if st.status == 0 {
 		st.WriteHeader(http.StatusOK)
 	}
-	if !bodyAllowed(st.status) || st.req.Method == http.MethodHead {
+	if !httpwire.BodyAllowed(st.status) || st.req.Method == http.MethodHead {
 		return 0, http.ErrBodyNotAllowed
 	}
 	sc := st.sc
@@ -921,7 +921,7 @@ func (st *h2ServerStream) writeTrailersLocked() {
 			sc.encodeHeaderLocked(httpwire.CanonicalKey(name), vv)
 		}
 	}
-	declaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })
+	httpwire.DeclaredTrailers(st.header, func(k string) { sc.encodeHeaderLocked(k, st.header[k]) })
 	sc.writeHeaderBlockLocked(st.id, true)
 }
 

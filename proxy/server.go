@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
@@ -41,7 +42,7 @@ type ServerOptions struct {
 
 // DefaultMaxHeaderBytes is ServerOptions.MaxHeaderBytes's default, 60 KiB,
 // as Envoy's max_request_headers_kb.
-const DefaultMaxHeaderBytes = 60 << 10
+const DefaultMaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
 
 // Server serves one proxy listener: HTTP/1.1 (h1server.go) and HTTP/2 with
 // prior knowledge (h2server.go) on the same port, both through the

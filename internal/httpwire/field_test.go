@@ -1,4 +1,4 @@
-package proxy
+package httpwire
 
 import (
 	"bufio"
@@ -7,7 +7,8 @@ import (
 )
 
 func TestWriteField(t *testing.T) {
-	long := strings.Repeat("v", 2*h1WriteBuffer)
+	const bufSize = 8 << 10 // the HTTP/1.1 engines' write buffer
+	long := strings.Repeat("v", 2*bufSize)
 	tests := []struct {
 		name, k, v, want string
 	}{
@@ -20,12 +21,12 @@ func TestWriteField(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var sb strings.Builder
-			w := bufio.NewWriterSize(&sb, h1WriteBuffer)
+			w := bufio.NewWriterSize(&sb, bufSize)
 			w.WriteString("HTTP/1.1 200 OK\r\n") // not at the buffer's start
-			writeField(w, tc.k, tc.v)
+			WriteField(w, tc.k, tc.v)
 			w.Flush()
 			if got := strings.TrimPrefix(sb.String(), "HTTP/1.1 200 OK\r\n"); got != tc.want {
-				t.Errorf("writeField(%q, %q) wrote %.80q, want %.80q", tc.k, tc.v, got, tc.want)
+				t.Errorf("WriteField(%q, %q) wrote %.80q, want %.80q", tc.k, tc.v, got, tc.want)
 			}
 		})
 	}
