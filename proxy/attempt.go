@@ -17,9 +17,9 @@ import (
 // ctx). Each try is one call to the protocol's attempt (httpTry, upgradeTry
 // or tcpTry), which reaches the node and says what came of it.
 //
-// The attempt is chosen by which of http, upgrade and tcp is set, rather
-// than through an interface, so that the per-request state stays on the
-// caller's stack: the loop adds no allocation to a request.
+// The attempt is chosen by kind, and the protocol's state is held in the
+// loop by value, rather than behind an interface or a pointer, so that it
+// stays on the caller's stack: the loop adds no allocation to a request.
 type tryLoop struct {
 	p      *Proxy
 	rt     *route
@@ -35,16 +35,27 @@ type tryLoop struct {
 	// budget given back if it never does (cancel, deferred by the caller).
 	next pendingRetry
 
-	http    *httpTry
-	upgrade *upgradeTry
-	tcp     *tcpTry
+	kind    tryKind
+	http    httpTry    // kind tryHTTP
+	upgrade upgradeTry // kind tryUpgrade
+	tcp     tcpTry     // kind tryTCP
 }
 
-// newTryLoop returns the loop for one request or connection on rt that
-// started at start, counting it in rt's retry budget.
-func newTryLoop(p *Proxy, ctx context.Context, rt *route, key uint64, hasKey bool, start time.Time) tryLoop {
+// tryKind is the protocol a tryLoop carries.
+type tryKind uint8
+
+const (
+	tryHTTP tryKind = iota
+	tryUpgrade
+	tryTCP
+)
+
+// init readies l for one request or connection on rt that started at
+// start, counting it in rt's retry budget; l.kind and its protocol's state
+// are the caller's to set.
+func (l *tryLoop) init(p *Proxy, ctx context.Context, rt *route, key uint64, hasKey bool, start time.Time) {
 	rt.budget.Request(start)
-	return tryLoop{p: p, rt: rt, ctx: ctx, key: key, hasKey: hasKey, start: start}
+	l.p, l.ctx, l.rt, l.key, l.hasKey, l.start = p, ctx, rt, key, hasKey, start
 }
 
 // verdict is what a try's attempt says should happen next.
@@ -140,7 +151,7 @@ func (l *tryLoop) run() error {
 // ready readies the next try before a node is picked: a request body that
 // cannot be sent again ends the tries.
 func (l *tryLoop) ready() bool {
-	if l.http != nil {
+	if l.kind == tryHTTP {
 		return l.http.ready()
 	}
 	return true
@@ -150,7 +161,7 @@ func (l *tryLoop) ready() bool {
 // max_requests. It returns the func that reports the outcome to the
 // breaker.
 func (l *tryLoop) admit(e *endpoint) (func(error), error) {
-	if l.http != nil {
+	if l.kind == tryHTTP {
 		return l.http.admit(e)
 	}
 	return e.allow()
@@ -158,10 +169,10 @@ func (l *tryLoop) admit(e *endpoint) (func(error), error) {
 
 // attempt makes one try on e with the protocol's attempt.
 func (l *tryLoop) attempt(e *endpoint, pk balancer.Pick, breakerDone func(error)) outcome {
-	switch {
-	case l.http != nil:
+	switch l.kind {
+	case tryHTTP:
 		return l.http.attempt(l, e, pk, breakerDone)
-	case l.upgrade != nil:
+	case tryUpgrade:
 		return l.upgrade.attempt(l, e, pk, breakerDone)
 	default:
 		return l.tcp.attempt(l, e, pk, breakerDone)

@@ -1,11 +1,3 @@
-// Package proxy carries the app's outbound requests to healthy nodes: one
-// listener per configured upstream, and a forward-proxy listener where the
-// request's host names the service.
-//
-// A config reload changes a listener's route in place: Upstream, TCPServer
-// and Forwarder each hold their route behind an atomic pointer that a
-// request (or TCP connection) loads once, and Update publishes a new one;
-// requests in flight finish on the route they started on.
 package proxy
 
 import (

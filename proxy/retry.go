@@ -20,9 +20,11 @@ import (
 func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time) (resp *http.Response, e *endpoint, pk balancer.Pick, err error) {
 	res := &rt.cfg.Resilience
 	key, hasKey := rt.key.sum(r)
-	h := httpTry{r: r, useH2: rt.h2 || grpc, replayable: idempotent(r.Method) || res.Retries.RetryNonIdempotent}
-	l := newTryLoop(p, ctx, rt, key, hasKey, start)
-	l.http = &h
+	var l tryLoop
+	l.init(p, ctx, rt, key, hasKey, start)
+	l.kind = tryHTTP
+	h := &l.http
+	*h = httpTry{r: r, useH2: rt.h2 || grpc, replayable: idempotent(r.Method) || res.Retries.RetryNonIdempotent}
 	defer func() {
 		l.next.cancel(rt)
 		if h.held != nil && err != nil && r.Context().Err() == nil {

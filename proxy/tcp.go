@@ -170,9 +170,10 @@ func (s *TCPServer) handle(client net.Conn) {
 	if rt.cfg.ProxyProtocol == proxyProtocolV2 {
 		header = appendProxyV2(make([]byte, 0, proxyV2MaxLen), client.RemoteAddr(), client.LocalAddr())
 	}
-	c := tcpTry{header: header}
-	l := newTryLoop(s.p, context.Background(), rt, key, hasKey, start)
-	l.tcp = &c
+	var l tryLoop
+	l.init(s.p, context.Background(), rt, key, hasKey, start)
+	l.kind, l.tcp = tryTCP, tcpTry{header: header}
+	c := &l.tcp
 	defer l.next.cancel(rt)
 	if err := l.run(); err != nil {
 		_, code := classify(err)

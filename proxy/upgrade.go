@@ -48,9 +48,10 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		out.Body = r.Body
 	}
 
-	u := upgradeTry{out: out}
-	l := newTryLoop(p, r.Context(), rt, key, hasKey, start)
-	l.upgrade = &u
+	var l tryLoop
+	l.init(p, r.Context(), rt, key, hasKey, start)
+	l.kind, l.upgrade = tryUpgrade, upgradeTry{out: out}
+	u := &l.upgrade
 	defer l.next.cancel(rt)
 	if err := l.run(); err != nil {
 		if err == errClientClosed {
