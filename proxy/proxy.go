@@ -283,12 +283,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	grpc := isGRPC(r)
 
 	ctx := r.Context()
-	timeout := rt.cfg.Timeouts.Request
-	if grpc {
-		if d, ok := httpwire.GRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
-			timeout = d
-		}
-	}
+	timeout := requestTimeout(r, rt, grpc)
 	if timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, timeout)
@@ -316,6 +311,25 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		answerError(w, r, err)
 		return
 	}
+	p.relay(w, rt, resp, e, pk, start)
+}
+
+// requestTimeout is the request's deadline: timeouts.request, or a gRPC
+// request's grpc-timeout when shorter; zero for none.
+func requestTimeout(r *http.Request, rt *route, grpc bool) time.Duration {
+	timeout := rt.cfg.Timeouts.Request
+	if grpc {
+		if d, ok := httpwire.GRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
+			timeout = d
+		}
+	}
+	return timeout
+}
+
+// relay relays node e's answer resp to the client, trailers included, and
+// ends the request's pick. A node that fails mid-body aborts the client's
+// response (http.ErrAbortHandler), so that it does not look complete.
+func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *endpoint, pk balancer.Pick, start time.Time) {
 	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
 
@@ -326,7 +340,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		// A stream: the client may need the headers before any message.
 		_ = http.NewResponseController(w).Flush()
 	}
-	err = copyBody(w, resp)
+	err := copyBody(w, resp)
 	if len(resp.Trailer) > 0 {
 		h := w.Header()
 		for k, vv := range resp.Trailer {
@@ -338,7 +352,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		outcome = errGateway // counts as slow for latency-aware balancing
 	}
 	done(pk, outcome, start)
-	m.duration.Observe(time.Since(start).Seconds())
+	rt.metrics.duration.Observe(time.Since(start).Seconds())
 	if err != nil && !errors.Is(err, errClientGone) {
 		// The node failed mid-body: abort so the client sees a broken
 		// response, not a short one that looks complete.

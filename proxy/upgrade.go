@@ -29,7 +29,6 @@ import (
 // session ends.
 func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, proto string, start time.Time) {
 	m := &rt.metrics
-	res := &rt.cfg.Resilience
 	fail := func(err error) {
 		_, code := classify(err)
 		m.refused(code)
@@ -61,11 +60,19 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		fail(err)
 		return
 	}
+	p.answerUpgrade(w, rt, proto, u, start)
+}
+
+// answerUpgrade relays the node's answer to the handshake u made: a
+// refused handshake as any other answer; after a 101, the session, until
+// either side ends it.
+func (p *Proxy) answerUpgrade(w http.ResponseWriter, rt *route, proto string, u *upgradeTry, start time.Time) {
 	resp, e, pk, breakerDone := u.resp, u.e, u.pk, u.breakerDone
 	e.requests[codeClass(resp.StatusCode)].Inc()
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		// Refused handshake: relay the answer as it is, and count it as
 		// any other answer.
+		res := &rt.cfg.Resilience
 		gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
 		rt.reportTry(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
 		defer resp.Body.Close()
