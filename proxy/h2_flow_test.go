@@ -77,9 +77,9 @@ func soleH2ServerConn(t *testing.T, s *Server) *h2ServerConn {
 	t.Helper()
 	var sc *h2ServerConn
 	resWait(t, 5*time.Second, "the HTTP/2 connection", func() bool {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		for c := range s.h2conns {
+		s.h2.mu.Lock()
+		defer s.h2.mu.Unlock()
+		for c := range s.h2.conns {
 			sc = c
 		}
 		return sc != nil

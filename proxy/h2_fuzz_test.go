@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -186,7 +187,7 @@ func FuzzH2ServerConn(f *testing.F) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			srv.serveH2(server)
+			srv.h2.serveH2(server)
 		}()
 		go func() { _, _ = io.Copy(io.Discard, client) }()
 		_ = client.SetWriteDeadline(time.Now().Add(2 * time.Second))
@@ -389,4 +390,107 @@ func (x *xnetAcceptance) accepts(t *testing.T, frames []byte) bool {
 			return false
 		}
 	}
+}
+
+// FuzzH2RequestHeaders runs the server's request-header path (HPACK-decoded
+// header list to request: readFrame, then newRequest) over header lists
+// given as "name: value" lines, and holds every request it accepts to RFC
+// 9113: no connection-specific field (8.2.2), te only as "trailers", a
+// content-length that is a non-negative integer and, on a stream the
+// HEADERS frame ends, zero (8.1.1), a valid method and host, and no Host
+// or pseudo-header left in the header. Whatever it refuses, it refuses
+// without a panic.
+func FuzzH2RequestHeaders(f *testing.F) {
+	for _, s := range []struct {
+		list      string
+		endStream bool
+	}{
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /a\n", true},
+		{":method: POST\n:scheme: http\n:authority: echo\n:path: /p\ncontent-length: 5\n", false},
+		{":method: POST\n:scheme: http\n:authority: echo\n:path: /p\ncontent-length: 5\n", true},
+		{":method: POST\n:scheme: http\n:authority: echo\n:path: /p\ncontent-length: -1\n", false},
+		{":method: POST\n:scheme: http\n:authority: echo\n:path: /p\ncontent-length: 1, 2\n", false},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\nte: trailers\n", true},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\nte: gzip\n", true},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\nconnection: close\n", true},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\ntransfer-encoding: chunked\n", false},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\nkeep-alive: 5\nupgrade: h2c\n", true},
+		{":method: GET\n:scheme: http\n:path: /\nhost: echo\n", true},
+		{":method: GET\n:scheme: http\n:path: /\nhost: a b\n", true},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\nx-a: 1\n:status: 200\n", true},
+		{":method: GET\n:scheme: http\n:authority: echo\n:path: /\nX-Upper: 1\n", true},
+		{":method: POST\n:scheme: https\n:authority: echo\n:path: /p\ntrailer: grpc-status, x-t\ncontent-length: 0\n", false},
+		{":method: CONNECT\n:authority: echo:443\n", false},
+	} {
+		f.Add(s.list, s.endStream)
+	}
+	f.Fuzz(func(t *testing.T, list string, endStream bool) {
+		var fields []hpack.HeaderField
+		for line := range strings.SplitSeq(list, "\n") {
+			if line == "" {
+				continue
+			}
+			// A pseudo-header's name starts with its colon: split after it.
+			name, value, ok := strings.Cut(line[min(1, len(line)):], ": ")
+			if !ok {
+				return
+			}
+			fields = append(fields, hpack.HeaderField{Name: line[:min(1, len(line))] + name, Value: value})
+		}
+		var hbuf bytes.Buffer
+		enc := hpack.NewEncoder(&hbuf)
+		for _, hf := range fields {
+			_ = enc.WriteField(hf)
+		}
+		if hbuf.Len() > h2DefaultFrame {
+			return
+		}
+		var frames bytes.Buffer
+		_ = http2.NewFramer(&frames, nil).WriteHeaders(http2.HeadersFrameParam{
+			StreamID: 1, BlockFragment: hbuf.Bytes(), EndStream: endStream, EndHeaders: true})
+		req, err := sidecarRequest(frames.Bytes())
+		if err != nil {
+			return
+		}
+		var contentLength []string
+		for _, hf := range fields {
+			switch hf.Name {
+			case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+				t.Fatalf("%q: accepted with connection-specific field %s", list, hf.Name)
+			case "te":
+				if hf.Value != "trailers" {
+					t.Fatalf("%q: accepted with te: %q", list, hf.Value)
+				}
+			case "content-length":
+				contentLength = append(contentLength, hf.Value)
+			}
+			if hf.Name != strings.ToLower(hf.Name) {
+				t.Fatalf("%q: accepted with upper-case field name %q", list, hf.Name)
+			}
+		}
+		switch {
+		case endStream && len(contentLength) > 0 && contentLength[0] != "" && contentLength[0] != "0":
+			t.Fatalf("%q: accepted content-length %q on a stream with no body", list, contentLength[0])
+		case endStream && req.Body != http.NoBody:
+			t.Fatalf("%q: a stream with no body has a request body", list)
+		case !endStream && len(contentLength) > 0 && contentLength[0] != "":
+			n, err := strconv.ParseInt(contentLength[0], 10, 64)
+			if err != nil || n < 0 || req.ContentLength != n {
+				t.Fatalf("%q: content-length %q became ContentLength %d", list, contentLength[0], req.ContentLength)
+			}
+		case !endStream && len(contentLength) == 0 && req.ContentLength != -1:
+			t.Fatalf("%q: no content-length became ContentLength %d, want -1", list, req.ContentLength)
+		}
+		if !httpwire.ValidToken(req.Method) {
+			t.Fatalf("%q: accepted method %q", list, req.Method)
+		}
+		if !httpguts.ValidHostHeader(req.Host) {
+			t.Fatalf("%q: accepted host %q", list, req.Host)
+		}
+		for k := range req.Header {
+			if k == "Host" || strings.HasPrefix(k, ":") || !httpwire.ValidToken(k) {
+				t.Fatalf("%q: request header keeps field %q", list, k)
+			}
+		}
+	})
 }

@@ -134,12 +134,12 @@ func h2cClient(t testing.TB, conf *http.HTTP2Config) *http.Client {
 // h2ServerLoad counts the app connections of s, their open streams and
 // their handlers not yet returned.
 func h2ServerLoad(s *Server) (conns, streams, running int) {
-	s.mu.Lock()
-	scs := make([]*h2ServerConn, 0, len(s.h2conns))
-	for sc := range s.h2conns {
+	s.h2.mu.Lock()
+	scs := make([]*h2ServerConn, 0, len(s.h2.conns))
+	for sc := range s.h2.conns {
 		scs = append(scs, sc)
 	}
-	s.mu.Unlock()
+	s.h2.mu.Unlock()
 	for _, sc := range scs {
 		sc.mu.Lock()
 		streams += len(sc.streams)

@@ -748,131 +748,178 @@ func (cc *h2ClientConn) readFrames() (err error) {
 	}
 }
 
+// handle applies one frame from the node, by its type, under cc.mu: one
+// method per frame type, as x/net's transport reads them.
 func (cc *h2ClientConn) handle(f http2.Frame) error {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
-		cs := cc.streams[f.StreamID]
-		if cs == nil && cc.idleLocked(f.StreamID) {
-			// The node opened a stream: push is off, so it may not.
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
-		if cs == nil || cs.recvDone {
-			return nil // reset by the sidecar; what follows is dropped
-		}
-		if !cs.gotResp {
-			return cs.onResponseLocked(f)
-		}
-		if !f.StreamEnded() {
-			cc.writeRSTLocked(cs.id, http2.ErrCodeProtocol)
-			cc.flushLocked()
-			cs.failLocked(errors.New("http2: trailers without END_STREAM"))
-			return nil
-		}
-		if cs.trailer == nil {
-			if fields := f.RegularFields(); len(fields) > 0 {
-				cs.trailer = cc.header(fields, false)
-			}
-		} else {
-			for _, hf := range f.RegularFields() {
-				k := httpwire.CanonicalKey(hf.Name)
-				cs.trailer[k] = append(cs.trailer[k], hf.Value)
-			}
-		}
-		cs.endRecvLocked()
+		return cc.processHeaders(f)
 	case *http2.DataFrame:
-		data, err := cc.receivedLocked(f)
-		if err != nil {
-			return err
-		}
-		cs := cc.streams[f.StreamID]
-		if cs == nil || cs.recvDone || !cs.gotResp {
-			cc.consumedLocked(len(data))
-			if cs == nil && cc.idleLocked(f.StreamID) {
-				return http2.ConnectionError(http2.ErrCodeProtocol)
-			}
-			return nil
-		}
-		if !cs.body.putLocked(data) {
-			cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
-			cc.flushLocked()
-			cs.failLocked(errors.New("http2: node overran the stream window"))
-			return nil
-		}
-		if f.StreamEnded() {
-			cs.endRecvLocked()
-		}
+		return cc.processData(f)
 	case *http2.RSTStreamFrame:
-		cs := cc.streams[f.StreamID]
-		if cs == nil {
-			if cc.idleLocked(f.StreamID) {
-				return http2.ConnectionError(http2.ErrCodeProtocol)
-			}
-			return nil
-		}
-		var err error = h2StreamError{f.ErrCode}
-		switch {
-		case f.ErrCode == http2.ErrCodeRefusedStream:
-			err = errRefusedStream
-		case f.ErrCode == http2.ErrCodeNo && cs.recvDone:
-			// The answer is complete: the node needs no more of the body.
-			cs.sendDone = true
-			cc.cond.Broadcast()
-			cs.closeIfDoneLocked()
-			return nil
-		}
-		cs.sendDone = true // no RST back
-		cs.failLocked(err)
+		return cc.processRSTStream(f)
 	case *http2.WindowUpdateFrame:
-		if f.StreamID == 0 {
-			if !growWindow(&cc.sendWin, f.Increment) {
-				return http2.ConnectionError(http2.ErrCodeFlowControl)
-			}
-		} else if cs := cc.streams[f.StreamID]; cs != nil {
-			if !growWindow(&cs.sendWin, f.Increment) {
-				// A stream error, as the server treats an app's.
-				cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
-				cc.flushLocked()
-				cs.failLocked(errors.New("http2: node overflowed the stream send window"))
-			}
-		} else if cc.idleLocked(f.StreamID) {
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
-		cc.cond.Broadcast()
+		return cc.processWindowUpdate(f)
 	case *http2.SettingsFrame:
-		if f.IsAck() {
-			return nil
-		}
-		delta, err := cc.applySettingsLocked(f)
-		if err != nil {
-			return err
-		}
-		for _, cs := range cc.streams {
-			// As the server does (RFC 9113, section 6.9.2).
-			if !growWindowBy(&cs.sendWin, delta) {
-				return http2.ConnectionError(http2.ErrCodeFlowControl)
-			}
-		}
+		return cc.processSettings(f)
 	case *http2.PingFrame:
-		if !f.IsAck() {
-			cc.writePingLocked(true, f.Data)
-			cc.flushLocked()
-		}
+		return cc.processPing(f)
 	case *http2.GoAwayFrame:
-		cc.goAway = true
-		for id, cs := range cc.streams {
-			if id > f.LastStreamID {
-				cs.sendDone = true
-				cs.failLocked(errRefusedStream)
-			}
-		}
-		if len(cc.streams) == 0 && cc.reserved == 0 {
-			cc.closing = true
-			cc.flushLocked()
-		}
+		return cc.processGoAway(f)
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil
+}
+
+// processHeaders handles the response head, or trailers, of a stream.
+// cc.mu is held.
+func (cc *h2ClientConn) processHeaders(f *http2.MetaHeadersFrame) error {
+	cs := cc.streams[f.StreamID]
+	if cs == nil && cc.idleLocked(f.StreamID) {
+		// The node opened a stream: push is off, so it may not.
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	if cs == nil || cs.recvDone {
+		return nil // reset by the sidecar; what follows is dropped
+	}
+	if !cs.gotResp {
+		return cs.onResponseLocked(f)
+	}
+	if !f.StreamEnded() {
+		cc.writeRSTLocked(cs.id, http2.ErrCodeProtocol)
+		cc.flushLocked()
+		cs.failLocked(errors.New("http2: trailers without END_STREAM"))
+		return nil
+	}
+	if cs.trailer == nil {
+		if fields := f.RegularFields(); len(fields) > 0 {
+			cs.trailer = cc.header(fields, false)
+		}
+	} else {
+		for _, hf := range f.RegularFields() {
+			k := httpwire.CanonicalKey(hf.Name)
+			cs.trailer[k] = append(cs.trailer[k], hf.Value)
+		}
+	}
+	cs.endRecvLocked()
+	return nil
+}
+
+// processData handles a piece of a response body. cc.mu is held.
+func (cc *h2ClientConn) processData(f *http2.DataFrame) error {
+	data, err := cc.receivedLocked(f)
+	if err != nil {
+		return err
+	}
+	cs := cc.streams[f.StreamID]
+	if cs == nil || cs.recvDone || !cs.gotResp {
+		cc.consumedLocked(len(data))
+		if cs == nil && cc.idleLocked(f.StreamID) {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		return nil
+	}
+	if !cs.body.putLocked(data) {
+		cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
+		cc.flushLocked()
+		cs.failLocked(errors.New("http2: node overran the stream window"))
+		return nil
+	}
+	if f.StreamEnded() {
+		cs.endRecvLocked()
+	}
+	return nil
+}
+
+// processRSTStream handles the node resetting a stream. cc.mu is held.
+func (cc *h2ClientConn) processRSTStream(f *http2.RSTStreamFrame) error {
+	cs := cc.streams[f.StreamID]
+	if cs == nil {
+		if cc.idleLocked(f.StreamID) {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		return nil
+	}
+	var err error = h2StreamError{f.ErrCode}
+	switch {
+	case f.ErrCode == http2.ErrCodeRefusedStream:
+		err = errRefusedStream
+	case f.ErrCode == http2.ErrCodeNo && cs.recvDone:
+		// The answer is complete: the node needs no more of the body.
+		cs.sendDone = true
+		cc.cond.Broadcast()
+		cs.closeIfDoneLocked()
+		return nil
+	}
+	cs.sendDone = true // no RST back
+	cs.failLocked(err)
+	return nil
+}
+
+// processWindowUpdate handles more send window, for the connection or a
+// stream. cc.mu is held.
+func (cc *h2ClientConn) processWindowUpdate(f *http2.WindowUpdateFrame) error {
+	if f.StreamID == 0 {
+		if !growWindow(&cc.sendWin, f.Increment) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	} else if cs := cc.streams[f.StreamID]; cs != nil {
+		if !growWindow(&cs.sendWin, f.Increment) {
+			// A stream error, as the server treats an app's.
+			cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
+			cc.flushLocked()
+			cs.failLocked(errors.New("http2: node overflowed the stream send window"))
+		}
+	} else if cc.idleLocked(f.StreamID) {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	cc.cond.Broadcast()
+	return nil
+}
+
+// processSettings handles the node's settings. cc.mu is held.
+func (cc *h2ClientConn) processSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	delta, err := cc.applySettingsLocked(f)
+	if err != nil {
+		return err
+	}
+	for _, cs := range cc.streams {
+		// As the server does (RFC 9113, section 6.9.2).
+		if !growWindowBy(&cs.sendWin, delta) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	}
+	return nil
+}
+
+// processPing handles a ping, answered. cc.mu is held.
+func (cc *h2ClientConn) processPing(f *http2.PingFrame) error {
+	if !f.IsAck() {
+		cc.writePingLocked(true, f.Data)
+		cc.flushLocked()
+	}
+	return nil
+}
+
+// processGoAway handles the node going away: streams past its last are
+// refused, to be retried elsewhere. cc.mu is held.
+func (cc *h2ClientConn) processGoAway(f *http2.GoAwayFrame) error {
+	cc.goAway = true
+	for id, cs := range cc.streams {
+		if id > f.LastStreamID {
+			cs.sendDone = true
+			cs.failLocked(errRefusedStream)
+		}
+	}
+	if len(cc.streams) == 0 && cc.reserved == 0 {
+		cc.closing = true
+		cc.flushLocked()
 	}
 	return nil
 }

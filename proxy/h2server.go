@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
@@ -54,7 +55,7 @@ var (
 // handler runs on a goroutine of its own.
 type h2ServerConn struct {
 	*h2conn
-	s      *Server
+	s      *h2Server
 	remote string
 
 	// Under mu:
@@ -117,7 +118,7 @@ func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
 	return 0
 }
 
-func (s *Server) serveH2(nc net.Conn) {
+func (s *h2Server) serveH2(nc net.Conn) {
 	sc := &h2ServerConn{
 		h2conn:  newH2Conn(nc, s.log),
 		s:       s,
@@ -126,11 +127,11 @@ func (s *Server) serveH2(nc net.Conn) {
 	}
 	sc.setMaxHeaderList(uint32(min(s.opts.MaxHeaderBytes, h2MaxHeaderList)))
 	sc.headerTimeout = s.opts.ReadHeaderTimeout
-	if !s.track(func() { s.h2conns[sc] = struct{}{} }) {
+	if !s.track(sc) {
 		nc.Close()
 		return
 	}
-	defer s.untrack(func() { delete(s.h2conns, sc) })
+	defer s.untrack(sc)
 
 	sc.mu.Lock()
 	sc.writeSettingsLocked(
@@ -238,6 +239,8 @@ func (sc *h2ServerConn) goAway(code http2.ErrCode, err error) error {
 	return err
 }
 
+// handle applies one frame from the client, by its type: one method per
+// frame type, as x/net's read loop has.
 func (sc *h2ServerConn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
@@ -245,87 +248,124 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 	case *http2.DataFrame:
 		return sc.onData(f)
 	case *http2.WindowUpdateFrame:
-		sc.mu.Lock()
-		defer sc.mu.Unlock()
-		if f.StreamID == 0 {
-			if !growWindow(&sc.sendWin, f.Increment) {
-				return http2.ConnectionError(http2.ErrCodeFlowControl)
-			}
-		} else if st := sc.streams[f.StreamID]; st != nil {
-			if !growWindow(&st.sendWin, f.Increment) {
-				st.resetLocked(errStreamReset)
-				sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
-				sc.flushLocked()
-			}
-		} else if sc.idleLocked(f.StreamID) {
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
-		sc.cond.Broadcast()
+		return sc.onWindowUpdate(f)
 	case *http2.RSTStreamFrame:
-		sc.mu.Lock()
-		st := sc.streams[f.StreamID]
-		if st != nil {
-			st.peerReset = true
-			st.resetLocked(errStreamReset)
-		}
-		idle := st == nil && sc.idleLocked(f.StreamID)
-		sc.mu.Unlock()
-		if idle {
-			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
+		return sc.onRSTStream(f)
 	case *http2.SettingsFrame:
-		if f.IsAck() {
-			return nil
-		}
-		sc.mu.Lock()
-		defer sc.mu.Unlock()
-		delta, err := sc.applySettingsLocked(f)
-		if err != nil {
-			return err
-		}
-		for _, st := range sc.streams {
-			// A new initial window that takes an open stream's window past
-			// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
-			if !growWindowBy(&st.sendWin, delta) {
-				return http2.ConnectionError(http2.ErrCodeFlowControl)
-			}
-		}
+		return sc.onSettings(f)
 	case *http2.PingFrame:
-		if f.IsAck() {
-			return nil
-		}
-		sc.mu.Lock()
-		sc.writePingLocked(true, f.Data)
-		sc.flushLocked()
-		sc.mu.Unlock()
+		return sc.onPing(f)
 	case *http2.GoAwayFrame:
-		sc.mu.Lock()
-		sc.goingAway = true
-		idle := len(sc.streams) == 0
-		sc.mu.Unlock()
-		if idle {
-			// The client is done, but what it sent after its GOAWAY (a
-			// PING) is still read and answered until it closes, for at
-			// most h2GoAwayLinger: closed with its input unread, the
-			// connection would be reset, and the client could lose the
-			// answers.
-			_ = sc.nc.SetReadDeadline(time.Now().Add(h2GoAwayLinger))
-		}
+		return sc.onGoAway(f)
 	case *http2.PushPromiseFrame:
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	case *http2.PriorityFrame:
-		if f.StreamDep == f.StreamID {
-			// A stream cannot depend on itself (RFC 9113, 5.3.1).
-			sc.mu.Lock()
-			if st := sc.streams[f.StreamID]; st != nil {
-				st.resetLocked(errStreamReset)
-			}
-			sc.writeRSTLocked(f.StreamID, http2.ErrCodeProtocol)
+		return sc.onPriority(f)
+	}
+	// Unknown frames are ignored.
+	return nil
+}
+
+// onWindowUpdate handles more send window, for the connection or a stream.
+func (sc *h2ServerConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if f.StreamID == 0 {
+		if !growWindow(&sc.sendWin, f.Increment) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	} else if st := sc.streams[f.StreamID]; st != nil {
+		if !growWindow(&st.sendWin, f.Increment) {
+			st.resetLocked(errStreamReset)
+			sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
 			sc.flushLocked()
-			sc.mu.Unlock()
+		}
+	} else if sc.idleLocked(f.StreamID) {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	sc.cond.Broadcast()
+	return nil
+}
+
+// onRSTStream handles the client resetting a stream.
+func (sc *h2ServerConn) onRSTStream(f *http2.RSTStreamFrame) error {
+	sc.mu.Lock()
+	st := sc.streams[f.StreamID]
+	if st != nil {
+		st.peerReset = true
+		st.resetLocked(errStreamReset)
+	}
+	idle := st == nil && sc.idleLocked(f.StreamID)
+	sc.mu.Unlock()
+	if idle {
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	return nil
+}
+
+// onSettings handles the client's settings, or their acknowledgement.
+func (sc *h2ServerConn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	delta, err := sc.applySettingsLocked(f)
+	if err != nil {
+		return err
+	}
+	for _, st := range sc.streams {
+		// A new initial window that takes an open stream's window past
+		// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
+		if !growWindowBy(&st.sendWin, delta) {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	}
-	// Other PRIORITY frames and unknown frames are ignored.
+	return nil
+}
+
+// onPing handles a ping, answered.
+func (sc *h2ServerConn) onPing(f *http2.PingFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	sc.mu.Lock()
+	sc.writePingLocked(true, f.Data)
+	sc.flushLocked()
+	sc.mu.Unlock()
+	return nil
+}
+
+// onGoAway handles the client going away.
+func (sc *h2ServerConn) onGoAway(f *http2.GoAwayFrame) error {
+	sc.mu.Lock()
+	sc.goingAway = true
+	idle := len(sc.streams) == 0
+	sc.mu.Unlock()
+	if idle {
+		// The client is done, but what it sent after its GOAWAY (a
+		// PING) is still read and answered until it closes, for at
+		// most h2GoAwayLinger: closed with its input unread, the
+		// connection would be reset, and the client could lose the
+		// answers.
+		_ = sc.nc.SetReadDeadline(time.Now().Add(h2GoAwayLinger))
+	}
+	return nil
+}
+
+// onPriority handles a PRIORITY frame: only a stream depending on itself
+// matters.
+func (sc *h2ServerConn) onPriority(f *http2.PriorityFrame) error {
+	if f.StreamDep == f.StreamID {
+		// A stream cannot depend on itself (RFC 9113, 5.3.1).
+		sc.mu.Lock()
+		if st := sc.streams[f.StreamID]; st != nil {
+			st.resetLocked(errStreamReset)
+		}
+		sc.writeRSTLocked(f.StreamID, http2.ErrCodeProtocol)
+		sc.flushLocked()
+		sc.mu.Unlock()
+	}
 	return nil
 }
 
@@ -515,46 +555,16 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 		// The framer dropped the fields past the limit.
 		return nil, errH2HeaderListTooLarge
 	}
-	var method, scheme, authority, path string
-	for _, hf := range f.PseudoFields() {
-		switch hf.Name {
-		case ":method":
-			method = hf.Value
-		case ":scheme":
-			scheme = hf.Value
-		case ":authority":
-			authority = hf.Value
-		case ":path":
-			path = hf.Value
-		default:
-			return nil, fmt.Errorf("pseudo-header %s not supported", hf.Name)
-		}
-	}
-	connect := method == http.MethodConnect
-	switch {
-	case method == "":
-		return nil, errors.New("missing :method")
-	case !httpwire.ValidToken(method):
-		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
-		// be a request line of the client's making.
-		return nil, errors.New("invalid :method")
-	case connect && (scheme != "" || path != "" || authority == ""):
-		return nil, errors.New("malformed CONNECT")
-	case !connect && (scheme != "http" && scheme != "https" || !validPseudoPath(path, method)):
-		return nil, errors.New("missing or invalid :scheme or :path")
+	p, err := requestPseudo(f)
+	if err != nil {
+		return nil, err
 	}
 	fields := f.RegularFields()
-	for _, hf := range fields {
-		switch hf.Name {
-		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
-			return nil, fmt.Errorf("connection-specific header %s", hf.Name)
-		case "te":
-			if hf.Value != "trailers" {
-				return nil, errors.New("te other than trailers")
-			}
-		}
+	if err := checkRequestFields(fields); err != nil {
+		return nil, err
 	}
 	header := sc.header(fields, true)
+	authority := p.authority
 	if authority == "" {
 		authority = header.Get("Host")
 	}
@@ -562,31 +572,22 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 	if !httpguts.ValidHostHeader(authority) {
 		return nil, errors.New("invalid :authority")
 	}
-
-	var u *url.URL
-	switch {
-	case connect:
-		u = &url.URL{Host: authority}
-	case path == "*" && method == http.MethodOptions:
-		u = &url.URL{Path: "*"}
-	default:
-		var err error
-		if u, err = url.ParseRequestURI(path); err != nil {
-			return nil, err
-		}
+	u, err := p.url(authority)
+	if err != nil {
+		return nil, err
 	}
 	// Not derived from the server's context: registering with a parent
 	// costs every call, and shutdown reaches each stream itself.
 	ctx, cancel := context.WithCancel(context.Background())
 	st.cancel = cancel
 	req := new(http.Request).WithContext(ctx) // one allocation, not two
-	req.Method = method
+	req.Method = p.method
 	req.URL = u
 	req.Proto, req.ProtoMajor = "HTTP/2.0", 2
 	req.Header = header
 	req.Host = authority
 	req.RemoteAddr = sc.remote
-	req.RequestURI = path
+	req.RequestURI = p.path
 	if len(header["Trailer"]) > 0 {
 		req.Trailer = make(http.Header)
 		httpwire.DeclaredTrailers(header, func(k string) {
@@ -595,24 +596,99 @@ func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame
 			}
 		})
 	}
-	switch {
-	case f.StreamEnded():
-		if v := header.Get("Content-Length"); v != "" && v != "0" {
-			return nil, errors.New("content-length without a body")
-		}
-		req.Body = http.NoBody
-	default:
-		req.ContentLength = -1
-		if v := header.Get("Content-Length"); v != "" {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 0 {
-				return nil, errors.New("malformed content-length")
-			}
-			req.ContentLength = n
-		}
-		req.Body = h2ServerBody{st}
+	if err := setRequestBody(req, st, f.StreamEnded()); err != nil {
+		return nil, err
 	}
 	return req, nil
+}
+
+// pseudo holds a request's pseudo-header fields.
+type pseudo struct {
+	method, scheme, authority, path string
+}
+
+// requestPseudo reads and checks a request's pseudo-header fields (RFC
+// 9113, 8.3.1).
+func requestPseudo(f *http2.MetaHeadersFrame) (p pseudo, err error) {
+	for _, hf := range f.PseudoFields() {
+		switch hf.Name {
+		case ":method":
+			p.method = hf.Value
+		case ":scheme":
+			p.scheme = hf.Value
+		case ":authority":
+			p.authority = hf.Value
+		case ":path":
+			p.path = hf.Value
+		default:
+			return p, fmt.Errorf("pseudo-header %s not supported", hf.Name)
+		}
+	}
+	connect := p.method == http.MethodConnect
+	switch {
+	case p.method == "":
+		return p, errors.New("missing :method")
+	case !httpwire.ValidToken(p.method):
+		// Relayed to an HTTP/1.1 node, a method such as "GET /x?" would
+		// be a request line of the client's making.
+		return p, errors.New("invalid :method")
+	case connect && (p.scheme != "" || p.path != "" || p.authority == ""):
+		return p, errors.New("malformed CONNECT")
+	case !connect && (p.scheme != "http" && p.scheme != "https" || !validPseudoPath(p.path, p.method)):
+		return p, errors.New("missing or invalid :scheme or :path")
+	}
+	return p, nil
+}
+
+// url is the request's URL, for authority.
+func (p pseudo) url(authority string) (*url.URL, error) {
+	switch {
+	case p.method == http.MethodConnect:
+		return &url.URL{Host: authority}, nil
+	case p.path == "*" && p.method == http.MethodOptions:
+		return &url.URL{Path: "*"}, nil
+	}
+	return url.ParseRequestURI(p.path)
+}
+
+// checkRequestFields refuses the fields HTTP/2 forbids in a request:
+// connection-specific ones, and te other than "trailers" (RFC 9113, 8.2.2).
+func checkRequestFields(fields []hpack.HeaderField) error {
+	for _, hf := range fields {
+		switch hf.Name {
+		case "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade":
+			return fmt.Errorf("connection-specific header %s", hf.Name)
+		case "te":
+			if hf.Value != "trailers" {
+				return errors.New("te other than trailers")
+			}
+		}
+	}
+	return nil
+}
+
+// setRequestBody gives req its body and length: none when the HEADERS
+// frame ended the stream, which a content-length must then agree with,
+// else st's, of the declared content-length or unknown.
+func setRequestBody(req *http.Request, st *h2ServerStream, ended bool) error {
+	v := req.Header.Get("Content-Length")
+	if ended {
+		if v != "" && v != "0" {
+			return errors.New("content-length without a body")
+		}
+		req.Body = http.NoBody
+		return nil
+	}
+	req.ContentLength = -1
+	if v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return errors.New("malformed content-length")
+		}
+		req.ContentLength = n
+	}
+	req.Body = h2ServerBody{st}
+	return nil
 }
 
 // validPseudoPath reports whether path is a valid :path for method (RFC
@@ -719,7 +795,7 @@ const h2WorkerIdle = 10 * time.Second
 
 // startHandler runs st's handler on an idle worker of the server, or on a
 // new one when all are busy.
-func (s *Server) startHandler(st *h2ServerStream) {
+func (s *h2Server) startHandler(st *h2ServerStream) {
 	select {
 	case s.work <- st:
 	default:
@@ -727,7 +803,7 @@ func (s *Server) startHandler(st *h2ServerStream) {
 	}
 }
 
-func (s *Server) worker(st *h2ServerStream) {
+func (s *h2Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
@@ -808,7 +884,7 @@ func (st *h2ServerStream) finish() {
 	st.cancel()
 }
 
-func (st *h2ServerStream) adoptHeader(h http.Header) bool {
+func (st *h2ServerStream) AdoptHeader(h http.Header) bool {
 	if st.header != nil || h == nil {
 		return false
 	}

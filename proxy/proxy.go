@@ -412,7 +412,7 @@ func done(pk balancer.Pick, err error, start time.Time) {
 // which spares a map and a copy per answer; resp.Header is then the
 // answer's, so response sources must not reuse it.
 func answerHeader(w http.ResponseWriter, resp *http.Response) {
-	if a, ok := w.(headerAdopter); ok && a.adoptHeader(resp.Header) {
+	if a, ok := w.(headerAdopter); ok && a.AdoptHeader(resp.Header) {
 		removeHopHeaders(resp.Header)
 		announceTrailers(resp.Header, resp)
 		return
@@ -422,9 +422,9 @@ func answerHeader(w http.ResponseWriter, resp *http.Response) {
 
 // headerAdopter is a ResponseWriter that can take a header map as its own.
 type headerAdopter interface {
-	// adoptHeader makes h the answer's header and reports true, unless the
+	// AdoptHeader makes h the answer's header and reports true, unless the
 	// writer has a header already.
-	adoptHeader(h http.Header) bool
+	AdoptHeader(h http.Header) bool
 }
 
 // copyResponseHeader copies the node's response header, less hop-by-hop

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"net"
 	"net/http"
 	"sync"
@@ -10,10 +9,10 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h1"
+	"github.com/sidecarlb/sidecar/internal/httpserver"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
-	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // ServerOptions tune a listener's HTTP server.
@@ -44,29 +43,14 @@ type ServerOptions struct {
 // as Envoy's max_request_headers_kb.
 const DefaultMaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
 
-// Server serves one proxy listener: HTTP/1.1 (h1server.go) and HTTP/2 with
+// Server serves one proxy listener: HTTP/1.1 (internal/h1) and HTTP/2 with
 // prior knowledge (h2server.go) on the same port, both through the
 // sidecar's own connection loops. Each accepted connection is sniffed for
-// the HTTP/2 preface and handed to one or the other.
+// the HTTP/2 preface and handed to one or the other (internal/httpserver).
 type Server struct {
-	handler http.Handler
-	opts    ServerOptions
-	log     *zap.Logger
-	baseCtx context.Context
-	stop    context.CancelFunc
-
-	mu        sync.Mutex
-	listeners map[net.Listener]struct{}
-	sniffing  map[net.Conn]struct{}
-	h1conns   map[*h1ServerConn]struct{}
-	h2conns   map[*h2ServerConn]struct{}
-	work      chan *h2ServerStream // idle HTTP/2 handler workers take streams here
-	closed    atomic.Bool          // set under mu, so track cannot add after it; read anywhere
-	drained   chan struct{}        // closed when the last connection ends after shutdown
-	// idleSweep closes HTTP/1.1 connections idle past the idle timeout
-	// (sweepIdle), under mu; it runs while there are any.
-	idleSweep *time.Timer
-	epoch     time.Time // h1ServerConn.idleSince counts from here
+	*httpserver.Server
+	h2   *h2Server
+	stop context.CancelFunc // ends every request's context, and the idle HTTP/2 workers
 }
 
 // NewServer returns the server of a proxy listener: HTTP/1.1 and h2c with
@@ -77,257 +61,124 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	return &Server{
-		handler:   h,
-		opts:      opts,
-		log:       log,
-		baseCtx:   ctx,
-		stop:      stop,
-		listeners: make(map[net.Listener]struct{}),
-		sniffing:  make(map[net.Conn]struct{}),
-		h1conns:   make(map[*h1ServerConn]struct{}),
-		h2conns:   make(map[*h2ServerConn]struct{}),
-		work:      make(chan *h2ServerStream),
-		epoch:     time.Now(),
+	h2 := &h2Server{
+		handler: h,
+		opts:    opts,
+		log:     log,
+		baseCtx: ctx,
+		conns:   make(map[*h2ServerConn]struct{}),
+		work:    make(chan *h2ServerStream),
 	}
-}
-
-// sweepIdle closes the HTTP/1.1 connections that have waited the idle
-// timeout for a request, and comes back when the next idle one will have,
-// or after the idle timeout, while any connection is left: one going idle
-// later cannot time out sooner. One timer for the server does what a read
-// deadline on every connection would, without the two timer updates per
-// request such a deadline costs (set when the connection goes idle,
-// cleared when the request comes).
-func (s *Server) sweepIdle() {
-	now := time.Since(s.epoch)
-	next := s.opts.IdleTimeout
-	var idle []*h1ServerConn
-	s.mu.Lock()
-	for c := range s.h1conns {
-		if c.state.Load() != h1Idle {
-			continue
-		}
-		if left := time.Duration(c.idleSince.Load()) + s.opts.IdleTimeout - now; left > 0 {
-			next = min(next, left)
-		} else {
-			idle = append(idle, c)
-		}
-	}
-	if len(s.h1conns) > 0 {
-		s.idleSweep.Reset(next)
-	} else {
-		s.idleSweep = nil
-	}
-	s.mu.Unlock()
-	for _, c := range idle {
-		c.closeIfIdle()
-	}
-}
-
-// Serve accepts connections on ln until Shutdown or Close, and returns
-// http.ErrServerClosed then.
-func (s *Server) Serve(ln net.Listener) error {
-	s.mu.Lock()
-	if s.closed.Load() {
-		s.mu.Unlock()
-		ln.Close()
-		return http.ErrServerClosed
-	}
-	s.listeners[ln] = struct{}{}
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-	}()
-
-	var delay time.Duration
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if s.isClosed() {
-				return http.ErrServerClosed
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return err
-			}
-			// Out of file descriptors and the like: back off, as net/http does.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			s.log.Warn("accept failed", zap.Error(err))
-			time.Sleep(delay)
-			continue
-		}
-		delay = 0
-		go s.sniff(rawio.Wrap(c))
-	}
-}
-
-// sniff reads as much of the first bytes as it takes to tell the HTTP/2
-// preface from an HTTP/1.1 request, within the read-header timeout, and
-// serves the connection with the protocol it speaks.
-func (s *Server) sniff(c net.Conn) {
-	if !s.track(func() { s.sniffing[c] = struct{}{} }) {
-		c.Close()
-		return
-	}
-	preface := http2.ClientPreface
-	buf := make([]byte, len(preface))
-	n, h2 := 0, true
-	_ = c.SetReadDeadline(deadline(s.opts.ReadHeaderTimeout))
-	for n < len(buf) {
-		m, err := c.Read(buf[n:])
-		n += m
-		if string(buf[:n]) != preface[:n] {
-			h2 = false
-			break
-		}
-		if err != nil {
-			s.untrack(func() { delete(s.sniffing, c) })
-			c.Close()
-			return
-		}
-	}
-	s.untrack(func() { delete(s.sniffing, c) })
-	if h2 {
-		_ = c.SetReadDeadline(time.Time{})
-		s.serveH2(c)
-		return
-	}
-	s.serveH1(c, buf[:n])
-}
-
-func (s *Server) isClosed() bool { return s.closed.Load() }
-
-// track runs add under the server's lock unless the server is closed.
-func (s *Server) track(add func()) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed.Load() {
-		return false
-	}
-	add()
-	return true
-}
-
-// untrack runs remove under the server's lock, and tells a waiting
-// Shutdown when the last connection is gone.
-func (s *Server) untrack(remove func()) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	remove()
-	if s.drained != nil && len(s.h1conns)+len(s.h2conns) == 0 {
-		close(s.drained)
-		s.drained = nil
-	}
-}
-
-// closeLocked stops accepting: the server is marked closed and its
-// listeners and half-sniffed connections are closed.
-func (s *Server) closeLocked() {
-	s.closed.Store(true)
-	for ln := range s.listeners {
-		ln.Close()
-	}
-	for c := range s.sniffing {
-		c.Close()
-	}
+	h1s := h1.NewServer(ctx, h, h1.Options{
+		ReadHeaderTimeout: opts.ReadHeaderTimeout,
+		IdleTimeout:       opts.IdleTimeout,
+		MaxHeaderBytes:    opts.MaxHeaderBytes,
+		ConnContext:       withInterrupter,
+	}, log)
+	hs := httpserver.New(httpserver.Options{ReadHeaderTimeout: opts.ReadHeaderTimeout, H1: h1s, H2: h2}, log)
+	return &Server{Server: hs, h2: h2, stop: stop}
 }
 
 // Shutdown stops accepting, closes idle HTTP/1.1 connections, tells HTTP/2
 // clients to go away, and waits until every request in flight has ended or
 // ctx ends; then it closes what is left.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closeLocked()
-	h2 := make([]*h2ServerConn, 0, len(s.h2conns))
-	for sc := range s.h2conns {
-		h2 = append(h2, sc)
-	}
-	h1 := make([]*h1ServerConn, 0, len(s.h1conns))
-	for c := range s.h1conns {
-		h1 = append(h1, c)
-	}
-	var drained chan struct{}
-	if len(s.h1conns)+len(s.h2conns) > 0 {
-		if s.drained == nil {
-			s.drained = make(chan struct{})
-		}
-		drained = s.drained
-	}
-	s.mu.Unlock()
-	for _, sc := range h2 {
-		sc.shutdown()
-	}
-	for _, c := range h1 {
-		c.closeIfIdle()
-	}
-	var err error
-	if drained != nil {
-		select {
-		case <-drained:
-		case <-ctx.Done():
-			err = ctx.Err()
-			s.closeConns()
-		}
-	}
+	err := s.Server.Shutdown(ctx)
 	s.stop() // idle workers exit
 	return err
 }
 
 // Close closes the listeners and every connection at once.
 func (s *Server) Close() error {
-	s.mu.Lock()
-	s.closeLocked()
-	s.mu.Unlock()
-	s.closeConns()
+	err := s.Server.Close()
 	s.stop()
-	return nil
+	return err
 }
 
-func (s *Server) closeConns() {
+// h2Server is the HTTP/2 engine's server side: the connections it serves
+// and the workers that run their handlers. It is an httpserver.ConnServer.
+type h2Server struct {
+	handler http.Handler
+	opts    ServerOptions
+	log     *zap.Logger
+	baseCtx context.Context
+
+	mu      sync.Mutex
+	conns   map[*h2ServerConn]struct{}
+	work    chan *h2ServerStream // idle handler workers take streams here
+	closed  atomic.Bool          // set under mu, so track cannot add after it; read anywhere
+	drained chan struct{}        // closed when the last connection ends after Shutdown
+}
+
+// ServeConn serves nc, whose client preface (prefix) the listener read.
+func (s *h2Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
+
+// track adds sc unless the server is closed.
+func (s *h2Server) track(sc *h2ServerConn) bool {
 	s.mu.Lock()
-	h2 := make([]*h2ServerConn, 0, len(s.h2conns))
-	for sc := range s.h2conns {
-		h2 = append(h2, sc)
+	defer s.mu.Unlock()
+	if s.closed.Load() {
+		return false
 	}
-	for c := range s.h1conns {
-		c.nc.Close()
+	s.conns[sc] = struct{}{}
+	return true
+}
+
+// untrack removes sc, and tells a waiting Shutdown when the last connection
+// is gone.
+func (s *h2Server) untrack(sc *h2ServerConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, sc)
+	if s.drained != nil && len(s.conns) == 0 {
+		close(s.drained)
+		s.drained = nil
+	}
+}
+
+// Shutdown refuses new connections, tells the clients to go away, and
+// waits until their streams have ended or ctx ends.
+func (s *h2Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed.Store(true)
+	conns := make([]*h2ServerConn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	var drained chan struct{}
+	if len(s.conns) > 0 {
+		if s.drained == nil {
+			s.drained = make(chan struct{})
+		}
+		drained = s.drained
 	}
 	s.mu.Unlock()
-	for _, sc := range h2 {
+	for _, sc := range conns {
+		sc.shutdown()
+	}
+	if drained == nil {
+		return nil
+	}
+	select {
+	case <-drained:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close refuses new connections and fails every connection.
+func (s *h2Server) Close() {
+	s.mu.Lock()
+	s.closed.Store(true)
+	conns := make([]*h2ServerConn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
 		sc.fail(errH2ConnClosed)
 	}
-}
-
-// prefixConn is a connection whose first bytes were already read.
-type prefixConn struct {
-	net.Conn
-	prefix []byte
-}
-
-// RawBeneath makes a relay read what the sniffer read first, then the raw
-// connection beneath (rawio.Layered).
-func (c *prefixConn) RawBeneath() (*rawio.Conn, []byte) {
-	r, _ := c.Conn.(*rawio.Conn)
-	return r, c.prefix
-}
-
-func (c *prefixConn) Read(p []byte) (int, error) {
-	if len(c.prefix) > 0 {
-		n := copy(p, c.prefix)
-		c.prefix = c.prefix[n:]
-		return n, nil
-	}
-	return c.Conn.Read(p)
-}
-
-// CloseWrite half-closes the connection, as a relayed upgrade needs.
-func (c *prefixConn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return c.Conn.Close()
 }
 
 // deadline returns the deadline d from now, or none when d is zero (no

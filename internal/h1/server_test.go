@@ -1,4 +1,4 @@
-package proxy
+package h1
 
 import (
 	"bufio"
@@ -12,48 +12,78 @@ import (
 	"net/http/httputil"
 	"net/textproto"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
-// These tests pin down how a proxy listener's Server speaks HTTP/1.1 to a
-// client, byte by byte where framing matters, so that the server's own
-// HTTP/1.1 connection loop can be checked against what net/http did.
+// These tests pin down how the HTTP/1.1 server speaks to a client, byte by
+// byte where framing matters, so that the server's own connection loop can
+// be checked against what net/http did. A listener in the test hands each
+// connection to ServeConn as the sidecar's does: the first byte it read
+// (its sniff) goes along as the prefix.
 
 // h1tTimeout bounds every client read and write in these tests.
 const h1tTimeout = 5 * time.Second
 
 type h1tServer struct {
-	srv      *Server
-	addr     string
-	served   chan struct{} // closed when Serve has returned
-	serveErr error         // what Serve returned; read after <-served
+	srv    *Server
+	addr   string
+	served chan struct{} // closed when the accept loop has returned
 }
 
 // h1tStart serves h on a loopback listener until the test ends.
-func h1tStart(t *testing.T, h http.Handler, opts ServerOptions) *h1tServer {
+func h1tStart(t *testing.T, h http.Handler, opts Options) *h1tServer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := &h1tServer{srv: NewServer(h, opts, testLogger(t)), addr: ln.Addr().String(), served: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	st := &h1tServer{srv: NewServer(ctx, h, opts, zap.NewNop()), addr: ln.Addr().String(), served: make(chan struct{})}
+	var conns sync.WaitGroup
 	go func() {
-		st.serveErr = st.srv.Serve(ln)
-		close(st.served)
+		defer close(st.served)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Go(func() { h1tSniff(st.srv, rawio.Wrap(c), opts.ReadHeaderTimeout) })
+		}
 	}()
 	t.Cleanup(func() {
+		ln.Close()
 		st.srv.Close()
+		cancel()
 		select {
 		case <-st.served:
 		case <-time.After(h1tTimeout):
-			t.Errorf("Serve did not return within %v of Close", h1tTimeout)
+			t.Errorf("the accept loop did not return within %v of Close", h1tTimeout)
 		}
+		conns.Wait()
 	})
 	return st
+}
+
+// h1tSniff reads the first byte of c within d, as the sidecar's listener
+// reads its sniff, and hands c to s with it.
+func h1tSniff(s *Server, c net.Conn, d time.Duration) {
+	var b [1]byte
+	_ = c.SetReadDeadline(deadline(d))
+	n, err := c.Read(b[:])
+	if err != nil {
+		c.Close()
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	s.ServeConn(c, b[:n])
 }
 
 // h1tDial connects to addr with every read and write bounded, closed when
@@ -149,7 +179,7 @@ func TestH1ServerKeepAlive(t *testing.T) {
 		body := "answer " + r.URL.Path
 		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
 		io.WriteString(w, body)
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	for i := range 3 {
 		path := fmt.Sprintf("/k%d", i)
@@ -175,7 +205,7 @@ func TestH1ServerPipelining(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 		io.WriteString(w, "body of "+r.URL.Path)
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /p1 HTTP/1.1\r\nHost: svc\r\n\r\n"+
 		"GET /p2 HTTP/1.1\r\nHost: svc\r\n\r\n"+
@@ -199,7 +229,7 @@ func TestH1ServerChunkedRequestBody(t *testing.T) {
 		b, err := io.ReadAll(r.Body)
 		seenc <- seen{r.ContentLength, err}
 		w.Write(b)
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "POST /echo HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n"+
 		"5;ext=1\r\nhello\r\n6\r\n world\r\na\r\n0123456789\r\n0\r\n\r\n")
@@ -227,7 +257,7 @@ func TestH1ServerFlushedResponseIsChunked(t *testing.T) {
 		io.WriteString(w, "first,")
 		w.(http.Flusher).Flush()
 		io.WriteString(w, "second")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /f HTTP/1.1\r\nHost: svc\r\n\r\n")
 	line, h := h1tHead(t, br)
@@ -259,7 +289,7 @@ func TestH1ServerSmallUnflushedResponseGetsContentLength(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "small")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /s HTTP/1.1\r\nHost: svc\r\n\r\n")
 	line, h := h1tHead(t, br)
@@ -284,7 +314,7 @@ func TestH1ServerTrailers(t *testing.T) {
 		io.WriteString(w, "body")
 		w.Header().Set("X-T", "v")
 		w.Header().Set(http.TrailerPrefix+"X-U", "u")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /t HTTP/1.1\r\nHost: svc\r\n\r\n")
 	resp, body := h1tRead(t, br, "GET")
@@ -312,7 +342,7 @@ func TestH1ServerExpectContinue(t *testing.T) {
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		io.WriteString(w, "got "+string(b))
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 7\r\nExpect: 100-continue\r\n\r\n")
 	// The body is not sent until the interim response arrives.
@@ -330,7 +360,7 @@ func TestH1ServerExpectContinueRejected(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusUnauthorized)
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 7\r\nExpect: 100-continue\r\n\r\n")
 	// No 100 Continue may precede the final answer.
@@ -344,7 +374,7 @@ func TestH1ServerHTTP10(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "old "+r.URL.Path)
-	}), ServerOptions{})
+	}), Options{})
 
 	t.Run("close", func(t *testing.T) {
 		c, br := h1tDial(t, st.addr)
@@ -385,7 +415,7 @@ func TestH1ServerConnectionClose(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "bye")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /c HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
 	line, h := h1tHead(t, br)
@@ -408,7 +438,7 @@ func TestH1ServerMalformedRequests(t *testing.T) {
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		calls.Add(1)
 		io.WriteString(w, "handled")
-	}), ServerOptions{})
+	}), Options{})
 	big := "GET / HTTP/1.1\r\nHost: svc\r\nX-Big: " + strings.Repeat("a", 1<<20+8<<10) + "\r\n\r\n"
 	cases := []struct {
 		name string
@@ -470,7 +500,7 @@ func TestH1ServerHead(t *testing.T) {
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", "5")
 		io.WriteString(w, "hello")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "HEAD /h HTTP/1.1\r\nHost: svc\r\n\r\nGET /g HTTP/1.1\r\nHost: svc\r\n\r\n")
 	line, h := h1tHead(t, br)
@@ -504,7 +534,7 @@ func TestH1ServerNoBodyStatuses(t *testing.T) {
 		}
 		_, err := io.WriteString(w, "forbidden body")
 		writeErrs <- err
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /204 HTTP/1.1\r\nHost: svc\r\n\r\n"+
 		"GET /304 HTTP/1.1\r\nHost: svc\r\n\r\n"+
@@ -538,7 +568,7 @@ func TestH1ServerReadHeaderTimeout(t *testing.T) {
 	var calls atomic.Int64
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		calls.Add(1)
-	}), ServerOptions{ReadHeaderTimeout: 200 * time.Millisecond})
+	}), Options{ReadHeaderTimeout: 200 * time.Millisecond})
 	c, br := h1tDial(t, st.addr)
 	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
 	start := time.Now()
@@ -565,7 +595,7 @@ func TestH1ServerIdleTimeout(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "one")
-	}), ServerOptions{IdleTimeout: 300 * time.Millisecond})
+	}), Options{IdleTimeout: 300 * time.Millisecond})
 	c, br := h1tDial(t, st.addr)
 	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
 	h1tWrite(t, c, "GET /i HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -594,7 +624,7 @@ func TestH1ServerIdleTimeoutFromLastRequest(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "ok") // the body, if any, is left unread
-	}), ServerOptions{IdleTimeout: 400 * time.Millisecond, ReadHeaderTimeout: 100 * time.Millisecond})
+	}), Options{IdleTimeout: 400 * time.Millisecond, ReadHeaderTimeout: 100 * time.Millisecond})
 	c, br := h1tDial(t, st.addr)
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	for i := range 4 {
@@ -616,7 +646,7 @@ func TestH1ServerIdleTimeoutPerConnection(t *testing.T) {
 	const idle = 400 * time.Millisecond
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "ok")
-	}), ServerOptions{IdleTimeout: idle})
+	}), Options{IdleTimeout: idle})
 	request := func(c net.Conn, br *bufio.Reader) {
 		t.Helper()
 		h1tWrite(t, c, "GET /i HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -690,7 +720,7 @@ func TestH1ServerHijack(t *testing.T) {
 			}
 			return nil
 		}()
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\nEARLY")
 	want := "HTTP/1.1 101 Switching Protocols\r\n\r\necho:EARLY"
@@ -715,7 +745,7 @@ func TestH1ServerAbortHandler(t *testing.T) {
 		io.WriteString(w, "partial")
 		w.(http.Flusher).Flush()
 		panic(http.ErrAbortHandler)
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /abort HTTP/1.1\r\nHost: svc\r\n\r\n")
 	resp, err := http.ReadResponse(br, nil)
@@ -739,7 +769,7 @@ func TestH1ServerShortBody(t *testing.T) {
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Length", "10")
 		io.WriteString(w, "abc")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /short HTTP/1.1\r\nHost: svc\r\n\r\n")
 	resp, err := http.ReadResponse(br, nil)
@@ -773,7 +803,7 @@ func TestH1ServerLongBody(t *testing.T) {
 		}
 		_, err := io.WriteString(w, "llo")
 		errc <- err
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /long HTTP/1.1\r\nHost: svc\r\n\r\nGET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
 	resp, body := h1tRead(t, br, "GET")
@@ -811,7 +841,7 @@ func TestH1ServerClientGoneCancelsContext(t *testing.T) {
 		case <-timer.C:
 			fired <- "timer"
 		}
-	}), ServerOptions{})
+	}), Options{})
 	c, _ := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /wait HTTP/1.1\r\nHost: svc\r\n\r\n")
 	h1tRecv(t, started, h1tTimeout, "the handler to start")
@@ -836,7 +866,7 @@ func TestH1ServerShutdown(t *testing.T) {
 			return
 		}
 		io.WriteString(w, "fast")
-	}), ServerOptions{})
+	}), Options{})
 
 	idle, idleBR := h1tDial(t, st.addr)
 	h1tWrite(t, idle, "GET /fast HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -858,7 +888,7 @@ func TestH1ServerShutdown(t *testing.T) {
 	_ = idle.SetReadDeadline(time.Now().Add(2 * time.Second))
 	h1tExpectClosed(t, idleBR)
 
-	// A new connection is refused, or closed without an answer.
+	// A new connection is closed without an answer.
 	if c, err := net.DialTimeout("tcp", st.addr, time.Second); err == nil {
 		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
 		io.WriteString(c, "GET /fast HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -887,17 +917,13 @@ func TestH1ServerShutdown(t *testing.T) {
 	if err := h1tRecv(t, shutdownErr, h1tTimeout, "Shutdown"); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
-	h1tRecv(t, st.served, h1tTimeout, "Serve to return")
-	if !errors.Is(st.serveErr, http.ErrServerClosed) {
-		t.Fatalf("Serve returned %v, want http.ErrServerClosed", st.serveErr)
-	}
 }
 
 func TestH1ServerUnreadRequestBody(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "saw "+r.Method+" "+r.URL.Path)
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	body := strings.Repeat("x", 10<<10)
 	h1tWrite(t, c, fmt.Sprintf("POST /ignore HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s", len(body), body))
@@ -931,7 +957,7 @@ func TestH1ServerStreamLargeBody(t *testing.T) {
 			}
 			w.(http.Flusher).Flush()
 		}
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
 	resp, body := h1tRead(t, br, "GET")
@@ -945,7 +971,7 @@ func TestH1ServerDateHeader(t *testing.T) {
 	leakcheck.Check(t)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "dated")
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /d HTTP/1.1\r\nHost: svc\r\n\r\n")
 	resp, _ := h1tRead(t, br, "GET")
@@ -965,7 +991,7 @@ func TestH1ServerAbsoluteFormTarget(t *testing.T) {
 	seenc := make(chan seen, 1)
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		seenc <- seen{r.URL.Path, r.URL.RawQuery, r.Host, r.RequestURI}
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	// The target's authority wins over the Host header (RFC 9112, 3.2.2).
 	h1tWrite(t, c, "GET http://svc/path?q=1 HTTP/1.1\r\nHost: other\r\n\r\n")
@@ -989,7 +1015,7 @@ func TestH1ServerRequestFields(t *testing.T) {
 	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, hostKey := r.Header["Host"]
 		seenc <- seen{r.RemoteAddr, r.Host, r.RequestURI, hostKey, r.Proto}
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "GET /r?x=y HTTP/1.1\r\nHost: example.test:8080\r\n\r\n")
 	if resp, _ := h1tRead(t, br, "GET"); resp.StatusCode != 200 {
@@ -1023,7 +1049,7 @@ func TestH1ServerBodyReadAfterHandler(t *testing.T) {
 		b, _ := io.ReadAll(r.Body)
 		w.Write(b)
 	})
-	st := h1tStart(t, h, ServerOptions{})
+	st := h1tStart(t, h, Options{})
 	c, br := h1tDial(t, st.addr)
 	h1tWrite(t, c, "POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
 	if resp, _ := h1tRead(t, br, ""); resp.StatusCode != http.StatusRequestEntityTooLarge {
@@ -1058,7 +1084,7 @@ func TestH1ServerBodyReadAfterHandler(t *testing.T) {
 		time.Sleep(20 * time.Millisecond) // let the read block
 		w.WriteHeader(http.StatusRequestEntityTooLarge)
 	})
-	st2 := h1tStart(t, h2, ServerOptions{})
+	st2 := h1tStart(t, h2, Options{})
 	c2, br2 := h1tDial(t, st2.addr)
 	h1tWrite(t, c2, "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"+strings.Repeat("u", 300<<10))
 	if resp, _ := h1tRead(t, br2, ""); resp.StatusCode != http.StatusRequestEntityTooLarge {
@@ -1087,7 +1113,7 @@ func TestH1ServerWholeAnswerSentBeforeHandlerReturns(t *testing.T) {
 		io.WriteString(w, "world")
 		<-release // the handler's bookkeeping after the body
 		returned <- struct{}{}
-	}), ServerOptions{})
+	}), Options{})
 	c, br := h1tDial(t, st.addr)
 	for range 2 { // the connection carries the next request as usual
 		h1tWrite(t, c, "GET /w HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -1121,7 +1147,7 @@ func TestH1ServerPartialAnswerHeld(t *testing.T) {
 		io.WriteString(w, "hello")
 		<-release
 		io.WriteString(w, "world")
-	}), ServerOptions{})
+	}), Options{})
 	for _, path := range []string{"/declared", "/unknown"} {
 		c, br := h1tDial(t, st.addr)
 		h1tWrite(t, c, "GET "+path+" HTTP/1.1\r\nHost: svc\r\n\r\n")

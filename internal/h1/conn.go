@@ -1,4 +1,4 @@
-package proxy
+package h1
 
 import (
 	"bufio"
@@ -23,51 +23,39 @@ import (
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
-// The HTTP/1.1 side of Server: the sidecar's own connection loop in place
-// of net/http's server. Requests are parsed by parseHead, or by
-// http.ReadRequest when it leaves them, and answered through an
-// http.ResponseWriter of its own, so the handlers are the ones the HTTP/2
-// side runs. What it saves over net/http is per-request work: no context
-// and no goroutine per request, no copy of the answer's header, no read
-// deadline to set and clear (Server.sweepIdle closes idle connections),
-// and a small answer leaves in one write with its head. net/http reads
-// from every client in the background while its handler runs, to notice a
-// client that hangs up; here that watch starts only for a request still
-// running after h1WatchAfter, which fast requests never are.
-
 const (
-	h1BufSize = 8 << 10
-	// h1HoldBody is how much of an answer of unknown length is held back so
+	bufSize = 8 << 10
+	// holdBody is how much of an answer of unknown length is held back so
 	// that, if the handler ends within it, the answer gets a Content-Length
 	// instead of chunks.
-	h1HoldBody = 2 << 10
-	// h1DiscardLimit is how much of a request body the handler left unread
+	holdBody = 2 << 10
+	// discardLimit is how much of a request body the handler left unread
 	// is skipped to keep the connection; past it the connection closes.
-	h1DiscardLimit = 256 << 10
-	h1WatchAfter   = 10 * time.Millisecond
+	discardLimit = 256 << 10
+	watchAfter   = 10 * time.Millisecond
 )
 
 // Connection states, for Shutdown.
 const (
-	h1Active int32 = iota
-	h1Idle
-	h1Closed
+	stateActive int32 = iota
+	stateIdle
+	stateClosed
 )
 
-var errH1HeaderTooLarge = errors.New("request header too large")
+var errHeaderTooLarge = errors.New("request header too large")
 
 var (
-	h1ReaderPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, h1BufSize) }}
-	h1WriterPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, h1BufSize) }}
+	readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, bufSize) }}
+	writerPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, bufSize) }}
 )
 
-// h1ServerConn is one app connection speaking HTTP/1.x. One goroutine
+// conn is one app connection speaking HTTP/1.x. One goroutine
 // reads its requests and runs the handler for each in turn.
-type h1ServerConn struct {
+type conn struct {
 	s      *Server
 	nc     net.Conn
 	remote string
-	br     *bufio.Reader // reads from the h1ServerConn itself (Read below)
+	br     *bufio.Reader // reads from the conn itself (Read below)
 	bw     *bufio.Writer
 	ctx    context.Context // every request's context; canceled when the client is gone
 	cancel context.CancelFunc
@@ -102,27 +90,23 @@ type h1ServerConn struct {
 	tmpl http.Request
 }
 
-// serveH1 serves HTTP/1.x on nc, whose first bytes, prefix, the sniffer
-// already read.
-func (s *Server) serveH1(nc net.Conn, prefix []byte) {
-	c := &h1ServerConn{s: s, nc: nc, remote: nc.RemoteAddr().String(), prefix: prefix,
-		lr: limitReader{c: nc, n: noLimit, err: errH1HeaderTooLarge}}
+// serveConn serves HTTP/1.x on nc for s (Server.ServeConn).
+func serveConn(s *Server, nc net.Conn, prefix []byte) {
+	c := &conn{s: s, nc: nc, remote: nc.RemoteAddr().String(), prefix: prefix,
+		lr: limitReader{c: nc, n: noLimit, err: errHeaderTooLarge}}
 	c.cond.L = &c.mu
-	if !s.track(func() {
-		s.h1conns[c] = struct{}{}
-		if s.idleSweep == nil && s.opts.IdleTimeout > 0 {
-			s.idleSweep = time.AfterFunc(s.opts.IdleTimeout, s.sweepIdle)
-		}
-	}) {
+	if !s.track(c) {
 		nc.Close()
 		return
 	}
 	c.ctx, c.cancel = context.WithCancel(s.baseCtx)
-	var endInterrupter func()
-	c.ctx, endInterrupter = withInterrupter(c.ctx)
-	c.br = h1ReaderPool.Get().(*bufio.Reader)
+	endConn := func() {}
+	if s.opts.ConnContext != nil {
+		c.ctx, endConn = s.opts.ConnContext(c.ctx)
+	}
+	c.br = readerPool.Get().(*bufio.Reader)
 	c.br.Reset(c)
-	c.bw = h1WriterPool.Get().(*bufio.Writer)
+	c.bw = writerPool.Get().(*bufio.Writer)
 	c.bw.Reset(nc)
 	c.header = make(http.Header, 8)
 	c.watch = time.AfterFunc(time.Hour, c.startWatch)
@@ -130,18 +114,18 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 	hijacked := false
 	defer func() {
 		c.watch.Stop()
-		endInterrupter()
+		endConn()
 		c.cancel()
 		if !hijacked {
 			nc.Close()
-			c.s.untrack(func() { delete(c.s.h1conns, c) })
+			c.s.untrack(c)
 			if !c.lingering {
 				c.br.Reset(nil)
-				h1ReaderPool.Put(c.br)
+				readerPool.Put(c.br)
 			}
 		}
 		c.bw.Reset(nil)
-		h1WriterPool.Put(c.bw)
+		writerPool.Put(c.bw)
 	}()
 
 	for n := 0; ; n++ {
@@ -164,32 +148,32 @@ func (s *Server) serveH1(nc net.Conn, prefix []byte) {
 
 // awaitRequest waits, for up to the idle timeout (Server.sweepIdle), for
 // the first byte of the next request; false means the connection is done.
-func (c *h1ServerConn) awaitRequest() bool {
+func (c *conn) awaitRequest() bool {
 	if c.br.Buffered() > 0 || c.hasByte {
 		return true
 	}
 	c.idleSince.Store(int64(time.Since(c.s.epoch)))
-	c.state.Store(h1Idle)
+	c.state.Store(stateIdle)
 	if c.s.isClosed() {
 		return false // Shutdown began; it may have missed this connection
 	}
 	if _, err := c.br.Peek(1); err != nil {
 		return false
 	}
-	return c.state.CompareAndSwap(h1Idle, h1Active)
+	return c.state.CompareAndSwap(stateIdle, stateActive)
 }
 
 // closeIfIdle closes the connection if it is waiting for a request, for
 // Shutdown; a busy connection closes after its answer.
-func (c *h1ServerConn) closeIfIdle() {
-	if c.state.CompareAndSwap(h1Idle, h1Closed) {
+func (c *conn) closeIfIdle() {
+	if c.state.CompareAndSwap(stateIdle, stateClosed) {
 		c.nc.Close()
 	}
 }
 
 // Read reads for the connection's bufio.Reader: first what the sniffer and
 // the client watch read, then the socket, within the header limit.
-func (c *h1ServerConn) Read(p []byte) (int, error) {
+func (c *conn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {
 		n := copy(p, c.prefix)
 		c.prefix = c.prefix[n:]
@@ -210,13 +194,13 @@ func (c *h1ServerConn) Read(p []byte) (int, error) {
 // readRequest reads and checks the next request head, as net/http's
 // server does: by parseHead when the head is already buffered and plain,
 // by http.ReadRequest otherwise.
-func (c *h1ServerConn) readRequest() (*http.Request, error) {
+func (c *conn) readRequest() (*http.Request, error) {
 	limit := c.s.opts.MaxHeaderBytes
 	if c.br.Buffered() > 0 && parseHead(c.br, &c.tmpl, limit) {
 		return c.checkRequest(&c.tmpl, true)
 	}
 	_ = c.nc.SetReadDeadline(deadline(c.s.opts.ReadHeaderTimeout))
-	c.lr.n = int64(limit) + h1BufSize // the reader's read-ahead past the head
+	c.lr.n = int64(limit) + bufSize // the reader's read-ahead past the head
 	start := c.nread - int64(c.br.Buffered())
 	framing := c.peekHead()
 	req, err := http.ReadRequest(c.br)
@@ -225,7 +209,7 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 		return nil, err
 	}
 	if c.nread-int64(c.br.Buffered())-start > int64(limit) {
-		return nil, errH1HeaderTooLarge
+		return nil, errHeaderTooLarge
 	}
 	_ = c.nc.SetReadDeadline(time.Time{})
 	// RFC 9112, 6.1 and 6.3: Transfer-Encoding in an HTTP/1.0 request, or
@@ -237,7 +221,7 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 	// unsure, and the connection closes after the request.
 	switch {
 	case framing.te && (req.ProtoMinor == 0 || framing.cl):
-		return nil, h1StatusError{http.StatusBadRequest, "ambiguous message framing"}
+		return nil, statusError{http.StatusBadRequest, "ambiguous message framing"}
 	case !framing.known && (req.ProtoMinor == 0 || req.TransferEncoding != nil):
 		req.Close = true
 	}
@@ -249,7 +233,7 @@ func (c *h1ServerConn) readRequest() (*http.Request, error) {
 // framing fields: http.ReadRequest hides some (headFraming). When the head
 // does not fit, or the read fails (http.ReadRequest then meets the
 // failure), the framing it returns is not known.
-func (c *h1ServerConn) peekHead() (f headFraming) {
+func (c *conn) peekHead() (f headFraming) {
 	for {
 		buf, _ := c.br.Peek(c.br.Buffered())
 		if scanHead(buf, &f) {
@@ -267,23 +251,23 @@ func (c *h1ServerConn) peekHead() (f headFraming) {
 // checkRequest refuses what net/http's server would, of what
 // http.ReadRequest accepts (parseHead refuses the rest itself), and gives
 // req the connection's context.
-func (c *h1ServerConn) checkRequest(req *http.Request, fast bool) (*http.Request, error) {
+func (c *conn) checkRequest(req *http.Request, fast bool) (*http.Request, error) {
 	if req.ProtoMajor != 1 {
-		return nil, h1StatusError{http.StatusHTTPVersionNotSupported, "unsupported protocol version"}
+		return nil, statusError{http.StatusHTTPVersionNotSupported, "unsupported protocol version"}
 	}
 	// The parsers copied the Host header into req.Host (which an
 	// absolute-form target overrides).
 	switch {
 	case req.ProtoAtLeast(1, 1) && req.Host == "" && req.Method != http.MethodConnect:
-		return nil, h1StatusError{http.StatusBadRequest, "missing required Host header"}
+		return nil, statusError{http.StatusBadRequest, "missing required Host header"}
 	case !httpguts.ValidHostHeader(req.Host):
-		return nil, h1StatusError{http.StatusBadRequest, "malformed Host header"}
+		return nil, statusError{http.StatusBadRequest, "malformed Host header"}
 	}
 	if !fast {
 		// textproto rejected bad values already; names it lets through.
 		for k := range req.Header {
 			if !httpwire.ValidToken(k) {
-				return nil, h1StatusError{http.StatusBadRequest, "invalid header name"}
+				return nil, statusError{http.StatusBadRequest, "invalid header name"}
 			}
 		}
 	}
@@ -291,28 +275,28 @@ func (c *h1ServerConn) checkRequest(req *http.Request, fast bool) (*http.Request
 	return req.WithContext(c.ctx), nil
 }
 
-// h1StatusError is a request refused before its handler: the status and
+// statusError is a request refused before its handler: the status and
 // why.
-type h1StatusError struct {
+type statusError struct {
 	code int
 	text string
 }
 
-func (e h1StatusError) Error() string { return strconv.Itoa(e.code) + " " + e.text }
+func (e statusError) Error() string { return strconv.Itoa(e.code) + " " + e.text }
 
 // refuse answers a request that could not be read, when there is one to
 // answer, and logs why at debug.
-func (c *h1ServerConn) refuse(err error) {
+func (c *conn) refuse(err error) {
 	var ne net.Error
 	if err == io.EOF || errors.As(err, &ne) && ne.Timeout() || errors.Is(err, net.ErrClosed) {
 		return // the client left or went quiet: nothing to answer
 	}
 	code, text := http.StatusBadRequest, ""
-	var se h1StatusError
+	var se statusError
 	switch {
 	case errors.As(err, &se):
 		code, text = se.code, se.text
-	case errors.Is(err, errH1HeaderTooLarge):
+	case errors.Is(err, errHeaderTooLarge):
 		code = http.StatusRequestHeaderFieldsTooLarge
 	case strings.Contains(err.Error(), "unsupported transfer encoding"):
 		code, text = http.StatusNotImplemented, "unsupported transfer encoding"
@@ -329,7 +313,7 @@ func (c *h1ServerConn) refuse(err error) {
 
 // serve runs the handler for one request and finishes its answer; it
 // reports whether the connection may carry another request.
-func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
+func (c *conn) serve(w *response, req *http.Request) (keep bool) {
 	rawio.StartRequest()
 	defer rawio.EndRequest()
 	c.mu.Lock()
@@ -374,22 +358,22 @@ func (c *h1ServerConn) serve(w *h1Response, req *http.Request) (keep bool) {
 	return keep
 }
 
-// armWatch starts the client watch after h1WatchAfter, once the request
+// armWatch starts the client watch after watchAfter, once the request
 // body has been read whole (the watch's read must not take body bytes)
 // and unless the client already sent more (pipelining).
-func (c *h1ServerConn) armWatch(seq uint64) {
+func (c *conn) armWatch(seq uint64) {
 	c.mu.Lock()
 	// Only while request seq's handler runs; then nothing else reads br.
 	if seq == c.seq && !c.reqDone && !c.hasByte && c.br.Buffered() == 0 {
 		c.armed = c.seq
-		c.watch.Reset(h1WatchAfter)
+		c.watch.Reset(watchAfter)
 	}
 	c.mu.Unlock()
 }
 
 // startWatch runs on the watch timer: it reads one byte in the background
 // so that a client hanging up cancels its request's context.
-func (c *h1ServerConn) startWatch() {
+func (c *conn) startWatch() {
 	c.mu.Lock()
 	if c.reqDone || c.armed != c.seq || c.inRead {
 		c.mu.Unlock()
@@ -413,7 +397,7 @@ func (c *h1ServerConn) startWatch() {
 
 // endWatch marks the request's handler done and stops the client watch,
 // interrupting its read if it is running.
-func (c *h1ServerConn) endWatch() {
+func (c *conn) endWatch() {
 	c.mu.Lock()
 	c.reqDone = true
 	c.watch.Stop()
@@ -429,14 +413,14 @@ func (c *h1ServerConn) endWatch() {
 	c.mu.Unlock()
 }
 
-// h1Response is the http.ResponseWriter of one HTTP/1.x request. The head
-// is written when the first body bytes past h1HoldBody come, on Flush, or
+// response is the http.ResponseWriter of one HTTP/1.x request. The head
+// is written when the first body bytes past holdBody come, on Flush, or
 // when the handler returns; which framing the body gets is decided then.
-type h1Response struct {
-	c      *h1ServerConn
+type response struct {
+	c      *conn
 	req    *http.Request
 	header http.Header
-	body   h1ReqBody
+	body   requestBody
 
 	status        int
 	wroteHeader   bool  // the status is set
@@ -457,11 +441,11 @@ type h1Response struct {
 	sentContinue   bool
 }
 
-func (c *h1ServerConn) newResponse(req *http.Request) *h1Response {
+func (c *conn) newResponse(req *http.Request) *response {
 	clear(c.header)
 	// Whether the client asked to close is read now: the handler may
 	// change req (prepareOutbound clears Close for the node's request).
-	w := &h1Response{c: c, req: req, header: c.header, contentLength: -1, closeAfter: req.Close}
+	w := &response{c: c, req: req, header: c.header, contentLength: -1, closeAfter: req.Close}
 	if exp, ok := req.Header["Expect"]; ok {
 		if len(exp) == 1 && strings.EqualFold(exp[0], "100-continue") && req.ProtoAtLeast(1, 1) {
 			if req.ContentLength != 0 {
@@ -473,17 +457,17 @@ func (c *h1ServerConn) newResponse(req *http.Request) *h1Response {
 		}
 	}
 	if req.Body != http.NoBody && req.Body != nil {
-		w.body = h1ReqBody{w: w, rc: req.Body}
+		w.body = requestBody{w: w, rc: req.Body}
 		req.Body = &w.body
 	}
 	return w
 }
 
-func (w *h1Response) Header() http.Header { return w.header }
+func (w *response) Header() http.Header { return w.header }
 
-// adoptHeader makes h the answer's header in place of the connection's
+// AdoptHeader makes h the answer's header in place of the connection's
 // own, sparing a proxied answer the copy of every field (headerAdopter).
-func (w *h1Response) adoptHeader(h http.Header) bool {
+func (w *response) AdoptHeader(h http.Header) bool {
 	if w.wroteHeader || len(w.header) > 0 || h == nil {
 		return false
 	}
@@ -491,7 +475,7 @@ func (w *h1Response) adoptHeader(h http.Header) bool {
 	return true
 }
 
-func (w *h1Response) WriteHeader(code int) {
+func (w *response) WriteHeader(code int) {
 	if w.hijacked || w.wroteHeader {
 		return
 	}
@@ -527,11 +511,11 @@ func firstValue(vv []string) string {
 	return vv[0]
 }
 
-func (w *h1Response) bodyAllowed() bool {
+func (w *response) bodyAllowed() bool {
 	return w.req.Method != http.MethodHead && httpwire.BodyAllowed(w.status)
 }
 
-func (w *h1Response) Write(p []byte) (int, error) {
+func (w *response) Write(p []byte) (int, error) {
 	if w.hijacked {
 		return 0, http.ErrHijacked
 	}
@@ -549,7 +533,7 @@ func (w *h1Response) Write(p []byte) (int, error) {
 		return len(p), nil
 	}
 	if !w.committed {
-		if w.contentLength < 0 && len(w.c.hold)+len(p) <= h1HoldBody {
+		if w.contentLength < 0 && len(w.c.hold)+len(p) <= holdBody {
 			w.c.hold = append(w.c.hold, p...)
 			return len(p), nil
 		}
@@ -568,7 +552,7 @@ func (w *h1Response) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-func (w *h1Response) writeBody(p []byte) {
+func (w *response) writeBody(p []byte) {
 	if len(p) == 0 {
 		return
 	}
@@ -587,10 +571,22 @@ func (w *h1Response) writeBody(p []byte) {
 // commit writes the head, and the body held so far. final says the handler
 // has returned, so a held body is all there is and can take a
 // Content-Length.
-func (w *h1Response) commit(final bool) {
+func (w *response) commit(final bool) {
 	w.wmu.Lock()
 	defer w.wmu.Unlock()
 	w.committed = true
+	setLength := w.frame(final)
+	w.writeHead(setLength)
+	if held := w.c.hold; len(held) > 0 {
+		w.c.hold = held[:0]
+		w.writeBody(held)
+	}
+}
+
+// frame decides the answer's framing as its head is written: the declared
+// trailers, a Content-Length the server sets (reported by setLength),
+// chunks, and whether the connection closes after it.
+func (w *response) frame(final bool) (setLength bool) {
 	h, req := w.header, w.req
 	delete(h, "Transfer-Encoding")
 	httpwire.DeclaredTrailers(h, func(k string) { w.trailers = append(w.trailers, k) })
@@ -599,7 +595,6 @@ func (w *h1Response) commit(final bool) {
 		delete(h, "Content-Length")
 		w.contentLength = -1
 	}
-	setLength := false
 	if bodyOK && w.contentLength < 0 && final && len(w.trailers) == 0 &&
 		(req.Method != http.MethodHead || w.written > 0) {
 		w.contentLength = w.written
@@ -622,7 +617,13 @@ func (w *h1Response) commit(final bool) {
 		// The client may or may not send the body it held back.
 		w.closeAfter = true
 	}
+	return setLength
+}
 
+// writeHead writes the status line and the header, with the framing fields
+// frame decided.
+func (w *response) writeHead(setLength bool) {
+	h, req := w.header, w.req
 	bw := w.c.bw
 	bw.WriteString("HTTP/1.1 ")
 	bw.WriteString(httpwire.StatusLine(w.status))
@@ -649,10 +650,6 @@ func (w *h1Response) commit(final bool) {
 		bw.WriteString("Connection: keep-alive\r\n") // an HTTP/1.0 client that asked for it
 	}
 	bw.WriteString("\r\n")
-	if held := w.c.hold; len(held) > 0 {
-		w.c.hold = held[:0]
-		w.writeBody(held)
-	}
 }
 
 // writeHeaderLines writes h as header lines, less the fields the server
@@ -671,7 +668,7 @@ func writeHeaderLines(bw *bufio.Writer, h http.Header, skip []string) {
 
 // finish ends the answer when the handler returns: the head if not yet
 // written, the last chunk and trailers, and one flush.
-func (w *h1Response) finish() {
+func (w *response) finish() {
 	w.handlerDone = true
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)
@@ -708,9 +705,9 @@ func (w *h1Response) finish() {
 }
 
 // Flush sends the head, and what body is written, now.
-func (w *h1Response) Flush() { _ = w.FlushError() }
+func (w *response) Flush() { _ = w.FlushError() }
 
-func (w *h1Response) FlushError() error {
+func (w *response) FlushError() error {
 	if w.hijacked {
 		return http.ErrHijacked
 	}
@@ -725,11 +722,11 @@ func (w *h1Response) FlushError() error {
 
 // EnableFullDuplex is there for http.ResponseController: the server reads
 // a request body and writes its answer independently already.
-func (w *h1Response) EnableFullDuplex() error { return nil }
+func (w *response) EnableFullDuplex() error { return nil }
 
 // Hijack hands the connection to the handler, with the bytes the server
 // read past the request in the returned reader.
-func (w *h1Response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+func (w *response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if w.hijacked {
 		return nil, nil, http.ErrHijacked
 	}
@@ -744,8 +741,8 @@ func (w *h1Response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		}
 	}
 	w.hijacked = true
-	c.state.Store(h1Closed)
-	c.s.untrack(func() { delete(c.s.h1conns, c) })
+	c.state.Store(stateClosed)
+	c.s.untrack(c)
 	_ = c.nc.SetDeadline(time.Time{})
 	var pending []byte
 	if c.hasByte {
@@ -760,11 +757,11 @@ func (w *h1Response) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return nc, bufio.NewReadWriter(c.br, bufio.NewWriter(nc)), nil
 }
 
-// h1ReqBody is a request body as the handler sees it: it sends the 100
+// requestBody is a request body as the handler sees it: it sends the 100
 // Continue a waiting client needs on the first read, and starts the client
 // watch at its end.
-type h1ReqBody struct {
-	w  *h1Response
+type requestBody struct {
+	w  *response
 	rc io.ReadCloser
 
 	mu      sync.Mutex
@@ -774,7 +771,7 @@ type h1ReqBody struct {
 	readers int  // reads under way
 }
 
-func (b *h1ReqBody) Read(p []byte) (int, error) {
+func (b *requestBody) Read(p []byte) (int, error) {
 	w := b.w
 	b.mu.Lock()
 	if b.closed {
@@ -812,7 +809,7 @@ func (b *h1ReqBody) Read(p []byte) (int, error) {
 
 // Close makes later reads fail; what is left of the body is skipped when
 // the handler returns (drain).
-func (b *h1ReqBody) Close() error {
+func (b *requestBody) Close() error {
 	b.mu.Lock()
 	b.closed = true
 	b.mu.Unlock()
@@ -821,7 +818,7 @@ func (b *h1ReqBody) Close() error {
 
 // doneOrSmall reports whether the body was read whole, or what is left is
 // small enough to skip for the connection's sake.
-func (b *h1ReqBody) doneOrSmall() bool {
+func (b *requestBody) doneOrSmall() bool {
 	if b.w == nil {
 		return true // no body
 	}
@@ -831,16 +828,16 @@ func (b *h1ReqBody) doneOrSmall() bool {
 		return true
 	}
 	cl := b.w.req.ContentLength
-	return cl >= 0 && cl-b.read <= h1DiscardLimit && b.w.expectContinue != "100-continue"
+	return cl >= 0 && cl-b.read <= discardLimit && b.w.expectContinue != "100-continue"
 }
 
 // end detaches the body from its request once the handler has returned:
 // later reads fail, as net/http's do. With skip, what the handler left of
-// the body is skipped, up to h1DiscardLimit, to keep the connection. keep
+// the body is skipped, up to discardLimit, to keep the connection. keep
 // reports whether the connection can carry another request; lingering, a
 // read the handler left behind still under way, which may yet use the
 // connection's reader.
-func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
+func (b *requestBody) end(skip bool) (keep, lingering bool) {
 	if b.w == nil {
 		return skip, false // no body
 	}
@@ -859,19 +856,19 @@ func (b *h1ReqBody) end(skip bool) (keep, lingering bool) {
 	}
 	nc := b.w.c.nc
 	_ = nc.SetReadDeadline(deadline(b.w.c.s.opts.ReadHeaderTimeout))
-	n, err := io.CopyN(io.Discard, b.rc, h1DiscardLimit+1)
+	n, err := io.CopyN(io.Discard, b.rc, discardLimit+1)
 	_ = nc.SetReadDeadline(time.Time{}) // between requests there is none
-	return err == io.EOF && n <= h1DiscardLimit, false
+	return err == io.EOF && n <= discardLimit, false
 }
 
 // httpDate is the Date header's value for now, made once a second.
 func httpDate(now time.Time) string {
 	sec := now.Unix()
-	if d := h1Date.Load(); d != nil && d.sec == sec {
+	if d := dateNow.Load(); d != nil && d.sec == sec {
 		return d.s
 	}
 	d := &dateValue{sec: sec, s: now.UTC().Format(http.TimeFormat)}
-	h1Date.Store(d)
+	dateNow.Store(d)
 	return d.s
 }
 
@@ -880,4 +877,4 @@ type dateValue struct {
 	s   string
 }
 
-var h1Date atomic.Pointer[dateValue]
+var dateNow atomic.Pointer[dateValue]

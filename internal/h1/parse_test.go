@@ -1,4 +1,4 @@
-package proxy
+package h1
 
 import (
 	"bufio"
@@ -102,14 +102,14 @@ func TestParseHeadMatchesNetHTTP(t *testing.T) {
 // checkParseHead holds parseHead to http.ReadRequest on one input.
 func checkParseHead(t *testing.T, in []byte) (took bool) {
 	t.Helper()
-	if len(in) > h1BufSize {
+	if len(in) > bufSize {
 		return false
 	}
 	checkScanHead(t, in)
-	br := bufio.NewReaderSize(bytes.NewReader(in), h1BufSize)
+	br := bufio.NewReaderSize(bytes.NewReader(in), bufSize)
 	_, _ = br.Peek(len(in))
 	var got http.Request
-	if !parseHead(br, &got, h1BufSize) {
+	if !parseHead(br, &got, bufSize) {
 		if br.Buffered() != len(in) {
 			t.Fatalf("refused %q but read %d bytes of it", in, len(in)-br.Buffered())
 		}
@@ -185,10 +185,10 @@ func checkScanHead(t *testing.T, in []byte) {
 // it is for (FuzzParseHead only proves it right when it is).
 func TestParseHeadTakesPlainRequests(t *testing.T) {
 	for _, s := range parseHeadSeeds[:9] {
-		br := bufio.NewReaderSize(bytes.NewReader([]byte(s)), h1BufSize)
+		br := bufio.NewReaderSize(bytes.NewReader([]byte(s)), bufSize)
 		_, _ = br.Peek(len(s))
 		var req http.Request
-		if !parseHead(br, &req, h1BufSize) {
+		if !parseHead(br, &req, bufSize) {
 			t.Errorf("left %q to net/http", s)
 		}
 	}
@@ -197,7 +197,7 @@ func TestParseHeadTakesPlainRequests(t *testing.T) {
 func BenchmarkParseHead(b *testing.B) {
 	const s = "GET /echo HTTP/1.1\r\nHost: 127.0.0.1:19400\r\nUser-Agent: sidecar-bench\r\nAccept: */*\r\n\r\n"
 	r := bytes.NewReader([]byte(s))
-	br := bufio.NewReaderSize(r, h1BufSize)
+	br := bufio.NewReaderSize(r, bufSize)
 	var req http.Request
 	b.Run("parseHead", func(b *testing.B) {
 		b.ReportAllocs()
@@ -205,7 +205,7 @@ func BenchmarkParseHead(b *testing.B) {
 			r.Reset([]byte(s))
 			br.Reset(r)
 			_, _ = br.Peek(1)
-			if !parseHead(br, &req, h1BufSize) {
+			if !parseHead(br, &req, bufSize) {
 				b.Fatal("refused")
 			}
 		}
