@@ -179,9 +179,36 @@ func (l *tryLoop) attempt(e *endpoint, pk balancer.Pick, breakerDone func(error)
 	}
 }
 
-// decide decides on a retry after a failed try (see decideRetry).
+// tcpMinRetries is the fewest retries of a TCP connection's failed dials,
+// whatever retries.attempts says: a dial never sends a client byte, and TCP
+// routes made three dials before they shared this loop.
+const tcpMinRetries = 2
+
+// decide decides whether to try again after a failed try, spending from
+// the budget unless the try never reached a node. The retry decided on is
+// left in l.next: run waits for it (retryWait), counts it when its try is
+// sent, and gives its budget back when it never is (the body cannot be
+// sent again, no node is left, the client went away). It does not block.
 func (l *tryLoop) decide(reason string, allowed, neverSent bool) bool {
-	return l.p.decideRetry(l.rt, reason, allowed, &l.retries, neverSent, &l.next)
+	rt := l.rt
+	attempts := rt.cfg.Resilience.Retries.Attempts
+	if l.kind == tryTCP {
+		attempts = max(attempts, tcpMinRetries)
+	}
+	if !allowed || l.retries >= attempts {
+		return false
+	}
+	var spent time.Time
+	if !neverSent {
+		spent = time.Now()
+		if !rt.budget.Spend(spent) {
+			rt.metrics.retries.WithLabelValues(reason, "budget_exhausted").Inc()
+			return false
+		}
+	}
+	l.retries++
+	l.next = pendingRetry{reason: reason, spent: spent}
+	return true
 }
 
 // tryContext is the context of one try: ctx bounded by the per-try

@@ -201,30 +201,6 @@ func deadlinePassed(ctx context.Context) bool {
 	return ok && !time.Now().Before(dl)
 }
 
-// decideRetry decides whether to try again after a failed try, spending
-// from the budget unless the try never reached a node. The retry decided
-// on is left in next: the caller waits for it (retryWait), counts it when
-// its try is sent, and gives its budget back when it never is (the body
-// cannot be sent again, no node is left, the client went away). It does
-// not block.
-func (p *Proxy) decideRetry(rt *route, reason string, allowed bool, retries *int, neverSent bool, next *pendingRetry) bool {
-	res := &rt.cfg.Resilience.Retries
-	if !allowed || *retries >= res.Attempts {
-		return false
-	}
-	var spent time.Time
-	if !neverSent {
-		spent = time.Now()
-		if !rt.budget.Spend(spent) {
-			rt.metrics.retries.WithLabelValues(reason, "budget_exhausted").Inc()
-			return false
-		}
-	}
-	*retries++
-	*next = pendingRetry{reason: reason, spent: spent}
-	return true
-}
-
 // retryWait waits before retry n (1-based) of rt: not at all before the
 // first retry of a try never sent, else the jittered backoff. It reports
 // false when ctx ended first.

@@ -207,7 +207,8 @@ func (s *TCPServer) handle(client net.Conn) {
 // tcpTry is a TCP connection's side of the tryLoop: a dial to the node,
 // and the PROXY protocol header, if any. A dial that fails never reached
 // the node with a client byte, so another node may always take the
-// connection, as retries.attempts and the backoff allow.
+// connection, as retries.attempts (at least tcpMinRetries) and the backoff
+// allow.
 type tcpTry struct {
 	header []byte
 
