@@ -55,7 +55,7 @@
 // # Request bodies
 //
 // A request body is shared by the tries of one request (body in
-// resilience.go): held in memory when small (64 KiB) and known in size and
+// body.go): held in memory when small (64 KiB) and known in size and
 // the request may be replayed; otherwise streamed, and retried only while no
 // byte of it has reached a node. A try given up while waiting for the
 // client's next bytes hands them to the next try, so a retried request
