@@ -32,6 +32,11 @@ type TCPServer struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	// abort ends the tries of connections still picking a node (their
+	// backoff, a wait for a connection slot) when Shutdown gives up
+	// waiting.
+	abort      context.Context
+	abortTries context.CancelFunc
 }
 
 // TCP returns the server of a per-upstream TCP listener for cfg.Service.
@@ -49,6 +54,7 @@ func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
 	}
 	p.addRoute(rt)
 	s := &TCPServer{p: p, listener: listener, conns: make(map[net.Conn]struct{})}
+	s.abort, s.abortTries = context.WithCancel(context.Background())
 	s.route.Store(rt)
 	return s, nil
 }
@@ -121,6 +127,7 @@ func (s *TCPServer) Shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
+	s.abortTries()
 	s.mu.Lock()
 	for c := range s.conns {
 		c.Close()
@@ -171,7 +178,7 @@ func (s *TCPServer) handle(client net.Conn) {
 		header = appendProxyV2(make([]byte, 0, proxyV2MaxLen), client.RemoteAddr(), client.LocalAddr())
 	}
 	var l tryLoop
-	l.init(s.p, context.Background(), rt, key, hasKey, start)
+	l.init(s.p, s.abort, rt, key, hasKey, start)
 	l.kind, l.tcp = tryTCP, tcpTry{header: header}
 	c := &l.tcp
 	defer l.next.cancel(rt)
@@ -220,7 +227,7 @@ type tcpTry struct {
 
 // attempt dials e.
 func (c *tcpTry) attempt(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone func(error)) outcome {
-	conn, err := dialNode(e, c.header, l.rt.cfg.Timeouts.Connect)
+	conn, err := dialNode(l.ctx, e, c.header, l.rt.cfg.Timeouts.Connect)
 	if errors.Is(err, ErrLocalLimit) {
 		refuseTry(breakerDone, pk)
 		return outcome{verdict: tryRefused, err: err}
@@ -240,9 +247,9 @@ func (c *tcpTry) attempt(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone 
 // written fails the dial: no client byte has gone out yet, so the caller
 // may move on to another node. At e's max_connections it first waits for
 // a slot, up to the connect timeout, and fails with ErrLocalLimit.
-func dialNode(e *endpoint, header []byte, connect time.Duration) (net.Conn, error) {
+func dialNode(ctx context.Context, e *endpoint, header []byte, connect time.Duration) (net.Conn, error) {
 	addr := e.Addr
-	if err := e.limits.acquireConn(context.Background(), connect); err != nil {
+	if err := e.limits.acquireConn(ctx, connect); err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(connect)

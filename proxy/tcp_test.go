@@ -12,6 +12,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/wait"
 )
 
 // failCounter wraps a route's balancer and counts, per endpoint address,
@@ -508,4 +509,50 @@ func TestTCPRetriesFollowPolicy(t *testing.T) {
 			t.Errorf(`sidecar_retries_total{reason="connect_failed",outcome="retried"} = %v, want one per failed dial (%d)`, got, dials)
 		}
 	})
+}
+
+// TestTCPShutdownEndsBackoff: a connection whose dials failed and that
+// waits out a retry's backoff is let go when Shutdown stops waiting, rather
+// than holding Shutdown for the rest of the backoff.
+func TestTCPShutdownEndsBackoff(t *testing.T) {
+	res := connResDefaults(t)
+	res.Retries.Attempts = 5
+	res.Retries.Backoff = time.Minute
+	dead := []string{resDeadAddr(t), resDeadAddr(t), resDeadAddr(t)}
+	px, _ := staticProxy(t, dead)
+	ts, err := px.TCP("test", RouteConfig{Service: "svc", Protocol: "tcp", Resilience: res})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := countFailures(ts.route.Load())
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- ts.Serve(ln) }()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// The first retry goes at once; the second waits its backoff.
+	wait.For(t, 5*time.Second, "two failed dials", func() bool {
+		return fc.failures(dead[0])+fc.failures(dead[1])+fc.failures(dead[2]) >= 2
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	shut := make(chan error, 1)
+	go func() { shut <- ts.Shutdown(ctx) }()
+	select {
+	case err := <-shut:
+		if err != context.DeadlineExceeded {
+			t.Errorf("Shutdown() = %v, want %v: a connection was still open", err, context.DeadlineExceeded)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown() still waiting for a connection in its retry backoff")
+	}
+	if err := <-served; err != net.ErrClosed {
+		t.Errorf("Serve() = %v, want net.ErrClosed", err)
+	}
 }
