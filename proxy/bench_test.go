@@ -8,7 +8,12 @@ import (
 
 // benchGet runs parallel keep-alive GETs of url and checks each answers 200.
 func benchGet(b *testing.B, url string) {
-	client := newClient(b, func(tr *http.Transport) { tr.MaxIdleConnsPerHost = 1024 })
+	benchGetWith(b, newClient(b, func(tr *http.Transport) { tr.MaxIdleConnsPerHost = 1024 }), url)
+}
+
+// benchGetWith runs parallel GETs of url with client and checks each
+// answers 200.
+func benchGetWith(b *testing.B, client *http.Client, url string) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -51,4 +56,19 @@ func BenchmarkProxyHTTP(b *testing.B) {
 func BenchmarkDirect(b *testing.B) {
 	node := benchNode(b)
 	benchGet(b, node.URL+"/bench")
+}
+
+// BenchmarkProxyH2 is BenchmarkProxyHTTP over h2c with prior knowledge at
+// both hops: the client's streams share one connection to the sidecar's
+// HTTP/2 server, and the sidecar's HTTP/2 client pool carries them to an
+// h2c node (net/http's server).
+func BenchmarkProxyH2(b *testing.B) {
+	body := []byte("hello from the node\n")
+	node := startH2CNode(b, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header()["Content-Type"] = []string{"text/plain"}
+		_, _ = w.Write(body)
+	}), nil)
+	sc := startH2Sidecar(b, staticCache(b, map[string][]string{"echo": {node.addr}}),
+		RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
+	benchGetWith(b, h2cClient(b, nil), sc.URL+"/bench")
 }

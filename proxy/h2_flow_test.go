@@ -609,3 +609,35 @@ func TestH2NodeStreamWindowOverflow(t *testing.T) {
 		t.Error("node got no RST_STREAM")
 	}
 }
+
+// TestOutflow: a send window grows by WINDOW_UPDATE increments and SETTINGS
+// changes up to 2^31-1 and no further, shrinks below zero on a smaller
+// SETTINGS_INITIAL_WINDOW_SIZE, and is spent by what is sent.
+func TestOutflow(t *testing.T) {
+	tests := []struct {
+		name    string
+		start   outflow
+		add     int64
+		wantOK  bool
+		wantNow int64
+	}{
+		{"an increment", 65535, 1000, true, 66535},
+		{"up to the maximum", 65535, maxWindow - 65535, true, maxWindow},
+		{"one past the maximum", 65535, maxWindow - 65535 + 1, false, maxWindow + 1},
+		{"an increment of 2^31-1 on an open window", 1, maxWindow, false, maxWindow + 1},
+		{"a shrinking SETTINGS below zero", 100, -65535, true, 100 - 65535},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			w := tc.start
+			if ok := w.add(tc.add); ok != tc.wantOK || w.available() != tc.wantNow {
+				t.Errorf("outflow(%d).add(%d) = %v, available %d; want %v, %d", tc.start, tc.add, ok, w.available(), tc.wantOK, tc.wantNow)
+			}
+		})
+	}
+	w := outflow(100)
+	w.take(60)
+	if got := w.available(); got != 40 {
+		t.Errorf("outflow(100) after take(60): available() = %d, want 40", got)
+	}
+}

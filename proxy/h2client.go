@@ -348,7 +348,7 @@ type h2ClientStream struct {
 	// Under cc.mu:
 	err      error // why the stream failed, before or after the header
 	gotResp  bool
-	sendWin  int64
+	sendWin  outflow
 	sendDone bool // END_STREAM or RST sent
 	recvDone bool // END_STREAM received, or reset
 	trailer  http.Header
@@ -386,7 +386,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	cs.id = cc.nextID
 	cc.nextID += 2
-	cs.sendWin = cc.peerInitWin
+	cs.sendWin = outflow(cc.peerInitWin)
 	cs.body.init(cc.h2conn, cs.id)
 	cc.streams[cs.id] = cs
 	cc.idle.stop()
@@ -576,7 +576,7 @@ func (cs *h2ClientStream) canSend(n int) bool {
 	cc := cs.cc
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
-	return int64(n) <= min(cc.sendWin, cs.sendWin) && len(cc.out) < h2MaxOutBuffer
+	return int64(n) <= min(cc.sendWin.available(), cs.sendWin.available()) && len(cc.out) < h2MaxOutBuffer
 }
 
 var h2BufPool = sync.Pool{New: func() any { b := make([]byte, h2DefaultFrame); return &b }}
@@ -863,11 +863,11 @@ func (cc *h2ClientConn) processRSTStream(f *http2.RSTStreamFrame) error {
 // stream. cc.mu is held.
 func (cc *h2ClientConn) processWindowUpdate(f *http2.WindowUpdateFrame) error {
 	if f.StreamID == 0 {
-		if !growWindow(&cc.sendWin, f.Increment) {
+		if !cc.sendWin.add(int64(f.Increment)) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	} else if cs := cc.streams[f.StreamID]; cs != nil {
-		if !growWindow(&cs.sendWin, f.Increment) {
+		if !cs.sendWin.add(int64(f.Increment)) {
 			// A stream error, as the server treats an app's.
 			cc.writeRSTLocked(cs.id, http2.ErrCodeFlowControl)
 			cc.flushLocked()
@@ -891,7 +891,7 @@ func (cc *h2ClientConn) processSettings(f *http2.SettingsFrame) error {
 	}
 	for _, cs := range cc.streams {
 		// As the server does (RFC 9113, section 6.9.2).
-		if !growWindowBy(&cs.sendWin, delta) {
+		if !cs.sendWin.add(delta) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	}

@@ -130,9 +130,9 @@ type h2conn struct {
 	enc    *hpack.Encoder // under mu: header blocks go out in encoding order
 	encBuf []byte
 
-	sendWin      int64  // connection send window; under mu
-	peerInitWin  int64  // the peer's SETTINGS_INITIAL_WINDOW_SIZE; under mu
-	peerMaxFrame uint32 // under mu
+	sendWin      outflow // connection send window; under mu
+	peerInitWin  int64   // the peer's SETTINGS_INITIAL_WINDOW_SIZE; under mu
+	peerMaxFrame uint32  // under mu
 	// peerMaxStreams is the peer's SETTINGS_MAX_CONCURRENT_STREAMS: 100
 	// until its SETTINGS say otherwise. Under mu.
 	peerMaxStreams uint32
@@ -726,21 +726,28 @@ func (c *h2conn) applySettingsLocked(f *http2.SettingsFrame) (winDelta int64, er
 // section 6.9.1).
 const maxWindow = 1<<31 - 1
 
-// growWindow adds a WINDOW_UPDATE's increment to the send window *w and
-// reports whether the window stays within maxWindow. Past it the peer broke
-// flow control: a connection error on stream 0, a stream error (RST_STREAM
-// FLOW_CONTROL_ERROR) on another. Client and server both check with it.
-func growWindow(w *int64, inc uint32) bool {
-	return growWindowBy(w, int64(inc))
-}
+// outflow is a send window, as x/net's flow.go has it: how much the peer
+// lets the sidecar send on the connection or on one stream. Client and
+// server keep theirs in it, so both check a window the same way. Its
+// methods are not safe for concurrent use: the connection's mu guards it.
+type outflow int64
 
-// growWindowBy changes the send window *w by delta (negative when a new
-// SETTINGS_INITIAL_WINDOW_SIZE shrinks it) and reports whether it stays
-// within maxWindow.
-func growWindowBy(w *int64, delta int64) bool {
-	*w += delta
+// add changes the window by n: a WINDOW_UPDATE's increment, or the change
+// of a new SETTINGS_INITIAL_WINDOW_SIZE (negative when it shrinks). It
+// returns false if the sum would exceed 2^31-1 (RFC 9113, 6.9.1): the peer
+// broke flow control, a connection error on stream 0, a stream error
+// (RST_STREAM FLOW_CONTROL_ERROR) on another.
+func (w *outflow) add(n int64) bool {
+	*w += outflow(n)
 	return *w <= maxWindow
 }
+
+// available is how much may be sent now; it may be negative after a
+// shrinking SETTINGS.
+func (w outflow) available() int64 { return int64(w) }
+
+// take spends n bytes sent.
+func (w *outflow) take(n int64) { *w -= outflow(n) }
 
 // consumedLocked acknowledges n bytes the consumer read (or the sidecar
 // discarded) at the connection level, sending a WINDOW_UPDATE once half the
@@ -759,7 +766,7 @@ func (c *h2conn) consumedLocked(n int) {
 // and stream windows (*win, under c.mu) and the output cap, ending the
 // stream after the last byte when end. It blocks while the windows are
 // shut, until ctx ends or abort returns an error.
-func (c *h2conn) sendData(ctx context.Context, stream uint32, win *int64, p []byte, end bool, abort func() error) error {
+func (c *h2conn) sendData(ctx context.Context, stream uint32, win *outflow, p []byte, end bool, abort func() error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
@@ -779,7 +786,7 @@ func (c *h2conn) sendData(ctx context.Context, stream uint32, win *int64, p []by
 			return nil
 		}
 		n := int64(len(p))
-		n = min(n, c.sendWin, *win, int64(c.peerMaxFrame))
+		n = min(n, c.sendWin.available(), win.available(), int64(c.peerMaxFrame))
 		if n <= 0 || len(c.out) >= h2MaxOutBuffer {
 			// Only output waiting is the writer's business: asked to send
 			// nothing, it would wake this wait for nothing, forever.
@@ -792,8 +799,8 @@ func (c *h2conn) sendData(ctx context.Context, stream uint32, win *int64, p []by
 			}
 			continue
 		}
-		c.sendWin -= n
-		*win -= n
+		c.sendWin.take(n)
+		win.take(n)
 		last := end && int(n) == len(p)
 		c.writeDataLocked(stream, p[:n], last)
 		p = p[n:]

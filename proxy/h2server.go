@@ -271,11 +271,11 @@ func (sc *h2ServerConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if f.StreamID == 0 {
-		if !growWindow(&sc.sendWin, f.Increment) {
+		if !sc.sendWin.add(int64(f.Increment)) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	} else if st := sc.streams[f.StreamID]; st != nil {
-		if !growWindow(&st.sendWin, f.Increment) {
+		if !st.sendWin.add(int64(f.Increment)) {
 			st.resetLocked(errStreamReset)
 			sc.writeRSTLocked(f.StreamID, http2.ErrCodeFlowControl)
 			sc.flushLocked()
@@ -317,7 +317,7 @@ func (sc *h2ServerConn) onSettings(f *http2.SettingsFrame) error {
 	for _, st := range sc.streams {
 		// A new initial window that takes an open stream's window past
 		// 2^31-1 is a connection error (RFC 9113, section 6.9.2).
-		if !growWindowBy(&st.sendWin, delta) {
+		if !st.sendWin.add(delta) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	}
@@ -369,6 +369,8 @@ func (sc *h2ServerConn) onPriority(f *http2.PriorityFrame) error {
 	return nil
 }
 
+// onHeaders handles a HEADERS frame (with its CONTINUATIONs): a new
+// request, trailers of an open one, or a frame on a stream already closed.
 func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	if id%2 == 0 {
@@ -377,88 +379,97 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if st := sc.streams[id]; st != nil {
-		switch {
-		case st.peerReset || st.body.eof:
-			// After the client's RST_STREAM or END_STREAM (RFC 9113, 5.1).
-			st.resetLocked(errStreamReset)
-			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
-			sc.flushLocked()
-			return nil
-		case st.reset:
-			// The sidecar reset the stream: what the client sent before it
-			// saw the reset is ignored.
-			return nil
-		case !f.StreamEnded():
-			// Trailers: they must end the stream.
-			st.resetLocked(errStreamReset)
-			sc.writeRSTLocked(id, http2.ErrCodeProtocol)
-			sc.flushLocked()
-			return nil
-		}
-		if t := st.req.Trailer; t != nil {
-			for _, hf := range f.RegularFields() {
-				k := httpwire.CanonicalKey(hf.Name)
-				if _, declared := t[k]; declared {
-					if st.trailer == nil {
-						st.trailer = make(http.Header)
-					}
-					st.trailer[k] = append(st.trailer[k], hf.Value)
-				}
-			}
-		}
-		st.endBodyLocked()
+		sc.onTrailersLocked(st, f)
 		return nil
 	}
 	if id <= sc.maxSeen {
-		switch sc.howClosedLocked(id) {
-		case resetBySidecar:
-			return nil
-		case resetByClient:
-			sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
-			sc.flushLocked()
-			return nil
-		case closedNormally:
-			return http2.ConnectionError(http2.ErrCodeStreamClosed)
-		}
-		// Never opened (a lower ID than one the client opened), or closed
-		// longer ago than the connection remembers.
-		return http2.ConnectionError(http2.ErrCodeProtocol)
+		return sc.onClosedHeadersLocked(id)
 	}
 	sc.maxSeen = id
+	sc.openStreamLocked(f)
+	return nil
+}
+
+// onTrailersLocked handles HEADERS on an open stream: its trailers, which
+// must end it. sc.mu is held.
+func (sc *h2ServerConn) onTrailersLocked(st *h2ServerStream, f *http2.MetaHeadersFrame) {
+	id := st.id
+	switch {
+	case st.peerReset || st.body.eof:
+		// After the client's RST_STREAM or END_STREAM (RFC 9113, 5.1).
+		st.resetLocked(errStreamReset)
+		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+		sc.flushLocked()
+		return
+	case st.reset:
+		// The sidecar reset the stream: what the client sent before it
+		// saw the reset is ignored.
+		return
+	case !f.StreamEnded():
+		// Trailers: they must end the stream.
+		st.resetLocked(errStreamReset)
+		sc.writeRSTLocked(id, http2.ErrCodeProtocol)
+		sc.flushLocked()
+		return
+	}
+	if t := st.req.Trailer; t != nil {
+		for _, hf := range f.RegularFields() {
+			k := httpwire.CanonicalKey(hf.Name)
+			if _, declared := t[k]; declared {
+				if st.trailer == nil {
+					st.trailer = make(http.Header)
+				}
+				st.trailer[k] = append(st.trailer[k], hf.Value)
+			}
+		}
+	}
+	st.endBodyLocked()
+}
+
+// onClosedHeadersLocked handles HEADERS on a stream no longer open, by how
+// it closed. sc.mu is held.
+func (sc *h2ServerConn) onClosedHeadersLocked(id uint32) error {
+	switch sc.howClosedLocked(id) {
+	case resetBySidecar:
+		return nil
+	case resetByClient:
+		sc.writeRSTLocked(id, http2.ErrCodeStreamClosed)
+		sc.flushLocked()
+		return nil
+	case closedNormally:
+		return http2.ConnectionError(http2.ErrCodeStreamClosed)
+	}
+	// Never opened (a lower ID than one the client opened), or closed
+	// longer ago than the connection remembers.
+	return http2.ConnectionError(http2.ErrCodeProtocol)
+}
+
+// openStreamLocked opens the stream a request's HEADERS start and starts
+// its handler, or refuses it. sc.mu is held.
+func (sc *h2ServerConn) openStreamLocked(f *http2.MetaHeadersFrame) {
+	id := f.StreamID
 	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
 		// resetting streams at once cannot run unbounded handlers.
 		sc.refuseStreamLocked(id, http2.ErrCodeRefusedStream)
-		return nil
+		return
 	}
 	if f.HasPriority() && f.Priority.StreamDep == id {
 		// A stream cannot depend on itself (RFC 9113, 5.3.1).
 		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
-		return nil
+		return
 	}
-	st := &h2ServerStream{sc: sc, id: id, sendWin: sc.peerInitWin}
+	st := &h2ServerStream{sc: sc, id: id, sendWin: outflow(sc.peerInitWin)}
 	st.body.init(sc.h2conn, id)
 	req, err := sc.newRequest(st, f)
 	if err == errH2HeaderListTooLarge {
-		// Well-formed, only too large: the client is told so, as x/net's
-		// server and the HTTP/1.1 side tell it, and the stream ends (RFC
-		// 9113, 8.1: an answer before the whole request, then NO_ERROR).
-		sc.encodeLocked(":status", "431")
-		sc.writeHeaderBlockLocked(id, true)
-		how := closedNormally
-		if !f.StreamEnded() {
-			sc.writeRSTLocked(id, http2.ErrCodeNo)
-			how = resetBySidecar
-		}
-		sc.closedLocked(id, how)
-		sc.flushLocked()
-		sc.endedEarlyLocked()
-		return nil
+		sc.answer431Locked(id, f.StreamEnded())
+		return
 	}
 	if err != nil {
 		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
 		sc.s.log.Debug("malformed http2 request", zap.String("remote", sc.remote), zap.Error(err))
-		return nil
+		return
 	}
 	st.req = req
 	if f.StreamEnded() {
@@ -467,7 +478,23 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	sc.streams[id] = st
 	sc.idle.stop()
 	sc.s.startHandler(st)
-	return nil
+}
+
+// answer431Locked answers a well-formed request whose header list is only
+// too large: the client is told so, as x/net's server and the HTTP/1.1
+// side tell it, and the stream ends (RFC 9113, 8.1: an answer before the
+// whole request, then NO_ERROR). sc.mu is held.
+func (sc *h2ServerConn) answer431Locked(id uint32, ended bool) {
+	sc.encodeLocked(":status", "431")
+	sc.writeHeaderBlockLocked(id, true)
+	how := closedNormally
+	if !ended {
+		sc.writeRSTLocked(id, http2.ErrCodeNo)
+		how = resetBySidecar
+	}
+	sc.closedLocked(id, how)
+	sc.flushLocked()
+	sc.endedEarlyLocked()
 }
 
 // refuseStreamLocked resets stream id, opened but given no handler, with
@@ -750,7 +777,7 @@ type h2ServerStream struct {
 	body   recvBuf
 
 	// Under sc.mu:
-	sendWin    int64
+	sendWin    outflow
 	reset      bool // the client or the sidecar reset the stream, or the connection ended
 	peerReset  bool // the client reset the stream
 	sentHeader bool
