@@ -300,7 +300,9 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 			m.refused("client_closed")
 			return
 		}
-		if ctx.Err() == context.DeadlineExceeded {
+		if ctx.Err() == context.DeadlineExceeded || deadlinePassed(ctx) {
+			// By the clock too: a node that honours the deadline sent
+			// with the request may give up before ctx's timer fires.
 			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, timeout, err)
 		}
 		_, code := classify(err)
