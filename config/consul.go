@@ -58,8 +58,35 @@ var consulName = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9_-]{0,62}[a-zA-Z0-9]
 // the result. from says where consul.address came from, for messages.
 func (p *parser) resolveConsul(c *Consul, getenv func(string) string, from string) {
 	fileTLS := c.TLS != ConsulTLS{}
-	origin := map[string]string{} // key path → variable that filled it
+	origin := p.consulFromEnv(c, getenv)
+	scheme, rest, _ := strings.Cut(c.Address, "://")
+	if rest == "" {
+		scheme = "http"
+	}
+	if fileTLS && scheme != "https" {
+		p.errorf("consul.tls", "set, but consul.address %q%s is not https://, so it would not be used", c.Address, from)
+	}
+	p.checkConsulToken(c, origin)
+	p.checkConsulTLS(&c.TLS, origin)
+}
 
+// consulOrigin maps a key path to the environment variable that filled it.
+type consulOrigin map[string]string
+
+// note says where the value at path came from, for an error message: ""
+// when from the file.
+func (o consulOrigin) note(path string) string {
+	if name := o[path]; name != "" {
+		return " (from " + name + ")"
+	}
+	return ""
+}
+
+// consulFromEnv fills the consul keys the file leaves empty from consul/api's
+// environment variables, as consul/api would, and returns which variable
+// filled which key.
+func (p *parser) consulFromEnv(c *Consul, getenv func(string) string) consulOrigin {
+	origin := consulOrigin{}
 	fill := func(path string, v *string, name string) {
 		if *v == "" {
 			if *v = getenv(name); *v != "" {
@@ -102,39 +129,34 @@ func (p *parser) resolveConsul(c *Consul, getenv func(string) string, from strin
 	if ssl, _ := envBool("consul.address", "CONSUL_HTTP_SSL"); ssl && !strings.Contains(c.Address, "://") {
 		c.Address = "https://" + c.Address
 	}
+	return origin
+}
 
-	note := func(path string) string {
-		if name := origin[path]; name != "" {
-			return " (from " + name + ")"
-		}
-		return ""
-	}
-	scheme, rest, _ := strings.Cut(c.Address, "://")
-	if rest == "" {
-		scheme = "http"
-	}
-	if fileTLS && scheme != "https" {
-		p.errorf("consul.tls", "set, but consul.address %q%s is not https://, so it would not be used", c.Address, from)
-	}
-
+// checkConsulToken checks consul.token, consul.token_file, consul.namespace
+// and consul.partition.
+func (p *parser) checkConsulToken(c *Consul, origin consulOrigin) {
 	if c.Token != "" && c.TokenFile != "" {
 		p.errorf("consul.token_file", "set together with consul.token; give one of them")
 	}
 	if c.TokenFile != "" {
 		switch data, err := os.ReadFile(c.TokenFile); {
 		case err != nil:
-			p.errorf("consul.token_file", "%v%s", err, note("consul.token_file"))
+			p.errorf("consul.token_file", "%v%s", err, origin.note("consul.token_file"))
 		case strings.TrimSpace(string(data)) == "":
-			p.errorf("consul.token_file", "%s is empty%s", c.TokenFile, note("consul.token_file"))
+			p.errorf("consul.token_file", "%s is empty%s", c.TokenFile, origin.note("consul.token_file"))
 		}
 	}
 	for _, k := range []struct{ path, v string }{{"consul.namespace", c.Namespace}, {"consul.partition", c.Partition}} {
 		if k.v != "" && !consulName.MatchString(k.v) {
-			p.errorf(k.path, "invalid name %q%s: 1-64 letters, digits, '-' and '_', starting and ending with a letter or digit", k.v, note(k.path))
+			p.errorf(k.path, "invalid name %q%s: 1-64 letters, digits, '-' and '_', starting and ending with a letter or digit", k.v, origin.note(k.path))
 		}
 	}
+}
 
-	t := &c.TLS
+// checkConsulTLS checks that the files consul.tls names can be read and
+// hold what they should.
+func (p *parser) checkConsulTLS(t *ConsulTLS, origin consulOrigin) {
+	note := origin.note
 	if t.CAFile != "" {
 		switch pem, err := os.ReadFile(t.CAFile); {
 		case err != nil:

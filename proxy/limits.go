@@ -40,10 +40,6 @@ var (
 	errMaxRequests    = fmt.Errorf("%w: max_requests", ErrLocalLimit)
 )
 
-// errLocalRefusal is what a try refused by a local limit reports to its
-// node's breaker, which excludes it: neither a success nor a failure.
-var errLocalRefusal = errors.New("refused by a local limit")
-
 // nodeLimits bounds what the sidecar asks of one node (one endpoint of a
 // route; pools renewed by max_connection_age share it), as Envoy's
 // circuit-breaker thresholds bound a cluster:

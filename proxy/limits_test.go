@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/wait"
+
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/internal/rawio"
@@ -165,7 +167,7 @@ func TestFanOutBoundedByLimits(t *testing.T) {
 	}
 	// Every request is either answered or running at the node; then the
 	// node lets its own go.
-	resWait(t, 15*time.Second, "requests answered or at the node", func() bool {
+	wait.For(t, 15*time.Second, "requests answered or at the node", func() bool {
 		return int64(len(answers))+node.running.Load() == total
 	})
 	node.unhold()
@@ -235,7 +237,7 @@ func TestLimitsMaxRequests(t *testing.T) {
 			t.Errorf("answer past max_requests = %d %q, want 503 local_limit", r.status, r.header.Get("X-Sidecar-Error"))
 		}
 	}
-	resWait(t, 5*time.Second, "max_requests at the node", func() bool { return node.running.Load() == maxRequests })
+	wait.For(t, 5*time.Second, "max_requests at the node", func() bool { return node.running.Load() == maxRequests })
 	if st := s.endpoint(t, node.addr); st.ActiveRequests != maxRequests || st.Connections != 1 || st.PendingRequests != 0 {
 		t.Errorf("status while held: %d active, %d connections, %d pending, want %d, 1, 0",
 			st.ActiveRequests, st.Connections, st.PendingRequests, maxRequests)
@@ -382,7 +384,7 @@ func TestTCPConnectionLimit(t *testing.T) {
 		t.Errorf("endpoint = %+v, want breaker closed, not ejected", st)
 	}
 	var third net.Conn
-	resWait(t, 5*time.Second, "a connection once the first closed", func() bool {
+	wait.For(t, 5*time.Second, "a connection once the first closed", func() bool {
 		c, err := net.Dial("tcp", pl.Addr().String())
 		if err != nil {
 			return false
@@ -434,7 +436,7 @@ func TestNodeLimits(t *testing.T) {
 		}
 		got := make(chan error, 1)
 		go func() { got <- l.acquireConn(context.Background(), 10*time.Second) }()
-		resWait(t, 5*time.Second, "a pending request", func() bool { return l.pending.Load() == 1 })
+		wait.For(t, 5*time.Second, "a pending request", func() bool { return l.pending.Load() == 1 })
 		if err := l.acquireConn(context.Background(), 10*time.Second); err != errMaxPending {
 			t.Errorf("acquireConn past max_pending_requests = %v, want %v", err, errMaxPending)
 		}
@@ -539,7 +541,7 @@ func TestTransportConnectionLimit(t *testing.T) {
 		}
 		first <- err
 	}()
-	resWait(t, 5*time.Second, "the first request at the node", func() bool { return node.running.Load() == 1 })
+	wait.For(t, 5*time.Second, "the first request at the node", func() bool { return node.running.Load() == 1 })
 	if _, err := get(); !errors.Is(err, ErrLocalLimit) {
 		t.Errorf("second request past max_connections 1: error = %v, want ErrLocalLimit", err)
 	}
@@ -591,5 +593,5 @@ func TestLimitsReclaimIdle(t *testing.T) {
 	if got := node.accepts.Load(); got != 2 {
 		t.Errorf("node accepted %d connections, want 2", got)
 	}
-	resWait(t, 5*time.Second, "one connection open at the node", func() bool { return node.open.Load() <= 1 })
+	wait.For(t, 5*time.Second, "one connection open at the node", func() bool { return node.open.Load() <= 1 })
 }

@@ -1,11 +1,3 @@
-// Package proxy carries the app's outbound requests to healthy nodes: one
-// listener per configured upstream, and a forward-proxy listener where the
-// request's host names the service.
-//
-// A config reload changes a listener's route in place: Upstream, TCPServer
-// and Forwarder each hold their route behind an atomic pointer that a
-// request (or TCP connection) loads once, and Update publishes a new one;
-// requests in flight finish on the route they started on.
 package proxy
 
 import (
@@ -28,6 +20,7 @@ import (
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/proxy/resilience"
 	"github.com/sidecarlb/sidecar/transcode"
 )
 
@@ -113,6 +106,7 @@ type Proxy struct {
 	resolver Resolver
 	log      *zap.Logger
 	metrics  *Metrics
+	clock    resilience.Clock // ejections' ends; resilience.System but in tests
 
 	mu     sync.Mutex
 	routes []*route // for Status, in creation order
@@ -124,7 +118,7 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Proxy{resolver: resolver, log: log, metrics: metrics}
+	return &Proxy{resolver: resolver, log: log, metrics: metrics, clock: resilience.System}
 }
 
 // Forward returns the handler of the forward-proxy listener: the request's
@@ -244,7 +238,7 @@ func (f *Forwarder) route(ctx context.Context, sent, tag, dc string) (*route, er
 	if tag != "" {
 		cfg.Tags = append(slices.Clip(cfg.Tags), tag)
 	}
-	rt, err := newRoute(f.listener, cfg, f.p.resolver, f.p.metrics, f.p.log)
+	rt, err := newRoute(f.p, f.listener, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -304,12 +298,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	grpc := isGRPC(r)
 
 	ctx := r.Context()
-	timeout := rt.cfg.Timeouts.Request
-	if grpc {
-		if d, ok := httpwire.GRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
-			timeout = d
-		}
-	}
+	timeout := requestTimeout(r, rt, grpc)
 	if timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, timeout)
@@ -326,7 +315,9 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 			m.refused("client_closed")
 			return
 		}
-		if ctx.Err() == context.DeadlineExceeded {
+		if ctx.Err() == context.DeadlineExceeded || deadlinePassed(ctx) {
+			// By the clock too: a node that honours the deadline sent
+			// with the request may give up before ctx's timer fires.
 			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, timeout, err)
 		}
 		_, code := classify(err)
@@ -337,6 +328,25 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		answerError(w, r, err)
 		return
 	}
+	p.relay(w, rt, resp, e, pk, start)
+}
+
+// requestTimeout is the request's deadline: timeouts.request, or a gRPC
+// request's grpc-timeout when shorter; zero for none.
+func requestTimeout(r *http.Request, rt *route, grpc bool) time.Duration {
+	timeout := rt.cfg.Timeouts.Request
+	if grpc {
+		if d, ok := httpwire.GRPCTimeout(r.Header.Get("Grpc-Timeout")); ok && (timeout <= 0 || d < timeout) {
+			timeout = d
+		}
+	}
+	return timeout
+}
+
+// relay relays node e's answer resp to the client, trailers included, and
+// ends the request's pick. A node that fails mid-body aborts the client's
+// response (http.ErrAbortHandler), so that it does not look complete.
+func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *endpoint, pk balancer.Pick, start time.Time) {
 	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
 
@@ -347,7 +357,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		// A stream: the client may need the headers before any message.
 		_ = http.NewResponseController(w).Flush()
 	}
-	err = copyBody(w, resp)
+	err := copyBody(w, resp)
 	if len(resp.Trailer) > 0 {
 		h := w.Header()
 		for k, vv := range resp.Trailer {
@@ -360,7 +370,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	}
 	done(pk, outcome, start)
 	now := time.Now()
-	m.duration.Observe(now.Sub(start).Seconds())
+	rt.metrics.duration.Observe(now.Sub(start).Seconds())
 	e.stats.latency(now, now.Sub(start))
 	if err != nil && !errors.Is(err, errClientGone) {
 		// The node failed mid-body: abort so the client sees a broken

@@ -13,6 +13,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/proxy/resilience"
 	"github.com/sidecarlb/sidecar/transcode"
 )
 
@@ -30,7 +31,8 @@ type route struct {
 	bal      balancer.Balancer
 	resolver Resolver
 	metrics  routeMetrics
-	budget   *retryBudget
+	budget   *resilience.Budget
+	clock    resilience.Clock // for ejections
 	log      *zap.Logger
 	codec    *transcode.Transcoder      // nil unless cfg.Codec.Transcode
 	versions atomic.Pointer[versionSet] // the nodes' versions, for codec (transcode.go)
@@ -66,7 +68,8 @@ type endpoint struct {
 	health
 }
 
-func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, log *zap.Logger) (*route, error) {
+func newRoute(p *Proxy, listener string, cfg RouteConfig) (*route, error) {
+	resolver, m, log := p.resolver, p.metrics, p.log
 	key, err := parseHashKey(cfg.HashKey)
 	if err != nil {
 		return nil, err
@@ -96,7 +99,8 @@ func newRoute(listener string, cfg RouteConfig, resolver Resolver, m *Metrics, l
 		bal:      bal,
 		resolver: resolver,
 		metrics:  m.route(listener, cfg.Service),
-		budget:   newRetryBudget(cfg.Resilience.Retries.Budget),
+		budget:   resilience.NewBudget(cfg.Resilience.Retries.Budget),
+		clock:    p.clock,
 		log:      log,
 	}
 	if rt.codec, err = newTranscoder(rt, m); err != nil {
@@ -189,7 +193,7 @@ func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
 		}
 		st.endpoints[ep.ID] = rt.newEndpoint(*ep)
 	}
-	now := time.Now()
+	now := rt.clock.Now()
 	eligible := tagged
 	if out := rt.countEjected(st, now); out > 0 {
 		healthy := len(tagged) - out
@@ -286,10 +290,7 @@ func (rt *route) status() RouteStatus {
 			continue
 		}
 		es := EndpointStatus{ID: ep.ID, Addr: ep.Addr, Tags: ep.Tags, Weight: ep.Weight,
-			Breaker: "disabled", ConsecutiveFailures: int(e.consecutive.Load())}
-		if e.breaker != nil {
-			es.Breaker = e.breaker.State().String()
-		}
+			Breaker: e.breaker.State(), ConsecutiveFailures: e.outlier.Consecutive()}
 		if l := e.limits; l != nil {
 			es.Connections, es.PendingRequests, es.ActiveRequests = len(l.conns), int(l.pending.Load()), int(l.requests.Load())
 		}
@@ -301,9 +302,9 @@ func (rt *route) status() RouteStatus {
 		case "half-open":
 			es.State = "breaker_half_open"
 		}
-		if until := e.ejectedUntil.Load(); until > now.UnixNano() {
-			t := time.Unix(0, until).UTC()
-			es.EjectedUntil = &t
+		if until, ok := e.outlier.EjectedUntil(rt.clock.Now()); ok {
+			until = until.UTC()
+			es.EjectedUntil = &until
 			es.State = "ejected"
 		}
 		es.NodeStats = e.stats.summary(now)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,10 +14,6 @@ import (
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
-
-// tcpDialAttempts bounds how many nodes a TCP connection tries before it is
-// closed: a refused dial moves on to another node.
-const tcpDialAttempts = 3
 
 // TCPServer proxies raw TCP connections for one upstream: each connection
 // goes to a node picked for it, bytes are copied both ways, and a half-close
@@ -37,6 +32,11 @@ type TCPServer struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	// abort ends the tries of connections still picking a node (their
+	// backoff, a wait for a connection slot) when Shutdown gives up
+	// waiting.
+	abort      context.Context
+	abortTries context.CancelFunc
 }
 
 // TCP returns the server of a per-upstream TCP listener for cfg.Service.
@@ -48,12 +48,13 @@ func (p *Proxy) TCP(listener string, cfg RouteConfig) (*TCPServer, error) {
 		return nil, fmt.Errorf("upstream %q on %s: unknown proxy protocol %q (want %s or none)",
 			cfg.Service, listener, cfg.ProxyProtocol, proxyProtocolV2)
 	}
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
+	rt, err := newRoute(p, listener, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
 	p.addRoute(rt)
 	s := &TCPServer{p: p, listener: listener, conns: make(map[net.Conn]struct{})}
+	s.abort, s.abortTries = context.WithCancel(context.Background())
 	s.route.Store(rt)
 	return s, nil
 }
@@ -126,6 +127,7 @@ func (s *TCPServer) Shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
+	s.abortTries()
 	s.mu.Lock()
 	for c := range s.conns {
 		c.Close()
@@ -175,44 +177,19 @@ func (s *TCPServer) handle(client net.Conn) {
 	if rt.cfg.ProxyProtocol == proxyProtocolV2 {
 		header = appendProxyV2(make([]byte, 0, proxyV2MaxLen), client.RemoteAddr(), client.LocalAddr())
 	}
-	var (
-		backend net.Conn
-		e       *endpoint
-		tried   []string
-		lastErr error
-	)
-	for dials := 0; dials < tcpDialAttempts; dials++ {
-		ep, pk, breakerDone, err := rt.pickConn(context.Background(), key, hasKey, &tried)
-		if err != nil {
-			if lastErr == nil {
-				lastErr = err
-			}
-			break
-		}
-		c, err := dialNode(ep, header, rt.cfg.Timeouts.Connect)
-		if errors.Is(err, ErrLocalLimit) {
-			refuseTry(breakerDone, pk)
-			lastErr = err
-			tried = append(tried, ep.ID)
-			continue
-		}
-		rt.reportTry(ep, breakerDone, err != nil, err != nil)
-		if err != nil {
-			done(pk, err, start)
-			lastErr = err
-			tried = append(tried, ep.ID)
-			continue
-		}
-		backend, e = c, ep
-		defer done(pk, nil, start)
-		break
-	}
-	if backend == nil {
-		_, code := classify(lastErr)
+	var l tryLoop
+	l.init(s.p, s.abort, rt, key, hasKey, start)
+	l.kind, l.tcp = tryTCP, tcpTry{header: header}
+	c := &l.tcp
+	defer l.next.cancel(rt)
+	if err := l.run(); err != nil {
+		_, code := classify(err)
 		m.refused(code)
-		s.p.log.Debug("tcp connection refused", zap.String("service", rt.cfg.Service), zap.Error(lastErr))
+		s.p.log.Debug("tcp connection refused", zap.String("service", rt.cfg.Service), zap.Error(err))
 		return
 	}
+	backend, e := c.backend, c.e
+	defer done(c.pk, nil, start)
 	defer backend.Close()
 	e.requests[1].Inc() // a connection made counts as 2xx
 
@@ -234,15 +211,45 @@ func (s *TCPServer) handle(client net.Conn) {
 	<-errc
 }
 
+// tcpTry is a TCP connection's side of the tryLoop: a dial to the node,
+// and the PROXY protocol header, if any. A dial that fails never reached
+// the node with a client byte, so another node may always take the
+// connection, as retries.attempts (at least tcpMinRetries) and the backoff
+// allow.
+type tcpTry struct {
+	header []byte
+
+	// The node connected to, set by the try that ends the loop.
+	backend net.Conn
+	e       *endpoint
+	pk      balancer.Pick
+}
+
+// attempt dials e.
+func (c *tcpTry) attempt(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone func(error)) outcome {
+	conn, err := dialNode(l.ctx, e, c.header, l.rt.cfg.Timeouts.Connect)
+	if errors.Is(err, ErrLocalLimit) {
+		refuseTry(breakerDone, pk)
+		return outcome{verdict: tryRefused, err: err}
+	}
+	l.rt.reportTry(e, breakerDone, err != nil, err != nil)
+	if err != nil {
+		done(pk, err, l.start)
+		return outcome{verdict: tryFailed, err: err, reason: "connect_failed", allowed: true, neverSent: true}
+	}
+	c.backend, c.e, c.pk = conn, e, pk
+	return outcome{verdict: tryDone}
+}
+
 // dialNode connects to node e and writes header, if any, before anything
 // else, so the node has it even when the client never sends a byte. Both
 // steps are bounded by the connect timeout. A header that cannot be
 // written fails the dial: no client byte has gone out yet, so the caller
 // may move on to another node. At e's max_connections it first waits for
 // a slot, up to the connect timeout, and fails with ErrLocalLimit.
-func dialNode(e *endpoint, header []byte, connect time.Duration) (net.Conn, error) {
+func dialNode(ctx context.Context, e *endpoint, header []byte, connect time.Duration) (net.Conn, error) {
 	addr := e.Addr
-	if err := e.limits.acquireConn(context.Background(), connect); err != nil {
+	if err := e.limits.acquireConn(ctx, connect); err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(connect)
@@ -277,38 +284,6 @@ func pipe(dst, src net.Conn, last *atomic.Int64) error {
 	}
 	closeWrite(dst)
 	return nil
-}
-
-// pickConn picks the node for one connection, a TCP route's or an
-// upgrade's handshake, as roundTrip picks one for a request: nodes whose
-// breaker is open are passed over and added to *tried, and so are nodes
-// already in *tried. It returns the node, its pick, and the func that
-// reports the try's outcome to the breaker (give it to reportTry). The
-// error is the pick's, or says that every node left has an open breaker or
-// was tried; a caller with a failed try of its own reports that instead.
-// It does not block, except as rt.pick may on a service's first lookup;
-// it is safe for concurrent use.
-func (rt *route) pickConn(ctx context.Context, key uint64, hasKey bool, tried *[]string) (*endpoint, balancer.Pick, func(error), error) {
-	var lastErr error = &proxyError{rt.cfg.Service, errTriedAll}
-	for {
-		e, pk, err := rt.pick(ctx, key, hasKey, *tried)
-		if err != nil {
-			return nil, balancer.Pick{}, nil, err
-		}
-		if slices.Contains(*tried, e.ID) {
-			// Every node left was tried or has an open breaker.
-			release(pk)
-			return nil, balancer.Pick{}, nil, lastErr
-		}
-		breakerDone, err := e.allow()
-		if err == nil {
-			return e, pk, breakerDone, nil
-		}
-		// Never reached the node: another may take it.
-		release(pk)
-		lastErr = &proxyError{rt.cfg.Service, err}
-		*tried = append(*tried, e.ID)
-	}
 }
 
 // errTriedAll: every node a connection could go to was tried.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/balancer"
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/wait"
 )
 
 // failCounter wraps a route's balancer and counts, per endpoint address,
@@ -109,6 +110,7 @@ func (n *tcpNode) stop() { n.ln.Close() }
 // tcpSetup is a TCP route for service "svc" and its listener.
 type tcpSetup struct {
 	*resSetup
+	ts   *TCPServer
 	addr string
 	fc   *failCounter
 }
@@ -138,7 +140,7 @@ func startTCPRoute(t testing.TB, addrs []string, res config.Resilience) *tcpSetu
 		ts.Shutdown(ctx)
 		<-served
 	})
-	return &tcpSetup{resSetup: &resSetup{px: px, reg: reg}, addr: ln.Addr().String(), fc: fc}
+	return &tcpSetup{resSetup: &resSetup{px: px, reg: reg}, ts: ts, addr: ln.Addr().String(), fc: fc}
 }
 
 // echo opens a connection through the route, sends a line and reads it
@@ -458,5 +460,87 @@ func TestTCPIdleTimeout(t *testing.T) {
 	quiet.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := quiet.Read(buf); err != io.EOF {
 		t.Fatalf("quiet connection read = %v, want EOF from the idle timeout", err)
+	}
+}
+
+// TestTCPRetriesFollowPolicy: a TCP connection goes through the same
+// attempt loop as a request: a refused dial is retried on another node as
+// retries.attempts allows, and at least twice (the three dials TCP routes
+// always made), and each retry is counted in sidecar_retries_total.
+func TestTCPRetriesFollowPolicy(t *testing.T) {
+	t.Run("three dials with no retries configured", func(t *testing.T) {
+		// As before the loop was shared: a failed dial never sent a
+		// client byte, so at least two more nodes are tried.
+		res := connResDefaults(t)
+		res.Retries.Attempts = 0
+		live := startTCPNode(t)
+		dead1, dead2 := resDeadAddr(t), resDeadAddr(t)
+		s := startTCPRoute(t, []string{dead1, dead2, live.addr}, res)
+		for i := range 9 {
+			if err := s.echo(); err != nil {
+				t.Fatalf("connection #%d: %v", i, err)
+			}
+		}
+		dials := s.fc.failures(dead1) + s.fc.failures(dead2)
+		got := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "connect_failed", "outcome": "retried"})
+		if dials == 0 || int(got) != dials {
+			t.Errorf(`sidecar_retries_total{reason="connect_failed",outcome="retried"} = %v, want one per failed dial (%d)`, got, dials)
+		}
+	})
+	t.Run("more retries than three dials", func(t *testing.T) {
+		res := connResDefaults(t)
+		res.Retries.Attempts = 5
+		live := startTCPNode(t)
+		addrs := []string{live.addr}
+		for range 5 {
+			addrs = append(addrs, resDeadAddr(t))
+		}
+		s := startTCPRoute(t, addrs, res)
+		for i := range 12 {
+			if err := s.echo(); err != nil {
+				t.Fatalf("connection #%d: %v", i, err)
+			}
+		}
+		dials := 0
+		for _, a := range addrs[1:] {
+			dials += s.fc.failures(a)
+		}
+		got := s.metric(t, "sidecar_retries_total", map[string]string{"reason": "connect_failed", "outcome": "retried"})
+		if dials == 0 || int(got) != dials {
+			t.Errorf(`sidecar_retries_total{reason="connect_failed",outcome="retried"} = %v, want one per failed dial (%d)`, got, dials)
+		}
+	})
+}
+
+// TestTCPShutdownEndsBackoff: a connection whose dials failed and that
+// waits out a retry's backoff is let go when Shutdown stops waiting, rather
+// than holding Shutdown for the rest of the backoff.
+func TestTCPShutdownEndsBackoff(t *testing.T) {
+	res := connResDefaults(t)
+	res.Retries.Attempts = 5
+	res.Retries.Backoff = time.Minute
+	dead := []string{resDeadAddr(t), resDeadAddr(t), resDeadAddr(t)}
+	s := startTCPRoute(t, dead, res)
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fc := s.fc
+	// The first retry goes at once; the second waits its backoff.
+	wait.For(t, 5*time.Second, "two failed dials", func() bool {
+		return fc.failures(dead[0])+fc.failures(dead[1])+fc.failures(dead[2]) >= 2
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	shut := make(chan error, 1)
+	go func() { shut <- s.ts.Shutdown(ctx) }()
+	select {
+	case err := <-shut:
+		if err != context.DeadlineExceeded {
+			t.Errorf("Shutdown() = %v, want %v: a connection was still open", err, context.DeadlineExceeded)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown() still waiting for a connection in its retry backoff")
 	}
 }

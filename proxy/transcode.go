@@ -116,7 +116,9 @@ func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *rout
 			m.refused("client_closed")
 			return
 		}
-		if ctx.Err() == context.DeadlineExceeded {
+		if ctx.Err() == context.DeadlineExceeded || deadlinePassed(ctx) {
+			// By the clock too: a node that honours the deadline sent
+			// with the request may give up before ctx's timer fires.
 			err = fmt.Errorf("%w after %v: %w", ErrUpstreamTimeout, timeout, err)
 		}
 		status, code := classify(err)

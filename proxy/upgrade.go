@@ -29,7 +29,6 @@ import (
 // session ends.
 func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, proto string, start time.Time) {
 	m := &rt.metrics
-	res := &rt.cfg.Resilience
 	fail := func(err error) {
 		_, code := classify(err)
 		m.refused(code)
@@ -48,66 +47,32 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		out.Body = r.Body
 	}
 
-	var (
-		e           *endpoint
-		pk          balancer.Pick
-		breakerDone func(error)
-		resp        *http.Response
-		tried       []string
-		lastErr     error
-		retries     int
-		// A retry decided on: counted once a node is picked for it, and
-		// not at all when none is left.
-		next pendingRetry
-	)
-	defer next.cancel(rt)
-	for {
-		var err error
-		e, pk, breakerDone, err = rt.pickConn(r.Context(), key, hasKey, &tried)
-		if err != nil {
-			if lastErr != nil {
-				err = lastErr
-			}
-			fail(err)
-			return
-		}
-		next.sent(rt)
-		out.URL.Host = e.Addr
-		if pools := e.currentPools(start); pools.fast != nil && out.Body == nil {
-			resp, err = pools.fast.roundTrip(out, nil, start)
-		} else {
-			resp, err = pools.h1.RoundTrip(out)
-		}
-		if err == nil {
-			break
-		}
-		if r.Context().Err() != nil {
-			// The client went away; not the node's doing.
-			breakerDone(nil)
-			release(pk)
+	var l tryLoop
+	l.init(p, r.Context(), rt, key, hasKey, start)
+	l.kind, l.upgrade = tryUpgrade, upgradeTry{out: out}
+	u := &l.upgrade
+	defer l.next.cancel(rt)
+	if err := l.run(); err != nil {
+		if err == errClientClosed {
 			m.refused("client_closed")
 			return
 		}
-		if errors.Is(err, ErrLocalLimit) {
-			refuseTry(breakerDone, pk)
-			lastErr = err
-			tried = append(tried, e.ID)
-			continue
-		}
-		rt.reportTry(e, breakerDone, true, true)
-		done(pk, err, start)
-		lastErr = err
-		neverSent := isDialError(err) && out.Body == nil
-		if !neverSent || !p.decideRetry(rt, "connect_failed", true, &retries, true, &next) || !retryWait(r.Context(), rt, retries, true) {
-			fail(err)
-			return
-		}
-		tried = append(tried, e.ID)
+		fail(err)
+		return
 	}
+	p.answerUpgrade(w, rt, proto, u, start)
+}
+
+// answerUpgrade relays the node's answer to the handshake u made: a
+// refused handshake as any other answer; after a 101, the session, until
+// either side ends it.
+func (p *Proxy) answerUpgrade(w http.ResponseWriter, rt *route, proto string, u *upgradeTry, start time.Time) {
+	resp, e, pk, breakerDone := u.resp, u.e, u.pk, u.breakerDone
 	e.requests[codeClass(resp.StatusCode)].Inc()
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		// Refused handshake: relay the answer as it is, and count it as
 		// any other answer.
+		res := &rt.cfg.Resilience
 		gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
 		rt.reportTry(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
 		defer resp.Body.Close()
@@ -163,6 +128,53 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		p.log.Debug("upgraded connection ended", zap.String("service", rt.cfg.Service),
 			zap.String("endpoint", e.Addr), zap.Error(err))
 	}
+}
+
+// errClientClosed ends an upgrade's tries when the client went away.
+var errClientClosed = errors.New("client closed")
+
+// upgradeTry is an upgrade handshake's side of the tryLoop: the handshake
+// goes to one node, and the node that answers it keeps the connection. A
+// handshake with a body is tried once.
+type upgradeTry struct {
+	out *http.Request
+
+	// The node that answered, set by the try that ends the loop.
+	resp        *http.Response
+	e           *endpoint
+	pk          balancer.Pick
+	breakerDone func(error)
+}
+
+// attempt sends the handshake to e.
+func (u *upgradeTry) attempt(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone func(error)) outcome {
+	out := u.out
+	out.URL.Host = e.Addr
+	var resp *http.Response
+	var err error
+	if pools := e.currentPools(l.start); pools.fast != nil && out.Body == nil {
+		resp, err = pools.fast.roundTrip(out, nil, l.start)
+	} else {
+		resp, err = pools.h1.RoundTrip(out)
+	}
+	switch {
+	case err == nil:
+		u.resp, u.e, u.pk, u.breakerDone = resp, e, pk, breakerDone
+		return outcome{verdict: tryDone}
+	case out.Context().Err() != nil:
+		// The client went away; not the node's doing.
+		breakerDone(nil)
+		release(pk)
+		return outcome{verdict: tryDone, err: errClientClosed}
+	case errors.Is(err, ErrLocalLimit):
+		refuseTry(breakerDone, pk)
+		return outcome{verdict: tryRefused, err: err}
+	}
+	l.rt.reportTry(e, breakerDone, true, true)
+	done(pk, err, l.start)
+	// Only a handshake that never reached a node goes to another.
+	neverSent := isDialError(err) && out.Body == nil
+	return outcome{verdict: tryFailed, err: err, reason: "connect_failed", allowed: neverSent, neverSent: true}
 }
 
 // relayUpgraded copies both ways between the app's connection (with the

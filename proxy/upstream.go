@@ -24,7 +24,7 @@ type Upstream struct {
 // it goes to cfg.Service.
 func (p *Proxy) Upstream(listener string, cfg RouteConfig) (*Upstream, error) {
 	cfg.Timeouts = cfg.Timeouts.withDefaults()
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
+	rt, err := newRoute(p, listener, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}
@@ -61,7 +61,7 @@ func (u *Upstream) Retire() { u.p.retireRoute(u.route.Load(), true) }
 // the old route's connections close as their requests end; the endpoint
 // metrics carry on when the service is the same.
 func (p *Proxy) swapRoute(cur *atomic.Pointer[route], listener string, cfg RouteConfig) error {
-	rt, err := newRoute(listener, cfg, p.resolver, p.metrics, p.log)
+	rt, err := newRoute(p, listener, cfg)
 	if err != nil {
 		return fmt.Errorf("upstream %q on %s: %w", cfg.Service, listener, err)
 	}

@@ -65,54 +65,75 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	switch cmd {
 	case "version":
-		if len(args) > 0 {
-			fmt.Fprintf(stderr, "sidecar version: unexpected arguments %q\n", args)
-			usage(stderr)
-			return exitConfig
-		}
-		fmt.Fprintf(stdout, "sidecar %s\n", buildVersion(version, debug.ReadBuildInfo))
-		return exitOK
+		return runVersion(args, stdout, stderr)
 	case "validate":
-		path, code := parseFlags("validate", args, stderr)
-		if code >= 0 {
-			return code
-		}
-		if _, err := loadConfig(path, stderr); err != nil {
-			return exitConfig
-		}
-		fmt.Fprintf(stdout, "%s: ok\n", path)
-		return exitOK
+		return runValidate(args, stdout, stderr)
 	case "serve":
-		path, code := parseFlags("sidecar", args, stderr)
-		if code >= 0 {
-			return code
-		}
-		cfg, err := loadConfig(path, stderr)
-		if err != nil {
-			return exitConfig
-		}
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-		defer stop()
-		load := func() (*config.Config, error) { return config.Load(path) }
-		if err := serve(ctx, cfg, load, stderr); err != nil {
-			fmt.Fprintf(stderr, "sidecar: %v\n", err)
-			return exitFail
-		}
-		return exitOK
+		return runServe(args, stderr)
 	case "run":
 		return runApp(args, stderr)
 	case "status", "kill", "restart", "update", "drain", "reload":
 		return control(cmd, args, stdout, stderr)
 	case "help":
-		if len(args) > 1 || len(args) == 1 && !commands[args[0]] {
-			fmt.Fprintf(stderr, "sidecar help: unknown command %q\n", strings.Join(args, " "))
-			usage(stderr)
-			return exitConfig
-		}
-		usage(stdout)
-		return exitOK
+		return runHelp(args, stdout, stderr)
 	}
 	return unknown(cmd, stderr)
+}
+
+// runVersion is `sidecar version`.
+func runVersion(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		fmt.Fprintf(stderr, "sidecar version: unexpected arguments %q\n", args)
+		usage(stderr)
+		return exitConfig
+	}
+	fmt.Fprintf(stdout, "sidecar %s\n", buildVersion(version, debug.ReadBuildInfo))
+	return exitOK
+}
+
+// runValidate is `sidecar validate`.
+func runValidate(args []string, stdout, stderr io.Writer) int {
+	path, code := parseFlags("validate", args, stderr)
+	if code >= 0 {
+		return code
+	}
+	if _, err := loadConfig(path, stderr); err != nil {
+		return exitConfig
+	}
+	fmt.Fprintf(stdout, "%s: ok\n", path)
+	return exitOK
+}
+
+// runServe is `sidecar serve`, the default command: it serves until
+// SIGINT or SIGTERM.
+func runServe(args []string, stderr io.Writer) int {
+	path, code := parseFlags("sidecar", args, stderr)
+	if code >= 0 {
+		return code
+	}
+	cfg, err := loadConfig(path, stderr)
+	if err != nil {
+		return exitConfig
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	load := func() (*config.Config, error) { return config.Load(path) }
+	if err := serve(ctx, cfg, load, stderr); err != nil {
+		fmt.Fprintf(stderr, "sidecar: %v\n", err)
+		return exitFail
+	}
+	return exitOK
+}
+
+// runHelp is `sidecar help [command]`.
+func runHelp(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 1 || len(args) == 1 && !commands[args[0]] {
+		fmt.Fprintf(stderr, "sidecar help: unknown command %q\n", strings.Join(args, " "))
+		usage(stderr)
+		return exitConfig
+	}
+	usage(stdout)
+	return exitOK
 }
 
 // commands are the subcommands help knows; "serve" is the default one.

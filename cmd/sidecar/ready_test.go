@@ -4,6 +4,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/wait"
+
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/config"
@@ -30,14 +32,10 @@ func TestReadinessClientOnly(t *testing.T) {
 		t.Errorf("check() before discovery = %v, %q, want false, waiting for discovery of \"echo\"", ok, why)
 	}
 	cache.Pin("echo")
-	deadline := time.Now().Add(10 * time.Second)
-	for ok, _ := r.check(); !ok; ok, _ = r.check() {
-		if time.Now().After(deadline) {
-			_, why := r.check()
-			t.Fatalf("check() not ready 10s after the watch started: %q", why)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	wait.For(t, 10*time.Second, "check() to be ready after the watch started", func() bool {
+		ok, _ := r.check()
+		return ok
+	})
 	r.draining.Store(true)
 	if ok, why := r.check(); ok || why != "draining" {
 		t.Errorf("check() while draining = %v, %q, want false, draining", ok, why)

@@ -197,22 +197,11 @@ func (r *reloader) apply() reloadResult {
 	}
 
 	// Bind the new listeners; any failure undoes the others.
-	added := map[string]*server{}
-	for i, u := range eff.Upstreams {
-		if _, ok := r.ups[u.Listen]; ok {
-			continue
-		}
-		s, err := listenUpstream(eff, u, r.px, r.cache, r.log)
-		if err != nil {
-			for _, s := range added {
-				_ = s.ln.Close()
-				s.retire()
-			}
-			res.Result, res.Live = reloadFailed, nil
-			res.Errors = []string{fmt.Sprintf("upstreams[%d] (%s on %s): %v", i, u.Name, u.Listen, err)}
-			return res
-		}
-		added[u.Listen] = s
+	added, err := r.bindNew(eff)
+	if err != nil {
+		res.Result, res.Live = reloadFailed, nil
+		res.Errors = []string{err.Error()}
+		return res
 	}
 
 	// Swap the routes of the listeners that stay, close those that go.
@@ -252,6 +241,37 @@ func (r *reloader) apply() reloadResult {
 		}
 	}
 
+	r.applyLive(eff, running)
+	r.running.Store(eff)
+	res.Live = config.NewReload(running, eff).Live // less what failed
+	return res
+}
+
+// bindNew binds the listeners of eff's upstreams that are not running
+// yet. On a failure it closes those it bound and names the upstream.
+func (r *reloader) bindNew(eff *config.Config) (map[string]*server, error) {
+	added := map[string]*server{}
+	for i, u := range eff.Upstreams {
+		if _, ok := r.ups[u.Listen]; ok {
+			continue
+		}
+		s, err := listenUpstream(eff, u, r.px, r.cache, r.log)
+		if err != nil {
+			for _, s := range added {
+				_ = s.ln.Close()
+				s.retire()
+			}
+			return nil, fmt.Errorf("upstreams[%d] (%s on %s): %v", i, u.Name, u.Listen, err)
+		}
+		added[u.Listen] = s
+	}
+	return added, nil
+}
+
+// applyLive applies the keys that change in place, without a listener:
+// discovery's tuning, the log level, the registration's tags, meta and
+// weight, and the subscriptions.
+func (r *reloader) applyLive(eff, running *config.Config) {
 	if d := eff.Discovery; !reflect.DeepEqual(d, running.Discovery) {
 		r.cache.Tune(cacheOptions(d))
 		if c, ok := r.backend.(*discovery.Consul); ok {
@@ -270,9 +290,6 @@ func (r *reloader) apply() reloadResult {
 	if !reflect.DeepEqual(eff.Subscriptions, running.Subscriptions) || eff.PubSub.MaxMessageBytesN != running.PubSub.MaxMessageBytesN {
 		r.pubsub.reload(eff)
 	}
-	r.running.Store(eff)
-	res.Live = config.NewReload(running, eff).Live // less what failed
-	return res
 }
 
 func hasListen(us []config.Upstream, addr string) bool {

@@ -110,11 +110,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 			adminHandler.Handle(pattern, h)
 		}
 	}
-	var drainLog *zap.Logger
+	drainLog := log
 	if cfg.Service != nil {
 		drainLog = log.With(zap.String("service", cfg.Service.Name))
-	} else {
-		drainLog = log
 	}
 	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps}
 	ready.current = func() []string {
@@ -149,40 +147,15 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		servers = append(servers, ps.servers...)
 	}
 
-	var wg sync.WaitGroup
-	errs := make(chan error, 1)
-	start := func(s *server) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := s.serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				select {
-				case errs <- fmt.Errorf("serve %s: %w", s.name, err):
-				default: // one failure stops the sidecar; the first is enough
-				}
-			}
-		}()
-	}
-	rl.start, rl.drain = start, &wg // before the admin listener takes POST /reload
+	running := &serving{errs: make(chan error, 1)}
+	rl.start, rl.drain = running.start, &running.wg // before the admin listener takes POST /reload
 	for _, s := range servers {
-		start(s)
+		running.start(s)
 	}
 
 	ps.start()
-	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
-	hbDone := make(chan struct{})
-	if registrar != nil {
-		go func() { defer close(hbDone); registrar.Run(hbCtx) }()
-	} else {
-		close(hbDone)
-	}
-	appCtx, stopApp := context.WithCancel(context.Background())
-	appDone := make(chan struct{})
-	if app != nil {
-		go func() { defer close(appDone); app.Run(appCtx) }()
-	} else {
-		close(appDone)
-	}
+	stopHeartbeat := runOwned(registrar != nil, func(ctx context.Context) { registrar.Run(ctx) })
+	stopApp := runOwned(app != nil, func(ctx context.Context) { app.Run(ctx) })
 	log.Info("sidecar started", zap.String("version", version), zap.String("admin", cfg.Admin.Listen),
 		zap.Int("listeners", len(servers)-1))
 	ready.started.Store(true)
@@ -191,10 +164,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	go func() { defer close(notifyDone); notifyReady(notifyCtx, ready.check, &rl.readySent, log) }()
 	// Routes follow discovery between requests: /status and the series
 	// drop nodes that left at once.
-	followCtx, stopFollow := context.WithCancel(context.Background())
-	followDone := make(chan struct{})
-	go func() { defer close(followDone); px.Follow(followCtx, 0) }()
-	defer func() { stopFollow(); <-followDone }()
+	defer runOwned(true, func(ctx context.Context) { px.Follow(ctx, 0) })()
 	hupCtx, stopHUP := context.WithCancel(ctx)
 	hupDone := make(chan struct{})
 	go func() { defer close(hupDone); rl.handleHUP(hupCtx, hup) }()
@@ -202,7 +172,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	var failure error
 	select {
 	case <-ctx.Done():
-	case failure = <-errs:
+	case failure = <-running.errs:
 		log.Error("listener failed", zap.Error(failure))
 	}
 
@@ -223,21 +193,60 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	drain.drain(failure == nil)
 	// Then stop the app (stop signal, SIGKILL after stop_timeout).
 	stopApp()
-	<-appDone
 	stopHeartbeat()
-	<-hbDone
 	adminHandler.Close() // the dashboards' streams end, so the admin listener can close
-	sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
-	defer cancel()
-	for _, s := range servers {
-		if err := s.shutdown(sctx); err != nil {
-			log.Warn("listener did not close in time", zap.String("listener", s.name), zap.Error(err))
-		}
-	}
-	wg.Wait()
+	shutdownAll(servers, log)
+	running.wg.Wait()
 	ps.stop()
 	log.Info("stopped")
 	return failure
+}
+
+// serving runs the listeners: each in a goroutine of its own, until it is
+// shut down. The first that fails for another reason is sent on errs.
+type serving struct {
+	wg   sync.WaitGroup
+	errs chan error // buffered, 1
+}
+
+// start serves s in a new goroutine.
+func (r *serving) start(s *server) {
+	r.wg.Add(1)
+	go func() {
+		defer r.wg.Done()
+		if err := s.serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			select {
+			case r.errs <- fmt.Errorf("serve %s: %w", s.name, err):
+			default: // one failure stops the sidecar; the first is enough
+			}
+		}
+	}()
+}
+
+// runOwned runs run, when on, in a goroutine with a context of its own,
+// and returns the func that cancels that context and waits for run to
+// return.
+func runOwned(on bool, run func(context.Context)) (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	if on {
+		go func() { defer close(done); run(ctx) }()
+	} else {
+		close(done)
+	}
+	return func() { cancel(); <-done }
+}
+
+// shutdownAll shuts servers down, each given what is left of
+// shutdownTimeout.
+func shutdownAll(servers []*server, log *zap.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	for _, s := range servers {
+		if err := s.shutdown(ctx); err != nil {
+			log.Warn("listener did not close in time", zap.String("listener", s.name), zap.Error(err))
+		}
+	}
 }
 
 // newConsulClient makes the Consul client from c, in which config.Load has

@@ -262,9 +262,7 @@ func (h *harness) runOne(sc scenario, p *peer, run int) runResult {
 	}
 	profiling := run < 0 && h.profileAddr != ""
 	var (
-		t0, t1     int64
-		n0, n1     int64
-		c0, c1     []int64
+		w          window
 		jsonLine   []byte
 		profDone   chan error
 		sawMeasure bool
@@ -275,8 +273,8 @@ func (h *harness) runOne(sc scenario, p *peer, run int) runResult {
 		switch {
 		case bytes.Equal(line, []byte("measure")):
 			sawMeasure = true
-			t0, n0 = cpuTicks(pids), cpuSchedNS(pids)
-			c0 = h.allCounts(sc.Counter)
+			w.t0, w.n0 = cpuTicks(pids), cpuSchedNS(pids)
+			w.c0 = h.allCounts(sc.Counter)
 			if profiling {
 				profDone = make(chan error, 1)
 				go func() {
@@ -284,8 +282,8 @@ func (h *harness) runOne(sc scenario, p *peer, run int) runResult {
 				}()
 			}
 		case bytes.Equal(line, []byte("done")):
-			t1, n1 = cpuTicks(pids), cpuSchedNS(pids)
-			c1 = h.allCounts(sc.Counter)
+			w.t1, w.n1 = cpuTicks(pids), cpuSchedNS(pids)
+			w.c1 = h.allCounts(sc.Counter)
 			if pids != nil {
 				r.PeakRSSKB = statusKB(pids, "VmHWM")
 			}
@@ -311,22 +309,37 @@ func (h *harness) runOne(sc scenario, p *peer, run int) runResult {
 		r.Err = "loadgen output: " + err.Error()
 		return r
 	}
-	if pids != nil {
-		r.CPUSeconds = float64(t1-t0) / float64(h.ticks)
+	w.settle(&r, pids != nil, h.ticks)
+	return r
+}
+
+// window is what runOne samples at the start (0) and end (1) of the
+// measured window: CPU ticks, scheduler nanoseconds and the nodes' request
+// counts.
+type window struct {
+	t0, t1 int64
+	n0, n1 int64
+	c0, c1 []int64
+}
+
+// settle fills r's CPU figures (when cpu, the sidecar's process being
+// known) and the spread of requests over the nodes.
+func (w *window) settle(r *runResult, cpu bool, ticks int64) {
+	if cpu {
+		r.CPUSeconds = float64(w.t1-w.t0) / float64(ticks)
 		if r.Load.Requests > 0 {
 			r.CPUPerReqUS = r.CPUSeconds * 1e6 / float64(r.Load.Requests)
-			r.SchedCPUPerReqUS = float64(n1-n0) / 1e3 / float64(r.Load.Requests)
+			r.SchedCPUPerReqUS = float64(w.n1-w.n0) / 1e3 / float64(r.Load.Requests)
 		}
 	}
-	r.Spread = make([]int64, len(c1))
-	for i := range c1 {
-		if i < len(c0) && c0[i] >= 0 && c1[i] >= 0 {
-			r.Spread[i] = c1[i] - c0[i]
+	r.Spread = make([]int64, len(w.c1))
+	for i := range w.c1 {
+		if i < len(w.c0) && w.c0[i] >= 0 && w.c1[i] >= 0 {
+			r.Spread[i] = w.c1[i] - w.c0[i]
 		} else {
 			r.Spread[i] = -1
 		}
 	}
-	return r
 }
 
 func (h *harness) profileScenario(name string) bool {
