@@ -213,6 +213,25 @@ func (b *browser) text(t *testing.T, sel string) string {
 	return s
 }
 
+// waitText returns the visible text of sel once it holds every one of want,
+// or, after 10 s, as it last was. The page redraws its sections as the
+// stream brings news, so one read can fall between two drawings.
+func (b *browser) waitText(t *testing.T, sel string, want ...string) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s := b.text(t, sel)
+		missing := false
+		for _, w := range want {
+			missing = missing || !strings.Contains(s, w)
+		}
+		if !missing || time.Now().After(deadline) {
+			return s
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 // screenshot saves the PNG shot takes in dir and, when
 // $SIDECAR_TEST_ARTIFACTS names a folder, a copy there.
 func (b *browser) screenshot(t *testing.T, dir, name string, shot chromedp.Action[[]byte]) {
@@ -264,7 +283,9 @@ func TestDashboardInBrowser(t *testing.T) {
 		chromedp.WaitVisible(chromedp.CSS(rowB)),
 		chromedp.WaitVisible(chromedp.CSS(`#conn.badge-ok`)),
 	)
-	conn, service, app := br.text(t, "#conn"), br.text(t, "#service"), br.text(t, "#app")
+	conn := br.waitText(t, "#conn", "live")
+	service := br.waitText(t, "#service", "web-a", "registered", "passing")
+	app := br.waitText(t, "#app", "running")
 	if !strings.Contains(conn, "live") || strings.Contains(conn, "polling") {
 		t.Errorf("connection badge = %q, want live from the stream, not polling", conn)
 	}
@@ -294,7 +315,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	took := time.Since(killed)
 	t.Logf("web-b's node left the page %v after its app was killed (bound %v)", took.Round(time.Millisecond), dashLeaveBound)
 	br.do(t, 10*time.Second, "web-a's node stays", chromedp.WaitVisible(chromedp.CSS(rowA)))
-	events := br.text(t, "#events")
+	events := br.waitText(t, "#events", "node "+b.appAddr+" left web")
 	if !strings.Contains(events, "node "+b.appAddr+" left web") {
 		t.Errorf("changes = %q, want one saying %s left web", events, b.appAddr)
 	}
@@ -353,14 +374,18 @@ func TestDashboardStreamEndsAtShutdown(t *testing.T) {
 // critical check), served by the real admin handler in process.
 func TestDashboardRendersEveryState(t *testing.T) {
 	chromiumPath(t)
-	until := time.Now().Add(30 * time.Second).UTC()
+	// The document is the same at every call (its times are taken once), so
+	// the stream sends it once and the page does not redraw the rows while
+	// the test reads them.
+	now := time.Now()
+	until := now.Add(30 * time.Second).UTC()
 	h := admin.New(admin.Options{Version: "v1.2.3", Sections: map[string]func() any{
 		"service": func() any {
 			return heartbeat.Status{ServiceID: "web-1", Registered: true, CheckStatus: "critical", Output: "GET /health: connection refused"}
 		},
 		"app": func() any {
 			return supervisor.Status{State: "backoff", Command: "./web", Restarts: 3, Policy: "always", LastExit: "signal: killed",
-				LastExitAt: time.Now().Add(-2 * time.Second), Reason: "restarting in 400ms", NextStart: time.Now().Add(400 * time.Millisecond)}
+				LastExitAt: now.Add(-2 * time.Second), Reason: "restarting in 400ms", NextStart: now.Add(400 * time.Millisecond)}
 		},
 		"upstreams": func() any {
 			return []proxy.RouteStatus{{Listener: "127.0.0.1:15002", Service: "db", Balancer: "least_request", Stale: true, Panic: true,
@@ -374,7 +399,7 @@ func TestDashboardRendersEveryState(t *testing.T) {
 		},
 		"discovery": func() any {
 			return []discovery.WatchStatus{
-				{Service: "db", Endpoints: 3, Stale: true, AgeSeconds: 42, Confirmed: time.Now().Add(-45 * time.Second), Error: "connection refused"},
+				{Service: "db", Endpoints: 3, Stale: true, AgeSeconds: 42, Confirmed: now.Add(-45 * time.Second), Error: "connection refused"},
 				{Service: "cache", Pending: true},
 			}
 		},
@@ -402,7 +427,7 @@ func TestDashboardRendersEveryState(t *testing.T) {
 		`#app`:                          {"backoff", "restarting in 400ms", "signal: killed"},
 		`#pubsub`:                       {"7 messages", "orders", "billing"},
 	} {
-		got := br.text(t, sel)
+		got := br.waitText(t, sel, want...)
 		for _, w := range want {
 			if !strings.Contains(got, w) {
 				t.Errorf("%s = %q, want it to show %q", sel, got, w)
