@@ -50,7 +50,7 @@ type Options struct {
 	// waits for acks, within PublishTimeout); if zero,
 	// pubsub.MaxBulkEntries, room for a whole bulk request.
 	PublishWindow int
-	Metrics        *pubsub.Metrics
+	Metrics       *pubsub.Metrics
 	// Spool, if set, takes the messages Publish cannot hand to JetStream
 	// (pubsub.nats.on_unavailable: spool); Run forwards them. If nil,
 	// Publish fails while NATS is unreachable (reject).
