@@ -144,6 +144,49 @@ func BenchmarkPublish(b *testing.B) {
 	}
 	bulk.WriteString("]")
 	bulkURL := "http://" + ln.Addr().String() + "/v1.0-alpha1/publish/bulk/pubsub/bench"
+	// The same-run baseline for bulk: nats.go's async publish of 100
+	// messages, then a wait for their 100 acks, 4 batches at once.
+	b.Run("direct/bulk-100", func(b *testing.B) {
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		var failed atomic.Value
+		start := time.Now()
+		b.ResetTimer()
+		cpu0 := startCPU(srv)
+		for range 4 {
+			wg.Go(func() {
+				futures := make([]jetstream.PubAckFuture, 100)
+				for next.Add(100) <= int64(b.N)+99 {
+					for i := range futures {
+						msg := nats.NewMsg(Subject("sidecar", "bench"))
+						msg.Data = body
+						msg.Header.Set(jetstream.MsgIDHeader, fmt.Sprint("db-", seq.Add(1)))
+						f, err := js.PublishMsgAsync(msg)
+						if err != nil {
+							failed.Store(err)
+							return
+						}
+						futures[i] = f
+					}
+					for _, f := range futures {
+						select {
+						case <-f.Ok():
+						case err := <-f.Err():
+							failed.Store(err)
+							return
+						}
+					}
+				}
+			})
+		}
+		wg.Wait()
+		b.StopTimer()
+		cpu0.report(b, b.N)
+		if err, _ := failed.Load().(error); err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64((b.N+99)/100*100)/time.Since(start).Seconds(), "msgs/s")
+	})
 	b.Run("sidecar/bulk-100", func(b *testing.B) {
 		var next atomic.Int64
 		var wg sync.WaitGroup
