@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/store"
 	"github.com/sidecarlb/sidecar/test/natsserver"
 )
 
@@ -304,5 +305,53 @@ func TestOrderingPerKey(t *testing.T) {
 	}
 	if bad {
 		t.Errorf("two deliveries of the group ran at once")
+	}
+}
+
+// TestForwardSpool: messages spooled while NATS was unreachable go into the
+// stream once it is back, over several forwarding rounds, in the order
+// they were spooled, each once, and leave the spool.
+func TestForwardSpool(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	sp, err := store.Open(t.TempDir(), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sp.Close() })
+	b := newBroker(t, srv.URL(), nil, nil, Options{Spool: sp})
+	const n = 2*forwardBatch + 10
+	pubs := make([]pubsub.Publication, n)
+	for i := range pubs {
+		pubs[i] = pubsub.Publication{Msg: msg("spooled", fmt.Sprintf("f-%d", i))}
+	}
+	if _, err := b.spool(pubs); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 20*time.Second, "the spool to empty", func() bool { return sp.Pending() == 0 })
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	st, err := b.js.Stream(sctx, "SIDECAR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n + 1 {
+		m, err := st.GetMsg(sctx, uint64(i+1))
+		if i == n {
+			if err == nil {
+				t.Errorf("stream holds more than %d messages: %s", n, m.Header.Get(hdrID))
+			}
+			break
+		}
+		if err != nil {
+			t.Fatalf("message %d: %v", i+1, err)
+		}
+		if got, want := m.Header.Get(hdrID), fmt.Sprintf("f-%d", i); got != want {
+			t.Fatalf("message %d = %s, want %s", i+1, got, want)
+		}
 	}
 }

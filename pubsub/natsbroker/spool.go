@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/pubsub"
@@ -38,7 +39,8 @@ func (b *Broker) spool(pubs []pubsub.Publication) ([]bool, error) {
 	return dup, nil
 }
 
-// forward sends the spooled messages to JetStream, oldest first, each with
+// forward sends the spooled messages to JetStream, oldest first (a round
+// of forwardBatch sent at once on the one connection, so in order), each with
 // its message id as Nats-Msg-Id (so one the server already had, from a
 // publish that timed out, is not stored twice), and deletes each once the
 // server has acknowledged it. It runs until ctx ends.
@@ -59,7 +61,19 @@ func (b *Broker) forward(ctx context.Context) {
 			log.Error("read spool failed", zap.Error(err))
 			continue
 		}
-		var sent []store.Update
+		// The round's messages go out at once and their acks are awaited
+		// after: one round trip per round, not per message.
+		type out struct {
+			seq uint64
+			f   jetstream.PubAckFuture
+		}
+		pctx, cancel := context.WithTimeout(ctx, b.opts.PublishTimeout)
+		if err := b.ensureStream(pctx); err != nil {
+			cancel()
+			log.Warn("forward spooled messages failed", zap.Error(err))
+			continue
+		}
+		outs := make([]out, 0, len(seqs))
 		for _, seq := range seqs {
 			_, body, ok, err := b.opts.Spool.Get(seq)
 			if err != nil || !ok {
@@ -71,15 +85,29 @@ func (b *Broker) forward(ctx context.Context) {
 				log.Error("spooled message undecodable: kept in the spool", zap.Uint64("seq", seq), zap.Error(err))
 				continue
 			}
-			pctx, cancel := context.WithTimeout(ctx, b.opts.PublishTimeout)
-			_, err = b.publish(pctx, m, m.ID)
-			cancel()
-			if err != nil {
-				log.Warn("forward spooled message failed", zap.Uint64("seq", seq), zap.Error(err))
-				break
+			msg, err := b.natsMsg(m, m.ID)
+			if err == nil {
+				var f jetstream.PubAckFuture
+				if f, err = b.publishAsync(pctx, msg); err == nil {
+					outs = append(outs, out{seq, f})
+					continue
+				}
 			}
-			sent = append(sent, store.Update{Seq: seq, Delete: true})
+			log.Warn("forward spooled message failed", zap.Uint64("seq", seq), zap.Error(err))
+			break
 		}
+		var sent []store.Update
+		for _, o := range outs {
+			select {
+			case <-o.f.Ok():
+				sent = append(sent, store.Update{Seq: o.seq, Delete: true})
+			case err := <-o.f.Err():
+				log.Warn("forward spooled message failed", zap.Uint64("seq", o.seq), zap.Error(err))
+			case <-pctx.Done():
+				log.Warn("forward spooled message failed: no ack from nats", zap.Uint64("seq", o.seq), zap.Error(pctx.Err()))
+			}
+		}
+		cancel()
 		if len(sent) == 0 {
 			continue
 		}
