@@ -1,7 +1,9 @@
 package natsbroker
 
 import (
+	"cmp"
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -96,18 +98,29 @@ func (b *Broker) forward(ctx context.Context) {
 			log.Warn("forward spooled message failed", zap.Uint64("seq", seq), zap.Error(err))
 			break
 		}
+		// Those without an ack stay in the spool for the next round (one
+		// log line for them all).
 		var sent []store.Update
-		for _, o := range outs {
+		var failed int
+		var firstErr error
+	acks:
+		for i, o := range outs {
 			select {
 			case <-o.f.Ok():
 				sent = append(sent, store.Update{Seq: o.seq, Delete: true})
 			case err := <-o.f.Err():
-				log.Warn("forward spooled message failed", zap.Uint64("seq", o.seq), zap.Error(err))
+				firstErr = cmp.Or(firstErr, err)
+				failed++
 			case <-pctx.Done():
-				log.Warn("forward spooled message failed: no ack from nats", zap.Uint64("seq", o.seq), zap.Error(pctx.Err()))
+				firstErr = cmp.Or(firstErr, fmt.Errorf("no ack from nats: %w", pctx.Err()))
+				failed += len(outs) - i
+				break acks
 			}
 		}
 		cancel()
+		if failed > 0 {
+			log.Warn("forward spooled messages failed", zap.Int("messages", failed), zap.Error(firstErr))
+		}
 		if len(sent) == 0 {
 			continue
 		}
