@@ -45,7 +45,12 @@ type Options struct {
 	Instance string
 	// PublishTimeout bounds one Publish; if zero, 5s.
 	PublishTimeout time.Duration
-	Metrics        *pubsub.Metrics
+	// PublishWindow bounds the messages published and not yet acknowledged
+	// by JetStream, across every Publish of this sidecar (a Publish past it
+	// waits for acks, within PublishTimeout); if zero,
+	// pubsub.MaxBulkEntries, room for a whole bulk request.
+	PublishWindow int
+	Metrics       *pubsub.Metrics
 	// Spool, if set, takes the messages Publish cannot hand to JetStream
 	// (pubsub.nats.on_unavailable: spool); Run forwards them. If nil,
 	// Publish fails while NATS is unreachable (reject).
@@ -105,6 +110,9 @@ func New(opts Options, app *pubsub.App, subs []Subscription, log *zap.Logger) (*
 	if opts.PublishTimeout == 0 {
 		opts.PublishTimeout = 5 * time.Second
 	}
+	if opts.PublishWindow == 0 {
+		opts.PublishWindow = pubsub.MaxBulkEntries
+	}
 	b := &Broker{opts: opts, app: app, subs: subs, log: log, inFlight: make([]atomic.Int64, len(subs))}
 	nopts := []nats.Option{
 		nats.Name(opts.Name),
@@ -130,8 +138,11 @@ func New(opts Options, app *pubsub.App, subs []Subscription, log *zap.Logger) (*
 		return nil, fmt.Errorf("connect to nats %v: %w", opts.URLs, err)
 	}
 	js, err := jetstream.New(nc,
-		// Room for a whole bulk request, published at once.
-		jetstream.WithPublishAsyncMaxPending(pubsub.MaxBulkEntries))
+		// The in-flight window every publish of this sidecar shares: one
+		// connection pipelining them all; a publish past it waits.
+		jetstream.WithPublishAsyncMaxPending(opts.PublishWindow),
+		// A publish that got no ack in time gives up its slot.
+		jetstream.WithPublishAsyncTimeout(opts.PublishTimeout))
 	if err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("jetstream: %w", err)
@@ -233,36 +244,55 @@ func (b *Broker) publishAll(pubs []pubsub.Publication) ([]bool, error) {
 	if err := b.ensureStream(ctx); err != nil {
 		return nil, errors.Join(ErrUnavailable, err)
 	}
-	dup := make([]bool, len(pubs))
-	if len(pubs) == 1 {
-		ack, err := b.publish(ctx, pubs[0].Msg, pubs[0].Msg.ID)
-		if err != nil {
-			return nil, err
-		}
-		dup[0] = ack.Duplicate
-		return dup, nil
+	// Every message is sent before any ack is awaited: concurrent
+	// requests and the entries of a bulk share the connection's pipeline
+	// instead of waiting for one round trip each.
+	var one [1]jetstream.PubAckFuture
+	futures := one[:]
+	if len(pubs) > 1 {
+		futures = make([]jetstream.PubAckFuture, len(pubs))
 	}
-	futures := make([]jetstream.PubAckFuture, len(pubs))
 	for i, p := range pubs {
 		msg, err := b.natsMsg(p.Msg, p.Msg.ID)
 		if err != nil {
 			return nil, err
 		}
-		if futures[i], err = b.js.PublishMsgAsync(msg); err != nil {
+		if futures[i], err = b.publishAsync(ctx, msg); err != nil {
 			return nil, fmt.Errorf("publish %d of %d: %w", i+1, len(pubs), err)
 		}
 	}
+	dup := make([]bool, len(pubs))
 	for i, f := range futures {
 		select {
 		case ack := <-f.Ok():
 			dup[i] = ack.Duplicate
 		case err := <-f.Err():
+			if !b.nc.IsConnected() {
+				err = errors.Join(ErrUnavailable, err)
+			}
 			return nil, fmt.Errorf("publish %d of %d: %w", i+1, len(pubs), err)
 		case <-ctx.Done():
 			return nil, fmt.Errorf("publish %d of %d: no ack from nats: %w", i+1, len(pubs), ctx.Err())
 		}
 	}
 	return dup, nil
+}
+
+// publishAsync sends msg without waiting for its ack, waiting (until ctx
+// ends) while PublishWindow messages are unacknowledged.
+func (b *Broker) publishAsync(ctx context.Context, msg *nats.Msg) (jetstream.PubAckFuture, error) {
+	for {
+		f, err := b.js.PublishMsgAsync(msg)
+		if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+			if err != nil && !b.nc.IsConnected() {
+				err = errors.Join(ErrUnavailable, err)
+			}
+			return f, err
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%w: %w", err, ctx.Err())
+		}
+	}
 }
 
 func (b *Broker) natsMsg(m *pubsub.Message, msgID string) (*nats.Msg, error) {

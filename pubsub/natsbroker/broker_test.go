@@ -7,14 +7,17 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/store"
 	"github.com/sidecarlb/sidecar/test/natsserver"
 )
 
@@ -66,6 +69,77 @@ func newBroker(t *testing.T, url string, app *pubsub.App, subs []Subscription, o
 
 func msg(topic, id string) *pubsub.Message {
 	return &pubsub.Message{ID: id, Source: "test", Type: pubsub.DefaultType, Time: time.Now(), DataContentType: "text/plain", Topic: topic, PubsubName: "pubsub", Data: []byte("x")}
+}
+
+// TestPublishPastWindow: concurrent publishes, single and bulk, of many
+// more messages than the in-flight window all succeed (a publish past the
+// window waits for acks rather than failing), each stored once.
+func TestPublishPastWindow(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	b := newBroker(t, srv.URL(), nil, nil, Options{PublishWindow: 8})
+	const bulks, perBulk, singles = 4, 100, 64
+	var wg sync.WaitGroup
+	errs := make(chan error, bulks+singles)
+	for i := range bulks {
+		wg.Go(func() {
+			pubs := make([]pubsub.Publication, perBulk)
+			for j := range pubs {
+				pubs[j] = pubsub.Publication{Msg: msg("window", fmt.Sprintf("b%d-%d", i, j))}
+			}
+			if dup, err := b.Publish(pubs); err != nil {
+				errs <- fmt.Errorf("bulk %d: %w", i, err)
+			} else if slices.Contains(dup, true) {
+				errs <- fmt.Errorf("bulk %d: dup = %v, want none", i, dup)
+			}
+		})
+	}
+	for i := range singles {
+		wg.Go(func() {
+			if _, err := b.Publish([]pubsub.Publication{{Msg: msg("window", fmt.Sprintf("s%d", i))}}); err != nil {
+				errs <- fmt.Errorf("single %d: %w", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+
+	// A publish that finds the window full for longer than nats.go's
+	// stall wait (200ms) still goes through once a slot frees: here the
+	// one slot is held for about 500ms by a message to a subject no stream
+	// takes (nats.go retries it twice, 250ms apart).
+	b1 := newBroker(t, srv.URL(), nil, nil, Options{PublishWindow: 1})
+	if _, err := b1.Publish([]pubsub.Publication{{Msg: msg("window", "warm")}}); err != nil {
+		t.Fatal(err)
+	}
+	held, err := b1.js.PublishMsgAsync(nats.NewMsg("nostream.x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b1.Publish([]pubsub.Publication{{Msg: msg("window", "after-stall")}}); err != nil {
+		t.Errorf("Publish() with the window full = %v, want nil once it frees", err)
+	}
+	select {
+	case <-held.Err():
+	default:
+		t.Error("the publish went through before the window freed")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := b.js.Stream(ctx, "SIDECAR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := uint64(bulks*perBulk + singles + 2); info.State.Msgs != want {
+		t.Errorf("stream holds %d messages, want %d", info.State.Msgs, want)
+	}
 }
 
 // TestPublishDedup: a repeated id within the window is reported as a
@@ -231,5 +305,53 @@ func TestOrderingPerKey(t *testing.T) {
 	}
 	if bad {
 		t.Errorf("two deliveries of the group ran at once")
+	}
+}
+
+// TestForwardSpool: messages spooled while NATS was unreachable go into the
+// stream once it is back, over several forwarding rounds, in the order
+// they were spooled, each once, and leave the spool.
+func TestForwardSpool(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	sp, err := store.Open(t.TempDir(), store.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = sp.Close() })
+	b := newBroker(t, srv.URL(), nil, nil, Options{Spool: sp})
+	const n = 2*forwardBatch + 10
+	pubs := make([]pubsub.Publication, n)
+	for i := range pubs {
+		pubs[i] = pubsub.Publication{Msg: msg("spooled", fmt.Sprintf("f-%d", i))}
+	}
+	if _, err := b.spool(pubs); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 20*time.Second, "the spool to empty", func() bool { return sp.Pending() == 0 })
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer scancel()
+	st, err := b.js.Stream(sctx, "SIDECAR")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n + 1 {
+		m, err := st.GetMsg(sctx, uint64(i+1))
+		if i == n {
+			if err == nil {
+				t.Errorf("stream holds more than %d messages: %s", n, m.Header.Get(hdrID))
+			}
+			break
+		}
+		if err != nil {
+			t.Fatalf("message %d: %v", i+1, err)
+		}
+		if got, want := m.Header.Get(hdrID), fmt.Sprintf("f-%d", i); got != want {
+			t.Fatalf("message %d = %s, want %s", i+1, got, want)
+		}
 	}
 }

@@ -44,8 +44,16 @@ func (b *Broker) consume(ctx context.Context, i int) {
 	// (or all, when nothing is out) are free, so pulls come in batches.
 	var out atomic.Int64
 	freed := make(chan struct{}, 1)
-	var wg sync.WaitGroup
-	defer wg.Wait()
+	// The in-progress acks outlive ctx as long as a delivery does.
+	working := &working{msgs: map[jetstream.Msg]struct{}{}}
+	stopWorking := make(chan struct{})
+	var wg, wgWorking sync.WaitGroup
+	wgWorking.Go(func() { working.run(stopWorking, b.opts.AckWait/3) })
+	defer func() {
+		wg.Wait()
+		close(stopWorking)
+		wgWorking.Wait()
+	}()
 	limit := int64(sub.MaxInFlight)
 	minBatch := max(1, limit/4)
 	for ctx.Err() == nil {
@@ -88,7 +96,7 @@ func (b *Broker) consume(ctx context.Context, i int) {
 					}
 				}()
 				defer recoverLog(log)
-				b.handle(ctx, sub, msg, log)
+				b.handle(ctx, sub, msg, working, log)
 			})
 		}
 		cancel()
@@ -144,7 +152,7 @@ func (b *Broker) consumer(ctx context.Context, sub Subscription, log *zap.Logger
 }
 
 // handle delivers one message and settles it with JetStream.
-func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg, log *zap.Logger) {
+func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg, working *working, log *zap.Logger) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		log.Error("message without metadata", zap.Error(err))
@@ -162,9 +170,9 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg
 		b.deadLetter(sub, msg, m, "undecodable", err.Error(), attempt, log)
 		return
 	}
-	stop := b.inProgress(msg)
+	working.add(msg)
 	r := b.app.Deliver(ctx, sub.Group, m, attempt)
-	stop()
+	working.remove(msg)
 	mt := b.opts.Metrics
 	if mt != nil && r.Outcome != pubsub.NotDelivered {
 		mt.Attempts.WithLabelValues(sub.Topic, sub.Group).Inc()
@@ -197,25 +205,6 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg
 	case pubsub.DeadLetter:
 		b.deadLetter(sub, msg, m, "rejected", r.Reason, attempt, log)
 	}
-}
-
-// inProgress tells JetStream every third of ack_wait that msg is being
-// worked on, until the returned stop is called.
-func (b *Broker) inProgress(msg jetstream.Msg) (stop func()) {
-	done := make(chan struct{})
-	go func() {
-		t := time.NewTicker(b.opts.AckWait / 3)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				_ = msg.InProgress()
-			}
-		}
-	}()
-	return func() { close(done) }
 }
 
 // deadLetter publishes m to the subscription's dead-letter topic, then

@@ -7,8 +7,15 @@
 // "<subject_prefix>.<topic>" of one stream (created if missing with the
 // subjects "<subject_prefix>.>", replicas, max_age and a 10-minute
 // duplicate window), with the message id as Nats-Msg-Id, so a repeated
-// Idempotency-Key within the window is stored once. Publish returns only
-// once the server has acknowledged every message. When that fails (NATS
+// Idempotency-Key within the window is stored once. Every message, alone
+// or in a bulk, is an async publish (jetstream's PublishMsgAsync): all of
+// a request's messages are sent before any ack is awaited, and concurrent
+// requests share the one connection's pipeline, within one in-flight
+// window (Options.PublishWindow, room for a whole bulk request; a publish
+// past it waits for a slot within the publish timeout, which also expires
+// an ack that never comes). Publish returns only once the server has
+// acknowledged every message: a 2xx is never answered for a message only
+// in flight. When that fails (NATS
 // unreachable, no ack in time), with a Spool (pubsub.nats.on_unavailable:
 // spool) the messages are appended to the fsynced store in data_dir
 // instead, and Run's forwarder sends them, oldest first, once NATS is back,
@@ -21,8 +28,23 @@
 // own durable consumer, named after the instance and removed by the server
 // after an hour without it. A subscriber pulls no more than the
 // subscription's max_in_flight, and nothing while the app's check fails or
-// the sidecar drains. While a delivery runs it sends in-progress acks every
-// third of ack_wait, so a slow handler is not redelivered.
+// the sidecar drains: a pull asks for the free slots once a quarter of them
+// are free, and its messages go to the app as they arrive. While a
+// delivery runs, one goroutine per subscription sends in-progress acks for
+// every running delivery each third of ack_wait, so a slow handler is not
+// redelivered. A continuous pull (jetstream's Messages or Consume) was
+// measured and not kept: it pulls its window ahead of the app, so up to
+// max_in_flight more messages wait in its buffer with ack_wait running
+// and no in-progress ack, and a handler slower than ack_wait gets them
+// redelivered to another instance (TestSlowHandler); the fetch loop is not
+// where delivery spends its CPU (BENCHMARKS.md).
+//
+// A delivery that succeeded is settled with a plain Ack (one message to
+// the server, no reply awaited), not AckSync: at-least-once needs the ack
+// only after the app's 2xx, and an ack that is lost makes the message come
+// again, which at-least-once allows; AckSync would add a round trip per
+// message to learn that. A dead letter's ack is a DoubleAck, since the
+// message was published elsewhere first.
 //
 // Retries have one owner, the subscriber's sidecar: the attempt number is
 // JetStream's delivery count of the message; a retry is a nak with the

@@ -1,9 +1,12 @@
 package natsbroker
 
 import (
+	"cmp"
 	"context"
+	"fmt"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/pubsub"
@@ -38,7 +41,8 @@ func (b *Broker) spool(pubs []pubsub.Publication) ([]bool, error) {
 	return dup, nil
 }
 
-// forward sends the spooled messages to JetStream, oldest first, each with
+// forward sends the spooled messages to JetStream, oldest first (a round
+// of forwardBatch sent at once on the one connection, so in order), each with
 // its message id as Nats-Msg-Id (so one the server already had, from a
 // publish that timed out, is not stored twice), and deletes each once the
 // server has acknowledged it. It runs until ctx ends.
@@ -59,7 +63,19 @@ func (b *Broker) forward(ctx context.Context) {
 			log.Error("read spool failed", zap.Error(err))
 			continue
 		}
-		var sent []store.Update
+		// The round's messages go out at once and their acks are awaited
+		// after: one round trip per round, not per message.
+		type out struct {
+			seq uint64
+			f   jetstream.PubAckFuture
+		}
+		pctx, cancel := context.WithTimeout(ctx, b.opts.PublishTimeout)
+		if err := b.ensureStream(pctx); err != nil {
+			cancel()
+			log.Warn("forward spooled messages failed", zap.Error(err))
+			continue
+		}
+		outs := make([]out, 0, len(seqs))
 		for _, seq := range seqs {
 			_, body, ok, err := b.opts.Spool.Get(seq)
 			if err != nil || !ok {
@@ -71,14 +87,39 @@ func (b *Broker) forward(ctx context.Context) {
 				log.Error("spooled message undecodable: kept in the spool", zap.Uint64("seq", seq), zap.Error(err))
 				continue
 			}
-			pctx, cancel := context.WithTimeout(ctx, b.opts.PublishTimeout)
-			_, err = b.publish(pctx, m, m.ID)
-			cancel()
-			if err != nil {
-				log.Warn("forward spooled message failed", zap.Uint64("seq", seq), zap.Error(err))
-				break
+			msg, err := b.natsMsg(m, m.ID)
+			if err == nil {
+				var f jetstream.PubAckFuture
+				if f, err = b.publishAsync(pctx, msg); err == nil {
+					outs = append(outs, out{seq, f})
+					continue
+				}
 			}
-			sent = append(sent, store.Update{Seq: seq, Delete: true})
+			log.Warn("forward spooled message failed", zap.Uint64("seq", seq), zap.Error(err))
+			break
+		}
+		// Those without an ack stay in the spool for the next round (one
+		// log line for them all).
+		var sent []store.Update
+		var failed int
+		var firstErr error
+	acks:
+		for i, o := range outs {
+			select {
+			case <-o.f.Ok():
+				sent = append(sent, store.Update{Seq: o.seq, Delete: true})
+			case err := <-o.f.Err():
+				firstErr = cmp.Or(firstErr, err)
+				failed++
+			case <-pctx.Done():
+				firstErr = cmp.Or(firstErr, fmt.Errorf("no ack from nats: %w", pctx.Err()))
+				failed += len(outs) - i
+				break acks
+			}
+		}
+		cancel()
+		if failed > 0 {
+			log.Warn("forward spooled messages failed", zap.Int("messages", failed), zap.Error(firstErr))
 		}
 		if len(sent) == 0 {
 			continue

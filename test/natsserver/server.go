@@ -183,3 +183,13 @@ func (s *Server) signal(sig syscall.Signal) {
 
 // Log returns what the server has printed so far.
 func (s *Server) Log() string { return s.log.String() }
+
+// PID is the running server's process id; 0 when it is stopped.
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
