@@ -205,9 +205,16 @@ func (l *lane) status(now time.Time) GroupStatus {
 	return s
 }
 
-// run sends batches until ctx ends, at most lanesInFlight at once.
+// run sends batches until ctx ends, at most lanesInFlight at once. A
+// batch gives its slot back as soon as the peer has answered, before its
+// outcomes are committed (send's release): the next batch goes out during
+// that fsync rather than after it. At most lanesInFlight answered batches
+// wait for their commit (recording); past that, a batch keeps its slot
+// until one of them is done, so a slow disk slows the lane down rather than
+// letting answered batches pile up in memory.
 func (l *lane) run(ctx context.Context) {
 	slots := make(chan struct{}, lanesInFlight)
+	recording := make(chan struct{}, lanesInFlight)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -227,8 +234,18 @@ func (l *lane) run(ctx context.Context) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-slots }()
-			l.send(l.d.sendCtx, batch, rec)
+			held := true
+			release := func() {
+				recording <- struct{}{}
+				<-slots
+				held = false
+			}
+			l.send(l.d.sendCtx, batch, rec, release)
+			if held {
+				<-slots
+			} else {
+				<-recording
+			}
 		}()
 	}
 }
@@ -251,8 +268,9 @@ func (l *lane) wait(ctx context.Context, next time.Time) bool {
 }
 
 // send delivers one batch to one instance of the group and records each
-// message's outcome.
-func (l *lane) send(ctx context.Context, batch []item, rec Record) {
+// message's outcome. It calls release, if at all, once the peer has
+// answered and before the outcomes are committed.
+func (l *lane) send(ctx context.Context, batch []item, rec Record, release func()) {
 	log := l.d.log.With(zap.String("topic", rec.Topic), zap.String("group", rec.Group))
 	if rec.broadcast() {
 		l.fanOut(ctx, batch, rec, log)
@@ -307,6 +325,7 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 		return
 	}
 	l.resume()
+	release()
 	l.record(rec, live, bodies, results, log)
 }
 
