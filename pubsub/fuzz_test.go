@@ -29,6 +29,14 @@ func FuzzParseEvent(f *testing.F) {
 		if _, err := Unmarshal(enc); err != nil {
 			t.Fatalf("Unmarshal(Marshal()) = %v", err)
 		}
+		if want, _ := json.Marshal(m); !bytes.Equal(enc, want) {
+			t.Fatalf("Marshal() = %s, encoding/json writes %s", enc, want)
+		}
+		if len(m.Extensions) == 0 {
+			if got, want := m.Structured(), structuredRef(m); !bytes.Equal(got, want) {
+				t.Fatalf("Structured() = %s, want %s", got, want)
+			}
+		}
 	})
 }
 
