@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"mime"
+	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -117,4 +119,19 @@ func BenchmarkEncode(b *testing.B) {
 			_ = m.Structured()
 		}
 	})
+}
+
+// TestMediaTypeFastPath: a bare media type skips mime.ParseMediaType with
+// the same answer.
+func TestMediaTypeFastPath(t *testing.T) {
+	for _, ct := range []string{"application/json", "text/plain", "application/cloudevents+json", "application/vnd.a-b.c+xml", "Application/JSON", "text/plain; charset=utf-8", " text/plain", "a/b/c", "/x", "x/", "", "text/", "application/x_y"} {
+		want, _, err := mime.ParseMediaType(ct)
+		if err != nil {
+			mt, _, _ := strings.Cut(ct, ";")
+			want = strings.ToLower(strings.TrimSpace(mt))
+		}
+		if got := mediaType(ct); got != want {
+			t.Errorf("mediaType(%q) = %q, want %q", ct, got, want)
+		}
+	}
 }

@@ -46,15 +46,6 @@ type Message struct {
 	OrderingKey string `json:"ordering_key,omitempty"`
 }
 
-// Unmarshal decodes what Marshal encoded.
-func Unmarshal(b []byte) (*Message, error) {
-	m := new(Message)
-	if err := json.Unmarshal(b, m); err != nil {
-		return nil, fmt.Errorf("decode message: %w", err)
-	}
-	return m, nil
-}
-
 // NewID returns a random UUID (version 4), the id of a message published
 // without an Idempotency-Key.
 func NewID() string {
@@ -212,11 +203,31 @@ func validExtName(s string) bool {
 
 // mediaType returns the lower-case media type of a Content-Type value.
 func mediaType(ct string) string {
+	if simpleMediaType(ct) {
+		return ct // what mime.ParseMediaType returns for it, without its allocations
+	}
 	if mt, _, err := mime.ParseMediaType(ct); err == nil {
 		return mt
 	}
 	mt, _, _ := strings.Cut(ct, ";")
 	return strings.ToLower(strings.TrimSpace(mt))
+}
+
+// simpleMediaType reports whether ct is a bare type/subtype of lower-case
+// letters, digits and the token characters media types use (.+-), with
+// nothing to parse, unfold or lower-case.
+func simpleMediaType(ct string) bool {
+	slash := strings.IndexByte(ct, '/')
+	if slash <= 0 || slash == len(ct)-1 {
+		return false
+	}
+	for i := 0; i < len(ct); i++ {
+		c := ct[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '+' || c == '-' || i == slash) {
+			return false
+		}
+	}
+	return true
 }
 
 func isJSON(ct string) bool {
