@@ -218,6 +218,8 @@ func BenchmarkDeliver(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+	c, w := r.store.Commits()
+	b.ReportMetric(float64(w)/float64(max(c, 1)), "writes/commit")
 }
 
 // BenchmarkPendingMemory: the heap a dispatcher holds for 100,000 pending
