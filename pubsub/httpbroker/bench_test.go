@@ -10,11 +10,13 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"slices"
 	"strings"
 	"sync"
@@ -40,6 +42,47 @@ func cpuNow() time.Duration {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// schedLatencies is the runtime's histogram of how long goroutines waited
+// runnable before they ran: time off CPU spent waiting for a CPU (the
+// machine's other processes, or GOMAXPROCS), not for a lock or the disk.
+func schedLatencies() *metrics.Float64Histogram {
+	s := []metrics.Sample{{Name: "/sched/latencies:seconds"}}
+	metrics.Read(s)
+	return s[0].Value.Float64Histogram()
+}
+
+// reportSchedWait reports the median and p99 wait for a CPU between two
+// readings of schedLatencies, in µs.
+func reportSchedWait(b *testing.B, before, after *metrics.Float64Histogram) {
+	counts := make([]uint64, len(after.Counts))
+	var total uint64
+	for i := range counts {
+		counts[i] = after.Counts[i] - before.Counts[i]
+		total += counts[i]
+	}
+	at := func(q float64) float64 {
+		var n uint64
+		for i, c := range counts {
+			n += c
+			if float64(n) >= q*float64(total) {
+				return after.Buckets[i+1] * 1e6 // the bucket's upper bound
+			}
+		}
+		return 0
+	}
+	var sum float64 // each wait taken at its bucket's midpoint
+	for i, c := range counts {
+		if c > 0 && !math.IsInf(after.Buckets[i], 0) && !math.IsInf(after.Buckets[i+1], 0) {
+			sum += float64(c) * (after.Buckets[i] + after.Buckets[i+1]) / 2
+		}
+	}
+	if total > 0 {
+		b.ReportMetric(at(0.5), "sched-wait-p50-µs")
+		b.ReportMetric(at(0.99), "sched-wait-p99-µs")
+		b.ReportMetric(sum/float64(total)*1e6, "sched-wait-mean-µs")
+	}
 }
 
 // BenchmarkFsync is the baseline: 1 KiB appended to a file in the same
@@ -157,6 +200,7 @@ func BenchmarkPublish(b *testing.B) {
 				}
 			}
 			b.ResetTimer()
+			sched0 := schedLatencies()
 			cpu0 := cpuNow()
 			start := time.Now()
 			for _, publish := range pubs {
@@ -181,6 +225,7 @@ func BenchmarkPublish(b *testing.B) {
 			elapsed := time.Since(start)
 			b.StopTimer()
 			b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(len(ds)), "cpu-µs/msg")
+			reportSchedWait(b, sched0, schedLatencies())
 			b.ReportMetric(float64(len(ds))/elapsed.Seconds(), "msgs/s")
 			percentiles(b, "publish", ds)
 			c, w := r.store.Commits()
@@ -210,6 +255,7 @@ func BenchmarkDeliver(b *testing.B) {
 	}
 	fill.close()
 	b.ResetTimer()
+	sched0 := schedLatencies()
 	cpu0 := cpuNow()
 	start := time.Now()
 	r := newRig(b, dir, http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}), false)
@@ -217,6 +263,7 @@ func BenchmarkDeliver(b *testing.B) {
 	elapsed := time.Since(start)
 	b.StopTimer()
 	b.ReportMetric(float64((cpuNow()-cpu0).Microseconds())/float64(b.N), "cpu-µs/msg")
+	reportSchedWait(b, sched0, schedLatencies())
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
 	c, w := r.store.Commits()
 	b.ReportMetric(float64(w)/float64(max(c, 1)), "writes/commit")
