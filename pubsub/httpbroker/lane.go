@@ -296,8 +296,23 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record, release func(
 	bodies := make([][]byte, 0, len(batch))
 	live := batch[:0:0]
 	var gone []item
-	for _, it := range batch {
-		_, body, ok, err := l.d.store.Get(it.seq)
+	seqs := make([]uint64, len(batch))
+	for i, it := range batch {
+		seqs[i] = it.seq
+	}
+	// The batch's bodies in one read where they lie together in the log;
+	// should that fail, one by one, so that one bad read holds back only
+	// its own message.
+	many, manyErr := l.d.store.GetMany(seqs)
+	for i, it := range batch {
+		var body []byte
+		var ok bool
+		var err error
+		if manyErr == nil {
+			body, ok = many[i], many[i] != nil
+		} else {
+			_, body, ok, err = l.d.store.Get(it.seq)
+		}
 		switch {
 		case err != nil:
 			log.Error("read message failed", zap.Uint64("seq", it.seq), zap.Error(err))
