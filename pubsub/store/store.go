@@ -173,6 +173,10 @@ type dedupExp struct {
 	key string
 }
 
+// opPool recycles ops and their done channels (buffered, and empty when
+// an op goes back): two allocations less per write.
+var opPool = sync.Pool{New: func() any { return &op{done: make(chan error, 1)} }}
+
 type op struct {
 	updates []Update
 	entries []Entry
@@ -443,10 +447,12 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 			return nil, fmt.Errorf("message of %d bytes is over the store's %d", len(e.Body), maxRecord)
 		}
 	}
-	o := &op{updates: updates, entries: entries, out: make([]Appended, len(entries)), done: make(chan error, 1)}
+	o := opPool.Get().(*op)
+	*o = op{updates: updates, entries: entries, out: make([]Appended, len(entries)), done: o.done}
 	select {
 	case s.ops <- o:
 	case <-s.quit:
+		opPool.Put(o) // never sent: nothing else holds it
 		return nil, ErrClosed
 	}
 	var err error
@@ -461,12 +467,17 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 		}
 	}
 	if err != nil {
-		return nil, err
+		return nil, err // o is not reused: the committer may not be done with it
 	}
 	// Counted here, once durable, just before the caller learns of it (as
 	// the caller's own bookkeeping follows).
 	s.pending.Add(o.delta)
-	return o.out, nil
+	out := o.out
+	// The committer answered o and will not touch it again; the caller
+	// keeps out, which the next use of o does not share.
+	*o = op{done: o.done}
+	opPool.Put(o)
+	return out, nil
 }
 
 // Get returns the topic and body of message seq, read from the log; ok is
