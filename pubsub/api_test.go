@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"go.uber.org/zap"
@@ -235,5 +236,20 @@ func TestStructured(t *testing.T) {
 		if string(got[tc.field]) != tc.want || string(got["specversion"]) != `"1.0"` || string(got["topic"]) != `"orders"` || string(got["pubsubname"]) != `"pubsub"` {
 			t.Errorf("Structured(%s, %q) = %s, want %s %s", tc.ct, tc.data, m.Structured(), tc.field, tc.want)
 		}
+	}
+}
+
+// TestReadAll: the body whatever its size hint, and the reader's error.
+func TestReadAll(t *testing.T) {
+	body := strings.Repeat("x", 3000)
+	for _, hint := range []int64{-1, 0, 1, 2999, 3000, 3001, 1 << 30} {
+		got, err := ReadAll(iotest.HalfReader(strings.NewReader(body)), hint)
+		if err != nil || string(got) != body {
+			t.Errorf("ReadAll(hint %d) = %d bytes, %v; want %d bytes", hint, len(got), err, len(body))
+		}
+	}
+	boom := errors.New("boom")
+	if _, err := ReadAll(iotest.ErrReader(boom), 10); !errors.Is(err, boom) {
+		t.Errorf("ReadAll(failing reader) = %v, want %v", err, boom)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"testing"
+	"time"
 )
 
 // FuzzParseEvent: any body gives an event or ErrBadEvent, never a panic;
@@ -28,6 +29,14 @@ func FuzzParseEvent(f *testing.F) {
 		}
 		if _, err := Unmarshal(enc); err != nil {
 			t.Fatalf("Unmarshal(Marshal()) = %v", err)
+		}
+		if want, _ := json.Marshal(m); !bytes.Equal(enc, want) {
+			t.Fatalf("Marshal() = %s, encoding/json writes %s", enc, want)
+		}
+		if len(m.Extensions) == 0 {
+			if got, want := m.Structured(), structuredRef(m); !bytes.Equal(got, want) {
+				t.Fatalf("Structured() = %s, want %s", got, want)
+			}
 		}
 	})
 }
@@ -57,6 +66,43 @@ func FuzzPublish(f *testing.F) {
 		}
 		if w.Code != http.StatusNoContent && len(sink.msgs) != 0 {
 			t.Fatalf("%d with %d stored", w.Code, len(sink.msgs))
+		}
+	})
+}
+
+// FuzzUnmarshalPrefix: what the fast path accepts, encoding/json reads as
+// the same message; what Marshal writes without extensions, it accepts.
+func FuzzUnmarshalPrefix(f *testing.F) {
+	at := time.Date(2026, 12, 7, 23, 4, 5, 123456789, time.FixedZone("x", 3600))
+	for _, m := range []Message{
+		{ID: "0b6f-1", Source: "orders", Type: DefaultType, Time: at, DataContentType: "application/octet-stream", Topic: "orders", PubsubName: "pubsub", Data: []byte{0, 1, 2, 255}},
+		{ID: "k", Source: "s", Type: "t", Time: at.UTC(), DataContentType: "text/plain", Topic: "a.b", PubsubName: "p", OrderingKey: "c-7"},
+		{ID: `a"b`, Source: "é", Time: at},
+	} {
+		b, _ := m.Marshal()
+		f.Add(b)
+		f.Add(append(b, `,{"attempt":1}`...))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, rest, ok := UnmarshalPrefix(b)
+		if !ok {
+			var m2 Message
+			if json.Unmarshal(b, &m2) == nil && len(m2.Extensions) == 0 && m2.Time.Year() >= 0 && m2.Time.Year() <= 9999 {
+				plain := plainJSON(m2.ID + m2.Source + m2.Type + m2.DataContentType + m2.Topic + m2.PubsubName + m2.OrderingKey)
+				if enc, _ := m2.Marshal(); bytes.Equal(enc, b) && plain {
+					t.Fatalf("UnmarshalPrefix refused %s, which Marshal writes", b)
+				}
+			}
+			return
+		}
+		var m2 Message
+		if err := json.Unmarshal(b[:len(b)-len(rest)], &m2); err != nil {
+			t.Fatalf("UnmarshalPrefix accepted %q, encoding/json: %v", b, err)
+		}
+		got, _ := json.Marshal(m)
+		want, _ := json.Marshal(&m2)
+		if !bytes.Equal(got, want) || !m.Time.Equal(m2.Time) {
+			t.Fatalf("UnmarshalPrefix(%q) = %s, encoding/json reads %s", b, got, want)
 		}
 	})
 }

@@ -11,7 +11,6 @@ import (
 	"mime"
 	"strings"
 	"time"
-	"unicode/utf8"
 )
 
 // Defaults of the CloudEvent attributes the sidecar fills in.
@@ -45,18 +44,6 @@ type Message struct {
 	// OrderingKey is the Sidecar-Ordering-Key the message was published
 	// with; "" for none. It is not delivered.
 	OrderingKey string `json:"ordering_key,omitempty"`
-}
-
-// Marshal encodes m for the store and the wire between sidecars.
-func (m *Message) Marshal() ([]byte, error) { return json.Marshal(m) }
-
-// Unmarshal decodes what Marshal encoded.
-func Unmarshal(b []byte) (*Message, error) {
-	m := new(Message)
-	if err := json.Unmarshal(b, m); err != nil {
-		return nil, fmt.Errorf("decode message: %w", err)
-	}
-	return m, nil
 }
 
 // NewID returns a random UUID (version 4), the id of a message published
@@ -216,11 +203,31 @@ func validExtName(s string) bool {
 
 // mediaType returns the lower-case media type of a Content-Type value.
 func mediaType(ct string) string {
+	if simpleMediaType(ct) {
+		return ct // what mime.ParseMediaType returns for it, without its allocations
+	}
 	if mt, _, err := mime.ParseMediaType(ct); err == nil {
 		return mt
 	}
 	mt, _, _ := strings.Cut(ct, ";")
 	return strings.ToLower(strings.TrimSpace(mt))
+}
+
+// simpleMediaType reports whether ct is a bare type/subtype of lower-case
+// letters, digits and the token characters media types use (.+-), with
+// nothing to parse, unfold or lower-case.
+func simpleMediaType(ct string) bool {
+	slash := strings.IndexByte(ct, '/')
+	if slash <= 0 || slash == len(ct)-1 {
+		return false
+	}
+	for i := 0; i < len(ct); i++ {
+		c := ct[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '+' || c == '-' || i == slash) {
+			return false
+		}
+	}
+	return true
 }
 
 func isJSON(ct string) bool {
@@ -231,48 +238,4 @@ func isJSON(ct string) bool {
 func isText(ct string) bool {
 	mt := mediaType(ct)
 	return strings.HasPrefix(mt, "text/") || mt == "application/xml" || strings.HasSuffix(mt, "+xml")
-}
-
-// Structured encodes m as a structured-mode CloudEvent
-// (application/cloudevents+json): data as JSON when it is JSON, as a string
-// when it is text, else data_base64.
-func (m *Message) Structured() []byte {
-	var b bytes.Buffer
-	b.Grow(len(m.Data) + 256)
-	field := func(name string, v any) {
-		if b.Len() > 1 {
-			b.WriteByte(',')
-		}
-		b.WriteString(`"` + name + `":`)
-		switch v := v.(type) {
-		case json.RawMessage:
-			b.Write(v)
-		default:
-			enc, _ := json.Marshal(v)
-			b.Write(enc)
-		}
-	}
-	b.WriteByte('{')
-	field("specversion", SpecVersion)
-	field("id", m.ID)
-	field("source", m.Source)
-	field("type", m.Type)
-	field("time", m.Time.UTC().Format(time.RFC3339Nano))
-	field("datacontenttype", m.DataContentType)
-	field("topic", m.Topic)
-	field("pubsubname", m.PubsubName)
-	for name, v := range m.Extensions {
-		field(name, v)
-	}
-	switch {
-	case len(m.Data) == 0:
-	case isJSON(m.DataContentType) && json.Valid(m.Data):
-		field("data", json.RawMessage(m.Data))
-	case isText(m.DataContentType) && utf8.Valid(m.Data):
-		field("data", string(m.Data))
-	default:
-		field("data_base64", base64.StdEncoding.EncodeToString(m.Data))
-	}
-	b.WriteByte('}')
-	return b.Bytes()
 }

@@ -23,6 +23,11 @@ import (
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
+// publishClient is the tests' app client: its own Transport, since
+// httptest.Server.Close (of a parallel test) closes the idle connections of
+// http.DefaultTransport, and a request picking one up just then fails.
+var publishClient = &http.Client{Transport: &http.Transport{}}
+
 func post(t *testing.T, url, key, body string) int {
 	t.Helper()
 	req, _ := http.NewRequest("POST", url+"/v1.0/publish/pubsub/orders", strings.NewReader(body))
@@ -30,7 +35,7 @@ func post(t *testing.T, url, key, body string) int {
 	if key != "" {
 		req.Header.Set("Idempotency-Key", key)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := publishClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +215,7 @@ func TestOrderingPerKey(t *testing.T) {
 		req, _ := http.NewRequest("POST", r.api.URL+"/v1.0/publish/pubsub/orders", strings.NewReader(fmt.Sprintf(`{"K":%q,"I":%d}`, k, i)))
 		req.Header.Set("Content-Type", "application/json")
 		req.Header.Set("Sidecar-Ordering-Key", k)
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := publishClient.Do(req)
 		if err != nil || resp.StatusCode != 204 {
 			t.Fatalf("publish %d: %v %v", i, err, resp)
 		}

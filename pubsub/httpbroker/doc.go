@@ -22,7 +22,13 @@
 // batches of up to the subscription's max_in_flight messages, at most
 // lanesInFlight at once, as one POST /v1/pubsub/deliver to the picked peer
 // (Server). The peer delivers each message to its app (pubsub.App) and
-// answers one outcome per message. A message that never reached the app
+// answers one outcome per message. A batch gives its lane slot back as soon
+// as the peer has answered, and its outcomes are committed meanwhile (at
+// most lanesInFlight batches waiting for that commit, which the store's
+// group commit shares with every other writer), so the next batch does not
+// wait out an fsync. The peer reads a batch written by encode, whose
+// messages are as pubsub.Message.Marshal writes them, in one pass
+// (decodeBatch); any other shape goes to encoding/json. A message that never reached the app
 // (the peer is draining, the app is unhealthy, the peer went away) is not an
 // attempt; it is sent again, usually to another instance.
 //

@@ -205,9 +205,16 @@ func (l *lane) status(now time.Time) GroupStatus {
 	return s
 }
 
-// run sends batches until ctx ends, at most lanesInFlight at once.
+// run sends batches until ctx ends, at most lanesInFlight at once. A
+// batch gives its slot back as soon as the peer has answered, before its
+// outcomes are committed (send's release): the next batch goes out during
+// that fsync rather than after it. At most lanesInFlight answered batches
+// wait for their commit (recording); past that, a batch keeps its slot
+// until one of them is done, so a slow disk slows the lane down rather than
+// letting answered batches pile up in memory.
 func (l *lane) run(ctx context.Context) {
 	slots := make(chan struct{}, lanesInFlight)
+	recording := make(chan struct{}, lanesInFlight)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -227,8 +234,18 @@ func (l *lane) run(ctx context.Context) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-slots }()
-			l.send(l.d.sendCtx, batch, rec)
+			held := true
+			release := func() {
+				recording <- struct{}{}
+				<-slots
+				held = false
+			}
+			l.send(l.d.sendCtx, batch, rec, release)
+			if held {
+				<-slots
+			} else {
+				<-recording
+			}
 		}()
 	}
 }
@@ -251,8 +268,9 @@ func (l *lane) wait(ctx context.Context, next time.Time) bool {
 }
 
 // send delivers one batch to one instance of the group and records each
-// message's outcome.
-func (l *lane) send(ctx context.Context, batch []item, rec Record) {
+// message's outcome. It calls release, if at all, once the peer has
+// answered and before the outcomes are committed.
+func (l *lane) send(ctx context.Context, batch []item, rec Record, release func()) {
 	log := l.d.log.With(zap.String("topic", rec.Topic), zap.String("group", rec.Group))
 	if rec.broadcast() {
 		l.fanOut(ctx, batch, rec, log)
@@ -278,8 +296,23 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 	bodies := make([][]byte, 0, len(batch))
 	live := batch[:0:0]
 	var gone []item
-	for _, it := range batch {
-		_, body, ok, err := l.d.store.Get(it.seq)
+	seqs := make([]uint64, len(batch))
+	for i, it := range batch {
+		seqs[i] = it.seq
+	}
+	// The batch's bodies in one read where they lie together in the log;
+	// should that fail, one by one, so that one bad read holds back only
+	// its own message.
+	many, manyErr := l.d.store.GetMany(seqs)
+	for i, it := range batch {
+		var body []byte
+		var ok bool
+		var err error
+		if manyErr == nil {
+			body, ok = many[i], many[i] != nil
+		} else {
+			_, body, ok, err = l.d.store.Get(it.seq)
+		}
 		switch {
 		case err != nil:
 			log.Error("read message failed", zap.Uint64("seq", it.seq), zap.Error(err))
@@ -307,6 +340,7 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record) {
 		return
 	}
 	l.resume()
+	release()
 	l.record(rec, live, bodies, results, log)
 }
 

@@ -1,6 +1,7 @@
 package httpbroker
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -70,29 +71,137 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
 	}
-	var req deliverRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxPeerBody)).Decode(&req); err != nil {
+	body, err := pubsub.ReadAll(http.MaxBytesReader(w, r.Body, maxPeerBody), r.ContentLength)
+	if err != nil {
 		http.Error(w, "bad delivery request: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	res := make([]peerResult, len(req.Messages))
+	group, msgs, ok := decodeBatch(body)
+	if !ok {
+		var req deliverRequest
+		if err := json.NewDecoder(bytes.NewReader(body)).Decode(&req); err != nil {
+			http.Error(w, "bad delivery request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		group, msgs = req.Group, make([]batchMessage, len(req.Messages))
+		for i, pm := range req.Messages {
+			msgs[i].attempt = pm.Attempt
+			if m, err := pubsub.Unmarshal(pm.Message); err == nil && m.Topic == req.Topic {
+				msgs[i].m = m
+			}
+		}
+	}
+	res := make([]peerResult, len(msgs))
 	var wg sync.WaitGroup
-	for i, pm := range req.Messages {
-		m, err := pubsub.Unmarshal(pm.Message)
-		if err != nil || m.Topic != req.Topic || pm.Attempt < 1 {
+	for i, bm := range msgs {
+		if bm.m == nil || bm.attempt < 1 {
 			res[i] = peerResult{Outcome: pubsub.NotDelivered.String(), Reason: "bad message"}
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			out := s.app.Deliver(r.Context(), req.Group, m, pm.Attempt)
+			out := s.app.Deliver(r.Context(), group, bm.m, bm.attempt)
 			res[i] = peerResult{Outcome: out.Outcome.String(), RetryAfterMS: out.RetryAfter.Milliseconds(), Reason: out.Reason}
 		}()
 	}
 	wg.Wait()
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(deliverResponse{Results: res})
+}
+
+// batchMessage is one message of a delivery request as the peer reads it;
+// m is nil when it did not decode or is not of the request's topic.
+type batchMessage struct {
+	attempt int
+	m       *pubsub.Message
+}
+
+// decodeBatch reads a delivery request exactly as encode writes it, its
+// messages as pubsub.Marshal writes them (pubsub.UnmarshalPrefix), in one
+// pass with no JSON scanning; ok is false for any other shape, which
+// encoding/json then reads. A message of another topic than the request's
+// comes back with a nil m.
+func decodeBatch(b []byte) (group string, msgs []batchMessage, ok bool) {
+	d := batchDecoder{b: b}
+	if !d.lit(`{"topic":"`) {
+		return "", nil, false
+	}
+	topic, ok1 := d.until('"')
+	if !d.lit(`,"group":"`) {
+		return "", nil, false
+	}
+	group, ok2 := d.until('"')
+	if !ok1 || !ok2 || !d.lit(`,"messages":[`) {
+		return "", nil, false
+	}
+	for !d.lit("]}") {
+		if len(msgs) > 0 && !d.lit(",") {
+			return "", nil, false
+		}
+		if !d.lit(`{"attempt":`) {
+			return "", nil, false
+		}
+		n, ok := d.int()
+		if !ok || !d.lit(`,"message":`) {
+			return "", nil, false
+		}
+		m, rest, ok := pubsub.UnmarshalPrefix(d.b)
+		if !ok {
+			return "", nil, false
+		}
+		d.b = rest
+		if !d.lit("}") {
+			return "", nil, false
+		}
+		if m.Topic != topic {
+			m = nil
+		}
+		msgs = append(msgs, batchMessage{attempt: n, m: m})
+	}
+	if len(d.b) != 0 {
+		return "", nil, false
+	}
+	return group, msgs, true
+}
+
+type batchDecoder struct{ b []byte }
+
+func (d *batchDecoder) lit(s string) bool {
+	if len(d.b) >= len(s) && string(d.b[:len(s)]) == s {
+		d.b = d.b[len(s):]
+		return true
+	}
+	return false
+}
+
+// until returns the bytes before the next c (a closing quote), which must
+// be plain: printable ASCII without a backslash, as topics and groups are.
+func (d *batchDecoder) until(c byte) (string, bool) {
+	for i, x := range d.b {
+		switch {
+		case x == c:
+			s := string(d.b[:i])
+			d.b = d.b[i+1:]
+			return s, true
+		case x < 0x20 || x >= 0x7f || x == '\\':
+			return "", false
+		}
+	}
+	return "", false
+}
+
+// int reads a positive decimal of at most 9 digits without a leading zero.
+func (d *batchDecoder) int() (int, bool) {
+	n, i := 0, 0
+	for ; i < len(d.b) && i < 10 && d.b[i] >= '0' && d.b[i] <= '9'; i++ {
+		n = n*10 + int(d.b[i]-'0')
+	}
+	if i == 0 || i > 9 || d.b[0] == '0' {
+		return 0, false
+	}
+	d.b = d.b[i:]
+	return n, true
 }
 
 // encode is json.Marshal(r) without re-validating each message, which the

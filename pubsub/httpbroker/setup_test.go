@@ -3,6 +3,7 @@ package httpbroker
 import (
 	"context"
 	"encoding/json"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/internal/h1"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
@@ -61,8 +64,8 @@ func (f *fakeKV) Put(p *api.KVPair, q *api.WriteOptions) (*api.WriteMeta, error)
 type rig struct {
 	store *store.Store
 	disp  *Dispatcher
-	api   *httptest.Server // the publish API
-	peer  *httptest.Server
+	api   *engineServer // the publish API
+	peer  *engineServer
 	cache *discovery.Cache
 	ctx   context.Context
 	stop  context.CancelFunc
@@ -97,7 +100,7 @@ func newRigSub(tb testing.TB, dir string, handler http.Handler, noSync, reachabl
 	}
 	sub := pubsub.Subscription{Topic: "orders", Group: "billing", Route: "/orders", ContentMode: "structured", MaxInFlight: maxInFlight, Timeout: timeout}
 	pa := pubsub.NewApp(strings.TrimPrefix(app.URL, "http://"), []pubsub.Subscription{sub}, nil, nil, zap.NewNop())
-	peer := httptest.NewServer(NewServer(pa, zap.NewNop()))
+	peer := newEngineServer(tb, NewServer(pa, zap.NewNop()))
 	peerAddr := strings.TrimPrefix(peer.URL, "http://")
 	if !reachable {
 		peerAddr = "127.0.0.1:1"
@@ -117,7 +120,7 @@ func newRigSub(tb testing.TB, dir string, handler http.Handler, noSync, reachabl
 		tb.Fatal(err)
 	}
 	r := &rig{store: st, disp: d, peer: peer, cache: cache, done: make(chan struct{})}
-	r.api = httptest.NewServer(pubsub.NewAPI(d, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop()))
+	r.api = newEngineServer(tb, pubsub.NewAPI(d, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop()))
 	r.ctx, r.stop = context.WithCancel(context.Background())
 	go func() { defer close(r.done); d.Run(r.ctx) }()
 	<-d.Registry().Synced()
@@ -132,6 +135,55 @@ func (r *rig) close() {
 	r.peer.Close()
 	r.cache.Close()
 	_ = r.store.Close()
+}
+
+// engineServer serves a handler on loopback through the sidecar's own
+// HTTP/1.1 engine (internal/h1), as the sidecar serves pubsub.listen and
+// pubsub.http.listen (cmd/sidecar's bind), so that benchmarks measure the
+// server the sidecar runs rather than net/http's.
+type engineServer struct {
+	URL    string
+	ln     net.Listener
+	srv    *h1.Server
+	cancel context.CancelFunc
+	conns  sync.WaitGroup
+	served chan struct{}
+	once   sync.Once
+}
+
+func newEngineServer(tb testing.TB, h http.Handler) *engineServer {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &engineServer{URL: "http://" + ln.Addr().String(), ln: ln, cancel: cancel, served: make(chan struct{}),
+		srv: h1.NewServer(ctx, h, h1.Options{ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}, zap.NewNop())}
+	go func() {
+		defer close(s.served)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s.conns.Go(func() { s.srv.ServeConn(rawio.Wrap(c), nil) })
+		}
+	}()
+	tb.Cleanup(s.Close)
+	return s
+}
+
+// Close stops accepting, closes every connection and waits for their
+// goroutines. It may be called more than once.
+func (s *engineServer) Close() {
+	s.once.Do(func() {
+		s.ln.Close()
+		<-s.served
+		s.srv.Close()
+		s.conns.Wait()
+		s.cancel()
+	})
 }
 
 func waitFor(tb testing.TB, within time.Duration, what string, cond func() bool) {

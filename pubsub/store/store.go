@@ -20,6 +20,7 @@
 package store
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -171,6 +172,10 @@ type dedupExp struct {
 	exp int64
 	key string
 }
+
+// opPool recycles ops and their done channels (buffered, and empty when
+// an op goes back): two allocations less per write.
+var opPool = sync.Pool{New: func() any { return &op{done: make(chan error, 1)} }}
 
 type op struct {
 	updates []Update
@@ -442,10 +447,12 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 			return nil, fmt.Errorf("message of %d bytes is over the store's %d", len(e.Body), maxRecord)
 		}
 	}
-	o := &op{updates: updates, entries: entries, out: make([]Appended, len(entries)), done: make(chan error, 1)}
+	o := opPool.Get().(*op)
+	*o = op{updates: updates, entries: entries, out: make([]Appended, len(entries)), done: o.done}
 	select {
 	case s.ops <- o:
 	case <-s.quit:
+		opPool.Put(o) // never sent: nothing else holds it
 		return nil, ErrClosed
 	}
 	var err error
@@ -460,12 +467,17 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 		}
 	}
 	if err != nil {
-		return nil, err
+		return nil, err // o is not reused: the committer may not be done with it
 	}
 	// Counted here, once durable, just before the caller learns of it (as
 	// the caller's own bookkeeping follows).
 	s.pending.Add(o.delta)
-	return o.out, nil
+	out := o.out
+	// The committer answered o and will not touch it again; the caller
+	// keeps out, which the next use of o does not share.
+	*o = op{done: o.done}
+	opPool.Put(o)
+	return out, nil
 }
 
 // Get returns the topic and body of message seq, read from the log; ok is
@@ -485,6 +497,66 @@ func (s *Store) Get(seq uint64) (topic string, body []byte, ok bool, err error) 
 		return "", nil, false, fmt.Errorf("read message %d: %w", seq, err)
 	}
 	return s.topics[m.topic], body, true, nil
+}
+
+// Bounds of one read of GetMany: bodies further apart than maxReadGap (the
+// records between them are not pending) or a span past maxReadSpan are
+// read separately.
+const (
+	maxReadGap  = 4 << 10
+	maxReadSpan = 1 << 20
+)
+
+// GetMany returns the bodies of messages seqs, in their order, as Get
+// would one by one; a message not in the store has a nil body. Bodies that
+// lie close together in the log (a batch of messages published one after
+// the other) are read with one pread, and share its buffer: a caller must
+// not append to them. An error fails the whole call.
+func (s *Store) GetMany(seqs []uint64) ([][]byte, error) {
+	type loc struct {
+		i int
+		m msg
+	}
+	bodies := make([][]byte, len(seqs))
+	locs := make([]loc, 0, len(seqs))
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for i, seq := range seqs {
+		if m, ok := s.msgs[seq]; ok {
+			if m.seg.f == nil {
+				return nil, ErrClosed
+			}
+			locs = append(locs, loc{i, m})
+		}
+	}
+	slices.SortFunc(locs, func(a, b loc) int {
+		if a.m.seg != b.m.seg {
+			return cmp.Compare(a.m.seg.id, b.m.seg.id)
+		}
+		return cmp.Compare(a.m.off, b.m.off)
+	})
+	for j := 0; j < len(locs); {
+		first := locs[j].m
+		start, end := first.off, first.off+int64(first.n)
+		k := j + 1
+		for ; k < len(locs); k++ {
+			m := locs[k].m
+			if m.seg != first.seg || m.off < end || m.off-end > maxReadGap || m.off+int64(m.n)-start > maxReadSpan {
+				break
+			}
+			end = m.off + int64(m.n)
+		}
+		buf := make([]byte, end-start)
+		if _, err := first.seg.f.ReadAt(buf, start); err != nil {
+			return nil, fmt.Errorf("read messages %d…: %w", seqs[locs[j].i], err)
+		}
+		for _, l := range locs[j:k] {
+			off := l.m.off - start
+			bodies[l.i] = buf[off : off+int64(l.m.n) : off+int64(l.m.n)]
+		}
+		j = k
+	}
+	return bodies, nil
 }
 
 // GroupState is the stored delivery state of one message for one group.
