@@ -51,3 +51,19 @@ func (m *Metrics) accepted(kind string) {
 		m.inbound.WithLabelValues(kind).Inc()
 	}
 }
+
+// RefusedCounter is the counter of refused peers for side and reason.
+func (m *Metrics) RefusedCounter(side, reason string) prometheus.Counter {
+	return m.refusedPeers.WithLabelValues(side, reason)
+}
+
+// AuthorizeCounter is the counter of authorizations of caller with result
+// (allowed or denied).
+func (m *Metrics) AuthorizeCounter(caller, result string) prometheus.Counter {
+	return m.authz.WithLabelValues(caller, result)
+}
+
+// InboundCounter is the counter of inbound connections of kind.
+func (m *Metrics) InboundCounter(kind string) prometheus.Counter {
+	return m.inbound.WithLabelValues(kind)
+}
