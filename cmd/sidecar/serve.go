@@ -79,6 +79,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	if registrar != nil {
 		sections["service"] = func() any { return registrar.Status() }
 	}
+
 	// service.run: the supervisor holds the check critical until the app
 	// has started; it must exist before the registrar runs.
 	var app *supervisor.App
@@ -148,6 +149,21 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	if ps != nil {
 		servers = append(servers, ps.servers...)
 	}
+	// service.inbound: bound here, after the proxy's listeners that reloads
+	// manage; served and shut down with the admin listener.
+	mr, err := newMesh(cfg, consul, reg, log)
+	if err != nil {
+		closeAll(servers)
+		if ps != nil {
+			ps.stop()
+		}
+		return err
+	}
+	defer mr.stop()
+	if mr != nil {
+		servers = append(servers, mr.server)
+		sections["mesh"] = mr.status // read by /status from the admin handler, not serving yet
+	}
 
 	var wg sync.WaitGroup
 	errs := make(chan error, 1)
@@ -172,7 +188,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
 	if registrar != nil {
-		go func() { defer close(hbDone); registrar.Run(hbCtx) }()
+		go func() { defer close(hbDone); mr.waitReady(hbCtx); registrar.Run(hbCtx) }()
 	} else {
 		close(hbDone)
 	}
@@ -213,6 +229,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	stopHUP()
 	<-hupDone
 	servers = append(rl.close(), adminSrv) // as the last reload left them
+	if mr != nil {
+		servers = append(servers, mr.server)
+	}
 	if ps != nil {
 		servers = append(servers, ps.servers...)
 	}
@@ -331,8 +350,12 @@ func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbe
 	} else {
 		probe = heartbeat.TCPProbe(s.ProbeAddr(), s.Check.Timeout)
 	}
+	port := s.Port
+	if s.Inbound != nil {
+		port = s.Inbound.Port() // peers dial the inbound listener
+	}
 	return heartbeat.NewRegistrar(agent, heartbeat.Service{
-		ID: s.ID, Name: s.Name, Address: s.Address, Port: s.Port,
+		ID: s.ID, Name: s.Name, Address: s.Address, Port: port,
 		Tags: s.Tags, Meta: s.Meta, Weight: s.Weight,
 	}, probe, heartbeat.Options{
 		Interval:                s.Check.Interval,
