@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -13,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/mesh"
 )
 
@@ -33,7 +36,7 @@ type meshRuntime struct {
 // newMesh binds service.inbound.listen and starts following the identity;
 // nil when the config has no inbound listener. stop ends the identity's
 // watches.
-func newMesh(cfg *config.Config, consul *api.Client, reg prometheus.Registerer, log *zap.Logger) (*meshRuntime, error) {
+func newMesh(cfg *config.Config, consul *api.Client, reg prometheus.Registerer, gate *meshGate, log *zap.Logger) (*meshRuntime, error) {
 	s := cfg.Service
 	if s == nil || s.Inbound == nil {
 		return nil, nil
@@ -46,6 +49,7 @@ func newMesh(cfg *config.Config, consul *api.Client, reg prometheus.Registerer, 
 		m.id = mesh.NewIdentity(consul.Agent(), s.Name, mesh.Options{Metrics: metrics}, log)
 		m.authz = mesh.NewAuthorizer(consul.Agent(), s.Name, mesh.AuthorizerOptions{Metrics: metrics}, log)
 		opts.Identity, opts.Authorizer = m.id, m.authz
+		gate.id.Store(m.id)
 	}
 	in, err := mesh.NewInbound(opts, log)
 	if err != nil {
@@ -68,17 +72,34 @@ func newMesh(cfg *config.Config, consul *api.Client, reg prometheus.Registerer, 
 	return m, nil
 }
 
-// waitReady returns once the identity has its leaf and roots (at once with
-// mtls off, or a nil m), or ctx is done: the instance is registered only
-// once its listener can complete a handshake.
-func (m *meshRuntime) waitReady(ctx context.Context) {
-	if m == nil || m.id == nil {
-		return
+// meshGate holds the TTL check critical, with security.mtls on, until the
+// identity has its leaf certificate and the roots: peers are sent to the
+// inbound listener only once it can complete a handshake.
+type meshGate struct {
+	on bool
+	id atomic.Pointer[mesh.Identity] // set by newMesh
+}
+
+// errMeshNotReady is the check's output while the gate is shut.
+var errMeshNotReady = errors.New("waiting for the mesh leaf certificate and ca roots from consul")
+
+// wrap returns probe gated: with mtls off, probe itself.
+func (g *meshGate) wrap(probe heartbeat.Prober) heartbeat.Prober {
+	if !g.on {
+		return probe
 	}
-	select {
-	case <-m.id.Ready():
-	case <-ctx.Done():
-	}
+	return heartbeat.ProberFunc(func(ctx context.Context) (string, error) {
+		id := g.id.Load()
+		if id == nil {
+			return "", errMeshNotReady
+		}
+		select {
+		case <-id.Ready():
+		default:
+			return "", errMeshNotReady
+		}
+		return probe.Probe(ctx)
+	})
 }
 
 // stop ends the identity's watches; nil-safe.

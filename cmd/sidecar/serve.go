@@ -68,8 +68,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 
 	var registrar *heartbeat.Registrar
+	gate := &meshGate{on: cfg.Security.MTLS != config.MTLSOff}
 	if s := cfg.Service; s != nil {
-		registrar = newRegistrar(s, consul.Agent(), log.Named("heartbeat"))
+		registrar = newRegistrar(s, consul.Agent(), gate, log.Named("heartbeat"))
 	}
 
 	sections := map[string]func() any{
@@ -79,7 +80,6 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	if registrar != nil {
 		sections["service"] = func() any { return registrar.Status() }
 	}
-
 	// service.run: the supervisor holds the check critical until the app
 	// has started; it must exist before the registrar runs.
 	var app *supervisor.App
@@ -151,7 +151,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 	// service.inbound: bound here, after the proxy's listeners that reloads
 	// manage; served and shut down with the admin listener.
-	mr, err := newMesh(cfg, consul, reg, log)
+	mr, err := newMesh(cfg, consul, reg, gate, log)
 	if err != nil {
 		closeAll(servers)
 		if ps != nil {
@@ -188,7 +188,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	hbCtx, stopHeartbeat := context.WithCancel(context.Background())
 	hbDone := make(chan struct{})
 	if registrar != nil {
-		go func() { defer close(hbDone); mr.waitReady(hbCtx); registrar.Run(hbCtx) }()
+		go func() { defer close(hbDone); registrar.Run(hbCtx) }()
 	} else {
 		close(hbDone)
 	}
@@ -343,13 +343,14 @@ func upstreamKey(cfg *config.Config, u config.Upstream) string {
 	return discovery.FailoverKey(u.Name, dc, u.Failover, u.Tags)
 }
 
-func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
+func newRegistrar(s *config.Service, agent *api.Agent, gate *meshGate, log *zap.Logger) *heartbeat.Registrar {
 	var probe heartbeat.Prober
 	if s.Check.HTTP != "" {
 		probe = heartbeat.HTTPProbe(s.Check.HTTP, s.Check.Timeout)
 	} else {
 		probe = heartbeat.TCPProbe(s.ProbeAddr(), s.Check.Timeout)
 	}
+	probe = gate.wrap(probe)
 	port := s.Port
 	if s.Inbound != nil {
 		port = s.Inbound.Port() // peers dial the inbound listener
