@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -259,6 +260,31 @@ func verifyChain(cs tls.ConnectionState, r *roots, usage x509.ExtKeyUsage) (Serv
 // current roots. The caller's identity is then read with CallerID. The
 // config is built once; rotation needs no rebuild.
 func (i *Identity) ServerTLS() *tls.Config {
+	base := i.serverTLS()
+	h1, h2 := base.Clone(), base.Clone()
+	h1.NextProtos, h2.NextProtos = []string{"http/1.1"}, []string{"h2"}
+	// The bytes are relayed to the app, so the ALPN answer is the
+	// caller's: the one protocol it offers (h2 from gRPC clients and
+	// outbound sidecars of http2 and grpc upstreams), else http/1.1 when
+	// offered, which every HTTP app speaks, else its first.
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		protos := hello.SupportedProtos
+		switch {
+		case len(protos) == 0:
+			return nil, nil
+		case len(protos) > 1 && slices.Contains(protos, "http/1.1"), protos[0] == "http/1.1":
+			return h1, nil
+		case protos[0] == "h2":
+			return h2, nil
+		}
+		c := i.serverTLS()
+		c.NextProtos = protos[:1]
+		return c, nil
+	}
+	return base
+}
+
+func (i *Identity) serverTLS() *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		ClientAuth: tls.RequireAnyClientCert, // verified below against the current roots
