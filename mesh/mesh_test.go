@@ -14,7 +14,6 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
-	"golang.org/x/net/http2"
 )
 
 func testLogger(t *testing.T) *zap.Logger { return zaptest.NewLogger(t) }
@@ -217,7 +216,9 @@ func TestInboundDeny(t *testing.T) {
 	}()
 	url := "https://" + ln.Addr().String() + "/"
 	h1 := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{TLSClientConfig: web.ClientTLS("billing")}}
-	h2 := &http.Client{Timeout: 3 * time.Second, Transport: &http2.Transport{TLSClientConfig: web.ClientTLS("billing", "h2")}}
+	h2tr := &http.Transport{TLSClientConfig: web.ClientTLS("billing", "h2"), Protocols: new(http.Protocols)}
+	h2tr.Protocols.SetHTTP2(true)
+	h2 := &http.Client{Timeout: 3 * time.Second, Transport: h2tr}
 	defer h1.CloseIdleConnections()
 	defer h2.CloseIdleConnections()
 
