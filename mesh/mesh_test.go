@@ -14,6 +14,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
 func testLogger(t *testing.T) *zap.Logger { return zaptest.NewLogger(t) }
@@ -30,6 +32,8 @@ func TestParseServiceID(t *testing.T) {
 		{"https://td.consul/ns/default/dc/dc1/svc/web", ServiceID{}, false},
 		{"spiffe://td.consul/ns/default/dc/dc1/svc/", ServiceID{}, false},
 		{"spiffe:///ns/default/dc/dc1/svc/web", ServiceID{}, false},
+		{"spiffe://td/ap/default/ns/n/dc/dc1/svc/web", ServiceID{"td", "", "n", "dc1", "web"}, true},
+		{"spiffe://td/ns/n/dc/dc1/svc/a%3Fb", ServiceID{}, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.uri, func(t *testing.T) {
@@ -37,7 +41,7 @@ func TestParseServiceID(t *testing.T) {
 			if (err == nil) != tc.ok || got != tc.want {
 				t.Fatalf("ParseServiceID() = %+v, %v; want %+v, ok %t", got, err, tc.want, tc.ok)
 			}
-			if tc.ok && tc.want.Partition == "" && got.URI() != tc.uri {
+			if tc.ok && !strings.Contains(tc.uri, "/ap/") && got.URI() != tc.uri {
 				t.Errorf("URI() = %q, want %q", got.URI(), tc.uri)
 			}
 		})
@@ -47,6 +51,7 @@ func TestParseServiceID(t *testing.T) {
 // TestIdentityRotation: a new leaf and a new root set apply to the next
 // handshake, while a connection made before goes on.
 func TestIdentityRotation(t *testing.T) {
+	leakcheck.Check(t)
 	ca1 := newTestCA(t, "ca1")
 	billingAgent := newFakeAgent(ca1.leaf(t, "billing"), ca1)
 	webAgent := newFakeAgent(ca1.leaf(t, "web"), ca1)
@@ -176,6 +181,7 @@ func TestAuthorizerCache(t *testing.T) {
 // PERMISSION_DENIED status over gRPC, and a closed connection otherwise;
 // an allowed one reaches the app.
 func TestInboundDeny(t *testing.T) {
+	leakcheck.Check(t)
 	ca := newTestCA(t, "ca")
 	agent := newFakeAgent(ca.leaf(t, "billing"), ca)
 	billing := runIdentity(t, agent, "billing")
@@ -271,4 +277,22 @@ func TestInboundDeny(t *testing.T) {
 	if n, err := bufio.NewReader(c).ReadByte(); err == nil {
 		t.Errorf("tcp denied: read %q, want the connection closed", n)
 	}
+}
+
+// FuzzParseServiceID: any string either fails or parses to an identity
+// whose URI parses back to the same identity.
+func FuzzParseServiceID(f *testing.F) {
+	f.Add("spiffe://td.consul/ns/default/dc/dc1/svc/web")
+	f.Add("spiffe://td.consul/ap/p/ns/default/dc/dc1/svc/web")
+	f.Add("spiffe://td/ns//dc/dc1/svc/web")
+	f.Fuzz(func(t *testing.T, uri string) {
+		id, err := ParseServiceID(uri)
+		if err != nil {
+			return
+		}
+		back, err := ParseServiceID(id.URI())
+		if err != nil || back != id {
+			t.Fatalf("ParseServiceID(%q) = %+v; its URI %q parses to %+v, %v", uri, id, id.URI(), back, err)
+		}
+	})
 }

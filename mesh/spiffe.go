@@ -39,10 +39,14 @@ func ParseServiceID(uri string) (ServiceID, error) {
 	}
 	parts := strings.Split(strings.TrimPrefix(u.Path, "/"), "/")
 	id := ServiceID{TrustDomain: strings.ToLower(u.Host)}
-	if len(parts) == 8 && parts[0] == "ap" {
+	if len(parts) == 8 && parts[0] == "ap" && validSegment(parts[1]) {
 		id.Partition, parts = parts[1], parts[2:]
+		if id.Partition == "default" {
+			id.Partition = "" // Consul leaves the default partition out
+		}
 	}
-	if len(parts) != 6 || parts[0] != "ns" || parts[2] != "dc" || parts[4] != "svc" || parts[1] == "" || parts[3] == "" || parts[5] == "" {
+	if len(parts) != 6 || parts[0] != "ns" || parts[2] != "dc" || parts[4] != "svc" ||
+		!validSegment(parts[1]) || !validSegment(parts[3]) || !validSegment(parts[5]) || !validSegment(u.Host) {
 		return ServiceID{}, fmt.Errorf("%q: %w", uri, ErrNotServiceID)
 	}
 	id.Namespace, id.Datacenter, id.Service = parts[1], parts[3], parts[5]
@@ -61,4 +65,18 @@ func peerID(cert *x509.Certificate) (ServiceID, string, error) {
 		}
 	}
 	return ServiceID{}, "", fmt.Errorf("peer certificate %s: %w", cert.Subject, ErrNotServiceID)
+}
+
+// validSegment reports whether s is a name as Consul allows in an
+// identity: letters, digits, '-', '_' and '.'.
+func validSegment(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
 }
