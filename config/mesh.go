@@ -111,3 +111,23 @@ func (p *parser) validateMesh(c *Config) {
 		}
 	}
 }
+
+// runningMTLSMeta returns next with the sidecar-mtls meta of running: a
+// reload applies service.meta live, but security.mtls needs a restart, so
+// the registration must keep advertising the mode that runs.
+func runningMTLSMeta(next, running map[string]string) map[string]string {
+	rv, rok := running[MTLSMetaKey]
+	nv, nok := next[MTLSMetaKey]
+	if rok == nok && rv == nv {
+		return next
+	}
+	out := make(map[string]string, len(next)+1)
+	for k, v := range next {
+		out[k] = v
+	}
+	delete(out, MTLSMetaKey)
+	if rok {
+		out[MTLSMetaKey] = rv
+	}
+	return out
+}

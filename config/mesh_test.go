@@ -2,6 +2,8 @@ package config
 
 import (
 	"errors"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -102,5 +104,38 @@ func TestMeshDefaults(t *testing.T) {
 	}
 	if c.Service.Meta[MTLSMetaKey] != "strict" || c.Service.Meta["a"] != "b" {
 		t.Errorf("meta = %v, want sidecar-mtls strict beside a: b", c.Service.Meta)
+	}
+}
+
+// TestMeshReload: security.mtls needs a restart, so a reload that changes
+// it keeps registering the running mode, while other meta applies live.
+func TestMeshReload(t *testing.T) {
+	load := func(mode, zone string) *Config {
+		t.Helper()
+		c, err := ParseEnv([]byte("service: {name: web, port: 9001, meta: {zone: "+zone+"}, inbound: {listen: '0.0.0.0:21000'}}\nsecurity: {mtls: "+mode+"}\n"), "config.yaml", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	tests := []struct {
+		name, from, to string
+		want           map[string]string
+	}{
+		{"strict to permissive", "strict", "permissive", map[string]string{"zone": "b", MTLSMetaKey: "strict"}},
+		{"strict to off", "strict", "off", map[string]string{"zone": "b", MTLSMetaKey: "strict"}},
+		{"off to strict", "off", "strict", map[string]string{"zone": "b"}},
+		{"unchanged", "permissive", "permissive", map[string]string{"zone": "b", MTLSMetaKey: "permissive"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := NewReload(load(tc.from, "a"), load(tc.to, "b"))
+			if got := r.Effective.Service.Meta; !maps.Equal(got, tc.want) {
+				t.Errorf("Effective meta = %v, want %v", got, tc.want)
+			}
+			if tc.from != tc.to && !slices.Contains(r.Restart, "security.mtls") {
+				t.Errorf("Restart = %v, want security.mtls", r.Restart)
+			}
+		})
 	}
 }
