@@ -388,3 +388,14 @@ func (p *prefixConn) CloseWrite() error {
 	}
 	return nil
 }
+
+// NodeMTLS reports whether a node with service meta meta serves an inbound
+// listener with mTLS (strict or permissive), so that an outbound sidecar
+// dials it with ClientTLS.
+func NodeMTLS(meta map[string]string) bool {
+	switch meta[MetaKey] {
+	case ModeStrict, ModePermissive:
+		return true
+	}
+	return false
+}

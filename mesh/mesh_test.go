@@ -296,3 +296,21 @@ func FuzzParseServiceID(f *testing.F) {
 		}
 	})
 }
+
+func TestNodeMTLS(t *testing.T) {
+	tests := []struct {
+		meta map[string]string
+		want bool
+	}{
+		{nil, false},
+		{map[string]string{MetaKey: "strict"}, true},
+		{map[string]string{MetaKey: "permissive"}, true},
+		{map[string]string{MetaKey: "off"}, false},
+		{map[string]string{"zone": "a"}, false},
+	}
+	for _, tc := range tests {
+		if got := NodeMTLS(tc.meta); got != tc.want {
+			t.Errorf("NodeMTLS(%v) = %t, want %t", tc.meta, got, tc.want)
+		}
+	}
+}
