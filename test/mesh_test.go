@@ -21,6 +21,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap/zaptest"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	"github.com/sidecarlb/sidecar/mesh"
 	"github.com/sidecarlb/sidecar/test/consulagent"
@@ -54,8 +60,9 @@ type meshNode struct {
 }
 
 // startMeshNode follows service's identity from the agent and, when mode
-// is not "", serves an inbound listener in that mode in front of a new app.
-func startMeshNode(t *testing.T, client *api.Client, service, mode string) *meshNode {
+// is not "", serves an inbound listener in that mode in front of app, or
+// of a new meshApp when app is not given.
+func startMeshNode(t *testing.T, client *api.Client, service, mode string, app ...string) *meshNode {
 	t.Helper()
 	log := zaptest.NewLogger(t).Named(service)
 	n := &meshNode{reg: prometheus.NewRegistry()}
@@ -74,7 +81,10 @@ func startMeshNode(t *testing.T, client *api.Client, service, mode string) *mesh
 		return n
 	}
 	n.authz = mesh.NewAuthorizer(client.Agent(), service, mesh.AuthorizerOptions{TTL: time.Second, Metrics: n.metrics}, log)
-	in, err := mesh.NewInbound(mesh.InboundOptions{Mode: mode, App: meshApp(t, service), Identity: n.id, Authorizer: n.authz, Metrics: n.metrics}, log)
+	if len(app) == 0 {
+		app = append(app, meshApp(t, service))
+	}
+	in, err := mesh.NewInbound(mesh.InboundOptions{Mode: mode, App: app[0], Identity: n.id, Authorizer: n.authz, Metrics: n.metrics}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -348,4 +358,47 @@ func TestMeshRotation(t *testing.T) {
 	if st := billing.id.Status(); st.ActiveRoot == before.ActiveRoot || st.Roots < 2 {
 		t.Errorf("billing roots after rotation = %+v, want a new active root beside the old", st)
 	}
+}
+
+// TestMeshGRPC: a grpc-go client with web's leaf calls a gRPC server
+// behind billing's strict inbound listener (h2 by ALPN, relayed to the
+// server's h2c); denied, the call fails with PERMISSION_DENIED.
+func TestMeshGRPC(t *testing.T) {
+	agent := consulagent.Start(t, consulagent.Options{})
+	client := agent.Client()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+	billing := startMeshNode(t, client, "billing", mesh.ModeStrict, ln.Addr().String())
+	web := startMeshNode(t, client, "web", "")
+
+	conn, err := grpc.NewClient(billing.addr, grpc.WithTransportCredentials(credentials.NewTLS(web.id.ClientTLS("billing", "h2"))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	hc := healthpb.NewHealthClient(conn)
+	check := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_, err := hc.Check(ctx, &healthpb.HealthCheckRequest{})
+		return err
+	}
+	if err := check(); err != nil {
+		t.Fatalf("Check over mTLS: %v", err)
+	}
+	setIntention(t, client, "web", "billing", "deny")
+	var last error
+	took := consulagent.WaitFor(t, 5*time.Second, "PERMISSION_DENIED", func() bool {
+		last = check()
+		return status.Code(last) == codes.PermissionDenied
+	})
+	t.Logf("gRPC denied %v after the write: %v", took, last)
+	setIntention(t, client, "web", "billing", "allow")
+	consulagent.WaitFor(t, 5*time.Second, "allowed again", func() bool { return check() == nil })
 }
