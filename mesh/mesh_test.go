@@ -2,12 +2,14 @@ package mesh
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -311,6 +313,81 @@ func TestNodeMTLS(t *testing.T) {
 	for _, tc := range tests {
 		if got := NodeMTLS(tc.meta); got != tc.want {
 			t.Errorf("NodeMTLS(%v) = %t, want %t", tc.meta, got, tc.want)
+		}
+	}
+}
+
+// TestInboundRelayTCP: bytes pass both ways unchanged over mTLS and over
+// plaintext (permissive), and a half-close reaches the app, whose answer
+// still comes back.
+func TestInboundRelayTCP(t *testing.T) {
+	leakcheck.Check(t)
+	ca := newTestCA(t, "ca")
+	agent := newFakeAgent(ca.leaf(t, "billing"), ca)
+	agent.allow(webURI(), true)
+	billing := runIdentity(t, agent, "billing")
+	web := runIdentity(t, newFakeAgent(ca.leaf(t, "web"), ca), "web")
+	// The app reads to EOF, then answers with what it read, reversed.
+	appLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer appLn.Close()
+	go func() {
+		for {
+			c, err := appLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				b, _ := io.ReadAll(c)
+				slices.Reverse(b)
+				_, _ = c.Write(b)
+			}()
+		}
+	}()
+	in, err := NewInbound(InboundOptions{Mode: ModePermissive, App: appLn.Addr().String(), Identity: billing,
+		Authorizer: NewAuthorizer(agent, "billing", AuthorizerOptions{}, testLogger(t))}, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { defer close(served); _ = in.Serve(ln) }()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = in.Shutdown(ctx)
+		<-served
+	}()
+	payload := []byte(strings.Repeat("0123456789abcdef", 8192)) // 128 KiB
+	want := slices.Clone(payload)
+	slices.Reverse(want)
+	for _, mtls := range []bool{true, false} {
+		var c net.Conn
+		if mtls {
+			c, err = tls.Dial("tcp", ln.Addr().String(), web.ClientTLS("billing"))
+		} else {
+			c, err = net.Dial("tcp", ln.Addr().String())
+		}
+		if err != nil {
+			t.Fatalf("mtls %t: dial: %v", mtls, err)
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(payload); err != nil {
+			t.Fatalf("mtls %t: write: %v", mtls, err)
+		}
+		if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+			t.Fatalf("mtls %t: CloseWrite: %v", mtls, err)
+		}
+		got, err := io.ReadAll(c)
+		c.Close()
+		if err != nil || !bytes.Equal(got, want) {
+			t.Errorf("mtls %t: read %d bytes, %v; want the %d bytes reversed", mtls, len(got), err, len(want))
 		}
 	}
 }
