@@ -44,4 +44,16 @@
 // denied HTTP/1.1 caller is answered 403, a denied h2 caller gets 403 (or
 // grpc-status 7, PERMISSION_DENIED, for gRPC) on each stream, anything else
 // is closed.
+//
+// Since the bytes are relayed, the listener's ALPN answer is the caller's
+// own choice: the one protocol it offers (h2 from gRPC clients and from
+// outbound sidecars of http2 and grpc upstreams), else http/1.1 when it
+// offers that among others, which every HTTP app speaks. The app behind an
+// h2 caller must speak h2c.
+//
+// # Outbound
+//
+// An outbound sidecar dials a node whose meta says it serves mTLS
+// (NodeMTLS) with Identity.ClientTLS(service, "h2" for http2 and grpc),
+// built once per route: the handshake is paid once per pooled connection.
 package mesh
