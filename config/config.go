@@ -79,6 +79,8 @@ type Config struct {
 	PubSub PubSub `yaml:"pubsub"`
 	// Subscriptions are the topics the local app receives.
 	Subscriptions []Subscription `yaml:"subscriptions"`
+	// Security: mutual TLS with Consul's CA, and intentions.
+	Security Security `yaml:"security"`
 }
 
 // Service describes the local app and how the sidecar keeps its Consul
@@ -109,6 +111,9 @@ type Service struct {
 	// Run, if set, is the app the sidecar starts and supervises; nil when
 	// the app is started some other way.
 	Run *Run `yaml:"run"`
+	// Inbound, if set, is the listener peers dial in place of the app; nil
+	// (the default) registers the app's own port.
+	Inbound *Inbound `yaml:"inbound"`
 }
 
 // Check is the local health probe whose result feeds the TTL check.
@@ -332,8 +337,11 @@ const (
 )
 
 // ProbeAddr is the host:port the sidecar probes the app on: Address, or
-// loopback if Address is empty.
+// loopback if Address is empty; Inbound.App with an inbound listener.
 func (s *Service) ProbeAddr() string {
+	if s.Inbound != nil && s.Inbound.App != "" {
+		return s.Inbound.App
+	}
 	host := s.Address
 	if host == "" {
 		host = "127.0.0.1"
@@ -401,7 +409,8 @@ func defaults() *Config {
 			Resilience:     defaultResilience(),
 			MaxHeaderBytes: 60 << 10,
 		},
-		PubSub: defaultPubSub(),
+		PubSub:   defaultPubSub(),
+		Security: Security{MTLS: MTLSOff},
 	}
 }
 

@@ -117,8 +117,9 @@ func TestParseValid(t *testing.T) {
 						IdleTimeout: 10 * time.Minute, ResolveTimeout: 2 * time.Second,
 						MaxConnections: 4, Consistency: "stale", MaxStale: 10 * time.Second,
 					},
-					Proxy:  Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
-					PubSub: PubSub{Name: "pubsub", Broker: "http", MaxMessageBytes: "1MiB", MaxMessageBytesN: 1 << 20, NATS: defaultPubSubNATS()},
+					Proxy:    Proxy{Balancer: "round_robin", Timeouts: defaultTimeouts, Resilience: defaultResilience(), MaxHeaderBytes: 61440},
+					PubSub:   PubSub{Name: "pubsub", Broker: "http", MaxMessageBytes: "1MiB", MaxMessageBytesN: 1 << 20, NATS: defaultPubSubNATS()},
+					Security: Security{MTLS: "off"},
 				}
 				if !reflect.DeepEqual(c, want) {
 					t.Errorf("Parse(\"\") = %+v, want %+v", c, want)

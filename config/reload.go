@@ -68,6 +68,7 @@ func NewReload(running, next *Config) Reload {
 	if running.Service != nil && next.Service != nil {
 		s := *running.Service
 		s.Tags, s.Meta, s.Weight, s.Drain = next.Service.Tags, next.Service.Meta, next.Service.Weight, next.Service.Drain
+		s.Meta = runningMTLSMeta(s.Meta, running.Service.Meta)
 		eff.Service = &s
 	}
 

@@ -40,6 +40,7 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 	}
 
 	p.resolvePubSub(c)
+	p.resolveMesh(c)
 
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]

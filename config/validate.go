@@ -44,6 +44,7 @@ func (p *parser) validate(c *Config) {
 		p.validateUpstream(fmt.Sprintf("upstreams[%d]", i), &c.Upstreams[i], &c.Discovery)
 	}
 	p.validatePubSub(c)
+	p.validateMesh(c)
 	p.consulConnections(c)
 	p.listenConflicts(c)
 }
@@ -337,6 +338,9 @@ func (p *parser) listenConflicts(c *Config) {
 	add("proxy.listen", c.Proxy.Listen)
 	add("pubsub.listen", c.PubSub.Listen)
 	add("pubsub.http.listen", c.PubSub.HTTP.Listen)
+	if c.Service != nil && c.Service.Inbound != nil {
+		add("service.inbound.listen", c.Service.Inbound.Listen)
+	}
 	for i, u := range c.Upstreams {
 		add(fmt.Sprintf("upstreams[%d].listen", i), u.Listen)
 	}

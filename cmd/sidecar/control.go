@@ -297,6 +297,9 @@ func printStatus(w io.Writer, doc map[string]json.RawMessage) {
 	if raw, ok := doc["pubsub"]; ok {
 		printPubSub(w, raw)
 	}
+	if raw, ok := doc["mesh"]; ok {
+		printMesh(w, raw)
+	}
 }
 
 // printEndpoints prints a route's flags and each node's state, breaker,

@@ -68,8 +68,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 
 	var registrar *heartbeat.Registrar
+	gate := &meshGate{on: cfg.Security.MTLS != config.MTLSOff}
 	if s := cfg.Service; s != nil {
-		registrar = newRegistrar(s, consul.Agent(), log.Named("heartbeat"))
+		registrar = newRegistrar(s, consul.Agent(), gate, log.Named("heartbeat"))
 	}
 
 	sections := map[string]func() any{
@@ -146,6 +147,21 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	if ps != nil {
 		servers = append(servers, ps.servers...)
 	}
+	// service.inbound: bound here, after the proxy's listeners that reloads
+	// manage; served and shut down with the admin listener.
+	mr, err := newMesh(cfg, consul, reg, gate, log)
+	if err != nil {
+		closeAll(servers)
+		if ps != nil {
+			ps.stop()
+		}
+		return err
+	}
+	defer mr.stop()
+	if mr != nil {
+		servers = append(servers, mr.server)
+		sections["mesh"] = mr.status // read by /status from the admin handler, not serving yet
+	}
 
 	running := &serving{errs: make(chan error, 1)}
 	rl.start, rl.drain = running.start, &running.wg // before the admin listener takes POST /reload
@@ -183,6 +199,9 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	stopHUP()
 	<-hupDone
 	servers = append(rl.close(), adminSrv) // as the last reload left them
+	if mr != nil {
+		servers = append(servers, mr.server)
+	}
 	if ps != nil {
 		servers = append(servers, ps.servers...)
 	}
@@ -333,15 +352,20 @@ func upstreamKey(cfg *config.Config, u config.Upstream) string {
 	return discovery.FailoverKey(u.Name, dc, u.Failover, u.Tags)
 }
 
-func newRegistrar(s *config.Service, agent *api.Agent, log *zap.Logger) *heartbeat.Registrar {
+func newRegistrar(s *config.Service, agent *api.Agent, gate *meshGate, log *zap.Logger) *heartbeat.Registrar {
 	var probe heartbeat.Prober
 	if s.Check.HTTP != "" {
 		probe = heartbeat.HTTPProbe(s.Check.HTTP, s.Check.Timeout)
 	} else {
 		probe = heartbeat.TCPProbe(s.ProbeAddr(), s.Check.Timeout)
 	}
+	probe = gate.wrap(probe)
+	port := s.Port
+	if s.Inbound != nil {
+		port = s.Inbound.Port() // peers dial the inbound listener
+	}
 	return heartbeat.NewRegistrar(agent, heartbeat.Service{
-		ID: s.ID, Name: s.Name, Address: s.Address, Port: s.Port,
+		ID: s.ID, Name: s.Name, Address: s.Address, Port: port,
 		Tags: s.Tags, Meta: s.Meta, Weight: s.Weight,
 	}, probe, heartbeat.Options{
 		Interval:                s.Check.Interval,
