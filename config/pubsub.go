@@ -89,7 +89,17 @@ type Subscription struct {
 	Retry    RetryPolicy `yaml:"retry"`
 	// DeadLetterTopic defaults to "<topic>.dlq".
 	DeadLetterTopic string `yaml:"dead_letter_topic"`
+	// DeliverContentType application/json delivers protobuf payloads as
+	// JSON (protojson) when the event's dataschema names a message type of
+	// DescriptorSet; "" (the default) delivers the payload as published.
+	DeliverContentType string `yaml:"deliver_content_type"`
+	// DescriptorSet is a FileDescriptorSet file (protoc --include_imports
+	// --descriptor_set_out); required with deliver_content_type.
+	DescriptorSet string `yaml:"descriptor_set"`
 }
+
+// DeliverJSON is the one deliver_content_type there is besides "".
+const DeliverJSON = "application/json"
 
 // RetryPolicy says how often and how fast a failed delivery is retried.
 type RetryPolicy struct {
@@ -217,11 +227,33 @@ func (p *parser) validateSubscription(path string, s *Subscription, seen map[str
 	} else if s.DeadLetterTopic == s.Topic && s.Topic != "" {
 		p.errorf(path+".dead_letter_topic", "must differ from the topic %q", s.Topic)
 	}
+	p.checkDeliverContentType(path, s)
 	key := s.Topic + "\x00" + s.Group
 	if j, dup := seen[key]; dup {
 		p.errorf(path, "topic %q and group %q are already subscribed by subscriptions[%d]", s.Topic, s.Group, j)
 	} else {
 		seen[key] = i
+	}
+}
+
+// checkDeliverContentType checks a subscription's deliver_content_type
+// and the descriptor set it needs.
+func (p *parser) checkDeliverContentType(path string, s *Subscription) {
+	switch s.DeliverContentType {
+	case "":
+		if s.DescriptorSet != "" {
+			p.errorf(path+".descriptor_set", "is only used with deliver_content_type: %s", DeliverJSON)
+		}
+		return
+	case DeliverJSON:
+	default:
+		p.errorf(path+".deliver_content_type", "unknown %q (want %s, or leave it unset to deliver payloads as published)", s.DeliverContentType, DeliverJSON)
+		return
+	}
+	if s.DescriptorSet == "" {
+		p.errorf(path+".descriptor_set", "required with deliver_content_type: %s (the message types the payloads are)", DeliverJSON)
+	} else if err := checkDescriptorSet(s.DescriptorSet); err != nil {
+		p.errorf(path+".descriptor_set", "%v", err)
 	}
 }
 

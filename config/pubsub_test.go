@@ -102,6 +102,21 @@ func TestPubSubErrors(t *testing.T) {
 			},
 		},
 		{
+			name: "deliver_content_type",
+			yaml: pubsubBase + on + `subscriptions:
+  - {topic: a, route: /a, deliver_content_type: application/xml}
+  - {topic: b, route: /b, deliver_content_type: application/json}
+  - {topic: c, route: /c, deliver_content_type: application/json, descriptor_set: /nonexistent/set.pb}
+  - {topic: d, route: /d, descriptor_set: /nonexistent/set.pb}
+`,
+			want: []string{
+				`config.yaml: subscriptions[0].deliver_content_type: unknown "application/xml" (want application/json, or leave it unset to deliver payloads as published)`,
+				`config.yaml: subscriptions[1].descriptor_set: required with deliver_content_type: application/json (the message types the payloads are)`,
+				`config.yaml: subscriptions[2].descriptor_set: open /nonexistent/set.pb: no such file or directory`,
+				`config.yaml: subscriptions[3].descriptor_set: is only used with deliver_content_type: application/json`,
+			},
+		},
+		{
 			name: "listener conflict",
 			yaml: pubsubBase + "pubsub: {listen: 127.0.0.1:15100, data_dir: /x}",
 			want: []string{`config.yaml: pubsub.listen: 127.0.0.1:15100 conflicts with admin.listen (127.0.0.1:15100)`},

@@ -25,6 +25,9 @@ type Subscription struct {
 	ContentMode string // structured, binary or raw
 	MaxInFlight int
 	Timeout     time.Duration
+	// Convert, when set, turns each message into the form the app asked
+	// for (deliver_content_type) before it is sent.
+	Convert Converter
 }
 
 // App delivers messages to the local app: POST service.address:port+route,
@@ -172,6 +175,13 @@ func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int
 func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Result {
 	ctx, cancel := context.WithTimeout(ctx, s.Timeout)
 	defer cancel()
+	if s.Convert != nil {
+		c, err := s.Convert(m)
+		if err != nil {
+			a.log.Warn("payload delivered as published: it could not be converted", zap.String("topic", m.Topic), zap.String("id", m.ID), zap.Error(err))
+		}
+		m = c
+	}
 	var body []byte
 	ct := m.DataContentType
 	if s.ContentMode == "structured" {

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/descriptorpb"
+	"google.golang.org/protobuf/types/dynamicpb"
 )
 
 // File is a schema read once from a FileDescriptorSet file (protoc
@@ -75,4 +76,22 @@ func (f *File) Services(context.Context) ([]string, error) {
 		return true
 	})
 	return names, nil
+}
+
+// MessageJSON returns the JSON form (protojson) of data, a serialized
+// message of the type typeName (its full name) defined in the file.
+func (f *File) MessageJSON(typeName string, data []byte) ([]byte, error) {
+	d, err := f.files.FindDescriptorByName(protoreflect.FullName(typeName))
+	if err != nil {
+		return nil, fmt.Errorf("message type %s is not in the descriptor set", typeName)
+	}
+	md, ok := d.(protoreflect.MessageDescriptor)
+	if !ok {
+		return nil, fmt.Errorf("%s is not a message type", typeName)
+	}
+	msg := dynamicpb.NewMessage(md)
+	if err := proto.Unmarshal(data, msg); err != nil {
+		return nil, fmt.Errorf("payload is not a %s: %w", typeName, err)
+	}
+	return jsonOut.Marshal(msg)
 }

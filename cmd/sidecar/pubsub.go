@@ -20,6 +20,7 @@ import (
 	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
 	"github.com/sidecarlb/sidecar/pubsub/natsbroker"
 	"github.com/sidecarlb/sidecar/pubsub/store"
+	"github.com/sidecarlb/sidecar/transcode"
 )
 
 // pubsubRuntime is pub/sub wired up: the store, the publish API, the
@@ -133,7 +134,7 @@ func (rt *pubsubRuntime) setSubscriptions(subs []config.Subscription) {
 	records := make([]httpbroker.Record, 0, len(subs))
 	groups := map[string]bool{}
 	for _, sub := range subs {
-		appSubs = append(appSubs, pubsub.Subscription{Topic: sub.Topic, Group: sub.Group, Route: sub.Route, ContentMode: sub.ContentMode, MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout})
+		appSubs = append(appSubs, appSubscription(sub, rt.log))
 		records = append(records, httpbroker.Record{
 			Topic: sub.Topic, Group: sub.Group, Service: httpbroker.ServiceName(sub.Group), Delivery: sub.Delivery,
 			MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout, MaxAttempts: sub.Retry.MaxAttempts,
@@ -338,4 +339,20 @@ func (rt *pubsubRuntime) status() any {
 		return rt.nats.Status()
 	}
 	return rt.dispatcher.Status()
+}
+
+// appSubscription is the delivery side of a configured subscription. A
+// descriptor set that cannot be read now (config validation read it)
+// leaves payloads as published, and says so.
+func appSubscription(sub config.Subscription, log *zap.Logger) pubsub.Subscription {
+	s := pubsub.Subscription{Topic: sub.Topic, Group: sub.Group, Route: sub.Route, ContentMode: sub.ContentMode, MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout}
+	if sub.DeliverContentType == config.DeliverJSON {
+		f, err := transcode.LoadFile(sub.DescriptorSet)
+		if err != nil {
+			log.Error("payloads are delivered as published: the descriptor set cannot be read", zap.String("topic", sub.Topic), zap.String("group", sub.Group), zap.Error(err))
+			return s
+		}
+		s.Convert = pubsub.ProtoJSON(f.MessageJSON)
+	}
+	return s
 }

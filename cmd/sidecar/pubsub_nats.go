@@ -48,7 +48,7 @@ func newNATSPubSub(cfg *config.Config, reg prometheus.Registerer, appRegistrar *
 		healthy := func() bool { return appRegistrar.Status().CheckStatus == api.HealthPassing }
 		var appSubs []pubsub.Subscription
 		for _, sub := range cfg.Subscriptions {
-			appSubs = append(appSubs, pubsub.Subscription{Topic: sub.Topic, Group: sub.Group, Route: sub.Route, ContentMode: sub.ContentMode, MaxInFlight: sub.MaxInFlight, Timeout: sub.Timeout})
+			appSubs = append(appSubs, appSubscription(sub, log))
 			subs = append(subs, natsbroker.Subscription{
 				Topic: sub.Topic, Group: sub.Group, Broadcast: sub.Delivery == config.DeliveryBroadcast, MaxInFlight: sub.MaxInFlight,
 				Policy:     pubsub.Policy{MaxAttempts: sub.Retry.MaxAttempts, Backoff: sub.Retry.Backoff, MaxBackoff: sub.Retry.MaxBackoff},
