@@ -169,30 +169,7 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 	var msgs [][]byte
 	switch p {
 	case jsonRPC:
-		var req struct {
-			Method string            `json:"method"`
-			Params []json.RawMessage `json:"params"`
-			ID     json.RawMessage   `json:"id"`
-		}
-		if err := json.Unmarshal(body, &req); err != nil {
-			return c, Errorf(codes.InvalidArgument, "malformed JSON-RPC request: %v", err)
-		}
-		c.rpcID = req.ID
-		i := strings.LastIndexByte(req.Method, '.')
-		if i <= 0 || i == len(req.Method)-1 {
-			return c, Errorf(codes.InvalidArgument, `JSON-RPC method %q is not "Service.Method"`, req.Method)
-		}
-		if len(req.Params) != 1 {
-			return c, Errorf(codes.InvalidArgument, "JSON-RPC params must hold one message, not %d", len(req.Params))
-		}
-		service, method, msgs = req.Method[:i], req.Method[i+1:], [][]byte{req.Params[0]}
-		if !strings.Contains(service, ".") {
-			// go-micro's shape: the service without its package.
-			if service, err = t.schemas.FullName(ctx, service); err != nil {
-				return c, err
-			}
-		}
-		if err := c.resolve(ctx, t.schemas, service, method); err != nil {
+		if service, method, msgs, err = t.decodeJSONRPC(ctx, c, body); err != nil {
 			return c, err
 		}
 	case connectUnary:
@@ -213,6 +190,39 @@ func (t *Transcoder) Decode(ctx context.Context, r *http.Request) (*Call, error)
 		}
 	}
 	return c, err
+}
+
+// decodeJSONRPC reads a JSON-RPC 1.0 request body, go-micro's shape
+// ({"method":"Service.Method","params":[{…}],"id":N}), into c: its id and
+// method, and the one message of its params.
+func (t *Transcoder) decodeJSONRPC(ctx context.Context, c *Call, body []byte) (service, method string, msgs [][]byte, err error) {
+	var req struct {
+		Method string            `json:"method"`
+		Params []json.RawMessage `json:"params"`
+		ID     json.RawMessage   `json:"id"`
+	}
+	if err := json.Unmarshal(body, &req); err != nil {
+		return "", "", nil, Errorf(codes.InvalidArgument, "malformed JSON-RPC request: %v", err)
+	}
+	c.rpcID = req.ID
+	i := strings.LastIndexByte(req.Method, '.')
+	if i <= 0 || i == len(req.Method)-1 {
+		return "", "", nil, Errorf(codes.InvalidArgument, `JSON-RPC method %q is not "Service.Method"`, req.Method)
+	}
+	if len(req.Params) != 1 {
+		return "", "", nil, Errorf(codes.InvalidArgument, "JSON-RPC params must hold one message, not %d", len(req.Params))
+	}
+	service, method = req.Method[:i], req.Method[i+1:]
+	if !strings.Contains(service, ".") {
+		// go-micro's shape: the service without its package.
+		if service, err = t.schemas.FullName(ctx, service); err != nil {
+			return "", "", nil, err
+		}
+	}
+	if err := c.resolve(ctx, t.schemas, service, method); err != nil {
+		return "", "", nil, err
+	}
+	return service, method, [][]byte{req.Params[0]}, nil
 }
 
 // decodeGet reads a Connect unary GET: the message in the query, for a
