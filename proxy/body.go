@@ -265,3 +265,10 @@ func (b *body) giveUp() { b.state.Add(2) }
 
 // replayable reports whether a try that reached a node may be repeated.
 func (b *body) replayable() bool { return b.buf != nil || !b.handed() }
+
+// Replayable is replayable, for h1.Body.
+func (b *body) Replayable() bool { return b.replayable() }
+
+// Bytes returns the whole body when it is held in memory, else nil
+// (h1.Body).
+func (b *body) Bytes() []byte { return b.buf }

@@ -726,7 +726,7 @@ func validPseudoPath(path, method string) bool {
 	if path == "*" {
 		return method == http.MethodOptions
 	}
-	return path != "" && path[0] == '/' && visibleBytes(path)
+	return path != "" && path[0] == '/' && httpwire.Visible(path)
 }
 
 // closeIfIdle closes the connection once no stream has been open for the

@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/h1"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
@@ -219,51 +219,21 @@ func (l *nodeLimits) attach(c net.Conn) {
 	l.endConn()
 }
 
-// setLimits makes p's connections count against lim.
-func (p *h1Pool) setLimits(lim *nodeLimits) {
-	p.lim = lim
-	p.handoff = make(chan *h1Conn)
-}
+// The methods h1.Limits asks for, so that the HTTP/1.1 pool's connections
+// count against l; a nil l limits nothing.
 
-// connect returns a new connection to addr. At max_connections it waits,
-// as a pending request, for a slot (a connection closing) or for a
-// connection put back (handed over by put), up to the connect timeout. A
-// dial that fails gives its slot back.
-func (p *h1Pool) connect(ctx context.Context, addr string) (*h1Conn, error) {
-	if !p.lim.tryConn() {
-		// put hands a connection to a waiter, or closes it when none is
-		// ready to take it, which frees a slot; one put back before this
-		// request counted itself a waiter is idle, and take finds it.
-		p.mu.Lock()
-		p.waiters++
-		p.mu.Unlock()
-		pc := p.take(time.Now())
-		var err error
-		if pc == nil {
-			pc, err = waitConn(ctx, p.lim, p.dialer.Timeout, p.handoff)
-		}
-		p.mu.Lock()
-		p.waiters--
-		p.mu.Unlock()
-		if pc != nil || err != nil {
-			return pc, err
-		}
-	}
-	pc, err := p.dial(ctx, addr)
-	if err != nil {
-		p.lim.endConn()
-	}
-	return pc, err
-}
+// TryConn is tryConn.
+func (l *nodeLimits) TryConn() bool { return l.tryConn() }
 
-// handOver gives pc, put back, to a request waiting for a connection, or
-// closes it when none is ready to take it: its slot is then the waiter's.
-func (p *h1Pool) handOver(pc *h1Conn) {
-	select {
-	case p.handoff <- pc:
-	default:
-		pc.c.Close()
-	}
+// EndConn is endConn.
+func (l *nodeLimits) EndConn() { l.endConn() }
+
+// Attach is attach.
+func (l *nodeLimits) Attach(c net.Conn) { l.attach(c) }
+
+// WaitConn is waitConn, for a connection the pool hands over.
+func (l *nodeLimits) WaitConn(ctx context.Context, wait time.Duration, more <-chan *h1.ClientConn) (*h1.ClientConn, error) {
+	return waitConn(ctx, l, wait, more)
 }
 
 // h2Wait is a request waiting, at max_connections, for room on one of an
@@ -345,7 +315,7 @@ func (p *h2Pool) signalRoom() {
 // connections with no stream, else the Transports' idle ones.
 func (e *endpoint) closeAnIdle() {
 	p := e.pools.Load()
-	if p.fast != nil && p.fast.closeOldest() {
+	if p.fast != nil && p.fast.CloseOldest() {
 		return
 	}
 	if p.h2c != nil {
@@ -355,19 +325,4 @@ func (e *endpoint) closeAnIdle() {
 	if p.h2 != nil {
 		p.h2.CloseIdleConnections()
 	}
-}
-
-// closeOldest closes the least recently used idle connection, reporting
-// whether there was one.
-func (p *h1Pool) closeOldest() bool {
-	p.mu.Lock()
-	if len(p.idle) == 0 {
-		p.mu.Unlock()
-		return false
-	}
-	pc := p.idle[0]
-	p.idle = slices.Delete(p.idle, 0, 1)
-	p.mu.Unlock()
-	pc.c.Close()
-	return true
 }

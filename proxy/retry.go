@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // roundTrip sends r to nodes picked by rt until one answers with a response
@@ -24,7 +25,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	l.init(p, ctx, rt, key, hasKey, start)
 	l.kind = tryHTTP
 	h := &l.http
-	*h = httpTry{r: r, useH2: rt.h2 || grpc, replayable: idempotent(r.Method) || res.Retries.RetryNonIdempotent}
+	*h = httpTry{r: r, useH2: rt.h2 || grpc, replayable: httpwire.Idempotent(r.Method) || res.Retries.RetryNonIdempotent}
 	defer func() {
 		l.next.cancel(rt)
 		if h.held != nil && err != nil && r.Context().Err() == nil {

@@ -73,7 +73,7 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		ReadHeaderTimeout: opts.ReadHeaderTimeout,
 		IdleTimeout:       opts.IdleTimeout,
 		MaxHeaderBytes:    opts.MaxHeaderBytes,
-		ConnContext:       withInterrupter,
+		ConnContext:       h1.WithInterrupter,
 	}, log)
 	hs := httpserver.New(httpserver.Options{ReadHeaderTimeout: opts.ReadHeaderTimeout, H1: h1s, H2: h2}, log)
 	return &Server{Server: hs, h2: h2, stop: stop}
