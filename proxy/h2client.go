@@ -992,3 +992,76 @@ func (cs *h2ClientStream) endRecvLocked() {
 	cs.body.closeLocked(nil)
 	cs.closeIfDoneLocked()
 }
+
+// h2Wait is a request waiting, at max_connections, for room on one of an
+// h2Pool's connections (a stream ending) or a connection slot, as a
+// pending request bounded by the connect timeout. Its zero value has not
+// waited.
+type h2Wait struct {
+	started bool
+	slot    bool // a slot taken, for the next dial
+	timer   *time.Timer
+}
+
+// wait counts the request pending the first time, and returns at once so
+// that the caller looks at its connections again, room signals reaching
+// it from then on; later, it waits for a signal or a slot. It fails with
+// ErrLocalLimit.
+func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
+	l := p.lim
+	if !w.started {
+		if err := l.startPending(); err != nil {
+			return err
+		}
+		w.started = true
+		p.waiters.Add(1)
+		if l.reclaim != nil {
+			l.reclaim()
+		}
+		w.timer = time.NewTimer(p.timeouts.Connect)
+		return nil
+	}
+	select {
+	case l.conns <- struct{}{}:
+		w.slot = true
+	case <-p.room:
+	case <-ctx.Done():
+		l.overflow(limitConnections, nil)
+		return fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
+	case <-w.timer.C:
+		return l.overflow(limitConnections, errMaxConnections)
+	}
+	return nil
+}
+
+// end stops the wait, if any: a slot taken and not used is given back, and
+// a room signal is passed on to the next waiter, since this one may have
+// taken the last.
+func (w *h2Wait) end(p *h2Pool) {
+	if !w.started {
+		return
+	}
+	if w.slot {
+		p.lim.endConn()
+	}
+	w.timer.Stop()
+	p.lim.endPending()
+	if p.waiters.Add(-1) > 0 {
+		p.signalRoom()
+	}
+}
+
+// roomFreed tells the requests waiting for a stream, if any, that one
+// ended. It does not block.
+func (p *h2Pool) roomFreed() {
+	if p.waiters.Load() > 0 {
+		p.signalRoom()
+	}
+}
+
+func (p *h2Pool) signalRoom() {
+	select {
+	case p.room <- struct{}{}:
+	default:
+	}
+}
