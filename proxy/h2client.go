@@ -55,8 +55,8 @@ type h2Pool struct {
 	dialing *h2Dial
 	retired bool
 
-	// lim bounds the pool's connections (nil: no limit); see h2Wait.
-	lim     *nodeLimits
+	// lim bounds the pool's connections; see h2Wait.
+	lim     h2Limits
 	waiters atomic.Int32  // requests waiting for a stream or a connection slot
 	room    chan struct{} // a stream ended while requests waited; cap 1
 }
@@ -73,7 +73,46 @@ func newH2Pool(t Timeouts, log *zap.Logger) *h2Pool {
 		log = zap.NewNop()
 	}
 	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second},
-		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1)}
+		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1),
+		lim: h2NoLimits{}}
+}
+
+// h2Limits bounds the connections an h2Pool opens to its node, as
+// h1.Limits bounds an h1.Pool's; the proxy's nodeLimits implements both.
+// Its methods are safe for concurrent use.
+type h2Limits interface {
+	// TryConn takes a connection slot if one is free. It does not block.
+	TryConn() bool
+	// EndConn gives back a slot taken. It does not block.
+	EndConn()
+	// Attach makes c's Close give back the slot its dial took. It does
+	// not block.
+	Attach(c net.Conn)
+	// StartPending counts a request waiting for a connection, or fails,
+	// counting nothing, when too many wait. It does not block.
+	StartPending() error
+	// EndPending stops counting a request StartPending counted.
+	EndPending()
+	// Reclaim closes an idle connection of the node's pools, if there is
+	// one, so that its slot comes free. It does not block.
+	Reclaim()
+	// WaitSlot waits for a connection slot (slot true), a value on room
+	// or timeout, or ctx's end. It fails, at timeout or ctx's end, with an
+	// error of the limits' own, never one of the node's.
+	WaitSlot(ctx context.Context, room <-chan struct{}, timeout <-chan time.Time) (slot bool, err error)
+}
+
+// h2NoLimits is the h2Limits of a pool given none: every slot is free.
+type h2NoLimits struct{}
+
+func (h2NoLimits) TryConn() bool       { return true }
+func (h2NoLimits) EndConn()            {}
+func (h2NoLimits) Attach(net.Conn)     {}
+func (h2NoLimits) StartPending() error { return nil }
+func (h2NoLimits) EndPending()         {}
+func (h2NoLimits) Reclaim()            {}
+func (h2NoLimits) WaitSlot(context.Context, <-chan struct{}, <-chan time.Time) (bool, error) {
+	return true, nil
 }
 
 // roundTrip sends req on a connection to req.URL.Host and returns the
@@ -107,7 +146,7 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 		}
 		d := p.dialing
 		if d == nil {
-			if !w.slot && !p.lim.tryConn() {
+			if !w.slot && !p.lim.TryConn() {
 				p.mu.Unlock()
 				if err := w.wait(ctx, p); err != nil {
 					return nil, err
@@ -159,11 +198,11 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	nc, err := p.dialer.Dial("tcp", addr)
 	if err != nil {
-		p.lim.endConn()
+		p.lim.EndConn()
 		return nil, err
 	}
 	nc = rawio.Wrap(nc)
-	p.lim.attach(nc)
+	p.lim.Attach(nc)
 	return p.start(nc), nil
 }
 
@@ -1010,28 +1049,18 @@ type h2Wait struct {
 func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
 	l := p.lim
 	if !w.started {
-		if err := l.startPending(); err != nil {
+		if err := l.StartPending(); err != nil {
 			return err
 		}
 		w.started = true
 		p.waiters.Add(1)
-		if l.reclaim != nil {
-			l.reclaim()
-		}
+		l.Reclaim()
 		w.timer = time.NewTimer(p.timeouts.Connect)
 		return nil
 	}
-	select {
-	case l.conns <- struct{}{}:
-		w.slot = true
-	case <-p.room:
-	case <-ctx.Done():
-		l.overflow(limitConnections, nil)
-		return fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
-	case <-w.timer.C:
-		return l.overflow(limitConnections, errMaxConnections)
-	}
-	return nil
+	slot, err := l.WaitSlot(ctx, p.room, w.timer.C)
+	w.slot = slot
+	return err
 }
 
 // end stops the wait, if any: a slot taken and not used is given back, and
@@ -1042,10 +1071,10 @@ func (w *h2Wait) end(p *h2Pool) {
 		return
 	}
 	if w.slot {
-		p.lim.endConn()
+		p.lim.EndConn()
 	}
 	w.timer.Stop()
-	p.lim.endPending()
+	p.lim.EndPending()
 	if p.waiters.Add(-1) > 0 {
 		p.signalRoom()
 	}

@@ -231,6 +231,38 @@ func (l *nodeLimits) EndConn() { l.endConn() }
 // Attach is attach.
 func (l *nodeLimits) Attach(c net.Conn) { l.attach(c) }
 
+// The further methods h2Limits asks for.
+
+// StartPending is startPending.
+func (l *nodeLimits) StartPending() error { return l.startPending() }
+
+// EndPending is endPending.
+func (l *nodeLimits) EndPending() { l.endPending() }
+
+// Reclaim calls reclaim, if set.
+func (l *nodeLimits) Reclaim() {
+	if l != nil && l.reclaim != nil {
+		l.reclaim()
+	}
+}
+
+// WaitSlot waits for a connection slot (slot true), a value on room or
+// timeout, or ctx's end, counting an overflow of max_connections at
+// timeout or ctx's end.
+func (l *nodeLimits) WaitSlot(ctx context.Context, room <-chan struct{}, timeout <-chan time.Time) (slot bool, err error) {
+	select {
+	case l.conns <- struct{}{}:
+		return true, nil
+	case <-room:
+		return false, nil
+	case <-ctx.Done():
+		l.overflow(limitConnections, nil)
+		return false, fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
+	case <-timeout:
+		return false, l.overflow(limitConnections, errMaxConnections)
+	}
+}
+
 // WaitConn is waitConn, for a connection the pool hands over.
 func (l *nodeLimits) WaitConn(ctx context.Context, wait time.Duration, more <-chan *h1.ClientConn) (*h1.ClientConn, error) {
 	return waitConn(ctx, l, wait, more)
