@@ -18,6 +18,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
+	"github.com/sidecarlb/sidecar/internal/replay"
 )
 
 // useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
@@ -524,7 +525,7 @@ func validH2Value(s string) bool {
 // or the stream failed: a retry's try then owns the body, and the bytes
 // the goroutine's read brings go to that try (see body).
 func (cs *h2ClientStream) sendBody() {
-	if br, ok := cs.req.Body.(*bodyReader); ok && !cs.writeBody(br, true) {
+	if br, ok := cs.req.Body.(*replay.Reader); ok && !cs.writeBody(br, true) {
 		return
 	}
 	go cs.writeRest()
@@ -561,7 +562,7 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			if !cs.canSend(len(buf)) {
 				return true
 			}
-			if n, rerr, ok = body.(*bodyReader).tryRead(buf); !ok {
+			if n, rerr, ok = body.(*replay.Reader).TryRead(buf); !ok {
 				return true
 			}
 		} else {
@@ -578,13 +579,13 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			cs.endBody()
 			return false
 		}
-		if rerr == errStaleTry {
+		if rerr == replay.ErrStaleTry {
 			// A later try owns the body; this stream is over already.
 			cs.abort(rerr)
 			return false
 		}
 		if rerr != nil {
-			cs.abort(fmt.Errorf("%w: %w", ErrBadRequestBody, rerr))
+			cs.abort(fmt.Errorf("%w: %w", httpwire.ErrBadRequestBody, rerr))
 			return false
 		}
 	}

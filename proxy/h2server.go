@@ -1152,9 +1152,9 @@ func (b h2ServerBody) Close() error {
 	return nil
 }
 
-// tryRead reads what the body has buffered without waiting. ok is false
+// TryRead reads what the body has buffered without waiting. ok is false
 // when a read would wait.
-func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
+func (b h2ServerBody) TryRead(p []byte) (n int, err error, ok bool) {
 	c := b.st.sc
 	c.mu.Lock()
 	ready := b.st.body.readyLocked()

@@ -16,6 +16,7 @@ import (
 	"github.com/sidecarlb/sidecar/internal/backoff"
 	"github.com/sidecarlb/sidecar/internal/h1"
 	"github.com/sidecarlb/sidecar/internal/rawio"
+	"github.com/sidecarlb/sidecar/internal/replay"
 )
 
 // useH1Pool sends plain HTTP/1.1 requests that qualify (see h1.Qualifies)
@@ -75,7 +76,7 @@ func (p *pools) closeIdle() {
 // roundTrip sends out to the endpoint over HTTP/2 or HTTP/1.1; b is out's
 // body as roundTrip's tries share it, or nil. Plain HTTP/1.1 requests that
 // qualify take the fast path of h1.Pool.
-func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time) (*http.Response, error) {
+func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *replay.Body, now time.Time) (*http.Response, error) {
 	p := e.currentPools(now)
 	switch {
 	case h2 && p.h2c != nil:
@@ -83,7 +84,7 @@ func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time)
 	case h2:
 		return p.h2.RoundTrip(out)
 	case p.fast != nil:
-		var hb h1.Body // nil, rather than a nil *body
+		var hb h1.Body // nil, rather than a nil *replay.Body
 		if b != nil {
 			hb = b
 		}

@@ -67,6 +67,9 @@ type interrupter struct {
 // WithInterrupter returns a context carrying a new interrupter for itself,
 // and end, which does at once what the context's end would do to the
 // interrupter, without the goroutine context.AfterFunc starts for that.
+// It is an Options.ConnContext: the server calls it once per app
+// connection, and the Pool's exchanges on that connection's requests
+// borrow the interrupter in turn.
 func WithInterrupter(ctx context.Context) (context.Context, func()) {
 	ci := &interrupter{}
 	ci.ctx = context.WithValue(ctx, interrupterKey{}, ci)
