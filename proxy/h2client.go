@@ -44,9 +44,9 @@ func (e h2StreamError) Error() string { return "http2: stream reset by the node:
 // connection with room under the node's concurrency limit; a new connection
 // is dialled, one at a time, when none has.
 type h2Pool struct {
-	timeouts Timeouts
-	dialer   net.Dialer
-	log      *zap.Logger // for panics of the connections' goroutines
+	dialer net.Dialer    // its Timeout is the connect timeout
+	idle   time.Duration // a connection with no stream this long closes; 0: never
+	log    *zap.Logger   // for panics of the connections' goroutines
 	// pingAfter and pingTimeout: h2PingAfter and h2PingTimeout when the
 	// pool was made.
 	pingAfter, pingTimeout time.Duration
@@ -67,13 +67,14 @@ type h2Dial struct {
 	err  error
 }
 
-// newH2Pool returns a pool with timeouts t; if log is nil, nothing is
-// logged.
-func newH2Pool(t Timeouts, log *zap.Logger) *h2Pool {
+// newH2Pool returns a pool whose dials, and waits for a connection slot,
+// time out after connect, and whose connections idle longer than idle
+// close (0: no limit); if log is nil, nothing is logged.
+func newH2Pool(connect, idle time.Duration, log *zap.Logger) *h2Pool {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second},
+	return &h2Pool{dialer: net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}, idle: idle,
 		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1),
 		lim: h2NoLimits{}}
 }
@@ -226,7 +227,7 @@ func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
 	)
 	cc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	cc.flushLocked()
-	cc.idle = newIdleTimer(p.timeouts.Idle, cc.closeIfIdle)
+	cc.idle = newIdleTimer(p.idle, cc.closeIfIdle)
 	cc.health = time.AfterFunc(p.pingAfter, cc.checkHealth)
 	cc.mu.Unlock()
 	go cc.writeLoop()
@@ -1056,7 +1057,7 @@ func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
 		w.started = true
 		p.waiters.Add(1)
 		l.Reclaim()
-		w.timer = time.NewTimer(p.timeouts.Connect)
+		w.timer = time.NewTimer(p.dialer.Timeout)
 		return nil
 	}
 	slot, err := l.WaitSlot(ctx, p.room, w.timer.C)

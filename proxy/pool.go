@@ -48,7 +48,7 @@ func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
 		p.fast = h1.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim)
 	}
 	if useH2Pool && c.tls == nil {
-		p.h2c = newH2Pool(c.timeouts, c.log)
+		p.h2c = newH2Pool(c.timeouts.Connect, c.timeouts.Idle, c.log)
 		p.h2c.lim = lim
 	} else {
 		p.h2 = newTransport(c, true, lim)
