@@ -39,8 +39,8 @@
 //	    attempt is chosen by a field, not an interface, so the per-request
 //	    state stays on the stack.
 //	 4. Engine. An attempt reaches its node through the endpoint's pools
-//	    (pool.go): the HTTP/1.1 client pool, the HTTP/2 client pool, or a
-//	    dial for TCP. Per-node limits (limits.go, Envoy's circuit-breaker
+//	    (pool.go): the HTTP/1.1 client pool (internal/h1's Pool), the HTTP/2
+//	    client pool (h2client.go), or a dial for TCP. Per-node limits (limits.go, Envoy's circuit-breaker
 //	    thresholds per node) bound connections, pending and in-flight
 //	    requests; a refusal is ErrLocalLimit and the loop tries another node.
 //	 5. Feedback. Every try's outcome goes back to the balancer through its
@@ -54,8 +54,8 @@
 //
 // # Request bodies
 //
-// A request body is shared by the tries of one request (body in
-// body.go): held in memory when small (64 KiB) and known in size and
+// A request body is shared by the tries of one request (internal/replay's
+// Body): held in memory when small (64 KiB) and known in size and
 // the request may be replayed; otherwise streamed, and retried only while no
 // byte of it has reached a node. A try given up while waiting for the
 // client's next bytes hands them to the next try, so a retried request

@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // Errors the proxy produces itself, before or instead of reaching a node.
@@ -26,10 +27,10 @@ var (
 	// ErrBadRequestBody: the client's request body broke while it was
 	// read (bad chunk framing, cut short): the client's fault, not the
 	// node's.
-	ErrBadRequestBody = errors.New("bad request body")
+	ErrBadRequestBody = httpwire.ErrBadRequestBody
 	// ErrBadRequest: the request cannot be written to a node as it is (a
 	// method that is not a token, a control byte in its target).
-	ErrBadRequest = errors.New("bad request")
+	ErrBadRequest = httpwire.ErrBadRequest
 )
 
 // proxyError is an error with the service it concerns.

@@ -209,7 +209,7 @@ func TestH2EndpointLeaves(t *testing.T) {
 func TestH2PoolRetired(t *testing.T) {
 	leakcheck.Check(t)
 	node := startH2CNode(t, nodeHandler("node-0"), nil)
-	p := newH2Pool(Timeouts{}.withDefaults(), testLogger(t))
+	p := newH2Pool(time.Second, 0, testLogger(t))
 	get := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -498,7 +498,7 @@ func TestH2PoolIdleClose(t *testing.T) {
 		time.Sleep(2 * idle)
 		io.WriteString(w, "slow")
 	}), nil)
-	p := newH2Pool(Timeouts{Connect: time.Second, Idle: idle}, testLogger(t))
+	p := newH2Pool(time.Second, idle, testLogger(t))
 	t.Cleanup(p.retire)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

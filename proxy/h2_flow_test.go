@@ -157,7 +157,7 @@ func TestH2FlowControlStallSleeps(t *testing.T) {
 		node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true})
 		})
-		p := newH2Pool(Timeouts{}.withDefaults(), nil)
+		p := newH2Pool(time.Second, 0, nil)
 		t.Cleanup(p.retire)
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
@@ -283,7 +283,7 @@ func TestH2ControlFrameFlood(t *testing.T) {
 		})
 	}
 	t.Run("client, PING", func(t *testing.T) {
-		p := newH2Pool(Timeouts{}.withDefaults(), nil)
+		p := newH2Pool(time.Second, 0, nil)
 		sidecar, node := net.Pipe()
 		t.Cleanup(func() {
 			node.Close()
@@ -361,7 +361,7 @@ func TestH2WriteStall(t *testing.T) {
 		})
 	})
 	t.Run("client", func(t *testing.T) {
-		p := newH2Pool(Timeouts{}.withDefaults(), nil)
+		p := newH2Pool(time.Second, 0, nil)
 		sidecar, node := net.Pipe()
 		t.Cleanup(func() {
 			node.Close()
@@ -445,7 +445,7 @@ func TestH2NodeStreamNotOpenedAfterCancel(t *testing.T) {
 	node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true, EndStream: true})
 	})
-	p := newH2Pool(Timeouts{}.withDefaults(), nil)
+	p := newH2Pool(time.Second, 0, nil)
 	t.Cleanup(p.retire)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -584,7 +584,7 @@ func TestH2NodeStreamWindowOverflow(t *testing.T) {
 			}
 		}
 	})
-	p := newH2Pool(Timeouts{Connect: time.Second}, nil)
+	p := newH2Pool(time.Second, 0, nil)
 	t.Cleanup(p.retire)
 	pr, pw := io.Pipe() // a body still being sent: the stream stays open
 	t.Cleanup(func() { pw.Close() })

@@ -71,7 +71,7 @@ func TestH2NodeConnTimerPanics(t *testing.T) {
 		setup   func(p *h2Pool)
 	}{
 		{"idle timer", "closeIfIdle", "SetWriteDeadline", "deadline boom", func(p *h2Pool) {
-			p.timeouts.Idle = 20 * time.Millisecond
+			p.idle = 20 * time.Millisecond
 		}},
 		{"health timer", "checkHealth", "Close", "close boom", func(p *h2Pool) {
 			p.pingAfter, p.pingTimeout = 20*time.Millisecond, 20*time.Millisecond
@@ -80,7 +80,7 @@ func TestH2NodeConnTimerPanics(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			core, logs := observer.New(zap.ErrorLevel)
-			p := newH2Pool(Timeouts{}.withDefaults(), zap.New(core))
+			p := newH2Pool(time.Second, 0, zap.New(core))
 			p.pingAfter = time.Hour
 			tc.setup(p)
 			// A node that reads everything and answers nothing, not even

@@ -600,7 +600,7 @@ func TestH2RequestBodyPanics(t *testing.T) {
 	leakcheck.Check(t)
 	node := startH2CNode(t, echoNode, nil)
 	core, logs := observer.New(zap.ErrorLevel)
-	p := newH2Pool(Timeouts{}.withDefaults(), zap.New(core))
+	p := newH2Pool(time.Second, 0, zap.New(core))
 	t.Cleanup(p.retire)
 	send := func(body io.Reader) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

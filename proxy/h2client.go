@@ -18,6 +18,7 @@ import (
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
+	"github.com/sidecarlb/sidecar/internal/replay"
 )
 
 // useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
@@ -43,9 +44,9 @@ func (e h2StreamError) Error() string { return "http2: stream reset by the node:
 // connection with room under the node's concurrency limit; a new connection
 // is dialled, one at a time, when none has.
 type h2Pool struct {
-	timeouts Timeouts
-	dialer   net.Dialer
-	log      *zap.Logger // for panics of the connections' goroutines
+	dialer net.Dialer    // its Timeout is the connect timeout
+	idle   time.Duration // a connection with no stream this long closes; 0: never
+	log    *zap.Logger   // for panics of the connections' goroutines
 	// pingAfter and pingTimeout: h2PingAfter and h2PingTimeout when the
 	// pool was made.
 	pingAfter, pingTimeout time.Duration
@@ -55,8 +56,8 @@ type h2Pool struct {
 	dialing *h2Dial
 	retired bool
 
-	// lim bounds the pool's connections (nil: no limit); see h2Wait.
-	lim     *nodeLimits
+	// lim bounds the pool's connections; see h2Wait.
+	lim     h2Limits
 	waiters atomic.Int32  // requests waiting for a stream or a connection slot
 	room    chan struct{} // a stream ended while requests waited; cap 1
 }
@@ -66,14 +67,54 @@ type h2Dial struct {
 	err  error
 }
 
-// newH2Pool returns a pool with timeouts t; if log is nil, nothing is
-// logged.
-func newH2Pool(t Timeouts, log *zap.Logger) *h2Pool {
+// newH2Pool returns a pool whose dials, and waits for a connection slot,
+// time out after connect, and whose connections idle longer than idle
+// close (0: no limit); if log is nil, nothing is logged.
+func newH2Pool(connect, idle time.Duration, log *zap.Logger) *h2Pool {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &h2Pool{timeouts: t, dialer: net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second},
-		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1)}
+	return &h2Pool{dialer: net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}, idle: idle,
+		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1),
+		lim: h2NoLimits{}}
+}
+
+// h2Limits bounds the connections an h2Pool opens to its node, as
+// h1.Limits bounds an h1.Pool's; the proxy's nodeLimits implements both.
+// Its methods are safe for concurrent use.
+type h2Limits interface {
+	// TryConn takes a connection slot if one is free. It does not block.
+	TryConn() bool
+	// EndConn gives back a slot taken. It does not block.
+	EndConn()
+	// Attach makes c's Close give back the slot its dial took. It does
+	// not block.
+	Attach(c net.Conn)
+	// StartPending counts a request waiting for a connection, or fails,
+	// counting nothing, when too many wait. It does not block.
+	StartPending() error
+	// EndPending stops counting a request StartPending counted.
+	EndPending()
+	// Reclaim closes an idle connection of the node's pools, if there is
+	// one, so that its slot comes free. It does not block.
+	Reclaim()
+	// WaitSlot waits for a connection slot (slot true), a value on room
+	// or timeout, or ctx's end. It fails, at timeout or ctx's end, with an
+	// error of the limits' own, never one of the node's.
+	WaitSlot(ctx context.Context, room <-chan struct{}, timeout <-chan time.Time) (slot bool, err error)
+}
+
+// h2NoLimits is the h2Limits of a pool given none: every slot is free.
+type h2NoLimits struct{}
+
+func (h2NoLimits) TryConn() bool       { return true }
+func (h2NoLimits) EndConn()            {}
+func (h2NoLimits) Attach(net.Conn)     {}
+func (h2NoLimits) StartPending() error { return nil }
+func (h2NoLimits) EndPending()         {}
+func (h2NoLimits) Reclaim()            {}
+func (h2NoLimits) WaitSlot(context.Context, <-chan struct{}, <-chan time.Time) (bool, error) {
+	return true, nil
 }
 
 // roundTrip sends req on a connection to req.URL.Host and returns the
@@ -107,7 +148,7 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 		}
 		d := p.dialing
 		if d == nil {
-			if !w.slot && !p.lim.tryConn() {
+			if !w.slot && !p.lim.TryConn() {
 				p.mu.Unlock()
 				if err := w.wait(ctx, p); err != nil {
 					return nil, err
@@ -159,11 +200,11 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 	nc, err := p.dialer.Dial("tcp", addr)
 	if err != nil {
-		p.lim.endConn()
+		p.lim.EndConn()
 		return nil, err
 	}
 	nc = rawio.Wrap(nc)
-	p.lim.attach(nc)
+	p.lim.Attach(nc)
 	return p.start(nc), nil
 }
 
@@ -186,7 +227,7 @@ func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
 	)
 	cc.writeWindowUpdateLocked(0, h2ConnWindow-h2InitialWindow)
 	cc.flushLocked()
-	cc.idle = newIdleTimer(p.timeouts.Idle, cc.closeIfIdle)
+	cc.idle = newIdleTimer(p.idle, cc.closeIfIdle)
 	cc.health = time.AfterFunc(p.pingAfter, cc.checkHealth)
 	cc.mu.Unlock()
 	go cc.writeLoop()
@@ -485,7 +526,7 @@ func validH2Value(s string) bool {
 // or the stream failed: a retry's try then owns the body, and the bytes
 // the goroutine's read brings go to that try (see body).
 func (cs *h2ClientStream) sendBody() {
-	if br, ok := cs.req.Body.(*bodyReader); ok && !cs.writeBody(br, true) {
+	if br, ok := cs.req.Body.(*replay.Reader); ok && !cs.writeBody(br, true) {
 		return
 	}
 	go cs.writeRest()
@@ -522,7 +563,7 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			if !cs.canSend(len(buf)) {
 				return true
 			}
-			if n, rerr, ok = body.(*bodyReader).tryRead(buf); !ok {
+			if n, rerr, ok = body.(*replay.Reader).TryRead(buf); !ok {
 				return true
 			}
 		} else {
@@ -539,13 +580,13 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 			cs.endBody()
 			return false
 		}
-		if rerr == errStaleTry {
+		if rerr == replay.ErrStaleTry {
 			// A later try owns the body; this stream is over already.
 			cs.abort(rerr)
 			return false
 		}
 		if rerr != nil {
-			cs.abort(fmt.Errorf("%w: %w", ErrBadRequestBody, rerr))
+			cs.abort(fmt.Errorf("%w: %w", httpwire.ErrBadRequestBody, rerr))
 			return false
 		}
 	}
@@ -991,4 +1032,67 @@ func (cs *h2ClientStream) endRecvLocked() {
 	cs.recvDone = true
 	cs.body.closeLocked(nil)
 	cs.closeIfDoneLocked()
+}
+
+// h2Wait is a request waiting, at max_connections, for room on one of an
+// h2Pool's connections (a stream ending) or a connection slot, as a
+// pending request bounded by the connect timeout. Its zero value has not
+// waited.
+type h2Wait struct {
+	started bool
+	slot    bool // a slot taken, for the next dial
+	timer   *time.Timer
+}
+
+// wait counts the request pending the first time, and returns at once so
+// that the caller looks at its connections again, room signals reaching
+// it from then on; later, it waits for a signal or a slot. It fails with
+// ErrLocalLimit.
+func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
+	l := p.lim
+	if !w.started {
+		if err := l.StartPending(); err != nil {
+			return err
+		}
+		w.started = true
+		p.waiters.Add(1)
+		l.Reclaim()
+		w.timer = time.NewTimer(p.dialer.Timeout)
+		return nil
+	}
+	slot, err := l.WaitSlot(ctx, p.room, w.timer.C)
+	w.slot = slot
+	return err
+}
+
+// end stops the wait, if any: a slot taken and not used is given back, and
+// a room signal is passed on to the next waiter, since this one may have
+// taken the last.
+func (w *h2Wait) end(p *h2Pool) {
+	if !w.started {
+		return
+	}
+	if w.slot {
+		p.lim.EndConn()
+	}
+	w.timer.Stop()
+	p.lim.EndPending()
+	if p.waiters.Add(-1) > 0 {
+		p.signalRoom()
+	}
+}
+
+// roomFreed tells the requests waiting for a stream, if any, that one
+// ended. It does not block.
+func (p *h2Pool) roomFreed() {
+	if p.waiters.Load() > 0 {
+		p.signalRoom()
+	}
+}
+
+func (p *h2Pool) signalRoom() {
+	select {
+	case p.room <- struct{}{}:
+	default:
+	}
 }

@@ -946,3 +946,42 @@ func isClosed(ch <-chan struct{}) bool {
 func (b *recvBuf) readyLocked() bool {
 	return b.off < len(b.buf) || b.eof || b.err != nil
 }
+
+// deadline returns the deadline d from now, or none when d is zero (no
+// limit).
+func deadline(d time.Duration) time.Time {
+	if d <= 0 {
+		return time.Time{}
+	}
+	return time.Now().Add(d)
+}
+
+// idleTimer runs its func once a connection has been idle for d; with d
+// zero (no limit) it never does. Its methods are the time.Timer's it
+// holds, and safe for concurrent use as those are.
+type idleTimer struct {
+	t *time.Timer
+	d time.Duration
+}
+
+// newIdleTimer starts an idleTimer that runs f after d.
+func newIdleTimer(d time.Duration, f func()) idleTimer {
+	if d <= 0 {
+		return idleTimer{}
+	}
+	return idleTimer{t: time.AfterFunc(d, f), d: d}
+}
+
+// reset starts the wait of d again.
+func (i idleTimer) reset() {
+	if i.t != nil {
+		i.t.Reset(i.d)
+	}
+}
+
+// stop keeps the func from running until the next reset.
+func (i idleTimer) stop() {
+	if i.t != nil {
+		i.t.Stop()
+	}
+}

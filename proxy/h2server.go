@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +22,92 @@ import (
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
+
+// h2Server is the HTTP/2 engine's server side: the connections it serves
+// and the workers that run their handlers. It is an httpserver.ConnServer.
+type h2Server struct {
+	handler http.Handler
+	opts    ServerOptions
+	log     *zap.Logger
+	baseCtx context.Context
+
+	mu      sync.Mutex
+	conns   map[*h2ServerConn]struct{}
+	work    chan *h2ServerStream // idle handler workers take streams here
+	closed  atomic.Bool          // set under mu, so track cannot add after it; read anywhere
+	drained chan struct{}        // closed when the last connection ends after Shutdown
+}
+
+// ServeConn serves nc, whose client preface (prefix) the listener read.
+func (s *h2Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
+
+// track adds sc unless the server is closed.
+func (s *h2Server) track(sc *h2ServerConn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed.Load() {
+		return false
+	}
+	s.conns[sc] = struct{}{}
+	return true
+}
+
+// untrack removes sc, and tells a waiting Shutdown when the last connection
+// is gone.
+func (s *h2Server) untrack(sc *h2ServerConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, sc)
+	if s.drained != nil && len(s.conns) == 0 {
+		close(s.drained)
+		s.drained = nil
+	}
+}
+
+// Shutdown refuses new connections, tells the clients to go away, and
+// waits until their streams have ended or ctx ends.
+func (s *h2Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed.Store(true)
+	conns := make([]*h2ServerConn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	var drained chan struct{}
+	if len(s.conns) > 0 {
+		if s.drained == nil {
+			s.drained = make(chan struct{})
+		}
+		drained = s.drained
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
+		sc.shutdown()
+	}
+	if drained == nil {
+		return nil
+	}
+	select {
+	case <-drained:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close refuses new connections and fails every connection.
+func (s *h2Server) Close() {
+	s.mu.Lock()
+	s.closed.Store(true)
+	conns := make([]*h2ServerConn, 0, len(s.conns))
+	for sc := range s.conns {
+		conns = append(conns, sc)
+	}
+	s.mu.Unlock()
+	for _, sc := range conns {
+		sc.fail(errH2ConnClosed)
+	}
+}
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
 // one connection may carry many concurrent RPCs.
@@ -726,7 +813,7 @@ func validPseudoPath(path, method string) bool {
 	if path == "*" {
 		return method == http.MethodOptions
 	}
-	return path != "" && path[0] == '/' && visibleBytes(path)
+	return path != "" && path[0] == '/' && httpwire.Visible(path)
 }
 
 // closeIfIdle closes the connection once no stream has been open for the
@@ -1065,9 +1152,9 @@ func (b h2ServerBody) Close() error {
 	return nil
 }
 
-// tryRead reads what the body has buffered without waiting. ok is false
+// TryRead reads what the body has buffered without waiting. ok is false
 // when a read would wait.
-func (b h2ServerBody) tryRead(p []byte) (n int, err error, ok bool) {
+func (b h2ServerBody) TryRead(p []byte) (n int, err error, ok bool) {
 	c := b.st.sc
 	c.mu.Lock()
 	ready := b.st.body.readyLocked()

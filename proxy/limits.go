@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/h1"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
@@ -219,124 +219,53 @@ func (l *nodeLimits) attach(c net.Conn) {
 	l.endConn()
 }
 
-// setLimits makes p's connections count against lim.
-func (p *h1Pool) setLimits(lim *nodeLimits) {
-	p.lim = lim
-	p.handoff = make(chan *h1Conn)
-}
+// The methods h1.Limits asks for, so that the HTTP/1.1 pool's connections
+// count against l; a nil l limits nothing.
 
-// connect returns a new connection to addr. At max_connections it waits,
-// as a pending request, for a slot (a connection closing) or for a
-// connection put back (handed over by put), up to the connect timeout. A
-// dial that fails gives its slot back.
-func (p *h1Pool) connect(ctx context.Context, addr string) (*h1Conn, error) {
-	if !p.lim.tryConn() {
-		// put hands a connection to a waiter, or closes it when none is
-		// ready to take it, which frees a slot; one put back before this
-		// request counted itself a waiter is idle, and take finds it.
-		p.mu.Lock()
-		p.waiters++
-		p.mu.Unlock()
-		pc := p.take(time.Now())
-		var err error
-		if pc == nil {
-			pc, err = waitConn(ctx, p.lim, p.dialer.Timeout, p.handoff)
-		}
-		p.mu.Lock()
-		p.waiters--
-		p.mu.Unlock()
-		if pc != nil || err != nil {
-			return pc, err
-		}
-	}
-	pc, err := p.dial(ctx, addr)
-	if err != nil {
-		p.lim.endConn()
-	}
-	return pc, err
-}
+// TryConn is tryConn.
+func (l *nodeLimits) TryConn() bool { return l.tryConn() }
 
-// handOver gives pc, put back, to a request waiting for a connection, or
-// closes it when none is ready to take it: its slot is then the waiter's.
-func (p *h1Pool) handOver(pc *h1Conn) {
-	select {
-	case p.handoff <- pc:
-	default:
-		pc.c.Close()
+// EndConn is endConn.
+func (l *nodeLimits) EndConn() { l.endConn() }
+
+// Attach is attach.
+func (l *nodeLimits) Attach(c net.Conn) { l.attach(c) }
+
+// The further methods h2Limits asks for.
+
+// StartPending is startPending.
+func (l *nodeLimits) StartPending() error { return l.startPending() }
+
+// EndPending is endPending.
+func (l *nodeLimits) EndPending() { l.endPending() }
+
+// Reclaim calls reclaim, if set.
+func (l *nodeLimits) Reclaim() {
+	if l != nil && l.reclaim != nil {
+		l.reclaim()
 	}
 }
 
-// h2Wait is a request waiting, at max_connections, for room on one of an
-// h2Pool's connections (a stream ending) or a connection slot, as a
-// pending request bounded by the connect timeout. Its zero value has not
-// waited.
-type h2Wait struct {
-	started bool
-	slot    bool // a slot taken, for the next dial
-	timer   *time.Timer
-}
-
-// wait counts the request pending the first time, and returns at once so
-// that the caller looks at its connections again, room signals reaching
-// it from then on; later, it waits for a signal or a slot. It fails with
-// ErrLocalLimit.
-func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
-	l := p.lim
-	if !w.started {
-		if err := l.startPending(); err != nil {
-			return err
-		}
-		w.started = true
-		p.waiters.Add(1)
-		if l.reclaim != nil {
-			l.reclaim()
-		}
-		w.timer = time.NewTimer(p.timeouts.Connect)
-		return nil
-	}
+// WaitSlot waits for a connection slot (slot true), a value on room or
+// timeout, or ctx's end, counting an overflow of max_connections at
+// timeout or ctx's end.
+func (l *nodeLimits) WaitSlot(ctx context.Context, room <-chan struct{}, timeout <-chan time.Time) (slot bool, err error) {
 	select {
 	case l.conns <- struct{}{}:
-		w.slot = true
-	case <-p.room:
+		return true, nil
+	case <-room:
+		return false, nil
 	case <-ctx.Done():
 		l.overflow(limitConnections, nil)
-		return fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
-	case <-w.timer.C:
-		return l.overflow(limitConnections, errMaxConnections)
-	}
-	return nil
-}
-
-// end stops the wait, if any: a slot taken and not used is given back, and
-// a room signal is passed on to the next waiter, since this one may have
-// taken the last.
-func (w *h2Wait) end(p *h2Pool) {
-	if !w.started {
-		return
-	}
-	if w.slot {
-		p.lim.endConn()
-	}
-	w.timer.Stop()
-	p.lim.endPending()
-	if p.waiters.Add(-1) > 0 {
-		p.signalRoom()
+		return false, fmt.Errorf("%w: %w", errMaxConnections, ctx.Err())
+	case <-timeout:
+		return false, l.overflow(limitConnections, errMaxConnections)
 	}
 }
 
-// roomFreed tells the requests waiting for a stream, if any, that one
-// ended. It does not block.
-func (p *h2Pool) roomFreed() {
-	if p.waiters.Load() > 0 {
-		p.signalRoom()
-	}
-}
-
-func (p *h2Pool) signalRoom() {
-	select {
-	case p.room <- struct{}{}:
-	default:
-	}
+// WaitConn is waitConn, for a connection the pool hands over.
+func (l *nodeLimits) WaitConn(ctx context.Context, wait time.Duration, more <-chan *h1.ClientConn) (*h1.ClientConn, error) {
+	return waitConn(ctx, l, wait, more)
 }
 
 // closeAnIdle closes an idle connection of e's current pools, if one has
@@ -345,7 +274,7 @@ func (p *h2Pool) signalRoom() {
 // connections with no stream, else the Transports' idle ones.
 func (e *endpoint) closeAnIdle() {
 	p := e.pools.Load()
-	if p.fast != nil && p.fast.closeOldest() {
+	if p.fast != nil && p.fast.CloseOldest() {
 		return
 	}
 	if p.h2c != nil {
@@ -355,19 +284,4 @@ func (e *endpoint) closeAnIdle() {
 	if p.h2 != nil {
 		p.h2.CloseIdleConnections()
 	}
-}
-
-// closeOldest closes the least recently used idle connection, reporting
-// whether there was one.
-func (p *h1Pool) closeOldest() bool {
-	p.mu.Lock()
-	if len(p.idle) == 0 {
-		p.mu.Unlock()
-		return false
-	}
-	pc := p.idle[0]
-	p.idle = slices.Delete(p.idle, 0, 1)
-	p.mu.Unlock()
-	pc.c.Close()
-	return true
 }

@@ -14,15 +14,21 @@ import (
 
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/backoff"
+	"github.com/sidecarlb/sidecar/internal/h1"
 	"github.com/sidecarlb/sidecar/internal/rawio"
+	"github.com/sidecarlb/sidecar/internal/replay"
 )
+
+// useH1Pool sends plain HTTP/1.1 requests that qualify (see h1.Qualifies)
+// over an h1.Pool instead of the endpoint's http.Transport.
+const useH1Pool = true
 
 // pools are the connection pools of one endpoint: HTTP/1.1 keep-alive and
 // HTTP/2 (h2c, or h2 over TLS). They are replaced when they reach their
 // maximum age, so long-lived connections are renewed now and then.
 type pools struct {
 	h1, h2  *http.Transport // h2 is nil when h2c goes over h2c
-	fast    *h1Pool         // plain-text HTTP/1.1 fast path; nil over TLS
+	fast    *h1.Pool        // plain-text HTTP/1.1 fast path; nil over TLS
 	h2c     *h2Pool         // plain-text HTTP/2; nil over TLS
 	expires int64           // unix nanoseconds; 0: never
 }
@@ -39,11 +45,10 @@ type poolConfig struct {
 func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
 	p := &pools{h1: newTransport(c, false, lim)}
 	if useH1Pool && c.tls == nil {
-		p.fast = newH1Pool(c.timeouts)
-		p.fast.setLimits(lim)
+		p.fast = h1.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim)
 	}
 	if useH2Pool && c.tls == nil {
-		p.h2c = newH2Pool(c.timeouts, c.log)
+		p.h2c = newH2Pool(c.timeouts.Connect, c.timeouts.Idle, c.log)
 		p.h2c.lim = lim
 	} else {
 		p.h2 = newTransport(c, true, lim)
@@ -61,7 +66,7 @@ func (p *pools) closeIdle() {
 		p.h2.CloseIdleConnections()
 	}
 	if p.fast != nil {
-		p.fast.closeIdle()
+		p.fast.CloseIdle()
 	}
 	if p.h2c != nil {
 		p.h2c.closeIdle()
@@ -70,16 +75,22 @@ func (p *pools) closeIdle() {
 
 // roundTrip sends out to the endpoint over HTTP/2 or HTTP/1.1; b is out's
 // body as roundTrip's tries share it, or nil. Plain HTTP/1.1 requests that
-// qualify take the fast path of h1Pool.
-func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *body, now time.Time) (*http.Response, error) {
+// qualify take the fast path of h1.Pool.
+func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *replay.Body, now time.Time) (*http.Response, error) {
 	p := e.currentPools(now)
 	switch {
 	case h2 && p.h2c != nil:
 		return p.h2c.roundTrip(out)
 	case h2:
 		return p.h2.RoundTrip(out)
-	case p.fast != nil && h1Qualifies(out, b):
-		return p.fast.roundTrip(out, b, now)
+	case p.fast != nil:
+		var hb h1.Body // nil, rather than a nil *replay.Body
+		if b != nil {
+			hb = b
+		}
+		if h1.Qualifies(out, hb) {
+			return p.fast.RoundTrip(out, hb, now)
+		}
 	}
 	return p.h1.RoundTrip(out)
 }
@@ -104,7 +115,7 @@ func (e *endpoint) currentPools(now time.Time) *pools {
 // after the streams in flight on them have had time to end.
 func drain(p *pools, grace time.Duration) {
 	if p.fast != nil {
-		p.fast.retire() // busy connections close when their exchange ends
+		p.fast.Retire() // busy connections close when their exchange ends
 	}
 	if p.h2c != nil {
 		p.h2c.retire() // connections close when their last stream ends

@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"net/http"
 	"time"
 
 	"github.com/sony/gobreaker/v2"
@@ -106,15 +105,6 @@ func (rt *route) eject(e *endpoint) {
 			rt.rebuildLocked(st.snap)
 		}
 	})
-}
-
-// idempotent reports whether a request may be sent twice.
-func idempotent(method string) bool {
-	switch method {
-	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
-		return true
-	}
-	return false
 }
 
 // waitBackoff waits the jittered delay before retry n (1-based) of a

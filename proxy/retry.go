@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/httpwire"
+	"github.com/sidecarlb/sidecar/internal/replay"
 )
 
 // roundTrip sends r to nodes picked by rt until one answers with a response
@@ -24,7 +26,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	l.init(p, ctx, rt, key, hasKey, start)
 	l.kind = tryHTTP
 	h := &l.http
-	*h = httpTry{r: r, useH2: rt.h2 || grpc, replayable: idempotent(r.Method) || res.Retries.RetryNonIdempotent}
+	*h = httpTry{r: r, useH2: rt.h2 || grpc, replayable: httpwire.Idempotent(r.Method) || res.Retries.RetryNonIdempotent}
 	defer func() {
 		l.next.cancel(rt)
 		if h.held != nil && err != nil && r.Context().Err() == nil {
@@ -35,7 +37,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	}()
 	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
 		var err error
-		if h.b, err = newBody(r, h.replayable && res.Retries.Attempts > 0); err != nil {
+		if h.b, err = replay.New(r, h.replayable && res.Retries.Attempts > 0); err != nil {
 			return nil, nil, balancer.Pick{}, fmt.Errorf("read request body: %w", err)
 		}
 	}
@@ -50,7 +52,7 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 // tries, and the answer that ends the loop.
 type httpTry struct {
 	r          *http.Request
-	b          *body // nil without a body
+	b          *replay.Body // nil without a body
 	useH2      bool
 	replayable bool // the method allows sending it twice
 	tryBody    io.ReadCloser
@@ -74,7 +76,7 @@ func (h *httpTry) ready() bool {
 		return true
 	}
 	var ok bool
-	h.tryBody, ok = h.b.next()
+	h.tryBody, ok = h.b.Next()
 	return ok
 }
 
@@ -102,8 +104,8 @@ func (h *httpTry) attempt(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone
 	if tryCtx != r.Context() || (r.Body != nil && r.Body != http.NoBody) {
 		out = r.WithContext(tryCtx)
 		out.Body = h.tryBody
-		if br, _ := h.tryBody.(*bodyReader); br != nil && br.trailer != nil {
-			out.Trailer = br.trailer // the try's own (body.declared)
+		if br, _ := h.tryBody.(*replay.Reader); br != nil && br.Trailer() != nil {
+			out.Trailer = br.Trailer() // the try's own (body.declared)
 		}
 	}
 	out.URL.Host = e.Addr
@@ -142,11 +144,11 @@ func (h *httpTry) failed(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone 
 		breakerDone(nil)
 		release(pk)
 		return outcome{verdict: tryDone, err: err}
-	case b != nil && b.failed() != nil:
+	case b != nil && b.Failed() != nil:
 		// The client's body broke, not the node.
 		breakerDone(nil)
 		release(pk)
-		return outcome{verdict: tryDone, err: b.failed()}
+		return outcome{verdict: tryDone, err: b.Failed()}
 	}
 	rt.reportTry(e, breakerDone, true, true)
 	done(pk, err, l.start)
@@ -161,11 +163,11 @@ func (h *httpTry) failed(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDone 
 			o.err = fmt.Errorf("%w: per-try timeout %v: %w", ErrUpstreamTimeout, rt.cfg.Resilience.Retries.PerTryTimeout, err)
 		}
 	}
-	o.allowed = o.neverSent || (h.replayable && (b == nil || b.replayable()))
+	o.allowed = o.neverSent || (h.replayable && (b == nil || b.Replayable()))
 	if b != nil {
 		// What the client sends from now on, during the backoff too, is
 		// for the retry, if there is one.
-		b.giveUp()
+		b.GiveUp()
 	}
 	return o
 }
@@ -178,7 +180,7 @@ func (h *httpTry) answered(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDon
 	res := &rt.cfg.Resilience
 	gateway := isGatewayStatus(resp.StatusCode, res.Outlier.EjectOn5xx)
 	rt.reportTry(e, breakerDone, resp.StatusCode >= 500 && res.Breaker.TripOn5xx, gateway)
-	if gateway && isGatewayStatus(resp.StatusCode, false) && h.replayable && (b == nil || b.replayable()) &&
+	if gateway && isGatewayStatus(resp.StatusCode, false) && h.replayable && (b == nil || b.Replayable()) &&
 		len(l.tried)+1 < rt.state.Load().eligible &&
 		l.decide("status_"+strconv.Itoa(resp.StatusCode), true, false) {
 		// Held before the body is given up: a stream whose body is taken
@@ -187,7 +189,7 @@ func (h *httpTry) answered(l *tryLoop, e *endpoint, pk balancer.Pick, breakerDon
 		e.limits.endRequest()
 		done(pk, errGateway, l.start)
 		if b != nil {
-			b.giveUp() // as after a failed try
+			b.GiveUp() // as after a failed try
 		}
 		return outcome{verdict: tryFailed, err: fmt.Errorf("%w: %s", errGateway, resp.Status), decided: true}
 	}

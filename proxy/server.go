@@ -2,10 +2,7 @@ package proxy
 
 import (
 	"context"
-	"net"
 	"net/http"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -73,7 +70,7 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		ReadHeaderTimeout: opts.ReadHeaderTimeout,
 		IdleTimeout:       opts.IdleTimeout,
 		MaxHeaderBytes:    opts.MaxHeaderBytes,
-		ConnContext:       withInterrupter,
+		ConnContext:       h1.WithInterrupter,
 	}, log)
 	hs := httpserver.New(httpserver.Options{ReadHeaderTimeout: opts.ReadHeaderTimeout, H1: h1s, H2: h2}, log)
 	return &Server{Server: hs, h2: h2, stop: stop}
@@ -93,129 +90,4 @@ func (s *Server) Close() error {
 	err := s.Server.Close()
 	s.stop()
 	return err
-}
-
-// h2Server is the HTTP/2 engine's server side: the connections it serves
-// and the workers that run their handlers. It is an httpserver.ConnServer.
-type h2Server struct {
-	handler http.Handler
-	opts    ServerOptions
-	log     *zap.Logger
-	baseCtx context.Context
-
-	mu      sync.Mutex
-	conns   map[*h2ServerConn]struct{}
-	work    chan *h2ServerStream // idle handler workers take streams here
-	closed  atomic.Bool          // set under mu, so track cannot add after it; read anywhere
-	drained chan struct{}        // closed when the last connection ends after Shutdown
-}
-
-// ServeConn serves nc, whose client preface (prefix) the listener read.
-func (s *h2Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
-
-// track adds sc unless the server is closed.
-func (s *h2Server) track(sc *h2ServerConn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed.Load() {
-		return false
-	}
-	s.conns[sc] = struct{}{}
-	return true
-}
-
-// untrack removes sc, and tells a waiting Shutdown when the last connection
-// is gone.
-func (s *h2Server) untrack(sc *h2ServerConn) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.conns, sc)
-	if s.drained != nil && len(s.conns) == 0 {
-		close(s.drained)
-		s.drained = nil
-	}
-}
-
-// Shutdown refuses new connections, tells the clients to go away, and
-// waits until their streams have ended or ctx ends.
-func (s *h2Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
-	}
-	var drained chan struct{}
-	if len(s.conns) > 0 {
-		if s.drained == nil {
-			s.drained = make(chan struct{})
-		}
-		drained = s.drained
-	}
-	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.shutdown()
-	}
-	if drained == nil {
-		return nil
-	}
-	select {
-	case <-drained:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
-// Close refuses new connections and fails every connection.
-func (s *h2Server) Close() {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
-	}
-	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.fail(errH2ConnClosed)
-	}
-}
-
-// deadline returns the deadline d from now, or none when d is zero (no
-// limit).
-func deadline(d time.Duration) time.Time {
-	if d <= 0 {
-		return time.Time{}
-	}
-	return time.Now().Add(d)
-}
-
-// idleTimer runs its func once a connection has been idle for d; with d
-// zero (no limit) it never does. Its methods are the time.Timer's it
-// holds, and safe for concurrent use as those are.
-type idleTimer struct {
-	t *time.Timer
-	d time.Duration
-}
-
-// newIdleTimer starts an idleTimer that runs f after d.
-func newIdleTimer(d time.Duration, f func()) idleTimer {
-	if d <= 0 {
-		return idleTimer{}
-	}
-	return idleTimer{t: time.AfterFunc(d, f), d: d}
-}
-
-// reset starts the wait of d again.
-func (i idleTimer) reset() {
-	if i.t != nil {
-		i.t.Reset(i.d)
-	}
-}
-
-// stop keeps the func from running until the next reset.
-func (i idleTimer) stop() {
-	if i.t != nil {
-		i.t.Stop()
-	}
 }

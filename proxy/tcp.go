@@ -15,6 +15,10 @@ import (
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
+// proxyProtocolV2 is the RouteConfig.ProxyProtocol value that sends the
+// PROXY protocol v2 header (rawio.AppendProxyV2).
+const proxyProtocolV2 = "v2"
+
 // TCPServer proxies raw TCP connections for one upstream: each connection
 // goes to a node picked for it, bytes are copied both ways, and a half-close
 // on one side is passed to the other. A dial that fails counts against the
@@ -175,7 +179,7 @@ func (s *TCPServer) handle(client net.Conn) {
 	}
 	var header []byte
 	if rt.cfg.ProxyProtocol == proxyProtocolV2 {
-		header = appendProxyV2(make([]byte, 0, proxyV2MaxLen), client.RemoteAddr(), client.LocalAddr())
+		header = rawio.AppendProxyV2(make([]byte, 0, rawio.ProxyV2MaxLen), client.RemoteAddr(), client.LocalAddr())
 	}
 	var l tryLoop
 	l.init(s.p, s.abort, rt, key, hasKey, start)
@@ -282,7 +286,7 @@ func pipe(dst, src net.Conn, last *atomic.Int64) error {
 		closeBoth(dst, src)
 		return err
 	}
-	closeWrite(dst)
+	rawio.CloseWrite(dst)
 	return nil
 }
 

@@ -153,7 +153,7 @@ func (u *upgradeTry) attempt(l *tryLoop, e *endpoint, pk balancer.Pick, breakerD
 	var resp *http.Response
 	var err error
 	if pools := e.currentPools(l.start); pools.fast != nil && out.Body == nil {
-		resp, err = pools.fast.roundTrip(out, nil, l.start)
+		resp, err = pools.fast.RoundTrip(out, nil, l.start)
 	} else {
 		resp, err = pools.h1.RoundTrip(out)
 	}
@@ -205,12 +205,12 @@ func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser, tu
 	go func() {
 		// Bytes the server read past the handshake come first.
 		err := relay(node, io.LimitReader(held, int64(held.Buffered())), app, last)
-		closeWrite(node)
+		rawio.CloseWrite(node)
 		errc <- err
 	}()
 	go func() {
 		err := relay(app, nil, node, last)
-		closeWrite(app)
+		rawio.CloseWrite(app)
 		errc <- err
 	}()
 	err := <-errc
@@ -330,13 +330,4 @@ func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) err
 			return err
 		}
 	}
-}
-
-// closeWrite half-closes c when it can, so the peer sees EOF while the other
-// direction goes on.
-func closeWrite(c any) error {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return nil
 }

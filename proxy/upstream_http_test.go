@@ -9,8 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -377,5 +380,32 @@ func TestUpstreamHeaders(t *testing.T) {
 				t.Errorf("client saw X-Node = %q, want kept", g)
 			}
 		})
+	}
+}
+
+// TestUpstreamPOSTAfterNodeClosedIdle: a node that closes keep-alive
+// connections idle for a moment (net/http's IdleTimeout) does not make the
+// next POST through the sidecar fail, as it does not with Go's Transport.
+func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
+	var closed atomic.Int32
+	h := nodeHandler("n")
+	node := startServerWith(t, h, &http.Server{Handler: h, IdleTimeout: 20 * time.Millisecond,
+		ConnState: func(_ net.Conn, s http.ConnState) {
+			if s == http.StateClosed {
+				closed.Add(1)
+			}
+		}})
+	px := startUpstream(t, staticCache(t, map[string][]string{"svc": {node.Listener.Addr().String()}}),
+		RouteConfig{Service: "svc"})
+	client := newClient(t, nil)
+	for i := range 3 {
+		req, _ := http.NewRequest(http.MethodPost, px.URL+"/p", strings.NewReader("payload"))
+		if resp := do(t, client, req); resp.status != http.StatusOK || resp.body != "n POST /p" {
+			t.Fatalf("POST %d after the node closed the idle connection: %d %q, want 200", i, resp.status, resp.body)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for closed.Load() < int32(i+1) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
 	}
 }

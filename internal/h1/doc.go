@@ -1,6 +1,11 @@
-// Package h1 is the sidecar's HTTP/1.1 server: its own connection loop in
-// place of net/http's, for the connections a listener has accepted and
-// sniffed (internal/httpserver hands each to Server.ServeConn).
+// Package h1 is the sidecar's HTTP/1.1 engine: the server, its own
+// connection loop in place of net/http's, for the connections a listener
+// has accepted and sniffed (internal/httpserver hands each to
+// Server.ServeConn); and the client, a keep-alive connection Pool per node
+// in place of net/http's Transport for the requests that qualify. It
+// imports nothing of the proxy: what a pool needs of the proxy's per-node
+// limits and replay body comes in through two small interfaces, Limits
+// and Body.
 //
 // # What a connection does
 //
@@ -57,4 +62,39 @@
 // finish their answer (with Connection: close) and waits for them; Close
 // closes them all at once. The context passed to NewServer is every
 // request's parent: canceling it cancels them all.
+//
+// # The client pool
+//
+// A Pool (pool.go) writes a request and reads its answer on the caller's
+// goroutine, with 8 KiB buffers reused per connection, so a 4 KiB body
+// leaves with its head in one system call; wire.go holds the format:
+// writeRequest, readResponse (1xx skipped, framing worked out as
+// http.Transport does, trailers) and the framed response body, which
+// puts the connection back in the pool at its end. Qualifies says which
+// requests may take it: no Expect, no request trailers, no CONNECT, and a
+// body absent, held in memory or of a known length of at most
+// MaxStreamedBody (the body is written in full before the answer is read);
+// the proxy sends the others, and TLS, over net/http's Transport.
+// Plaintext upgrades go through the pool too: a 101 answer's body is the
+// connection itself, which never returns to the pool.
+//
+// A connection that has been idle for 10 ms (poolCheckIdleAfter) is
+// checked before reuse for the node having closed it; one reused that
+// fails before any of the answer arrives is replaced once by a new one
+// when the request never fully left or may be sent twice (idempotent
+// method, Idempotency-Key), as net/http does. Connections idle past the
+// idle timeout close, from one sweep timer per pool.
+//
+// The request's last write is made inside the read that waits for the
+// answer (rawio.Conn.HoldWrite), which spares the empty read Go would make
+// right after writing it. The end of a request's context interrupts the
+// connection's I/O: the app connection's context carries an interrupter
+// (WithInterrupter, the server's Options.ConnContext) registered once
+// with context.AfterFunc, which each exchange borrows in turn rather than
+// paying three allocations to register one of its own.
+//
+// A pool's connections count against the node's Limits: a dial takes a
+// slot, Close gives it back, and at max_connections a request waits as a
+// pending one for a slot or for a connection put back, which put hands
+// over to it directly. The proxy's nodeLimits implements Limits.
 package h1

@@ -220,8 +220,9 @@ func deadline(d time.Duration) time.Time {
 // aLongTimeAgo, as a deadline, interrupts a read under way.
 var aLongTimeAgo = time.Unix(1, 0)
 
-// limitReader bounds how much a request's head may read from the
-// connection: past n bytes, reads fail with err.
+// limitReader bounds how much a message's head may read from the
+// connection: past n bytes, reads fail with err. The server reads
+// requests through one, the client pool responses.
 type limitReader struct {
 	c   net.Conn
 	n   int64

@@ -440,3 +440,12 @@ func (c *Conn) OnClose(f func()) { c.onClose = f }
 
 // CloseWrite half-closes, as relayed upgrades need.
 func (c *Conn) CloseWrite() error { return c.tcp.CloseWrite() }
+
+// CloseWrite half-closes c when it can, so the peer sees EOF while the other
+// direction goes on.
+func CloseWrite(c any) error {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}

@@ -26,5 +26,9 @@
 // Read and Write; IdleBroken is one non-blocking peek, for a pool to check
 // a connection before reuse. Beneath finds the Conn under a Layered
 // connection (a sniffer's prefix, an HTTP/1.1 reader) so a relay sends what
-// the layer already read first. rawio imports nothing of the sidecar's.
+// the layer already read first. CloseWrite half-closes whatever can be.
+//
+// AppendProxyV2 writes the PROXY protocol v2 header (proxyproto.go) that a
+// TCP route sends first on each connection to a node, so the node learns
+// the client's address. rawio imports nothing of the sidecar's.
 package rawio

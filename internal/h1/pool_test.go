@@ -1,4 +1,4 @@
-package proxy
+package h1
 
 import (
 	"bufio"
@@ -13,7 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
+	"github.com/sidecarlb/sidecar/internal/wait"
 )
 
 // rawNode is an HTTP/1.1 node answering with canned bytes, so tests control
@@ -81,17 +83,29 @@ func startRawNode(t *testing.T, answer func(r *http.Request) (string, bool)) *ra
 
 func (n *rawNode) addr() string { return n.ln.Addr().String() }
 
-func testH1Pool() *h1Pool {
-	return newH1Pool(Timeouts{Connect: time.Second, Idle: time.Minute})
+// testBody is a Body, as the proxy's replay body behaves: held in memory
+// (buf), or streamed from src, and then replayable until read from.
+type testBody struct {
+	buf  []byte
+	src  io.Reader
+	read bool
 }
 
-func h1Get(t *testing.T, ctx context.Context, p *h1Pool, method, addr string) (*http.Response, string, error) {
+func (b *testBody) Read(p []byte) (int, error) { b.read = true; return b.src.Read(p) }
+func (b *testBody) Bytes() []byte              { return b.buf }
+func (b *testBody) Replayable() bool           { return b.buf != nil || !b.read }
+
+func testH1Pool() *Pool {
+	return NewPool(time.Second, time.Minute, nil)
+}
+
+func h1Get(t *testing.T, ctx context.Context, p *Pool, method, addr string) (*http.Response, string, error) {
 	t.Helper()
 	req, err := http.NewRequestWithContext(ctx, method, "http://"+addr+"/path?q=1", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := p.roundTrip(req, nil, time.Now())
+	resp, err := p.RoundTrip(req, nil, time.Now())
 	if err != nil {
 		return nil, "", err
 	}
@@ -147,7 +161,7 @@ func TestH1PoolFraming(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			node := startRawNode(t, func(*http.Request) (string, bool) { return tc.raw, tc.closeConn })
 			p := testH1Pool()
-			defer p.retire()
+			defer p.Retire()
 			method := tc.method
 			if method == "" {
 				method = http.MethodGet
@@ -197,13 +211,13 @@ func TestH1PoolMalformed(t *testing.T) {
 		{"bad header key", "HTTP/1.1 200 OK\r\nBad Key: 1\r\nContent-Length: 0\r\n\r\n"},
 		{"header without colon", "HTTP/1.1 200 OK\r\nNoColon\r\nContent-Length: 0\r\n\r\n"},
 		{"control byte in value", "HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 0\r\n\r\n"},
-		{"header too long", "HTTP/1.1 200 OK\r\nX-A: " + strings.Repeat("a", h1MaxHeaderBytes) + "\r\n\r\n"},
+		{"header too long", "HTTP/1.1 200 OK\r\nX-A: " + strings.Repeat("a", poolMaxHeaderBytes) + "\r\n\r\n"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			node := startRawNode(t, func(*http.Request) (string, bool) { return tc.raw, false })
 			p := testH1Pool()
-			defer p.retire()
+			defer p.Retire()
 			if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err == nil {
 				t.Errorf("roundTrip() error = nil, want one")
 			}
@@ -216,7 +230,7 @@ func TestH1PoolShortBody(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Errorf("read error = %v, want %v", err, io.ErrUnexpectedEOF)
 	}
@@ -227,11 +241,11 @@ func TestH1PoolWritesRequest(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/a%2Fb?x=1&y=2", nil)
 	req.Host = "svc.example"
 	req.Header = http.Header{"X-One": {"1", "2"}, "User-Agent": {""}}
-	resp, err := p.roundTrip(req, &body{buf: []byte("payload")}, time.Now())
+	resp, err := p.RoundTrip(req, &testBody{buf: []byte("payload")}, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,7 +271,7 @@ func TestH1PoolRetriesConnClosedIdle(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true // no Connection: close
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	for i := range 3 {
 		if _, body, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil || body != "ok" {
 			t.Fatalf("request %d = %q, %v; want ok", i, body, err)
@@ -281,13 +295,13 @@ func TestH1PoolRetriesOnlyWhatIsSafeToRepeat(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	post := func(key string) error {
 		req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", nil)
 		if key != "" {
 			req.Header.Set("Idempotency-Key", key)
 		}
-		resp, err := p.roundTrip(req, nil, time.Now())
+		resp, err := p.RoundTrip(req, nil, time.Now())
 		if err == nil {
 			io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
@@ -325,12 +339,12 @@ func TestH1PoolSkipsConnClosedWhileIdle(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true // closes, says nothing
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	for i := range 3 {
 		req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", strings.NewReader("body"))
 		// As if sent a moment later: the connection has been idle for
-		// h1CheckIdleAfter.
-		resp, err := p.roundTrip(req, &body{buf: []byte("body")}, time.Now().Add(h1CheckIdleAfter))
+		// poolCheckIdleAfter.
+		resp, err := p.RoundTrip(req, &testBody{buf: []byte("body")}, time.Now().Add(poolCheckIdleAfter))
 		if err != nil {
 			t.Fatalf("POST %d on a pool whose idle connection the node closed: %v", i, err)
 		}
@@ -355,7 +369,8 @@ func TestH1PoolDialError(t *testing.T) {
 	ln.Close()
 	p := testH1Pool()
 	_, _, err := h1Get(t, context.Background(), p, http.MethodGet, addr)
-	if !isDialError(err) {
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "dial" {
 		t.Errorf("roundTrip() error = %v, want a dial error", err)
 	}
 }
@@ -367,10 +382,10 @@ func TestH1PoolContextCancelMidBody(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr()+"/", nil)
-	resp, err := p.roundTrip(req, nil, time.Now())
+	resp, err := p.RoundTrip(req, nil, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -396,7 +411,7 @@ func TestH1PoolDeadline(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	if _, _, err := h1Get(t, ctx, p, http.MethodGet, node.addr()); !errors.Is(err, context.DeadlineExceeded) {
@@ -409,10 +424,10 @@ func TestH1PoolCloseBeforeEOF(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	for range 2 {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+node.addr()+"/", nil)
-		resp, err := p.roundTrip(req, nil, time.Now())
+		resp, err := p.RoundTrip(req, nil, time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -431,7 +446,7 @@ func TestH1PoolIdleTimeoutAndRetire(t *testing.T) {
 	node := startRawNode(t, func(*http.Request) (string, bool) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
-	p := newH1Pool(Timeouts{Connect: time.Second, Idle: 50 * time.Millisecond})
+	p := NewPool(time.Second, 50*time.Millisecond, nil)
 	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
 		t.Fatal(err)
 	}
@@ -441,7 +456,7 @@ func TestH1PoolIdleTimeoutAndRetire(t *testing.T) {
 	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
 		t.Fatal(err)
 	}
-	p.retire()
+	p.Retire()
 	p.mu.Lock()
 	idle := len(p.idle)
 	p.mu.Unlock()
@@ -464,16 +479,16 @@ func TestH1PoolStreamsKnownLengthBody(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	payload := strings.Repeat("0123456789", 1000) // larger than the write buffer
 	req, _ := http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", io.NopCloser(strings.NewReader(payload)))
 	req.ContentLength = int64(len(payload))
-	b := &body{src: req.Body}
-	req.Body, _ = b.next()
-	if !h1Qualifies(req, b) {
-		t.Fatalf("h1Qualifies() = false for a %d-byte body, want true", len(payload))
+	b := &testBody{src: req.Body}
+	req.Body = io.NopCloser(b)
+	if !Qualifies(req, b) {
+		t.Fatalf("Qualifies() = false for a %d-byte body, want true", len(payload))
 	}
-	resp, err := p.roundTrip(req, b, time.Now())
+	resp, err := p.RoundTrip(req, b, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -485,18 +500,18 @@ func TestH1PoolStreamsKnownLengthBody(t *testing.T) {
 		t.Errorf("node got %d bytes, want %d", len(got), len(payload))
 	}
 
-	short := &body{src: io.NopCloser(strings.NewReader("abc"))}
+	short := &testBody{src: strings.NewReader("abc")}
 	req, _ = http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", nil)
 	req.ContentLength = 10
-	req.Body, _ = short.next()
-	if _, err := p.roundTrip(req, short, time.Now()); !errors.Is(err, ErrBadRequestBody) {
-		t.Errorf("roundTrip() of a short body error = %v, want %v", err, ErrBadRequestBody)
+	req.Body = io.NopCloser(short)
+	if _, err := p.RoundTrip(req, short, time.Now()); !errors.Is(err, httpwire.ErrBadRequestBody) {
+		t.Errorf("roundTrip() of a short body error = %v, want %v", err, httpwire.ErrBadRequestBody)
 	}
 
 	req, _ = http.NewRequest(http.MethodPost, "http://"+node.addr()+"/", nil)
-	req.ContentLength = h1MaxStreamedBody + 1
-	if h1Qualifies(req, &body{src: http.NoBody}) {
-		t.Errorf("h1Qualifies() = true for a body over %d bytes, want false", h1MaxStreamedBody)
+	req.ContentLength = MaxStreamedBody + 1
+	if Qualifies(req, &testBody{src: http.NoBody}) {
+		t.Errorf("Qualifies() = true for a body over %d bytes, want false", MaxStreamedBody)
 	}
 }
 
@@ -505,11 +520,11 @@ func TestH1PoolRequestClose(t *testing.T) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
 	p := testH1Pool()
-	defer p.retire()
+	defer p.Retire()
 	for range 2 {
 		req, _ := http.NewRequest(http.MethodGet, "http://"+node.addr()+"/", nil)
 		req.Close = true
-		resp, err := p.roundTrip(req, nil, time.Now())
+		resp, err := p.RoundTrip(req, nil, time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -529,7 +544,7 @@ func TestH1PoolRequestClose(t *testing.T) {
 func TestInterrupter(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ictx, end := withInterrupter(ctx)
+	ictx, end := WithInterrupter(ctx)
 	defer end()
 	ci := ictx.Value(interrupterKey{}).(*interrupter)
 
@@ -580,7 +595,7 @@ func TestInterrupter(t *testing.T) {
 // timeout, say) has its own end, so it does not use the connection's
 // interrupter.
 func TestExchangeArmDerivedContext(t *testing.T) {
-	ictx, end := withInterrupter(context.Background())
+	ictx, end := WithInterrupter(context.Background())
 	defer end()
 	ci := ictx.Value(interrupterKey{}).(*interrupter)
 	dctx, cancel := context.WithCancel(ictx)
@@ -608,7 +623,7 @@ func TestExchangeArmDerivedContext(t *testing.T) {
 // The app connection's end interrupts an exchange still armed, at once,
 // before its context is canceled.
 func TestInterrupterEnd(t *testing.T) {
-	ictx, end := withInterrupter(context.Background())
+	ictx, end := WithInterrupter(context.Background())
 	ci := ictx.Value(interrupterKey{}).(*interrupter)
 	called := false
 	if !ci.arm(func() { called = true }) {
@@ -635,40 +650,13 @@ func TestH1UpgradedCloseWriteError(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	u := &h1Upgraded{pc: &h1Conn{c: rawio.Wrap(c)}}
+	u := &upgraded{pc: &ClientConn{c: rawio.Wrap(c)}}
 	if err := u.CloseWrite(); err != nil {
 		t.Fatalf("CloseWrite on an open connection: %v", err)
 	}
 	c.Close()
 	if err := u.CloseWrite(); err == nil {
 		t.Fatal("CloseWrite on a closed connection reported no error")
-	}
-}
-
-// TestUpstreamPOSTAfterNodeClosedIdle: a node that closes keep-alive
-// connections idle for a moment (net/http's IdleTimeout) does not make the
-// next POST through the sidecar fail, as it does not with Go's Transport.
-func TestUpstreamPOSTAfterNodeClosedIdle(t *testing.T) {
-	var closed atomic.Int32
-	h := nodeHandler("n")
-	node := startServerWith(t, h, &http.Server{Handler: h, IdleTimeout: 20 * time.Millisecond,
-		ConnState: func(_ net.Conn, s http.ConnState) {
-			if s == http.StateClosed {
-				closed.Add(1)
-			}
-		}})
-	px := startUpstream(t, staticCache(t, map[string][]string{"svc": {node.Listener.Addr().String()}}),
-		RouteConfig{Service: "svc"})
-	client := newClient(t, nil)
-	for i := range 3 {
-		req, _ := http.NewRequest(http.MethodPost, px.URL+"/p", strings.NewReader("payload"))
-		if resp := do(t, client, req); resp.status != http.StatusOK || resp.body != "n POST /p" {
-			t.Fatalf("POST %d after the node closed the idle connection: %d %q, want 200", i, resp.status, resp.body)
-		}
-		deadline := time.Now().Add(5 * time.Second)
-		for closed.Load() < int32(i+1) && time.Now().Before(deadline) {
-			time.Sleep(time.Millisecond)
-		}
 	}
 }
 
@@ -681,8 +669,8 @@ func TestH1PoolIdleSweep(t *testing.T) {
 	node := startRawNode(t, func(*http.Request) (string, bool) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
-	p := newH1Pool(Timeouts{Connect: time.Second, Idle: idle})
-	t.Cleanup(p.retire)
+	p := NewPool(time.Second, idle, nil)
+	t.Cleanup(p.Retire)
 	a, err := p.dial(context.Background(), node.addr())
 	if err != nil {
 		t.Fatal(err)
@@ -691,11 +679,11 @@ func TestH1PoolIdleSweep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resWait(t, 2*time.Second, "the node to accept both connections", func() bool { return node.accepts.Load() == 2 })
+	wait.For(t, 2*time.Second, "the node to accept both connections", func() bool { return node.accepts.Load() == 2 })
 	p.put(a)
 	time.Sleep(idle / 2)
 	p.put(b) // idle half as long as a when the first sweep runs
-	resWait(t, 5*time.Second, "the sweep to close the idle connections", func() bool {
+	wait.For(t, 5*time.Second, "the sweep to close the idle connections", func() bool {
 		return node.closed.Load() == 2
 	})
 	p.mu.Lock()
@@ -712,8 +700,8 @@ func TestH1PoolZeroIdle(t *testing.T) {
 	node := startRawNode(t, func(*http.Request) (string, bool) {
 		return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false
 	})
-	p := newH1Pool(Timeouts{Connect: time.Second}.withDefaults())
-	t.Cleanup(p.retire)
+	p := NewPool(time.Second, 0, nil)
+	t.Cleanup(p.Retire)
 	if _, _, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr()); err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package proxy
+package replay
 
 import (
 	"errors"
@@ -7,21 +7,23 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
-// maxReplayBody is the largest request body kept in memory so it can be
+// MaxBody is the largest request body kept in memory so it can be
 // sent again on a retry. Larger or unsized bodies stream, and are retried
 // only when no byte of them was read.
-const maxReplayBody = 64 << 10
+const MaxBody = 64 << 10
 
-// body is a request body as the tries of one request share it. Each try
-// reads it through a bodyReader of its own, bound to the try's number; the
+// Body is a request body as the tries of one request share it. Each try
+// reads it through a Reader of its own, bound to the try's number; the
 // body's owner is the latest try, and only the owner's reader takes bytes
 // from src. A try given up on may still have a read of src under way (an
 // HTTP/2 stream's body goroutine, a Transport's write loop, waiting for the
 // app's next bytes): what that read brings is kept for the owner, so no
 // byte of a streamed body is lost between tries.
-type body struct {
+type Body struct {
 	src io.ReadCloser
 	buf []byte // the whole body, when small enough to replay
 	// state is the owner's try number times 2, plus 1 once bytes of src
@@ -36,7 +38,7 @@ type body struct {
 	// kept for the owner; nil when none did. Under mu.
 	stale *staleRead
 
-	first bodyReader // the first try's reader, spared an allocation
+	first Reader // the first try's reader, spared an allocation
 
 	// trailer is the request's Trailer map, which src fills in, under mu,
 	// when it reaches the end of the body; declared is a copy taken before
@@ -54,13 +56,13 @@ type staleRead struct {
 	err error
 }
 
-// errStaleTry is what a bodyReader returns once a later try owns the body.
-var errStaleTry = errors.New("request body taken over by a later try")
+// ErrStaleTry is what a Reader returns once a later try owns the body.
+var ErrStaleTry = errors.New("request body taken over by a later try")
 
-// bodyReader is what one try sends. Close does nothing: the transport
+// Reader is what one try sends. Close does nothing: the transport
 // closes bodies on errors, and a retry may still need the body.
-type bodyReader struct {
-	b       *body
+type Reader struct {
+	b       *Body
 	try     uint64
 	off     int         // in b.buf, when the body is held in memory
 	trailer http.Header // the try's copy of the request's trailers, or nil
@@ -70,7 +72,7 @@ type bodyReader struct {
 // what a stale try left, then from src. It may block for the client's
 // next bytes; it is not for concurrent use, though readers of different
 // tries may read at once.
-func (r *bodyReader) Read(p []byte) (int, error) {
+func (r *Reader) Read(p []byte) (int, error) {
 	b := r.b
 	if b.buf != nil {
 		if r.off >= len(b.buf) {
@@ -81,12 +83,12 @@ func (r *bodyReader) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	if !b.owns(r.try) {
-		return 0, errStaleTry
+		return 0, ErrStaleTry
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.owns(r.try) {
-		return 0, errStaleTry // moved on while this read waited for b.mu
+		return 0, ErrStaleTry // moved on while this read waited for b.mu
 	}
 	n, err, ok := b.pendingLocked(r.try, p)
 	if !ok {
@@ -101,36 +103,36 @@ func (r *bodyReader) Read(p []byte) (int, error) {
 
 // takeTrailerLocked brings the try's trailers up to date at the end of the
 // body, from what src read. b.mu is held.
-func (r *bodyReader) takeTrailerLocked() {
+func (r *Reader) takeTrailerLocked() {
 	for k, vv := range r.b.trailer {
 		r.trailer[k] = vv
 	}
 }
 
-// tryRead reads what is at hand without waiting for the client: ok is
+// TryRead reads what is at hand without waiting for the client: ok is
 // false when a read would wait, or the source cannot tell. It does not
 // wait for a stale try's read of src either.
-func (r *bodyReader) tryRead(p []byte) (n int, err error, ok bool) {
+func (r *Reader) TryRead(p []byte) (n int, err error, ok bool) {
 	b := r.b
 	if b.buf != nil {
 		n, err = r.Read(p)
 		return n, err, true
 	}
 	src, can := b.src.(interface {
-		tryRead([]byte) (int, error, bool)
+		TryRead([]byte) (int, error, bool)
 	})
 	if !can {
 		return 0, nil, false
 	}
 	if !b.owns(r.try) {
-		return 0, errStaleTry, true
+		return 0, ErrStaleTry, true
 	}
 	if !b.mu.TryLock() {
 		return 0, nil, false // a stale try's read is under way
 	}
 	defer b.mu.Unlock()
 	if n, err, ok = b.pendingLocked(r.try, p); !ok {
-		if n, err, ok = src.tryRead(p); !ok {
+		if n, err, ok = src.TryRead(p); !ok {
 			return 0, nil, false
 		}
 		n, err = b.gotLocked(r.try, p[:n], err)
@@ -141,25 +143,25 @@ func (r *bodyReader) tryRead(p []byte) (n int, err error, ok bool) {
 	return n, err, true
 }
 
-func (r *bodyReader) Close() error { return nil }
+func (r *Reader) Close() error { return nil }
 
-// failed returns the error that broke reading the client's body, or nil.
-func (b *body) failed() error {
+// Failed returns the error that broke reading the client's body, or nil.
+func (b *Body) Failed() error {
 	if p := b.srcErr.Load(); p != nil {
-		return fmt.Errorf("%w: %w", ErrBadRequestBody, *p)
+		return fmt.Errorf("%w: %w", httpwire.ErrBadRequestBody, *p)
 	}
 	return nil
 }
 
 // owns reports whether try owns the body.
-func (b *body) owns(try uint64) bool { return b.state.Load()>>1 == try }
+func (b *Body) owns(try uint64) bool { return b.state.Load()>>1 == try }
 
 // handed reports whether bytes of src were handed to a try.
-func (b *body) handed() bool { return b.state.Load()&1 != 0 }
+func (b *Body) handed() bool { return b.state.Load()&1 != 0 }
 
 // hand marks bytes of src handed to try, reporting false, marking nothing,
 // when try no longer owns the body.
-func (b *body) hand(try uint64) bool {
+func (b *Body) hand(try uint64) bool {
 	for {
 		s := b.state.Load()
 		if s>>1 != try {
@@ -173,7 +175,7 @@ func (b *body) hand(try uint64) bool {
 
 // pendingLocked hands try what stale tries' reads left, if anything: ok is
 // false when there is nothing, and src is to be read. b.mu is held.
-func (b *body) pendingLocked(try uint64, p []byte) (n int, err error, ok bool) {
+func (b *Body) pendingLocked(try uint64, p []byte) (n int, err error, ok bool) {
 	st := b.stale
 	switch {
 	case st == nil:
@@ -181,7 +183,7 @@ func (b *body) pendingLocked(try uint64, p []byte) (n int, err error, ok bool) {
 	case len(st.p) == 0:
 		return 0, st.err, true
 	case !b.hand(try):
-		return 0, errStaleTry, true
+		return 0, ErrStaleTry, true
 	}
 	n = copy(p, st.p)
 	st.p = st.p[n:]
@@ -194,7 +196,7 @@ func (b *body) pendingLocked(try uint64, p []byte) (n int, err error, ok bool) {
 // gotLocked takes the outcome of try's read of src, p and err: passed on
 // while try owns the body, kept for the owner when try lost it while the
 // read waited. b.mu is held.
-func (b *body) gotLocked(try uint64, p []byte, err error) (int, error) {
+func (b *Body) gotLocked(try uint64, p []byte, err error) (int, error) {
 	if err != nil && err != io.EOF {
 		e := err // a copy, so that err itself stays off the heap
 		b.srcErr.Store(&e)
@@ -212,29 +214,29 @@ func (b *body) gotLocked(try uint64, p []byte, err error) (int, error) {
 	if err != nil {
 		b.stale.err = err
 	}
-	return 0, errStaleTry
+	return 0, ErrStaleTry
 }
 
-// newBody prepares r's body for tries: read into memory when it is small,
+// New prepares r's body for tries: read into memory when it is small,
 // known in size, and the request may be replayed after reaching a node.
-func newBody(r *http.Request, replayable bool) (*body, error) {
-	b := &body{src: r.Body}
+func New(r *http.Request, replayable bool) (*Body, error) {
+	b := &Body{src: r.Body}
 	if r.Trailer != nil {
 		b.trailer, b.declared = r.Trailer, r.Trailer.Clone()
 	}
-	if replayable && r.ContentLength > 0 && r.ContentLength <= maxReplayBody {
+	if replayable && r.ContentLength > 0 && r.ContentLength <= MaxBody {
 		b.buf = make([]byte, r.ContentLength)
 		if _, err := io.ReadFull(r.Body, b.buf); err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrBadRequestBody, err)
+			return nil, fmt.Errorf("%w: %w", httpwire.ErrBadRequestBody, err)
 		}
 	}
 	return b, nil
 }
 
-// next returns the body for the next try, which owns it from then on, or
+// Next returns the body for the next try, which owns it from then on, or
 // false when the body cannot be sent again: bytes of a streamed body were
 // handed to a try. It is for the retry loop alone, between tries.
-func (b *body) next() (io.ReadCloser, bool) {
+func (b *Body) Next() (io.ReadCloser, bool) {
 	var try uint64
 	for {
 		s := b.state.Load()
@@ -248,20 +250,29 @@ func (b *body) next() (io.ReadCloser, bool) {
 	}
 	r := &b.first
 	if try > 1 {
-		r = new(bodyReader) // an earlier try may still be reading its own
+		r = new(Reader) // an earlier try may still be reading its own
 	}
-	*r = bodyReader{b: b, try: try}
+	*r = Reader{b: b, try: try}
 	if b.declared != nil {
 		r.trailer = b.declared.Clone()
 	}
 	return r, true
 }
 
-// giveUp takes the body from the latest try, a retry of it being decided
+// GiveUp takes the body from the latest try, a retry of it being decided
 // on: what a read of that try still brings is kept for the next try, even
-// while the retry waits out its backoff. Like next, it is for the retry
+// while the retry waits out its backoff. Like Next, it is for the retry
 // loop alone.
-func (b *body) giveUp() { b.state.Add(2) }
+func (b *Body) GiveUp() { b.state.Add(2) }
 
-// replayable reports whether a try that reached a node may be repeated.
-func (b *body) replayable() bool { return b.buf != nil || !b.handed() }
+// Replayable reports whether a try that reached a node may be repeated.
+func (b *Body) Replayable() bool { return b.buf != nil || !b.handed() }
+
+// Bytes returns the whole body when it is held in memory, else nil
+// (h1.Body).
+func (b *Body) Bytes() []byte { return b.buf }
+
+// Trailer returns the try's own copy of the request's trailers (the
+// declared ones, brought up to date when the reader reaches the end), or
+// nil when the request declared none.
+func (r *Reader) Trailer() http.Header { return r.trailer }

@@ -1,12 +1,9 @@
-package proxy
+package rawio
 
 import (
 	"bytes"
 	"net"
-	"strings"
 	"testing"
-
-	"go.uber.org/zap"
 )
 
 // TestAppendProxyV2 checks the header bytes against the layout of HAProxy's
@@ -105,23 +102,14 @@ func TestAppendProxyV2(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			prefix := []byte("kept")
-			got := appendProxyV2(bytes.Clone(prefix), tc.src, tc.dst)
+			got := AppendProxyV2(bytes.Clone(prefix), tc.src, tc.dst)
 			want := append(append(bytes.Clone(prefix), sig...), tc.want...)
 			if !bytes.Equal(got, want) {
-				t.Errorf("appendProxyV2(%v, %v) =\n% x\nwant\n% x", tc.src, tc.dst, got, want)
+				t.Errorf("AppendProxyV2(%v, %v) =\n% x\nwant\n% x", tc.src, tc.dst, got, want)
 			}
-			if n := len(got) - len(prefix); n > proxyV2MaxLen {
-				t.Errorf("header is %d bytes, more than proxyV2MaxLen %d", n, proxyV2MaxLen)
+			if n := len(got) - len(prefix); n > ProxyV2MaxLen {
+				t.Errorf("header is %d bytes, more than ProxyV2MaxLen %d", n, ProxyV2MaxLen)
 			}
 		})
-	}
-}
-
-func TestTCPProxyProtocolUnknown(t *testing.T) {
-	t.Parallel()
-	p := New(nil, nil, zap.NewNop())
-	_, err := p.TCP("127.0.0.1:15002", RouteConfig{Service: "echo", Protocol: "tcp", ProxyProtocol: "v1"})
-	if err == nil || !strings.Contains(err.Error(), `unknown proxy protocol "v1"`) {
-		t.Errorf("TCP() error = %v, want unknown proxy protocol \"v1\"", err)
 	}
 }

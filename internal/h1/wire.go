@@ -1,4 +1,4 @@
-package proxy
+package h1
 
 import (
 	"bufio"
@@ -15,7 +15,7 @@ import (
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
-// The HTTP/1.1 wire format of h1Pool: writing a request, reading and
+// The HTTP/1.1 wire format of the client Pool: writing a request, reading and
 // framing a response.
 
 // checkRequestLine refuses a request whose method, query or host
@@ -24,26 +24,16 @@ import (
 // such requests already, and this is the second line.
 func checkRequestLine(out *http.Request) error {
 	if !httpwire.ValidToken(out.Method) {
-		return fmt.Errorf("%w: invalid method %q", ErrBadRequest, out.Method)
+		return fmt.Errorf("%w: invalid method %q", httpwire.ErrBadRequest, out.Method)
 	}
-	if !visibleBytes(out.URL.RawQuery) || !visibleBytes(out.Host) {
-		return fmt.Errorf("%w: control byte or space in the query or host", ErrBadRequest)
+	if !httpwire.Visible(out.URL.RawQuery) || !httpwire.Visible(out.Host) {
+		return fmt.Errorf("%w: control byte or space in the query or host", httpwire.ErrBadRequest)
 	}
 	return nil
 }
 
-// visibleBytes reports whether s holds no space or control byte.
-func visibleBytes(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c <= ' ' || c == 0x7f {
-			return false
-		}
-	}
-	return true
-}
-
 // writeRequest writes out's head and body and flushes.
-func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
+func (pc *ClientConn) writeRequest(out *http.Request, body reqBody) error {
 	w := pc.bw
 	w.WriteString(out.Method)
 	w.WriteByte(' ')
@@ -106,7 +96,7 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 		w.Write(buf[:n])
 		left -= int64(n)
 		if err == io.EOF && left > 0 {
-			return fmt.Errorf("%w: %w", ErrBadRequestBody, io.ErrUnexpectedEOF)
+			return fmt.Errorf("%w: %w", httpwire.ErrBadRequestBody, io.ErrUnexpectedEOF)
 		}
 		if err != nil && err != io.EOF {
 			return err
@@ -117,7 +107,7 @@ func (pc *h1Conn) writeRequest(out *http.Request, body reqBody) error {
 
 // readResponse reads a response head, skipping 1xx informational ones, and
 // works out the body's framing.
-func (pc *h1Conn) readResponse(out *http.Request) (*http.Response, error) {
+func (pc *ClientConn) readResponse(out *http.Request) (*http.Response, error) {
 	for n := 0; ; n++ {
 		head, err := pc.readHead()
 		if err != nil {
@@ -178,7 +168,7 @@ func (pc *h1Conn) readResponse(out *http.Request) (*http.Response, error) {
 
 // readHead reads a response head up to and including its empty line, as
 // one string.
-func (pc *h1Conn) readHead() (string, error) {
+func (pc *ClientConn) readHead() (string, error) {
 	buf := pc.head[:0]
 	lineStart := 0
 	for {
@@ -330,10 +320,10 @@ func shouldClose(minor int, conn []string) bool {
 	return httpwire.HasToken(conn, "close")
 }
 
-// h1Body reads one response's framed body from its connection, giving the
+// respBody reads one response's framed body from its connection, giving the
 // connection back to the pool at the end of a body read in full.
-type h1Body struct {
-	pc     *h1Conn // nil once finished
+type respBody struct {
+	pc     *ClientConn // nil once finished
 	resp   *http.Response
 	cr     io.Reader // chunked
 	remain int64     // length-delimited: bytes left
@@ -341,7 +331,7 @@ type h1Body struct {
 	err    error // sticky
 }
 
-func (b *h1Body) Read(p []byte) (int, error) {
+func (b *respBody) Read(p []byte) (int, error) {
 	if b.err != nil {
 		return 0, b.err
 	}
@@ -385,13 +375,13 @@ func (b *h1Body) Read(p []byte) (int, error) {
 }
 
 // readTrailer reads the trailer section after a chunked body's last chunk.
-func (b *h1Body) readTrailer() error {
+func (b *respBody) readTrailer() error {
 	br := b.pc.br
 	if p, err := br.Peek(2); err == nil && p[0] == '\r' && p[1] == '\n' {
 		_, _ = br.Discard(2)
 		return nil
 	}
-	b.pc.lr.n = h1MaxHeaderBytes
+	b.pc.lr.n = poolMaxHeaderBytes
 	tr, err := b.pc.tp.ReadMIMEHeader()
 	b.pc.lr.n = noLimit
 	if err != nil {
@@ -411,7 +401,7 @@ func (b *h1Body) readTrailer() error {
 
 // finish ends the exchange: the connection goes back to the pool when err
 // is nil and the response allows it, else it closes.
-func (b *h1Body) finish(err error) {
+func (b *respBody) finish(err error) {
 	pc := b.pc
 	if pc == nil {
 		return
@@ -435,7 +425,7 @@ func (b *h1Body) finish(err error) {
 }
 
 // Close ends the body; before its end it closes the connection.
-func (b *h1Body) Close() error {
+func (b *respBody) Close() error {
 	if b.pc != nil {
 		if b.err == nil {
 			b.err = errBodyClosed

@@ -1,4 +1,4 @@
-package proxy
+package replay
 
 import (
 	"bytes"
@@ -10,10 +10,12 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
 // feedSource is a client's body whose reads wait for what the test feeds
-// them, one read a feed; it can tell whether a read would wait (tryRead).
+// them, one read a feed; it can tell whether a read would wait (TryRead).
 type feedSource struct {
 	feed    chan feedRead // closed for EOF
 	started chan struct{} // a read began
@@ -39,7 +41,7 @@ func (s *feedSource) Read(p []byte) (int, error) {
 	return copy(p, f.p), f.err
 }
 
-func (s *feedSource) tryRead(p []byte) (int, error, bool) {
+func (s *feedSource) TryRead(p []byte) (int, error, bool) {
 	select {
 	case f, ok := <-s.feed:
 		s.reads.Add(1)
@@ -106,11 +108,11 @@ func mustResult(t *testing.T, c <-chan readResult, what string) readResult {
 	}
 }
 
-func mustNext(t *testing.T, b *body) io.ReadCloser {
+func mustNext(t *testing.T, b *Body) io.ReadCloser {
 	t.Helper()
-	r, ok := b.next()
+	r, ok := b.Next()
 	if !ok {
-		t.Fatal("next() = false, want a reader: no byte was handed to a try")
+		t.Fatal("Next() = false, want a reader: no byte was handed to a try")
 	}
 	return r
 }
@@ -128,17 +130,17 @@ func readOnce(r io.Reader) (string, error) {
 func TestBodyStaleTry(t *testing.T) {
 	t.Run("a stale read's bytes go to the next try", func(t *testing.T) {
 		src := newFeedSource()
-		b := &body{src: src}
+		b := &Body{src: src}
 		r1 := mustNext(t, b)
 		first := readAsync(r1)
 		src.waitRead(t)
 		r2 := mustNext(t, b) // while r1's read still waits
 		src.feed <- feedRead{p: "abc"}
-		if got := mustResult(t, first, "try 1"); got.p != "" || got.err != errStaleTry {
-			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, errStaleTry)
+		if got := mustResult(t, first, "try 1"); got.p != "" || got.err != ErrStaleTry {
+			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, ErrStaleTry)
 		}
-		if !b.replayable() {
-			t.Error("replayable() = false after a stale read, want true: no byte reached a try")
+		if !b.Replayable() {
+			t.Error("Replayable() = false after a stale read, want true: no byte reached a try")
 		}
 		if p, err := readOnce(r2); p != "abc" || err != nil {
 			t.Errorf("try 2 Read() = %q, %v; want %q, nil", p, err, "abc")
@@ -146,14 +148,14 @@ func TestBodyStaleTry(t *testing.T) {
 		if got := src.reads.Load(); got != 1 {
 			t.Errorf("source reads = %d, want 1: the kept bytes come first", got)
 		}
-		if b.replayable() {
-			t.Error("replayable() = true after bytes reached try 2, want false")
+		if b.Replayable() {
+			t.Error("Replayable() = true after bytes reached try 2, want false")
 		}
-		if _, ok := b.next(); ok {
-			t.Error("next() = true after bytes reached try 2, want false")
+		if _, ok := b.Next(); ok {
+			t.Error("Next() = true after bytes reached try 2, want false")
 		}
-		if p, err := readOnce(r1); p != "" || err != errStaleTry {
-			t.Errorf("try 1 Read() again = %q, %v; want nothing, %v", p, err, errStaleTry)
+		if p, err := readOnce(r1); p != "" || err != ErrStaleTry {
+			t.Errorf("try 1 Read() again = %q, %v; want nothing, %v", p, err, ErrStaleTry)
 		}
 		if got := src.reads.Load(); got != 1 {
 			t.Errorf("source reads = %d after a stale try's Read, want 1", got)
@@ -181,13 +183,13 @@ func TestBodyStaleTry(t *testing.T) {
 		// body, as net/http's does, while try 2's request, whose trailers
 		// are being encoded, must have a map of its own.
 		src := &trailerSource{feedSource: newFeedSource(), trailer: http.Header{"X-Sum": nil}}
-		b, err := newBody(&http.Request{Body: src, ContentLength: -1, Trailer: src.trailer}, false)
+		b, err := New(&http.Request{Body: src, ContentLength: -1, Trailer: src.trailer}, false)
 		if err != nil {
 			t.Fatal(err)
 		}
 		first := readAsync(mustNext(t, b))
 		src.waitRead(t)
-		r2 := mustNext(t, b).(*bodyReader)
+		r2 := mustNext(t, b).(*Reader)
 		encoded := make(chan struct{})
 		go func() {
 			defer close(encoded)
@@ -198,8 +200,8 @@ func TestBodyStaleTry(t *testing.T) {
 			}
 		}()
 		close(src.feed)
-		if got := mustResult(t, first, "try 1"); got.err != errStaleTry {
-			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, errStaleTry)
+		if got := mustResult(t, first, "try 1"); got.err != ErrStaleTry {
+			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, ErrStaleTry)
 		}
 		<-encoded
 		if p, err := readOnce(r2); p != "" || err != io.EOF {
@@ -216,13 +218,13 @@ func TestBodyStaleTry(t *testing.T) {
 
 	t.Run("the owner's read waits for a stale one and gets its bytes", func(t *testing.T) {
 		src := newFeedSource()
-		b := &body{src: src}
+		b := &Body{src: src}
 		first := readAsync(mustNext(t, b))
 		src.waitRead(t)
 		second := readAsync(mustNext(t, b))
 		src.feed <- feedRead{p: "xyz"}
-		if got := mustResult(t, first, "try 1"); got.err != errStaleTry {
-			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, errStaleTry)
+		if got := mustResult(t, first, "try 1"); got.err != ErrStaleTry {
+			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, ErrStaleTry)
 		}
 		if got := mustResult(t, second, "try 2"); got.p != "xyz" || got.err != nil {
 			t.Errorf("try 2 Read() = %q, %v; want %q, nil", got.p, got.err, "xyz")
@@ -235,54 +237,54 @@ func TestBodyStaleTry(t *testing.T) {
 	t.Run("bytes read after the try was given up wait for the next", func(t *testing.T) {
 		// A retry decided on, backing off: no next try yet.
 		src := newFeedSource()
-		b := &body{src: src}
+		b := &Body{src: src}
 		first := readAsync(mustNext(t, b))
 		src.waitRead(t)
-		b.giveUp()
+		b.GiveUp()
 		src.feed <- feedRead{p: "late"}
-		if got := mustResult(t, first, "try 1"); got.p != "" || got.err != errStaleTry {
-			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, errStaleTry)
+		if got := mustResult(t, first, "try 1"); got.p != "" || got.err != ErrStaleTry {
+			t.Errorf("try 1 Read() = %q, %v; want nothing, %v", got.p, got.err, ErrStaleTry)
 		}
-		if !b.replayable() {
-			t.Error("replayable() = false after a given-up try's read, want true")
+		if !b.Replayable() {
+			t.Error("Replayable() = false after a given-up try's read, want true")
 		}
 		if p, err := readOnce(mustNext(t, b)); p != "late" || err != nil {
 			t.Errorf("try 2 Read() = %q, %v; want %q, nil", p, err, "late")
 		}
 	})
 
-	t.Run("tryRead does not wait behind a stale read", func(t *testing.T) {
+	t.Run("TryRead does not wait behind a stale read", func(t *testing.T) {
 		src := newFeedSource()
-		b := &body{src: src}
+		b := &Body{src: src}
 		first := readAsync(mustNext(t, b))
 		src.waitRead(t)
-		r2 := mustNext(t, b).(*bodyReader)
+		r2 := mustNext(t, b).(*Reader)
 		buf := make([]byte, 64)
-		if n, err, ok := r2.tryRead(buf); ok {
-			t.Fatalf("tryRead() = %d, %v, true while a stale read holds the source, want ok false", n, err)
+		if n, err, ok := r2.TryRead(buf); ok {
+			t.Fatalf("TryRead() = %d, %v, true while a stale read holds the source, want ok false", n, err)
 		}
 		src.feed <- feedRead{p: "q"}
 		mustResult(t, first, "try 1")
-		if n, err, ok := r2.tryRead(buf); !ok || string(buf[:n]) != "q" || err != nil {
-			t.Errorf("tryRead() = %q, %v, %v; want %q, nil, true", buf[:n], err, ok, "q")
+		if n, err, ok := r2.TryRead(buf); !ok || string(buf[:n]) != "q" || err != nil {
+			t.Errorf("TryRead() = %q, %v, %v; want %q, nil, true", buf[:n], err, ok, "q")
 		}
-		if n, err, ok := r2.tryRead(buf); ok {
-			t.Errorf("tryRead() = %d, %v, true with nothing at hand, want ok false", n, err)
+		if n, err, ok := r2.TryRead(buf); ok {
+			t.Errorf("TryRead() = %d, %v, true with nothing at hand, want ok false", n, err)
 		}
-		if b.replayable() {
-			t.Error("replayable() = true after tryRead handed bytes, want false")
+		if b.Replayable() {
+			t.Error("Replayable() = true after TryRead handed bytes, want false")
 		}
 	})
 
 	t.Run("a stale read's EOF", func(t *testing.T) {
 		src := newFeedSource()
-		b := &body{src: src}
+		b := &Body{src: src}
 		first := readAsync(mustNext(t, b))
 		src.waitRead(t)
 		r2 := mustNext(t, b)
 		close(src.feed)
-		if got := mustResult(t, first, "try 1"); got.err != errStaleTry {
-			t.Errorf("try 1 Read() error = %v, want %v", got.err, errStaleTry)
+		if got := mustResult(t, first, "try 1"); got.err != ErrStaleTry {
+			t.Errorf("try 1 Read() error = %v, want %v", got.err, ErrStaleTry)
 		}
 		if p, err := readOnce(r2); p != "" || err != io.EOF {
 			t.Errorf("try 2 Read() = %q, %v; want EOF", p, err)
@@ -299,17 +301,17 @@ func TestBodyStaleTry(t *testing.T) {
 
 	t.Run("a stale read's error", func(t *testing.T) {
 		src := newFeedSource()
-		b := &body{src: src}
+		b := &Body{src: src}
 		first := readAsync(mustNext(t, b))
 		src.waitRead(t)
 		r2 := mustNext(t, b)
 		broken := errors.New("client reset")
 		src.feed <- feedRead{p: "ab", err: broken}
-		if got := mustResult(t, first, "try 1"); got.err != errStaleTry {
-			t.Errorf("try 1 Read() error = %v, want %v", got.err, errStaleTry)
+		if got := mustResult(t, first, "try 1"); got.err != ErrStaleTry {
+			t.Errorf("try 1 Read() error = %v, want %v", got.err, ErrStaleTry)
 		}
-		if err := b.failed(); !errors.Is(err, ErrBadRequestBody) || !errors.Is(err, broken) {
-			t.Errorf("failed() = %v, want %v wrapping %v", err, ErrBadRequestBody, broken)
+		if err := b.Failed(); !errors.Is(err, httpwire.ErrBadRequestBody) || !errors.Is(err, broken) {
+			t.Errorf("Failed() = %v, want %v wrapping %v", err, httpwire.ErrBadRequestBody, broken)
 		}
 		if p, err := readOnce(r2); p != "ab" || err != nil {
 			t.Errorf("try 2 Read() = %q, %v; want %q, nil", p, err, "ab")
@@ -320,7 +322,7 @@ func TestBodyStaleTry(t *testing.T) {
 	})
 
 	t.Run("a body in memory reads whole on every try", func(t *testing.T) {
-		b := &body{src: http.NoBody, buf: []byte("0123456789")}
+		b := &Body{src: http.NoBody, buf: []byte("0123456789")}
 		r1 := mustNext(t, b)
 		if p, _ := io.ReadAll(io.LimitReader(r1, 4)); string(p) != "0123" {
 			t.Fatalf("try 1 read %q, want 0123", p)
@@ -332,8 +334,8 @@ func TestBodyStaleTry(t *testing.T) {
 		if p, err := io.ReadAll(r1); string(p) != "456789" || err != nil {
 			t.Errorf("try 1 read on %q, %v; want the rest of its own", p, err)
 		}
-		if !b.replayable() {
-			t.Error("replayable() = false for a body in memory, want true")
+		if !b.Replayable() {
+			t.Error("Replayable() = false for a body in memory, want true")
 		}
 	})
 }
@@ -349,7 +351,7 @@ func TestBodyStaleTryHammer(t *testing.T) {
 	)
 	for round := range 300 {
 		pr, pw := io.Pipe()
-		b := &body{src: pr}
+		b := &Body{src: pr}
 		// The client starts sending once start tries were begun, the first
 		// of them waiting in a read by then, and goes on while more begin.
 		start := round%tries + 1
@@ -376,7 +378,7 @@ func TestBodyStaleTryHammer(t *testing.T) {
 		}
 		var outcomes []chan outcome
 		for try := 1; ; try++ {
-			r, ok := b.next()
+			r, ok := b.Next()
 			if !ok {
 				break
 			}
@@ -420,8 +422,8 @@ func TestBodyStaleTryHammer(t *testing.T) {
 			switch {
 			case o.err == io.EOF:
 				holder, got = i+1, o.got
-			case o.err != errStaleTry || len(o.got) > 0:
-				t.Fatalf("round %d: stale try %d read %q, %v; want nothing, %v", round, i+1, o.got, o.err, errStaleTry)
+			case o.err != ErrStaleTry || len(o.got) > 0:
+				t.Fatalf("round %d: stale try %d read %q, %v; want nothing, %v", round, i+1, o.got, o.err, ErrStaleTry)
 			}
 		}
 		if holder != len(outcomes) {

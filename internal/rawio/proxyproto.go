@@ -1,4 +1,4 @@
-package proxy
+package rawio
 
 import (
 	"encoding/binary"
@@ -11,10 +11,6 @@ import (
 // connection to a node, so the node learns which address the connection
 // really comes from.
 
-// proxyProtocolV2 is the RouteConfig.ProxyProtocol value that sends the
-// header.
-const proxyProtocolV2 = "v2"
-
 // proxyV2Signature opens every v2 header.
 var proxyV2Signature = [12]byte{'\r', '\n', '\r', '\n', 0, '\r', '\n', 'Q', 'U', 'I', 'T', '\n'}
 
@@ -25,17 +21,17 @@ const (
 	proxyV2TCP4   = 0x11 // TCP over IPv4: 12 bytes of addresses
 	proxyV2TCP6   = 0x21 // TCP over IPv6: 36 bytes of addresses
 
-	// proxyV2MaxLen is the longest header appendProxyV2 writes: the
+	// ProxyV2MaxLen is the longest header AppendProxyV2 writes: the
 	// 16-byte fixed part and the IPv6 addresses.
-	proxyV2MaxLen = 16 + 36
+	ProxyV2MaxLen = 16 + 36
 )
 
-// appendProxyV2 appends to b the PROXY protocol v2 header of a TCP
+// AppendProxyV2 appends to b the PROXY protocol v2 header of a TCP
 // connection from src to dst: a PROXY command carrying both addresses and
 // ports when both are TCP addresses of one IP family (IPv4-mapped IPv6
 // counts as IPv4), else a LOCAL command with no addresses, which tells the
 // node to use the connection's own.
-func appendProxyV2(b []byte, src, dst net.Addr) []byte {
+func AppendProxyV2(b []byte, src, dst net.Addr) []byte {
 	b = append(b, proxyV2Signature[:]...)
 	s, sok := tcpAddrPort(src)
 	d, dok := tcpAddrPort(dst)
