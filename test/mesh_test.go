@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/zap/zaptest"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
@@ -379,7 +380,10 @@ func TestMeshGRPC(t *testing.T) {
 	billing := startMeshNode(t, client, "billing", mesh.ModeStrict, ln.Addr().String())
 	web := startMeshNode(t, client, "web", "")
 
-	conn, err := grpc.NewClient(billing.addr, grpc.WithTransportCredentials(credentials.NewTLS(web.id.ClientTLS("billing", "h2"))))
+	// The deny closes the client's connection; a short reconnect backoff
+	// (grpc-go's grows to 2 minutes) lets the test see the allow apply.
+	conn, err := grpc.NewClient(billing.addr, grpc.WithTransportCredentials(credentials.NewTLS(web.id.ClientTLS("billing", "h2"))),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, MaxDelay: 200 * time.Millisecond}, MinConnectTimeout: 2 * time.Second}))
 	if err != nil {
 		t.Fatal(err)
 	}
