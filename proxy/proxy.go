@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -35,6 +36,10 @@ type Resolver interface {
 // RouteConfig says how requests for a service are carried.
 type RouteConfig struct {
 	Service string
+	// Name is the listener label of the route's metrics and access log
+	// lines: the upstream's name (upstreams[].name), or "forward". If
+	// empty, the listener's address is used.
+	Name string
 	// Protocol is "http" (the default; gRPC calls still go over h2c),
 	// "http2" or "grpc" (nodes reached over h2c), or "tcp".
 	Protocol string
@@ -125,7 +130,7 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 // host names the service, and defaults (less its Service) says how to carry
 // it. Names that are not registered services are refused.
 func (p *Proxy) Forward(listener string, defaults RouteConfig) (*Forwarder, error) {
-	f := &Forwarder{p: p, listener: listener}
+	f := &Forwarder{p: p, listener: listener, name: cmp.Or(defaults.Name, listener)}
 	st, err := newForwardState(defaults)
 	if err != nil {
 		return nil, err
@@ -138,6 +143,7 @@ func (p *Proxy) Forward(listener string, defaults RouteConfig) (*Forwarder, erro
 type Forwarder struct {
 	p        *Proxy
 	listener string
+	name     string                       // the listener label of its metrics
 	state    atomic.Pointer[forwardState] // swapped by Update
 	mu       sync.Mutex                   // serialises route creation and Update
 }
@@ -187,14 +193,14 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	name, tag, dc, err := serviceFromRequest(r)
 	if err != nil {
-		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
+		f.p.metrics.refused.WithLabelValues(f.name, "", "bad_service_name").Inc()
 		answerError(w, r, err)
 		return
 	}
 	rt, err := f.route(r.Context(), name, tag, dc)
 	if err != nil {
 		_, code := classify(err)
-		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
+		f.p.metrics.refused.WithLabelValues(f.name, "", code).Inc() // no client-chosen label values
 		answerError(w, r, err)
 		return
 	}
@@ -350,9 +356,12 @@ func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *
 	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
 
+	grpc := isGRPCResponse(resp)
 	answerHeader(w, resp)
 	w.WriteHeader(resp.StatusCode)
-	e.requests[codeClass(resp.StatusCode)].Inc()
+	if !grpc {
+		e.requests[codeClass(resp.StatusCode)].Inc()
+	}
 	if resp.ContentLength < 0 {
 		// A stream: the client may need the headers before any message.
 		_ = http.NewResponseController(w).Flush()
@@ -363,6 +372,9 @@ func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *
 		for k, vv := range resp.Trailer {
 			h[trailerKey(k)] = vv
 		}
+	}
+	if grpc {
+		rt.metrics.grpcCall(e, resp) // its status is known once the trailers are in
 	}
 	outcome := err
 	if outcome == nil && isGatewayStatus(resp.StatusCode, rt.cfg.Resilience.Outlier.EjectOn5xx) {

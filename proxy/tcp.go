@@ -191,7 +191,8 @@ func (s *TCPServer) handle(client net.Conn) {
 	backend, e := c.backend, c.e
 	defer done(c.pk, nil, start)
 	defer backend.Close()
-	e.requests[1].Inc() // a connection made counts as 2xx
+	m.tcpConnections.WithLabelValues(m.endpoint(e.Addr)).Inc()
+	defer func() { m.tcpDuration.Observe(time.Since(start).Seconds()) }()
 
 	var last atomic.Int64
 	defer closeWhenIdle(rt.cfg.Timeouts.Idle, &last, client, backend).Stop()

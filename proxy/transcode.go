@@ -132,8 +132,8 @@ func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *rout
 	}
 	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
-	e.requests[codeClass(resp.StatusCode)].Inc()
 	err = call.Respond(w, resp)
+	m.grpcCall(e, resp) // a gRPC call to the node, whatever the client spoke
 	outcome := err
 	if outcome == nil && isGatewayStatus(resp.StatusCode, rt.cfg.Resilience.Outlier.EjectOn5xx) {
 		outcome = errGateway

@@ -414,6 +414,7 @@ func listenUpstream(cfg *config.Config, u config.Upstream, px *proxy.Proxy, cach
 // forwardRoute is the forward proxy's route defaults.
 func forwardRoute(p config.Proxy) proxy.RouteConfig {
 	return proxy.RouteConfig{
+		Name:         "forward",
 		Balancer:     p.Balancer,
 		HashKey:      p.HashKey,
 		PreserveHost: p.PreserveHost,
@@ -439,6 +440,7 @@ func forwardServices(list []config.ForwardService) map[string]proxy.ServiceConfi
 func upstreamRoute(cfg *config.Config, u config.Upstream) proxy.RouteConfig {
 	return proxy.RouteConfig{
 		Service:       upstreamKey(cfg, u),
+		Name:          u.Name,
 		Protocol:      u.Protocol,
 		Balancer:      u.Balancer,
 		HashKey:       u.HashKey,
