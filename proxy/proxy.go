@@ -112,6 +112,9 @@ type Proxy struct {
 	log      *zap.Logger
 	metrics  *Metrics
 	clock    resilience.Clock // ejections' ends; resilience.System but in tests
+	obs      Observability    // the access log and tracing (access.go)
+	// refusedLog logs the answers the sidecar makes itself, rate limited.
+	refusedLog *zap.Logger
 
 	mu     sync.Mutex
 	routes []*route // for Status, in creation order
@@ -123,7 +126,7 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Proxy{resolver: resolver, log: log, metrics: metrics, clock: resilience.System}
+	return &Proxy{resolver: resolver, log: log, metrics: metrics, clock: resilience.System, refusedLog: refusedLog(log)}
 }
 
 // Forward returns the handler of the forward-proxy listener: the request's
@@ -187,6 +190,10 @@ func (f *Forwarder) Update(defaults RouteConfig) error {
 }
 
 func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w, aw := f.p.observe(w, r, f.name)
+	if aw != nil {
+		defer f.p.logAccess(aw)
+	}
 	if r.Method == http.MethodConnect {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
@@ -194,6 +201,7 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	name, tag, dc, err := serviceFromRequest(r)
 	if err != nil {
 		f.p.metrics.refused.WithLabelValues(f.name, "", "bad_service_name").Inc()
+		f.p.logRefused(f.name, "", r, "bad_service_name", err)
 		answerError(w, r, err)
 		return
 	}
@@ -201,6 +209,7 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		_, code := classify(err)
 		f.p.metrics.refused.WithLabelValues(f.name, "", code).Inc() // no client-chosen label values
+		f.p.logRefused(f.name, "", r, code, err)
 		answerError(w, r, err)
 		return
 	}
@@ -286,6 +295,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	m := &rt.metrics
 	m.inflight.Inc()
 	defer m.inflight.Dec()
+	setAccessService(w, rt.cfg.Service)
 
 	if r.Method == http.MethodConnect {
 		http.Error(w, "sidecar: CONNECT is not supported", http.StatusMethodNotAllowed)
@@ -314,7 +324,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		// Let a streaming HTTP/1.1 client read the answer while it sends.
 		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
-	resp, e, pk, err := p.roundTrip(ctx, r, rt, grpc, start)
+	resp, e, pk, err := p.roundTrip(ctx, r, rt, grpc, start, accessOf(w))
 	if err != nil {
 		if r.Context().Err() != nil {
 			// The client went away; nobody is left to answer.
@@ -331,6 +341,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
 			err = &proxyError{rt.cfg.Service, err} // name the service once
 		}
+		p.logRefused(m.listener, rt.cfg.Service, r, code, err)
 		answerError(w, r, err)
 		return
 	}
@@ -357,6 +368,7 @@ func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *
 	defer resp.Body.Close()
 
 	grpc := isGRPCResponse(resp)
+	setAccessNode(w, e.Addr)
 	answerHeader(w, resp)
 	w.WriteHeader(resp.StatusCode)
 	if !grpc {
