@@ -52,6 +52,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	registerBuildInfo(reg)
 
 	backend, err := newBackend(cfg, consul, log)
 	if err != nil {
@@ -61,7 +62,13 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	defer cache.Close()
 	reg.MustRegister(cache.Collector())
 
-	px := proxy.New(cache, proxy.NewMetrics(reg), log.Named("proxy"))
+	px := proxy.New(cache, proxy.NewMetricsWith(reg, proxy.MetricsOptions{NoEndpointLabels: !cfg.Metrics.EndpointLabels}), log.Named("proxy"))
+	access, closeAccess, err := newAccessLogger(cfg.Log, os.Stdout)
+	if err != nil {
+		return err
+	}
+	defer closeAccess()
+	px.SetObservability(proxy.Observability{Access: access, AccessSample: cfg.Log.AccessSample, StartTraces: cfg.Tracing.Start})
 	servers, err := listen(cfg, px, cache, log)
 	if err != nil {
 		return err
@@ -70,6 +77,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	var registrar *heartbeat.Registrar
 	if s := cfg.Service; s != nil {
 		registrar = newRegistrar(s, consul.Agent(), log.Named("heartbeat"))
+		registerHeartbeatMetrics(reg, registrar)
 	}
 
 	sections := map[string]func() any{
@@ -88,6 +96,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 			return err
 		}
 		sections["app"] = func() any { return app.Status() }
+		registerAppMetrics(reg, app)
 	}
 	var ps *pubsubRuntime
 	if cfg.PubSub.Enabled() {
