@@ -242,8 +242,10 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 	e.limits.reclaim = e.closeAnIdle
 	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
-	for i, class := range codeClasses {
-		e.requests[i] = rt.metrics.requests.WithLabelValues(rt.metrics.endpoint(ep.Addr), class, "")
+	if rt.cfg.Protocol != "tcp" { // a TCP route counts connections, not requests
+		for i, class := range codeClasses {
+			e.requests[i] = rt.metrics.requests.WithLabelValues(rt.metrics.endpoint(ep.Addr), class, "")
+		}
 	}
 	return e
 }

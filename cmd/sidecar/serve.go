@@ -446,10 +446,21 @@ func forwardServices(list []config.ForwardService) map[string]proxy.ServiceConfi
 }
 
 // upstreamRoute is the route of upstream u of cfg.
+// upstreamName is the listener label of u's metrics and access log lines:
+// its name, or name@listen when another upstream has the same name.
+func upstreamName(cfg *config.Config, u config.Upstream) string {
+	for _, o := range cfg.Upstreams {
+		if o.Listen != u.Listen && strings.EqualFold(o.Name, u.Name) {
+			return u.Name + "@" + u.Listen
+		}
+	}
+	return u.Name
+}
+
 func upstreamRoute(cfg *config.Config, u config.Upstream) proxy.RouteConfig {
 	return proxy.RouteConfig{
 		Service:       upstreamKey(cfg, u),
-		Name:          u.Name,
+		Name:          upstreamName(cfg, u),
 		Protocol:      u.Protocol,
 		Balancer:      u.Balancer,
 		HashKey:       u.HashKey,
