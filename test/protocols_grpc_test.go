@@ -282,7 +282,7 @@ func TestProtocolGRPCForward(t *testing.T) {
 		{"echo.service.consul", codes.OK, ""},
 		{"nope", codes.Unimplemented, `sidecar: service "nope": unknown service`},
 		{"drained", codes.Unavailable, `sidecar: service "drained": no endpoints`},
-		{"localhost", codes.InvalidArgument, `sidecar: service "localhost": not a service name`},
+		{"localhost", codes.InvalidArgument, `sidecar: not a service name: "localhost"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.authority, func(t *testing.T) {
