@@ -310,3 +310,18 @@ func TestTCPAccessLog(t *testing.T) {
 		t.Errorf("sidecar_upstream_requests_total of a TCP connection = %v, want 0", got)
 	}
 }
+
+// BenchmarkProxyHTTPAccessLog is BenchmarkProxyHTTP with the access log on
+// (JSON to io.Discard) and tracing.start: what the line and a new trace
+// cost a request.
+func BenchmarkProxyHTTPAccessLog(b *testing.B) {
+	node := benchNode(b)
+	px := New(staticCache(b, map[string][]string{"echo": {node.Listener.Addr().String()}}), nil, zap.NewNop())
+	enc := zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig())
+	px.SetObservability(Observability{Access: zap.New(zapcore.NewCore(enc, zapcore.AddSync(io.Discard), zapcore.InfoLevel)), StartTraces: true})
+	h, err := px.Upstream("127.0.0.1:0", RouteConfig{Service: "echo", Timeouts: sidecarTimeouts()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	benchGet(b, startProxyServer(b, h).URL+"/bench")
+}

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -207,4 +208,71 @@ lines:
 		return l
 	}
 	return ""
+}
+
+// metricValue returns the value of the first series of name (with the
+// labels in parts) in the exposition text, or -1.
+func metricValue(t *testing.T, text, name string, parts ...string) float64 {
+	t.Helper()
+	l := metricLine(text, name, parts...)
+	if l == "" {
+		return -1
+	}
+	f := strings.Fields(l)
+	v, err := strconv.ParseFloat(f[len(f)-1], 64)
+	if err != nil {
+		t.Fatalf("%s: %v", l, err)
+	}
+	return v
+}
+
+// TestAppAndHeartbeatMetrics: a sidecar running its app says on /metrics
+// when its probe last passed, how many probes failed, how often the app
+// restarted and how much memory it holds; promtool accepts the lot.
+func TestAppAndHeartbeatMetrics(t *testing.T) {
+	t.Parallel()
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		if testing.Short() {
+			t.Skip("no promtool")
+		}
+		t.Fatal("no promtool on PATH (make promtool)")
+	}
+	agent := consulagent.Start(t, consulagent.Options{})
+	a := newRTApp(t, "obs-app", "obs-app-1", agent.Addr())
+	a.start(t)
+	httpc := &http.Client{Timeout: 10 * time.Second}
+
+	req, _ := http.NewRequest(http.MethodPost, "http://"+a.adminAddr+"/app/restart", nil)
+	req.Header.Set("Authorization", "Bearer s3cret")
+	resp, err := httpc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST /app/restart = %d, want 200", resp.StatusCode)
+	}
+
+	var text string
+	consulagent.WaitFor(t, 15*time.Second, "the metrics of the restarted app", func() bool {
+		resp, err := httpc.Get("http://" + a.adminAddr + "/metrics")
+		if err != nil {
+			return false
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		text = string(b)
+		return metricValue(t, text, "sidecar_app_restarts_total ") == 1 &&
+			metricValue(t, text, "sidecar_app_resident_memory_bytes ") > 0 &&
+			metricValue(t, text, "sidecar_heartbeat_last_pass_timestamp_seconds ") > float64(time.Now().Add(-time.Minute).Unix())
+	})
+	if v := metricValue(t, text, "sidecar_heartbeat_probe_failures_total "); v < 0 {
+		t.Errorf("/metrics has no sidecar_heartbeat_probe_failures_total")
+	}
+	check := exec.Command(promtool, "check", "metrics")
+	check.Stdin = strings.NewReader(text)
+	if out, err := check.CombinedOutput(); err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
 }
