@@ -325,3 +325,35 @@ func BenchmarkProxyHTTPAccessLog(b *testing.B) {
 	}
 	benchGet(b, startProxyServer(b, h).URL+"/bench")
 }
+
+// TestAccessLogForward: the forward proxy's lines carry its name as
+// listener, and a name that is no service is logged with its error code.
+func TestAccessLogForward(t *testing.T) {
+	node := traceNode(t)
+	accessCore, access := observer.New(zapcore.InfoLevel)
+	px := New(staticCache(t, map[string][]string{"echo": {node.Listener.Addr().String()}}), nil, zap.NewNop())
+	px.SetObservability(Observability{Access: zap.New(accessCore)})
+	f, err := px.Forward("127.0.0.1:0", RouteConfig{Name: "forward", Timeouts: sidecarTimeouts()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startProxyServer(t, f)
+	c := newClient(t, nil)
+	for _, host := range []string{"echo", "nosuch"} {
+		req, _ := http.NewRequest(http.MethodGet, srv.URL+"/", nil)
+		req.Host = host
+		do(t, c, req)
+	}
+	waitFor(t, "two access lines", func() bool { return access.Len() >= 2 })
+	byHost := map[string]map[string]any{}
+	for _, l := range access.All() {
+		f := l.ContextMap()
+		byHost[f["authority"].(string)] = f
+	}
+	if f := byHost["echo"]; f["listener"] != "forward" || f["service"] != "echo" || f["status"] != int64(200) {
+		t.Errorf("access line of echo = %v, want listener forward, service echo, 200", f)
+	}
+	if f := byHost["nosuch"]; f["listener"] != "forward" || f["error_code"] != "unknown_service" || f["status"] != int64(404) {
+		t.Errorf("access line of nosuch = %v, want listener forward, error_code unknown_service, 404", f)
+	}
+}
