@@ -37,7 +37,7 @@ func newTranscoder(rt *route, m *Metrics) (*transcode.Transcoder, error) {
 		}
 		sources = append(sources, f)
 	}
-	fetches := m.schemaFetches.MustCurryWith(map[string]string{"listener": rt.listener, "service": rt.cfg.Service})
+	fetches := m.schemaFetches.MustCurryWith(map[string]string{"listener": rt.metrics.listener, "service": rt.cfg.Service})
 	return transcode.New(transcode.NewSchemas(sources, transcode.SchemaOptions{
 		Refresh: c.Refresh,
 		OnFetch: func(source string, err error) {
