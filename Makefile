@@ -7,7 +7,7 @@ NATS_VERSION   := v2.15.3
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS   := -s -w -X main.version=$(VERSION)
 
-.PHONY: cover all build consul nats h2spec systemd-analyze chromium test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
+.PHONY: cover all build consul nats h2spec systemd-analyze chromium promtool test test-short lint bench pgo demo demo-pubsub demo-pubsub-nats clean
 
 all: build
 
@@ -67,7 +67,14 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: consul nats h2spec systemd-analyze chromium build
+# promtool checks every metric name and help text of a real sidecar's
+# /metrics in TestObservability (Debian's prometheus package; no smaller
+# package carries promtool).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: consul nats h2spec systemd-analyze chromium promtool build
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 # Coverage of the unit and integration tests together: the sidecar processes
@@ -75,7 +82,7 @@ test: consul nats h2spec systemd-analyze chromium build
 # bin/cover/procs when they exit, so cmd/sidecar, heartbeat, supervisor and
 # config count what the real processes ran. bin/cover/all.out is the merged
 # profile (go tool cover -html=bin/cover/all.out to browse it).
-cover: consul nats h2spec systemd-analyze chromium
+cover: consul nats h2spec systemd-analyze chromium promtool
 	@rm -rf bin/cover && mkdir -p bin/cover/procs
 	SIDECAR_TEST_COVERDIR=$(CURDIR)/bin/cover/procs $(GO) test -race -count=1 -coverpkg=./... -coverprofile=bin/cover/unit.out ./...
 	$(GO) tool covdata textfmt -i bin/cover/procs -o bin/cover/procs.out

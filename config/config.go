@@ -72,6 +72,8 @@ type Config struct {
 	Consul    Consul     `yaml:"consul"`
 	Admin     Admin      `yaml:"admin"`
 	Log       Log        `yaml:"log"`
+	Metrics   Metrics    `yaml:"metrics"`
+	Tracing   Tracing    `yaml:"tracing"`
 	Discovery Discovery  `yaml:"discovery"`
 	Proxy     Proxy      `yaml:"proxy"`
 	Upstreams []Upstream `yaml:"upstreams"`
@@ -168,6 +170,31 @@ type Admin struct {
 type Log struct {
 	Level  string `yaml:"level"`  // debug, info, warn or error; default info
 	Format string `yaml:"format"` // json or console; default json
+	// Access is where the access log goes: off (the default), stdout, or
+	// a file, appended to. One JSON line per request, upgrade or TCP
+	// connection.
+	Access string `yaml:"access"`
+	// AccessSample is the share of access lines written, in (0, 1];
+	// default 1. The sidecar's own error answers and 5xx are always written.
+	AccessSample float64 `yaml:"access_sample"`
+}
+
+// AccessOff is the value of log.access that writes no access log.
+const AccessOff = "off"
+
+// Metrics configures the Prometheus metrics.
+type Metrics struct {
+	// EndpointLabels keeps a series per node (the endpoint label); false
+	// drops the label's values, for services of many nodes. Default true.
+	EndpointLabels bool `yaml:"endpoint_labels"`
+}
+
+// Tracing configures W3C trace context (traceparent, tracestate), which
+// the proxy always passes on unchanged.
+type Tracing struct {
+	// Start gives a request that arrives without a valid traceparent a new
+	// trace id, sent to the node and written in the access log. Default true.
+	Start bool `yaml:"start"`
 }
 
 // Discovery configures where endpoint sets come from.
@@ -386,8 +413,10 @@ func (u *Upstream) setDefaults() {
 // the environment and inheritance are applied.
 func defaults() *Config {
 	return &Config{
-		Admin: Admin{Listen: defaultAdminListen},
-		Log:   Log{Level: "info", Format: "json"},
+		Admin:   Admin{Listen: defaultAdminListen},
+		Log:     Log{Level: "info", Format: "json", Access: AccessOff, AccessSample: 1},
+		Metrics: Metrics{EndpointLabels: true},
+		Tracing: Tracing{Start: true},
 		Discovery: Discovery{
 			Backend:        BackendConsul,
 			CacheSize:      1024,

@@ -109,9 +109,11 @@ func TestParseValid(t *testing.T) {
 			yaml: "",
 			check: func(t *testing.T, c *Config) {
 				want := &Config{
-					Consul: Consul{Address: "127.0.0.1:8500"},
-					Admin:  Admin{Listen: "127.0.0.1:15100"},
-					Log:    Log{Level: "info", Format: "json"},
+					Consul:  Consul{Address: "127.0.0.1:8500"},
+					Admin:   Admin{Listen: "127.0.0.1:15100"},
+					Log:     Log{Level: "info", Format: "json", Access: "off", AccessSample: 1},
+					Metrics: Metrics{EndpointLabels: true},
+					Tracing: Tracing{Start: true},
 					Discovery: Discovery{
 						Backend: "consul", CacheSize: 1024,
 						IdleTimeout: 10 * time.Minute, ResolveTimeout: 2 * time.Second,

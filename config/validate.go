@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -38,6 +39,7 @@ func (p *parser) validate(c *Config) {
 	p.validateAdmin(&c.Admin)
 	p.oneOf("log.level", c.Log.Level, levels)
 	p.oneOf("log.format", c.Log.Format, formats)
+	p.validateAccessLog(&c.Log)
 	p.validateDiscovery(&c.Discovery)
 	p.validateProxy(&c.Proxy)
 	for i := range c.Upstreams {
@@ -546,5 +548,24 @@ func (p *parser) validateForwardServices(list []ForwardService) {
 		}
 		p.oneOf(path+".protocol", f.Protocol, []string{ProtocolHTTP, ProtocolHTTP2, ProtocolGRPC})
 		p.validateCodec(path+".codec", &Upstream{Protocol: f.Protocol, Codec: f.Codec})
+	}
+}
+
+// validateAccessLog checks log.access (off, stdout or a file in a
+// directory that exists) and log.access_sample.
+func (p *parser) validateAccessLog(l *Log) {
+	switch l.Access {
+	case AccessOff, "stdout":
+	case "":
+		p.errorf("log.access", "empty: want off, stdout or a file")
+	default:
+		if fi, err := os.Stat(l.Access); err == nil && fi.IsDir() {
+			p.errorf("log.access", "%q is a directory: want off, stdout or a file", l.Access)
+		} else if _, err := os.Stat(filepath.Dir(l.Access)); err != nil {
+			p.errorf("log.access", "the directory of %q: %v", l.Access, err)
+		}
+	}
+	if !(l.AccessSample > 0 && l.AccessSample <= 1) {
+		p.errorf("log.access_sample", "%v: want a share in (0, 1]", l.AccessSample)
 	}
 }

@@ -33,7 +33,7 @@ var errorTests = []struct {
 	{
 		name: "unknown key without a near match lists the keys",
 		yaml: "log: {colour: true}",
-		want: []string{`config.yaml: log.colour: unknown key (want one of level, format)`},
+		want: []string{`config.yaml: log.colour: unknown key (want one of level, format, access, access_sample)`},
 	},
 	{
 		name: "misspelt required key is reported once",
@@ -179,6 +179,22 @@ service:
 		want: []string{
 			`config.yaml: log.level: unknown "loud" (want debug, info, warn or error)`,
 			`config.yaml: log.format: unknown "xml" (want json or console)`,
+		},
+	},
+	{
+		name: "access log",
+		yaml: "log: {access: /nonexistent-dir/access.log, access_sample: 1.5}",
+		want: []string{
+			`config.yaml: log.access: the directory of "/nonexistent-dir/access.log": stat /nonexistent-dir: no such file or directory`,
+			`config.yaml: log.access_sample: 1.5: want a share in (0, 1]`,
+		},
+	},
+	{
+		name: "access log a directory, sample zero",
+		yaml: "log: {access: /tmp, access_sample: 0}",
+		want: []string{
+			`config.yaml: log.access: "/tmp" is a directory: want off, stdout or a file`,
+			`config.yaml: log.access_sample: 0: want a share in (0, 1]`,
 		},
 	},
 	{

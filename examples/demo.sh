@@ -340,6 +340,7 @@ admin:
   listen: 127.0.0.1:$client_admin
 log:
   format: console
+  access: $dir/access.log
 upstreams:
   - name: echo
     listen: 127.0.0.1:$upstream
@@ -347,7 +348,7 @@ upstreams:
 EOF
 start client-sidecar bin/sidecar -config "$dir/client-sidecar.yaml"
 say "started the client's sidecar: 127.0.0.1:$upstream balances over healthy echo instances (round_robin)"
-say "dashboard: http://127.0.0.1:$client_admin/ (open it in a browser to watch the failover live)"
+say "dashboard: http://127.0.0.1:$client_admin/ (open it in a browser to watch the failover live); access log: $dir/access.log"
 
 # A process that failed at once (a port taken meanwhile, a bad config) is
 # better reported now than after the wait below.
@@ -413,4 +414,10 @@ wait "$lg" || rc=$?
 for i in "${!names[@]}"; do
 	[[ ${names[$i]} == loadgen ]] && pids[i]=
 done
+if [[ -s $dir/access.log ]]; then
+	retried=$(grep -c '"attempts":[2-9]' "$dir/access.log" || true)
+	refused=$(grep -c '"error_code"' "$dir/access.log" || true)
+	say "access log: $(wc -l <"$dir/access.log") requests, $retried retried on another node, $refused answered by the sidecar itself"
+	grep -m1 '"error_code"' "$dir/access.log" || grep -m1 '"attempts":[2-9]' "$dir/access.log" || true
+fi
 exit "$rc"

@@ -113,6 +113,10 @@ type Status struct {
 	Overridden bool `json:"overridden"`
 	// LastProbe is when the last probe finished; zero before the first.
 	LastProbe time.Time `json:"last_probe"`
+	// LastPass is when the last probe that passed finished; zero before
+	// the first. ProbeFailures counts the probes that failed.
+	LastPass      time.Time `json:"last_pass,omitzero"`
+	ProbeFailures int       `json:"probe_failures"`
 	// LastUpdate is when Consul last accepted the check's status.
 	LastUpdate time.Time `json:"last_update"`
 	// LastError is the last Consul error, cleared by the next success.

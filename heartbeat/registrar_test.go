@@ -193,6 +193,10 @@ func TestFailureReportedAtOnce(t *testing.T) {
 		if st := r.Status(); st.CheckStatus != api.HealthCritical || st.Output != probeErr.Error() {
 			t.Errorf("Status() = %+v, want critical with the probe error", st)
 		}
+		// The last pass stays where the probes last passed; the failure counts.
+		if st := r.Status(); !st.LastPass.Before(failAt) || st.LastPass.IsZero() || st.ProbeFailures != 1 {
+			t.Errorf("Status() LastPass = %v, ProbeFailures = %d; want a pass before %v and 1 failure", st.LastPass, st.ProbeFailures, failAt)
+		}
 
 		// Still failing: refreshed, not resent on every probe.
 		time.Sleep(29 * time.Second)

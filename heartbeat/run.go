@@ -157,6 +157,11 @@ func (l *loop) applyOverride() bool {
 func (l *loop) onProbe(res probeResult) bool {
 	l.r.mu.Lock()
 	l.r.status.LastProbe = res.at
+	if res.err != nil {
+		l.r.status.ProbeFailures++
+	} else {
+		l.r.status.LastPass = res.at
+	}
 	l.r.mu.Unlock()
 	if l.ov != nil {
 		return false

@@ -31,6 +31,7 @@ type tryLoop struct {
 	tried   []string // endpoint IDs, once a try fails; most requests never need it
 	lastErr error
 	retries int
+	sent    int // tries that reached for a node, for the access log
 	// A retry decided on but not sent: counted once its try goes out, its
 	// budget given back if it never does (cancel, deferred by the caller).
 	next pendingRetry
@@ -126,6 +127,7 @@ func (l *tryLoop) run() error {
 			continue
 		}
 		l.next.sent(rt)
+		l.sent++
 		o := l.attempt(e, pk, breakerDone)
 		switch o.verdict {
 		case tryDone:

@@ -61,6 +61,23 @@
 // client's next bytes hands them to the next try, so a retried request
 // arrives whole.
 //
+// # What a request leaves behind (access.go, metrics.go)
+//
+// Upstream and Forwarder handlers start with observe: a W3C traceparent
+// that arrives valid is passed on unchanged with its tracestate (the proxy
+// records no span, so it is no parent); with StartTraces one that is
+// missing or invalid is replaced by a new one. With the access log on,
+// the handler's writer is wrapped in an accessWriter that records the
+// status, grpc-status and bytes, and that serve, relay and the attempt
+// loop tell the service, node and tries; its line is written when the
+// handler returns. Off, nothing is wrapped and the hot path allocates
+// nothing more. Answers the sidecar makes itself are logged at Warn
+// either way (logRefused), sampled to 10 lines a second and one in 100
+// beyond. The metrics count a gRPC call once its trailers are in, by
+// grpc_code, and a TCP connection as a connection, never as a request;
+// a node that leaves its route takes all its series along
+// (routeMetrics.retire).
+//
 // # Concurrency
 //
 // Handlers are safe for concurrent use. The hot path reads immutable

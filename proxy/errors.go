@@ -39,7 +39,9 @@ type proxyError struct {
 	err     error
 }
 
-func (e *proxyError) Error() string { return fmt.Sprintf("%s %q", e.err, e.service) }
+// Error names the service first, as the context of what went wrong:
+// `service "ghost": dial tcp …: connection refused`.
+func (e *proxyError) Error() string { return fmt.Sprintf("service %q: %v", e.service, e.err) }
 func (e *proxyError) Unwrap() error { return e.err }
 
 // classify maps an error to the HTTP status the client sees and a short

@@ -74,6 +74,11 @@ func TestUpstreamErrors(t *testing.T) {
 			if n := strings.Count(resp.body, strconv.Quote(tc.service)); n != 1 {
 				t.Errorf("body = %q, want it to name %q once", resp.body, tc.service)
 			}
+			// The name is the context, first, not a stray word at the end
+			// (`… connection refused "ghost"`).
+			if prefix := "sidecar: service " + strconv.Quote(tc.service) + ": "; !strings.HasPrefix(resp.body, prefix) {
+				t.Errorf("body = %q, want it to start %q", resp.body, prefix)
+			}
 		})
 	}
 

@@ -1,7 +1,12 @@
 package proxy
 
 import (
+	"net/http"
+	"strconv"
+	"strings"
+
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
 )
 
 // Metrics are the proxy's Prometheus metrics.
@@ -18,16 +23,37 @@ type Metrics struct {
 	ejectionsRefused   *prometheus.CounterVec
 	overflows          *prometheus.CounterVec
 	schemaFetches      *prometheus.CounterVec
+
+	tcpConnections *prometheus.CounterVec
+	tcpDuration    *prometheus.HistogramVec
+
+	// endpointLabels is false when metrics.endpoint_labels turns the
+	// per-endpoint labels off: their series then carry endpoint="".
+	endpointLabels bool
+}
+
+// MetricsOptions configure NewMetricsWith.
+type MetricsOptions struct {
+	// NoEndpointLabels leaves the endpoint label of every series empty,
+	// for services of many nodes, and keeps no per-endpoint breaker state
+	// series (metrics.endpoint_labels: false).
+	NoEndpointLabels bool
 }
 
 // NewMetrics creates the proxy's metrics and registers them with reg, when
 // reg is not nil.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
+	return NewMetricsWith(reg, MetricsOptions{})
+}
+
+// NewMetricsWith is NewMetrics with options.
+func NewMetricsWith(reg prometheus.Registerer, o MetricsOptions) *Metrics {
 	m := &Metrics{
+		endpointLabels: !o.NoEndpointLabels,
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sidecar_upstream_requests_total",
-			Help: "Requests answered by upstream nodes, by listener, service, endpoint and status class.",
-		}, []string{"listener", "service", "endpoint", "code"}),
+			Help: "Requests answered by upstream nodes, by listener, service, endpoint, status class and, for gRPC calls, grpc_code (OK, NotFound, ...).",
+		}, []string{"listener", "service", "endpoint", "code", "grpc_code"}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "sidecar_proxy_errors_total",
 			Help: "Requests the sidecar answered itself, by listener and reason (no_healthy_endpoints, connect_failed, upstream_timeout, unknown_service, ...).",
@@ -70,9 +96,19 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "sidecar_codec_schema_fetches_total",
 		Help: "Schema fetches of transcoding upstreams (gRPC reflection calls, descriptor-set look-ups), by source and result (ok, no_schema, unknown_service, error).",
 	}, []string{"listener", "service", "source", "result"})
+	m.tcpConnections = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "sidecar_tcp_connections_total",
+		Help: "TCP connections carried to a node, by listener, service and endpoint (tcp upstreams; those refused are in sidecar_proxy_errors_total).",
+	}, []string{"listener", "service", "endpoint"})
+	m.tcpDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "sidecar_tcp_connection_duration_seconds",
+		Help:    "Time from accepting a TCP connection to its end (tcp upstreams).",
+		Buckets: []float64{.01, .1, 1, 10, 60, 300, 1800, 3600, 4 * 3600},
+	}, []string{"listener", "service"})
 	if reg != nil {
 		reg.MustRegister(m.requests, m.refused, m.duration, m.inflight,
-			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused, m.overflows, m.schemaFetches)
+			m.retries, m.breakerState, m.breakerTransitions, m.ejections, m.ejectionsRefused, m.overflows, m.schemaFetches,
+			m.tcpConnections, m.tcpDuration)
 	}
 	return m
 }
@@ -81,7 +117,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 // does no label lookups.
 type routeMetrics struct {
 	listener, service string
-	requests          *prometheus.CounterVec // curried: endpoint, code
+	endpointLabels    bool
+	requests          *prometheus.CounterVec // curried: endpoint, code, grpc_code
+	requestsAll       *prometheus.CounterVec // not curried, for retire
 	refusedVec        *prometheus.CounterVec
 	duration          prometheus.Observer
 	inflight          prometheus.Gauge
@@ -92,17 +130,22 @@ type routeMetrics struct {
 	ejections          *prometheus.CounterVec // curried: endpoint
 	ejectionsRefused   prometheus.Counter
 	overflows          *prometheus.CounterVec // curried: endpoint, limit
+
+	tcpConnections *prometheus.CounterVec // curried: endpoint
+	tcpDuration    prometheus.Observer
 }
 
 func (m *Metrics) route(listener, service string) routeMetrics {
 	labels := prometheus.Labels{"listener": listener, "service": service}
 	return routeMetrics{
-		listener:   listener,
-		service:    service,
-		requests:   m.requests.MustCurryWith(labels),
-		refusedVec: m.refused,
-		duration:   m.duration.With(labels),
-		inflight:   m.inflight.With(labels),
+		listener:       listener,
+		service:        service,
+		endpointLabels: m.endpointLabels,
+		requests:       m.requests.MustCurryWith(labels),
+		requestsAll:    m.requests,
+		refusedVec:     m.refused,
+		duration:       m.duration.With(labels),
+		inflight:       m.inflight.With(labels),
 
 		retries:            m.retries.MustCurryWith(labels),
 		breakerState:       m.breakerState.MustCurryWith(labels),
@@ -110,7 +153,41 @@ func (m *Metrics) route(listener, service string) routeMetrics {
 		ejections:          m.ejections.MustCurryWith(labels),
 		ejectionsRefused:   m.ejectionsRefused.With(labels),
 		overflows:          m.overflows.MustCurryWith(labels),
+
+		tcpConnections: m.tcpConnections.MustCurryWith(labels),
+		tcpDuration:    m.tcpDuration.With(labels),
 	}
+}
+
+// endpoint is the endpoint label of node addr: addr, or "" when
+// metrics.endpoint_labels is off.
+func (m *routeMetrics) endpoint(addr string) string {
+	if !m.endpointLabels {
+		return ""
+	}
+	return addr
+}
+
+// breakerStates are the states sidecar_breaker_transitions_total counts.
+var breakerStates = [...]string{"closed", "half-open", "open"}
+
+// retire deletes the series of node addr, which has left the route.
+func (m *routeMetrics) retire(addr string) {
+	if !m.endpointLabels {
+		return // the series are the route's, shared by every node
+	}
+	// Every code and grpc_code; on the whole vector, since a curried
+	// one's partial match ignores the listener and service.
+	m.requestsAll.DeletePartialMatch(prometheus.Labels{"listener": m.listener, "service": m.service, "endpoint": addr})
+	m.breakerState.DeleteLabelValues(addr)
+	for _, state := range breakerStates {
+		m.breakerTransitions.DeleteLabelValues(addr, state)
+	}
+	m.ejections.DeleteLabelValues(addr)
+	for _, name := range limitNames {
+		m.overflows.DeleteLabelValues(addr, name)
+	}
+	m.tcpConnections.DeleteLabelValues(addr)
 }
 
 func (m *routeMetrics) refused(reason string) {
@@ -125,4 +202,28 @@ func codeClass(status int) int {
 		return len(codeClasses) - 1
 	}
 	return c
+}
+
+// isGRPCResponse reports whether resp is a gRPC call's answer.
+func isGRPCResponse(resp *http.Response) bool {
+	ct := resp.Header["Content-Type"]
+	return len(ct) > 0 && strings.HasPrefix(ct[0], "application/grpc")
+}
+
+// grpcCall counts a gRPC call node e answered with resp, whose body has
+// been read: by its status class and its grpc-status (from the trailers,
+// or the header of a trailers-only answer), by name. An answer that ends
+// without a status counts as Unknown, as a gRPC client sees it.
+func (m *routeMetrics) grpcCall(e *endpoint, resp *http.Response) {
+	code := codes.Unknown.String()
+	v, ok := resp.Trailer["Grpc-Status"]
+	if !ok {
+		v, ok = resp.Header["Grpc-Status"]
+	}
+	if ok && len(v) > 0 {
+		if n, err := strconv.ParseUint(v[0], 10, 32); err == nil && n <= uint64(codes.Unauthenticated) { // no label per stray number
+			code = codes.Code(n).String()
+		}
+	}
+	m.requests.WithLabelValues(m.endpoint(e.Addr), codeClasses[codeClass(resp.StatusCode)], code).Inc()
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -35,6 +36,10 @@ type Resolver interface {
 // RouteConfig says how requests for a service are carried.
 type RouteConfig struct {
 	Service string
+	// Name is the listener label of the route's metrics and access log
+	// lines: the upstream's name (upstreams[].name), or "forward". If
+	// empty, the listener's address is used.
+	Name string
 	// Protocol is "http" (the default; gRPC calls still go over h2c),
 	// "http2" or "grpc" (nodes reached over h2c), or "tcp".
 	Protocol string
@@ -107,6 +112,9 @@ type Proxy struct {
 	log      *zap.Logger
 	metrics  *Metrics
 	clock    resilience.Clock // ejections' ends; resilience.System but in tests
+	obs      Observability    // the access log and tracing (access.go)
+	// refusedLog logs the answers the sidecar makes itself, rate limited.
+	refusedLog *zap.Logger
 
 	mu     sync.Mutex
 	routes []*route // for Status, in creation order
@@ -118,14 +126,14 @@ func New(resolver Resolver, metrics *Metrics, log *zap.Logger) *Proxy {
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Proxy{resolver: resolver, log: log, metrics: metrics, clock: resilience.System}
+	return &Proxy{resolver: resolver, log: log, metrics: metrics, clock: resilience.System, refusedLog: refusedLog(log)}
 }
 
 // Forward returns the handler of the forward-proxy listener: the request's
 // host names the service, and defaults (less its Service) says how to carry
 // it. Names that are not registered services are refused.
 func (p *Proxy) Forward(listener string, defaults RouteConfig) (*Forwarder, error) {
-	f := &Forwarder{p: p, listener: listener}
+	f := &Forwarder{p: p, listener: listener, name: cmp.Or(defaults.Name, listener)}
 	st, err := newForwardState(defaults)
 	if err != nil {
 		return nil, err
@@ -138,6 +146,7 @@ func (p *Proxy) Forward(listener string, defaults RouteConfig) (*Forwarder, erro
 type Forwarder struct {
 	p        *Proxy
 	listener string
+	name     string                       // the listener label of its metrics
 	state    atomic.Pointer[forwardState] // swapped by Update
 	mu       sync.Mutex                   // serialises route creation and Update
 }
@@ -181,20 +190,26 @@ func (f *Forwarder) Update(defaults RouteConfig) error {
 }
 
 func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	w, aw := f.p.observe(w, r, f.name)
+	if aw != nil {
+		defer f.p.logAccess(aw)
+	}
 	if r.Method == http.MethodConnect {
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
 	}
 	name, tag, dc, err := serviceFromRequest(r)
 	if err != nil {
-		f.p.metrics.refused.WithLabelValues(f.listener, "", "bad_service_name").Inc()
+		f.p.metrics.refused.WithLabelValues(f.name, "", "bad_service_name").Inc()
+		f.p.logRefused(f.name, "", r, "bad_service_name", err)
 		answerError(w, r, err)
 		return
 	}
 	rt, err := f.route(r.Context(), name, tag, dc)
 	if err != nil {
 		_, code := classify(err)
-		f.p.metrics.refused.WithLabelValues(f.listener, "", code).Inc() // no client-chosen label values
+		f.p.metrics.refused.WithLabelValues(f.name, "", code).Inc() // no client-chosen label values
+		f.p.logRefused(f.name, "", r, code, err)
 		answerError(w, r, err)
 		return
 	}
@@ -280,6 +295,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	m := &rt.metrics
 	m.inflight.Inc()
 	defer m.inflight.Dec()
+	setAccessService(w, rt.cfg.Service)
 
 	if r.Method == http.MethodConnect {
 		http.Error(w, "sidecar: CONNECT is not supported", http.StatusMethodNotAllowed)
@@ -308,7 +324,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		// Let a streaming HTTP/1.1 client read the answer while it sends.
 		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
-	resp, e, pk, err := p.roundTrip(ctx, r, rt, grpc, start)
+	resp, e, pk, err := p.roundTrip(ctx, r, rt, grpc, start, accessOf(w))
 	if err != nil {
 		if r.Context().Err() != nil {
 			// The client went away; nobody is left to answer.
@@ -325,6 +341,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
 			err = &proxyError{rt.cfg.Service, err} // name the service once
 		}
+		p.logRefused(m.listener, rt.cfg.Service, r, code, err)
 		answerError(w, r, err)
 		return
 	}
@@ -350,9 +367,13 @@ func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *
 	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
 
+	grpc := isGRPCResponse(resp)
+	setAccessNode(w, e.Addr)
 	answerHeader(w, resp)
 	w.WriteHeader(resp.StatusCode)
-	e.requests[codeClass(resp.StatusCode)].Inc()
+	if !grpc {
+		e.requests[codeClass(resp.StatusCode)].Inc()
+	}
 	if resp.ContentLength < 0 {
 		// A stream: the client may need the headers before any message.
 		_ = http.NewResponseController(w).Flush()
@@ -363,6 +384,9 @@ func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *
 		for k, vv := range resp.Trailer {
 			h[trailerKey(k)] = vv
 		}
+	}
+	if grpc {
+		rt.metrics.grpcCall(e, resp) // its status is known once the trailers are in
 	}
 	outcome := err
 	if outcome == nil && isGatewayStatus(resp.StatusCode, rt.cfg.Resilience.Outlier.EjectOn5xx) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sony/gobreaker/v2"
 	"go.uber.org/zap"
 
@@ -35,11 +36,16 @@ func (rt *route) newBreaker(ep string) *resilience.Breaker {
 	if !rt.cfg.Resilience.Breaker.Enabled {
 		return nil
 	}
-	gauge := rt.metrics.breakerState.WithLabelValues(ep)
-	gauge.Set(0)
+	var gauge prometheus.Gauge // none without endpoint labels: one per route would mean nothing
+	if rt.metrics.endpointLabels {
+		gauge = rt.metrics.breakerState.WithLabelValues(ep)
+		gauge.Set(0)
+	}
 	return resilience.NewBreaker(ep, rt.cfg.Resilience.Breaker, func(from, to gobreaker.State) {
-		gauge.Set(float64(to))
-		rt.metrics.breakerTransitions.WithLabelValues(ep, to.String()).Inc()
+		if gauge != nil {
+			gauge.Set(float64(to))
+		}
+		rt.metrics.breakerTransitions.WithLabelValues(rt.metrics.endpoint(ep), to.String()).Inc()
 		rt.log.Info("breaker state changed", zap.String("endpoint", ep),
 			zap.String("from", from.String()), zap.String("to", to.String()))
 	})
@@ -94,7 +100,7 @@ func (rt *route) eject(e *endpoint) {
 		return
 	}
 	d, times := e.outlier.Eject(o, now)
-	rt.metrics.ejections.WithLabelValues(e.Addr).Inc()
+	rt.metrics.ejections.WithLabelValues(rt.metrics.endpoint(e.Addr)).Inc()
 	rt.log.Info("endpoint ejected", zap.String("endpoint", e.Addr), zap.Duration("for", d), zap.Int32("times", times))
 	rt.rebuildLocked(st.snap)
 	rt.clock.AfterFunc(d, func() {

@@ -19,7 +19,7 @@ import (
 // to relay, trying again on another node as the route's retry policy
 // allows (the tryLoop). It returns the response, the endpoint and pick it
 // came from, or the last error. pk.Done is left to the caller on success.
-func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time) (resp *http.Response, e *endpoint, pk balancer.Pick, err error) {
+func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc bool, start time.Time, aw *accessWriter) (resp *http.Response, e *endpoint, pk balancer.Pick, err error) {
 	res := &rt.cfg.Resilience
 	key, hasKey := rt.key.sum(r)
 	var l tryLoop
@@ -29,6 +29,9 @@ func (p *Proxy) roundTrip(ctx context.Context, r *http.Request, rt *route, grpc 
 	*h = httpTry{r: r, useH2: rt.h2 || grpc, replayable: httpwire.Idempotent(r.Method) || res.Retries.RetryNonIdempotent}
 	defer func() {
 		l.next.cancel(rt)
+		if aw != nil {
+			aw.attempts = l.sent
+		}
 		if h.held != nil && err != nil && r.Context().Err() == nil {
 			// A node's own answer beats one the sidecar makes up.
 			resp, e, pk, err = h.held, h.heldE, balancer.Pick{}, nil

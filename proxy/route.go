@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -98,7 +99,7 @@ func newRoute(p *Proxy, listener string, cfg RouteConfig) (*route, error) {
 		key:      key,
 		bal:      bal,
 		resolver: resolver,
-		metrics:  m.route(listener, cfg.Service),
+		metrics:  m.route(cmp.Or(cfg.Name, listener), cfg.Service),
 		budget:   resilience.NewBudget(cfg.Resilience.Retries.Budget),
 		clock:    p.clock,
 		log:      log,
@@ -234,15 +235,17 @@ func (rt *route) countEjected(st *routeState, now time.Time) int {
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 	var overflows [numLimits]prometheus.Counter
 	for i, name := range limitNames {
-		overflows[i] = rt.metrics.overflows.WithLabelValues(ep.Addr, name)
+		overflows[i] = rt.metrics.overflows.WithLabelValues(rt.metrics.endpoint(ep.Addr), name)
 	}
 	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool, limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
 	e.stats.born = time.Now().UnixNano()
 	e.limits.reclaim = e.closeAnIdle
 	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
-	for i, class := range codeClasses {
-		e.requests[i] = rt.metrics.requests.WithLabelValues(ep.Addr, class)
+	if rt.cfg.Protocol != "tcp" { // a TCP route counts connections, not requests
+		for i, class := range codeClasses {
+			e.requests[i] = rt.metrics.requests.WithLabelValues(rt.metrics.endpoint(ep.Addr), class, "")
+		}
 	}
 	return e
 }
@@ -255,13 +258,7 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 // on a node that leaves are drained, not cut.
 func (rt *route) retire(e *endpoint) {
 	drain(e.pools.Load(), rt.cfg.Timeouts.Request)
-	for _, class := range codeClasses {
-		rt.metrics.requests.DeleteLabelValues(e.Addr, class)
-	}
-	rt.metrics.breakerState.DeleteLabelValues(e.Addr)
-	for _, name := range limitNames {
-		rt.metrics.overflows.DeleteLabelValues(e.Addr, name)
-	}
+	rt.metrics.retire(e.Addr)
 }
 
 // status describes the route for /status.

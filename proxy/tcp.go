@@ -189,13 +189,25 @@ func (s *TCPServer) handle(client net.Conn) {
 	if err := l.run(); err != nil {
 		_, code := classify(err)
 		m.refused(code)
-		s.p.log.Debug("tcp connection refused", zap.String("service", rt.cfg.Service), zap.Error(err))
+		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
+			err = &proxyError{rt.cfg.Service, err}
+		}
+		s.p.logRefused(m.listener, rt.cfg.Service, nil, code, err)
+		if s.p.obs.Access != nil {
+			s.p.logTCPAccess(m.listener, rt.cfg.Service, client.RemoteAddr().String(), "", l.sent, code, start)
+		}
 		return
 	}
 	backend, e := c.backend, c.e
+	if s.p.obs.Access != nil {
+		defer func() {
+			s.p.logTCPAccess(m.listener, rt.cfg.Service, client.RemoteAddr().String(), e.Addr, l.sent, "", start)
+		}()
+	}
 	defer done(c.pk, nil, start)
 	defer backend.Close()
-	e.requests[1].Inc() // a connection made counts as 2xx
+	m.tcpConnections.WithLabelValues(m.endpoint(e.Addr)).Inc()
+	defer func() { m.tcpDuration.Observe(time.Since(start).Seconds()) }()
 
 	var last atomic.Int64
 	defer closeWhenIdle(rt.cfg.Timeouts.Idle, &last, client, backend).Stop()

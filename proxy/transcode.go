@@ -37,7 +37,7 @@ func newTranscoder(rt *route, m *Metrics) (*transcode.Transcoder, error) {
 		}
 		sources = append(sources, f)
 	}
-	fetches := m.schemaFetches.MustCurryWith(map[string]string{"listener": rt.listener, "service": rt.cfg.Service})
+	fetches := m.schemaFetches.MustCurryWith(map[string]string{"listener": rt.metrics.listener, "service": rt.cfg.Service})
 	return transcode.New(transcode.NewSchemas(sources, transcode.SchemaOptions{
 		Refresh: c.Refresh,
 		OnFetch: func(source string, err error) {
@@ -110,7 +110,7 @@ func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *rout
 		// A client stream over HTTP/1.1 reads answers while it sends.
 		_ = http.NewResponseController(w).EnableFullDuplex()
 	}
-	resp, e, pk, err := p.roundTrip(ctx, call.Request(r), rt, true, start)
+	resp, e, pk, err := p.roundTrip(ctx, call.Request(r), rt, true, start, accessOf(w))
 	if err != nil {
 		if r.Context().Err() != nil {
 			m.refused("client_closed")
@@ -126,14 +126,16 @@ func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *rout
 		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
 			err = &proxyError{rt.cfg.Service, err}
 		}
+		p.logRefused(m.listener, rt.cfg.Service, r, code, err)
 		w.Header().Set("X-Sidecar-Error", code)
 		call.WriteError(w, &transcode.Error{Code: codes.Code(grpcCode(status)), Message: "sidecar: " + err.Error()})
 		return
 	}
 	defer e.limits.endRequest() // after the body's Close
 	defer resp.Body.Close()
-	e.requests[codeClass(resp.StatusCode)].Inc()
+	setAccessNode(w, e.Addr)
 	err = call.Respond(w, resp)
+	m.grpcCall(e, resp) // a gRPC call to the node, whatever the client spoke
 	outcome := err
 	if outcome == nil && isGatewayStatus(resp.StatusCode, rt.cfg.Resilience.Outlier.EjectOn5xx) {
 		outcome = errGateway

@@ -35,6 +35,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 		if pe := (*proxyError)(nil); !errors.As(err, &pe) {
 			err = &proxyError{rt.cfg.Service, err} // name the service once
 		}
+		p.logRefused(m.listener, rt.cfg.Service, r, code, err)
 		writeError(w, err)
 	}
 	key, hasKey := rt.key.sum(r)
@@ -52,7 +53,17 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 	l.kind, l.upgrade = tryUpgrade, upgradeTry{out: out}
 	u := &l.upgrade
 	defer l.next.cancel(rt)
-	if err := l.run(); err != nil {
+	err := l.run()
+	if a := accessOf(w); a != nil {
+		a.attempts = l.sent
+		if err == nil {
+			a.node = u.e.Addr
+			if u.resp.StatusCode == http.StatusSwitchingProtocols {
+				a.status = http.StatusSwitchingProtocols // written on the hijacked connection
+			}
+		}
+	}
+	if err != nil {
 		if err == errClientClosed {
 			m.refused("client_closed")
 			return

@@ -35,7 +35,12 @@ func (p *Proxy) Upstream(listener string, cfg RouteConfig) (*Upstream, error) {
 }
 
 func (u *Upstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	u.p.serve(w, r, u.route.Load())
+	rt := u.route.Load()
+	w, aw := u.p.observe(w, r, rt.metrics.listener)
+	if aw != nil {
+		defer u.p.logAccess(aw)
+	}
+	u.p.serve(w, r, rt)
 }
 
 // Update makes requests that arrive from now on follow cfg: service,

@@ -280,9 +280,9 @@ func TestProtocolGRPCForward(t *testing.T) {
 	}{
 		{"echo", codes.OK, ""},
 		{"echo.service.consul", codes.OK, ""},
-		{"nope", codes.Unimplemented, "sidecar: unknown service"},
-		{"drained", codes.Unavailable, "sidecar: no endpoints"},
-		{"localhost", codes.InvalidArgument, "sidecar: not a service name"},
+		{"nope", codes.Unimplemented, `sidecar: service "nope": unknown service`},
+		{"drained", codes.Unavailable, `sidecar: service "drained": no endpoints`},
+		{"localhost", codes.InvalidArgument, `sidecar: not a service name: "localhost"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.authority, func(t *testing.T) {

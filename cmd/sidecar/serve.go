@@ -52,6 +52,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	registerBuildInfo(reg)
 
 	backend, err := newBackend(cfg, consul, log)
 	if err != nil {
@@ -61,7 +62,13 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	defer cache.Close()
 	reg.MustRegister(cache.Collector())
 
-	px := proxy.New(cache, proxy.NewMetrics(reg), log.Named("proxy"))
+	px := proxy.New(cache, proxy.NewMetricsWith(reg, proxy.MetricsOptions{NoEndpointLabels: !cfg.Metrics.EndpointLabels}), log.Named("proxy"))
+	access, closeAccess, err := newAccessLogger(cfg.Log, os.Stdout)
+	if err != nil {
+		return err
+	}
+	defer closeAccess()
+	px.SetObservability(proxy.Observability{Access: access, AccessSample: cfg.Log.AccessSample, StartTraces: cfg.Tracing.Start})
 	servers, err := listen(cfg, px, cache, log)
 	if err != nil {
 		return err
@@ -71,6 +78,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	gate := &meshGate{on: cfg.Security.MTLS != config.MTLSOff}
 	if s := cfg.Service; s != nil {
 		registrar = newRegistrar(s, consul.Agent(), gate, log.Named("heartbeat"))
+		registerHeartbeatMetrics(reg, registrar)
 	}
 
 	sections := map[string]func() any{
@@ -89,6 +97,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 			return err
 		}
 		sections["app"] = func() any { return app.Status() }
+		registerAppMetrics(reg, app)
 	}
 	var ps *pubsubRuntime
 	if cfg.PubSub.Enabled() {
@@ -438,6 +447,7 @@ func listenUpstream(cfg *config.Config, u config.Upstream, px *proxy.Proxy, cach
 // forwardRoute is the forward proxy's route defaults.
 func forwardRoute(p config.Proxy) proxy.RouteConfig {
 	return proxy.RouteConfig{
+		Name:         "forward",
 		Balancer:     p.Balancer,
 		HashKey:      p.HashKey,
 		PreserveHost: p.PreserveHost,
@@ -460,9 +470,21 @@ func forwardServices(list []config.ForwardService) map[string]proxy.ServiceConfi
 }
 
 // upstreamRoute is the route of upstream u of cfg.
+// upstreamName is the listener label of u's metrics and access log lines:
+// its name, or name@listen when another upstream has the same name.
+func upstreamName(cfg *config.Config, u config.Upstream) string {
+	for _, o := range cfg.Upstreams {
+		if o.Listen != u.Listen && strings.EqualFold(o.Name, u.Name) {
+			return u.Name + "@" + u.Listen
+		}
+	}
+	return u.Name
+}
+
 func upstreamRoute(cfg *config.Config, u config.Upstream) proxy.RouteConfig {
 	return proxy.RouteConfig{
 		Service:       upstreamKey(cfg, u),
+		Name:          upstreamName(cfg, u),
 		Protocol:      u.Protocol,
 		Balancer:      u.Balancer,
 		HashKey:       u.HashKey,

@@ -1,0 +1,138 @@
+package proxy
+
+import (
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// series returns the label sets of metric name's series, each as
+// "k=v,k=v" in label order.
+func series(t *testing.T, reg *prometheus.Registry, name string) []string {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var kv []string
+			for _, l := range m.GetLabel() {
+				kv = append(kv, l.GetName()+"="+l.GetValue())
+			}
+			out = append(out, strings.Join(kv, ","))
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestMetricsGRPCCode: a gRPC call is counted by its grpc-status, from
+// the trailers or from a trailers-only answer, not as a bare 2xx.
+func TestMetricsGRPCCode(t *testing.T) {
+	node := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/grpc")
+		if r.URL.Path == "/only/Headers" {
+			w.Header().Set("Grpc-Status", "7") // trailers-only
+			w.WriteHeader(http.StatusOK)
+			return
+		}
+		w.Header().Set("Trailer", "Grpc-Status")
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write([]byte{0, 0, 0, 0, 0})
+		w.Header().Set("Grpc-Status", "5")
+	}), nil)
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"svc": {node.addr}}),
+		RouteConfig{Service: "svc", Protocol: "grpc", Timeouts: sidecarTimeouts()}, sidecarServerOptions())
+	c := h2cClient(t, nil)
+	for _, path := range []string{"/a.B/NotThere", "/a.B/NotThere", "/only/Headers"} {
+		req, _ := http.NewRequest(http.MethodPost, sc.URL+path, strings.NewReader("\x00\x00\x00\x00\x00"))
+		req.Header.Set("Content-Type", "application/grpc")
+		req.Header.Set("Te", "trailers")
+		if r := do(t, c, req); r.status != http.StatusOK {
+			t.Fatalf("POST %s: status %d, want 200", path, r.status)
+		}
+	}
+	for code, want := range map[string]float64{"NotFound": 2, "PermissionDenied": 1} {
+		if got := sc.metric(t, "sidecar_upstream_requests_total", map[string]string{"code": "2xx", "grpc_code": code}); got != want {
+			t.Errorf("sidecar_upstream_requests_total{grpc_code=%q} = %v, want %v", code, got, want)
+		}
+	}
+	if got := sc.metric(t, "sidecar_upstream_requests_total", map[string]string{"code": "2xx", "grpc_code": ""}); got != 0 {
+		t.Errorf("sidecar_upstream_requests_total{code=2xx, no grpc_code} = %v, want 0: gRPC calls carry their code", got)
+	}
+}
+
+// TestMetricsRetire: a node that leaves takes every series of its own
+// along (requests by code and grpc_code, breaker state and transitions,
+// ejections, overflows, TCP connections), and leaves another route's
+// series of the same node alone.
+func TestMetricsRetire(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	a, b := m.route("api", "svc"), m.route("other", "svc")
+	const addr = "10.0.0.1:80"
+	for _, rm := range []routeMetrics{a, b} {
+		rm.requests.WithLabelValues(addr, "2xx", "").Inc()
+		rm.requests.WithLabelValues(addr, "2xx", "NotFound").Inc()
+		rm.breakerState.WithLabelValues(addr).Set(2)
+		rm.breakerTransitions.WithLabelValues(addr, "open").Inc()
+		rm.breakerTransitions.WithLabelValues(addr, "half-open").Inc()
+		rm.ejections.WithLabelValues(addr).Inc()
+		rm.overflows.WithLabelValues(addr, limitNames[0]).Inc()
+		rm.tcpConnections.WithLabelValues(addr).Inc()
+	}
+	a.retire(addr)
+	for _, name := range []string{"sidecar_upstream_requests_total", "sidecar_breaker_state", "sidecar_breaker_transitions_total",
+		"sidecar_outlier_ejections_total", "sidecar_upstream_overflows_total", "sidecar_tcp_connections_total"} {
+		for _, s := range series(t, reg, name) {
+			if strings.Contains(s, "listener=api") {
+				t.Errorf("%s{%s} left after its node was retired", name, s)
+			}
+		}
+		if !slices.ContainsFunc(series(t, reg, name), func(s string) bool { return strings.Contains(s, "listener=other") }) {
+			t.Errorf("%s: the other route's series of the node went too", name)
+		}
+	}
+}
+
+// TestMetricsNoEndpointLabels: with metrics.endpoint_labels false, the
+// series of two nodes are one, with an empty endpoint, and there is no
+// per-node breaker state.
+func TestMetricsNoEndpointLabels(t *testing.T) {
+	nodes := startNodes(t, 2)
+	reg := prometheus.NewRegistry()
+	px := New(staticCache(t, map[string][]string{"echo": addrs(nodes)}), NewMetricsWith(reg, MetricsOptions{NoEndpointLabels: true}), testLogger(t))
+	cfg := RouteConfig{Service: "echo", Timeouts: sidecarTimeouts()}
+	cfg.Resilience.Breaker.Enabled = true
+	cfg.Resilience.Breaker.ConsecutiveFailures = 5
+	h, err := px.Upstream("127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startProxyServer(t, h)
+	c := newClient(t, nil)
+	for range 4 {
+		if r := doGet(t, c, srv.URL+"/", nil); r.status != http.StatusOK {
+			t.Fatalf("GET: status %d", r.status)
+		}
+	}
+	for _, s := range series(t, reg, "sidecar_upstream_requests_total") {
+		if !strings.Contains(s, "endpoint=,") {
+			t.Errorf("sidecar_upstream_requests_total{%s} has an endpoint", s)
+		}
+	}
+	if got := (&resSetup{reg: reg}).metric(t, "sidecar_upstream_requests_total", map[string]string{"code": "2xx"}); got != 4 {
+		t.Errorf("sidecar_upstream_requests_total{code=2xx} = %v, want 4 in the one series", got)
+	}
+	if s := series(t, reg, "sidecar_breaker_state"); len(s) != 0 {
+		t.Errorf("sidecar_breaker_state series = %v, want none without endpoint labels", s)
+	}
+}
