@@ -341,6 +341,20 @@ func (r *reloader) close() []*server {
 // config returns the effective running configuration, for GET /config.
 func (r *reloader) config() *config.Config { return r.running.Load() }
 
+// upstreamKeys are the discovery keys of the upstreams of the config in
+// effect, for /ready; nil before init, when readiness uses its own.
+func (r *reloader) upstreamKeys() []string {
+	eff := r.config()
+	if eff == nil {
+		return nil
+	}
+	keys := make([]string, 0, len(eff.Upstreams))
+	for _, u := range eff.Upstreams {
+		keys = append(keys, upstreamKey(eff, u))
+	}
+	return keys
+}
+
 // repin pins the services of eff's upstreams and unpins those of running's
 // that eff no longer names, so that the cache may evict them.
 func repin(cache *discovery.Cache, running, eff *config.Config) {

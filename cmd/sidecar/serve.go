@@ -81,13 +81,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		registerHeartbeatMetrics(reg, registrar)
 	}
 
-	sections := map[string]func() any{
-		"upstreams": func() any { return px.Status() },
-		"discovery": func() any { return cache.Snapshots() },
-	}
-	if registrar != nil {
-		sections["service"] = func() any { return registrar.Status() }
-	}
+	sections := statusSections(px, cache, registrar)
 	// service.run: the supervisor holds the check critical until the app
 	// has started; it must exist before the registrar runs.
 	var app *supervisor.App
@@ -107,37 +101,12 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		}
 		sections["pubsub"] = ps.status
 	}
-	ready := &readiness{registrar: registrar, cache: cache}
-	for _, u := range cfg.Upstreams {
-		ready.upstreams = append(ready.upstreams, upstreamKey(cfg, u))
-	}
-	adminHandler := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token, Ready: ready.check})
-	if cfg.Admin.Pprof {
-		adminHandler.EnablePprof()
-	}
-	if app != nil {
-		for pattern, h := range app.Routes() {
-			adminHandler.Handle(pattern, h)
-		}
-	}
-	drainLog := log
-	if cfg.Service != nil {
-		drainLog = log.With(zap.String("service", cfg.Service.Name))
-	}
+	ready := newReadiness(cfg, registrar, cache)
+	adminHandler := newAdminHandler(cfg, sections, reg, ready, app)
 	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps}
-	ready.current = func() []string {
-		eff := rl.config()
-		if eff == nil {
-			return nil // before init: r.upstreams
-		}
-		keys := make([]string, 0, len(eff.Upstreams))
-		for _, u := range eff.Upstreams {
-			keys = append(keys, upstreamKey(eff, u))
-		}
-		return keys
-	}
+	ready.current = rl.upstreamKeys
 	rl.init(cfg, servers, reg) // the proxy listeners; pub/sub's are not reloaded
-	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: drainLog, service: func() *config.Service { return rl.config().Service }}
+	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: serviceLogger(log, cfg.Service), service: func() *config.Service { return rl.config().Service }}
 	adminHandler.Handle("POST /reload", rl)
 	adminHandler.HandlePrivate("GET /config", admin.Document(func() (any, error) { return rl.config().Masked() }))
 	// GET too: a Kubernetes httpGet preStop hook can only GET.
@@ -228,6 +197,54 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	ps.stop()
 	log.Info("stopped")
 	return failure
+}
+
+// statusSections are the /status document's sections that every sidecar
+// has: its routes, its discovery watches and, with service:, the
+// registration.
+func statusSections(px *proxy.Proxy, cache *discovery.Cache, registrar *heartbeat.Registrar) map[string]func() any {
+	sections := map[string]func() any{
+		"upstreams": func() any { return px.Status() },
+		"discovery": func() any { return cache.Snapshots() },
+	}
+	if registrar != nil {
+		sections["service"] = func() any { return registrar.Status() }
+	}
+	return sections
+}
+
+// newReadiness is /ready's check of cfg: the registration, and the
+// upstreams' first discovery answers.
+func newReadiness(cfg *config.Config, registrar *heartbeat.Registrar, cache *discovery.Cache) *readiness {
+	ready := &readiness{registrar: registrar, cache: cache}
+	for _, u := range cfg.Upstreams {
+		ready.upstreams = append(ready.upstreams, upstreamKey(cfg, u))
+	}
+	return ready
+}
+
+// newAdminHandler is the admin listener's handler: /status with sections,
+// /metrics from reg, /ready, pprof when admin.pprof is on, and the
+// supervised app's routes when there is one.
+func newAdminHandler(cfg *config.Config, sections map[string]func() any, reg *prometheus.Registry, ready *readiness, app *supervisor.App) *admin.Handler {
+	h := admin.New(admin.Options{Version: version, Sections: sections, Gatherer: reg, Token: cfg.Admin.Token, Ready: ready.check})
+	if cfg.Admin.Pprof {
+		h.EnablePprof()
+	}
+	if app != nil {
+		for pattern, route := range app.Routes() {
+			h.Handle(pattern, route)
+		}
+	}
+	return h
+}
+
+// serviceLogger is log with the service's name, when there is a service.
+func serviceLogger(log *zap.Logger, s *config.Service) *zap.Logger {
+	if s == nil {
+		return log
+	}
+	return log.With(zap.String("service", s.Name))
 }
 
 // serving runs the listeners: each in a goroutine of its own, until it is
