@@ -122,8 +122,9 @@ func (p *Proxy) logAccess(a *accessWriter) {
 }
 
 // logTCPAccess writes the access line of a TCP connection: no method,
-// path or status; code is the sidecar's error code when no node took it.
-func (p *Proxy) logTCPAccess(listener, service, client, node string, attempts int, code string, start time.Time) {
+// path or status; code is the sidecar's error code when no node took it;
+// in and out are the bytes from the client and from the node.
+func (p *Proxy) logTCPAccess(listener, service, client, node string, attempts int, code string, start time.Time, in, out int64) {
 	if code == "" && p.obs.AccessSample < 1 && rand.Float64() >= p.obs.AccessSample {
 		return
 	}
@@ -134,6 +135,8 @@ func (p *Proxy) logTCPAccess(listener, service, client, node string, attempts in
 		zap.Duration("duration", time.Since(start)),
 		zap.String("node", node),
 		zap.Int("attempts", attempts),
+		zap.Int64("bytes_in", in),
+		zap.Int64("bytes_out", out),
 	}
 	if code != "" {
 		fields = append(fields, zap.String("error_code", code))

@@ -297,8 +297,8 @@ func TestTCPAccessLog(t *testing.T) {
 	}
 	waitFor(t, "the connection's access line", func() bool { return access.Len() == 1 })
 	f := access.All()[0].ContextMap()
-	if f["node"] != node.addr || f["service"] != "svc" || f["attempts"] != int64(1) {
-		t.Errorf("tcp access line = %v, want node %s, service svc, attempts 1", f, node.addr)
+	if f["node"] != node.addr || f["service"] != "svc" || f["attempts"] != int64(1) || f["bytes_in"] != int64(5) || f["bytes_out"] != int64(5) {
+		t.Errorf("tcp access line = %v, want node %s, service svc, attempts 1, 5 bytes each way", f, node.addr)
 	}
 	if got := s.metric(t, "sidecar_tcp_connections_total", map[string]string{"endpoint": node.addr}); got != 1 {
 		t.Errorf("sidecar_tcp_connections_total = %v, want 1", got)

@@ -194,14 +194,15 @@ func (s *TCPServer) handle(client net.Conn) {
 		}
 		s.p.logRefused(m.listener, rt.cfg.Service, nil, code, err)
 		if s.p.obs.Access != nil {
-			s.p.logTCPAccess(m.listener, rt.cfg.Service, client.RemoteAddr().String(), "", l.sent, code, start)
+			s.p.logTCPAccess(m.listener, rt.cfg.Service, client.RemoteAddr().String(), "", l.sent, code, start, 0, 0)
 		}
 		return
 	}
 	backend, e := c.backend, c.e
+	var in, out int64 // bytes from the client and from the node
 	if s.p.obs.Access != nil {
 		defer func() {
-			s.p.logTCPAccess(m.listener, rt.cfg.Service, client.RemoteAddr().String(), e.Addr, l.sent, "", start)
+			s.p.logTCPAccess(m.listener, rt.cfg.Service, client.RemoteAddr().String(), e.Addr, l.sent, "", start, in, out)
 		}()
 	}
 	defer done(c.pk, nil, start)
@@ -216,15 +217,15 @@ func (s *TCPServer) handle(client net.Conn) {
 		if br, ok := backend.(*rawio.Conn); ok {
 			if pr, err := rawio.NewPair(cr, br, nil, nil, true, &last); err == nil {
 				pr.Wait()
+				in, out = pr.Transferred()
 				return
 			}
 		}
 	}
-	errc := make(chan error, 2)
-	go func() { errc <- pipe(backend, client, &last) }()
-	go func() { errc <- pipe(client, backend, &last) }()
-	<-errc
-	<-errc
+	var wg sync.WaitGroup
+	wg.Go(func() { in = pipe(backend, client, &last) })
+	wg.Go(func() { out = pipe(client, backend, &last) })
+	wg.Wait()
 }
 
 // tcpTry is a TCP connection's side of the tryLoop: a dial to the node,
@@ -291,15 +292,16 @@ func dialNode(ctx context.Context, e *endpoint, header []byte, connect time.Dura
 
 // pipe copies src to dst, stamping last on every transfer, and half-closes
 // dst when src ends so the far side sees EOF while the other direction goes
-// on.
-func pipe(dst, src net.Conn, last *atomic.Int64) error {
-	if err := relay(dst, nil, src, last); err != nil {
+// on. It returns the bytes copied.
+func pipe(dst, src net.Conn, last *atomic.Int64) int64 {
+	n, err := relay(dst, nil, src, last)
+	if err != nil {
 		// A reset or a closed peer: nothing more flows either way.
 		closeBoth(dst, src)
-		return err
+		return n
 	}
 	rawio.CloseWrite(dst)
-	return nil
+	return n
 }
 
 // errTriedAll: every node a connection could go to was tried.

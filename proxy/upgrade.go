@@ -215,12 +215,12 @@ func relayUpgraded(app net.Conn, held *bufio.Reader, node io.ReadWriteCloser, tu
 	errc := make(chan error, 2)
 	go func() {
 		// Bytes the server read past the handshake come first.
-		err := relay(node, io.LimitReader(held, int64(held.Buffered())), app, last)
+		_, err := relay(node, io.LimitReader(held, int64(held.Buffered())), app, last)
 		rawio.CloseWrite(node)
 		errc <- err
 	}()
 	go func() {
-		err := relay(app, nil, node, last)
+		_, err := relay(app, nil, node, last)
 		rawio.CloseWrite(app)
 		errc <- err
 	}()
@@ -305,24 +305,27 @@ func (ic *idleCloser) Stop() {
 // not nil) with the time of every transfer. When src is a raw connection
 // underneath (rawio.Beneath; what it holds goes first), the copy runs in
 // rawio.Conn.RelayTo, with raw calls at any load; otherwise it is a plain
-// read-write loop.
-func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) error {
+// read-write loop. It returns the bytes it read from held and src.
+func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) (total int64, err error) {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
 	if held != nil {
-		if _, err := io.CopyBuffer(dst, held, buf); err != nil {
-			return err
+		n, err := io.CopyBuffer(dst, held, buf)
+		if total += n; err != nil {
+			return total, err
 		}
 	}
 	if rc, pending := rawio.Beneath(src); rc != nil {
 		// What src read already goes first; src is not read again.
 		if len(pending) > 0 {
-			if _, err := dst.Write(pending); err != nil {
-				return err
+			n, err := dst.Write(pending)
+			if total += int64(n); err != nil {
+				return total, err
 			}
 		}
-		return rc.RelayTo(dst, buf, last)
+		n, err := rc.RelayTo(dst, buf, last)
+		return total + n, err
 	}
 	for {
 		n, err := src.Read(buf)
@@ -331,14 +334,15 @@ func relay(dst io.Writer, held io.Reader, src io.Reader, last *atomic.Int64) err
 				last.Store(time.Now().UnixNano())
 			}
 			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return werr
+				return total, werr
 			}
+			total += int64(n)
 		}
 		if err == io.EOF {
-			return nil
+			return total, nil
 		}
 		if err != nil {
-			return err
+			return total, err
 		}
 	}
 }

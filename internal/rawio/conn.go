@@ -345,11 +345,13 @@ func (c *Conn) writeThenReadFn(fd uintptr) bool {
 // After a short read it reads again, to EAGAIN, before it waits: the
 // netpoller says a socket is ready, not that its peer shut down, so a FIN
 // that came with the last data shows only to a further read. (The relay
-// loop, whose events say so, spares that read.)
-func (c *Conn) RelayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
+// loop, whose events say so, spares that read.) It returns the bytes it
+// read from c.
+func (c *Conn) RelayTo(dst io.Writer, buf []byte, last *atomic.Int64) (int64, error) {
 	var (
 		errno syscall.Errno
 		werr  error
+		total int64
 	)
 	raw, _ := Beneath(dst)
 	c.rmu.Lock()
@@ -370,6 +372,7 @@ func (c *Conn) RelayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
 			if n == 0 {
 				return true // EOF
 			}
+			total += int64(n)
 			if last != nil {
 				last.Store(time.Now().UnixNano())
 			}
@@ -385,11 +388,11 @@ func (c *Conn) RelayTo(dst io.Writer, buf []byte, last *atomic.Int64) error {
 	})
 	switch {
 	case err != nil:
-		return c.opError("read", err)
+		return total, c.opError("read", err)
 	case errno != 0:
-		return c.opError("read", os.NewSyscallError("read", errno))
+		return total, c.opError("read", os.NewSyscallError("read", errno))
 	}
-	return werr
+	return total, werr
 }
 
 // Beneath returns the raw connection under c, if any, with the bytes c

@@ -178,15 +178,20 @@ func TestRelayEndsWithLastData(t *testing.T) {
 		}
 		var got bytes.Buffer
 		done := make(chan error, 1)
-		go func() { done <- c.RelayTo(&got, make([]byte, 32<<10), nil) }()
+		var n int64
+		go func() {
+			var err error
+			n, err = c.RelayTo(&got, make([]byte, 32<<10), nil)
+			done <- err
+		}()
 		if !early {
 			time.Sleep(time.Millisecond)
 			send()
 		}
 		select {
 		case err := <-done:
-			if err != nil || got.String() != "last" {
-				t.Fatalf("relay = %q, %v; want \"last\" and nil", got.String(), err)
+			if err != nil || got.String() != "last" || n != 4 {
+				t.Fatalf("relay = %q (%d bytes), %v; want \"last\" (4) and nil", got.String(), n, err)
 			}
 		case <-time.After(5 * time.Second):
 			t.Fatal("relay did not see the EOF that came with the last data")

@@ -76,6 +76,7 @@ type relayEnd struct {
 	in, out, hup bool
 	eof          bool   // read returned 0
 	shut         bool   // our writes to it are shut down
+	read         int64  // bytes from this end, held ones included
 	pending      []byte // read from this end, not yet written to the other
 	pbuf         *[]byte
 }
@@ -177,6 +178,7 @@ func NewPair(a, b *Conn, aHeld, bHeld []byte, halfClose bool, last *atomic.Int64
 	}
 	p.ends[0].setPending(aHeld)
 	p.ends[1].setPending(bHeld)
+	p.ends[0].read, p.ends[1].read = int64(len(aHeld)), int64(len(bHeld))
 	// From here a Close of either reaches the pair. Closing the sockets
 	// Go's netpoller has takes them out of it; the loop's duplicates stay.
 	a.relay.Store(p)
@@ -214,6 +216,10 @@ func (p *Pair) Wait() error {
 	<-p.done
 	return p.err
 }
+
+// Transferred returns how many bytes went from a to b and from b to a,
+// the held ones included. Call it once Wait has returned.
+func (p *Pair) Transferred() (aToB, bToA int64) { return p.ends[0].read, p.ends[1].read }
 
 // Close ends the pair, closing both sockets; it does not wait.
 func (p *Pair) Close() {
@@ -399,6 +405,7 @@ func (l *relayLoop) pump(src, dst *relayEnd) {
 			src.eof = true
 			continue
 		}
+		src.read += int64(n)
 		if p.last != nil {
 			p.last.Store(time.Now().UnixNano())
 		}

@@ -93,6 +93,9 @@ func TestRelayLoopHalfClose(t *testing.T) {
 	if last.Load() == 0 {
 		t.Error("transfers did not stamp the activity time")
 	}
+	if aToB, bToA := p.Transferred(); aToB != int64(len(up)) || bToA != int64(len(want)) {
+		t.Errorf("Transferred() = %d, %d; want %d, %d", aToB, bToA, len(up), len(want))
+	}
 }
 
 // TestRelayLoopSlowReader has the node read a little at a time: the loop
@@ -180,7 +183,7 @@ func TestRelayLoopSessionEnds(t *testing.T) {
 
 // TestRelayLoopHeld checks bytes read before the hand-over go first.
 func TestRelayLoopHeld(t *testing.T) {
-	_, app, node := loopPair(t, []byte("early-up "), []byte("early-down "), true, nil)
+	p, app, node := loopPair(t, []byte("early-up "), []byte("early-down "), true, nil)
 	app.Write([]byte("up"))
 	app.CloseWrite()
 	node.Write([]byte("down"))
@@ -190,6 +193,13 @@ func TestRelayLoopHeld(t *testing.T) {
 	}
 	if got := readAllWithin(t, app); string(got) != "early-down down" {
 		t.Errorf("app read %q, want \"early-down down\"", got)
+	}
+	if err := waitPair(t, p); err != nil {
+		t.Fatalf("pair ended with %v, want a clean end", err)
+	}
+	// Held bytes count as the side's they were read from.
+	if aToB, bToA := p.Transferred(); aToB != int64(len("early-up up")) || bToA != int64(len("early-down down")) {
+		t.Errorf("Transferred() = %d, %d; want %d, %d", aToB, bToA, len("early-up up"), len("early-down down"))
 	}
 }
 

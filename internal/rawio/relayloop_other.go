@@ -17,4 +17,6 @@ func NewPair(a, b *Conn, aHeld, bHeld []byte, halfClose bool, last *atomic.Int64
 
 func (p *Pair) Wait() error { return nil }
 
+func (p *Pair) Transferred() (aToB, bToA int64) { return 0, 0 }
+
 func (p *Pair) Close() {}
