@@ -43,6 +43,7 @@ type reloader struct {
 	backend   discovery.Backend    // the cache's; *discovery.Consul takes stale_for live
 	registrar *heartbeat.Registrar // nil for a client-only sidecar
 	pubsub    *pubsubRuntime       // nil without pub/sub
+	reopen    func() error         // opens the access log file again; nil: none
 	start     func(*server)        // serves a newly bound listener
 	drain     *sync.WaitGroup      // listeners closed by a reload, until drained
 
@@ -145,6 +146,12 @@ func (r *reloader) reload(trigger string) reloadResult {
 	}
 	notifyReloading(&r.readySent, r.log)
 	defer notifyReloaded(&r.readySent, r.log)
+	// Every reload lets a rotated access log go, whatever the file says.
+	if r.reopen != nil {
+		if err := r.reopen(); err != nil {
+			r.log.Error("access log not reopened; writing on to the old file", zap.Error(err))
+		}
+	}
 	start := time.Now()
 	res := r.safeApply()
 	took := time.Since(start)

@@ -63,7 +63,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	reg.MustRegister(cache.Collector())
 
 	px := proxy.New(cache, proxy.NewMetricsWith(reg, proxy.MetricsOptions{NoEndpointLabels: !cfg.Metrics.EndpointLabels}), log.Named("proxy"))
-	access, closeAccess, err := newAccessLogger(cfg.Log, os.Stdout)
+	access, closeAccess, reopenAccess, err := newAccessLogger(cfg.Log, os.Stdout)
 	if err != nil {
 		return err
 	}
@@ -103,7 +103,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 	ready := newReadiness(cfg, registrar, cache)
 	adminHandler := newAdminHandler(cfg, sections, reg, ready, app)
-	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps}
+	rl := &reloader{load: load, log: log.Named("reload"), level: level, px: px, cache: cache, backend: backend, registrar: registrar, pubsub: ps, reopen: reopenAccess}
 	ready.current = rl.upstreamKeys
 	rl.init(cfg, servers, reg) // the proxy listeners; pub/sub's are not reloaded
 	drain := &drainer{ready: ready, registrar: registrar, pubsub: ps, log: serviceLogger(log, cfg.Service), service: func() *config.Service { return rl.config().Service }}
