@@ -357,3 +357,34 @@ func TestAccessLogForward(t *testing.T) {
 		t.Errorf("access line of nosuch = %v, want listener forward, error_code unknown_service, 404", f)
 	}
 }
+
+// TestConnectRefusedLogged: a CONNECT, refused with 405 by the forward
+// proxy and by an upstream listener, gets the sidecar's error code and a
+// warn line, as every answer the sidecar makes itself does.
+func TestConnectRefusedLogged(t *testing.T) {
+	nodes := startNodes(t, 1)
+	logCore, logs := observer.New(zapcore.DebugLevel)
+	px := New(staticCache(t, map[string][]string{"echo": addrs(nodes)}), nil, zap.New(logCore))
+	up, err := px.Upstream("127.0.0.1:0", RouteConfig{Service: "echo", Name: "api", Timeouts: sidecarTimeouts()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd, err := px.Forward("127.0.0.1:0", RouteConfig{Timeouts: sidecarTimeouts()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, h := range map[string]http.Handler{"upstream": up, "forward": fwd} {
+		srv := startProxyServer(t, h)
+		status, _ := rawExchange(t, srv.Listener.Addr().String(), "CONNECT echo:80 HTTP/1.1\r\nHost: echo:80\r\n\r\n")
+		if status != http.StatusMethodNotAllowed {
+			t.Errorf("%s: CONNECT status = %d, want 405", name, status)
+		}
+	}
+	warns := logs.FilterMessage("request refused").FilterField(zap.String("error_code", codeConnect)).All()
+	if len(warns) != 2 {
+		t.Errorf("warn lines for two refused CONNECTs = %d, want 2", len(warns))
+	}
+	if got := nodes[0].accepts.Load(); got != 0 {
+		t.Errorf("node accepted %d connections, want 0", got)
+	}
+}

@@ -33,6 +33,12 @@ var (
 	ErrBadRequest = httpwire.ErrBadRequest
 )
 
+// A CONNECT request is refused with 405: the sidecar is no tunnel to
+// arbitrary addresses (no open proxy); services are reached by name.
+var errConnect = errors.New("CONNECT is not supported")
+
+const codeConnect = "connect_not_supported"
+
 // proxyError is an error with the service it concerns.
 type proxyError struct {
 	service string

@@ -195,6 +195,9 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer f.p.logAccess(aw)
 	}
 	if r.Method == http.MethodConnect {
+		f.p.metrics.refused.WithLabelValues(f.name, "", codeConnect).Inc()
+		f.p.logRefused(f.name, "", r, codeConnect, errConnect)
+		w.Header().Set("X-Sidecar-Error", codeConnect)
 		http.Error(w, "sidecar: CONNECT is not supported; address the service by name", http.StatusMethodNotAllowed)
 		return
 	}
@@ -298,6 +301,9 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, rt *route) {
 	setAccessService(w, rt.cfg.Service)
 
 	if r.Method == http.MethodConnect {
+		m.refused(codeConnect)
+		p.logRefused(m.listener, rt.cfg.Service, r, codeConnect, errConnect)
+		w.Header().Set("X-Sidecar-Error", codeConnect)
 		http.Error(w, "sidecar: CONNECT is not supported", http.StatusMethodNotAllowed)
 		return
 	}

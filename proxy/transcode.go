@@ -92,7 +92,10 @@ func (p *Proxy) serveTranscoded(w http.ResponseWriter, r *http.Request, rt *rout
 	call, err := rt.codec.Decode(r.Context(), r)
 	if err != nil {
 		// Refused before anything was sent: malformed, unknown method, no schema.
-		m.refused("transcode_" + transcode.ConnectCode(errCode(err)))
+		code := "transcode_" + transcode.ConnectCode(errCode(err))
+		m.refused(code)
+		p.logRefused(m.listener, rt.cfg.Service, r, code, err)
+		w.Header().Set("X-Sidecar-Error", code)
 		call.WriteError(w, err)
 		return
 	}

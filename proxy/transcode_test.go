@@ -156,6 +156,9 @@ func TestTranscodeRefusals(t *testing.T) {
 			if r.status != tc.status || e.Code != tc.code || e.Message == "" {
 				t.Errorf("answer = %d %s, want %d %s with a message", r.status, r.body, tc.status, tc.code)
 			}
+			if got := r.header.Get("X-Sidecar-Error"); got != "transcode_"+tc.code {
+				t.Errorf("X-Sidecar-Error = %q, want transcode_%s: the sidecar answered itself", got, tc.code)
+			}
 		})
 	}
 	if n := node.Calls.Load() + bare.Calls.Load(); n != 0 {
