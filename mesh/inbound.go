@@ -49,7 +49,9 @@ type InboundOptions struct {
 	// DialTimeout bounds the dial to the app; if zero, 1s is used.
 	DialTimeout time.Duration
 	// DenyTimeout bounds the wait for a denied caller's first bytes,
-	// which say whether it is answered 403 or just closed; if zero, 1s.
+	// which say whether it is answered 403 or just closed, and then how
+	// long a denied h2 connection is answered before it is closed; if
+	// zero, 1s.
 	DenyTimeout time.Duration
 	Metrics     *Metrics
 }
@@ -241,7 +243,10 @@ func (in *Inbound) deny(tc *tls.Conn, d Decision) {
 		if _, err := io.ReadFull(tc, rest); err != nil {
 			return
 		}
-		_ = tc.SetDeadline(time.Now().Add(5 * in.opts.DenyTimeout))
+		// The denied connection lives for DenyTimeout, not for as long as
+		// the caller keeps it: a caller allowed later must dial again to
+		// be asked again, as relayed connections are re-checked.
+		_ = tc.SetDeadline(time.Now().Add(in.opts.DenyTimeout))
 		// x/net's ServeConn is the one API that serves h2 on a connection
 		// already sniffed (STYLE.md); net/http has none.
 		h2 := &http2.Server{} //lint:ignore SA1019 ServeConn on a sniffed connection, as above

@@ -3,7 +3,7 @@ package main
 import (
 	"context"
 	"os"
-	"sync/atomic"
+	"sync"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
@@ -20,11 +20,20 @@ import (
 // notifyEvery is how often notifyReady looks at readiness while it waits.
 const notifyEvery = 100 * time.Millisecond
 
+// readyNotice is whether systemd was told READY=1, under a lock that orders
+// that first READY=1 against a reload's announcement: a reload that begins
+// before READY=1 is sent announces nothing (systemd still waits for the
+// start), one that begins after announces itself and its end.
+type readyNotice struct {
+	mu   sync.Mutex
+	sent bool
+}
+
 // notifyReady sends READY=1 to systemd the first time ready reports true,
 // and STATUS= with its reason whenever that changes before then. It returns
-// once READY=1 is sent, setting sent, or when ctx ends; it returns at once
-// when there is no notify socket.
-func notifyReady(ctx context.Context, ready func() (bool, string), sent *atomic.Bool, log *zap.Logger) {
+// once READY=1 is sent, noting it in sent, or when ctx ends; it returns at
+// once when there is no notify socket.
+func notifyReady(ctx context.Context, ready func() (bool, string), sent *readyNotice, log *zap.Logger) {
 	if os.Getenv("NOTIFY_SOCKET") == "" {
 		return
 	}
@@ -34,8 +43,10 @@ func notifyReady(ctx context.Context, ready func() (bool, string), sent *atomic.
 	for {
 		ok, why := ready()
 		if ok {
+			sent.mu.Lock()
 			sdNotify(daemon.SdNotifyReady+"\nSTATUS=ready", log)
-			sent.Store(true)
+			sent.sent = true
+			sent.mu.Unlock()
 			return
 		}
 		if why != last {
@@ -51,17 +62,21 @@ func notifyReady(ctx context.Context, ready func() (bool, string), sent *atomic.
 }
 
 // notifyReloading tells systemd a reload has begun, once READY=1 was sent
-// (before that, systemd is still waiting for the start).
-func notifyReloading(sent *atomic.Bool, log *zap.Logger) {
-	if sent.Load() {
+// (before that, systemd is still waiting for the start), and reports
+// whether it did.
+func notifyReloading(sent *readyNotice, log *zap.Logger) bool {
+	sent.mu.Lock()
+	defer sent.mu.Unlock()
+	if sent.sent {
 		sdNotify(daemon.SdNotifyReloading+"\n"+daemon.SdNotifyMonotonicUsec()+"\nSTATUS=reloading", log)
 	}
+	return sent.sent
 }
 
 // notifyReloaded tells systemd the reload notifyReloading announced is
-// over.
-func notifyReloaded(sent *atomic.Bool, log *zap.Logger) {
-	if sent.Load() {
+// over; announced is what notifyReloading returned.
+func notifyReloaded(announced bool, log *zap.Logger) {
+	if announced {
 		sdNotify(daemon.SdNotifyReady+"\nSTATUS=ready", log)
 	}
 }

@@ -51,7 +51,7 @@ type reloader struct {
 	lastOK  prometheus.Gauge
 
 	running   atomic.Pointer[config.Config] // the effective config, for /config
-	readySent atomic.Bool                   // systemd was told READY=1
+	readySent readyNotice                   // systemd was told READY=1
 
 	mu      sync.Mutex
 	forward *server            // nil without proxy.listen
@@ -144,8 +144,8 @@ func (r *reloader) reload(trigger string) reloadResult {
 	if r.closed {
 		return reloadResult{}
 	}
-	notifyReloading(&r.readySent, r.log)
-	defer notifyReloaded(&r.readySent, r.log)
+	announced := notifyReloading(&r.readySent, r.log)
+	defer notifyReloaded(announced, r.log)
 	// Every reload lets a rotated access log go, whatever the file says.
 	if r.reopen != nil {
 		if err := r.reopen(); err != nil {
