@@ -12,8 +12,9 @@ import (
 )
 
 // AuthorizeAgent is the part of *api.Agent an Authorizer uses; *api.Agent
-// satisfies it. The call cannot take a context: it is bounded by the
-// Consul client's HTTP timeout, and the agent answers from its cache.
+// satisfies it. The call takes no context and consul/api's client has no
+// timeout of its own, so an Authorizer bounds the wait for it (Decide's
+// ctx), not the call; the agent answers from its cache.
 type AuthorizeAgent interface {
 	ConnectAuthorize(auth *api.AgentAuthorizeParams) (*api.AgentAuthorize, error)
 }
@@ -22,6 +23,9 @@ type AuthorizeAgent interface {
 type Decision struct {
 	Allowed bool
 	Reason  string
+	// Unanswered: no answer came before the caller's context ended, so
+	// the caller is refused (fail closed) but Consul denied nothing.
+	Unanswered bool
 }
 
 type cached struct {
@@ -103,15 +107,7 @@ func (a *Authorizer) Decide(ctx context.Context, callerURI string) Decision {
 	if c != nil && c.done != nil { // in flight: wait for it
 		done := c.done
 		a.mu.Unlock()
-		select {
-		case <-done:
-			a.mu.Lock()
-			d := a.cache[callerURI].Decision
-			a.mu.Unlock()
-			return d
-		case <-ctx.Done():
-			return Decision{Reason: "authorization canceled: " + ctx.Err().Error()}
-		}
+		return a.wait(ctx, c, done)
 	}
 	prev := c
 	c = &cached{done: make(chan struct{})}
@@ -119,21 +115,49 @@ func (a *Authorizer) Decide(ctx context.Context, callerURI string) Decision {
 		a.evictLocked()
 	}
 	a.cache[callerURI] = c
+	done := c.done
 	a.mu.Unlock()
+	go a.fill(callerURI, prev, c)
+	return a.wait(ctx, c, done)
+}
 
-	d := a.ask(callerURI, prev)
-	a.mu.Lock()
-	c.Decision, c.at = d, a.now()
-	close(c.done)
-	c.done = nil
-	a.mu.Unlock()
-	return d
+// wait returns c's decision once done is closed, or an unanswered refusal
+// when ctx ends first.
+func (a *Authorizer) wait(ctx context.Context, c *cached, done <-chan struct{}) Decision {
+	select {
+	case <-done:
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return c.Decision
+	case <-ctx.Done():
+		return Decision{Reason: "authorization unanswered: " + ctx.Err().Error(), Unanswered: true}
+	}
+}
+
+// fill asks the agent for c's decision and publishes it. It runs to its
+// end even when every caller waiting for it gave up (consul/api's
+// authorize call takes no context), so the answer still fills the cache;
+// a panic in the call becomes a denial rather than a caller stuck in
+// flight.
+func (a *Authorizer) fill(callerURI string, prev, c *cached) {
+	d := Decision{Reason: "authorization failed"}
+	defer func() {
+		if r := recover(); r != nil {
+			a.log.Error("authorize panicked, denying", zap.String("caller", callerURI), zap.Any("panic", r))
+		}
+		a.mu.Lock()
+		c.Decision, c.at = d, a.now()
+		close(c.done)
+		c.done = nil
+		a.mu.Unlock()
+	}()
+	d = a.ask(callerURI, prev)
 }
 
 func (a *Authorizer) ask(callerURI string, prev *cached) Decision {
 	res, err := a.agent.ConnectAuthorize(&api.AgentAuthorizeParams{Target: a.target, ClientCertURI: callerURI})
 	if err != nil {
-		if prev != nil && prev.done == nil {
+		if prev != nil {
 			a.log.Warn("authorize failed, keeping last answer", zap.String("caller", callerURI), zap.Bool("allowed", prev.Allowed), zap.Error(err))
 			return prev.Decision
 		}

@@ -43,6 +43,7 @@ type roots struct {
 	trustDomain string
 	activeID    string
 	count       int
+	ids         string // the usable roots' IDs, sorted and joined: a changed set is a new one
 }
 
 // Identity is the local service's mesh identity: its leaf certificate and
@@ -180,7 +181,7 @@ func (i *Identity) fetchRoots(q *api.QueryOptions) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	if old := i.roots.Load(); old != nil && old.activeID == r.activeID && old.count == r.count {
+	if old := i.roots.Load(); old != nil && old.activeID == r.activeID && old.ids == r.ids && old.trustDomain == r.trustDomain {
 		return meta.LastIndex, nil
 	}
 	if i.roots.Swap(r) != nil {
@@ -194,8 +195,10 @@ func (i *Identity) fetchRoots(q *api.QueryOptions) (uint64, error) {
 func parseRoots(list *api.CARootList) (*roots, error) {
 	pool := x509.NewCertPool()
 	n := 0
+	var ids []string
 	for _, root := range list.Roots {
 		rest := []byte(root.RootCertPEM)
+		certs := 0
 		for {
 			var b *pem.Block
 			b, rest = pem.Decode(rest)
@@ -207,13 +210,18 @@ func parseRoots(list *api.CARootList) (*roots, error) {
 				return nil, fmt.Errorf("parse ca root %q: %w", root.ID, err)
 			}
 			pool.AddCert(c)
+			certs++
 		}
-		n++
+		if certs > 0 { // a root with no certificate in its PEM trusts nothing
+			n++
+			ids = append(ids, root.ID)
+		}
 	}
 	if n == 0 {
-		return nil, errors.New("consul returned no ca roots (is connect enabled on the agent?)")
+		return nil, errors.New("consul returned no usable ca roots (is connect enabled on the agent?)")
 	}
-	return &roots{pool: pool, trustDomain: strings.ToLower(list.TrustDomain), activeID: list.ActiveRootID, count: n}, nil
+	slices.Sort(ids)
+	return &roots{pool: pool, trustDomain: strings.ToLower(list.TrustDomain), activeID: list.ActiveRootID, count: n, ids: strings.Join(ids, ",")}, nil
 }
 
 func (i *Identity) checkReady() {

@@ -68,8 +68,9 @@ type Inbound struct {
 
 	mu    sync.Mutex
 	lns   map[net.Listener]struct{}
+	shut  bool // Shutdown began: a Serve that starts now returns at once
 	conns map[*liveConn]struct{}
-	wg    sync.WaitGroup // connection handlers
+	wg    sync.WaitGroup // accept loops and connection handlers
 }
 
 // liveConn is one relayed connection, for the recheck of intentions.
@@ -113,8 +114,15 @@ func NewInbound(opts InboundOptions, log *zap.Logger) (*Inbound, error) {
 // now denied are closed.
 func (in *Inbound) Serve(ln net.Listener) error {
 	in.mu.Lock()
+	if in.shut {
+		in.mu.Unlock()
+		_ = ln.Close()
+		return nil
+	}
 	in.lns[ln] = struct{}{}
+	in.wg.Add(1) // the accept loop: Shutdown waits for it too
 	in.mu.Unlock()
+	defer in.wg.Done()
 	rctx, stop := context.WithCancel(in.ctx)
 	recheckDone := make(chan struct{})
 	go func() { defer close(recheckDone); in.recheck(rctx) }()
@@ -153,6 +161,7 @@ func (in *Inbound) Serve(ln net.Listener) error {
 // ctx is done, then closes them.
 func (in *Inbound) Shutdown(ctx context.Context) error {
 	in.mu.Lock()
+	in.shut = true
 	for ln := range in.lns {
 		_ = ln.Close()
 	}
@@ -214,7 +223,15 @@ func (in *Inbound) handle(c net.Conn) {
 		_ = tc.Close()
 		return
 	}
-	d := in.opts.Authorizer.Authorize(in.ctx, caller, remote)
+	// The wait for the agent is bounded; no answer refuses (fail closed).
+	actx, cancel := context.WithTimeout(in.ctx, in.opts.HandshakeTimeout)
+	d := in.opts.Authorizer.Decide(actx, caller)
+	cancel()
+	if in.ctx.Err() != nil { // shutting down: no decision to count
+		_ = tc.Close()
+		return
+	}
+	in.opts.Authorizer.Record(caller, remote, d)
 	if !d.Allowed {
 		in.deny(tc, d)
 		return
@@ -352,8 +369,12 @@ func (in *Inbound) recheck(ctx context.Context) {
 		}
 		in.mu.Unlock()
 		for caller, conns := range byCaller {
-			d := in.opts.Authorizer.Decide(ctx, caller)
-			if d.Allowed || ctx.Err() != nil {
+			// A round waits at most a TTL for each answer; no answer
+			// leaves the connections as they are.
+			dctx, cancel := context.WithTimeout(ctx, in.opts.Authorizer.TTL())
+			d := in.opts.Authorizer.Decide(dctx, caller)
+			cancel()
+			if d.Allowed || d.Unanswered || ctx.Err() != nil {
 				continue
 			}
 			for _, lc := range conns {

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/consul/api"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
@@ -389,5 +390,41 @@ func TestInboundRelayTCP(t *testing.T) {
 		if err != nil || !bytes.Equal(got, want) {
 			t.Errorf("mtls %t: read %d bytes, %v; want the %d bytes reversed", mtls, len(got), err, len(want))
 		}
+	}
+}
+
+// stuckAgent is a fakeAgent whose authorize calls wait for release.
+type stuckAgent struct {
+	*fakeAgent
+	release chan struct{}
+}
+
+func (s stuckAgent) ConnectAuthorize(p *api.AgentAuthorizeParams) (*api.AgentAuthorize, error) {
+	<-s.release
+	return s.fakeAgent.ConnectAuthorize(p)
+}
+
+// TestAuthorizerUnanswered: a caller waits for a hung agent no longer than
+// its context and is refused as unanswered (fail closed, not a denial);
+// the call still finishes and fills the cache for the next caller.
+func TestAuthorizerUnanswered(t *testing.T) {
+	ca := newTestCA(t, "ca")
+	agent := stuckAgent{newFakeAgent(ca.leaf(t, "billing"), ca), make(chan struct{})}
+	agent.allow(webURI(), true)
+	a := NewAuthorizer(agent, "billing", AuthorizerOptions{TTL: time.Minute}, testLogger(t))
+	for range 2 { // the one that starts the call, then one that waits on it
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		d := a.Decide(ctx, webURI())
+		cancel()
+		if d.Allowed || !d.Unanswered {
+			t.Fatalf("Decide with the agent hung = %+v, want refused as unanswered", d)
+		}
+	}
+	close(agent.release)
+	if d := a.Decide(context.Background(), webURI()); !d.Allowed || d.Unanswered {
+		t.Fatalf("Decide once the agent answered = %+v, want allowed", d)
+	}
+	if n := agent.callCount(); n != 1 {
+		t.Errorf("authorize calls = %d, want 1: the waiters share the call in flight", n)
 	}
 }
