@@ -176,11 +176,11 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	ctx, cancel := context.WithTimeout(ctx, s.Timeout)
 	defer cancel()
 	if s.Convert != nil {
-		c, err := s.Convert(m)
-		if err != nil {
+		if c, err := s.Convert(m); err != nil {
 			a.log.Warn("payload delivered as published: it could not be converted", zap.String("topic", m.Topic), zap.String("id", m.ID), zap.Error(err))
+		} else {
+			m = c
 		}
-		m = c
 	}
 	var body []byte
 	ct := m.DataContentType

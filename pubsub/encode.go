@@ -48,8 +48,10 @@ func appendField(b []byte, name string) []byte {
 // Marshal encodes m for the store and the wire between sidecars: the JSON
 // encoding/json writes for a Message, Data as base64.
 func (m *Message) Marshal() ([]byte, error) {
-	if len(m.Extensions) > 0 || m.Time.Year() < 0 || m.Time.Year() > 9999 {
-		return json.Marshal(m) // rare: extensions are sorted and compacted there
+	if _, off := m.Time.Zone(); len(m.Extensions) > 0 || m.Time.Year() < 0 || m.Time.Year() > 9999 || off <= -86400 || off >= 86400 {
+		// Rare: extensions are sorted and compacted there, and a time
+		// RFC 3339 cannot hold is refused there, as before.
+		return json.Marshal(m)
 	}
 	b := make([]byte, 0, 192+len(m.ID)+len(m.Source)+len(m.Type)+len(m.DataContentType)+len(m.Topic)+
 		len(m.PubsubName)+len(m.OrderingKey)+base64.StdEncoding.EncodedLen(len(m.Data)))

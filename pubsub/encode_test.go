@@ -97,6 +97,11 @@ func TestMarshalMatchesEncodingJSON(t *testing.T) {
 	if _, err := m.Marshal(); err == nil {
 		t.Errorf("Marshal() of year 10000 = nil error, want encoding/json's")
 	}
+	// So is a zone offset of a day or more, which RFC 3339 cannot hold.
+	m = Message{ID: "z", Time: time.Date(2026, 1, 1, 0, 0, 0, 0, time.FixedZone("far", 25*3600))}
+	if _, err := m.Marshal(); err == nil {
+		t.Errorf("Marshal() with a +25:00 offset = nil error, want encoding/json's")
+	}
 }
 
 func mustJSON(m *Message) []byte {

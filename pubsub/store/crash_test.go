@@ -3,8 +3,10 @@ package store
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -346,5 +348,46 @@ func crashWriter(dir string) {
 		if len(lines) == 0 {
 			_ = w.Flush()
 		}
+	}
+}
+
+// TestUnreadableRecordRefused: a whole record (its checksum holds) that
+// this version cannot decode, as a newer version's kind would be, at the
+// end of the newest segment is not taken for a torn tail: Open refuses,
+// and the file, and every record after it, stays as it was.
+func TestUnreadableRecordRefused(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Append([]Entry{{Key: "k", Topic: "orders", Body: []byte("body")}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	path := lastSegment(t, dir)
+	payload := append([]byte{0x7f}, make([]byte, 8)...) // an unknown kind, seq 0
+	rec := make([]byte, recHeader, recHeader+len(payload))
+	binary.BigEndian.PutUint32(rec[4:], uint32(len(payload)))
+	binary.BigEndian.PutUint32(rec[:4], crc32.Update(crc32.Checksum(rec[4:], crcTable), crcTable, payload))
+	rec = append(rec, payload...)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(rec); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before, _ := os.ReadFile(path)
+	if s, err := Open(dir, Options{}); err == nil {
+		s.Close()
+		t.Fatal("Open with an unreadable whole record = nil error, want a refusal")
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+		t.Errorf("Open changed the segment: %d bytes before, %d after", len(before), len(after))
 	}
 }

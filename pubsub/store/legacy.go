@@ -79,6 +79,11 @@ func (s *Store) importBolt() error {
 	if err := os.Rename(tmp, segPath(s.dir, 1)); err != nil {
 		return fmt.Errorf("import %s: %w", path, err)
 	}
+	// The segment's name is durable before the old file's goes: a crash
+	// between the two renames must not leave neither.
+	if err := syncDir(s.dir); err != nil {
+		return fmt.Errorf("import %s: %w", path, err)
+	}
 	if err := os.Rename(path, path+".imported"); err != nil {
 		return fmt.Errorf("import %s: %w", path, err)
 	}

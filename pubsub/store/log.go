@@ -43,6 +43,10 @@ var crcTable = crc32.MakeTable(crc32.Castagnoli)
 // errTorn marks a record cut off or damaged.
 var errTorn = errors.New("torn or corrupt record")
 
+// errUnreadable marks a whole record (its checksum holds) this version
+// cannot decode.
+var errUnreadable = errors.New("unreadable record")
+
 func segName(id uint64) string { return fmt.Sprintf("pubsub-%016x.log", id) }
 
 // listSegments returns the ids of the segment files in dir, oldest first.
@@ -247,13 +251,33 @@ func readSegment(path string, fn func(off int64, r record) error) (int64, error)
 		}
 		r, err := decodeRecord(buf)
 		if err != nil {
-			return off, err
+			// Its checksum holds, so it was written whole: not a torn
+			// tail but a record this version cannot read (a newer
+			// version's kind), never to be dropped.
+			return off, fmt.Errorf("%w at offset %d (%d bytes)", errUnreadable, off, len(buf))
 		}
 		if err := fn(off, r); err != nil {
 			return off, err
 		}
 		off += recHeader + int64(n)
 	}
+}
+
+// truncateSync cuts the file at path to size and makes the cut durable
+// before anything is written after it.
+func truncateSync(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(size)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // syncDir makes a file's creation or removal in dir durable.

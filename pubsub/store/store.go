@@ -265,7 +265,7 @@ func (s *Store) load() error {
 		switch {
 		case errors.Is(err, errTorn) && last:
 			// The write a crash cut off: never acknowledged.
-			if err := os.Truncate(path, end); err != nil {
+			if err := truncateSync(path, end); err != nil {
 				return fmt.Errorf("drop torn tail of %s: %w", path, err)
 			}
 		case errors.Is(err, errTorn):
