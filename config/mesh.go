@@ -63,7 +63,16 @@ func (i *Inbound) Port() int {
 // resolveMesh fills service.inbound.app and the mtls service meta.
 func (p *parser) resolveMesh(c *Config) {
 	s := c.Service
-	if s == nil || s.Inbound == nil {
+	if s == nil {
+		return
+	}
+	if v, ok := s.Meta[MTLSMetaKey]; ok && (s.Inbound == nil || c.Security.MTLS == MTLSOff) {
+		// Other sidecars read it to dial this instance with mTLS: set by
+		// hand without a mesh inbound, they would dial TLS to plaintext.
+		p.errorf(child("service.meta", MTLSMetaKey), "%q is the sidecar's: it registers it only with service.inbound and security.mtls on", v)
+		return
+	}
+	if s.Inbound == nil {
 		return
 	}
 	if s.Inbound.App == "" && s.Port > 0 {

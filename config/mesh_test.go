@@ -61,6 +61,11 @@ func TestMeshValidation(t *testing.T) {
 			want: []string{`config.yaml: service.meta.sidecar-mtls: "strict" is the sidecar's: it registers security.mtls (permissive) there`},
 		},
 		{
+			name: "meta key set by hand with mtls off",
+			yaml: "service: {name: web, port: 9001, meta: {sidecar-mtls: strict}}\n",
+			want: []string{`config.yaml: service.meta.sidecar-mtls: "strict" is the sidecar's: it registers it only with service.inbound and security.mtls on`},
+		},
+		{
 			name: "strict with static discovery",
 			yaml: "service: {name: web, port: 9001, inbound: {listen: '0.0.0.0:21000'}}\nsecurity: {mtls: strict}\ndiscovery: {backend: static, static: {a: ['127.0.0.1:1']}}\n",
 			want: []string{`config.yaml: security.mtls: strict needs consul (its CA and intentions); discovery.backend is static`},
