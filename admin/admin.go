@@ -50,6 +50,11 @@ type Handler struct {
 
 	closeOnce sync.Once
 	closing   chan struct{} // closed by Close: streams end
+
+	streamMu  sync.Mutex // guards what every stream shares:
+	streamAt  time.Time  // when streamDoc was built
+	streamDoc []byte     // the status document, uptime left out
+	streamMsg []byte     // the event that carries it
 }
 
 // New returns the admin handler.

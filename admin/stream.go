@@ -3,6 +3,7 @@ package admin
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"time"
 )
@@ -40,6 +41,11 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request) {
 			msg, lastWrite = []byte(": keep-alive\n\n"), now
 		}
 		if msg != nil {
+			// A client that stops reading must not hold this goroutine
+			// (and shutdown) once the socket's buffer is full.
+			if err := rc.SetWriteDeadline(now.Add(streamKeepAlive)); err != nil && !errors.Is(err, http.ErrNotSupported) {
+				return
+			}
 			if _, err := w.Write(msg); err != nil {
 				return
 			}
@@ -61,24 +67,40 @@ func (h *Handler) stream(w http.ResponseWriter, r *http.Request) {
 // with last (uptime left out, since it always changes), or a nil event
 // when nothing else changed.
 func (h *Handler) event(last []byte) (msg, doc []byte, err error) {
+	doc, msg, err = h.shared()
+	if err != nil || bytes.Equal(doc, last) {
+		return nil, last, err
+	}
+	return msg, doc, nil
+}
+
+// shared returns the status document (uptime left out) and the event that
+// carries it, built at most once per half StreamEvery whatever the number
+// of open streams: each dashboard does not walk every section itself.
+func (h *Handler) shared() (doc, msg []byte, err error) {
+	h.streamMu.Lock()
+	defer h.streamMu.Unlock()
+	now := time.Now()
+	if h.streamDoc != nil && now.Sub(h.streamAt) < h.opts.StreamEvery/2 {
+		return h.streamDoc, h.streamMsg, nil
+	}
 	d := h.document()
-	up := d["uptime_seconds"]
+	up, err := json.Marshal(d["uptime_seconds"])
+	if err != nil {
+		return nil, nil, err
+	}
 	delete(d, "uptime_seconds")
 	if doc, err = json.Marshal(d); err != nil {
 		return nil, nil, err
 	}
-	if bytes.Equal(doc, last) {
-		return nil, last, nil
-	}
-	d["uptime_seconds"] = up
-	body, err := json.Marshal(d)
-	if err != nil {
-		return nil, nil, err
-	}
-	// One data line: encoding/json writes no raw newline.
-	msg = make([]byte, 0, len(body)+32)
-	msg = append(msg, "event: status\ndata: "...)
-	msg = append(msg, body...)
+	// The event is the document with uptime put first: one data line, as
+	// encoding/json writes no raw newline. doc always holds "version".
+	msg = make([]byte, 0, len(doc)+len(up)+48)
+	msg = append(msg, `event: status`+"\n"+`data: {"uptime_seconds":`...)
+	msg = append(msg, up...)
+	msg = append(msg, ',')
+	msg = append(msg, doc[1:]...)
 	msg = append(msg, "\n\n"...)
-	return msg, doc, nil
+	h.streamAt, h.streamDoc, h.streamMsg = now, doc, msg
+	return doc, msg, nil
 }

@@ -238,6 +238,21 @@ func (c *countingBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// TryRead passes the body's TryRead through (internal/replay uses it to
+// send what is at hand without waiting), so turning the access log on does
+// not change how a streamed body is sent.
+func (c *countingBody) TryRead(p []byte) (int, error, bool) {
+	src, ok := c.ReadCloser.(interface {
+		TryRead([]byte) (int, error, bool)
+	})
+	if !ok {
+		return 0, nil, false
+	}
+	n, err, ok := src.TryRead(p)
+	c.n.Add(int64(n))
+	return n, err, ok
+}
+
 // traceID returns the trace id of a valid W3C traceparent header in h.
 func traceID(h http.Header) (string, bool) {
 	v := h["Traceparent"]

@@ -388,3 +388,41 @@ func TestConnectRefusedLogged(t *testing.T) {
 		t.Errorf("node accepted %d connections, want 0", got)
 	}
 }
+
+// tryReader is a body that has n bytes at hand for TryRead.
+type tryReader struct {
+	io.Reader
+	n int
+}
+
+func (r *tryReader) Close() error { return nil }
+
+func (r *tryReader) TryRead(p []byte) (int, error, bool) {
+	if r.n == 0 {
+		return 0, nil, false
+	}
+	n := min(len(p), r.n)
+	r.n -= n
+	return n, nil, true
+}
+
+// TestCountingBodyTryRead: the access log's byte counter keeps a body's
+// TryRead (so streamed bodies are sent the same with the log on) and
+// counts what it reads; a body without one says it cannot tell.
+func TestCountingBodyTryRead(t *testing.T) {
+	c := &countingBody{ReadCloser: &tryReader{Reader: strings.NewReader(""), n: 5}}
+	p := make([]byte, 8)
+	if n, err, ok := c.TryRead(p); n != 5 || err != nil || !ok {
+		t.Errorf("TryRead() = %d, %v, %v; want 5, nil, true", n, err, ok)
+	}
+	if n, _, ok := c.TryRead(p); n != 0 || ok {
+		t.Errorf("TryRead() with nothing at hand = %d, %v; want 0, false", n, ok)
+	}
+	if got := c.n.Load(); got != 5 {
+		t.Errorf("counted %d bytes, want 5", got)
+	}
+	plain := &countingBody{ReadCloser: io.NopCloser(strings.NewReader("abc"))}
+	if n, _, ok := plain.TryRead(p); n != 0 || ok {
+		t.Errorf("TryRead() of a body without one = %d, %v; want 0, false", n, ok)
+	}
+}

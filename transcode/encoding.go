@@ -82,12 +82,23 @@ func (c *Call) inflate(flag byte, msg []byte) ([]byte, error) {
 	return gunzip(msg)
 }
 
+// gzipReaders keeps inflaters (about 40 KB of state each) for the next
+// message of a compressed stream.
+var gzipReaders sync.Pool
+
 // gunzip inflates b, at most MaxMessage bytes of it.
 func gunzip(b []byte) ([]byte, error) {
-	zr, err := gzip.NewReader(bytes.NewReader(b))
+	var err error
+	zr, _ := gzipReaders.Get().(*gzip.Reader)
+	if zr == nil {
+		zr, err = gzip.NewReader(bytes.NewReader(b))
+	} else {
+		err = zr.Reset(bytes.NewReader(b))
+	}
 	if err != nil {
 		return nil, Errorf(codes.InvalidArgument, "bad gzip message: %v", err)
 	}
+	defer gzipReaders.Put(zr)
 	out, err := io.ReadAll(io.LimitReader(zr, MaxMessage+1))
 	if err != nil {
 		return nil, Errorf(codes.InvalidArgument, "bad gzip message: %v", err)
@@ -134,6 +145,7 @@ type base64Reader struct {
 	src io.Reader
 	in  []byte // characters read, not yet decoded (fewer than 4 between reads)
 	out []byte // decoded, not yet returned
+	dec []byte // out's backing array, reused: out is drained before each decode
 	buf []byte
 	err error
 }
@@ -169,7 +181,7 @@ func (b *base64Reader) Read(p []byte) (int, error) {
 // decode decodes the whole quanta in b.in, a padded piece at a time.
 func (b *base64Reader) decode() error {
 	q := len(b.in) / 4 * 4
-	out := make([]byte, 0, q/4*3)
+	out := b.dec[:0]
 	for start := 0; start < q; {
 		end := q
 		if i := bytes.IndexByte(b.in[start:q], '='); i >= 0 {
@@ -182,6 +194,6 @@ func (b *base64Reader) decode() error {
 		start = end
 	}
 	b.in = append(b.in[:0], b.in[q:]...)
-	b.out = out
+	b.out, b.dec = out, out
 	return nil
 }

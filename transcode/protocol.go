@@ -513,8 +513,10 @@ func appendFrame(dst []byte, flag byte, msg []byte) []byte {
 	return append(dst, msg...)
 }
 
-// unframe splits a request body of length-prefixed messages, inflating
-// compressed ones.
+// unframe splits a request body of length-prefixed messages. Only the
+// first is inflated: a unary call takes one, and the caller refuses any
+// other count, so a body of many small gzip bombs costs one MaxMessage at
+// most, not one per frame.
 func (c *Call) unframe(b []byte) ([][]byte, error) {
 	var msgs [][]byte
 	for len(b) > 0 {
@@ -533,9 +535,11 @@ func (c *Call) unframe(b []byte) ([][]byte, error) {
 		case flag&^flagCompressed != 0:
 			return nil, Errorf(codes.InvalidArgument, "unexpected frame flags %#x", flag)
 		}
-		msg, err := c.inflate(flag, msg)
-		if err != nil {
-			return nil, err
+		if len(msgs) == 0 {
+			var err error
+			if msg, err = c.inflate(flag, msg); err != nil {
+				return nil, err
+			}
 		}
 		msgs = append(msgs, msg)
 	}

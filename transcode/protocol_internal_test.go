@@ -1,6 +1,8 @@
 package transcode
 
 import (
+	"bytes"
+	"compress/gzip"
 	"testing"
 	"time"
 
@@ -32,5 +34,30 @@ func TestEncodeTimeout(t *testing.T) {
 		if !ok || back < tc.d {
 			t.Errorf("encodeTimeout(%v) = %q, reads back as %v, %v: want at least %v", tc.d, got, back, ok, tc.d)
 		}
+	}
+}
+
+// TestUnframeInflatesOnlyTheFirst: a unary body of many compressed frames
+// is refused for its count without inflating past the first, so frames
+// that would each inflate to MaxMessage cost one at most. The second frame
+// here is not gzip at all: reading it would fail with "bad gzip message".
+func TestUnframeInflatesOnlyTheFirst(t *testing.T) {
+	var zipped bytes.Buffer
+	zw := gzip.NewWriter(&zipped)
+	if _, err := zw.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	body := appendFrame(nil, flagCompressed, zipped.Bytes())
+	body = appendFrame(body, flagCompressed, []byte("not gzip"))
+	c := &Call{proto: grpcWeb, inGzip: true}
+	msgs, err := c.unframe(body)
+	if err != nil {
+		t.Fatalf("unframe() error = %v, want the two frames counted", err)
+	}
+	if len(msgs) != 2 || string(msgs[0]) != "hello" {
+		t.Fatalf("unframe() = %q, want the first inflated and two in all", msgs)
 	}
 }

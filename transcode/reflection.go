@@ -89,10 +89,13 @@ const (
 )
 
 // transport is an HTTP/2-only client for one fetch; the caller closes its
-// connections when done.
+// connections when done. The stream's reset is sent on another goroutine,
+// so the connection may still count it active then: IdleConnTimeout closes
+// it soon after instead of when the node hangs up. The fetch as a whole is
+// bounded by the caller's context (FetchTimeout).
 func (r *Reflection) transport() *http.Transport {
 	var p http.Protocols
-	tr := &http.Transport{Protocols: &p, DisableCompression: true, ResponseHeaderTimeout: 10 * time.Second,
+	tr := &http.Transport{Protocols: &p, DisableCompression: true, IdleConnTimeout: 5 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second}
 	if r.TLS != nil {
 		p.SetHTTP2(true)

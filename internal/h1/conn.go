@@ -431,6 +431,7 @@ type response struct {
 	closeAfter    bool // the connection ends after this answer: the client asked, or the answer needs it
 	hijacked      bool
 	handlerDone   bool
+	writeDeadline bool // the handler set one: cleared when the answer ends
 	seq           uint64   // the connection's request number
 	trailers      []string // declared in the Trailer header
 
@@ -702,6 +703,9 @@ func (w *response) finish() {
 	if err := bw.Flush(); err != nil {
 		w.closeAfter = true
 	}
+	if w.writeDeadline {
+		_ = w.c.nc.SetWriteDeadline(time.Time{})
+	}
 }
 
 // Flush sends the head, and what body is written, now.
@@ -718,6 +722,17 @@ func (w *response) FlushError() error {
 		w.commit(false)
 	}
 	return w.c.bw.Flush()
+}
+
+// SetWriteDeadline is there for http.ResponseController: a handler that
+// streams (server-sent events) bounds each write, so a client that stops
+// reading cannot hold it. The deadline ends with the answer.
+func (w *response) SetWriteDeadline(t time.Time) error {
+	if w.hijacked {
+		return http.ErrHijacked
+	}
+	w.writeDeadline = true
+	return w.c.nc.SetWriteDeadline(t)
 }
 
 // EnableFullDuplex is there for http.ResponseController: the server reads

@@ -497,3 +497,42 @@ func TestH1ServerRequestFields(t *testing.T) {
 		t.Fatalf("handler saw %+v, want %+v", got, want)
 	}
 }
+
+// TestH1ServerWriteDeadline: a handler's write deadline (through
+// http.ResponseController) bounds its writes, and ends with its answer:
+// the next request on the connection is not cut by it.
+func TestH1ServerWriteDeadline(t *testing.T) {
+	leakcheck.Check(t)
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		switch r.URL.Path {
+		case "/short":
+			if err := rc.SetWriteDeadline(time.Now().Add(20 * time.Millisecond)); err != nil {
+				t.Errorf("SetWriteDeadline() = %v", err)
+			}
+			io.WriteString(w, "ok")
+		case "/past":
+			_ = rc.SetWriteDeadline(time.Now().Add(-time.Second))
+			io.WriteString(w, "late")
+			if err := rc.Flush(); err == nil {
+				t.Errorf("Flush() past the write deadline = nil, want an error")
+			}
+		default:
+			io.WriteString(w, "later")
+		}
+	}), Options{})
+	c, br := h1tDial(t, st.addr)
+	h1tWrite(t, c, "GET /short HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := h1tRead(t, br, "GET"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("first answer %d %q, want 200 ok", resp.StatusCode, body)
+	}
+	time.Sleep(50 * time.Millisecond) // past the first answer's deadline
+	h1tWrite(t, c, "GET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := h1tRead(t, br, "GET"); resp.StatusCode != 200 || body != "later" {
+		t.Fatalf("next answer %d %q, want 200 later", resp.StatusCode, body)
+	}
+	h1tWrite(t, c, "GET /past HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, err := http.ReadResponse(br, nil); err == nil {
+		t.Fatalf("an answer past its write deadline came: %d", resp.StatusCode)
+	}
+}
