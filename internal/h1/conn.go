@@ -431,7 +431,7 @@ type response struct {
 	closeAfter    bool // the connection ends after this answer: the client asked, or the answer needs it
 	hijacked      bool
 	handlerDone   bool
-	writeDeadline bool // the handler set one: cleared when the answer ends
+	writeDeadline bool     // the handler set one: cleared when the answer ends
 	seq           uint64   // the connection's request number
 	trailers      []string // declared in the Trailer header
 
