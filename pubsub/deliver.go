@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/sidecarlb/sidecar/internal/h1"
 )
 
 // Subscription is one topic the local app receives, as the subscriber's
@@ -45,6 +47,12 @@ type App struct {
 	// Drain's Wait: a WaitGroup must not grow from zero during a Wait.
 	drainMu  sync.Mutex
 	inflight sync.WaitGroup
+
+	// pool carries the requests h1.Qualifies (all of them, bodies being in
+	// memory): the sidecar's own HTTP/1.1 client, writing and reading on
+	// the delivery's goroutine, where client's Transport adds two
+	// goroutines per connection and a hand-off each way per request.
+	pool *h1.Pool
 }
 
 type subKey struct{ topic, group string }
@@ -60,6 +68,7 @@ func NewApp(addr string, subs []Subscription, healthy func() bool, metrics *Metr
 	a := &App{
 		base:    "http://" + addr,
 		client:  &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, IdleConnTimeout: 90 * time.Second, DialContext: (&net.Dialer{Timeout: 2 * time.Second}).DialContext}},
+		pool:    h1.NewPool(2*time.Second, 90*time.Second, nil),
 		healthy: healthy,
 		metrics: metrics,
 		log:     log,
@@ -217,7 +226,12 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	case "raw":
 		req.Header.Set("ce-id", m.ID)
 	}
-	resp, err := a.client.Do(req)
+	var resp *http.Response
+	if hb := memBody(body); h1.Qualifies(req, hb) {
+		resp, err = a.pool.RoundTrip(req, hb, time.Now())
+	} else {
+		resp, err = a.client.Do(req)
+	}
 	if err != nil {
 		var op *net.OpError
 		if errors.As(err, &op) && op.Op == "dial" {
@@ -232,6 +246,12 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	rb, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	return Classify(resp.StatusCode, resp.Header, rb)
 }
+
+// memBody is a request body held in memory, as h1.Pool takes it.
+type memBody []byte
+
+func (b memBody) Bytes() []byte    { return b }
+func (b memBody) Replayable() bool { return true }
 
 // extValue renders an extension attribute for a ce- header: a string
 // without its quotes, anything else as its JSON text.

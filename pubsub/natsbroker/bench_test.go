@@ -7,6 +7,7 @@ package natsbroker
 //	go test -run '^$' -bench . -benchtime 5000x ./pubsub/natsbroker/
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -27,9 +28,75 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/internal/h1"
+	"github.com/sidecarlb/sidecar/internal/rawio"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/test/natsserver"
 )
+
+// serveEngine serves h on ln through the sidecar's own HTTP/1.1 engine
+// (internal/h1), as cmd/sidecar serves pubsub.listen (its bind), so that
+// the benchmarks charge the sidecar for the server it runs rather than
+// net/http's. It stops when the benchmark ends.
+func serveEngine(b *testing.B, ln net.Listener, h http.Handler) {
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := h1.NewServer(ctx, h, h1.Options{ReadHeaderTimeout: 10 * time.Second, IdleTimeout: time.Minute}, zap.NewNop())
+	var conns sync.WaitGroup
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Go(func() { srv.ServeConn(rawio.Wrap(c), nil) })
+		}
+	}()
+	b.Cleanup(func() {
+		ln.Close()
+		<-served
+		srv.Close()
+		conns.Wait()
+		cancel()
+	})
+}
+
+// rawPublisher is a load generator's client, as wrk is: one keep-alive
+// connection, the request's bytes built once, the answer read with
+// http.ReadResponse; none of net/http's Transport (its two goroutines per
+// connection and its per-request allocations), so that more of the
+// process's CPU per message is the sidecar's.
+type rawPublisher struct {
+	c   net.Conn
+	br  *bufio.Reader
+	req []byte
+}
+
+func newRawPublisher(addr, path, contentType string, body []byte) (*rawPublisher, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	req := fmt.Appendf(nil, "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n", path, addr, contentType, len(body))
+	return &rawPublisher{c: c, br: bufio.NewReader(c), req: append(req, body...)}, nil
+}
+
+func (p *rawPublisher) publish(context.Context) error {
+	if _, err := p.c.Write(p.req); err != nil {
+		return err
+	}
+	resp, err := http.ReadResponse(p.br, nil)
+	if err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 204 {
+		return fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return nil
+}
 
 func percentiles(b *testing.B, prefix string, ds []time.Duration) {
 	if len(ds) == 0 {
@@ -99,10 +166,10 @@ func BenchmarkPublish(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	hs := &http.Server{Handler: pubsub.NewAPI(br, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop())}
-	go func() { _ = hs.Serve(ln) }()
-	defer hs.Close()
-	url := "http://" + ln.Addr().String() + "/v1.0/publish/pubsub/bench"
+	serveEngine(b, ln, pubsub.NewAPI(br, pubsub.APIOptions{Name: "pubsub", MaxBytes: 1 << 20}, zap.NewNop()))
+	addr := ln.Addr().String()
+	const path = "/v1.0/publish/pubsub/bench"
+	url := "http://" + addr + path
 
 	nc, err := nats.Connect(srv.URL())
 	if err != nil {
@@ -219,18 +286,34 @@ func BenchmarkPublish(b *testing.B) {
 		}
 		b.ReportMetric(float64((b.N+99)/100*100)/time.Since(start).Seconds(), "msgs/s")
 	})
+	shared := func(f func(context.Context) error) func() (func(context.Context) error, error) {
+		return func() (func(context.Context) error, error) { return f, nil }
+	}
+	// sidecar-raw: the publish API from rawPublishers, one connection each.
+	raw := func() (func(context.Context) error, error) {
+		p, err := newRawPublisher(addr, path, "application/octet-stream", body)
+		if err != nil {
+			return nil, err
+		}
+		b.Cleanup(func() { p.c.Close() })
+		return p.publish, nil
+	}
 	for _, c := range []struct {
-		name    string
-		publish func(context.Context) error
-	}{{"direct", direct}, {"sidecar", sidecar}} {
+		name      string
+		publisher func() (func(context.Context) error, error)
+	}{{"direct", shared(direct)}, {"sidecar", shared(sidecar)}, {"sidecar-raw", raw}} {
 		b.Run(c.name+"/conc-1", func(b *testing.B) {
+			publish, err := c.publisher()
+			if err != nil {
+				b.Fatal(err)
+			}
 			ctx := context.Background()
 			ds := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
 			cpu0 := startCPU(srv)
 			for range b.N {
 				start := time.Now()
-				if err := c.publish(ctx); err != nil {
+				if err := publish(ctx); err != nil {
 					b.Fatal(err)
 				}
 				ds = append(ds, time.Since(start))
@@ -244,13 +327,21 @@ func BenchmarkPublish(b *testing.B) {
 			var next atomic.Int64
 			var wg sync.WaitGroup
 			var failed atomic.Value
+			pubs := make([]func(context.Context) error, 64)
+			for i := range pubs {
+				p, err := c.publisher()
+				if err != nil {
+					b.Fatal(err)
+				}
+				pubs[i] = p
+			}
 			start := time.Now()
 			b.ResetTimer()
 			cpu0 := startCPU(srv)
-			for range 64 {
+			for _, publish := range pubs {
 				wg.Go(func() {
 					for next.Add(1) <= int64(b.N) {
-						if err := c.publish(ctx); err != nil {
+						if err := publish(ctx); err != nil {
 							failed.Store(err)
 							return
 						}
@@ -271,7 +362,14 @@ func BenchmarkPublish(b *testing.B) {
 // BenchmarkDeliver: messages already in the stream delivered by one
 // subscriber sidecar's broker to an app that answers at once (max_in_flight
 // 32, structured), in messages/s.
-func BenchmarkDeliver(b *testing.B) {
+func BenchmarkDeliver(b *testing.B) { benchDeliver(b, 32) }
+
+// BenchmarkDeliverWide is BenchmarkDeliver with max_in_flight 128: if it
+// delivers no faster, delivery is bound by CPU rather than by the pulls'
+// round trips.
+func BenchmarkDeliverWide(b *testing.B) { benchDeliver(b, 128) }
+
+func benchDeliver(b *testing.B, maxInFlight int) {
 	srv := natsserver.Start(b)
 	var got atomic.Int64
 	done := make(chan struct{})
@@ -288,8 +386,8 @@ func BenchmarkDeliver(b *testing.B) {
 	})}
 	go func() { _ = app.Serve(ln) }()
 	defer app.Close()
-	a := pubsub.NewApp(ln.Addr().String(), []pubsub.Subscription{{Topic: "bench", Group: "g", Route: "/", ContentMode: "structured", MaxInFlight: 32, Timeout: 10 * time.Second}}, nil, nil, zap.NewNop())
-	br, err := New(Options{URLs: []string{srv.URL()}}, a, []Subscription{{Topic: "bench", Group: "g", MaxInFlight: 32, Policy: pubsub.Policy{MaxAttempts: 3, Backoff: time.Millisecond, MaxBackoff: time.Millisecond}, DeadLetter: "bench.dlq"}}, zap.NewNop())
+	a := pubsub.NewApp(ln.Addr().String(), []pubsub.Subscription{{Topic: "bench", Group: "g", Route: "/", ContentMode: "structured", MaxInFlight: maxInFlight, Timeout: 10 * time.Second}}, nil, nil, zap.NewNop())
+	br, err := New(Options{URLs: []string{srv.URL()}}, a, []Subscription{{Topic: "bench", Group: "g", MaxInFlight: maxInFlight, Policy: pubsub.Policy{MaxAttempts: 3, Backoff: time.Millisecond, MaxBackoff: time.Millisecond}, DeadLetter: "bench.dlq"}}, zap.NewNop())
 	if err != nil {
 		b.Fatal(err)
 	}

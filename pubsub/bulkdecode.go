@@ -1,0 +1,211 @@
+package pubsub
+
+import (
+	"encoding/json"
+	"unicode/utf8"
+)
+
+// decodeBulk decodes a bulk publish request's body, a JSON array of
+// entries, as encoding/json decodes it into []bulkEntry. The shape clients
+// send is read in one pass (decodeBulkFast): an array of objects with no
+// key but entryId, contentType, metadata and event, each at most once,
+// spelled exactly so; strings without escapes or control bytes; metadata
+// an object of such strings; event a string or an object or array (kept as
+// its bytes, checked by json.Valid). A text event's characters are then in
+// bulkEntry.text, so they are not decoded a second time. Anything else goes
+// to encoding/json, so this is a fast path, never a second dialect
+// (FuzzDecodeBulk checks that what it accepts, encoding/json reads alike).
+// The entries' strings and events are slices of body, which the caller
+// must not reuse while they are in use.
+// encoding/json would scan the body to validate it, decode it, and scan
+// each event again for its RawMessage and for its text.
+func decodeBulk(body []byte) ([]bulkEntry, error) {
+	if entries, ok := decodeBulkFast(body); ok {
+		return entries, nil
+	}
+	var entries []bulkEntry
+	err := json.Unmarshal(body, &entries)
+	return entries, err
+}
+
+// bulkScanner reads the fast path's subset of JSON; ok turns false at the
+// first byte outside it.
+type bulkScanner struct {
+	b  []byte
+	i  int
+	ok bool
+}
+
+func (s *bulkScanner) space() {
+	for s.i < len(s.b) {
+		switch s.b[s.i] {
+		case ' ', '\t', '\n', '\r':
+			s.i++
+		default:
+			return
+		}
+	}
+}
+
+// next skips white space and reports whether the next byte is c, taking it
+// if so.
+func (s *bulkScanner) next(c byte) bool {
+	s.space()
+	if s.ok && s.i < len(s.b) && s.b[s.i] == c {
+		s.i++
+		return true
+	}
+	return false
+}
+
+func (s *bulkScanner) want(c byte) {
+	if !s.next(c) {
+		s.ok = false
+	}
+}
+
+// str reads a string without escapes or control bytes, of valid UTF-8,
+// and returns its characters (a slice of the body: encoding/json would
+// return the same bytes).
+func (s *bulkScanner) str() []byte {
+	if !s.next('"') {
+		s.ok = false
+		return nil
+	}
+	start, ascii := s.i, true
+	for ; s.i < len(s.b); s.i++ {
+		switch c := s.b[s.i]; {
+		case c == '"':
+			v := s.b[start:s.i:s.i]
+			s.i++
+			if !ascii && !utf8.Valid(v) {
+				s.ok = false // encoding/json would replace the bad bytes
+			}
+			return v
+		case c == '\\' || c < 0x20:
+			s.ok = false
+			return nil
+		case c >= utf8.RuneSelf:
+			ascii = false
+		}
+	}
+	s.ok = false
+	return nil
+}
+
+// value reads an object or array and returns its bytes, which json.Valid
+// must accept: the scan only finds where the value ends.
+func (s *bulkScanner) value() []byte {
+	s.space()
+	start, depth, inStr := s.i, 0, false
+	for ; s.i < len(s.b); s.i++ {
+		c := s.b[s.i]
+		switch {
+		case inStr && c == '\\':
+			s.i++
+		case c == '"':
+			inStr = !inStr
+		case inStr:
+		case c == '{' || c == '[':
+			depth++
+		case c == '}' || c == ']':
+			depth--
+			if depth == 0 {
+				s.i++
+				v := s.b[start:s.i]
+				if !json.Valid(v) {
+					s.ok = false
+				}
+				return v[:len(v):len(v)]
+			}
+		case depth == 0:
+			s.ok = false // not an object or array
+			return nil
+		}
+	}
+	s.ok = false
+	return nil
+}
+
+// decodeBulkFast decodes the shape decodeBulk describes; ok is false for
+// anything else.
+func decodeBulkFast(body []byte) (entries []bulkEntry, ok bool) {
+	s := bulkScanner{b: body, ok: true}
+	s.want('[')
+	entries = make([]bulkEntry, 0, 16)
+	lastType := "" // entries of one request mostly share their content type
+	if s.next(']') {
+		s.space()
+		return entries, s.ok && s.i == len(s.b)
+	}
+	for s.ok {
+		var e bulkEntry
+		var seen [4]bool
+		s.want('{')
+		for first := true; s.ok && !s.next('}'); first = false {
+			if !first {
+				s.want(',')
+			}
+			key := s.str()
+			s.want(':')
+			if !s.ok {
+				return nil, false
+			}
+			var k int
+			switch string(key) {
+			case "entryId":
+				k, e.EntryID = 0, string(s.str())
+			case "contentType":
+				k = 1
+				if v := s.str(); string(v) == lastType {
+					e.ContentType = lastType
+				} else {
+					e.ContentType = string(v)
+					lastType = e.ContentType
+				}
+			case "metadata":
+				k = 2
+				e.Metadata = map[string]string{}
+				s.want('{')
+				for first := true; s.ok && !s.next('}'); first = false {
+					if !first {
+						s.want(',')
+					}
+					mk := s.str()
+					s.want(':')
+					mv := s.str()
+					if _, dup := e.Metadata[string(mk)]; dup {
+						s.ok = false // encoding/json keeps the last: not worth the case
+					}
+					e.Metadata[string(mk)] = string(mv)
+				}
+			case "event":
+				k = 3
+				s.space()
+				if s.i < len(s.b) && s.b[s.i] == '"' {
+					start := s.i
+					e.text = s.str()
+					e.Event = s.b[start:s.i:s.i]
+				} else {
+					e.Event = s.value()
+				}
+			default:
+				return nil, false
+			}
+			if seen[k] {
+				return nil, false
+			}
+			seen[k] = true
+		}
+		if !s.ok {
+			return nil, false
+		}
+		entries = append(entries, e)
+		if s.next(']') {
+			s.space()
+			return entries, s.ok && s.i == len(s.b)
+		}
+		s.want(',')
+	}
+	return nil, false
+}
