@@ -274,7 +274,11 @@ func (a *API) bulk(w http.ResponseWriter, r *http.Request) {
 		a.metrics.published(topic, "too_large")
 		return
 	}
-	entries, err := decodeBulk(body)
+	entries, err := decodeBulk(body, maxBulkEntries)
+	if errors.Is(err, errTooManyEntries) {
+		apiError(w, http.StatusBadRequest, errBadRequest, "want 1-%d entries, got more", maxBulkEntries)
+		return
+	}
 	if err != nil {
 		apiError(w, http.StatusBadRequest, errBadRequest, "body must be a JSON array of {entryId, event, contentType}: %v", err)
 		return

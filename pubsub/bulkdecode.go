@@ -1,7 +1,9 @@
 package pubsub
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"unicode/utf8"
 )
 
@@ -19,14 +21,40 @@ import (
 // must not reuse while they are in use.
 // encoding/json would scan the body to validate it, decode it, and scan
 // each event again for its RawMessage and for its text.
-func decodeBulk(body []byte) ([]bulkEntry, error) {
-	if entries, ok := decodeBulkFast(body); ok {
+//
+// Both paths stop at more than max entries (errTooManyEntries), so a body
+// of many tiny entries ({},{},…) costs no more than max of them.
+func decodeBulk(body []byte, max int) ([]bulkEntry, error) {
+	if entries, ok := decodeBulkFast(body, max); ok {
 		return entries, nil
+	} else if len(entries) > max {
+		return nil, errTooManyEntries
+	}
+	if !json.Valid(body) {
+		var entries []bulkEntry
+		return nil, json.Unmarshal(body, &entries) // the syntax error's own words
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if t, err := dec.Token(); err != nil || t != json.Delim('[') {
+		var entries []bulkEntry
+		return entries, json.Unmarshal(body, &entries) // null, or the type error
 	}
 	var entries []bulkEntry
-	err := json.Unmarshal(body, &entries)
-	return entries, err
+	for dec.More() {
+		if len(entries) == max {
+			return nil, errTooManyEntries
+		}
+		var e bulkEntry
+		if err := dec.Decode(&e); err != nil {
+			return nil, err
+		}
+		entries = append(entries, e)
+	}
+	return entries, nil
 }
+
+// errTooManyEntries is decodeBulk's refusal of more than its max entries.
+var errTooManyEntries = errors.New("too many entries")
 
 // bulkScanner reads the fast path's subset of JSON; ok turns false at the
 // first byte outside it.
@@ -129,7 +157,7 @@ func (s *bulkScanner) value() []byte {
 
 // decodeBulkFast decodes the shape decodeBulk describes; ok is false for
 // anything else.
-func decodeBulkFast(body []byte) (entries []bulkEntry, ok bool) {
+func decodeBulkFast(body []byte, max int) (entries []bulkEntry, ok bool) {
 	s := bulkScanner{b: body, ok: true}
 	s.want('[')
 	entries = make([]bulkEntry, 0, 16)
@@ -201,6 +229,9 @@ func decodeBulkFast(body []byte) (entries []bulkEntry, ok bool) {
 			return nil, false
 		}
 		entries = append(entries, e)
+		if len(entries) > max {
+			return entries, false // decodeBulk refuses it for its count
+		}
 		if s.next(']') {
 			s.space()
 			return entries, s.ok && s.i == len(s.b)

@@ -3,6 +3,7 @@ package pubsub
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"reflect"
 	"strings"
 	"testing"
@@ -61,7 +62,7 @@ func TestDecodeBulk(t *testing.T) {
 		{"not an array", `{"entryId":"1"}`, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			entries, ok := decodeBulkFast([]byte(tc.body))
+			entries, ok := decodeBulkFast([]byte(tc.body), MaxBulkEntries)
 			if ok != tc.fast {
 				t.Fatalf("decodeBulkFast(%q) ok = %v, want %v", tc.body, ok, tc.fast)
 			}
@@ -69,7 +70,7 @@ func TestDecodeBulk(t *testing.T) {
 				sameAsEncodingJSON(t, []byte(tc.body), entries)
 			}
 			// decodeBulk answers as encoding/json does, either way.
-			got, err := decodeBulk([]byte(tc.body))
+			got, err := decodeBulk([]byte(tc.body), MaxBulkEntries)
 			var want []bulkEntry
 			werr := json.Unmarshal([]byte(tc.body), &want)
 			if (err == nil) != (werr == nil) || len(got) != len(want) {
@@ -89,12 +90,32 @@ func FuzzDecodeBulk(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		entries, ok := decodeBulkFast(body)
+		entries, ok := decodeBulkFast(body, MaxBulkEntries)
 		if !ok {
 			return
 		}
 		sameAsEncodingJSON(t, body, entries)
 	})
+}
+
+// TestDecodeBulkBound: both paths stop at more than max entries, before
+// decoding the rest of the body; max entries are read.
+func TestDecodeBulkBound(t *testing.T) {
+	for _, body := range []string{
+		`[{},{},{},{},{}]`,              // the fast path
+		`[null,null,null,null,null]`,    // encoding/json's
+		`[{"ENTRYID":"a"},{},{},{},{}]`, // encoding/json's, case-insensitive keys
+	} {
+		if got, err := decodeBulk([]byte(body), 4); !errors.Is(err, errTooManyEntries) {
+			t.Errorf("decodeBulk(%s, 4) = %d entries, %v; want errTooManyEntries", body, len(got), err)
+		}
+		if got, err := decodeBulk([]byte(body), 5); err != nil || len(got) != 5 {
+			t.Errorf("decodeBulk(%s, 5) = %d entries, %v; want 5", body, len(got), err)
+		}
+	}
+	if got, err := decodeBulk([]byte(`[{"ENTRYID":"a"}]`), 5); err != nil || len(got) != 1 || got[0].EntryID != "a" {
+		t.Errorf("decodeBulk of a case-insensitive key = %+v, %v; want entryId a", got, err)
+	}
 }
 
 // BenchmarkDecodeBulk: a bulk of 100 text events of 1 KiB, per request.
@@ -116,7 +137,7 @@ func BenchmarkDecodeBulk(b *testing.B) {
 			var e []bulkEntry
 			return e, json.Unmarshal(b, &e)
 		}},
-		{"decodeBulk", decodeBulk},
+		{"decodeBulk", func(b []byte) ([]bulkEntry, error) { return decodeBulk(b, MaxBulkEntries) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
