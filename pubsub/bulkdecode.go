@@ -13,8 +13,10 @@ import (
 // key but entryId, contentType, metadata and event, each at most once,
 // spelled exactly so; strings without escapes or control bytes; metadata
 // an object of such strings; event a string or an object or array (kept as
-// its bytes, checked by json.Valid). A text event's characters are then in
-// bulkEntry.text, so they are not decoded a second time. Anything else goes
+// its bytes, checked by json.Valid). A text event without escapes has its
+// characters in bulkEntry.text, so they are not decoded a second time; one
+// with escapes keeps its quoted bytes for the caller to decode, as
+// encoding/json would. Anything else goes
 // to encoding/json, so this is a fast path, never a second dialect
 // (FuzzDecodeBulk checks that what it accepts, encoding/json reads alike).
 // The entries' strings and events are slices of body, which the caller
@@ -121,6 +123,35 @@ func (s *bulkScanner) str() []byte {
 	return nil
 }
 
+// quoted reads a string that may hold escapes and returns it with its
+// quotes, as json.Valid accepts it (a json.RawMessage of it is what
+// encoding/json would keep).
+func (s *bulkScanner) quoted() []byte {
+	start := s.i
+	if !s.next('"') {
+		s.ok = false
+		return nil
+	}
+	for ; s.i < len(s.b); s.i++ {
+		switch c := s.b[s.i]; {
+		case c == '\\':
+			s.i++
+		case c < 0x20:
+			s.ok = false
+			return nil
+		case c == '"':
+			s.i++
+			v := s.b[start:s.i:s.i]
+			if !json.Valid(v) {
+				s.ok = false
+			}
+			return v
+		}
+	}
+	s.ok = false
+	return nil
+}
+
 // value reads an object or array and returns its bytes, which json.Valid
 // must accept: the scan only finds where the value ends.
 func (s *bulkScanner) value() []byte {
@@ -212,8 +243,15 @@ func decodeBulkFast(body []byte, max int) (entries []bulkEntry, ok bool) {
 				s.space()
 				if s.i < len(s.b) && s.b[s.i] == '"' {
 					start := s.i
-					e.text = s.str()
-					e.Event = s.b[start:s.i:s.i]
+					if e.text = s.str(); s.ok {
+						e.Event = s.b[start:s.i:s.i]
+					} else {
+						// Escapes (JSON.stringify's \n and \", Go's \u003c):
+						// this entry's string is decoded on its own later,
+						// the rest of the body stays on the fast path.
+						s.ok, s.i, e.text = true, start, nil
+						e.Event = s.quoted()
+					}
 				} else {
 					e.Event = s.value()
 				}
