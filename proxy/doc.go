@@ -40,7 +40,7 @@
 //	    state stays on the stack.
 //	 4. Engine. An attempt reaches its node through the endpoint's pools
 //	    (pool.go): the HTTP/1.1 client pool (internal/h1's Pool), the HTTP/2
-//	    client pool (h2client.go), or a dial for TCP. Per-node limits (limits.go, Envoy's circuit-breaker
+//	    client pool (internal/h2), or a dial for TCP. Per-node limits (limits.go, Envoy's circuit-breaker
 //	    thresholds per node) bound connections, pending and in-flight
 //	    requests; a refusal is ErrLocalLimit and the loop tries another node.
 //	 5. Feedback. Every try's outcome goes back to the balancer through its

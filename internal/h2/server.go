@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"context"
@@ -23,11 +23,30 @@ import (
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
-// h2Server is the HTTP/2 engine's server side: the connections it serves
-// and the workers that run their handlers. It is an httpserver.ConnServer.
-type h2Server struct {
+// Options tune a Server. The zero value is usable.
+type Options struct {
+	// ReadHeaderTimeout bounds a client's preface and SETTINGS, and the
+	// rest of a header block once its HEADERS frame came; zero means no
+	// limit.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout closes a connection after this long with no stream open;
+	// zero means no limit.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's decoded header list as RFC 9113
+	// counts it (name, value and 32 bytes per field), advertised in
+	// SETTINGS_MAX_HEADER_LIST_SIZE; past it the request is answered 431
+	// and the connection kept, unless one field alone is over it or the
+	// block runs on past twice what is left of it, which end the
+	// connection. If zero, httpwire.DefaultMaxHeaderBytes is used.
+	MaxHeaderBytes int
+}
+
+// Server is the HTTP/2 engine's server side: the connections it serves
+// and the workers that run their handlers. It is an httpserver.ConnServer;
+// its methods are safe for concurrent use.
+type Server struct {
 	handler http.Handler
-	opts    ServerOptions
+	opts    Options
 	log     *zap.Logger
 	baseCtx context.Context
 
@@ -38,11 +57,41 @@ type h2Server struct {
 	drained chan struct{}        // closed when the last connection ends after Shutdown
 }
 
+// NewServer returns a server running h for each stream. Requests' contexts
+// derive from ctx, whose end cancels them all and stops the idle handler
+// workers; the server's own errors are logged to log at debug, handler
+// panics at error.
+func NewServer(ctx context.Context, h http.Handler, opts Options, log *zap.Logger) *Server {
+	if opts.MaxHeaderBytes <= 0 {
+		opts.MaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
+	}
+	return &Server{handler: h, opts: opts, log: log, baseCtx: ctx,
+		conns: make(map[*h2ServerConn]struct{}),
+		work:  make(chan *h2ServerStream)}
+}
+
+// Load counts the server's connections and their streams whose handler
+// has not returned. It does not block on them.
+func (s *Server) Load() (conns, streams int) {
+	s.mu.Lock()
+	scs := make([]*h2ServerConn, 0, len(s.conns))
+	for sc := range s.conns {
+		scs = append(scs, sc)
+	}
+	s.mu.Unlock()
+	for _, sc := range scs {
+		sc.mu.Lock()
+		streams += len(sc.streams)
+		sc.mu.Unlock()
+	}
+	return len(scs), streams
+}
+
 // ServeConn serves nc, whose client preface (prefix) the listener read.
-func (s *h2Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
+func (s *Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
 
 // track adds sc unless the server is closed.
-func (s *h2Server) track(sc *h2ServerConn) bool {
+func (s *Server) track(sc *h2ServerConn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed.Load() {
@@ -54,7 +103,7 @@ func (s *h2Server) track(sc *h2ServerConn) bool {
 
 // untrack removes sc, and tells a waiting Shutdown when the last connection
 // is gone.
-func (s *h2Server) untrack(sc *h2ServerConn) {
+func (s *Server) untrack(sc *h2ServerConn) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.conns, sc)
@@ -66,7 +115,7 @@ func (s *h2Server) untrack(sc *h2ServerConn) {
 
 // Shutdown refuses new connections, tells the clients to go away, and
 // waits until their streams have ended or ctx ends.
-func (s *h2Server) Shutdown(ctx context.Context) error {
+func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed.Store(true)
 	conns := make([]*h2ServerConn, 0, len(s.conns))
@@ -96,7 +145,7 @@ func (s *h2Server) Shutdown(ctx context.Context) error {
 }
 
 // Close refuses new connections and fails every connection.
-func (s *h2Server) Close() {
+func (s *Server) Close() {
 	s.mu.Lock()
 	s.closed.Store(true)
 	conns := make([]*h2ServerConn, 0, len(s.conns))
@@ -113,7 +162,7 @@ func (s *h2Server) Close() {
 // one connection may carry many concurrent RPCs.
 const h2MaxStreams = 1000
 
-// h2MaxEarlyResets bounds how many more of a connection's streams may end
+// MaxEarlyResets bounds how many more of a connection's streams may end
 // early than were answered. A stream ends early when it is reset before its
 // answer began, by the client or by the server for the client's fault (a
 // window overflow, a body longer than its content-length: "made you
@@ -122,7 +171,7 @@ const h2MaxStreams = 1000
 // connection ends with GOAWAY ENHANCE_YOUR_CALM, as x/net and Envoy end
 // one, instead of refusing its streams forever; a client that also gets
 // answers may reset as many streams as were answered, and this many more.
-const h2MaxEarlyResets = 1000
+const MaxEarlyResets = 1000
 
 // h2GoAwayLinger is how long a connection the client ended with GOAWAY,
 // and that has no stream open, is still read before the sidecar closes it.
@@ -133,7 +182,7 @@ var (
 	errH2BodyClosed = errors.New("http2: request body closed")
 	errRapidReset   = errors.New("http2: too many streams reset before their answer")
 	// errH2HeaderListTooLarge: a request's header list is over
-	// ServerOptions.MaxHeaderBytes; it is answered 431.
+	// Options.MaxHeaderBytes; it is answered 431.
 	errH2HeaderListTooLarge = errors.New("http2: header list larger than the limit")
 )
 
@@ -142,7 +191,7 @@ var (
 // handler runs on a goroutine of its own.
 type h2ServerConn struct {
 	*h2conn
-	s      *h2Server
+	s      *Server
 	remote string
 
 	// Under mu:
@@ -153,7 +202,7 @@ type h2ServerConn struct {
 	goingAway bool   // GOAWAY sent: no new streams
 	idle      idleTimer
 	// early and answered count the streams that ended early and those
-	// answered (see h2MaxEarlyResets).
+	// answered (see MaxEarlyResets).
 	early, answered int
 
 	// calm is set once early passed the bound: the read loop ends the
@@ -205,7 +254,7 @@ func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
 	return 0
 }
 
-func (s *h2Server) serveH2(nc net.Conn) {
+func (s *Server) serveH2(nc net.Conn) {
 	sc := &h2ServerConn{
 		h2conn:  newH2Conn(nc, s.log),
 		s:       s,
@@ -597,10 +646,10 @@ func (sc *h2ServerConn) refuseStreamLocked(id uint32, code http2.ErrCode) {
 }
 
 // endedEarlyLocked counts a stream that ended early; past
-// h2MaxEarlyResets the read loop ends the connection. sc.mu is held.
+// MaxEarlyResets the read loop ends the connection. sc.mu is held.
 func (sc *h2ServerConn) endedEarlyLocked() {
 	sc.early++
-	if sc.early > h2MaxEarlyResets+sc.answered {
+	if sc.early > MaxEarlyResets+sc.answered {
 		sc.calm.Store(true)
 	}
 }
@@ -878,7 +927,7 @@ type h2ServerStream struct {
 // resetLocked ends the stream from the client's side or the connection's:
 // the handler's context is cancelled, its body read and writes fail. A
 // reset for the client's doing before the answer began counts against
-// h2MaxEarlyResets.
+// MaxEarlyResets.
 func (st *h2ServerStream) resetLocked(err error) {
 	if st.reset {
 		return
@@ -909,7 +958,7 @@ const h2WorkerIdle = 10 * time.Second
 
 // startHandler runs st's handler on an idle worker of the server, or on a
 // new one when all are busy.
-func (s *h2Server) startHandler(st *h2ServerStream) {
+func (s *Server) startHandler(st *h2ServerStream) {
 	select {
 	case s.work <- st:
 	default:
@@ -917,7 +966,7 @@ func (s *h2Server) startHandler(st *h2ServerStream) {
 	}
 }
 
-func (s *h2Server) worker(st *h2ServerStream) {
+func (s *Server) worker(st *h2ServerStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {

@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"context"
@@ -21,16 +21,11 @@ import (
 	"github.com/sidecarlb/sidecar/internal/replay"
 )
 
-// useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
-// client (h2Pool) rather than net/http's Transport, which stays in use for
-// h2 over TLS.
-const useH2Pool = true
-
 var (
-	// errRefusedStream: the node refused the stream (REFUSED_STREAM, or a
+	// ErrRefusedStream: the node refused the stream (REFUSED_STREAM, or a
 	// GOAWAY naming an earlier stream) before processing it, so it is as
 	// safe to send elsewhere as a refused dial.
-	errRefusedStream = errors.New("http2: stream refused by the node before processing")
+	ErrRefusedStream = errors.New("http2: stream refused by the node before processing")
 	errConnUnusable  = errors.New("http2: connection takes no new streams")
 	errH2RespClosed  = errors.New("http2: response body closed")
 )
@@ -40,10 +35,10 @@ type h2StreamError struct{ code http2.ErrCode }
 
 func (e h2StreamError) Error() string { return "http2: stream reset by the node: " + e.code.String() }
 
-// h2Pool is the h2c connections to one node. Streams go to the first
+// Pool is the h2c connections to one node. Streams go to the first
 // connection with room under the node's concurrency limit; a new connection
-// is dialled, one at a time, when none has.
-type h2Pool struct {
+// is dialled, one at a time, when none has. It is safe for concurrent use.
+type Pool struct {
 	dialer net.Dialer    // its Timeout is the connect timeout
 	idle   time.Duration // a connection with no stream this long closes; 0: never
 	log    *zap.Logger   // for panics of the connections' goroutines
@@ -57,7 +52,7 @@ type h2Pool struct {
 	retired bool
 
 	// lim bounds the pool's connections; see h2Wait.
-	lim     h2Limits
+	lim     Limits
 	waiters atomic.Int32  // requests waiting for a stream or a connection slot
 	room    chan struct{} // a stream ended while requests waited; cap 1
 }
@@ -67,22 +62,26 @@ type h2Dial struct {
 	err  error
 }
 
-// newH2Pool returns a pool whose dials, and waits for a connection slot,
-// time out after connect, and whose connections idle longer than idle
-// close (0: no limit); if log is nil, nothing is logged.
-func newH2Pool(connect, idle time.Duration, log *zap.Logger) *h2Pool {
+// NewPool returns a pool whose dials, and waits for a connection slot,
+// time out after connect, whose connections idle longer than idle close
+// (0: no limit), and whose connections count against lim (nil: no
+// limits). If log is nil, nothing is logged.
+func NewPool(connect, idle time.Duration, lim Limits, log *zap.Logger) *Pool {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &h2Pool{dialer: net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}, idle: idle,
+	if lim == nil {
+		lim = noLimits{}
+	}
+	return &Pool{dialer: net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}, idle: idle,
 		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1),
-		lim: h2NoLimits{}}
+		lim: lim}
 }
 
-// h2Limits bounds the connections an h2Pool opens to its node, as
-// h1.Limits bounds an h1.Pool's; the proxy's nodeLimits implements both.
+// Limits bounds the connections a Pool opens to its node, as h1.Limits
+// bounds an h1.Pool's; the proxy's per-node limits implement both.
 // Its methods are safe for concurrent use.
-type h2Limits interface {
+type Limits interface {
 	// TryConn takes a connection slot if one is free. It does not block.
 	TryConn() bool
 	// EndConn gives back a slot taken. It does not block.
@@ -104,22 +103,23 @@ type h2Limits interface {
 	WaitSlot(ctx context.Context, room <-chan struct{}, timeout <-chan time.Time) (slot bool, err error)
 }
 
-// h2NoLimits is the h2Limits of a pool given none: every slot is free.
-type h2NoLimits struct{}
+// noLimits is the Limits of a pool given none: every slot is free.
+type noLimits struct{}
 
-func (h2NoLimits) TryConn() bool       { return true }
-func (h2NoLimits) EndConn()            {}
-func (h2NoLimits) Attach(net.Conn)     {}
-func (h2NoLimits) StartPending() error { return nil }
-func (h2NoLimits) EndPending()         {}
-func (h2NoLimits) Reclaim()            {}
-func (h2NoLimits) WaitSlot(context.Context, <-chan struct{}, <-chan time.Time) (bool, error) {
+func (noLimits) TryConn() bool       { return true }
+func (noLimits) EndConn()            {}
+func (noLimits) Attach(net.Conn)     {}
+func (noLimits) StartPending() error { return nil }
+func (noLimits) EndPending()         {}
+func (noLimits) Reclaim()            {}
+func (noLimits) WaitSlot(context.Context, <-chan struct{}, <-chan time.Time) (bool, error) {
 	return true, nil
 }
 
-// roundTrip sends req on a connection to req.URL.Host and returns the
-// response once its header arrives.
-func (p *h2Pool) roundTrip(req *http.Request) (*http.Response, error) {
+// RoundTrip sends req on a connection to req.URL.Host and returns the
+// response once its header arrives. It blocks, for a connection slot at
+// the limits and for the answer's header, until req's context ends.
+func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		cc, err := p.conn(req.Context(), req.URL.Host)
 		if err != nil {
@@ -135,7 +135,7 @@ func (p *h2Pool) roundTrip(req *http.Request) (*http.Response, error) {
 
 // conn returns a connection with a stream reserved on it. At
 // max_connections it waits as a pending request (see h2Wait).
-func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
+func (p *Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 	var w h2Wait
 	defer w.end(p)
 	for {
@@ -197,7 +197,7 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 
 // dial connects to addr on a connection slot taken, which it gives back
 // if the dial fails.
-func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
+func (p *Pool) dial(addr string) (*h2ClientConn, error) {
 	nc, err := p.dialer.Dial("tcp", addr)
 	if err != nil {
 		p.lim.EndConn()
@@ -211,7 +211,7 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 // start speaks h2c over nc, a new connection to a node: it sends the
 // preface and the sidecar's settings, and starts the connection's timers,
 // writer and read loop.
-func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
+func (p *Pool) start(nc net.Conn) *h2ClientConn {
 	cc := &h2ClientConn{
 		h2conn:  newH2Conn(nc, p.log),
 		pool:    p,
@@ -279,7 +279,7 @@ func (cc *h2ClientConn) pingUnanswered() bool {
 
 var errH2PingTimeout = errors.New("http2: node did not answer a ping")
 
-func (p *h2Pool) remove(cc *h2ClientConn) {
+func (p *Pool) remove(cc *h2ClientConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for i, x := range p.conns {
@@ -290,8 +290,22 @@ func (p *h2Pool) remove(cc *h2ClientConn) {
 	}
 }
 
-// closeIdle closes the connections with no stream open.
-func (p *h2Pool) closeIdle() {
+// Load counts the pool's connections and the streams open or reserved on
+// them. It does not block on them.
+func (p *Pool) Load() (conns, streams int) {
+	p.mu.Lock()
+	ccs := append([]*h2ClientConn(nil), p.conns...)
+	p.mu.Unlock()
+	for _, cc := range ccs {
+		cc.mu.Lock()
+		streams += len(cc.streams) + cc.reserved
+		cc.mu.Unlock()
+	}
+	return len(ccs), streams
+}
+
+// CloseIdle closes the connections with no stream open. It does not block.
+func (p *Pool) CloseIdle() {
 	p.mu.Lock()
 	conns := append([]*h2ClientConn(nil), p.conns...)
 	p.mu.Unlock()
@@ -300,9 +314,9 @@ func (p *h2Pool) closeIdle() {
 	}
 }
 
-// retire stops new streams on the pool's connections; each closes once its
-// last stream ends.
-func (p *h2Pool) retire() {
+// Retire stops new streams on the pool's connections; each closes once its
+// last stream ends. It does not block.
+func (p *Pool) Retire() {
 	p.mu.Lock()
 	p.retired = true
 	conns := append([]*h2ClientConn(nil), p.conns...)
@@ -315,7 +329,7 @@ func (p *h2Pool) retire() {
 // h2ClientConn is one h2c connection to a node.
 type h2ClientConn struct {
 	*h2conn
-	pool *h2Pool
+	pool *Pool
 
 	// Under mu:
 	streams  map[uint32]*h2ClientStream
@@ -887,7 +901,7 @@ func (cc *h2ClientConn) processRSTStream(f *http2.RSTStreamFrame) error {
 	var err error = h2StreamError{f.ErrCode}
 	switch {
 	case f.ErrCode == http2.ErrCodeRefusedStream:
-		err = errRefusedStream
+		err = ErrRefusedStream
 	case f.ErrCode == http2.ErrCodeNo && cs.recvDone:
 		// The answer is complete: the node needs no more of the body.
 		cs.sendDone = true
@@ -955,7 +969,7 @@ func (cc *h2ClientConn) processGoAway(f *http2.GoAwayFrame) error {
 	for id, cs := range cc.streams {
 		if id > f.LastStreamID {
 			cs.sendDone = true
-			cs.failLocked(errRefusedStream)
+			cs.failLocked(ErrRefusedStream)
 		}
 	}
 	if len(cc.streams) == 0 && cc.reserved == 0 {
@@ -1035,7 +1049,7 @@ func (cs *h2ClientStream) endRecvLocked() {
 }
 
 // h2Wait is a request waiting, at max_connections, for room on one of an
-// h2Pool's connections (a stream ending) or a connection slot, as a
+// Pool's connections (a stream ending) or a connection slot, as a
 // pending request bounded by the connect timeout. Its zero value has not
 // waited.
 type h2Wait struct {
@@ -1048,7 +1062,7 @@ type h2Wait struct {
 // that the caller looks at its connections again, room signals reaching
 // it from then on; later, it waits for a signal or a slot. It fails with
 // ErrLocalLimit.
-func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
+func (w *h2Wait) wait(ctx context.Context, p *Pool) error {
 	l := p.lim
 	if !w.started {
 		if err := l.StartPending(); err != nil {
@@ -1068,7 +1082,7 @@ func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
 // end stops the wait, if any: a slot taken and not used is given back, and
 // a room signal is passed on to the next waiter, since this one may have
 // taken the last.
-func (w *h2Wait) end(p *h2Pool) {
+func (w *h2Wait) end(p *Pool) {
 	if !w.started {
 		return
 	}
@@ -1084,13 +1098,13 @@ func (w *h2Wait) end(p *h2Pool) {
 
 // roomFreed tells the requests waiting for a stream, if any, that one
 // ended. It does not block.
-func (p *h2Pool) roomFreed() {
+func (p *Pool) roomFreed() {
 	if p.waiters.Load() > 0 {
 		p.signalRoom()
 	}
 }
 
-func (p *h2Pool) signalRoom() {
+func (p *Pool) signalRoom() {
 	select {
 	case p.room <- struct{}{}:
 	default:
