@@ -24,16 +24,8 @@ import (
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
-// The sidecar's own HTTP/2 engine: a client-facing server (h2server.go) and
-// an upstream connection pool (h2client.go) over one connection core.
-//
-// Go's HTTP/2 server and client write each frame with a system call of its
-// own and hand every frame between goroutines. For a proxy relaying small
-// gRPC messages that is most of the cost. Here any goroutine appends frames
-// to a connection's output buffer under its lock, and one writer goroutine
-// per connection sends what has gathered in a single write once the other
-// runnable goroutines have had their turn, so a burst of calls on one
-// connection costs one system call each way instead of one per frame.
+// The connection core client and server share (see doc.go): the output
+// buffer and its writer, frame reading, header blocks, flow control.
 
 const (
 	// h2StreamWindow and h2ConnWindow are the receive windows the sidecar
