@@ -79,11 +79,7 @@ func soleH2ServerConn(t *testing.T, s *listenerServer) *h2ServerConn {
 	t.Helper()
 	var sc *h2ServerConn
 	resWait(t, 5*time.Second, "the HTTP/2 connection", func() bool {
-		s.h2.mu.Lock()
-		defer s.h2.mu.Unlock()
-		for c := range s.h2.conns {
-			sc = c
-		}
+		s.h2.conns.Range(func(c *h2ServerConn) { sc = c })
 		return sc != nil
 	})
 	return sc

@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/sidecarlb/sidecar/internal/httpserver"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
@@ -50,11 +50,8 @@ type Server struct {
 	log     *zap.Logger
 	baseCtx context.Context
 
-	mu      sync.Mutex
-	conns   map[*h2ServerConn]struct{}
-	work    chan *h2ServerStream // idle handler workers take streams here
-	closed  atomic.Bool          // set under mu, so track cannot add after it; read anywhere
-	drained chan struct{}        // closed when the last connection ends after Shutdown
+	conns httpserver.Tracker[*h2ServerConn]
+	work  chan *h2ServerStream // idle handler workers take streams here
 }
 
 // NewServer returns a server running h for each stream. Requests' contexts
@@ -66,19 +63,14 @@ func NewServer(ctx context.Context, h http.Handler, opts Options, log *zap.Logge
 		opts.MaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
 	}
 	return &Server{handler: h, opts: opts, log: log, baseCtx: ctx,
-		conns: make(map[*h2ServerConn]struct{}),
-		work:  make(chan *h2ServerStream)}
+		work: make(chan *h2ServerStream)}
 }
 
 // Load counts the server's connections and their streams whose handler
 // has not returned. It does not block on them.
 func (s *Server) Load() (conns, streams int) {
-	s.mu.Lock()
-	scs := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		scs = append(scs, sc)
-	}
-	s.mu.Unlock()
+	var scs []*h2ServerConn
+	s.conns.Range(func(sc *h2ServerConn) { scs = append(scs, sc) })
 	for _, sc := range scs {
 		sc.mu.Lock()
 		streams += len(sc.streams)
@@ -91,71 +83,21 @@ func (s *Server) Load() (conns, streams int) {
 func (s *Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
 
 // track adds sc unless the server is closed.
-func (s *Server) track(sc *h2ServerConn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed.Load() {
-		return false
-	}
-	s.conns[sc] = struct{}{}
-	return true
-}
+func (s *Server) track(sc *h2ServerConn) bool { return s.conns.Track(sc) }
 
 // untrack removes sc, and tells a waiting Shutdown when the last connection
 // is gone.
-func (s *Server) untrack(sc *h2ServerConn) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.conns, sc)
-	if s.drained != nil && len(s.conns) == 0 {
-		close(s.drained)
-		s.drained = nil
-	}
-}
+func (s *Server) untrack(sc *h2ServerConn) { s.conns.Untrack(sc) }
 
 // Shutdown refuses new connections, tells the clients to go away, and
 // waits until their streams have ended or ctx ends.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
-	}
-	var drained chan struct{}
-	if len(s.conns) > 0 {
-		if s.drained == nil {
-			s.drained = make(chan struct{})
-		}
-		drained = s.drained
-	}
-	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.shutdown()
-	}
-	if drained == nil {
-		return nil
-	}
-	select {
-	case <-drained:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return s.conns.Shutdown(ctx, (*h2ServerConn).shutdown)
 }
 
 // Close refuses new connections and fails every connection.
 func (s *Server) Close() {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
-	}
-	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.fail(errH2ConnClosed)
-	}
+	s.conns.Close(func(sc *h2ServerConn) { sc.fail(errH2ConnClosed) })
 }
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
