@@ -27,10 +27,10 @@
 // The hot path of a proxied request: the server's read loop → onHeaders →
 // a handler on a pooled worker goroutine (startHandler: an idle worker
 // takes the stream, or a new one starts; idle workers exit after 10 s) →
-// the proxy → Pool.RoundTrip → h2ClientConn.roundTrip writes HEADERS and
+// the proxy → Pool.RoundTrip → clientConn.roundTrip writes HEADERS and
 // what is at hand of the body → the client's read loop → processHeaders →
 // the answer's body read by the handler and written back through
-// h2ServerStream.Write → one write per burst by each writer.
+// serverStream.Write → one write per burst by each writer.
 //
 // # One method per frame type
 //

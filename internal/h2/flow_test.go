@@ -75,23 +75,23 @@ func (l *pipeListener) dial(t *testing.T) net.Conn {
 
 // soleH2ServerConn waits for s to have one HTTP/2 connection and returns
 // it.
-func soleH2ServerConn(t *testing.T, s *listenerServer) *h2ServerConn {
+func soleH2ServerConn(t *testing.T, s *listenerServer) *serverConn {
 	t.Helper()
-	var sc *h2ServerConn
+	var sc *serverConn
 	resWait(t, 5*time.Second, "the HTTP/2 connection", func() bool {
-		s.h2.conns.Range(func(c *h2ServerConn) { sc = c })
+		s.h2.conns.Range(func(c *serverConn) { sc = c })
 		return sc != nil
 	})
 	return sc
 }
 
-func (c *h2conn) sendWaitCount() int {
+func (c *conn) sendWaitCount() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.sendWaits
 }
 
-func (c *h2conn) outLen() int {
+func (c *conn) outLen() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return len(c.out)
@@ -186,7 +186,7 @@ func TestH2FlowControlStallSleeps(t *testing.T) {
 }
 
 // load counts cc's open and reserved streams.
-func (cc *h2ClientConn) load() (open, streams int) {
+func (cc *clientConn) load() (open, streams int) {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	return len(cc.streams), len(cc.streams) + cc.reserved

@@ -145,7 +145,7 @@ func FuzzH2ReadFrame(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		c := newH2Conn(fakeConn{r: bytes.NewReader(in)}, zap.NewNop())
+		c := newConn(fakeConn{r: bytes.NewReader(in)}, zap.NewNop())
 		x := http2.NewFramer(io.Discard, bytes.NewReader(in))
 		x.SetMaxReadFrameSize(h2DefaultFrame)
 		x.MaxHeaderListSize = h2MaxHeaderList
@@ -291,7 +291,7 @@ func stricterRule(method, scheme, authority, path string) bool {
 // sidecarRequest reads one request's frames as the server does (readFrame,
 // then newRequest) and returns the request, or why it is malformed.
 func sidecarRequest(frames []byte) (*http.Request, error) {
-	sc := &h2ServerConn{h2conn: newH2Conn(fakeConn{r: bytes.NewReader(frames)}, zap.NewNop()), remote: "fuzz"}
+	sc := &serverConn{conn: newConn(fakeConn{r: bytes.NewReader(frames)}, zap.NewNop()), remote: "fuzz"}
 	f, err := sc.readFrame()
 	if err != nil {
 		return nil, err
@@ -300,7 +300,7 @@ func sidecarRequest(frames []byte) (*http.Request, error) {
 	if !ok {
 		return nil, fmt.Errorf("read %v, not HEADERS", f.Header().Type)
 	}
-	st := &h2ServerStream{sc: sc, id: mh.StreamID}
+	st := &serverStream{sc: sc, id: mh.StreamID}
 	req, err := sc.newRequest(st, mh)
 	if st.cancel != nil {
 		st.cancel()
