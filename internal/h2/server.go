@@ -79,8 +79,11 @@ func (s *Server) Load() (conns, streams int) {
 	return len(scs), streams
 }
 
-// ServeConn serves nc, whose client preface (prefix) the listener read.
-func (s *Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
+// ServeConn serves nc until the client or the server ends it, and returns
+// then; it closes nc. prefix is the client preface the listener read,
+// which nc will not return again. After Shutdown or Close it closes nc at
+// once.
+func (s *Server) ServeConn(nc net.Conn, prefix []byte) { s.serveH2(nc) }
 
 // track adds sc unless the server is closed.
 func (s *Server) track(sc *serverConn) bool { return s.conns.Track(sc) }
