@@ -1,9 +1,9 @@
 package proxy
 
 // Tests of the sidecar's own HTTP/2 engine (internal/h2) on the proxy's
-// path, route to node: real Go h2c peers where the behaviour is end to end, and raw
-// framers, as client or node, where a test needs frames the Go peers never
-// send or must see exactly which frames the sidecar sends.
+// path, route to node: real Go h2c peers where the behaviour is end to
+// end, and raw framers, as client or node, where a test needs frames the
+// Go peers never send or must see exactly which frames the sidecar sends.
 
 import (
 	"errors"

@@ -1,9 +1,9 @@
 package h2
 
-// Tests of the sidecar's own HTTP/2 engine (conn.go, server.go,
-// client.go): real Go h2c peers where the behaviour is end to end, and raw
-// framers, as client or node, where a test needs frames the Go peers never
-// send or must see exactly which frames the sidecar sends.
+// The peers the engine's tests run against: Go's h2c server and client,
+// raw framers as app or node (rawH2, rawH2Node), and the listener's server
+// as the proxy builds it (listenerServer). proxy/h2_test.go keeps a copy of
+// the raw framers for the tests on the proxy's path.
 
 import (
 	"bufio"
