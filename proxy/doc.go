@@ -39,10 +39,13 @@
 //	    attempt is chosen by a field, not an interface, so the per-request
 //	    state stays on the stack.
 //	 4. Engine. An attempt reaches its node through the endpoint's pools
-//	    (pool.go): the HTTP/1.1 client pool (internal/h1's Pool), the HTTP/2
-//	    client pool (h2client.go), or a dial for TCP. Per-node limits (limits.go, Envoy's circuit-breaker
-//	    thresholds per node) bound connections, pending and in-flight
-//	    requests; a refusal is ErrLocalLimit and the loop tries another node.
+//	    (pool.go): the HTTP/1.1 client pool (internal/h1's Pool), the h2c
+//	    client pool (internal/h2's Pool), net/http's Transport for what
+//	    neither takes (TLS, large streamed HTTP/1.1 bodies), or a dial for
+//	    TCP. Per-node limits (limits.go, Envoy's circuit-breaker thresholds
+//	    per node; they are h1.Limits and h2.Limits to the pools) bound
+//	    connections, pending and in-flight requests; a refusal is
+//	    ErrLocalLimit and the loop tries another node.
 //	 5. Feedback. Every try's outcome goes back to the balancer through its
 //	    pick's Done (latency, success), and to the node's breaker and outlier
 //	    detection (reportTry). Those live in proxy/resilience, which keeps no

@@ -9,6 +9,7 @@ import (
 	"syscall"
 
 	"github.com/sidecarlb/sidecar/balancer"
+	"github.com/sidecarlb/sidecar/internal/h2"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
@@ -86,7 +87,7 @@ func isDialError(err error) bool {
 	if errors.As(err, &op) && op.Op == "dial" {
 		return true
 	}
-	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, errRefusedStream)
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, h2.ErrRefusedStream)
 }
 
 // answerError answers a request the proxy could not forward: with a gRPC

@@ -1,9 +1,9 @@
 package proxy
 
-// Tests of the sidecar's own HTTP/2 engine (h2conn.go, h2server.go,
-// h2client.go): real Go h2c peers where the behaviour is end to end, and raw
-// framers, as client or node, where a test needs frames the Go peers never
-// send or must see exactly which frames the sidecar sends.
+// Tests of the sidecar's own HTTP/2 engine (internal/h2) on the proxy's
+// path, route to node: real Go h2c peers where the behaviour is end to
+// end, and raw framers, as client or node, where a test needs frames the
+// Go peers never send or must see exactly which frames the sidecar sends.
 
 import (
 	"bytes"
@@ -24,10 +24,6 @@ import (
 	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
-
-// Tests of the HTTP/2 client pool (h2client.go) against raw and net/http
-// nodes: connection reuse, retirement and idle close, refused streams
-// retried, pings, and frames from a node that breaks the protocol.
 
 // TestH2RefusedStreamRetried: a stream a node refuses, with REFUSED_STREAM
 // or a GOAWAY that leaves it out, was never processed: the request goes to
@@ -203,52 +199,6 @@ func TestH2EndpointLeaves(t *testing.T) {
 	}
 }
 
-// TestH2PoolRetired: a request that reaches a pool just retired (it picked
-// the node before the node left) is still served, on a connection of its
-// own that closes once it is done, as on the HTTP/1.1 pool.
-func TestH2PoolRetired(t *testing.T) {
-	leakcheck.Check(t)
-	node := startH2CNode(t, nodeHandler("node-0"), nil)
-	p := newH2Pool(time.Second, 0, testLogger(t))
-	get := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr+"/r", nil)
-		errc := make(chan error, 1)
-		go func() {
-			resp, err := p.roundTrip(req)
-			if err != nil {
-				errc <- err
-				return
-			}
-			body, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if err == nil && (resp.StatusCode != http.StatusOK || string(body) != "node-0 GET /r") {
-				err = fmt.Errorf("answer %d %q, want 200", resp.StatusCode, body)
-			}
-			errc <- err
-		}()
-		select {
-		case err := <-errc:
-			return err
-		case <-time.After(10 * time.Second):
-			return errors.New("roundTrip did not return")
-		}
-	}
-	if err := get(); err != nil {
-		t.Fatal(err)
-	}
-	p.retire()
-	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.closes.Load() == 1 })
-	if err := get(); err != nil {
-		t.Fatalf("request on the retired pool: %v", err)
-	}
-	if got := node.accepts.Load(); got != 2 {
-		t.Errorf("node connections = %d, want 2: one for the request on the retired pool", got)
-	}
-	resWait(t, 5*time.Second, "its connection to close", func() bool { return node.closes.Load() == 2 })
-}
-
 // TestH2RefusedStreamBodyInFlight: when a node refuses a stream whose
 // request body the app is still to send, the sidecar is already waiting to
 // read that body for the refused stream. The request goes on to another
@@ -324,47 +274,6 @@ func TestH2RefusedStreamBodyInFlight(t *testing.T) {
 		if b != "part1part2" {
 			t.Errorf("node got body %q, want part1part2: never part of it", b)
 		}
-	}
-}
-
-// TestH2SilentNodePinged: a node that stops answering altogether, neither
-// its stream nor pings, as a vanished host does, has its connection closed
-// once a ping goes unanswered. The request in flight fails with a 502
-// naming the ping instead of hanging (the route has no request timeout),
-// and the next request dials the node afresh.
-func TestH2SilentNodePinged(t *testing.T) {
-	leakcheck.Check(t)
-	after, timeout := h2PingAfter, h2PingTimeout
-	h2PingAfter, h2PingTimeout = 100*time.Millisecond, 100*time.Millisecond
-	t.Cleanup(func() { h2PingAfter, h2PingTimeout = after, timeout })
-
-	stop := make(chan struct{})
-	var streams atomic.Int64
-	silent := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
-		streams.Add(1)
-		<-stop // reads nothing more: no answer, no ping ack
-	})
-	t.Cleanup(func() { close(stop) }) // runs before the node's cleanup
-	res := resDefaults(t)
-	res.Breaker.Enabled = false
-	res.Outlier.Enabled = false
-	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {silent.addr}}),
-		RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
-	client := h2cClient(t, nil)
-	for i := range 2 {
-		start := time.Now()
-		req, _ := http.NewRequest(http.MethodGet, sc.URL+"/hang", nil)
-		r := do(t, client, req)
-		took := time.Since(start)
-		if r.status != http.StatusBadGateway || !strings.Contains(r.body, "did not answer a ping") {
-			t.Errorf("request %d to a silent node = %d %q, want 502 saying the ping went unanswered", i, r.status, r.body)
-		}
-		if took > 5*time.Second {
-			t.Errorf("request %d took %v, want it ended by the ping timeout (≈ 0.3 s)", i, took)
-		}
-	}
-	if got := streams.Load(); got != 2 {
-		t.Errorf("silent node got %d streams, want 2: one per request, none retried", got)
 	}
 }
 
@@ -486,34 +395,4 @@ func TestH2NodeConnectionErrorCodes(t *testing.T) {
 			}
 		})
 	}
-}
-
-// TestH2PoolIdleClose: a pooled HTTP/2 connection with no stream open for
-// the idle timeout is closed, timed from the end of its last stream (one
-// stream outlasts the timeout here), with no request coming to find it.
-func TestH2PoolIdleClose(t *testing.T) {
-	leakcheck.Check(t)
-	const idle = 200 * time.Millisecond
-	node := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(2 * idle)
-		io.WriteString(w, "slow")
-	}), nil)
-	p := newH2Pool(time.Second, idle, testLogger(t))
-	t.Cleanup(p.retire)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr+"/slow", nil)
-	resp, err := p.roundTrip(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil || string(body) != "slow" {
-		t.Fatalf("body = %q, %v; want \"slow\"", body, err)
-	}
-	if got := node.closes.Load(); got != 0 {
-		t.Fatalf("node connections closed as the stream ended = %d, want 0 (idle for less than %v)", got, idle)
-	}
-	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.closes.Load() == 1 })
 }

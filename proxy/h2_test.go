@@ -1,9 +1,9 @@
 package proxy
 
-// Tests of the sidecar's own HTTP/2 engine (h2conn.go, h2server.go,
-// h2client.go): real Go h2c peers where the behaviour is end to end, and raw
-// framers, as client or node, where a test needs frames the Go peers never
-// send or must see exactly which frames the sidecar sends.
+// Tests of the sidecar's own HTTP/2 engine (internal/h2) on the proxy's
+// path, route to node: real Go h2c peers where the behaviour is end to
+// end, and raw framers, as client or node, where a test needs frames the
+// Go peers never send or must see exactly which frames the sidecar sends.
 
 import (
 	"bufio"
@@ -130,21 +130,11 @@ func h2cClient(t testing.TB, conf *http.HTTP2Config) *http.Client {
 }
 
 // h2ServerLoad counts the app connections of s, their open streams and
-// their handlers not yet returned.
+// their handlers not yet returned (a stream is held until its handler
+// returns).
 func h2ServerLoad(s *Server) (conns, streams, running int) {
-	s.h2.mu.Lock()
-	scs := make([]*h2ServerConn, 0, len(s.h2.conns))
-	for sc := range s.h2.conns {
-		scs = append(scs, sc)
-	}
-	s.h2.mu.Unlock()
-	for _, sc := range scs {
-		sc.mu.Lock()
-		streams += len(sc.streams)
-		running += len(sc.streams) // a stream is held until its handler returns
-		sc.mu.Unlock()
-	}
-	return len(scs), streams, running
+	conns, streams = s.h2.Load()
+	return conns, streams, streams
 }
 
 // h2PoolLoad counts the sidecar's h2c connections to nodes over every
@@ -159,18 +149,10 @@ func h2PoolLoad(p *Proxy) (conns, streams int) {
 			continue
 		}
 		for _, e := range st.endpoints {
-			pl := e.pools.Load().h2c
-			if pl == nil {
-				continue
-			}
-			pl.mu.Lock()
-			ccs := slices.Clone(pl.conns)
-			pl.mu.Unlock()
-			for _, cc := range ccs {
-				cc.mu.Lock()
-				conns++
-				streams += len(cc.streams) + cc.reserved
-				cc.mu.Unlock()
+			if pl := e.pools.Load().h2c; pl != nil {
+				c, s := pl.Load()
+				conns += c
+				streams += s
 			}
 		}
 	}
@@ -805,7 +787,7 @@ var h2ConnErrorCases = []struct {
 }{
 	{"frame over the maximum frame size", func(fr *http2.Framer, stream uint32) {
 		// The sidecar never raises SETTINGS_MAX_FRAME_SIZE from 16 KiB.
-		_ = fr.WriteData(stream, false, make([]byte, h2DefaultFrame+1))
+		_ = fr.WriteData(stream, false, make([]byte, 16<<10+1))
 	}, http2.ErrCodeFrameSize},
 	{"connection window update past 2^31-1", func(fr *http2.Framer, _ uint32) {
 		_ = fr.WriteWindowUpdate(0, 1<<31-1)
@@ -1002,54 +984,3 @@ func TestH2NoBody(t *testing.T) {
 		}
 	}
 }
-
-// panicConn is a connection that panics on its first write (onWrite) or on
-// its first read after the HTTP/2 preface, as a faulty wrapper of the
-// socket might.
-type panicConn struct {
-	net.Conn
-	onWrite bool
-	read    int
-}
-
-func (c *panicConn) Read(p []byte) (int, error) {
-	if !c.onWrite && c.read >= len(http2.ClientPreface) {
-		panic("read boom")
-	}
-	n, err := c.Conn.Read(p[:min(len(p), len(http2.ClientPreface)-c.read)])
-	c.read += n
-	return n, err
-}
-
-func (c *panicConn) Write(p []byte) (int, error) {
-	if c.onWrite {
-		panic("write boom")
-	}
-	return c.Conn.Write(p)
-}
-
-// panicListener wraps the connections it accepts in a panicConn while
-// mode is "read" or "write".
-type panicListener struct {
-	net.Listener
-	mode atomic.Value // string
-}
-
-func (l *panicListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	switch l.mode.Load() {
-	case "read":
-		return &panicConn{Conn: c}, nil
-	case "write":
-		return &panicConn{Conn: c, onWrite: true}, nil
-	}
-	return c, nil
-}
-
-// panicReader panics on its first read.
-type panicReader struct{}
-
-func (panicReader) Read([]byte) (int, error) { panic("body boom") }

@@ -231,7 +231,7 @@ func (l *nodeLimits) EndConn() { l.endConn() }
 // Attach is attach.
 func (l *nodeLimits) Attach(c net.Conn) { l.attach(c) }
 
-// The further methods h2Limits asks for.
+// The further methods h2.Limits asks for.
 
 // StartPending is startPending.
 func (l *nodeLimits) StartPending() error { return l.startPending() }
@@ -278,7 +278,7 @@ func (e *endpoint) closeAnIdle() {
 		return
 	}
 	if p.h2c != nil {
-		p.h2c.closeIdle()
+		p.h2c.CloseIdle()
 	}
 	p.h1.CloseIdleConnections()
 	if p.h2 != nil {

@@ -15,6 +15,7 @@ import (
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/internal/backoff"
 	"github.com/sidecarlb/sidecar/internal/h1"
+	"github.com/sidecarlb/sidecar/internal/h2"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 	"github.com/sidecarlb/sidecar/internal/replay"
 )
@@ -23,13 +24,18 @@ import (
 // over an h1.Pool instead of the endpoint's http.Transport.
 const useH1Pool = true
 
+// useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
+// client (h2.Pool) rather than net/http's Transport, which stays in use for
+// h2 over TLS.
+const useH2Pool = true
+
 // pools are the connection pools of one endpoint: HTTP/1.1 keep-alive and
 // HTTP/2 (h2c, or h2 over TLS). They are replaced when they reach their
 // maximum age, so long-lived connections are renewed now and then.
 type pools struct {
 	h1, h2  *http.Transport // h2 is nil when h2c goes over h2c
 	fast    *h1.Pool        // plain-text HTTP/1.1 fast path; nil over TLS
-	h2c     *h2Pool         // plain-text HTTP/2; nil over TLS
+	h2c     *h2.Pool        // plain-text HTTP/2; nil over TLS
 	expires int64           // unix nanoseconds; 0: never
 }
 
@@ -48,8 +54,7 @@ func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
 		p.fast = h1.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim)
 	}
 	if useH2Pool && c.tls == nil {
-		p.h2c = newH2Pool(c.timeouts.Connect, c.timeouts.Idle, c.log)
-		p.h2c.lim = lim
+		p.h2c = h2.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim, c.log)
 	} else {
 		p.h2 = newTransport(c, true, lim)
 	}
@@ -69,7 +74,7 @@ func (p *pools) closeIdle() {
 		p.fast.CloseIdle()
 	}
 	if p.h2c != nil {
-		p.h2c.closeIdle()
+		p.h2c.CloseIdle()
 	}
 }
 
@@ -80,7 +85,7 @@ func (e *endpoint) roundTrip(h2 bool, out *http.Request, b *replay.Body, now tim
 	p := e.currentPools(now)
 	switch {
 	case h2 && p.h2c != nil:
-		return p.h2c.roundTrip(out)
+		return p.h2c.RoundTrip(out)
 	case h2:
 		return p.h2.RoundTrip(out)
 	case p.fast != nil:
@@ -118,7 +123,7 @@ func drain(p *pools, grace time.Duration) {
 		p.fast.Retire() // busy connections close when their exchange ends
 	}
 	if p.h2c != nil {
-		p.h2c.retire() // connections close when their last stream ends
+		p.h2c.Retire() // connections close when their last stream ends
 	}
 	p.closeIdle()
 	if grace <= 0 {

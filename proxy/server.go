@@ -8,6 +8,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/internal/h1"
+	"github.com/sidecarlb/sidecar/internal/h2"
 	"github.com/sidecarlb/sidecar/internal/httpserver"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
@@ -41,12 +42,12 @@ type ServerOptions struct {
 const DefaultMaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
 
 // Server serves one proxy listener: HTTP/1.1 (internal/h1) and HTTP/2 with
-// prior knowledge (h2server.go) on the same port, both through the
+// prior knowledge (internal/h2) on the same port, both through the
 // sidecar's own connection loops. Each accepted connection is sniffed for
 // the HTTP/2 preface and handed to one or the other (internal/httpserver).
 type Server struct {
 	*httpserver.Server
-	h2   *h2Server
+	h2   *h2.Server
 	stop context.CancelFunc // ends every request's context, and the idle HTTP/2 workers
 }
 
@@ -58,22 +59,19 @@ func NewServer(h http.Handler, opts ServerOptions, log *zap.Logger) *Server {
 		opts.MaxHeaderBytes = DefaultMaxHeaderBytes
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	h2 := &h2Server{
-		handler: h,
-		opts:    opts,
-		log:     log,
-		baseCtx: ctx,
-		conns:   make(map[*h2ServerConn]struct{}),
-		work:    make(chan *h2ServerStream),
-	}
+	h2s := h2.NewServer(ctx, h, h2.Options{
+		ReadHeaderTimeout: opts.ReadHeaderTimeout,
+		IdleTimeout:       opts.IdleTimeout,
+		MaxHeaderBytes:    opts.MaxHeaderBytes,
+	}, log)
 	h1s := h1.NewServer(ctx, h, h1.Options{
 		ReadHeaderTimeout: opts.ReadHeaderTimeout,
 		IdleTimeout:       opts.IdleTimeout,
 		MaxHeaderBytes:    opts.MaxHeaderBytes,
 		ConnContext:       h1.WithInterrupter,
 	}, log)
-	hs := httpserver.New(httpserver.Options{ReadHeaderTimeout: opts.ReadHeaderTimeout, H1: h1s, H2: h2}, log)
-	return &Server{Server: hs, h2: h2, stop: stop}
+	hs := httpserver.New(httpserver.Options{ReadHeaderTimeout: opts.ReadHeaderTimeout, H1: h1s, H2: h2s}, log)
+	return &Server{Server: hs, h2: h2s, stop: stop}
 }
 
 // Shutdown stops accepting, closes idle HTTP/1.1 connections, tells HTTP/2

@@ -5,11 +5,11 @@ import (
 	"net"
 	"net/http"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/internal/httpserver"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
@@ -43,10 +43,9 @@ type Server struct {
 	log     *zap.Logger
 	baseCtx context.Context
 
-	mu      sync.Mutex
-	conns   map[*conn]struct{}
-	closed  atomic.Bool   // set under mu, so track cannot add after it; read anywhere
-	drained chan struct{} // closed when the last connection ends after Shutdown
+	conns httpserver.Tracker[*conn]
+
+	mu sync.Mutex
 	// idleSweep closes connections idle past the idle timeout (sweepIdle),
 	// under mu; it runs while there are any.
 	idleSweep *time.Timer
@@ -60,8 +59,7 @@ func NewServer(ctx context.Context, h http.Handler, opts Options, log *zap.Logge
 	if opts.MaxHeaderBytes <= 0 {
 		opts.MaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
 	}
-	return &Server{handler: h, opts: opts, log: log, baseCtx: ctx,
-		conns: make(map[*conn]struct{}), epoch: time.Now()}
+	return &Server{handler: h, opts: opts, log: log, baseCtx: ctx, epoch: time.Now()}
 }
 
 // ServeConn serves nc until the client or the server ends it, and returns
@@ -85,17 +83,17 @@ func (s *Server) sweepIdle() {
 	next := s.opts.IdleTimeout
 	var idle []*conn
 	s.mu.Lock()
-	for c := range s.conns {
+	n := s.conns.Range(func(c *conn) {
 		if c.state.Load() != stateIdle {
-			continue
+			return
 		}
 		if left := time.Duration(c.idleSince.Load()) + s.opts.IdleTimeout - now; left > 0 {
 			next = min(next, left)
 		} else {
 			idle = append(idle, c)
 		}
-	}
-	if len(s.conns) > 0 {
+	})
+	if n > 0 {
 		s.idleSweep.Reset(next)
 	} else {
 		s.idleSweep = nil
@@ -106,76 +104,40 @@ func (s *Server) sweepIdle() {
 	}
 }
 
-func (s *Server) isClosed() bool { return s.closed.Load() }
+func (s *Server) isClosed() bool { return s.conns.Closed() }
 
-// track adds c to the server's connections unless the server is closed.
+// track adds c to the server's connections unless the server is closed,
+// and starts the idle sweep if it is not running. sweepIdle counts the
+// connections under mu, so one added here is either counted there or
+// finds the sweep stopped.
 func (s *Server) track(c *conn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed.Load() {
+	if !s.conns.Track(c) {
 		return false
 	}
-	s.conns[c] = struct{}{}
+	s.mu.Lock()
 	if s.idleSweep == nil && s.opts.IdleTimeout > 0 {
 		s.idleSweep = time.AfterFunc(s.opts.IdleTimeout, s.sweepIdle)
 	}
+	s.mu.Unlock()
 	return true
 }
 
 // untrack removes c, and tells a waiting Shutdown when the last connection
 // is gone.
-func (s *Server) untrack(c *conn) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.conns, c)
-	if s.drained != nil && len(s.conns) == 0 {
-		close(s.drained)
-		s.drained = nil
-	}
-}
+func (s *Server) untrack(c *conn) { s.conns.Untrack(c) }
 
 // Shutdown refuses new connections, closes those waiting for a request,
 // and waits until every request in flight has been answered (each
 // connection closes after its answer) or ctx ends, whose error it then
 // returns, leaving the rest to Close.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*conn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
-	var drained chan struct{}
-	if len(s.conns) > 0 {
-		if s.drained == nil {
-			s.drained = make(chan struct{})
-		}
-		drained = s.drained
-	}
-	s.mu.Unlock()
-	for _, c := range conns {
-		c.closeIfIdle()
-	}
-	if drained == nil {
-		return nil
-	}
-	select {
-	case <-drained:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return s.conns.Shutdown(ctx, (*conn).closeIfIdle)
 }
 
 // Close refuses new connections and closes every connection at once; the
 // handlers still running see their requests fail.
 func (s *Server) Close() {
-	s.mu.Lock()
-	s.closed.Store(true)
-	for c := range s.conns {
-		c.nc.Close()
-	}
-	s.mu.Unlock()
+	s.conns.Close(func(c *conn) { c.nc.Close() })
 }
 
 // prefixConn is a connection whose first bytes were already read.

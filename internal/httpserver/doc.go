@@ -4,7 +4,10 @@
 // engine for its protocol, as x/net/http2's Server.ServeConn takes an
 // already-sniffed connection. It never reaches into an engine: it knows
 // them through ConnServer, and keeps track only of the listeners and of
-// the connections it is still sniffing.
+// the connections it is still sniffing. The engines keep theirs in a
+// Tracker, the one connection set both use: it refuses connections after
+// Shutdown or Close and tells Shutdown when the last one has gone, while
+// what idle means and how a connection ends stay the engine's.
 //
 // # The sniff
 //

@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"errors"
@@ -68,19 +68,19 @@ func TestH2NodeConnTimerPanics(t *testing.T) {
 		fn      string
 		panicOn string
 		panic   string
-		setup   func(p *h2Pool)
+		setup   func(p *Pool)
 	}{
-		{"idle timer", "closeIfIdle", "SetWriteDeadline", "deadline boom", func(p *h2Pool) {
+		{"idle timer", "closeIfIdle", "SetWriteDeadline", "deadline boom", func(p *Pool) {
 			p.idle = 20 * time.Millisecond
 		}},
-		{"health timer", "checkHealth", "Close", "close boom", func(p *h2Pool) {
+		{"health timer", "checkHealth", "Close", "close boom", func(p *Pool) {
 			p.pingAfter, p.pingTimeout = 20*time.Millisecond, 20*time.Millisecond
 		}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			core, logs := observer.New(zap.ErrorLevel)
-			p := newH2Pool(time.Second, 0, zap.New(core))
+			p := NewPool(time.Second, 0, nil, zap.New(core))
 			p.pingAfter = time.Hour
 			tc.setup(p)
 			// A node that reads everything and answers nothing, not even
@@ -108,9 +108,9 @@ func TestH2NodeConnTimerPanics(t *testing.T) {
 func TestH2ServerIdleTimerPanics(t *testing.T) {
 	leakcheck.Check(t)
 	core, logs := observer.New(zap.ErrorLevel)
-	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := newListenerServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "ok")
-	}), ServerOptions{IdleTimeout: 50 * time.Millisecond}, zap.New(core))
+	}), Options{IdleTimeout: 50 * time.Millisecond}, zap.New(core))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -146,7 +146,7 @@ func (l *timerPanicListener) Accept() (net.Conn, error) {
 
 // serveOn serves srv on ln until the test ends, then closes it and waits
 // for Serve to return.
-func serveOn(t *testing.T, srv *Server, ln net.Listener) {
+func serveOn(t *testing.T, srv *listenerServer, ln net.Listener) {
 	t.Helper()
 	done := make(chan struct{})
 	go func() {

@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,101 +18,96 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/sidecarlb/sidecar/internal/httpserver"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
-// h2Server is the HTTP/2 engine's server side: the connections it serves
-// and the workers that run their handlers. It is an httpserver.ConnServer.
-type h2Server struct {
+// Options tune a Server. The zero value is usable.
+type Options struct {
+	// ReadHeaderTimeout bounds a client's preface and SETTINGS, and the
+	// rest of a header block once its HEADERS frame came; zero means no
+	// limit.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout closes a connection after this long with no stream open;
+	// zero means no limit.
+	IdleTimeout time.Duration
+	// MaxHeaderBytes bounds a request's decoded header list as RFC 9113
+	// counts it (name, value and 32 bytes per field), advertised in
+	// SETTINGS_MAX_HEADER_LIST_SIZE; past it the request is answered 431
+	// and the connection kept, unless one field alone is over it or the
+	// block runs on past twice what is left of it, which end the
+	// connection. If zero, httpwire.DefaultMaxHeaderBytes is used.
+	MaxHeaderBytes int
+}
+
+// Server is the HTTP/2 engine's server side: the connections it serves
+// and the workers that run their handlers. It is an httpserver.ConnServer;
+// its methods are safe for concurrent use.
+type Server struct {
 	handler http.Handler
-	opts    ServerOptions
+	opts    Options
 	log     *zap.Logger
 	baseCtx context.Context
 
-	mu      sync.Mutex
-	conns   map[*h2ServerConn]struct{}
-	work    chan *h2ServerStream // idle handler workers take streams here
-	closed  atomic.Bool          // set under mu, so track cannot add after it; read anywhere
-	drained chan struct{}        // closed when the last connection ends after Shutdown
+	conns httpserver.Tracker[*serverConn]
+	work  chan *serverStream // idle handler workers take streams here
 }
 
-// ServeConn serves nc, whose client preface (prefix) the listener read.
-func (s *h2Server) ServeConn(nc net.Conn, _ []byte) { s.serveH2(nc) }
+// NewServer returns a server running h for each stream. Requests' contexts
+// derive from ctx, whose end cancels them all and stops the idle handler
+// workers; the server's own errors are logged to log at debug, handler
+// panics at error.
+func NewServer(ctx context.Context, h http.Handler, opts Options, log *zap.Logger) *Server {
+	if opts.MaxHeaderBytes <= 0 {
+		opts.MaxHeaderBytes = httpwire.DefaultMaxHeaderBytes
+	}
+	return &Server{handler: h, opts: opts, log: log, baseCtx: ctx,
+		work: make(chan *serverStream)}
+}
+
+// Load counts the server's connections and their streams whose handler
+// has not returned. It does not block on them.
+func (s *Server) Load() (conns, streams int) {
+	var scs []*serverConn
+	s.conns.Range(func(sc *serverConn) { scs = append(scs, sc) })
+	for _, sc := range scs {
+		sc.mu.Lock()
+		streams += len(sc.streams)
+		sc.mu.Unlock()
+	}
+	return len(scs), streams
+}
+
+// ServeConn serves nc until the client or the server ends it, and returns
+// then; it closes nc. prefix is the client preface the listener read,
+// which nc will not return again. After Shutdown or Close it closes nc at
+// once.
+func (s *Server) ServeConn(nc net.Conn, prefix []byte) { s.serveH2(nc) }
 
 // track adds sc unless the server is closed.
-func (s *h2Server) track(sc *h2ServerConn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed.Load() {
-		return false
-	}
-	s.conns[sc] = struct{}{}
-	return true
-}
+func (s *Server) track(sc *serverConn) bool { return s.conns.Track(sc) }
 
 // untrack removes sc, and tells a waiting Shutdown when the last connection
 // is gone.
-func (s *h2Server) untrack(sc *h2ServerConn) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	delete(s.conns, sc)
-	if s.drained != nil && len(s.conns) == 0 {
-		close(s.drained)
-		s.drained = nil
-	}
-}
+func (s *Server) untrack(sc *serverConn) { s.conns.Untrack(sc) }
 
 // Shutdown refuses new connections, tells the clients to go away, and
 // waits until their streams have ended or ctx ends.
-func (s *h2Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
-	}
-	var drained chan struct{}
-	if len(s.conns) > 0 {
-		if s.drained == nil {
-			s.drained = make(chan struct{})
-		}
-		drained = s.drained
-	}
-	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.shutdown()
-	}
-	if drained == nil {
-		return nil
-	}
-	select {
-	case <-drained:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+func (s *Server) Shutdown(ctx context.Context) error {
+	return s.conns.Shutdown(ctx, (*serverConn).shutdown)
 }
 
 // Close refuses new connections and fails every connection.
-func (s *h2Server) Close() {
-	s.mu.Lock()
-	s.closed.Store(true)
-	conns := make([]*h2ServerConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
-	}
-	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.fail(errH2ConnClosed)
-	}
+func (s *Server) Close() {
+	s.conns.Close(func(sc *serverConn) { sc.fail(errH2ConnClosed) })
 }
 
 // h2MaxStreams is how many concurrent streams one app connection may open:
 // one connection may carry many concurrent RPCs.
 const h2MaxStreams = 1000
 
-// h2MaxEarlyResets bounds how many more of a connection's streams may end
+// MaxEarlyResets bounds how many more of a connection's streams may end
 // early than were answered. A stream ends early when it is reset before its
 // answer began, by the client or by the server for the client's fault (a
 // window overflow, a body longer than its content-length: "made you
@@ -122,7 +116,7 @@ const h2MaxStreams = 1000
 // connection ends with GOAWAY ENHANCE_YOUR_CALM, as x/net and Envoy end
 // one, instead of refusing its streams forever; a client that also gets
 // answers may reset as many streams as were answered, and this many more.
-const h2MaxEarlyResets = 1000
+const MaxEarlyResets = 1000
 
 // h2GoAwayLinger is how long a connection the client ended with GOAWAY,
 // and that has no stream open, is still read before the sidecar closes it.
@@ -133,27 +127,27 @@ var (
 	errH2BodyClosed = errors.New("http2: request body closed")
 	errRapidReset   = errors.New("http2: too many streams reset before their answer")
 	// errH2HeaderListTooLarge: a request's header list is over
-	// ServerOptions.MaxHeaderBytes; it is answered 431.
+	// Options.MaxHeaderBytes; it is answered 431.
 	errH2HeaderListTooLarge = errors.New("http2: header list larger than the limit")
 )
 
-// h2ServerConn is one app connection speaking HTTP/2 with prior knowledge.
+// serverConn is one app connection speaking HTTP/2 with prior knowledge.
 // Its read loop runs on the goroutine that accepted it; each stream's
 // handler runs on a goroutine of its own.
-type h2ServerConn struct {
-	*h2conn
-	s      *h2Server
+type serverConn struct {
+	*conn
+	s      *Server
 	remote string
 
 	// Under mu:
 	// streams holds every stream whose handler has not returned, reset by
 	// the client or not.
-	streams   map[uint32]*h2ServerStream
+	streams   map[uint32]*serverStream
 	maxSeen   uint32 // highest stream ID the client opened
 	goingAway bool   // GOAWAY sent: no new streams
 	idle      idleTimer
 	// early and answered count the streams that ended early and those
-	// answered (see h2MaxEarlyResets).
+	// answered (see MaxEarlyResets).
 	early, answered int
 
 	// calm is set once early passed the bound: the read loop ends the
@@ -189,14 +183,14 @@ const (
 )
 
 // closedLocked records how stream id closed. sc.mu is held.
-func (sc *h2ServerConn) closedLocked(id uint32, how closeKind) {
+func (sc *serverConn) closedLocked(id uint32, how closeKind) {
 	sc.closedRing[sc.closedNext] = closedStream{id, how}
 	sc.closedNext = (sc.closedNext + 1) % h2ClosedMemory
 }
 
 // howClosedLocked says how stream id closed, or 0 when the connection does
 // not remember it. sc.mu is held.
-func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
+func (sc *serverConn) howClosedLocked(id uint32) closeKind {
 	for _, c := range sc.closedRing {
 		if c.id == id {
 			return c.how
@@ -205,12 +199,12 @@ func (sc *h2ServerConn) howClosedLocked(id uint32) closeKind {
 	return 0
 }
 
-func (s *h2Server) serveH2(nc net.Conn) {
-	sc := &h2ServerConn{
-		h2conn:  newH2Conn(nc, s.log),
+func (s *Server) serveH2(nc net.Conn) {
+	sc := &serverConn{
+		conn:    newConn(nc, s.log),
 		s:       s,
 		remote:  nc.RemoteAddr().String(),
-		streams: make(map[uint32]*h2ServerStream),
+		streams: make(map[uint32]*serverStream),
 	}
 	sc.setMaxHeaderList(uint32(min(s.opts.MaxHeaderBytes, h2MaxHeaderList)))
 	sc.headerTimeout = s.opts.ReadHeaderTimeout
@@ -250,7 +244,7 @@ func (s *h2Server) serveH2(nc net.Conn) {
 
 // readLoop reads and handles frames until the connection ends. A panic
 // ends the connection as a failed read would.
-func (sc *h2ServerConn) readLoop() (err error) {
+func (sc *serverConn) readLoop() (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			sc.logPanic("http2 connection panicked", v)
@@ -312,12 +306,12 @@ func (sc *h2ServerConn) readLoop() (err error) {
 // open and never does. Any frame but HEADERS and PRIORITY on an idle stream
 // is a connection error; on a closed one, a frame still in flight when the
 // stream ended is not. sc.mu is held.
-func (sc *h2ServerConn) idleLocked(id uint32) bool {
+func (sc *serverConn) idleLocked(id uint32) bool {
 	return id%2 == 0 || id > sc.maxSeen
 }
 
 // goAway tells the client the connection ends for code and closes it.
-func (sc *h2ServerConn) goAway(code http2.ErrCode, err error) error {
+func (sc *serverConn) goAway(code http2.ErrCode, err error) error {
 	sc.mu.Lock()
 	sc.writeGoAwayLocked(sc.maxSeen, code)
 	sc.mu.Unlock()
@@ -328,7 +322,7 @@ func (sc *h2ServerConn) goAway(code http2.ErrCode, err error) error {
 
 // handle applies one frame from the client, by its type: one method per
 // frame type, as x/net's read loop has.
-func (sc *h2ServerConn) handle(f http2.Frame) error {
+func (sc *serverConn) handle(f http2.Frame) error {
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
 		return sc.onHeaders(f)
@@ -354,7 +348,7 @@ func (sc *h2ServerConn) handle(f http2.Frame) error {
 }
 
 // onWindowUpdate handles more send window, for the connection or a stream.
-func (sc *h2ServerConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+func (sc *serverConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if f.StreamID == 0 {
@@ -375,7 +369,7 @@ func (sc *h2ServerConn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 }
 
 // onRSTStream handles the client resetting a stream.
-func (sc *h2ServerConn) onRSTStream(f *http2.RSTStreamFrame) error {
+func (sc *serverConn) onRSTStream(f *http2.RSTStreamFrame) error {
 	sc.mu.Lock()
 	st := sc.streams[f.StreamID]
 	if st != nil {
@@ -391,7 +385,7 @@ func (sc *h2ServerConn) onRSTStream(f *http2.RSTStreamFrame) error {
 }
 
 // onSettings handles the client's settings, or their acknowledgement.
-func (sc *h2ServerConn) onSettings(f *http2.SettingsFrame) error {
+func (sc *serverConn) onSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
 		return nil
 	}
@@ -412,7 +406,7 @@ func (sc *h2ServerConn) onSettings(f *http2.SettingsFrame) error {
 }
 
 // onPing handles a ping, answered.
-func (sc *h2ServerConn) onPing(f *http2.PingFrame) error {
+func (sc *serverConn) onPing(f *http2.PingFrame) error {
 	if f.IsAck() {
 		return nil
 	}
@@ -424,7 +418,7 @@ func (sc *h2ServerConn) onPing(f *http2.PingFrame) error {
 }
 
 // onGoAway handles the client going away.
-func (sc *h2ServerConn) onGoAway(f *http2.GoAwayFrame) error {
+func (sc *serverConn) onGoAway(f *http2.GoAwayFrame) error {
 	sc.mu.Lock()
 	sc.goingAway = true
 	idle := len(sc.streams) == 0
@@ -442,7 +436,7 @@ func (sc *h2ServerConn) onGoAway(f *http2.GoAwayFrame) error {
 
 // onPriority handles a PRIORITY frame: only a stream depending on itself
 // matters.
-func (sc *h2ServerConn) onPriority(f *http2.PriorityFrame) error {
+func (sc *serverConn) onPriority(f *http2.PriorityFrame) error {
 	if f.StreamDep == f.StreamID {
 		// A stream cannot depend on itself (RFC 9113, 5.3.1).
 		sc.mu.Lock()
@@ -458,7 +452,7 @@ func (sc *h2ServerConn) onPriority(f *http2.PriorityFrame) error {
 
 // onHeaders handles a HEADERS frame (with its CONTINUATIONs): a new
 // request, trailers of an open one, or a frame on a stream already closed.
-func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
+func (sc *serverConn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
 	if id%2 == 0 {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
@@ -479,7 +473,7 @@ func (sc *h2ServerConn) onHeaders(f *http2.MetaHeadersFrame) error {
 
 // onTrailersLocked handles HEADERS on an open stream: its trailers, which
 // must end it. sc.mu is held.
-func (sc *h2ServerConn) onTrailersLocked(st *h2ServerStream, f *http2.MetaHeadersFrame) {
+func (sc *serverConn) onTrailersLocked(st *serverStream, f *http2.MetaHeadersFrame) {
 	id := st.id
 	switch {
 	case st.peerReset || st.body.eof:
@@ -515,7 +509,7 @@ func (sc *h2ServerConn) onTrailersLocked(st *h2ServerStream, f *http2.MetaHeader
 
 // onClosedHeadersLocked handles HEADERS on a stream no longer open, by how
 // it closed. sc.mu is held.
-func (sc *h2ServerConn) onClosedHeadersLocked(id uint32) error {
+func (sc *serverConn) onClosedHeadersLocked(id uint32) error {
 	switch sc.howClosedLocked(id) {
 	case resetBySidecar:
 		return nil
@@ -533,7 +527,7 @@ func (sc *h2ServerConn) onClosedHeadersLocked(id uint32) error {
 
 // openStreamLocked opens the stream a request's HEADERS start and starts
 // its handler, or refuses it. sc.mu is held.
-func (sc *h2ServerConn) openStreamLocked(f *http2.MetaHeadersFrame) {
+func (sc *serverConn) openStreamLocked(f *http2.MetaHeadersFrame) {
 	id := f.StreamID
 	if sc.goingAway || len(sc.streams) >= h2MaxStreams {
 		// A reset stream's handler counts until it returns, so a client
@@ -546,8 +540,8 @@ func (sc *h2ServerConn) openStreamLocked(f *http2.MetaHeadersFrame) {
 		sc.refuseStreamLocked(id, http2.ErrCodeProtocol)
 		return
 	}
-	st := &h2ServerStream{sc: sc, id: id, sendWin: outflow(sc.peerInitWin)}
-	st.body.init(sc.h2conn, id)
+	st := &serverStream{sc: sc, id: id, sendWin: outflow(sc.peerInitWin)}
+	st.body.init(sc.conn, id)
 	req, err := sc.newRequest(st, f)
 	if err == errH2HeaderListTooLarge {
 		sc.answer431Locked(id, f.StreamEnded())
@@ -571,7 +565,7 @@ func (sc *h2ServerConn) openStreamLocked(f *http2.MetaHeadersFrame) {
 // too large: the client is told so, as x/net's server and the HTTP/1.1
 // side tell it, and the stream ends (RFC 9113, 8.1: an answer before the
 // whole request, then NO_ERROR). sc.mu is held.
-func (sc *h2ServerConn) answer431Locked(id uint32, ended bool) {
+func (sc *serverConn) answer431Locked(id uint32, ended bool) {
 	sc.encodeLocked(":status", "431")
 	sc.writeHeaderBlockLocked(id, true)
 	how := closedNormally
@@ -587,7 +581,7 @@ func (sc *h2ServerConn) answer431Locked(id uint32, ended bool) {
 // refuseStreamLocked resets stream id, opened but given no handler, with
 // code: it is remembered as reset by the sidecar and, unless the connection
 // is going away, counted as ended early. sc.mu is held.
-func (sc *h2ServerConn) refuseStreamLocked(id uint32, code http2.ErrCode) {
+func (sc *serverConn) refuseStreamLocked(id uint32, code http2.ErrCode) {
 	sc.writeRSTLocked(id, code)
 	sc.closedLocked(id, resetBySidecar)
 	sc.flushLocked()
@@ -597,15 +591,15 @@ func (sc *h2ServerConn) refuseStreamLocked(id uint32, code http2.ErrCode) {
 }
 
 // endedEarlyLocked counts a stream that ended early; past
-// h2MaxEarlyResets the read loop ends the connection. sc.mu is held.
-func (sc *h2ServerConn) endedEarlyLocked() {
+// MaxEarlyResets the read loop ends the connection. sc.mu is held.
+func (sc *serverConn) endedEarlyLocked() {
 	sc.early++
-	if sc.early > h2MaxEarlyResets+sc.answered {
+	if sc.early > MaxEarlyResets+sc.answered {
 		sc.calm.Store(true)
 	}
 }
 
-func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
+func (sc *serverConn) onData(f *http2.DataFrame) error {
 	id := f.StreamID
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
@@ -646,7 +640,7 @@ func (sc *h2ServerConn) onData(f *http2.DataFrame) error {
 // that is not the length its content-length says makes the request
 // malformed (RFC 9113, 8.1.1): relayed to an HTTP/1.1 node, the difference
 // could desynchronise the node's connection.
-func (st *h2ServerStream) endBodyLocked() {
+func (st *serverStream) endBodyLocked() {
 	if n := st.req.ContentLength; n >= 0 && st.body.recvd != n {
 		st.malformedLocked()
 		return
@@ -655,7 +649,7 @@ func (st *h2ServerStream) endBodyLocked() {
 }
 
 // malformedLocked resets a stream whose request broke the protocol.
-func (st *h2ServerStream) malformedLocked() {
+func (st *serverStream) malformedLocked() {
 	st.resetLocked(errMalformedBody)
 	st.sc.writeRSTLocked(st.id, http2.ErrCodeProtocol)
 	st.sc.flushLocked()
@@ -664,7 +658,7 @@ func (st *h2ServerStream) malformedLocked() {
 var errMalformedBody = errors.New("http2: request body does not match its content-length")
 
 // newRequest builds the request a HEADERS frame opens. sc.mu is held.
-func (sc *h2ServerConn) newRequest(st *h2ServerStream, f *http2.MetaHeadersFrame) (*http.Request, error) {
+func (sc *serverConn) newRequest(st *serverStream, f *http2.MetaHeadersFrame) (*http.Request, error) {
 	if f.Truncated {
 		// The framer dropped the fields past the limit.
 		return nil, errH2HeaderListTooLarge
@@ -784,7 +778,7 @@ func checkRequestFields(fields []hpack.HeaderField) error {
 // setRequestBody gives req its body and length: none when the HEADERS
 // frame ended the stream, which a content-length must then agree with,
 // else st's, of the declared content-length or unknown.
-func setRequestBody(req *http.Request, st *h2ServerStream, ended bool) error {
+func setRequestBody(req *http.Request, st *serverStream, ended bool) error {
 	v := req.Header.Get("Content-Length")
 	if ended {
 		if v != "" && v != "0" {
@@ -801,7 +795,7 @@ func setRequestBody(req *http.Request, st *h2ServerStream, ended bool) error {
 		}
 		req.ContentLength = n
 	}
-	req.Body = h2ServerBody{st}
+	req.Body = serverBody{st}
 	return nil
 }
 
@@ -819,7 +813,7 @@ func validPseudoPath(path, method string) bool {
 // closeIfIdle closes the connection once no stream has been open for the
 // idle timeout. It runs on the idle timer; a panic ends the connection, not
 // the process.
-func (sc *h2ServerConn) closeIfIdle() {
+func (sc *serverConn) closeIfIdle() {
 	defer sc.recoverPanic()
 	if sc.goAwayIfIdle() {
 		sc.closeAfterFlush()
@@ -827,7 +821,7 @@ func (sc *h2ServerConn) closeIfIdle() {
 }
 
 // goAwayIfIdle sends GOAWAY and reports true if no stream is open.
-func (sc *h2ServerConn) goAwayIfIdle() bool {
+func (sc *serverConn) goAwayIfIdle() bool {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if len(sc.streams) > 0 {
@@ -840,7 +834,7 @@ func (sc *h2ServerConn) goAwayIfIdle() bool {
 
 // shutdown sends GOAWAY: streams open finish, new ones are refused, and the
 // connection closes once the last ends.
-func (sc *h2ServerConn) shutdown() {
+func (sc *serverConn) shutdown() {
 	sc.mu.Lock()
 	if !sc.goingAway {
 		sc.goingAway = true
@@ -854,10 +848,10 @@ func (sc *h2ServerConn) shutdown() {
 	}
 }
 
-// h2ServerStream is one request on an app connection and the
+// serverStream is one request on an app connection and the
 // http.ResponseWriter its handler answers through.
-type h2ServerStream struct {
-	sc     *h2ServerConn
+type serverStream struct {
+	sc     *serverConn
 	id     uint32
 	req    *http.Request
 	cancel context.CancelFunc
@@ -878,8 +872,8 @@ type h2ServerStream struct {
 // resetLocked ends the stream from the client's side or the connection's:
 // the handler's context is cancelled, its body read and writes fail. A
 // reset for the client's doing before the answer began counts against
-// h2MaxEarlyResets.
-func (st *h2ServerStream) resetLocked(err error) {
+// MaxEarlyResets.
+func (st *serverStream) resetLocked(err error) {
 	if st.reset {
 		return
 	}
@@ -892,7 +886,7 @@ func (st *h2ServerStream) resetLocked(err error) {
 	st.sc.cond.Broadcast()
 }
 
-func (st *h2ServerStream) run() {
+func (st *serverStream) run() {
 	defer st.finish()
 	if st.req.Context().Err() != nil {
 		// Reset before its handler started: no node hears of it.
@@ -909,7 +903,7 @@ const h2WorkerIdle = 10 * time.Second
 
 // startHandler runs st's handler on an idle worker of the server, or on a
 // new one when all are busy.
-func (s *h2Server) startHandler(st *h2ServerStream) {
+func (s *Server) startHandler(st *serverStream) {
 	select {
 	case s.work <- st:
 	default:
@@ -917,7 +911,7 @@ func (s *h2Server) startHandler(st *h2ServerStream) {
 	}
 }
 
-func (s *h2Server) worker(st *h2ServerStream) {
+func (s *Server) worker(st *serverStream) {
 	idle := time.NewTimer(h2WorkerIdle)
 	defer idle.Stop()
 	for {
@@ -936,7 +930,7 @@ func (s *h2Server) worker(st *h2ServerStream) {
 }
 
 // finish ends the stream after its handler returned or panicked.
-func (st *h2ServerStream) finish() {
+func (st *serverStream) finish() {
 	sc := st.sc
 	p := recover()
 	if p != nil && p != http.ErrAbortHandler {
@@ -998,7 +992,7 @@ func (st *h2ServerStream) finish() {
 	st.cancel()
 }
 
-func (st *h2ServerStream) AdoptHeader(h http.Header) bool {
+func (st *serverStream) AdoptHeader(h http.Header) bool {
 	if st.header != nil || h == nil {
 		return false
 	}
@@ -1006,14 +1000,14 @@ func (st *h2ServerStream) AdoptHeader(h http.Header) bool {
 	return true
 }
 
-func (st *h2ServerStream) Header() http.Header {
+func (st *serverStream) Header() http.Header {
 	if st.header == nil {
 		st.header = make(http.Header)
 	}
 	return st.header
 }
 
-func (st *h2ServerStream) WriteHeader(code int) {
+func (st *serverStream) WriteHeader(code int) {
 	if st.status != 0 || code < 200 {
 		// 1xx answers are the node's business with the sidecar.
 		return
@@ -1024,7 +1018,7 @@ func (st *h2ServerStream) WriteHeader(code int) {
 	}
 }
 
-func (st *h2ServerStream) Write(p []byte) (int, error) {
+func (st *serverStream) Write(p []byte) (int, error) {
 	if st.status == 0 {
 		st.WriteHeader(http.StatusOK)
 	}
@@ -1045,7 +1039,7 @@ func (st *h2ServerStream) Write(p []byte) (int, error) {
 }
 
 // abort reports why writes to the stream must stop. sc.mu is held.
-func (st *h2ServerStream) abort() error {
+func (st *serverStream) abort() error {
 	if st.reset {
 		return errStreamReset
 	}
@@ -1053,9 +1047,9 @@ func (st *h2ServerStream) abort() error {
 }
 
 // Flush sends the header, if not yet sent, and what was written.
-func (st *h2ServerStream) Flush() { _ = st.FlushError() }
+func (st *serverStream) Flush() { _ = st.FlushError() }
 
-func (st *h2ServerStream) FlushError() error {
+func (st *serverStream) FlushError() error {
 	if st.status == 0 {
 		st.WriteHeader(http.StatusOK)
 	}
@@ -1076,7 +1070,7 @@ func (st *h2ServerStream) FlushError() error {
 }
 
 // writeHeaderLocked sends the response header. sc.mu is held.
-func (st *h2ServerStream) writeHeaderLocked(end bool) {
+func (st *serverStream) writeHeaderLocked(end bool) {
 	sc := st.sc
 	st.sentHeader = true
 	sc.encodeLocked(":status", httpwire.StatusCode(st.status))
@@ -1091,7 +1085,7 @@ func (st *h2ServerStream) writeHeaderLocked(end bool) {
 
 // hasTrailers reports whether the handler set trailers: keys with
 // http.TrailerPrefix, or keys declared in a Trailer header.
-func (st *h2ServerStream) hasTrailers() bool {
+func (st *serverStream) hasTrailers() bool {
 	if _, ok := st.header["Trailer"]; ok {
 		return true
 	}
@@ -1104,7 +1098,7 @@ func (st *h2ServerStream) hasTrailers() bool {
 }
 
 // writeTrailersLocked sends the trailers, ending the stream. sc.mu is held.
-func (st *h2ServerStream) writeTrailersLocked() {
+func (st *serverStream) writeTrailersLocked() {
 	sc := st.sc
 	for k, vv := range st.header {
 		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && name != "" {
@@ -1115,10 +1109,10 @@ func (st *h2ServerStream) writeTrailersLocked() {
 	sc.writeHeaderBlockLocked(st.id, true)
 }
 
-// h2ServerBody is a request body as its handler reads it.
-type h2ServerBody struct{ st *h2ServerStream }
+// serverBody is a request body as its handler reads it.
+type serverBody struct{ st *serverStream }
 
-func (b h2ServerBody) Read(p []byte) (int, error) {
+func (b serverBody) Read(p []byte) (int, error) {
 	n, err := b.st.body.read(p, nil)
 	if err == io.EOF {
 		b.st.takeTrailers()
@@ -1129,7 +1123,7 @@ func (b h2ServerBody) Read(p []byte) (int, error) {
 // takeTrailers fills in the request's trailers once its body has been read
 // to the end, on the reader's goroutine, as net/http does: the read loop
 // must not write to req.Trailer while the handler may read it.
-func (st *h2ServerStream) takeTrailers() {
+func (st *serverStream) takeTrailers() {
 	sc := st.sc
 	sc.mu.Lock()
 	t := st.trailer
@@ -1142,7 +1136,7 @@ func (st *h2ServerStream) takeTrailers() {
 
 // Close discards the rest of the body: what arrives later only frees the
 // connection window.
-func (b h2ServerBody) Close() error {
+func (b serverBody) Close() error {
 	c := b.st.sc
 	c.mu.Lock()
 	if !b.st.body.eof {
@@ -1154,7 +1148,7 @@ func (b h2ServerBody) Close() error {
 
 // TryRead reads what the body has buffered without waiting. ok is false
 // when a read would wait.
-func (b h2ServerBody) TryRead(p []byte) (n int, err error, ok bool) {
+func (b serverBody) TryRead(p []byte) (n int, err error, ok bool) {
 	c := b.st.sc
 	c.mu.Lock()
 	ready := b.st.body.readyLocked()

@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"bufio"
@@ -22,9 +22,6 @@ import (
 
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
-
-// Fuzz tests of the HTTP/2 read path: frame bytes as a client sends them
-// after its preface, checked against x/net's Framer and Go's server.
 
 // h2FuzzSeeds are frame sequences a client sends after its preface, made by
 // x/net's Framer: requests with and without bodies, padding, priority,
@@ -91,15 +88,24 @@ type fakeConn struct {
 	net.Conn
 }
 
-func (c fakeConn) Read(p []byte) (int, error)          { return c.r.Read(p) }
-func (c fakeConn) Write(p []byte) (int, error)         { return len(p), nil }
-func (c fakeConn) Close() error                        { return nil }
-func (c fakeConn) RemoteAddr() net.Addr                { return &net.TCPAddr{} }
-func (c fakeConn) SetReadDeadline(time.Time) error     { return nil }
-func (c fakeConn) SetWriteDeadline(time.Time) error    { return nil }
-func (c fakeConn) SetDeadline(time.Time) error         { return nil }
-func (c fakeConn) LocalAddr() net.Addr                 { return &net.TCPAddr{} }
-func (c fakeConn) String() string                      { return "fake" }
+func (c fakeConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+func (c fakeConn) Write(p []byte) (int, error) { return len(p), nil }
+
+func (c fakeConn) Close() error { return nil }
+
+func (c fakeConn) RemoteAddr() net.Addr { return &net.TCPAddr{} }
+
+func (c fakeConn) SetReadDeadline(time.Time) error { return nil }
+
+func (c fakeConn) SetWriteDeadline(time.Time) error { return nil }
+
+func (c fakeConn) SetDeadline(time.Time) error { return nil }
+
+func (c fakeConn) LocalAddr() net.Addr { return &net.TCPAddr{} }
+
+func (c fakeConn) String() string { return "fake" }
+
 func (c fakeConn) ReadFrom(r io.Reader) (int64, error) { return io.Copy(io.Discard, r) }
 
 // frameSummary is what both readers must agree on for one frame.
@@ -139,7 +145,7 @@ func FuzzH2ReadFrame(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		c := newH2Conn(fakeConn{r: bytes.NewReader(in)}, zap.NewNop())
+		c := newConn(fakeConn{r: bytes.NewReader(in)}, zap.NewNop())
 		x := http2.NewFramer(io.Discard, bytes.NewReader(in))
 		x.SetMaxReadFrameSize(h2DefaultFrame)
 		x.MaxHeaderListSize = h2MaxHeaderList
@@ -176,11 +182,11 @@ func FuzzH2ServerConn(f *testing.F) {
 		f.Add(s)
 	}
 	core, logs := observer.New(zap.ErrorLevel)
-	srv := NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := newListenerServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("X-Method", r.Method)
 		_, _ = io.WriteString(w, r.URL.RequestURI())
-	}), ServerOptions{ReadHeaderTimeout: time.Second, IdleTimeout: time.Second}, zap.New(core))
+	}), Options{ReadHeaderTimeout: time.Second, IdleTimeout: time.Second}, zap.New(core))
 	f.Cleanup(func() { srv.Close() })
 	f.Fuzz(func(t *testing.T, in []byte) {
 		client, server := net.Pipe()
@@ -285,7 +291,7 @@ func stricterRule(method, scheme, authority, path string) bool {
 // sidecarRequest reads one request's frames as the server does (readFrame,
 // then newRequest) and returns the request, or why it is malformed.
 func sidecarRequest(frames []byte) (*http.Request, error) {
-	sc := &h2ServerConn{h2conn: newH2Conn(fakeConn{r: bytes.NewReader(frames)}, zap.NewNop()), remote: "fuzz"}
+	sc := &serverConn{conn: newConn(fakeConn{r: bytes.NewReader(frames)}, zap.NewNop()), remote: "fuzz"}
 	f, err := sc.readFrame()
 	if err != nil {
 		return nil, err
@@ -294,7 +300,7 @@ func sidecarRequest(frames []byte) (*http.Request, error) {
 	if !ok {
 		return nil, fmt.Errorf("read %v, not HEADERS", f.Header().Type)
 	}
-	st := &h2ServerStream{sc: sc, id: mh.StreamID}
+	st := &serverStream{sc: sc, id: mh.StreamID}
 	req, err := sc.newRequest(st, mh)
 	if st.cancel != nil {
 		st.cancel()

@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"bufio"
@@ -24,16 +24,8 @@ import (
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 )
 
-// The sidecar's own HTTP/2 engine: a client-facing server (h2server.go) and
-// an upstream connection pool (h2client.go) over one connection core.
-//
-// Go's HTTP/2 server and client write each frame with a system call of its
-// own and hand every frame between goroutines. For a proxy relaying small
-// gRPC messages that is most of the cost. Here any goroutine appends frames
-// to a connection's output buffer under its lock, and one writer goroutine
-// per connection sends what has gathered in a single write once the other
-// runnable goroutines have had their turn, so a burst of calls on one
-// connection costs one system call each way instead of one per frame.
+// The connection core client and server share (see doc.go): the output
+// buffer and its writer, frame reading, header blocks, flow control.
 
 const (
 	// h2StreamWindow and h2ConnWindow are the receive windows the sidecar
@@ -79,9 +71,9 @@ var (
 	errH2ControlFlood = errors.New("http2: peer does not read the answers to its control frames")
 )
 
-// h2conn is one HTTP/2 connection's shared state: the frame reader, the
+// conn is one HTTP/2 connection's shared state: the frame reader, the
 // batched writer, the header encoder and the connection's send window.
-type h2conn struct {
+type conn struct {
 	nc  net.Conn
 	log *zap.Logger   // for panics of the connection's goroutines
 	fr  *http2.Framer // read side: the read loop only
@@ -141,8 +133,8 @@ type h2conn struct {
 	recvWin     int64 // what the peer may still send on the connection; under mu
 }
 
-func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
-	c := &h2conn{
+func newConn(nc net.Conn, log *zap.Logger) *conn {
+	c := &conn{
 		nc:             nc,
 		log:            log,
 		flushReq:       make(chan struct{}, 1),
@@ -171,7 +163,7 @@ func newH2Conn(nc net.Conn, log *zap.Logger) *h2conn {
 // setMaxHeaderList sets the bound of a decoded header block, before the
 // first is read: a block over it comes back Truncated, and a single field
 // over it fails the connection, as x/net's Framer does.
-func (c *h2conn) setMaxHeaderList(n uint32) {
+func (c *conn) setMaxHeaderList(n uint32) {
 	c.maxHeaderList = n
 	c.fr.MaxHeaderListSize = n
 	c.hdec.SetMaxStringLength(int(n))
@@ -183,7 +175,7 @@ func (c *h2conn) setMaxHeaderList(n uint32) {
 // and its field slice are the connection's own, reused for every block, so
 // they are valid only until the next call. A field-level violation is a
 // StreamError; a block over the limits or undecodable, a ConnectionError.
-func (c *h2conn) readFrame() (http2.Frame, error) {
+func (c *conn) readFrame() (http2.Frame, error) {
 	if c.ctrlQueued.Load() > h2MaxQueuedControlFrames {
 		return nil, errH2ControlFlood
 	}
@@ -286,7 +278,7 @@ type headerBlockState struct {
 }
 
 // emitField takes one decoded field of the block readFrame decodes.
-func (c *h2conn) emitField(hf hpack.HeaderField) {
+func (c *conn) emitField(hf hpack.HeaderField) {
 	hs := &c.hs
 	switch {
 	case !httpguts.ValidHeaderFieldValue(hf.Value):
@@ -343,7 +335,7 @@ func checkPseudos(pf []hpack.HeaderField) error {
 
 // headerSink lets the hpack encoder append to the connection's scratch
 // buffer.
-type headerSink struct{ c *h2conn }
+type headerSink struct{ c *conn }
 
 func (s headerSink) Write(p []byte) (int, error) {
 	s.c.encBuf = append(s.c.encBuf, p...)
@@ -354,7 +346,7 @@ func (s headerSink) Write(p []byte) (int, error) {
 // write so that other goroutines made runnable by the same burst of input
 // add their frames to the same write. A panic ends the connection as a
 // failed write would.
-func (c *h2conn) writeLoop() {
+func (c *conn) writeLoop() {
 	defer c.recoverPanic()
 	for {
 		select {
@@ -395,7 +387,7 @@ func (c *h2conn) writeLoop() {
 
 // write sends buf, failing when no byte of it moves for the write stall
 // (armWriteDeadline). The writer's.
-func (c *h2conn) write(buf []byte) error {
+func (c *conn) write(buf []byte) error {
 	for {
 		c.armWriteDeadline()
 		n, err := c.nc.Write(buf)
@@ -409,7 +401,7 @@ func (c *h2conn) write(buf []byte) error {
 // armWriteDeadline moves the write deadline a write stall ahead once less
 // than half of it is left, so that most writes set none; but a deadline
 // closeAfterFlush set stays. The writer's; c.mu must not be held.
-func (c *h2conn) armWriteDeadline() {
+func (c *conn) armWriteDeadline() {
 	if c.writeStall <= 0 {
 		return
 	}
@@ -431,14 +423,14 @@ func (c *h2conn) armWriteDeadline() {
 
 // logPanic logs a panic recovered on one of the connection's goroutines,
 // with its stack.
-func (c *h2conn) logPanic(msg string, v any) {
+func (c *conn) logPanic(msg string, v any) {
 	c.log.Error(msg, zap.Stringer("remote", c.nc.RemoteAddr()), zap.Any("panic", v), zap.Stack("stack"))
 }
 
 // recoverPanic, deferred by the writer and by the connection's timer
 // callbacks, logs a panic of theirs and ends the connection, as a failed
 // write would, instead of the process. c.mu must not be held when it runs.
-func (c *h2conn) recoverPanic() {
+func (c *conn) recoverPanic() {
 	if v := recover(); v != nil {
 		c.logPanic("http2 connection panicked", v)
 		c.fail(errH2Panicked)
@@ -446,7 +438,7 @@ func (c *h2conn) recoverPanic() {
 }
 
 // flushLocked asks the writer to send what is buffered. c.mu must be held.
-func (c *h2conn) flushLocked() {
+func (c *conn) flushLocked() {
 	select {
 	case c.flushReq <- struct{}{}:
 	default:
@@ -455,7 +447,7 @@ func (c *h2conn) flushLocked() {
 
 // fail ends the connection: producers and waiters see err, the socket
 // closes. It is safe to call more than once.
-func (c *h2conn) fail(err error) {
+func (c *conn) fail(err error) {
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
@@ -470,7 +462,7 @@ func (c *h2conn) fail(err error) {
 
 // closeAfterFlush has the writer send what is buffered, then close the
 // connection; a peer that does not read gets a second.
-func (c *h2conn) closeAfterFlush() {
+func (c *conn) closeAfterFlush() {
 	c.mu.Lock()
 	if c.err == nil && !c.closing {
 		c.closing = true
@@ -483,7 +475,7 @@ func (c *h2conn) closeAfterFlush() {
 }
 
 // closed waits until the connection has failed or closed, at most d.
-func (c *h2conn) closed(d time.Duration) {
+func (c *conn) closed(d time.Duration) {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
@@ -494,7 +486,7 @@ func (c *h2conn) closed(d time.Duration) {
 
 // waitLocked blocks on c.cond until woken, giving up when ctx ends. c.mu
 // must be held; it is held again on return.
-func (c *h2conn) waitLocked(ctx context.Context) error {
+func (c *conn) waitLocked(ctx context.Context) error {
 	if ctx == nil {
 		c.cond.Wait()
 		return c.err
@@ -517,7 +509,7 @@ func (c *h2conn) waitLocked(ctx context.Context) error {
 
 // Frame encoders: they append to c.out and must be called with c.mu held.
 
-func (c *h2conn) frameHeaderLocked(length int, typ http2.FrameType, flags http2.Flags, stream uint32) {
+func (c *conn) frameHeaderLocked(length int, typ http2.FrameType, flags http2.Flags, stream uint32) {
 	if typ != http2.FrameData && typ != http2.FrameHeaders && typ != http2.FrameContinuation {
 		c.ctrlQueued.Add(1)
 	}
@@ -525,7 +517,7 @@ func (c *h2conn) frameHeaderLocked(length int, typ http2.FrameType, flags http2.
 	c.out = binary.BigEndian.AppendUint32(c.out, stream&(1<<31-1))
 }
 
-func (c *h2conn) writeDataLocked(stream uint32, data []byte, end bool) {
+func (c *conn) writeDataLocked(stream uint32, data []byte, end bool) {
 	var flags http2.Flags
 	if end {
 		flags = http2.FlagDataEndStream
@@ -534,17 +526,17 @@ func (c *h2conn) writeDataLocked(stream uint32, data []byte, end bool) {
 	c.out = append(c.out, data...)
 }
 
-func (c *h2conn) writeWindowUpdateLocked(stream uint32, n uint32) {
+func (c *conn) writeWindowUpdateLocked(stream uint32, n uint32) {
 	c.frameHeaderLocked(4, http2.FrameWindowUpdate, 0, stream)
 	c.out = binary.BigEndian.AppendUint32(c.out, n)
 }
 
-func (c *h2conn) writeRSTLocked(stream uint32, code http2.ErrCode) {
+func (c *conn) writeRSTLocked(stream uint32, code http2.ErrCode) {
 	c.frameHeaderLocked(4, http2.FrameRSTStream, 0, stream)
 	c.out = binary.BigEndian.AppendUint32(c.out, uint32(code))
 }
 
-func (c *h2conn) writeSettingsLocked(settings ...http2.Setting) {
+func (c *conn) writeSettingsLocked(settings ...http2.Setting) {
 	c.frameHeaderLocked(6*len(settings), http2.FrameSettings, 0, 0)
 	for _, s := range settings {
 		c.out = binary.BigEndian.AppendUint16(c.out, uint16(s.ID))
@@ -552,11 +544,11 @@ func (c *h2conn) writeSettingsLocked(settings ...http2.Setting) {
 	}
 }
 
-func (c *h2conn) writeSettingsAckLocked() {
+func (c *conn) writeSettingsAckLocked() {
 	c.frameHeaderLocked(0, http2.FrameSettings, http2.FlagSettingsAck, 0)
 }
 
-func (c *h2conn) writePingLocked(ack bool, data [8]byte) {
+func (c *conn) writePingLocked(ack bool, data [8]byte) {
 	var flags http2.Flags
 	if ack {
 		flags = http2.FlagPingAck
@@ -565,7 +557,7 @@ func (c *h2conn) writePingLocked(ack bool, data [8]byte) {
 	c.out = append(c.out, data[:]...)
 }
 
-func (c *h2conn) writeGoAwayLocked(last uint32, code http2.ErrCode) {
+func (c *conn) writeGoAwayLocked(last uint32, code http2.ErrCode) {
 	c.frameHeaderLocked(8, http2.FrameGoAway, 0, 0)
 	c.out = binary.BigEndian.AppendUint32(c.out, last&(1<<31-1))
 	c.out = binary.BigEndian.AppendUint32(c.out, uint32(code))
@@ -573,7 +565,7 @@ func (c *h2conn) writeGoAwayLocked(last uint32, code http2.ErrCode) {
 
 // writeHeaderBlockLocked sends c.encBuf as a HEADERS frame and as many
 // CONTINUATION frames as the peer's frame size needs.
-func (c *h2conn) writeHeaderBlockLocked(stream uint32, end bool) {
+func (c *conn) writeHeaderBlockLocked(stream uint32, end bool) {
 	block := c.encBuf
 	max := int(c.peerMaxFrame)
 	first := true
@@ -600,7 +592,7 @@ func (c *h2conn) writeHeaderBlockLocked(stream uint32, end bool) {
 }
 
 // encodeLocked adds one header field to c.encBuf.
-func (c *h2conn) encodeLocked(name, value string) {
+func (c *conn) encodeLocked(name, value string) {
 	_ = c.enc.WriteField(hpack.HeaderField{Name: name, Value: value})
 }
 
@@ -619,7 +611,7 @@ var h2ConnectionFields = [...]string{"connection", "keep-alive", "proxy-connecti
 
 // encodeHeaderLocked adds header k's values to c.encBuf, unless HTTP/2
 // forbids the field. c.mu must be held.
-func (c *h2conn) encodeHeaderLocked(k string, vv []string) {
+func (c *conn) encodeHeaderLocked(k string, vv []string) {
 	if !h2FieldAllowed(k) {
 		return
 	}
@@ -632,7 +624,7 @@ func (c *h2conn) encodeHeaderLocked(k string, vv []string) {
 // receivedLocked accounts a DATA frame against the connection's receive
 // window, frees its padding at once, and returns its payload. c.mu must be
 // held.
-func (c *h2conn) receivedLocked(f *http2.DataFrame) ([]byte, error) {
+func (c *conn) receivedLocked(f *http2.DataFrame) ([]byte, error) {
 	length := int(f.Length)
 	c.recvWin -= int64(length)
 	if c.recvWin < 0 {
@@ -649,7 +641,7 @@ func (c *h2conn) receivedLocked(f *http2.DataFrame) ([]byte, error) {
 // from the connection's chunk (see values). With joinCookies, cookie
 // fields, which HTTP/2 may split (RFC 9113, 8.2.3), are joined back into
 // one. Only the read loop may call it.
-func (c *h2conn) header(fields []hpack.HeaderField, joinCookies bool) http.Header {
+func (c *conn) header(fields []hpack.HeaderField, joinCookies bool) http.Header {
 	header := make(http.Header, len(fields))
 	values := c.values(len(fields))
 	var cookies []string
@@ -681,7 +673,7 @@ const h2ValueChunk = 128
 // the arrays of many blocks from one chunk, so that most blocks cost no
 // allocation for them. A chunk lives while any header carved from it does.
 // Only the read loop may call it.
-func (c *h2conn) values(n int) []string {
+func (c *conn) values(n int) []string {
 	if n > len(c.valueChunk) {
 		if n > h2ValueChunk/4 {
 			return make([]string, n)
@@ -696,7 +688,7 @@ func (c *h2conn) values(n int) []string {
 // applySettingsLocked applies a SETTINGS frame from the peer and
 // acknowledges it. It returns the change of the initial stream window, for
 // the caller to apply to every open stream. c.mu must be held.
-func (c *h2conn) applySettingsLocked(f *http2.SettingsFrame) (winDelta int64, err error) {
+func (c *conn) applySettingsLocked(f *http2.SettingsFrame) (winDelta int64, err error) {
 	if err := f.ForeachSetting(func(s http2.Setting) error { return s.Valid() }); err != nil {
 		return 0, err
 	}
@@ -752,7 +744,7 @@ func (w *outflow) take(n int64) { *w -= outflow(n) }
 // consumedLocked acknowledges n bytes the consumer read (or the sidecar
 // discarded) at the connection level, sending a WINDOW_UPDATE once half the
 // window has been used.
-func (c *h2conn) consumedLocked(n int) {
+func (c *conn) consumedLocked(n int) {
 	c.recvUnacked += int64(n)
 	if c.recvUnacked >= h2ConnWindow/2 {
 		c.writeWindowUpdateLocked(0, uint32(c.recvUnacked))
@@ -766,7 +758,7 @@ func (c *h2conn) consumedLocked(n int) {
 // and stream windows (*win, under c.mu) and the output cap, ending the
 // stream after the last byte when end. It blocks while the windows are
 // shut, until ctx ends or abort returns an error.
-func (c *h2conn) sendData(ctx context.Context, stream uint32, win *outflow, p []byte, end bool, abort func() error) error {
+func (c *conn) sendData(ctx context.Context, stream uint32, win *outflow, p []byte, end bool, abort func() error) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for {
@@ -814,7 +806,7 @@ func (c *h2conn) sendData(ctx context.Context, stream uint32, win *outflow, p []
 // recvBuf is the receive side of one stream: DATA the read loop received,
 // waiting for the consumer, and the stream's receive-window bookkeeping.
 type recvBuf struct {
-	c      *h2conn
+	c      *conn
 	stream uint32
 	ready  chan struct{} // capacity 1: data, EOF or an error came; made on the first wait
 
@@ -830,7 +822,7 @@ type recvBuf struct {
 }
 
 // init readies b for a new stream of c.
-func (b *recvBuf) init(c *h2conn, stream uint32) {
+func (b *recvBuf) init(c *conn, stream uint32) {
 	b.c, b.stream, b.granted = c, stream, h2StreamWindow
 }
 

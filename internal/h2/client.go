@@ -1,4 +1,4 @@
-package proxy
+package h2
 
 import (
 	"context"
@@ -21,29 +21,24 @@ import (
 	"github.com/sidecarlb/sidecar/internal/replay"
 )
 
-// useH2Pool sends plaintext HTTP/2 to nodes over the sidecar's own h2c
-// client (h2Pool) rather than net/http's Transport, which stays in use for
-// h2 over TLS.
-const useH2Pool = true
-
 var (
-	// errRefusedStream: the node refused the stream (REFUSED_STREAM, or a
+	// ErrRefusedStream: the node refused the stream (REFUSED_STREAM, or a
 	// GOAWAY naming an earlier stream) before processing it, so it is as
 	// safe to send elsewhere as a refused dial.
-	errRefusedStream = errors.New("http2: stream refused by the node before processing")
+	ErrRefusedStream = errors.New("http2: stream refused by the node before processing")
 	errConnUnusable  = errors.New("http2: connection takes no new streams")
 	errH2RespClosed  = errors.New("http2: response body closed")
 )
 
-// h2StreamError is a stream the node reset.
-type h2StreamError struct{ code http2.ErrCode }
+// streamError is a stream the node reset.
+type streamError struct{ code http2.ErrCode }
 
-func (e h2StreamError) Error() string { return "http2: stream reset by the node: " + e.code.String() }
+func (e streamError) Error() string { return "http2: stream reset by the node: " + e.code.String() }
 
-// h2Pool is the h2c connections to one node. Streams go to the first
+// Pool is the h2c connections to one node. Streams go to the first
 // connection with room under the node's concurrency limit; a new connection
-// is dialled, one at a time, when none has.
-type h2Pool struct {
+// is dialled, one at a time, when none has. It is safe for concurrent use.
+type Pool struct {
 	dialer net.Dialer    // its Timeout is the connect timeout
 	idle   time.Duration // a connection with no stream this long closes; 0: never
 	log    *zap.Logger   // for panics of the connections' goroutines
@@ -52,37 +47,41 @@ type h2Pool struct {
 	pingAfter, pingTimeout time.Duration
 
 	mu      sync.Mutex
-	conns   []*h2ClientConn
-	dialing *h2Dial
+	conns   []*clientConn
+	dialing *dialCall
 	retired bool
 
-	// lim bounds the pool's connections; see h2Wait.
-	lim     h2Limits
+	// lim bounds the pool's connections; see poolWait.
+	lim     Limits
 	waiters atomic.Int32  // requests waiting for a stream or a connection slot
 	room    chan struct{} // a stream ended while requests waited; cap 1
 }
 
-type h2Dial struct {
+type dialCall struct {
 	done chan struct{}
 	err  error
 }
 
-// newH2Pool returns a pool whose dials, and waits for a connection slot,
-// time out after connect, and whose connections idle longer than idle
-// close (0: no limit); if log is nil, nothing is logged.
-func newH2Pool(connect, idle time.Duration, log *zap.Logger) *h2Pool {
+// NewPool returns a pool whose dials, and waits for a connection slot,
+// time out after connect, whose connections idle longer than idle close
+// (0: no limit), and whose connections count against lim (nil: no
+// limits). If log is nil, nothing is logged.
+func NewPool(connect, idle time.Duration, lim Limits, log *zap.Logger) *Pool {
 	if log == nil {
 		log = zap.NewNop()
 	}
-	return &h2Pool{dialer: net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}, idle: idle,
+	if lim == nil {
+		lim = noLimits{}
+	}
+	return &Pool{dialer: net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}, idle: idle,
 		log: log, pingAfter: h2PingAfter, pingTimeout: h2PingTimeout, room: make(chan struct{}, 1),
-		lim: h2NoLimits{}}
+		lim: lim}
 }
 
-// h2Limits bounds the connections an h2Pool opens to its node, as
-// h1.Limits bounds an h1.Pool's; the proxy's nodeLimits implements both.
+// Limits bounds the connections a Pool opens to its node, as h1.Limits
+// bounds an h1.Pool's; the proxy's per-node limits implement both.
 // Its methods are safe for concurrent use.
-type h2Limits interface {
+type Limits interface {
 	// TryConn takes a connection slot if one is free. It does not block.
 	TryConn() bool
 	// EndConn gives back a slot taken. It does not block.
@@ -104,22 +103,23 @@ type h2Limits interface {
 	WaitSlot(ctx context.Context, room <-chan struct{}, timeout <-chan time.Time) (slot bool, err error)
 }
 
-// h2NoLimits is the h2Limits of a pool given none: every slot is free.
-type h2NoLimits struct{}
+// noLimits is the Limits of a pool given none: every slot is free.
+type noLimits struct{}
 
-func (h2NoLimits) TryConn() bool       { return true }
-func (h2NoLimits) EndConn()            {}
-func (h2NoLimits) Attach(net.Conn)     {}
-func (h2NoLimits) StartPending() error { return nil }
-func (h2NoLimits) EndPending()         {}
-func (h2NoLimits) Reclaim()            {}
-func (h2NoLimits) WaitSlot(context.Context, <-chan struct{}, <-chan time.Time) (bool, error) {
+func (noLimits) TryConn() bool       { return true }
+func (noLimits) EndConn()            {}
+func (noLimits) Attach(net.Conn)     {}
+func (noLimits) StartPending() error { return nil }
+func (noLimits) EndPending()         {}
+func (noLimits) Reclaim()            {}
+func (noLimits) WaitSlot(context.Context, <-chan struct{}, <-chan time.Time) (bool, error) {
 	return true, nil
 }
 
-// roundTrip sends req on a connection to req.URL.Host and returns the
-// response once its header arrives.
-func (p *h2Pool) roundTrip(req *http.Request) (*http.Response, error) {
+// RoundTrip sends req on a connection to req.URL.Host and returns the
+// response once its header arrives. It blocks, for a connection slot at
+// the limits and for the answer's header, until req's context ends.
+func (p *Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		cc, err := p.conn(req.Context(), req.URL.Host)
 		if err != nil {
@@ -134,9 +134,9 @@ func (p *h2Pool) roundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // conn returns a connection with a stream reserved on it. At
-// max_connections it waits as a pending request (see h2Wait).
-func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
-	var w h2Wait
+// max_connections it waits as a pending request (see poolWait).
+func (p *Pool) conn(ctx context.Context, addr string) (*clientConn, error) {
+	var w poolWait
 	defer w.end(p)
 	for {
 		p.mu.Lock()
@@ -156,7 +156,7 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 				continue
 			}
 			w.slot = false // the dial's now
-			d = &h2Dial{done: make(chan struct{})}
+			d = &dialCall{done: make(chan struct{})}
 			p.dialing = d
 			p.mu.Unlock()
 			cc, err := p.dial(addr)
@@ -197,7 +197,7 @@ func (p *h2Pool) conn(ctx context.Context, addr string) (*h2ClientConn, error) {
 
 // dial connects to addr on a connection slot taken, which it gives back
 // if the dial fails.
-func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
+func (p *Pool) dial(addr string) (*clientConn, error) {
 	nc, err := p.dialer.Dial("tcp", addr)
 	if err != nil {
 		p.lim.EndConn()
@@ -211,11 +211,11 @@ func (p *h2Pool) dial(addr string) (*h2ClientConn, error) {
 // start speaks h2c over nc, a new connection to a node: it sends the
 // preface and the sidecar's settings, and starts the connection's timers,
 // writer and read loop.
-func (p *h2Pool) start(nc net.Conn) *h2ClientConn {
-	cc := &h2ClientConn{
-		h2conn:  newH2Conn(nc, p.log),
+func (p *Pool) start(nc net.Conn) *clientConn {
+	cc := &clientConn{
+		conn:    newConn(nc, p.log),
 		pool:    p,
-		streams: make(map[uint32]*h2ClientStream),
+		streams: make(map[uint32]*clientStream),
 		nextID:  1,
 	}
 	cc.mu.Lock()
@@ -246,7 +246,7 @@ var (
 
 // checkHealth runs on the connection's health timer. A panic ends the
 // connection, not the process.
-func (cc *h2ClientConn) checkHealth() {
+func (cc *clientConn) checkHealth() {
 	defer cc.recoverPanic()
 	if cc.pingUnanswered() {
 		cc.fail(errH2PingTimeout)
@@ -256,7 +256,7 @@ func (cc *h2ClientConn) checkHealth() {
 // pingUnanswered reports whether the ping sent at the last check went
 // unanswered: the node has sent nothing since. If nothing came since the
 // last check and no ping is out, it sends one.
-func (cc *h2ClientConn) pingUnanswered() bool {
+func (cc *clientConn) pingUnanswered() bool {
 	read := cc.framesRead.Load()
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
@@ -279,7 +279,7 @@ func (cc *h2ClientConn) pingUnanswered() bool {
 
 var errH2PingTimeout = errors.New("http2: node did not answer a ping")
 
-func (p *h2Pool) remove(cc *h2ClientConn) {
+func (p *Pool) remove(cc *clientConn) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for i, x := range p.conns {
@@ -290,35 +290,49 @@ func (p *h2Pool) remove(cc *h2ClientConn) {
 	}
 }
 
-// closeIdle closes the connections with no stream open.
-func (p *h2Pool) closeIdle() {
+// Load counts the pool's connections and the streams open or reserved on
+// them. It does not block on them.
+func (p *Pool) Load() (conns, streams int) {
 	p.mu.Lock()
-	conns := append([]*h2ClientConn(nil), p.conns...)
+	ccs := append([]*clientConn(nil), p.conns...)
+	p.mu.Unlock()
+	for _, cc := range ccs {
+		cc.mu.Lock()
+		streams += len(cc.streams) + cc.reserved
+		cc.mu.Unlock()
+	}
+	return len(ccs), streams
+}
+
+// CloseIdle closes the connections with no stream open. It does not block.
+func (p *Pool) CloseIdle() {
+	p.mu.Lock()
+	conns := append([]*clientConn(nil), p.conns...)
 	p.mu.Unlock()
 	for _, cc := range conns {
 		cc.closeIfIdle()
 	}
 }
 
-// retire stops new streams on the pool's connections; each closes once its
-// last stream ends.
-func (p *h2Pool) retire() {
+// Retire stops new streams on the pool's connections; each closes once its
+// last stream ends. It does not block.
+func (p *Pool) Retire() {
 	p.mu.Lock()
 	p.retired = true
-	conns := append([]*h2ClientConn(nil), p.conns...)
+	conns := append([]*clientConn(nil), p.conns...)
 	p.mu.Unlock()
 	for _, cc := range conns {
 		cc.retire()
 	}
 }
 
-// h2ClientConn is one h2c connection to a node.
-type h2ClientConn struct {
-	*h2conn
-	pool *h2Pool
+// clientConn is one h2c connection to a node.
+type clientConn struct {
+	*conn
+	pool *Pool
 
 	// Under mu:
-	streams  map[uint32]*h2ClientStream
+	streams  map[uint32]*clientStream
 	nextID   uint32
 	reserved int
 	goAway   bool // the node sent GOAWAY, or the sidecar did: no new streams
@@ -332,7 +346,7 @@ type h2ClientConn struct {
 }
 
 // reserve claims room for one stream, if the connection takes new ones.
-func (cc *h2ClientConn) reserve() bool {
+func (cc *clientConn) reserve() bool {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if cc.err != nil || cc.goAway || cc.retired || cc.closing || cc.nextID >= 1<<31-1 ||
@@ -343,7 +357,7 @@ func (cc *h2ClientConn) reserve() bool {
 	return true
 }
 
-func (cc *h2ClientConn) retire() {
+func (cc *clientConn) retire() {
 	cc.mu.Lock()
 	cc.retired = true
 	idle := len(cc.streams) == 0 && cc.reserved == 0
@@ -356,7 +370,7 @@ func (cc *h2ClientConn) retire() {
 // closeIfIdle closes the connection if no stream is open or reserved. It
 // runs on the connection's idle timer, among others; a panic ends the
 // connection, not the process.
-func (cc *h2ClientConn) closeIfIdle() {
+func (cc *clientConn) closeIfIdle() {
 	defer cc.recoverPanic()
 	if cc.goAwayIfIdle() {
 		cc.closeAfterFlush()
@@ -365,7 +379,7 @@ func (cc *h2ClientConn) closeIfIdle() {
 
 // goAwayIfIdle sends GOAWAY and reports true if no stream is open or
 // reserved.
-func (cc *h2ClientConn) goAwayIfIdle() bool {
+func (cc *clientConn) goAwayIfIdle() bool {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if len(cc.streams) > 0 || cc.reserved > 0 {
@@ -376,9 +390,9 @@ func (cc *h2ClientConn) goAwayIfIdle() bool {
 	return true
 }
 
-// h2ClientStream is one request to a node and its response.
-type h2ClientStream struct {
-	cc   *h2ClientConn
+// clientStream is one request to a node and its response.
+type clientStream struct {
+	cc   *clientConn
 	id   uint32
 	req  *http.Request
 	resp *http.Response
@@ -397,10 +411,10 @@ type h2ClientStream struct {
 
 // roundTrip opens a stream on the reserved room for req and waits for the
 // response header.
-func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
+func (cc *clientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	hasBody := req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0
-	cs := &h2ClientStream{cc: cc, req: req, headers: make(chan struct{})}
+	cs := &clientStream{cc: cc, req: req, headers: make(chan struct{})}
 
 	cc.mu.Lock()
 	cc.reserved--
@@ -428,7 +442,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 	cs.id = cc.nextID
 	cc.nextID += 2
 	cs.sendWin = outflow(cc.peerInitWin)
-	cs.body.init(cc.h2conn, cs.id)
+	cs.body.init(cc.conn, cs.id)
 	cc.streams[cs.id] = cs
 	cc.idle.stop()
 	if err := cc.encodeRequestLocked(req); err != nil {
@@ -460,7 +474,7 @@ func (cc *h2ClientConn) roundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // encodeRequestLocked encodes req's header block into cc.encBuf.
-func (cc *h2ClientConn) encodeRequestLocked(req *http.Request) error {
+func (cc *clientConn) encodeRequestLocked(req *http.Request) error {
 	host := req.Host
 	if host == "" {
 		host = req.URL.Host
@@ -525,7 +539,7 @@ func validH2Value(s string) bool {
 // the stream, waiting for the app's next bytes after the node has answered
 // or the stream failed: a retry's try then owns the body, and the bytes
 // the goroutine's read brings go to that try (see body).
-func (cs *h2ClientStream) sendBody() {
+func (cs *clientStream) sendBody() {
 	if br, ok := cs.req.Body.(*replay.Reader); ok && !cs.writeBody(br, true) {
 		return
 	}
@@ -534,7 +548,7 @@ func (cs *h2ClientStream) sendBody() {
 
 // writeRest is writeBody on a goroutine of its own. A panic, in the body's
 // Read say, ends the stream as a failed read would.
-func (cs *h2ClientStream) writeRest() {
+func (cs *clientStream) writeRest() {
 	defer func() {
 		if v := recover(); v != nil {
 			cs.cc.logPanic("http2 request body panicked", v)
@@ -549,7 +563,7 @@ func (cs *h2ClientStream) writeRest() {
 // sends only what body has without waiting, and only while the node's
 // windows have room for it, and reports whether more is to come: the
 // caller must not wait on a node that may wait for its answer to be read.
-func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
+func (cs *clientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 	bp := h2BufPool.Get().(*[]byte)
 	defer h2BufPool.Put(bp)
 	buf := *bp
@@ -596,7 +610,7 @@ func (cs *h2ClientStream) writeBody(body io.Reader, atHand bool) (more bool) {
 // with its trailers, when it has some, which carry END_STREAM. The
 // connection's lock is released even if encoding them panics, so that the
 // panic's recovery (writeRest's) can reset the stream.
-func (cs *h2ClientStream) endBody() {
+func (cs *clientStream) endBody() {
 	cc := cs.cc
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
@@ -613,7 +627,7 @@ func (cs *h2ClientStream) endBody() {
 
 // canSend reports whether n bytes can go out on the stream at once, within
 // the node's windows and the writer's room.
-func (cs *h2ClientStream) canSend(n int) bool {
+func (cs *clientStream) canSend(n int) bool {
 	cc := cs.cc
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
@@ -623,7 +637,7 @@ func (cs *h2ClientStream) canSend(n int) bool {
 var h2BufPool = sync.Pool{New: func() any { b := make([]byte, h2DefaultFrame); return &b }}
 
 // sendAborted reports why the request body must stop. cc.mu is held.
-func (cs *h2ClientStream) sendAborted() error {
+func (cs *clientStream) sendAborted() error {
 	if cs.sendDone {
 		return errH2RespClosed
 	}
@@ -632,7 +646,7 @@ func (cs *h2ClientStream) sendAborted() error {
 
 // abort resets the stream: the node is told to stop and the response, or
 // its body, fails with err.
-func (cs *h2ClientStream) abort(err error) {
+func (cs *clientStream) abort(err error) {
 	cc := cs.cc
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
@@ -647,7 +661,7 @@ func (cs *h2ClientStream) abort(err error) {
 }
 
 // failLocked ends the stream with err on both sides. cc.mu is held.
-func (cs *h2ClientStream) failLocked(err error) {
+func (cs *clientStream) failLocked(err error) {
 	if cs.err == nil {
 		cs.err = err
 	}
@@ -662,7 +676,7 @@ func (cs *h2ClientStream) failLocked(err error) {
 }
 
 // closeIfDoneLocked forgets the stream once both sides are done.
-func (cs *h2ClientStream) closeIfDoneLocked() {
+func (cs *clientStream) closeIfDoneLocked() {
 	cc := cs.cc
 	if !cs.sendDone || !cs.recvDone || cc.streams[cs.id] != cs {
 		return
@@ -679,10 +693,10 @@ func (cs *h2ClientStream) closeIfDoneLocked() {
 	}
 }
 
-// h2ClientBody is a response body as the proxy reads it.
-type h2ClientBody struct{ cs *h2ClientStream }
+// clientBody is a response body as the proxy reads it.
+type clientBody struct{ cs *clientStream }
 
-func (b h2ClientBody) Read(p []byte) (int, error) {
+func (b clientBody) Read(p []byte) (int, error) {
 	cs := b.cs
 	ctx := cs.req.Context()
 	n, err := cs.body.read(p, ctx.Done())
@@ -707,12 +721,12 @@ func (b h2ClientBody) Read(p []byte) (int, error) {
 }
 
 // Close resets the stream unless the response was read to its end.
-func (b h2ClientBody) Close() error {
+func (b clientBody) Close() error {
 	b.cs.abort(errH2RespClosed)
 	return nil
 }
 
-func (cc *h2ClientConn) readLoop() {
+func (cc *clientConn) readLoop() {
 	err := cc.readFrames()
 	cc.mu.Lock()
 	if cc.err != nil && cc.err != errH2ConnClosed {
@@ -739,7 +753,7 @@ func (cc *h2ClientConn) readLoop() {
 
 // readFrames reads and handles frames until the connection ends. A panic
 // ends the connection as a failed read would.
-func (cc *h2ClientConn) readFrames() (err error) {
+func (cc *clientConn) readFrames() (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			cc.logPanic("http2 connection panicked", v)
@@ -791,7 +805,7 @@ func (cc *h2ClientConn) readFrames() (err error) {
 
 // handle applies one frame from the node, by its type, under cc.mu: one
 // method per frame type, as x/net's transport reads them.
-func (cc *h2ClientConn) handle(f http2.Frame) error {
+func (cc *clientConn) handle(f http2.Frame) error {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	switch f := f.(type) {
@@ -817,7 +831,7 @@ func (cc *h2ClientConn) handle(f http2.Frame) error {
 
 // processHeaders handles the response head, or trailers, of a stream.
 // cc.mu is held.
-func (cc *h2ClientConn) processHeaders(f *http2.MetaHeadersFrame) error {
+func (cc *clientConn) processHeaders(f *http2.MetaHeadersFrame) error {
 	cs := cc.streams[f.StreamID]
 	if cs == nil && cc.idleLocked(f.StreamID) {
 		// The node opened a stream: push is off, so it may not.
@@ -850,7 +864,7 @@ func (cc *h2ClientConn) processHeaders(f *http2.MetaHeadersFrame) error {
 }
 
 // processData handles a piece of a response body. cc.mu is held.
-func (cc *h2ClientConn) processData(f *http2.DataFrame) error {
+func (cc *clientConn) processData(f *http2.DataFrame) error {
 	data, err := cc.receivedLocked(f)
 	if err != nil {
 		return err
@@ -876,7 +890,7 @@ func (cc *h2ClientConn) processData(f *http2.DataFrame) error {
 }
 
 // processRSTStream handles the node resetting a stream. cc.mu is held.
-func (cc *h2ClientConn) processRSTStream(f *http2.RSTStreamFrame) error {
+func (cc *clientConn) processRSTStream(f *http2.RSTStreamFrame) error {
 	cs := cc.streams[f.StreamID]
 	if cs == nil {
 		if cc.idleLocked(f.StreamID) {
@@ -884,10 +898,10 @@ func (cc *h2ClientConn) processRSTStream(f *http2.RSTStreamFrame) error {
 		}
 		return nil
 	}
-	var err error = h2StreamError{f.ErrCode}
+	var err error = streamError{f.ErrCode}
 	switch {
 	case f.ErrCode == http2.ErrCodeRefusedStream:
-		err = errRefusedStream
+		err = ErrRefusedStream
 	case f.ErrCode == http2.ErrCodeNo && cs.recvDone:
 		// The answer is complete: the node needs no more of the body.
 		cs.sendDone = true
@@ -902,7 +916,7 @@ func (cc *h2ClientConn) processRSTStream(f *http2.RSTStreamFrame) error {
 
 // processWindowUpdate handles more send window, for the connection or a
 // stream. cc.mu is held.
-func (cc *h2ClientConn) processWindowUpdate(f *http2.WindowUpdateFrame) error {
+func (cc *clientConn) processWindowUpdate(f *http2.WindowUpdateFrame) error {
 	if f.StreamID == 0 {
 		if !cc.sendWin.add(int64(f.Increment)) {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
@@ -922,7 +936,7 @@ func (cc *h2ClientConn) processWindowUpdate(f *http2.WindowUpdateFrame) error {
 }
 
 // processSettings handles the node's settings. cc.mu is held.
-func (cc *h2ClientConn) processSettings(f *http2.SettingsFrame) error {
+func (cc *clientConn) processSettings(f *http2.SettingsFrame) error {
 	if f.IsAck() {
 		return nil
 	}
@@ -940,7 +954,7 @@ func (cc *h2ClientConn) processSettings(f *http2.SettingsFrame) error {
 }
 
 // processPing handles a ping, answered. cc.mu is held.
-func (cc *h2ClientConn) processPing(f *http2.PingFrame) error {
+func (cc *clientConn) processPing(f *http2.PingFrame) error {
 	if !f.IsAck() {
 		cc.writePingLocked(true, f.Data)
 		cc.flushLocked()
@@ -950,12 +964,12 @@ func (cc *h2ClientConn) processPing(f *http2.PingFrame) error {
 
 // processGoAway handles the node going away: streams past its last are
 // refused, to be retried elsewhere. cc.mu is held.
-func (cc *h2ClientConn) processGoAway(f *http2.GoAwayFrame) error {
+func (cc *clientConn) processGoAway(f *http2.GoAwayFrame) error {
 	cc.goAway = true
 	for id, cs := range cc.streams {
 		if id > f.LastStreamID {
 			cs.sendDone = true
-			cs.failLocked(errRefusedStream)
+			cs.failLocked(ErrRefusedStream)
 		}
 	}
 	if len(cc.streams) == 0 && cc.reserved == 0 {
@@ -971,12 +985,12 @@ func (cc *h2ClientConn) processGoAway(f *http2.GoAwayFrame) error {
 // is a connection error, HEADERS too, since a node answers only on streams
 // the sidecar opened; on a closed one, a frame still in flight when the
 // stream ended is not. cc.mu is held.
-func (cc *h2ClientConn) idleLocked(id uint32) bool {
+func (cc *clientConn) idleLocked(id uint32) bool {
 	return id%2 == 0 || id >= cc.nextID
 }
 
 // onResponseLocked turns a response HEADERS frame into cs.resp.
-func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
+func (cs *clientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 	cc := cs.cc
 	code, err := strconv.Atoi(f.PseudoValue("status"))
 	if err != nil || code < 100 || code > 999 {
@@ -1014,7 +1028,7 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 		}
 		resp.Trailer[k] = nil
 	})
-	resp.Body = h2ClientBody{cs}
+	resp.Body = clientBody{cs}
 	if f.StreamEnded() {
 		if resp.ContentLength < 0 {
 			resp.ContentLength = 0
@@ -1028,17 +1042,17 @@ func (cs *h2ClientStream) onResponseLocked(f *http2.MetaHeadersFrame) error {
 }
 
 // endRecvLocked marks the response complete.
-func (cs *h2ClientStream) endRecvLocked() {
+func (cs *clientStream) endRecvLocked() {
 	cs.recvDone = true
 	cs.body.closeLocked(nil)
 	cs.closeIfDoneLocked()
 }
 
-// h2Wait is a request waiting, at max_connections, for room on one of an
-// h2Pool's connections (a stream ending) or a connection slot, as a
+// poolWait is a request waiting, at max_connections, for room on one of a
+// Pool's connections (a stream ending) or a connection slot, as a
 // pending request bounded by the connect timeout. Its zero value has not
 // waited.
-type h2Wait struct {
+type poolWait struct {
 	started bool
 	slot    bool // a slot taken, for the next dial
 	timer   *time.Timer
@@ -1048,7 +1062,7 @@ type h2Wait struct {
 // that the caller looks at its connections again, room signals reaching
 // it from then on; later, it waits for a signal or a slot. It fails with
 // ErrLocalLimit.
-func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
+func (w *poolWait) wait(ctx context.Context, p *Pool) error {
 	l := p.lim
 	if !w.started {
 		if err := l.StartPending(); err != nil {
@@ -1068,7 +1082,7 @@ func (w *h2Wait) wait(ctx context.Context, p *h2Pool) error {
 // end stops the wait, if any: a slot taken and not used is given back, and
 // a room signal is passed on to the next waiter, since this one may have
 // taken the last.
-func (w *h2Wait) end(p *h2Pool) {
+func (w *poolWait) end(p *Pool) {
 	if !w.started {
 		return
 	}
@@ -1084,13 +1098,13 @@ func (w *h2Wait) end(p *h2Pool) {
 
 // roomFreed tells the requests waiting for a stream, if any, that one
 // ended. It does not block.
-func (p *h2Pool) roomFreed() {
+func (p *Pool) roomFreed() {
 	if p.waiters.Load() > 0 {
 		p.signalRoom()
 	}
 }
 
-func (p *h2Pool) signalRoom() {
+func (p *Pool) signalRoom() {
 	select {
 	case p.room <- struct{}{}:
 	default:
