@@ -174,13 +174,11 @@ type stateDigest struct {
 	nodes    map[string]uint64
 }
 
-func digestState(checks api.HealthChecks) stateDigest {
+func digestState(checks []stateCheck) stateDigest {
 	d := stateDigest{services: make(map[string]uint64), nodes: make(map[string]uint64)}
 	h := fnv.New64a()
-	for _, ch := range checks {
-		if ch == nil {
-			continue
-		}
+	for i := range checks {
+		ch := &checks[i]
 		h.Reset()
 		for _, s := range []string{ch.Node, ch.CheckID, ch.ServiceID, ch.Status} {
 			h.Write([]byte(s))
@@ -232,7 +230,7 @@ func (d *dcWatch) watchState(ctx context.Context) {
 	for {
 		q := d.query()
 		q.WaitIndex, q.WaitTime = idx.wait, d.c.opts.WaitTime
-		checks, meta, err := d.c.health.State(api.HealthAny, q.WithContext(ctx))
+		checks, meta, err := healthState(d.c.health, q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
 		}
@@ -292,8 +290,9 @@ func (d *dcWatch) watchState(ctx context.Context) {
 			if len(nodes) > 0 {
 				// Services with checks on those nodes: when a node
 				// recovers, the last passing answer did not list it.
-				for _, ch := range checks {
-					if ch == nil || ch.ServiceName == "" {
+				for i := range checks {
+					ch := &checks[i]
+					if ch.ServiceName == "" {
 						continue
 					}
 					if _, ok := nodes[ch.Node]; ok {

@@ -89,7 +89,9 @@ func newRoute(p *Proxy, listener string, cfg RouteConfig) (*route, error) {
 	if tlsConf != nil {
 		scheme = "https"
 	}
-	log = log.With(zap.String("listener", listener), zap.String("service", cfg.Service))
+	// Lazily: a logger with its fields costs about 1 KB (its encoder), 6 MB
+	// at 5,000 forward-proxy routes that mostly never log.
+	log = log.WithLazy(zap.String("listener", listener), zap.String("service", cfg.Service))
 	rt := &route{
 		scheme:   scheme,
 		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf, log: log},

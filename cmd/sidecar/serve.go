@@ -345,7 +345,7 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 	if cfg.Discovery.Backend == config.BackendStatic {
 		return discovery.NewStatic(cfg.Discovery.Static)
 	}
-	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
+	return discovery.NewConsul(discovery.NewHealthClient(consul), consul.Catalog(), discovery.ConsulOptions{
 		Datacenter:  cfg.Consul.Datacenter,
 		Datacenters: cfg.RemoteDatacenters(),
 		LocalDatacenter: func(ctx context.Context) (string, error) {
