@@ -32,6 +32,10 @@ import (
 // (the sidecar built without the race detector, for its memory).
 var scaleServices = flag.Int("scale.services", 300, "services TestDiscoveryScale registers and resolves")
 
+// scaleMemory is the sidecar's limits.memory in TestDiscoveryScale; empty
+// for none.
+var scaleMemory = flag.String("scale.memory", "", "limits.memory of the sidecar TestDiscoveryScale starts")
+
 // scaleRegister registers services svc-0000… with one instance each, spread
 // over 10 nodes, all at target, each with a passing check, through the
 // transaction API (64 operations at a time).
@@ -199,7 +203,9 @@ discovery:
   cache_size: %d
 proxy:
   listen: %s
-`, agent.Addr(), admin, services+100, proxyAddr))
+limits:
+  memory: %q
+`, agent.Addr(), admin, services+100, proxyAddr, *scaleMemory))
 
 	// Count the sidecar's connections to the agent throughout.
 	var peak, samples atomic.Int64
