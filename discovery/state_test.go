@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -59,4 +60,41 @@ func TestHealthClientState(t *testing.T) {
 	if digestState(got).services["web"] != digestState(want).services["web"] {
 		t.Error("the digests of the two reads differ")
 	}
+}
+
+// BenchmarkHealthStateDecode decodes a health state of 5,000 checks (one
+// per service, as in TestDiscoveryScale) into api.HealthChecks, as
+// *api.Health does, and into the state watch's stateChecks, as
+// NewHealthClient does.
+func BenchmarkHealthStateDecode(b *testing.B) {
+	checks := make(api.HealthChecks, 0, 5000)
+	for s := range 5000 {
+		name := fmt.Sprintf("svc-%04d", s)
+		checks = append(checks, &api.HealthCheck{Node: fmt.Sprintf("node-%02d", s%10), CheckID: "check-" + name, Name: "alive",
+			Status: api.HealthPassing, ServiceID: name, ServiceName: name, ServiceTags: []string{}, CreateIndex: 12345, ModifyIndex: 12345})
+	}
+	raw, err := json.Marshal(checks)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("api.HealthChecks", func(b *testing.B) {
+		b.ReportAllocs()
+		b.SetBytes(int64(len(raw)))
+		for b.Loop() {
+			var out api.HealthChecks
+			if err := json.Unmarshal(raw, &out); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("stateChecks", func(b *testing.B) {
+		b.ReportAllocs()
+		b.SetBytes(int64(len(raw)))
+		for b.Loop() {
+			var out []stateCheck
+			if err := json.Unmarshal(raw, &out); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
