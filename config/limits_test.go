@@ -36,3 +36,24 @@ func TestLimitsMemory(t *testing.T) {
 		})
 	}
 }
+
+// TestLimitsMemoryReload: a changed limits.memory is reported as needing a
+// restart, and the running value is kept.
+func TestLimitsMemoryReload(t *testing.T) {
+	t.Parallel()
+	running, err := ParseEnv([]byte("limits: {memory: 96MiB}"), "config.yaml", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := ParseEnv([]byte("limits: {memory: 128MiB}"), "config.yaml", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := NewReload(running, next)
+	if len(r.Restart) != 1 || r.Restart[0] != "limits.memory" || len(r.Live) != 0 {
+		t.Errorf("NewReload() Restart = %v, Live = %v, want [limits.memory], []", r.Restart, r.Live)
+	}
+	if r.Effective.Limits.MemoryN != 96<<20 {
+		t.Errorf("Effective.Limits.MemoryN = %d, want the running 96MiB", r.Effective.Limits.MemoryN)
+	}
+}
