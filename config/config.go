@@ -83,6 +83,8 @@ type Config struct {
 	Subscriptions []Subscription `yaml:"subscriptions"`
 	// Security: mutual TLS with Consul's CA, and intentions.
 	Security Security `yaml:"security"`
+	// Limits bound the sidecar process itself (limits.go).
+	Limits ProcessLimits `yaml:"limits"`
 }
 
 // Service describes the local app and how the sidecar keeps its Consul

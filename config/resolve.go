@@ -41,6 +41,7 @@ func (p *parser) resolve(c *Config, getenv func(string) string) {
 
 	p.resolvePubSub(c)
 	p.resolveMesh(c)
+	p.resolveLimits(&c.Limits)
 
 	for i := range c.Upstreams {
 		u := &c.Upstreams[i]

@@ -41,8 +41,8 @@ type Backend interface {
 }
 
 // Sink receives what a backend learns about one service. A backend calls it
-// from the goroutine running Backend.Watch, one call at a time; no method
-// blocks.
+// one call at a time, from the goroutine running Backend.Watch or from one
+// that goroutine waits for; no method blocks.
 type Sink interface {
 	// Publish hands over a new snapshot: the set changed, or it turned
 	// stale or fresh. s must not be modified afterwards and must not be

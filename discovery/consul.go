@@ -361,7 +361,7 @@ func (c *Consul) watchDC(ctx context.Context, key, service, dc string, sink Sink
 		sink:    sink,
 		back:    newRetryBackoff(c.opts.BackoffMin, c.opts.BackoffMax),
 		kick:    make(chan struct{}, 1),
-		reply:   make(chan fetchResult, 1),
+		reply:   make(chan time.Duration, 1),
 	}
 	d.mu.Lock()
 	set := d.watchers[h.key]
@@ -383,7 +383,8 @@ func (c *Consul) watchDC(ctx context.Context, key, service, dc string, sink Sink
 }
 
 // healthWatch is the state of one watched service. Only its own goroutine
-// touches it, but for kick, which anyone may signal.
+// touches it, or the worker handling a fetch while that goroutine waits for
+// it (handle), but for kick, which anyone may signal.
 type healthWatch struct {
 	c       *Consul
 	d       *dcWatch // the watches of its datacenter
@@ -394,7 +395,7 @@ type healthWatch struct {
 	// kick asks for a fetch; a buffer of one coalesces the changes seen
 	// while a fetch runs into one more fetch.
 	kick  chan struct{}
-	reply chan fetchResult // from the worker running this watch's fetch
+	reply chan time.Duration // from the worker that ran this watch's fetch: the wait before a retry
 
 	idx      blockingIndex
 	back     retryBackoff
@@ -477,23 +478,26 @@ func resyncJitter(d time.Duration) time.Duration {
 	return time.Duration(float64(d) * (0.9 + 0.2*rand.Float64()))
 }
 
-// fetch queries the service through the worker pool and handles the answer.
-// It returns how long to wait before a retry, 0 for none.
+// fetch queries the service through the worker pool, which handles the
+// answer (handle) while fetch waits. It returns how long to wait before a
+// retry, 0 for none.
 func (h *healthWatch) fetch(ctx context.Context) time.Duration {
 	select {
 	case h.c.jobs <- fetchJob{ctx: ctx, h: h}:
 	case <-ctx.Done():
 		return 0
 	}
-	var r fetchResult
 	select {
-	case r = <-h.reply:
+	case retry := <-h.reply:
+		return retry
 	case <-ctx.Done():
 		return 0
 	}
-	if ctx.Err() != nil {
-		return 0
-	}
+}
+
+// handle handles the answer to a fetch and returns how long to wait before
+// a retry, 0 for none. A worker runs it while h's goroutine waits in fetch.
+func (h *healthWatch) handle(r fetchResult) time.Duration {
 	h.acl(r)
 	if r.err != nil {
 		return h.fail(r.err, true)

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -800,4 +801,39 @@ func TestConsulStartFetchesOnce(t *testing.T) {
 			t.Errorf("fetches of %s = %d, want 1", s, n)
 		}
 	}
+}
+
+// panicOnce is a recorder whose first Publish panics.
+type panicOnce struct {
+	recorder
+	panicked atomic.Bool
+}
+
+func (p *panicOnce) Publish(s *Snapshot) {
+	if p.panicked.CompareAndSwap(false, true) {
+		panic("sink")
+	}
+	p.recorder.Publish(s)
+}
+
+// TestConsulWorkerHandlesAnswer: the worker that fetched a service hands
+// the answer to its sink (so that the watch's own goroutine only parks and
+// keeps a small stack); a panic there costs that answer, retried after the
+// backoff, not the worker: the watch and another one carry on.
+func TestConsulWorkerHandlesAnswer(t *testing.T) {
+	leakcheck.Check(t)
+	f := newFakeConsul()
+	c := newTestConsul(t, f, ConsulOptions{MaxConnections: 3, BackoffMin: time.Millisecond, BackoffMax: 10 * time.Millisecond})
+	f.set(10, "web", node("a", 1))
+	f.set(11, "api", node("b", 2))
+	p := &panicOnce{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); c.Watch(ctx, "web", p) }()
+	t.Cleanup(func() { cancel(); <-done })
+	waitUntil(t, "web's set after the panic", func() bool { return slices.Equal(ids(p.last()), []string{"a"}) })
+	api := runWatch(t, c, "api") // on the one worker, which survived
+	waitUntil(t, "api's set", func() bool { return slices.Equal(ids(api.last()), []string{"b"}) })
+	f.set(12, "web", node("a", 1), node("c", 3))
+	waitUntil(t, "web's next set", func() bool { return slices.Equal(ids(p.last()), []string{"a", "c"}) })
 }

@@ -20,7 +20,7 @@ type fetchJob struct {
 	h   *healthWatch
 }
 
-// fetchResult is a worker's answer, sent on the watch's reply channel.
+// fetchResult is the answer to a worker's fetch.
 type fetchResult struct {
 	entries []*api.ServiceEntry
 	meta    *api.QueryMeta
@@ -64,30 +64,54 @@ const fetchTimeout = 10 * time.Second
 
 // worker fetches services for the watches until ctx is done: the pool of
 // workers bounds the fetches in flight, whatever the number of watches.
+//
+// The worker also handles the answer (healthWatch.handle), while the
+// watch's goroutine waits for it: that goroutine then only ever parks, so
+// its stack stays at its smallest. Decoding, publishing and logging an
+// answer on it grew each to 8 KiB, 40 MiB at 5,000 watches.
 func (c *Consul) worker(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case j := <-c.jobs:
-			var r fetchResult
+			var retry time.Duration
 			if j.ctx.Err() == nil {
 				// Not a blocking query: bound it, so that an agent that
 				// never answers cannot hold one of the few workers.
+				var r fetchResult
 				fctx, cancel := context.WithTimeout(j.ctx, fetchTimeout)
 				q := j.h.d.query()
 				r.entries, r.meta, r.err = c.health.Service(j.h.service, "", true, q.WithContext(fctx))
 				cancel()
+				if j.ctx.Err() == nil {
+					retry = c.handle(j.h, r)
+				}
 			}
 			// The reply is buffered and each watch has one fetch in flight
 			// at most, but a watch that stopped may have left the reply to
 			// its last fetch unread.
 			select {
-			case j.h.reply <- r:
+			case j.h.reply <- retry:
 			case <-j.ctx.Done():
 			}
 		}
 	}
+}
+
+// handle runs h.handle(r) for h's goroutine, which waits for it. A panic
+// there is logged and the service fetched again after the backoff, to be
+// published whatever it holds (the sink may have missed the last set); the
+// worker carries on.
+func (c *Consul) handle(h *healthWatch, r fetchResult) (retry time.Duration) {
+	defer func() {
+		if v := recover(); v != nil {
+			h.logger().Error("handling an answer panicked", zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+			h.cur = nil
+			retry = h.back.next()
+		}
+	}()
+	return h.handle(r)
 }
 
 // stateFailure is the last failure of the state watch, nil while it answers.
@@ -150,13 +174,11 @@ type stateDigest struct {
 	nodes    map[string]uint64
 }
 
-func digestState(checks api.HealthChecks) stateDigest {
+func digestState(checks []stateCheck) stateDigest {
 	d := stateDigest{services: make(map[string]uint64), nodes: make(map[string]uint64)}
 	h := fnv.New64a()
-	for _, ch := range checks {
-		if ch == nil {
-			continue
-		}
+	for i := range checks {
+		ch := &checks[i]
 		h.Reset()
 		for _, s := range []string{ch.Node, ch.CheckID, ch.ServiceID, ch.Status} {
 			h.Write([]byte(s))
@@ -208,7 +230,7 @@ func (d *dcWatch) watchState(ctx context.Context) {
 	for {
 		q := d.query()
 		q.WaitIndex, q.WaitTime = idx.wait, d.c.opts.WaitTime
-		checks, meta, err := d.c.health.State(api.HealthAny, q.WithContext(ctx))
+		checks, meta, err := healthState(d.c.health, q.WithContext(ctx))
 		if ctx.Err() != nil {
 			return
 		}
@@ -268,8 +290,9 @@ func (d *dcWatch) watchState(ctx context.Context) {
 			if len(nodes) > 0 {
 				// Services with checks on those nodes: when a node
 				// recovers, the last passing answer did not list it.
-				for _, ch := range checks {
-					if ch == nil || ch.ServiceName == "" {
+				for i := range checks {
+					ch := &checks[i]
+					if ch.ServiceName == "" {
 						continue
 					}
 					if _, ok := nodes[ch.Node]; ok {

@@ -68,7 +68,9 @@ type nodeLimits struct {
 	maxRequests int64
 	pending     atomic.Int64
 	requests    atomic.Int64
-	overflows   [numLimits]prometheus.Counter // nil: not counted
+	overflows   [numLimits]lazyCounter // made at the first overflow of each limit
+	overflowVec *prometheus.CounterVec // curried but for endpoint and limit; nil: not counted
+	endpoint    string                 // the endpoint label of the overflow series
 	// reclaim, when not nil, closes an idle connection of the node's
 	// pools, if there is one, giving back its slot: a request that waits
 	// for one calls it first, so that one pool's idle connections do not
@@ -77,8 +79,9 @@ type nodeLimits struct {
 }
 
 // newNodeLimits returns the limits c sets; a zero value is defaultLimit.
-// overflows, by limit, may be nil.
-func newNodeLimits(c config.Limits, overflows *[numLimits]prometheus.Counter) *nodeLimits {
+// Overflows are counted in overflows' series of endpoint, made at the
+// first of each limit; overflows may be nil.
+func newNodeLimits(c config.Limits, overflows *prometheus.CounterVec, endpoint string) *nodeLimits {
 	or := func(v int) int {
 		if v <= 0 {
 			return defaultLimit
@@ -89,18 +92,32 @@ func newNodeLimits(c config.Limits, overflows *[numLimits]prometheus.Counter) *n
 		conns:       make(chan struct{}, or(c.MaxConnections)),
 		maxPending:  int64(or(c.MaxPendingRequests)),
 		maxRequests: int64(or(c.MaxRequests)),
-	}
-	if overflows != nil {
-		l.overflows = *overflows
+		overflowVec: overflows,
+		endpoint:    endpoint,
 	}
 	return l
 }
 
+// makeOverflowSeries makes the overflow series of every limit, at zero.
+func (l *nodeLimits) makeOverflowSeries() {
+	if l.overflowVec == nil {
+		return
+	}
+	for limit, name := range limitNames {
+		l.overflows[limit].set(l.overflowVec.WithLabelValues(l.endpoint, name))
+	}
+}
+
 // overflow counts a refusal at limit and returns err.
 func (l *nodeLimits) overflow(limit int, err error) error {
-	if c := l.overflows[limit]; c != nil {
-		c.Inc()
+	if l.overflowVec == nil {
+		return err
 	}
+	c := l.overflows[limit].get()
+	if c == nil {
+		c = l.overflows[limit].set(l.overflowVec.WithLabelValues(l.endpoint, limitNames[limit]))
+	}
+	c.Inc()
 	return err
 }
 

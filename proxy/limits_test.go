@@ -401,7 +401,7 @@ func TestTCPConnectionLimit(t *testing.T) {
 
 func TestNodeLimits(t *testing.T) {
 	t.Run("max_requests", func(t *testing.T) {
-		l := newNodeLimits(config.Limits{MaxRequests: 2}, nil)
+		l := newNodeLimits(config.Limits{MaxRequests: 2}, nil, "")
 		for i, want := range []error{nil, nil, errMaxRequests, errMaxRequests} {
 			if err := l.startRequest(); err != want {
 				t.Errorf("startRequest() #%d = %v, want %v", i+1, err, want)
@@ -416,7 +416,7 @@ func TestNodeLimits(t *testing.T) {
 		}
 	})
 	t.Run("defaults", func(t *testing.T) {
-		l := newNodeLimits(config.Limits{}, nil)
+		l := newNodeLimits(config.Limits{}, nil, "")
 		if cap(l.conns) != defaultLimit || l.maxPending != defaultLimit || l.maxRequests != defaultLimit {
 			t.Errorf("zero limits = %d, %d, %d, want %d each", cap(l.conns), l.maxPending, l.maxRequests, defaultLimit)
 		}
@@ -430,7 +430,7 @@ func TestNodeLimits(t *testing.T) {
 		l.endConn()
 	})
 	t.Run("pending", func(t *testing.T) {
-		l := newNodeLimits(config.Limits{MaxConnections: 1, MaxPendingRequests: 1}, nil)
+		l := newNodeLimits(config.Limits{MaxConnections: 1, MaxPendingRequests: 1}, nil, "")
 		if !l.tryConn() || l.tryConn() {
 			t.Fatal("tryConn: want one slot")
 		}
@@ -462,7 +462,7 @@ func TestNodeLimits(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer ln.Close()
-		l := newNodeLimits(config.Limits{MaxConnections: 2}, nil)
+		l := newNodeLimits(config.Limits{MaxConnections: 2}, nil, "")
 		var conns []net.Conn
 		for range 2 {
 			if !l.tryConn() {
@@ -487,7 +487,7 @@ func TestNodeLimits(t *testing.T) {
 		conns[1].Close()
 	})
 	t.Run("no allocation", func(t *testing.T) {
-		l := newNodeLimits(config.Limits{}, nil)
+		l := newNodeLimits(config.Limits{}, nil, "")
 		if n := testing.AllocsPerRun(100, func() {
 			if l.startRequest() == nil {
 				l.endRequest()
@@ -522,7 +522,7 @@ func TestTransportConnectionLimit(t *testing.T) {
 	leakcheck.Check(t)
 	node := startLimitNode(t, nil)
 	node.hold.Store(true)
-	lim := newNodeLimits(config.Limits{MaxConnections: 1, MaxPendingRequests: 1}, nil)
+	lim := newNodeLimits(config.Limits{MaxConnections: 1, MaxPendingRequests: 1}, nil, "")
 	tr := newTransport(&poolConfig{timeouts: Timeouts{Connect: 100 * time.Millisecond}.withDefaults()}, false, lim)
 	defer tr.CloseIdleConnections()
 	get := func() (*http.Response, error) {

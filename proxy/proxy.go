@@ -378,7 +378,7 @@ func (p *Proxy) relay(w http.ResponseWriter, rt *route, resp *http.Response, e *
 	answerHeader(w, resp)
 	w.WriteHeader(resp.StatusCode)
 	if !grpc {
-		e.requests[codeClass(resp.StatusCode)].Inc()
+		rt.metrics.countAnswer(e, resp.StatusCode)
 	}
 	if resp.ContentLength < 0 {
 		// A stream: the client may need the headers before any message.

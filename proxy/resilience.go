@@ -96,7 +96,7 @@ func (rt *route) eject(e *endpoint) {
 		}
 	}
 	if (out+1)*100 > o.MaxEjectionPercent*len(st.endpoints) {
-		rt.metrics.ejectionsRefused.Inc()
+		rt.metrics.ejectionsRefused.WithLabelValues().Inc()
 		return
 	}
 	d, times := e.outlier.Eject(o, now)

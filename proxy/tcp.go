@@ -208,7 +208,7 @@ func (s *TCPServer) handle(client net.Conn) {
 	defer done(c.pk, nil, start)
 	defer backend.Close()
 	m.tcpConnections.WithLabelValues(m.endpoint(e.Addr)).Inc()
-	defer func() { m.tcpDuration.Observe(time.Since(start).Seconds()) }()
+	defer func() { m.tcpDuration.WithLabelValues().Observe(time.Since(start).Seconds()) }()
 
 	var last atomic.Int64
 	defer closeWhenIdle(rt.cfg.Timeouts.Idle, &last, client, backend).Stop()

@@ -79,7 +79,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, rt *route, 
 // either side ends it.
 func (p *Proxy) answerUpgrade(w http.ResponseWriter, rt *route, proto string, u *upgradeTry, start time.Time) {
 	resp, e, pk, breakerDone := u.resp, u.e, u.pk, u.breakerDone
-	e.requests[codeClass(resp.StatusCode)].Inc()
+	rt.metrics.countAnswer(e, resp.StatusCode)
 	if resp.StatusCode != http.StatusSwitchingProtocols {
 		// Refused handshake: relay the answer as it is, and count it as
 		// any other answer.

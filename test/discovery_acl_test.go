@@ -52,7 +52,7 @@ acl {
 		t.Fatal(err)
 	}
 	log := zaptest.NewLogger(t)
-	c := discovery.NewCache(discovery.NewConsul(client.Health(), client.Catalog(), discovery.ConsulOptions{}, log),
+	c := discovery.NewCache(discovery.NewConsul(discovery.NewHealthClient(client), client.Catalog(), discovery.ConsulOptions{}, log),
 		discovery.CacheOptions{}, log)
 	t.Cleanup(c.Close)
 	w, err := c.Watch(context.Background(), "web")

@@ -32,6 +32,10 @@ import (
 // (the sidecar built without the race detector, for its memory).
 var scaleServices = flag.Int("scale.services", 300, "services TestDiscoveryScale registers and resolves")
 
+// scaleMemory is the sidecar's limits.memory in TestDiscoveryScale; empty
+// for none.
+var scaleMemory = flag.String("scale.memory", "", "limits.memory of the sidecar TestDiscoveryScale starts")
+
 // scaleRegister registers services svc-0000… with one instance each, spread
 // over 10 nodes, all at target, each with a passing check, through the
 // transaction API (64 operations at a time).
@@ -135,6 +139,40 @@ func vmRSS(pid int) int64 {
 	return 0
 }
 
+// scaleMemStats is a summary of the Go runtime's memory statistics of the
+// sidecar whose admin listener (with pprof) is at admin, from the tail of
+// /debug/pprof/heap?debug=1, and its goroutine count; "" when unavailable.
+func scaleMemStats(admin string) string {
+	r, err := http.Get("http://" + admin + "/debug/pprof/heap?debug=1")
+	if err != nil {
+		return ""
+	}
+	defer r.Body.Close()
+	stats := map[string]int64{}
+	sc := bufio.NewScanner(r.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		k, v, ok := strings.Cut(strings.TrimPrefix(sc.Text(), "# "), " = ")
+		if !ok {
+			continue
+		}
+		v, _, _ = strings.Cut(v, " ") // "Stack = inuse / sys"
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			stats[k] = n
+		}
+	}
+	var b strings.Builder
+	for _, k := range []string{"HeapAlloc", "HeapInuse", "HeapIdle", "HeapReleased", "Stack", "NextGC", "Sys"} {
+		fmt.Fprintf(&b, "%s %.1f MiB, ", k, float64(stats[k])/(1<<20))
+	}
+	if g, err := http.Get("http://" + admin + "/debug/pprof/goroutine?debug=1"); err == nil {
+		line, _ := bufio.NewReader(g.Body).ReadString('\n')
+		g.Body.Close()
+		b.WriteString(strings.TrimSpace(line))
+	}
+	return b.String()
+}
+
 // TestDiscoveryScale registers -scale.services services in an agent with
 // Consul's default limit of 200 connections per client, and resolves each
 // once through one sidecar's forward proxy, 64 at a time: every one answers,
@@ -165,7 +203,9 @@ discovery:
   cache_size: %d
 proxy:
   listen: %s
-`, agent.Addr(), admin, services+100, proxyAddr))
+limits:
+  memory: %q
+`, agent.Addr(), admin, services+100, proxyAddr, *scaleMemory))
 
 	// Count the sidecar's connections to the agent throughout.
 	var peak, samples atomic.Int64
@@ -239,6 +279,9 @@ proxy:
 		answered.Load(), services, resolveTime)
 	time.Sleep(time.Second) // settle, for the memory figure
 	t.Logf("sidecar RSS with %d services watched: %.1f MiB", services, float64(vmRSS(sc.Pid()))/(1<<20))
+	if ms := scaleMemStats(admin); ms != "" {
+		t.Logf("sidecar runtime memory: %s", ms)
+	}
 	if path := os.Getenv("SCALE_HEAP_PROFILE"); path != "" {
 		if r, err := http.Get("http://" + admin + "/debug/pprof/heap"); err == nil {
 			b, _ := io.ReadAll(r.Body)

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -44,6 +45,10 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 		return err
 	}
 	defer func() { _ = log.Sync() }()
+	if n := cfg.Limits.MemoryN; n > 0 {
+		debug.SetMemoryLimit(n) // limits.memory; else GOMEMLIMIT, as the runtime read it
+		log.Info("soft memory limit", zap.Int64("bytes", n))
+	}
 
 	consul, err := newConsulClient(cfg.Consul, cfg.Discovery)
 	if err != nil {
@@ -345,7 +350,7 @@ func newBackend(cfg *config.Config, consul *api.Client, log *zap.Logger) (discov
 	if cfg.Discovery.Backend == config.BackendStatic {
 		return discovery.NewStatic(cfg.Discovery.Static)
 	}
-	return discovery.NewConsul(consul.Health(), consul.Catalog(), discovery.ConsulOptions{
+	return discovery.NewConsul(discovery.NewHealthClient(consul), consul.Catalog(), discovery.ConsulOptions{
 		Datacenter:  cfg.Consul.Datacenter,
 		Datacenters: cfg.RemoteDatacenters(),
 		LocalDatacenter: func(ctx context.Context) (string, error) {

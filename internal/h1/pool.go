@@ -93,11 +93,52 @@ type ClientConn struct {
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	tp     textproto.Reader
-	head   []byte // scratch for a response head
+	head   []byte    // scratch for a response head
+	bufs   *connBufs // br, bw and head, held while an exchange is on the connection
 	idleAt time.Time
 	reused bool
 	// interrupt unblocks the connection's I/O when a request's context ends.
 	interrupt func()
+}
+
+// connBufs are the buffers of a connection in use. A connection takes them
+// for an exchange and gives them back when it goes idle, as net/http's
+// server and fasthttp do, so the idle connections of thousands of routes
+// (the forward proxy's) cost their sockets, not 16 KiB of buffers each.
+type connBufs struct {
+	br   *bufio.Reader
+	bw   *bufio.Writer
+	head []byte
+}
+
+var clientBufs = sync.Pool{New: func() any {
+	return &connBufs{br: bufio.NewReaderSize(nil, poolReadBuffer), bw: bufio.NewWriterSize(nil, poolWriteBuffer)}
+}}
+
+// holdBufs gives pc its buffers for an exchange, if it has none.
+func (pc *ClientConn) holdBufs() {
+	if pc.bufs != nil {
+		return
+	}
+	b := clientBufs.Get().(*connBufs)
+	b.br.Reset(&pc.lr)
+	b.bw.Reset(pc.c)
+	pc.bufs, pc.br, pc.bw, pc.head = b, b.br, b.bw, b.head
+	pc.tp.R = b.br
+}
+
+// releaseBufs gives pc's buffers back, empty, when it goes idle.
+func (pc *ClientConn) releaseBufs() {
+	b := pc.bufs
+	if b == nil {
+		return
+	}
+	b.br.Reset(nil)
+	b.bw.Reset(nil)
+	b.head = pc.head
+	pc.bufs, pc.br, pc.bw, pc.head = nil, nil, nil, nil
+	pc.tp.R = nil
+	clientBufs.Put(b)
 }
 
 // errHeaderTooLong fails a response head longer than poolMaxHeaderBytes.
@@ -137,10 +178,11 @@ func (p *Pool) take(now time.Time) *ClientConn {
 // put returns a connection whose exchange ended cleanly, or closes it when
 // the pool is closed or full.
 func (p *Pool) put(pc *ClientConn) {
-	if pc.br.Buffered() > 0 { // bytes nobody asked for: not trustworthy
+	if pc.bufs != nil && (pc.br.Buffered() > 0 || pc.bw.Buffered() > 0) { // bytes nobody asked for: not trustworthy
 		pc.c.Close()
 		return
 	}
+	pc.releaseBufs() // taken again by the next exchange, from any connection
 	pc.idleAt = time.Now()
 	pc.reused = true
 	p.mu.Lock()
@@ -219,9 +261,6 @@ func (p *Pool) dial(ctx context.Context, addr string) (*ClientConn, error) {
 	p.lim.Attach(c)
 	pc := &ClientConn{pool: p, c: c, lr: limitReader{c: c, err: errHeaderTooLong}}
 	pc.raw, _ = c.(*rawio.Conn)
-	pc.br = bufio.NewReaderSize(&pc.lr, poolReadBuffer)
-	pc.bw = bufio.NewWriterSize(c, poolWriteBuffer)
-	pc.tp.R = pc.br
 	pc.interrupt = func() { _ = c.SetDeadline(aLongTimeAgo) }
 	return pc, nil
 }
@@ -273,6 +312,7 @@ func (p *Pool) RoundTrip(out *http.Request, b Body, now time.Time) (*http.Respon
 // nothingRead says whether any of the response had arrived, and unsent
 // whether writing the request failed, so the node cannot have acted on it.
 func (pc *ClientConn) roundTrip(ctx context.Context, out *http.Request, body reqBody) (resp *http.Response, nothingRead, unsent bool, err error) {
+	pc.holdBufs()
 	// Interrupt blocked I/O when ctx ends, until the body is done.
 	x := exchange{ctx: ctx}
 	x.deadline, x.hasDeadline = ctx.Deadline()

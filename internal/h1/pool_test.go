@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -716,4 +717,45 @@ func TestH1PoolZeroIdle(t *testing.T) {
 		t.Fatal("take() a day later = nil, want the idle connection: no idle limit")
 	}
 	p.put(pc)
+}
+
+// TestH1PoolIdleHoldsNoBuffers: a connection back in the pool has given
+// its read and write buffers back (the forward proxy keeps one idle
+// connection per service it reached, thousands of them), and takes them
+// again for its next exchange, chunked answers and answers read to EOF
+// included.
+func TestH1PoolIdleHoldsNoBuffers(t *testing.T) {
+	answers := []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+		"HTTP/1.1 204 No Content\r\n\r\n",
+	}
+	var n atomic.Int32
+	node := startRawNode(t, func(*http.Request) (string, bool) {
+		return answers[int(n.Add(1)-1)%len(answers)], false
+	})
+	p := testH1Pool()
+	defer p.Retire()
+	for i := range 2 * len(answers) {
+		resp, body, err := h1Get(t, context.Background(), p, http.MethodGet, node.addr())
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		if want := map[int]string{200: "ok", 204: ""}[resp.StatusCode]; body != want {
+			t.Fatalf("request %d body = %q, want %q", i, body, want)
+		}
+		p.mu.Lock()
+		idle := slices.Clone(p.idle)
+		p.mu.Unlock()
+		if len(idle) != 1 {
+			t.Fatalf("after request %d: %d idle connections, want 1", i, len(idle))
+		}
+		if pc := idle[0]; pc.br != nil || pc.bw != nil || pc.head != nil {
+			t.Errorf("after request %d: the idle connection holds its buffers (reader %v, writer %v, head %d bytes)",
+				i, pc.br != nil, pc.bw != nil, cap(pc.head))
+		}
+	}
+	if got := node.accepts.Load(); got != 1 {
+		t.Errorf("connections = %d, want 1 (reused)", got)
+	}
 }
