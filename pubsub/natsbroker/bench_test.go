@@ -394,7 +394,7 @@ func benchDeliver(b *testing.B, maxInFlight int) {
 	defer br.Close()
 	// The consumer exists (deliver-new) before the messages go in.
 	setup, cancelSetup := context.WithCancel(context.Background())
-	if br.consumer(setup, br.subs[0], zap.NewNop()) == nil {
+	if !br.consumer(setup, br.subs[0], zap.NewNop()) {
 		b.Fatal("no consumer")
 	}
 	cancelSetup()
