@@ -425,3 +425,71 @@ func benchDeliver(b *testing.B, maxInFlight int) {
 	cpu0.report(b, b.N)
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
 }
+
+// BenchmarkPullCycle is one pull cycle alone, with no app: a pull for 8
+// messages of a backlog, the 8 received and acked, then the next pull.
+// fetch is jetstream's Fetch (the loop before the puller), puller the
+// persistent pull; the time per op is one cycle's wall time.
+func BenchmarkPullCycle(b *testing.B) {
+	const batch = 8
+	for _, how := range []string{"fetch", "puller"} {
+		b.Run(how, func(b *testing.B) {
+			srv := natsserver.Start(b)
+			nc, err := nats.Connect(srv.URL())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "P", Subjects: []string{"p.>"}}); err != nil {
+				b.Fatal(err)
+			}
+			cons, err := js.CreateOrUpdateConsumer(ctx, "P", jetstream.ConsumerConfig{Durable: "c", AckPolicy: jetstream.AckExplicitPolicy})
+			if err != nil {
+				b.Fatal(err)
+			}
+			body := make([]byte, 1024)
+			for i := range b.N * batch {
+				if _, err := js.PublishAsync("p.x", body); err != nil {
+					b.Fatal(err)
+				}
+				if i%1000 == 999 {
+					<-js.PublishAsyncComplete()
+				}
+			}
+			<-js.PublishAsyncComplete()
+			p, err := newPuller(nc, "P", "c", batch, 5*time.Second)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer p.stop()
+			b.ResetTimer()
+			for range b.N {
+				if how == "fetch" {
+					mb, err := cons.Fetch(batch)
+					if err != nil {
+						b.Fatal(err)
+					}
+					for m := range mb.Messages() {
+						_ = m.Ack()
+					}
+					continue
+				}
+				if err := p.pull(batch, time.Now()); err != nil {
+					b.Fatal(err)
+				}
+				for p.asked > 0 {
+					m := <-p.msgs
+					if p.take(m) == kindMsg {
+						_ = m.Ack()
+					}
+				}
+			}
+		})
+	}
+}
