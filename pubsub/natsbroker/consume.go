@@ -74,10 +74,12 @@ func (b *Broker) consume(ctx context.Context, i int) {
 	for {
 		if free := limit - running - p.asked; free > 0 && (free >= minBatch || p.asked == 0) {
 			now := time.Now()
-			if !now.Before(pause) && (b.app == nil || b.app.Ready()) {
-				if recreate && p.asked == 0 {
-					// The consumer may be gone (deleted, or a broadcast one
-					// removed while this instance was away).
+			// After a 503 or a deleted consumer, the next pull waits for
+			// the outstanding ones to end and the consumer to be made
+			// again (deleted, or a broadcast one removed while this
+			// instance was away).
+			if ctx.Err() == nil && !now.Before(pause) && (b.app == nil || b.app.Ready()) && (!recreate || p.asked == 0) {
+				if recreate {
 					if !b.consumer(ctx, sub, log) {
 						break
 					}
