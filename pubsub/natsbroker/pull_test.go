@@ -209,3 +209,54 @@ func TestPullBound(t *testing.T) {
 	}
 	t.Logf("most pulled and unsettled %d, most running %d, over %d samples", mostPending, most, samples)
 }
+
+// TestConsumerDeleted: a group's consumer deleted under a running
+// subscriber (by hand, or a broadcast one removed by the server) is made
+// again, and what is published after comes to the app.
+func TestConsumerDeleted(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	var mu sync.Mutex
+	got := map[string]int{}
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		got[r.Header.Get("ce-id")]++
+		mu.Unlock()
+	}))
+	t.Cleanup(app.Close)
+	a := pubsub.NewApp(app.Listener.Addr().(*net.TCPAddr).AddrPort().String(), []pubsub.Subscription{{Topic: "del", Group: "g", Route: "/", ContentMode: "raw", MaxInFlight: 4, Timeout: 10 * time.Second}}, nil, nil, zap.NewNop())
+	sub := Subscription{Topic: "del", Group: "g", MaxInFlight: 4, Policy: pubsub.Policy{MaxAttempts: 3, Backoff: 10 * time.Millisecond, MaxBackoff: 10 * time.Millisecond}, DeadLetter: "del.dlq"}
+	b := newBroker(t, srv.URL(), a, []Subscription{sub}, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 10*time.Second, "the consumer", func() bool { return b.Status().Groups[0].Pending == 0 })
+
+	nc, err := nats.Connect(srv.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ictx, icancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer icancel()
+	if err := js.DeleteConsumer(ictx, b.opts.Stream, b.consumerName(sub)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "the consumer made again", func() bool {
+		_, err := js.Consumer(ictx, b.opts.Stream, b.consumerName(sub))
+		return err == nil
+	})
+	if _, err := b.Publish([]pubsub.Publication{{Msg: msg("del", "d-1")}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "the delivery", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return got["d-1"] == 1
+	})
+}
