@@ -34,7 +34,8 @@
 // request for the slots free at that moment, sent once a quarter of them
 // are free or at once when no pull is outstanding; each settled delivery
 // gives its slot back, and the server's 408 (a request expired) or 409
-// says what a request had left. jetstream's Fetch, used before, made a
+// says what a request had left; after a 503 or a deleted consumer (409)
+// the consumer is made again before the next pull. jetstream's Fetch, used before, made a
 // new inbox subscription, timers and a channel for each pull and waited
 // for the whole batch before the next (BenchmarkPullCycle). Messages go to
 // the app as they arrive. While a
