@@ -394,7 +394,7 @@ func benchDeliver(b *testing.B, maxInFlight int) {
 	defer br.Close()
 	// The consumer exists (deliver-new) before the messages go in.
 	setup, cancelSetup := context.WithCancel(context.Background())
-	if br.consumer(setup, br.subs[0], zap.NewNop()) == nil {
+	if !br.consumer(setup, br.subs[0], zap.NewNop()) {
 		b.Fatal("no consumer")
 	}
 	cancelSetup()
@@ -416,12 +416,102 @@ func benchDeliver(b *testing.B, maxInFlight int) {
 	b.ResetTimer()
 	cpu0 := startCPU(srv)
 	go func() { br.Run(ctx); close(stopped) }()
+	// busy-slots: the deliveries running, sampled each 100 µs; well under
+	// max_in_flight when the pulls, not the app's legs, hold delivery back.
+	var samples, busy int64
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		t := time.NewTicker(100 * time.Microsecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				samples++
+				busy += br.inFlight[0].Load()
+			}
+		}
+	}()
 	select {
 	case <-done:
 	case <-time.After(5 * time.Minute):
 		b.Fatalf("delivered %d of %d", got.Load(), b.N)
 	}
 	b.StopTimer()
+	<-sampled
+	if samples > 0 {
+		b.ReportMetric(float64(busy)/float64(samples), "busy-slots")
+	}
 	cpu0.report(b, b.N)
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "msgs/s")
+}
+
+// BenchmarkPullCycle is one pull cycle alone, with no app: a pull for 8
+// messages of a backlog, the 8 received and acked, then the next pull.
+// fetch is jetstream's Fetch (the loop before the puller), puller the
+// persistent pull; the time per op is one cycle's wall time.
+func BenchmarkPullCycle(b *testing.B) {
+	const batch = 8
+	for _, how := range []string{"fetch", "puller"} {
+		b.Run(how, func(b *testing.B) {
+			srv := natsserver.Start(b)
+			nc, err := nats.Connect(srv.URL())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer nc.Close()
+			js, err := jetstream.New(nc)
+			if err != nil {
+				b.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "P", Subjects: []string{"p.>"}}); err != nil {
+				b.Fatal(err)
+			}
+			cons, err := js.CreateOrUpdateConsumer(ctx, "P", jetstream.ConsumerConfig{Durable: "c", AckPolicy: jetstream.AckExplicitPolicy})
+			if err != nil {
+				b.Fatal(err)
+			}
+			body := make([]byte, 1024)
+			for i := range b.N * batch {
+				if _, err := js.PublishAsync("p.x", body); err != nil {
+					b.Fatal(err)
+				}
+				if i%1000 == 999 {
+					<-js.PublishAsyncComplete()
+				}
+			}
+			<-js.PublishAsyncComplete()
+			p, err := newPuller(nc, "P", "c", batch, 5*time.Second)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer p.stop()
+			b.ResetTimer()
+			for range b.N {
+				if how == "fetch" {
+					mb, err := cons.Fetch(batch)
+					if err != nil {
+						b.Fatal(err)
+					}
+					for m := range mb.Messages() {
+						_ = m.Ack()
+					}
+					continue
+				}
+				if err := p.pull(batch, time.Now()); err != nil {
+					b.Fatal(err)
+				}
+				for p.asked > 0 {
+					m := <-p.msgs
+					if p.take(m) == kindMsg {
+						_ = m.Ack()
+					}
+				}
+			}
+		})
+	}
 }

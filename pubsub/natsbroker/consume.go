@@ -3,14 +3,14 @@ package natsbroker
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
@@ -30,22 +30,27 @@ const (
 	maxAckPending = 100_000
 )
 
-// consume runs the i-th subscription until ctx ends, then waits for its
-// deliveries.
+// consume runs the i-th subscription until ctx ends, then naks what came
+// and was not started and waits for its deliveries.
 func (b *Broker) consume(ctx context.Context, i int) {
 	sub := b.subs[i]
 	log := b.log.With(zap.String("topic", sub.Topic), zap.String("group", sub.Group))
-	cons := b.consumer(ctx, sub, log)
-	if cons == nil {
+	if !b.consumer(ctx, sub, log) {
 		return
 	}
-	// out counts the messages pulled and not yet settled, at most
-	// MaxInFlight; a pull asks for the free slots once a quarter of them
-	// (or all, when nothing is out) are free, so pulls come in batches.
-	var out atomic.Int64
-	freed := make(chan struct{}, 1)
+	limit := sub.MaxInFlight
+	var p *puller
+	for p == nil {
+		var err error
+		if p, err = newPuller(b.nc, b.opts.Stream, b.consumerName(sub), limit, fetchWait); err != nil {
+			log.Warn("pull subscription failed", zap.Error(err))
+			if !sleep(ctx, retryWait) {
+				return
+			}
+		}
+	}
 	// The in-progress acks outlive ctx as long as a delivery does.
-	working := &working{msgs: map[jetstream.Msg]struct{}{}}
+	working := &working{msgs: map[*nats.Msg]struct{}{}}
 	stopWorking := make(chan struct{})
 	var wg, wgWorking sync.WaitGroup
 	wgWorking.Go(func() { working.run(stopWorking, b.opts.AckWait/3) })
@@ -54,65 +59,92 @@ func (b *Broker) consume(ctx context.Context, i int) {
 		close(stopWorking)
 		wgWorking.Wait()
 	}()
-	limit := int64(sub.MaxInFlight)
+	// running counts the messages received and not yet settled, and
+	// p.asked those pulled and not yet received: running + p.asked never
+	// exceeds max_in_flight. Each settled delivery gives its slot back on
+	// finished; a pull asks for the free slots once a quarter of them are
+	// free, or at once when no pull is outstanding.
+	running := 0
+	finished := make(chan struct{}, limit)
 	minBatch := max(1, limit/4)
-	for ctx.Err() == nil {
-		if b.app != nil && !b.app.Ready() {
-			sleep(ctx, notReadyWait)
-			continue
-		}
-		busy := out.Load()
-		if free := limit - busy; free < minBatch && busy > 0 {
-			select {
-			case <-freed:
-			case <-ctx.Done():
-			}
-			continue
-		}
-		n := int(limit - busy)
-		out.Add(int64(n))
-		fctx, cancel := context.WithTimeout(ctx, fetchWait)
-		batch, err := cons.Fetch(n, jetstream.FetchContext(fctx))
-		if err != nil {
-			cancel()
-			out.Add(-int64(n))
-			if ctx.Err() == nil {
-				log.Debug("pull failed", zap.Error(err))
-				sleep(ctx, retryWait)
-			}
-			continue
-		}
-		got := 0
-		for msg := range batch.Messages() {
-			got++
-			b.inFlight[i].Add(1)
-			wg.Go(func() {
-				defer func() {
-					b.inFlight[i].Add(-1)
-					out.Add(-1)
-					select {
-					case freed <- struct{}{}:
-					default:
+	tick := time.NewTicker(notReadyWait)
+	defer tick.Stop()
+	var pause time.Time // no pull before it: the last one failed
+	recreate := false
+	for {
+		if free := limit - running - p.asked; free > 0 && (free >= minBatch || p.asked == 0) {
+			now := time.Now()
+			// After a 503 or a deleted consumer, the next pull waits for
+			// the outstanding ones to end and the consumer to be made
+			// again (deleted, or a broadcast one removed while this
+			// instance was away).
+			if ctx.Err() == nil && !now.Before(pause) && (b.app == nil || b.app.Ready()) && (!recreate || p.asked == 0) {
+				if recreate {
+					if !b.consumer(ctx, sub, log) {
+						break
 					}
-				}()
-				defer recoverLog(log)
-				b.handle(ctx, sub, msg, working, log)
-			})
-		}
-		cancel()
-		out.Add(-int64(n - got))
-		if err := batch.Error(); err != nil && ctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, jetstream.ErrNoHeartbeat) {
-			log.Debug("pull ended", zap.Error(err))
-			if got == 0 {
-				sleep(ctx, retryWait)
+					recreate = false
+				}
+				if err := p.pull(free, now); err != nil {
+					log.Debug("pull failed", zap.Error(err))
+					pause = now.Add(retryWait)
+				}
 			}
 		}
+		select {
+		case <-ctx.Done():
+		case <-finished:
+			running--
+			continue
+		case <-tick.C:
+			p.expire(time.Now())
+			continue
+		case m := <-p.msgs:
+			switch p.take(m) {
+			case kindMsg:
+				running++
+				b.inFlight[i].Add(1)
+				wg.Go(func() {
+					defer func() {
+						b.inFlight[i].Add(-1)
+						finished <- struct{}{}
+					}()
+					defer recoverLog(log)
+					b.handle(ctx, sub, m, working, log)
+				})
+			case kindStray:
+				_ = m.Nak()
+			case kindStatus:
+				if code := m.Header.Get("Status"); code != "408" {
+					// Not an expiry: no responders (503), the consumer
+					// deleted or its leader changed (409), a bad request.
+					log.Debug("pull ended", zap.String("status", code), zap.String("description", m.Header.Get("Description")))
+					pause = time.Now().Add(retryWait)
+					recreate = recreate || code == "503" || code == "404" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
+				}
+			}
+			continue
+		}
+		break
+	}
+	// Draining: whatever arrived and was not started goes back at once.
+	p.stop()
+	for {
+		select {
+		case m := <-p.msgs:
+			if k := p.take(m); k == kindMsg || k == kindStray {
+				_ = m.Nak()
+			}
+			continue
+		default:
+		}
+		break
 	}
 }
 
 // consumer creates (or updates) the subscription's durable consumer,
-// retrying until ctx ends; nil then.
-func (b *Broker) consumer(ctx context.Context, sub Subscription, log *zap.Logger) jetstream.Consumer {
+// retrying until ctx ends; false then.
+func (b *Broker) consumer(ctx context.Context, sub Subscription, log *zap.Logger) bool {
 	cfg := jetstream.ConsumerConfig{
 		Durable:       b.consumerName(sub),
 		Description:   "sidecar: " + sub.Topic + " for " + sub.Group,
@@ -132,27 +164,26 @@ func (b *Broker) consumer(ctx context.Context, sub Subscription, log *zap.Logger
 	for wait := retryWait; ; wait = min(2*wait, 10*time.Second) {
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := b.ensureStream(cctx)
-		var cons jetstream.Consumer
 		if err == nil {
-			cons, err = b.js.CreateOrUpdateConsumer(cctx, b.opts.Stream, cfg)
+			_, err = b.js.CreateOrUpdateConsumer(cctx, b.opts.Stream, cfg)
 		}
 		cancel()
 		if err == nil {
 			log.Info("consuming", zap.String("consumer", cfg.Durable), zap.String("subject", cfg.FilterSubject))
-			return cons
+			return true
 		}
 		if ctx.Err() != nil {
-			return nil
+			return false
 		}
 		log.Warn("create consumer failed", zap.String("consumer", cfg.Durable), zap.Error(err))
 		if !sleep(ctx, wait) {
-			return nil
+			return false
 		}
 	}
 }
 
 // handle delivers one message and settles it with JetStream.
-func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg, working *working, log *zap.Logger) {
+func (b *Broker) handle(ctx context.Context, sub Subscription, msg *nats.Msg, working *working, log *zap.Logger) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		log.Error("message without metadata", zap.Error(err))
@@ -160,12 +191,12 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg
 		return
 	}
 	attempt := int(meta.NumDelivered)
-	m, err := decodeMsg(msg.Headers(), msg.Data())
+	m, err := decodeMsg(msg.Header, msg.Data)
 	if err != nil {
 		// Not a sidecar message: dead-letter its bytes as they are.
 		m = &pubsub.Message{
 			ID: fmt.Sprintf("%s-%d", b.opts.Stream, meta.Sequence.Stream), Source: pubsub.DefaultSource, Type: pubsub.DefaultType,
-			Time: meta.Timestamp, DataContentType: "application/octet-stream", Topic: sub.Topic, Data: msg.Data(),
+			Time: meta.Timestamp, DataContentType: "application/octet-stream", Topic: sub.Topic, Data: msg.Data,
 		}
 		b.deadLetter(sub, msg, m, "undecodable", err.Error(), attempt, log)
 		return
@@ -209,7 +240,7 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg jetstream.Msg
 
 // deadLetter publishes m to the subscription's dead-letter topic, then
 // acknowledges msg; if the publish fails, msg is nak'd and comes again.
-func (b *Broker) deadLetter(sub Subscription, msg jetstream.Msg, m *pubsub.Message, reason, detail string, attempts int, log *zap.Logger) {
+func (b *Broker) deadLetter(sub Subscription, msg *nats.Msg, m *pubsub.Message, reason, detail string, attempts int, log *zap.Logger) {
 	dead := *m
 	dead.Extensions = make(map[string]json.RawMessage, len(m.Extensions)+4)
 	for k, v := range m.Extensions {
@@ -233,7 +264,7 @@ func (b *Broker) deadLetter(sub Subscription, msg jetstream.Msg, m *pubsub.Messa
 		_ = msg.NakWithDelay(sub.Policy.Delay(attempts, 0))
 		return
 	}
-	if err := msg.DoubleAck(ctx); err != nil {
+	if err := msg.AckSync(nats.Context(ctx)); err != nil {
 		log.Warn("ack of a dead-lettered message failed: it will come again", zap.String("id", m.ID), zap.Error(err))
 	}
 	if mt := b.opts.Metrics; mt != nil {

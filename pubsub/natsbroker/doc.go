@@ -28,25 +28,33 @@
 // own durable consumer, named after the instance and removed by the server
 // after an hour without it. A subscriber pulls no more than the
 // subscription's max_in_flight, and nothing while the app's check fails or
-// the sidecar drains: a pull asks for the free slots once a quarter of them
-// are free, and its messages go to the app as they arrive. While a
+// the sidecar drains: messages pulled and not received plus those received
+// and not settled never exceed it. The pulls go over one inbox
+// subscription kept for the life of the subscription (puller), each a
+// request for the slots free at that moment, sent once a quarter of them
+// are free or at once when no pull is outstanding; each settled delivery
+// gives its slot back, and the server's 408 (a request expired) or 409
+// says what a request had left; after a 503 or a deleted consumer (409)
+// the consumer is made again before the next pull. jetstream's Fetch, used before, made a
+// new inbox subscription, timers and a channel for each pull and waited
+// for the whole batch before the next (BenchmarkPullCycle). Messages go to
+// the app as they arrive. While a
 // delivery runs, one goroutine per subscription sends in-progress acks for
 // every running delivery each third of ack_wait, so a slow handler is not
 // redelivered. A continuous pull (jetstream's Messages or Consume) was
 // measured and not kept: it pulls its window ahead of the app, so up to
 // max_in_flight more messages wait in its buffer with ack_wait running
 // and no in-progress ack, and a handler slower than ack_wait gets them
-// redelivered to another instance (TestSlowHandler); the fetch loop is not
-// where delivery spends its CPU (Fetch and the loop are about 6 % of it);
-// pulls that overlap, or smaller and more frequent ones, measured no faster
-// (BENCHMARKS.md, fourth session). The request to the app goes over
+// redelivered to another instance (TestSlowHandler, TestPullBound). On
+// SIGTERM the inbox subscription is drained and what came for it and was
+// not started is nak'd at once. The request to the app goes over
 // internal/h1's client pool (pubsub.App).
 //
 // A delivery that succeeded is settled with a plain Ack (one message to
 // the server, no reply awaited), not AckSync: at-least-once needs the ack
 // only after the app's 2xx, and an ack that is lost makes the message come
 // again, which at-least-once allows; AckSync would add a round trip per
-// message to learn that. A dead letter's ack is a DoubleAck, since the
+// message to learn that. A dead letter's ack awaits its reply (AckSync), since the
 // message was published elsewhere first.
 //
 // Retries have one owner, the subscriber's sidecar: the attempt number is

@@ -4,7 +4,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go"
 )
 
 // working is the set of a subscription's messages being delivered, told
@@ -15,17 +15,17 @@ import (
 // concurrent use and do not block on the network.
 type working struct {
 	mu   sync.Mutex
-	msgs map[jetstream.Msg]struct{}
-	buf  []jetstream.Msg // run's copy of msgs, reused
+	msgs map[*nats.Msg]struct{}
+	buf  []*nats.Msg // run's copy of msgs, reused
 }
 
-func (w *working) add(m jetstream.Msg) {
+func (w *working) add(m *nats.Msg) {
 	w.mu.Lock()
 	w.msgs[m] = struct{}{}
 	w.mu.Unlock()
 }
 
-func (w *working) remove(m jetstream.Msg) {
+func (w *working) remove(m *nats.Msg) {
 	w.mu.Lock()
 	delete(w.msgs, m)
 	w.mu.Unlock()
