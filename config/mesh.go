@@ -99,9 +99,7 @@ func (p *parser) validateMesh(c *Config) {
 	on := c.Security.MTLS == MTLSPermissive || c.Security.MTLS == MTLSStrict
 	switch {
 	case on && c.Service == nil:
-		p.errorf("security.mtls", "%s needs service: the mesh identity is the service's (set service.name and service.inbound.listen)", c.Security.MTLS)
-	case on && c.Service.Inbound == nil:
-		p.errorf("security.mtls", "%s needs service.inbound.listen: the listener that terminates mTLS in front of the app", c.Security.MTLS)
+		p.errorf("security.mtls", "%s needs service: the mesh identity is the service's (set service.name, and service.inbound.listen to serve over mTLS)", c.Security.MTLS)
 	case on && c.Discovery.Backend == BackendStatic:
 		p.errorf("security.mtls", "%s needs consul (its CA and intentions); discovery.backend is static", c.Security.MTLS)
 	}

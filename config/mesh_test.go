@@ -25,12 +25,12 @@ func TestMeshValidation(t *testing.T) {
 		{
 			name: "strict without a service",
 			yaml: "security: {mtls: strict}\n",
-			want: []string{`config.yaml: security.mtls: strict needs service: the mesh identity is the service's (set service.name and service.inbound.listen)`},
+			want: []string{`config.yaml: security.mtls: strict needs service: the mesh identity is the service's (set service.name, and service.inbound.listen to serve over mTLS)`},
 		},
 		{
-			name: "strict without inbound",
-			yaml: "service: {name: web, port: 9001}\nsecurity: {mtls: strict}\n",
-			want: []string{`config.yaml: security.mtls: strict needs service.inbound.listen: the listener that terminates mTLS in front of the app`},
+			name: "meta key set by hand on a caller-only mesh sidecar",
+			yaml: "service: {name: web, port: 9001, meta: {sidecar-mtls: strict}}\nsecurity: {mtls: strict}\n",
+			want: []string{`config.yaml: service.meta.sidecar-mtls: "strict" is the sidecar's: it registers it only with service.inbound and security.mtls on`},
 		},
 		{
 			name: "inbound without listen",
@@ -109,6 +109,15 @@ func TestMeshDefaults(t *testing.T) {
 	}
 	if c.Service.Meta[MTLSMetaKey] != "strict" || c.Service.Meta["a"] != "b" {
 		t.Errorf("meta = %v, want sidecar-mtls strict beside a: b", c.Service.Meta)
+	}
+	// A caller-only mesh sidecar: its identity dials mesh nodes; with no
+	// inbound it serves nothing over mTLS, so it registers no mode.
+	c, err = ParseEnv([]byte("service: {name: web, port: 9001}\nsecurity: {mtls: strict}\n"), "config.yaml", nil)
+	if err != nil {
+		t.Fatalf("caller-only: %v", err)
+	}
+	if _, ok := c.Service.Meta[MTLSMetaKey]; ok || c.Service.Inbound != nil {
+		t.Errorf("caller-only meta = %v, inbound = %+v; want no sidecar-mtls, no inbound", c.Service.Meta, c.Service.Inbound)
 	}
 }
 

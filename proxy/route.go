@@ -28,6 +28,10 @@ type route struct {
 	h2       bool // reach nodes over HTTP/2 (protocol http2 or grpc)
 	scheme   string
 	pool     poolConfig
+	// meshPool is the pool config of the nodes that serve mTLS, which
+	// meshNode picks out by their meta; nil without a mesh identity.
+	meshPool *poolConfig
+	meshNode func(meta map[string]string) bool
 	key      hashKey
 	bal      balancer.Balancer
 	resolver Resolver
@@ -104,6 +108,7 @@ func newRoute(p *Proxy, listener string, cfg RouteConfig) (*route, error) {
 		clock:    p.clock,
 		log:      log,
 	}
+	rt.meshPool, rt.meshNode = p.meshPool(rt), p.mesh.Node
 	if rt.codec, err = newTranscoder(rt, m); err != nil {
 		return nil, err
 	}
@@ -187,7 +192,7 @@ func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
 		}
 		tagged = append(tagged, *ep)
 		if old != nil {
-			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr {
+			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr && e.poolConfig == rt.poolFor(ep.Meta) {
 				st.endpoints[ep.ID] = e
 				continue
 			}
@@ -237,10 +242,10 @@ func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 	for i, name := range limitNames {
 		overflows[i] = rt.metrics.overflows.WithLabelValues(rt.metrics.endpoint(ep.Addr), name)
 	}
-	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool, limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
+	e := &endpoint{Endpoint: ep, poolConfig: rt.poolFor(ep.Meta), limits: newNodeLimits(rt.cfg.Resilience.Limits, &overflows)}
 	e.stats.born = time.Now().UnixNano()
 	e.limits.reclaim = e.closeAnIdle
-	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
+	e.pools.Store(newPools(e.poolConfig, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
 	if rt.cfg.Protocol != "tcp" { // a TCP route counts connections, not requests
 		for i, class := range codeClasses {
