@@ -69,6 +69,10 @@ func (rt *route) poolFor(meta map[string]string) *poolConfig {
 	return &rt.pool
 }
 
+// mesh reports whether c dials a mesh node. An endpoint whose node turns
+// to mTLS, or from it, is built afresh.
+func (c *poolConfig) mesh() bool { return c.meshH1 != nil }
+
 // meshHandshake completes a TLS client handshake with conf over c, a new
 // connection to addr, within connect. A failed handshake closes c and is
 // returned as a dial error: no request byte has gone out, so the try loop

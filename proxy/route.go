@@ -192,7 +192,7 @@ func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
 		}
 		tagged = append(tagged, *ep)
 		if old != nil {
-			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr && e.poolConfig == rt.poolFor(ep.Meta) {
+			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr && e.poolConfig.mesh() == rt.poolFor(ep.Meta).mesh() {
 				st.endpoints[ep.ID] = e
 				continue
 			}
