@@ -39,10 +39,11 @@ func TestMeshValidation(t *testing.T) {
 		},
 		{
 			name: "inbound bad app and timeout",
-			yaml: "service: {name: web, port: 9001, inbound: {listen: '0.0.0.0:21000', app: 'x', handshake_timeout: 0s}}\n",
+			yaml: "service: {name: web, port: 9001, inbound: {listen: '0.0.0.0:21000', app: 'x', handshake_timeout: 0s, max_connections: 0}}\n",
 			want: []string{
 				`config.yaml: service.inbound.app: want host:port, got "x"`,
 				`config.yaml: service.inbound.handshake_timeout: must be greater than 0, got 0s`,
+				`config.yaml: service.inbound.max_connections: must be at least 1, got 0`,
 			},
 		},
 		{
@@ -101,8 +102,8 @@ func TestMeshDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	in := c.Service.Inbound
-	if in.App != "127.0.0.1:9001" || in.HandshakeTimeout != 10*time.Second || in.Port() != 21000 {
-		t.Errorf("inbound = %+v, port %d; want app 127.0.0.1:9001, handshake_timeout 10s, port 21000", in, in.Port())
+	if in.App != "127.0.0.1:9001" || in.HandshakeTimeout != 10*time.Second || in.MaxConnections != 4096 || in.Port() != 21000 {
+		t.Errorf("inbound = %+v, port %d; want app 127.0.0.1:9001, handshake_timeout 10s, max_connections 4096, port 21000", in, in.Port())
 	}
 	if got := c.Service.ProbeAddr(); got != "127.0.0.1:9001" {
 		t.Errorf("ProbeAddr() = %q, want the app's loopback address", got)

@@ -91,7 +91,7 @@ func (m *meshRuntime) bindInbound(cfg *config.Config, gate *meshGate, log *zap.L
 	s := cfg.Service
 	log = log.Named("mesh").With(zap.String("service", s.Name))
 	opts := mesh.InboundOptions{Mode: cfg.Security.MTLS, App: s.Inbound.App, HandshakeTimeout: s.Inbound.HandshakeTimeout,
-		Metrics: m.metrics, Identity: m.id, Authorizer: m.authz}
+		MaxConnections: s.Inbound.MaxConnections, Metrics: m.metrics, Identity: m.id, Authorizer: m.authz}
 	if m.id != nil {
 		gate.id.Store(m.id)
 	}
