@@ -440,3 +440,38 @@ func TestMeshGRPC(t *testing.T) {
 	setIntention(t, client, "web", "billing", "allow")
 	consulagent.WaitFor(t, 5*time.Second, "allowed again", func() bool { return check() == nil })
 }
+
+// TestMeshL7IntentionFailsClosed: Consul's authorize endpoint is L4 only
+// and denies a caller whose intention carries HTTP permissions, so such a
+// caller is refused whole (403), with the agent's reason: intentions are
+// not evaluated per request yet (README, "Not yet").
+func TestMeshL7IntentionFailsClosed(t *testing.T) {
+	agent := consulagent.Start(t, consulagent.Options{})
+	client := agent.Client()
+	billing := startMeshNode(t, client, "billing", mesh.ModeStrict)
+	web := startMeshNode(t, client, "web", "")
+	url := "https://" + billing.addr + "/public"
+	if code, _, err := get(mtlsClient(web, "billing", false), url); err != nil || code != http.StatusOK {
+		t.Fatalf("GET before any intention = %d, %v; want 200", code, err)
+	}
+	// L7 intentions need the destination's protocol to be http.
+	if _, _, err := client.ConfigEntries().Set(&api.ServiceConfigEntry{Kind: api.ServiceDefaults, Name: "billing", Protocol: "http"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	entry := &api.ServiceIntentionsConfigEntry{Kind: api.ServiceIntentions, Name: "billing", Sources: []*api.SourceIntention{{
+		Name:        "web",
+		Permissions: []*api.IntentionPermission{{Action: api.IntentionActionAllow, HTTP: &api.IntentionHTTPPermission{PathPrefix: "/public"}}},
+	}}}
+	if _, _, err := client.ConfigEntries().Set(entry, nil); err != nil {
+		t.Fatalf("write an L7 intention: %v", err)
+	}
+	var body string
+	consulagent.WaitFor(t, 5*time.Second, "web refused whole under an L7 intention", func() bool {
+		var code int
+		code, body, _ = get(mtlsClient(web, "billing", false), url)
+		return code == http.StatusForbidden
+	})
+	if !strings.Contains(body, "L7") {
+		t.Errorf("403 body = %q, want the agent's reason naming the L7 intention", body)
+	}
+}
