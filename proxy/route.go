@@ -292,7 +292,7 @@ func (rt *route) status() RouteStatus {
 			continue
 		}
 		es := EndpointStatus{ID: ep.ID, Addr: ep.Addr, Tags: ep.Tags, Weight: ep.Weight,
-			Breaker: e.breaker.State(), ConsecutiveFailures: e.outlier.Consecutive()}
+			Breaker: e.breaker.State(), ConsecutiveFailures: e.outlier.Consecutive(), MTLS: e.poolConfig.mesh()}
 		if l := e.limits; l != nil {
 			es.Connections, es.PendingRequests, es.ActiveRequests = len(l.conns), int(l.pending.Load()), int(l.requests.Load())
 		}
@@ -335,6 +335,9 @@ type EndpointStatus struct {
 	Addr   string   `json:"addr"`
 	Tags   []string `json:"tags,omitempty"`
 	Weight int      `json:"weight"`
+	// MTLS: the node serves the mesh (meta sidecar-mtls) and is dialled
+	// with the sidecar's leaf certificate.
+	MTLS bool `json:"mtls,omitempty"`
 	// Breaker is closed, half-open, open or disabled.
 	Breaker             string     `json:"breaker"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`

@@ -141,6 +141,11 @@ upstreams:
 		return err == nil && code == http.StatusOK && body == want
 	})
 
+	// /status says which nodes are dialled over mTLS.
+	if routes := strings.Join(strings.Fields(string(hbStatus(t, adminA)["upstreams"])), ""); !strings.Contains(routes, `"mtls":true`) {
+		t.Errorf("A's /status upstreams = %s, want billing's node marked mtls", routes)
+	}
+
 	// gRPC: h2 by ALPN, multiplexed on the mTLS connection.
 	gc := protoDialGRPC(t, grpcUp)
 	for i := range 5 {
@@ -209,6 +214,6 @@ upstreams:
 		}
 	}
 	if n := metricValue(t, meshScrape(t, adminA), "sidecar_mesh_peer_refused_total", `reason="wrong_service"`, `side="outbound"`); n < 1 {
-		t.Errorf("A's refused wrong_service = %v, want at least 1; /status %s", n, hbStatus(t, adminA)["routes"])
+		t.Errorf("A's refused wrong_service = %v, want at least 1; /status %s", n, hbStatus(t, adminA)["upstreams"])
 	}
 }
