@@ -32,11 +32,16 @@ type Inbound struct {
 	// HandshakeTimeout bounds a connection's first byte and TLS handshake.
 	// Default 10s.
 	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+	// MaxConnections caps the inbound connections open at once; past it,
+	// new callers wait in the kernel's backlog until one closes. Default
+	// 4096.
+	MaxConnections int `yaml:"max_connections"`
 }
 
 // setDefaults is called by the decoder on a freshly allocated Inbound.
 func (i *Inbound) setDefaults() {
 	i.HandshakeTimeout = 10 * time.Second
+	i.MaxConnections = 4096
 }
 
 // Security is the zero-trust side: mutual TLS with Consul's CA and
@@ -99,9 +104,7 @@ func (p *parser) validateMesh(c *Config) {
 	on := c.Security.MTLS == MTLSPermissive || c.Security.MTLS == MTLSStrict
 	switch {
 	case on && c.Service == nil:
-		p.errorf("security.mtls", "%s needs service: the mesh identity is the service's (set service.name and service.inbound.listen)", c.Security.MTLS)
-	case on && c.Service.Inbound == nil:
-		p.errorf("security.mtls", "%s needs service.inbound.listen: the listener that terminates mTLS in front of the app", c.Security.MTLS)
+		p.errorf("security.mtls", "%s needs service: the mesh identity is the service's (set service.name, and service.inbound.listen to serve over mTLS)", c.Security.MTLS)
 	case on && c.Discovery.Backend == BackendStatic:
 		p.errorf("security.mtls", "%s needs consul (its CA and intentions); discovery.backend is static", c.Security.MTLS)
 	}
@@ -112,6 +115,9 @@ func (p *parser) validateMesh(c *Config) {
 	p.hostPort("service.inbound.listen", in.Listen)
 	p.hostPort("service.inbound.app", in.App)
 	p.positive("service.inbound.handshake_timeout", in.HandshakeTimeout)
+	if in.MaxConnections < 1 {
+		p.errorf("service.inbound.max_connections", "must be at least 1, got %d", in.MaxConnections)
+	}
 	if checkHostPort(in.Listen) == nil && checkHostPort(in.App) == nil {
 		lh, lp, _ := net.SplitHostPort(in.Listen)
 		ah, ap, _ := net.SplitHostPort(in.App)

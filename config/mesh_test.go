@@ -25,12 +25,12 @@ func TestMeshValidation(t *testing.T) {
 		{
 			name: "strict without a service",
 			yaml: "security: {mtls: strict}\n",
-			want: []string{`config.yaml: security.mtls: strict needs service: the mesh identity is the service's (set service.name and service.inbound.listen)`},
+			want: []string{`config.yaml: security.mtls: strict needs service: the mesh identity is the service's (set service.name, and service.inbound.listen to serve over mTLS)`},
 		},
 		{
-			name: "strict without inbound",
-			yaml: "service: {name: web, port: 9001}\nsecurity: {mtls: strict}\n",
-			want: []string{`config.yaml: security.mtls: strict needs service.inbound.listen: the listener that terminates mTLS in front of the app`},
+			name: "meta key set by hand on a caller-only mesh sidecar",
+			yaml: "service: {name: web, port: 9001, meta: {sidecar-mtls: strict}}\nsecurity: {mtls: strict}\n",
+			want: []string{`config.yaml: service.meta.sidecar-mtls: "strict" is the sidecar's: it registers it only with service.inbound and security.mtls on`},
 		},
 		{
 			name: "inbound without listen",
@@ -39,10 +39,11 @@ func TestMeshValidation(t *testing.T) {
 		},
 		{
 			name: "inbound bad app and timeout",
-			yaml: "service: {name: web, port: 9001, inbound: {listen: '0.0.0.0:21000', app: 'x', handshake_timeout: 0s}}\n",
+			yaml: "service: {name: web, port: 9001, inbound: {listen: '0.0.0.0:21000', app: 'x', handshake_timeout: 0s, max_connections: 0}}\n",
 			want: []string{
 				`config.yaml: service.inbound.app: want host:port, got "x"`,
 				`config.yaml: service.inbound.handshake_timeout: must be greater than 0, got 0s`,
+				`config.yaml: service.inbound.max_connections: must be at least 1, got 0`,
 			},
 		},
 		{
@@ -101,14 +102,23 @@ func TestMeshDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	in := c.Service.Inbound
-	if in.App != "127.0.0.1:9001" || in.HandshakeTimeout != 10*time.Second || in.Port() != 21000 {
-		t.Errorf("inbound = %+v, port %d; want app 127.0.0.1:9001, handshake_timeout 10s, port 21000", in, in.Port())
+	if in.App != "127.0.0.1:9001" || in.HandshakeTimeout != 10*time.Second || in.MaxConnections != 4096 || in.Port() != 21000 {
+		t.Errorf("inbound = %+v, port %d; want app 127.0.0.1:9001, handshake_timeout 10s, max_connections 4096, port 21000", in, in.Port())
 	}
 	if got := c.Service.ProbeAddr(); got != "127.0.0.1:9001" {
 		t.Errorf("ProbeAddr() = %q, want the app's loopback address", got)
 	}
 	if c.Service.Meta[MTLSMetaKey] != "strict" || c.Service.Meta["a"] != "b" {
 		t.Errorf("meta = %v, want sidecar-mtls strict beside a: b", c.Service.Meta)
+	}
+	// A caller-only mesh sidecar: its identity dials mesh nodes; with no
+	// inbound it serves nothing over mTLS, so it registers no mode.
+	c, err = ParseEnv([]byte("service: {name: web, port: 9001}\nsecurity: {mtls: strict}\n"), "config.yaml", nil)
+	if err != nil {
+		t.Fatalf("caller-only: %v", err)
+	}
+	if _, ok := c.Service.Meta[MTLSMetaKey]; ok || c.Service.Inbound != nil {
+		t.Errorf("caller-only meta = %v, inbound = %+v; want no sidecar-mtls, no inbound", c.Service.Meta, c.Service.Inbound)
 	}
 }
 

@@ -54,6 +54,20 @@
 // # Outbound
 //
 // An outbound sidecar dials a node whose meta says it serves mTLS
-// (NodeMTLS) with Identity.ClientTLS(service, "h2" for http2 and grpc),
-// built once per route: the handshake is paid once per pooled connection.
+// (NodeMTLS) with Identity.ClientTLS(service, "h2" for http2 and grpc,
+// "http/1.1" for http, none for tcp), built once per route: the proxy
+// (proxy.Mesh) decides per node from the discovery snapshot and does the
+// handshake in its dial, so the handshake is paid once per pooled
+// connection. ClientTLS wants the peer to be the service dialled in the
+// identity's own namespace and partition; a refused peer fails the dial
+// and the proxy tries another node.
+//
+// # Not yet: per-request intentions
+//
+// The agent's authorize endpoint is L4 only and denies a caller whose
+// matching intention carries HTTP Permissions, so such a caller is refused
+// whole (fail closed). Per-request evaluation would need the
+// service-intentions config entries followed here and the inbound to parse
+// requests (an HTTP/1.1 loop; for h2, HEADERS decoded alongside the relay
+// with the app's HPACK state kept), which the byte relay does not do.
 package mesh

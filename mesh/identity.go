@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -332,8 +333,9 @@ var ErrWrongService = errors.New("peer is another service")
 
 // ClientTLS returns the TLS config to dial a node of service: it presents
 // the current leaf and verifies that the peer's certificate chains to the
-// current roots and names service (in any datacenter of the trust domain,
-// since failover may reach another). nextProtos, if any, is offered by ALPN
+// current roots and names service in the identity's own namespace and
+// partition (in any datacenter of the trust domain, since failover may
+// reach another). nextProtos, if any, is offered by ALPN
 // (h2 for http2 and grpc). The config is built once per service; rotation
 // needs no rebuild.
 func (i *Identity) ClientTLS(service string, nextProtos ...string) *tls.Config {
@@ -349,7 +351,7 @@ func (i *Identity) ClientTLS(service string, nextProtos ...string) *tls.Config {
 			return l.cert, nil
 		},
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			_, r, err := i.current()
+			l, r, err := i.current()
 			if err != nil {
 				return err
 			}
@@ -358,13 +360,23 @@ func (i *Identity) ClientTLS(service string, nextProtos ...string) *tls.Config {
 				i.metrics.refused("outbound", reasonOf(err))
 				return err
 			}
-			if !strings.EqualFold(id.Service, service) {
+			if !sameService(id, l.id, service) {
 				i.metrics.refused("outbound", "wrong_service")
-				return fmt.Errorf("dialed %q, peer presented %s: %w", service, uri, ErrWrongService)
+				return fmt.Errorf("dialed %q in namespace %q, partition %q, peer presented %s: %w",
+					service, l.id.Namespace, cmp.Or(l.id.Partition, "default"), uri, ErrWrongService)
 			}
 			return nil
 		},
 	}
+}
+
+// sameService reports whether peer is service in own's namespace and
+// partition: the sidecar's discovery queries (consul.namespace,
+// consul.partition) are its identity's, so the node dialed is there too.
+// The datacenter may differ, as failover reaches others.
+func sameService(peer, own ServiceID, service string) bool {
+	return strings.EqualFold(peer.Service, service) && strings.EqualFold(peer.Namespace, own.Namespace) &&
+		strings.EqualFold(peer.Partition, own.Partition)
 }
 
 func reasonOf(err error) string {

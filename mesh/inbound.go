@@ -16,6 +16,7 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/netutil"
 )
 
 // Modes of security.mtls that run an inbound listener with TLS.
@@ -53,7 +54,11 @@ type InboundOptions struct {
 	// long a denied h2 connection is answered before it is closed; if
 	// zero, 1s.
 	DenyTimeout time.Duration
-	Metrics     *Metrics
+	// MaxConnections caps the connections open at once on each listener
+	// served; past it, Accept waits for one to close, and new callers
+	// wait in the kernel's backlog. Zero: no cap.
+	MaxConnections int
+	Metrics        *Metrics
 }
 
 // Inbound is the listener in front of the app. Serve it with Serve; stop
@@ -118,6 +123,11 @@ func (in *Inbound) Serve(ln net.Listener) error {
 		in.mu.Unlock()
 		_ = ln.Close()
 		return nil
+	}
+	if in.opts.MaxConnections > 0 {
+		// Shutdown closes the wrapper: that also ends an Accept waiting
+		// for a slot, and closes ln.
+		ln = netutil.LimitListener(ln, in.opts.MaxConnections)
 	}
 	in.lns[ln] = struct{}{}
 	in.wg.Add(1) // the accept loop: Shutdown waits for it too

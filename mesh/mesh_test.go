@@ -37,6 +37,17 @@ func TestParseServiceID(t *testing.T) {
 		{"spiffe:///ns/default/dc/dc1/svc/web", ServiceID{}, false},
 		{"spiffe://td/ap/default/ns/n/dc/dc1/svc/web", ServiceID{"td", "", "n", "dc1", "web"}, true},
 		{"spiffe://td/ns/n/dc/dc1/svc/a%3Fb", ServiceID{}, false},
+		{"spiffe://td/ns/n/dc/dc1/svc/web/extra", ServiceID{}, false},
+		{"spiffe://td/ns/n/dc/dc1/svc/web/", ServiceID{}, false},
+		{"spiffe://td/ns/n/dc/dc1//svc/web", ServiceID{}, false},
+		{"spiffe://td/ap/p1/ns/n/dc/dc1/svc/web/x", ServiceID{}, false},
+		{"spiffe://td/x/y/ns/n/dc/dc1/svc/web", ServiceID{}, false},
+		{"spiffe://td/ns/n/dc/dc1/svc/w%65b", ServiceID{}, false},
+		{"spiffe://td/ns/n/dc/dc1/svc/web?x=1", ServiceID{}, false},
+		{"spiffe://td/ns/n/dc/dc1/svc/web#f", ServiceID{}, false},
+		{"spiffe://u@td/ns/n/dc/dc1/svc/web", ServiceID{}, false},
+		{"spiffe://td:8500/ns/n/dc/dc1/svc/web", ServiceID{}, false},
+		{"spiffe:td/ns/n/dc/dc1/svc/web", ServiceID{}, false},
 	}
 	for _, tc := range tests {
 		t.Run(tc.uri, func(t *testing.T) {
@@ -426,5 +437,98 @@ func TestAuthorizerUnanswered(t *testing.T) {
 	}
 	if n := agent.callCount(); n != 1 {
 		t.Errorf("authorize calls = %d, want 1: the waiters share the call in flight", n)
+	}
+}
+
+// TestSameService: a peer is the service dialed only in the dialer's own
+// namespace and partition, in any datacenter.
+func TestSameService(t *testing.T) {
+	own := ServiceID{TrustDomain: "td", Namespace: "default", Datacenter: "dc1", Service: "web"}
+	tests := []struct {
+		name string
+		peer ServiceID
+		want bool
+	}{
+		{"same", ServiceID{"td", "", "default", "dc1", "billing"}, true},
+		{"other datacenter", ServiceID{"td", "", "default", "dc2", "billing"}, true},
+		{"case", ServiceID{"td", "", "Default", "dc1", "Billing"}, true},
+		{"other service", ServiceID{"td", "", "default", "dc1", "payments"}, false},
+		{"other namespace", ServiceID{"td", "", "team-b", "dc1", "billing"}, false},
+		{"other partition", ServiceID{"td", "p1", "default", "dc1", "billing"}, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := sameService(tc.peer, own, "billing"); got != tc.want {
+				t.Errorf("sameService(%+v) = %t, want %t", tc.peer, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestInboundMaxConnections: past MaxConnections, a new caller is not
+// relayed until an open connection closes; then it is.
+func TestInboundMaxConnections(t *testing.T) {
+	leakcheck.Check(t)
+	appLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer appLn.Close()
+	go func() { // echo
+		for {
+			c, err := appLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	in, err := NewInbound(InboundOptions{Mode: ModeOff, App: appLn.Addr().String(), MaxConnections: 2}, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { defer close(served); _ = in.Serve(ln) }()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = in.Shutdown(ctx)
+		<-served
+	}()
+	echo := func(c net.Conn, wait time.Duration) error {
+		_ = c.SetDeadline(time.Now().Add(wait))
+		if _, err := c.Write([]byte("x")); err != nil {
+			return err
+		}
+		var b [1]byte
+		_, err := io.ReadFull(c, b[:])
+		return err
+	}
+	var conns []net.Conn
+	for i := range 3 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+		if i < 2 {
+			if err := echo(c, 5*time.Second); err != nil {
+				t.Fatalf("connection %d under the cap: %v", i, err)
+			}
+		}
+	}
+	if err := echo(conns[2], 300*time.Millisecond); err == nil {
+		t.Fatal("a third connection was relayed with MaxConnections 2")
+	}
+	conns[0].Close()
+	var b [1]byte // the byte written above comes back once relayed
+	_ = conns[2].SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(conns[2], b[:]); err != nil {
+		t.Fatalf("the third connection once one closed: %v", err)
 	}
 }

@@ -31,10 +31,19 @@ func (id ServiceID) URI() string {
 // identity.
 var ErrNotServiceID = errors.New("not a consul service spiffe id")
 
-// ParseServiceID parses a service's SPIFFE URI.
+// ParseServiceID parses a service's SPIFFE URI. It takes exactly the
+// segments above (an extra one, an empty one, a trailing slash, an escape,
+// a query or a fragment refuse it), each of letters, digits, '-', '_' and
+// '.'.
 func ParseServiceID(uri string) (ServiceID, error) {
+	// Consul writes the URI plainly: no escapes, user, port, query or
+	// fragment, which a looser reading would let decode to a service
+	// name or be dropped.
+	if strings.ContainsAny(uri, "%?#@") {
+		return ServiceID{}, fmt.Errorf("%q: %w", uri, ErrNotServiceID)
+	}
 	u, err := url.Parse(uri)
-	if err != nil || u.Scheme != "spiffe" || u.Host == "" {
+	if err != nil || u.Scheme != "spiffe" || u.Host == "" || u.Opaque != "" {
 		return ServiceID{}, fmt.Errorf("%q: %w", uri, ErrNotServiceID)
 	}
 	parts := strings.Split(strings.TrimPrefix(u.Path, "/"), "/")

@@ -81,6 +81,18 @@
 // a node that leaves its route takes all its series along
 // (routeMetrics.retire).
 //
+// # Mesh nodes (mesh.go)
+//
+// With a Mesh set (security.mtls on), a node whose service meta says it
+// serves mTLS gets the route's mesh pool config instead of its own: the
+// same engines (h1.Pool, and net/http's Transport for h2, since the h2c
+// pool dials plaintext), each connection put under TLS in its dial by
+// meshHandshake with the TLS config the route asked the identity for once.
+// The engines above speak as over plaintext. A handshake the config
+// refuses (another service's certificate) is a dial error: the request
+// never left, so the try loop moves on to another node. A node whose meta
+// changes to or from mTLS is a new endpoint.
+//
 // # Concurrency
 //
 // Handlers are safe for concurrent use. The hot path reads immutable

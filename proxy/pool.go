@@ -44,6 +44,10 @@ type poolConfig struct {
 	timeouts Timeouts
 	tls      *tls.Config // nil: plaintext
 	log      *zap.Logger // the route's; nil logs nothing
+	// meshH1 and meshH2, for a mesh node (mesh.go), put every new
+	// connection under mTLS in the dial, ALPN http/1.1 (none for tcp) and
+	// h2; the engines above speak as over plaintext. Both nil otherwise.
+	meshH1, meshH2 *tls.Config
 }
 
 // newPools returns an endpoint's pools, whose connections count against
@@ -52,8 +56,11 @@ func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
 	p := &pools{h1: newTransport(c, false, lim)}
 	if useH1Pool && c.tls == nil {
 		p.fast = h1.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim)
+		if c.meshH1 != nil {
+			p.fast.Handshake = handshaker(c.meshH1, c.timeouts.Connect)
+		}
 	}
-	if useH2Pool && c.tls == nil {
+	if useH2Pool && c.tls == nil && c.meshH1 == nil {
 		p.h2c = h2.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim, c.log)
 	} else {
 		p.h2 = newTransport(c, true, lim)
@@ -141,6 +148,10 @@ func drain(p *pools, grace time.Duration) {
 func newTransport(c *poolConfig, h2 bool, lim *nodeLimits) *http.Transport {
 	t := c.timeouts
 	d := &net.Dialer{Timeout: t.Connect, KeepAlive: 30 * time.Second}
+	mesh := c.meshH1
+	if h2 {
+		mesh = c.meshH2
+	}
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			if err := lim.acquireConn(ctx, t.Connect); err != nil {
@@ -152,6 +163,15 @@ func newTransport(c *poolConfig, h2 bool, lim *nodeLimits) *http.Transport {
 				return nil, err
 			}
 			c = rawio.Wrap(c)
+			if mesh != nil {
+				tc, err := meshHandshake(ctx, c, mesh, addr, t.Connect)
+				if err != nil {
+					lim.endConn()
+					return nil, err
+				}
+				lim.attach(c) // closing tc closes c
+				return tc, nil
+			}
 			lim.attach(c)
 			return c, nil
 		},

@@ -115,6 +115,7 @@ type Proxy struct {
 	obs      Observability    // the access log and tracing (access.go)
 	// refusedLog logs the answers the sidecar makes itself, rate limited.
 	refusedLog *zap.Logger
+	mesh       Mesh // outbound mTLS to mesh nodes (mesh.go); zero: none
 
 	mu     sync.Mutex
 	routes []*route // for Status, in creation order

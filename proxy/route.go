@@ -27,6 +27,10 @@ type route struct {
 	h2       bool // reach nodes over HTTP/2 (protocol http2 or grpc)
 	scheme   string
 	pool     poolConfig
+	// meshPool is the pool config of the nodes that serve mTLS, which
+	// meshNode picks out by their meta; nil without a mesh identity.
+	meshPool *poolConfig
+	meshNode func(meta map[string]string) bool
 	key      hashKey
 	bal      balancer.Balancer
 	resolver Resolver
@@ -106,6 +110,7 @@ func newRoute(p *Proxy, listener string, cfg RouteConfig) (*route, error) {
 		clock:    p.clock,
 		log:      log,
 	}
+	rt.meshPool, rt.meshNode = p.meshPool(rt), p.mesh.Node
 	if rt.codec, err = newTranscoder(rt, m); err != nil {
 		return nil, err
 	}
@@ -189,7 +194,7 @@ func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
 		}
 		tagged = append(tagged, *ep)
 		if old != nil {
-			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr {
+			if e, ok := old.endpoints[ep.ID]; ok && e.Addr == ep.Addr && e.poolConfig.mesh() == rt.poolFor(ep.Meta).mesh() {
 				st.endpoints[ep.ID] = e
 				continue
 			}
@@ -235,11 +240,11 @@ func (rt *route) countEjected(st *routeState, now time.Time) int {
 }
 
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
-	e := &endpoint{Endpoint: ep, poolConfig: &rt.pool,
+	e := &endpoint{Endpoint: ep, poolConfig: rt.poolFor(ep.Meta),
 		limits: newNodeLimits(rt.cfg.Resilience.Limits, rt.metrics.overflows, rt.metrics.endpoint(ep.Addr))}
 	e.stats.born = time.Now().UnixNano()
 	e.limits.reclaim = e.closeAnIdle
-	e.pools.Store(newPools(&rt.pool, e.limits, time.Now()))
+	e.pools.Store(newPools(e.poolConfig, e.limits, time.Now()))
 	e.breaker = rt.newBreaker(ep.Addr)
 	if !rt.onDemand && rt.cfg.Protocol != "tcp" {
 		// A configured upstream shows every series of its nodes from
@@ -291,7 +296,7 @@ func (rt *route) status() RouteStatus {
 			continue
 		}
 		es := EndpointStatus{ID: ep.ID, Addr: ep.Addr, Tags: ep.Tags, Weight: ep.Weight,
-			Breaker: e.breaker.State(), ConsecutiveFailures: e.outlier.Consecutive()}
+			Breaker: e.breaker.State(), ConsecutiveFailures: e.outlier.Consecutive(), MTLS: e.poolConfig.mesh()}
 		if l := e.limits; l != nil {
 			es.Connections, es.PendingRequests, es.ActiveRequests = len(l.conns), int(l.pending.Load()), int(l.requests.Load())
 		}
@@ -334,6 +339,9 @@ type EndpointStatus struct {
 	Addr   string   `json:"addr"`
 	Tags   []string `json:"tags,omitempty"`
 	Weight int      `json:"weight"`
+	// MTLS: the node serves the mesh (meta sidecar-mtls) and is dialled
+	// with the sidecar's leaf certificate.
+	MTLS bool `json:"mtls,omitempty"`
 	// Breaker is closed, half-open, open or disabled.
 	Breaker             string     `json:"breaker"`
 	ConsecutiveFailures int        `json:"consecutive_failures"`

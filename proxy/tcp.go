@@ -277,7 +277,17 @@ func dialNode(ctx context.Context, e *endpoint, header []byte, connect time.Dura
 		return nil, err
 	}
 	c = rawio.Wrap(c)
-	e.limits.attach(c)
+	if conf := e.poolConfig.meshH1; conf != nil {
+		tc, err := meshHandshake(ctx, c, conf, addr, connect)
+		if err != nil {
+			e.limits.endConn()
+			return nil, err
+		}
+		e.limits.attach(c) // closing tc closes c
+		c = tc
+	} else {
+		e.limits.attach(c)
+	}
 	if len(header) == 0 {
 		return c, nil
 	}

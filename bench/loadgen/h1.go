@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -36,6 +37,12 @@ func newH1Conn(addr, method, path string, body []byte) *h1Conn {
 
 var errStatus = errors.New("unexpected status")
 
+// useTLS (-tls) puts every HTTP/1.1 connection under TLS: a proxy that
+// terminates TLS from its clients (HAProxy in the mTLS comparison).
+var useTLS bool
+
+var tlsConfig = &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"http/1.1"}} //nolint:gosec // a benchmark against loopback peers
+
 // do sends the request and reads the whole answer. Any error closes the
 // connection; the next call dials again.
 func (h *h1Conn) do() error {
@@ -44,6 +51,15 @@ func (h *h1Conn) do() error {
 		if err != nil {
 			time.Sleep(10 * time.Millisecond) // no busy loop against a dead port
 			return err
+		}
+		if useTLS {
+			tc := tls.Client(c, tlsConfig)
+			if err := tc.Handshake(); err != nil {
+				c.Close()
+				time.Sleep(10 * time.Millisecond)
+				return err
+			}
+			c = tc
 		}
 		h.c = c
 		if h.r == nil {

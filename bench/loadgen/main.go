@@ -101,6 +101,7 @@ func main() {
 	flag.Float64Var(&o.rate, "rate", 1000, "requests per second (rate mode)")
 	flag.IntVar(&o.size, "size", 4096, "body bytes (post), payload bytes (grpc, bidi, ws, connect: default 100)")
 	flag.IntVar(&o.depth, "depth", 32, "messages in flight per stream (bidi)")
+	flag.BoolVar(&useTLS, "tls", false, "get, post, rate: speak TLS (any certificate accepted) to the targets")
 	flag.Parse()
 	o.targets = strings.Split(targets, ",")
 	sizeSet := false

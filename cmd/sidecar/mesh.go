@@ -17,50 +17,56 @@ import (
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/heartbeat"
 	"github.com/sidecarlb/sidecar/mesh"
+	"github.com/sidecarlb/sidecar/proxy"
 )
 
-// meshRuntime is the inbound listener (service.inbound) and, with
-// security.mtls on, the service's identity from Consul's CA and the
-// authorizer of its callers.
+// meshRuntime is the service's mesh identity from Consul's CA, with
+// security.mtls on, which the proxy dials mesh nodes with, and the inbound
+// listener (service.inbound), which serves with it and authorizes callers.
+// A caller-only sidecar (mtls on, no inbound) has the identity alone.
 type meshRuntime struct {
-	mode   string
-	listen string
-	id     *mesh.Identity   // nil with mtls off
-	authz  *mesh.Authorizer // nil with mtls off
-	in     *mesh.Inbound
-	server *server
-	cancel context.CancelFunc
-	done   chan struct{}
+	mode    string
+	listen  string
+	id      *mesh.Identity   // nil with mtls off
+	authz   *mesh.Authorizer // nil with mtls off
+	in      *mesh.Inbound    // nil without service.inbound
+	metrics *mesh.Metrics
+	server  *server // nil without service.inbound
+	cancel  context.CancelFunc
+	done    chan struct{}
 }
 
-// newMesh binds service.inbound.listen and starts following the identity;
-// nil when the config has no inbound listener. stop ends the identity's
-// watches.
-func newMesh(cfg *config.Config, consul *api.Client, reg prometheus.Registerer, gate *meshGate, log *zap.Logger) (*meshRuntime, error) {
+// newMeshIdentity starts following the service's identity when
+// security.mtls is on and gives it to px for its outbound dials; nil
+// otherwise. It must come before the proxy's routes are built. stop ends
+// the identity's watches.
+//
+// The identity's two blocking queries (leaf, roots) and the authorize
+// calls go over a Consul client of their own, with meshConsulConnections
+// connections apart from discovery.max_connections: on the shared client
+// they would hold two of its default four for minutes, and discovery's
+// fetches would starve.
+func newMeshIdentity(cfg *config.Config, reg prometheus.Registerer, px *proxy.Proxy, log *zap.Logger) (*meshRuntime, error) {
 	s := cfg.Service
-	if s == nil || s.Inbound == nil {
+	if s == nil || (s.Inbound == nil && cfg.Security.MTLS == config.MTLSOff) {
 		return nil, nil
 	}
+	var consul *api.Client
+	if cfg.Security.MTLS != config.MTLSOff {
+		var err error
+		if consul, err = newConsulClient(cfg.Consul, config.Discovery{MaxConnections: meshConsulConnections}); err != nil {
+			return nil, err
+		}
+	}
 	log = log.Named("mesh").With(zap.String("service", s.Name))
-	m := &meshRuntime{mode: cfg.Security.MTLS, listen: s.Inbound.Listen, done: make(chan struct{})}
+	m := &meshRuntime{mode: cfg.Security.MTLS, done: make(chan struct{})}
 	metrics := mesh.NewMetrics(reg)
-	opts := mesh.InboundOptions{Mode: cfg.Security.MTLS, App: s.Inbound.App, HandshakeTimeout: s.Inbound.HandshakeTimeout, Metrics: metrics}
+	m.metrics = metrics
 	if m.mode != config.MTLSOff {
 		m.id = mesh.NewIdentity(consul.Agent(), s.Name, mesh.Options{Metrics: metrics}, log)
 		m.authz = mesh.NewAuthorizer(consul.Agent(), s.Name, mesh.AuthorizerOptions{Metrics: metrics}, log)
-		opts.Identity, opts.Authorizer = m.id, m.authz
-		gate.id.Store(m.id)
+		px.SetMesh(proxy.Mesh{Identity: m.id, Node: mesh.NodeMTLS})
 	}
-	in, err := mesh.NewInbound(opts, log)
-	if err != nil {
-		return nil, err
-	}
-	ln, err := net.Listen("tcp", s.Inbound.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("service.inbound.listen: %w", err)
-	}
-	m.in = in
-	m.server = &server{name: s.Inbound.Listen, ln: ln, serve: func() error { return in.Serve(ln) }, shutdown: in.Shutdown}
 	ctx, cancel := context.WithCancel(context.Background())
 	m.cancel = cancel
 	go func() {
@@ -70,6 +76,36 @@ func newMesh(cfg *config.Config, consul *api.Client, reg prometheus.Registerer, 
 		}
 	}()
 	return m, nil
+}
+
+// meshConsulConnections bounds the mesh's own connections to the agent:
+// the leaf and roots blocking queries, and two for authorize calls.
+const meshConsulConnections = 4
+
+// bindInbound binds service.inbound.listen, if set; gate is told of the
+// identity, which holds the TTL check until it is ready. m may be nil.
+func (m *meshRuntime) bindInbound(cfg *config.Config, gate *meshGate, log *zap.Logger) error {
+	if m == nil || cfg.Service.Inbound == nil {
+		return nil
+	}
+	s := cfg.Service
+	log = log.Named("mesh").With(zap.String("service", s.Name))
+	opts := mesh.InboundOptions{Mode: cfg.Security.MTLS, App: s.Inbound.App, HandshakeTimeout: s.Inbound.HandshakeTimeout,
+		MaxConnections: s.Inbound.MaxConnections, Metrics: m.metrics, Identity: m.id, Authorizer: m.authz}
+	if m.id != nil {
+		gate.id.Store(m.id)
+	}
+	in, err := mesh.NewInbound(opts, log)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", s.Inbound.Listen)
+	if err != nil {
+		return fmt.Errorf("service.inbound.listen: %w", err)
+	}
+	m.in, m.listen = in, s.Inbound.Listen
+	m.server = &server{name: s.Inbound.Listen, ln: ln, serve: func() error { return in.Serve(ln) }, shutdown: in.Shutdown}
+	return nil
 }
 
 // meshGate holds the TTL check critical, with security.mtls on, until the
@@ -122,7 +158,10 @@ type meshStatus struct {
 }
 
 func (m *meshRuntime) status() any {
-	st := meshStatus{MTLS: m.mode, Inbound: m.listen, Open: m.in.Open()}
+	st := meshStatus{MTLS: m.mode, Inbound: m.listen}
+	if m.in != nil {
+		st.Open = m.in.Open()
+	}
 	if m.id != nil {
 		is := m.id.Status()
 		st.Identity = &is

@@ -74,13 +74,20 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 	defer closeAccess()
 	px.SetObservability(proxy.Observability{Access: access, AccessSample: cfg.Log.AccessSample, StartTraces: cfg.Tracing.Start})
+	// With security.mtls on, the identity the proxy dials mesh nodes with:
+	// before the listeners build their routes.
+	mr, err := newMeshIdentity(cfg, reg, px, log)
+	if err != nil {
+		return err
+	}
+	defer mr.stop()
 	servers, err := listen(cfg, px, cache, log)
 	if err != nil {
 		return err
 	}
 
 	var registrar *heartbeat.Registrar
-	gate := &meshGate{on: cfg.Security.MTLS != config.MTLSOff}
+	gate := &meshGate{on: cfg.Security.MTLS != config.MTLSOff && cfg.Service != nil && cfg.Service.Inbound != nil}
 	if s := cfg.Service; s != nil {
 		registrar = newRegistrar(s, consul.Agent(), gate, log.Named("heartbeat"))
 		registerHeartbeatMetrics(reg, registrar)
@@ -132,17 +139,17 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	}
 	// service.inbound: bound here, after the proxy's listeners that reloads
 	// manage; served and shut down with the admin listener.
-	mr, err := newMesh(cfg, consul, reg, gate, log)
-	if err != nil {
+	if err := mr.bindInbound(cfg, gate, log); err != nil {
 		closeAll(servers)
 		if ps != nil {
 			ps.stop()
 		}
 		return err
 	}
-	defer mr.stop()
 	if mr != nil {
-		servers = append(servers, mr.server)
+		if mr.server != nil {
+			servers = append(servers, mr.server)
+		}
 		sections["mesh"] = mr.status // read by /status from the admin handler, not serving yet
 	}
 
@@ -182,7 +189,7 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	stopHUP()
 	<-hupDone
 	servers = append(rl.close(), adminSrv) // as the last reload left them
-	if mr != nil {
+	if mr != nil && mr.server != nil {
 		servers = append(servers, mr.server)
 	}
 	if ps != nil {

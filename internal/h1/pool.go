@@ -40,6 +40,12 @@ const (
 // response on the caller's goroutine, with buffers reused per connection.
 // It is safe for concurrent use.
 type Pool struct {
+	// Handshake, if set, is called on each new connection to addr before
+	// it is used or counted (a service mesh's mTLS handshake), and returns
+	// the connection to speak over; on error it has closed c. Set it
+	// before the first RoundTrip.
+	Handshake func(ctx context.Context, c net.Conn, addr string) (net.Conn, error)
+
 	dialer net.Dialer
 	idleTO time.Duration // 0: no limit
 
@@ -258,7 +264,15 @@ func (p *Pool) dial(ctx context.Context, addr string) (*ClientConn, error) {
 		return nil, err
 	}
 	c = rawio.Wrap(c)
-	p.lim.Attach(c)
+	if p.Handshake != nil {
+		raw := c
+		if c, err = p.Handshake(ctx, c, addr); err != nil {
+			return nil, err
+		}
+		p.lim.Attach(raw) // closing c closes raw
+	} else {
+		p.lim.Attach(c)
+	}
 	pc := &ClientConn{pool: p, c: c, lr: limitReader{c: c, err: errHeaderTooLong}}
 	pc.raw, _ = c.(*rawio.Conn)
 	pc.interrupt = func() { _ = c.SetDeadline(aLongTimeAgo) }
@@ -370,7 +384,13 @@ func (u *upgraded) Read(p []byte) (int, error) { return u.pc.br.Read(p) }
 // RawBeneath makes a relay send what the pool's reader holds first, then
 // read the raw connection beneath (rawio.Layered).
 func (u *upgraded) RawBeneath() (*rawio.Conn, []byte) {
-	r, _ := u.pc.c.(*rawio.Conn)
+	r, ok := u.pc.c.(*rawio.Conn)
+	if !ok {
+		// Under TLS (a mesh node): read through u, whose reader holds
+		// what came first. Peek would write the reader's state, which
+		// the relay's other direction must not race with.
+		return nil, nil
+	}
 	held, _ := u.pc.br.Peek(u.pc.br.Buffered())
 	return r, held
 }

@@ -69,6 +69,9 @@ type harness struct {
 	pinned            bool
 	proxyCPU, loadCPU int
 
+	consulAddr string   // the dev agent, once started (mesh.go)
+	meshNodes  []string // the mesh nodes' inbound listeners, once started
+
 	profileAddr string
 	source      string // git describe of the tree the sidecar was built from
 	baseSource  string // short hash of -base, built as sidecar-base
@@ -148,7 +151,7 @@ func run(o options) error {
 
 	h.setupPinning()
 	peerNames := peerList(o.peers, o.consul, o.base)
-	if slices.Contains(peerNames, "haproxy") || slices.Contains(peerNames, "nginx") {
+	if slices.Contains(peerNames, "haproxy") || slices.Contains(peerNames, "haproxy-tls") || slices.Contains(peerNames, "nginx") {
 		h.ensurePeers()
 	}
 	if err := h.build(); err != nil {
@@ -208,17 +211,21 @@ func (h *harness) startPeer(name string) (*peer, error) {
 			return h.startSidecar("sidecar-base", "sidecar-base", "")
 		}
 	case "sidecar-consul":
-		addr, err := h.startConsul()
+		addr, err := h.consulAgent()
 		if err != nil {
 			return nil, err
 		}
 		return h.startSidecar("sidecar-consul", "sidecar", addr)
+	case "sidecar-mtls":
+		return h.startSidecarMTLS()
+	case "haproxy-tls":
+		return h.startHAProxyTLS()
 	case "haproxy":
 		return h.startHAProxy()
 	case "nginx":
 		return h.startNginx()
 	}
-	return nil, fmt.Errorf("unknown peer %q (want direct, direct-1, sidecar, sidecar-consul, haproxy or nginx)", name)
+	return nil, fmt.Errorf("unknown peer %q (want direct, direct-1, sidecar, sidecar-consul, sidecar-mtls, haproxy, haproxy-tls or nginx)", name)
 }
 
 // peerList is the peers to start: those of -peers, then sidecar-consul with

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -42,6 +43,10 @@ type peer struct {
 	idleRSSKB int64
 	// notes say how the peer is set up, for the report.
 	notes []string
+	// tls: its HTTP/1.1 listener speaks TLS; loadArgs go to every
+	// loadgen run against it (-tls).
+	tls      bool
+	loadArgs []string
 }
 
 // ports hands out loopback ports that were free when asked for.
@@ -341,6 +346,11 @@ func (h *harness) startNginx() (*peer, error) {
 // accepts connections on the others, then records its idle RSS.
 func (h *harness) readyPeer(p *peer) (*peer, error) {
 	client := &http.Client{Timeout: time.Second}
+	scheme := "http://"
+	if p.tls {
+		scheme = "https://"
+		client.Transport = &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}} //nolint:gosec // loopback peer
+	}
 	err := waitFor(15*time.Second, func() error {
 		if !p.proc.alive() {
 			return fmt.Errorf("%s exited", p.name)
@@ -361,7 +371,7 @@ func (h *harness) readyPeer(p *peer) (*peer, error) {
 	time.Sleep(300 * time.Millisecond)
 	p.idleRSSKB = statusKB(p.proc.pids(), "VmRSS")
 	err = waitFor(15*time.Second, func() error {
-		resp, err := client.Get("http://" + p.targets[lnH1][0] + "/get")
+		resp, err := client.Get(scheme + p.targets[lnH1][0] + "/get")
 		if err != nil {
 			return err
 		}

@@ -243,6 +243,7 @@ func (h *harness) runOne(sc scenario, p *peer, run int) runResult {
 	args := []string{h.bin("loadgen"), "-mode", sc.Mode, "-targets", strings.Join(p.targets[sc.Listener], ","),
 		"-c", strconv.Itoa(sc.Workers), "-duration", h.opts.duration.String(), "-warmup", h.opts.warmup.String()}
 	args = append(args, sc.Args...)
+	args = append(args, p.loadArgs...)
 	if h.pinned {
 		args = append([]string{tasksetPath, "-c", strconv.Itoa(h.loadCPU)}, args...)
 	}
