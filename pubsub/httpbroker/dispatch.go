@@ -2,7 +2,6 @@ package httpbroker
 
 import (
 	"context"
-	"net/http"
 	"runtime/debug"
 	"sort"
 	"strings"
@@ -37,7 +36,7 @@ type Dispatcher struct {
 	store   *store.Store
 	reg     *Registry
 	picker  *picker
-	client  *http.Client
+	peers   *peerPools
 	metrics *pubsub.Metrics
 	log     *zap.Logger
 	now     func() time.Time
@@ -81,7 +80,7 @@ func NewDispatcher(st *store.Store, kv KV, cache Watcher, opts DispatcherOptions
 	d := &Dispatcher{
 		store:   st,
 		picker:  newPicker(cache),
-		client:  &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second}},
+		peers:   newPeerPools(),
 		metrics: opts.Metrics,
 		log:     log,
 		now:     opts.Now,

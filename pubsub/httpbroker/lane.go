@@ -331,7 +331,7 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record, release func(
 		return
 	}
 	// A batch may wait behind another for the app's slots.
-	results, err := send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
+	results, err := send(ctx, l.d.peers.pool(addr), addr, req, 2*rec.Timeout+5*time.Second)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Debug("batch not delivered", zap.String("peer", addr), zap.Int("messages", len(live)), zap.Error(err))
