@@ -87,4 +87,3 @@ func (p *picker) instance(ctx context.Context, service, id string) (addr string,
 	}
 	return "", false, nil
 }
-
