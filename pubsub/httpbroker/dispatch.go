@@ -3,6 +3,7 @@ package httpbroker
 import (
 	"context"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -111,6 +112,7 @@ func (d *Dispatcher) Registry() *Registry { return d.reg }
 func (d *Dispatcher) Load() error {
 	now := d.now().UnixNano()
 	topics := map[string]string{}
+	d.waiting = slices.Grow(d.waiting, d.store.Pending()) // no garbage of a growing slice
 	return d.store.Load(func(seq uint64, topic, ordering string, groups map[string]store.GroupState) error {
 		if t, ok := topics[topic]; ok {
 			topic = t
