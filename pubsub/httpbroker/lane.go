@@ -102,14 +102,19 @@ func (l *lane) setRecord(r Record) {
 }
 
 // push adds a message to the lane, with its ordering key ("" for none).
+// A paused lane is not woken: its timer runs take at the pause's end, and
+// a wake per published message would only make it set that timer again.
 func (l *lane) push(it item, key string) {
 	l.mu.Lock()
 	l.ready = append(l.ready, it)
 	if key != "" {
 		l.keys[it.seq] = key
 	}
+	paused := l.pauseUntil != 0 && l.d.now().UnixNano() < l.pauseUntil
 	l.mu.Unlock()
-	l.signal()
+	if !paused {
+		l.signal()
+	}
 }
 
 // keyOf returns the ordering key of the lane's message seq.
