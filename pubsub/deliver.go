@@ -179,18 +179,17 @@ func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int
 		g.Inc()
 		defer g.Dec()
 	}
-	// Detached from ctx, and from its values too: a bare context keeps
-	// net/http's per-request lookups (httptrace and the like) short.
-	r := a.post(context.Background(), s, m, attempt)
+	// Detached from ctx: once the app has the request it runs to its
+	// own timeout.
+	r := a.post(s, m, attempt)
 	if a.metrics != nil {
 		a.metrics.Delivered.WithLabelValues(m.Topic, group, r.Outcome.String()).Inc()
 	}
 	return r
 }
 
-func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Result {
-	ctx, cancel := context.WithTimeout(ctx, s.Timeout)
-	defer cancel()
+func (a *App) post(s *appSub, m *Message, attempt int) Result {
+	ctx := deadlineContext{Context: context.Background(), deadline: time.Now().Add(s.Timeout)}
 	if s.Convert != nil {
 		if c, err := s.Convert(m); err != nil {
 			a.log.Warn("payload delivered as published: it could not be converted", zap.String("topic", m.Topic), zap.String("id", m.ID), zap.Error(err))
@@ -252,6 +251,18 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	rb, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	return Classify(resp.StatusCode, resp.Header, rb)
 }
+
+// deadlineContext is a context with a deadline and no Done channel: what
+// a delivery's request needs. h1.Pool sets the deadline on the
+// connection (and the dial), and names an I/O timeout past it
+// context.DeadlineExceeded, so no timer or context.AfterFunc is set up per
+// delivery as context.WithTimeout would.
+type deadlineContext struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c deadlineContext) Deadline() (time.Time, bool) { return c.deadline, true }
 
 // heldBody is a request body held in memory, as h1.Pool takes it: a
 // delivery may be sent again on a fresh connection when a reused one
