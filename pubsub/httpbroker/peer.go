@@ -242,7 +242,9 @@ const (
 // sidecar's own HTTP/1.1 client) per peer address. A lane has at most
 // lanesInFlight batches out, each on a connection of its own, so a pool
 // keeps about that many connections per lane sending to its peer; those
-// idle past peerIdleTimeout close. Safe for concurrent use.
+// idle past peerIdleTimeout close. Past maxPeerPools pools (instances come
+// and go), those unused for peerIdleTimeout are retired and forgotten.
+// Safe for concurrent use.
 type peerPools struct {
 	mu    sync.Mutex
 	pools map[string]*peerPool
@@ -252,20 +254,34 @@ type peerPools struct {
 // (shared read-only by every request).
 type peerPool struct {
 	*h1.Pool
-	url *url.URL
+	url  *url.URL
+	used time.Time // under peerPools.mu
 }
+
+// maxPeerPools is the number of peer pools past which unused ones go.
+const maxPeerPools = 256
 
 func newPeerPools() *peerPools { return &peerPools{pools: map[string]*peerPool{}} }
 
 // pool returns addr's pool, creating it on first use.
 func (pp *peerPools) pool(addr string) *peerPool {
+	now := time.Now()
 	pp.mu.Lock()
 	defer pp.mu.Unlock()
 	p := pp.pools[addr]
 	if p == nil {
+		if len(pp.pools) >= maxPeerPools {
+			for a, old := range pp.pools {
+				if now.Sub(old.used) > peerIdleTimeout {
+					old.Retire() // its connections close, the busy ones once done
+					delete(pp.pools, a)
+				}
+			}
+		}
 		p = &peerPool{Pool: h1.NewPool(peerConnectTimeout, peerIdleTimeout, nil), url: &url.URL{Scheme: "http", Host: addr, Path: DeliverPath}}
 		pp.pools[addr] = p
 	}
+	p.used = now
 	return p
 }
 
