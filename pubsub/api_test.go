@@ -106,6 +106,26 @@ func TestPublishStatus(t *testing.T) {
 	}
 }
 
+// TestPublishPathAsTheMux: the publish path's shortcut past the mux
+// answers every path as the mux alone does (the mux's route calls the same
+// handler), odd ones included.
+func TestPublishPathAsTheMux(t *testing.T) {
+	t.Parallel()
+	for _, path := range []string{
+		"/v1.0/publish/pubsub/orders", "/v1.0/publish/other/orders", "/v1.0/publish/pubsub/orders/more",
+		"/v1.0/publish/pubsub/", "/v1.0/publish/pubsub", "/v1.0/publish//orders", "/v1.0/publish/pubsub//orders",
+		"/v1.0/publish/pubsub/.", "/v1.0/publish/pubsub/..", "/v1.0/publish/./orders", "/v1.0/publish/pubsub/a%2Fb",
+		"/v1.0/publish/pubsub/a%20b", "/v1.0/publish/pubsub/orders.v1", "/v1.0/publish/pubsub/orders?x=1",
+	} {
+		got := do(newTestAPI(&fakeSink{}), "POST", path, "text/plain", "x")
+		want := do(newTestAPI(&fakeSink{}).mux, "POST", path, "text/plain", "x")
+		if got.Code != want.Code || got.Body.String() != want.Body.String() || got.Header().Get("Location") != want.Header().Get("Location") {
+			t.Errorf("POST %s = %d %q (Location %q), the mux answers %d %q (Location %q)", path, got.Code, got.Body, got.Header().Get("Location"),
+				want.Code, want.Body, want.Header().Get("Location"))
+		}
+	}
+}
+
 func TestPublishMessage(t *testing.T) {
 	t.Parallel()
 	sink := &fakeSink{}

@@ -1,13 +1,13 @@
 package pubsub
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -36,8 +36,8 @@ type Subscription struct {
 // at most MaxInFlight at once per subscription, none while the app is
 // unhealthy or the sidecar is draining. Safe for concurrent use.
 type App struct {
-	base     string
-	client   *http.Client
+	host     string // the app's host:port
+	pool     *h1.Pool
 	healthy  func() bool
 	metrics  *Metrics
 	log      *zap.Logger
@@ -47,28 +47,32 @@ type App struct {
 	// Drain's Wait: a WaitGroup must not grow from zero during a Wait.
 	drainMu  sync.Mutex
 	inflight sync.WaitGroup
-
-	// pool carries the requests h1.Qualifies (all of them, bodies being in
-	// memory): the sidecar's own HTTP/1.1 client, writing and reading on
-	// the delivery's goroutine, where client's Transport adds two
-	// goroutines per connection and a hand-off each way per request.
-	pool *h1.Pool
 }
 
 type subKey struct{ topic, group string }
 
 type appSub struct {
 	Subscription
-	sem chan struct{}
+	sem    chan struct{}
+	url    *url.URL // http://host:port + Route, shared read-only by every request
+	urlErr error    // why Route does not make a URL
 }
 
+// Bounds of the connections to the app.
+const (
+	appConnectTimeout = 2 * time.Second
+	appIdleTimeout    = 90 * time.Second
+)
+
 // NewApp returns an App delivering to the app at addr (host:port). healthy
-// reports the app's check; nil means always healthy.
+// reports the app's check; nil means always healthy. Deliveries go over
+// the sidecar's own HTTP/1.1 client pool (internal/h1), keep-alive
+// connections that the subscriptions' max_in_flight bound: a delivery
+// takes a connection only while it holds one of its subscription's slots.
 func NewApp(addr string, subs []Subscription, healthy func() bool, metrics *Metrics, log *zap.Logger) *App {
 	a := &App{
-		base:    "http://" + addr,
-		client:  &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, IdleConnTimeout: 90 * time.Second, DialContext: (&net.Dialer{Timeout: 2 * time.Second}).DialContext}},
-		pool:    h1.NewPool(2*time.Second, 90*time.Second, nil),
+		host:    addr,
+		pool:    h1.NewPool(appConnectTimeout, appIdleTimeout, nil),
 		healthy: healthy,
 		metrics: metrics,
 		log:     log,
@@ -94,11 +98,14 @@ func (a *App) Update(subs []Subscription) {
 	m := make(map[subKey]*appSub, len(subs))
 	for _, s := range subs {
 		k := subKey{s.Topic, s.Group}
+		as := &appSub{Subscription: s}
+		as.url, as.urlErr = url.Parse("http://" + a.host + s.Route)
 		if o, ok := old[k]; ok && o.MaxInFlight == s.MaxInFlight {
-			m[k] = &appSub{Subscription: s, sem: o.sem}
-			continue
+			as.sem = o.sem
+		} else {
+			as.sem = make(chan struct{}, s.MaxInFlight)
 		}
-		m[k] = &appSub{Subscription: s, sem: make(chan struct{}, s.MaxInFlight)}
+		m[k] = as
 	}
 	a.subs.Store(&m)
 }
@@ -172,18 +179,17 @@ func (a *App) Deliver(ctx context.Context, group string, m *Message, attempt int
 		g.Inc()
 		defer g.Dec()
 	}
-	// Detached from ctx, and from its values too: a bare context keeps
-	// net/http's per-request lookups (httptrace and the like) short.
-	r := a.post(context.Background(), s, m, attempt)
+	// Detached from ctx: once the app has the request it runs to its
+	// own timeout.
+	r := a.post(s, m, attempt)
 	if a.metrics != nil {
 		a.metrics.Delivered.WithLabelValues(m.Topic, group, r.Outcome.String()).Inc()
 	}
 	return r
 }
 
-func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Result {
-	ctx, cancel := context.WithTimeout(ctx, s.Timeout)
-	defer cancel()
+func (a *App) post(s *appSub, m *Message, attempt int) Result {
+	ctx := deadlineContext{Context: context.Background(), deadline: time.Now().Add(s.Timeout)}
 	if s.Convert != nil {
 		if c, err := s.Convert(m); err != nil {
 			a.log.Warn("payload delivered as published: it could not be converted", zap.String("topic", m.Topic), zap.String("id", m.ID), zap.Error(err))
@@ -198,17 +204,21 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	} else {
 		body = m.Data
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.base+s.Route, bytes.NewReader(body))
-	if err != nil {
-		return Result{Outcome: DeadLetter, Reason: "bad request: " + err.Error()}
+	if s.urlErr != nil {
+		return Result{Outcome: DeadLetter, Reason: "bad request: " + s.urlErr.Error()}
 	}
-	// Canonical names set straight into a map sized for them, rather than
-	// grown through Header.Set.
+	// The request as http.NewRequestWithContext would build it, without
+	// parsing the URL each time.
 	n := 3
 	if s.ContentMode == "binary" {
 		n = 10 + len(m.Extensions)
 	}
-	req.Header = make(http.Header, n)
+	req := (&http.Request{Method: http.MethodPost, URL: s.url, Host: a.host, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: make(http.Header, n), ContentLength: int64(len(body))}).WithContext(ctx)
+	var hb h1.Body // nil for an empty body
+	if len(body) > 0 {
+		hb = heldBody(body)
+	}
 	req.Header["Content-Type"] = []string{ct}
 	req.Header["Sidecar-Delivery-Attempt"] = []string{strconv.Itoa(attempt)}
 	switch s.ContentMode {
@@ -226,12 +236,7 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	case "raw":
 		req.Header.Set("ce-id", m.ID)
 	}
-	var resp *http.Response
-	if hb := memBody(body); h1.Qualifies(req, hb) {
-		resp, err = a.pool.RoundTrip(req, hb, time.Now())
-	} else {
-		resp, err = a.client.Do(req)
-	}
+	resp, err := a.pool.RoundTrip(req, hb, time.Now())
 	if err != nil {
 		var op *net.OpError
 		if errors.As(err, &op) && op.Op == "dial" {
@@ -247,11 +252,25 @@ func (a *App) post(ctx context.Context, s *appSub, m *Message, attempt int) Resu
 	return Classify(resp.StatusCode, resp.Header, rb)
 }
 
-// memBody is a request body held in memory, as h1.Pool takes it.
-type memBody []byte
+// deadlineContext is a context with a deadline and no Done channel: what
+// a delivery's request needs. h1.Pool sets the deadline on the
+// connection (and the dial), and names an I/O timeout past it
+// context.DeadlineExceeded, so no timer or context.AfterFunc is set up per
+// delivery as context.WithTimeout would.
+type deadlineContext struct {
+	context.Context
+	deadline time.Time
+}
 
-func (b memBody) Bytes() []byte    { return b }
-func (b memBody) Replayable() bool { return true }
+func (c deadlineContext) Deadline() (time.Time, bool) { return c.deadline, true }
+
+// heldBody is a request body held in memory, as h1.Pool takes it: a
+// delivery may be sent again on a fresh connection when a reused one
+// turns out to have been closed before the app read any of it.
+type heldBody []byte
+
+func (b heldBody) Bytes() []byte    { return b }
+func (b heldBody) Replayable() bool { return true }
 
 // extValue renders an extension attribute for a ce- header: a string
 // without its quotes, anything else as its JSON text.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -74,6 +75,40 @@ func TestDeliverOutcomes(t *testing.T) {
 	}
 }
 
+// TestDeliverKeepsConnections: deliveries reuse keep-alive connections,
+// never more at once than the subscription's max_in_flight.
+func TestDeliverKeepsConnections(t *testing.T) {
+	t.Parallel()
+	var conns atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		time.Sleep(time.Millisecond)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	sub := testSub("structured") // max_in_flight 4
+	a := NewApp(strings.TrimPrefix(srv.URL, "http://"), []Subscription{sub}, nil, nil, zap.NewNop())
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for range 10 {
+				if r := a.Deliver(context.Background(), "billing", testMsg(), 1); r.Outcome != Success {
+					t.Errorf("Deliver() = %+v, want success", r)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n := conns.Load(); n < 1 || n > int32(sub.MaxInFlight) {
+		t.Errorf("160 deliveries opened %d connections, want 1 to max_in_flight (%d)", n, sub.MaxInFlight)
+	}
+}
+
 func TestDeliverTimeoutAndUnreachable(t *testing.T) {
 	t.Parallel()
 	a := appAt(t, func(w http.ResponseWriter, r *http.Request) {
@@ -83,8 +118,8 @@ func TestDeliverTimeoutAndUnreachable(t *testing.T) {
 		case <-time.After(5 * time.Second):
 		}
 	}, testSub("raw"))
-	if r := a.Deliver(context.Background(), "billing", testMsg(), 1); r.Outcome != Retry {
-		t.Errorf("Deliver() to a stalled app = %+v, want retry", r)
+	if r := a.Deliver(context.Background(), "billing", testMsg(), 1); r.Outcome != Retry || !strings.HasPrefix(r.Reason, "timeout after") {
+		t.Errorf("Deliver() to a stalled app = %+v, want retry after a timeout", r)
 	}
 	srv := httptest.NewServer(http.NotFoundHandler())
 	addr := strings.TrimPrefix(srv.URL, "http://")

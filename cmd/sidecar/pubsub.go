@@ -16,12 +16,17 @@ import (
 	"github.com/sidecarlb/sidecar/config"
 	"github.com/sidecarlb/sidecar/discovery"
 	"github.com/sidecarlb/sidecar/heartbeat"
+	"github.com/sidecarlb/sidecar/internal/memtune"
 	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/pubsub/httpbroker"
 	"github.com/sidecarlb/sidecar/pubsub/natsbroker"
 	"github.com/sidecarlb/sidecar/pubsub/store"
 	"github.com/sidecarlb/sidecar/transcode"
 )
+
+// pubsubMemoryFloor is the lowest soft memory limit memtune sets with the
+// http broker on: under the 32 MiB RSS target with the binary's own pages.
+const pubsubMemoryFloor = 20 << 20
 
 // pubsubRuntime is pub/sub wired up: the store, the publish API, the
 // dispatcher, and for a subscriber the peer listener, the delivery to the
@@ -250,6 +255,12 @@ func (rt *pubsubRuntime) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	rt.cancel = cancel
 	rt.wg.Go(func() { rt.broker.Run(ctx) })
+	if rt.store != nil && rt.cfg.Limits.MemoryN == 0 {
+		// The http broker's outbox index and the garbage of bulk publishes:
+		// memory freed goes back to the OS within a second. An operator's
+		// limits.memory (or GOMEMLIMIT, which memtune checks) is kept.
+		rt.wg.Go(func() { memtune.Run(ctx, pubsubMemoryFloor, time.Second) })
+	}
 	rt.mu.Lock()
 	defer rt.mu.Unlock()
 	rt.ctx = ctx

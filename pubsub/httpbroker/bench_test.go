@@ -299,6 +299,11 @@ func BenchmarkPendingMemory(b *testing.B) {
 		runtime.ReadMemStats(&after)
 		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/(1<<20), "heap-MiB")
 		b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/n, "heap-B/msg")
+		// What the process holds from the OS for its heap, freed or not,
+		// beside the in-use figure: the garbage of the load the runtime
+		// has not returned yet.
+		b.ReportMetric(float64(after.HeapSys-after.HeapReleased)/(1<<20), "heap-held-MiB")
+		b.ReportMetric(float64(after.TotalAlloc-before.TotalAlloc)/n, "alloc-B/msg")
 		r.close()
 	}
 }

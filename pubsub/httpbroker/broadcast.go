@@ -54,15 +54,16 @@ func (l *lane) fanOut(ctx context.Context, batch []item, rec Record, log *zap.Lo
 	}
 	d.mu.Lock()
 	for _, it := range batch {
-		p := d.msgs[it.seq]
-		if p == nil {
+		open, ok := d.open.Get(it.seq)
+		if !ok {
 			continue
 		}
-		p.open += int32(len(ids)) - 1 // the fan-out is done, each instance pending
+		d.open.Set(it.seq, open+int32(len(ids))-1) // the fan-out is done, each instance pending
+		key := l.keyOf(it.seq)
 		for _, id := range ids {
 			child := rec
 			child.Instance = id
-			d.laneLocked(child).push(item{seq: it.seq, at: it.at, key: it.key})
+			d.laneLocked(child).push(item{seq: it.seq, at: it.at}, key)
 		}
 	}
 	d.mu.Unlock()
@@ -71,8 +72,8 @@ func (l *lane) fanOut(ctx context.Context, batch []item, rec Record, log *zap.Lo
 
 // assignInstancesLocked puts message seq, whose fan-out to broadcast group
 // r was done by an earlier run, back in the lane of each instance still
-// pending. d.mu must be held.
-func (d *Dispatcher) assignInstancesLocked(seq uint64, p *pending, r Record) {
+// pending, and returns how many it put back. d.mu must be held.
+func (d *Dispatcher) assignInstancesLocked(p unassigned, r Record) (open int32) {
 	for target, gs := range p.groups {
 		inst, ok := strings.CutPrefix(target, r.Group+"@")
 		if !ok || gs.Done {
@@ -80,9 +81,10 @@ func (d *Dispatcher) assignInstancesLocked(seq uint64, p *pending, r Record) {
 		}
 		child := r
 		child.Instance = inst
-		p.open++
-		d.laneLocked(child).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at, key: p.ordering})
+		open++
+		d.laneLocked(child).push(item{seq: p.seq, attempts: int32(gs.Attempts), at: p.at}, p.ordering)
 	}
+	return open
 }
 
 // pickInstance returns the address of the lane's instance, or
@@ -116,11 +118,8 @@ func (l *lane) finishGone(batch []item, rec Record, log *zap.Logger) {
 	d.mu.Lock()
 	for _, it := range batch {
 		updates = append(updates, store.Update{Seq: it.seq, Group: rec.target(), Attempts: int(it.attempts), Done: true})
-		if p := d.msgs[it.seq]; p != nil {
-			if p.open--; p.open <= 0 {
-				updates = append(updates, store.Update{Seq: it.seq, Delete: true})
-				delete(d.msgs, it.seq)
-			}
+		if d.finishLocked(it.seq) {
+			updates = append(updates, store.Update{Seq: it.seq, Delete: true})
 		}
 	}
 	d.mu.Unlock()

@@ -2,8 +2,8 @@ package httpbroker
 
 import (
 	"context"
-	"net/http"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sidecarlb/sidecar/pubsub"
+	"github.com/sidecarlb/sidecar/pubsub/internal/seqtab"
 	"github.com/sidecarlb/sidecar/pubsub/store"
 )
 
@@ -37,7 +38,7 @@ type Dispatcher struct {
 	store   *store.Store
 	reg     *Registry
 	picker  *picker
-	client  *http.Client
+	peers   *peerPools
 	metrics *pubsub.Metrics
 	log     *zap.Logger
 	now     func() time.Time
@@ -48,18 +49,22 @@ type Dispatcher struct {
 	ctx     context.Context // set by Run; nil before
 	sendCtx context.Context // batches out: outlives ctx by stopGrace
 	wg      sync.WaitGroup
-	msgs    map[uint64]*pending
-	waiting []uint64 // not yet assigned to groups: the registry has not synced
+	// open holds, for each message in the outbox, the groups (and
+	// broadcast instances) without a final outcome: 4 bytes a message.
+	// Everything else the lanes hold, in their items.
+	open    *seqtab.Table[int32]
+	waiting []unassigned // not yet assigned to groups: the registry has not synced
 	lanes   map[laneKey]*lane
 }
 
-// pending is one message in the outbox, in memory: its topic, when it came,
-// and the state of the groups that have one.
-type pending struct {
+// unassigned is a message in the outbox not yet handed to its groups'
+// lanes: its topic, ordering key, when it came, and the stored state of
+// the groups that have one (after a restart).
+type unassigned struct {
+	seq      uint64
 	topic    string // interned: one string per topic
 	ordering string // the ordering key, "" for none
 	at       int64  // unix nanoseconds
-	open     int32  // groups without a final outcome
 	groups   map[string]store.GroupState
 }
 
@@ -81,11 +86,11 @@ func NewDispatcher(st *store.Store, kv KV, cache Watcher, opts DispatcherOptions
 	d := &Dispatcher{
 		store:   st,
 		picker:  newPicker(cache),
-		client:  &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second}},
+		peers:   newPeerPools(),
 		metrics: opts.Metrics,
 		log:     log,
 		now:     opts.Now,
-		msgs:    map[uint64]*pending{},
+		open:    seqtab.New[int32](),
 		lanes:   map[laneKey]*lane{},
 	}
 	if d.now == nil {
@@ -107,14 +112,15 @@ func (d *Dispatcher) Registry() *Registry { return d.reg }
 func (d *Dispatcher) Load() error {
 	now := d.now().UnixNano()
 	topics := map[string]string{}
+	d.waiting = slices.Grow(d.waiting, d.store.Pending()) // no garbage of a growing slice
 	return d.store.Load(func(seq uint64, topic, ordering string, groups map[string]store.GroupState) error {
 		if t, ok := topics[topic]; ok {
 			topic = t
 		} else {
 			topics[topic] = topic
 		}
-		d.msgs[seq] = &pending{topic: topic, ordering: ordering, at: now, groups: groups}
-		d.waiting = append(d.waiting, seq)
+		d.open.Set(seq, 0)
+		d.waiting = append(d.waiting, unassigned{seq: seq, topic: topic, ordering: ordering, at: now, groups: groups})
 		return nil
 	})
 }
@@ -171,12 +177,13 @@ func (d *Dispatcher) Publish(pubs []pubsub.Publication) ([]bool, error) {
 
 // addLocked takes a newly stored message into memory. d.mu must be held.
 func (d *Dispatcher) addLocked(seq uint64, topic, ordering string, at int64) {
-	d.msgs[seq] = &pending{topic: topic, ordering: ordering, at: at}
+	d.open.Set(seq, 0)
+	u := unassigned{seq: seq, topic: topic, ordering: ordering, at: at}
 	if _, synced := d.reg.Groups(topic); !synced || len(d.waiting) > 0 {
-		d.waiting = append(d.waiting, seq)
+		d.waiting = append(d.waiting, u)
 		return
 	}
-	d.assignLocked(seq)
+	d.assignLocked(u)
 }
 
 // assignWaiting assigns the messages waiting for the registry; the
@@ -197,16 +204,17 @@ func (d *Dispatcher) assignWaiting() {
 	}
 	w := d.waiting
 	d.waiting = nil
-	for _, seq := range w {
-		d.assignLocked(seq)
+	for _, u := range w {
+		d.assignLocked(u)
 	}
 }
 
-// assignLocked hands message seq to a lane per group of its topic, skipping
+// assignLocked hands message p to a lane per group of its topic, skipping
 // groups already done; with no group at all the message is finished.
-func (d *Dispatcher) assignLocked(seq uint64) {
-	p := d.msgs[seq]
-	if p == nil {
+func (d *Dispatcher) assignLocked(p unassigned) {
+	seq := p.seq
+	open, ok := d.open.Get(seq)
+	if !ok {
 		return
 	}
 	recs, _ := d.reg.Groups(p.topic)
@@ -214,16 +222,16 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 		gs := p.groups[r.Group]
 		if gs.Done {
 			if r.broadcast() {
-				d.assignInstancesLocked(seq, p, r)
+				open += d.assignInstancesLocked(p, r)
 			}
 			continue
 		}
-		p.open++
-		d.laneLocked(r).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at, key: p.ordering})
+		open++
+		d.laneLocked(r).push(item{seq: seq, attempts: int32(gs.Attempts), at: p.at}, p.ordering)
 	}
-	p.groups = nil // the lanes have it now
-	if p.open == 0 {
-		delete(d.msgs, seq)
+	d.open.Set(seq, open)
+	if open == 0 {
+		d.open.Delete(seq)
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
@@ -234,6 +242,35 @@ func (d *Dispatcher) assignLocked(seq uint64) {
 		if d.metrics != nil && len(recs) == 0 {
 			d.metrics.Outcomes.WithLabelValues(p.topic, "", "no_subscribers").Inc()
 		}
+	}
+}
+
+// finishLocked counts a final outcome of message seq for one group (or
+// broadcast instance), reporting whether it was the last the message
+// waited for: it is then forgotten, and the caller deletes it from the
+// store. d.mu must be held.
+func (d *Dispatcher) finishLocked(seq uint64) (last bool) {
+	open, ok := d.open.Get(seq)
+	if !ok {
+		return false
+	}
+	if open--; open <= 0 {
+		d.open.Delete(seq)
+		return true
+	}
+	d.open.Set(seq, open)
+	return false
+}
+
+// unfinishLocked undoes finishLocked(seq), which returned last, after the
+// outcome failed to commit. d.mu must be held.
+func (d *Dispatcher) unfinishLocked(seq uint64, last bool) {
+	if last {
+		d.open.Set(seq, 1)
+		return
+	}
+	if open, ok := d.open.Get(seq); ok {
+		d.open.Set(seq, open+1)
 	}
 }
 
@@ -286,8 +323,8 @@ func (d *Dispatcher) Status() Status {
 	now := d.now()
 	d.mu.Lock()
 	s := Status{Outbox: d.store.Pending(), Unassigned: len(d.waiting)}
-	for _, p := range d.msgs {
-		s.OldestSeconds = max(s.OldestSeconds, age(now, p.at))
+	for _, u := range d.waiting {
+		s.OldestSeconds = max(s.OldestSeconds, age(now, u.at))
 	}
 	lanes := make([]*lane, 0, len(d.lanes))
 	for _, l := range d.lanes {
@@ -295,7 +332,9 @@ func (d *Dispatcher) Status() Status {
 	}
 	d.mu.Unlock()
 	for _, l := range lanes {
-		s.Groups = append(s.Groups, l.status(now))
+		g := l.status(now)
+		s.OldestSeconds = max(s.OldestSeconds, g.OldestSeconds) // every assigned message is in a lane
+		s.Groups = append(s.Groups, g)
 	}
 	sort.Slice(s.Groups, func(i, j int) bool {
 		a, b := s.Groups[i], s.Groups[j]

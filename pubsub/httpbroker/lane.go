@@ -28,14 +28,21 @@ func batchSize(maxInFlight int) int {
 	return min(max((maxInFlight+3)/4, 1), maxBatch)
 }
 
-// item is one message waiting in a lane.
+// item is one message waiting in a lane: 24 bytes. Its ordering key, if
+// it has one, is in lane.keys, and its next send, while it waits for a
+// retry, in the retry heap's entry.
 type item struct {
 	seq      uint64
-	attempts int32  // deliveries that reached the app
-	missed   int32  // sends in a row that did not reach it
-	at       int64  // published, unix nanoseconds
-	due      int64  // next send, unix nanoseconds
-	key      string // ordering key, "" for none
+	at       int64 // published, unix nanoseconds
+	attempts int32 // deliveries that reached the app
+	missed   int32 // sends in a row that did not reach it
+}
+
+// retryItem is an item waiting for its next send, at due (unix
+// nanoseconds).
+type retryItem struct {
+	due int64
+	it  item
 }
 
 // age is the seconds from at (unix nanoseconds) to now.
@@ -44,12 +51,12 @@ func age(now time.Time, at int64) float64 {
 }
 
 // retryHeap orders items by due time.
-type retryHeap []item
+type retryHeap []retryItem
 
 func (h retryHeap) Len() int           { return len(h) }
 func (h retryHeap) Less(i, j int) bool { return h[i].due < h[j].due }
 func (h retryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *retryHeap) Push(x any)        { *h = append(*h, x.(item)) }
+func (h *retryHeap) Push(x any)        { *h = append(*h, x.(retryItem)) }
 func (h *retryHeap) Pop() any {
 	old := *h
 	x := old[len(old)-1]
@@ -68,6 +75,9 @@ type lane struct {
 	ready    []item
 	retry    retryHeap
 	inflight map[uint64]int64 // seq → published, of items out in batches
+	// keys holds the ordering key of each item of the lane that has one,
+	// from push until the item is done here (forget).
+	keys map[uint64]string
 	// held maps an ordering key to the message that holds it, with
 	// ordering per_key: from its first send until its final outcome no
 	// other message of the key is sent.
@@ -82,7 +92,7 @@ type lane struct {
 }
 
 func newLane(d *Dispatcher, k laneKey, r Record) *lane {
-	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]int64{}, held: map[string]uint64{}}
+	return &lane{d: d, key: k, rec: r, wake: make(chan struct{}, 1), inflight: map[uint64]int64{}, held: map[string]uint64{}, keys: map[uint64]string{}}
 }
 
 func (l *lane) setRecord(r Record) {
@@ -91,17 +101,33 @@ func (l *lane) setRecord(r Record) {
 	l.mu.Unlock()
 }
 
-func (l *lane) push(it item) {
+// push adds a message to the lane, with its ordering key ("" for none).
+// A paused lane is not woken: its timer runs take at the pause's end, and
+// a wake per published message would only make it set that timer again.
+func (l *lane) push(it item, key string) {
 	l.mu.Lock()
 	l.ready = append(l.ready, it)
+	if key != "" {
+		l.keys[it.seq] = key
+	}
+	paused := l.pauseUntil != 0 && l.d.now().UnixNano() < l.pauseUntil
 	l.mu.Unlock()
-	l.signal()
+	if !paused {
+		l.signal()
+	}
+}
+
+// keyOf returns the ordering key of the lane's message seq.
+func (l *lane) keyOf(seq uint64) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.keys[seq]
 }
 
 func (l *lane) later(it item, d time.Duration) {
-	it.due = l.d.now().Add(d).UnixNano()
+	due := l.d.now().Add(d).UnixNano()
 	l.mu.Lock()
-	heap.Push(&l.retry, it)
+	heap.Push(&l.retry, retryItem{due, it})
 	l.mu.Unlock()
 	l.signal()
 }
@@ -120,7 +146,7 @@ func (l *lane) take() ([]item, Record, time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for len(l.retry) > 0 && l.retry[0].due <= now.UnixNano() {
-		l.ready = append(l.ready, heap.Pop(&l.retry).(item))
+		l.ready = append(l.ready, heap.Pop(&l.retry).(retryItem).it)
 	}
 	if now.UnixNano() < l.pauseUntil {
 		return nil, l.rec, time.Unix(0, l.pauseUntil)
@@ -171,12 +197,12 @@ func (l *lane) takeOrdered(n int) []item {
 	i := 0
 	for ; i < len(l.ready) && len(batch) < n && i < maxOrderedScan; i++ {
 		it := l.ready[i]
-		if it.key != "" {
-			if holder, ok := l.held[it.key]; ok && holder != it.seq {
+		if key := l.keys[it.seq]; key != "" {
+			if holder, ok := l.held[key]; ok && holder != it.seq {
 				keep = append(keep, it)
 				continue
 			}
-			l.held[it.key] = it.seq
+			l.held[key] = it.seq
 		}
 		batch = append(batch, it)
 	}
@@ -196,8 +222,8 @@ func (l *lane) status(now time.Time) GroupStatus {
 	for _, it := range l.ready {
 		oldest(it.at)
 	}
-	for _, it := range l.retry {
-		oldest(it.at)
+	for _, r := range l.retry {
+		oldest(r.it.at)
 	}
 	for _, at := range l.inflight {
 		oldest(at)
@@ -331,7 +357,7 @@ func (l *lane) send(ctx context.Context, batch []item, rec Record, release func(
 		return
 	}
 	// A batch may wait behind another for the app's slots.
-	results, err := send(ctx, l.d.client, addr, req, 2*rec.Timeout+5*time.Second)
+	results, err := send(ctx, l.d.peers.pool(addr), addr, req, 2*rec.Timeout+5*time.Second)
 	if err != nil {
 		if ctx.Err() == nil {
 			log.Debug("batch not delivered", zap.String("peer", addr), zap.Int("messages", len(live)), zap.Error(err))
@@ -400,8 +426,13 @@ func (l *lane) forget(items []item) {
 	l.mu.Lock()
 	for _, it := range items {
 		delete(l.inflight, it.seq)
-		if it.key != "" && l.held[it.key] == it.seq {
-			delete(l.held, it.key)
+		key, ok := l.keys[it.seq]
+		if !ok {
+			continue
+		}
+		delete(l.keys, it.seq)
+		if l.held[key] == it.seq {
+			delete(l.held, key)
 			released = true
 		}
 	}
@@ -462,7 +493,7 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 		}
 		finished = append(finished, it)
 		updates = append(updates, store.Update{Seq: it.seq, Group: rec.target(), Attempts: int(it.attempts), Done: true})
-		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Ordering: it.key, Body: body})
+		dead = append(dead, store.Entry{Topic: rec.DeadLetter, Ordering: l.keyOf(it.seq), Body: body})
 		if m != nil {
 			m.Outcomes.WithLabelValues(rec.Topic, rec.Group, "deadletter").Inc()
 			m.DeadLetters.WithLabelValues(rec.Topic, rec.Group, reason).Inc()
@@ -474,13 +505,10 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 	d := l.d
 	d.mu.Lock()
 	var lastSeqs []uint64
-	for _, it := range finished {
-		if p := d.msgs[it.seq]; p != nil {
-			p.open--
-			if p.open <= 0 {
-				lastSeqs = append(lastSeqs, it.seq)
-				delete(d.msgs, it.seq)
-			}
+	last := make([]bool, len(finished))
+	for i, it := range finished {
+		if last[i] = d.finishLocked(it.seq); last[i] {
+			lastSeqs = append(lastSeqs, it.seq)
 		}
 	}
 	d.mu.Unlock()
@@ -491,10 +519,8 @@ func (l *lane) record(rec Record, live []item, bodies [][]byte, results []pubsub
 	if err != nil {
 		log.Error("record outcomes failed; the batch will be sent again", zap.Error(err))
 		d.mu.Lock()
-		for _, it := range finished {
-			if p := d.msgs[it.seq]; p != nil {
-				p.open++
-			}
+		for i, it := range finished {
+			d.unfinishLocked(it.seq, last[i])
 		}
 		d.mu.Unlock()
 		for _, it := range live {

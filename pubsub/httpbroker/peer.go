@@ -7,12 +7,14 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/internal/h1"
 	"github.com/sidecarlb/sidecar/pubsub"
 )
 
@@ -230,21 +232,79 @@ func (r *deliverRequest) encode() []byte {
 	return append(b, "]}"...)
 }
 
+// Bounds of the connections to peer sidecars.
+const (
+	peerConnectTimeout = 5 * time.Second
+	peerIdleTimeout    = 90 * time.Second
+)
+
+// peerPools holds one keep-alive connection pool (internal/h1, the
+// sidecar's own HTTP/1.1 client) per peer address. A lane has at most
+// lanesInFlight batches out, each on a connection of its own, so a pool
+// keeps about that many connections per lane sending to its peer; those
+// idle past peerIdleTimeout close. Past maxPeerPools pools (instances come
+// and go), those unused for peerIdleTimeout are retired and forgotten.
+// Safe for concurrent use.
+type peerPools struct {
+	mu    sync.Mutex
+	pools map[string]*peerPool
+}
+
+// peerPool is the connections to one peer, and the URL of its deliveries
+// (shared read-only by every request).
+type peerPool struct {
+	*h1.Pool
+	url  *url.URL
+	used time.Time // under peerPools.mu
+}
+
+// maxPeerPools is the number of peer pools past which unused ones go.
+const maxPeerPools = 256
+
+func newPeerPools() *peerPools { return &peerPools{pools: map[string]*peerPool{}} }
+
+// pool returns addr's pool, creating it on first use.
+func (pp *peerPools) pool(addr string) *peerPool {
+	now := time.Now()
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	p := pp.pools[addr]
+	if p == nil {
+		if len(pp.pools) >= maxPeerPools {
+			for a, old := range pp.pools {
+				if now.Sub(old.used) > peerIdleTimeout {
+					old.Retire() // its connections close, the busy ones once done
+					delete(pp.pools, a)
+				}
+			}
+		}
+		p = &peerPool{Pool: h1.NewPool(peerConnectTimeout, peerIdleTimeout, nil), url: &url.URL{Scheme: "http", Host: addr, Path: DeliverPath}}
+		pp.pools[addr] = p
+	}
+	p.used = now
+	return p
+}
+
+// batchBody is a delivery request's body, held in memory, for h1.Pool:
+// the pool sends it again on a new connection only when a reused one
+// failed before the request fully left (a POST is not idempotent).
+type batchBody []byte
+
+func (b batchBody) Bytes() []byte    { return b }
+func (b batchBody) Replayable() bool { return true }
+
 // errPeer wraps every failure of a delivery request as a whole.
 var errPeer = errors.New("peer delivery failed")
 
 // send posts one batch to the peer at addr and returns one result per
 // message. An error means no result is known: none counts as an attempt.
-func send(ctx context.Context, client *http.Client, addr string, req *deliverRequest, timeout time.Duration) ([]pubsub.Result, error) {
+func send(ctx context.Context, pool *peerPool, addr string, req *deliverRequest, timeout time.Duration) ([]pubsub.Result, error) {
 	body := req.encode()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+addr+DeliverPath, bytesReader(body))
-	if err != nil {
-		return nil, err
-	}
-	hr.Header.Set("Content-Type", "application/json")
-	resp, err := client.Do(hr)
+	hr := (&http.Request{Method: http.MethodPost, URL: pool.url, Host: addr, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: http.Header{"Content-Type": {"application/json"}}, ContentLength: int64(len(body))}).WithContext(ctx)
+	resp, err := pool.RoundTrip(hr, batchBody(body), time.Now())
 	if err != nil {
 		return nil, errors.Join(errPeer, err)
 	}

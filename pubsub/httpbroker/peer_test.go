@@ -3,6 +3,7 @@ package httpbroker
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -98,4 +99,34 @@ func FuzzDecodeBatch(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestPeerPoolsForgetUnused: past maxPeerPools, pools unused for the idle
+// timeout go, the recently used stay, and an address asked for again gets
+// its own pool back while it is kept.
+func TestPeerPoolsForgetUnused(t *testing.T) {
+	pp := newPeerPools()
+	first := pp.pool("10.0.0.1:1")
+	if pp.pool("10.0.0.1:1") != first {
+		t.Fatal("pool() of the same address = a new pool, want the same")
+	}
+	for i := range maxPeerPools - 1 {
+		pp.pool(fmt.Sprintf("10.0.1.%d:%d", i/250, i%250+1))
+	}
+	pp.mu.Lock()
+	for a, p := range pp.pools {
+		if a != "10.0.1.0:1" {
+			p.used = p.used.Add(-2 * peerIdleTimeout)
+		}
+	}
+	pp.mu.Unlock()
+	pp.pool("10.0.2.1:1")
+	pp.mu.Lock()
+	defer pp.mu.Unlock()
+	if len(pp.pools) != 2 {
+		t.Errorf("%d pools after the sweep, want 2 (the recently used and the new)", len(pp.pools))
+	}
+	if _, ok := pp.pools["10.0.1.0:1"]; !ok {
+		t.Errorf("a recently used pool went")
+	}
 }

@@ -1,9 +1,7 @@
 package httpbroker
 
 import (
-	"bytes"
 	"context"
-	"io"
 	"sync"
 
 	"github.com/sidecarlb/sidecar/balancer"
@@ -89,5 +87,3 @@ func (p *picker) instance(ctx context.Context, service, id string) (addr string,
 	}
 	return "", false, nil
 }
-
-func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }

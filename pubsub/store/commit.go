@@ -90,7 +90,7 @@ func (s *Store) encodeEntries(o *op, act *segment, now int64) (added int64) {
 			kexp = exp
 		}
 		s.buf = encodeAppend(s.buf, seq, kexp, e.Key, e.Topic, e.Ordering, e.Body)
-		s.msgs[seq] = s.newMsg(act, act.size+int64(len(s.buf)-len(e.Body)), len(e.Body), e.Topic, e.Ordering)
+		s.addMsg(seq, act, act.size+int64(len(s.buf)-len(e.Body)), len(e.Body), e.Topic, e.Ordering)
 		added++
 		if e.Key != "" {
 			key := strings.Clone(e.Key)
@@ -111,12 +111,10 @@ func (s *Store) encodeUpdates(updates []Update) (deleted int64) {
 			}
 			continue
 		}
-		m, ok := s.msgs[u.Seq]
-		if !ok {
+		if _, ok := s.msgs.Get(u.Seq); !ok {
 			continue // finished already: its state has no reader
 		}
-		m.setGroup(s.intern([]byte(u.Group)), uint32(u.Attempts), u.Done)
-		s.msgs[u.Seq] = m
+		s.setGroup(u.Seq, s.intern([]byte(u.Group)), uint32(u.Attempts), u.Done)
 		s.buf = encodeState(s.buf, u.Seq, u.Group, uint32(u.Attempts), u.Done)
 	}
 	return deleted
@@ -185,7 +183,7 @@ func (s *Store) reclaim(now int64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	moved := map[uint64]int64{} // seq → offset of its new body in act
-	for seq, m := range s.msgs {
+	for seq, m := range s.msgs.All() {
 		if m.seg != old {
 			continue
 		}
@@ -193,9 +191,9 @@ func (s *Store) reclaim(now int64) error {
 		if _, err := old.f.ReadAt(body, m.off); err != nil {
 			return fmt.Errorf("copy message %d forward: %w", seq, err)
 		}
-		s.buf = encodeAppend(s.buf, seq, 0, "", s.topics[m.topic], m.ordering(), body)
+		s.buf = encodeAppend(s.buf, seq, 0, "", s.topics[m.topic], s.ordering(seq), body)
 		moved[seq] = act.size + int64(len(s.buf)-len(body))
-		for _, g := range m.groups() {
+		for _, g := range s.groups(seq) {
 			s.buf = encodeState(s.buf, seq, g.name, g.attempts, g.done)
 		}
 	}
@@ -216,11 +214,11 @@ func (s *Store) reclaim(now int64) error {
 		}
 	}
 	for seq, off := range moved {
-		m := s.msgs[seq]
+		m, _ := s.msgs.Get(seq)
 		m.seg, m.off = act, off
-		s.msgs[seq] = m
+		s.msgs.Set(seq, m)
 		act.live++
-		act.liveBytes += s.recLen(&m)
+		act.liveBytes += s.recLen(seq, &m)
 	}
 	for _, k := range keys {
 		e := s.dedup[k]

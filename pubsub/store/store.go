@@ -32,6 +32,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sidecarlb/sidecar/pubsub/internal/seqtab"
 )
 
 var (
@@ -74,9 +76,10 @@ type Store struct {
 	commits atomic.Int64 // group commits (fsyncs)
 	writes  atomic.Int64 // writes committed in them
 
-	mu   sync.RWMutex // guards msgs and segs; held by readers of a body
-	msgs map[uint64]msg
-	segs []*segment // oldest first; the last is written to
+	mu    sync.RWMutex // guards msgs, extra and segs; held by readers of a body
+	msgs  *seqtab.Table[msg]
+	extra map[uint64]*msgExtra // of the messages with an ordering key or a group state
+	segs  []*segment           // oldest first; the last is written to
 
 	// Committer only.
 	dedup   map[string]dedupEntry
@@ -98,14 +101,14 @@ type segment struct {
 	liveBytes int64 // about their append records' bytes
 }
 
-// msg is what memory holds of a pending message: 32 bytes, and x only
-// for a message with an ordering key or a group state.
+// msg is what memory holds of a pending message: 24 bytes in a
+// seqtab.Table (about 25 a message), and an entry in Store.extra only for
+// a message with an ordering key or a group state.
 type msg struct {
 	seg   *segment
 	off   int64 // of the body in seg's file
 	n     uint32
 	topic uint32 // index in Store.topics
-	x     *msgExtra
 }
 
 type msgExtra struct {
@@ -113,35 +116,35 @@ type msgExtra struct {
 	groups   []groupState
 }
 
-func (m *msg) ordering() string {
-	if m.x == nil {
-		return ""
+func (s *Store) ordering(seq uint64) string {
+	if x := s.extra[seq]; x != nil {
+		return x.ordering
 	}
-	return m.x.ordering
+	return ""
 }
 
-func (m *msg) groups() []groupState {
-	if m.x == nil {
-		return nil
+func (s *Store) groups(seq uint64) []groupState {
+	if x := s.extra[seq]; x != nil {
+		return x.groups
 	}
-	return m.x.groups
+	return nil
 }
 
-// recLen is about the bytes of m's append record (its key not counted),
-// for the accounting of live bytes per segment.
-func (s *Store) recLen(m *msg) int64 {
-	return recHeader + int64(appendHeadLen("", s.topics[m.topic], m.ordering())) + int64(m.n)
+// recLen is about the bytes of the append record of message seq, m (its
+// key not counted), for the accounting of live bytes per segment.
+func (s *Store) recLen(seq uint64, m *msg) int64 {
+	return recHeader + int64(appendHeadLen("", s.topics[m.topic], s.ordering(seq))) + int64(m.n)
 }
 
-// newMsg returns the msg of a body of n bytes at off in seg.
-func (s *Store) newMsg(seg *segment, off int64, n int, topic, ordering string) msg {
+// addMsg puts message seq, a body of n bytes at off in seg, in memory.
+func (s *Store) addMsg(seq uint64, seg *segment, off int64, n int, topic, ordering string) {
 	m := msg{seg: seg, off: off, n: uint32(n), topic: s.topicIndex(topic)}
 	if ordering != "" {
-		m.x = &msgExtra{ordering: strings.Clone(ordering)}
+		s.extra[seq] = &msgExtra{ordering: strings.Clone(ordering)}
 	}
+	s.msgs.Set(seq, m)
 	seg.live++
-	seg.liveBytes += s.recLen(&m)
-	return m
+	seg.liveBytes += s.recLen(seq, &m)
 }
 
 // topicIndex returns topic's index in s.topics, adding it if new.
@@ -211,14 +214,14 @@ func Open(dir string, opts Options) (*Store, error) {
 	s := &Store{
 		dir: dir, opts: opts, lock: lock,
 		ops: make(chan *op, maxBatch), quit: make(chan struct{}), stopped: make(chan struct{}),
-		msgs: map[uint64]msg{}, dedup: map[string]dedupEntry{}, names: map[string]string{}, topicID: map[string]uint32{},
+		msgs: seqtab.New[msg](), extra: map[uint64]*msgExtra{}, dedup: map[string]dedupEntry{}, names: map[string]string{}, topicID: map[string]uint32{},
 		nextSeq: 1,
 	}
 	if err := s.load(); err != nil {
 		s.closeFiles()
 		return nil, err
 	}
-	s.pending.Store(int64(len(s.msgs)))
+	s.pending.Store(int64(s.msgs.Len()))
 	s.swept = opts.Now()
 	go s.commit()
 	return s, nil
@@ -304,15 +307,14 @@ func (s *Store) replay(seg *segment, off int64, r record, now int64) {
 		s.nextSeq = max(s.nextSeq, r.seq)
 	case recAppend:
 		s.drop(r.seq)
-		s.msgs[r.seq] = s.newMsg(seg, off+recHeader+int64(r.bodyOff), r.bodyLen, string(r.topic), string(r.ordering))
+		s.addMsg(r.seq, seg, off+recHeader+int64(r.bodyOff), r.bodyLen, string(r.topic), string(r.ordering))
 		s.nextSeq = max(s.nextSeq, r.seq+1)
 		if len(r.key) > 0 && r.exp > now {
 			s.dedup[string(r.key)] = dedupEntry{exp: r.exp, seq: r.seq, seg: seg}
 		}
 	case recState:
-		if m, ok := s.msgs[r.seq]; ok {
-			m.setGroup(s.intern(r.group), r.attempts, r.done)
-			s.msgs[r.seq] = m
+		if _, ok := s.msgs.Get(r.seq); ok {
+			s.setGroup(r.seq, s.intern(r.group), r.attempts, r.done)
 		}
 	case recDelete:
 		s.drop(r.seq)
@@ -325,27 +327,31 @@ func (s *Store) replay(seg *segment, off int64, r record, now int64) {
 
 // drop forgets message seq, if it is pending.
 func (s *Store) drop(seq uint64) bool {
-	m, ok := s.msgs[seq]
+	m, ok := s.msgs.Get(seq)
 	if !ok {
 		return false
 	}
 	m.seg.live--
-	m.seg.liveBytes -= s.recLen(&m)
-	delete(s.msgs, seq)
+	m.seg.liveBytes -= s.recLen(seq, &m)
+	s.msgs.Delete(seq)
+	delete(s.extra, seq)
 	return true
 }
 
-func (m *msg) setGroup(name string, attempts uint32, done bool) {
-	if m.x == nil {
-		m.x = &msgExtra{}
+// setGroup records the state of group name for pending message seq.
+func (s *Store) setGroup(seq uint64, name string, attempts uint32, done bool) {
+	x := s.extra[seq]
+	if x == nil {
+		x = &msgExtra{}
+		s.extra[seq] = x
 	}
-	for i := range m.x.groups {
-		if m.x.groups[i].name == name {
-			m.x.groups[i].attempts, m.x.groups[i].done = attempts, done
+	for i := range x.groups {
+		if x.groups[i].name == name {
+			x.groups[i].attempts, x.groups[i].done = attempts, done
 			return
 		}
 	}
-	m.x.groups = append(m.x.groups, groupState{name: name, attempts: attempts, done: done})
+	x.groups = append(x.groups, groupState{name: name, attempts: attempts, done: done})
 }
 
 // intern returns the one copy of a group name (a few distinct ones, each
@@ -485,7 +491,7 @@ func (s *Store) Apply(updates []Update, entries []Entry) ([]Appended, error) {
 func (s *Store) Get(seq uint64) (topic string, body []byte, ok bool, err error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	m, ok := s.msgs[seq]
+	m, ok := s.msgs.Get(seq)
 	if !ok {
 		return "", nil, false, nil
 	}
@@ -522,7 +528,7 @@ func (s *Store) GetMany(seqs []uint64) ([][]byte, error) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	for i, seq := range seqs {
-		if m, ok := s.msgs[seq]; ok {
+		if m, ok := s.msgs.Get(seq); ok {
 			if m.seg.f == nil {
 				return nil, ErrClosed
 			}
@@ -570,21 +576,20 @@ type GroupState struct {
 // call Get; it must not be called concurrently with writes to the store.
 func (s *Store) Load(fn func(seq uint64, topic, ordering string, groups map[string]GroupState) error) error {
 	s.mu.RLock()
-	seqs := make([]uint64, 0, len(s.msgs))
-	for seq := range s.msgs {
+	seqs := make([]uint64, 0, s.msgs.Len())
+	for seq := range s.msgs.All() { // in order
 		seqs = append(seqs, seq)
 	}
 	s.mu.RUnlock()
-	slices.Sort(seqs)
 	for _, seq := range seqs {
 		s.mu.RLock()
-		m, ok := s.msgs[seq]
+		m, ok := s.msgs.Get(seq)
 		var groups map[string]GroupState
 		var topic, ordering string
 		if ok {
-			topic, ordering = s.topics[m.topic], m.ordering()
+			topic, ordering = s.topics[m.topic], s.ordering(seq)
 		}
-		if gs := m.groups(); ok && len(gs) > 0 {
+		if gs := s.groups(seq); ok && len(gs) > 0 {
 			groups = make(map[string]GroupState, len(gs))
 			for _, g := range gs {
 				groups[g.name] = GroupState{Attempts: int(g.attempts), Done: g.done}
