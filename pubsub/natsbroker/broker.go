@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -86,7 +87,24 @@ type Broker struct {
 	streamMu    sync.Mutex
 	streamReady atomic.Bool
 	inFlight    []atomic.Int64 // per subscription
+
+	// refused counts, per message still unsettled here, the deliveries
+	// JetStream made that never reached the app (unhealthy, not listening):
+	// they are not attempts, and the attempt number leaves them out as the
+	// http broker's does. Bounded (the least recently seen go first; a
+	// stream sequence never comes back, so settled ones need no removal);
+	// a refusal by another instance of the group is not known here.
+	refused *lru.Cache[refusalKey, int]
 }
+
+// refusalKey names a message of one subscription.
+type refusalKey struct {
+	topic, group string
+	seq          uint64 // the stream sequence
+}
+
+// maxRefusals bounds Broker.refused.
+const maxRefusals = 4096
 
 // New connects to NATS (in the background: a server that is down now is
 // retried for ever) and returns the broker. app delivers to the local app;
@@ -113,7 +131,8 @@ func New(opts Options, app *pubsub.App, subs []Subscription, log *zap.Logger) (*
 	if opts.PublishWindow == 0 {
 		opts.PublishWindow = pubsub.MaxBulkEntries
 	}
-	b := &Broker{opts: opts, app: app, subs: subs, log: log, inFlight: make([]atomic.Int64, len(subs))}
+	refused, _ := lru.New[refusalKey, int](maxRefusals)
+	b := &Broker{opts: opts, app: app, subs: subs, log: log, inFlight: make([]atomic.Int64, len(subs)), refused: refused}
 	nopts := []nats.Option{
 		nats.Name(opts.Name),
 		nats.MaxReconnects(-1),

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"strconv"
 	"sync"
@@ -59,7 +60,7 @@ func newBroker(t *testing.T, url string, app *pubsub.App, subs []Subscription, o
 	opts.URLs = []string{url}
 	opts.Instance = "test-1"
 	opts.PublishTimeout = 2 * time.Second
-	b, err := New(opts, app, subs, zap.NewNop())
+	b, err := New(opts, app, subs, zaptestLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -354,4 +355,70 @@ func TestForwardSpool(t *testing.T) {
 			t.Fatalf("message %d = %s, want %s", i+1, got, want)
 		}
 	}
+}
+
+// TestRefusalIsNotAnAttempt: deliveries JetStream made that never reached
+// the app (here: nothing listening yet) are not attempts: the app's first
+// sight of the message carries attempt 1, and a failure after it 2.
+func TestRefusalIsNotAnAttempt(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nobody listens until two deliveries were refused
+	var mu sync.Mutex
+	var attempts []string
+	app := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		attempts = append(attempts, r.Header.Get("Sidecar-Delivery-Attempt"))
+		first := len(attempts) == 1
+		mu.Unlock()
+		if first {
+			w.WriteHeader(http.StatusServiceUnavailable) // one real failure
+		}
+	}))
+	a := pubsub.NewApp(addr, []pubsub.Subscription{{Topic: "blip", Group: "g", Route: "/", ContentMode: "raw", MaxInFlight: 1, Timeout: 5 * time.Second}}, nil, nil, zap.NewNop())
+	b := newBroker(t, srv.URL(), a, []Subscription{{Topic: "blip", Group: "g", MaxInFlight: 1, Policy: pubsub.Policy{MaxAttempts: 5, Backoff: 10 * time.Millisecond, MaxBackoff: 10 * time.Millisecond}, DeadLetter: "blip.dlq"}}, Options{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 10*time.Second, "the consumer", func() bool { return b.Status().Groups[0].Pending == 0 })
+	if _, err := b.Publish([]pubsub.Publication{{Msg: msg("blip", "b-1")}}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "two refused deliveries", func() bool {
+		n := 0
+		for _, v := range b.refused.Values() {
+			n += v
+		}
+		return n >= 2
+	})
+	if app.Listener, err = net.Listen("tcp", addr); err != nil {
+		t.Fatal(err)
+	}
+	app.Start()
+	t.Cleanup(app.Close)
+	waitFor(t, 15*time.Second, "two deliveries to the app", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(attempts) >= 2
+	})
+	time.Sleep(200 * time.Millisecond) // a third would show
+	mu.Lock()
+	defer mu.Unlock()
+	if want := []string{"1", "2"}; !slices.Equal(attempts, want) {
+		t.Errorf("attempts the app saw = %q, want %q", attempts, want)
+	}
+}
+
+func zaptestLogger(t *testing.T) *zap.Logger {
+	if os.Getenv("NATSBROKER_DEBUG") != "" {
+		l, _ := zap.NewDevelopment()
+		return l
+	}
+	return zap.NewNop()
 }

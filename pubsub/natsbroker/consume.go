@@ -190,7 +190,13 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg *nats.Msg, wo
 		_ = msg.Nak()
 		return
 	}
+	key := refusalKey{sub.Topic, sub.Group, meta.Sequence.Stream}
 	attempt := int(meta.NumDelivered)
+	if attempt > 1 {
+		if n, ok := b.refused.Get(key); ok {
+			attempt = max(1, attempt-n)
+		}
+	}
 	m, err := decodeMsg(msg.Header, msg.Data)
 	if err != nil {
 		// Not a sidecar message: dead-letter its bytes as they are.
@@ -220,6 +226,8 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg *nats.Msg, wo
 			mt.Outcomes.WithLabelValues(sub.Topic, sub.Group, r.Outcome.String()).Inc()
 		}
 	case pubsub.NotDelivered:
+		n, _ := b.refused.Get(key)
+		b.refused.Add(key, n+1)
 		if ctx.Err() != nil || !b.app.Ready() {
 			_ = msg.Nak() // draining: another instance takes it now
 		} else {

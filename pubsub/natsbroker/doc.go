@@ -58,7 +58,8 @@
 // message was published elsewhere first.
 //
 // Retries have one owner, the subscriber's sidecar: the attempt number is
-// JetStream's delivery count of the message; a retry is a nak with the
+// JetStream's delivery count of the message less the deliveries this
+// sidecar made that never reached the app (below); a retry is a nak with the
 // subscription's jittered backoff (or the app's Retry-After) as its delay;
 // after max_attempts, or on a rejection, the message is published to the
 // dead-letter topic (with deadletterreason and deadletterattempts) and only
