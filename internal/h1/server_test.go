@@ -164,3 +164,48 @@ func h1tRecv[T any](t *testing.T, ch <-chan T, d time.Duration, what string) T {
 		panic("unreachable")
 	}
 }
+
+// TestWatchReadsOneByteAhead: the client watch, run twice for one request
+// after the client has already sent its next request (a timer callback of
+// an earlier arming, started late, as CPU starvation makes it, next to the
+// current arming's), keeps that request's first byte. It used to read a
+// second byte over the first, so that "GET /second" reached the handler as
+// "ET /second" (through the proxy: a 405 from the node).
+func TestWatchReadsOneByteAhead(t *testing.T) {
+	nextSent := make(chan struct{})
+	methods := make(chan string, 2)
+	st := h1tStart(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		methods <- r.Method + " " + r.URL.Path
+		if r.URL.Path != "/first" {
+			return
+		}
+		w.Header().Set("Content-Length", "5") // the answer is whole once flushed
+		_, _ = io.WriteString(w, "first")
+		w.(http.Flusher).Flush()
+		select { // the client reads the answer and sends its next request
+		case <-nextSent:
+		case <-time.After(h1tTimeout):
+			t.Error("the next request was not sent")
+			return
+		}
+		c := w.(*response).c
+		c.startWatch() // the late callback: takes the next request's first byte
+		c.startWatch() // the current arming's: must leave it
+	}), Options{})
+	c, br := h1tDial(t, st.addr)
+	h1tWrite(t, c, "GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+	if _, body := h1tRead(t, br, http.MethodGet); body != "first" {
+		t.Fatalf("first answer %q", body)
+	}
+	h1tWrite(t, c, "GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+	close(nextSent)
+	resp, _ := h1tRead(t, br, http.MethodGet)
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("second answer %s", resp.Status)
+	}
+	for _, want := range []string{"GET /first", "GET /second"} {
+		if got := h1tRecv(t, methods, h1tTimeout, "a request"); got != want {
+			t.Errorf("handler saw %q, want %q", got, want)
+		}
+	}
+}
