@@ -487,12 +487,10 @@ func (h *healthWatch) fetch(ctx context.Context) time.Duration {
 	case <-ctx.Done():
 		return 0
 	}
-	select {
-	case retry := <-h.reply:
-		return retry
-	case <-ctx.Done():
-		return 0
-	}
+	// Even once ctx ends: the worker may be handling the answer, which
+	// calls the sink, and must be done before Watch returns. It is bounded
+	// by fetchTimeout and one handle.
+	return <-h.reply
 }
 
 // handle handles the answer to a fetch and returns how long to wait before

@@ -832,6 +832,12 @@ func TestConsulWorkerHandlesAnswer(t *testing.T) {
 	go func() { defer close(done); c.Watch(ctx, "web", p) }()
 	t.Cleanup(func() { cancel(); <-done })
 	waitUntil(t, "web's set after the panic", func() bool { return slices.Equal(ids(p.last()), []string{"a"}) })
+	p.mu.Lock()
+	fails := slices.Clone(p.fails)
+	p.mu.Unlock()
+	if len(fails) != 1 || !strings.Contains(fails[0].Error(), "panicked") {
+		t.Errorf("the sink was told of failures %v, want the one panic (its set must age as on any failure)", fails)
+	}
 	api := runWatch(t, c, "api") // on the one worker, which survived
 	waitUntil(t, "api's set", func() bool { return slices.Equal(ids(api.last()), []string{"b"}) })
 	f.set(12, "web", node("a", 1), node("c", 3))

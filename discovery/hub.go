@@ -88,27 +88,28 @@ func (c *Consul) worker(ctx context.Context) {
 					retry = c.handle(j.h, r)
 				}
 			}
-			// The reply is buffered and each watch has one fetch in flight
-			// at most, but a watch that stopped may have left the reply to
-			// its last fetch unread.
-			select {
-			case j.h.reply <- retry:
-			case <-j.ctx.Done():
-			}
+			// The reply is buffered and each watch has one fetch in
+			// flight at most, whose fetch waits for this reply even once
+			// its context ended: the sink is never called after Watch
+			// returned.
+			j.h.reply <- retry
 		}
 	}
 }
 
 // handle runs h.handle(r) for h's goroutine, which waits for it. A panic
-// there is logged and the service fetched again after the backoff, to be
-// published whatever it holds (the sink may have missed the last set); the
-// worker carries on.
+// there is a failed fetch (the sink is told, so the set ages and goes
+// stale as on any failure), logged with its stack the first time, and the
+// service fetched again after the backoff, to be published whatever it
+// holds (the sink may have missed the last set); the worker carries on.
 func (c *Consul) handle(h *healthWatch, r fetchResult) (retry time.Duration) {
 	defer func() {
 		if v := recover(); v != nil {
-			h.logger().Error("handling an answer panicked", zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+			if h.failures == 0 {
+				h.logger().Error("handling an answer panicked", zap.Any("panic", v), zap.ByteString("stack", debug.Stack()))
+			}
 			h.cur = nil
-			retry = h.back.next()
+			retry = h.fail(fmt.Errorf("handling the answer panicked: %v", v), true)
 		}
 	}()
 	return h.handle(r)
