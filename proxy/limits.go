@@ -69,6 +69,7 @@ type nodeLimits struct {
 	pending     atomic.Int64
 	requests    atomic.Int64
 	overflows   [numLimits]lazyCounter // made at the first overflow of each limit
+	retired     *atomic.Bool           // the endpoint's, when its series are its own
 	overflowVec *prometheus.CounterVec // curried but for endpoint and limit; nil: not counted
 	endpoint    string                 // the endpoint label of the overflow series
 	// reclaim, when not nil, closes an idle connection of the node's
@@ -113,11 +114,7 @@ func (l *nodeLimits) overflow(limit int, err error) error {
 	if l.overflowVec == nil {
 		return err
 	}
-	c := l.overflows[limit].get()
-	if c == nil {
-		c = l.overflows[limit].set(l.overflowVec.WithLabelValues(l.endpoint, limitNames[limit]))
-	}
-	c.Inc()
+	l.overflows[limit].make(l.overflowVec, l.retired, l.endpoint, limitNames[limit]).Inc()
 	return err
 }
 

@@ -226,6 +226,25 @@ func (l *lazyCounter) set(c prometheus.Counter) prometheus.Counter {
 	return l.p.Load().Counter
 }
 
+// make returns the series, making it in vec (with label values lvs) at
+// its first use. A node that retired (retired, when its series are its
+// own) gets a counter no scrape sees, since its series are gone; one made
+// as it retires is deleted again, as retire deleted those made before. A
+// series made for a newer endpoint at the same address is not touched.
+func (l *lazyCounter) make(vec *prometheus.CounterVec, retired *atomic.Bool, lvs ...string) prometheus.Counter {
+	if c := l.get(); c != nil {
+		return c
+	}
+	if retired != nil && retired.Load() {
+		return l.set(prometheus.NewCounter(prometheus.CounterOpts{Name: "sidecar_retired_series"}))
+	}
+	c := l.set(vec.WithLabelValues(lvs...))
+	if retired != nil && retired.Load() {
+		vec.DeleteLabelValues(lvs...)
+	}
+	return c
+}
+
 // countAnswer counts an answer of the given status from e in its
 // sidecar_upstream_requests_total series, made at the first answer of its
 // class. It does not allocate once the series exists.
@@ -242,12 +261,11 @@ func (m *routeMetrics) countAnswer(e *endpoint, status int) {
 // after e retired (a request in flight when its node left) is deleted
 // again, as retire deleted those made before.
 func (m *routeMetrics) newAnswerSeries(e *endpoint, class int) prometheus.Counter {
-	lv := m.endpoint(e.Addr)
-	c := e.requests[class].set(m.requests.WithLabelValues(lv, codeClasses[class], ""))
-	if m.endpointLabels && e.retired.Load() {
-		m.requests.DeleteLabelValues(lv, codeClasses[class], "")
+	var retired *atomic.Bool
+	if m.endpointLabels {
+		retired = &e.retired
 	}
-	return c
+	return e.requests[class].make(m.requests, retired, m.endpoint(e.Addr), codeClasses[class], "")
 }
 
 func codeClass(status int) int {

@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -225,5 +226,36 @@ func TestMetricsSeriesMadeAtFirstUse(t *testing.T) {
 	}
 	if want := len(codeClasses) + len(limitNames); upstream != want {
 		t.Errorf("series of a configured upstream's node before any request = %d, want %d (every class and limit, at zero)", upstream, want)
+	}
+}
+
+// TestLazySeriesAfterRetire: a node's series first needed after it
+// retired (an overflow or an answer of a request that was waiting when
+// the node left) is not made, so it cannot outlive the node; another
+// endpoint's series at the same address is left alone.
+func TestLazySeriesAfterRetire(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg).route("api", "svc")
+	const addr = "10.0.0.1:80"
+	var retired atomic.Bool
+	retired.Store(true)
+	var over lazyCounter
+	over.make(m.overflows, &retired, addr, limitNames[0]).Inc()
+	var answer lazyCounter
+	answer.make(m.requests, &retired, addr, "5xx", "").Inc()
+	for _, name := range []string{"sidecar_upstream_overflows_total", "sidecar_upstream_requests_total"} {
+		if s := series(t, reg, name); len(s) != 0 {
+			t.Errorf("%s = %v after the node retired, want none", name, s)
+		}
+	}
+	// The same address's series, made by a newer endpoint, stays when
+	// the retired one counts.
+	var live atomic.Bool
+	var newer lazyCounter
+	newer.make(m.requests, &live, addr, "5xx", "").Inc()
+	var older lazyCounter
+	older.make(m.requests, &retired, addr, "5xx", "").Inc()
+	if s := series(t, reg, "sidecar_upstream_requests_total"); len(s) != 1 {
+		t.Errorf("series = %v, want the newer endpoint's", s)
 	}
 }

@@ -221,12 +221,30 @@ func (rt *route) rebuildLocked(snap *discovery.Snapshot) *routeState {
 	rt.state.Store(st)
 	if old != nil {
 		for id, e := range old.endpoints {
-			if st.endpoints[id] != e {
-				rt.retire(e)
+			if st.endpoints[id] == e {
+				continue
 			}
+			if st.hasAddr(e.Addr) {
+				// A new endpoint at the same address (re-registered under
+				// another ID) counts into the same series: keep them.
+				e.retired.Store(true)
+				drain(e.pools.Load(), rt.cfg.Timeouts.Request)
+				continue
+			}
+			rt.retire(e)
 		}
 	}
 	return st
+}
+
+// hasAddr reports whether an endpoint of st is at addr.
+func (st *routeState) hasAddr(addr string) bool {
+	for _, e := range st.endpoints {
+		if e.Addr == addr {
+			return true
+		}
+	}
+	return false
 }
 
 func (rt *route) countEjected(st *routeState, now time.Time) int {
@@ -242,6 +260,9 @@ func (rt *route) countEjected(st *routeState, now time.Time) int {
 func (rt *route) newEndpoint(ep discovery.Endpoint) *endpoint {
 	e := &endpoint{Endpoint: ep, poolConfig: rt.poolFor(ep.Meta),
 		limits: newNodeLimits(rt.cfg.Resilience.Limits, rt.metrics.overflows, rt.metrics.endpoint(ep.Addr))}
+	if rt.metrics.endpointLabels {
+		e.limits.retired = &e.retired // its series go with it
+	}
 	e.stats.born = time.Now().UnixNano()
 	e.limits.reclaim = e.closeAnIdle
 	e.pools.Store(newPools(e.poolConfig, e.limits, time.Now()))
