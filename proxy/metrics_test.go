@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -257,5 +258,38 @@ func TestLazySeriesAfterRetire(t *testing.T) {
 	older.make(m.requests, &retired, addr, "5xx", "").Inc()
 	if s := series(t, reg, "sidecar_upstream_requests_total"); len(s) != 1 {
 		t.Errorf("series = %v, want the newer endpoint's", s)
+	}
+}
+
+// TestRebuildKeepsSharedSeries: when an instance comes back at the same
+// address under a new ID, the endpoint that left does not take the
+// series the new one counts into; when the address leaves, they go.
+func TestRebuildKeepsSharedSeries(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	px := New(staticCache(t, map[string][]string{}), NewMetrics(reg), testLogger(t))
+	rt, err := newRoute(px, "l", RouteConfig{Service: "billing"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rebuild := func(ids ...string) *routeState {
+		s := &discovery.Snapshot{Service: "billing", Updated: time.Now()}
+		for _, id := range ids {
+			s.Endpoints = append(s.Endpoints, discovery.NewEndpoint(id, "127.0.0.1", 1, nil, nil, 1))
+		}
+		rt.mu.Lock()
+		defer rt.mu.Unlock()
+		return rt.rebuildLocked(s)
+	}
+	answers := func() float64 {
+		return (&resSetup{reg: reg}).metric(t, "sidecar_upstream_requests_total", map[string]string{"code": "2xx", "endpoint": "127.0.0.1:1"})
+	}
+	rt.metrics.countAnswer(rebuild("old").endpoints["old"], 200)
+	rt.metrics.countAnswer(rebuild("new").endpoints["new"], 200)
+	if got := answers(); got != 2 {
+		t.Errorf("answers at the address after it came back under a new ID = %v, want 2 in the one series", got)
+	}
+	rebuild()
+	for _, s := range series(t, reg, "sidecar_upstream_requests_total") {
+		t.Errorf("sidecar_upstream_requests_total{%s} left after the address left", s)
 	}
 }
