@@ -124,32 +124,11 @@ func serve(ctx context.Context, cfg *config.Config, load func() (*config.Config,
 	// GET too: a Kubernetes httpGet preStop hook can only GET.
 	adminHandler.HandlePrivate("POST /drain", drain)
 	adminHandler.HandlePrivate("GET /drain", drain)
-	adminSrv, err := bind(cfg.Admin.Listen, adminHandler, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+	adminSrv, servers, err := bindAdmin(cfg, adminHandler, servers, ps, mr, gate, log)
 	if err != nil {
-		closeAll(servers)
-		if ps != nil {
-			ps.closeListeners()
-			ps.stop() // closes the store, so a restart can open it
-		}
-		return fmt.Errorf("admin.listen: %w", err)
-	}
-	servers = append(servers, adminSrv)
-	if ps != nil {
-		servers = append(servers, ps.servers...)
-	}
-	// service.inbound: bound here, after the proxy's listeners that reloads
-	// manage; served and shut down with the admin listener.
-	if err := mr.bindInbound(cfg, gate, log); err != nil {
-		closeAll(servers)
-		if ps != nil {
-			ps.stop()
-		}
 		return err
 	}
 	if mr != nil {
-		if mr.server != nil {
-			servers = append(servers, mr.server)
-		}
 		sections["mesh"] = mr.status // read by /status from the admin handler, not serving yet
 	}
 
@@ -558,6 +537,38 @@ func bindTCP(px *proxy.Proxy, addr string, rc proxy.RouteConfig) (*server, error
 		return nil
 	}
 	return &server{name: addr, ln: ln, serve: serve, shutdown: ts.Shutdown, update: ts.Update, retire: ts.Retire}, nil
+}
+
+// bindAdmin binds the admin listener, then service.inbound's (after the
+// proxy's listeners, which reloads manage; served and shut down with the
+// admin listener), and returns servers with them and pub/sub's listeners
+// added. On an error everything bound is closed and pub/sub stopped, so a
+// restart can open its store.
+func bindAdmin(cfg *config.Config, h http.Handler, servers []*server, ps *pubsubRuntime, mr *meshRuntime, gate *meshGate, log *zap.Logger) (*server, []*server, error) {
+	adminSrv, err := bind(cfg.Admin.Listen, h, cfg.Proxy.Timeouts, cfg.Proxy.MaxHeaderBytes, log)
+	if err != nil {
+		closeAll(servers)
+		if ps != nil {
+			ps.closeListeners()
+			ps.stop()
+		}
+		return nil, nil, fmt.Errorf("admin.listen: %w", err)
+	}
+	servers = append(servers, adminSrv)
+	if ps != nil {
+		servers = append(servers, ps.servers...)
+	}
+	if err := mr.bindInbound(cfg, gate, log); err != nil {
+		closeAll(servers)
+		if ps != nil {
+			ps.stop()
+		}
+		return nil, nil, err
+	}
+	if mr != nil && mr.server != nil {
+		servers = append(servers, mr.server)
+	}
+	return adminSrv, servers, nil
 }
 
 func closeAll(servers []*server) {
