@@ -92,3 +92,24 @@ func TestNodeStatsYoung(t *testing.T) {
 		t.Errorf("summary() = %+v, want a 2s window at 1/s", got)
 	}
 }
+
+// TestNodeStatsLazy: a node never asked holds no slots and reports an
+// empty window; its first try makes them.
+func TestNodeStatsLazy(t *testing.T) {
+	born := time.Unix(1_000_000, 0)
+	s := &nodeStats{born: born.UnixNano()}
+	got := s.summary(born.Add(20 * time.Second))
+	if got.RequestsPerSecond != 0 || got.ErrorRate != 0 || got.LatencyMS != nil {
+		t.Errorf("summary() of an unused node = %+v, want no figures", got)
+	}
+	if s.slots.Load() != nil {
+		t.Fatal("summary() made the slots of an unused node")
+	}
+	s.try(born.Add(21*time.Second), true)
+	if s.slots.Load() == nil {
+		t.Fatal("try() did not make the slots")
+	}
+	if got := s.summary(born.Add(21 * time.Second)); got.ErrorRate != 1 {
+		t.Errorf("summary() after a failed try = %+v, want error rate 1", got)
+	}
+}
