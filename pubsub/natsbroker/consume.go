@@ -120,7 +120,7 @@ func (b *Broker) consume(ctx context.Context, i int) {
 					// deleted or its leader changed (409), a bad request.
 					log.Debug("pull ended", zap.String("status", code), zap.String("description", m.Header.Get("Description")))
 					pause = time.Now().Add(retryWait)
-					recreate = recreate || code == "503" || code == "404" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
+					recreate = recreate || code == "503" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
 				}
 			}
 			continue
