@@ -108,24 +108,26 @@ const (
 	kindMsg    kind = iota // a message to deliver: one from asked to running
 	kindStray              // a message not asked for: to be nak'd
 	kindStatus             // a status ending its request (408 expired, 409, 503…)
-	kindIdle               // a heartbeat or flow-control status: nothing to do
 )
 
 // take accounts for one message from the inbox and says what it is.
+//
+// A status is an empty message with a Status header, no reply subject and
+// a request's subject ("<inbox>.<n>"): a stored message always has a
+// reply ($JS.ACK…) and its stream subject, so an empty one a publisher
+// gave a Status header is a message, not a status. No idle heartbeat is
+// asked for, and 100 (flow control) is for push consumers only.
 func (p *puller) take(m *nats.Msg) kind {
 	status := ""
-	if len(m.Data) == 0 && len(m.Header) > 0 {
+	if len(m.Data) == 0 && m.Reply == "" && strings.HasPrefix(m.Subject, p.prefix) {
 		status = m.Header.Get("Status")
 	}
-	switch status {
-	case "":
+	if status == "" {
 		if p.asked == 0 {
 			return kindStray
 		}
 		p.asked--
 		return kindMsg
-	case "100":
-		return kindIdle
 	}
 	id, err := strconv.ParseUint(strings.TrimPrefix(m.Subject, p.prefix), 10, 64)
 	i := slices.IndexFunc(p.reqs, func(r pullReq) bool { return r.id == id })

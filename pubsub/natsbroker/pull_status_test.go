@@ -1,0 +1,73 @@
+package natsbroker
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/sidecarlb/sidecar/test/natsserver"
+)
+
+// pullSetup starts a server with the stream "P" (subjects "p.>") and the
+// durable consumer cfg, and returns the connection and a puller on it.
+func pullSetup(t *testing.T, cfg jetstream.ConsumerConfig) (*nats.Conn, jetstream.JetStream, *puller) {
+	t.Helper()
+	srv := natsserver.Start(t)
+	nc, err := nats.Connect(srv.URL(), nats.ReconnectWait(50*time.Millisecond), nats.MaxReconnects(-1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "P", Subjects: []string{"p.>"}}); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Durable, cfg.AckPolicy = "c", jetstream.AckExplicitPolicy
+	if _, err := js.CreateOrUpdateConsumer(ctx, "P", cfg); err != nil {
+		t.Fatal(err)
+	}
+	p, err := newPuller(nc, "P", "c", 8, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.stop)
+	return nc, js, p
+}
+
+// TestPullerStoredStatus: an empty stored message a publisher gave a
+// Status header (408, 503, 100) is a message to deliver, not a status
+// ending a request.
+func TestPullerStoredStatus(t *testing.T) {
+	t.Parallel()
+	_, js, p := pullSetup(t, jetstream.ConsumerConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, code := range []string{"408", "503", "100"} {
+		m := nats.NewMsg("p.x")
+		m.Header.Set("Status", code)
+		if _, err := js.PublishMsg(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.pull(3, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		m := nextMsg(t, p)
+		if k := p.take(m); k != kindMsg {
+			t.Fatalf("take(stored empty message with Status %q) = %d, want kindMsg", m.Header.Get("Status"), k)
+		}
+		_ = m.Ack()
+	}
+	if p.asked != 0 {
+		t.Errorf("asked = %d after the 3 messages asked for came, want 0", p.asked)
+	}
+}
