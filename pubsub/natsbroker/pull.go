@@ -134,13 +134,32 @@ func (p *puller) take(m *nats.Msg) kind {
 	if err != nil || i < 0 {
 		return kindStatus // not a request still counted
 	}
-	p.live -= p.reqs[i].n
+	n := p.reqs[i].n
+	p.live -= n
 	p.reqs = slices.Delete(p.reqs, i, i+1)
 	if left, err := strconv.Atoi(m.Header.Get("Nats-Pending-Messages")); err == nil && left >= 0 {
 		p.asked = max(0, p.asked-left)
+	} else if refusedOnArrival(status, m.Header.Get("Description")) {
+		// Nothing was sent for it: all it asked for is back.
+		p.asked = max(0, p.asked-n)
 	}
 	p.asked = min(p.asked, p.live)
 	return kindStatus
+}
+
+// refusedOnArrival says whether a status refuses a request as it arrives,
+// before any message is sent for it: no responders (503), a bad request
+// (400), or a limit of the consumer's (409 Exceeded MaxWaiting,
+// MaxRequestBatch, MaxRequestExpires…). A 409 Leadership Change or
+// Consumer Deleted may come after some messages were sent.
+func refusedOnArrival(status, description string) bool {
+	switch status {
+	case "503", "400":
+		return true
+	case "409":
+		return strings.HasPrefix(strings.ToLower(description), "exceeded max")
+	}
+	return false
 }
 
 // expire ends the requests past their deadline.

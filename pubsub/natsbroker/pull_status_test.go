@@ -71,3 +71,35 @@ func TestPullerStoredStatus(t *testing.T) {
 		t.Errorf("asked = %d after the 3 messages asked for came, want 0", p.asked)
 	}
 }
+
+// TestPullerRefusedRequest: a request the server refuses on arrival (409
+// Exceeded MaxRequestBatch, no Nats-Pending-Messages) gives back all it
+// asked for at once, not what the requests still live could bring.
+func TestPullerRefusedRequest(t *testing.T) {
+	t.Parallel()
+	_, js, p := pullSetup(t, jetstream.ConsumerConfig{MaxRequestBatch: 2})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := js.Publish(ctx, "p.x", []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.pull(2, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	m := nextMsg(t, p)
+	if k := p.take(m); k != kindMsg {
+		t.Fatalf("take(the stored message) = %d, want kindMsg", k)
+	}
+	_ = m.Ack()
+	// The first request still waits for its second message.
+	if err := p.pull(3, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	m = nextMsg(t, p)
+	if k := p.take(m); k != kindStatus || m.Header.Get("Status") != "409" {
+		t.Fatalf("take(%v) = %d, want kindStatus for a 409", m.Header, k)
+	}
+	if p.asked != 1 {
+		t.Errorf("asked = %d after the refused request of 3, want 1 (the first request's)", p.asked)
+	}
+}
