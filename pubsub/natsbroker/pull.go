@@ -56,6 +56,8 @@ type puller struct {
 	next  uint64
 	asked int
 	buf   []byte
+
+	reconnects uint64 // nc's reconnects when last looked at (expire)
 }
 
 // newPuller subscribes to a new inbox for the consumer's messages. window
@@ -70,6 +72,7 @@ func newPuller(nc *nats.Conn, stream, consumer string, window int, expires time.
 		expires: expires,
 		msgs:    make(chan *nats.Msg, 2*window+64),
 	}
+	p.reconnects = nc.Stats().Reconnects
 	sub, err := nc.ChanSubscribe(p.prefix+"*", p.msgs)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe to the pull inbox: %w", err)
@@ -162,8 +165,16 @@ func refusedOnArrival(status, description string) bool {
 	return false
 }
 
-// expire ends the requests past their deadline.
+// expire ends the requests past their deadline, and every request sent
+// before a reconnect: the server drops a waiting request when its client
+// goes, without a word. A request that did survive delivers strays, which
+// are nak'd, so max_in_flight still holds.
 func (p *puller) expire(now time.Time) {
+	if r := p.nc.Stats().Reconnects; r != p.reconnects {
+		p.reconnects = r
+		p.reqs, p.live, p.asked = p.reqs[:0], 0, 0
+		return
+	}
 	k := 0
 	for k < len(p.reqs) && now.After(p.reqs[k].deadline) {
 		p.live -= p.reqs[k].n

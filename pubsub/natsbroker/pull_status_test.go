@@ -103,3 +103,27 @@ func TestPullerRefusedRequest(t *testing.T) {
 		t.Errorf("asked = %d after the refused request of 3, want 1 (the first request's)", p.asked)
 	}
 }
+
+// TestPullerReconnect: after a reconnect the requests sent before are
+// forgotten (the server dropped them without a word), so the slots are
+// free at once and not only past their deadlines.
+func TestPullerReconnect(t *testing.T) {
+	t.Parallel()
+	nc, _, p := pullSetup(t, jetstream.ConsumerConfig{})
+	if err := p.pull(4, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.ForceReconnect(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); nc.Stats().Reconnects == 0 || !nc.IsConnected(); {
+		if time.Now().After(deadline) {
+			t.Fatal("no reconnect in 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	p.expire(time.Now())
+	if p.asked != 0 || len(p.reqs) != 0 {
+		t.Errorf("asked = %d with %d requests after a reconnect, want 0 and 0", p.asked, len(p.reqs))
+	}
+}
