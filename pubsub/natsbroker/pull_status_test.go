@@ -2,12 +2,17 @@ package natsbroker
 
 import (
 	"context"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 
+	"github.com/sidecarlb/sidecar/pubsub"
 	"github.com/sidecarlb/sidecar/test/natsserver"
 )
 
@@ -125,5 +130,60 @@ func TestPullerReconnect(t *testing.T) {
 	p.expire(time.Now())
 	if p.asked != 0 || len(p.reqs) != 0 {
 		t.Errorf("asked = %d with %d requests after a reconnect, want 0 and 0", p.asked, len(p.reqs))
+	}
+}
+
+// TestDrainedIsNotAnAttempt: a message that came for a draining
+// subscription and was nak'd unstarted is not an attempt: its next
+// delivery reaches the app as attempt 1.
+func TestDrainedIsNotAnAttempt(t *testing.T) {
+	t.Parallel()
+	srv := natsserver.Start(t)
+	attempts := make(chan string, 4)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		attempts <- r.Header.Get("Sidecar-Delivery-Attempt")
+	}))
+	t.Cleanup(app.Close)
+	a := pubsub.NewApp(app.Listener.Addr().(*net.TCPAddr).AddrPort().String(), []pubsub.Subscription{{Topic: "drained", Group: "g", Route: "/", ContentMode: "raw", MaxInFlight: 1, Timeout: 5 * time.Second}}, nil, nil, zap.NewNop())
+	sub := Subscription{Topic: "drained", Group: "g", MaxInFlight: 1, Policy: pubsub.Policy{MaxAttempts: 5, Backoff: 10 * time.Millisecond, MaxBackoff: 10 * time.Millisecond}, DeadLetter: "drained.dlq"}
+	b := newBroker(t, srv.URL(), a, []Subscription{sub}, Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if !b.consumer(ctx, sub, zap.NewNop()) {
+		t.Fatal("no consumer")
+	}
+	if _, err := b.Publish([]pubsub.Publication{{Msg: msg("drained", "d-1")}}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := newPuller(b.nc, b.opts.Stream, b.consumerName(sub), 1, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.pull(1, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); len(p.msgs) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no message in 5s")
+		}
+	}
+	b.drain(sub, p) // the message came and was not started
+
+	p, err = newPuller(b.nc, b.opts.Stream, b.consumerName(sub), 1, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.stop)
+	if err := p.pull(1, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	m := nextMsg(t, p)
+	if meta, err := m.Metadata(); err != nil || meta.NumDelivered != 2 {
+		t.Fatalf("metadata %+v, %v: want the second delivery", meta, err)
+	}
+	w := &working{msgs: map[*nats.Msg]struct{}{}}
+	b.handle(ctx, sub, m, w, zap.NewNop())
+	if got := <-attempts; got != "1" {
+		t.Errorf("attempt the app saw = %q after a drained delivery, want 1", got)
 	}
 }
