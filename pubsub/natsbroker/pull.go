@@ -188,7 +188,9 @@ func (p *puller) expire(now time.Time) {
 
 // stop ends the subscription: the server sends nothing more to it, and
 // what it sent before is in msgs once stop returns (or after a second,
-// when the connection is down), for the caller to nak.
+// when the connection is down), for the caller to nak; what is still on
+// its way then (in a cluster, from another server) comes back after
+// AckWait.
 func (p *puller) stop() {
 	_ = p.sub.Drain()
 	_ = p.nc.FlushTimeout(time.Second)
