@@ -113,6 +113,7 @@ func (b *Broker) consume(ctx context.Context, i int) {
 					b.handle(ctx, sub, m, working, log)
 				})
 			case kindStray:
+				b.refuse(sub, m)
 				_ = m.Nak()
 			case kindStatus:
 				if code := m.Header.Get("Status"); code != "408" {
@@ -120,19 +121,25 @@ func (b *Broker) consume(ctx context.Context, i int) {
 					// deleted or its leader changed (409), a bad request.
 					log.Debug("pull ended", zap.String("status", code), zap.String("description", m.Header.Get("Description")))
 					pause = time.Now().Add(retryWait)
-					recreate = recreate || code == "503" || code == "404" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
+					recreate = recreate || code == "503" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
 				}
 			}
 			continue
 		}
 		break
 	}
-	// Draining: whatever arrived and was not started goes back at once.
+	b.drain(sub, p)
+}
+
+// drain ends p's subscription: whatever arrived and was not started goes
+// back at once, and is not an attempt.
+func (b *Broker) drain(sub Subscription, p *puller) {
 	p.stop()
 	for {
 		select {
 		case m := <-p.msgs:
 			if k := p.take(m); k == kindMsg || k == kindStray {
+				b.refuse(sub, m)
 				_ = m.Nak()
 			}
 			continue
@@ -226,8 +233,7 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg *nats.Msg, wo
 			mt.Outcomes.WithLabelValues(sub.Topic, sub.Group, r.Outcome.String()).Inc()
 		}
 	case pubsub.NotDelivered:
-		n, _ := b.refused.Get(key)
-		b.refused.Add(key, n+1)
+		b.refuse(sub, msg)
 		if ctx.Err() != nil || !b.app.Ready() {
 			_ = msg.Nak() // draining: another instance takes it now
 		} else {
@@ -244,6 +250,19 @@ func (b *Broker) handle(ctx context.Context, sub Subscription, msg *nats.Msg, wo
 	case pubsub.DeadLetter:
 		b.deadLetter(sub, msg, m, "rejected", r.Reason, attempt, log)
 	}
+}
+
+// refuse records a delivery of msg that never reached the app (not
+// delivered, a stray or a message drained unstarted, each nak'd), so the
+// attempt number leaves it out: JetStream counted it in NumDelivered.
+func (b *Broker) refuse(sub Subscription, msg *nats.Msg) {
+	meta, err := msg.Metadata()
+	if err != nil {
+		return
+	}
+	key := refusalKey{sub.Topic, sub.Group, meta.Sequence.Stream}
+	n, _ := b.refused.Get(key)
+	b.refused.Add(key, n+1)
 }
 
 // deadLetter publishes m to the subscription's dead-letter topic, then

@@ -67,4 +67,11 @@
 // would drop a message that reached it without a dead letter. A message
 // that never reached the app (draining, app unhealthy or not listening) is
 // nak'd, at once when the sidecar is draining so another instance takes it.
+//
+// A consumer deleted while the sidecar runs (by an operator, or a
+// broadcast one the server removed while this instance was away) is made
+// again with DeliverNew: the messages published while it was gone, and
+// those the old consumer held unacknowledged, are not delivered to that
+// group. Deleting a durable consumer loses its state; to move a group
+// past messages, use the consumer's own tools, not a delete.
 package natsbroker

@@ -56,6 +56,8 @@ type puller struct {
 	next  uint64
 	asked int
 	buf   []byte
+
+	reconnects uint64 // nc's reconnects when last looked at (expire)
 }
 
 // newPuller subscribes to a new inbox for the consumer's messages. window
@@ -70,6 +72,7 @@ func newPuller(nc *nats.Conn, stream, consumer string, window int, expires time.
 		expires: expires,
 		msgs:    make(chan *nats.Msg, 2*window+64),
 	}
+	p.reconnects = nc.Stats().Reconnects
 	sub, err := nc.ChanSubscribe(p.prefix+"*", p.msgs)
 	if err != nil {
 		return nil, fmt.Errorf("subscribe to the pull inbox: %w", err)
@@ -108,41 +111,70 @@ const (
 	kindMsg    kind = iota // a message to deliver: one from asked to running
 	kindStray              // a message not asked for: to be nak'd
 	kindStatus             // a status ending its request (408 expired, 409, 503…)
-	kindIdle               // a heartbeat or flow-control status: nothing to do
 )
 
 // take accounts for one message from the inbox and says what it is.
+//
+// A status is an empty message with a Status header, no reply subject and
+// a request's subject ("<inbox>.<n>"): a stored message always has a
+// reply ($JS.ACK…) and its stream subject, so an empty one a publisher
+// gave a Status header is a message, not a status. No idle heartbeat is
+// asked for, and 100 (flow control) is for push consumers only.
 func (p *puller) take(m *nats.Msg) kind {
 	status := ""
-	if len(m.Data) == 0 && len(m.Header) > 0 {
+	if len(m.Data) == 0 && m.Reply == "" && strings.HasPrefix(m.Subject, p.prefix) {
 		status = m.Header.Get("Status")
 	}
-	switch status {
-	case "":
+	if status == "" {
 		if p.asked == 0 {
 			return kindStray
 		}
 		p.asked--
 		return kindMsg
-	case "100":
-		return kindIdle
 	}
 	id, err := strconv.ParseUint(strings.TrimPrefix(m.Subject, p.prefix), 10, 64)
 	i := slices.IndexFunc(p.reqs, func(r pullReq) bool { return r.id == id })
 	if err != nil || i < 0 {
 		return kindStatus // not a request still counted
 	}
-	p.live -= p.reqs[i].n
+	n := p.reqs[i].n
+	p.live -= n
 	p.reqs = slices.Delete(p.reqs, i, i+1)
 	if left, err := strconv.Atoi(m.Header.Get("Nats-Pending-Messages")); err == nil && left >= 0 {
 		p.asked = max(0, p.asked-left)
+	} else if refusedOnArrival(status, m.Header.Get("Description")) {
+		// Nothing was sent for it: all it asked for is back.
+		p.asked = max(0, p.asked-n)
 	}
 	p.asked = min(p.asked, p.live)
 	return kindStatus
 }
 
-// expire ends the requests past their deadline.
+// refusedOnArrival says whether a status refuses a request as it arrives,
+// before any message is sent for it: no responders (503), a bad request
+// (400), or a limit of the consumer's (409 Exceeded MaxWaiting,
+// MaxRequestBatch, MaxRequestExpires…). A 409 Leadership Change or
+// Consumer Deleted may come after some messages were sent.
+func refusedOnArrival(status, description string) bool {
+	switch status {
+	case "503", "400":
+		return true
+	case "409":
+		return strings.HasPrefix(strings.ToLower(description), "exceeded max")
+	}
+	return false
+}
+
+// expire ends the requests past their deadline, and every request sent
+// before a reconnect: the server drops a waiting request when its client
+// goes, without a word. A request that did survive delivers strays, which
+// are nak'd, so max_in_flight still holds.
 func (p *puller) expire(now time.Time) {
+	if r := p.nc.Stats().Reconnects; r != p.reconnects {
+		p.reconnects = r
+		p.reqs, p.live, p.asked = p.reqs[:0], 0, 0
+		return
+	}
 	k := 0
 	for k < len(p.reqs) && now.After(p.reqs[k].deadline) {
 		p.live -= p.reqs[k].n
@@ -156,7 +188,9 @@ func (p *puller) expire(now time.Time) {
 
 // stop ends the subscription: the server sends nothing more to it, and
 // what it sent before is in msgs once stop returns (or after a second,
-// when the connection is down), for the caller to nak.
+// when the connection is down), for the caller to nak; what is still on
+// its way then (in a cluster, from another server) comes back after
+// AckWait.
 func (p *puller) stop() {
 	_ = p.sub.Drain()
 	_ = p.nc.FlushTimeout(time.Second)
