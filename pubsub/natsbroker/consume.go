@@ -69,26 +69,11 @@ func (b *Broker) consume(ctx context.Context, i int) {
 	minBatch := max(1, limit/4)
 	tick := time.NewTicker(notReadyWait)
 	defer tick.Stop()
-	var pause time.Time // no pull before it: the last one failed
-	recreate := false
+	var st pullState
 	for {
 		if free := limit - running - p.asked; free > 0 && (free >= minBatch || p.asked == 0) {
-			now := time.Now()
-			// After a 503 or a deleted consumer, the next pull waits for
-			// the outstanding ones to end and the consumer to be made
-			// again (deleted, or a broadcast one removed while this
-			// instance was away).
-			if ctx.Err() == nil && !now.Before(pause) && (b.app == nil || b.app.Ready()) && (!recreate || p.asked == 0) {
-				if recreate {
-					if !b.consumer(ctx, sub, log) {
-						break
-					}
-					recreate = false
-				}
-				if err := p.pull(free, now); err != nil {
-					log.Debug("pull failed", zap.Error(err))
-					pause = now.Add(retryWait)
-				}
+			if !b.maybePull(ctx, sub, p, &st, free, log) {
+				break
 			}
 		}
 		select {
@@ -116,19 +101,55 @@ func (b *Broker) consume(ctx context.Context, i int) {
 				b.refuse(sub, m)
 				_ = m.Nak()
 			case kindStatus:
-				if code := m.Header.Get("Status"); code != "408" {
-					// Not an expiry: no responders (503), the consumer
-					// deleted or its leader changed (409), a bad request.
-					log.Debug("pull ended", zap.String("status", code), zap.String("description", m.Header.Get("Description")))
-					pause = time.Now().Add(retryWait)
-					recreate = recreate || code == "503" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
-				}
+				st.onStatus(m, log)
 			}
 			continue
 		}
 		break
 	}
 	b.drain(sub, p)
+}
+
+// pullState is what consume's loop knows of its pulls' failures.
+type pullState struct {
+	pause    time.Time // no pull before it: the last one failed
+	recreate bool      // the consumer is to be made again before the next pull
+}
+
+// maybePull asks for free slots unless the loop must wait: ctx ended, the
+// last pull failed not long ago, the app is not ready, or the consumer is
+// to be made again (after a 503 or its deletion; a broadcast one may have
+// been removed while this instance was away) and pulls are still
+// outstanding. It returns false when the consumer could not be made again
+// before ctx ended.
+func (b *Broker) maybePull(ctx context.Context, sub Subscription, p *puller, st *pullState, free int, log *zap.Logger) bool {
+	now := time.Now()
+	if ctx.Err() != nil || now.Before(st.pause) || (b.app != nil && !b.app.Ready()) || (st.recreate && p.asked != 0) {
+		return true
+	}
+	if st.recreate {
+		if !b.consumer(ctx, sub, log) {
+			return false
+		}
+		st.recreate = false
+	}
+	if err := p.pull(free, now); err != nil {
+		log.Debug("pull failed", zap.Error(err))
+		st.pause = now.Add(retryWait)
+	}
+	return true
+}
+
+// onStatus notes a pull's end other than an expiry (408): no responders
+// (503), the consumer deleted or its leader changed (409), a bad request.
+func (st *pullState) onStatus(m *nats.Msg, log *zap.Logger) {
+	code := m.Header.Get("Status")
+	if code == "408" {
+		return
+	}
+	log.Debug("pull ended", zap.String("status", code), zap.String("description", m.Header.Get("Description")))
+	st.pause = time.Now().Add(retryWait)
+	st.recreate = st.recreate || code == "503" || strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted")
 }
 
 // drain ends p's subscription: whatever arrived and was not started goes
