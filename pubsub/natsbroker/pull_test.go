@@ -122,10 +122,10 @@ func TestPullerCredit(t *testing.T) {
 }
 
 // TestPullBound: under an app slower than the messages come, the messages
-// the group's consumer has out to this sidecar (the server's
-// NumAckPending: pulled and not settled) never exceed max_in_flight, nor
-// do the deliveries running at once, and every message is still delivered
-// once.
+// the deliveries running at once never exceed max_in_flight, nor does
+// what the group's consumer has out to this sidecar (the server's
+// NumAckPending: pulled and not settled), but for acks on their way; and
+// every message is still delivered once.
 func TestPullBound(t *testing.T) {
 	t.Parallel()
 	srv := natsserver.Start(t)
@@ -177,12 +177,14 @@ func TestPullBound(t *testing.T) {
 		t.Fatal(err)
 	}
 	mostPending, samples := 0, 0
+	var mostHeld int64 // received and not settled, as the sidecar counts
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); samples++ {
 		info, err := cons.Info(ictx)
 		if err != nil {
 			t.Fatal(err)
 		}
 		mostPending = max(mostPending, info.NumAckPending)
+		mostHeld = max(mostHeld, b.inFlight[0].Load())
 		mu.Lock()
 		all := len(got) == total && running == 0
 		mu.Unlock()
@@ -201,13 +203,21 @@ func TestPullBound(t *testing.T) {
 			t.Errorf("%s delivered %d times, want once", id, n)
 		}
 	}
-	if mostPending > inFlight {
-		t.Errorf("the consumer had %d messages pulled and not settled, want at most max_in_flight %d", mostPending, inFlight)
+	// The server's count can run ahead of the sidecar's by the acks on
+	// their way: an ack is a plain publish (AckSync would cost a round
+	// trip a message), and the server may take the next pull before it
+	// has applied an ack sent just before it. The sidecar's own bound is
+	// what it holds, received and not settled (mostHeld), below.
+	if mostPending > 2*inFlight {
+		t.Errorf("the consumer had %d messages pulled and not settled, want at most max_in_flight %d (and %d acks on their way)", mostPending, inFlight, inFlight)
 	}
 	if most > inFlight {
 		t.Errorf("%d deliveries ran at once, want at most %d", most, inFlight)
 	}
-	t.Logf("most pulled and unsettled %d, most running %d, over %d samples", mostPending, most, samples)
+	if mostHeld > inFlight {
+		t.Errorf("the sidecar held %d messages received and not settled, want at most %d", mostHeld, inFlight)
+	}
+	t.Logf("most pulled and unsettled %d (server), most held %d (sidecar), most running %d, over %d samples", mostPending, mostHeld, most, samples)
 }
 
 // TestConsumerDeleted: a group's consumer deleted under a running

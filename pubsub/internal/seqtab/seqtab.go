@@ -75,13 +75,29 @@ func (t *Table[T]) Set(seq uint64, v T) {
 	pi, i, w, b := slot(seq)
 	p := t.pages[pi]
 	if p == nil {
-		if _, ok := t.overflow[seq]; ok {
+		// Below the newest page, a page that is not there may have gone
+		// sparse, its values in the overflow: a new page would hide
+		// them. So a seq set there (a store's replay of a reclaimed
+		// record, a commit undone) goes to the overflow too; only pages
+		// at or above the newest are made, and no overflow value is
+		// ever on one.
+		if _, ok := t.overflow[seq]; ok || pi < t.newest {
+			if !ok {
+				t.n++
+			}
 			t.overflow[seq] = v
 			return
 		}
 		p = &page[T]{}
 		t.pages[pi] = p
-		t.newest = max(t.newest, pi)
+		if old := t.newest; pi > old {
+			t.newest = pi
+			// The page that was newest is checked now, as Delete checks
+			// the others: one straggler must not keep it alive.
+			if op := t.pages[old]; op != nil && op.n < sparse {
+				t.spill(old, op)
+			}
+		}
 	}
 	if p.used[w]&b == 0 {
 		p.used[w] |= b
@@ -115,15 +131,21 @@ func (t *Table[T]) Delete(seq uint64) bool {
 	case p.n == 0:
 		delete(t.pages, pi)
 	case p.n < sparse && pi < t.newest:
-		for j, x := range p.used {
-			for ; x != 0; x &= x - 1 {
-				k := j*64 + bits.TrailingZeros64(x)
-				t.overflow[pi<<pageBits|uint64(k)] = p.vals[k]
-			}
-		}
-		delete(t.pages, pi)
+		t.spill(pi, p)
 	}
 	return true
+}
+
+// spill moves the values of page pi, below the newest, to the overflow
+// and drops the page.
+func (t *Table[T]) spill(pi uint64, p *page[T]) {
+	for j, x := range p.used {
+		for ; x != 0; x &= x - 1 {
+			k := j*64 + bits.TrailingZeros64(x)
+			t.overflow[pi<<pageBits|uint64(k)] = p.vals[k]
+		}
+	}
+	delete(t.pages, pi)
 }
 
 // All yields every seq and its value, in increasing seq order. The table

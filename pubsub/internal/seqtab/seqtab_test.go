@@ -15,7 +15,7 @@ func TestTableMatchesMap(t *testing.T) {
 	want := map[uint64]int{}
 	var next uint64 = 1
 	for step := range 200_000 {
-		switch op := r.IntN(10); {
+		switch op := r.IntN(11); {
 		case op < 5: // a new message
 			tab.Set(next, step)
 			want[next] = step
@@ -37,6 +37,12 @@ func TestTableMatchesMap(t *testing.T) {
 					tab.Set(seq, -step)
 					want[seq] = -step
 				}
+			}
+		case op == 10: // an old seq set again (a replayed copy, a commit undone)
+			if next > 2 {
+				seq := 1 + uint64(r.IntN(int(next-1)))
+				tab.Set(seq, step)
+				want[seq] = step
 			}
 		default: // a Delete of something not there
 			if tab.Delete(next + 7) {
@@ -95,5 +101,43 @@ func BenchmarkTableSetDelete(b *testing.B) {
 		if seq > 1000 {
 			tab.Delete(seq - 1000)
 		}
+	}
+}
+
+// TestSetBelowSparsePage: a seq set on a page that went sparse (its values
+// in the overflow) keeps the page's other values found, whether the page
+// had gone sparse by Delete or as the newest when a newer one opened.
+func TestSetBelowSparsePage(t *testing.T) {
+	tab := New[int]()
+	for seq := uint64(301); seq < 1200; seq++ {
+		tab.Set(seq, int(seq))
+	}
+	for seq := uint64(311); seq < 512; seq++ {
+		tab.Delete(seq) // page 0 keeps 301..310: sparse
+	}
+	tab.Set(1, 1) // a reclaimed record's copy, replayed
+	for seq := uint64(301); seq <= 310; seq++ {
+		if v, ok := tab.Get(seq); !ok || v != int(seq) {
+			t.Fatalf("Get(%d) = %d, %v after Set(1), want %d, true", seq, v, ok, seq)
+		}
+	}
+	if v, ok := tab.Get(1); !ok || v != 1 {
+		t.Fatalf("Get(1) = %d, %v, want 1, true", v, ok)
+	}
+	if n := tab.Len(); n != 11+1200-512 {
+		t.Fatalf("Len() = %d, want %d", n, 11+1200-512)
+	}
+
+	// The newest page left with one straggler when a newer one opens.
+	tab = New[int]()
+	for seq := uint64(0); seq < 512; seq++ {
+		tab.Set(seq, 0)
+	}
+	for seq := uint64(1); seq < 512; seq++ {
+		tab.Delete(seq)
+	}
+	tab.Set(512, 0)
+	if len(tab.pages) != 1 || len(tab.overflow) != 1 {
+		t.Fatalf("pages %d, overflow %d after a newer page opened; want the straggler's page spilled", len(tab.pages), len(tab.overflow))
 	}
 }
