@@ -5,8 +5,8 @@
 // resident until the background scavenger returns it at its own pace.
 //
 // The limit follows the heap: twice the live heap (the heap goal under
-// GOGC=100) plus Slack for the runtime's own memory (stacks, span and GC
-// metadata). So the collector never runs more often than GOGC=100 makes
+// GOGC=100), plus the runtime's memory outside the heap as it is now
+// (goroutine stacks, span and GC metadata), plus Slack. So the collector never runs more often than GOGC=100 makes
 // it, except for the moment between a jump of the live heap and the next
 // adjustment; the limit only tells the scavenger what to return.
 //
@@ -55,12 +55,17 @@ type heap interface {
 	// live returns the heap the last collection found live, and the
 	// number of collections so far.
 	live() (bytes, cycles uint64)
+	// other returns the memory the runtime holds outside the heap
+	// (goroutine stacks, its own metadata), which the limit counts too:
+	// a limit that left it out would make the collector run without end
+	// in a process with many goroutines.
+	other() uint64
 	collect()
 }
 
 func run(ctx context.Context, floor int64, interval, idle time.Duration, h heap, set func(int64) int64) {
 	live, cycles := h.live()
-	limit := Limit(live, floor)
+	limit := Limit(live, floor) + int64(h.other())
 	before := set(limit)
 	defer set(before)
 	t := time.NewTicker(interval)
@@ -79,7 +84,7 @@ func run(ctx context.Context, floor int64, interval, idle time.Duration, h heap,
 				collected = true
 				l, cycles = h.live()
 			}
-			limit = Limit(l, floor)
+			limit = Limit(l, floor) + int64(h.other())
 			set(limit)
 		}
 	}
@@ -97,6 +102,23 @@ func (runtimeHeap) live() (uint64, uint64) {
 		}
 	}
 	return v[0], v[1]
+}
+
+func (runtimeHeap) other() uint64 {
+	s := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/heap/unused:bytes"}, {Name: "/memory/classes/heap/free:bytes"}, {Name: "/memory/classes/heap/released:bytes"}}
+	metrics.Read(s)
+	var v [5]uint64
+	for i := range s {
+		if s[i].Value.Kind() == metrics.KindUint64 {
+			v[i] = s[i].Value.Uint64()
+		}
+	}
+	heap := v[1] + v[2] + v[3] + v[4]
+	if v[0] < heap {
+		return 0
+	}
+	return v[0] - heap
 }
 
 func (runtimeHeap) collect() { runtime.GC() }

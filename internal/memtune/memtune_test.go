@@ -43,6 +43,8 @@ func (f *fakeHeap) live() (uint64, uint64) {
 	return f.bytes, f.cycles
 }
 
+func (f *fakeHeap) other() uint64 { return 0 }
+
 func (f *fakeHeap) collect() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -123,5 +125,35 @@ func waitFor(t *testing.T, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatal("timed out")
 		}
+	}
+}
+
+// TestRuntimeOther: the runtime's memory outside the heap counts the
+// stacks of goroutines, which the limit must leave room for.
+func TestRuntimeOther(t *testing.T) {
+	before := runtimeHeap{}.other()
+	stop := make(chan struct{})
+	var ready sync.WaitGroup
+	for range 200 {
+		ready.Add(1)
+		go func() {
+			var deep func(n int) int
+			deep = func(n int) int {
+				var pad [512]byte
+				if n == 0 {
+					ready.Done()
+					<-stop
+					return int(pad[0])
+				}
+				return deep(n-1) + int(pad[n%512])
+			}
+			deep(32) // about 20 KiB of stack each
+		}()
+	}
+	ready.Wait()
+	after := runtimeHeap{}.other()
+	close(stop)
+	if after < before+2<<20 {
+		t.Errorf("memory outside the heap %d → %d with 200 deep goroutines, want at least 2 MiB more", before, after)
 	}
 }
