@@ -278,7 +278,7 @@ func dialNode(ctx context.Context, e *endpoint, header []byte, connect time.Dura
 	}
 	c = rawio.Wrap(c)
 	if conf := e.poolConfig.meshH1; conf != nil {
-		tc, err := meshHandshake(ctx, c, conf, addr, connect)
+		tc, err := meshHandshake(ctx, c, conf, addr, max(time.Until(deadline), time.Millisecond)) // what the dial left of connect
 		if err != nil {
 			e.limits.endConn()
 			return nil, err
