@@ -397,3 +397,46 @@ func TestH2NodeConnectionErrorCodes(t *testing.T) {
 		})
 	}
 }
+
+// TestH2SilentNodePinged: a node that stops answering altogether, neither
+// its stream nor pings, as a vanished host does, has its connection closed
+// once a ping goes unanswered. The request in flight fails with a 502
+// naming the ping instead of hanging (the route has no request timeout),
+// and the next request dials the node afresh. internal/h2's test of the
+// same name holds the pool's part; this one the proxy's, end to end.
+func TestH2SilentNodePinged(t *testing.T) {
+	leakcheck.Check(t)
+	stop := make(chan struct{})
+	var streams atomic.Int64
+	silent := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+		streams.Add(1)
+		<-stop // reads nothing more: no answer, no ping ack
+	})
+	t.Cleanup(func() { close(stop) }) // runs before the node's cleanup
+	res := resDefaults(t)
+	res.Breaker.Enabled = false
+	res.Outlier.Enabled = false
+	px := New(staticCache(t, map[string][]string{"echo": {silent.Addr}}), NewMetrics(nil), testLogger(t))
+	px.h2PingAfter, px.h2PingTimeout = 100*time.Millisecond, 100*time.Millisecond
+	h, err := px.Upstream("upstream", RouteConfig{Service: "echo", Protocol: "http2", Resilience: res})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := startProxyServerWith(t, NewServer(h, ServerOptions{}, testLogger(t)))
+	client := h2test.NewClient(t, nil)
+	for i := range 2 {
+		start := time.Now()
+		req, _ := http.NewRequest(http.MethodGet, sc.URL+"/hang", nil)
+		r := do(t, client, req)
+		took := time.Since(start)
+		if r.status != http.StatusBadGateway || !strings.Contains(r.body, "did not answer a ping") {
+			t.Errorf("request %d to a silent node = %d %q, want 502 saying the ping went unanswered", i, r.status, r.body)
+		}
+		if took > 5*time.Second {
+			t.Errorf("request %d took %v, want it ended by the ping timeout (≈ 0.3 s)", i, took)
+		}
+	}
+	if got := streams.Load(); got != 2 {
+		t.Errorf("silent node got %d streams, want 2: one per request, none retried", got)
+	}
+}

@@ -83,7 +83,7 @@ func TestH2SilentNodePinged(t *testing.T) {
 	})
 	t.Cleanup(func() { close(stop) }) // runs before the node's cleanup
 	p := NewPool(time.Second, 0, nil, testLogger(t))
-	p.pingAfter, p.pingTimeout = 100*time.Millisecond, 100*time.Millisecond
+	p.SetPing(100*time.Millisecond, 100*time.Millisecond)
 	t.Cleanup(p.Retire)
 	for i := range 2 {
 		start := time.Now()
