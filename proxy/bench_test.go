@@ -4,6 +4,8 @@ import (
 	"io"
 	"net/http"
 	"testing"
+
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 )
 
 // benchGet runs parallel keep-alive GETs of url and checks each answers 200.
@@ -64,11 +66,11 @@ func BenchmarkDirect(b *testing.B) {
 // h2c node (net/http's server).
 func BenchmarkProxyH2(b *testing.B) {
 	body := []byte("hello from the node\n")
-	node := startH2CNode(b, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	node := h2test.StartH2C(b, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header()["Content-Type"] = []string{"text/plain"}
 		_, _ = w.Write(body)
 	}), nil)
-	sc := startH2Sidecar(b, staticCache(b, map[string][]string{"echo": {node.addr}}),
+	sc := startH2Sidecar(b, staticCache(b, map[string][]string{"echo": {node.Addr}}),
 		RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
-	benchGetWith(b, h2cClient(b, nil), sc.URL+"/bench")
+	benchGetWith(b, h2test.NewClient(b, nil), sc.URL+"/bench")
 }

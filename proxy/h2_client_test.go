@@ -22,6 +22,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -43,9 +44,9 @@ func TestH2RefusedStreamRetried(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			refusing := startRawH2Node(t, tc.answer)
+			refusing := h2test.StartRawNode(t, tc.answer)
 			var hits atomic.Int64
-			healthy := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			healthy := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				hits.Add(1)
 				body, _ := io.ReadAll(r.Body)
 				fmt.Fprintf(w, "%s %s %s", r.Method, r.URL.Path, body)
@@ -54,9 +55,9 @@ func TestH2RefusedStreamRetried(t *testing.T) {
 			res.Breaker.Enabled = false // keep the refusing node in rotation
 			res.Outlier.Enabled = false
 			res.Retries.Backoff = time.Millisecond
-			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {refusing.addr, healthy.addr}}),
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {refusing.Addr, healthy.Addr}}),
 				RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
-			client := h2cClient(t, nil)
+			client := h2test.NewClient(t, nil)
 			const requests = 10
 			for i := range requests {
 				method, body := http.MethodGet, ""
@@ -72,7 +73,7 @@ func TestH2RefusedStreamRetried(t *testing.T) {
 					t.Errorf("%s #%d = %d %q, want 200 %q", method, i, r.status, r.body, want)
 				}
 			}
-			refused := refusing.headers.Load()
+			refused := refusing.Headers.Load()
 			if refused == 0 {
 				t.Fatal("no request went to the refusing node")
 			}
@@ -94,8 +95,8 @@ func TestH2RefusedStreamRetried(t *testing.T) {
 // share one h2c connection to the node.
 func TestH2NodeConnectionReuse(t *testing.T) {
 	leakcheck.Check(t)
-	node := startH2CNode(t, nodeHandler("node-0"), nil)
-	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+	node := h2test.StartH2C(t, nodeHandler("node-0"), nil)
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Addr}}),
 		RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
 	client := newClient(t, nil)
 	for i := range 50 {
@@ -124,7 +125,7 @@ func TestH2NodeConnectionReuse(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	if got := node.accepts.Load(); got != 1 {
+	if got := node.Accepts.Load(); got != 1 {
 		t.Errorf("node connections = %d, want 1", got)
 	}
 }
@@ -134,18 +135,18 @@ func TestH2NodeConnectionReuse(t *testing.T) {
 // flight finishes first.
 func TestH2EndpointLeaves(t *testing.T) {
 	leakcheck.Check(t)
-	payload := randomBytes(256 << 10)
+	payload := h2test.RandomBytes(256 << 10)
 	started, release := make(chan struct{}, 1), make(chan struct{})
 	var once sync.Once
-	leaving := startH2CNode(t, shutdownHandler(payload, started, release), nil)
-	staying := startH2CNode(t, nodeHandler("staying"), nil)
+	leaving := h2test.StartH2C(t, shutdownHandler(payload, started, release), nil)
+	staying := h2test.StartH2C(t, nodeHandler("staying"), nil)
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
-	b := newSetBackend(t, leaving.addr)
+	b := newSetBackend(t, leaving.Addr)
 	cache := discovery.NewCache(b, discovery.CacheOptions{}, testLogger(t))
 	t.Cleanup(cache.Close)
 	sc := startH2Sidecar(t, cache, RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
-	client := h2cClient(t, nil)
+	client := h2test.NewClient(t, nil)
 
 	if r := doGet(t, client, sc.URL+"/fast", nil); r.status != http.StatusOK || r.body != "fast" {
 		t.Fatalf("GET /fast = %d %q, want 200 fast", r.status, r.body)
@@ -170,16 +171,16 @@ func TestH2EndpointLeaves(t *testing.T) {
 		t.Fatal("the slow request never reached the node")
 	}
 
-	b.set(t, staying.addr)
+	b.set(t, staying.Addr)
 	resWait(t, 5*time.Second, "discovery to publish the new set", func() bool {
 		w, err := cache.Watch(context.Background(), "echo")
-		return err == nil && len(w.Snapshot().Endpoints) == 1 && w.Snapshot().Endpoints[0].Addr == staying.addr
+		return err == nil && len(w.Snapshot().Endpoints) == 1 && w.Snapshot().Endpoints[0].Addr == staying.Addr
 	})
 	// The first request after the change rebuilds the route.
 	if r := doGet(t, client, sc.URL+"/next", nil); r.status != http.StatusOK || r.body != "staying GET /next" {
 		t.Fatalf("GET after the change = %d %q, want it served by the node that stayed", r.status, r.body)
 	}
-	if got := leaving.closes.Load(); got != 0 {
+	if got := leaving.Closes.Load(); got != 0 {
 		t.Fatalf("leaving node's connection closed with a stream in flight (%d closes)", got)
 	}
 	once.Do(func() { close(release) })
@@ -192,9 +193,9 @@ func TestH2EndpointLeaves(t *testing.T) {
 		t.Fatal("stream in flight never finished")
 	}
 	resWait(t, 5*time.Second, "the leaving node's connection to close", func() bool {
-		return leaving.closes.Load() == leaving.accepts.Load()
+		return leaving.Closes.Load() == leaving.Accepts.Load()
 	})
-	if got := leaving.accepts.Load(); got != 1 {
+	if got := leaving.Accepts.Load(); got != 1 {
 		t.Errorf("leaving node connections = %d, want 1", got)
 	}
 }
@@ -207,13 +208,13 @@ func TestH2EndpointLeaves(t *testing.T) {
 // a short one, and the request does not hang.
 func TestH2RefusedStreamBodyInFlight(t *testing.T) {
 	leakcheck.Check(t)
-	refusing := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+	refusing := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 		_ = fr.WriteRSTStream(f.StreamID, http2.ErrCodeRefusedStream)
 	})
 	started := make(chan struct{}, 1)
 	var mu sync.Mutex
 	var bodies []string
-	healthy := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	healthy := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		started <- struct{}{}
 		body, err := io.ReadAll(r.Body)
 		if err != nil {
@@ -227,13 +228,13 @@ func TestH2RefusedStreamBodyInFlight(t *testing.T) {
 	res := resDefaults(t)
 	res.Breaker.Enabled = false
 	res.Outlier.Enabled = false
-	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {refusing.addr, healthy.addr}}),
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {refusing.Addr, healthy.Addr}}),
 		RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
-	client := h2cClient(t, nil)
+	client := h2test.NewClient(t, nil)
 
 	refusedFirst := false
 	for i := 0; i < 4 && !refusedFirst; i++ {
-		before := refusing.headers.Load()
+		before := refusing.Headers.Load()
 		pr, pw := io.Pipe()
 		req, _ := http.NewRequest(http.MethodPut, sc.URL+"/stream", pr) // of unknown length: not held for replay
 		answer := goDo(client, req)
@@ -247,7 +248,7 @@ func TestH2RefusedStreamBodyInFlight(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("the request reached no node")
 		}
-		refusedFirst = refusing.headers.Load() > before
+		refusedFirst = refusing.Headers.Load() > before
 		go func() {
 			_, _ = pw.Write([]byte("part1"))
 			_, _ = pw.Write([]byte("part2"))
@@ -319,7 +320,7 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+			node := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 				tc.send(fr, f.StreamID)
 				if tc.idle {
 					answer(fr, f.StreamID) // too late: the sidecar has hung up
@@ -328,9 +329,9 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 			res := resDefaults(t)
 			res.Breaker.Enabled = false
 			res.Outlier.Enabled = false
-			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Addr}}),
 				RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
-			client := h2cClient(t, nil)
+			client := h2test.NewClient(t, nil)
 			for i := range 2 {
 				r := doGet(t, client, sc.URL+"/x", nil)
 				if !tc.idle {
@@ -343,7 +344,7 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 					t.Errorf("request %d = %d %q, want 502 naming the PROTOCOL_ERROR", i, r.status, r.body)
 				}
 				select {
-				case code := <-node.goAway:
+				case code := <-node.GoAway:
 					if code != http2.ErrCodeProtocol {
 						t.Errorf("request %d: GOAWAY %v, want PROTOCOL_ERROR", i, code)
 					}
@@ -356,7 +357,7 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 					t.Errorf("connections to the node = %d, want 1: the first serves on", conns)
 				}
 				select {
-				case code := <-node.goAway:
+				case code := <-node.GoAway:
 					t.Errorf("GOAWAY %v from the sidecar, want none", code)
 				default:
 				}
@@ -370,29 +371,72 @@ func TestH2NodeIdleStreamFrames(t *testing.T) {
 // request on the connection fails with a 502 naming the code.
 func TestH2NodeConnectionErrorCodes(t *testing.T) {
 	leakcheck.Check(t)
-	for _, tc := range h2ConnErrorCases {
-		t.Run(tc.name, func(t *testing.T) {
-			node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
-				tc.send(fr, f.StreamID)
+	for _, tc := range h2test.ConnErrorCases {
+		t.Run(tc.Name, func(t *testing.T) {
+			node := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+				tc.Send(fr, f.StreamID)
 			})
 			res := resDefaults(t)
 			res.Breaker.Enabled = false
 			res.Outlier.Enabled = false
 			res.Retries.Attempts = 0
-			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Addr}}),
 				RouteConfig{Service: "echo", Protocol: "http2", Resilience: res}, ServerOptions{})
-			r := doGet(t, h2cClient(t, nil), sc.URL+"/x", nil)
-			if r.status != http.StatusBadGateway || !strings.Contains(r.body, tc.code.String()) {
-				t.Errorf("request = %d %q, want 502 naming %v", r.status, r.body, tc.code)
+			r := doGet(t, h2test.NewClient(t, nil), sc.URL+"/x", nil)
+			if r.status != http.StatusBadGateway || !strings.Contains(r.body, tc.Code.String()) {
+				t.Errorf("request = %d %q, want 502 naming %v", r.status, r.body, tc.Code)
 			}
 			select {
-			case code := <-node.goAway:
-				if code != tc.code {
-					t.Errorf("GOAWAY %v, want %v", code, tc.code)
+			case code := <-node.GoAway:
+				if code != tc.Code {
+					t.Errorf("GOAWAY %v, want %v", code, tc.Code)
 				}
 			case <-time.After(5 * time.Second):
 				t.Fatal("no GOAWAY from the sidecar")
 			}
 		})
+	}
+}
+
+// TestH2SilentNodePinged: a node that stops answering altogether, neither
+// its stream nor pings, as a vanished host does, has its connection closed
+// once a ping goes unanswered. The request in flight fails with a 502
+// naming the ping instead of hanging (the route has no request timeout),
+// and the next request dials the node afresh. internal/h2's test of the
+// same name holds the pool's part; this one the proxy's, end to end.
+func TestH2SilentNodePinged(t *testing.T) {
+	leakcheck.Check(t)
+	stop := make(chan struct{})
+	var streams atomic.Int64
+	silent := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+		streams.Add(1)
+		<-stop // reads nothing more: no answer, no ping ack
+	})
+	t.Cleanup(func() { close(stop) }) // runs before the node's cleanup
+	res := resDefaults(t)
+	res.Breaker.Enabled = false
+	res.Outlier.Enabled = false
+	px := New(staticCache(t, map[string][]string{"echo": {silent.Addr}}), NewMetrics(nil), testLogger(t))
+	px.h2PingAfter, px.h2PingTimeout = 100*time.Millisecond, 100*time.Millisecond
+	h, err := px.Upstream("upstream", RouteConfig{Service: "echo", Protocol: "http2", Resilience: res})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := startProxyServerWith(t, NewServer(h, ServerOptions{}, testLogger(t)))
+	client := h2test.NewClient(t, nil)
+	for i := range 2 {
+		start := time.Now()
+		req, _ := http.NewRequest(http.MethodGet, sc.URL+"/hang", nil)
+		r := do(t, client, req)
+		took := time.Since(start)
+		if r.status != http.StatusBadGateway || !strings.Contains(r.body, "did not answer a ping") {
+			t.Errorf("request %d to a silent node = %d %q, want 502 saying the ping went unanswered", i, r.status, r.body)
+		}
+		if took > 5*time.Second {
+			t.Errorf("request %d took %v, want it ended by the ping timeout (≈ 0.3 s)", i, took)
+		}
+	}
+	if got := streams.Load(); got != 2 {
+		t.Errorf("silent node got %d streams, want 2: one per request, none retried", got)
 	}
 }

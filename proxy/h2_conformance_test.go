@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -33,7 +34,7 @@ func startLineNode(t testing.TB) *lineNode {
 		t.Fatal(err)
 	}
 	n := &lineNode{addr: ln.Addr().String()}
-	acceptEach(t, ln, func(nc net.Conn) {
+	h2test.AcceptEach(t, ln, func(nc net.Conn) {
 		tp := textproto.NewReader(bufio.NewReader(nc))
 		for {
 			// The line as it came, whatever parsing would make of it.
@@ -98,23 +99,23 @@ func TestH2PseudoHeaderValidation(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRawH2(t, sc.addr, true)
-			c.headers(1, true, ":method", tc.method, ":scheme", tc.scheme, ":authority", tc.authority, ":path", tc.path)
-			c.flush()
-			s := c.stream(1)
-			c.mustRead(5*time.Second, "RST_STREAM", func() bool { return s.done })
-			if s.rst == nil || *s.rst != http2.ErrCodeProtocol || s.header != nil {
+			c := h2test.Dial(t, sc.addr, true)
+			c.Headers(1, true, ":method", tc.method, ":scheme", tc.scheme, ":authority", tc.authority, ":path", tc.path)
+			c.Flush()
+			s := c.Stream(1)
+			c.MustRead(5*time.Second, "RST_STREAM", func() bool { return s.Done })
+			if s.RST == nil || *s.RST != http2.ErrCodeProtocol || s.Header != nil {
 				t.Fatalf("stream 1: %v, want RST_STREAM PROTOCOL_ERROR and no answer", s)
 			}
 		})
 	}
 	// A well-formed request reaches the node as sent.
-	c := dialRawH2(t, sc.addr, true)
-	c.request(1, http.MethodGet, "/public?x=1", true)
-	c.flush()
-	s := c.stream(1)
-	c.mustRead(5*time.Second, "the answer", func() bool { return s.done })
-	if s.status() != "200" {
+	c := h2test.Dial(t, sc.addr, true)
+	c.Request(1, http.MethodGet, "/public?x=1", true)
+	c.Flush()
+	s := c.Stream(1)
+	c.MustRead(5*time.Second, "the answer", func() bool { return s.Done })
+	if s.Status() != "200" {
 		t.Fatalf("well-formed request: %v, want 200", s)
 	}
 	if got := node.seen(); len(got) != 1 || got[0] != "GET /public?x=1 HTTP/1.1" {

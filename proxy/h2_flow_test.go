@@ -15,6 +15,7 @@ import (
 	"golang.org/x/net/http2"
 
 	"github.com/sidecarlb/sidecar/internal/h2"
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -28,47 +29,47 @@ func TestH2RapidResetNode(t *testing.T) {
 	leakcheck.Check(t)
 	tests := []struct {
 		name  string
-		reset func(c *rawH2, id uint32)
+		reset func(c *h2test.RawConn, id uint32)
 	}{
-		{"RST_STREAM", func(c *rawH2, id uint32) {
-			c.request(id, http.MethodGet, "/", true)
-			_ = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		{"RST_STREAM", func(c *h2test.RawConn, id uint32) {
+			c.Request(id, http.MethodGet, "/", true)
+			_ = c.Fr.WriteRSTStream(id, http2.ErrCodeCancel)
 		}},
-		{"window overflow", func(c *rawH2, id uint32) {
-			c.request(id, http.MethodGet, "/", true)
-			_ = c.fr.WriteWindowUpdate(id, 1<<31-1)
+		{"window overflow", func(c *h2test.RawConn, id uint32) {
+			c.Request(id, http.MethodGet, "/", true)
+			_ = c.Fr.WriteWindowUpdate(id, 1<<31-1)
 		}},
-		{"body past content-length", func(c *rawH2, id uint32) {
-			c.request(id, http.MethodPost, "/", false, "content-length", "1")
-			c.data(id, true, []byte("xx"))
+		{"body past content-length", func(c *h2test.RawConn, id uint32) {
+			c.Request(id, http.MethodPost, "/", false, "content-length", "1")
+			c.Data(id, true, []byte("xx"))
 		}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+			node := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 				_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true, EndStream: true})
 			})
-			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Addr}}),
 				RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
-			c := dialRawH2(t, sc.addr, true)
+			c := h2test.Dial(t, sc.addr, true)
 			const opened = 4 * h2.MaxEarlyResets
 			for i := range opened {
 				tc.reset(c, uint32(2*i+1))
 				if i%100 == 99 {
-					c.flush()
+					c.Flush()
 				}
 			}
-			c.flush()
-			if err := c.read(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+			c.Flush()
+			if err := c.ReadUntil(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Fatal("connection still open after the rapid resets")
 			}
-			if c.goAway == nil || c.goAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
-				t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM", c.goAway)
+			if c.GoAway == nil || c.GoAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
+				t.Fatalf("GOAWAY %+v, want ENHANCE_YOUR_CALM", c.GoAway)
 			}
 			// Some handler may start before the read loop reaches its
 			// reset; a tenth is far beyond what the race gives.
-			got := node.headers.Load()
-			t.Logf("node got %d of %d streams", got, (c.goAway.LastStreamID+1)/2)
+			got := node.Headers.Load()
+			t.Logf("node got %d of %d streams", got, (c.GoAway.LastStreamID+1)/2)
 			if got > h2.MaxEarlyResets/10 {
 				t.Errorf("node got %d streams, want at most %d: resets before the handler ran reach it", got, h2.MaxEarlyResets/10)
 			}

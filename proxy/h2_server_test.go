@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -28,13 +29,13 @@ import (
 func TestH2MalformedRequests(t *testing.T) {
 	leakcheck.Check(t)
 	var bad atomic.Int64
-	node := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	node := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/ok" {
 			bad.Add(1)
 		}
 		io.WriteString(w, "ok")
 	}), nil)
-	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.addr}}),
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Addr}}),
 		RouteConfig{Service: "echo", Protocol: "http2"}, ServerOptions{})
 
 	get := []string{":method", "GET", ":scheme", "http", ":authority", "echo", ":path", "/bad"}
@@ -45,74 +46,76 @@ func TestH2MalformedRequests(t *testing.T) {
 	)
 	tests := []struct {
 		name string
-		send func(c *rawH2)
+		send func(c *h2test.RawConn)
 		end  int
 		code http2.ErrCode
 	}{
-		{"missing path", func(c *rawH2) {
-			c.headers(1, true, ":method", "GET", ":scheme", "http", ":authority", "echo")
+		{"missing path", func(c *h2test.RawConn) {
+			c.Headers(1, true, ":method", "GET", ":scheme", "http", ":authority", "echo")
 		}, stream, http2.ErrCodeProtocol},
-		{"missing method", func(c *rawH2) {
-			c.headers(1, true, ":scheme", "http", ":authority", "echo", ":path", "/bad")
+		{"missing method", func(c *h2test.RawConn) {
+			c.Headers(1, true, ":scheme", "http", ":authority", "echo", ":path", "/bad")
 		}, stream, http2.ErrCodeProtocol},
-		{"unknown pseudo-header", func(c *rawH2) { c.headers(1, true, with(":foo", "x")...) }, stream, http2.ErrCodeProtocol},
-		{"pseudo-header after a field", func(c *rawH2) {
-			c.headers(1, true, "x-a", "1", ":method", "GET", ":scheme", "http", ":authority", "echo", ":path", "/bad")
+		{"unknown pseudo-header", func(c *h2test.RawConn) { c.Headers(1, true, with(":foo", "x")...) }, stream, http2.ErrCodeProtocol},
+		{"pseudo-header after a field", func(c *h2test.RawConn) {
+			c.Headers(1, true, "x-a", "1", ":method", "GET", ":scheme", "http", ":authority", "echo", ":path", "/bad")
 		}, stream, http2.ErrCodeProtocol},
-		{"connection close", func(c *rawH2) { c.headers(1, true, with("connection", "close")...) }, stream, http2.ErrCodeProtocol},
-		{"keep-alive", func(c *rawH2) { c.headers(1, true, with("keep-alive", "timeout=5")...) }, stream, http2.ErrCodeProtocol},
-		{"transfer-encoding", func(c *rawH2) { c.headers(1, true, with("transfer-encoding", "chunked")...) }, stream, http2.ErrCodeProtocol},
-		{"te gzip", func(c *rawH2) { c.headers(1, true, with("te", "gzip")...) }, stream, http2.ErrCodeProtocol},
-		{"uppercase name", func(c *rawH2) { c.headers(1, true, with("X-Upper", "1")...) }, stream, http2.ErrCodeProtocol},
-		{"duplicate pseudo-header", func(c *rawH2) { c.headers(1, true, append(slices.Clone(get[:6]), ":path", "/a", ":path", "/b")...) }, stream, http2.ErrCodeProtocol},
-		{"response pseudo-header in a request", func(c *rawH2) { c.headers(1, true, append([]string{":status", "200"}, get...)...) }, stream, http2.ErrCodeProtocol},
-		{"newline in a value", func(c *rawH2) { c.headers(1, true, with("x-a", "1\r\nx-b: 2")...) }, stream, http2.ErrCodeProtocol},
-		{"bad content-length", func(c *rawH2) {
-			c.headers(1, false, ":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/bad", "content-length", "1x")
+		{"connection close", func(c *h2test.RawConn) { c.Headers(1, true, with("connection", "close")...) }, stream, http2.ErrCodeProtocol},
+		{"keep-alive", func(c *h2test.RawConn) { c.Headers(1, true, with("keep-alive", "timeout=5")...) }, stream, http2.ErrCodeProtocol},
+		{"transfer-encoding", func(c *h2test.RawConn) { c.Headers(1, true, with("transfer-encoding", "chunked")...) }, stream, http2.ErrCodeProtocol},
+		{"te gzip", func(c *h2test.RawConn) { c.Headers(1, true, with("te", "gzip")...) }, stream, http2.ErrCodeProtocol},
+		{"uppercase name", func(c *h2test.RawConn) { c.Headers(1, true, with("X-Upper", "1")...) }, stream, http2.ErrCodeProtocol},
+		{"duplicate pseudo-header", func(c *h2test.RawConn) {
+			c.Headers(1, true, append(slices.Clone(get[:6]), ":path", "/a", ":path", "/b")...)
+		}, stream, http2.ErrCodeProtocol},
+		{"response pseudo-header in a request", func(c *h2test.RawConn) { c.Headers(1, true, append([]string{":status", "200"}, get...)...) }, stream, http2.ErrCodeProtocol},
+		{"newline in a value", func(c *h2test.RawConn) { c.Headers(1, true, with("x-a", "1\r\nx-b: 2")...) }, stream, http2.ErrCodeProtocol},
+		{"bad content-length", func(c *h2test.RawConn) {
+			c.Headers(1, false, ":method", "POST", ":scheme", "http", ":authority", "echo", ":path", "/bad", "content-length", "1x")
 		}, stream, http2.ErrCodeProtocol},
 		// The malformed request opened stream 1: the body and reset the
 		// client sent before it saw the sidecar's reset are on a closed
 		// stream, not an idle one.
-		{"uppercase name with its body and a reset in flight", func(c *rawH2) {
-			c.headers(1, false, with("X-Upper", "1")...)
-			c.data(1, true, []byte("body"))
-			_ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel)
+		{"uppercase name with its body and a reset in flight", func(c *h2test.RawConn) {
+			c.Headers(1, false, with("X-Upper", "1")...)
+			c.Data(1, true, []byte("body"))
+			_ = c.Fr.WriteRSTStream(1, http2.ErrCodeCancel)
 		}, stream, http2.ErrCodeProtocol},
-		{"data on a stream never opened", func(c *rawH2) { _ = c.fr.WriteData(7, false, []byte("x")) }, conn, http2.ErrCodeProtocol},
-		{"even stream", func(c *rawH2) { c.headers(2, true, get...) }, conn, http2.ErrCodeProtocol},
-		{"window overflow", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(0, 1<<31-1) }, conn, http2.ErrCodeFlowControl},
+		{"data on a stream never opened", func(c *h2test.RawConn) { _ = c.Fr.WriteData(7, false, []byte("x")) }, conn, http2.ErrCodeProtocol},
+		{"even stream", func(c *h2test.RawConn) { c.Headers(2, true, get...) }, conn, http2.ErrCodeProtocol},
+		{"window overflow", func(c *h2test.RawConn) { _ = c.Fr.WriteWindowUpdate(0, 1<<31-1) }, conn, http2.ErrCodeFlowControl},
 		{"headers before settings", nil, conn, http2.ErrCodeProtocol},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRawH2(t, sc.addr, tc.send != nil)
+			c := h2test.Dial(t, sc.addr, tc.send != nil)
 			if tc.send == nil {
-				c.headers(1, true, get...)
+				c.Headers(1, true, get...)
 			} else {
 				tc.send(c)
 			}
-			c.flush()
+			c.Flush()
 			if tc.end == stream {
-				s := c.stream(1)
-				c.mustRead(5*time.Second, "RST_STREAM", func() bool { return s.done })
-				if s.rst == nil || *s.rst != tc.code || s.header != nil {
+				s := c.Stream(1)
+				c.MustRead(5*time.Second, "RST_STREAM", func() bool { return s.Done })
+				if s.RST == nil || *s.RST != tc.code || s.Header != nil {
 					t.Fatalf("stream 1: %v, want RST_STREAM %v and no answer", s, tc.code)
 				}
-				c.request(3, http.MethodGet, "/ok", true)
-				c.flush()
-				s = c.stream(3)
-				c.mustRead(5*time.Second, "the next request's answer", func() bool { return s.done })
-				if s.status() != "200" || string(s.body) != "ok" {
+				c.Request(3, http.MethodGet, "/ok", true)
+				c.Flush()
+				s = c.Stream(3)
+				c.MustRead(5*time.Second, "the next request's answer", func() bool { return s.Done })
+				if s.Status() != "200" || string(s.Body) != "ok" {
 					t.Errorf("next request on the connection: %v, want 200 ok", s)
 				}
 				return
 			}
-			c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-			if c.goAway.ErrCode != tc.code {
-				t.Errorf("GOAWAY %v, want %v", c.goAway.ErrCode, tc.code)
+			c.MustRead(5*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+			if c.GoAway.ErrCode != tc.code {
+				t.Errorf("GOAWAY %v, want %v", c.GoAway.ErrCode, tc.code)
 			}
-			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
-				t.Errorf("connection still open after GOAWAY %v", c.goAway.ErrCode)
+			if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Errorf("connection still open after GOAWAY %v", c.GoAway.ErrCode)
 			}
 		})
 	}
@@ -120,7 +123,7 @@ func TestH2MalformedRequests(t *testing.T) {
 		t.Errorf("node served %d malformed requests, want 0", n)
 	}
 	// The listener still serves: a well-formed request on a new connection.
-	if r := doGet(t, h2cClient(t, nil), sc.URL+"/ok", nil); r.status != http.StatusOK || r.body != "ok" {
+	if r := doGet(t, h2test.NewClient(t, nil), sc.URL+"/ok", nil); r.status != http.StatusOK || r.body != "ok" {
 		t.Errorf("after malformed requests: %d %q, want 200 ok", r.status, r.body)
 	}
 }
@@ -155,17 +158,17 @@ func TestH2ContentLengthMismatch(t *testing.T) {
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRawH2(t, sc.addr, true)
+			c := h2test.Dial(t, sc.addr, true)
 			path := fmt.Sprintf("/cl%d", i)
-			c.request(1, http.MethodPost, path, len(tc.data) == 0, "content-length", tc.length)
+			c.Request(1, http.MethodPost, path, len(tc.data) == 0, "content-length", tc.length)
 			for j, d := range tc.data {
-				c.data(1, j == len(tc.data)-1, []byte(d))
+				c.Data(1, j == len(tc.data)-1, []byte(d))
 			}
-			c.flush()
-			c.mustRead(5*time.Second, "the answer", func() bool { return c.stream(1).done })
-			r := c.stream(1)
+			c.Flush()
+			c.MustRead(5*time.Second, "the answer", func() bool { return c.Stream(1).Done })
+			r := c.Stream(1)
 			if tc.wantRST {
-				if r.rst == nil || *r.rst != http2.ErrCodeProtocol {
+				if r.RST == nil || *r.RST != http2.ErrCodeProtocol {
 					t.Errorf("stream = %v, want RST_STREAM(PROTOCOL_ERROR)", r)
 				}
 				if b, ok := bodies.Load(path); ok && b != "" && b != "hello" {
@@ -173,7 +176,7 @@ func TestH2ContentLengthMismatch(t *testing.T) {
 				}
 				return
 			}
-			if r.status() != "200" || r.rst != nil {
+			if r.Status() != "200" || r.RST != nil {
 				t.Errorf("stream = %v, want 200", r)
 			}
 			if b, _ := bodies.Load(path); b != tc.wantBody {

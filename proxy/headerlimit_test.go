@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -42,26 +43,26 @@ func TestH2HPACKAmplificationBounded(t *testing.T) {
 	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {node.Listener.Addr().String()}}),
 		RouteConfig{Service: "echo"}, ServerOptions{})
 
-	c := dialRawH2(t, sc.addr, true)
+	c := h2test.Dial(t, sc.addr, true)
 	value := strings.Repeat("a", 4000) // fits the 4096-byte dynamic table once
 	var extra []string
 	for range 200 {
 		extra = append(extra, "x-amp", value)
 	}
-	c.request(1, "GET", "/amp", true, extra...)
-	wire := c.wbuf.Len()
-	c.flush()
-	c.mustRead(5*time.Second, "the answer to the amplified request", func() bool { return c.stream(1).done })
+	c.Request(1, "GET", "/amp", true, extra...)
+	wire := c.Buffered()
+	c.Flush()
+	c.MustRead(5*time.Second, "the answer to the amplified request", func() bool { return c.Stream(1).Done })
 	decoded := 200 * (len("x-amp") + len(value) + 32)
 	t.Logf("%d wire bytes (with the preface and SETTINGS) decode to a %d-byte header list", wire, decoded)
-	if s := c.stream(1); s.status() != "431" || s.rst != nil {
+	if s := c.Stream(1); s.Status() != "431" || s.RST != nil {
 		t.Errorf("amplified request: %v, want 431 and the stream ended", s)
 	}
-	c.request(3, "GET", "/after", true)
-	c.flush()
-	c.mustRead(5*time.Second, "the answer to the next request", func() bool { return c.stream(3).done })
-	if s := c.stream(3); s.status() != "200" || string(s.body) != "ran" {
-		t.Errorf("next request on the connection: %v, body %q; want 200 \"ran\"", s, s.body)
+	c.Request(3, "GET", "/after", true)
+	c.Flush()
+	c.MustRead(5*time.Second, "the answer to the next request", func() bool { return c.Stream(3).Done })
+	if s := c.Stream(3); s.Status() != "200" || string(s.Body) != "ran" {
+		t.Errorf("next request on the connection: %v, body %q; want 200 \"ran\"", s, s.Body)
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -102,29 +103,29 @@ func TestH2MaxHeaderBytesAdvertised(t *testing.T) {
 		t.Errorf("SETTINGS_MAX_HEADER_LIST_SIZE = %d (sent %v), want %d", v, ok, 8<<10)
 	}
 
-	c := dialRawH2(t, sc.addr, true)
-	c.request(1, "GET", "/ok", true, "x-small", strings.Repeat("s", 7<<10))
-	c.request(3, "GET", "/big", true, "x-big", strings.Repeat("b", 8<<10))
-	c.flush()
-	c.mustRead(5*time.Second, "both answers", func() bool { return c.stream(1).done && c.stream(3).done })
-	if s := c.stream(1); s.status() != "200" {
+	c := h2test.Dial(t, sc.addr, true)
+	c.Request(1, "GET", "/ok", true, "x-small", strings.Repeat("s", 7<<10))
+	c.Request(3, "GET", "/big", true, "x-big", strings.Repeat("b", 8<<10))
+	c.Flush()
+	c.MustRead(5*time.Second, "both answers", func() bool { return c.Stream(1).Done && c.Stream(3).Done })
+	if s := c.Stream(1); s.Status() != "200" {
 		t.Errorf("request under the limit: %v, want 200", s)
 	}
-	if s := c.stream(3); s.status() != "431" || s.rst != nil {
+	if s := c.Stream(3); s.Status() != "431" || s.RST != nil {
 		t.Errorf("request over the limit: %v, want 431 and the stream ended", s)
 	}
 	// One not yet ended gets its answer, then RST_STREAM NO_ERROR: the
 	// rest of its request is not wanted.
-	c.request(5, "POST", "/big", false, "x-big", strings.Repeat("b", 8<<10))
-	c.flush()
-	c.mustRead(5*time.Second, "the answer and RST_STREAM", func() bool { return c.stream(5).done && c.stream(5).rst != nil })
-	if s := c.stream(5); s.status() != "431" || s.rst == nil || *s.rst != http2.ErrCodeNo {
+	c.Request(5, "POST", "/big", false, "x-big", strings.Repeat("b", 8<<10))
+	c.Flush()
+	c.MustRead(5*time.Second, "the answer and RST_STREAM", func() bool { return c.Stream(5).Done && c.Stream(5).RST != nil })
+	if s := c.Stream(5); s.Status() != "431" || s.RST == nil || *s.RST != http2.ErrCodeNo {
 		t.Errorf("request over the limit, its body to come: %v, want 431 and RST_STREAM NO_ERROR", s)
 	}
-	c.request(7, "GET", "/ok", true)
-	c.flush()
-	c.mustRead(5*time.Second, "the next answer", func() bool { return c.stream(7).done })
-	if s := c.stream(7); s.status() != "200" {
+	c.Request(7, "GET", "/ok", true)
+	c.Flush()
+	c.MustRead(5*time.Second, "the next answer", func() bool { return c.Stream(7).Done })
+	if s := c.Stream(7); s.Status() != "200" {
 		t.Errorf("next request on the connection: %v, want 200", s)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/wait"
 
 	"github.com/sidecarlb/sidecar/config"
@@ -149,7 +150,7 @@ func TestFanOutBoundedByLimits(t *testing.T) {
 	answers := make(chan answer, total)
 	var wg sync.WaitGroup
 	for range clients {
-		c := h2cClient(t, nil)
+		c := h2test.NewClient(t, nil)
 		for range streams {
 			wg.Add(1)
 			go func() {
@@ -205,7 +206,7 @@ func TestFanOutBoundedByLimits(t *testing.T) {
 	if st.Breaker != "closed" || st.ConsecutiveFailures != 0 || st.EjectedUntil != nil {
 		t.Errorf("endpoint after the fan-out = %+v, want breaker closed, no failures, not ejected", st)
 	}
-	resp, err := h2cClient(t, nil).Get(sc.URL + "/after")
+	resp, err := h2test.NewClient(t, nil).Get(sc.URL + "/after")
 	if err != nil {
 		t.Fatal(err)
 	}

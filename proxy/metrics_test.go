@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sidecarlb/sidecar/discovery"
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 )
 
 // series returns the label sets of metric name's series, each as
@@ -43,7 +44,7 @@ func series(t *testing.T, reg *prometheus.Registry, name string) []string {
 // TestMetricsGRPCCode: a gRPC call is counted by its grpc-status, from
 // the trailers or from a trailers-only answer, not as a bare 2xx.
 func TestMetricsGRPCCode(t *testing.T) {
-	node := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	node := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/grpc")
 		if r.URL.Path == "/only/Headers" {
 			w.Header().Set("Grpc-Status", "7") // trailers-only
@@ -55,9 +56,9 @@ func TestMetricsGRPCCode(t *testing.T) {
 		_, _ = w.Write([]byte{0, 0, 0, 0, 0})
 		w.Header().Set("Grpc-Status", "5")
 	}), nil)
-	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"svc": {node.addr}}),
+	sc := startH2Sidecar(t, staticCache(t, map[string][]string{"svc": {node.Addr}}),
 		RouteConfig{Service: "svc", Protocol: "grpc", Timeouts: sidecarTimeouts()}, sidecarServerOptions())
-	c := h2cClient(t, nil)
+	c := h2test.NewClient(t, nil)
 	for _, path := range []string{"/a.B/NotThere", "/a.B/NotThere", "/only/Headers"} {
 		req, _ := http.NewRequest(http.MethodPost, sc.URL+path, strings.NewReader("\x00\x00\x00\x00\x00"))
 		req.Header.Set("Content-Type", "application/grpc")

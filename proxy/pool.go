@@ -48,6 +48,9 @@ type poolConfig struct {
 	// connection under mTLS in the dial, ALPN http/1.1 (none for tcp) and
 	// h2; the engines above speak as over plaintext. Both nil otherwise.
 	meshH1, meshH2 *tls.Config
+	// pingAfter and pingTimeout go to the h2c pool's SetPing; zero: h2's
+	// defaults.
+	pingAfter, pingTimeout time.Duration
 }
 
 // newPools returns an endpoint's pools, whose connections count against
@@ -62,6 +65,7 @@ func newPools(c *poolConfig, lim *nodeLimits, now time.Time) *pools {
 	}
 	if useH2Pool && c.tls == nil && c.meshH1 == nil {
 		p.h2c = h2.NewPool(c.timeouts.Connect, c.timeouts.Idle, lim, c.log)
+		p.h2c.SetPing(c.pingAfter, c.pingTimeout)
 	} else {
 		p.h2 = newTransport(c, true, lim)
 	}

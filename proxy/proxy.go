@@ -116,6 +116,10 @@ type Proxy struct {
 	// refusedLog logs the answers the sidecar makes itself, rate limited.
 	refusedLog *zap.Logger
 	mesh       Mesh // outbound mTLS to mesh nodes (mesh.go); zero: none
+	// h2PingAfter and h2PingTimeout are the h2c pools' ping (h2.Pool's
+	// SetPing) on routes made after they are set; zero, as New leaves
+	// them: h2's defaults. Tests shorten them.
+	h2PingAfter, h2PingTimeout time.Duration
 
 	mu     sync.Mutex
 	routes []*route // for Status, in creation order

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/wait"
 
 	"golang.org/x/net/http2"
@@ -310,8 +311,8 @@ func TestRetryCountedWhenSent(t *testing.T) {
 	// refuseAfterBody is an h2c node that takes a request's first body
 	// bytes, then refuses the stream: never processed, but the body is
 	// spoken for.
-	refuseAfterBody := func(t *testing.T) *rawH2Node {
-		return startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+	refuseAfterBody := func(t *testing.T) *h2test.RawNode {
+		return h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 			id := f.StreamID
 			for {
 				g, err := fr.ReadFrame()
@@ -344,7 +345,7 @@ func TestRetryCountedWhenSent(t *testing.T) {
 	}{
 		{"h2c nodes refuse a streamed POST after its first bytes", "http2", http.MethodPost, func(t *testing.T) ([]string, func() int64) {
 			a, b := refuseAfterBody(t), refuseAfterBody(t)
-			return []string{a.addr, b.addr}, func() int64 { return a.headers.Load() + b.headers.Load() }
+			return []string{a.Addr, b.Addr}, func() int64 { return a.Headers.Load() + b.Headers.Load() }
 		}},
 		{"http/1.1 nodes drop a streamed POST mid-body", "http", http.MethodPost, func(t *testing.T) ([]string, func() int64) {
 			var tries atomic.Int64
@@ -398,9 +399,9 @@ func TestRetryCountedWhenSent(t *testing.T) {
 
 // startSignallingEcho starts an h2c node that echoes a request's body and
 // signals on started when a request reaches it, before it reads the body.
-func startSignallingEcho(t testing.TB) (*h2Node, <-chan struct{}) {
+func startSignallingEcho(t testing.TB) (*h2test.Node, <-chan struct{}) {
 	started := make(chan struct{}, 1)
-	echo := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	echo := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		started <- struct{}{}
 		b, err := io.ReadAll(r.Body)
 		if err != nil {
@@ -430,16 +431,16 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 		protocol string // the route's, to the nodes
 		app      func(t *testing.T) *http.Client
 	}{
-		{"h2c app, http2 route", "http2", func(t *testing.T) *http.Client { return h2cClient(t, nil) }},
+		{"h2c app, http2 route", "http2", func(t *testing.T) *http.Client { return h2test.NewClient(t, nil) }},
 		{"http/1.1 app, http2 route", "http2", func(t *testing.T) *http.Client { return newClient(t, nil) }},
 		{"http/1.1 app, http route", "http", func(t *testing.T) *http.Client { return newClient(t, nil) }},
-		{"h2c app, http route", "http", func(t *testing.T) *http.Client { return h2cClient(t, nil) }},
+		{"h2c app, http route", "http", func(t *testing.T) *http.Client { return h2test.NewClient(t, nil) }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			leakcheck.Check(t)
 			var refused atomic.Int64
-			unavailable := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			unavailable := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				// Over HTTP/1.1, answer without first reading the body, as
 				// an h2 node does anyway.
 				_ = http.NewResponseController(w).EnableFullDuplex()
@@ -452,14 +453,14 @@ func TestRetryStreamedBodyWhole(t *testing.T) {
 			res.Outlier.Enabled = false
 			res.Retries.Backoff = time.Millisecond
 			res.Retries.Budget = config.Budget{Percent: 100, MinPerSecond: 100, Window: time.Second}
-			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {unavailable.addr, echo.addr}}),
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {unavailable.Addr, echo.Addr}}),
 				RouteConfig{Service: "echo", Protocol: tc.protocol, Resilience: res}, ServerOptions{})
 			client := tc.app(t)
 
 			const rounds = 20
 			for i := range rounds {
 				before := refused.Load()
-				parts := [][]byte{randomBytes(5), randomBytes(20 << 10), randomBytes(1), randomBytes(40 << 10)}
+				parts := [][]byte{h2test.RandomBytes(5), h2test.RandomBytes(20 << 10), h2test.RandomBytes(1), h2test.RandomBytes(40 << 10)}
 				want := bytes.Join(parts, nil)
 				pr, pw := io.Pipe()
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
@@ -527,13 +528,13 @@ func TestRetryStreamedBodyDuringBackoff(t *testing.T) {
 	}{
 		// Not over an http route: net/http's Transport returns a failed
 		// try's error only once its write loop's read of the body returns.
-		{"h2c app, http2 route", "http2", func(t *testing.T) *http.Client { return h2cClient(t, nil) }},
+		{"h2c app, http2 route", "http2", func(t *testing.T) *http.Client { return h2test.NewClient(t, nil) }},
 		{"http/1.1 app, http2 route", "http2", func(t *testing.T) *http.Client { return newClient(t, nil) }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			leakcheck.Check(t)
-			broken := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			broken := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				panic(http.ErrAbortHandler) // a reset stream
 			}), nil)
 			echo, started := startSignallingEcho(t)
@@ -545,7 +546,7 @@ func TestRetryStreamedBodyDuringBackoff(t *testing.T) {
 			// does not depend on it.
 			res.Retries.Backoff = 400 * time.Millisecond
 			res.Retries.Budget = config.Budget{Percent: 100, MinPerSecond: 100, Window: time.Minute}
-			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {broken.addr, echo.addr}}),
+			sc := startH2Sidecar(t, staticCache(t, map[string][]string{"echo": {broken.Addr, echo.Addr}}),
 				RouteConfig{Service: "echo", Protocol: tc.protocol, Resilience: res}, ServerOptions{})
 			client := tc.app(t)
 
@@ -555,7 +556,7 @@ func TestRetryStreamedBodyDuringBackoff(t *testing.T) {
 				if i == 4*wantRetried {
 					t.Fatalf("the broken node went first in %d of %d rounds, want %d", retried, i, wantRetried)
 				}
-				first, rest := randomBytes(100), randomBytes(30<<10)
+				first, rest := h2test.RandomBytes(100), h2test.RandomBytes(30<<10)
 				want := string(first) + string(rest)
 				pr, pw := io.Pipe()
 				ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)

@@ -98,7 +98,7 @@ func newRoute(p *Proxy, listener string, cfg RouteConfig) (*route, error) {
 	log = log.WithLazy(zap.String("listener", listener), zap.String("service", cfg.Service))
 	rt := &route{
 		scheme:   scheme,
-		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf, log: log},
+		pool:     poolConfig{timeouts: cfg.Timeouts, tls: tlsConf, log: log, pingAfter: p.h2PingAfter, pingTimeout: p.h2PingTimeout},
 		listener: listener,
 		cfg:      cfg,
 		h2:       cfg.Protocol == "http2" || cfg.Protocol == "grpc",

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/protobuf/types/dynamicpb"
 
 	"github.com/sidecarlb/sidecar/config"
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 	"github.com/sidecarlb/sidecar/transcode/transcodetest"
 )
@@ -524,7 +525,7 @@ func TestTranscodeClientAndBidiStreams(t *testing.T) {
 	encoding.RegisterCodec(jsonCodec{})
 	node := transcodetest.Start(t, 1, transcodetest.ReflectionV1, "")
 	px := startTranscoding(t, config.Codec{}, node.Addr)
-	hc := h2cClient(t, nil)
+	hc := h2test.NewClient(t, nil)
 	for _, tc := range []struct {
 		name string
 		opts []connect.ClientOption

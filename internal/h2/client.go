@@ -78,6 +78,19 @@ func NewPool(connect, idle time.Duration, lim Limits, log *zap.Logger) *Pool {
 		lim: lim}
 }
 
+// SetPing sets how long a connection to the node may stay silent before
+// it is pinged (after), and how long the ping may go unanswered before the
+// connection closes, failing its streams (timeout). Zero keeps the
+// default: 30 s and 10 s. Call it before the pool's first RoundTrip.
+func (p *Pool) SetPing(after, timeout time.Duration) {
+	if after > 0 {
+		p.pingAfter = after
+	}
+	if timeout > 0 {
+		p.pingTimeout = timeout
+	}
+}
+
 // Limits bounds the connections a Pool opens to its node, as h1.Limits
 // bounds an h1.Pool's; the proxy's per-node limits implement both.
 // Its methods are safe for concurrent use.

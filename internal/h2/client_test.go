@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -26,12 +27,12 @@ import (
 // own that closes once it is done, as on the HTTP/1.1 pool.
 func TestH2PoolRetired(t *testing.T) {
 	leakcheck.Check(t)
-	node := startH2CNode(t, nodeHandler("node-0"), nil)
+	node := h2test.StartH2C(t, nodeHandler("node-0"), nil)
 	p := NewPool(time.Second, 0, nil, testLogger(t))
 	get := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr+"/r", nil)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.Addr+"/r", nil)
 		errc := make(chan error, 1)
 		go func() {
 			resp, err := p.RoundTrip(req)
@@ -57,14 +58,14 @@ func TestH2PoolRetired(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.Retire()
-	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.closes.Load() == 1 })
+	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.Closes.Load() == 1 })
 	if err := get(); err != nil {
 		t.Fatalf("request on the retired pool: %v", err)
 	}
-	if got := node.accepts.Load(); got != 2 {
+	if got := node.Accepts.Load(); got != 2 {
 		t.Errorf("node connections = %d, want 2: one for the request on the retired pool", got)
 	}
-	resWait(t, 5*time.Second, "its connection to close", func() bool { return node.closes.Load() == 2 })
+	resWait(t, 5*time.Second, "its connection to close", func() bool { return node.Closes.Load() == 2 })
 }
 
 // TestH2SilentNodePinged: a node that stops answering altogether, neither
@@ -76,17 +77,17 @@ func TestH2SilentNodePinged(t *testing.T) {
 	leakcheck.Check(t)
 	stop := make(chan struct{})
 	var streams atomic.Int64
-	silent := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+	silent := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 		streams.Add(1)
 		<-stop // reads nothing more: no answer, no ping ack
 	})
 	t.Cleanup(func() { close(stop) }) // runs before the node's cleanup
 	p := NewPool(time.Second, 0, nil, testLogger(t))
-	p.pingAfter, p.pingTimeout = 100*time.Millisecond, 100*time.Millisecond
+	p.SetPing(100*time.Millisecond, 100*time.Millisecond)
 	t.Cleanup(p.Retire)
 	for i := range 2 {
 		start := time.Now()
-		req, _ := http.NewRequest(http.MethodGet, "http://"+silent.addr+"/hang", nil)
+		req, _ := http.NewRequest(http.MethodGet, "http://"+silent.Addr+"/hang", nil)
 		resp, err := p.RoundTrip(req)
 		if err == nil {
 			resp.Body.Close()
@@ -110,7 +111,7 @@ func TestH2SilentNodePinged(t *testing.T) {
 func TestH2PoolIdleClose(t *testing.T) {
 	leakcheck.Check(t)
 	const idle = 200 * time.Millisecond
-	node := startH2CNode(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	node := h2test.StartH2C(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(2 * idle)
 		io.WriteString(w, "slow")
 	}), nil)
@@ -118,7 +119,7 @@ func TestH2PoolIdleClose(t *testing.T) {
 	t.Cleanup(p.Retire)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr+"/slow", nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.Addr+"/slow", nil)
 	resp, err := p.RoundTrip(req)
 	if err != nil {
 		t.Fatal(err)
@@ -128,8 +129,8 @@ func TestH2PoolIdleClose(t *testing.T) {
 	if err != nil || string(body) != "slow" {
 		t.Fatalf("body = %q, %v; want \"slow\"", body, err)
 	}
-	if got := node.closes.Load(); got != 0 {
+	if got := node.Closes.Load(); got != 0 {
 		t.Fatalf("node connections closed as the stream ended = %d, want 0 (idle for less than %v)", got, idle)
 	}
-	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.closes.Load() == 1 })
+	resWait(t, 5*time.Second, "the idle connection to close", func() bool { return node.Closes.Load() == 1 })
 }

@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -47,98 +47,94 @@ func TestH2StreamStates(t *testing.T) {
 	)
 	tests := []struct {
 		name string
-		send func(c *rawH2)
+		send func(c *h2test.RawConn)
 		end  int
 		code http2.ErrCode
 	}{
-		{"headers on a half-closed (remote) stream", func(c *rawH2) {
-			c.headers(1, true, get("/hold")...)
-			c.headers(1, true, "x-trailer", "1")
+		{"headers on a half-closed (remote) stream", func(c *h2test.RawConn) {
+			c.Headers(1, true, get("/hold")...)
+			c.Headers(1, true, "x-trailer", "1")
 		}, rst, http2.ErrCodeStreamClosed},
-		{"data after the client's reset", func(c *rawH2) {
-			c.headers(1, false, get("/hold")...)
-			_ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel)
-			_ = c.fr.WriteData(1, true, []byte("test"))
+		{"data after the client's reset", func(c *h2test.RawConn) {
+			c.Headers(1, false, get("/hold")...)
+			_ = c.Fr.WriteRSTStream(1, http2.ErrCodeCancel)
+			_ = c.Fr.WriteData(1, true, []byte("test"))
 		}, rst, http2.ErrCodeStreamClosed},
-		{"headers after the client's reset", func(c *rawH2) {
-			c.headers(1, false, get("/hold")...)
-			_ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel)
-			c.headers(1, true, "x-trailer", "1")
+		{"headers after the client's reset", func(c *h2test.RawConn) {
+			c.Headers(1, false, get("/hold")...)
+			_ = c.Fr.WriteRSTStream(1, http2.ErrCodeCancel)
+			c.Headers(1, true, "x-trailer", "1")
 		}, rst, http2.ErrCodeStreamClosed},
-		{"headers on a stream the client reset, once its handler returned", func(c *rawH2) {
-			c.headers(1, false, get("/hold")...)
-			c.flush()
-			s := c.stream(1)
-			c.mustRead(5*time.Second, "the answer's header", func() bool { return s.header != nil })
-			_ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel)
-			c.flush()
+		{"headers on a stream the client reset, once its handler returned", func(c *h2test.RawConn) {
+			c.Headers(1, false, get("/hold")...)
+			c.Flush()
+			s := c.Stream(1)
+			c.MustRead(5*time.Second, "the answer's header", func() bool { return s.Header != nil })
+			_ = c.Fr.WriteRSTStream(1, http2.ErrCodeCancel)
+			c.Flush()
 			resWait(t, 5*time.Second, "the handler to return", func() bool {
 				_, streams, _ := h2ServerLoad(srv)
 				return streams == 0
 			})
-			c.headers(1, true, "x-trailer", "1")
+			c.Headers(1, true, "x-trailer", "1")
 		}, rst, http2.ErrCodeStreamClosed},
-		{"headers on a stream closed normally", func(c *rawH2) {
-			c.headers(1, true, get("/ok")...)
-			c.flush()
-			s := c.stream(1)
-			c.mustRead(5*time.Second, "the answer", func() bool { return s.done })
-			c.headers(1, true, get("/ok")...)
+		{"headers on a stream closed normally", func(c *h2test.RawConn) {
+			c.Headers(1, true, get("/ok")...)
+			c.Flush()
+			s := c.Stream(1)
+			c.MustRead(5*time.Second, "the answer", func() bool { return s.Done })
+			c.Headers(1, true, get("/ok")...)
 		}, goAway, http2.ErrCodeStreamClosed},
-		{"headers on a lower stream never opened", func(c *rawH2) {
-			c.headers(5, true, get("/ok")...)
-			c.headers(3, true, get("/ok")...)
+		{"headers on a lower stream never opened", func(c *h2test.RawConn) {
+			c.Headers(5, true, get("/ok")...)
+			c.Headers(3, true, get("/ok")...)
 		}, goAway, http2.ErrCodeProtocol},
-		{"trailers after the sidecar's reset", func(c *rawH2) {
-			c.headers(1, false, get("/early")...)
-			c.flush()
-			s := c.stream(1)
-			c.mustRead(5*time.Second, "the early answer and its reset", func() bool { return s.rst != nil })
-			c.streams[1] = nil
-			c.headers(1, true, "x-trailer", "1")
+		{"trailers after the sidecar's reset", func(c *h2test.RawConn) {
+			c.Headers(1, false, get("/early")...)
+			c.Flush()
+			s := c.Stream(1)
+			c.MustRead(5*time.Second, "the early answer and its reset", func() bool { return s.RST != nil })
+			c.Streams[1] = nil
+			c.Headers(1, true, "x-trailer", "1")
 		}, served, 0},
-		{"headers depending on their own stream", func(c *rawH2) {
-			c.hbuf.Reset()
-			for i, f := 0, get("/ok"); i < len(f); i += 2 {
-				_ = c.enc.WriteField(hpack.HeaderField{Name: f[i], Value: f[i+1]})
-			}
-			_ = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: c.hbuf.Bytes(),
+		{"headers depending on their own stream", func(c *h2test.RawConn) {
+			_ = c.Fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: c.HeaderBlock(get("/ok")...),
 				EndStream: true, EndHeaders: true, Priority: http2.PriorityParam{StreamDep: 1, Weight: 15}})
 		}, rst, http2.ErrCodeProtocol},
-		{"priority depending on its own stream", func(c *rawH2) {
-			_ = c.fr.WritePriority(1, http2.PriorityParam{StreamDep: 1, Weight: 15})
+		{"priority depending on its own stream", func(c *h2test.RawConn) {
+			_ = c.Fr.WritePriority(1, http2.PriorityParam{StreamDep: 1, Weight: 15})
 		}, rst, http2.ErrCodeProtocol},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRawH2(t, px.Listener.Addr().String(), true)
+			c := h2test.Dial(t, px.Listener.Addr().String(), true)
 			tc.send(c)
-			c.flush()
+			c.Flush()
 			switch tc.end {
 			case goAway:
-				c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-				if c.goAway.ErrCode != tc.code {
-					t.Errorf("GOAWAY %v, want %v", c.goAway.ErrCode, tc.code)
+				c.MustRead(5*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+				if c.GoAway.ErrCode != tc.code {
+					t.Errorf("GOAWAY %v, want %v", c.GoAway.ErrCode, tc.code)
 				}
-				if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
-					t.Errorf("connection still open after GOAWAY %v", c.goAway.ErrCode)
+				if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Errorf("connection still open after GOAWAY %v", c.GoAway.ErrCode)
 				}
 				return
 			case rst:
-				s := c.stream(1)
-				c.mustRead(5*time.Second, "RST_STREAM", func() bool { return s.rst != nil || c.goAway != nil })
-				if c.goAway != nil || *s.rst != tc.code {
-					t.Fatalf("stream 1: %v, GOAWAY %v; want RST_STREAM %v", s, c.goAway, tc.code)
+				s := c.Stream(1)
+				c.MustRead(5*time.Second, "RST_STREAM", func() bool { return s.RST != nil || c.GoAway != nil })
+				if c.GoAway != nil || *s.RST != tc.code {
+					t.Fatalf("stream 1: %v, GOAWAY %v; want RST_STREAM %v", s, c.GoAway, tc.code)
 				}
 			}
-			c.headers(7, true, get("/ok")...)
-			c.flush()
-			s := c.stream(7)
-			c.mustRead(5*time.Second, "the next answer", func() bool { return s.done || c.goAway != nil })
-			if c.goAway != nil || s.status() != "200" || string(s.body) != "ok" {
-				t.Fatalf("next request: %v, GOAWAY %v; want 200 ok on the same connection", s, c.goAway)
+			c.Headers(7, true, get("/ok")...)
+			c.Flush()
+			s := c.Stream(7)
+			c.MustRead(5*time.Second, "the next answer", func() bool { return s.Done || c.GoAway != nil })
+			if c.GoAway != nil || s.Status() != "200" || string(s.Body) != "ok" {
+				t.Fatalf("next request: %v, GOAWAY %v; want 200 ok on the same connection", s, c.GoAway)
 			}
-			if s := c.streams[1]; tc.end == served && s != nil {
+			if s := c.Streams[1]; tc.end == served && s != nil {
 				t.Errorf("stream 1 after the sidecar's reset: %v, want nothing", s)
 			}
 		})
@@ -156,15 +152,15 @@ func TestH2ClientGoAwayThenPing(t *testing.T) {
 	leakcheck.Check(t)
 	srv := newListenerServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), Options{}, testLogger(t))
 	px := startProxyServerWith(t, srv)
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
-	_ = c.fr.WriteGoAway(0, 0xff, nil)
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
+	_ = c.Fr.WriteGoAway(0, 0xff, nil)
 	data := [8]byte{'h', '2', 's', 'p', 'e', 'c'}
-	_ = c.fr.WritePing(false, data)
-	c.flush()
+	_ = c.Fr.WritePing(false, data)
+	c.Flush()
 	var ack bool
-	for c.err == nil && !ack {
-		_ = c.nc.SetReadDeadline(time.Now().Add(5 * time.Second))
-		f, err := c.fr.ReadFrame()
+	for c.Err == nil && !ack {
+		_ = c.NC.SetReadDeadline(time.Now().Add(5 * time.Second))
+		f, err := c.Fr.ReadFrame()
 		if err != nil {
 			t.Fatalf("waiting for the PING's ACK: %v", err)
 		}
@@ -172,7 +168,7 @@ func TestH2ClientGoAwayThenPing(t *testing.T) {
 			ack = true
 		}
 	}
-	if err := c.read(5*time.Second, func() bool { return false }); !errors.Is(err, io.EOF) {
+	if err := c.ReadUntil(5*time.Second, func() bool { return false }); !errors.Is(err, io.EOF) {
 		t.Errorf("after the PING's ACK: %v, want the connection closed", err)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/httpwire"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
@@ -116,7 +117,7 @@ const h2Stall = 300 * time.Millisecond
 func TestH2FlowControlStallSleeps(t *testing.T) {
 	leakcheck.Check(t)
 	const answer = 1 << 20
-	payload := randomBytes(answer)
+	payload := h2test.RandomBytes(answer)
 	for _, win := range []uint32{0, h2InitialWindow} {
 		name := "server, app window 0"
 		if win != 0 {
@@ -127,13 +128,13 @@ func TestH2FlowControlStallSleeps(t *testing.T) {
 				_, _ = w.Write(payload)
 			}), Options{}, testLogger(t))
 			px := startProxyServerWith(t, srv)
-			c := dialRawH2(t, px.Listener.Addr().String(), false)
-			_ = c.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: win})
-			_ = c.fr.WriteWindowUpdate(0, 1<<30)
-			c.request(1, http.MethodGet, "/", true)
-			c.flush()
-			s := c.stream(1)
-			c.mustRead(5*time.Second, "the window's worth of the answer", func() bool { return s.status() != "" && len(s.body) >= int(win) })
+			c := h2test.Dial(t, px.Listener.Addr().String(), false)
+			_ = c.Fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: win})
+			_ = c.Fr.WriteWindowUpdate(0, 1<<30)
+			c.Request(1, http.MethodGet, "/", true)
+			c.Flush()
+			s := c.Stream(1)
+			c.MustRead(5*time.Second, "the window's worth of the answer", func() bool { return s.Status() != "" && len(s.Body) >= int(win) })
 			sc := soleH2ServerConn(t, srv)
 			resWait(t, 5*time.Second, "the handler to wait for the window", func() bool { return sc.sendWaitCount() > 0 })
 			waits, cpu := sc.sendWaitCount(), cpuTime()
@@ -143,16 +144,16 @@ func TestH2FlowControlStallSleeps(t *testing.T) {
 			if waits > 1 {
 				t.Errorf("handler's writes waited %d times over the stall, want at most once: nothing changed", waits)
 			}
-			_ = c.fr.WriteWindowUpdate(1, answer)
-			c.flush()
-			c.mustRead(5*time.Second, "the rest of the answer", func() bool { return s.done })
-			if !bytes.Equal(s.body, payload) {
+			_ = c.Fr.WriteWindowUpdate(1, answer)
+			c.Flush()
+			c.MustRead(5*time.Second, "the rest of the answer", func() bool { return s.Done })
+			if !bytes.Equal(s.Body, payload) {
 				t.Errorf("answer: %v, want the %d bytes written", s, answer)
 			}
 		})
 	}
 	t.Run("client, node never opens its window", func(t *testing.T) {
-		node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+		node := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true})
 		})
 		p := NewPool(time.Second, 0, nil, nil)
@@ -160,7 +161,7 @@ func TestH2FlowControlStallSleeps(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		const upload = 4 << 20
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+node.addr+"/", bytes.NewReader(make([]byte, upload)))
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+node.Addr+"/", bytes.NewReader(make([]byte, upload)))
 		resp, err := p.RoundTrip(req)
 		if err != nil {
 			t.Fatal(err)
@@ -382,29 +383,29 @@ func TestH2WriteStall(t *testing.T) {
 // serves the next request.
 func TestH2NodeStreamNotOpenedAfterCancel(t *testing.T) {
 	leakcheck.Check(t)
-	node := startRawH2Node(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
+	node := h2test.StartRawNode(t, func(fr *http2.Framer, f *http2.MetaHeadersFrame) {
 		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: []byte{0x88}, EndHeaders: true, EndStream: true})
 	})
 	p := NewPool(time.Second, 0, nil, nil)
 	t.Cleanup(p.Retire)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.addr+"/", nil)
-	cc, err := p.conn(context.Background(), node.addr)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+node.Addr+"/", nil)
+	cc, err := p.conn(context.Background(), node.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := cc.roundTrip(req); !errors.Is(err, context.Canceled) {
 		t.Errorf("roundTrip() error = %v, want context.Canceled", err)
 	}
-	req, _ = http.NewRequest(http.MethodGet, "http://"+node.addr+"/", nil)
+	req, _ = http.NewRequest(http.MethodGet, "http://"+node.Addr+"/", nil)
 	resp, err := p.RoundTrip(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, _ = io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
-	if got := node.headers.Load(); got != 1 {
+	if got := node.Headers.Load(); got != 1 {
 		t.Errorf("node got %d requests, want 1: the cancelled one opened a stream", got)
 	}
 	if _, streams := cc.load(); streams != 0 {
@@ -439,10 +440,10 @@ func TestH2HeaderBlockBounds(t *testing.T) {
 	}), Options{ReadHeaderTimeout: 2 * time.Second, IdleTimeout: time.Hour}, testLogger(t))
 	px := startProxyServerWith(t, srv)
 	addr := px.Listener.Addr().String()
-	ready := func(t *testing.T) *rawH2 {
-		c := dialRawH2(t, addr, true)
+	ready := func(t *testing.T) *h2test.RawConn {
+		c := h2test.Dial(t, addr, true)
 		// Nothing the client answers may come between the block's frames.
-		c.mustRead(5*time.Second, "the server's SETTINGS", func() bool { return c.settings && c.connWindow })
+		c.MustRead(5*time.Second, "the server's SETTINGS", func() bool { return c.Settings && c.ConnWindow })
 		return c
 	}
 	for _, tc := range tests {
@@ -450,35 +451,35 @@ func TestH2HeaderBlockBounds(t *testing.T) {
 			c := ready(t)
 			// Table-size updates are valid only before the block's first
 			// field.
-			_ = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1})
+			_ = c.Fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1})
 			for range tc.frames {
-				_ = c.fr.WriteContinuation(1, false, tc.frag)
+				_ = c.Fr.WriteContinuation(1, false, tc.frag)
 			}
-			c.flush()
-			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+			c.Flush()
+			if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Fatalf("connection still open after %d CONTINUATION frames", tc.frames)
 			}
-			if c.goAway == nil || c.goAway.ErrCode != tc.code {
-				t.Errorf("GOAWAY %+v (read: %v), want %v", c.goAway, c.err, tc.code)
+			if c.GoAway == nil || c.GoAway.ErrCode != tc.code {
+				t.Errorf("GOAWAY %+v (read: %v), want %v", c.GoAway, c.Err, tc.code)
 			}
 		})
 	}
 	t.Run("unfinished block", func(t *testing.T) {
 		c := ready(t)
-		_ = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock("/")})
-		c.flush()
-		if err := c.read(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+		_ = c.Fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: requestBlock("/")})
+		c.Flush()
+		if err := c.ReadUntil(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatal("connection still open with a header block unfinished past the read-header timeout")
 		}
 	})
 	t.Run("long block within the bounds", func(t *testing.T) {
 		c := ready(t)
 		long := string(bytes.Repeat([]byte("a"), httpwire.DefaultMaxHeaderBytes/2))
-		c.request(1, http.MethodGet, "/", true, "x-long", long) // 16 KiB frames
-		c.flush()
-		s := c.stream(1)
-		c.mustRead(5*time.Second, "the answer", func() bool { return s.done })
-		if s.status() != "200" || string(s.body) != long {
+		c.Request(1, http.MethodGet, "/", true, "x-long", long) // 16 KiB frames
+		c.Flush()
+		s := c.Stream(1)
+		c.MustRead(5*time.Second, "the answer", func() bool { return s.Done })
+		if s.Status() != "200" || string(s.Body) != long {
 			t.Errorf("answer: %v, want 200 and the header's %d bytes", s, len(long))
 		}
 	})
@@ -495,7 +496,7 @@ func TestH2NodeStreamWindowOverflow(t *testing.T) {
 		t.Fatal(err)
 	}
 	rst := make(chan http2.ErrCode, 1)
-	acceptEach(t, ln, func(nc net.Conn) {
+	h2test.AcceptEach(t, ln, func(nc net.Conn) {
 		preface := make([]byte, len(http2.ClientPreface))
 		if _, err := io.ReadFull(nc, preface); err != nil {
 			return

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -119,12 +120,12 @@ func TestH2ServerIdleTimerPanics(t *testing.T) {
 	pl.armed.Store(true)
 	serveOn(t, srv, pl)
 
-	c := dialRawH2(t, ln.Addr().String(), true)
-	if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+	c := h2test.Dial(t, ln.Addr().String(), true)
+	if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Error("connection still open after the panic")
 	}
 	waitPanicLogged(t, logs, "deadline boom", "closeIfIdle")
-	if r := doGet(t, h2cClient(t, nil), "http://"+ln.Addr().String()+"/x", nil); r.status != http.StatusOK || r.body != "ok" {
+	if r := doGet(t, h2test.NewClient(t, nil), "http://"+ln.Addr().String()+"/x", nil); r.status != http.StatusOK || r.body != "ok" {
 		t.Errorf("next connection: %d %q, want 200 ok", r.status, r.body)
 	}
 }

@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/net/http2"
 
+	"github.com/sidecarlb/sidecar/internal/h2/h2test"
 	"github.com/sidecarlb/sidecar/internal/leakcheck"
 )
 
@@ -41,55 +42,55 @@ func TestH2IdleStreamFrames(t *testing.T) {
 	px := startProxyServerWith(t, srv)
 	tests := []struct {
 		name string
-		send func(c *rawH2) // after stream 1 was answered
+		send func(c *h2test.RawConn) // after stream 1 was answered
 		idle bool
 	}{
-		{"rst on the closed stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(1, http2.ErrCodeCancel) }, false},
-		{"window update on the closed stream", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(1, 1024) }, false},
-		{"rst on an idle stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(3, http2.ErrCodeCancel) }, true},
-		{"rst far past the last stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(1001, http2.ErrCodeCancel) }, true},
-		{"rst on an even stream", func(c *rawH2) { _ = c.fr.WriteRSTStream(2, http2.ErrCodeCancel) }, true},
-		{"window update on an idle stream", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(3, 1024) }, true},
-		{"window update on an even stream", func(c *rawH2) { _ = c.fr.WriteWindowUpdate(2, 1024) }, true},
+		{"rst on the closed stream", func(c *h2test.RawConn) { _ = c.Fr.WriteRSTStream(1, http2.ErrCodeCancel) }, false},
+		{"window update on the closed stream", func(c *h2test.RawConn) { _ = c.Fr.WriteWindowUpdate(1, 1024) }, false},
+		{"rst on an idle stream", func(c *h2test.RawConn) { _ = c.Fr.WriteRSTStream(3, http2.ErrCodeCancel) }, true},
+		{"rst far past the last stream", func(c *h2test.RawConn) { _ = c.Fr.WriteRSTStream(1001, http2.ErrCodeCancel) }, true},
+		{"rst on an even stream", func(c *h2test.RawConn) { _ = c.Fr.WriteRSTStream(2, http2.ErrCodeCancel) }, true},
+		{"window update on an idle stream", func(c *h2test.RawConn) { _ = c.Fr.WriteWindowUpdate(3, 1024) }, true},
+		{"window update on an even stream", func(c *h2test.RawConn) { _ = c.Fr.WriteWindowUpdate(2, 1024) }, true},
 		// An increment of 0 is a stream error (6.9), but on an idle stream
 		// still a connection error.
-		{"zero window update on the closed stream", func(c *rawH2) {
-			c.fr.AllowIllegalWrites = true
-			_ = c.fr.WriteWindowUpdate(1, 0)
+		{"zero window update on the closed stream", func(c *h2test.RawConn) {
+			c.Fr.AllowIllegalWrites = true
+			_ = c.Fr.WriteWindowUpdate(1, 0)
 		}, false},
-		{"zero window update on an idle stream", func(c *rawH2) {
-			c.fr.AllowIllegalWrites = true
-			_ = c.fr.WriteWindowUpdate(3, 0)
+		{"zero window update on an idle stream", func(c *h2test.RawConn) {
+			c.Fr.AllowIllegalWrites = true
+			_ = c.Fr.WriteWindowUpdate(3, 0)
 		}, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			c := dialRawH2(t, px.Listener.Addr().String(), true)
-			c.request(1, http.MethodGet, "/first", true)
-			c.flush()
-			s := c.stream(1)
-			c.mustRead(5*time.Second, "the first answer", func() bool { return s.done })
-			if s.status() != "200" {
+			c := h2test.Dial(t, px.Listener.Addr().String(), true)
+			c.Request(1, http.MethodGet, "/first", true)
+			c.Flush()
+			s := c.Stream(1)
+			c.MustRead(5*time.Second, "the first answer", func() bool { return s.Done })
+			if s.Status() != "200" {
 				t.Fatalf("first request: %v, want 200", s)
 			}
 			tc.send(c)
 			if !tc.idle {
-				c.request(3, http.MethodGet, "/next", true)
+				c.Request(3, http.MethodGet, "/next", true)
 			}
-			c.flush()
+			c.Flush()
 			if !tc.idle {
-				s := c.stream(3)
-				c.mustRead(5*time.Second, "the next answer", func() bool { return s.done || c.goAway != nil })
-				if c.goAway != nil || s.status() != "200" || string(s.body) != "ok" {
-					t.Fatalf("next request: %v, GOAWAY %v; want 200 ok on the same connection", s, c.goAway)
+				s := c.Stream(3)
+				c.MustRead(5*time.Second, "the next answer", func() bool { return s.Done || c.GoAway != nil })
+				if c.GoAway != nil || s.Status() != "200" || string(s.Body) != "ok" {
+					t.Fatalf("next request: %v, GOAWAY %v; want 200 ok on the same connection", s, c.GoAway)
 				}
 				return
 			}
-			c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-			if c.goAway.ErrCode != http2.ErrCodeProtocol || c.goAway.LastStreamID != 1 {
-				t.Errorf("GOAWAY %v, last stream %d; want PROTOCOL_ERROR, 1", c.goAway.ErrCode, c.goAway.LastStreamID)
+			c.MustRead(5*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+			if c.GoAway.ErrCode != http2.ErrCodeProtocol || c.GoAway.LastStreamID != 1 {
+				t.Errorf("GOAWAY %v, last stream %d; want PROTOCOL_ERROR, 1", c.GoAway.ErrCode, c.GoAway.LastStreamID)
 			}
-			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+			if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Error("connection still open after GOAWAY")
 			}
 		})
@@ -105,17 +106,17 @@ func TestH2ConnectionErrorCodes(t *testing.T) {
 		_, _ = io.Copy(io.Discard, r.Body)
 	}), Options{}, testLogger(t))
 	px := startProxyServerWith(t, srv)
-	for _, tc := range h2ConnErrorCases {
-		t.Run(tc.name, func(t *testing.T) {
-			c := dialRawH2(t, px.Listener.Addr().String(), true)
-			c.request(1, http.MethodPost, "/upload", false)
-			tc.send(c.fr, 1)
-			c.flush()
-			c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-			if c.goAway.ErrCode != tc.code {
-				t.Errorf("GOAWAY %v, want %v", c.goAway.ErrCode, tc.code)
+	for _, tc := range h2test.ConnErrorCases {
+		t.Run(tc.Name, func(t *testing.T) {
+			c := h2test.Dial(t, px.Listener.Addr().String(), true)
+			c.Request(1, http.MethodPost, "/upload", false)
+			tc.Send(c.Fr, 1)
+			c.Flush()
+			c.MustRead(5*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+			if c.GoAway.ErrCode != tc.Code {
+				t.Errorf("GOAWAY %v, want %v", c.GoAway.ErrCode, tc.Code)
 			}
-			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+			if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Error("connection still open after GOAWAY")
 			}
 		})
@@ -134,21 +135,21 @@ func TestH2ConnectionWindowOverrun(t *testing.T) {
 		<-release
 	}), Options{}, testLogger(t))
 	px := startProxyServerWith(t, srv)
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
 	streams := h2ConnWindow/h2StreamWindow + 1
 	for i := range streams {
-		c.request(uint32(2*i+1), http.MethodPost, "/upload", false)
+		c.Request(uint32(2*i+1), http.MethodPost, "/upload", false)
 	}
 	chunk := make([]byte, h2DefaultFrame)
 	for range h2StreamWindow / h2DefaultFrame {
 		for i := range streams {
-			_ = c.fr.WriteData(uint32(2*i+1), false, chunk)
+			_ = c.Fr.WriteData(uint32(2*i+1), false, chunk)
 		}
 	}
-	c.flush()
-	c.mustRead(10*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-	if c.goAway.ErrCode != http2.ErrCodeFlowControl {
-		t.Errorf("GOAWAY %v, want %v", c.goAway.ErrCode, http2.ErrCodeFlowControl)
+	c.Flush()
+	c.MustRead(10*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+	if c.GoAway.ErrCode != http2.ErrCodeFlowControl {
+		t.Errorf("GOAWAY %v, want %v", c.GoAway.ErrCode, http2.ErrCodeFlowControl)
 	}
 }
 
@@ -174,16 +175,16 @@ func shutdownHandler(payload []byte, started chan<- struct{}, release <-chan str
 // the stream in flight finish with its whole body, and returns once it has.
 func TestH2ServerShutdown(t *testing.T) {
 	leakcheck.Check(t)
-	payload := randomBytes(1 << 20)
+	payload := h2test.RandomBytes(1 << 20)
 	started, release := make(chan struct{}, 1), make(chan struct{})
 	srv := newListenerServer(shutdownHandler(payload, started, release), Options{}, testLogger(t))
 	px := startProxyServerWith(t, srv)
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
-	c.request(1, http.MethodGet, "/slow", true)
-	c.flush()
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
+	c.Request(1, http.MethodGet, "/slow", true)
+	c.Flush()
 	select {
 	case <-started:
 	case <-time.After(10 * time.Second):
@@ -195,15 +196,15 @@ func TestH2ServerShutdown(t *testing.T) {
 		defer cancel()
 		shut <- srv.Shutdown(ctx)
 	}()
-	c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-	if g := c.goAway; g.LastStreamID != 1 || g.ErrCode != http2.ErrCodeNo {
+	c.MustRead(5*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+	if g := c.GoAway; g.LastStreamID != 1 || g.ErrCode != http2.ErrCodeNo {
 		t.Errorf("GOAWAY last stream %d, %v; want 1, NO_ERROR", g.LastStreamID, g.ErrCode)
 	}
-	c.request(3, http.MethodGet, "/fast", true)
-	c.flush()
-	s3 := c.stream(3)
-	c.mustRead(5*time.Second, "the new stream's end", func() bool { return s3.done })
-	if s3.rst == nil || *s3.rst != http2.ErrCodeRefusedStream {
+	c.Request(3, http.MethodGet, "/fast", true)
+	c.Flush()
+	s3 := c.Stream(3)
+	c.MustRead(5*time.Second, "the new stream's end", func() bool { return s3.Done })
+	if s3.RST == nil || *s3.RST != http2.ErrCodeRefusedStream {
 		t.Errorf("stream opened after GOAWAY: %v, want RST_STREAM REFUSED_STREAM", s3)
 	}
 	select {
@@ -213,9 +214,9 @@ func TestH2ServerShutdown(t *testing.T) {
 	}
 
 	once.Do(func() { close(release) })
-	s1 := c.stream(1)
-	c.mustRead(10*time.Second, "the stream in flight to finish", func() bool { return s1.done })
-	if s1.status() != "200" || s1.rst != nil || !bytes.Equal(s1.body, payload) {
+	s1 := c.Stream(1)
+	c.MustRead(10*time.Second, "the stream in flight to finish", func() bool { return s1.Done })
+	if s1.Status() != "200" || s1.RST != nil || !bytes.Equal(s1.Body, payload) {
 		t.Errorf("stream in flight: %v, want 200 and all %d bytes", s1, len(payload))
 	}
 	select {
@@ -226,7 +227,7 @@ func TestH2ServerShutdown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("Shutdown() did not return once the last stream ended")
 	}
-	if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+	if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Error("connection still open after Shutdown")
 	}
 }
@@ -245,9 +246,9 @@ func TestH2ServerClose(t *testing.T) {
 		}
 	}), Options{}, testLogger(t))
 	px := startProxyServerWith(t, srv)
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
-	c.request(1, http.MethodGet, "/", true)
-	c.flush()
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
+	c.Request(1, http.MethodGet, "/", true)
+	c.Flush()
 	select {
 	case <-started:
 	case <-time.After(10 * time.Second):
@@ -256,7 +257,7 @@ func TestH2ServerClose(t *testing.T) {
 	if err := srv.Close(); err != nil {
 		t.Errorf("Close() = %v", err)
 	}
-	if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+	if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Error("connection still open after Close")
 	}
 	select {
@@ -278,24 +279,24 @@ func TestH2ServerIdleTimeout(t *testing.T) {
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
-	c.request(1, http.MethodGet, "/slow", true)
-	c.flush()
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
+	c.Request(1, http.MethodGet, "/slow", true)
+	c.Flush()
 	<-started
-	s1 := c.stream(1)
-	if err := c.read(3*idle, func() bool { return c.goAway != nil || s1.done }); !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("with a stream open past the idle timeout: %v, GOAWAY %v; want the connection left alone", err, c.goAway)
+	s1 := c.Stream(1)
+	if err := c.ReadUntil(3*idle, func() bool { return c.GoAway != nil || s1.Done }); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("with a stream open past the idle timeout: %v, GOAWAY %v; want the connection left alone", err, c.GoAway)
 	}
 	once.Do(func() { close(release) })
-	c.mustRead(5*time.Second, "the answer", func() bool { return s1.done })
-	if s1.status() != "200" || string(s1.body) != "slow" {
+	c.MustRead(5*time.Second, "the answer", func() bool { return s1.Done })
+	if s1.Status() != "200" || string(s1.Body) != "slow" {
 		t.Errorf("answer: %v, want 200 slow", s1)
 	}
-	c.mustRead(5*time.Second, "GOAWAY", func() bool { return c.goAway != nil })
-	if g := c.goAway; g.ErrCode != http2.ErrCodeNo || g.LastStreamID != 1 {
+	c.MustRead(5*time.Second, "GOAWAY", func() bool { return c.GoAway != nil })
+	if g := c.GoAway; g.ErrCode != http2.ErrCodeNo || g.LastStreamID != 1 {
 		t.Errorf("GOAWAY last stream %d, %v; want 1, NO_ERROR", g.LastStreamID, g.ErrCode)
 	}
-	if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+	if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Error("idle connection still open after GOAWAY")
 	}
 }
@@ -319,40 +320,40 @@ func TestH2MaxConcurrentStreams(t *testing.T) {
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
 	const extra = 100
 	for i := range h2MaxStreams + extra {
-		c.request(uint32(2*i+1), http.MethodGet, "/", true)
+		c.Request(uint32(2*i+1), http.MethodGet, "/", true)
 	}
-	c.flush()
+	c.Flush()
 	refused := func() (ids []uint32) {
-		for id, s := range c.streams {
-			if s.rst != nil && *s.rst == http2.ErrCodeRefusedStream {
+		for id, s := range c.Streams {
+			if s.RST != nil && *s.RST == http2.ErrCodeRefusedStream {
 				ids = append(ids, id)
 			}
 		}
 		slices.Sort(ids)
 		return ids
 	}
-	c.mustRead(10*time.Second, "the excess streams refused", func() bool { return len(refused()) >= extra })
+	c.MustRead(10*time.Second, "the excess streams refused", func() bool { return len(refused()) >= extra })
 	resWait(t, 10*time.Second, "1000 handlers running", func() bool { return running.Load() == h2MaxStreams })
-	if c.maxStreams != h2MaxStreams {
-		t.Errorf("SETTINGS_MAX_CONCURRENT_STREAMS = %d, want %d", c.maxStreams, h2MaxStreams)
+	if c.MaxStreams != h2MaxStreams {
+		t.Errorf("SETTINGS_MAX_CONCURRENT_STREAMS = %d, want %d", c.MaxStreams, h2MaxStreams)
 	}
 	if ids := refused(); len(ids) != extra || ids[0] != 2*h2MaxStreams+1 {
 		t.Errorf("refused %d streams from %v, want the last %d, from %d", len(ids), ids[:min(len(ids), 1)], extra, 2*h2MaxStreams+1)
 	}
 	once.Do(func() { close(release) })
-	c.mustRead(20*time.Second, "every stream to end", func() bool {
+	c.MustRead(20*time.Second, "every stream to end", func() bool {
 		for i := range h2MaxStreams {
-			if !c.stream(uint32(2*i + 1)).done {
+			if !c.Stream(uint32(2*i + 1)).Done {
 				return false
 			}
 		}
 		return true
 	})
 	for i := range h2MaxStreams {
-		if s := c.stream(uint32(2*i + 1)); s.status() != "200" || string(s.body) != "ok" {
+		if s := c.Stream(uint32(2*i + 1)); s.Status() != "200" || string(s.Body) != "ok" {
 			t.Fatalf("stream %d: %v, want 200 ok", 2*i+1, s)
 		}
 	}
@@ -387,16 +388,16 @@ func TestH2ResetFlood(t *testing.T) {
 	var once sync.Once
 	t.Cleanup(func() { once.Do(func() { close(release) }) })
 
-	c := dialRawH2(t, px.Listener.Addr().String(), true)
+	c := h2test.Dial(t, px.Listener.Addr().String(), true)
 	// Answered streams earn as many early ends.
 	const answered = 10
 	for i := range answered {
-		c.request(uint32(2*i+1), http.MethodGet, "/ok", true)
+		c.Request(uint32(2*i+1), http.MethodGet, "/ok", true)
 	}
-	c.flush()
-	c.mustRead(5*time.Second, "the first answers", func() bool {
+	c.Flush()
+	c.MustRead(5*time.Second, "the first answers", func() bool {
 		for i := range answered {
-			if !c.stream(uint32(2*i + 1)).done {
+			if !c.Stream(uint32(2*i + 1)).Done {
 				return false
 			}
 		}
@@ -405,22 +406,22 @@ func TestH2ResetFlood(t *testing.T) {
 	const opened = 3 * h2MaxStreams
 	for i := range opened {
 		id := uint32(2*(answered+i) + 1)
-		c.request(id, http.MethodGet, "/", true)
-		_ = c.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		c.Request(id, http.MethodGet, "/", true)
+		_ = c.Fr.WriteRSTStream(id, http2.ErrCodeCancel)
 		if i%100 == 99 {
-			c.flush()
+			c.Flush()
 		}
 	}
-	c.flush()
-	if err := c.read(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+	c.Flush()
+	if err := c.ReadUntil(10*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatal("connection still open after the flood")
 	}
-	if c.goAway == nil || c.goAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
-		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", c.goAway)
+	if c.GoAway == nil || c.GoAway.ErrCode != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", c.GoAway)
 	}
 	// Refused streams and resets before the answer count alike; the
 	// GOAWAY comes at the first past the bound.
-	if last, want := c.goAway.LastStreamID, uint32(2*(answered+MaxEarlyResets+answered)+1); last != want {
+	if last, want := c.GoAway.LastStreamID, uint32(2*(answered+MaxEarlyResets+answered)+1); last != want {
 		t.Errorf("GOAWAY last stream %d, want %d: %d early ends allowed after %d answers", last, want, MaxEarlyResets+answered, answered)
 	}
 	if got := calls.Load(); got > h2MaxStreams {
@@ -434,12 +435,12 @@ func TestH2ResetFlood(t *testing.T) {
 		_, _, r := h2ServerLoad(srv)
 		return r == 0
 	})
-	c2 := dialRawH2(t, px.Listener.Addr().String(), true)
-	c2.request(1, http.MethodGet, "/ok", true)
-	c2.flush()
-	s := c2.stream(1)
-	c2.mustRead(5*time.Second, "the next connection's answer", func() bool { return s.done })
-	if s.status() != "200" || string(s.body) != "ok" {
+	c2 := h2test.Dial(t, px.Listener.Addr().String(), true)
+	c2.Request(1, http.MethodGet, "/ok", true)
+	c2.Flush()
+	s := c2.Stream(1)
+	c2.MustRead(5*time.Second, "the next connection's answer", func() bool { return s.Done })
+	if s.Status() != "200" || string(s.Body) != "ok" {
 		t.Errorf("next connection: %v, want 200 ok", s)
 	}
 }
@@ -464,10 +465,10 @@ func TestH2ConnPanics(t *testing.T) {
 		mode := tc.mode
 		t.Run(mode, func(t *testing.T) {
 			pl.mode.Store(mode)
-			c := dialRawH2(t, ln.Addr().String(), true)
-			c.request(1, http.MethodGet, "/x", true)
-			c.flush()
-			if err := c.read(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
+			c := h2test.Dial(t, ln.Addr().String(), true)
+			c.Request(1, http.MethodGet, "/x", true)
+			c.Flush()
+			if err := c.ReadUntil(5*time.Second, func() bool { return false }); errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Error("connection still open after the panic")
 			}
 			resWait(t, 5*time.Second, "the panic logged", func() bool {
@@ -478,7 +479,7 @@ func TestH2ConnPanics(t *testing.T) {
 				t.Errorf("logged %q %v, want the panic and the stack of %s", entry.Message, fields, tc.loop)
 			}
 			pl.mode.Store("")
-			if r := doGet(t, h2cClient(t, nil), "http://"+ln.Addr().String()+"/x", nil); r.status != http.StatusOK || r.body != "ok" {
+			if r := doGet(t, h2test.NewClient(t, nil), "http://"+ln.Addr().String()+"/x", nil); r.status != http.StatusOK || r.body != "ok" {
 				t.Errorf("next connection: %d %q, want 200 ok", r.status, r.body)
 			}
 		})
@@ -491,14 +492,14 @@ func TestH2ConnPanics(t *testing.T) {
 // next one.
 func TestH2RequestBodyPanics(t *testing.T) {
 	leakcheck.Check(t)
-	node := startH2CNode(t, echoNode, nil)
+	node := h2test.StartH2C(t, h2test.EchoNode, nil)
 	core, logs := observer.New(zap.ErrorLevel)
 	p := NewPool(time.Second, 0, nil, zap.New(core))
 	t.Cleanup(p.Retire)
 	send := func(body io.Reader) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+node.addr+"/r", body)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+node.Addr+"/r", body)
 		req.ContentLength = -1
 		resp, err := p.RoundTrip(req)
 		if err != nil {
@@ -519,7 +520,7 @@ func TestH2RequestBodyPanics(t *testing.T) {
 	if got, err := send(strings.NewReader("after")); err != nil || got != "after" {
 		t.Errorf("next request = %q, %v; want the body echoed", got, err)
 	}
-	if got := node.accepts.Load(); got != 1 {
+	if got := node.Accepts.Load(); got != 1 {
 		t.Errorf("node connections = %d, want 1: the panic ended only its stream", got)
 	}
 }
