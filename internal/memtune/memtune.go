@@ -5,8 +5,11 @@
 // resident until the background scavenger returns it at its own pace.
 //
 // The limit follows the heap: twice the live heap (the heap goal under
-// GOGC=100), plus the runtime's memory outside the heap as it is now
-// (goroutine stacks, span and GC metadata), plus Slack. So the collector never runs more often than GOGC=100 makes
+// GOGC=100) plus Slack, which covers the runtime's own memory (stacks,
+// span and GC metadata) when that is small; when it is not (a proxy with
+// thousands of connections, a goroutine each), the limit leaves the heap
+// at least half the live heap to grow into beyond the runtime's memory
+// outside it, so the collector never runs without end. So the collector never runs more often than GOGC=100 makes
 // it, except for the moment between a jump of the live heap and the next
 // adjustment; the limit only tells the scavenger what to return.
 //
@@ -40,6 +43,12 @@ func Limit(live uint64, floor int64) int64 {
 	return max(floor, int64(2*live)+Slack)
 }
 
+// limitFor is Limit, raised where the runtime's memory outside the heap
+// (other) would leave the heap less than half its live size to grow.
+func limitFor(live, other uint64, floor int64) int64 {
+	return max(Limit(live, floor), int64(other+live+live/2)+Slack)
+}
+
 // Run sets the soft memory limit from the live heap now and every interval
 // until ctx ends, then puts back the limit it found. It does nothing when
 // GOMEMLIMIT is set. It blocks; run it in a goroutine of its owner.
@@ -65,7 +74,7 @@ type heap interface {
 
 func run(ctx context.Context, floor int64, interval, idle time.Duration, h heap, set func(int64) int64) {
 	live, cycles := h.live()
-	limit := Limit(live, floor) + int64(h.other())
+	limit := limitFor(live, h.other(), floor)
 	before := set(limit)
 	defer set(before)
 	t := time.NewTicker(interval)
@@ -84,7 +93,7 @@ func run(ctx context.Context, floor int64, interval, idle time.Duration, h heap,
 				collected = true
 				l, cycles = h.live()
 			}
-			limit = Limit(l, floor) + int64(h.other())
+			limit = limitFor(l, h.other(), floor)
 			set(limit)
 		}
 	}

@@ -157,3 +157,16 @@ func TestRuntimeOther(t *testing.T) {
 		t.Errorf("memory outside the heap %d → %d with 200 deep goroutines, want at least 2 MiB more", before, after)
 	}
 }
+
+// TestLimitForOther: the runtime's memory outside the heap raises the
+// limit only when it would leave the heap less than half the live heap to
+// grow into.
+func TestLimitForOther(t *testing.T) {
+	const mib = 1 << 20
+	if got, want := limitFor(8*mib, 4*mib, 20*mib), Limit(8*mib, 20*mib); got != want {
+		t.Errorf("limitFor(8MiB live, 4MiB other) = %d, want Limit's %d", got, want)
+	}
+	if got, want := limitFor(8*mib, 40*mib, 20*mib), int64(40*mib+12*mib+Slack); got != want {
+		t.Errorf("limitFor(8MiB live, 40MiB other) = %d, want %d", got, want)
+	}
+}
