@@ -17,6 +17,8 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/netutil"
+
+	"github.com/sidecarlb/sidecar/internal/rawio"
 )
 
 // Modes of security.mtls that run an inbound listener with TLS.
@@ -339,21 +341,16 @@ func (in *Inbound) relay(client net.Conn, caller, remote string) {
 			closeBoth()
 			return
 		}
-		closeWrite(app)
+		_ = rawio.CloseWrite(app)
 	}()
 	if _, err := io.Copy(client, app); err != nil {
 		closeBoth()
 	} else {
-		closeWrite(client)
+		_ = rawio.CloseWrite(client)
 	}
 	<-done
 }
 
-func closeWrite(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-	}
-}
 
 // recheck authorizes the callers of open connections every TTL and closes
 // the connections of those now denied, so that a deny reaches keep-alive
@@ -418,12 +415,7 @@ func (p *prefixConn) Read(b []byte) (int, error) {
 }
 
 // CloseWrite half-closes the underlying connection, when it can.
-func (p *prefixConn) CloseWrite() error {
-	if cw, ok := p.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return nil
-}
+func (p *prefixConn) CloseWrite() error { return rawio.CloseWrite(p.Conn) }
 
 // NodeMTLS reports whether a node with service meta meta serves an inbound
 // listener with mTLS (strict or permissive), so that an outbound sidecar
