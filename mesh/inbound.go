@@ -351,7 +351,6 @@ func (in *Inbound) relay(client net.Conn, caller, remote string) {
 	<-done
 }
 
-
 // recheck authorizes the callers of open connections every TTL and closes
 // the connections of those now denied, so that a deny reaches keep-alive
 // connections too.
